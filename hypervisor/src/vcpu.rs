@@ -1,0 +1,172 @@
+//! A vCPU: `KVM_RUN` with exits reduced to what the VMM handles, and a kick that gets a
+//! vCPU out of `KVM_RUN` without a lost-wakeup window (signal + `immediate_exit`).
+
+use std::cell::Cell;
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_run, CpuId, KVM_EXIT_DIRTY_RING_FULL};
+use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd};
+
+use crate::vm::Vm;
+use crate::{HypervisorError, Result};
+
+/// Why `KVM_RUN` returned, in the terms the VMM acts on.
+#[derive(Debug)]
+pub enum VcpuExit<'a> {
+    IoIn(u16, &'a mut [u8]),
+    IoOut(u16, &'a [u8]),
+    MmioRead(u64, &'a mut [u8]),
+    MmioWrite(u64, &'a [u8]),
+    Hlt,
+    /// Triple fault or similar: the guest is dead (x86 resets here).
+    Shutdown,
+    /// `KVM_SYSTEM_EVENT` (shutdown/reset requested through the platform).
+    SystemEvent(u32),
+    /// The dirty ring reached its soft limit; it was harvested before this returned.
+    DirtyRingFull,
+    /// A kick (signal) or `immediate_exit` ended the run: look at the control flags.
+    Interrupted,
+    /// Anything else; the string says what.
+    Other(String),
+}
+
+thread_local! {
+    /// The `kvm_run` page of the vCPU this thread runs, for the kick signal handler.
+    static KICK_TARGET: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int) {
+    let run = KICK_TARGET.with(|t| t.get());
+    if !run.is_null() {
+        // SAFETY: the pointer was set by this very thread to its vCPU's kvm_run mapping,
+        // which lives as long as the Vcpu the thread runs; a byte store is signal safe.
+        unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1) };
+    }
+}
+
+/// Installs the kick handler (idempotent). Call once before starting vCPU threads.
+pub fn install_kick_handler() -> Result<()> {
+    // SAFETY: a zeroed sigaction with a valid handler and no flags; SA_RESTART is left out
+    // so KVM_RUN returns EINTR.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_kick as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) != 0 {
+            return Err(HypervisorError::Ioctl {
+                what: "sigaction(kick signal)",
+                source: vmm_sys_util::errno::Error::last(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Sends the kick signal to a vCPU thread. The thread's next or current `KVM_RUN` returns
+/// [`VcpuExit::Interrupted`].
+pub fn kick_thread(thread: libc::pthread_t) {
+    // SAFETY: pthread_kill on a thread id obtained from a live JoinHandle; a dead thread
+    // only yields ESRCH.
+    unsafe { libc::pthread_kill(thread, kick_signal()) };
+}
+
+/// One vCPU, owned by the thread that runs it.
+pub struct Vcpu {
+    index: u32,
+    fd: VcpuFd,
+    vm: Arc<Vm>,
+}
+
+impl Vcpu {
+    pub(crate) fn new(index: u32, fd: VcpuFd, vm: Arc<Vm>) -> Self {
+        Vcpu { index, fd, vm }
+    }
+
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+
+    /// Makes kicks sent to the calling thread end this vCPU's `KVM_RUN`. Call in the vCPU
+    /// thread before it first looks at its control flags.
+    pub fn bind_to_current_thread(&mut self) {
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        KICK_TARGET.with(|t| t.set(run));
+    }
+
+    /// Runs the vCPU until the next exit the VMM must see. A ring-full exit is handled
+    /// here (harvest + reset, counted) and reported so callers may count or throttle.
+    pub fn run(&mut self) -> Result<VcpuExit<'_>> {
+        let index = self.index;
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        let exit = match self.fd.run() {
+            Ok(e) => e,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // SAFETY: `run` is this vCPU's kvm_run mapping, alive as long as self.fd;
+                // the exit borrow of self.fd ended with the error.
+                unsafe {
+                    std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 0)
+                };
+                return Ok(VcpuExit::Interrupted);
+            }
+            Err(e) => {
+                return Err(HypervisorError::Ioctl {
+                    what: "KVM_RUN",
+                    source: e,
+                })
+            }
+        };
+        Ok(match exit {
+            KvmExit::IoIn(p, d) => VcpuExit::IoIn(p, d),
+            KvmExit::IoOut(p, d) => VcpuExit::IoOut(p, d),
+            KvmExit::MmioRead(a, d) => VcpuExit::MmioRead(a, d),
+            KvmExit::MmioWrite(a, d) => VcpuExit::MmioWrite(a, d),
+            KvmExit::Hlt => VcpuExit::Hlt,
+            KvmExit::Shutdown => VcpuExit::Shutdown,
+            KvmExit::SystemEvent(t, _) => VcpuExit::SystemEvent(t),
+            KvmExit::Intr => VcpuExit::Interrupted,
+            KvmExit::Unsupported(r) if r == KVM_EXIT_DIRTY_RING_FULL => {
+                self.vm
+                    .stats
+                    .ring_full_exits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.vm.harvest_ring(index)?;
+                VcpuExit::DirtyRingFull
+            }
+            KvmExit::FailEntry(reason, cpu) => VcpuExit::Other(format!(
+                "KVM_EXIT_FAIL_ENTRY reason {reason:#x} on cpu {cpu}"
+            )),
+            KvmExit::InternalError => VcpuExit::Other("KVM_EXIT_INTERNAL_ERROR".into()),
+            other => VcpuExit::Other(format!("{other:?}")),
+        })
+    }
+}
+
+/// Gives vCPU `index` KVM's supported CPUID with its own APIC id and the vCPU count.
+pub(crate) fn configure_cpuid(fd: &VcpuFd, base: &CpuId, index: u32, count: u32) -> Result<()> {
+    let mut cpuid = base.clone();
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => {
+                // EBX[31:24] initial APIC id, [23:16] logical processor count.
+                e.ebx = (e.ebx & 0x0000_ffff) | (index << 24) | (count.min(255) << 16);
+            }
+            0xb | 0x1f => e.edx = index,
+            _ => {}
+        }
+    }
+    fd.set_cpuid2(&cpuid)
+        .map_err(HypervisorError::ioctl("KVM_SET_CPUID2"))
+}
