@@ -19,6 +19,9 @@ const GFN_F_RESET: u32 = 1 << 1;
 pub struct RingHarvest {
     /// Entries taken from the ring and marked RESET (each needs `KVM_RESET_DIRTY_RINGS`).
     pub entries: u64,
+    /// The ring was found completely full. KVM keeps a reserve below the soft limit, so a
+    /// correct kernel never gets there: entries were probably overwritten and lost.
+    pub overflowed: bool,
 }
 
 /// A vCPU's dirty ring. Harvesting needs `&mut self`: one harvester at a time per ring
@@ -87,9 +90,7 @@ impl DirtyRing {
             let i = (self.fetch_index & (self.entries - 1)) as usize;
             // SAFETY: i < entries, so the entry lies inside the mapping owned by self.
             let gfn = unsafe { self.base.as_ptr().add(i) };
-            // SAFETY: `flags` is a u32 at offset 0 of a 16-byte aligned entry, shared with
-            // KVM; atomics are the only way we touch it.
-            let flags = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*gfn).flags)) };
+            let flags = self.flags(i);
             // Acquire pairs with KVM's release when it publishes the entry, so `slot` and
             // `offset` read below are the ones KVM wrote.
             if flags.load(Ordering::Acquire) & (GFN_F_DIRTY | GFN_F_RESET) != GFN_F_DIRTY {
@@ -105,7 +106,44 @@ impl DirtyRing {
             taken += 1;
         }
         self.total_harvested += taken;
-        RingHarvest { entries: taken }
+        RingHarvest {
+            entries: taken,
+            overflowed: taken >= u64::from(self.entries),
+        }
+    }
+
+    /// Recovers from a ring KVM overflowed. After an overflow KVM's producer index runs
+    /// ahead of ours, so KVM reports the ring full while the entries at our fetch index
+    /// are already reset: nothing is harvestable and the vCPU would exit forever. This
+    /// marks those stale entries RESET up to the first published one (or `max_skip`
+    /// entries when none is found; never more than KVM's soft limit, so KVM's reset index
+    /// cannot pass its producer index). Returns how many entries were skipped; they are
+    /// reset by the next `KVM_RESET_DIRTY_RINGS` like harvested ones.
+    pub fn skip_stale(&mut self, max_skip: u32) -> u32 {
+        let mut skipped = 0;
+        let mut first_dirty = None;
+        for d in 0..self.entries {
+            let i = (self.fetch_index.wrapping_add(d) & (self.entries - 1)) as usize;
+            if self.flags(i).load(Ordering::Acquire) & GFN_F_DIRTY != 0 {
+                first_dirty = Some(d);
+                break;
+            }
+        }
+        let n = first_dirty.unwrap_or(max_skip).min(max_skip);
+        while skipped < n {
+            let i = (self.fetch_index & (self.entries - 1)) as usize;
+            self.flags(i).store(GFN_F_RESET, Ordering::Release);
+            self.fetch_index = self.fetch_index.wrapping_add(1);
+            skipped += 1;
+        }
+        skipped
+    }
+
+    fn flags(&self, i: usize) -> &AtomicU32 {
+        debug_assert!(i < self.entries as usize);
+        // SAFETY: i < entries, so the entry is inside our mapping; `flags` is shared with
+        // KVM and only accessed atomically.
+        unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.base.as_ptr().add(i)).flags)) }
     }
 }
 
@@ -169,6 +207,7 @@ mod tests {
         let mut seen = vec![];
         let h = r.harvest(|s, o| seen.push((s, o)));
         assert_eq!(h.entries, 2);
+        assert!(!h.overflowed);
         assert_eq!(seen, vec![(0, 5), (1, 7)]);
         assert_eq!(flags(&r, 0), GFN_F_RESET);
         assert_eq!(flags(&r, 3), GFN_F_DIRTY);
@@ -181,12 +220,32 @@ mod tests {
     }
 
     #[test]
+    fn skip_stale_resyncs_with_the_producer() {
+        let mut r = anon_ring(256);
+        // KVM's producer ran 3 entries ahead: positions 0..3 are reset, 3 is published.
+        push(&r, 3, 0, 42);
+        assert_eq!(r.harvest(|_, _| {}).entries, 0);
+        assert_eq!(r.skip_stale(64), 3);
+        assert_eq!(flags(&r, 0), GFN_F_RESET);
+        let mut seen = vec![];
+        r.harvest(|_, o| seen.push(o));
+        assert_eq!(seen, vec![42]);
+        // Nothing published anywhere: skip only the bounded amount.
+        assert_eq!(r.skip_stale(64), 64);
+    }
+
+    #[test]
     fn wraps_around() {
         let mut r = anon_ring(256);
         for i in 0..256 {
             push(&r, i, 0, i as u64);
         }
-        assert_eq!(r.harvest(|_, _| {}).entries, 256);
+        let h = r.harvest(|_, _| {});
+        assert_eq!(h.entries, 256);
+        assert!(
+            h.overflowed,
+            "a completely full ring means KVM overran its reserve"
+        );
         // KVM_RESET_DIRTY_RINGS clears the flags; then entries wrap to index 0.
         for i in 0..256 {
             // SAFETY: i < entries.

@@ -27,6 +27,19 @@ impl SlotDirtyBits {
         self.words[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
     }
 
+    /// Marks every page of the slot.
+    pub fn mark_all(&self) {
+        let full = self.pages / 64;
+        for (i, w) in self.words.iter().enumerate() {
+            let bits = if (i as u64) < full {
+                !0
+            } else {
+                (1u64 << (self.pages % 64)) - 1
+            };
+            w.fetch_or(bits, Ordering::Relaxed);
+        }
+    }
+
     /// ORs a KVM-format bitmap (bit n = page n of the slot) in.
     pub fn merge(&self, bitmap: &[u64]) {
         for (w, b) in self.words.iter().zip(bitmap) {
@@ -108,5 +121,7 @@ mod tests {
         set.slots()[1].merge(&[0b1010]);
         assert_eq!(set.slots()[1].take(), vec![0b1010 | 1 << 63]);
         assert_eq!(count_bits(&[3, 1 << 63]), 3);
+        set.slots()[0].mark_all();
+        assert_eq!(count_bits(&set.slots()[0].take()), 130);
     }
 }

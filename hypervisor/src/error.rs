@@ -61,8 +61,6 @@ pub enum HypervisorError {
     },
     #[error("dirty ring entry names slot {slot:#x} offset {offset:#x}, which is outside every memory slot")]
     RingEntryOutOfRange { slot: u32, offset: u64 },
-    #[error("KVM_RESET_DIRTY_RINGS reset {reset} entries but {harvested} were harvested")]
-    ResetMismatch { reset: u64, harvested: u64 },
     #[error("dirty logging is not enabled on this VM ({0})")]
     TrackingOff(&'static str),
 }

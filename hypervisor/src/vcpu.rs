@@ -142,7 +142,7 @@ impl Vcpu {
                     .stats
                     .ring_full_exits
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.vm.harvest_ring(index)?;
+                self.vm.handle_ring_full(index)?;
                 VcpuExit::DirtyRingFull
             }
             KvmExit::FailEntry(reason, cpu) => VcpuExit::Other(format!(

@@ -334,6 +334,8 @@ pub struct DirtyStats {
     pub ring_harvests: AtomicU64,
     pub ring_entries: AtomicU64,
     pub ring_full_exits: AtomicU64,
+    /// Rings KVM overfilled (entries lost, so all RAM was marked dirty).
+    pub ring_overflows: AtomicU64,
     pub bitmap_reads: AtomicU64,
 }
 
@@ -405,16 +407,50 @@ impl Vm {
         Ok(())
     }
 
-    /// Harvests vCPU `index`'s ring (the vCPU may be running) and resets it in KVM.
-    /// Called by a vCPU on `KVM_EXIT_DIRTY_RING_FULL` before it re-enters.
-    pub fn harvest_ring(&self, index: u32) -> Result<u64> {
+    /// Handles vCPU `index`'s `KVM_EXIT_DIRTY_RING_FULL`: harvests its ring and resets
+    /// it in KVM so the vCPU can re-enter. When KVM reports the ring full but nothing is
+    /// harvestable, KVM overran the ring earlier: skip the stale entries so KVM's reset
+    /// catches up, and treat the lost entries as "all RAM dirty".
+    pub fn handle_ring_full(&self, index: u32) -> Result<u64> {
         let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
         let Some(ring) = rings.get_mut(index as usize) else {
             return Ok(0);
         };
-        let n = self.harvest_one(ring)?;
+        let mut n = self.harvest_one(ring)?;
+        if n == 0 {
+            // Bounded by KVM's smallest soft limit (ring size minus its reserve of 64 +
+            // 512 PML entries), so KVM's reset index never passes its producer index.
+            let max_skip = (ring.entries() / 4).max(1);
+            let skipped = ring.skip_stale(max_skip);
+            log::warn!(
+                "vCPU {index}: dirty ring out of step with KVM, skipped {skipped} stale entries"
+            );
+            self.note_overflow();
+            n = u64::from(skipped) + self.harvest_one(ring)?;
+        }
         self.reset_rings(n)?;
         Ok(n)
+    }
+
+    /// Entries were lost: every page of every slot counts as dirty.
+    fn note_overflow(&self) {
+        if self.stats.ring_overflows.fetch_add(1, Ordering::Relaxed) == 0 {
+            log::warn!(
+                "KVM overfilled a dirty ring of {} entries (its soft-full exit came \
+                 too late); marking all guest RAM dirty so no page is lost",
+                self.rings_entries()
+            );
+        }
+        for s in self.dirty.slots() {
+            s.mark_all();
+        }
+    }
+
+    fn rings_entries(&self) -> u32 {
+        match self.tracking {
+            DirtyTracking::Ring { entries, .. } => entries,
+            DirtyTracking::Bitmap { .. } => 0,
+        }
     }
 
     /// Harvests every ring, then one `KVM_RESET_DIRTY_RINGS`, so pages are re-protected
@@ -442,6 +478,9 @@ impl Vm {
                 bad.get_or_insert(e);
             }
         });
+        if h.overflowed {
+            self.note_overflow();
+        }
         self.stats.ring_harvests.fetch_add(1, Ordering::Relaxed);
         self.stats
             .ring_entries
@@ -463,10 +502,11 @@ impl Vm {
             });
         }
         if ret as u64 != harvested {
-            return Err(HypervisorError::ResetMismatch {
-                reset: ret as u64,
-                harvested,
-            });
+            // KVM reset a different number of entries than were handed back: the ring and
+            // KVM are out of step (an overfilled ring being refilled while we harvest).
+            // Entries may be lost, so count it as an overflow rather than fail the VM.
+            log::warn!("KVM_RESET_DIRTY_RINGS reset {ret} entries, {harvested} were harvested");
+            self.note_overflow();
         }
         Ok(())
     }
