@@ -148,7 +148,12 @@ impl Vcpu {
             KvmExit::FailEntry(reason, cpu) => VcpuExit::Other(format!(
                 "KVM_EXIT_FAIL_ENTRY reason {reason:#x} on cpu {cpu}"
             )),
-            KvmExit::InternalError => VcpuExit::Other("KVM_EXIT_INTERNAL_ERROR".into()),
+            KvmExit::InternalError => {
+                // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+                // union member KVM filled in.
+                let sub = unsafe { (*run).__bindgen_anon_1.internal.suberror };
+                VcpuExit::Other(format!("KVM_EXIT_INTERNAL_ERROR (suberror {sub})"))
+            }
             other => VcpuExit::Other(format!("{other:?}")),
         })
     }

@@ -1,0 +1,14 @@
+//! Device models. They know nothing of KVM: interrupts are `EventFd`s the VMM wires to
+//! the irqchip, and platform events (exit, reset, power-off) are values they return.
+
+mod bus;
+mod debug_exit;
+mod i8042;
+mod pm;
+mod serial;
+
+pub use bus::{PioBus, PioDevice, PlatformEvent};
+pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT};
+pub use i8042::{I8042, I8042_PORT};
+pub use pm::{AcpiPmControl, ACPI_PM1A_CNT_PORT};
+pub use serial::{EventFdTrigger, Serial, SerialCounters, COM1_IRQ, COM1_PORT};

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Ferry's entry points: build, tests, demo (the main job), bench, fuzz.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# Debian packages the tests and benchmarks use, installed when missing.
+ensure_packages() {
+    local missing=()
+    command -v ip >/dev/null || missing+=(iproute2)
+    command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+    if ((${#missing[@]})); then
+        say "installing ${missing[*]}"
+        if [ "$(id -u)" -ne 0 ]; then
+            echo "dev_cli.sh: need root to apt-get install ${missing[*]}" >&2
+            exit 1
+        fi
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+check_kvm() {
+    if [ ! -c /dev/kvm ] || [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
+        echo "dev_cli.sh: /dev/kvm is missing or not accessible: Ferry needs KVM" >&2
+        exit 1
+    fi
+}
+
+build() {
+    say "building release binaries"
+    cargo build --release --workspace --bins
+    say "building the test guest"
+    test_guest/build.sh
+}
+
+tests() {
+    check_kvm
+    ensure_packages
+    build
+    say "cargo fmt --check"
+    cargo fmt --all -- --check
+    say "cargo clippy"
+    cargo clippy --workspace --all-targets --release -- -D warnings
+    say "cargo test"
+    cargo test --workspace --release -- --test-threads=2
+}
+
+demo() {
+    check_kvm
+    build
+    "$ROOT/scripts/demo.sh"
+}
+
+bench() {
+    check_kvm
+    case "${1:-}" in
+        harvest)
+            build
+            cargo run --release -p vmm --bin ferry-bench-harvest -- "${@:2}"
+            ;;
+        *)
+            echo "usage: dev_cli.sh bench harvest" >&2
+            exit 2
+            ;;
+    esac
+}
+
+usage() {
+    cat >&2 <<USAGE
+usage: scripts/dev_cli.sh <command>
+  demo            build, boot the test guest and run Ferry's main job end to end
+  build           release binaries into target/release/, test guest into target/test-guest/
+  tests           every test (needs /dev/kvm; installs qemu-system-x86, iproute2)
+  bench harvest   dirty-set collection time, rings vs bitmap
+USAGE
+    exit 2
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+    build) build ;;
+    tests) tests ;;
+    demo) demo ;;
+    bench) bench "$@" ;;
+    *) usage ;;
+esac

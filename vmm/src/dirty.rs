@@ -1,0 +1,106 @@
+//! The one dirty set the migration engine consumes: KVM's log (rings or bitmap) unioned
+//! with the log of the VMM's own writes to guest memory (vm-memory's atomic bitmap), as
+//! GPA ranges per RAM region. Each collection clears what it returned.
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::memory::GuestMemoryMmap;
+use hypervisor::SyncKind;
+
+const PAGE: u64 = 4096;
+
+/// Dirty pages of one RAM region as `(gpa, len)` ranges in ascending order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegionDirty {
+    pub region_gpa: u64,
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl RegionDirty {
+    pub fn pages(&self) -> u64 {
+        self.ranges.iter().map(|r| r.1 / PAGE).sum()
+    }
+}
+
+/// Turns a page bitmap (bit n = page n from `base`) into coalesced GPA ranges.
+pub fn bitmap_to_ranges(base: u64, bitmap: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (w, &word) in bitmap.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let b = bits.trailing_zeros() as u64;
+            // Run of ones starting at b.
+            let run = (!(bits >> b)).trailing_zeros() as u64;
+            let gpa = base + (w as u64 * 64 + b) * PAGE;
+            let len = run * PAGE;
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == gpa => last.1 += len,
+                _ => out.push((gpa, len)),
+            }
+            bits = if b + run >= 64 {
+                0
+            } else {
+                bits & (!0u64 << (b + run))
+            };
+        }
+    }
+    out
+}
+
+/// Collects KVM's dirty log and the VMM's own, unioned per region. Slot i of the KVM VM
+/// is region i of `mem` (Ferry registers them in that order).
+pub fn collect(
+    vm: &hypervisor::Vm,
+    mem: &GuestMemoryMmap,
+    kind: SyncKind,
+) -> hypervisor::Result<Vec<RegionDirty>> {
+    let kvm_bitmaps = vm.sync_dirty(kind)?;
+    Ok(mem
+        .iter()
+        .zip(kvm_bitmaps)
+        .map(|(region, mut bm)| {
+            // The VMM's log is read after KVM's, so a device write racing the sync is
+            // either in this collection or the next, never lost.
+            let own = vmm_log(region).get_and_reset();
+            for (a, b) in bm.iter_mut().zip(own) {
+                *a |= b;
+            }
+            let base = region.start_addr().0;
+            RegionDirty {
+                region_gpa: base,
+                ranges: bitmap_to_ranges(base, &bm),
+            }
+        })
+        .collect())
+}
+
+/// The whole-region bitmap of VMM writes (the region's `MmapRegion` holds it).
+fn vmm_log(region: &crate::memory::GuestRegionMmap) -> &vm_memory::bitmap::AtomicBitmap {
+    std::ops::Deref::deref(region).bitmap()
+}
+
+/// Forgets the VMM's own log (at the start of tracking: the first pass sends all RAM).
+pub fn reset_vmm_log(mem: &GuestMemoryMmap) {
+    mem.iter().for_each(|r| vmm_log(r).reset());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_coalesce_across_words() {
+        assert_eq!(bitmap_to_ranges(0, &[]), vec![]);
+        assert_eq!(bitmap_to_ranges(0x1000, &[0b1]), vec![(0x1000, 0x1000)]);
+        assert_eq!(
+            bitmap_to_ranges(0, &[0b1101]),
+            vec![(0, 0x1000), (0x2000, 0x2000)]
+        );
+        // Bits 63 of word 0 and 0..2 of word 1 are one run.
+        assert_eq!(
+            bitmap_to_ranges(0, &[1 << 63, 0b11]),
+            vec![(63 * PAGE, 3 * PAGE)]
+        );
+        assert_eq!(bitmap_to_ranges(0, &[!0, !0]), vec![(0, 128 * PAGE)]);
+    }
+}

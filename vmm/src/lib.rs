@@ -1,0 +1,9 @@
+//! The Ferry VMM: configuration, machine assembly, vCPU threads, and the dirty set the
+//! migration engine consumes.
+
+pub mod boot;
+pub mod config;
+pub mod dirty;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,108 @@
+//! `ferry`: boot a VM from the command line (cloud-hypervisor's flag style).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::config::{self, PayloadConfig, VmConfig};
+use vmm::vm::{exit_status, Machine};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Ferry: a KVM VMM built for live migration"
+)]
+struct Cli {
+    /// Kernel: a PVH ELF or a Linux bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Initramfs image.
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// vCPUs: boot=N[,max=M].
+    #[arg(long, default_value = "boot=1")]
+    cpus: String,
+    /// Memory: size=SIZE[,shared=on|off][,hugepages=on|off]; SIZE like 512M, 4G.
+    #[arg(long, default_value = "size=512M")]
+    memory: String,
+    /// Serial (COM1) output: tty, off, null or file=PATH.
+    #[arg(long, default_value = "null")]
+    serial: String,
+    /// Dirty tracking: entries=N (ring of N entries per vCPU) or off (bitmap).
+    #[arg(long = "dirty-ring", default_value = "entries=4096")]
+    dirty_ring: String,
+    /// REST API socket (HTTP on a UNIX socket).
+    #[arg(long = "api-socket")]
+    api_socket: Option<PathBuf>,
+}
+
+fn config_from(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
+    Ok(VmConfig {
+        cpus: config::parse_cpus(&cli.cpus)?,
+        memory: config::parse_memory(&cli.memory)?,
+        payload: PayloadConfig {
+            kernel: cli.kernel.clone(),
+            cmdline: cli.cmdline.clone(),
+            initramfs: cli.initramfs.clone(),
+        },
+        serial: config::parse_serial(&cli.serial)?,
+        iommu: false,
+        dirty_tracking: config::parse_dirty_ring(&cli.dirty_ring)?,
+    })
+}
+
+/// One line: the error and its causes.
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let cs = c.to_string();
+        if !s.contains(&cs) {
+            s.push_str(": ");
+            s.push_str(&cs);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let cli = Cli::parse();
+    let config = match config_from(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ferry: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.api_socket.is_some() {
+        eprintln!("ferry: error: --api-socket is not implemented yet");
+        return ExitCode::from(2);
+    }
+    let machine = match Machine::boot(config) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("ferry: error: {}", describe(&e));
+            return ExitCode::from(1);
+        }
+    };
+    let ev = machine.wait_event(None);
+    let status = ev.as_ref().map_or(1, exit_status);
+    match &ev {
+        Some(vmm::vcpu::VmEvent::Failed(why)) => eprintln!("ferry: error: {why}"),
+        Some(e) => log::info!("guest ended: {e:?}, exit status {status}"),
+        None => eprintln!("ferry: error: all vCPU threads ended"),
+    }
+    // Flush serial output the guest wrote before its exit.
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    // vCPU threads may sit in KVM_RUN; exiting the process ends them.
+    std::process::exit(status);
+}

@@ -1,0 +1,221 @@
+//! vCPU threads: each runs one vCPU, dispatches its exits to the port bus, and parks when
+//! the VMM asks (pause for migration or the API). A kick (signal + immediate_exit) gets a
+//! vCPU out of KVM_RUN, so a pause also flushes what the CPU buffered into the dirty ring.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use devices::{PioBus, PlatformEvent};
+use hypervisor::{Vcpu, VcpuExit};
+
+/// Something that ends (or restarts) the VM, sent by a vCPU thread to the VMM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest wrote this status to the debug-exit port.
+    DebugExit(u8),
+    /// ACPI power-off or KVM_SYSTEM_EVENT shutdown.
+    PowerOff,
+    /// i8042 reset, triple fault or KVM_SYSTEM_EVENT reset.
+    Reset(String),
+    /// A vCPU failed; the VM cannot go on.
+    Failed(String),
+}
+
+/// vCPU exits by reason, summed over vCPUs (`vm.counters`).
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    pub io_in: AtomicU64,
+    pub io_out: AtomicU64,
+    pub mmio: AtomicU64,
+    pub hlt: AtomicU64,
+    pub dirty_ring_full: AtomicU64,
+    pub interrupted: AtomicU64,
+    pub other: AtomicU64,
+}
+
+#[derive(Default)]
+struct Flags {
+    pause: bool,
+    stop: bool,
+    parked: u32,
+}
+
+/// Pause/resume/stop for all vCPU threads.
+#[derive(Default)]
+pub struct VcpuControl {
+    /// Fast check in the run loop: some request is pending.
+    pending: AtomicBool,
+    flags: Mutex<Flags>,
+    cv: Condvar,
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+impl VcpuControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Flags> {
+        self.flags.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn kick_all(&self) {
+        for t in self
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            hypervisor::kick_thread(*t);
+        }
+    }
+
+    /// Parks every vCPU outside KVM_RUN and returns once all are parked.
+    pub fn pause(&self, count: u32) {
+        let mut f = self.lock();
+        f.pause = true;
+        self.pending.store(true, Ordering::SeqCst);
+        drop(f);
+        self.kick_all();
+        let mut f = self.lock();
+        while f.parked < count && !f.stop {
+            f = self.cv.wait(f).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    pub fn resume(&self) {
+        let mut f = self.lock();
+        f.pause = false;
+        self.pending.store(f.stop, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+
+    /// Ends every vCPU thread (they return from their loop).
+    pub fn stop(&self) {
+        let mut f = self.lock();
+        f.stop = true;
+        self.pending.store(true, Ordering::SeqCst);
+        self.cv.notify_all();
+        drop(f);
+        self.kick_all();
+    }
+
+    /// Called by a vCPU thread when `pending` is set: parks while paused. Returns false
+    /// when the thread must end.
+    fn checkpoint(&self) -> bool {
+        let mut f = self.lock();
+        if f.pause && !f.stop {
+            f.parked += 1;
+            self.cv.notify_all();
+            while f.pause && !f.stop {
+                f = self.cv.wait(f).unwrap_or_else(|p| p.into_inner());
+            }
+            f.parked -= 1;
+        }
+        !f.stop
+    }
+}
+
+/// Starts the thread of one vCPU.
+pub fn spawn(
+    mut vcpu: Vcpu,
+    bus: Arc<PioBus>,
+    control: Arc<VcpuControl>,
+    counters: Arc<ExitCounters>,
+    events: Sender<VmEvent>,
+) -> std::io::Result<JoinHandle<()>> {
+    let index = vcpu.index();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let ctl = control.clone();
+    let handle = std::thread::Builder::new()
+        .name(format!("vcpu{index}"))
+        .spawn(move || {
+            vcpu.bind_to_current_thread();
+            // SAFETY: pthread_self has no preconditions.
+            let me = unsafe { libc::pthread_self() };
+            ctl.threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(me);
+            let _ = ready_tx.send(());
+            run_loop(&mut vcpu, &bus, &ctl, &counters, &events);
+        })?;
+    // The thread registers itself for kicks before anyone may pause it.
+    let _ = ready_rx.recv();
+    Ok(handle)
+}
+
+fn run_loop(
+    vcpu: &mut Vcpu,
+    bus: &PioBus,
+    ctl: &VcpuControl,
+    c: &ExitCounters,
+    events: &Sender<VmEvent>,
+) {
+    let index = vcpu.index();
+    loop {
+        if ctl.pending.load(Ordering::SeqCst) && !ctl.checkpoint() {
+            return;
+        }
+        let event = match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                c.io_out.fetch_add(1, Ordering::Relaxed);
+                bus.write(port, data).map(|e| match e {
+                    PlatformEvent::DebugExit(v) => VmEvent::DebugExit(v),
+                    PlatformEvent::PowerOff => VmEvent::PowerOff,
+                    PlatformEvent::Reset => VmEvent::Reset("i8042 reset".into()),
+                })
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                c.io_in.fetch_add(1, Ordering::Relaxed);
+                bus.read(port, data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                c.mmio.fetch_add(1, Ordering::Relaxed);
+                data.fill(0xff);
+                None
+            }
+            Ok(VcpuExit::MmioWrite(..)) => {
+                c.mmio.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Ok(VcpuExit::Hlt) => {
+                c.hlt.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Ok(VcpuExit::DirtyRingFull) => {
+                c.dirty_ring_full.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Ok(VcpuExit::Interrupted) => {
+                c.interrupted.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Ok(VcpuExit::Shutdown) => Some(VmEvent::Reset(format!("vCPU {index}: triple fault"))),
+            Ok(VcpuExit::SystemEvent(t)) => Some(match t {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmEvent::PowerOff,
+                _ => VmEvent::Reset(format!("vCPU {index}: KVM system event {t}")),
+            }),
+            Ok(VcpuExit::Other(what)) => {
+                c.other.fetch_add(1, Ordering::Relaxed);
+                let rip = vcpu.fd().get_regs().map_or(0, |r| r.rip);
+                Some(VmEvent::Failed(format!(
+                    "vCPU {index}: unhandled exit {what} at rip {rip:#x}"
+                )))
+            }
+            Err(e) => Some(VmEvent::Failed(format!("vCPU {index}: {e}"))),
+        };
+        if let Some(ev) = event {
+            let _ = events.send(ev);
+            // The VMM decides what happens next; this vCPU stops until it does.
+            ctl.pending.store(true, Ordering::SeqCst);
+            let mut f = ctl.lock();
+            // Counted as parked, so a concurrent pause does not wait for this vCPU.
+            f.parked += 1;
+            ctl.cv.notify_all();
+            while !f.stop {
+                f = ctl.cv.wait(f).unwrap_or_else(|p| p.into_inner());
+            }
+            return;
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Bad input to `ferry` gives one clear error line and a non-zero exit, never a panic.
+
+mod common;
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(common::ferry_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), err)
+}
+
+fn error_line(err: &str) -> &str {
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one error line expected, got:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    lines[0]
+}
+
+#[test]
+fn missing_kernel_file_is_named() {
+    let (code, err) = run(&["--kernel", "/nonexistent/vmlinuz"]);
+    assert_ne!(code, 0);
+    assert!(error_line(&err).contains("/nonexistent/vmlinuz"), "{err}");
+}
+
+#[test]
+fn garbage_kernel_is_refused() {
+    let p = std::env::temp_dir().join(format!("ferry-garbage-{}", std::process::id()));
+    std::fs::write(&p, vec![0x42u8; 8192]).unwrap();
+    let (code, err) = run(&["--kernel", p.to_str().unwrap()]);
+    std::fs::remove_file(&p).ok();
+    assert_ne!(code, 0);
+    let line = error_line(&err);
+    assert!(line.contains(p.to_str().unwrap()), "{line}");
+}
+
+#[test]
+fn zero_cpus_is_refused() {
+    let elf = common::guest_elf();
+    let (code, err) = run(&["--kernel", elf.to_str().unwrap(), "--cpus", "boot=0"]);
+    assert_ne!(code, 0);
+    assert!(error_line(&err).contains("boot_vcpus=0"), "{err}");
+}
+
+#[test]
+fn bad_option_values_are_named() {
+    for (args, needle) in [
+        (vec!["--memory", "size=lots"], "lots"),
+        (vec!["--serial", "pty"], "pty"),
+        (vec!["--dirty-ring", "entries=1000"], "1000"),
+        (vec!["--cpus", "boot=2,sockets=1"], "sockets"),
+    ] {
+        let elf = common::guest_elf();
+        let mut a = vec!["--kernel", elf.to_str().unwrap()];
+        a.extend(args);
+        let (code, err) = run(&a);
+        assert_ne!(code, 0, "{a:?}");
+        assert!(error_line(&err).contains(needle), "{a:?}: {err}");
+    }
+}
+
+#[test]
+fn memory_too_small_for_the_kernel() {
+    let elf = common::guest_elf();
+    let (code, err) = run(&["--kernel", elf.to_str().unwrap(), "--memory", "size=1M"]);
+    assert_ne!(code, 0);
+    assert!(error_line(&err).contains("size"), "{err}");
+}

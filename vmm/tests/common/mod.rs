@@ -1,0 +1,123 @@
+//! Helpers shared by the VMM's integration tests: paths to the binaries and the test
+//! guest, and a ferry process whose serial output can be awaited line by line.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn ferry_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ferry"))
+}
+
+/// The test guest, built by `test_guest/build.sh` when missing.
+pub fn guest_elf() -> PathBuf {
+    let root = repo_root();
+    let elf = root.join("target/test-guest/guest.elf");
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    BUILD.call_once(|| {
+        if !elf.exists() {
+            let st = Command::new(root.join("test_guest/build.sh"))
+                .status()
+                .expect("run test_guest/build.sh");
+            assert!(st.success(), "test_guest/build.sh failed");
+        }
+    });
+    elf
+}
+
+/// A running ferry whose stdout (serial in tty mode) and stderr are collected.
+pub struct Ferry {
+    pub child: Child,
+    lines: Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Ferry {
+    pub fn spawn(args: &[&str]) -> Ferry {
+        let mut child = Command::new(ferry_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ferry");
+        let (tx, lines) = channel();
+        for out in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for l in BufReader::new(out).lines().map_while(Result::ok) {
+                    if tx.send(l).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Ferry {
+            child,
+            lines,
+            seen: vec![],
+        }
+    }
+
+    /// Waits for a line containing `pat`; panics with everything seen on timeout.
+    pub fn expect_line(&mut self, pat: &str, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(pat) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {pat:?} within {timeout:?}; output so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to end (killing it after `timeout`) and returns its status
+    /// code and all its output.
+    pub fn wait(mut self, timeout: Duration) -> (Option<i32>, String) {
+        let end = Instant::now() + timeout;
+        let code = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st.code();
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Drain what the readers still hold.
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(l);
+        }
+        (code, self.seen.join("\n"))
+    }
+}
+
+impl Drop for Ferry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
