@@ -59,8 +59,7 @@ bench() {
     check_kvm
     case "${1:-}" in
         harvest)
-            build
-            cargo run --release -p vmm --bin ferry-bench-harvest -- "${@:2}"
+            cargo bench -p hypervisor --bench harvest
             ;;
         *)
             echo "usage: dev_cli.sh bench harvest" >&2
