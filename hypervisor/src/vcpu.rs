@@ -175,3 +175,36 @@ pub(crate) fn configure_cpuid(fd: &VcpuFd, base: &CpuId, index: u32, count: u32)
     fd.set_cpuid2(&cpuid)
         .map_err(HypervisorError::ioctl("KVM_SET_CPUID2"))
 }
+
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+const MTRR_ENABLE: u64 = 1 << 11;
+const MTRR_TYPE_WB: u64 = 6;
+
+/// Sets the MSRs firmware would have set: MTRRs on with write-back as the default type
+/// (with MTRRs off, all memory is uncached and a guest without firmware crawls), and
+/// fast strings.
+pub(crate) fn configure_msrs(fd: &VcpuFd) -> Result<()> {
+    let entries = [
+        kvm_bindings::kvm_msr_entry {
+            index: MSR_MTRR_DEF_TYPE,
+            data: MTRR_ENABLE | MTRR_TYPE_WB,
+            ..Default::default()
+        },
+        kvm_bindings::kvm_msr_entry {
+            index: MSR_IA32_MISC_ENABLE,
+            data: MISC_ENABLE_FAST_STRING,
+            ..Default::default()
+        },
+    ];
+    let msrs = kvm_bindings::Msrs::from_entries(&entries)
+        .map_err(|_| HypervisorError::ioctl("KVM_SET_MSRS")(vmm_sys_util::errno::Error::new(libc::E2BIG)))?;
+    let n = fd
+        .set_msrs(&msrs)
+        .map_err(HypervisorError::ioctl("KVM_SET_MSRS"))?;
+    if n != entries.len() {
+        log::warn!("KVM accepted only {n} of {} boot MSRs", entries.len());
+    }
+    Ok(())
+}

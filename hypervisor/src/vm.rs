@@ -298,6 +298,7 @@ impl VmWithMemory {
                 .create_vcpu(u64::from(index))
                 .map_err(|source| HypervisorError::CreateVcpu { index, source })?;
             crate::vcpu::configure_cpuid(&vfd, &cpuid, index, count)?;
+            crate::vcpu::configure_msrs(&vfd)?;
             if let DirtyTracking::Ring { entries, .. } = self.tracking {
                 use std::os::unix::io::AsRawFd;
                 rings.push(DirtyRing::map(vfd.as_raw_fd(), index, entries)?);

@@ -42,9 +42,21 @@ struct Flags {
     parked: u32,
 }
 
+/// Where a vCPU was when it last parked (for diagnostics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuSnapshot {
+    pub index: u32,
+    pub rip: u64,
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+}
+
 /// Pause/resume/stop for all vCPU threads.
 #[derive(Default)]
 pub struct VcpuControl {
+    snapshots: Mutex<Vec<VcpuSnapshot>>,
     /// Fast check in the run loop: some request is pending.
     pending: AtomicBool,
     flags: Mutex<Flags>,
@@ -96,6 +108,29 @@ impl VcpuControl {
         self.cv.notify_all();
         drop(f);
         self.kick_all();
+    }
+
+    /// Where each vCPU was when it last parked.
+    pub fn snapshots(&self) -> Vec<VcpuSnapshot> {
+        self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn record(&self, vcpu: &Vcpu) {
+        let (Ok(r), Ok(s)) = (vcpu.fd().get_regs(), vcpu.fd().get_sregs()) else {
+            return;
+        };
+        let snap = VcpuSnapshot {
+            index: vcpu.index(),
+            rip: r.rip,
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer,
+        };
+        let mut all = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|x| x.index != snap.index);
+        all.push(snap);
+        all.sort_by_key(|x| x.index);
     }
 
     /// Called by a vCPU thread when `pending` is set: parks while paused. Returns false
@@ -152,8 +187,11 @@ fn run_loop(
 ) {
     let index = vcpu.index();
     loop {
-        if ctl.pending.load(Ordering::SeqCst) && !ctl.checkpoint() {
-            return;
+        if ctl.pending.load(Ordering::SeqCst) {
+            ctl.record(vcpu);
+            if !ctl.checkpoint() {
+                return;
+            }
         }
         let event = match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {

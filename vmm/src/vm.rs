@@ -249,6 +249,11 @@ impl Machine {
         }
     }
 
+    /// Where each vCPU was when it last parked (after a `pause`).
+    pub fn vcpu_snapshots(&self) -> Vec<vcpu::VcpuSnapshot> {
+        self.control.snapshots()
+    }
+
     pub fn is_paused(&self) -> bool {
         self.paused
     }

@@ -15,7 +15,7 @@ pub const PAGE: u64 = 4096;
 pub struct Guest {
     pub vm: Arc<Vm>,
     pub vcpu: Vcpu,
-    mem: *mut u8,
+    pub mem: *mut u8,
     pub size: usize,
 }
 
