@@ -1,9 +1,15 @@
-//! The ACPI PM1a control register, enough for a guest to power off (S5): the FADT points
-//! guests here, and writing SLP_EN with SLP_TYP = 5 ends the VM.
+//! The ACPI PM1a event block (status/enable, read as zero: no events are ever raised)
+//! and control register, enough for a guest to power off (S5): the FADT points guests
+//! here, and writing SLP_EN with SLP_TYP = 5 ends the VM.
 
 use crate::{PioDevice, PlatformEvent};
 
+/// PM1a event block (4 bytes), followed by the control register (2 bytes).
+pub const ACPI_PM1A_EVT_PORT: u16 = 0x600;
 pub const ACPI_PM1A_CNT_PORT: u16 = 0x604;
+/// Ports the device decodes from [`ACPI_PM1A_EVT_PORT`].
+pub const ACPI_PM_PORTS: u16 = 6;
+const CNT_OFFSET: u16 = ACPI_PM1A_CNT_PORT - ACPI_PM1A_EVT_PORT;
 const SLP_EN: u16 = 1 << 13;
 const SLP_TYP_SHIFT: u16 = 10;
 /// The S5 sleep type the DSDT's `_S5_` object advertises.
@@ -15,7 +21,11 @@ pub struct AcpiPmControl {
 }
 
 impl PioDevice for AcpiPmControl {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        if offset < CNT_OFFSET {
+            data.fill(0);
+            return;
+        }
         let v = self.value.to_le_bytes();
         for (i, b) in data.iter_mut().enumerate() {
             *b = v.get(i).copied().unwrap_or(0);
@@ -23,7 +33,7 @@ impl PioDevice for AcpiPmControl {
     }
 
     fn write(&mut self, offset: u16, data: &[u8]) -> Option<PlatformEvent> {
-        if offset != 0 || data.len() < 2 {
+        if offset != CNT_OFFSET || data.len() < 2 {
             return None;
         }
         self.value = u16::from_le_bytes([data[0], data[1]]) & !SLP_EN;
@@ -41,11 +51,21 @@ mod tests {
     fn s5_with_slp_en_powers_off() {
         let mut pm = AcpiPmControl::default();
         let v = (S5_SLP_TYP << SLP_TYP_SHIFT) | SLP_EN;
-        assert_eq!(pm.write(0, &v.to_le_bytes()), Some(PlatformEvent::PowerOff));
+        assert_eq!(
+            pm.write(CNT_OFFSET, &v.to_le_bytes()),
+            Some(PlatformEvent::PowerOff)
+        );
+        assert_eq!(
+            pm.write(0, &v.to_le_bytes()),
+            None,
+            "event block writes are ignored"
+        );
         let v = S5_SLP_TYP << SLP_TYP_SHIFT;
-        assert_eq!(pm.write(0, &v.to_le_bytes()), None);
+        assert_eq!(pm.write(CNT_OFFSET, &v.to_le_bytes()), None);
         let mut r = [0u8; 2];
-        pm.read(0, &mut r);
+        pm.read(CNT_OFFSET, &mut r);
         assert_eq!(u16::from_le_bytes(r), v);
+        pm.read(0, &mut r);
+        assert_eq!(r, [0, 0], "no ACPI events pending");
     }
 }

@@ -61,6 +61,8 @@ pub enum HypervisorError {
     },
     #[error("dirty ring entry names slot {slot:#x} offset {offset:#x}, which is outside every memory slot")]
     RingEntryOutOfRange { slot: u32, offset: u64 },
+    #[error("KVM did not accept MSR {index:#x} when restoring vCPU {vcpu}")]
+    RestoreMsr { index: u32, vcpu: u32 },
     #[error("dirty logging is not enabled on this VM ({0})")]
     TrackingOff(&'static str),
 }

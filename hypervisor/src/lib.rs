@@ -5,6 +5,7 @@ mod caps;
 mod dirty_ring;
 mod dirty_set;
 mod error;
+mod state;
 mod vcpu;
 mod vm;
 
@@ -12,6 +13,7 @@ pub use caps::{CapabilityProbe, DirtyCaps, RingFlavor, MIN_RING_ENTRIES, RING_EN
 pub use dirty_ring::{DirtyRing, RingHarvest};
 pub use dirty_set::{count_bits, DirtyPageSet, SlotDirtyBits};
 pub use error::{HypervisorError, Result};
+pub use state::{VcpuState, VmState};
 pub use vcpu::{install_kick_handler, kick_signal, kick_thread, Vcpu, VcpuExit};
 pub use vm::{
     bitmap_setup_plan, ring_setup_plan, CapStep, DirtyStats, DirtyTracking, MemorySlot, SyncKind,

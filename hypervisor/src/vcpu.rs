@@ -99,6 +99,16 @@ impl Vcpu {
         &self.vm
     }
 
+    /// Saves this vCPU's state; the vCPU must be out of KVM_RUN (parked).
+    pub fn save_state(&self) -> Result<crate::VcpuState> {
+        crate::state::save_vcpu(&self.fd, self.index, self.vm.msr_indices())
+    }
+
+    /// Restores state saved by [`Self::save_state`], before this vCPU first runs.
+    pub fn restore_state(&self, s: &crate::VcpuState) -> Result<()> {
+        crate::state::restore_vcpu(&self.fd, s)
+    }
+
     /// Makes kicks sent to the calling thread end this vCPU's `KVM_RUN`. Call in the vCPU
     /// thread before it first looks at its control flags.
     pub fn bind_to_current_thread(&mut self) {
@@ -198,8 +208,9 @@ pub(crate) fn configure_msrs(fd: &VcpuFd) -> Result<()> {
             ..Default::default()
         },
     ];
-    let msrs = kvm_bindings::Msrs::from_entries(&entries)
-        .map_err(|_| HypervisorError::ioctl("KVM_SET_MSRS")(vmm_sys_util::errno::Error::new(libc::E2BIG)))?;
+    let msrs = kvm_bindings::Msrs::from_entries(&entries).map_err(|_| {
+        HypervisorError::ioctl("KVM_SET_MSRS")(vmm_sys_util::errno::Error::new(libc::E2BIG))
+    })?;
     let n = fd
         .set_msrs(&msrs)
         .map_err(HypervisorError::ioctl("KVM_SET_MSRS"))?;

@@ -293,12 +293,16 @@ impl VmWithMemory {
 
         let mut vcpus = Vec::new();
         let mut rings = Vec::new();
+        let mut msr_indices = Vec::new();
         for index in 0..count {
             let vfd = fd
                 .create_vcpu(u64::from(index))
                 .map_err(|source| HypervisorError::CreateVcpu { index, source })?;
             crate::vcpu::configure_cpuid(&vfd, &cpuid, index, count)?;
             crate::vcpu::configure_msrs(&vfd)?;
+            if index == 0 {
+                msr_indices = crate::state::saveable_msrs(&self.b.kvm, &vfd)?;
+            }
             if let DirtyTracking::Ring { entries, .. } = self.tracking {
                 use std::os::unix::io::AsRawFd;
                 rings.push(DirtyRing::map(vfd.as_raw_fd(), index, entries)?);
@@ -320,6 +324,7 @@ impl VmWithMemory {
             dirty,
             logging: AtomicBool::new(false),
             stats: DirtyStats::default(),
+            msr_indices,
         });
         let vcpus = vcpus
             .into_iter()
@@ -362,6 +367,8 @@ pub struct Vm {
     dirty: DirtyPageSet,
     logging: AtomicBool,
     pub stats: DirtyStats,
+    /// MSRs saved with each vCPU's state.
+    msr_indices: Vec<u32>,
 }
 
 impl Vm {
@@ -608,6 +615,20 @@ impl Vm {
             out.iter().map(|b| count_bits(b)).sum::<u64>()
         );
         Ok(out)
+    }
+
+    pub(crate) fn msr_indices(&self) -> &[u32] {
+        &self.msr_indices
+    }
+
+    /// The irqchip, PIT and clock. Call with every vCPU parked.
+    pub fn save_state(&self) -> Result<crate::VmState> {
+        crate::state::save_vm(&self.fd)
+    }
+
+    /// Restores what [`Self::save_state`] returned, before any vCPU runs.
+    pub fn restore_state(&self, s: &crate::VmState) -> Result<()> {
+        crate::state::restore_vm(&self.fd, s)
     }
 
     /// Raises or lowers an interrupt line of the in-kernel irqchip.

@@ -112,7 +112,10 @@ impl VcpuControl {
 
     /// Where each vCPU was when it last parked.
     pub fn snapshots(&self) -> Vec<VcpuSnapshot> {
-        self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn record(&self, vcpu: &Vcpu) {

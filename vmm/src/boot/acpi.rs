@@ -1,0 +1,498 @@
+//! ACPI tables in the BIOS area at `ACPI_START`: RSDP -> XSDT -> {FADT, MADT},
+//! FADT -> {FACS, DSDT}. A full (not hardware-reduced) ACPI platform, because guests use
+//! the legacy PIC/IOAPIC/LAPIC and i8042; power-off goes through the PM1a control
+//! register the `devices` crate emulates.
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::aml;
+use super::layout::{ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
+use super::BootError;
+use crate::memory::GuestMemoryMmap;
+
+const OEM_ID: [u8; 6] = *b"FERRY ";
+const OEM_TABLE_ID: [u8; 8] = *b"FERRYVM ";
+const OEM_REVISION: u32 = 1;
+const CREATOR_ID: [u8; 4] = *b"FRRY";
+const CREATOR_REVISION: u32 = 1;
+/// Length of the common table header.
+pub const HEADER_LEN: usize = 36;
+/// Length of an ACPI 2.0+ RSDP.
+pub const RSDP_LEN: usize = 36;
+/// Length of an ACPI 6 FADT.
+const FADT_LEN: usize = 276;
+const FACS_LEN: usize = 64;
+
+/// The PM1 event block (status + enable, 2 bytes each), just below the control register
+/// as on QEMU's PIIX4/ICH9 (0x600). ACPICA refuses to enable a full ACPI platform without
+/// one; nothing raises events, so the VMM only needs to decode it as RAZ/WI.
+pub const PM1A_EVT_BLK: u16 = devices::ACPI_PM1A_EVT_PORT;
+const PM1_EVT_LEN: u8 = 4;
+/// PM1a control: where guests write SLP_TYP|SLP_EN (devices::AcpiPmControl).
+pub const PM1A_CNT_BLK: u16 = devices::ACPI_PM1A_CNT_PORT;
+const PM1_CNT_LEN: u8 = 2;
+/// SLP_TYP for S5 in the DSDT's `_S5_`: the value the PM control device acts on.
+pub const S5_SLP_TYP: u64 = devices::S5_SLP_TYP as u64;
+/// The conventional ISA IRQ for the SCI. No device raises it.
+const SCI_IRQ: u16 = 9;
+/// i8042 command port and its "pulse reset line" command: the FADT reset register.
+const RESET_PORT: u64 = 0x64;
+const RESET_VALUE: u8 = 0xfe;
+
+/// FADT IAPC_BOOT_ARCH flags.
+const IAPC_LEGACY_DEVICES: u16 = 1 << 0; // COM1 on the ISA/LPC bus
+const IAPC_8042: u16 = 1 << 1; // an i8042 at 0x60/0x64: Linux probes it
+const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2; // no VGA: don't poke its ports
+const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5; // no RTC at 0x70/0x71: don't register one
+
+/// FADT flags.
+const FADT_WBINVD: u32 = 1 << 0;
+const FADT_PROC_C1: u32 = 1 << 2;
+const FADT_PWR_BUTTON: u32 = 1 << 4; // no fixed-feature power button
+const FADT_SLP_BUTTON: u32 = 1 << 5; // no fixed-feature sleep button
+const FADT_RESET_REG_SUP: u32 = 1 << 10;
+
+/// Generic Address Structure address space: system I/O.
+const GAS_SYSTEM_IO: u8 = 1;
+/// GAS access sizes.
+const GAS_ACCESS_BYTE: u8 = 1;
+const GAS_ACCESS_WORD: u8 = 2;
+
+/// MADT flags: PCAT_COMPAT, dual 8259s present (the in-kernel PIC).
+const MADT_PCAT_COMPAT: u32 = 1;
+const MADT_LAPIC: u8 = 0;
+const MADT_IOAPIC: u8 = 1;
+const MADT_INT_SRC_OVERRIDE: u8 = 2;
+const LAPIC_ENABLED: u32 = 1;
+/// The in-kernel I/O APIC resets with ID 0; report what it will answer.
+const IOAPIC_ID: u8 = 0;
+
+/// Sum of all bytes, mod 256.
+pub fn byte_sum(bytes: &[u8]) -> u8 {
+    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
+}
+
+/// A system description table being built: the header, then fields appended in order.
+struct Sdt(Vec<u8>);
+
+impl Sdt {
+    fn new(signature: &[u8; 4], revision: u8) -> Self {
+        let mut v = Vec::with_capacity(256);
+        v.extend(signature);
+        v.extend([0; 4]); // length, set by finish()
+        v.push(revision);
+        v.push(0); // checksum, set by finish()
+        v.extend(OEM_ID);
+        v.extend(OEM_TABLE_ID);
+        v.extend(OEM_REVISION.to_le_bytes());
+        v.extend(CREATOR_ID);
+        v.extend(CREATOR_REVISION.to_le_bytes());
+        Sdt(v)
+    }
+
+    fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(b);
+        self
+    }
+    fn u8(&mut self, v: u8) -> &mut Self {
+        self.bytes(&[v])
+    }
+    fn u16(&mut self, v: u16) -> &mut Self {
+        self.bytes(&v.to_le_bytes())
+    }
+    fn u32(&mut self, v: u32) -> &mut Self {
+        self.bytes(&v.to_le_bytes())
+    }
+    fn u64(&mut self, v: u64) -> &mut Self {
+        self.bytes(&v.to_le_bytes())
+    }
+    /// A Generic Address Structure for an I/O port register.
+    fn gas_io(&mut self, port: u64, bit_width: u8, access: u8) -> &mut Self {
+        if port == 0 {
+            return self.bytes(&[0; 12]);
+        }
+        self.bytes(&[GAS_SYSTEM_IO, bit_width, 0, access]).u64(port)
+    }
+
+    /// Sets the length and checksum.
+    fn finish(mut self) -> Vec<u8> {
+        let len = self.0.len() as u32;
+        self.0[4..8].copy_from_slice(&len.to_le_bytes());
+        self.0[9] = 0u8.wrapping_sub(byte_sum(&self.0));
+        self.0
+    }
+}
+
+fn rsdp(xsdt: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(RSDP_LEN);
+    v.extend(b"RSD PTR ");
+    v.push(0); // checksum of the first 20 bytes
+    v.extend(OEM_ID);
+    v.push(2); // revision: ACPI 2.0+, XSDT present
+    v.extend(0u32.to_le_bytes()); // no RSDT: every 2.0+ guest reads the XSDT
+    v.extend((RSDP_LEN as u32).to_le_bytes());
+    v.extend(xsdt.to_le_bytes());
+    v.push(0); // extended checksum, of all 36 bytes
+    v.extend([0; 3]);
+    v[8] = 0u8.wrapping_sub(byte_sum(&v[..20]));
+    v[32] = 0u8.wrapping_sub(byte_sum(&v));
+    v
+}
+
+fn xsdt(entries: &[u64]) -> Vec<u8> {
+    let mut t = Sdt::new(b"XSDT", 1);
+    for e in entries {
+        t.u64(*e);
+    }
+    t.finish()
+}
+
+fn facs() -> Vec<u8> {
+    let mut v = vec![0u8; FACS_LEN];
+    v[..4].copy_from_slice(b"FACS");
+    v[4..8].copy_from_slice(&(FACS_LEN as u32).to_le_bytes());
+    v[32] = 2; // version
+    v
+}
+
+fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
+    let mut t = Sdt::new(b"FACP", 6);
+    t.u32(facs as u32) // FIRMWARE_CTRL
+        .u32(dsdt as u32) // DSDT
+        .u8(0) // reserved (INT_MODEL in ACPI 1.0)
+        .u8(0) // Preferred_PM_Profile: unspecified
+        .u16(SCI_IRQ)
+        .u32(0) // SMI_CMD: none, the platform is always in ACPI mode
+        .u8(0) // ACPI_ENABLE
+        .u8(0) // ACPI_DISABLE
+        .u8(0) // S4BIOS_REQ
+        .u8(0) // PSTATE_CNT
+        .u32(u32::from(PM1A_EVT_BLK))
+        .u32(0) // PM1b_EVT_BLK
+        .u32(u32::from(PM1A_CNT_BLK))
+        .u32(0) // PM1b_CNT_BLK
+        .u32(0) // PM2_CNT_BLK
+        .u32(0) // PM_TMR_BLK: no ACPI PM timer
+        .u32(0) // GPE0_BLK
+        .u32(0) // GPE1_BLK
+        .u8(PM1_EVT_LEN)
+        .u8(PM1_CNT_LEN)
+        .u8(0) // PM2_CNT_LEN
+        .u8(0) // PM_TMR_LEN
+        .u8(0) // GPE0_BLK_LEN
+        .u8(0) // GPE1_BLK_LEN
+        .u8(0) // GPE1_BASE
+        .u8(0) // CST_CNT
+        .u16(101) // P_LVL2_LAT: > 100, C2 not supported
+        .u16(1001) // P_LVL3_LAT: > 1000, C3 not supported
+        .u16(0) // FLUSH_SIZE
+        .u16(0) // FLUSH_STRIDE
+        .u8(0) // DUTY_OFFSET
+        .u8(0) // DUTY_WIDTH
+        .u8(0) // DAY_ALRM
+        .u8(0) // MON_ALRM
+        .u8(0) // CENTURY
+        .u16(IAPC_LEGACY_DEVICES | IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT)
+        .u8(0) // reserved
+        .u32(FADT_WBINVD | FADT_PROC_C1 | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_RESET_REG_SUP)
+        .gas_io(RESET_PORT, 8, GAS_ACCESS_BYTE)
+        .u8(RESET_VALUE)
+        .u16(0) // ARM_BOOT_ARCH
+        .u8(5) // FADT minor version: ACPI 6.5
+        // ACPI 6: X_FIRMWARE_CTRL must be zero when FIRMWARE_CTRL is set (and Linux
+        // would install the FACS twice otherwise).
+        .u64(0) // X_FIRMWARE_CTRL
+        .u64(dsdt) // X_DSDT
+        .gas_io(PM1A_EVT_BLK.into(), 8 * PM1_EVT_LEN, GAS_ACCESS_WORD)
+        .gas_io(0, 0, 0) // X_PM1b_EVT_BLK
+        .gas_io(PM1A_CNT_BLK.into(), 8 * PM1_CNT_LEN, GAS_ACCESS_WORD)
+        .gas_io(0, 0, 0) // X_PM1b_CNT_BLK
+        .gas_io(0, 0, 0) // X_PM2_CNT_BLK
+        .gas_io(0, 0, 0) // X_PM_TMR_BLK
+        .gas_io(0, 0, 0) // X_GPE0_BLK
+        .gas_io(0, 0, 0) // X_GPE1_BLK
+        .gas_io(0, 0, 0) // SLEEP_CONTROL_REG (hardware-reduced only)
+        .gas_io(0, 0, 0) // SLEEP_STATUS_REG (hardware-reduced only)
+        .u64(0); // hypervisor vendor identity
+    debug_assert_eq!(t.0.len(), FADT_LEN);
+    t.finish()
+}
+
+fn madt(ncpus: u8) -> Vec<u8> {
+    let mut t = Sdt::new(b"APIC", 5);
+    t.u32(LAPIC_ADDR as u32).u32(MADT_PCAT_COMPAT);
+    for id in 0..ncpus {
+        // Processor Local APIC: ACPI processor UID and APIC ID are the vCPU index.
+        t.u8(MADT_LAPIC).u8(8).u8(id).u8(id).u32(LAPIC_ENABLED);
+    }
+    t.u8(MADT_IOAPIC)
+        .u8(12)
+        .u8(IOAPIC_ID)
+        .u8(0)
+        .u32(IOAPIC_ADDR as u32)
+        .u32(0); // GSI base
+                 // The PIT's IRQ0 is wired to IOAPIC pin 2 (KVM routes it there, like real boards).
+    t.u8(MADT_INT_SRC_OVERRIDE)
+        .u8(10)
+        .u8(0) // bus: ISA
+        .u8(0) // source: IRQ0
+        .u32(2) // GSI 2
+        .u16(0); // flags: conforms to the bus (edge, active high)
+    t.finish()
+}
+
+fn dsdt() -> Vec<u8> {
+    let com1 = aml::device(
+        "COM1",
+        &[
+            aml::name("_HID", &aml::integer(aml::eisa_id("PNP0501").into())),
+            aml::name("_UID", &aml::integer(1)),
+            aml::name(
+                "_CRS",
+                &aml::resource_template(&[
+                    aml::io_port(devices::COM1_PORT, 8),
+                    aml::irq_no_flags(devices::COM1_IRQ as u8),
+                ]),
+            ),
+        ]
+        .concat(),
+    );
+    let kbd = aml::device(
+        "PS2K",
+        &[
+            aml::name("_HID", &aml::integer(aml::eisa_id("PNP0303").into())),
+            aml::name(
+                "_CRS",
+                &aml::resource_template(&[
+                    aml::io_port(devices::I8042_PORT, 1),
+                    aml::io_port(RESET_PORT as u16, 1),
+                    aml::irq_no_flags(1),
+                ]),
+            ),
+        ]
+        .concat(),
+    );
+    let sb = aml::scope("\\_SB", &[com1, kbd].concat());
+    // _S5_: {SLP_TYPa, SLP_TYPb, reserved, reserved}.
+    let s5 = aml::name(
+        "_S5",
+        &aml::package(&[
+            aml::integer(S5_SLP_TYP),
+            aml::integer(S5_SLP_TYP),
+            aml::integer(0),
+            aml::integer(0),
+        ]),
+    );
+    let mut t = Sdt::new(b"DSDT", 2); // revision 2: 64-bit AML integers
+    t.bytes(&sb).bytes(&s5);
+    t.finish()
+}
+
+/// Writes the ACPI tables for `ncpus` vCPUs (APIC IDs 0..ncpus) at `ACPI_START` and
+/// returns the RSDP's address, which is `ACPI_START` (where scanning guests look) and
+/// what start_info.rsdp_paddr / boot_params.acpi_rsdp_addr should carry.
+pub fn create_acpi_tables(mem: &GuestMemoryMmap, ncpus: u8) -> Result<GuestAddress, BootError> {
+    if ncpus == 0 {
+        return Err(BootError::VcpuCount { ncpus: 0 });
+    }
+    let dsdt = dsdt();
+    let madt = madt(ncpus);
+    let facs = facs();
+    let xsdt_len = HEADER_LEN + 2 * 8;
+
+    // Lay the tables out one after the other; FACS must be 64-byte aligned.
+    let mut next = ACPI_START.0;
+    let mut place = |len: usize, align: u64| {
+        let at = next.next_multiple_of(align);
+        next = at + len as u64;
+        at
+    };
+    let rsdp_at = place(RSDP_LEN, 16);
+    let xsdt_at = place(xsdt_len, 16);
+    let facs_at = place(facs.len(), 64);
+    let fadt_at = place(FADT_LEN, 16);
+    let madt_at = place(madt.len(), 16);
+    let dsdt_at = place(dsdt.len(), 16);
+    if next > ACPI_END {
+        return Err(BootError::AcpiTooBig {
+            end: next,
+            limit: ACPI_END,
+        });
+    }
+    let fadt = fadt(facs_at, dsdt_at);
+    let xsdt = xsdt(&[fadt_at, madt_at]);
+    debug_assert_eq!(xsdt.len(), xsdt_len);
+    let rsdp = rsdp(xsdt_at);
+    for (what, at, bytes) in [
+        ("RSDP", rsdp_at, &rsdp),
+        ("XSDT", xsdt_at, &xsdt),
+        ("FACS", facs_at, &facs),
+        ("FADT", fadt_at, &fadt),
+        ("MADT", madt_at, &madt),
+        ("DSDT", dsdt_at, &dsdt),
+    ] {
+        mem.write_slice(bytes, GuestAddress(at))
+            .map_err(|source| BootError::GuestMemory {
+                what,
+                addr: at,
+                source,
+            })?;
+    }
+    Ok(GuestAddress(rsdp_at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::layout;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&layout::ram_regions(32 << 20)).unwrap()
+    }
+
+    fn read(m: &GuestMemoryMmap, at: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        m.read_slice(&mut v, GuestAddress(at)).unwrap();
+        v
+    }
+
+    fn u32_at(b: &[u8], o: usize) -> u32 {
+        u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], o: usize) -> u64 {
+        u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+    }
+
+    /// Reads the table at `at`, checking its signature, length and checksum.
+    fn table(m: &GuestMemoryMmap, at: u64, sig: &[u8; 4]) -> Vec<u8> {
+        let hdr = read(m, at, HEADER_LEN);
+        assert_eq!(&hdr[..4], sig, "signature at {at:#x}");
+        let len = u32_at(&hdr, 4) as usize;
+        assert!(len >= HEADER_LEN);
+        let t = read(m, at, len);
+        assert_eq!(byte_sum(&t), 0, "{} checksum", String::from_utf8_lossy(sig));
+        t
+    }
+
+    /// Walks RSDP -> XSDT -> tables, returning them by signature.
+    fn walk(m: &GuestMemoryMmap, rsdp_at: u64) -> Vec<([u8; 4], u64, Vec<u8>)> {
+        let rsdp = read(m, rsdp_at, RSDP_LEN);
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(byte_sum(&rsdp[..20]), 0, "RSDP checksum");
+        assert_eq!(byte_sum(&rsdp), 0, "RSDP extended checksum");
+        assert_eq!(rsdp[15], 2, "RSDP revision");
+        assert_eq!(u32_at(&rsdp, 20) as usize, RSDP_LEN);
+        let xsdt = table(m, u64_at(&rsdp, 24), b"XSDT");
+        xsdt[HEADER_LEN..]
+            .chunks_exact(8)
+            .map(|e| {
+                let at = u64::from_le_bytes(e.try_into().unwrap());
+                let sig: [u8; 4] = read(m, at, 4).try_into().unwrap();
+                (sig, at, table(m, at, &sig))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tables_parse_back() {
+        for ncpus in [1u8, 2, 8, 255] {
+            let m = mem();
+            let rsdp_at = create_acpi_tables(&m, ncpus).unwrap();
+            assert_eq!(rsdp_at, ACPI_START);
+            let tables = walk(&m, rsdp_at.0);
+            let sigs: Vec<_> = tables.iter().map(|t| t.0).collect();
+            assert_eq!(sigs, vec![*b"FACP", *b"APIC"]);
+            for (_, at, t) in &tables {
+                assert!(*at >= ACPI_START.0 && at + t.len() as u64 <= ACPI_END);
+            }
+
+            let madt = &tables[1].2;
+            assert_eq!(u32_at(madt, 36), 0xfee0_0000);
+            assert_eq!(u32_at(madt, 40) & 1, 1, "PCAT_COMPAT");
+            let mut lapic_ids = Vec::new();
+            let (mut ioapics, mut overrides) = (0, 0);
+            let mut at = 44;
+            while at < madt.len() {
+                let (kind, len) = (madt[at], usize::from(madt[at + 1]));
+                let e = &madt[at..at + len];
+                match kind {
+                    0 => {
+                        assert_eq!(len, 8);
+                        assert_eq!(e[2], e[3], "UID = APIC ID");
+                        assert_eq!(u32_at(e, 4), 1, "enabled");
+                        lapic_ids.push(e[3]);
+                    }
+                    1 => {
+                        assert_eq!(len, 12);
+                        assert_eq!(u32_at(e, 4), 0xfec0_0000);
+                        assert_eq!(u32_at(e, 8), 0, "GSI base");
+                        ioapics += 1;
+                    }
+                    2 => {
+                        assert_eq!(len, 10);
+                        assert_eq!((e[2], e[3], u32_at(e, 4)), (0, 0, 2), "IRQ0 -> GSI2");
+                        overrides += 1;
+                    }
+                    k => panic!("unexpected MADT entry type {k}"),
+                }
+                at += len;
+            }
+            assert_eq!(at, madt.len(), "entries fill the MADT exactly");
+            assert_eq!(lapic_ids, (0..ncpus).collect::<Vec<_>>());
+            assert_eq!((ioapics, overrides), (1, 1));
+        }
+    }
+
+    #[test]
+    fn fadt_points_at_dsdt_and_facs() {
+        let m = mem();
+        let rsdp_at = create_acpi_tables(&m, 2).unwrap();
+        let tables = walk(&m, rsdp_at.0);
+        let fadt = &tables[0].2;
+        assert_eq!(fadt.len(), FADT_LEN);
+        assert_eq!(fadt[8], 6, "FADT revision");
+        let dsdt_at = u64_at(fadt, 140);
+        assert_eq!(u64::from(u32_at(fadt, 40)), dsdt_at);
+        let facs_at = u64::from(u32_at(fadt, 36));
+        assert_eq!(u64_at(fadt, 132), 0, "X_FIRMWARE_CTRL unused");
+        assert_eq!(facs_at % 64, 0);
+        let facs = read(&m, facs_at, FACS_LEN);
+        assert_eq!((&facs[..4], u32_at(&facs, 4)), (&b"FACS"[..], 64));
+        // Not hardware-reduced; 8042 present; PM1 blocks where the devices are.
+        assert_eq!(u32_at(fadt, 112) & (1 << 20), 0);
+        assert_ne!(u16::from_le_bytes([fadt[109], fadt[110]]) & 2, 0);
+        assert_eq!(u32_at(fadt, 56), 0x600);
+        assert_eq!(u32_at(fadt, 64), u32::from(devices::ACPI_PM1A_CNT_PORT));
+        assert_eq!((fadt[88], fadt[89]), (4, 2));
+        assert_eq!(fadt[172], 1, "X_PM1a_CNT_BLK is system I/O");
+        assert_eq!(u64_at(fadt, 176), u64::from(devices::ACPI_PM1A_CNT_PORT));
+        assert_eq!(
+            (fadt[116], u64_at(fadt, 120), fadt[128]),
+            (1, 0x64, 0xfe),
+            "reset reg"
+        );
+
+        let dsdt = table(&m, dsdt_at, b"DSDT");
+        // The AML is well formed at the top level: \_SB scope, then Name(_S5_, ...).
+        let body = &dsdt[HEADER_LEN..];
+        assert_eq!(body[0], 0x10);
+        let (scope_len, _) = super::super::aml::tests_support::decode_pkg_length(&body[1..]);
+        let rest = &body[1 + scope_len..];
+        assert_eq!(&rest[..5], b"\x08_S5_");
+        assert_eq!(rest[5], 0x12);
+        let (pkg_len, _) = super::super::aml::tests_support::decode_pkg_length(&rest[6..]);
+        assert_eq!(6 + pkg_len, rest.len(), "nothing after _S5_");
+        assert_eq!(rest[6 + 1], 4, "four elements");
+        assert_eq!(&rest[8..10], &[0x0a, S5_SLP_TYP as u8]);
+        let find = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+        assert!(find(b"COM1") && find(b"PS2K"));
+        assert!(find(&0x0105_d041u32.to_le_bytes()), "PNP0501");
+    }
+
+    #[test]
+    fn zero_cpus_is_refused() {
+        let e = create_acpi_tables(&mem(), 0).unwrap_err().to_string();
+        assert!(e.contains('0'), "{e}");
+    }
+}
