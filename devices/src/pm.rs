@@ -20,6 +20,17 @@ pub struct AcpiPmControl {
     value: u16,
 }
 
+impl AcpiPmControl {
+    /// The control register (migration state).
+    pub fn value(&self) -> u16 {
+        self.value
+    }
+
+    pub fn with_value(value: u16) -> Self {
+        AcpiPmControl { value }
+    }
+}
+
 impl PioDevice for AcpiPmControl {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         if offset < CNT_OFFSET {

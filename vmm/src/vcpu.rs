@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use devices::{PioBus, PlatformEvent};
-use hypervisor::{Vcpu, VcpuExit};
+use hypervisor::{Vcpu, VcpuExit, VcpuState};
 
 /// Something that ends (or restarts) the VM, sent by a vCPU thread to the VMM.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +40,11 @@ struct Flags {
     pause: bool,
     stop: bool,
     parked: u32,
+    /// vCPUs whose thread reported a VM event and waits for the end.
+    dead: u32,
+    /// Bumped by each state-save request; a parked vCPU saves once per value.
+    save_gen: u64,
+    saved: Vec<Result<VcpuState, String>>,
 }
 
 /// Where a vCPU was when it last parked (for diagnostics).
@@ -93,6 +98,31 @@ impl VcpuControl {
         }
     }
 
+    /// Parks every vCPU and has each save its own state (KVM wants vCPU ioctls from a
+    /// vCPU that is not running; its own thread is where that is certain).
+    pub fn pause_and_save(&self, count: u32) -> Result<Vec<VcpuState>, String> {
+        let mut f = self.lock();
+        f.pause = true;
+        f.save_gen += 1;
+        f.saved.clear();
+        self.pending.store(true, Ordering::SeqCst);
+        self.cv.notify_all();
+        drop(f);
+        self.kick_all();
+        let mut f = self.lock();
+        while (f.saved.len() as u32) < count && f.dead == 0 && !f.stop {
+            f = self.cv.wait(f).unwrap_or_else(|p| p.into_inner());
+        }
+        if f.dead > 0 || f.stop {
+            return Err("the VM ended while its state was being saved".into());
+        }
+        let mut states = std::mem::take(&mut f.saved)
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        states.sort_by_key(|s| s.index);
+        Ok(states)
+    }
+
     pub fn resume(&self) {
         let mut f = self.lock();
         f.pause = false;
@@ -136,14 +166,25 @@ impl VcpuControl {
         all.sort_by_key(|x| x.index);
     }
 
-    /// Called by a vCPU thread when `pending` is set: parks while paused. Returns false
-    /// when the thread must end.
-    fn checkpoint(&self) -> bool {
+    /// Called by a vCPU thread when `pending` is set: parks while paused, saving its
+    /// state when asked. Returns false when the thread must end.
+    fn checkpoint(&self, vcpu: &Vcpu, saved_gen: &mut u64) -> bool {
         let mut f = self.lock();
         if f.pause && !f.stop {
             f.parked += 1;
             self.cv.notify_all();
             while f.pause && !f.stop {
+                if f.save_gen != *saved_gen {
+                    *saved_gen = f.save_gen;
+                    drop(f);
+                    let s = vcpu
+                        .save_state()
+                        .map_err(|e| format!("vCPU {}: {e}", vcpu.index()));
+                    f = self.lock();
+                    f.saved.push(s);
+                    self.cv.notify_all();
+                    continue;
+                }
                 f = self.cv.wait(f).unwrap_or_else(|p| p.into_inner());
             }
             f.parked -= 1;
@@ -189,10 +230,11 @@ fn run_loop(
     events: &Sender<VmEvent>,
 ) {
     let index = vcpu.index();
+    let mut saved_gen = 0;
     loop {
         if ctl.pending.load(Ordering::SeqCst) {
             ctl.record(vcpu);
-            if !ctl.checkpoint() {
+            if !ctl.checkpoint(vcpu, &mut saved_gen) {
                 return;
             }
         }
@@ -252,6 +294,7 @@ fn run_loop(
             let mut f = ctl.lock();
             // Counted as parked, so a concurrent pause does not wait for this vCPU.
             f.parked += 1;
+            f.dead += 1;
             ctl.cv.notify_all();
             while !f.stop {
                 f = ctl.cv.wait(f).unwrap_or_else(|p| p.into_inner());

@@ -9,8 +9,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::{
-    AcpiPmControl, DebugExit, PioBus, Serial, SerialCounters, ACPI_PM1A_CNT_PORT, COM1_IRQ,
-    COM1_PORT, DEBUG_EXIT_PORT, I8042, I8042_PORT,
+    AcpiPmControl, DebugExit, PioBus, Serial, SerialCounters, ACPI_PM1A_EVT_PORT, ACPI_PM_PORTS,
+    COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, I8042, I8042_PORT,
 };
 use hypervisor::{DirtyTracking, MemorySlot, SyncKind, VmBuilder};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -37,6 +37,8 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("machine state: {0}")]
+    State(String),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -77,6 +79,29 @@ fn serial_sink(cfg: &VmConfig) -> Result<Option<Box<dyn Write + Send>>> {
     })
 }
 
+/// The machine's state apart from guest RAM, as plain data (migration's stop-and-copy).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct MachineState {
+    /// Bumped whenever the layout of this struct changes incompatibly.
+    pub version: u32,
+    pub vcpus: Vec<hypervisor::VcpuState>,
+    pub vm: hypervisor::VmState,
+    pub serial: Option<devices::SerialSnapshot>,
+    pub pm_control: u16,
+}
+
+/// Current [`MachineState::version`].
+pub const MACHINE_STATE_VERSION: u32 = 1;
+
+/// A machine put together but whose vCPUs have not run yet.
+struct Parts {
+    config: VmConfig,
+    mem: GuestMemoryMmap,
+    hv: Arc<hypervisor::Vm>,
+    vcpus: Vec<hypervisor::Vcpu>,
+    serial_irq: Option<EventFd>,
+}
+
 /// A VM whose vCPUs run on their own threads.
 pub struct Machine {
     pub config: VmConfig,
@@ -86,21 +111,59 @@ pub struct Machine {
     events: Receiver<VmEvent>,
     pub exit_counters: Arc<ExitCounters>,
     pub serial_counters: Option<Arc<SerialCounters>>,
+    serial: Option<Arc<Mutex<Serial>>>,
+    pm: Arc<Mutex<AcpiPmControl>>,
     paused: bool,
     /// Last field: dropped after the KVM VM whose memslots point into it.
     mem: GuestMemoryMmap,
 }
 
+/// A machine built to receive a migration: RAM and vCPUs exist, nothing runs until
+/// [`IncomingMachine::start`] restores the state.
+pub struct IncomingMachine {
+    parts: Parts,
+}
+
+impl IncomingMachine {
+    /// Guest RAM, to write received pages into.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.parts.mem
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.parts.config
+    }
+
+    /// Restores the source's state and starts the vCPUs.
+    pub fn start(self, state: &MachineState) -> Result<Machine> {
+        if state.version != MACHINE_STATE_VERSION {
+            return Err(VmError::State(format!(
+                "machine state version {} is not {MACHINE_STATE_VERSION}",
+                state.version
+            )));
+        }
+        let p = &self.parts;
+        if state.vcpus.len() != p.vcpus.len() {
+            return Err(VmError::State(format!(
+                "state has {} vCPUs, this VM {}",
+                state.vcpus.len(),
+                p.vcpus.len()
+            )));
+        }
+        p.hv.restore_state(&state.vm)?;
+        for (v, s) in p.vcpus.iter().zip(&state.vcpus) {
+            v.restore_state(s)?;
+        }
+        // Pages received went through the VMM's own writes: they are not guest activity.
+        dirty::reset_vmm_log(&p.mem);
+        Machine::start(self.parts, state.serial.as_ref(), state.pm_control)
+    }
+}
+
 impl Machine {
-    /// Builds the VM and boots it: dirty tracking first, then memslots, then vCPUs; the
-    /// kernel and ACPI tables are written before any vCPU runs.
-    pub fn boot(mut config: VmConfig) -> Result<Machine> {
+    /// Builds the VM: dirty tracking first, then memslots, then vCPUs (KVM's order).
+    fn build(mut config: VmConfig) -> Result<Parts> {
         config.validate()?;
-        let kernel = config
-            .payload
-            .kernel
-            .clone()
-            .ok_or(crate::config::ConfigError::NoKernel)?;
         let ncpus = config.cpus.boot_vcpus;
         let mem = create_memory(config.memory.size)?;
 
@@ -141,57 +204,98 @@ impl Machine {
             })
             .collect();
         // SAFETY: the regions are owned by `mem`, which the Machine keeps for as long as
-        // the KVM VM (`hv`) lives: `hv` is dropped before `mem` (field order; vCPU threads hold `hv` clones and and vCPU
-        // are joined in Drop first).
+        // the KVM VM (`hv`) lives: `hv` is dropped before `mem` (field order; vCPU
+        // threads hold `hv` clones and are joined in Drop first).
         let with_mem = unsafe { tracked.add_memory(slots)? };
-
-        let entry = crate::boot::load_kernel(
-            &mem,
-            &kernel,
-            config.payload.cmdline.as_deref().unwrap_or(""),
-            config.payload.initramfs.as_deref(),
-            ncpus,
-        )?;
-        // What the loader wrote is boot state, not guest activity.
-        dirty::reset_vmm_log(&mem);
-
         let (hv, vcpus) = with_mem.create_vcpus(ncpus)?;
         hypervisor::install_kick_handler()?;
 
+        let serial_irq = match config.serial.mode {
+            ConsoleMode::Off => None,
+            _ => {
+                let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Io {
+                    what: "eventfd for COM1",
+                    source,
+                })?;
+                hv.fd()
+                    .register_irqfd(&irq, COM1_IRQ)
+                    .map_err(|e| VmError::Io {
+                        what: "KVM_IRQFD for COM1",
+                        source: e.into(),
+                    })?;
+                Some(irq)
+            }
+        };
+        Ok(Parts {
+            config,
+            mem,
+            hv,
+            vcpus,
+            serial_irq,
+        })
+    }
+
+    /// Builds the VM and boots its kernel: the kernel and ACPI tables are written and the
+    /// boot vCPU set up before any vCPU runs.
+    pub fn boot(config: VmConfig) -> Result<Machine> {
+        let kernel = config
+            .payload
+            .kernel
+            .clone()
+            .ok_or(crate::config::ConfigError::NoKernel)?;
+        let parts = Self::build(config)?;
+        let c = &parts.config;
+        let entry = crate::boot::load_kernel(
+            &parts.mem,
+            &kernel,
+            c.payload.cmdline.as_deref().unwrap_or(""),
+            c.payload.initramfs.as_deref(),
+            c.cpus.boot_vcpus,
+        )?;
+        // What the loader wrote is boot state, not guest activity.
+        dirty::reset_vmm_log(&parts.mem);
+        entry.configure_vcpu(parts.vcpus[0].fd())?;
+        log::info!(
+            "booting {} with {} vCPU(s), {} MiB",
+            kernel.display(),
+            c.cpus.boot_vcpus,
+            c.memory.size >> 20
+        );
+        Self::start(parts, None, 0)
+    }
+
+    /// Builds a VM from a migration source's configuration, to receive its RAM and state.
+    pub fn incoming(config: VmConfig) -> Result<IncomingMachine> {
+        Ok(IncomingMachine {
+            parts: Self::build(config)?,
+        })
+    }
+
+    fn start(p: Parts, serial_state: Option<&devices::SerialSnapshot>, pm: u16) -> Result<Machine> {
         let mut bus = PioBus::default();
         let mut serial_counters = None;
-        if let Some(sink) = serial_sink(&config)? {
-            let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Io {
-                what: "eventfd for COM1",
-                source,
-            })?;
-            hv.fd()
-                .register_irqfd(&irq, COM1_IRQ)
-                .map_err(|e| VmError::Io {
-                    what: "KVM_IRQFD for COM1",
-                    source: e.into(),
-                })?;
-            let serial = Serial::new(irq, sink);
-            serial_counters = Some(serial.counters());
-            bus.insert(COM1_PORT, 8, Arc::new(Mutex::new(serial)));
+        let mut serial = None;
+        if let (Some(sink), Some(irq)) = (serial_sink(&p.config)?, p.serial_irq) {
+            let dev = match serial_state {
+                Some(s) => Serial::from_snapshot(irq, sink, s).map_err(VmError::State)?,
+                None => Serial::new(irq, sink),
+            };
+            serial_counters = Some(dev.counters());
+            let dev = Arc::new(Mutex::new(dev));
+            bus.insert(COM1_PORT, 8, dev.clone());
+            serial = Some(dev);
         }
+        let pm = Arc::new(Mutex::new(AcpiPmControl::with_value(pm)));
         bus.insert(I8042_PORT, 5, Arc::new(Mutex::new(I8042)));
         bus.insert(DEBUG_EXIT_PORT, 4, Arc::new(Mutex::new(DebugExit)));
-        bus.insert(
-            ACPI_PM1A_CNT_PORT,
-            2,
-            Arc::new(Mutex::new(AcpiPmControl::default())),
-        );
+        bus.insert(ACPI_PM1A_EVT_PORT, ACPI_PM_PORTS, pm.clone());
         let bus = Arc::new(bus);
-
-        let boot_vcpu = &vcpus[0];
-        entry.configure_vcpu(boot_vcpu.fd())?;
 
         let control = Arc::new(VcpuControl::default());
         let exit_counters = Arc::new(ExitCounters::default());
         let (tx, events) = channel();
         let mut threads = Vec::new();
-        for v in vcpus {
+        for v in p.vcpus {
             threads.push(
                 vcpu::spawn(
                     v,
@@ -206,22 +310,38 @@ impl Machine {
                 })?,
             );
         }
-        log::info!(
-            "booted {} with {} vCPU(s), {} MiB",
-            kernel.display(),
-            ncpus,
-            config.memory.size >> 20
-        );
         Ok(Machine {
-            config,
-            hv,
+            config: p.config,
+            hv: p.hv,
             control,
             threads,
             events,
             exit_counters,
             serial_counters,
+            serial,
+            pm,
             paused: false,
-            mem,
+            mem: p.mem,
+        })
+    }
+
+    /// Pauses the vCPUs (if running) and saves the machine's state apart from RAM. The
+    /// machine stays paused.
+    pub fn save_state(&mut self) -> Result<MachineState> {
+        let vcpus = self
+            .control
+            .pause_and_save(self.config.cpus.boot_vcpus)
+            .map_err(VmError::State)?;
+        self.paused = true;
+        Ok(MachineState {
+            version: MACHINE_STATE_VERSION,
+            vcpus,
+            vm: self.hv.save_state()?,
+            serial: self
+                .serial
+                .as_ref()
+                .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).snapshot()),
+            pm_control: self.pm.lock().unwrap_or_else(|p| p.into_inner()).value(),
         })
     }
 

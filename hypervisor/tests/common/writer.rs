@@ -86,7 +86,8 @@ pub fn guest(mode: Mode, size: usize) -> Guest {
     sregs.ss = sregs.ds;
     sregs.fs = sregs.ds;
     sregs.gs = sregs.ds;
-    sregs.cr0 |= 1;
+    // Protected mode with caches on (KVM resets CR0 with CD and NW set).
+    sregs.cr0 = 0x11;
     vcpu.fd().set_sregs(&sregs).unwrap();
     Guest {
         vm,

@@ -1,0 +1,62 @@
+//! A running test guest moved from one machine to another inside one process: pause and
+//! save the state, copy RAM, restore into a freshly built machine, and the guest's own
+//! verifier must go on without a mismatch.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm::config::{parse_serial, VmConfig};
+use vmm::vm::Machine;
+
+fn wait_for(path: &std::path::Path, pat: &str, from: usize, timeout: Duration) -> usize {
+    let end = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(pos) = text[from.min(text.len())..].find(pat) {
+            return from + pos + pat.len();
+        }
+        assert!(
+            Instant::now() < end,
+            "no {pat:?} within {timeout:?}; serial so far:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn saved_state_and_ram_continue_in_a_new_machine() {
+    let serial = std::env::temp_dir().join(format!("ferry-state-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&serial);
+    let mut config = VmConfig::default();
+    config.cpus = vmm::config::parse_cpus("boot=2").unwrap();
+    config.memory.size = 256 << 20;
+    config.payload.kernel = Some(common::guest_elf());
+    config.payload.cmdline = Some("workload=verify start=1M size=8M passes=400".into());
+    config.serial = parse_serial(&format!("file={}", serial.display())).unwrap();
+
+    let mut a = Machine::boot(config.clone()).unwrap();
+    let pos = wait_for(&serial, "guest: verified 1 1", 0, Duration::from_secs(120));
+    let state = a.save_state().unwrap();
+    assert_eq!(state.vcpus.len(), 2);
+    // Plain data across the wire.
+    let state: vmm::vm::MachineState =
+        serde_json::from_slice(&serde_json::to_vec(&state).unwrap()).unwrap();
+
+    let b = Machine::incoming(config).unwrap();
+    for r in a.memory().iter() {
+        // SAFETY: A is paused; the region is a live mapping of r.len() bytes.
+        let data = unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) };
+        b.memory().write_slice(data, GuestAddress(r.start_addr().0)).unwrap();
+    }
+    drop(a);
+    let b = b.start(&state).unwrap();
+    // New passes happen on B, and the guest's verifier finds every page as it left it.
+    let end = wait_for(&serial, "guest: PASS", pos, Duration::from_secs(300));
+    let text = std::fs::read_to_string(&serial).unwrap();
+    assert!(!text.contains("MISMATCH"), "{text}");
+    assert!(text[pos..end].contains("guest: verified"), "{text}");
+    drop(b);
+    let _ = std::fs::remove_file(&serial);
+}
