@@ -121,3 +121,4 @@ impl Drop for Ferry {
         let _ = self.child.wait();
     }
 }
+pub mod netns;
