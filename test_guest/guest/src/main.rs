@@ -1,0 +1,218 @@
+//! Ferry's test guest: a PVH ELF that starts every vCPU and runs a memory workload whose
+//! result proves that no dirty page was lost (see test_guest/README.md).
+//!
+//! Boot path: `boot` (assembly entry, long mode) -> [`bsp_main`]: serial, start info
+//! (`pvh`), identity map (`paging`), command line (`guest_pattern::cmdline`), TSC (`timer`),
+//! CPUs (`acpi`, `apic`, `smp`) -> `guest: ready ...` -> `workload` on every vCPU.
+#![no_std]
+#![no_main]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+#[macro_use]
+mod serial;
+
+mod acpi;
+mod apic;
+mod arch;
+mod boot;
+mod mem;
+mod paging;
+mod pvh;
+mod smp;
+mod sys;
+mod timer;
+mod workload;
+
+use core::fmt;
+use core::ops::Range;
+use core::sync::atomic::Ordering;
+
+use guest_pattern::cmdline::{self, Config, RegionError};
+
+use crate::arch::halt_forever;
+
+/// Port of the debug-exit device (QEMU's isa-debug-exit, Ferry's debug-exit).
+const DEBUG_EXIT_PORT: u16 = 0xf4;
+
+/// Ends the run: writes `code` (0 = success, 1 = failure) to the debug-exit port. Halts if
+/// that returns (no such device).
+pub fn exit(code: u8) -> ! {
+    workload::STOP.store(true, Ordering::Relaxed);
+    if sys::user_mode() {
+        sys::call(sys::EXIT, u64::from(code), 0);
+    }
+    arch::outb(DEBUG_EXIT_PORT, code);
+    serial::print_line_forced(format_args!(
+        "exit status {code}: no debug-exit device at port {DEBUG_EXIT_PORT:#x}, halting"
+    ));
+    halt_forever()
+}
+
+/// Prints `guest: FAIL <why>` and exits with failure.
+fn fail(why: fmt::Arguments) -> ! {
+    say!("FAIL {why}");
+    exit(1)
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    workload::STOP.store(true, Ordering::Relaxed);
+    match info.location() {
+        Some(l) => serial::print_line_forced(format_args!(
+            "FAIL panic at {}:{}: {}",
+            l.file(),
+            l.line(),
+            info.message()
+        )),
+        None => serial::print_line_forced(format_args!("FAIL panic: {}", info.message())),
+    }
+    exit(1)
+}
+
+/// `guest: bad argument <key>=<value> (<why>)` for a refused workload region.
+/// `unmapped`: the mapped limit, when RAM goes on above it and the region does too.
+fn bad_region(line: &[u8], cfg: &Config, e: &RegionError, unmapped: Option<u64>) -> ! {
+    struct Value<'a>(Option<&'a [u8]>, u64);
+    impl fmt::Display for Value<'_> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match self.0 {
+                Some(raw) => cmdline::write_lossy(f, raw),
+                None => write!(f, "{:#x} (default)", self.1),
+            }
+        }
+    }
+    let given = if e.key == "start" {
+        cfg.start
+    } else {
+        cfg.size
+    };
+    let value = Value(cmdline::raw_value(line, e.key), given);
+    struct Unmapped(Option<u64>);
+    impl fmt::Display for Unmapped {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match self.0 {
+                Some(limit) => write!(f, "; RAM above {limit:#x} is not mapped"),
+                None => Ok(()),
+            }
+        }
+    }
+    say!(
+        "bad argument {}={value} (region {:#x}-{:#x}: {e}{})",
+        e.key,
+        cfg.start,
+        cfg.start.saturating_add(cfg.size),
+        Unmapped(unmapped)
+    );
+    exit(1)
+}
+
+/// The boot vCPU, in long mode on its stack; `start_info` is what the VMM put in `ebx`.
+pub extern "C" fn bsp_main(start_info: u32) -> ! {
+    serial::init();
+    boot::load_idt();
+    let info = pvh::parse(start_info).unwrap_or_else(|e| fail(format_args!("{e}")));
+    let ram_top = info.ram_top();
+    let (high_map, limit) = paging::map_ram(ram_top);
+
+    let line = pvh::cmdline(info.cmdline_paddr);
+    let cfg = cmdline::parse(line).unwrap_or_else(|bad| {
+        say!("{bad}");
+        exit(1)
+    });
+    let mut ram: [Range<u64>; pvh::MAX_RAM_RANGES] = core::array::from_fn(|_| 0..0);
+    for (r, i) in ram.iter_mut().zip(info.ram()) {
+        *r = i.start.min(limit)..i.end.min(limit);
+    }
+    let image = boot::image_range();
+    if let Err(e) = cmdline::check_region(
+        cfg.start,
+        cfg.size,
+        &ram[..info.ram_count],
+        core::slice::from_ref(&image),
+    ) {
+        let end = cfg.start.saturating_add(cfg.size);
+        bad_region(
+            line,
+            &cfg,
+            &e,
+            (limit < ram_top && end > limit).then_some(limit),
+        );
+    }
+
+    let tsc = timer::calibrate();
+    let (apic_base, x2apic) = apic::init();
+    let bsp_id = apic::id();
+    let madt = acpi::find_cpus(info.rsdp_paddr);
+    let started = match &madt {
+        Ok(m) => smp::start_aps(m.ids(), bsp_id),
+        Err(_) => smp::start_aps(&[], bsp_id),
+    };
+    workload::publish(&cfg, started.cpus);
+
+    struct Count(Option<u64>, &'static str);
+    impl fmt::Display for Count {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match self.0 {
+                Some(n) => write!(f, "{n}"),
+                None => f.write_str(self.1),
+            }
+        }
+    }
+    say!(
+        "ready cpus={} workload={} start={:#x} size={:#x} passes={} rate={}",
+        started.cpus,
+        cfg.workload.name(),
+        cfg.start,
+        cfg.size,
+        Count(cfg.passes, "forever"),
+        Count(cfg.rate, "max"),
+    );
+    say!(
+        "info tsc_khz={} ({}) ram_top={ram_top:#x} high_ram={} image={:#x}-{:#x} apic={apic_base:#x}{}",
+        timer::hz() / 1000,
+        tsc.name(),
+        match high_map {
+            paging::HighMap::None => "none",
+            paging::HighMap::Gib1 => "1G-pages",
+            paging::HighMap::Mib2 => "2M-pages",
+        },
+        image.start,
+        image.end,
+        if x2apic { " x2apic" } else { "" },
+    );
+    if let Err(e) = &madt {
+        say!("note: {e}: running on the boot CPU only");
+    }
+    if started.failed_count > 0 {
+        let f = &started.failed[..started.failed_count.min(started.failed.len())];
+        say!(
+            "note: {} CPU(s) did not start, APIC ids {:?}",
+            started.failed_count,
+            f
+        );
+    }
+    if started.skipped > 0 {
+        say!(
+            "note: {} CPU(s) not started (more than {} or unreachable APIC id)",
+            started.skipped,
+            boot::MAX_CPUS
+        );
+    }
+    if let Ok(m) = &madt {
+        if m.dropped > 0 {
+            say!(
+                "note: {} CPU(s) beyond the first {} of the MADT ignored",
+                m.dropped,
+                acpi::MAX_MADT_CPUS
+            );
+        }
+    }
+    if limit < ram_top {
+        say!("note: RAM above {limit:#x} is not mapped and cannot hold the region");
+    }
+    if info.ram_dropped > 0 {
+        say!("note: {} memory map entries ignored", info.ram_dropped);
+    }
+    smp::GO.store(true, Ordering::Release);
+    boot::enter_user(0, workload::run)
+}

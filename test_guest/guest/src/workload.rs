@@ -1,0 +1,240 @@
+//! The workloads every vCPU runs on its share of the region (`guest_pattern::share`).
+//!
+//! * `idle`: halt.
+//! * `dirty`: add one to the first byte of every page, pass after pass.
+//! * `verify`: in pass g, check each page holds generation g-1 (pass 1: nothing to check),
+//!   then write generation g.
+//!
+//! After each pass a vCPU prints `guest: pass <cpu> <n>` / `guest: verified <cpu> <n>`, at
+//! most ten lines a second (the last pass of a bounded run is always printed). `rate=`
+//! paces the pages of each vCPU separately.
+
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+
+use guest_pattern::cmdline::{Config, Workload};
+use guest_pattern::{check_page, fill_page, share, PageCheck, PAGE_SIZE};
+
+use crate::arch::halt_forever;
+use crate::timer;
+
+/// The run, published by the boot CPU before `smp::GO`.
+struct Plan {
+    workload: AtomicU8,
+    start: AtomicU64,
+    size: AtomicU64,
+    /// 0 = forever.
+    passes: AtomicU64,
+    /// Pages per second per vCPU; 0 = unlimited.
+    rate: AtomicU64,
+    cpus: AtomicU32,
+}
+
+static PLAN: Plan = Plan {
+    workload: AtomicU8::new(0),
+    start: AtomicU64::new(0),
+    size: AtomicU64::new(0),
+    passes: AtomicU64::new(0),
+    rate: AtomicU64::new(0),
+    cpus: AtomicU32::new(1),
+};
+
+/// vCPUs that finished their passes.
+static DONE: AtomicU32 = AtomicU32::new(0);
+/// Set when the run is over (failure, or exit): every vCPU halts at its next page.
+pub static STOP: AtomicBool = AtomicBool::new(false);
+/// Set by the first vCPU to report a failure.
+static FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Publishes the plan (boot CPU, before `smp::GO` is set with Release ordering).
+pub fn publish(cfg: &Config, cpus: u32) {
+    let w = match cfg.workload {
+        Workload::Idle => 0,
+        Workload::Dirty => 1,
+        Workload::Verify => 2,
+    };
+    PLAN.workload.store(w, Ordering::Relaxed);
+    PLAN.start.store(cfg.start, Ordering::Relaxed);
+    PLAN.size.store(cfg.size, Ordering::Relaxed);
+    PLAN.passes
+        .store(cfg.passes.unwrap_or(0), Ordering::Relaxed);
+    PLAN.rate.store(cfg.rate.unwrap_or(0), Ordering::Relaxed);
+    PLAN.cpus.store(cpus, Ordering::Relaxed);
+}
+
+/// The guest-physical addresses of vCPU `cpu`'s pages.
+fn my_pages(cpu: u32) -> impl Iterator<Item = u64> {
+    let start = PLAN.start.load(Ordering::Relaxed);
+    let pages = PLAN.size.load(Ordering::Relaxed) / PAGE_SIZE as u64;
+    share(pages, PLAN.cpus.load(Ordering::Relaxed), cpu).map(move |p| start + p * PAGE_SIZE as u64)
+}
+
+/// Runs this vCPU's part of the plan, in ring 3; never returns.
+pub extern "C" fn run(cpu: u32) -> ! {
+    match PLAN.workload.load(Ordering::Relaxed) {
+        1 => dirty(cpu),
+        2 => verify(cpu),
+        _ => halt_forever(),
+    }
+    DONE.fetch_add(1, Ordering::AcqRel);
+    if cpu != 0 {
+        halt_forever();
+    }
+    let cpus = PLAN.cpus.load(Ordering::Relaxed);
+    while DONE.load(Ordering::Acquire) != cpus {
+        check_stop();
+        core::hint::spin_loop();
+    }
+    say!("PASS");
+    crate::exit(0)
+}
+
+fn check_stop() {
+    if STOP.load(Ordering::Relaxed) {
+        halt_forever();
+    }
+}
+
+/// Keeps a vCPU at `rate=` pages per second.
+struct Pacer {
+    step: u64,
+    next: u64,
+}
+
+impl Pacer {
+    fn new() -> Pacer {
+        let rate = PLAN.rate.load(Ordering::Relaxed);
+        let step = timer::hz().checked_div(rate).map_or(0, |s| s.max(1));
+        Pacer {
+            step,
+            next: timer::now(),
+        }
+    }
+
+    fn page_done(&mut self) {
+        if self.step == 0 {
+            return;
+        }
+        self.next += self.step;
+        let now = timer::now();
+        // More than a second behind (the vCPU was not running): do not catch up in a burst.
+        if now > self.next + timer::hz() {
+            self.next = now;
+        }
+        while timer::now() < self.next {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// Rate-limited per-pass progress lines.
+struct Progress {
+    last: u64,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress { last: 0 }
+    }
+
+    /// Whether to print the line for pass `n`: at most ten a second, plus the last one.
+    fn due(&mut self, n: u64) -> bool {
+        let now = timer::now();
+        let last_pass = n == PLAN.passes.load(Ordering::Relaxed);
+        if n == 1 || last_pass || now.wrapping_sub(self.last) >= timer::hz() / 10 {
+            self.last = now;
+            return true;
+        }
+        false
+    }
+}
+
+/// Whether pass `n` was the last one.
+fn finished(n: u64) -> bool {
+    n == PLAN.passes.load(Ordering::Relaxed)
+}
+
+fn dirty(cpu: u32) {
+    // Start every counter of the share from 0 (whatever the RAM held before).
+    for gpa in my_pages(cpu) {
+        // SAFETY: the page is RAM inside the checked workload region (mapped, not the
+        // guest's own memory) and in this vCPU's share only, so no one else writes it.
+        unsafe { core::ptr::write_volatile(gpa as *mut u8, 0) };
+    }
+    let mut pacer = Pacer::new();
+    let mut progress = Progress::new();
+    let mut n = 0;
+    loop {
+        n += 1;
+        for gpa in my_pages(cpu) {
+            check_stop();
+            let p = gpa as *mut u8;
+            // SAFETY: as above: this vCPU's own RAM page of the region.
+            unsafe { core::ptr::write_volatile(p, core::ptr::read_volatile(p).wrapping_add(1)) };
+            pacer.page_done();
+        }
+        if progress.due(n) {
+            say!("pass {cpu} {n}");
+        }
+        if finished(n) {
+            return;
+        }
+    }
+}
+
+fn verify(cpu: u32) {
+    let mut pacer = Pacer::new();
+    let mut progress = Progress::new();
+    let mut generation = 0;
+    loop {
+        generation += 1;
+        for gpa in my_pages(cpu) {
+            check_stop();
+            // SAFETY: the page is RAM inside the checked workload region: identity-mapped,
+            // outside the guest image, and in this vCPU's share only, so this is the only
+            // reference to it; it holds plain bytes.
+            let page = unsafe { &mut *(gpa as *mut [u8; PAGE_SIZE]) };
+            if generation > 1 {
+                let found = check_page(page, gpa);
+                if !found.is(generation - 1) {
+                    mismatch(cpu, gpa, generation - 1, found);
+                }
+            }
+            fill_page(page, gpa, generation);
+            pacer.page_done();
+        }
+        if progress.due(generation) {
+            say!("verified {cpu} {generation}");
+        }
+        if finished(generation) {
+            return;
+        }
+    }
+}
+
+fn mismatch(cpu: u32, gpa: u64, expected: u64, found: PageCheck) -> ! {
+    if FAILED.swap(true, Ordering::AcqRel) {
+        halt_forever();
+    }
+    STOP.store(true, Ordering::Relaxed);
+    say!(
+        "MISMATCH cpu={cpu} gpa={gpa:#x} expected={expected} found={}{}",
+        found.generation(),
+        Why(found)
+    );
+    say!("FAIL");
+    crate::exit(1)
+}
+
+/// What else is wrong with a page beyond its generation, as a suffix of the MISMATCH line.
+struct Why(PageCheck);
+
+impl core::fmt::Display for Why {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            PageCheck::Ok { .. } => Ok(()),
+            PageCheck::BadChecksum { .. } => write!(f, " (bad checksum)"),
+            PageCheck::WrongGpa { found_gpa, .. } => write!(f, " (page of gpa {found_gpa:#x})"),
+            PageCheck::NotWritten { .. } => write!(f, " (no verify pattern)"),
+        }
+    }
+}

@@ -1,0 +1,449 @@
+//! Boots the test guest (`target/test-guest/guest.elf`, built by `test_guest/build.sh`)
+//! under QEMU with KVM and checks what it prints and how it exits, with 1, 2 and 4 vCPUs.
+//!
+//! Needs /dev/kvm and `qemu-system-x86_64` (`apt-get install -y qemu-system-x86`; the
+//! project's scripts install it). `FERRY_QEMU_CPU` overrides the CPU model (default
+//! `qemu64`: `-cpu host` trips over an MSR on nested hosts). QEMU's isa-debug-exit turns
+//! the guest's exit byte `b` into the process status `(b << 1) | 1`: 1 = PASS, 3 = FAIL.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+/// QEMU status for a guest that exited with 0 (PASS) and with 1 (FAIL / bad argument).
+const STATUS_PASS: i32 = 1;
+const STATUS_FAIL: i32 = 3;
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Builds the guest once per test process (a no-op for cargo when it is up to date, and
+/// it makes sure the ELF is there) and returns its path.
+fn guest_elf() -> PathBuf {
+    static ELF: OnceLock<PathBuf> = OnceLock::new();
+    ELF.get_or_init(|| {
+        let root = repo_root();
+        let st = Command::new(root.join("test_guest/build.sh"))
+            .status()
+            .expect("run test_guest/build.sh");
+        assert!(st.success(), "test_guest/build.sh failed: {st}");
+        let elf = root.join("target/test-guest/guest.elf");
+        assert!(elf.exists(), "{} missing after build", elf.display());
+        elf
+    })
+    .clone()
+}
+
+fn qemu_binary() -> &'static str {
+    let found = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "qemu-system-x86_64 is not installed: run `apt-get install -y qemu-system-x86` \
+         (scripts/dev_cli.sh tests does it for you)"
+    );
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "/dev/kvm is missing: these tests boot the guest under QEMU with KVM"
+    );
+    "qemu-system-x86_64"
+}
+
+/// One QEMU at a time: the guests are timed and the machine may have few cores.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running QEMU whose serial output (stdout) and messages (stderr) are read line by
+/// line. Killed when dropped.
+struct Qemu {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    what: String,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Qemu {
+    fn boot(cpus: u32, memory: &str, cmdline: &str, extra: &[&str]) -> Qemu {
+        let qemu = qemu_binary();
+        let elf = guest_elf();
+        let serial = one_at_a_time();
+        let cpu = std::env::var("FERRY_QEMU_CPU").unwrap_or_else(|_| "qemu64".into());
+        let smp = cpus.to_string();
+        let mut cmd = Command::new(qemu);
+        cmd.args(["-accel", "kvm", "-cpu", &cpu, "-m", memory, "-smp", &smp])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
+            .args(["-serial", "stdio", "-no-reboot"])
+            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+            .arg("-kernel")
+            .arg(&elf)
+            .args(["-append", cmdline])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start qemu-system-x86_64");
+        let (tx, lines) = channel();
+        let out: [Box<dyn Read + Send>; 2] = [
+            Box::new(child.stdout.take().unwrap()),
+            Box::new(child.stderr.take().unwrap()),
+        ];
+        for stream in out {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for l in BufReader::new(stream).split(b'\n').map_while(Result::ok) {
+                    let l = String::from_utf8_lossy(&l).trim_end().to_string();
+                    if tx.send(l).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Qemu {
+            child,
+            lines,
+            seen: vec![],
+            what: format!("-smp {cpus} -m {memory} -append '{cmdline}'"),
+            _serial: serial,
+        }
+    }
+
+    /// Everything seen so far, for failure messages.
+    fn transcript(&self) -> String {
+        format!("qemu {}:\n{}", self.what, self.seen.join("\n"))
+    }
+
+    /// The guest's lines seen so far (`guest: ...`).
+    fn guest_lines(&self) -> Vec<&str> {
+        self.seen
+            .iter()
+            .filter_map(|l| l.find("guest: ").map(|i| &l[i..]))
+            .collect()
+    }
+
+    /// Waits until `done(guest lines so far)`; panics with the transcript on timeout or if
+    /// QEMU ends first.
+    fn wait_for(&mut self, what: &str, timeout: Duration, done: impl Fn(&[&str]) -> bool) {
+        let end = Instant::now() + timeout;
+        while !done(&self.guest_lines()) {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => panic!("{what}: not seen within {timeout:?}\n{}", self.transcript()),
+            }
+        }
+    }
+
+    /// Waits for QEMU to exit (killing it after `timeout`); returns its status code.
+    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let end = Instant::now() + timeout;
+        let code = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st.code();
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            if let Ok(l) = self.lines.recv_timeout(Duration::from_millis(50)) {
+                self.seen.push(l);
+            }
+        };
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(300)) {
+            self.seen.push(l);
+        }
+        code
+    }
+
+    fn still_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ready_line(cpus: u32, workload: &str) -> String {
+    format!("guest: ready cpus={cpus} workload={workload} ")
+}
+
+#[test]
+fn idle_reports_every_cpu_and_stays_halted() {
+    for cpus in [1, 2, 4] {
+        let mut q = Qemu::boot(cpus, "256", "console=ttyS0 workload=idle", &[]);
+        q.wait_for("the ready line", BOOT_TIMEOUT, |l| !l.is_empty());
+        let first = q.guest_lines()[0].to_string();
+        assert!(
+            first.starts_with(&ready_line(cpus, "idle")),
+            "{}",
+            q.transcript()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(q.still_running(), "idle guest exited\n{}", q.transcript());
+    }
+}
+
+#[test]
+fn dirty_passes_come_from_every_cpu() {
+    for cpus in [1, 2, 4] {
+        let mut q = Qemu::boot(cpus, "256", "workload=dirty", &[]);
+        q.wait_for("the ready line", BOOT_TIMEOUT, |l| !l.is_empty());
+        assert!(
+            q.guest_lines()[0].starts_with(&ready_line(cpus, "dirty")),
+            "{}",
+            q.transcript()
+        );
+        // Every vCPU gets past its first pass, over and over.
+        q.wait_for("a pass > 1 from every cpu", BOOT_TIMEOUT, |lines| {
+            (0..cpus).all(|c| {
+                lines.iter().any(|l| {
+                    l.strip_prefix(&format!("guest: pass {c} "))
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .is_some_and(|n| n > 1)
+                })
+            })
+        });
+        assert!(q.still_running(), "{}", q.transcript());
+    }
+}
+
+#[test]
+fn dirty_with_passes_ends_in_pass() {
+    let mut q = Qemu::boot(2, "256", "workload=dirty passes=3 size=16M", &[]);
+    let code = q.wait_exit(RUN_TIMEOUT);
+    let lines = q.guest_lines();
+    assert_eq!(code, Some(STATUS_PASS), "{}", q.transcript());
+    assert_eq!(lines.last(), Some(&"guest: PASS"), "{}", q.transcript());
+    for c in 0..2 {
+        assert!(
+            lines.contains(&format!("guest: pass {c} 3").as_str()),
+            "{}",
+            q.transcript()
+        );
+    }
+}
+
+#[test]
+fn verify_three_passes_pass() {
+    for cpus in [1, 2, 4] {
+        let mut q = Qemu::boot(cpus, "256", "workload=verify passes=3", &[]);
+        let code = q.wait_exit(RUN_TIMEOUT);
+        let t = q.transcript();
+        let lines = q.guest_lines();
+        assert_eq!(code, Some(STATUS_PASS), "{t}");
+        assert!(lines[0].starts_with(&ready_line(cpus, "verify")), "{t}");
+        assert!(
+            lines[0].contains("start=0x100000 size=0x6400000 passes=3"),
+            "{t}"
+        );
+        for c in 0..cpus {
+            assert!(
+                lines.contains(&format!("guest: verified {c} 3").as_str()),
+                "{t}"
+            );
+        }
+        assert!(
+            !lines
+                .iter()
+                .any(|l| l.contains("MISMATCH") || l.contains("FAIL")),
+            "{t}"
+        );
+        assert_eq!(lines.last(), Some(&"guest: PASS"), "{t}");
+    }
+}
+
+#[test]
+fn bad_arguments_are_named_and_fail() {
+    for (cmdline, expected) in [
+        ("workload=fast", "guest: bad argument workload=fast"),
+        ("workload=verify passes=0", "guest: bad argument passes=0"),
+        ("rate=quick", "guest: bad argument rate=quick"),
+        ("size=0", "guest: bad argument size=0"),
+        (
+            "start=0x30000 size=4K",
+            "guest: bad argument start=0x30000 ",
+        ),
+        ("workload=verify size=1G", "guest: bad argument size=1G "),
+    ] {
+        let mut q = Qemu::boot(1, "256", cmdline, &[]);
+        let code = q.wait_exit(BOOT_TIMEOUT);
+        let t = q.transcript();
+        let lines = q.guest_lines();
+        assert_eq!(code, Some(STATUS_FAIL), "{t}");
+        assert!(
+            lines.iter().any(|l| l.starts_with(expected)),
+            "want {expected:?}\n{t}"
+        );
+        assert!(!lines.iter().any(|l| l.starts_with("guest: ready")), "{t}");
+    }
+}
+
+/// Stopped at any moment, the `dirty` workload's counters satisfy
+/// `check_dirty_counters` share by share (memory read through QEMU's gdb stub).
+#[test]
+fn dirty_counters_are_consistent_whenever_stopped() {
+    const START: u64 = 0x40_0000;
+    const PAGES: u64 = 512;
+    let port = free_port();
+    let gdb = format!("tcp:127.0.0.1:{port}");
+    let cmdline = format!("workload=dirty start={START:#x} size={}", PAGES * 4096);
+    let mut q = Qemu::boot(2, "256", &cmdline, &["-gdb", &gdb]);
+    q.wait_for("a pass > 1 from both cpus", BOOT_TIMEOUT, |l| {
+        (0..2).all(|c| {
+            l.iter()
+                .any(|x| x.starts_with(&format!("guest: pass {c} 2")))
+        })
+    });
+    for round in 0..3 {
+        let mut stub = GdbStub::connect(port);
+        for cpu in 0..2 {
+            let pages = guest_pattern::share(PAGES, 2, cpu);
+            let bytes: Vec<u8> = pages.map(|p| stub.read_byte(START + p * 4096)).collect();
+            if let Err(e) = guest_pattern::check_dirty_counters(bytes.iter().copied()) {
+                panic!(
+                    "round {round}, cpu {cpu}: {e}\n{bytes:?}\n{}",
+                    q.transcript()
+                );
+            }
+        }
+        stub.detach();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A page changed behind the guest's back (as a lost dirty page would leave it) is
+/// reported: memory is written through QEMU's gdb stub while `verify` runs.
+#[test]
+fn verify_reports_a_corrupted_page() {
+    let port = free_port();
+    let gdb = format!("tcp:127.0.0.1:{port}");
+    let mut q = Qemu::boot(2, "256", "workload=verify size=8M", &["-gdb", &gdb]);
+    // Both vCPUs have written every page of their share at least once.
+    q.wait_for("a verified pass from both cpus", BOOT_TIMEOUT, |l| {
+        (0..2).all(|c| {
+            l.iter()
+                .any(|x| x.starts_with(&format!("guest: verified {c} ")))
+        })
+    });
+    // One payload byte in a page of each vCPU's share (region 1M-9M, 1024 pages each).
+    let mut stub = GdbStub::connect(port);
+    stub.write_byte(0x10_0000 + 100 * 4096 + 700, 0x5a);
+    stub.write_byte(0x10_0000 + 1500 * 4096 + 700, 0x5a);
+    stub.detach();
+    let code = q.wait_exit(RUN_TIMEOUT);
+    let t = q.transcript();
+    let lines = q.guest_lines();
+    let mismatch = lines
+        .iter()
+        .find(|l| l.starts_with("guest: MISMATCH cpu="))
+        .unwrap_or_else(|| panic!("no MISMATCH line\n{t}"));
+    assert!(
+        mismatch.contains(" expected=") && mismatch.contains(" found="),
+        "{t}"
+    );
+    assert!(mismatch.ends_with("(bad checksum)"), "{t}");
+    assert!(
+        mismatch.contains("gpa=0x164000 ") || mismatch.contains("gpa=0x6dc000 "),
+        "{t}"
+    );
+    assert!(lines.contains(&"guest: FAIL"), "{t}");
+    assert_eq!(code, Some(STATUS_FAIL), "{t}");
+}
+
+/// A connection to QEMU's gdb stub: the VM is stopped while it is open. Addresses are
+/// guest-virtual, which the guest's identity map makes guest-physical.
+struct GdbStub(TcpStream);
+
+impl GdbStub {
+    fn connect(port: u16) -> GdbStub {
+        let end = Instant::now() + Duration::from_secs(10);
+        let s = loop {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > end => panic!("gdb stub on port {port}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // One small packet per round trip: without this, Nagle + delayed ACKs make each
+        // one take tens of milliseconds.
+        s.set_nodelay(true).unwrap();
+        GdbStub(s)
+    }
+
+    fn write_byte(&mut self, addr: u64, value: u8) {
+        let reply = self.packet(&format!("M{addr:x},1:{value:02x}"));
+        assert_eq!(reply, "OK", "gdb stub refused to write {addr:#x}");
+    }
+
+    fn read_byte(&mut self, addr: u64) -> u8 {
+        let reply = self.packet(&format!("m{addr:x},1"));
+        u8::from_str_radix(&reply, 16)
+            .unwrap_or_else(|_| panic!("gdb stub read of {addr:#x}: {reply:?}"))
+    }
+
+    /// Detaches: the VM runs again.
+    fn detach(mut self) {
+        self.packet("D");
+    }
+
+    /// Sends one remote-protocol packet and returns the reply's payload, skipping stop
+    /// notifications (`T..`/`S..`: QEMU stops the VM when a debugger connects, and says
+    /// so).
+    fn packet(&mut self, payload: &str) -> String {
+        let sum = payload.bytes().fold(0u8, |a, b| a.wrapping_add(b));
+        self.0
+            .write_all(format!("${payload}#{sum:02x}").as_bytes())
+            .unwrap();
+        loop {
+            let reply = self.read_packet();
+            if !reply.starts_with('T') && !reply.starts_with('S') {
+                return reply;
+            }
+        }
+    }
+
+    fn read_packet(&mut self) -> String {
+        // Skip acks ('+') up to '$', read to '#', then the two checksum digits.
+        let mut byte = [0u8; 1];
+        let mut reply = Vec::new();
+        let mut in_packet = false;
+        loop {
+            self.0.read_exact(&mut byte).expect("gdb stub reply");
+            match (in_packet, byte[0]) {
+                (false, b'$') => in_packet = true,
+                (false, _) => {}
+                (true, b'#') => break,
+                (true, b) => reply.push(b),
+            }
+        }
+        let mut sum = [0u8; 2];
+        self.0.read_exact(&mut sum).unwrap();
+        self.0.write_all(b"+").unwrap();
+        String::from_utf8_lossy(&reply).into_owned()
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
