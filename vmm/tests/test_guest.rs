@@ -1,0 +1,105 @@
+//! The test guest under ferry: every workload with 1, 2 and 4 vCPUs, and proof that its
+//! verifier catches a page that does not hold what the guest last wrote.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Ferry;
+use guest_pattern::{check_page, fill_page, PAGE_SIZE};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::config::{parse_cpus, parse_serial, VmConfig};
+use vmm::vcpu::VmEvent;
+use vmm::vm::Machine;
+
+fn ferry(cpus: u32, cmdline: &str) -> Ferry {
+    let elf = common::guest_elf();
+    Ferry::spawn(&[
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--cmdline",
+        cmdline,
+        "--cpus",
+        &format!("boot={cpus}"),
+        "--memory",
+        "size=256M",
+        "--serial",
+        "tty",
+    ])
+}
+
+#[test]
+fn every_workload_runs_with_1_2_and_4_vcpus() {
+    for n in [1u32, 2, 4] {
+        let mut f = ferry(n, "workload=dirty start=1M size=8M");
+        f.expect_line(&format!("guest: ready cpus={n} workload=dirty"), Duration::from_secs(60));
+        for cpu in 0..n {
+            f.expect_line(&format!("guest: pass {cpu} "), Duration::from_secs(60));
+        }
+        drop(f);
+
+        let f = ferry(n, "workload=verify start=1M size=16M passes=3");
+        let (code, out) = f.wait(Duration::from_secs(120));
+        assert_eq!(code, Some(0), "verify passes=3 with {n} vCPUs:\n{out}");
+        assert!(out.contains("guest: PASS") && !out.contains("MISMATCH"), "{out}");
+        for cpu in 0..n {
+            assert!(out.contains(&format!("guest: verified {cpu} 3")), "{out}");
+        }
+    }
+}
+
+#[test]
+fn bad_arguments_are_named_and_exit_1() {
+    for arg in ["passes=lots", "size=0x", "rate=-1"] {
+        let f = ferry(1, &format!("workload=verify {arg}"));
+        let (code, out) = f.wait(Duration::from_secs(60));
+        assert_eq!(code, Some(1), "{arg}: {out}");
+        assert!(out.contains(&format!("guest: bad argument {arg}")), "{arg}: {out}");
+    }
+}
+
+fn wait_serial(path: &std::path::Path, pat: &str, timeout: Duration) -> String {
+    let end = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(pat)) {
+            return line.to_string();
+        }
+        assert!(Instant::now() < end, "no {pat:?} in {timeout:?}:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn verifier_catches_a_stale_page_written_by_the_vmm() {
+    let serial = std::env::temp_dir().join(format!("ferry-stale-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&serial);
+    let mut c = VmConfig::default();
+    c.cpus = parse_cpus("boot=2").unwrap();
+    c.memory.size = 128 << 20;
+    c.payload.kernel = Some(common::guest_elf());
+    // Slow passes (0.5 s for the 2048 pages) so the page is checked after we resume.
+    c.payload.cmdline = Some("workload=verify start=1M size=8M rate=4096".into());
+    c.serial = parse_serial(&format!("file={}", serial.display())).unwrap();
+    let mut m = Machine::boot(c).unwrap();
+    wait_serial(&serial, "guest: verified 1 1", Duration::from_secs(60));
+    m.pause();
+    // A page in vCPU 1's share (the second 4 MiB): put back its previous generation.
+    let gpa = 0x50_0000 + 7 * PAGE_SIZE as u64;
+    let mut page = [0u8; PAGE_SIZE];
+    m.memory().read_slice(&mut page, GuestAddress(gpa)).unwrap();
+    let generation = check_page(&page, gpa).generation();
+    assert!(generation >= 1, "the guest has written the page: {generation}");
+    fill_page(&mut page, gpa, generation - 1);
+    m.memory().write_slice(&page, GuestAddress(gpa)).unwrap();
+    m.resume();
+    let line = wait_serial(&serial, "guest: MISMATCH", Duration::from_secs(60));
+    assert!(
+        line.contains(&format!("cpu=1 gpa={gpa:#x} ")),
+        "the mismatch names the page: {line}"
+    );
+    wait_serial(&serial, "guest: FAIL", Duration::from_secs(10));
+    assert_eq!(m.wait_event(Some(Duration::from_secs(10))), Some(VmEvent::DebugExit(1)));
+    drop(m);
+    let _ = std::fs::remove_file(serial);
+}
