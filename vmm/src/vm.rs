@@ -3,6 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -108,12 +109,12 @@ pub struct Machine {
     hv: Arc<hypervisor::Vm>,
     control: Arc<VcpuControl>,
     threads: Vec<JoinHandle<()>>,
-    events: Receiver<VmEvent>,
+    events: Mutex<Receiver<VmEvent>>,
     pub exit_counters: Arc<ExitCounters>,
     pub serial_counters: Option<Arc<SerialCounters>>,
     serial: Option<Arc<Mutex<Serial>>>,
     pm: Arc<Mutex<AcpiPmControl>>,
-    paused: bool,
+    paused: AtomicBool,
     /// Last field: dropped after the KVM VM whose memslots point into it.
     mem: GuestMemoryMmap,
 }
@@ -315,24 +316,24 @@ impl Machine {
             hv: p.hv,
             control,
             threads,
-            events,
+            events: Mutex::new(events),
             exit_counters,
             serial_counters,
             serial,
             pm,
-            paused: false,
+            paused: AtomicBool::new(false),
             mem: p.mem,
         })
     }
 
     /// Pauses the vCPUs (if running) and saves the machine's state apart from RAM. The
     /// machine stays paused.
-    pub fn save_state(&mut self) -> Result<MachineState> {
+    pub fn save_state(&self) -> Result<MachineState> {
         let vcpus = self
             .control
             .pause_and_save(self.config.cpus.boot_vcpus)
             .map_err(VmError::State)?;
-        self.paused = true;
+        self.paused.store(true, Ordering::SeqCst);
         Ok(MachineState {
             version: MACHINE_STATE_VERSION,
             vcpus,
@@ -355,17 +356,15 @@ impl Machine {
 
     /// Parks every vCPU outside KVM_RUN (kicked, so the CPU's buffered dirty entries are
     /// in the rings).
-    pub fn pause(&mut self) {
-        if !self.paused {
+    pub fn pause(&self) {
+        if !self.paused.swap(true, Ordering::SeqCst) {
             self.control.pause(self.config.cpus.boot_vcpus);
-            self.paused = true;
         }
     }
 
-    pub fn resume(&mut self) {
-        if self.paused {
+    pub fn resume(&self) {
+        if self.paused.swap(false, Ordering::SeqCst) {
             self.control.resume();
-            self.paused = false;
         }
     }
 
@@ -375,7 +374,7 @@ impl Machine {
     }
 
     pub fn is_paused(&self) -> bool {
-        self.paused
+        self.paused.load(Ordering::SeqCst)
     }
 
     /// Starts dirty logging in KVM and forgets the VMM's own log.
@@ -392,9 +391,10 @@ impl Machine {
 
     /// Waits for the next event that ends the VM, up to `timeout` (None: forever).
     pub fn wait_event(&self, timeout: Option<Duration>) -> Option<VmEvent> {
+        let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
         match timeout {
-            None => self.events.recv().ok(),
-            Some(t) => self.events.recv_timeout(t).ok(),
+            None => events.recv().ok(),
+            Some(t) => events.recv_timeout(t).ok(),
         }
     }
 
@@ -423,5 +423,15 @@ pub fn exit_status(ev: &VmEvent) -> i32 {
         VmEvent::PowerOff => 0,
         VmEvent::Reset(_) => 0,
         VmEvent::Failed(_) => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The API and a migration thread share one machine.
+    #[test]
+    fn machine_is_shareable() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<super::Machine>();
     }
 }
