@@ -21,7 +21,10 @@ fn idle_machine(ring: &str, tag: &str) -> (Machine, std::path::PathBuf) {
     c.dirty_tracking = parse_dirty_ring(ring).unwrap();
     let m = Machine::boot(c).unwrap();
     let end = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&serial).unwrap_or_default().contains("guest: ready") {
+    while !std::fs::read_to_string(&serial)
+        .unwrap_or_default()
+        .contains("guest: ready")
+    {
         assert!(Instant::now() < end, "the idle guest did not come up");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -72,7 +75,10 @@ fn guest_and_vmm_writes_are_unioned() {
     c.serial = parse_serial(&format!("file={}", serial.display())).unwrap();
     let mut m = Machine::boot(c).unwrap();
     let end = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&serial).unwrap_or_default().contains("guest: pass") {
+    while !std::fs::read_to_string(&serial)
+        .unwrap_or_default()
+        .contains("guest: pass")
+    {
         assert!(Instant::now() < end, "the dirty guest did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -81,13 +87,19 @@ fn guest_and_vmm_writes_are_unioned() {
     m.write_guest(0x400_0000, &[7u8; 4096]).unwrap();
     m.pause();
     let got = ranges(&m.collect_dirty(SyncKind::Final).unwrap());
-    assert!(got.contains(&(0x400_0000, 0x1000)), "VMM write missing: {got:x?}");
+    assert!(
+        got.contains(&(0x400_0000, 0x1000)),
+        "VMM write missing: {got:x?}"
+    );
     let guest_pages: u64 = got
         .iter()
         .filter(|r| r.0 >= 0x100_0000 && r.0 < 0x110_0000)
         .map(|r| r.1 / 4096)
         .sum();
-    assert_eq!(guest_pages, 256, "every page of the guest's region: {got:x?}");
+    assert_eq!(
+        guest_pages, 256,
+        "every page of the guest's region: {got:x?}"
+    );
     drop(m);
     let _ = std::fs::remove_file(serial);
 }

@@ -48,7 +48,9 @@ fn saved_state_and_ram_continue_in_a_new_machine() {
     for r in a.memory().iter() {
         // SAFETY: A is paused; the region is a live mapping of r.len() bytes.
         let data = unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) };
-        b.memory().write_slice(data, GuestAddress(r.start_addr().0)).unwrap();
+        b.memory()
+            .write_slice(data, GuestAddress(r.start_addr().0))
+            .unwrap();
     }
     drop(a);
     let b = b.start(&state).unwrap();

@@ -32,7 +32,10 @@ fn ferry(cpus: u32, cmdline: &str) -> Ferry {
 fn every_workload_runs_with_1_2_and_4_vcpus() {
     for n in [1u32, 2, 4] {
         let mut f = ferry(n, "workload=dirty start=1M size=8M");
-        f.expect_line(&format!("guest: ready cpus={n} workload=dirty"), Duration::from_secs(60));
+        f.expect_line(
+            &format!("guest: ready cpus={n} workload=dirty"),
+            Duration::from_secs(60),
+        );
         for cpu in 0..n {
             f.expect_line(&format!("guest: pass {cpu} "), Duration::from_secs(60));
         }
@@ -41,7 +44,10 @@ fn every_workload_runs_with_1_2_and_4_vcpus() {
         let f = ferry(n, "workload=verify start=1M size=16M passes=3");
         let (code, out) = f.wait(Duration::from_secs(120));
         assert_eq!(code, Some(0), "verify passes=3 with {n} vCPUs:\n{out}");
-        assert!(out.contains("guest: PASS") && !out.contains("MISMATCH"), "{out}");
+        assert!(
+            out.contains("guest: PASS") && !out.contains("MISMATCH"),
+            "{out}"
+        );
         for cpu in 0..n {
             assert!(out.contains(&format!("guest: verified {cpu} 3")), "{out}");
         }
@@ -54,7 +60,10 @@ fn bad_arguments_are_named_and_exit_1() {
         let f = ferry(1, &format!("workload=verify {arg}"));
         let (code, out) = f.wait(Duration::from_secs(60));
         assert_eq!(code, Some(1), "{arg}: {out}");
-        assert!(out.contains(&format!("guest: bad argument {arg}")), "{arg}: {out}");
+        assert!(
+            out.contains(&format!("guest: bad argument {arg}")),
+            "{arg}: {out}"
+        );
     }
 }
 
@@ -89,7 +98,10 @@ fn verifier_catches_a_stale_page_written_by_the_vmm() {
     let mut page = [0u8; PAGE_SIZE];
     m.memory().read_slice(&mut page, GuestAddress(gpa)).unwrap();
     let generation = check_page(&page, gpa).generation();
-    assert!(generation >= 1, "the guest has written the page: {generation}");
+    assert!(
+        generation >= 1,
+        "the guest has written the page: {generation}"
+    );
     fill_page(&mut page, gpa, generation - 1);
     m.memory().write_slice(&page, GuestAddress(gpa)).unwrap();
     m.resume();
@@ -99,7 +111,10 @@ fn verifier_catches_a_stale_page_written_by_the_vmm() {
         "the mismatch names the page: {line}"
     );
     wait_serial(&serial, "guest: FAIL", Duration::from_secs(10));
-    assert_eq!(m.wait_event(Some(Duration::from_secs(10))), Some(VmEvent::DebugExit(1)));
+    assert_eq!(
+        m.wait_event(Some(Duration::from_secs(10))),
+        Some(VmEvent::DebugExit(1))
+    );
     drop(m);
     let _ = std::fs::remove_file(serial);
 }

@@ -11,7 +11,10 @@ fn ip(args: &[&str]) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -45,7 +48,16 @@ impl TwoHosts {
         let setup = || -> Result<(), String> {
             ip(&["netns", "add", &hosts.a])?;
             ip(&["netns", "add", &hosts.b])?;
-            ip(&["link", "add", &hosts.veth_a, "type", "veth", "peer", "name", &veth_b])?;
+            ip(&[
+                "link",
+                "add",
+                &hosts.veth_a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &veth_b,
+            ])?;
             ip(&["link", "set", &hosts.veth_a, "netns", &hosts.a])?;
             ip(&["link", "set", &veth_b, "netns", &hosts.b])?;
             for (ns, dev, addr) in [
