@@ -1,0 +1,108 @@
+//! The precopy engine: [`send_migration`] on the source, [`receive_migration`] on the
+//! destination, both over any [`MigrationStream`] and a VM seen through a trait, so all of
+//! it is tested here with fake VMs and no KVM.
+//!
+//! The vmm implements [`SourceVm`] / [`DestinationVm`] over its real machine, connects or
+//! accepts the stream, creates a [`MigrationProgress`] the API can read and cancel, and
+//! calls the engine on a thread of its own (it returns when the migration has ended).
+
+mod destination;
+mod source;
+
+use std::time::Duration;
+
+pub use destination::{receive_migration, ReceiveError, ReceiveOptions};
+pub use source::{send_migration, SendError, SendOptions};
+
+use crate::protocol::RamRange;
+use crate::stats::DirtyTrackingStats;
+#[allow(unused_imports)] // For the links in the docs above.
+use crate::{stats::MigrationProgress, transport::MigrationStream};
+
+/// What a VM hook returns on failure: the vmm's own description of what went wrong.
+pub type HookResult<T> = Result<T, String>;
+
+/// What to do when `timeout` passes before the remaining pages fit in the downtime.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TimeoutStrategy {
+    /// Abort: tell the destination, resume the source VM, fail with "timed out".
+    #[default]
+    Cancel,
+    /// Switch over anyway, whatever the downtime.
+    Ignore,
+}
+
+/// The source VM as the engine needs it. Methods take `&self`: the guest keeps running
+/// (and dirtying memory) on its own threads while the engine reads it.
+pub trait SourceVm {
+    /// The VM configuration, opaque to the engine (the vmm's JSON); sent in `Config`.
+    fn config(&self) -> HookResult<Vec<u8>>;
+
+    /// Guest RAM as page-aligned, sorted, non-overlapping `(gpa, size)` ranges.
+    fn ram_layout(&self) -> Vec<RamRange>;
+
+    /// Copies guest RAM at `gpa` into `buf` (a whole number of pages, inside one range).
+    fn read_pages(&self, gpa: u64, buf: &mut [u8]) -> HookResult<()>;
+
+    /// Starts dirty logging (every source: vCPUs, the VMM itself, DMA). Pages dirtied from
+    /// now on must appear in a later [`SourceVm::collect_dirty`].
+    fn start_dirty_log(&self) -> HookResult<()>;
+
+    /// Returns and clears the pages dirtied since the last call, as `(gpa, len)` ranges
+    /// (any order, overlaps allowed). `final_pass` is true once, after [`SourceVm::pause`]:
+    /// that is when to flush rings of kicked vCPUs and read the backup bitmap last.
+    fn collect_dirty(&self, final_pass: bool) -> HookResult<Vec<(u64, u64)>>;
+
+    /// Stops dirty logging (after success or failure).
+    fn stop_dirty_log(&self);
+
+    /// Stops the vCPUs: no guest or device write to RAM may happen until `resume`.
+    fn pause(&self) -> HookResult<()>;
+
+    /// Runs the vCPUs again (the migration failed or was cancelled).
+    fn resume(&self) -> HookResult<()>;
+
+    /// The paused machine's state: `(vcpus, devices)`, opaque blobs for the destination.
+    fn save_state(&self) -> HookResult<(Vec<u8>, Vec<u8>)>;
+
+    /// Dirty-tracking figures for `vm.migration-info` (`None`: not reported).
+    fn dirty_tracking_stats(&self) -> Option<DirtyTrackingStats> {
+        None
+    }
+}
+
+/// The destination VM as the engine needs it. RAM handed to the engine by
+/// [`DestinationVm::check_config`] must read as zeros: zero pages never written before
+/// are skipped, so an untouched page stays unallocated.
+pub trait DestinationVm {
+    /// Checks that this host can run the source's configuration with the source's RAM
+    /// layout and builds the (not yet running) VM; returns the RAM layout it built. `Err`
+    /// refuses the migration with that reason before any page moves.
+    fn check_config(&mut self, vm_config: &[u8], ram: &[RamRange]) -> HookResult<Vec<RamRange>>;
+
+    /// Writes `data` (whole pages, inside one RAM range: the engine checks) at `gpa`.
+    fn write_pages(&mut self, gpa: u64, data: &[u8]) -> HookResult<()>;
+
+    /// Zeroes `pages` pages at `gpa` (pages that were written earlier and are zero now).
+    fn zero_pages(&mut self, gpa: u64, pages: u64) -> HookResult<()>;
+
+    /// Restores the source's state; called once, after every page arrived and checked.
+    fn restore_state(&mut self, vcpus: &[u8], devices: &[u8]) -> HookResult<()>;
+
+    /// Starts the vCPUs. Called only after a successful `restore_state`.
+    fn resume(&mut self) -> HookResult<()>;
+}
+
+/// Default for how long a read or write may make no progress before the peer counts as gone.
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default for how long the source waits for `Resumed` after `Complete`.
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(8);
+/// Default for how long the destination waits for the next message.
+pub const DEFAULT_RECEIVE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default pages per memory chunk (1 MiB).
+pub const DEFAULT_CHUNK_PAGES: u32 = 256;
+
+/// Text of the `Hello` build field.
+pub fn build_string() -> String {
+    format!("ferry vm-migration {}", env!("CARGO_PKG_VERSION"))
+}

@@ -1,0 +1,858 @@
+//! The precopy engine end to end over real sockets, with a fake source VM whose "guest"
+//! thread keeps incrementing counters in its pages (any lost dirty page shows up as a
+//! byte difference) and a fake destination; plus a destination fed hostile streams.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vm_migration::protocol::{
+    encode, encode_memory_chunk, Complete, Config, Header, Hello, Message, MessageReader,
+    MessageType, ProtocolError, HEADER_LEN,
+};
+use vm_migration::{
+    receive_migration, send_migration, DestinationVm, HookResult, MigrationInfo, MigrationProgress,
+    MigrationStatus, MigrationStream, RamRange, ReceiveError, ReceiveOptions, SendError,
+    SendOptions, SourceVm, TimeoutStrategy, PAGE_SIZE,
+};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Two RAM ranges with a hole between them, 4 MiB in all.
+fn layout() -> Vec<RamRange> {
+    vec![
+        RamRange {
+            gpa: 0,
+            size: 512 << 10,
+        },
+        RamRange {
+            gpa: 1 << 20,
+            size: 3584 << 10,
+        },
+    ]
+}
+
+fn ram_size(layout: &[RamRange]) -> usize {
+    layout.iter().map(|r| r.size as usize).sum()
+}
+
+/// Offset in a flat buffer of `len` bytes at `gpa`, which must lie in one range.
+fn offset(layout: &[RamRange], gpa: u64, len: usize) -> Result<usize, String> {
+    let mut base = 0u64;
+    for r in layout {
+        if gpa >= r.gpa && gpa + len as u64 <= r.end() {
+            return Ok((base + gpa - r.gpa) as usize);
+        }
+        base += r.size;
+    }
+    Err(format!("{len} bytes at {gpa:#x} are not RAM"))
+}
+
+fn gpa_of_page(layout: &[RamRange], mut page: u64) -> u64 {
+    for r in layout {
+        if page < r.pages() {
+            return r.gpa + page * PAGE;
+        }
+        page -= r.pages();
+    }
+    unreachable!()
+}
+
+struct GuestRam {
+    bytes: Vec<u8>,
+    dirty: Vec<bool>,
+    logging: bool,
+    paused: bool,
+}
+
+struct FakeSource {
+    layout: Vec<RamRange>,
+    ram: Mutex<GuestRam>,
+    /// RAM at the moment of the pause: what the destination must end up with.
+    at_pause: Mutex<Option<Vec<u8>>>,
+    resumes: AtomicU32,
+    /// Every collection reports all of RAM dirty: a migration that cannot converge.
+    always_dirty: bool,
+    state: (Vec<u8>, Vec<u8>),
+}
+
+impl FakeSource {
+    fn new(always_dirty: bool) -> Arc<Self> {
+        let layout = layout();
+        let size = ram_size(&layout);
+        let mut bytes = vec![0u8; size];
+        // Every third page zero, the others with a pattern.
+        for (i, page) in bytes.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            if i % 3 != 0 {
+                for (j, b) in page.iter_mut().enumerate() {
+                    *b = (i * 7 + j) as u8;
+                }
+            }
+        }
+        let pages = size / PAGE_SIZE;
+        Arc::new(FakeSource {
+            layout,
+            ram: Mutex::new(GuestRam {
+                bytes,
+                dirty: vec![false; pages],
+                logging: false,
+                paused: false,
+            }),
+            at_pause: Mutex::new(None),
+            resumes: AtomicU32::new(0),
+            always_dirty,
+            state: (b"vcpu registers".to_vec(), b"serial, pm".to_vec()),
+        })
+    }
+
+    fn is_paused(&self) -> bool {
+        self.ram.lock().unwrap().paused
+    }
+
+    /// Starts a "guest" that increments a counter in pseudo-random pages (writes zero
+    /// pages too, and sometimes zeroes a page) every `period`, until `stop`.
+    fn run_guest(
+        self: &Arc<Self>,
+        period: Duration,
+        stop: Arc<AtomicBool>,
+    ) -> thread::JoinHandle<u64> {
+        let me = self.clone();
+        thread::spawn(move || {
+            let mut x = 0x2545_f491_4f6c_dd1du64;
+            let mut writes = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                {
+                    let mut ram = me.ram.lock().unwrap();
+                    if !ram.paused {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let pages = ram.dirty.len();
+                        let page = (x % pages as u64) as usize;
+                        let off = page * PAGE_SIZE + (x as usize >> 40) % (PAGE_SIZE - 8) / 8 * 8;
+                        if x.is_multiple_of(97) {
+                            ram.bytes[page * PAGE_SIZE..(page + 1) * PAGE_SIZE].fill(0);
+                        } else {
+                            let mut v = [0u8; 8];
+                            v.copy_from_slice(&ram.bytes[off..off + 8]);
+                            let v = u64::from_le_bytes(v).wrapping_add(1);
+                            ram.bytes[off..off + 8].copy_from_slice(&v.to_le_bytes());
+                        }
+                        if ram.logging {
+                            ram.dirty[page] = true;
+                        }
+                        writes += 1;
+                    }
+                }
+                if period.is_zero() {
+                    thread::yield_now();
+                } else {
+                    thread::sleep(period);
+                }
+            }
+            writes
+        })
+    }
+}
+
+impl SourceVm for FakeSource {
+    fn config(&self) -> HookResult<Vec<u8>> {
+        Ok(br#"{"cpus":1,"memory":"4M"}"#.to_vec())
+    }
+
+    fn ram_layout(&self) -> Vec<RamRange> {
+        self.layout.clone()
+    }
+
+    fn read_pages(&self, gpa: u64, buf: &mut [u8]) -> HookResult<()> {
+        let off = offset(&self.layout, gpa, buf.len())?;
+        buf.copy_from_slice(&self.ram.lock().unwrap().bytes[off..off + buf.len()]);
+        Ok(())
+    }
+
+    fn start_dirty_log(&self) -> HookResult<()> {
+        self.ram.lock().unwrap().logging = true;
+        Ok(())
+    }
+
+    fn collect_dirty(&self, _final_pass: bool) -> HookResult<Vec<(u64, u64)>> {
+        let mut ram = self.ram.lock().unwrap();
+        let mut out = Vec::new();
+        for (i, d) in ram.dirty.iter_mut().enumerate() {
+            if std::mem::take(d) {
+                out.push((gpa_of_page(&self.layout, i as u64), PAGE));
+            }
+        }
+        if self.always_dirty {
+            out.extend(self.layout.iter().map(|r| (r.gpa, r.size)));
+        }
+        Ok(out)
+    }
+
+    fn stop_dirty_log(&self) {
+        self.ram.lock().unwrap().logging = false;
+    }
+
+    fn pause(&self) -> HookResult<()> {
+        let mut ram = self.ram.lock().unwrap();
+        // A vCPU writes one last time before it leaves KVM_RUN: only the final
+        // collection can see that page.
+        let last = ram.bytes.len() - 8;
+        ram.bytes[last] = ram.bytes[last].wrapping_add(1);
+        if ram.logging {
+            let page = last / PAGE_SIZE;
+            ram.dirty[page] = true;
+        }
+        ram.paused = true;
+        *self.at_pause.lock().unwrap() = Some(ram.bytes.clone());
+        Ok(())
+    }
+
+    fn resume(&self) -> HookResult<()> {
+        self.ram.lock().unwrap().paused = false;
+        self.resumes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn save_state(&self) -> HookResult<(Vec<u8>, Vec<u8>)> {
+        Ok(self.state.clone())
+    }
+}
+
+#[derive(Default)]
+struct FakeDestination {
+    layout: Vec<RamRange>,
+    ram: Vec<u8>,
+    refuse: Option<String>,
+    config_checked: bool,
+    state: Option<(Vec<u8>, Vec<u8>)>,
+    resumed: bool,
+    page_writes: u64,
+}
+
+impl DestinationVm for FakeDestination {
+    fn check_config(&mut self, vm_config: &[u8], ram: &[RamRange]) -> HookResult<Vec<RamRange>> {
+        self.config_checked = true;
+        assert!(vm_config.starts_with(b"{"));
+        if let Some(reason) = &self.refuse {
+            return Err(reason.clone());
+        }
+        self.layout = ram.to_vec();
+        self.ram = vec![0; ram_size(ram)];
+        Ok(ram.to_vec())
+    }
+
+    fn write_pages(&mut self, gpa: u64, data: &[u8]) -> HookResult<()> {
+        assert!(!self.resumed);
+        let off = offset(&self.layout, gpa, data.len())?;
+        self.ram[off..off + data.len()].copy_from_slice(data);
+        self.page_writes += (data.len() / PAGE_SIZE) as u64;
+        Ok(())
+    }
+
+    fn zero_pages(&mut self, gpa: u64, pages: u64) -> HookResult<()> {
+        let len = (pages * PAGE) as usize;
+        let off = offset(&self.layout, gpa, len)?;
+        self.ram[off..off + len].fill(0);
+        Ok(())
+    }
+
+    fn restore_state(&mut self, vcpus: &[u8], devices: &[u8]) -> HookResult<()> {
+        self.state = Some((vcpus.to_vec(), devices.to_vec()));
+        Ok(())
+    }
+
+    fn resume(&mut self) -> HookResult<()> {
+        assert!(
+            self.state.is_some(),
+            "resumed before the state was restored"
+        );
+        self.resumed = true;
+        Ok(())
+    }
+}
+
+fn fast_opts(downtime: Duration, timeout: Duration, strategy: TimeoutStrategy) -> SendOptions {
+    SendOptions {
+        downtime,
+        timeout,
+        timeout_strategy: strategy,
+        io_timeout: Duration::from_millis(800),
+        confirm_timeout: Duration::from_millis(800),
+        chunk_pages: 64,
+    }
+}
+
+fn receive_opts() -> ReceiveOptions {
+    ReceiveOptions {
+        idle_timeout: Duration::from_secs(2),
+    }
+}
+
+type DestinationOutcome = (Result<MigrationInfo, ReceiveError>, FakeDestination);
+
+fn spawn_destination<S: MigrationStream + 'static>(
+    stream: S,
+    mut dest: FakeDestination,
+) -> thread::JoinHandle<DestinationOutcome> {
+    thread::spawn(move || {
+        let progress = MigrationProgress::new();
+        let r = receive_migration(&mut dest, stream, &receive_opts(), &progress);
+        (r, dest)
+    })
+}
+
+fn assert_migrated(src: &FakeSource, dest: &FakeDestination) {
+    assert!(dest.resumed);
+    let at_pause = src.at_pause.lock().unwrap();
+    let at_pause = at_pause.as_ref().expect("the source was paused");
+    let diff = at_pause
+        .chunks_exact(PAGE_SIZE)
+        .zip(dest.ram.chunks_exact(PAGE_SIZE))
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(diff, 0, "{diff} pages differ");
+    assert_eq!(dest.state.as_ref(), Some(&src.state));
+    // Nothing changed after the pause.
+    assert_eq!(&src.ram.lock().unwrap().bytes, at_pause);
+}
+
+#[test]
+fn converging_migration_copies_ram_exactly() {
+    let src = FakeSource::new(false);
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = src.run_guest(Duration::from_micros(200), stop.clone());
+    thread::sleep(Duration::from_millis(20));
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = spawn_destination(b, FakeDestination::default());
+    let progress = MigrationProgress::new();
+    let opts = fast_opts(
+        Duration::from_millis(50),
+        Duration::from_secs(30),
+        TimeoutStrategy::Cancel,
+    );
+    let info = send_migration(&*src, a, &opts, &progress).expect("migration");
+    stop.store(true, Ordering::Relaxed);
+    let writes = guest.join().unwrap();
+    let (dr, d) = dest.join().unwrap();
+    let dinfo = dr.expect("destination");
+    assert!(writes > 0);
+    assert_migrated(&src, &d);
+    assert!(src.is_paused(), "the source stays paused after success");
+    assert_eq!(src.resumes.load(Ordering::SeqCst), 0);
+
+    assert_eq!(info.status, MigrationStatus::Completed);
+    assert_eq!(info.ram.total, 4 << 20);
+    assert!(info.ram.duplicate > 0 && info.ram.normal > 0, "{info:?}");
+    assert!(info.ram.normal + info.ram.duplicate >= 1024);
+    assert!(info.downtime.is_some() && info.setup_time.is_some());
+    assert!(!info.iterations.is_empty());
+    assert_eq!(info.ram.remaining, 0);
+    assert_eq!(progress.snapshot().status, MigrationStatus::Completed);
+    // The destination reports the same migration, with its downtime.
+    assert_eq!(dinfo.status, MigrationStatus::Completed);
+    assert_eq!(dinfo.ram.total, info.ram.total);
+    assert_eq!(dinfo.ram.normal, info.ram.normal);
+    assert_eq!(dinfo.downtime, info.downtime);
+    let json = serde_json::to_value(&dinfo).unwrap();
+    assert!(json["ram"]["normal-bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn busy_guest_still_loses_nothing() {
+    // The guest writes as fast as it can; a generous downtime lets it converge anyway.
+    let src = FakeSource::new(false);
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = src.run_guest(Duration::ZERO, stop.clone());
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = spawn_destination(b, FakeDestination::default());
+    let opts = fast_opts(
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+        TimeoutStrategy::Cancel,
+    );
+    send_migration(&*src, a, &opts, &MigrationProgress::new()).expect("migration");
+    stop.store(true, Ordering::Relaxed);
+    guest.join().unwrap();
+    let (dr, d) = dest.join().unwrap();
+    dr.expect("destination");
+    assert_migrated(&src, &d);
+}
+
+#[test]
+fn over_tcp_loopback() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let mut d = FakeDestination::default();
+        let r = receive_migration(&mut d, s, &receive_opts(), &MigrationProgress::new());
+        (r, d)
+    });
+    let src = FakeSource::new(false);
+    let s = std::net::TcpStream::connect(addr).unwrap();
+    let opts = fast_opts(
+        Duration::from_millis(100),
+        Duration::from_secs(30),
+        TimeoutStrategy::Cancel,
+    );
+    send_migration(&*src, s, &opts, &MigrationProgress::new()).expect("migration");
+    let (dr, d) = dest.join().unwrap();
+    dr.expect("destination");
+    assert_migrated(&src, &d);
+}
+
+#[test]
+fn non_convergence_with_cancel_keeps_the_source_running() {
+    let src = FakeSource::new(true);
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = spawn_destination(b, FakeDestination::default());
+    let progress = MigrationProgress::new();
+    let opts = fast_opts(
+        Duration::from_nanos(1),
+        Duration::from_millis(300),
+        TimeoutStrategy::Cancel,
+    );
+    let start = Instant::now();
+    let e = send_migration(&*src, a, &opts, &progress).unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(matches!(e, SendError::TimedOut { .. }), "{e}");
+    assert!(e.to_string().contains("timed out"), "{e}");
+    assert!(!src.is_paused() && src.at_pause.lock().unwrap().is_none());
+    assert!(!src.ram.lock().unwrap().logging, "dirty log stopped");
+    let info = progress.snapshot();
+    assert_eq!(info.status, MigrationStatus::Failed);
+    assert!(info.iterations.len() > 1);
+    assert!(info.error_desc.unwrap().contains("timed out"));
+    let (dr, d) = dest.join().unwrap();
+    let de = dr.unwrap_err();
+    assert!(
+        matches!(de, ReceiveError::PeerAborted(ref r) if r.contains("timed out")),
+        "{de}"
+    );
+    assert!(!d.resumed);
+}
+
+#[test]
+fn non_convergence_with_ignore_switches_over() {
+    let src = FakeSource::new(true);
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = src.run_guest(Duration::from_micros(50), stop.clone());
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = spawn_destination(b, FakeDestination::default());
+    let opts = fast_opts(
+        Duration::from_nanos(1),
+        Duration::from_millis(300),
+        TimeoutStrategy::Ignore,
+    );
+    let info = send_migration(&*src, a, &opts, &MigrationProgress::new()).expect("migration");
+    stop.store(true, Ordering::Relaxed);
+    guest.join().unwrap();
+    assert!(info.iterations.len() > 1);
+    let (dr, d) = dest.join().unwrap();
+    dr.expect("destination");
+    assert_migrated(&src, &d);
+}
+
+#[test]
+fn cancel_mid_way() {
+    let src = FakeSource::new(true);
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = spawn_destination(b, FakeDestination::default());
+    let progress = MigrationProgress::new();
+    let api = progress.clone();
+    let canceller = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(150));
+        api.cancel();
+    });
+    let opts = fast_opts(
+        Duration::from_nanos(1),
+        Duration::from_secs(60),
+        TimeoutStrategy::Cancel,
+    );
+    let e = send_migration(&*src, a, &opts, &progress).unwrap_err();
+    canceller.join().unwrap();
+    assert!(matches!(e, SendError::Cancelled), "{e}");
+    assert_eq!(progress.status(), MigrationStatus::Cancelled);
+    assert!(!src.is_paused());
+    let (dr, d) = dest.join().unwrap();
+    assert!(matches!(dr, Err(ReceiveError::PeerAborted(_))), "{dr:?}");
+    assert!(!d.resumed);
+}
+
+#[test]
+fn refused_configuration_moves_no_page() {
+    let src = FakeSource::new(false);
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = spawn_destination(
+        b,
+        FakeDestination {
+            refuse: Some("needs 4 vCPUs, this host has 2".into()),
+            ..Default::default()
+        },
+    );
+    let opts = fast_opts(
+        Duration::from_millis(50),
+        Duration::from_secs(30),
+        TimeoutStrategy::Cancel,
+    );
+    let e = send_migration(&*src, a, &opts, &MigrationProgress::new()).unwrap_err();
+    assert!(
+        matches!(e, SendError::Refused(ref r) if r.contains("4 vCPUs")),
+        "{e}"
+    );
+    assert!(!src.ram.lock().unwrap().logging);
+    let (dr, d) = dest.join().unwrap();
+    assert!(matches!(dr, Err(ReceiveError::ConfigRefused(_))), "{dr:?}");
+    assert_eq!(d.page_writes, 0);
+    assert!(!d.resumed);
+}
+
+/// A stream that damages what goes through it after `at` bytes: flips one bit there, or
+/// cuts the stream there.
+struct Damaging {
+    inner: UnixStream,
+    at: usize,
+    written: usize,
+    cut: bool,
+}
+
+impl Read for Damaging {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl Write for Damaging {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let start = self.written;
+        if self.cut && start + buf.len() > self.at {
+            let keep = self.at.saturating_sub(start);
+            if keep > 0 {
+                self.inner.write_all(&buf[..keep])?;
+                self.written += keep;
+            }
+            self.inner.shutdown(std::net::Shutdown::Both)?;
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        let n = if !self.cut && (start..start + buf.len()).contains(&self.at) {
+            let mut copy = buf.to_vec();
+            copy[self.at - start] ^= 0x10;
+            self.inner.write(&copy)?
+        } else {
+            self.inner.write(buf)?
+        };
+        self.written += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl MigrationStream for Damaging {
+    fn set_io_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        self.inner.set_io_timeouts(t)
+    }
+
+    fn shutdown_both(&self) {
+        self.inner.shutdown_both()
+    }
+}
+
+#[test]
+fn corrupted_chunk_is_refused_and_the_source_keeps_running() {
+    let src = FakeSource::new(false);
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = spawn_destination(b, FakeDestination::default());
+    let damaged = Damaging {
+        inner: a,
+        at: 100_000,
+        written: 0,
+        cut: false,
+    };
+    let opts = fast_opts(
+        Duration::from_millis(50),
+        Duration::from_secs(30),
+        TimeoutStrategy::Cancel,
+    );
+    let start = Instant::now();
+    let e = send_migration(&*src, damaged, &opts, &MigrationProgress::new()).unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let (dr, d) = dest.join().unwrap();
+    let de = dr.unwrap_err();
+    assert!(
+        matches!(
+            de,
+            ReceiveError::Protocol(ProtocolError::ChecksumMismatch { .. })
+        ),
+        "{de}"
+    );
+    assert!(!d.resumed);
+    assert!(e.to_string().contains("checksum mismatch"), "source: {e}");
+    assert!(!src.is_paused());
+}
+
+#[test]
+fn truncated_stream_is_refused_and_the_source_keeps_running() {
+    for at in [5, 30, 300, 200_000] {
+        let src = FakeSource::new(false);
+        let (a, b) = UnixStream::pair().unwrap();
+        let dest = spawn_destination(b, FakeDestination::default());
+        let cut = Damaging {
+            inner: a,
+            at,
+            written: 0,
+            cut: true,
+        };
+        let opts = fast_opts(
+            Duration::from_millis(50),
+            Duration::from_secs(30),
+            TimeoutStrategy::Cancel,
+        );
+        let e = send_migration(&*src, cut, &opts, &MigrationProgress::new()).unwrap_err();
+        assert!(matches!(e, SendError::Protocol(_)), "{at}: {e}");
+        let (dr, d) = dest.join().unwrap();
+        let de = dr.unwrap_err();
+        assert!(
+            matches!(
+                de,
+                ReceiveError::Protocol(ProtocolError::Truncated { .. } | ProtocolError::Closed)
+            ),
+            "{at}: {de}"
+        );
+        assert!(!d.resumed);
+        assert!(!src.is_paused());
+    }
+}
+
+/// Sends `bytes` to a fresh destination and returns its outcome.
+fn feed_destination(bytes: Vec<u8>) -> DestinationOutcome {
+    let (mut a, b) = UnixStream::pair().unwrap();
+    let dest = spawn_destination(b, FakeDestination::default());
+    // Drain the replies so that the destination never blocks on them.
+    let mut reader = a.try_clone().unwrap();
+    let drain = thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = reader.read_to_end(&mut sink);
+    });
+    let _ = a.write_all(&bytes);
+    let _ = a.shutdown(std::net::Shutdown::Write);
+    let out = dest.join().unwrap();
+    let _ = a.shutdown(std::net::Shutdown::Both);
+    drain.join().unwrap();
+    out
+}
+
+fn frame(msg: &Message<'_>) -> Vec<u8> {
+    let mut v = Vec::new();
+    encode(msg, &mut v).unwrap();
+    v
+}
+
+fn hello_and_config() -> Vec<u8> {
+    let mut v = frame(&Message::Hello(Hello {
+        version: 1,
+        features: 0,
+        build: "test",
+    }));
+    v.extend(frame(&Message::Config(Config {
+        ram: layout(),
+        vm_config: b"{}",
+    })));
+    v
+}
+
+/// A whole valid session: all RAM (as `page` bytes everywhere), state, complete.
+fn valid_session(skip_page_at: Option<u64>) -> Vec<u8> {
+    let mut v = hello_and_config();
+    let page = vec![0x5au8; PAGE_SIZE];
+    for r in layout() {
+        for p in 0..r.pages() {
+            let gpa = r.gpa + p * PAGE;
+            if Some(gpa) != skip_page_at {
+                encode_memory_chunk(gpa, &page, &mut v).unwrap();
+            }
+        }
+    }
+    v.extend(frame(&Message::State {
+        vcpus: b"v",
+        devices: b"d",
+    }));
+    v.extend(frame(&Message::Complete(Complete {
+        paused_us: 1,
+        source_info: b"not json",
+    })));
+    v
+}
+
+#[test]
+fn destination_accepts_a_hand_made_session() {
+    let (r, d) = feed_destination(valid_session(None));
+    let info = r.expect("valid session");
+    assert!(d.resumed);
+    assert!(d.ram.iter().all(|&b| b == 0x5a));
+    assert_eq!(info.status, MigrationStatus::Completed);
+}
+
+#[test]
+fn destination_refuses_hostile_streams_without_resuming() {
+    let wrong_version = {
+        let mut v = hello_and_config();
+        v[4..6].copy_from_slice(&2u16.to_le_bytes());
+        v
+    };
+    let missing_page = valid_session(Some(1 << 20));
+    let outside_ram = {
+        let mut v = hello_and_config();
+        encode_memory_chunk(512 << 10, &[1u8; PAGE_SIZE], &mut v).unwrap();
+        v
+    };
+    let no_state = {
+        let full = valid_session(None);
+        let complete = frame(&Message::Complete(Complete {
+            paused_us: 1,
+            source_info: b"not json",
+        }));
+        let state = frame(&Message::State {
+            vcpus: b"v",
+            devices: b"d",
+        });
+        let mut v = full[..full.len() - complete.len() - state.len()].to_vec();
+        v.extend(complete);
+        v
+    };
+    let corrupted = {
+        let mut v = valid_session(None);
+        let at = v.len() / 2;
+        v[at] ^= 1;
+        v
+    };
+    let truncated = {
+        let v = valid_session(None);
+        v[..v.len() - 3].to_vec()
+    };
+    let chunk_before_config = {
+        let mut v = frame(&Message::Hello(Hello {
+            version: 1,
+            features: 0,
+            build: "x",
+        }));
+        encode_memory_chunk(0, &[1u8; PAGE_SIZE], &mut v).unwrap();
+        v
+    };
+    let huge_header = Header {
+        version: 1,
+        kind: MessageType::MemoryChunk,
+        payload_len: u32::MAX,
+    }
+    .to_bytes()
+    .to_vec();
+    for (name, bytes, needle) in [
+        ("garbage", b"GET / HTTP/1.1\r\n\r\n".to_vec(), "bad magic"),
+        (
+            "wrong version",
+            wrong_version,
+            "unsupported protocol version 2",
+        ),
+        ("missing page", missing_page, "page 0x100000"),
+        ("outside RAM", outside_ram, "0x80000"),
+        ("no state", no_state, "machine state"),
+        ("corrupted", corrupted, ""),
+        ("truncated", truncated, "truncated"),
+        ("chunk before config", chunk_before_config, "MemoryChunk"),
+        ("huge payload", huge_header, "exceeds its cap"),
+        ("empty", Vec::new(), "closed"),
+    ] {
+        let (r, d) = feed_destination(bytes);
+        let e = r.expect_err(name);
+        assert!(e.to_string().contains(needle), "{name}: {e}");
+        assert!(!d.resumed, "{name}: resumed");
+        assert!(d.state.is_none(), "{name}: state restored");
+    }
+}
+
+/// A destination that does the handshake, then misbehaves.
+fn half_destination(
+    stream: UnixStream,
+    then: fn(&mut MessageReader<UnixStream>),
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut conn = MessageReader::new(stream);
+        assert!(matches!(conn.read_message(), Ok(Message::Hello(_))));
+        let hello = frame(&Message::Hello(Hello {
+            version: 1,
+            features: 0,
+            build: "half",
+        }));
+        conn.get_mut().write_all(&hello).unwrap();
+        assert!(matches!(conn.read_message(), Ok(Message::Config(_))));
+        conn.get_mut()
+            .write_all(&frame(&Message::ConfigAccepted))
+            .unwrap();
+        then(&mut conn);
+    })
+}
+
+fn expect_bounded_failure(then: fn(&mut MessageReader<UnixStream>), paused_on_the_way: bool) {
+    let src = FakeSource::new(false);
+    let (a, b) = UnixStream::pair().unwrap();
+    let peer = half_destination(b, then);
+    let opts = fast_opts(
+        Duration::from_millis(50),
+        Duration::from_secs(30),
+        TimeoutStrategy::Cancel,
+    );
+    let start = Instant::now();
+    let e = send_migration(&*src, a, &opts, &MigrationProgress::new()).unwrap_err();
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(3), "took {took:?}: {e}");
+    assert!(!src.is_paused(), "{e}");
+    assert_eq!(
+        src.resumes.load(Ordering::SeqCst),
+        u32::from(paused_on_the_way),
+        "{e}"
+    );
+    peer.join().unwrap();
+}
+
+#[test]
+fn destination_vanishing_mid_way() {
+    expect_bounded_failure(
+        |conn| {
+            let _ = conn.read_message();
+            conn.get_ref().shutdown(std::net::Shutdown::Both).unwrap();
+        },
+        false,
+    );
+}
+
+#[test]
+fn silent_destination_times_out() {
+    // Never reads again: the source's writes stall, as on a cut link.
+    expect_bounded_failure(|_| thread::sleep(Duration::from_secs(2)), false);
+}
+
+#[test]
+fn destination_that_never_confirms() {
+    expect_bounded_failure(
+        |conn| {
+            while let Ok(msg) = conn.read_message() {
+                if matches!(msg, Message::Complete(_)) {
+                    break;
+                }
+            }
+            thread::sleep(Duration::from_secs(1));
+        },
+        true,
+    );
+}
+
+#[test]
+fn header_is_twelve_bytes() {
+    assert_eq!(frame(&Message::ConfigAccepted).len(), HEADER_LEN);
+}

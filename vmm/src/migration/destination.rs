@@ -1,0 +1,88 @@
+//! A machine being received, as the migration engine's destination: built from the
+//! source's configuration with the same capability ordering, filled page by page, and
+//! started only once its state has been restored.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_migration::engine::HookResult;
+use vm_migration::{DestinationVm, RamRange};
+
+use crate::config::VmConfig;
+use crate::vm::{IncomingMachine, Machine, MachineState};
+
+/// The engine's view of the machine being received.
+#[derive(Default)]
+pub struct MachineDestination {
+    incoming: Option<IncomingMachine>,
+    state: Option<MachineState>,
+    /// The running machine, once `resume` succeeded.
+    pub machine: Option<Machine>,
+}
+
+impl MachineDestination {
+    fn incoming(&self) -> HookResult<&IncomingMachine> {
+        self.incoming
+            .as_ref()
+            .ok_or_else(|| "no VM was built for this migration".to_string())
+    }
+}
+
+impl DestinationVm for MachineDestination {
+    fn check_config(&mut self, vm_config: &[u8], ram: &[RamRange]) -> HookResult<Vec<RamRange>> {
+        let config: VmConfig = serde_json::from_slice(vm_config)
+            .map_err(|e| format!("the source's VM configuration is not understood here: {e}"))?;
+        let incoming = Machine::incoming(config).map_err(|e| e.to_string())?;
+        let layout: Vec<RamRange> = incoming
+            .memory()
+            .iter()
+            .map(|r| RamRange {
+                gpa: r.start_addr().0,
+                size: r.len(),
+            })
+            .collect();
+        if layout != ram {
+            return Err(format!(
+                "the source's RAM layout {ram:x?} differs from the one built here {layout:x?}"
+            ));
+        }
+        self.incoming = Some(incoming);
+        Ok(layout)
+    }
+
+    fn write_pages(&mut self, gpa: u64, data: &[u8]) -> HookResult<()> {
+        self.incoming()?
+            .memory()
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|e| format!("writing {} bytes at {gpa:#x}: {e}", data.len()))
+    }
+
+    fn zero_pages(&mut self, gpa: u64, pages: u64) -> HookResult<()> {
+        const ZERO: [u8; 4096] = [0; 4096];
+        let mem = self.incoming()?.memory();
+        for i in 0..pages {
+            let a = gpa + i * 4096;
+            mem.write_slice(&ZERO, GuestAddress(a))
+                .map_err(|e| format!("zeroing the page at {a:#x}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn restore_state(&mut self, vcpus: &[u8], _devices: &[u8]) -> HookResult<()> {
+        let state: MachineState =
+            serde_json::from_slice(vcpus).map_err(|e| format!("machine state: {e}"))?;
+        self.state = Some(state);
+        Ok(())
+    }
+
+    fn resume(&mut self) -> HookResult<()> {
+        let incoming = self
+            .incoming
+            .take()
+            .ok_or_else(|| "no VM was built for this migration".to_string())?;
+        let state = self
+            .state
+            .take()
+            .ok_or_else(|| "no machine state was received".to_string())?;
+        self.machine = Some(incoming.start(&state).map_err(|e| e.to_string())?);
+        Ok(())
+    }
+}

@@ -1,0 +1,105 @@
+//! A running [`Machine`] as the migration engine's source.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use hypervisor::{DirtyTracking, SyncKind};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_migration::engine::HookResult;
+use vm_migration::stats::{DirtyTrackingMode, DirtyTrackingStats};
+use vm_migration::{RamRange, SourceVm};
+
+use crate::vm::Machine;
+
+/// The engine's view of the machine being sent.
+pub struct MachineSource {
+    pub machine: Arc<Machine>,
+}
+
+impl SourceVm for MachineSource {
+    fn config(&self) -> HookResult<Vec<u8>> {
+        serde_json::to_vec(&self.machine.config).map_err(|e| format!("VM config: {e}"))
+    }
+
+    fn ram_layout(&self) -> Vec<RamRange> {
+        self.machine
+            .memory()
+            .iter()
+            .map(|r| RamRange {
+                gpa: r.start_addr().0,
+                size: r.len(),
+            })
+            .collect()
+    }
+
+    fn read_pages(&self, gpa: u64, buf: &mut [u8]) -> HookResult<()> {
+        self.machine
+            .memory()
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| format!("reading {} bytes of guest RAM at {gpa:#x}: {e}", buf.len()))
+    }
+
+    fn start_dirty_log(&self) -> HookResult<()> {
+        self.machine.start_dirty_log().map_err(|e| e.to_string())
+    }
+
+    fn collect_dirty(&self, final_pass: bool) -> HookResult<Vec<(u64, u64)>> {
+        // The final pass runs with every vCPU parked outside KVM_RUN (the engine paused
+        // the machine), so the rings hold everything; the backup bitmap comes last.
+        let kind = if final_pass {
+            SyncKind::Final
+        } else {
+            SyncKind::Live
+        };
+        let regions = self
+            .machine
+            .collect_dirty(kind)
+            .map_err(|e| e.to_string())?;
+        Ok(regions.into_iter().flat_map(|r| r.ranges).collect())
+    }
+
+    fn stop_dirty_log(&self) {
+        if let Err(e) = self.machine.hypervisor().stop_dirty_log() {
+            log::warn!("stopping dirty logging: {e}");
+        }
+    }
+
+    fn pause(&self) -> HookResult<()> {
+        self.machine.pause();
+        Ok(())
+    }
+
+    fn resume(&self) -> HookResult<()> {
+        self.machine.resume();
+        Ok(())
+    }
+
+    fn save_state(&self) -> HookResult<(Vec<u8>, Vec<u8>)> {
+        let state = self.machine.save_state().map_err(|e| e.to_string())?;
+        let blob = serde_json::to_vec(&state).map_err(|e| format!("machine state: {e}"))?;
+        // One versioned blob holds vCPUs and devices alike.
+        Ok((blob, Vec::new()))
+    }
+
+    fn dirty_tracking_stats(&self) -> Option<DirtyTrackingStats> {
+        let hv = self.machine.hypervisor();
+        Some(match hv.tracking() {
+            DirtyTracking::Ring {
+                entries,
+                backup_bitmap,
+                ..
+            } => DirtyTrackingStats {
+                mode: DirtyTrackingMode::Ring,
+                ring_entries: entries,
+                ring_full_exits: hv.stats.ring_full_exits.load(Ordering::Relaxed),
+                backup_bitmap,
+            },
+            DirtyTracking::Bitmap { .. } => DirtyTrackingStats {
+                mode: DirtyTrackingMode::Bitmap,
+                ring_entries: 0,
+                ring_full_exits: 0,
+                backup_bitmap: false,
+            },
+        })
+    }
+}

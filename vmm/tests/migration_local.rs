@@ -1,0 +1,110 @@
+//! Live migration inside one process, machine to machine over real sockets: the engine,
+//! the VMM glue and the dirty tracking together, checked by the guest's own verifier.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vm_migration::{
+    receive_migration, send_migration, MigrationProgress, ReceiveOptions, SendOptions,
+    TimeoutStrategy,
+};
+use vmm::config::{parse_cpus, parse_dirty_ring, parse_serial, VmConfig};
+use vmm::migration::transport::{Listener, MigrationUrl, Stream};
+use vmm::migration::{MachineDestination, MachineSource};
+use vmm::vm::Machine;
+
+fn wait_serial(path: &std::path::Path, pat: &str, from: usize, timeout: Duration) -> usize {
+    let end = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(p) = text.get(from..).and_then(|t| t.find(pat)) {
+            return from + p + pat.len();
+        }
+        assert!(Instant::now() < end, "no {pat:?} in {timeout:?}:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn migrate(workload: &str, ring: &str, url: &str, tag: &str) {
+    let serial = std::env::temp_dir().join(format!("ferry-mig-{tag}-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&serial);
+    let mut c = VmConfig::default();
+    c.cpus = parse_cpus("boot=2").unwrap();
+    c.memory.size = 512 << 20;
+    c.payload.kernel = Some(common::guest_elf());
+    c.payload.cmdline = Some(workload.into());
+    c.serial = parse_serial(&format!("file={}", serial.display())).unwrap();
+    c.dirty_tracking = parse_dirty_ring(ring).unwrap();
+    let a = Arc::new(Machine::boot(c).unwrap());
+    let pos = wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(60));
+
+    let url: MigrationUrl = url.parse().unwrap();
+    let listener = Listener::bind(&url).unwrap();
+    let url = match (&url, listener.port()) {
+        (MigrationUrl::Tcp { host, .. }, Some(port)) => MigrationUrl::Tcp {
+            host: host.clone(),
+            port,
+        },
+        _ => url,
+    };
+    let receiver = std::thread::spawn(move || {
+        let stream = listener.accept().unwrap();
+        let mut dest = MachineDestination::default();
+        let info = receive_migration(
+            &mut dest,
+            stream,
+            &ReceiveOptions::default(),
+            &MigrationProgress::new(),
+        );
+        (info, dest.machine)
+    });
+    let stream = Stream::connect(&url, Duration::from_secs(5)).unwrap();
+    let opts = SendOptions::new(300, 120, TimeoutStrategy::Ignore);
+    let info = send_migration(
+        &MachineSource { machine: a.clone() },
+        stream,
+        &opts,
+        &MigrationProgress::new(),
+    )
+    .expect("the migration completes");
+    let (dinfo, b) = receiver.join().unwrap();
+    dinfo.expect("the destination received the VM");
+    let b = b.expect("the destination runs the VM");
+    drop(a);
+    eprintln!("{tag}: {}", serde_json::to_string(&info).unwrap());
+    // The guest goes on on B and its verifier finds every page as it left it.
+    let after = wait_serial(&serial, "guest: verified", pos, Duration::from_secs(60));
+    let text = std::fs::read_to_string(&serial).unwrap();
+    assert!(!text.contains("MISMATCH"), "{text}");
+    wait_serial(&serial, "guest: verified", after, Duration::from_secs(60));
+    drop(b);
+    let text = std::fs::read_to_string(&serial).unwrap();
+    assert!(
+        !text.contains("MISMATCH") && !text.contains("FAIL"),
+        "{text}"
+    );
+    let _ = std::fs::remove_file(&serial);
+}
+
+#[test]
+fn verify_guest_migrates_over_tcp_with_rings() {
+    migrate(
+        "workload=verify start=1M size=256M",
+        "entries=65536",
+        "tcp:127.0.0.1:0",
+        "ring",
+    );
+}
+
+#[test]
+fn verify_guest_migrates_over_unix_with_the_bitmap() {
+    let path = std::env::temp_dir().join(format!("ferry-mig-{}.sock", std::process::id()));
+    migrate(
+        "workload=verify start=1M size=256M",
+        "off",
+        &format!("unix:{}", path.display()),
+        "bitmap",
+    );
+}
