@@ -5,5 +5,6 @@ pub mod boot;
 pub mod config;
 pub mod dirty;
 pub mod memory;
+pub mod migration;
 pub mod vcpu;
 pub mod vm;
