@@ -267,9 +267,15 @@ impl Machine {
 
     /// Builds a VM from a migration source's configuration, to receive its RAM and state.
     pub fn incoming(config: VmConfig) -> Result<IncomingMachine> {
-        Ok(IncomingMachine {
-            parts: Self::build(config)?,
-        })
+        let parts = Self::build(config)?;
+        let t = std::time::Instant::now();
+        if crate::memory::populate(&parts.mem) {
+            log::info!(
+                "guest RAM faulted in for the incoming VM in {:?}",
+                t.elapsed()
+            );
+        }
+        Ok(IncomingMachine { parts })
     }
 
     fn start(p: Parts, serial_state: Option<&devices::SerialSnapshot>, pm: u16) -> Result<Machine> {
