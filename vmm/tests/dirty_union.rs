@@ -36,7 +36,7 @@ fn ranges(d: &[RegionDirty]) -> Vec<(u64, u64)> {
 }
 
 fn vmm_writes_appear_once(ring: &str) {
-    let (mut m, serial) = idle_machine(ring, ring);
+    let (m, serial) = idle_machine(ring, ring);
     // The guest is halted with interrupts off: from here on only the VMM writes.
     std::thread::sleep(Duration::from_millis(100));
     m.start_dirty_log().unwrap();
@@ -73,7 +73,7 @@ fn guest_and_vmm_writes_are_unioned() {
     // The guest dirties 1 MiB at 16 MiB; the VMM writes elsewhere.
     c.payload.cmdline = Some("workload=dirty start=16M size=1M".into());
     c.serial = parse_serial(&format!("file={}", serial.display())).unwrap();
-    let mut m = Machine::boot(c).unwrap();
+    let m = Machine::boot(c).unwrap();
     let end = Instant::now() + Duration::from_secs(60);
     while !std::fs::read_to_string(&serial)
         .unwrap_or_default()

@@ -30,8 +30,10 @@ fn wait_serial(path: &std::path::Path, pat: &str, from: usize, timeout: Duration
 fn migrate(workload: &str, ring: &str, url: &str, tag: &str) {
     let serial = std::env::temp_dir().join(format!("ferry-mig-{tag}-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&serial);
-    let mut c = VmConfig::default();
-    c.cpus = parse_cpus("boot=2").unwrap();
+    let mut c = VmConfig {
+        cpus: parse_cpus("boot=2").unwrap(),
+        ..Default::default()
+    };
     c.memory.size = 512 << 20;
     c.payload.kernel = Some(common::guest_elf());
     c.payload.cmdline = Some(workload.into());

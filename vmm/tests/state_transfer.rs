@@ -36,7 +36,7 @@ fn saved_state_and_ram_continue_in_a_new_machine() {
     config.payload.cmdline = Some("workload=verify start=1M size=8M passes=400".into());
     config.serial = parse_serial(&format!("file={}", serial.display())).unwrap();
 
-    let mut a = Machine::boot(config.clone()).unwrap();
+    let a = Machine::boot(config.clone()).unwrap();
     let pos = wait_for(&serial, "guest: verified 1 1", 0, Duration::from_secs(120));
     let state = a.save_state().unwrap();
     assert_eq!(state.vcpus.len(), 2);

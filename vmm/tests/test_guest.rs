@@ -83,14 +83,16 @@ fn wait_serial(path: &std::path::Path, pat: &str, timeout: Duration) -> String {
 fn verifier_catches_a_stale_page_written_by_the_vmm() {
     let serial = std::env::temp_dir().join(format!("ferry-stale-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&serial);
-    let mut c = VmConfig::default();
-    c.cpus = parse_cpus("boot=2").unwrap();
+    let mut c = VmConfig {
+        cpus: parse_cpus("boot=2").unwrap(),
+        ..Default::default()
+    };
     c.memory.size = 128 << 20;
     c.payload.kernel = Some(common::guest_elf());
     // Slow passes (0.5 s for the 2048 pages) so the page is checked after we resume.
     c.payload.cmdline = Some("workload=verify start=1M size=8M rate=4096".into());
     c.serial = parse_serial(&format!("file={}", serial.display())).unwrap();
-    let mut m = Machine::boot(c).unwrap();
+    let m = Machine::boot(c).unwrap();
     wait_serial(&serial, "guest: verified 1 1", Duration::from_secs(60));
     m.pause();
     // A page in vCPU 1's share (the second 4 MiB): put back its previous generation.

@@ -260,6 +260,17 @@ impl Drop for Listener {
     }
 }
 
+impl vm_migration::MigrationStream for Stream {
+    fn set_io_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)?;
+        self.set_write_timeout(timeout)
+    }
+
+    fn shutdown_both(&self) {
+        self.shutdown();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,16 +339,5 @@ mod tests {
             .unwrap();
         assert_eq!(&t.join().unwrap(), b"ok");
         assert!(!path.exists(), "the listener removes its socket file");
-    }
-}
-
-impl vm_migration::MigrationStream for Stream {
-    fn set_io_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(timeout)?;
-        self.set_write_timeout(timeout)
-    }
-
-    fn shutdown_both(&self) {
-        self.shutdown();
     }
 }
