@@ -1,6 +1,7 @@
 //! The Ferry VMM: configuration, machine assembly, vCPU threads, and the dirty set the
 //! migration engine consumes.
 
+pub mod api;
 pub mod boot;
 pub mod config;
 pub mod dirty;

@@ -1,9 +1,17 @@
-//! `ferry`: boot a VM from the command line (cloud-hypervisor's flag style).
+//! `ferry`: boot a VM from the command line (cloud-hypervisor's flag style), and/or serve
+//! the REST API on `--api-socket PATH`.
+//!
+//! Without the API the process lives as long as the guest and exits with its status
+//! (debug-exit value, 0 for power-off/reset, 1 on failure). With the API, `--kernel` is
+//! optional (the VM then comes from `vm.create` + `vm.boot`, or `vm.receive-migration`), a
+//! guest that powers off, resets or fails leaves the VM in state Shutdown, and the process
+//! ends on `vmm.shutdown` (status 0) or on a guest debug-exit (its status).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use vmm::api::{self, describe, ApiServer, Vmm};
 use vmm::config::{self, PayloadConfig, VmConfig};
 use vmm::vm::{exit_status, Machine};
 
@@ -55,21 +63,6 @@ fn config_from(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
     })
 }
 
-/// One line: the error and its causes.
-fn describe(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let cs = c.to_string();
-        if !s.contains(&cs) {
-            s.push_str(": ");
-            s.push_str(&cs);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
@@ -82,9 +75,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if cli.api_socket.is_some() {
-        eprintln!("ferry: error: --api-socket is not implemented yet");
-        return ExitCode::from(2);
+    if let Some(path) = &cli.api_socket {
+        return serve_api(path, (cli.kernel.is_some()).then_some(config));
     }
     let machine = match Machine::boot(config) {
         Ok(m) => m,
@@ -101,6 +93,36 @@ fn main() -> ExitCode {
         None => eprintln!("ferry: error: all vCPU threads ended"),
     }
     // Flush serial output the guest wrote before its exit.
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    // vCPU threads may sit in KVM_RUN; exiting the process ends them.
+    std::process::exit(status);
+}
+
+/// Serves the API on `path`, booting `config` first when given. Returns only when the VM
+/// or the socket cannot be set up; otherwise ends the process when `Vmm::run` says so.
+fn serve_api(path: &std::path::Path, config: Option<VmConfig>) -> ExitCode {
+    let vmm = Vmm::new(Box::new(api::NotImplemented));
+    if let Some(mut config) = config {
+        let booted = config
+            .validate()
+            .map_err(|e| e.to_string())
+            .and_then(|()| vmm.create(config).map_err(|e| e.to_string()))
+            .and_then(|()| vmm.boot().map_err(|e| e.to_string()));
+        if let Err(e) = booted {
+            eprintln!("ferry: error: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    let server = match ApiServer::start(path, vmm.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ferry: error: {}", describe(&e));
+            return ExitCode::from(1);
+        }
+    };
+    let status = vmm.run();
+    drop(server);
     use std::io::Write;
     let _ = std::io::stdout().flush();
     // vCPU threads may sit in KVM_RUN; exiting the process ends them.

@@ -1,0 +1,419 @@
+//! The migration endpoints' bodies, checked here, and the seam where the migration engine
+//! plugs in: [`MigrationHandler`].
+//!
+//! The API layer parses and validates `vm.send-migration` / `vm.receive-migration` bodies
+//! (400 on any problem), checks the VM's state (404/405), then calls the handler on the
+//! request's own thread: a handler may run for as long as the migration lasts, while other
+//! connections (info, counters, cancel) are served by their own threads. Until the engine
+//! exists, [`NotImplemented`] answers 500.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, Vmm};
+
+/// Largest `connections` value.
+pub const MAX_CONNECTIONS: u32 = 128;
+pub const DEFAULT_DOWNTIME_MS: u64 = 300;
+pub const DEFAULT_TIMEOUT_S: u64 = 3600;
+
+/// What to do when `timeout_s` passes before the migration could finish within
+/// `downtime_ms`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimeoutStrategy {
+    /// Abort; the VM keeps running on the source.
+    #[default]
+    Cancel,
+    /// Stop the VM and finish, whatever the downtime.
+    Ignore,
+}
+
+/// How guest memory moves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryMode {
+    /// Copy all memory, then what was dirtied, until the rest fits in the downtime.
+    #[default]
+    Precopy,
+    /// Pass the guest memory file descriptors over a UNIX socket (same host).
+    MemFDs,
+    /// Start the destination first and fetch pages on demand.
+    Postcopy,
+}
+
+/// A migration endpoint address, in cloud-hypervisor's syntax.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum MigrationUrl {
+    /// `tcp:HOST:PORT` (`tcp:[::1]:6000` for IPv6).
+    Tcp { host: String, port: u16 },
+    /// `unix:/path/to/socket`.
+    Unix(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{url:?} is not a migration URL ({why}); use tcp:HOST:PORT or unix:/path")]
+pub struct UrlError {
+    pub url: String,
+    pub why: &'static str,
+}
+
+impl FromStr for MigrationUrl {
+    type Err = UrlError;
+
+    fn from_str(url: &str) -> Result<Self, UrlError> {
+        let bad = |why| UrlError {
+            url: url.chars().take(200).collect(),
+            why,
+        };
+        if let Some(path) = url.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(bad("empty socket path"));
+            }
+            if path.contains('\0') {
+                return Err(bad("NUL in the socket path"));
+            }
+            return Ok(MigrationUrl::Unix(PathBuf::from(path)));
+        }
+        let Some(rest) = url.strip_prefix("tcp:") else {
+            return Err(bad("unknown scheme"));
+        };
+        let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let host = match host.strip_prefix('[') {
+            Some(h) => h.strip_suffix(']').ok_or_else(|| bad("unclosed '['"))?,
+            None => host,
+        };
+        if host.is_empty() {
+            return Err(bad("empty host"));
+        }
+        if host
+            .chars()
+            .any(|c| !(c.is_ascii_alphanumeric() || ".-_:".contains(c)))
+        {
+            return Err(bad("invalid character in the host"));
+        }
+        let port: u16 = port
+            .parse()
+            .map_err(|_| bad("the port is not 0 to 65535"))?;
+        Ok(MigrationUrl::Tcp {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+/// The `vm.send-migration` body as sent (cloud-hypervisor's field names).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendMigrationBody {
+    destination_url: String,
+    #[serde(default)]
+    downtime_ms: Option<u64>,
+    #[serde(default)]
+    timeout_s: Option<u64>,
+    #[serde(default)]
+    timeout_strategy: Option<TimeoutStrategy>,
+    #[serde(default)]
+    connections: Option<u64>,
+    #[serde(default)]
+    memory_mode: Option<MemoryMode>,
+    /// Deprecated alias of `"memory_mode": "MemFDs"`.
+    #[serde(default)]
+    local: Option<bool>,
+}
+
+/// A checked `vm.send-migration` request, defaults filled in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SendMigration {
+    /// As sent.
+    pub destination_url: String,
+    pub destination: MigrationUrl,
+    /// Longest pause of the guest the migration aims for (>= 1).
+    pub downtime_ms: u64,
+    /// Longest total duration (>= 1).
+    pub timeout_s: u64,
+    pub timeout_strategy: TimeoutStrategy,
+    /// Parallel TCP connections, 1 to [`MAX_CONNECTIONS`] (1 for a UNIX socket).
+    pub connections: u32,
+    /// `MemFDs` also when the deprecated `local: true` was sent.
+    pub memory_mode: MemoryMode,
+}
+
+/// The `vm.receive-migration` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReceiveMigrationBody {
+    receiver_url: String,
+}
+
+/// A checked `vm.receive-migration` request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ReceiveMigration {
+    pub receiver_url: String,
+    pub receiver: MigrationUrl,
+}
+
+fn json_error(endpoint: &str, e: serde_json::Error) -> ApiError {
+    ApiError::BadRequest(format!("{endpoint}: invalid JSON body: {e}"))
+}
+
+fn bad(msg: String) -> ApiError {
+    ApiError::BadRequest(msg)
+}
+
+/// Parses and checks a `vm.send-migration` body.
+pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
+    let b: SendMigrationBody =
+        serde_json::from_slice(body).map_err(|e| json_error("vm.send-migration", e))?;
+    let destination: MigrationUrl = b
+        .destination_url
+        .parse()
+        .map_err(|e: UrlError| bad(format!("destination_url: {e}")))?;
+    let downtime_ms = b.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS);
+    if downtime_ms == 0 {
+        return Err(bad("downtime_ms=0 is out of range (at least 1)".into()));
+    }
+    let timeout_s = b.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S);
+    if timeout_s == 0 {
+        return Err(bad("timeout_s=0 is out of range (at least 1)".into()));
+    }
+    let connections = b.connections.unwrap_or(1);
+    if !(1..=u64::from(MAX_CONNECTIONS)).contains(&connections) {
+        return Err(bad(format!(
+            "connections={connections} is out of range (1 to {MAX_CONNECTIONS})"
+        )));
+    }
+    let connections = connections as u32;
+    let memory_mode = match (b.local, b.memory_mode) {
+        (Some(true), None | Some(MemoryMode::MemFDs)) => MemoryMode::MemFDs,
+        (Some(true), Some(m)) => {
+            return Err(bad(format!(
+                "local=true means memory_mode MemFDs, but memory_mode {m:?} was given"
+            )))
+        }
+        (_, m) => m.unwrap_or_default(),
+    };
+    if let MigrationUrl::Unix(_) = destination {
+        if connections > 1 {
+            return Err(bad(format!(
+                "connections={connections}: several connections need a tcp: destination_url"
+            )));
+        }
+    } else if memory_mode == MemoryMode::MemFDs {
+        return Err(bad(format!(
+            "memory_mode MemFDs passes file descriptors and needs a unix: destination_url, not {:?}",
+            b.destination_url
+        )));
+    }
+    Ok(SendMigration {
+        destination_url: b.destination_url,
+        destination,
+        downtime_ms,
+        timeout_s,
+        timeout_strategy: b.timeout_strategy.unwrap_or_default(),
+        connections,
+        memory_mode,
+    })
+}
+
+/// Parses and checks a `vm.receive-migration` body.
+pub fn parse_receive_migration(body: &[u8]) -> Result<ReceiveMigration, ApiError> {
+    let b: ReceiveMigrationBody =
+        serde_json::from_slice(body).map_err(|e| json_error("vm.receive-migration", e))?;
+    let receiver = b
+        .receiver_url
+        .parse()
+        .map_err(|e: UrlError| bad(format!("receiver_url: {e}")))?;
+    Ok(ReceiveMigration {
+        receiver_url: b.receiver_url,
+        receiver,
+    })
+}
+
+/// The migration engine, as the API sees it; give yours to [`Vmm::new`] (in `main.rs`).
+///
+/// Every method runs on the thread of the request that asked for it, never holding the VM
+/// lock on entry, so it may take as long as the migration does while other connections
+/// (`vm.info`, `vm.counters`, `vm.migration-info`, `vm.cancel-migration`) are answered.
+/// `send` and `receive` run inside an [`Operation`](super::Operation) the API layer
+/// started: meanwhile `vm.boot`/`pause`/`resume`/`shutdown`/`reboot`/`delete`/`create` and a
+/// second migration answer 405. So the engine does not call those `Vmm` methods itself:
+/// it takes the machine with [`Vmm::machine`] (an `Arc`, used without the lock: its
+/// `pause`, `collect_dirty`, `save_state`...), changes the VM with [`Vmm::with_vm`] for
+/// short moments (e.g. [`Vm::take_machine`](super::Vm::take_machine) once the VM has
+/// left: it is then Shutdown), installs an arrived VM with [`Vmm::install`], and may end
+/// the process with [`Vmm::request_exit`].
+///
+/// Errors become the response: [`ApiError::status`] gives the code, its text the message
+/// (e.g. [`ApiError::Failed`] for 500, [`ApiError::NotFound`] for 404).
+pub trait MigrationHandler: Send + Sync {
+    /// `PUT vm.send-migration`: the VM exists and is Running or Paused (checked). Return
+    /// when the migration has finished (204) or failed.
+    fn send(&self, vmm: &Arc<Vmm>, request: SendMigration) -> Result<(), ApiError>;
+
+    /// `PUT vm.receive-migration`: no VM exists (checked). Return once the VM has arrived
+    /// and runs here (install it with [`Vmm::install`]).
+    fn receive(&self, vmm: &Arc<Vmm>, request: ReceiveMigration) -> Result<(), ApiError>;
+
+    /// `GET vm.migration-info`: progress of the running or last migration (JSON object).
+    fn info(&self, vmm: &Arc<Vmm>) -> Result<serde_json::Value, ApiError>;
+
+    /// `PUT vm.cancel-migration`: stop the running migration; its `send`/`receive` call
+    /// then returns an error.
+    fn cancel(&self, vmm: &Arc<Vmm>) -> Result<(), ApiError>;
+}
+
+/// The handler until the migration engine lands: every call answers 500.
+pub struct NotImplemented;
+
+impl MigrationHandler for NotImplemented {
+    fn send(&self, _: &Arc<Vmm>, _: SendMigration) -> Result<(), ApiError> {
+        Err(ApiError::MigrationNotImplemented("vm.send-migration"))
+    }
+
+    fn receive(&self, _: &Arc<Vmm>, _: ReceiveMigration) -> Result<(), ApiError> {
+        Err(ApiError::MigrationNotImplemented("vm.receive-migration"))
+    }
+
+    fn info(&self, _: &Arc<Vmm>) -> Result<serde_json::Value, ApiError> {
+        Err(ApiError::MigrationNotImplemented("vm.migration-info"))
+    }
+
+    fn cancel(&self, _: &Arc<Vmm>) -> Result<(), ApiError> {
+        Err(ApiError::MigrationNotImplemented("vm.cancel-migration"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send(j: &str) -> Result<SendMigration, String> {
+        parse_send_migration(j.as_bytes()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            "tcp:10.0.0.1:6000".parse::<MigrationUrl>(),
+            Ok(MigrationUrl::Tcp {
+                host: "10.0.0.1".into(),
+                port: 6000
+            })
+        );
+        assert_eq!(
+            "tcp:[::1]:6000".parse::<MigrationUrl>().unwrap(),
+            MigrationUrl::Tcp {
+                host: "::1".into(),
+                port: 6000
+            }
+        );
+        assert_eq!(
+            "unix:/tmp/s".parse::<MigrationUrl>(),
+            Ok(MigrationUrl::Unix("/tmp/s".into()))
+        );
+        for bad in [
+            "",
+            "tcp:",
+            "tcp:host",
+            "tcp::1",
+            "tcp:h:99999",
+            "http://x",
+            "unix:",
+            "tcp:a b:1",
+        ] {
+            let e = bad.parse::<MigrationUrl>().unwrap_err();
+            assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn send_defaults() {
+        let s = send(r#"{"destination_url":"tcp:1.2.3.4:6000"}"#).unwrap();
+        assert_eq!(s.downtime_ms, 300);
+        assert_eq!(s.timeout_s, 3600);
+        assert_eq!(s.timeout_strategy, TimeoutStrategy::Cancel);
+        assert_eq!(s.connections, 1);
+        assert_eq!(s.memory_mode, MemoryMode::Precopy);
+        let s = send(r#"{"destination_url":"unix:/s","local":true}"#).unwrap();
+        assert_eq!(s.memory_mode, MemoryMode::MemFDs);
+        let s = send(
+            r#"{"destination_url":"tcp:h:1","downtime_ms":50,"timeout_s":9,"timeout_strategy":"Ignore","connections":128,"memory_mode":"Postcopy","local":false}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                s.downtime_ms,
+                s.timeout_s,
+                s.timeout_strategy,
+                s.connections,
+                s.memory_mode
+            ),
+            (50, 9, TimeoutStrategy::Ignore, 128, MemoryMode::Postcopy)
+        );
+    }
+
+    #[test]
+    fn send_errors_name_the_value() {
+        for (j, needle) in [
+            (r#"{}"#, "destination_url"),
+            (
+                r#"{"destination_url":"tcp:h:1","connections":0}"#,
+                "connections=0",
+            ),
+            (
+                r#"{"destination_url":"tcp:h:1","connections":129}"#,
+                "connections=129",
+            ),
+            (
+                r#"{"destination_url":"tcp:h:1","downtime_ms":0}"#,
+                "downtime_ms=0",
+            ),
+            (
+                r#"{"destination_url":"tcp:h:1","timeout_s":0}"#,
+                "timeout_s=0",
+            ),
+            (
+                r#"{"destination_url":"tcp:h:1","timeout_strategy":"Later"}"#,
+                "Later",
+            ),
+            (
+                r#"{"destination_url":"tcp:h:1","memory_mode":"Fast"}"#,
+                "Fast",
+            ),
+            (r#"{"destination_url":"tcp:h:1","tls_dir":"/x"}"#, "tls_dir"),
+            (r#"{"destination_url":"tcp:h:1","local":true}"#, "unix:"),
+            (
+                r#"{"destination_url":"unix:/s","local":true,"memory_mode":"Precopy"}"#,
+                "Precopy",
+            ),
+            (
+                r#"{"destination_url":"unix:/s","connections":4}"#,
+                "connections=4",
+            ),
+            (r#"{"destination_url":"ftp://x"}"#, "ftp://x"),
+            (r#"{"destination_url":"tcp:h:1","connections":-1}"#, "-1"),
+        ] {
+            let e = send(j).unwrap_err();
+            assert!(e.contains(needle), "{j}: {e}");
+        }
+    }
+
+    #[test]
+    fn receive() {
+        let r = parse_receive_migration(br#"{"receiver_url":"tcp:0.0.0.0:6000"}"#).unwrap();
+        assert_eq!(r.receiver_url, "tcp:0.0.0.0:6000");
+        for (j, needle) in [
+            ("{}", "receiver_url"),
+            (r#"{"receiver_url":"x"}"#, "\"x\""),
+            (r#"{"receiver_url":"unix:/s","extra":1}"#, "extra"),
+            ("not json", "JSON"),
+        ] {
+            let e = parse_receive_migration(j.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{j}: {e}");
+        }
+    }
+}

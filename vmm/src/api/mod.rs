@@ -1,0 +1,205 @@
+//! The REST API: cloud-hypervisor's HTTP/1.1-on-a-UNIX-socket API under `/api/v1/`,
+//! plus Ferry's migration extensions. `docs/api/ferry.yaml` documents it.
+//!
+//! Layers, each usable alone:
+//! - [`http`]: a pure request parser ([`http::parse_request`]) and response writer;
+//! - [`routes`]: the route table ([`routes::ROUTES`]) every request is matched against;
+//! - [`handle`]: one parsed request -> one response, acting on a [`Vmm`];
+//! - [`server`]: the socket, one thread per connection;
+//! - [`state`]: the VM lifecycle behind a briefly held mutex ([`Vmm`]);
+//! - [`migration`]: migration request bodies and the [`MigrationHandler`] seam;
+//! - [`client`]: the client side, used by `ferry-remote` and the tests.
+
+pub mod client;
+pub mod http;
+pub mod migration;
+pub mod routes;
+pub mod server;
+pub mod state;
+
+use std::sync::Arc;
+
+pub use migration::{MigrationHandler, NotImplemented};
+pub use server::{ApiServer, ServerError};
+pub use state::{Counters, Operation, Vm, VmInfo, VmState, Vmm, VmmPing};
+
+use crate::config::VmConfig;
+use http::{Request, Response};
+use routes::{Body, Endpoint, API_PREFIX};
+
+/// Why an API request failed; [`ApiError::status`] is its status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request (its body) is wrong.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no VM has been created (PUT {API_PREFIX}vm.create first)")]
+    NoVm,
+    /// Something named is absent (e.g. no migration to report on).
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{action} is not possible while the VM is {state}")]
+    WrongState {
+        action: &'static str,
+        state: VmState,
+    },
+    #[error("{action} is not possible while {busy} is in progress")]
+    Busy {
+        action: &'static str,
+        busy: &'static str,
+    },
+    #[error("{action}: a VM already exists (state {state}); delete it first")]
+    VmExists {
+        action: &'static str,
+        state: VmState,
+    },
+    #[error("{action} failed: {reason}")]
+    Failed {
+        action: &'static str,
+        reason: String,
+    },
+    #[error("{0}: live migration is not implemented yet")]
+    MigrationNotImplemented(&'static str),
+}
+
+impl ApiError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::BadRequest(_) => 400,
+            ApiError::NoVm | ApiError::NotFound(_) => 404,
+            ApiError::WrongState { .. } | ApiError::Busy { .. } | ApiError::VmExists { .. } => 405,
+            ApiError::Failed { .. } | ApiError::MigrationNotImplemented(_) => 500,
+        }
+    }
+}
+
+/// One line: an error and its causes (each cause once).
+pub fn describe(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let cs = c.to_string();
+        if !s.contains(&cs) {
+            s.push_str(": ");
+            s.push_str(&cs);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Parses and checks a `vm.create` body.
+pub fn parse_vm_config(body: &[u8]) -> Result<VmConfig, ApiError> {
+    let mut config: VmConfig = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("vm.create: invalid VmConfig JSON: {e}")))?;
+    if config.payload.kernel.is_none() {
+        return Err(ApiError::BadRequest(
+            "vm.create: payload.kernel is required (Ferry boots a kernel directly)".into(),
+        ));
+    }
+    config
+        .validate()
+        .map_err(|e| ApiError::BadRequest(format!("vm.create: {e}")))?;
+    Ok(config)
+}
+
+/// What to do with a request's answer.
+#[derive(Debug)]
+pub struct Handled {
+    pub response: Response,
+    /// End the VMM with this status once the response is sent (`vmm.shutdown`).
+    pub exit: Option<i32>,
+}
+
+fn answer(r: Result<Response, ApiError>) -> Response {
+    r.unwrap_or_else(|e| Response::error(e.status(), e))
+}
+
+fn done(r: Result<(), ApiError>) -> Response {
+    answer(r.map(|()| Response::no_content()))
+}
+
+/// Answers one request. Long operations (boot, reboot, migrations) run on the calling
+/// thread without holding the VM lock.
+pub fn handle(vmm: &Arc<Vmm>, req: &Request) -> Handled {
+    let route = match routes::route(&req.method, &req.path) {
+        Ok(r) => r,
+        Err(e) => {
+            let mut resp = Response::error(e.status(), &e);
+            if let routes::RouteError::MethodNotAllowed { allowed, .. } = e {
+                resp.allow = Some(allowed);
+            }
+            return Handled {
+                response: resp,
+                exit: None,
+            };
+        }
+    };
+    let body_error = match (route.body, req.body.is_empty()) {
+        (Body::None, false) => Some(format!(
+            "{} takes no request body ({} bytes sent)",
+            route.name,
+            req.body.len()
+        )),
+        (Body::Json, true) => Some(format!("{} needs a JSON request body", route.name)),
+        _ => None,
+    };
+    if let Some(msg) = body_error {
+        return Handled {
+            response: Response::error(400, msg),
+            exit: None,
+        };
+    }
+    let mut exit = None;
+    let response = match route.endpoint {
+        Endpoint::VmmPing => Response::json(&vmm.ping()),
+        Endpoint::VmmShutdown => {
+            vmm.shutdown_vmm();
+            exit = Some(0);
+            Response::no_content()
+        }
+        Endpoint::VmCreate => done(parse_vm_config(&req.body).and_then(|c| vmm.create(c))),
+        Endpoint::VmBoot => done(vmm.boot()),
+        Endpoint::VmPause => done(vmm.pause()),
+        Endpoint::VmResume => done(vmm.resume()),
+        Endpoint::VmShutdown => done(vmm.shutdown()),
+        Endpoint::VmReboot => done(vmm.reboot()),
+        Endpoint::VmDelete => done(vmm.delete()),
+        Endpoint::VmInfo => answer(vmm.info().map(|i| Response::json(&i))),
+        Endpoint::VmCounters => answer(vmm.counters().map(|c| Response::json(&c))),
+        Endpoint::VmSendMigration => done(send_migration(vmm, &req.body)),
+        Endpoint::VmReceiveMigration => done(receive_migration(vmm, &req.body)),
+        Endpoint::VmMigrationInfo => answer(vmm.migration().info(vmm).map(|v| Response::json(&v))),
+        Endpoint::VmCancelMigration => done(vmm.migration().cancel(vmm)),
+    };
+    Handled { response, exit }
+}
+
+fn send_migration(vmm: &Arc<Vmm>, body: &[u8]) -> Result<(), ApiError> {
+    const ACTION: &str = "vm.send-migration";
+    let request = migration::parse_send_migration(body)?;
+    let _op = vmm.begin(ACTION, |vm| {
+        let vm = vm.ok_or(ApiError::NoVm)?;
+        match vm.state() {
+            VmState::Running | VmState::Paused => Ok(()),
+            state => Err(ApiError::WrongState {
+                action: ACTION,
+                state,
+            }),
+        }
+    })?;
+    vmm.migration().send(vmm, request)
+}
+
+fn receive_migration(vmm: &Arc<Vmm>, body: &[u8]) -> Result<(), ApiError> {
+    const ACTION: &str = "vm.receive-migration";
+    let request = migration::parse_receive_migration(body)?;
+    let _op = vmm.begin(ACTION, |vm| match vm {
+        Some(vm) => Err(ApiError::VmExists {
+            action: ACTION,
+            state: vm.state(),
+        }),
+        None => Ok(()),
+    })?;
+    vmm.migration().receive(vmm, request)
+}

@@ -1,0 +1,340 @@
+//! `ferry-remote`: drives a running `ferry` through its API socket, as `ch-remote` drives
+//! cloud-hypervisor. Prints JSON answers on stdout; on failure prints the server's error
+//! message on stderr and exits with status 1 (2 for usage errors).
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Map, Value};
+use vmm::api::client::{Client, Reply};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferry-remote",
+    version,
+    about = "Control a running ferry through its API socket"
+)]
+struct Cli {
+    /// The API socket of the ferry process (its --api-socket).
+    #[arg(long = "api-socket", value_name = "PATH")]
+    api_socket: PathBuf,
+    /// Give up on an answer after this many seconds (default: wait as long as it takes).
+    #[arg(long = "request-timeout-s", value_name = "N")]
+    request_timeout_s: Option<u64>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check that the VMM answers (version, pid, features).
+    Ping,
+    /// VM config and state.
+    Info,
+    /// VM counters (serial, vCPU exits, dirty tracking).
+    Counters,
+    /// Create the VM from a JSON VmConfig file ('-' for stdin).
+    Create { config: PathBuf },
+    /// Boot the created (or shut down) VM.
+    Boot,
+    /// Pause the running VM.
+    Pause,
+    /// Resume the paused VM.
+    Resume,
+    /// Shut the VM down (it can be booted again).
+    Shutdown,
+    /// Reboot the VM.
+    Reboot,
+    /// Delete the VM.
+    Delete,
+    /// End the ferry process.
+    ShutdownVmm,
+    /// Live-migrate the VM to a ferry waiting in receive-migration.
+    SendMigration {
+        /// tcp:HOST:PORT or unix:/path.
+        destination_url: String,
+        /// Longest pause of the guest to aim for.
+        #[arg(long = "downtime-ms", value_name = "N")]
+        downtime_ms: Option<u64>,
+        /// Longest total duration.
+        #[arg(long = "timeout-s", value_name = "N")]
+        timeout_s: Option<u64>,
+        /// What to do at the timeout: Cancel or Ignore (the downtime target).
+        #[arg(long = "timeout-strategy", value_name = "STRATEGY")]
+        timeout_strategy: Option<String>,
+        /// Parallel connections (1 to 128, tcp: only).
+        #[arg(long, value_name = "N")]
+        connections: Option<u64>,
+        /// Memory mode: Precopy, MemFDs or Postcopy.
+        #[arg(long = "memory-mode", value_name = "MODE")]
+        memory_mode: Option<String>,
+        /// Same-host migration passing memory file descriptors (memory mode MemFDs).
+        #[arg(long)]
+        local: bool,
+    },
+    /// Wait for a migrated VM on URL (tcp:HOST:PORT or unix:/path).
+    ReceiveMigration { receiver_url: String },
+    /// Progress of the running or last migration.
+    MigrationInfo,
+    /// Cancel the running migration.
+    CancelMigration,
+}
+
+/// The request a command makes: method, endpoint, body.
+fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u8>>), String> {
+    Ok(match cmd {
+        Command::Ping => ("GET", "vmm.ping", None),
+        Command::Info => ("GET", "vm.info", None),
+        Command::Counters => ("GET", "vm.counters", None),
+        Command::Create { config } => {
+            let mut body = Vec::new();
+            let read = if config.as_os_str() == "-" {
+                std::io::stdin().read_to_end(&mut body)
+            } else {
+                std::fs::File::open(config).and_then(|mut f| f.read_to_end(&mut body))
+            };
+            read.map_err(|e| format!("cannot read {}: {e}", config.display()))?;
+            ("PUT", "vm.create", Some(body))
+        }
+        Command::Boot => ("PUT", "vm.boot", None),
+        Command::Pause => ("PUT", "vm.pause", None),
+        Command::Resume => ("PUT", "vm.resume", None),
+        Command::Shutdown => ("PUT", "vm.shutdown", None),
+        Command::Reboot => ("PUT", "vm.reboot", None),
+        Command::Delete => ("PUT", "vm.delete", None),
+        Command::ShutdownVmm => ("PUT", "vmm.shutdown", None),
+        Command::SendMigration {
+            destination_url,
+            downtime_ms,
+            timeout_s,
+            timeout_strategy,
+            connections,
+            memory_mode,
+            local,
+        } => {
+            // Only what was given: the server fills in its defaults.
+            let mut b = Map::new();
+            b.insert("destination_url".into(), json!(destination_url));
+            if let Some(v) = downtime_ms {
+                b.insert("downtime_ms".into(), json!(v));
+            }
+            if let Some(v) = timeout_s {
+                b.insert("timeout_s".into(), json!(v));
+            }
+            if let Some(v) = timeout_strategy {
+                b.insert("timeout_strategy".into(), json!(v));
+            }
+            if let Some(v) = connections {
+                b.insert("connections".into(), json!(v));
+            }
+            if let Some(v) = memory_mode {
+                b.insert("memory_mode".into(), json!(v));
+            }
+            if *local {
+                b.insert("local".into(), json!(true));
+            }
+            let body = serde_json::to_vec(&Value::Object(b)).map_err(|e| e.to_string())?;
+            ("PUT", "vm.send-migration", Some(body))
+        }
+        Command::ReceiveMigration { receiver_url } => {
+            let body = serde_json::to_vec(&json!({ "receiver_url": receiver_url }))
+                .map_err(|e| e.to_string())?;
+            ("PUT", "vm.receive-migration", Some(body))
+        }
+        Command::MigrationInfo => ("GET", "vm.migration-info", None),
+        Command::CancelMigration => ("PUT", "vm.cancel-migration", None),
+    })
+}
+
+/// Formats a byte count with a binary unit.
+fn bytes(n: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}
+
+/// One progress line from a `vm.migration-info` answer; None when it has nothing known.
+///
+/// Reads `state`, `iteration`, `transferred_bytes`, `remaining_bytes` and
+/// `rate_bytes_per_s` (the names `docs/api/ferry.yaml` gives `MigrationInfo`).
+fn progress_line(info: &Value) -> Option<String> {
+    let num = |k: &str| info.get(k).and_then(Value::as_f64);
+    let mut parts = Vec::new();
+    if let Some(s) = info.get("state").and_then(Value::as_str) {
+        parts.push(s.to_string());
+    }
+    if let Some(i) = num("iteration") {
+        parts.push(format!("iteration {i}"));
+    }
+    if let Some(t) = num("transferred_bytes") {
+        parts.push(format!("sent {}", bytes(t)));
+    }
+    if let Some(r) = num("remaining_bytes") {
+        parts.push(format!("remaining {}", bytes(r)));
+    }
+    if let Some(r) = num("rate_bytes_per_s") {
+        parts.push(format!("{}/s", bytes(r)));
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// Shows migration progress on stderr until `done` is set.
+fn show_progress(client: Client, done: Arc<AtomicBool>) {
+    let mut shown = false;
+    while !done.load(Ordering::SeqCst) {
+        if let Ok(r) = client.get("vm.migration-info") {
+            if let Some(line) = r
+                .is_success()
+                .then(|| r.json().ok())
+                .flatten()
+                .as_ref()
+                .and_then(progress_line)
+            {
+                let mut e = std::io::stderr().lock();
+                let _ = write!(e, "\r\x1b[2K{line}");
+                let _ = e.flush();
+                shown = true;
+            }
+        }
+        for _ in 0..5 {
+            if done.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    if shown {
+        eprintln!();
+    }
+}
+
+fn print_reply(reply: &Reply) {
+    if reply.body.is_empty() {
+        return;
+    }
+    match reply.json() {
+        Ok(v) => println!(
+            "{}",
+            serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
+        ),
+        Err(_) => println!("{}", String::from_utf8_lossy(&reply.body)),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (method, endpoint, body) = match request_of(&cli.command) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ferry-remote: error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let client = Client::new(
+        &cli.api_socket,
+        cli.request_timeout_s.map(Duration::from_secs),
+    );
+    let done = Arc::new(AtomicBool::new(false));
+    let progress =
+        (endpoint == "vm.send-migration" && std::io::stderr().is_terminal()).then(|| {
+            let (c, d) = (
+                Client::new(&cli.api_socket, Some(Duration::from_secs(5))),
+                done.clone(),
+            );
+            std::thread::spawn(move || show_progress(c, d))
+        });
+    let result = client.request(method, endpoint, body.as_deref());
+    done.store(true, Ordering::SeqCst);
+    if let Some(p) = progress {
+        let _ = p.join();
+    }
+    match result {
+        Ok(reply) if reply.is_success() => {
+            print_reply(&reply);
+            ExitCode::SUCCESS
+        }
+        Ok(reply) => {
+            eprintln!(
+                "ferry-remote: error: {} (HTTP {})",
+                reply.error_message(),
+                reply.status
+            );
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("ferry-remote: error: {}", vmm::api::describe(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body_of(args: &[&str]) -> Value {
+        let mut all = vec!["ferry-remote", "--api-socket", "/s"];
+        all.extend(args);
+        let cli = Cli::try_parse_from(all).unwrap();
+        let (_, _, body) = request_of(&cli.command).unwrap();
+        serde_json::from_slice(&body.unwrap()).unwrap()
+    }
+
+    #[test]
+    fn send_migration_sends_only_what_was_given() {
+        assert_eq!(
+            body_of(&["send-migration", "tcp:h:1"]),
+            json!({"destination_url": "tcp:h:1"})
+        );
+        assert_eq!(
+            body_of(&[
+                "send-migration",
+                "unix:/m",
+                "--downtime-ms",
+                "50",
+                "--timeout-s",
+                "9",
+                "--connections",
+                "1",
+                "--timeout-strategy",
+                "Ignore",
+                "--memory-mode",
+                "MemFDs",
+                "--local",
+            ]),
+            json!({"destination_url": "unix:/m", "downtime_ms": 50, "timeout_s": 9,
+                   "connections": 1, "timeout_strategy": "Ignore", "memory_mode": "MemFDs",
+                   "local": true})
+        );
+        assert_eq!(
+            body_of(&["receive-migration", "tcp:0.0.0.0:6000"]),
+            json!({"receiver_url": "tcp:0.0.0.0:6000"})
+        );
+        assert!(Cli::try_parse_from(["ferry-remote", "ping"]).is_err());
+        assert!(
+            Cli::try_parse_from(["ferry-remote", "--api-socket", "/s", "send-migration"]).is_err()
+        );
+    }
+
+    #[test]
+    fn progress_lines() {
+        let line = progress_line(&json!({"state": "Precopy", "iteration": 3,
+            "transferred_bytes": 3u64 << 30, "remaining_bytes": 1536, "rate_bytes_per_s": 1048576}))
+        .unwrap();
+        assert_eq!(
+            line,
+            "Precopy, iteration 3, sent 3.0 GiB, remaining 1.5 KiB, 1.0 MiB/s"
+        );
+        assert_eq!(progress_line(&json!({"unrelated": 1})), None);
+    }
+}

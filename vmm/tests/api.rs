@@ -1,0 +1,728 @@
+//! Every endpoint's success and failure codes against a real `ferry --api-socket`
+//! process, through HTTP on its socket; and `ferry-remote` against the same.
+
+mod api_util;
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use api_util::{code, tiny_pvh_elf, ApiFerry, TempDir};
+use serde_json::{json, Value};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn body(v: &Value) -> Vec<u8> {
+    v.to_string().into_bytes()
+}
+
+#[test]
+fn without_a_vm() {
+    let f = ApiFerry::start(&[]);
+    let ping = f.get("vmm.ping", 200).json().unwrap();
+    assert_eq!(
+        ping["pid"].as_u64(),
+        Some(u64::from(f.ferry.as_ref().unwrap().child.id()))
+    );
+    assert_eq!(ping["version"].as_str(), Some(env!("CARGO_PKG_VERSION")));
+    assert!(ping["build_version"].is_string());
+    assert!(ping["features"].is_array());
+
+    assert!(f.error("GET", "vm.info", None, 404).contains("vm.create"));
+    f.get("vm.counters", 404);
+    for action in [
+        "vm.boot",
+        "vm.pause",
+        "vm.resume",
+        "vm.shutdown",
+        "vm.reboot",
+        "vm.delete",
+    ] {
+        let msg = f.error("PUT", action, None, 404);
+        assert!(msg.contains("no VM"), "{action}: {msg}");
+    }
+    let send = json!({"destination_url": "tcp:127.0.0.1:6000"});
+    f.put_json("vm.send-migration", &send, 404);
+    // No VM is what receiving needs: the body is valid, the engine is missing.
+    let msg = f.error(
+        "PUT",
+        "vm.receive-migration",
+        Some(&body(&json!({"receiver_url": "unix:/tmp/x.sock"}))),
+        500,
+    );
+    assert!(msg.contains("not implemented"), "{msg}");
+    assert!(f
+        .error("GET", "vm.migration-info", None, 500)
+        .contains("not implemented"));
+    assert!(f
+        .error("PUT", "vm.cancel-migration", None, 500)
+        .contains("not implemented"));
+}
+
+#[test]
+fn create_checks_the_config() {
+    let f = ApiFerry::start(&[]);
+    let elf = common::guest_elf();
+    let good = f.idle_guest_config();
+    let mut cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"{".to_vec(), "JSON"),
+        (b"[]".to_vec(), "invalid"),
+        (b"{}".to_vec(), "payload"),
+        (body(&json!({"payload": {}})), "kernel"),
+        (
+            body(&json!({"payload": {"kernel": elf, "firmware": "/fw"}})),
+            "firmware",
+        ),
+        (
+            body(&json!({"payload": {"kernel": elf}, "disks": []})),
+            "disks",
+        ),
+        (
+            body(&json!({"payload": {"kernel": elf}, "cpus": {"boot_vcpus": 0}})),
+            "boot_vcpus=0",
+        ),
+        (
+            body(&json!({"payload": {"kernel": elf}, "cpus": {"boot_vcpus": 2, "max_vcpus": 1}})),
+            "max_vcpus=1",
+        ),
+        (
+            body(&json!({"payload": {"kernel": elf}, "cpus": {"boot_vcpus": 999}})),
+            "999",
+        ),
+        (
+            body(&json!({"payload": {"kernel": elf}, "memory": {"size": 4095}})),
+            "4095",
+        ),
+        (
+            body(
+                &json!({"payload": {"kernel": elf}, "memory": {"size": 1 << 30, "mergeable": true}}),
+            ),
+            "mergeable",
+        ),
+        (
+            body(&json!({"payload": {"kernel": elf}, "serial": {"mode": "Pty"}})),
+            "Pty",
+        ),
+        (
+            body(&json!({"payload": {"kernel": elf}, "serial": {"mode": "File"}})),
+            "file",
+        ),
+        (
+            body(&json!({"payload": {"kernel": elf}, "iommu": "yes"})),
+            "yes",
+        ),
+    ];
+    for (b, needle) in cases.drain(..) {
+        let msg = f.error("PUT", "vm.create", Some(&b), 400);
+        assert!(
+            msg.contains(needle),
+            "{}: {msg:?} does not name {needle:?}",
+            String::from_utf8_lossy(&b)
+        );
+    }
+    assert!(f
+        .error("PUT", "vm.create", None, 400)
+        .contains("JSON request body"));
+    f.get("vm.info", 404);
+
+    f.put_json("vm.create", &good, 204);
+    let info = f.get("vm.info", 200).json().unwrap();
+    assert_eq!(info["state"], "Created");
+    assert_eq!(info["config"]["payload"]["cmdline"], "workload=idle");
+    assert_eq!(info["config"]["cpus"]["max_vcpus"], 1);
+    assert_eq!(info["memory_actual_size"], 256u64 << 20);
+    let msg = f.error("PUT", "vm.create", Some(&body(&good)), 405);
+    assert!(msg.contains("already exists"), "{msg}");
+
+    // Created: only boot and delete make sense.
+    for action in ["vm.pause", "vm.resume", "vm.shutdown", "vm.reboot"] {
+        let msg = f.error("PUT", action, None, 405);
+        assert!(msg.contains("Created"), "{action}: {msg}");
+    }
+    f.get("vm.counters", 405);
+    f.put_json(
+        "vm.send-migration",
+        &json!({"destination_url": "tcp:127.0.0.1:6000"}),
+        405,
+    );
+    f.put_json(
+        "vm.receive-migration",
+        &json!({"receiver_url": "tcp:0.0.0.0:6000"}),
+        405,
+    );
+    f.put("vm.delete", 204);
+    f.get("vm.info", 404);
+    f.put("vm.delete", 404);
+}
+
+#[test]
+fn lifecycle_of_the_test_guest() {
+    let mut f = ApiFerry::start(&[]);
+    f.put_json("vm.create", &f.idle_guest_config(), 204);
+    f.put("vm.boot", 204);
+    assert_eq!(f.state(), "Running");
+    f.wait_serial("guest: ready", 1, BOOT_TIMEOUT);
+
+    let c = f.counters();
+    assert!(c["serial"]["out_bytes"].as_u64().unwrap() > 0, "{c}");
+    assert!(c["vcpu_exits"]["io_out"].as_u64().unwrap() > 0, "{c}");
+    for k in [
+        "ring_harvests",
+        "ring_full_exits",
+        "ring_overflows",
+        "bitmap_reads",
+    ] {
+        assert!(c["dirty_tracking"][k].is_u64(), "{k} missing: {c}");
+    }
+
+    assert!(f.error("PUT", "vm.boot", None, 405).contains("Running"));
+    f.put("vm.resume", 405);
+    // Pausing kicks the vCPU out of KVM_RUN: one more "interrupted" exit.
+    let kicks = |f: &ApiFerry| f.counters()["vcpu_exits"]["interrupted"].as_u64().unwrap();
+    let before = kicks(&f);
+    f.put("vm.pause", 204);
+    assert_eq!(f.state(), "Paused");
+    let paused = kicks(&f);
+    assert!(paused > before, "{paused} <= {before}");
+    assert!(f.error("PUT", "vm.pause", None, 405).contains("Paused"));
+    f.put("vm.boot", 405);
+    assert_eq!(kicks(&f), paused, "a refused pause/boot kicks nobody");
+    f.put("vm.resume", 204);
+    assert_eq!(f.state(), "Running");
+
+    f.put("vm.reboot", 204);
+    assert_eq!(f.state(), "Running");
+    f.wait_serial("guest: ready", 2, BOOT_TIMEOUT);
+
+    f.put("vm.shutdown", 204);
+    assert_eq!(f.state(), "Shutdown");
+    let c = f.counters();
+    assert!(
+        c["serial"]["out_bytes"].as_u64().unwrap() > 0,
+        "counters survive: {c}"
+    );
+    for action in ["vm.shutdown", "vm.pause", "vm.resume", "vm.reboot"] {
+        let msg = f.error("PUT", action, None, 405);
+        assert!(msg.contains("Shutdown"), "{action}: {msg}");
+    }
+    f.put("vm.boot", 204);
+    f.wait_serial("guest: ready", 3, BOOT_TIMEOUT);
+    f.put("vm.pause", 204);
+    f.put("vm.shutdown", 204);
+    f.put("vm.boot", 204);
+    f.put("vm.delete", 204);
+    f.get("vm.info", 404);
+
+    // A body where none belongs is refused, the action not taken.
+    f.put_json("vm.create", &f.idle_guest_config(), 204);
+    let msg = f.error("PUT", "vm.boot", Some(b"{}"), 400);
+    assert!(msg.contains("takes no request body"), "{msg}");
+    assert_eq!(f.state(), "Created");
+
+    f.put("vmm.shutdown", 204);
+    let (code, out) = f.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!f.sock.exists(), "the socket is removed at exit");
+}
+
+#[test]
+fn boot_failure_answers_500_and_keeps_the_vm() {
+    let f = ApiFerry::start(&[]);
+    let missing = f.dir.0.join("no-such-kernel");
+    f.put_json("vm.create", &f.config(&missing, ""), 204);
+    let msg = f.error("PUT", "vm.boot", None, 500);
+    assert!(msg.contains(missing.to_str().unwrap()), "{msg}");
+    assert_eq!(f.state(), "Created");
+    // Still serving, and the VM can be replaced.
+    f.put("vm.delete", 204);
+    f.put_json("vm.create", &f.idle_guest_config(), 204);
+    f.put("vm.boot", 204);
+    assert_eq!(f.state(), "Running");
+}
+
+#[test]
+fn migration_requests_are_checked_then_refused() {
+    let f = ApiFerry::start(&[]);
+    f.put_json("vm.create", &f.idle_guest_config(), 204);
+    f.put("vm.boot", 204);
+    for (b, needle) in [
+        (json!({}), "destination_url"),
+        (
+            json!({"destination_url": "tcp:h:1", "connections": 0}),
+            "connections=0",
+        ),
+        (
+            json!({"destination_url": "tcp:h:1", "connections": 129}),
+            "connections=129",
+        ),
+        (
+            json!({"destination_url": "tcp:h:1", "downtime_ms": 0}),
+            "downtime_ms=0",
+        ),
+        (
+            json!({"destination_url": "tcp:h:1", "timeout_s": 0}),
+            "timeout_s=0",
+        ),
+        (
+            json!({"destination_url": "tcp:h:1", "timeout_strategy": "Maybe"}),
+            "Maybe",
+        ),
+        (
+            json!({"destination_url": "tcp:h:1", "memory_mode": "Teleport"}),
+            "Teleport",
+        ),
+        (
+            json!({"destination_url": "tcp:h:1", "tls_dir": "/etc"}),
+            "tls_dir",
+        ),
+        (
+            json!({"destination_url": "tcp:h:1", "local": true}),
+            "unix:",
+        ),
+        (
+            json!({"destination_url": "unix:/s", "connections": 2}),
+            "connections=2",
+        ),
+        (
+            json!({"destination_url": "carrier-pigeon"}),
+            "carrier-pigeon",
+        ),
+    ] {
+        let msg = f.error("PUT", "vm.send-migration", Some(&body(&b)), 400);
+        assert!(msg.contains(needle), "{b}: {msg}");
+    }
+    assert!(f
+        .error("PUT", "vm.send-migration", None, 400)
+        .contains("JSON request body"));
+    for b in [
+        json!({"destination_url": "tcp:127.0.0.1:6000"}),
+        json!({"destination_url": "tcp:[::1]:6000", "downtime_ms": 50, "timeout_s": 10,
+               "timeout_strategy": "Ignore", "connections": 128, "memory_mode": "Precopy"}),
+        json!({"destination_url": "unix:/tmp/m.sock", "local": true}),
+        json!({"destination_url": "unix:/tmp/m.sock", "memory_mode": "MemFDs"}),
+    ] {
+        let msg = f.error("PUT", "vm.send-migration", Some(&body(&b)), 500);
+        assert!(msg.contains("not implemented"), "{b}: {msg}");
+    }
+    // The refused migration left the VM as it was.
+    assert_eq!(f.state(), "Running");
+    f.put("vm.pause", 204);
+    f.put_json(
+        "vm.send-migration",
+        &json!({"destination_url": "unix:/m"}),
+        500,
+    );
+
+    for (b, needle) in [
+        (json!({}), "receiver_url"),
+        (json!({"receiver_url": "tcp:nohost"}), "tcp:nohost"),
+        (
+            json!({"receiver_url": "unix:/s", "zone_updates": []}),
+            "zone_updates",
+        ),
+    ] {
+        let msg = f.error("PUT", "vm.receive-migration", Some(&body(&b)), 400);
+        assert!(msg.contains(needle), "{b}: {msg}");
+    }
+    let msg = f.error(
+        "PUT",
+        "vm.receive-migration",
+        Some(&body(&json!({"receiver_url": "tcp:0.0.0.0:6000"}))),
+        405,
+    );
+    assert!(msg.contains("already exists"), "{msg}");
+    f.get("vm.migration-info", 500);
+    f.put("vm.cancel-migration", 500);
+    assert!(f
+        .error("PUT", "vm.cancel-migration", Some(b"{}"), 400)
+        .contains("no request body"));
+}
+
+#[test]
+fn guest_power_off_and_reset_leave_the_vm_shut_down() {
+    let f = ApiFerry::start(&[]);
+    for (name, code) in [("poweroff", code::POWER_OFF), ("reset", code::RESET)] {
+        let elf = tiny_pvh_elf(&f.dir.0, name, code);
+        f.put_json("vm.create", &f.config(&elf, ""), 204);
+        f.put("vm.boot", 204);
+        let end = Instant::now() + BOOT_TIMEOUT;
+        while f.state() != "Shutdown" {
+            assert!(Instant::now() < end, "{name}: the VM never shut down");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The VMM lives on, and the VM can boot again.
+        let c = f.counters();
+        assert!(
+            c["vcpu_exits"]["io_out"].as_u64().unwrap() >= 1,
+            "{name}: {c}"
+        );
+        f.put("vm.boot", 204);
+        f.put("vm.delete", 204);
+    }
+    f.get("vmm.ping", 200);
+}
+
+#[test]
+fn guest_debug_exit_ends_the_process_with_its_status() {
+    let mut f = ApiFerry::start(&[]);
+    let elf = tiny_pvh_elf(&f.dir.0, "exit7", &code::debug_exit(7));
+    f.put_json("vm.create", &f.config(&elf, ""), 204);
+    f.put("vm.boot", 204);
+    let (code, out) = f.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(7), "{out}");
+    assert!(!f.sock.exists(), "the socket is removed at exit");
+
+    // The test guest's own failure status (a refused argument) too.
+    let mut f = ApiFerry::start(&[]);
+    f.put_json(
+        "vm.create",
+        &f.config(&common::guest_elf(), "workload=idle passes=many"),
+        204,
+    );
+    f.put("vm.boot", 204);
+    let (code, out) = f.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(f.serial().contains("passes"), "{}", f.serial());
+}
+
+#[test]
+fn kernel_flag_boots_at_start_and_the_api_serves_it() {
+    let dir = TempDir::new("flags");
+    let serial = dir.0.join("serial.log");
+    let elf = common::guest_elf();
+    let f = ApiFerry::start(&[
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--cmdline",
+        "workload=idle",
+        "--memory",
+        "size=256M",
+        "--serial",
+        &format!("file={}", serial.display()),
+    ]);
+    assert_eq!(f.state(), "Running");
+    let info = f.get("vm.info", 200).json().unwrap();
+    assert_eq!(info["config"]["payload"]["kernel"], elf.to_str().unwrap());
+    f.put("vm.pause", 204);
+    f.put("vm.resume", 204);
+    f.put_json("vm.create", &f.idle_guest_config(), 405);
+}
+
+#[test]
+fn socket_in_use_and_stale_socket() {
+    let f = ApiFerry::start(&[]);
+    // A second ferry on a live socket refuses to start.
+    let out = Command::new(common::ferry_bin())
+        .args(["--api-socket", f.sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another process") && err.contains(f.sock.to_str().unwrap()),
+        "{err}"
+    );
+    f.get("vmm.ping", 200);
+
+    // A socket file nobody listens on is replaced.
+    let dir = TempDir::new("stale");
+    let stale = dir.0.join("api.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let mut g = common::Ferry::spawn(&["--api-socket", stale.to_str().unwrap()]);
+    g.expect_line("API server listening", Duration::from_secs(10));
+    let c = vmm::api::client::Client::new(&stale, Some(Duration::from_secs(5)));
+    assert_eq!(c.get("vmm.ping").unwrap().status, 200);
+
+    // A regular file is not replaced.
+    let plain = dir.0.join("plain");
+    std::fs::write(&plain, b"keep me").unwrap();
+    let out = Command::new(common::ferry_bin())
+        .args(["--api-socket", plain.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+    assert_eq!(std::fs::read(&plain).unwrap(), b"keep me");
+}
+
+#[test]
+fn a_long_request_does_not_block_others() {
+    let f = ApiFerry::start(&[]);
+    f.put_json("vm.create", &f.idle_guest_config(), 204);
+    f.put("vm.boot", 204);
+    // A request whose body is slow to come occupies its connection thread...
+    let mut slow = f.client.connect().unwrap();
+    use std::io::Write;
+    slow.write_all(b"PUT /api/v1/vm.send-migration HTTP/1.1\r\nContent-Length: 40\r\n\r\n{\"dest")
+        .unwrap();
+    // ...while others are answered at once.
+    let t = Instant::now();
+    for _ in 0..20 {
+        f.get("vm.info", 200);
+        f.get("vm.counters", 200);
+    }
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    drop(slow);
+    f.get("vmm.ping", 200);
+}
+
+// ---- ferry-remote ----
+
+fn remote(sock: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry-remote"))
+        .arg("--api-socket")
+        .arg(sock)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn ferry_remote_commands() {
+    let mut f = ApiFerry::start(&[]);
+    let s = f.sock.clone();
+    let ok = |args: &[&str]| {
+        let (code, out, err) = remote(&s, args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+        out
+    };
+    let fails = |args: &[&str], needle: &str| {
+        let (code, out, err) = remote(&s, args);
+        assert_eq!(code, 1, "{args:?}: {out} {err}");
+        let line = err.trim();
+        assert!(line.starts_with("ferry-remote: error: "), "{args:?}: {err}");
+        assert!(line.contains(needle), "{args:?}: {err} lacks {needle:?}");
+        assert_eq!(line.lines().count(), 1, "{err}");
+    };
+
+    let ping: Value = serde_json::from_str(&ok(&["ping"])).unwrap();
+    assert_eq!(ping["version"], env!("CARGO_PKG_VERSION"));
+    fails(
+        &["info"],
+        "no VM has been created (PUT /api/v1/vm.create first) (HTTP 404)",
+    );
+    fails(&["counters"], "HTTP 404");
+    fails(&["boot"], "no VM");
+
+    let cfg = f.dir.0.join("vm.json");
+    std::fs::write(&cfg, f.idle_guest_config().to_string()).unwrap();
+    let bad = f.dir.0.join("bad.json");
+    std::fs::write(&bad, r#"{"payload":{"kernel":"/k"},"net":[]}"#).unwrap();
+    fails(&["create", bad.to_str().unwrap()], "net");
+    fails(&["create", "/no/such/file.json"], "/no/such/file.json");
+    assert_eq!(ok(&["create", cfg.to_str().unwrap()]), "");
+    let info: Value = serde_json::from_str(&ok(&["info"])).unwrap();
+    assert_eq!(info["state"], "Created");
+    ok(&["boot"]);
+    f.wait_serial("guest: ready", 1, BOOT_TIMEOUT);
+    let counters: Value = serde_json::from_str(&ok(&["counters"])).unwrap();
+    assert!(counters["serial"]["out_bytes"].as_u64().unwrap() > 0);
+    ok(&["pause"]);
+    fails(&["pause"], "Paused");
+    ok(&["resume"]);
+    ok(&["reboot"]);
+    fails(
+        &["send-migration", "tcp:127.0.0.1:6000", "--connections", "0"],
+        "connections=0",
+    );
+    fails(
+        &["send-migration", "tcp:127.0.0.1:6000", "--local"],
+        "unix:",
+    );
+    fails(
+        &[
+            "send-migration",
+            "unix:/tmp/m.sock",
+            "--local",
+            "--downtime-ms",
+            "100",
+            "--timeout-s",
+            "60",
+        ],
+        "not implemented",
+    );
+    fails(&["receive-migration", "tcp:0.0.0.0:6000"], "already exists");
+    fails(&["migration-info"], "not implemented");
+    fails(&["cancel-migration"], "not implemented");
+    ok(&["shutdown"]);
+    let info: Value = serde_json::from_str(&ok(&["info"])).unwrap();
+    assert_eq!(info["state"], "Shutdown");
+    ok(&["delete"]);
+    fails(&["delete"], "no VM");
+
+    // Usage errors come from the argument parser (status 2).
+    let (code, _, err) = remote(&s, &["frobnicate"]);
+    assert_eq!(code, 2, "{err}");
+    ok(&["shutdown-vmm"]);
+    let (code, out) = f.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{out}");
+    fails(&["ping"], "cannot connect");
+}
+
+// ---- the migration seam: a long request does not block the others ----
+
+mod seam {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::{Duration, Instant};
+
+    use serde_json::{json, Value};
+    use vmm::api::client::Client;
+    use vmm::api::migration::{MigrationHandler, ReceiveMigration, SendMigration};
+    use vmm::api::{ApiError, ApiServer, VmState, Vmm};
+
+    use crate::api_util::{check_reply, TempDir};
+    use crate::common;
+
+    /// A receive that lasts until cancelled.
+    #[derive(Default)]
+    struct UntilCancelled {
+        receiving: AtomicBool,
+        cancelled: Mutex<bool>,
+        cv: Condvar,
+    }
+
+    impl MigrationHandler for UntilCancelled {
+        fn send(&self, _: &Arc<Vmm>, _: SendMigration) -> Result<(), ApiError> {
+            Err(ApiError::NotFound("no sending here".into()))
+        }
+
+        fn receive(&self, _: &Arc<Vmm>, r: ReceiveMigration) -> Result<(), ApiError> {
+            self.receiving.store(true, Ordering::SeqCst);
+            let mut c = self.cancelled.lock().unwrap();
+            let end = Instant::now() + Duration::from_secs(30);
+            while !*c && Instant::now() < end {
+                c = self
+                    .cv
+                    .wait_timeout(c, Duration::from_millis(100))
+                    .unwrap()
+                    .0;
+            }
+            self.receiving.store(false, Ordering::SeqCst);
+            Err(ApiError::Failed {
+                action: "vm.receive-migration",
+                reason: format!("cancelled while waiting on {}", r.receiver_url),
+            })
+        }
+
+        fn info(&self, _: &Arc<Vmm>) -> Result<Value, ApiError> {
+            Ok(
+                json!({"state": if self.receiving.load(Ordering::SeqCst) { "Receiving" } else { "Idle" }}),
+            )
+        }
+
+        fn cancel(&self, _: &Arc<Vmm>) -> Result<(), ApiError> {
+            *self.cancelled.lock().unwrap() = true;
+            self.cv.notify_all();
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_long_migration_does_not_block_info_counters_or_cancel() {
+        let dir = TempDir::new("seam");
+        let sock = dir.0.join("api.sock");
+        let vmm = Vmm::new(Box::new(UntilCancelled::default()));
+        let server = ApiServer::start(&sock, vmm.clone()).unwrap();
+        let client = Client::new(&sock, Some(Duration::from_secs(40)));
+        let call = |m: &str, ep: &str, body: Option<&str>, status: u16| {
+            let r = client.request(m, ep, body.map(str::as_bytes)).unwrap();
+            assert_eq!(r.status, status, "{m} {ep}: {}", r.error_message());
+            check_reply(m, ep, &r);
+            r
+        };
+
+        let c2 = client.clone();
+        let receiver = std::thread::spawn(move || {
+            c2.put(
+                "vm.receive-migration",
+                Some(br#"{"receiver_url":"tcp:127.0.0.1:1"}"#),
+            )
+            .unwrap()
+        });
+        let end = Instant::now() + Duration::from_secs(10);
+        while call("GET", "vm.migration-info", None, 200).json().unwrap()["state"] != "Receiving" {
+            assert!(Instant::now() < end, "the receive never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Everything else answers at once while the receive runs.
+        let t = Instant::now();
+        call("GET", "vmm.ping", None, 200);
+        call("GET", "vm.info", None, 404);
+        call("GET", "vm.counters", None, 404);
+        let cfg = r#"{"payload":{"kernel":"/k"}}"#;
+        let busy = call("PUT", "vm.create", Some(cfg), 405).error_message();
+        assert!(
+            busy.contains("vm.receive-migration is in progress"),
+            "{busy}"
+        );
+        let twice = r#"{"receiver_url":"unix:/x"}"#;
+        call("PUT", "vm.receive-migration", Some(twice), 405);
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(!receiver.is_finished());
+
+        call("PUT", "vm.cancel-migration", None, 204);
+        let r = receiver.join().unwrap();
+        assert_eq!(r.status, 500);
+        assert!(r
+            .error_message()
+            .contains("cancelled while waiting on tcp:127.0.0.1:1"));
+        // The operation is over: the VMM takes requests again.
+        call("PUT", "vm.create", Some(cfg), 204);
+        assert_eq!(
+            call("GET", "vm.info", None, 200).json().unwrap()["state"],
+            "Created"
+        );
+        drop(server);
+        assert!(!sock.exists());
+    }
+
+    #[test]
+    fn the_engine_shares_the_machine_and_can_replace_it() {
+        let vmm = Vmm::new(Box::new(vmm::api::NotImplemented));
+        let config = vmm::api::parse_vm_config(
+            json!({"payload": {"kernel": common::guest_elf(), "cmdline": "workload=idle"},
+                   "memory": {"size": 256u64 << 20}, "serial": {"mode": "Off"}})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        assert!(matches!(vmm.machine("test"), Err(ApiError::NoVm)));
+        vmm.create(config.clone()).unwrap();
+        assert!(matches!(
+            vmm.machine("test"),
+            Err(ApiError::WrongState { .. })
+        ));
+        vmm.boot().unwrap();
+
+        // A pause made by the engine on its own Arc shows in vm.info, and vm.resume undoes it.
+        let m = vmm.machine("test").unwrap();
+        m.pause();
+        assert_eq!(vmm.info().unwrap().state, VmState::Paused);
+        vmm.resume().unwrap();
+        assert!(!m.is_paused());
+        assert_eq!(vmm.info().unwrap().state, VmState::Running);
+
+        // The engine takes the machine out (the VM left): Shutdown, counters kept.
+        let taken = vmm.with_vm(|vm| vm.unwrap().take_machine()).unwrap();
+        assert!(Arc::ptr_eq(&taken, &m));
+        assert_eq!(vmm.state(), Some(VmState::Shutdown));
+        assert!(vmm.counters().unwrap().contains_key("vcpu_exits"));
+        drop(m);
+        // ... and installs one (an arriving VM): Running again.
+        vmm.delete().unwrap();
+        vmm.install(config, taken);
+        assert_eq!(vmm.state(), Some(VmState::Running));
+        vmm.pause().unwrap();
+        assert_eq!(vmm.state(), Some(VmState::Paused));
+        vmm.shutdown().unwrap();
+        assert_eq!(vmm.state(), Some(VmState::Shutdown));
+    }
+}
