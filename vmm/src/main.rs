@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmm::api::{self, describe, ApiServer, Vmm};
+use vmm::api::{describe, ApiServer, Vmm};
 use vmm::config::{self, PayloadConfig, VmConfig};
 use vmm::vm::{exit_status, Machine};
 
@@ -102,7 +102,7 @@ fn main() -> ExitCode {
 /// Serves the API on `path`, booting `config` first when given. Returns only when the VM
 /// or the socket cannot be set up; otherwise ends the process when `Vmm::run` says so.
 fn serve_api(path: &std::path::Path, config: Option<VmConfig>) -> ExitCode {
-    let vmm = Vmm::new(Box::new(api::NotImplemented));
+    let vmm = Vmm::new(Box::new(vmm::migration::LiveMigration::default()));
     if let Some(mut config) = config {
         let booted = config
             .validate()

@@ -43,20 +43,25 @@ fn without_a_vm() {
     }
     let send = json!({"destination_url": "tcp:127.0.0.1:6000"});
     f.put_json("vm.send-migration", &send, 404);
-    // No VM is what receiving needs: the body is valid, the engine is missing.
+    // No VM is what receiving needs: the body is valid, but nothing can listen there.
     let msg = f.error(
         "PUT",
         "vm.receive-migration",
-        Some(&body(&json!({"receiver_url": "unix:/tmp/x.sock"}))),
+        Some(&body(
+            &json!({"receiver_url": "unix:/nonexistent-ferry-dir/x.sock"}),
+        )),
         500,
     );
-    assert!(msg.contains("not implemented"), "{msg}");
+    assert!(
+        msg.contains("cannot listen on unix:/nonexistent-ferry-dir/x.sock"),
+        "{msg}"
+    );
     assert!(f
-        .error("GET", "vm.migration-info", None, 500)
-        .contains("not implemented"));
+        .error("GET", "vm.migration-info", None, 404)
+        .contains("no migration has run"));
     assert!(f
-        .error("PUT", "vm.cancel-migration", None, 500)
-        .contains("not implemented"));
+        .error("PUT", "vm.cancel-migration", None, 404)
+        .contains("no migration is in progress"));
 }
 
 #[test]
@@ -294,15 +299,22 @@ fn migration_requests_are_checked_then_refused() {
     assert!(f
         .error("PUT", "vm.send-migration", None, 400)
         .contains("JSON request body"));
+    // Valid bodies: nobody listens at these addresses, so the migration fails at once.
     for b in [
-        json!({"destination_url": "tcp:127.0.0.1:6000"}),
-        json!({"destination_url": "tcp:[::1]:6000", "downtime_ms": 50, "timeout_s": 10,
+        json!({"destination_url": "tcp:127.0.0.1:1"}),
+        json!({"destination_url": "tcp:[::1]:1", "downtime_ms": 50, "timeout_s": 10,
                "timeout_strategy": "Ignore", "connections": 128, "memory_mode": "Precopy"}),
-        json!({"destination_url": "unix:/tmp/m.sock", "local": true}),
-        json!({"destination_url": "unix:/tmp/m.sock", "memory_mode": "MemFDs"}),
     ] {
         let msg = f.error("PUT", "vm.send-migration", Some(&body(&b)), 500);
-        assert!(msg.contains("not implemented"), "{b}: {msg}");
+        assert!(msg.contains("cannot connect"), "{b}: {msg}");
+    }
+    for b in [
+        json!({"destination_url": "unix:/tmp/m.sock", "local": true}),
+        json!({"destination_url": "unix:/tmp/m.sock", "memory_mode": "MemFDs"}),
+        json!({"destination_url": "tcp:127.0.0.1:1", "memory_mode": "Postcopy"}),
+    ] {
+        let msg = f.error("PUT", "vm.send-migration", Some(&body(&b)), 400);
+        assert!(msg.contains("not supported yet"), "{b}: {msg}");
     }
     // The refused migration left the VM as it was.
     assert_eq!(f.state(), "Running");
@@ -331,8 +343,9 @@ fn migration_requests_are_checked_then_refused() {
         405,
     );
     assert!(msg.contains("already exists"), "{msg}");
-    f.get("vm.migration-info", 500);
-    f.put("vm.cancel-migration", 500);
+    // The failed attempts are on record; none is in progress.
+    f.get("vm.migration-info", 200);
+    f.put("vm.cancel-migration", 404);
     assert!(f
         .error("PUT", "vm.cancel-migration", Some(b"{}"), 400)
         .contains("no request body"));
@@ -546,11 +559,11 @@ fn ferry_remote_commands() {
             "--timeout-s",
             "60",
         ],
-        "not implemented",
+        "not supported yet",
     );
     fails(&["receive-migration", "tcp:0.0.0.0:6000"], "already exists");
-    fails(&["migration-info"], "not implemented");
-    fails(&["cancel-migration"], "not implemented");
+    fails(&["migration-info"], "no migration has run");
+    fails(&["cancel-migration"], "no migration is in progress");
     ok(&["shutdown"]);
     let info: Value = serde_json::from_str(&ok(&["info"])).unwrap();
     assert_eq!(info["state"], "Shutdown");

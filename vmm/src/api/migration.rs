@@ -7,8 +7,6 @@
 //! connections (info, counters, cancel) are served by their own threads. Until the engine
 //! exists, [`NotImplemented`] answers 500.
 
-use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -43,65 +41,7 @@ pub enum MemoryMode {
     Postcopy,
 }
 
-/// A migration endpoint address, in cloud-hypervisor's syntax.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub enum MigrationUrl {
-    /// `tcp:HOST:PORT` (`tcp:[::1]:6000` for IPv6).
-    Tcp { host: String, port: u16 },
-    /// `unix:/path/to/socket`.
-    Unix(PathBuf),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{url:?} is not a migration URL ({why}); use tcp:HOST:PORT or unix:/path")]
-pub struct UrlError {
-    pub url: String,
-    pub why: &'static str,
-}
-
-impl FromStr for MigrationUrl {
-    type Err = UrlError;
-
-    fn from_str(url: &str) -> Result<Self, UrlError> {
-        let bad = |why| UrlError {
-            url: url.chars().take(200).collect(),
-            why,
-        };
-        if let Some(path) = url.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err(bad("empty socket path"));
-            }
-            if path.contains('\0') {
-                return Err(bad("NUL in the socket path"));
-            }
-            return Ok(MigrationUrl::Unix(PathBuf::from(path)));
-        }
-        let Some(rest) = url.strip_prefix("tcp:") else {
-            return Err(bad("unknown scheme"));
-        };
-        let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
-        let host = match host.strip_prefix('[') {
-            Some(h) => h.strip_suffix(']').ok_or_else(|| bad("unclosed '['"))?,
-            None => host,
-        };
-        if host.is_empty() {
-            return Err(bad("empty host"));
-        }
-        if host
-            .chars()
-            .any(|c| !(c.is_ascii_alphanumeric() || ".-_:".contains(c)))
-        {
-            return Err(bad("invalid character in the host"));
-        }
-        let port: u16 = port
-            .parse()
-            .map_err(|_| bad("the port is not 0 to 65535"))?;
-        Ok(MigrationUrl::Tcp {
-            host: host.to_string(),
-            port,
-        })
-    }
-}
+pub use crate::migration::transport::{MigrationUrl, UrlError};
 
 /// The `vm.send-migration` body as sent (cloud-hypervisor's field names).
 #[derive(Debug, Deserialize)]

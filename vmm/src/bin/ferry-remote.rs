@@ -165,25 +165,29 @@ fn bytes(n: f64) -> String {
 
 /// One progress line from a `vm.migration-info` answer; None when it has nothing known.
 ///
-/// Reads `state`, `iteration`, `transferred_bytes`, `remaining_bytes` and
-/// `rate_bytes_per_s` (the names `docs/api/ferry.yaml` gives `MigrationInfo`).
+/// Reads QEMU's `query-migrate` names: `status`, `ram.dirty-sync-count` (the iteration),
+/// `ram.transferred`, `ram.remaining` and `ram.mbps`.
 fn progress_line(info: &Value) -> Option<String> {
-    let num = |k: &str| info.get(k).and_then(Value::as_f64);
+    let ram = |k: &str| {
+        info.get("ram")
+            .and_then(|r| r.get(k))
+            .and_then(Value::as_f64)
+    };
     let mut parts = Vec::new();
-    if let Some(s) = info.get("state").and_then(Value::as_str) {
+    if let Some(s) = info.get("status").and_then(Value::as_str) {
         parts.push(s.to_string());
     }
-    if let Some(i) = num("iteration") {
+    if let Some(i) = ram("dirty-sync-count") {
         parts.push(format!("iteration {i}"));
     }
-    if let Some(t) = num("transferred_bytes") {
+    if let Some(t) = ram("transferred") {
         parts.push(format!("sent {}", bytes(t)));
     }
-    if let Some(r) = num("remaining_bytes") {
+    if let Some(r) = ram("remaining") {
         parts.push(format!("remaining {}", bytes(r)));
     }
-    if let Some(r) = num("rate_bytes_per_s") {
-        parts.push(format!("{}/s", bytes(r)));
+    if let Some(r) = ram("mbps") {
+        parts.push(format!("{r:.0} Mbit/s"));
     }
     (!parts.is_empty()).then(|| parts.join(", "))
 }
@@ -328,12 +332,12 @@ mod tests {
 
     #[test]
     fn progress_lines() {
-        let line = progress_line(&json!({"state": "Precopy", "iteration": 3,
-            "transferred_bytes": 3u64 << 30, "remaining_bytes": 1536, "rate_bytes_per_s": 1048576}))
+        let line = progress_line(&json!({"status": "active", "ram": {"dirty-sync-count": 3,
+            "transferred": 3u64 << 30, "remaining": 1536, "mbps": 10240.4}}))
         .unwrap();
         assert_eq!(
             line,
-            "Precopy, iteration 3, sent 3.0 GiB, remaining 1.5 KiB, 1.0 MiB/s"
+            "active, iteration 3, sent 3.0 GiB, remaining 1.5 KiB, 10240 Mbit/s"
         );
         assert_eq!(progress_line(&json!({"unrelated": 1})), None);
     }

@@ -2,8 +2,10 @@
 //! [`crate::vm::Machine`] and the `vm-migration` engine.
 
 pub mod destination;
+pub mod handler;
 pub mod source;
 pub mod transport;
 
 pub use destination::MachineDestination;
+pub use handler::LiveMigration;
 pub use source::MachineSource;

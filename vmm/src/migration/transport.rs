@@ -6,54 +6,70 @@ use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 /// How long unacknowledged data may sit on a TCP connection before the kernel gives up
 /// (TCP_USER_TIMEOUT), and how long a blocking read may wait for the peer.
 pub const PEER_SILENCE_LIMIT: Duration = Duration::from_secs(6);
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum UrlError {
-    #[error("migration URL '{0}' must be tcp:HOST:PORT or unix:PATH")]
-    Scheme(String),
-    #[error("migration URL '{0}' has no port (tcp:HOST:PORT)")]
-    NoPort(String),
-    #[error("migration URL '{0}' has an empty path (unix:PATH)")]
-    EmptyPath(String),
-}
-
-/// A parsed migration URL.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A migration endpoint address, in cloud-hypervisor's syntax.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum MigrationUrl {
+    /// `tcp:HOST:PORT` (`tcp:[::1]:6000` for IPv6).
     Tcp { host: String, port: u16 },
+    /// `unix:/path/to/socket`.
     Unix(PathBuf),
 }
 
-impl std::str::FromStr for MigrationUrl {
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{url:?} is not a migration URL ({why}); use tcp:HOST:PORT or unix:/path")]
+pub struct UrlError {
+    pub url: String,
+    pub why: &'static str,
+}
+
+impl FromStr for MigrationUrl {
     type Err = UrlError;
 
-    fn from_str(s: &str) -> Result<Self, UrlError> {
-        if let Some(rest) = s.strip_prefix("tcp:") {
-            let (host, port) = rest
-                .rsplit_once(':')
-                .ok_or_else(|| UrlError::NoPort(s.into()))?;
-            let port = port.parse().map_err(|_| UrlError::NoPort(s.into()))?;
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            if host.is_empty() {
-                return Err(UrlError::Scheme(s.into()));
-            }
-            Ok(MigrationUrl::Tcp {
-                host: host.into(),
-                port,
-            })
-        } else if let Some(path) = s.strip_prefix("unix:") {
+    fn from_str(url: &str) -> Result<Self, UrlError> {
+        let bad = |why| UrlError {
+            url: url.chars().take(200).collect(),
+            why,
+        };
+        if let Some(path) = url.strip_prefix("unix:") {
             if path.is_empty() {
-                return Err(UrlError::EmptyPath(s.into()));
+                return Err(bad("empty socket path"));
             }
-            Ok(MigrationUrl::Unix(path.into()))
-        } else {
-            Err(UrlError::Scheme(s.into()))
+            if path.contains('\0') {
+                return Err(bad("NUL in the socket path"));
+            }
+            return Ok(MigrationUrl::Unix(PathBuf::from(path)));
         }
+        let Some(rest) = url.strip_prefix("tcp:") else {
+            return Err(bad("unknown scheme"));
+        };
+        let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let host = match host.strip_prefix('[') {
+            Some(h) => h.strip_suffix(']').ok_or_else(|| bad("unclosed '['"))?,
+            None => host,
+        };
+        if host.is_empty() {
+            return Err(bad("empty host"));
+        }
+        if host
+            .chars()
+            .any(|c| !(c.is_ascii_alphanumeric() || ".-_:".contains(c)))
+        {
+            return Err(bad("invalid character in the host"));
+        }
+        let port: u16 = port
+            .parse()
+            .map_err(|_| bad("the port is not 0 to 65535"))?;
+        Ok(MigrationUrl::Tcp {
+            host: host.to_string(),
+            port,
+        })
     }
 }
 
@@ -243,6 +259,47 @@ impl Listener {
         Ok(s)
     }
 
+    /// Waits for a connection until `stop` says to give up (checked every 50 ms).
+    pub fn accept_until(&self, stop: impl Fn() -> bool) -> io::Result<Stream> {
+        self.set_nonblocking(true)?;
+        loop {
+            let r = match self {
+                Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
+                Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            };
+            match r {
+                Ok(s) => {
+                    match &s {
+                        Stream::Tcp(t) => {
+                            t.set_nonblocking(false)?;
+                            tune_tcp(t)?;
+                        }
+                        Stream::Unix(u) => u.set_nonblocking(false)?,
+                    }
+                    s.set_read_timeout(Some(PEER_SILENCE_LIMIT))?;
+                    return Ok(s);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if stop() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::Interrupted,
+                            "cancelled while waiting for the source",
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(on),
+            Listener::Unix(l, _) => l.set_nonblocking(on),
+        }
+    }
+
     /// The local port (TCP), e.g. when bound to port 0.
     pub fn port(&self) -> Option<u16> {
         match self {
@@ -304,7 +361,7 @@ mod tests {
             "",
         ] {
             let e = bad.parse::<MigrationUrl>().unwrap_err().to_string();
-            assert!(e.contains(&format!("'{bad}'")), "{e}");
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
         }
     }
 

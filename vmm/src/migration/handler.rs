@@ -1,0 +1,172 @@
+//! The API's migration endpoints, served by the `vm-migration` engine over a
+//! [`Machine`](crate::vm::Machine).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vm_migration::{
+    receive_migration, send_migration, MigrationProgress, ReceiveError, ReceiveOptions, SendOptions,
+};
+
+use super::transport::{Listener, Stream};
+use super::{MachineDestination, MachineSource};
+use crate::api::migration::{MemoryMode, ReceiveMigration, SendMigration, TimeoutStrategy};
+use crate::api::{ApiError, MigrationHandler, Vmm};
+
+/// How long the source tries to reach the destination.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The source process ends this long after its migration succeeded, so the 204 answer
+/// reaches the client first.
+const EXIT_DELAY: Duration = Duration::from_millis(300);
+
+/// Live migration for the API: at most one migration at a time (the API layer ensures
+/// it), whose progress stays readable after it ended.
+#[derive(Default)]
+pub struct LiveMigration {
+    progress: Mutex<Option<MigrationProgress>>,
+}
+
+impl LiveMigration {
+    fn start(&self) -> MigrationProgress {
+        let p = MigrationProgress::new();
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
+        p
+    }
+
+    fn current(&self) -> Option<MigrationProgress> {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+fn failed(action: &'static str, reason: impl ToString) -> ApiError {
+    ApiError::Failed {
+        action,
+        reason: reason.to_string(),
+    }
+}
+
+impl MigrationHandler for LiveMigration {
+    fn send(&self, vmm: &Arc<Vmm>, req: SendMigration) -> Result<(), ApiError> {
+        const ACTION: &str = "vm.send-migration";
+        match req.memory_mode {
+            MemoryMode::Precopy => {}
+            MemoryMode::Postcopy => {
+                return Err(ApiError::BadRequest(
+                    "memory_mode Postcopy is not supported yet".into(),
+                ))
+            }
+            MemoryMode::MemFDs => {
+                return Err(ApiError::BadRequest(
+                    "memory_mode MemFDs (local) is not supported yet".into(),
+                ))
+            }
+        }
+        if req.connections > 1 {
+            log::warn!(
+                "connections={}: this version moves memory over one connection",
+                req.connections
+            );
+        }
+        let machine = vmm.machine(ACTION)?;
+        let progress = self.start();
+        log::info!("migrating to {}", req.destination);
+        let stream = Stream::connect(&req.destination, CONNECT_TIMEOUT).map_err(|e| {
+            progress.set_status(vm_migration::MigrationStatus::Failed);
+            failed(
+                ACTION,
+                format!("cannot connect to {}: {e}", req.destination),
+            )
+        })?;
+        let strategy = match req.timeout_strategy {
+            TimeoutStrategy::Cancel => vm_migration::TimeoutStrategy::Cancel,
+            TimeoutStrategy::Ignore => vm_migration::TimeoutStrategy::Ignore,
+        };
+        let opts = SendOptions::new(req.downtime_ms, req.timeout_s, strategy);
+        let source = MachineSource {
+            machine: machine.clone(),
+        };
+        match send_migration(&source, stream, &opts, &progress) {
+            Ok(info) => {
+                log::info!(
+                    "migration to {} completed: {:?} ms total, {:?} ms downtime, {} bytes",
+                    req.destination,
+                    info.total_time,
+                    info.downtime,
+                    info.ram.transferred
+                );
+                // The VM runs on the destination now: this one is gone, and so is the
+                // process, once the answer is out.
+                let gone = vmm.with_vm(|vm| vm.and_then(|vm| vm.take_machine()));
+                drop(gone);
+                let vmm = vmm.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(EXIT_DELAY);
+                    vmm.request_exit(0);
+                });
+                Ok(())
+            }
+            Err(e) => {
+                log::error!("migration to {} failed: {e}", req.destination);
+                Err(failed(ACTION, e))
+            }
+        }
+    }
+
+    fn receive(&self, vmm: &Arc<Vmm>, req: ReceiveMigration) -> Result<(), ApiError> {
+        const ACTION: &str = "vm.receive-migration";
+        let listener = Listener::bind(&req.receiver)
+            .map_err(|e| failed(ACTION, format!("cannot listen on {}: {e}", req.receiver)))?;
+        let progress = self.start();
+        log::info!("waiting for a migration on {}", req.receiver);
+        let stream = listener
+            .accept_until(|| progress.is_cancelled())
+            .map_err(|e| failed(ACTION, format!("on {}: {e}", req.receiver)))?;
+        drop(listener);
+        let mut dest = MachineDestination::default();
+        let result = receive_migration(&mut dest, stream, &ReceiveOptions::default(), &progress);
+        match result {
+            Ok(info) => {
+                let machine = dest
+                    .machine
+                    .take()
+                    .ok_or_else(|| failed(ACTION, "the VM did not start"))?;
+                log::info!(
+                    "incoming migration completed: {:?} ms total, {} bytes; the VM runs here",
+                    info.total_time,
+                    info.ram.transferred
+                );
+                vmm.install(machine.config.clone(), Arc::new(machine));
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing half-received runs: the built VM (if any) is dropped here. After
+                // a lost confirmation it was running already, and is stopped the same way.
+                if matches!(e, ReceiveError::ConfirmationFailed(_)) {
+                    log::error!("the VM started but the source did not learn it: stopping it");
+                }
+                drop(dest);
+                log::error!("incoming migration failed: {e}");
+                Err(failed(ACTION, e))
+            }
+        }
+    }
+
+    fn info(&self, _vmm: &Arc<Vmm>) -> Result<serde_json::Value, ApiError> {
+        self.current()
+            .map(|p| p.to_json())
+            .ok_or_else(|| ApiError::NotFound("no migration has run in this VMM".into()))
+    }
+
+    fn cancel(&self, _vmm: &Arc<Vmm>) -> Result<(), ApiError> {
+        match self.current() {
+            Some(p) if !p.status().is_finished() => {
+                p.cancel();
+                Ok(())
+            }
+            _ => Err(ApiError::NotFound("no migration is in progress".into())),
+        }
+    }
+}
