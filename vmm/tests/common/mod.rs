@@ -44,7 +44,20 @@ pub struct Ferry {
 
 impl Ferry {
     pub fn spawn(args: &[&str]) -> Ferry {
-        let mut child = Command::new(ferry_bin())
+        Self::spawn_in(None, args)
+    }
+
+    /// Starts ferry inside network namespace `netns` (one of the test's hosts).
+    pub fn spawn_in(netns: Option<&str>, args: &[&str]) -> Ferry {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(ferry_bin());
+                c
+            }
+            None => Command::new(ferry_bin()),
+        };
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
