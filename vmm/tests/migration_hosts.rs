@@ -98,10 +98,7 @@ fn tmpdir(tag: &str) -> PathBuf {
 /// request blocks until the VM arrived, so it runs on a thread).
 fn receiver(ns: &str, dir: &std::path::Path, name: &str) -> (Host, std::thread::JoinHandle<Reply>) {
     let host = Host::start(ns, dir, name, &[]);
-    let api = Client::new(
-        &host.api.path().to_path_buf(),
-        Some(Duration::from_secs(300)),
-    );
+    let api = Client::new(host.api.path(), Some(Duration::from_secs(300)));
     let t = std::thread::spawn(move || {
         let body = json!({"receiver_url": format!("tcp:0.0.0.0:{PORT}")});
         api.put("vm.receive-migration", Some(body.to_string().as_bytes()))
