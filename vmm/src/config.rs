@@ -7,8 +7,11 @@ use serde::{Deserialize, Serialize};
 
 /// Largest vCPU count: APIC ids are 8 bits in the MADT entries Ferry writes.
 pub const MAX_VCPUS: u32 = 254;
-/// Default dirty ring size in entries (QEMU's suggested starting point).
-pub const DEFAULT_RING_ENTRIES: u32 = 4096;
+/// Default dirty ring size in entries: the largest KVM allows on x86 (1 MiB per vCPU).
+/// This machine's KVM only exits on a completely full ring, so a ring that fills
+/// between two harvests loses entries and forces an all-RAM resend; a big ring makes
+/// that rare (see the hypervisor crate).
+pub const DEFAULT_RING_ENTRIES: u32 = 65536;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {

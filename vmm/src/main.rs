@@ -41,7 +41,7 @@ struct Cli {
     #[arg(long, default_value = "null")]
     serial: String,
     /// Dirty tracking: entries=N (ring of N entries per vCPU) or off (bitmap).
-    #[arg(long = "dirty-ring", default_value = "entries=4096")]
+    #[arg(long = "dirty-ring", default_value = "entries=65536")]
     dirty_ring: String,
     /// REST API socket (HTTP on a UNIX socket).
     #[arg(long = "api-socket")]

@@ -95,12 +95,16 @@ pub struct MachineState {
 pub const MACHINE_STATE_VERSION: u32 = 1;
 
 /// A machine put together but whose vCPUs have not run yet.
+/// Field order is drop order: the populator thread and the KVM VM go before the RAM
+/// they point into.
 struct Parts {
+    /// Faults RAM in while a migration fills it.
+    populator: Option<crate::memory::Populator>,
     config: VmConfig,
-    mem: GuestMemoryMmap,
-    hv: Arc<hypervisor::Vm>,
     vcpus: Vec<hypervisor::Vcpu>,
+    hv: Arc<hypervisor::Vm>,
     serial_irq: Option<EventFd>,
+    mem: GuestMemoryMmap,
 }
 
 /// A VM whose vCPUs run on their own threads.
@@ -115,6 +119,8 @@ pub struct Machine {
     serial: Option<Arc<Mutex<Serial>>>,
     pm: Arc<Mutex<AcpiPmControl>>,
     paused: AtomicBool,
+    /// Joined (stopped) before `mem` is unmapped.
+    _populator: Option<crate::memory::Populator>,
     /// Last field: dropped after the KVM VM whose memslots point into it.
     mem: GuestMemoryMmap,
 }
@@ -179,6 +185,11 @@ impl Machine {
                 log::warn!("dirty tracking: bitmap (KVM has no dirty ring; {n} entries asked)");
                 builder.use_dirty_bitmap()?
             }
+            // The default may exceed what this KVM allows: then take its largest.
+            n if n == crate::config::DEFAULT_RING_ENTRIES => {
+                let max = caps.ring.map_or(n, |r| r.1);
+                builder.enable_dirty_ring(n.min(max))?
+            }
             n => builder.enable_dirty_ring(n)?,
         };
         match tracked.tracking() {
@@ -229,6 +240,7 @@ impl Machine {
         };
         Ok(Parts {
             config,
+            populator: None,
             mem,
             hv,
             vcpus,
@@ -267,14 +279,8 @@ impl Machine {
 
     /// Builds a VM from a migration source's configuration, to receive its RAM and state.
     pub fn incoming(config: VmConfig) -> Result<IncomingMachine> {
-        let parts = Self::build(config)?;
-        let t = std::time::Instant::now();
-        if crate::memory::populate(&parts.mem) {
-            log::info!(
-                "guest RAM faulted in for the incoming VM in {:?}",
-                t.elapsed()
-            );
-        }
+        let mut parts = Self::build(config)?;
+        parts.populator = Some(crate::memory::Populator::start(&parts.mem));
         Ok(IncomingMachine { parts })
     }
 
@@ -328,6 +334,7 @@ impl Machine {
             serial,
             pm,
             paused: AtomicBool::new(false),
+            _populator: p.populator,
             mem: p.mem,
         })
     }

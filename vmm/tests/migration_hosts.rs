@@ -181,3 +181,236 @@ fn verify_guest_1_vcpu_moves_between_hosts_in_bitmap_mode() {
         ],
     );
 }
+
+impl Host {
+    fn kill(&mut self) {
+        if let Some(f) = self.ferry.as_mut() {
+            let _ = f.child.kill();
+        }
+    }
+
+    /// `vm.send-migration` on a thread of its own; the answer and how long it took.
+    fn send_async(&self, body: Value) -> std::thread::JoinHandle<(Reply, Duration)> {
+        let api = Client::new(self.api.path(), Some(Duration::from_secs(300)));
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = api
+                .put("vm.send-migration", Some(body.to_string().as_bytes()))
+                .unwrap();
+            (r, t.elapsed())
+        })
+    }
+
+    /// Waits until this host's migration is copying memory (its first pass, over 1.5 GiB
+    /// of written guest RAM, lasts the better part of a second).
+    fn wait_migration_active(&self) {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.api.get("vm.migration-info") {
+                if let Ok(v) = r.json() {
+                    if v["status"] == "active" && v["ram"]["transferred"].as_u64() >= Some(64 << 20)
+                    {
+                        return;
+                    }
+                }
+            }
+            assert!(Instant::now() < end, "the migration never became active");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The source keeps running its guest (new verified lines, nothing lost).
+fn assert_source_runs(src: &Host, serial: &Serial) {
+    assert_eq!(src.info()["state"], "Running");
+    let now = serial.text().len();
+    serial.wait("guest: verified", now, Duration::from_secs(30));
+    serial.assert_clean();
+}
+
+/// A second migration, to a fresh destination, succeeds and the guest goes on there.
+fn migrate_to_fresh(hosts: &TwoHosts, dir: &std::path::Path, src: &mut Host, serial: &Serial) {
+    let (mut dest, receiving) = receiver(&hosts.b, dir, "dest2");
+    let (r, _) = src
+        .send_async(json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b)}))
+        .join()
+        .unwrap();
+    assert_eq!(
+        r.status,
+        204,
+        "second send-migration: {}",
+        r.error_message()
+    );
+    assert_eq!(receiving.join().unwrap().status, 204);
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    let now = serial.text().len();
+    serial.wait("guest: verified", now, Duration::from_secs(30));
+    serial.assert_clean();
+    assert_eq!(dest.info()["state"], "Running");
+    dest.kill();
+}
+
+/// A guest whose first migration pass takes long enough to be interrupted: 1.5 GiB of
+/// verify pages (non-zero, so every one is sent).
+const FOREVER: &str = "workload=verify start=1M size=1536M";
+const BIG: [&str; 4] = ["--cpus", "boot=2", "--memory", "size=2G"];
+
+/// Guest pages are write-protected while tracked, and on this nested host each first
+/// write then costs a fault so expensive that the guest cannot dirty memory faster than
+/// the migration sends it: every migration converges eventually. A 1 ms downtime with a
+/// 1 s timeout makes the timeout strike during the first pass instead.
+fn never_converging(hosts: &TwoHosts) -> Value {
+    json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b), "downtime_ms": 1})
+}
+
+#[test]
+fn destination_killed_mid_way_fails_fast_and_the_source_keeps_running() {
+    let hosts = TwoHosts::new(3);
+    let dir = tmpdir("kill-dest");
+    let serial = Serial(dir.join("serial.log"));
+    let (mut dest, receiving) = receiver(&hosts.b, &dir, "dest");
+    let mut src = source(&hosts.a, &dir, &serial, FOREVER, &BIG);
+    serial.wait("guest: verified 1 1", 0, Duration::from_secs(60));
+    let sending = src.send_async(never_converging(&hosts));
+    src.wait_migration_active();
+    dest.kill();
+    let t = Instant::now();
+    let (r, _) = sending.join().unwrap();
+    assert_eq!(r.status, 500);
+    assert!(
+        t.elapsed() <= Duration::from_secs(10),
+        "failed after {:?}",
+        t.elapsed()
+    );
+    eprintln!("source's error: {}", r.error_message());
+    let _ = receiving.join();
+    assert_source_runs(&src, &serial);
+    migrate_to_fresh(&hosts, &dir, &mut src, &serial);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn silent_link_fails_within_ten_seconds_and_the_source_keeps_running() {
+    let hosts = TwoHosts::new(4);
+    let dir = tmpdir("cut-link");
+    let serial = Serial(dir.join("serial.log"));
+    let (mut dest, receiving) = receiver(&hosts.b, &dir, "dest");
+    let mut src = source(&hosts.a, &dir, &serial, FOREVER, &BIG);
+    serial.wait("guest: verified 1 1", 0, Duration::from_secs(60));
+    let sending = src.send_async(never_converging(&hosts));
+    src.wait_migration_active();
+    hosts.cut_link();
+    let t = Instant::now();
+    let (r, _) = sending.join().unwrap();
+    assert_eq!(r.status, 500);
+    assert!(
+        t.elapsed() <= Duration::from_secs(10),
+        "failed after {:?}",
+        t.elapsed()
+    );
+    eprintln!("source's error: {}", r.error_message());
+    // The destination gives up on its own and runs nothing.
+    let rr = receiving.join().unwrap();
+    assert_eq!(rr.status, 500, "{}", rr.error_message());
+    assert_eq!(dest.api.get("vm.info").unwrap().status, 404);
+    dest.kill();
+    assert_source_runs(&src, &serial);
+    hosts.mend_link();
+    migrate_to_fresh(&hosts, &dir, &mut src, &serial);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn source_killed_mid_way_leaves_nothing_running_and_the_destination_can_receive_again() {
+    let hosts = TwoHosts::new(5);
+    let dir = tmpdir("kill-src");
+    let serial = Serial(dir.join("serial.log"));
+    let (mut dest, receiving) = receiver(&hosts.b, &dir, "dest");
+    {
+        let mut src = source(&hosts.a, &dir, &serial, FOREVER, &BIG);
+        serial.wait("guest: verified 1 1", 0, Duration::from_secs(60));
+        let _sending = src.send_async(never_converging(&hosts));
+        src.wait_migration_active();
+        src.kill();
+    }
+    let r = receiving.join().unwrap();
+    assert_eq!(r.status, 500);
+    eprintln!("destination's error: {}", r.error_message());
+    assert_eq!(dest.api.get("vm.info").unwrap().status, 404, "nothing runs");
+    // The same destination takes a new migration.
+    let body = json!({"receiver_url": format!("tcp:0.0.0.0:{PORT}")});
+    let api = Client::new(dest.api.path(), Some(Duration::from_secs(300)));
+    let receiving = std::thread::spawn(move || {
+        api.put("vm.receive-migration", Some(body.to_string().as_bytes()))
+            .unwrap()
+    });
+    let serial2 = Serial(dir.join("serial2.log"));
+    let mut src = source(&hosts.a, &dir, &serial2, FOREVER, &BIG);
+    let pos = serial2.wait("guest: verified 1 1", 0, Duration::from_secs(60));
+    // Until the receiver listens again, a send may be refused: retry briefly.
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (r, _) = src
+            .send_async(json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b)}))
+            .join()
+            .unwrap();
+        if r.status == 204 {
+            break;
+        }
+        assert!(Instant::now() < end, "{}", r.error_message());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(receiving.join().unwrap().status, 204);
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    serial2.wait("guest: verified", pos, Duration::from_secs(30));
+    serial2.assert_clean();
+    dest.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn non_converging(tag: u8, strategy: &str) -> (Reply, Host, Option<Host>, Serial, PathBuf) {
+    let hosts = TwoHosts::new(tag);
+    let dir = tmpdir(&format!("timeout-{strategy}"));
+    let serial = Serial(dir.join("serial.log"));
+    let (dest, receiving) = receiver(&hosts.b, &dir, "dest");
+    let src = source(&hosts.a, &dir, &serial, FOREVER, &BIG);
+    serial.wait("guest: verified 1 1", 0, Duration::from_secs(60));
+    let mut body = never_converging(&hosts);
+    body["timeout_s"] = json!(1);
+    body["timeout_strategy"] = json!(strategy);
+    let (r, took) = src.send_async(body).join().unwrap();
+    eprintln!("{strategy}: {} after {took:?}", r.status);
+    let rr = receiving.join().unwrap();
+    let dest = (rr.status == 204).then_some(dest);
+    std::mem::forget(hosts);
+    (r, src, dest, serial, dir)
+}
+
+#[test]
+fn timeout_with_cancel_keeps_the_source_running() {
+    let (r, src, dest, serial, dir) = non_converging(6, "Cancel");
+    assert_eq!(r.status, 500);
+    assert!(
+        r.error_message().contains("timed out"),
+        "{}",
+        r.error_message()
+    );
+    assert!(dest.is_none(), "the destination runs nothing");
+    assert_source_runs(&src, &serial);
+    drop(src);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn timeout_with_ignore_switches_over_with_nothing_lost() {
+    let (r, mut src, dest, serial, dir) = non_converging(7, "Ignore");
+    assert_eq!(r.status, 204, "{}", r.error_message());
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    let dest = dest.expect("the destination runs the VM");
+    assert_eq!(dest.info()["state"], "Running");
+    let now = serial.text().len();
+    serial.wait("guest: verified", now, Duration::from_secs(30));
+    serial.assert_clean();
+    drop(dest);
+    let _ = std::fs::remove_dir_all(&dir);
+}

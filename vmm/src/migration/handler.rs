@@ -88,7 +88,10 @@ impl MigrationHandler for LiveMigration {
         let source = MachineSource {
             machine: machine.clone(),
         };
-        match send_migration(&source, stream, &opts, &progress) {
+        let result = send_migration(&source, stream, &opts, &progress);
+        drop(source);
+        drop(machine);
+        match result {
             Ok(info) => {
                 log::info!(
                     "migration to {} completed: {:?} ms total, {:?} ms downtime, {} bytes",
@@ -97,8 +100,8 @@ impl MigrationHandler for LiveMigration {
                     info.downtime,
                     info.ram.transferred
                 );
-                // The VM runs on the destination now: this one is gone, and so is the
-                // process, once the answer is out.
+                // The VM runs on the destination now: this one is gone (torn down here,
+                // before answering), and so is the process, once the answer is out.
                 let gone = vmm.with_vm(|vm| vm.and_then(|vm| vm.take_machine()));
                 drop(gone);
                 let vmm = vmm.clone();

@@ -80,6 +80,13 @@ impl TwoHosts {
     pub fn cut_link(&self) {
         ip(&["-n", &self.a, "link", "set", &self.veth_a, "down"]).unwrap();
     }
+
+    /// Mends what [`Self::cut_link`] cut.
+    pub fn mend_link(&self) {
+        ip(&["-n", &self.a, "link", "set", &self.veth_a, "up"]).unwrap();
+        // The address comes back with the link; routes need a moment.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 impl Drop for TwoHosts {
