@@ -51,6 +51,7 @@ tests() {
 
 demo() {
     check_kvm
+    ensure_packages
     build
     "$ROOT/scripts/demo.sh"
 }
