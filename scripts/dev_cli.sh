@@ -62,8 +62,13 @@ bench() {
         harvest)
             cargo bench -p hypervisor --bench harvest
             ;;
+        migration)
+            ensure_packages
+            build
+            "$ROOT/scripts/bench_migration.sh"
+            ;;
         *)
-            echo "usage: dev_cli.sh bench harvest" >&2
+            echo "usage: dev_cli.sh bench harvest|migration" >&2
             exit 2
             ;;
     esac
@@ -76,6 +81,7 @@ usage: scripts/dev_cli.sh <command>
   build           release binaries into target/release/, test guest into target/test-guest/
   tests           every test (needs /dev/kvm; installs qemu-system-x86, iproute2)
   bench harvest   dirty-set collection time, rings vs bitmap
+  bench migration live-migration time, downtime, bytes, throughput between two hosts
 USAGE
     exit 2
 }
