@@ -58,8 +58,29 @@ impl<S: MigrationStream + ?Sized> MigrationStream for Box<S> {
     }
 }
 
-/// Message of the I/O error a cancelled wait returns.
-pub(crate) const CANCELLED: &str = "migration cancelled";
+/// The cause inside the I/O error a cancelled wait returns (see [`cancelled_error`]).
+#[derive(Debug)]
+struct Cancelled;
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("migration cancelled")
+    }
+}
+
+impl std::error::Error for Cancelled {}
+
+/// The error a read or write returns once the migration is cancelled. Its kind must not be
+/// `Interrupted`: `Write::write_all`, `Read::read_exact` and the protocol reader retry
+/// `Interrupted` at once, and the flag stays set, so they would spin forever.
+fn cancelled_error() -> io::Error {
+    io::Error::other(Cancelled)
+}
+
+/// Whether `e` is the error of a wait ended by cancellation.
+pub(crate) fn is_cancelled(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Cancelled>())
+}
 
 /// A stream whose reads and writes fail after `idle` without progress or on cancellation.
 pub(crate) struct Watched<S> {
@@ -91,8 +112,9 @@ impl<S: MigrationStream> Watched<S> {
             match self.inner.write(rest) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => rest = &rest[n..],
-                Err(e) if is_timeout(&e) && Instant::now() < deadline => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if (is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted)
+                        && Instant::now() < deadline => {}
                 Err(e) => return Err(e),
             }
         }
@@ -112,7 +134,7 @@ impl<S: MigrationStream> Watched<S> {
         let start = Instant::now();
         loop {
             if self.progress.is_cancelled() {
-                return Err(io::Error::new(io::ErrorKind::Interrupted, CANCELLED));
+                return Err(cancelled_error());
             }
             match op(&mut self.inner) {
                 Err(e) if is_timeout(&e) => {

@@ -231,12 +231,17 @@ struct FakeDestination {
     state: Option<(Vec<u8>, Vec<u8>)>,
     resumed: bool,
     page_writes: u64,
+    /// Runs inside `check_config`, before the answer.
+    during_config_check: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl DestinationVm for FakeDestination {
     fn check_config(&mut self, vm_config: &[u8], ram: &[RamRange]) -> HookResult<Vec<RamRange>> {
         self.config_checked = true;
         assert!(vm_config.starts_with(b"{"));
+        if let Some(f) = self.during_config_check.take() {
+            f();
+        }
         if let Some(reason) = &self.refuse {
             return Err(reason.clone());
         }
@@ -480,6 +485,51 @@ fn cancel_mid_way() {
     assert!(!src.is_paused());
     let (dr, d) = dest.join().unwrap();
     assert!(matches!(dr, Err(ReceiveError::PeerAborted(_))), "{dr:?}");
+    assert!(!d.resumed);
+}
+
+#[test]
+fn cancel_while_the_destination_checks_the_configuration() {
+    // By the time the destination answers `Config`, the cancelled source has sent its
+    // `Abort` and closed the stream: the answer fails to go out, yet the destination must
+    // report why the source left.
+    let src = FakeSource::new(false);
+    let (a, b) = UnixStream::pair().unwrap();
+    let progress = MigrationProgress::new();
+    let api = progress.clone();
+    let (source_done, wait_for_source) = std::sync::mpsc::channel::<()>();
+    let dest = spawn_destination(
+        b,
+        FakeDestination {
+            during_config_check: Some(Box::new(move || {
+                api.cancel();
+                let _ = wait_for_source.recv();
+            })),
+            ..Default::default()
+        },
+    );
+    // Only the cancel may end the wait for `ConfigAccepted`, however slow the machine.
+    let opts = SendOptions {
+        io_timeout: Duration::from_secs(10),
+        confirm_timeout: Duration::from_secs(10),
+        ..fast_opts(
+            Duration::from_millis(50),
+            Duration::from_secs(30),
+            TimeoutStrategy::Cancel,
+        )
+    };
+    let e = send_migration(&*src, a, &opts, &progress).unwrap_err();
+    source_done.send(()).unwrap();
+    assert!(matches!(e, SendError::Cancelled), "{e}");
+    assert_eq!(progress.status(), MigrationStatus::Cancelled);
+    assert!(!src.ram.lock().unwrap().logging);
+    let (dr, d) = dest.join().unwrap();
+    assert!(
+        matches!(dr, Err(ReceiveError::PeerAborted(ref r)) if r.contains("cancelled")),
+        "{dr:?}"
+    );
+    assert!(d.config_checked);
+    assert_eq!(d.page_writes, 0);
     assert!(!d.resumed);
 }
 
@@ -779,7 +829,7 @@ fn destination_refuses_hostile_streams_without_resuming() {
 /// A destination that does the handshake, then misbehaves.
 fn half_destination(
     stream: UnixStream,
-    then: fn(&mut MessageReader<UnixStream>),
+    then: impl FnOnce(&mut MessageReader<UnixStream>) + Send + 'static,
 ) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         let mut conn = MessageReader::new(stream);
@@ -850,6 +900,61 @@ fn destination_that_never_confirms() {
         },
         true,
     );
+}
+
+#[test]
+fn cancel_while_a_write_is_blocked() {
+    // The destination stops reading, so the source's flush blocks with a frame half
+    // written; the cancel lands then. The source must give up at once (not retry its
+    // cancelled writes forever), and still leave the stream at a frame boundary so that
+    // the destination reads the `Abort`.
+    let src = FakeSource::new(true);
+    let (a, b) = UnixStream::pair().unwrap();
+    let progress = MigrationProgress::new();
+    let api = progress.clone();
+    let peer = half_destination(b, move |conn| {
+        // Once a flush of 1 MiB is due (far more than the socket buffer holds), cancel,
+        // and read again only after the source noticed.
+        while api.snapshot().ram.transferred < 1 << 20 {
+            thread::sleep(Duration::from_millis(5));
+        }
+        api.cancel();
+        thread::sleep(Duration::from_millis(150));
+        loop {
+            match conn.read_message() {
+                Ok(Message::Abort { reason }) => {
+                    assert!(reason.contains("cancelled"), "{reason}");
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("no Abort before the end of the stream: {e}"),
+            }
+        }
+    });
+    // Only the cancel may end the blocked write, however slow the machine.
+    let opts = SendOptions {
+        io_timeout: Duration::from_secs(10),
+        ..fast_opts(
+            Duration::from_nanos(1),
+            Duration::from_secs(60),
+            TimeoutStrategy::Cancel,
+        )
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let source = src.clone();
+    let engine_progress = progress.clone();
+    thread::spawn(move || {
+        let _ = tx.send(send_migration(&*source, a, &opts, &engine_progress));
+    });
+    let e = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(r) => r.unwrap_err(),
+        Err(_) => panic!("send_migration still running 20 s after the cancel"),
+    };
+    assert!(matches!(e, SendError::Cancelled), "{e}");
+    assert_eq!(progress.status(), MigrationStatus::Cancelled);
+    assert!(!src.is_paused());
+    assert!(!src.ram.lock().unwrap().logging, "dirty log stopped");
+    peer.join().unwrap();
 }
 
 #[test]

@@ -12,7 +12,7 @@ use crate::protocol::{
     PAGE_SIZE, PROTOCOL_VERSION,
 };
 use crate::stats::{IterationStats, MigrationInfo, MigrationProgress, MigrationStatus};
-use crate::transport::{MigrationStream, Watched, CANCELLED};
+use crate::transport::{is_cancelled, MigrationStream, Watched};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -136,6 +136,39 @@ fn send<S: MigrationStream>(
     crate::protocol::write_message(conn.get_mut(), msg)
 }
 
+/// Sends `msg` during the session. When that fails, the source may have closed the stream
+/// right after an `Abort` (it was cancelled, or gave up): that reason is the error then.
+fn send_step<S: MigrationStream>(
+    conn: &mut MessageReader<Watched<S>>,
+    msg: &Message<'_>,
+) -> Result<(), ReceiveError> {
+    send(conn, msg).map_err(|e| {
+        let cancelled_here = matches!(&e, ProtocolError::Io { source, .. } if is_cancelled(source));
+        let reason = if cancelled_here {
+            None
+        } else {
+            peer_abort(conn)
+        };
+        reason.unwrap_or(ReceiveError::Protocol(e))
+    })
+}
+
+/// After a failed write: the `Abort` the source may have sent before closing.
+fn peer_abort<S: MigrationStream>(conn: &mut MessageReader<Watched<S>>) -> Option<ReceiveError> {
+    conn.get_mut().set_idle(Duration::from_millis(300));
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        match conn.read_message() {
+            Ok(Message::Abort { reason }) => {
+                return Some(ReceiveError::PeerAborted(reason.to_string()))
+            }
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
 fn unexpected(msg: Message<'_>, during: &'static str) -> ReceiveError {
     match msg {
         Message::Abort { reason } => ReceiveError::PeerAborted(reason.to_string()),
@@ -157,7 +190,7 @@ fn receive<V: DestinationVm + ?Sized, S: MigrationStream>(
         other => return Err(unexpected(other, "waiting for Hello")),
     }
     let build = super::build_string();
-    send(
+    send_step(
         conn,
         &Message::Hello(Hello {
             version: PROTOCOL_VERSION,
@@ -181,14 +214,14 @@ fn receive<V: DestinationVm + ?Sized, S: MigrationStream>(
             match checked {
                 Ok(ram) => ram,
                 Err(reason) => {
-                    send(conn, &Message::Refused { reason: &reason })?;
+                    send_step(conn, &Message::Refused { reason: &reason })?;
                     return Err(ReceiveError::ConfigRefused(reason));
                 }
             }
         }
         other => return Err(unexpected(other, "waiting for Config")),
     };
-    send(conn, &Message::ConfigAccepted)?;
+    send_step(conn, &Message::ConfigAccepted)?;
     let total: u64 = ram.iter().map(|r| r.size).sum();
     progress.update(|i| i.ram.total = total);
     progress.set_status(MigrationStatus::Active);
@@ -338,6 +371,5 @@ impl Pages {
 }
 
 fn is_cancel_io(e: &ReceiveError) -> bool {
-    matches!(e, ReceiveError::Protocol(ProtocolError::Io { source, .. })
-        if source.kind() == io::ErrorKind::Interrupted && source.to_string() == CANCELLED)
+    matches!(e, ReceiveError::Protocol(ProtocolError::Io { source, .. }) if is_cancelled(source))
 }

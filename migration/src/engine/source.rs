@@ -9,12 +9,12 @@ use super::{
 };
 use crate::page_set::PageSet;
 use crate::protocol::{
-    check_ram_layout, encode, encode_memory_chunk, Complete, Config, Hello, Message, MessageReader,
-    MessageType, ProtocolError, RamRange, MAX_CHUNK_PAGES, MIN_PROTOCOL_VERSION, PAGE_SIZE,
-    PROTOCOL_VERSION,
+    check_ram_layout, encode, encode_memory_chunk, Complete, Config, Header, Hello, Message,
+    MessageReader, MessageType, ProtocolError, RamRange, HEADER_LEN, MAX_CHUNK_PAGES,
+    MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use crate::stats::{IterationStats, MigrationInfo, MigrationProgress, MigrationStatus};
-use crate::transport::{MigrationStream, Watched, CANCELLED};
+use crate::transport::{is_cancelled, MigrationStream, Watched};
 
 /// Encoded frames are written once this many bytes are queued: few, large writes.
 const FLUSH_BYTES: usize = 1 << 20;
@@ -444,16 +444,39 @@ impl<V: SourceVm + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let r = self.conn.get_mut().write_all(&self.out);
-        self.out.clear();
-        r.map_err(|source| {
-            self.broken = true;
+        // Not `write_all`: a cancelled write must say how far it got. (`Watched` retries
+        // `Interrupted` itself, checking for cancellation each time.)
+        let mut written = 0;
+        let r = loop {
+            match self.conn.get_mut().write(&self.out[written..]) {
+                Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => {
+                    written += n;
+                    if written == self.out.len() {
+                        break Ok(());
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let r = r.map_err(|source| {
+            // Cancelled: the link works, so end the frame cut short (if any) to leave the
+            // stream at a frame boundary, where the destination can still read an `Abort`.
+            let at_boundary = is_cancelled(&source)
+                && self
+                    .conn
+                    .get_mut()
+                    .write_best_effort(&self.out[written..frame_end(&self.out, written)])
+                    .is_ok();
+            self.broken = !at_boundary;
             ProtocolError::Io {
                 op: "sending to the destination",
                 source,
             }
             .into()
-        })
+        });
+        self.out.clear();
+        r
     }
 
     /// Cleans up after `e`: tell the peer, stop logging, resume the VM, record the failure.
@@ -509,7 +532,45 @@ fn unexpected(msg: Message<'_>, during: &'static str) -> SendError {
     }
 }
 
+/// End of the frame in `out` (whole frames from its start) that holds byte `at`, or `at`
+/// itself when a frame starts there.
+fn frame_end(out: &[u8], at: usize) -> usize {
+    let mut end = 0;
+    while end < at {
+        let header = out
+            .get(end..end + HEADER_LEN)
+            .and_then(|h| Header::parse(h.try_into().ok()?).ok());
+        match header {
+            Some(h) => end += HEADER_LEN + h.payload_len as usize,
+            // Not one of the frames queued here: cannot happen; send it all.
+            None => return out.len(),
+        }
+    }
+    end.min(out.len())
+}
+
 fn is_cancel_io(e: &SendError) -> bool {
-    matches!(e, SendError::Protocol(ProtocolError::Io { source, .. })
-        if source.kind() == io::ErrorKind::Interrupted && source.to_string() == CANCELLED)
+    matches!(e, SendError::Protocol(ProtocolError::Io { source, .. }) if is_cancelled(source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_end_finds_the_end_of_a_cut_frame() {
+        let mut out = Vec::new();
+        encode(&Message::ConfigAccepted, &mut out).unwrap();
+        let first = out.len();
+        encode_memory_chunk(0, &[7u8; 2 * PAGE_SIZE], &mut out).unwrap();
+        let second = out.len();
+        encode(&Message::ConfigAccepted, &mut out).unwrap();
+        assert_eq!(frame_end(&out, 0), 0);
+        assert_eq!(frame_end(&out, 1), first);
+        assert_eq!(frame_end(&out, first), first);
+        assert_eq!(frame_end(&out, first + 1), second);
+        assert_eq!(frame_end(&out, second - 1), second);
+        assert_eq!(frame_end(&out, second + 3), out.len());
+        assert_eq!(frame_end(&out, out.len()), out.len());
+    }
 }
