@@ -56,7 +56,9 @@ one_run() {
         ((SECONDS > end)) && { echo "$name: the guest did not go on on B" >&2; exit 1; }; sleep 0.1; done
     if grep -q "MISMATCH\|FAIL" "$d/serial.log"; then echo "$name: guest reported loss" >&2; exit 1; fi
     local rss; rss=$(awk '/VmHWM/{print $2}' /proc/"$dst"/status 2>/dev/null || echo 0)
-    echo "{\"workload\": \"$name\", \"run\": $run, \"dest_peak_rss_kib\": $rss, \"info\": $(cat "$d/info.json")}" >>"$WORK/runs.jsonl"
+    python3 -c 'import json, sys; print(json.dumps({"workload": sys.argv[1], "run": int(sys.argv[2]),
+        "dest_peak_rss_kib": int(sys.argv[3]), "info": json.load(open(sys.argv[4]))}))' \
+        "$name" "$run" "$rss" "$d/info.json" >>"$WORK/runs.jsonl"
     kill "$dst" 2>/dev/null || true; wait "$dst" 2>/dev/null || true
     echo "  $name run $run done" >&2
 }
