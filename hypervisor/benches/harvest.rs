@@ -20,6 +20,22 @@ use writer::{guest, Mode, PAGE};
 const RING: u32 = 65536;
 const WRITABLE: u64 = 0xf000_0000; // below the 4 GiB a 32-bit guest reaches
 
+impl Row {
+    /// The row of the printed and the written table.
+    fn table_row(&self) -> String {
+        format!(
+            "| {} GiB | {}% | {} | {:.3} ms ({}) | {:.3} ms | {:.2} |",
+            self.ram_gib,
+            self.percent,
+            self.pages,
+            self.ring.as_secs_f64() * 1e3,
+            self.ring_harvests,
+            self.bitmap.as_secs_f64() * 1e3,
+            self.ring.as_secs_f64() / self.bitmap.as_secs_f64()
+        )
+    }
+}
+
 struct Row {
     ram_gib: u64,
     percent: f64,
@@ -86,16 +102,7 @@ fn main() {
                 ring_harvests,
                 bitmap,
             };
-            println!(
-                "| {} GiB | {}% | {} | {:.3} ms ({}) | {:.3} ms | {:.2} |",
-                r.ram_gib,
-                r.percent,
-                r.pages,
-                r.ring.as_secs_f64() * 1e3,
-                r.ring_harvests,
-                r.bitmap.as_secs_f64() * 1e3,
-                r.ring.as_secs_f64() / r.bitmap.as_secs_f64()
-            );
+            println!("{}", r.table_row());
             rows.push(r);
         }
     }
@@ -131,17 +138,7 @@ fn write_results(rows: &[Row]) {
     let mut json = String::from("{\n  \"benchmark\": \"harvest\",\n");
     let _ = writeln!(json, "  \"date\": \"{date}\",\n  \"cpu\": \"{cpu}\",\n  \"ring_entries\": {RING},\n  \"rows\": [");
     for (i, r) in rows.iter().enumerate() {
-        let _ = writeln!(
-            md,
-            "| {} GiB | {}% | {} | {:.3} ms ({}) | {:.3} ms | {:.2} |",
-            r.ram_gib,
-            r.percent,
-            r.pages,
-            r.ring.as_secs_f64() * 1e3,
-            r.ring_harvests,
-            r.bitmap.as_secs_f64() * 1e3,
-            r.ring.as_secs_f64() / r.bitmap.as_secs_f64()
-        );
+        let _ = writeln!(md, "{}", r.table_row());
         let _ = writeln!(json, "    {{\"ram_gib\": {}, \"dirty_percent\": {}, \"pages\": {}, \"ring_ms\": {:.4}, \"ring_harvests\": {}, \"bitmap_ms\": {:.4}}}{}", r.ram_gib, r.percent, r.pages, r.ring.as_secs_f64() * 1e3, r.ring_harvests, r.bitmap.as_secs_f64() * 1e3, if i + 1 < rows.len() { "," } else { "" });
     }
     json.push_str("  ]\n}\n");

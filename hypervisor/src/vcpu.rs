@@ -169,6 +169,19 @@ impl Vcpu {
     }
 }
 
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        // A kick arriving after the kvm_run page is unmapped must not write to it: forget
+        // it first if this thread is the one bound to it.
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        KICK_TARGET.with(|t| {
+            if t.get() == run {
+                t.set(std::ptr::null_mut());
+            }
+        });
+    }
+}
+
 /// Gives vCPU `index` KVM's supported CPUID with its own APIC id and the vCPU count.
 pub(crate) fn configure_cpuid(fd: &VcpuFd, base: &CpuId, index: u32, count: u32) -> Result<()> {
     let mut cpuid = base.clone();

@@ -266,17 +266,28 @@ fn never_converging(hosts: &TwoHosts) -> Value {
     json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b), "downtime_ms": 1})
 }
 
-#[test]
-fn destination_killed_mid_way_fails_fast_and_the_source_keeps_running() {
-    let hosts = TwoHosts::new(3);
-    let dir = tmpdir("kill-dest");
+/// What is left after a migration was broken mid-way by `damage`.
+struct Broken {
+    hosts: TwoHosts,
+    dir: PathBuf,
+    serial: Serial,
+    src: Host,
+    dest: Host,
+    receiving: std::thread::JoinHandle<Reply>,
+}
+
+/// Starts a migration between the two hosts, lets `damage` break it while memory is
+/// being copied, and checks the source reports the failure within 10 s.
+fn broken_migration(tag: u8, name: &str, damage: impl FnOnce(&TwoHosts, &mut Host)) -> Broken {
+    let hosts = TwoHosts::new(tag);
+    let dir = tmpdir(name);
     let serial = Serial(dir.join("serial.log"));
     let (mut dest, receiving) = receiver(&hosts.b, &dir, "dest");
-    let mut src = source(&hosts.a, &dir, &serial, FOREVER, &BIG);
+    let src = source(&hosts.a, &dir, &serial, FOREVER, &BIG);
     serial.wait("guest: verified 1 1", 0, Duration::from_secs(60));
     let sending = src.send_async(never_converging(&hosts));
     src.wait_migration_active();
-    dest.kill();
+    damage(&hosts, &mut dest);
     let t = Instant::now();
     let (r, _) = sending.join().unwrap();
     assert_eq!(r.status, 500);
@@ -285,42 +296,38 @@ fn destination_killed_mid_way_fails_fast_and_the_source_keeps_running() {
         "failed after {:?}",
         t.elapsed()
     );
-    eprintln!("source's error: {}", r.error_message());
-    let _ = receiving.join();
-    assert_source_runs(&src, &serial);
-    migrate_to_fresh(&hosts, &dir, &mut src, &serial);
-    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("{name}: the source's error: {}", r.error_message());
+    Broken {
+        hosts,
+        dir,
+        serial,
+        src,
+        dest,
+        receiving,
+    }
+}
+
+#[test]
+fn destination_killed_mid_way_fails_fast_and_the_source_keeps_running() {
+    let mut b = broken_migration(3, "kill-dest", |_, dest| dest.kill());
+    let _ = b.receiving.join();
+    assert_source_runs(&b.src, &b.serial);
+    migrate_to_fresh(&b.hosts, &b.dir, &mut b.src, &b.serial);
+    let _ = std::fs::remove_dir_all(&b.dir);
 }
 
 #[test]
 fn silent_link_fails_within_ten_seconds_and_the_source_keeps_running() {
-    let hosts = TwoHosts::new(4);
-    let dir = tmpdir("cut-link");
-    let serial = Serial(dir.join("serial.log"));
-    let (mut dest, receiving) = receiver(&hosts.b, &dir, "dest");
-    let mut src = source(&hosts.a, &dir, &serial, FOREVER, &BIG);
-    serial.wait("guest: verified 1 1", 0, Duration::from_secs(60));
-    let sending = src.send_async(never_converging(&hosts));
-    src.wait_migration_active();
-    hosts.cut_link();
-    let t = Instant::now();
-    let (r, _) = sending.join().unwrap();
-    assert_eq!(r.status, 500);
-    assert!(
-        t.elapsed() <= Duration::from_secs(10),
-        "failed after {:?}",
-        t.elapsed()
-    );
-    eprintln!("source's error: {}", r.error_message());
+    let mut b = broken_migration(4, "cut-link", |hosts, _| hosts.cut_link());
     // The destination gives up on its own and runs nothing.
-    let rr = receiving.join().unwrap();
+    let rr = b.receiving.join().unwrap();
     assert_eq!(rr.status, 500, "{}", rr.error_message());
-    assert_eq!(dest.api.get("vm.info").unwrap().status, 404);
-    dest.kill();
-    assert_source_runs(&src, &serial);
-    hosts.mend_link();
-    migrate_to_fresh(&hosts, &dir, &mut src, &serial);
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(b.dest.api.get("vm.info").unwrap().status, 404);
+    b.dest.kill();
+    assert_source_runs(&b.src, &b.serial);
+    b.hosts.mend_link();
+    migrate_to_fresh(&b.hosts, &b.dir, &mut b.src, &b.serial);
+    let _ = std::fs::remove_dir_all(&b.dir);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vm_migration::{
     receive_migration, send_migration, MigrationProgress, ReceiveOptions, SendOptions,
@@ -15,17 +15,7 @@ use vmm::migration::transport::{Listener, MigrationUrl, Stream};
 use vmm::migration::{MachineDestination, MachineSource};
 use vmm::vm::Machine;
 
-fn wait_serial(path: &std::path::Path, pat: &str, from: usize, timeout: Duration) -> usize {
-    let end = Instant::now() + timeout;
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if let Some(p) = text.get(from..).and_then(|t| t.find(pat)) {
-            return from + p + pat.len();
-        }
-        assert!(Instant::now() < end, "no {pat:?} in {timeout:?}:\n{text}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::wait_serial;
 
 /// One migration of `a` to a machine built in this process, over `url`; the migration's
 /// figures and the machine now running the guest.

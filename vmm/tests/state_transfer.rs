@@ -4,26 +4,13 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::config::{parse_serial, VmConfig};
 use vmm::vm::Machine;
 
-fn wait_for(path: &std::path::Path, pat: &str, from: usize, timeout: Duration) -> usize {
-    let end = Instant::now() + timeout;
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if let Some(pos) = text[from.min(text.len())..].find(pat) {
-            return from + pos + pat.len();
-        }
-        assert!(
-            Instant::now() < end,
-            "no {pat:?} within {timeout:?}; serial so far:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use common::wait_serial;
 
 #[test]
 fn saved_state_and_ram_continue_in_a_new_machine() {
@@ -37,7 +24,7 @@ fn saved_state_and_ram_continue_in_a_new_machine() {
     config.serial = parse_serial(&format!("file={}", serial.display())).unwrap();
 
     let a = Machine::boot(config.clone()).unwrap();
-    let pos = wait_for(&serial, "guest: verified 1 1", 0, Duration::from_secs(120));
+    let pos = wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(120));
     let state = a.save_state().unwrap();
     assert_eq!(state.vcpus.len(), 2);
     // Plain data across the wire.
@@ -55,7 +42,7 @@ fn saved_state_and_ram_continue_in_a_new_machine() {
     drop(a);
     let b = b.start(&state).unwrap();
     // New passes happen on B, and the guest's verifier finds every page as it left it.
-    let end = wait_for(&serial, "guest: PASS", pos, Duration::from_secs(300));
+    let end = wait_serial(&serial, "guest: PASS", pos, Duration::from_secs(300));
     let text = std::fs::read_to_string(&serial).unwrap();
     assert!(!text.contains("MISMATCH"), "{text}");
     assert!(text[pos..end].contains("guest: verified"), "{text}");

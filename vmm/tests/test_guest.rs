@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::Ferry;
 use guest_pattern::{check_page, fill_page, PAGE_SIZE};
@@ -67,18 +67,6 @@ fn bad_arguments_are_named_and_exit_1() {
     }
 }
 
-fn wait_serial(path: &std::path::Path, pat: &str, timeout: Duration) -> String {
-    let end = Instant::now() + timeout;
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(pat)) {
-            return line.to_string();
-        }
-        assert!(Instant::now() < end, "no {pat:?} in {timeout:?}:\n{text}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn verifier_catches_a_stale_page_written_by_the_vmm() {
     let serial = std::env::temp_dir().join(format!("ferry-stale-{}.log", std::process::id()));
@@ -93,7 +81,7 @@ fn verifier_catches_a_stale_page_written_by_the_vmm() {
     c.payload.cmdline = Some("workload=verify start=1M size=8M rate=4096".into());
     c.serial = parse_serial(&format!("file={}", serial.display())).unwrap();
     let m = Machine::boot(c).unwrap();
-    wait_serial(&serial, "guest: verified 1 1", Duration::from_secs(60));
+    common::wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(60));
     m.pause();
     // A page in vCPU 1's share (the second 4 MiB): put back its previous generation.
     let gpa = 0x50_0000 + 7 * PAGE_SIZE as u64;
@@ -107,12 +95,12 @@ fn verifier_catches_a_stale_page_written_by_the_vmm() {
     fill_page(&mut page, gpa, generation - 1);
     m.memory().write_slice(&page, GuestAddress(gpa)).unwrap();
     m.resume();
-    let line = wait_serial(&serial, "guest: MISMATCH", Duration::from_secs(60));
+    let line = common::serial_line(&serial, "guest: MISMATCH", Duration::from_secs(60));
     assert!(
         line.contains(&format!("cpu=1 gpa={gpa:#x} ")),
         "the mismatch names the page: {line}"
     );
-    wait_serial(&serial, "guest: FAIL", Duration::from_secs(10));
+    common::wait_serial(&serial, "guest: FAIL", 0, Duration::from_secs(10));
     assert_eq!(
         m.wait_event(Some(Duration::from_secs(10))),
         Some(VmEvent::DebugExit(1))

@@ -135,3 +135,26 @@ impl Drop for Ferry {
     }
 }
 pub mod netns;
+
+/// Waits until the serial log at `path` holds `pat` after byte `from`; returns the offset
+/// just past it. Panics with the whole log on timeout.
+pub fn wait_serial(path: &Path, pat: &str, from: usize, timeout: Duration) -> usize {
+    let end = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(p) = text.get(from..).and_then(|t| t.find(pat)) {
+            return from + p + pat.len();
+        }
+        assert!(Instant::now() < end, "no {pat:?} in {timeout:?}:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The line of the serial log at `path` that holds `pat` (waiting for it).
+pub fn serial_line(path: &Path, pat: &str, timeout: Duration) -> String {
+    let end = wait_serial(path, pat, 0, timeout);
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let start = text[..end].rfind('\n').map_or(0, |i| i + 1);
+    let stop = text[end..].find('\n').map_or(text.len(), |i| end + i);
+    text[start..stop].to_string()
+}
