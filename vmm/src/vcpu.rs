@@ -33,6 +33,9 @@ pub struct ExitCounters {
     pub dirty_ring_full: AtomicU64,
     pub interrupted: AtomicU64,
     pub other: AtomicU64,
+    /// Times a vCPU parked for a pause (not an exit reason: a kicked vCPU may park
+    /// before its KVM_RUN even returns).
+    pub parks: AtomicU64,
 }
 
 #[derive(Default)]
@@ -168,9 +171,10 @@ impl VcpuControl {
 
     /// Called by a vCPU thread when `pending` is set: parks while paused, saving its
     /// state when asked. Returns false when the thread must end.
-    fn checkpoint(&self, vcpu: &Vcpu, saved_gen: &mut u64) -> bool {
+    fn checkpoint(&self, vcpu: &Vcpu, saved_gen: &mut u64, c: &ExitCounters) -> bool {
         let mut f = self.lock();
         if f.pause && !f.stop {
+            c.parks.fetch_add(1, Ordering::Relaxed);
             f.parked += 1;
             self.cv.notify_all();
             while f.pause && !f.stop {
@@ -234,7 +238,7 @@ fn run_loop(
     loop {
         if ctl.pending.load(Ordering::SeqCst) {
             ctl.record(vcpu);
-            if !ctl.checkpoint(vcpu, &mut saved_gen) {
+            if !ctl.checkpoint(vcpu, &mut saved_gen, c) {
                 return;
             }
         }

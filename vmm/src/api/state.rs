@@ -66,6 +66,7 @@ pub fn machine_counters(m: &Machine) -> Counters {
             ("dirty_ring_full", r(&e.dirty_ring_full)),
             ("interrupted", r(&e.interrupted)),
             ("other", r(&e.other)),
+            ("parks", r(&e.parks)),
         ]),
     );
     if let Some(s) = &m.serial_counters {
