@@ -12,7 +12,7 @@ use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::KernelLoader;
 use vm_memory::{ByteValued, Bytes, GuestAddress};
 
-use super::gdt::{self, CODE64_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
+use super::gdt::{self, CODE64_SELECTOR};
 use super::layout::{
     self, BOOT_STACK_POINTER, CMDLINE_MAX_SIZE, HIMEM_START, IDENTITY_MAP_GIB, KERNEL_LOAD_ADDR,
     PDPT_ADDR, PD_ADDR, PML4_ADDR, ZERO_PAGE_ADDR,
@@ -284,17 +284,7 @@ pub fn linux64_regs(entry: GuestAddress, boot_params: GuestAddress) -> kvm_regs 
 /// on the identity map, CS = `__BOOT_CS` (0x10), DS/ES/SS = `__BOOT_DS` (0x18) as the boot
 /// protocol asks, a busy TSS in TR.
 pub fn setup_sregs_long_mode(sregs: &mut kvm_sregs) {
-    sregs.cs = gdt::segment(CODE64_SELECTOR);
-    let data = gdt::segment(DATA_SELECTOR);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = gdt::segment(TSS_SELECTOR);
-    sregs.gdt = gdt::gdt_table();
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0;
+    gdt::load_boot_segments(sregs, CODE64_SELECTOR);
     sregs.cr0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
     sregs.cr3 = PML4_ADDR.0;
     sregs.cr4 = X86_CR4_PAE;

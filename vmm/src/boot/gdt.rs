@@ -100,6 +100,23 @@ pub fn segment(selector: u16) -> kvm_segment {
     }
 }
 
+/// Loads the boot GDT's flat segments into `sregs`: CS = `code`, every data segment =
+/// [`DATA_SELECTOR`], a busy TSS in TR, and no IDT until the guest loads one (an early
+/// fault then ends in a clean shutdown exit, not a jump through real-mode vectors).
+pub fn load_boot_segments(sregs: &mut kvm_bindings::kvm_sregs, code: u16) {
+    sregs.cs = segment(code);
+    let data = segment(DATA_SELECTOR);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment(TSS_SELECTOR);
+    sregs.gdt = gdt_table();
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use linux_loader::start_info::{
 use vm_memory::{Bytes, GuestAddress};
 
 use super::elf::{self, ElfImage};
-use super::gdt::{self, CODE32_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
+use super::gdt::{self, CODE32_SELECTOR};
 use super::layout::{
     self, BOOT_AREA_END, BOOT_AREA_START, EBDA_START, HIGH_RAM_START, HIMEM_START, MMIO_HOLE_START,
     PVH_MEMMAP_ADDR, PVH_MEMMAP_MAX_ENTRIES, PVH_MODLIST_ADDR, PVH_START_INFO_ADDR,
@@ -183,19 +183,7 @@ pub fn pvh_regs(entry: GuestAddress, start_info: GuestAddress) -> kvm_regs {
 /// entry: protected mode, paging off, flat 32-bit segments from the boot GDT, a busy
 /// 32-bit TSS in TR, CR4 and EFER clear.
 pub fn setup_sregs_pvh(sregs: &mut kvm_sregs) {
-    sregs.cs = gdt::segment(CODE32_SELECTOR);
-    let data = gdt::segment(DATA_SELECTOR);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = gdt::segment(TSS_SELECTOR);
-    sregs.gdt = gdt::gdt_table();
-    // No IDT until the guest loads one: an early fault then ends in a clean shutdown
-    // exit instead of a jump through the real-mode vector table.
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0;
+    gdt::load_boot_segments(sregs, CODE32_SELECTOR);
     // PVH: "bit 0 (PE) must be set. All the other writeable bits are cleared."
     sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
     sregs.cr3 = 0;
