@@ -378,7 +378,11 @@ fn source_killed_mid_way_leaves_nothing_running_and_the_destination_can_receive_
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn non_converging(tag: u8, strategy: &str) -> (Reply, Host, Option<Host>, Serial, PathBuf) {
+/// Returns the hosts too: they (and their namespaces) must outlive the test's checks.
+fn non_converging(
+    tag: u8,
+    strategy: &str,
+) -> (Reply, Host, Option<Host>, Serial, PathBuf, TwoHosts) {
     let hosts = TwoHosts::new(tag);
     let dir = tmpdir(&format!("timeout-{strategy}"));
     let serial = Serial(dir.join("serial.log"));
@@ -392,13 +396,12 @@ fn non_converging(tag: u8, strategy: &str) -> (Reply, Host, Option<Host>, Serial
     eprintln!("{strategy}: {} after {took:?}", r.status);
     let rr = receiving.join().unwrap();
     let dest = (rr.status == 204).then_some(dest);
-    std::mem::forget(hosts);
-    (r, src, dest, serial, dir)
+    (r, src, dest, serial, dir, hosts)
 }
 
 #[test]
 fn timeout_with_cancel_keeps_the_source_running() {
-    let (r, src, dest, serial, dir) = non_converging(6, "Cancel");
+    let (r, src, dest, serial, dir, _hosts) = non_converging(6, "Cancel");
     assert_eq!(r.status, 500);
     assert!(
         r.error_message().contains("timed out"),
@@ -413,7 +416,7 @@ fn timeout_with_cancel_keeps_the_source_running() {
 
 #[test]
 fn timeout_with_ignore_switches_over_with_nothing_lost() {
-    let (r, mut src, dest, serial, dir) = non_converging(7, "Ignore");
+    let (r, mut src, dest, serial, dir, _hosts) = non_converging(7, "Ignore");
     assert_eq!(r.status, 204, "{}", r.error_message());
     assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
     let dest = dest.expect("the destination runs the VM");
