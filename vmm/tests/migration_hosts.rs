@@ -357,11 +357,15 @@ fn source_killed_mid_way_leaves_nothing_running_and_the_destination_can_receive_
     let serial2 = Serial(dir.join("serial2.log"));
     let mut src = source(&hosts.a, &dir, &serial2, FOREVER, &BIG);
     let pos = serial2.wait("guest: verified 1 1", 0, Duration::from_secs(60));
-    // Until the receiver listens again, a send may be refused: retry briefly.
+    // Until the receiver listens again, a send may be refused: retry briefly. The guest
+    // outpaces the link, so the migration switches over by its timeout (Ignore).
     let end = Instant::now() + Duration::from_secs(10);
     loop {
         let (r, _) = src
-            .send_async(json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b)}))
+            .send_async(
+                json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b),
+                               "timeout_s": 5, "timeout_strategy": "Ignore"}),
+            )
             .join()
             .unwrap();
         if r.status == 204 {
