@@ -233,13 +233,7 @@ fn assert_source_runs(src: &Host, serial: &Serial) {
 /// migration switches over after 5 s (Ignore) rather than converging.
 fn migrate_to_fresh(hosts: &TwoHosts, dir: &std::path::Path, src: &mut Host, serial: &Serial) {
     let (mut dest, receiving) = receiver(&hosts.b, dir, "dest2");
-    let (r, _) = src
-        .send_async(
-            json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b),
-                           "timeout_s": 5, "timeout_strategy": "Ignore"}),
-        )
-        .join()
-        .unwrap();
+    let (r, _) = src.send_async(switching_over(hosts)).join().unwrap();
     assert_eq!(
         r.status,
         204,
@@ -259,6 +253,13 @@ fn migrate_to_fresh(hosts: &TwoHosts, dir: &std::path::Path, src: &mut Host, ser
 /// verify pages (non-zero, so every one is sent).
 const FOREVER: &str = "workload=verify start=1M size=1536M";
 const BIG: [&str; 4] = ["--cpus", "boot=2", "--memory", "size=2G"];
+
+/// A send body for a guest that outpaces the link: the migration switches over after
+/// 5 s (Ignore) rather than converging.
+fn switching_over(hosts: &TwoHosts) -> Value {
+    json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b),
+           "timeout_s": 5, "timeout_strategy": "Ignore"})
+}
 
 /// A 1 ms downtime keeps the migration iterating; with a 1 s timeout the timeout
 /// strikes during the first pass (1.5 GiB to send).
@@ -361,13 +362,7 @@ fn source_killed_mid_way_leaves_nothing_running_and_the_destination_can_receive_
     // outpaces the link, so the migration switches over by its timeout (Ignore).
     let end = Instant::now() + Duration::from_secs(10);
     loop {
-        let (r, _) = src
-            .send_async(
-                json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b),
-                               "timeout_s": 5, "timeout_strategy": "Ignore"}),
-            )
-            .join()
-            .unwrap();
+        let (r, _) = src.send_async(switching_over(&hosts)).join().unwrap();
         if r.status == 204 {
             break;
         }
