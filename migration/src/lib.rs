@@ -16,8 +16,9 @@ pub mod stats;
 pub mod transport;
 
 pub use engine::{
-    receive_migration, send_migration, DestinationVm, HookResult, ReceiveError, ReceiveOptions,
-    SendError, SendOptions, SourceVm, TimeoutStrategy,
+    receive_migration, receive_migration_from, send_migration, send_migration_parallel,
+    AcceptChannel, DestinationVm, HookResult, ReceiveError, ReceiveOptions, SendError, SendOptions,
+    SourceVm, TimeoutStrategy,
 };
 pub use protocol::{RamRange, PAGE_SIZE};
 pub use stats::{MigrationInfo, MigrationProgress, MigrationStatus};

@@ -53,6 +53,10 @@ pub enum MessageType {
     Complete = 8,
     Resumed = 9,
     Abort = 10,
+    Channels = 11,
+    ChannelHello = 12,
+    ChannelsReady = 13,
+    MemoryFds = 14,
 }
 
 impl MessageType {
@@ -69,6 +73,10 @@ impl MessageType {
             8 => Complete,
             9 => Resumed,
             10 => Abort,
+            11 => Channels,
+            12 => ChannelHello,
+            13 => ChannelsReady,
+            14 => MemoryFds,
             _ => return None,
         })
     }
@@ -86,6 +94,9 @@ impl MessageType {
             State => MAX_STATE_LEN,
             Complete => 8 + MAX_CONFIG_LEN,
             Resumed => 8,
+            Channels | ChannelHello => 2 + 8,
+            ChannelsReady => 0,
+            MemoryFds => (4 + MAX_RAM_RANGES * 24) as u32,
         }
     }
 }
@@ -249,8 +260,30 @@ pub struct Hello<'a> {
     pub build: &'a str,
 }
 
-/// Bits of [`Hello::features`]. None defined in version 1; unknown bits are ignored.
-pub mod features {}
+/// Bits of [`Hello::features`]: optional behaviour, used only when both sides set the bit.
+/// Unknown bits are ignored.
+pub mod features {
+    /// Memory may travel over extra connections ([`super::Message::Channels`]).
+    pub const PARALLEL_CHANNELS: u64 = 1 << 0;
+    /// On one host, guest RAM may be handed over as file descriptors
+    /// ([`super::Message::MemoryFds`]) instead of being copied.
+    pub const LOCAL_MEMORY: u64 = 1 << 1;
+    /// Every feature this build implements.
+    pub const ALL: u64 = PARALLEL_CHANNELS | LOCAL_MEMORY;
+}
+
+/// Most connections one migration may use (the main one included).
+pub const MAX_CHANNELS: u16 = 16;
+
+/// One RAM range handed over as a file: the descriptor travels beside the message
+/// (SCM_RIGHTS), in the same order as these entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryFd {
+    pub gpa: u64,
+    pub size: u64,
+    /// Where the range starts in its file.
+    pub file_offset: u64,
+}
 
 /// `Config`: the source's VM configuration and RAM layout, checked before any page moves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -356,6 +389,22 @@ pub enum Message<'a> {
     Abort {
         reason: &'a str,
     },
+    /// Source → destination on the main connection, after `ConfigAccepted`: `count` more
+    /// connections follow, each opening with `ChannelHello` carrying `token`.
+    Channels {
+        count: u16,
+        token: u64,
+    },
+    /// First message on an extra connection: which one it is (1..=count) and the token.
+    ChannelHello {
+        index: u16,
+        token: u64,
+    },
+    /// Destination → source: every extra connection was accepted.
+    ChannelsReady,
+    /// Source → destination, before `Config`: guest RAM as files, whose descriptors
+    /// travel with this message's bytes (SCM_RIGHTS, UNIX sockets only).
+    MemoryFds(Vec<MemoryFd>),
 }
 
 impl Message<'_> {
@@ -371,6 +420,10 @@ impl Message<'_> {
             Message::Complete(_) => MessageType::Complete,
             Message::Resumed { .. } => MessageType::Resumed,
             Message::Abort { .. } => MessageType::Abort,
+            Message::Channels { .. } => MessageType::Channels,
+            Message::ChannelHello { .. } => MessageType::ChannelHello,
+            Message::ChannelsReady => MessageType::ChannelsReady,
+            Message::MemoryFds(_) => MessageType::MemoryFds,
         }
     }
 }
@@ -457,6 +510,30 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) -> Result<(), ProtocolError>
             out.extend_from_slice(c.source_info);
         }
         Message::Resumed { downtime_us } => out.extend_from_slice(&downtime_us.to_le_bytes()),
+        Message::Channels { count, token } => {
+            out.extend_from_slice(&count.to_le_bytes());
+            out.extend_from_slice(&token.to_le_bytes());
+        }
+        Message::ChannelHello { index, token } => {
+            out.extend_from_slice(&index.to_le_bytes());
+            out.extend_from_slice(&token.to_le_bytes());
+        }
+        Message::ChannelsReady => {}
+        Message::MemoryFds(fds) => {
+            if fds.len() > MAX_RAM_RANGES {
+                out.truncate(start);
+                return Err(ProtocolError::malformed(
+                    kind,
+                    format!("{} memory files, at most {MAX_RAM_RANGES}", fds.len()),
+                ));
+            }
+            out.extend_from_slice(&(fds.len() as u32).to_le_bytes());
+            for f in fds {
+                out.extend_from_slice(&f.gpa.to_le_bytes());
+                out.extend_from_slice(&f.size.to_le_bytes());
+                out.extend_from_slice(&f.file_offset.to_le_bytes());
+            }
+        }
     }
     finish_frame(out, start, kind)
 }
@@ -779,6 +856,67 @@ pub fn decode_payload(kind: MessageType, p: &[u8]) -> Result<Message<'_>, Protoc
                 downtime_us: u64_at(p, 0),
             }
         }
+        MessageType::Channels | MessageType::ChannelHello => {
+            exact_len(kind, p, 10)?;
+            let (n, token) = (u16_at(p, 0), u64_at(p, 2));
+            if kind == MessageType::Channels {
+                if n == 0 || n >= MAX_CHANNELS {
+                    return Err(ProtocolError::malformed(
+                        kind,
+                        format!("{n} extra connections (1 to {})", MAX_CHANNELS - 1),
+                    ));
+                }
+                Message::Channels { count: n, token }
+            } else {
+                if n == 0 || n >= MAX_CHANNELS {
+                    return Err(ProtocolError::malformed(
+                        kind,
+                        format!("connection index {n} (1 to {})", MAX_CHANNELS - 1),
+                    ));
+                }
+                Message::ChannelHello { index: n, token }
+            }
+        }
+        MessageType::ChannelsReady => {
+            exact_len(kind, p, 0)?;
+            Message::ChannelsReady
+        }
+        MessageType::MemoryFds => {
+            min_len(kind, p, 4)?;
+            let n = u32_at(p, 0) as usize;
+            if n == 0 || n > MAX_RAM_RANGES {
+                return Err(ProtocolError::malformed(
+                    kind,
+                    format!("{n} memory files (1 to {MAX_RAM_RANGES})"),
+                ));
+            }
+            exact_len(kind, p, 4 + n * 24)?;
+            let fds: Vec<MemoryFd> = (0..n)
+                .map(|i| MemoryFd {
+                    gpa: u64_at(p, 4 + i * 24),
+                    size: u64_at(p, 12 + i * 24),
+                    file_offset: u64_at(p, 20 + i * 24),
+                })
+                .collect();
+            let ram: Vec<RamRange> = fds
+                .iter()
+                .map(|f| RamRange {
+                    gpa: f.gpa,
+                    size: f.size,
+                })
+                .collect();
+            check_ram_layout(&ram).map_err(|e| ProtocolError::malformed(kind, e))?;
+            if let Some(f) = fds.iter().find(|f| f.file_offset % PAGE_SIZE as u64 != 0) {
+                return Err(ProtocolError::malformed(
+                    kind,
+                    format!(
+                        "file offset {:#x} of gpa {:#x} is not page-aligned",
+                        f.file_offset, f.gpa
+                    ),
+                ));
+            }
+            Message::MemoryFds(fds)
+        }
     })
 }
 
@@ -927,6 +1065,24 @@ mod tests {
             }),
             Message::Resumed { downtime_us: 42 },
             Message::Abort { reason: "é" },
+            Message::Channels {
+                count: 3,
+                token: u64::MAX - 5,
+            },
+            Message::ChannelHello { index: 2, token: 9 },
+            Message::ChannelsReady,
+            Message::MemoryFds(vec![
+                MemoryFd {
+                    gpa: 0,
+                    size: 0xa0000,
+                    file_offset: 0,
+                },
+                MemoryFd {
+                    gpa: 0x100000,
+                    size: 0x1000_0000,
+                    file_offset: 0xa0000,
+                },
+            ]),
         ] {
             roundtrip(&msg);
         }
@@ -1109,6 +1265,32 @@ mod tests {
                 ]
                 .concat(),
                 "maps 1 data pages but carries 0 bytes",
+            ),
+            (
+                MessageType::Channels,
+                [0u16.to_le_bytes().to_vec(), vec![0; 8]].concat(),
+                "0 extra connections",
+            ),
+            (
+                MessageType::ChannelHello,
+                [16u16.to_le_bytes().to_vec(), vec![0; 8]].concat(),
+                "connection index 16",
+            ),
+            (
+                MessageType::MemoryFds,
+                [
+                    1u32.to_le_bytes().to_vec(),
+                    0u64.to_le_bytes().to_vec(),
+                    0x1000u64.to_le_bytes().to_vec(),
+                    0x10u64.to_le_bytes().to_vec(),
+                ]
+                .concat(),
+                "file offset 0x10",
+            ),
+            (
+                MessageType::MemoryFds,
+                0u32.to_le_bytes().to_vec(),
+                "0 memory files",
             ),
         ] {
             let e = decode_all(&frame(kind, &payload)).unwrap_err();

@@ -4,7 +4,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -13,10 +13,12 @@ use vm_migration::protocol::{
     encode, encode_memory_chunk, Complete, Config, Header, Hello, Message, MessageReader,
     MessageType, ProtocolError, HEADER_LEN,
 };
+use vm_migration::transport::FdUnixStream;
 use vm_migration::{
-    receive_migration, send_migration, DestinationVm, HookResult, MigrationInfo, MigrationProgress,
-    MigrationStatus, MigrationStream, RamRange, ReceiveError, ReceiveOptions, SendError,
-    SendOptions, SourceVm, TimeoutStrategy, PAGE_SIZE,
+    receive_migration, receive_migration_from, send_migration, send_migration_parallel,
+    DestinationVm, HookResult, MigrationInfo, MigrationProgress, MigrationStatus, MigrationStream,
+    RamRange, ReceiveError, ReceiveOptions, SendError, SendOptions, SourceVm, TimeoutStrategy,
+    PAGE_SIZE,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -225,43 +227,44 @@ impl SourceVm for FakeSource {
 #[derive(Default)]
 struct FakeDestination {
     layout: Vec<RamRange>,
-    ram: Vec<u8>,
+    ram: Mutex<Vec<u8>>,
     refuse: Option<String>,
     config_checked: bool,
     state: Option<(Vec<u8>, Vec<u8>)>,
     resumed: bool,
-    page_writes: u64,
+    page_writes: AtomicU64,
     /// Runs inside `check_config`, before the answer.
-    during_config_check: Option<Box<dyn FnOnce() + Send>>,
+    during_config_check: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl DestinationVm for FakeDestination {
     fn check_config(&mut self, vm_config: &[u8], ram: &[RamRange]) -> HookResult<Vec<RamRange>> {
         self.config_checked = true;
         assert!(vm_config.starts_with(b"{"));
-        if let Some(f) = self.during_config_check.take() {
+        if let Some(f) = self.during_config_check.lock().unwrap().take() {
             f();
         }
         if let Some(reason) = &self.refuse {
             return Err(reason.clone());
         }
         self.layout = ram.to_vec();
-        self.ram = vec![0; ram_size(ram)];
+        self.ram = Mutex::new(vec![0; ram_size(ram)]);
         Ok(ram.to_vec())
     }
 
-    fn write_pages(&mut self, gpa: u64, data: &[u8]) -> HookResult<()> {
+    fn write_pages(&self, gpa: u64, data: &[u8]) -> HookResult<()> {
         assert!(!self.resumed);
         let off = offset(&self.layout, gpa, data.len())?;
-        self.ram[off..off + data.len()].copy_from_slice(data);
-        self.page_writes += (data.len() / PAGE_SIZE) as u64;
+        self.ram.lock().unwrap()[off..off + data.len()].copy_from_slice(data);
+        self.page_writes
+            .fetch_add((data.len() / PAGE_SIZE) as u64, Ordering::Relaxed);
         Ok(())
     }
 
-    fn zero_pages(&mut self, gpa: u64, pages: u64) -> HookResult<()> {
+    fn zero_pages(&self, gpa: u64, pages: u64) -> HookResult<()> {
         let len = (pages * PAGE) as usize;
         let off = offset(&self.layout, gpa, len)?;
-        self.ram[off..off + len].fill(0);
+        self.ram.lock().unwrap()[off..off + len].fill(0);
         Ok(())
     }
 
@@ -288,6 +291,7 @@ fn fast_opts(downtime: Duration, timeout: Duration, strategy: TimeoutStrategy) -
         io_timeout: Duration::from_millis(800),
         confirm_timeout: Duration::from_millis(800),
         chunk_pages: 64,
+        local_memory: false,
     }
 }
 
@@ -316,7 +320,7 @@ fn assert_migrated(src: &FakeSource, dest: &FakeDestination) {
     let at_pause = at_pause.as_ref().expect("the source was paused");
     let diff = at_pause
         .chunks_exact(PAGE_SIZE)
-        .zip(dest.ram.chunks_exact(PAGE_SIZE))
+        .zip(dest.ram.lock().unwrap().chunks_exact(PAGE_SIZE))
         .filter(|(a, b)| a != b)
         .count();
     assert_eq!(diff, 0, "{diff} pages differ");
@@ -501,10 +505,10 @@ fn cancel_while_the_destination_checks_the_configuration() {
     let dest = spawn_destination(
         b,
         FakeDestination {
-            during_config_check: Some(Box::new(move || {
+            during_config_check: Mutex::new(Some(Box::new(move || {
                 api.cancel();
                 let _ = wait_for_source.recv();
-            })),
+            }))),
             ..Default::default()
         },
     );
@@ -529,7 +533,7 @@ fn cancel_while_the_destination_checks_the_configuration() {
         "{dr:?}"
     );
     assert!(d.config_checked);
-    assert_eq!(d.page_writes, 0);
+    assert_eq!(d.page_writes.load(Ordering::Relaxed), 0);
     assert!(!d.resumed);
 }
 
@@ -557,7 +561,7 @@ fn refused_configuration_moves_no_page() {
     assert!(!src.ram.lock().unwrap().logging);
     let (dr, d) = dest.join().unwrap();
     assert!(matches!(dr, Err(ReceiveError::ConfigRefused(_))), "{dr:?}");
-    assert_eq!(d.page_writes, 0);
+    assert_eq!(d.page_writes.load(Ordering::Relaxed), 0);
     assert!(!d.resumed);
 }
 
@@ -745,7 +749,7 @@ fn destination_accepts_a_hand_made_session() {
     let (r, d) = feed_destination(valid_session(None));
     let info = r.expect("valid session");
     assert!(d.resumed);
-    assert!(d.ram.iter().all(|&b| b == 0x5a));
+    assert!(d.ram.lock().unwrap().iter().all(|&b| b == 0x5a));
     assert_eq!(info.status, MigrationStatus::Completed);
 }
 
@@ -960,4 +964,360 @@ fn cancel_while_a_write_is_blocked() {
 #[test]
 fn header_is_twelve_bytes() {
     assert_eq!(frame(&Message::ConfigAccepted).len(), HEADER_LEN);
+}
+
+/// A UNIX listener on a fresh path, and an `accept` for the destination's extra connections.
+fn unix_listener(tag: &str) -> (std::os::unix::net::UnixListener, std::path::PathBuf) {
+    let path = std::env::temp_dir().join(format!("ferry-engine-{tag}-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    (std::os::unix::net::UnixListener::bind(&path).unwrap(), path)
+}
+
+type Boxed = Box<dyn MigrationStream>;
+
+/// Runs a destination that takes extra connections from `listener`.
+fn spawn_parallel_destination(
+    listener: std::os::unix::net::UnixListener,
+) -> thread::JoinHandle<DestinationOutcome> {
+    thread::spawn(move || {
+        let (main, _) = listener.accept().unwrap();
+        let mut accept = |_: Duration| -> io::Result<Boxed> {
+            let (s, _) = listener.accept()?;
+            Ok(Box::new(s))
+        };
+        let mut dest = FakeDestination::default();
+        let r = receive_migration_from(
+            &mut dest,
+            Box::new(main) as Boxed,
+            Some(&mut accept),
+            &receive_opts(),
+            &MigrationProgress::new(),
+        );
+        (r, dest)
+    })
+}
+
+/// The main connection and `extra` more to `path`, in that order.
+fn connect_all(path: &std::path::Path, extra: usize) -> (UnixStream, Vec<UnixStream>) {
+    let main = UnixStream::connect(path).unwrap();
+    let extras = (0..extra)
+        .map(|_| UnixStream::connect(path).unwrap())
+        .collect();
+    (main, extras)
+}
+
+#[test]
+fn parallel_connections_lose_nothing_under_a_busy_guest() {
+    let (listener, path) = unix_listener("par");
+    let dest = spawn_parallel_destination(listener);
+    let src = FakeSource::new(false);
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = src.run_guest(Duration::ZERO, stop.clone());
+    let (main, extras) = connect_all(&path, 3);
+    let extras: Vec<Boxed> = extras.into_iter().map(|s| Box::new(s) as Boxed).collect();
+    let opts = fast_opts(
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+        TimeoutStrategy::Cancel,
+    );
+    let info = send_migration_parallel(
+        &*src,
+        Box::new(main) as Boxed,
+        extras,
+        &opts,
+        &MigrationProgress::new(),
+    )
+    .expect("migration");
+    stop.store(true, Ordering::Relaxed);
+    guest.join().unwrap();
+    let (dr, d) = dest.join().unwrap();
+    let dinfo = dr.expect("destination");
+    assert_migrated(&src, &d);
+    assert!(info.iterations.len() >= 2, "{info:?}");
+    // The destination summed the four connections' shares of every pass.
+    assert_eq!(dinfo.iterations.len(), info.iterations.len());
+    let sent: u64 = info.iterations.iter().map(|i| i.pages).sum();
+    assert!(sent >= 1024, "{sent} pages sent");
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn corrupted_chunk_on_an_extra_connection_is_refused_and_the_source_keeps_running() {
+    let (listener, path) = unix_listener("parbad");
+    let dest = spawn_parallel_destination(listener);
+    let src = FakeSource::new(false);
+    let (main, extras) = connect_all(&path, 2);
+    let extras: Vec<Boxed> = extras
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            Box::new(Damaging {
+                inner: s,
+                // The second extra connection damages a byte of its first chunk.
+                at: if i == 1 { 5_000 } else { usize::MAX },
+                written: 0,
+                cut: false,
+            }) as Boxed
+        })
+        .collect();
+    let opts = fast_opts(
+        Duration::from_millis(50),
+        Duration::from_secs(30),
+        TimeoutStrategy::Cancel,
+    );
+    let e = send_migration_parallel(
+        &*src,
+        Box::new(main) as Boxed,
+        extras,
+        &opts,
+        &MigrationProgress::new(),
+    )
+    .unwrap_err();
+    let (dr, d) = dest.join().unwrap();
+    let de = dr.unwrap_err();
+    assert!(
+        matches!(&de, ReceiveError::Channel { index: 2, reason } if reason.contains("checksum mismatch")),
+        "{de}"
+    );
+    assert!(!d.resumed);
+    assert!(e.to_string().contains("checksum mismatch"), "source: {e}");
+    assert!(!src.is_paused());
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn a_destination_without_extra_connections_gets_everything_over_one() {
+    let (listener, path) = unix_listener("par1");
+    let dest = thread::spawn(move || {
+        let (main, _) = listener.accept().unwrap();
+        let mut d = FakeDestination::default();
+        let r = receive_migration(
+            &mut d,
+            Box::new(main) as Boxed,
+            &receive_opts(),
+            &MigrationProgress::new(),
+        );
+        (r, d, listener)
+    });
+    let src = FakeSource::new(false);
+    let (main, extras) = connect_all(&path, 2);
+    let extras: Vec<Boxed> = extras.into_iter().map(|s| Box::new(s) as Boxed).collect();
+    let opts = fast_opts(
+        Duration::from_millis(100),
+        Duration::from_secs(30),
+        TimeoutStrategy::Cancel,
+    );
+    send_migration_parallel(
+        &*src,
+        Box::new(main) as Boxed,
+        extras,
+        &opts,
+        &MigrationProgress::new(),
+    )
+    .expect("migration");
+    let (dr, d, _listener) = dest.join().unwrap();
+    dr.expect("destination");
+    assert_migrated(&src, &d);
+    let _ = std::fs::remove_file(path);
+}
+
+/// A source whose RAM is one file, handed over as is (`MemFDs`).
+struct FileSource {
+    file: std::fs::File,
+    layout: Vec<RamRange>,
+    paused: AtomicBool,
+}
+
+impl SourceVm for FileSource {
+    fn config(&self) -> HookResult<Vec<u8>> {
+        Ok(b"{}".to_vec())
+    }
+    fn ram_layout(&self) -> Vec<RamRange> {
+        self.layout.clone()
+    }
+    fn read_pages(&self, _: u64, _: &mut [u8]) -> HookResult<()> {
+        panic!("a MemFDs migration copies no page");
+    }
+    fn start_dirty_log(&self) -> HookResult<()> {
+        panic!("a MemFDs migration needs no dirty log");
+    }
+    fn collect_dirty(&self, _: bool) -> HookResult<Vec<(u64, u64)>> {
+        panic!("a MemFDs migration needs no dirty log");
+    }
+    fn stop_dirty_log(&self) {}
+    fn pause(&self) -> HookResult<()> {
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn resume(&self) -> HookResult<()> {
+        self.paused.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+    fn save_state(&self) -> HookResult<(Vec<u8>, Vec<u8>)> {
+        Ok((b"cpu".to_vec(), b"dev".to_vec()))
+    }
+    fn memory_files(
+        &self,
+    ) -> HookResult<
+        Vec<(
+            vm_migration::protocol::MemoryFd,
+            std::os::fd::BorrowedFd<'_>,
+        )>,
+    > {
+        let mut off = 0;
+        Ok(self
+            .layout
+            .iter()
+            .map(|r| {
+                let f = vm_migration::protocol::MemoryFd {
+                    gpa: r.gpa,
+                    size: r.size,
+                    file_offset: off,
+                };
+                off += r.size;
+                (f, std::os::fd::AsFd::as_fd(&self.file))
+            })
+            .collect())
+    }
+}
+
+/// A destination that maps nothing: it keeps the files it was given.
+#[derive(Default)]
+struct FileDestination {
+    files: Vec<(vm_migration::protocol::MemoryFd, std::os::fd::OwnedFd)>,
+    state: Option<(Vec<u8>, Vec<u8>)>,
+    resumed: bool,
+}
+
+impl DestinationVm for FileDestination {
+    fn adopt_memory(
+        &mut self,
+        files: Vec<(vm_migration::protocol::MemoryFd, std::os::fd::OwnedFd)>,
+    ) -> HookResult<()> {
+        self.files = files;
+        Ok(())
+    }
+    fn check_config(&mut self, _: &[u8], ram: &[RamRange]) -> HookResult<Vec<RamRange>> {
+        assert!(
+            !self.files.is_empty(),
+            "the files come before the configuration"
+        );
+        Ok(ram.to_vec())
+    }
+    fn write_pages(&self, _: u64, _: &[u8]) -> HookResult<()> {
+        panic!("no page is written when RAM came as files");
+    }
+    fn zero_pages(&self, _: u64, _: u64) -> HookResult<()> {
+        panic!("no page is written when RAM came as files");
+    }
+    fn restore_state(&mut self, vcpus: &[u8], devices: &[u8]) -> HookResult<()> {
+        self.state = Some((vcpus.to_vec(), devices.to_vec()));
+        Ok(())
+    }
+    fn resume(&mut self) -> HookResult<()> {
+        self.resumed = true;
+        Ok(())
+    }
+}
+
+fn file_source() -> FileSource {
+    let path = std::env::temp_dir().join(format!("ferry-engine-ram-{}", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let layout = layout();
+    let bytes: Vec<u8> = (0..ram_size(&layout))
+        .map(|i| (i / PAGE_SIZE) as u8)
+        .collect();
+    file.write_all(&bytes).unwrap();
+    FileSource {
+        file,
+        layout,
+        paused: AtomicBool::new(false),
+    }
+}
+
+#[test]
+fn memfds_hand_the_ram_files_over_and_copy_no_page() {
+    use std::os::unix::fs::FileExt;
+    let src = file_source();
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = thread::spawn(move || {
+        let mut d = FileDestination::default();
+        let r = receive_migration(
+            &mut d,
+            FdUnixStream::new(b),
+            &receive_opts(),
+            &MigrationProgress::new(),
+        );
+        (r, d)
+    });
+    let opts = SendOptions {
+        local_memory: true,
+        ..fast_opts(
+            Duration::from_millis(100),
+            Duration::from_secs(30),
+            TimeoutStrategy::Cancel,
+        )
+    };
+    let info = send_migration(&src, FdUnixStream::new(a), &opts, &MigrationProgress::new())
+        .expect("migration");
+    let (dr, d) = dest.join().unwrap();
+    let dinfo = dr.expect("destination");
+    assert!(d.resumed && src.paused.load(Ordering::SeqCst));
+    assert_eq!(d.state, Some((b"cpu".to_vec(), b"dev".to_vec())));
+    assert_eq!(d.files.len(), 2);
+    // The files are the source's RAM itself: a byte changed through one shows in the other.
+    let (second, fd) = &d.files[1];
+    assert_eq!(
+        (second.gpa, second.size, second.file_offset),
+        (1 << 20, 3584 << 10, 512 << 10)
+    );
+    let theirs = std::fs::File::from(fd.try_clone().unwrap());
+    let mut b = [0u8; 1];
+    theirs
+        .read_exact_at(&mut b, (512 << 10) + 5 * PAGE)
+        .unwrap();
+    assert_eq!(b[0], (128 + 5) as u8);
+    src.file
+        .write_all_at(&[0xee], (512 << 10) + 5 * PAGE)
+        .unwrap();
+    theirs
+        .read_exact_at(&mut b, (512 << 10) + 5 * PAGE)
+        .unwrap();
+    assert_eq!(b[0], 0xee);
+    assert!(
+        info.ram.transferred < 4096,
+        "only the state moved: {}",
+        info.ram.transferred
+    );
+    assert!(dinfo.downtime.is_some());
+}
+
+#[test]
+fn memfds_over_a_connection_that_cannot_pass_files_is_refused_and_the_source_keeps_running() {
+    let src = file_source();
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = thread::spawn(move || {
+        let mut d = FileDestination::default();
+        receive_migration(&mut d, b, &receive_opts(), &MigrationProgress::new()).map(|_| ())
+    });
+    let opts = SendOptions {
+        local_memory: true,
+        ..fast_opts(
+            Duration::from_millis(100),
+            Duration::from_secs(30),
+            TimeoutStrategy::Cancel,
+        )
+    };
+    let e = send_migration(&src, a, &opts, &MigrationProgress::new()).unwrap_err();
+    assert!(matches!(e, SendError::NoLocalMemory), "{e}");
+    assert!(e.to_string().contains("MemFDs"), "{e}");
+    assert!(!src.paused.load(Ordering::SeqCst));
+    assert!(dest.join().unwrap().is_err());
 }

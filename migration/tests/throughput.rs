@@ -43,20 +43,21 @@ impl SourceVm for Source {
     }
 }
 
-struct Destination(Vec<u8>);
+struct Destination(std::sync::Mutex<Vec<u8>>);
 
 impl DestinationVm for Destination {
     fn check_config(&mut self, _: &[u8], ram: &[RamRange]) -> HookResult<Vec<RamRange>> {
-        if self.0.is_empty() {
-            self.0 = vec![0; RAM as usize];
+        let mut mem = self.0.lock().unwrap();
+        if mem.is_empty() {
+            *mem = vec![0; RAM as usize];
         }
         Ok(ram.to_vec())
     }
-    fn write_pages(&mut self, gpa: u64, data: &[u8]) -> HookResult<()> {
-        self.0[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
+    fn write_pages(&self, gpa: u64, data: &[u8]) -> HookResult<()> {
+        self.0.lock().unwrap()[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
         Ok(())
     }
-    fn zero_pages(&mut self, _: u64, _: u64) -> HookResult<()> {
+    fn zero_pages(&self, _: u64, _: u64) -> HookResult<()> {
         Ok(())
     }
     fn restore_state(&mut self, _: &[u8], _: &[u8]) -> HookResult<()> {
@@ -79,7 +80,7 @@ fn one_gib_of_data_pages_over_tcp_loopback() {
     let addr = listener.local_addr().unwrap();
     // Touched beforehand: page faults on fresh memory (slow in this nested VM) are not
     // the protocol's cost.
-    let mut d = Destination(vec![1; RAM as usize]);
+    let mut d = Destination(std::sync::Mutex::new(vec![1; RAM as usize]));
     let dest = thread::spawn(move || {
         let (s, _) = listener.accept().unwrap();
         receive_migration(
@@ -102,7 +103,7 @@ fn one_gib_of_data_pages_over_tcp_loopback() {
     .unwrap();
     let took = start.elapsed();
     let got = dest.join().unwrap();
-    assert!(got == src.0);
+    assert!(*got.lock().unwrap() == src.0);
     let gbit = RAM as f64 * 8.0 / took.as_secs_f64() / 1e9;
     println!(
         "1 GiB of data pages in {took:?}: {gbit:.1} Gbit/s of page data ({} wire bytes)",

@@ -3,16 +3,18 @@
 //! checksum and the state was restored.
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{DestinationVm, DEFAULT_RECEIVE_IDLE_TIMEOUT};
 use crate::page_set::PageSet;
 use crate::protocol::{
-    encode, Hello, MemoryChunk, Message, MessageReader, MessageType, PageRun, ProtocolError,
-    PAGE_SIZE, PROTOCOL_VERSION,
+    encode, features, Hello, MemoryChunk, Message, MessageReader, MessageType, PageRun,
+    ProtocolError, RamRange, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use crate::stats::{IterationStats, MigrationInfo, MigrationProgress, MigrationStatus};
-use crate::transport::{is_cancelled, MigrationStream, Watched};
+use crate::transport::{is_cancelled, is_halted, MigrationStream, Watched};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -58,6 +60,10 @@ pub enum ReceiveError {
     MissingState,
     #[error("the source sent {0} twice")]
     Duplicate(MessageType),
+    #[error("extra connection {index}: {reason}")]
+    Channel { index: u16, reason: String },
+    #[error("the source's memory files: {0}")]
+    MemoryFiles(String),
     #[error("destination VM: {op} failed: {reason}")]
     Vm { op: &'static str, reason: String },
     #[error("migration cancelled")]
@@ -75,20 +81,37 @@ fn vm_err(op: &'static str) -> impl FnOnce(String) -> ReceiveError {
     move |reason| ReceiveError::Vm { op, reason }
 }
 
+/// Accepts the next connection of this migration within the given time (extra
+/// connections, see [`receive_migration_from`]).
+pub type AcceptChannel<'a, S> = &'a mut dyn FnMut(Duration) -> io::Result<S>;
+
 /// Receives a migration from `stream` (accepted from a source running
 /// [`super::send_migration`]) into `vm`, keeping `progress` current. Returns once the VM runs
 /// here and the source was told; the statistics are then the source's, with the downtime
 /// measured here. On error nothing was resumed (see [`ReceiveError::ConfirmationFailed`]
 /// for the one exception), the source was told when possible, and the vmm should discard
 /// the half-built VM.
-pub fn receive_migration<V: DestinationVm + ?Sized, S: MigrationStream>(
+pub fn receive_migration<V: DestinationVm + Sync + ?Sized, S: MigrationStream>(
     vm: &mut V,
     stream: S,
     opts: &ReceiveOptions,
     progress: &MigrationProgress,
 ) -> Result<MigrationInfo, ReceiveError> {
+    receive_migration_from(vm, stream, None, opts, progress)
+}
+
+/// [`receive_migration`], taking extra connections for memory from `accept` when the
+/// source offers them (without `accept`, the source is told to use one connection).
+pub fn receive_migration_from<V: DestinationVm + Sync + ?Sized, S: MigrationStream>(
+    vm: &mut V,
+    stream: S,
+    accept: Option<AcceptChannel<'_, S>>,
+    opts: &ReceiveOptions,
+    progress: &MigrationProgress,
+) -> Result<MigrationInfo, ReceiveError> {
+    let halt = Arc::new(AtomicBool::new(false));
     let watched = match Watched::new(stream, opts.idle_timeout, progress.clone()) {
-        Ok(w) => w,
+        Ok(w) => w.with_halt(halt.clone()),
         Err(e) => {
             let e = ReceiveError::Stream(e);
             progress.fail(MigrationStatus::Failed, &e.to_string());
@@ -96,7 +119,13 @@ pub fn receive_migration<V: DestinationVm + ?Sized, S: MigrationStream>(
         }
     };
     let mut conn = MessageReader::new(watched);
-    let result = receive(vm, &mut conn, progress);
+    let session = Session {
+        opts,
+        progress,
+        halt,
+        lane_error: Mutex::new(None),
+    };
+    let result = session.receive(vm, &mut conn, accept);
     if let Err(e) = result {
         let cancelled = progress.is_cancelled() || is_cancel_io(&e);
         let e = if cancelled {
@@ -169,6 +198,16 @@ fn peer_abort<S: MigrationStream>(conn: &mut MessageReader<Watched<S>>) -> Optio
     None
 }
 
+/// [`peer_abort`] on a connection whose halt flag is set: reads without it.
+fn peer_abort_unhalted<S: MigrationStream>(
+    conn: &mut MessageReader<Watched<S>>,
+) -> Option<ReceiveError> {
+    conn.get_mut().set_halt_ignored(true);
+    let r = peer_abort(conn);
+    conn.get_mut().set_halt_ignored(false);
+    r
+}
+
 fn unexpected(msg: Message<'_>, during: &'static str) -> ReceiveError {
     match msg {
         Message::Abort { reason } => ReceiveError::PeerAborted(reason.to_string()),
@@ -179,150 +218,402 @@ fn unexpected(msg: Message<'_>, during: &'static str) -> ReceiveError {
     }
 }
 
-fn receive<V: DestinationVm + ?Sized, S: MigrationStream>(
-    vm: &mut V,
-    conn: &mut MessageReader<Watched<S>>,
-    progress: &MigrationProgress,
-) -> Result<(), ReceiveError> {
-    progress.set_status(MigrationStatus::Setup);
-    match conn.read_message()? {
-        Message::Hello(h) => log::info!("migration source: {} (protocol {})", h.build, h.version),
-        other => return Err(unexpected(other, "waiting for Hello")),
-    }
-    let build = super::build_string();
-    send_step(
-        conn,
-        &Message::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            features: 0,
-            build: &build,
-        }),
-    )?;
+/// One incoming migration: its options and what its connections share.
+struct Session<'a> {
+    opts: &'a ReceiveOptions,
+    progress: &'a MigrationProgress,
+    /// Set when any connection failed (or the migration ended): the others stop waiting.
+    halt: Arc<AtomicBool>,
+    /// The first failure of an extra connection: the cause, where the main connection
+    /// only saw the halt.
+    lane_error: Mutex<Option<ReceiveError>>,
+}
 
-    let ram = match conn.read_message()? {
-        Message::Config(c) => {
-            let checked = vm.check_config(c.vm_config, &c.ram).and_then(|built| {
-                if built == c.ram {
-                    Ok(c.ram)
-                } else {
-                    Err(format!(
-                        "the RAM layout built here {built:x?} differs from the source's {:x?}",
-                        c.ram
+/// What the main connection received by `Complete`.
+struct Received {
+    paused_us: u64,
+    source_info: Vec<u8>,
+    state: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Session<'_> {
+    fn receive<V: DestinationVm + Sync + ?Sized, S: MigrationStream>(
+        &self,
+        vm: &mut V,
+        conn: &mut MessageReader<Watched<S>>,
+        mut accept: Option<AcceptChannel<'_, S>>,
+    ) -> Result<(), ReceiveError> {
+        let progress = self.progress;
+        progress.set_status(MigrationStatus::Setup);
+        let local = conn.get_ref().get_ref().can_pass_fds();
+        match conn.read_message()? {
+            Message::Hello(h) => {
+                log::info!("migration source: {} (protocol {})", h.build, h.version)
+            }
+            other => return Err(unexpected(other, "waiting for Hello")),
+        }
+        let build = super::build_string();
+        let mut offered = 0;
+        if accept.is_some() {
+            offered |= features::PARALLEL_CHANNELS;
+        }
+        if local {
+            offered |= features::LOCAL_MEMORY;
+        }
+        send_step(
+            conn,
+            &Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                features: offered,
+                build: &build,
+            }),
+        )?;
+
+        // On one host the RAM may come as files, before the configuration.
+        let mut files_layout = None;
+        let config_msg = match conn.read_message()? {
+            Message::MemoryFds(entries) if local => {
+                let entries = entries.clone();
+                let fds = conn.get_mut().get_mut().take_fds();
+                if fds.len() != entries.len() {
+                    return Err(ReceiveError::MemoryFiles(format!(
+                        "{} files announced, {} file descriptors arrived",
+                        entries.len(),
+                        fds.len()
+                    )));
+                }
+                files_layout = Some(
+                    entries
+                        .iter()
+                        .map(|e| RamRange {
+                            gpa: e.gpa,
+                            size: e.size,
+                        })
+                        .collect::<Vec<_>>(),
+                );
+                vm.adopt_memory(entries.into_iter().zip(fds).collect())
+                    .map_err(ReceiveError::MemoryFiles)?;
+                conn.read_message()?
+            }
+            other => other,
+        };
+        let ram = match config_msg {
+            Message::Config(c) => {
+                let checked = vm.check_config(c.vm_config, &c.ram).and_then(|built| {
+                    if built != c.ram {
+                        Err(format!(
+                            "the RAM layout built here {built:x?} differs from the source's {:x?}",
+                            c.ram
+                        ))
+                    } else if files_layout.as_ref().is_some_and(|f| *f != c.ram) {
+                        Err(format!(
+                            "the memory files {files_layout:x?} do not cover the RAM layout {:x?}",
+                            c.ram
+                        ))
+                    } else {
+                        Ok(c.ram)
+                    }
+                });
+                match checked {
+                    Ok(ram) => ram,
+                    Err(reason) => {
+                        send_step(conn, &Message::Refused { reason: &reason })?;
+                        return Err(ReceiveError::ConfigRefused(reason));
+                    }
+                }
+            }
+            other => return Err(unexpected(other, "waiting for Config")),
+        };
+        send_step(conn, &Message::ConfigAccepted)?;
+        let total: u64 = ram.iter().map(|r| r.size).sum();
+        progress.update(|i| i.ram.total = total);
+        progress.set_status(MigrationStatus::Active);
+
+        let mut pages = Pages {
+            received: PageSet::new(&ram),
+            written: PageSet::new(&ram),
+        };
+        if files_layout.is_some() {
+            // The RAM is the source's own memory: every page is here already.
+            pages.received.insert_all();
+        }
+        let shared = Shared {
+            vm: &*vm,
+            pages: Mutex::new(pages),
+            barrier: PassBarrier::default(),
+            progress,
+            copy_allowed: files_layout.is_none(),
+        };
+        let received = std::thread::scope(|s| {
+            let r = self.main_loop(s, &shared, conn, &mut accept);
+            // Success or not, the extra connections are done: end their threads.
+            self.halt.store(true, Ordering::Relaxed);
+            r
+        });
+        // The main connection goes on (`Resumed`, or the peer's `Abort`).
+        conn.get_mut().set_halt_ignored(true);
+        let received = match received {
+            Ok(r) => r,
+            Err(e) => {
+                let lane = self
+                    .lane_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                return Err(lane.unwrap_or(e));
+            }
+        };
+        let complete_at = Instant::now();
+        let pages = shared.pages.into_inner().unwrap_or_else(|p| p.into_inner());
+
+        // Everything arrived and every checksum matched: only now may the VM run.
+        let missing = pages.received.total_pages() - pages.received.count();
+        if let Some(first_gpa) = pages.received.first_missing() {
+            return Err(ReceiveError::MissingPages {
+                first_gpa,
+                missing,
+                total: pages.received.total_pages(),
+            });
+        }
+        let (vcpus, devices) = received.state.ok_or(ReceiveError::MissingState)?;
+        vm.restore_state(&vcpus, &devices)
+            .map_err(vm_err("restore_state"))?;
+        vm.resume().map_err(vm_err("resume"))?;
+        let downtime_us = received
+            .paused_us
+            .saturating_add(complete_at.elapsed().as_micros() as u64);
+
+        // Report the source's figures (the source exits), with the downtime measured here.
+        let mut info = serde_json::from_slice::<MigrationInfo>(&received.source_info)
+            .unwrap_or_else(|_| progress.snapshot());
+        info.downtime = Some(downtime_us.div_ceil(1000));
+        info.ram.remaining = 0;
+        info.expected_downtime = None;
+        info.error_desc = None;
+        progress.replace(info);
+        progress.set_status(MigrationStatus::Completed);
+
+        send(conn, &Message::Resumed { downtime_us }).map_err(ReceiveError::ConfirmationFailed)?;
+        let _ = conn.get_mut().flush();
+        Ok(())
+    }
+
+    /// The main connection from `ConfigAccepted` to `Complete`; starts a thread per extra
+    /// connection in `scope` when the source announces them.
+    fn main_loop<'scope, 'env, V: DestinationVm + Sync + ?Sized, S: MigrationStream + 'env>(
+        &'env self,
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        shared: &'env Shared<'env, V>,
+        conn: &mut MessageReader<Watched<S>>,
+        accept: &mut Option<AcceptChannel<'_, S>>,
+    ) -> Result<Received, ReceiveError> {
+        let progress = self.progress;
+        let mut state: Option<(Vec<u8>, Vec<u8>)> = None;
+        let mut last_iteration = Instant::now();
+        let mut lanes_open = false;
+        let mut anything_received = false;
+        loop {
+            let msg = match conn.read_message() {
+                Ok(m) => m,
+                Err(e) => return Err(self.peer_reason(conn).unwrap_or(e.into())),
+            };
+            match msg {
+                Message::Channels { count, token } if !lanes_open && !anything_received => {
+                    let lanes = self.accept_lanes(accept, count, token)?;
+                    shared.barrier.set_lanes(usize::from(count) + 1);
+                    for (i, lane) in lanes.into_iter().enumerate() {
+                        let index = i as u16 + 1;
+                        scope.spawn(move || {
+                            if let Err(reason) = lane_loop(shared, lane) {
+                                let e = ReceiveError::Channel { index, reason };
+                                self.lane_failed(shared, e);
+                            }
+                        });
+                    }
+                    lanes_open = true;
+                    send_step(conn, &Message::ChannelsReady)?;
+                    log::info!("receiving memory over {} connections", count + 1);
+                }
+                Message::MemoryChunk(chunk) => {
+                    anything_received = true;
+                    shared.store(&chunk)?;
+                }
+                Message::IterationDone {
+                    iteration,
+                    pages: n,
+                    bytes,
+                } => {
+                    anything_received = true;
+                    let (n, bytes) = match shared.barrier.arrive(iteration, n, bytes) {
+                        Ok(totals) => totals,
+                        Err(reason) => {
+                            let e = ReceiveError::Channel { index: 0, reason };
+                            return Err(self.peer_reason(conn).unwrap_or(e));
+                        }
+                    };
+                    let ms = last_iteration.elapsed().as_millis() as u64;
+                    last_iteration = Instant::now();
+                    progress.update(|i| {
+                        i.iterations.push(IterationStats {
+                            iteration,
+                            pages: n,
+                            bytes,
+                            duration_ms: ms,
+                            dirty_pages: 0,
+                        });
+                        i.ram.dirty_sync_count += 1;
+                    });
+                }
+                Message::State { vcpus, devices } => {
+                    if state.is_some() {
+                        return Err(ReceiveError::Duplicate(MessageType::State));
+                    }
+                    progress.set_status(MigrationStatus::Device);
+                    state = Some((vcpus.to_vec(), devices.to_vec()));
+                }
+                Message::Complete(c) => {
+                    return Ok(Received {
+                        paused_us: c.paused_us,
+                        source_info: c.source_info.to_vec(),
+                        state,
+                    })
+                }
+                other => return Err(unexpected(other, "receiving memory")),
+            }
+        }
+    }
+
+    /// After the main connection failed: an `Abort` the source sent, when that is why.
+    fn peer_reason<S: MigrationStream>(
+        &self,
+        conn: &mut MessageReader<Watched<S>>,
+    ) -> Option<ReceiveError> {
+        if self.progress.is_cancelled() {
+            return None;
+        }
+        if self.halt.load(Ordering::Relaxed) {
+            // An extra connection failed first (that error is reported), or the source
+            // gave up: its `Abort` on the main connection says why.
+            return peer_abort_unhalted(conn);
+        }
+        None
+    }
+
+    /// Records the first failure of an extra connection and stops the others.
+    fn lane_failed<V: ?Sized>(&self, shared: &Shared<'_, V>, e: ReceiveError) {
+        let mut first = self.lane_error.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() && !self.halt.load(Ordering::Relaxed) {
+            log::warn!("{e}");
+            *first = Some(e);
+        }
+        self.halt.store(true, Ordering::Relaxed);
+        shared.barrier.fail();
+    }
+
+    /// Accepts the `count` extra connections the source announced, in any order, each
+    /// introduced by a `ChannelHello` with this migration's `token`.
+    fn accept_lanes<S: MigrationStream>(
+        &self,
+        accept: &mut Option<AcceptChannel<'_, S>>,
+        count: u16,
+        token: u64,
+    ) -> Result<Vec<MessageReader<Watched<S>>>, ReceiveError> {
+        let Some(accept) = accept.as_mut() else {
+            return Err(ReceiveError::Unexpected {
+                found: MessageType::Channels,
+                during: "receiving memory (extra connections were not offered)",
+            });
+        };
+        let mut lanes: Vec<Option<MessageReader<Watched<S>>>> = (0..count).map(|_| None).collect();
+        for _ in 0..count {
+            let chan_err = |index, reason: String| ReceiveError::Channel { index, reason };
+            let stream = accept(self.opts.idle_timeout)
+                .map_err(|e| chan_err(0, format!("accepting it: {e}")))?;
+            let watched = Watched::new(stream, self.opts.idle_timeout, self.progress.clone())
+                .map_err(|e| chan_err(0, e.to_string()))?
+                .with_halt(self.halt.clone());
+            let mut lane = MessageReader::new(watched);
+            let (index, got) = match lane.read_message() {
+                Ok(Message::ChannelHello { index, token: t }) => (index, t),
+                Ok(other) => {
+                    return Err(chan_err(
+                        0,
+                        format!("opened with {} instead of ChannelHello", other.kind()),
                     ))
                 }
-            });
-            match checked {
-                Ok(ram) => ram,
-                Err(reason) => {
-                    send_step(conn, &Message::Refused { reason: &reason })?;
-                    return Err(ReceiveError::ConfigRefused(reason));
-                }
+                Err(e) => return Err(chan_err(0, e.to_string())),
+            };
+            if got != token {
+                return Err(chan_err(
+                    index,
+                    format!("token {got:#x} is not this migration's ({token:#x})"),
+                ));
+            }
+            match lanes.get_mut(usize::from(index) - 1) {
+                Some(slot @ None) => *slot = Some(lane),
+                Some(Some(_)) => return Err(chan_err(index, "opened twice".into())),
+                None => return Err(chan_err(index, format!("only {count} were announced"))),
             }
         }
-        other => return Err(unexpected(other, "waiting for Config")),
-    };
-    send_step(conn, &Message::ConfigAccepted)?;
-    let total: u64 = ram.iter().map(|r| r.size).sum();
-    progress.update(|i| i.ram.total = total);
-    progress.set_status(MigrationStatus::Active);
-
-    let mut pages = Pages {
-        received: PageSet::new(&ram),
-        written: PageSet::new(&ram),
-    };
-    let mut state: Option<(Vec<u8>, Vec<u8>)> = None;
-    let mut last_iteration = Instant::now();
-    let (paused_us, source_info) = loop {
-        match conn.read_message()? {
-            Message::MemoryChunk(chunk) => {
-                pages.store(vm, &chunk)?;
-                let wire = chunk_wire_bytes(&chunk);
-                progress.update(|i| {
-                    i.ram.duplicate += u64::from(chunk.zero_pages());
-                    i.ram.normal += u64::from(chunk.data_pages());
-                    i.ram.normal_bytes += chunk.data.len() as u64;
-                    i.ram.transferred += wire;
-                });
-            }
-            Message::IterationDone {
-                iteration,
-                pages: n,
-                bytes,
-            } => {
-                let ms = last_iteration.elapsed().as_millis() as u64;
-                last_iteration = Instant::now();
-                progress.update(|i| {
-                    i.iterations.push(IterationStats {
-                        iteration,
-                        pages: n,
-                        bytes,
-                        duration_ms: ms,
-                        dirty_pages: 0,
-                    });
-                    i.ram.dirty_sync_count += 1;
-                });
-            }
-            Message::State { vcpus, devices } => {
-                if state.is_some() {
-                    return Err(ReceiveError::Duplicate(MessageType::State));
-                }
-                progress.set_status(MigrationStatus::Device);
-                state = Some((vcpus.to_vec(), devices.to_vec()));
-            }
-            Message::Complete(c) => break (c.paused_us, c.source_info.to_vec()),
-            other => return Err(unexpected(other, "receiving memory")),
-        }
-    };
-    let complete_at = Instant::now();
-
-    // Everything arrived and every checksum matched: only now may the VM run.
-    let missing = pages.received.total_pages() - pages.received.count();
-    if let Some(first_gpa) = pages.received.first_missing() {
-        return Err(ReceiveError::MissingPages {
-            first_gpa,
-            missing,
-            total: pages.received.total_pages(),
-        });
+        Ok(lanes.into_iter().flatten().collect())
     }
-    let (vcpus, devices) = state.ok_or(ReceiveError::MissingState)?;
-    vm.restore_state(&vcpus, &devices)
-        .map_err(vm_err("restore_state"))?;
-    vm.resume().map_err(vm_err("resume"))?;
-    let downtime_us = paused_us.saturating_add(complete_at.elapsed().as_micros() as u64);
-
-    // Report the source's figures (the source exits), with the downtime measured here.
-    let mut info = serde_json::from_slice::<MigrationInfo>(&source_info)
-        .unwrap_or_else(|_| progress.snapshot());
-    info.downtime = Some(downtime_us.div_ceil(1000));
-    info.ram.remaining = 0;
-    info.expected_downtime = None;
-    info.error_desc = None;
-    progress.replace(info);
-    progress.set_status(MigrationStatus::Completed);
-
-    send(conn, &Message::Resumed { downtime_us }).map_err(ReceiveError::ConfirmationFailed)?;
-    let _ = conn.get_mut().flush();
-    Ok(())
 }
 
-/// Wire bytes of a chunk frame (header, fixed fields, page map, data).
-fn chunk_wire_bytes(c: &MemoryChunk<'_>) -> u64 {
-    (crate::protocol::HEADER_LEN + 16 + c.data_map.len() + c.data.len()) as u64
+/// An extra connection: memory chunks and its `IterationDone`s until the source closes it.
+fn lane_loop<S: MigrationStream, V: DestinationVm + Sync + ?Sized>(
+    shared: &Shared<'_, V>,
+    mut lane: MessageReader<Watched<S>>,
+) -> Result<(), String> {
+    loop {
+        match lane.read_message() {
+            Ok(Message::MemoryChunk(chunk)) => shared.store(&chunk).map_err(|e| e.to_string())?,
+            Ok(Message::IterationDone {
+                iteration,
+                pages,
+                bytes,
+            }) => {
+                shared.barrier.arrive(iteration, pages, bytes)?;
+            }
+            Ok(other) => return Err(format!("unexpected {} message", other.kind())),
+            // The source closes its extra connections after the final pass; a close before
+            // that shows at the next pass's barrier.
+            Err(ProtocolError::Closed) => {
+                shared.barrier.leave();
+                return Ok(());
+            }
+            // Halted: the migration ended or failed elsewhere; that side reports it.
+            Err(ProtocolError::Io { source, .. }) if is_halted(&source) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
-/// Which pages arrived, and which hold data written here (the rest still read as zero).
-struct Pages {
-    received: PageSet,
-    written: PageSet,
+/// What all connections of one migration share.
+struct Shared<'a, V: ?Sized> {
+    vm: &'a V,
+    pages: Mutex<Pages>,
+    barrier: PassBarrier,
+    progress: &'a MigrationProgress,
+    /// False when RAM came as the source's files: no page may be written then.
+    copy_allowed: bool,
 }
 
-impl Pages {
-    fn store<V: DestinationVm + ?Sized>(
-        &mut self,
-        vm: &mut V,
-        chunk: &MemoryChunk<'_>,
-    ) -> Result<(), ReceiveError> {
+impl<V: DestinationVm + Sync + ?Sized> Shared<'_, V> {
+    fn pages(&self) -> MutexGuard<'_, Pages> {
+        self.pages.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks a chunk's place, writes it to guest RAM and records it. Chunks of one pass
+    /// never overlap, so connections only need the lock for the bookkeeping.
+    fn store(&self, chunk: &MemoryChunk<'_>) -> Result<(), ReceiveError> {
+        if !self.copy_allowed {
+            return Err(ReceiveError::Unexpected {
+                found: MessageType::MemoryChunk,
+                during: "a migration whose RAM came as files",
+            });
+        }
         if !self
+            .pages()
             .received
             .contains_range(chunk.gpa, u64::from(chunk.page_count))
         {
@@ -334,40 +625,153 @@ impl Pages {
         for run in chunk.runs() {
             match run {
                 PageRun::Data { gpa, data } => {
-                    vm.write_pages(gpa, data).map_err(vm_err("write_pages"))?;
-                    self.written.insert_range(gpa, data.len() as u64);
+                    self.vm
+                        .write_pages(gpa, data)
+                        .map_err(vm_err("write_pages"))?;
+                    self.pages().written.insert_range(gpa, data.len() as u64);
                 }
-                PageRun::Zero { gpa, pages } => self.zero(vm, gpa, u64::from(pages))?,
+                PageRun::Zero { gpa, pages } => self.zero(gpa, u64::from(pages))?,
             }
         }
-        self.received
+        self.pages()
+            .received
             .insert_range(chunk.gpa, u64::from(chunk.page_count) * PAGE);
+        let wire = chunk_wire_bytes(chunk);
+        self.progress.update(|i| {
+            i.ram.duplicate += u64::from(chunk.zero_pages());
+            i.ram.normal += u64::from(chunk.data_pages());
+            i.ram.normal_bytes += chunk.data.len() as u64;
+            i.ram.transferred += wire;
+        });
         Ok(())
     }
 
     /// Zeroes the pages of a zero run that hold older data; untouched pages already read
     /// as zero and stay untouched (not even faulted in).
-    fn zero<V: DestinationVm + ?Sized>(
-        &mut self,
-        vm: &mut V,
-        gpa: u64,
-        pages: u64,
-    ) -> Result<(), ReceiveError> {
-        let mut p = 0;
-        while p < pages {
-            if !self.written.contains(gpa + p * PAGE) {
-                p += 1;
-                continue;
+    fn zero(&self, gpa: u64, pages: u64) -> Result<(), ReceiveError> {
+        let mut runs = Vec::new();
+        {
+            let set = self.pages();
+            let mut p = 0;
+            while p < pages {
+                if !set.written.contains(gpa + p * PAGE) {
+                    p += 1;
+                    continue;
+                }
+                let start = p;
+                while p < pages && set.written.contains(gpa + p * PAGE) {
+                    p += 1;
+                }
+                runs.push((gpa + start * PAGE, p - start));
             }
-            let start = p;
-            while p < pages && self.written.contains(gpa + p * PAGE) {
-                p += 1;
-            }
-            vm.zero_pages(gpa + start * PAGE, p - start)
-                .map_err(vm_err("zero_pages"))?;
+        }
+        for (g, n) in runs {
+            self.vm.zero_pages(g, n).map_err(vm_err("zero_pages"))?;
         }
         Ok(())
     }
+}
+
+/// Makes every connection finish pass *k* before any goes on with pass *k + 1*, so that a
+/// page sent again in a later pass (on another connection) always lands last. Also sums
+/// the connections' `IterationDone` figures.
+#[derive(Default)]
+struct PassBarrier {
+    state: Mutex<BarrierState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct BarrierState {
+    /// Connections taking part (0 until set: the main one alone).
+    lanes: usize,
+    arrived: usize,
+    /// Connections closed by the source (after its final pass, or too early).
+    departed: usize,
+    generation: u64,
+    iteration: u32,
+    pages: u64,
+    bytes: u64,
+    /// The totals of the last completed pass.
+    done: (u64, u64),
+    failed: bool,
+}
+
+impl PassBarrier {
+    fn lock(&self) -> MutexGuard<'_, BarrierState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_lanes(&self, n: usize) {
+        self.lock().lanes = n;
+    }
+
+    /// One connection finished `iteration` with `pages`/`bytes`; waits for the others.
+    /// Returns the pass's totals.
+    fn arrive(&self, iteration: u32, pages: u64, bytes: u64) -> Result<(u64, u64), String> {
+        let mut st = self.lock();
+        let closed = |iteration| format!("a connection closed before pass {iteration} ended");
+        if st.failed {
+            return Err("another connection failed".into());
+        }
+        if st.departed > 0 {
+            return Err(closed(iteration));
+        }
+        if st.arrived == 0 {
+            st.iteration = iteration;
+        } else if st.iteration != iteration {
+            st.failed = true;
+            self.cv.notify_all();
+            return Err(format!(
+                "connections disagree on the pass: {} and {iteration}",
+                st.iteration
+            ));
+        }
+        st.arrived += 1;
+        st.pages += pages;
+        st.bytes += bytes;
+        if st.arrived >= st.lanes.max(1) {
+            st.done = (st.pages, st.bytes);
+            st.arrived = 0;
+            st.pages = 0;
+            st.bytes = 0;
+            st.generation += 1;
+            self.cv.notify_all();
+            return Ok(st.done);
+        }
+        let generation = st.generation;
+        while st.generation == generation && !st.failed && st.departed == 0 {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        if st.generation != generation {
+            Ok(st.done)
+        } else if st.failed {
+            Err("another connection failed".into())
+        } else {
+            Err(closed(iteration))
+        }
+    }
+
+    fn leave(&self) {
+        self.lock().departed += 1;
+        self.cv.notify_all();
+    }
+
+    fn fail(&self) {
+        self.lock().failed = true;
+        self.cv.notify_all();
+    }
+}
+
+/// Wire bytes of a chunk frame (header, fixed fields, page map, data).
+fn chunk_wire_bytes(c: &MemoryChunk<'_>) -> u64 {
+    (crate::protocol::HEADER_LEN + 16 + c.data_map.len() + c.data.len()) as u64
+}
+
+/// Which pages arrived, and which hold data written here (the rest still read as zero).
+struct Pages {
+    received: PageSet,
+    written: PageSet,
 }
 
 fn is_cancel_io(e: &ReceiveError) -> bool {

@@ -11,10 +11,14 @@ mod source;
 
 use std::time::Duration;
 
-pub use destination::{receive_migration, ReceiveError, ReceiveOptions};
-pub use source::{send_migration, SendError, SendOptions};
+pub use destination::{
+    receive_migration, receive_migration_from, AcceptChannel, ReceiveError, ReceiveOptions,
+};
+pub use source::{send_migration, send_migration_parallel, SendError, SendOptions};
 
-use crate::protocol::RamRange;
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use crate::protocol::{MemoryFd, RamRange};
 use crate::stats::DirtyTrackingStats;
 #[allow(unused_imports)] // For the links in the docs above.
 use crate::{stats::MigrationProgress, transport::MigrationStream};
@@ -65,6 +69,12 @@ pub trait SourceVm {
     /// The paused machine's state: `(vcpus, devices)`, opaque blobs for the destination.
     fn save_state(&self) -> HookResult<(Vec<u8>, Vec<u8>)>;
 
+    /// Guest RAM as files, one per RAM range in layout order, for a migration on one host
+    /// (`MemFDs`). The default: RAM is not shared memory.
+    fn memory_files(&self) -> HookResult<Vec<(MemoryFd, BorrowedFd<'_>)>> {
+        Err("guest RAM is not shared memory (start the VM with --memory shared=on)".into())
+    }
+
     /// Dirty-tracking figures for `vm.migration-info` (`None`: not reported).
     fn dirty_tracking_stats(&self) -> Option<DirtyTrackingStats> {
         None
@@ -80,11 +90,20 @@ pub trait DestinationVm {
     /// refuses the migration with that reason before any page moves.
     fn check_config(&mut self, vm_config: &[u8], ram: &[RamRange]) -> HookResult<Vec<RamRange>>;
 
+    /// Takes the source's guest RAM as files (a migration on one host, `MemFDs`): called
+    /// before [`DestinationVm::check_config`], which must then build the VM on them.
+    fn adopt_memory(&mut self, files: Vec<(MemoryFd, OwnedFd)>) -> HookResult<()> {
+        drop(files);
+        Err("this VM cannot take its RAM as files".into())
+    }
+
     /// Writes `data` (whole pages, inside one RAM range: the engine checks) at `gpa`.
-    fn write_pages(&mut self, gpa: u64, data: &[u8]) -> HookResult<()>;
+    /// Called from several threads at once when memory comes over several connections,
+    /// never for overlapping pages at the same time.
+    fn write_pages(&self, gpa: u64, data: &[u8]) -> HookResult<()>;
 
     /// Zeroes `pages` pages at `gpa` (pages that were written earlier and are zero now).
-    fn zero_pages(&mut self, gpa: u64, pages: u64) -> HookResult<()>;
+    fn zero_pages(&self, gpa: u64, pages: u64) -> HookResult<()>;
 
     /// Restores the source's state; called once, after every page arrived and checked.
     fn restore_state(&mut self, vcpus: &[u8], devices: &[u8]) -> HookResult<()>;

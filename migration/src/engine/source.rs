@@ -1,6 +1,8 @@
 //! The sending side: handshake, precopy passes, stop-and-copy, confirmation.
 
 use std::io::{self, Write};
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{
@@ -9,9 +11,9 @@ use super::{
 };
 use crate::page_set::PageSet;
 use crate::protocol::{
-    check_ram_layout, encode, encode_memory_chunk, Complete, Config, Header, Hello, Message,
-    MessageReader, MessageType, ProtocolError, RamRange, HEADER_LEN, MAX_CHUNK_PAGES,
-    MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
+    check_ram_layout, encode, encode_memory_chunk, features, write_message, Complete, Config,
+    Header, Hello, MemoryFd, Message, MessageReader, MessageType, ProtocolError, RamRange,
+    HEADER_LEN, MAX_CHANNELS, MAX_CHUNK_PAGES, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use crate::stats::{IterationStats, MigrationInfo, MigrationProgress, MigrationStatus};
 use crate::transport::{is_cancelled, MigrationStream, Watched};
@@ -37,6 +39,8 @@ pub struct SendOptions {
     pub confirm_timeout: Duration,
     /// Pages per memory chunk, 1 to [`MAX_CHUNK_PAGES`].
     pub chunk_pages: u32,
+    /// Hand guest RAM over as files instead of copying it (`MemFDs`, one host only).
+    pub local_memory: bool,
 }
 
 impl SendOptions {
@@ -49,6 +53,7 @@ impl SendOptions {
             io_timeout: DEFAULT_IO_TIMEOUT,
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
             chunk_pages: DEFAULT_CHUNK_PAGES,
+            local_memory: false,
         }
     }
 }
@@ -85,6 +90,13 @@ pub enum SendError {
     Vm { op: &'static str, reason: String },
     #[error("cannot use the migration stream: {0}")]
     Stream(io::Error),
+    #[error(
+        "the destination cannot take guest RAM as files (memory_mode MemFDs): it needs a \
+         unix: socket and a ferry that supports it"
+    )]
+    NoLocalMemory,
+    #[error("{0} connections asked for; at most {MAX_CHANNELS}")]
+    TooManyConnections(usize),
     #[error("{cause}; resuming the source VM then failed too: {reason}")]
     ResumeFailed {
         cause: Box<SendError>,
@@ -116,20 +128,199 @@ struct PassResult {
     timed_out: bool,
 }
 
+/// One connection's outgoing frames.
+#[derive(Default)]
+struct LaneBuf {
+    /// Frames queued for the next write.
+    out: Vec<u8>,
+    /// Pages read from the guest, before encoding.
+    scratch: Vec<u8>,
+    /// A write failed part-way: the stream is no longer at a frame boundary.
+    broken: bool,
+}
+
+impl LaneBuf {
+    fn new() -> Self {
+        LaneBuf {
+            out: Vec::with_capacity(FLUSH_BYTES + MAX_CHUNK_PAGES as usize * PAGE_SIZE),
+            ..LaneBuf::default()
+        }
+    }
+
+    /// Writes the queued frames to `io`.
+    fn flush<S: MigrationStream>(&mut self, io: &mut Watched<S>) -> Result<(), SendError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        // Not `write_all`: a cancelled write must say how far it got. (`Watched` retries
+        // `Interrupted` itself, checking for cancellation each time.)
+        let mut written = 0;
+        let r = loop {
+            match io.write(&self.out[written..]) {
+                Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => {
+                    written += n;
+                    if written == self.out.len() {
+                        break Ok(());
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let r = r.map_err(|source| {
+            // Cancelled: the link works, so end the frame cut short (if any) to leave the
+            // stream at a frame boundary, where the destination can still read an `Abort`.
+            let at_boundary = is_cancelled(&source)
+                && io
+                    .write_best_effort(&self.out[written..frame_end(&self.out, written)])
+                    .is_ok();
+            self.broken = !at_boundary;
+            ProtocolError::Io {
+                op: "sending to the destination",
+                source,
+            }
+            .into()
+        });
+        self.out.clear();
+        r
+    }
+}
+
+/// An extra connection, carrying memory only.
+struct Lane<S> {
+    io: Watched<S>,
+    buf: LaneBuf,
+}
+
+/// What every connection needs while it sends its share of a pass.
+struct PassCtx<'a, V: ?Sized> {
+    vm: &'a V,
+    opts: &'a SendOptions,
+    progress: &'a MigrationProgress,
+    started: Instant,
+    phase: Phase,
+    iteration: u32,
+    /// Pages of this pass not sent yet, over all connections.
+    left: AtomicU64,
+    /// Another connection failed: stop too.
+    stop: AtomicBool,
+}
+
+/// One connection's share of a pass.
+#[derive(Default)]
+struct LaneResult {
+    pages: u64,
+    bytes: u64,
+    /// Runs not sent because the timeout passed (under `Ignore`).
+    unsent: Vec<(u64, u32)>,
+}
+
+impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
+    /// Sends `runs` on one connection, then `IterationDone` with its share.
+    fn send_runs<S: MigrationStream>(
+        &self,
+        io: &mut Watched<S>,
+        buf: &mut LaneBuf,
+        runs: &[(u64, u32)],
+    ) -> Result<LaneResult, SendError> {
+        let mut res = LaneResult::default();
+        for (i, &(gpa, pages)) in runs.iter().enumerate() {
+            if self.progress.is_cancelled() {
+                return Err(SendError::Cancelled);
+            }
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(res);
+            }
+            if self.phase == Phase::Precopy && self.started.elapsed() >= self.opts.timeout {
+                match self.opts.timeout_strategy {
+                    TimeoutStrategy::Cancel => {
+                        return Err(SendError::TimedOut {
+                            timeout_s: self.opts.timeout.as_secs(),
+                            downtime_ms: self.opts.downtime.as_millis() as u64,
+                            remaining_pages: self.left.load(Ordering::Relaxed),
+                        })
+                    }
+                    TimeoutStrategy::Ignore => {
+                        // Switch over now; the unsent pages go into the final pass.
+                        res.unsent = runs[i..].to_vec();
+                        break;
+                    }
+                }
+            }
+            let len = pages as usize * PAGE_SIZE;
+            if buf.scratch.len() < len {
+                buf.scratch.resize(len, 0);
+            }
+            hook(
+                "read_pages",
+                self.vm.read_pages(gpa, &mut buf.scratch[..len]),
+            )?;
+            let before = buf.out.len();
+            let counts = encode_memory_chunk(gpa, &buf.scratch[..len], &mut buf.out)?;
+            let bytes = (buf.out.len() - before) as u64;
+            res.pages += u64::from(pages);
+            res.bytes += bytes;
+            let left = self.left.fetch_sub(u64::from(pages), Ordering::Relaxed) - u64::from(pages);
+            let phase = self.phase;
+            self.progress.update(|i| {
+                i.ram.duplicate += u64::from(counts.zero_pages);
+                i.ram.normal += u64::from(counts.data_pages);
+                i.ram.normal_bytes += u64::from(counts.data_pages) * PAGE_SIZE as u64;
+                i.ram.transferred += bytes;
+                match phase {
+                    Phase::Precopy => i.ram.precopy_bytes += bytes,
+                    Phase::Downtime => i.ram.downtime_bytes += bytes,
+                }
+                i.ram.remaining = left * PAGE_SIZE as u64;
+            });
+            if buf.out.len() >= FLUSH_BYTES {
+                buf.flush(io)?;
+            }
+        }
+        encode(
+            &Message::IterationDone {
+                iteration: self.iteration,
+                pages: res.pages,
+                bytes: res.bytes,
+            },
+            &mut buf.out,
+        )?;
+        buf.flush(io)?;
+        Ok(res)
+    }
+}
+
+/// Cuts `runs` (sorted) into `n` groups of consecutive runs with about as many pages each.
+fn split_runs(runs: &[(u64, u32)], n: usize) -> Vec<&[(u64, u32)]> {
+    let total: u64 = runs.iter().map(|r| u64::from(r.1)).sum();
+    let per = total.div_ceil(n.max(1) as u64).max(1);
+    let mut groups = Vec::with_capacity(n);
+    let (mut start, mut acc) = (0, 0u64);
+    for (i, r) in runs.iter().enumerate() {
+        acc += u64::from(r.1);
+        if acc >= per && groups.len() + 1 < n {
+            groups.push(&runs[start..=i]);
+            start = i + 1;
+            acc = 0;
+        }
+    }
+    groups.push(&runs[start..]);
+    groups.resize(n, &runs[runs.len()..]);
+    groups
+}
+
 struct Sender<'a, V: ?Sized, S: MigrationStream> {
     vm: &'a V,
     opts: &'a SendOptions,
     progress: &'a MigrationProgress,
     conn: MessageReader<Watched<S>>,
-    /// Frames queued for the next write.
-    out: Vec<u8>,
-    /// Pages read from the guest, before encoding.
-    scratch: Vec<u8>,
+    /// The main connection's outgoing frames.
+    main: LaneBuf,
+    /// Extra connections for memory (empty: everything goes over `conn`).
+    lanes: Vec<Lane<S>>,
     started: Instant,
     dirty_log_on: bool,
     paused: bool,
-    /// A write failed part-way: the stream is no longer at a frame boundary.
-    broken: bool,
     /// Bytes per second, from the last pass big enough to measure.
     bandwidth: Option<f64>,
 }
@@ -140,31 +331,57 @@ struct Sender<'a, V: ?Sized, S: MigrationStream> {
 /// paused, for the vmm to tear down. On any error the source VM is resumed (if it had been
 /// paused), dirty logging is stopped, the destination is told (`Abort`) when the stream
 /// still works, and the error says what happened.
-pub fn send_migration<V: SourceVm + ?Sized, S: MigrationStream>(
+pub fn send_migration<V: SourceVm + Sync + ?Sized, S: MigrationStream>(
     vm: &V,
     stream: S,
     opts: &SendOptions,
     progress: &MigrationProgress,
 ) -> Result<MigrationInfo, SendError> {
-    let watched = match Watched::new(stream, opts.io_timeout, progress.clone()) {
-        Ok(w) => w,
-        Err(e) => {
-            let e = SendError::Stream(e);
-            progress.fail(MigrationStatus::Failed, &e.to_string());
-            return Err(e);
-        }
+    send_migration_parallel(vm, stream, Vec::new(), opts, progress)
+}
+
+/// [`send_migration`] with `extra` connections to the same destination (opened after
+/// `stream`): each pass is split between all of them. When the destination cannot take
+/// extra connections they are closed and `stream` carries everything.
+pub fn send_migration_parallel<V: SourceVm + Sync + ?Sized, S: MigrationStream>(
+    vm: &V,
+    stream: S,
+    extra: Vec<S>,
+    opts: &SendOptions,
+    progress: &MigrationProgress,
+) -> Result<MigrationInfo, SendError> {
+    let fail_early = |e: SendError| {
+        progress.fail(MigrationStatus::Failed, &e.to_string());
+        Err(e)
     };
+    if extra.len() >= usize::from(MAX_CHANNELS) {
+        return fail_early(SendError::TooManyConnections(extra.len() + 1));
+    }
+    let watch = |s| Watched::new(s, opts.io_timeout, progress.clone());
+    let watched = match watch(stream) {
+        Ok(w) => w,
+        Err(e) => return fail_early(SendError::Stream(e)),
+    };
+    let mut lanes = Vec::with_capacity(extra.len());
+    for s in extra {
+        match watch(s) {
+            Ok(io) => lanes.push(Lane {
+                io,
+                buf: LaneBuf::new(),
+            }),
+            Err(e) => return fail_early(SendError::Stream(e)),
+        }
+    }
     let mut sender = Sender {
         vm,
         opts,
         progress,
         conn: MessageReader::new(watched),
-        out: Vec::with_capacity(FLUSH_BYTES + MAX_CHUNK_PAGES as usize * PAGE_SIZE),
-        scratch: Vec::new(),
+        main: LaneBuf::new(),
+        lanes,
         started: Instant::now(),
         dirty_log_on: false,
         paused: false,
-        broken: false,
         bandwidth: None,
     };
     match sender.run() {
@@ -177,7 +394,7 @@ pub fn send_migration<V: SourceVm + ?Sized, S: MigrationStream>(
     }
 }
 
-impl<V: SourceVm + ?Sized, S: MigrationStream> Sender<'_, V, S> {
+impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
     fn run(&mut self) -> Result<(), SendError> {
         self.progress.set_status(MigrationStatus::Setup);
         let ram = self.vm.ram_layout();
@@ -189,7 +406,10 @@ impl<V: SourceVm + ?Sized, S: MigrationStream> Sender<'_, V, S> {
             i.ram.remaining = total;
         });
 
-        self.handshake(&ram, &vm_config)?;
+        if self.opts.local_memory {
+            return self.run_local(&ram, &vm_config);
+        }
+        self.handshake(&ram, &vm_config, None)?;
         hook("start_dirty_log", self.vm.start_dirty_log())?;
         self.dirty_log_on = true;
         let setup_ms = self.started.elapsed().as_millis() as u64;
@@ -221,15 +441,69 @@ impl<V: SourceVm + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         self.stop_and_copy(iteration, pending)
     }
 
-    fn handshake(&mut self, ram: &[RamRange], vm_config: &[u8]) -> Result<(), SendError> {
+    /// `MemFDs` on one host: the destination maps the guest RAM's own files, so only the
+    /// state moves, while the guest is paused.
+    fn run_local(&mut self, ram: &[RamRange], vm_config: &[u8]) -> Result<(), SendError> {
+        let files = hook("memory_files", self.vm.memory_files())?;
+        let layout: Vec<RamRange> = files
+            .iter()
+            .map(|(f, _)| RamRange {
+                gpa: f.gpa,
+                size: f.size,
+            })
+            .collect();
+        if layout != ram {
+            return Err(SendError::Vm {
+                op: "memory_files",
+                reason: format!("the files cover {layout:x?}, not the RAM layout {ram:x?}"),
+            });
+        }
+        self.handshake(ram, vm_config, Some(&files))?;
+        let setup_ms = self.started.elapsed().as_millis() as u64;
+        self.progress.update(|i| {
+            i.setup_time = Some(setup_ms);
+            i.ram.remaining = 0;
+        });
+        self.progress.set_status(MigrationStatus::Device);
+        let paused_at = Instant::now();
+        hook("pause", self.vm.pause())?;
+        self.paused = true;
+        self.finish(paused_at)
+    }
+
+    /// `MemoryFds` with the files attached, on the main connection.
+    fn send_memory_files(&mut self, files: &[(MemoryFd, BorrowedFd<'_>)]) -> Result<(), SendError> {
+        let entries: Vec<MemoryFd> = files.iter().map(|(f, _)| *f).collect();
+        let fds: Vec<BorrowedFd<'_>> = files.iter().map(|(_, fd)| *fd).collect();
+        let mut frame = Vec::new();
+        encode(&Message::MemoryFds(entries), &mut frame)?;
+        self.conn
+            .get_mut()
+            .get_mut()
+            .write_with_fds(&frame, &fds)
+            .map_err(|source| {
+                ProtocolError::Io {
+                    op: "passing the guest RAM's files",
+                    source,
+                }
+                .into()
+            })
+    }
+
+    fn handshake(
+        &mut self,
+        ram: &[RamRange],
+        vm_config: &[u8],
+        files: Option<&[(MemoryFd, BorrowedFd<'_>)]>,
+    ) -> Result<(), SendError> {
         let build = super::build_string();
         self.send(&Message::Hello(Hello {
             version: PROTOCOL_VERSION,
-            features: 0,
+            features: features::ALL,
             build: &build,
         }))?;
         self.flush()?;
-        match self.conn.read_message()? {
+        let peer_features = match self.conn.read_message()? {
             Message::Hello(h) if h.version < MIN_PROTOCOL_VERSION => {
                 return Err(SendError::PeerVersion {
                     peer: h.version,
@@ -237,12 +511,21 @@ impl<V: SourceVm + ?Sized, S: MigrationStream> Sender<'_, V, S> {
                     max: PROTOCOL_VERSION,
                 })
             }
-            Message::Hello(h) => log::info!(
-                "migration destination: {} (protocol {})",
-                h.build,
-                h.version
-            ),
+            Message::Hello(h) => {
+                log::info!(
+                    "migration destination: {} (protocol {})",
+                    h.build,
+                    h.version
+                );
+                h.features
+            }
             other => return Err(unexpected(other, "waiting for Hello")),
+        };
+        if let Some(files) = files {
+            if peer_features & features::LOCAL_MEMORY == 0 {
+                return Err(SendError::NoLocalMemory);
+            }
+            self.send_memory_files(files)?;
         }
         self.send(&Message::Config(Config {
             ram: ram.to_vec(),
@@ -257,10 +540,54 @@ impl<V: SourceVm + ?Sized, S: MigrationStream> Sender<'_, V, S> {
             other => Err(unexpected(other, "waiting for ConfigAccepted")),
         };
         self.conn.get_mut().set_idle(self.opts.io_timeout);
+        reply?;
+        if self.lanes.is_empty() {
+            return Ok(());
+        }
+        if peer_features & features::PARALLEL_CHANNELS == 0 {
+            log::warn!(
+                "the destination takes one connection only: the {} extra ones are closed",
+                self.lanes.len()
+            );
+            for lane in self.lanes.drain(..) {
+                lane.io.shutdown();
+            }
+            return Ok(());
+        }
+        self.open_lanes()
+    }
+
+    /// Announces the extra connections, introduces each, and waits until all are taken.
+    fn open_lanes(&mut self) -> Result<(), SendError> {
+        use std::hash::{BuildHasher, Hasher};
+        // Tells this migration's connections from stray ones; not a secret.
+        let token = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        self.send(&Message::Channels {
+            count: self.lanes.len() as u16,
+            token,
+        })?;
+        self.flush()?;
+        for (i, lane) in self.lanes.iter_mut().enumerate() {
+            let hello = Message::ChannelHello {
+                index: i as u16 + 1,
+                token,
+            };
+            write_message(&mut lane.io, &hello)?;
+        }
+        self.conn.get_mut().set_idle(self.opts.confirm_timeout);
+        let reply = match self.conn.read_message()? {
+            Message::ChannelsReady => Ok(()),
+            other => Err(unexpected(other, "waiting for ChannelsReady")),
+        };
+        self.conn.get_mut().set_idle(self.opts.io_timeout);
+        log::info!("sending memory over {} connections", self.lanes.len() + 1);
         reply
     }
 
-    /// Sends every page in `pending` (emptying it), then `IterationDone`.
+    /// Sends every page in `pending` (emptying it), split between the connections, each
+    /// ending its share with `IterationDone`.
     fn send_pass(
         &mut self,
         iteration: u32,
@@ -269,61 +596,76 @@ impl<V: SourceVm + ?Sized, S: MigrationStream> Sender<'_, V, S> {
     ) -> Result<PassResult, SendError> {
         let chunk_pages = self.opts.chunk_pages.clamp(1, MAX_CHUNK_PAGES);
         let runs = pending.take_runs(chunk_pages);
-        let mut left: u64 = runs.iter().map(|r| u64::from(r.1)).sum();
+        let ctx = PassCtx {
+            vm: self.vm,
+            opts: self.opts,
+            progress: self.progress,
+            started: self.started,
+            phase,
+            iteration,
+            left: AtomicU64::new(runs.iter().map(|r| u64::from(r.1)).sum()),
+            stop: AtomicBool::new(false),
+        };
+        let results = if self.lanes.is_empty() {
+            vec![ctx.send_runs(self.conn.get_mut(), &mut self.main, &runs)]
+        } else {
+            let groups = split_runs(&runs, self.lanes.len() + 1);
+            let (main_io, main_buf, lanes) = (self.conn.get_mut(), &mut self.main, &mut self.lanes);
+            std::thread::scope(|s| {
+                let ctx = &ctx;
+                let threads: Vec<_> = lanes
+                    .iter_mut()
+                    .zip(&groups[1..])
+                    .map(|(lane, group)| {
+                        s.spawn(move || {
+                            let r = ctx.send_runs(&mut lane.io, &mut lane.buf, group);
+                            if r.is_err() {
+                                ctx.stop.store(true, Ordering::Relaxed);
+                            }
+                            r
+                        })
+                    })
+                    .collect();
+                let main = ctx.send_runs(main_io, main_buf, groups[0]);
+                if main.is_err() {
+                    ctx.stop.store(true, Ordering::Relaxed);
+                }
+                let mut all = vec![main];
+                for t in threads {
+                    all.push(t.join().unwrap_or_else(|_| {
+                        Err(SendError::Vm {
+                            op: "send",
+                            reason: "a sending thread panicked".into(),
+                        })
+                    }));
+                }
+                all
+            })
+        };
         let mut pass = PassResult::default();
-        for (i, &(gpa, pages)) in runs.iter().enumerate() {
-            if self.progress.is_cancelled() {
-                return Err(SendError::Cancelled);
-            }
-            if phase == Phase::Precopy && self.started.elapsed() >= self.opts.timeout {
-                match self.opts.timeout_strategy {
-                    TimeoutStrategy::Cancel => return Err(self.timed_out(left)),
-                    TimeoutStrategy::Ignore => {
-                        // Switch over now; the unsent pages go into the final pass.
-                        for &(g, p) in &runs[i..] {
-                            pending.insert_range(g, u64::from(p) * PAGE_SIZE as u64);
-                        }
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(lane) => {
+                    pass.pages += lane.pages;
+                    pass.bytes += lane.bytes;
+                    if !lane.unsent.is_empty() {
                         pass.timed_out = true;
-                        break;
+                    }
+                    for (g, p) in lane.unsent {
+                        pending.insert_range(g, u64::from(p) * PAGE_SIZE as u64);
                     }
                 }
-            }
-            let len = pages as usize * PAGE_SIZE;
-            if self.scratch.len() < len {
-                self.scratch.resize(len, 0);
-            }
-            hook(
-                "read_pages",
-                self.vm.read_pages(gpa, &mut self.scratch[..len]),
-            )?;
-            let before = self.out.len();
-            let counts = encode_memory_chunk(gpa, &self.scratch[..len], &mut self.out)?;
-            let bytes = (self.out.len() - before) as u64;
-            pass.pages += u64::from(pages);
-            pass.bytes += bytes;
-            left -= u64::from(pages);
-            self.progress.update(|i| {
-                i.ram.duplicate += u64::from(counts.zero_pages);
-                i.ram.normal += u64::from(counts.data_pages);
-                i.ram.normal_bytes += u64::from(counts.data_pages) * PAGE_SIZE as u64;
-                i.ram.transferred += bytes;
-                match phase {
-                    Phase::Precopy => i.ram.precopy_bytes += bytes,
-                    Phase::Downtime => i.ram.downtime_bytes += bytes,
+                // The main connection's error first: it is the one the others stopped for.
+                Err(e) => {
+                    first_err.get_or_insert(e);
                 }
-                i.ram.remaining = (left + pending.count()) * PAGE_SIZE as u64;
-            });
-            if self.out.len() >= FLUSH_BYTES {
-                self.flush()?;
             }
         }
-        self.send(&Message::IterationDone {
-            iteration,
-            pages: pass.pages,
-            bytes: pass.bytes,
-        })?;
-        self.flush()?;
-        Ok(pass)
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(pass),
+        }
     }
 
     /// Records a finished pass; returns the downtime the dirty pages would cost now.
@@ -381,12 +723,21 @@ impl<V: SourceVm + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         let pass_start = Instant::now();
         let pass = self.send_pass(iteration, &mut pending, Phase::Downtime)?;
         self.record_pass(iteration, &pass, pass_start, 0);
+        // The extra connections are done: their end tells the destination so.
+        for lane in self.lanes.drain(..) {
+            lane.io.shutdown();
+        }
+        self.finish(paused_at)
+    }
+
+    /// With the guest paused and all RAM sent: state, `Complete`, and the confirmation.
+    fn finish(&mut self, paused_at: Instant) -> Result<(), SendError> {
         let (vcpus, devices) = hook("save_state", self.vm.save_state())?;
         self.send(&Message::State {
             vcpus: &vcpus,
             devices: &devices,
         })?;
-        let state_bytes = self.out.len() as u64;
+        let state_bytes = self.main.out.len() as u64;
         self.progress.update(|i| {
             i.ram.transferred += state_bytes;
             i.ram.downtime_bytes += state_bytes;
@@ -433,67 +784,42 @@ impl<V: SourceVm + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         }
     }
 
-    /// Queues one message.
+    /// Queues one message on the main connection.
     fn send(&mut self, msg: &Message<'_>) -> Result<(), SendError> {
-        encode(msg, &mut self.out)?;
+        encode(msg, &mut self.main.out)?;
         Ok(())
     }
 
-    /// Writes the queued frames.
+    /// Writes the main connection's queued frames.
     fn flush(&mut self) -> Result<(), SendError> {
-        if self.out.is_empty() {
-            return Ok(());
-        }
-        // Not `write_all`: a cancelled write must say how far it got. (`Watched` retries
-        // `Interrupted` itself, checking for cancellation each time.)
-        let mut written = 0;
-        let r = loop {
-            match self.conn.get_mut().write(&self.out[written..]) {
-                Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
-                Ok(n) => {
-                    written += n;
-                    if written == self.out.len() {
-                        break Ok(());
-                    }
-                }
-                Err(e) => break Err(e),
-            }
-        };
-        let r = r.map_err(|source| {
-            // Cancelled: the link works, so end the frame cut short (if any) to leave the
-            // stream at a frame boundary, where the destination can still read an `Abort`.
-            let at_boundary = is_cancelled(&source)
-                && self
-                    .conn
-                    .get_mut()
-                    .write_best_effort(&self.out[written..frame_end(&self.out, written)])
-                    .is_ok();
-            self.broken = !at_boundary;
-            ProtocolError::Io {
-                op: "sending to the destination",
-                source,
-            }
-            .into()
-        });
-        self.out.clear();
-        r
+        self.main.flush(self.conn.get_mut())
     }
 
     /// Cleans up after `e`: tell the peer, stop logging, resume the VM, record the failure.
     fn fail(&mut self, e: SendError) -> SendError {
         let cancelled = self.progress.is_cancelled() || is_cancel_io(&e);
         let e = if cancelled { SendError::Cancelled } else { e };
-        let e = if self.broken && !cancelled {
+        for lane in self.lanes.drain(..) {
+            lane.io.shutdown();
+        }
+        let broken = self.main.broken;
+        // A failed write (here or on an extra connection) may be the destination hanging
+        // up after an `Abort` that says why.
+        let io_failure = matches!(
+            e,
+            SendError::Protocol(ProtocolError::Io { .. } | ProtocolError::Closed)
+        );
+        let e = if (broken || io_failure) && !cancelled {
             self.peer_reason().unwrap_or(e)
         } else {
             e
         };
         let peer_knows = matches!(e, SendError::Refused(_) | SendError::PeerAborted(_));
-        if !peer_knows && !self.broken {
-            self.out.clear();
+        if !peer_knows && !broken {
+            self.main.out.clear();
             let reason = e.to_string();
-            if encode(&Message::Abort { reason: &reason }, &mut self.out).is_ok() {
-                let _ = self.conn.get_mut().write_best_effort(&self.out);
+            if encode(&Message::Abort { reason: &reason }, &mut self.main.out).is_ok() {
+                let _ = self.conn.get_mut().write_best_effort(&self.main.out);
             }
         }
         self.conn.get_ref().shutdown();
