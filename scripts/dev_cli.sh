@@ -67,8 +67,13 @@ bench() {
             build
             "$ROOT/scripts/bench_migration.sh"
             ;;
+        vs-qemu)
+            ensure_packages
+            build
+            "$ROOT/scripts/bench_vs_qemu.sh"
+            ;;
         *)
-            echo "usage: dev_cli.sh bench harvest|migration" >&2
+            echo "usage: dev_cli.sh bench harvest|migration|vs-qemu" >&2
             exit 2
             ;;
     esac
@@ -82,6 +87,7 @@ usage: scripts/dev_cli.sh <command>
   tests           every test (needs /dev/kvm; installs qemu-system-x86, iproute2)
   bench harvest   dirty-set collection time, rings vs bitmap
   bench migration live-migration time, downtime, bytes, throughput between two hosts
+  bench vs-qemu   the same guests live-migrated by QEMU and by Ferry, side by side
 USAGE
     exit 2
 }

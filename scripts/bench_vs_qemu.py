@@ -1,0 +1,780 @@
+#!/usr/bin/env python3
+"""Side-by-side live-migration benchmark: QEMU against Ferry on the same test guest.
+
+Run through scripts/bench_vs_qemu.sh (`scripts/dev_cli.sh bench vs-qemu`), which makes the
+two network-namespace hosts and passes their names in the environment. For every
+workload, PAIRS times in a row, one run of each mode in turn (QEMU with KVM's dirty ring,
+QEMU with KVM's dirty bitmap, Ferry over loopback, Ferry between the namespaces), one
+migration at a time. Each run: boot source and destination, wait for the guest's first
+progress line, migrate with the same downtime target, then check that the guest goes on
+on the destination with nothing lost (a broken guest is a failed run, not a result).
+Writes docs/benchmarks/vs-qemu.json (raw runs) and vs-qemu.md (table), prints the table.
+
+Python 3.11 standard library only.
+"""
+
+import ctypes
+import datetime
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.environ.get("ROOT") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FERRY = os.path.join(ROOT, "target/release/ferry")
+REMOTE = os.path.join(ROOT, "target/release/ferry-remote")
+GUEST = os.path.join(ROOT, "target/test-guest/guest.elf")
+QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
+QEMU_CPU = os.environ.get("FERRY_QEMU_CPU", "qemu64")
+
+PAIRS = int(os.environ.get("PAIRS", "5"))
+DOWNTIME_MS = int(os.environ.get("DOWNTIME_MS", "300"))
+# QEMU's max-bandwidth is in bytes per second: 100 GB/s never limits here.
+MAX_BANDWIDTH = 100 * 10**9
+BOOT_TIMEOUT_S = float(os.environ.get("BOOT_TIMEOUT_S", "180"))
+MIGRATION_TIMEOUT_S = float(os.environ.get("MIGRATION_TIMEOUT_S", "120"))
+CHECK_TIMEOUT_S = float(os.environ.get("CHECK_TIMEOUT_S", "60"))
+# After the first progress line, let the workload run this long before migrating.
+SETTLE_S = float(os.environ.get("SETTLE_S", "1"))
+# How long an idle guest must stay up on the destination.
+IDLE_WATCH_S = 2.0
+
+WORK = os.environ.get("WORK") or "/tmp"
+OUT = os.environ.get("OUT") or os.path.join(ROOT, "docs/benchmarks")
+NS_A = os.environ.get("NS_A", "")
+NS_B = os.environ.get("NS_B", "")
+ADDR_B = os.environ.get("ADDR_B", "")
+
+MIB = 1 << 20
+
+WORKLOADS = {
+    "a": dict(name="a: 150 MiB, dirty 1M+99M, 1 vCPU", mem="150M", cpus=1,
+              cmdline="workload=dirty start=1M size=99M", kind="dirty"),
+    "b": dict(name="b: 2 GiB, verify 1M+1G, 2 vCPUs", mem="2G", cpus=2,
+              cmdline="workload=verify start=1M size=1G", kind="verify"),
+    "c": dict(name="c: 4 GiB, idle, 1 vCPU", mem="4G", cpus=1,
+              cmdline="workload=idle", kind="idle"),
+    "d": dict(name="d: 8 GiB, dirty 1M+64M, 1 vCPU", mem="8G", cpus=1,
+              cmdline="workload=dirty start=1M size=64M", kind="dirty"),
+}
+MODES = {
+    "qemu-ring": "QEMU dirty ring (4096)",
+    "qemu-bitmap": "QEMU dirty bitmap",
+    "ferry-lo": "Ferry loopback",
+    "ferry-netns": "Ferry netns (veth)",
+}
+PROGRESS = {
+    "dirty": re.compile(r"guest: pass (\d+) (\d+)\r?\n"),
+    "verify": re.compile(r"guest: verified (\d+) (\d+)\r?\n"),
+}
+READY = re.compile(r"guest: ready [^\n]*\n")
+BAD = re.compile(r"guest: (MISMATCH|FAIL|bad argument)[^\n]*")
+
+
+class RunFailed(Exception):
+    pass
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- processes
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent():
+    # A child never outlives this driver, whatever ends it.
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+LIVE = set()
+
+
+class Proc:
+    """A child process; reaped with wait4 so its peak RSS (ru_maxrss) is known too."""
+
+    def __init__(self, argv, logpath, netns=None):
+        if netns:
+            argv = ["ip", "netns", "exec", netns] + argv  # ip execs argv: same pid
+        self.argv = argv
+        self.logpath = logpath
+        with open(logpath, "ab") as f:
+            self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f,
+                                      stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        self.pid = self.p.pid
+        self.started = time.monotonic()
+        self.status = None  # exit code once reaped (negative: signal)
+        self.hwm_kib = None  # VmHWM, last read while the process lived
+        self.maxrss_kib = None
+        LIVE.add(self)
+
+    def _reap(self):
+        if self.status is not None:
+            return
+        try:
+            pid, st, ru = os.wait4(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            self.status = -999
+            LIVE.discard(self)
+            return
+        if pid:
+            self.status = os.waitstatus_to_exitcode(st)
+            self.maxrss_kib = ru.ru_maxrss
+            self.p.returncode = self.status
+            LIVE.discard(self)
+
+    def alive(self):
+        self._reap()
+        return self.status is None
+
+    def read_hwm(self):
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        self.hwm_kib = int(line.split()[1])
+        except OSError:
+            pass
+        return self.hwm_kib
+
+    def wait(self, timeout):
+        """Waits for the process to end, reading its VmHWM meanwhile; True if it ended."""
+        end = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > end:
+                return False
+            self.read_hwm()
+            time.sleep(0.02)
+        return True
+
+    def stop(self, grace=10.0):
+        if not self.alive():
+            return
+        self.read_hwm()
+        try:
+            self.p.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        if not self.wait(grace):
+            self.p.kill()
+            self.wait(30)
+
+    def peak_kib(self):
+        return self.hwm_kib if self.hwm_kib else self.maxrss_kib
+
+    def log_tail(self, n=6):
+        try:
+            with open(self.logpath, errors="replace") as f:
+                return [l.rstrip() for l in f.readlines()[-n:]]
+        except OSError:
+            return []
+
+
+def stop_all():
+    for p in list(LIVE):
+        p.stop(grace=5)
+
+
+def run_cmd(argv, timeout=30):
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=timeout, preexec_fn=_die_with_parent)
+    return r.returncode, r.stdout, r.stderr
+
+
+def read_text(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("latin-1")
+    except OSError:
+        return ""
+
+
+def wait_until(what, cond, timeout, procs=(), step=0.05):
+    end = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        for p in procs:
+            if not p.alive():
+                raise RunFailed(f"{what}: {os.path.basename(p.logpath)}: process ended "
+                                f"(status {p.status}): {p.log_tail(3)}")
+            p.read_hwm()
+        if time.monotonic() > end:
+            raise RunFailed(f"{what}: timed out after {timeout:.0f} s")
+        time.sleep(step)
+
+
+def listening(pid, port):
+    """Whether process pid's network namespace has a TCP socket listening on port."""
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{name}") as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+                        return True
+        except (OSError, StopIteration):
+            pass
+    return False
+
+
+def guest_ready(kind, cpus, path):
+    text = read_text(path)
+    m = BAD.search(text)
+    if m:
+        raise RunFailed(f"guest before migration: {m.group(0).strip()}")
+    if kind == "idle":
+        return bool(READY.search(text))
+    seen = {int(m.group(1)) for m in PROGRESS[kind].finditer(text)}
+    return all(c in seen for c in range(cpus))
+
+
+def check_destination(w, serials, dst_path, offset, dst_proc, running):
+    """The guest goes on on the destination: for dirty/verify, every vCPU prints two more
+    progress lines there (the second ends a pass wholly run on the destination, which for
+    verify checked every page of its share); for idle, it stays up. Nothing reports a loss.
+    Returns the seconds it took."""
+    t0 = time.monotonic()
+    kind, cpus = w["kind"], w["cpus"]
+
+    def progressed():
+        for path in serials:
+            m = BAD.search(read_text(path))
+            if m:
+                raise RunFailed(f"guest on destination: {m.group(0).strip()}")
+        if kind == "idle":
+            return time.monotonic() - t0 >= IDLE_WATCH_S
+        counts = [0] * cpus
+        for m in PROGRESS[kind].finditer(read_text(dst_path)[offset:]):
+            c = int(m.group(1))
+            if c < cpus:
+                counts[c] += 1
+        return min(counts) >= 2
+
+    wait_until("guest progress on the destination", progressed, CHECK_TIMEOUT_S, [dst_proc])
+    state = running()
+    if state is not True:
+        raise RunFailed(f"destination VM not running after migration: {state}")
+    return time.monotonic() - t0
+
+
+# ---------------------------------------------------------------------------- QMP
+
+class Qmp:
+    def __init__(self, path, timeout, proc):
+        def connect():
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(path)
+                return s
+            except OSError:
+                s.close()
+                return None
+        self.sock = wait_until(f"QMP socket {os.path.basename(path)}", connect, timeout, [proc])
+        self.sock.settimeout(30)
+        self.rf = self.sock.makefile("rb")
+        if "QMP" not in self._read():
+            raise RunFailed("no QMP greeting")
+        self.cmd("qmp_capabilities")
+
+    def _read(self):
+        line = self.rf.readline()
+        if not line:
+            raise RunFailed("QMP connection closed")
+        return json.loads(line)
+
+    def cmd(self, name, args=None):
+        msg = {"execute": name}
+        if args is not None:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            r = self._read()
+            if "return" in r:
+                return r["return"]
+            if "error" in r:
+                raise RunFailed(f"QMP {name}: {r['error'].get('desc')}")
+
+    def close(self):
+        try:
+            self.rf.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------- one run
+
+def run_qemu(w, mode, d, port, rec):
+    accel = "kvm,dirty-ring-size=4096" if mode == "qemu-ring" else "kvm"
+    base = [QEMU, "-accel", accel, "-cpu", QEMU_CPU, "-m", w["mem"], "-smp", str(w["cpus"]),
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-kernel", GUEST, "-append", w["cmdline"]]
+    src_serial, dst_serial = f"{d}/src.serial", f"{d}/dst.serial"
+    src = Proc(base + ["-serial", f"file:{src_serial}",
+                       "-qmp", f"unix:{d}/src.qmp,server=on,wait=off"], f"{d}/src.log")
+    dst = Proc(base + ["-serial", f"file:{dst_serial}",
+                       "-qmp", f"unix:{d}/dst.qmp,server=on,wait=off",
+                       "-incoming", f"tcp:127.0.0.1:{port}"], f"{d}/dst.log")
+    sq = dq = None
+    try:
+        sq = Qmp(f"{d}/src.qmp", 30, src)
+        dq = Qmp(f"{d}/dst.qmp", 30, dst)
+        wait_until("destination listening", lambda: listening(dst.pid, port), 30, [dst])
+        wait_until("guest's first progress line",
+                   lambda: guest_ready(w["kind"], w["cpus"], src_serial), BOOT_TIMEOUT_S,
+                   [src, dst])
+        rec["boot_s"] = round(time.monotonic() - src.started, 2)
+        time.sleep(SETTLE_S)
+        sq.cmd("migrate-set-parameters",
+               {"downtime-limit": DOWNTIME_MS, "max-bandwidth": MAX_BANDWIDTH})
+        t0 = time.monotonic()
+        sq.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        end = t0 + MIGRATION_TIMEOUT_S
+        while True:
+            info = sq.cmd("query-migrate")
+            st = info.get("status")
+            if st == "completed":
+                break
+            if st in ("failed", "cancelled"):
+                raise RunFailed(f"QEMU migration {st}: {info.get('error-desc', '')}")
+            if time.monotonic() > end:
+                sq.cmd("migrate_cancel")
+                ram = info.get("ram", {})
+                raise RunFailed(
+                    f"did not complete within {MIGRATION_TIMEOUT_S:.0f} s (status {st}, "
+                    f"{ram.get('dirty-sync-count')} syncs, {ram.get('remaining', 0) // MIB} MiB "
+                    f"remaining, {ram.get('transferred', 0) // MIB} MiB sent); cancelled")
+            src.read_hwm()
+            dst.read_hwm()
+            time.sleep(0.02)
+        rec["wall_ms"] = round((time.monotonic() - t0) * 1000)
+        rec["info"] = info
+        # The source has nothing left to do (postmigrate): end it, as Ferry's ends itself.
+        src.read_hwm()
+        try:
+            sq.cmd("quit")
+        except (RunFailed, OSError):
+            pass
+        if not src.wait(30):
+            src.stop()
+
+        def running():
+            st = dq.cmd("query-status").get("status")
+            return True if st == "running" else st
+
+        wait_until("destination status running", lambda: running() is True, 30, [dst])
+        rec["check_s"] = round(check_destination(w, [src_serial, dst_serial], dst_serial, 0,
+                                                 dst, running), 2)
+        dst.read_hwm()
+        try:
+            dq.cmd("quit")
+        except (RunFailed, OSError):
+            pass
+        if not dst.wait(30):
+            dst.stop()
+    finally:
+        for q in (sq, dq):
+            if q:
+                q.close()
+        src.stop()
+        dst.stop()
+        rec["src_hwm_kib"], rec["src_maxrss_kib"] = src.hwm_kib, src.maxrss_kib
+        rec["dst_hwm_kib"], rec["dst_maxrss_kib"] = dst.hwm_kib, dst.maxrss_kib
+        rec["src_peak_kib"], rec["dst_peak_kib"] = src.peak_kib(), dst.peak_kib()
+
+
+def source_info(ssock, rec):
+    """The source's own figures, read in the 300 ms before it ends itself (the
+    destination's `total-time` counts from its receive-migration request)."""
+    try:
+        rc, out, err = run_cmd([REMOTE, "--api-socket", ssock, "migration-info"], 5)
+        rec["src_info"] = json.loads(out) if rc == 0 and out.strip() else None
+    except (ValueError, subprocess.TimeoutExpired):
+        rec["src_info"] = None
+
+
+def source_log_total(path):
+    """`total-time` from the source's log line 'migration to ... completed: Some(N) ms total'."""
+    m = re.search(r"migration to \S+ completed: Some\((\d+)\) ms total", read_text(path))
+    return int(m.group(1)) if m else None
+
+
+def run_ferry(w, mode, d, port, rec):
+    netns = mode == "ferry-netns"
+    ns_a, ns_b = (NS_A, NS_B) if netns else (None, None)
+    host = ADDR_B if netns else "127.0.0.1"
+    listen = f"tcp:0.0.0.0:{port}" if netns else f"tcp:127.0.0.1:{port}"
+    serial = f"{d}/serial.log"
+    ssock, dsock = f"{d}/src.sock", f"{d}/dst.sock"
+    dst = Proc([FERRY, "--api-socket", dsock], f"{d}/dst.log", ns_b)
+    src = Proc([FERRY, "--api-socket", ssock, "--kernel", GUEST, "--cmdline", w["cmdline"],
+                "--cpus", f"boot={w['cpus']}", "--memory", f"size={w['mem']}",
+                "--serial", f"file={serial}"], f"{d}/src.log", ns_a)
+    helpers = []
+    try:
+        wait_until("API sockets", lambda: os.path.exists(ssock) and os.path.exists(dsock), 30,
+                   [src, dst])
+        recv = Proc([REMOTE, "--api-socket", dsock, "receive-migration", listen],
+                    f"{d}/recv.out")
+        helpers.append(recv)
+        wait_until("destination listening", lambda: listening(dst.pid, port), 30, [dst, recv])
+        wait_until("guest's first progress line",
+                   lambda: guest_ready(w["kind"], w["cpus"], serial), BOOT_TIMEOUT_S,
+                   [src, dst, recv])
+        rec["boot_s"] = round(time.monotonic() - src.started, 2)
+        time.sleep(SETTLE_S)
+        t0 = time.monotonic()
+        send = Proc([REMOTE, "--api-socket", ssock, "send-migration", f"tcp:{host}:{port}",
+                     "--downtime-ms", str(DOWNTIME_MS)], f"{d}/send.out")
+        helpers.append(send)
+        end = t0 + MIGRATION_TIMEOUT_S
+        while send.alive() or recv.alive():
+            if time.monotonic() > end:
+                rc, out, err = run_cmd([REMOTE, "--api-socket", ssock, "migration-info"], 10)
+                try:
+                    ram = json.loads(out).get("ram", {})
+                except ValueError:
+                    ram = {}
+                run_cmd([REMOTE, "--api-socket", ssock, "cancel-migration"], 10)
+                raise RunFailed(
+                    f"did not complete within {MIGRATION_TIMEOUT_S:.0f} s "
+                    f"({ram.get('dirty-sync-count')} syncs, {ram.get('remaining', 0) // MIB} MiB "
+                    f"remaining, {ram.get('transferred', 0) // MIB} MiB sent); cancelled")
+            if not send.alive() and send.status != 0:
+                raise RunFailed(f"send-migration failed: {send.log_tail(3)}")
+            if not send.alive() and "src_info" not in rec:
+                source_info(ssock, rec)
+            if not recv.alive() and recv.status != 0:
+                raise RunFailed(f"receive-migration failed: {recv.log_tail(3)}")
+            src.read_hwm()
+            dst.read_hwm()
+            time.sleep(0.02)
+        rec["wall_ms"] = round((time.monotonic() - t0) * 1000)
+        if "src_info" not in rec and send.status == 0:
+            source_info(ssock, rec)
+        if send.status != 0 or recv.status != 0:
+            raise RunFailed(f"send status {send.status} {send.log_tail(2)}, "
+                            f"receive status {recv.status} {recv.log_tail(2)}")
+        offset = len(read_text(serial))
+        rc, out, err = run_cmd([REMOTE, "--api-socket", dsock, "migration-info"], 30)
+        if rc != 0:
+            raise RunFailed(f"migration-info: {err.strip()}")
+        info = json.loads(out)
+        rec["info"] = info
+        if info.get("status") != "completed":
+            raise RunFailed(f"destination says {info.get('status')}")
+        # The source ends itself once the destination runs the VM.
+        if not src.wait(30):
+            raise RunFailed("the source ferry still runs 30 s after the migration")
+        rec["src_log_total_ms"] = source_log_total(f"{d}/src.log")
+
+        def running():
+            rc, out, err = run_cmd([REMOTE, "--api-socket", dsock, "info"], 30)
+            if rc != 0:
+                return err.strip()
+            st = json.loads(out).get("state")
+            return True if st == "Running" else st
+
+        rec["check_s"] = round(check_destination(w, [serial], serial, offset, dst, running), 2)
+    finally:
+        for p in helpers:
+            p.stop(grace=2)
+        src.stop()
+        dst.stop()
+        rec["src_hwm_kib"], rec["src_maxrss_kib"] = src.hwm_kib, src.maxrss_kib
+        rec["dst_hwm_kib"], rec["dst_maxrss_kib"] = dst.hwm_kib, dst.maxrss_kib
+        rec["src_peak_kib"], rec["dst_peak_kib"] = src.peak_kib(), dst.peak_kib()
+
+
+def figures(rec):
+    """The table's figures from a run's raw answer (QEMU's query-migrate or Ferry's
+    migration-info, which uses the same names)."""
+    info = rec.get("info") or {}
+    ram = info.get("ram", {})
+    total = info.get("total-time")
+    if rec["mode"].startswith("ferry") and info:
+        # Ferry's destination reports the time since its receive-migration request as
+        # `total-time`; take the source's own figure (or, failing that, the wall clock).
+        src = rec.get("src_info") or {}
+        if src.get("status") == "completed" and src.get("total-time") is not None:
+            total, rec["total_from"] = src["total-time"], "source migration-info"
+        elif rec.get("src_log_total_ms") is not None:
+            total, rec["total_from"] = rec["src_log_total_ms"], "source log"
+        else:
+            total, rec["total_from"] = rec.get("wall_ms"), "wall clock"
+    sent = ram.get("transferred")
+    return {
+        "total_ms": total,
+        "downtime_ms": info.get("downtime"),
+        "sent_mib": sent / MIB if sent is not None else None,
+        # Same formula for both: bytes on the wire over the total time.
+        "mbit_s": sent * 8 / total / 1000 if sent is not None and total else None,
+        "syncs": ram.get("dirty-sync-count"),
+        "src_rss_mib": rec["src_peak_kib"] / 1024 if rec.get("src_peak_kib") else None,
+        "dst_rss_mib": rec["dst_peak_kib"] / 1024 if rec.get("dst_peak_kib") else None,
+    }
+
+
+def one_run(wkey, mode, pair, port):
+    w = WORKLOADS[wkey]
+    d = os.path.join(WORK, f"{wkey}-{mode}-{pair}")
+    os.makedirs(d, exist_ok=True)
+    rec = {"workload": wkey, "mode": mode, "pair": pair, "ok": False,
+           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if LIVE:
+        raise SystemExit(f"processes left from the previous run: {[p.pid for p in LIVE]}")
+    t0 = time.monotonic()
+    try:
+        (run_qemu if mode.startswith("qemu") else run_ferry)(w, mode, d, port, rec)
+        rec["ok"] = True
+    except (RunFailed, OSError, ValueError, subprocess.TimeoutExpired) as e:
+        rec["error"] = str(e)
+    finally:
+        stop_all()
+    rec["run_s"] = round(time.monotonic() - t0, 1)
+    rec.update(figures(rec))
+    return rec
+
+
+# ---------------------------------------------------------------------------- report
+
+FIGS = [  # key, column, lower is better
+    ("total_ms", "total ms", True, 0),
+    ("downtime_ms", "downtime ms", True, 0),
+    ("sent_mib", "MiB sent", True, 0),
+    ("mbit_s", "Mbit/s", False, 0),
+    ("syncs", "dirty syncs", True, 0),
+    ("src_rss_mib", "src peak RSS MiB", True, 0),
+    ("dst_rss_mib", "dst peak RSS MiB", True, 0),
+]
+
+
+def stats(runs, key):
+    v = [r[key] for r in runs if r["ok"] and r.get(key) is not None]
+    if not v:
+        return None
+    return statistics.median(v), min(v), max(v)
+
+
+def fmt(s, p=0):
+    if s is None:
+        return "–"
+    med, lo, hi = s
+    if lo == hi:
+        return f"{med:.{p}f}"
+    return f"{med:.{p}f} ({lo:.{p}f}–{hi:.{p}f})"
+
+
+def table(runs, wkeys, modes):
+    out = []
+    head = "| mode | ok | " + " | ".join(c for _, c, _, _ in FIGS) + " |"
+    sep = "|---|---|" + "---|" * len(FIGS)
+    for wk in wkeys:
+        rs = [r for r in runs if r["workload"] == wk]
+        if not rs:
+            continue
+        out += [f"**{WORKLOADS[wk]['name']}** (`{WORKLOADS[wk]['cmdline']}`)", "", head, sep]
+        med = {}
+        for m in modes:
+            mr = [r for r in rs if r["mode"] == m]
+            if not mr:
+                continue
+            cells = []
+            for key, _, _, p in FIGS:
+                s = stats(mr, key)
+                med[(m, key)] = s[0] if s else None
+                cells.append(fmt(s, p))
+            ok = sum(r["ok"] for r in mr)
+            out.append(f"| {MODES[m]} | {ok}/{len(mr)} | " + " | ".join(cells) + " |")
+        for fm in ("ferry-lo", "ferry-netns"):
+            if fm not in modes or not any(r["mode"] == fm for r in rs):
+                continue
+            cells = []
+            for key, _, lower, _ in FIGS:
+                q = [med.get((m, key)) for m in ("qemu-ring", "qemu-bitmap")]
+                q = [x for x in q if x is not None]
+                f = med.get((fm, key))
+                if not q or f is None:
+                    cells.append("–")
+                    continue
+                best = min(q) if lower else max(q)
+                cells.append(f"{f / best:.2f}" if best else "–")
+            out.append(f"| {MODES[fm]} / QEMU best | | " + " | ".join(cells) + " |")
+        fails = [r for r in rs if not r["ok"]]
+        if fails:
+            out.append("")
+            for r in fails:
+                out.append(f"- failed: {MODES[r['mode']]} pair {r['pair']}: {r.get('error')}")
+        out.append("")
+    return "\n".join(out)
+
+
+def raw_lines(runs):
+    out = ["| workload | pair | mode | ok | total ms | downtime ms | MiB sent | Mbit/s | syncs "
+           "| src RSS MiB | dst RSS MiB | boot s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def c(v, p=0):
+        return "–" if v is None else f"{v:.{p}f}"
+    for r in runs:
+        out.append(f"| {r['workload']} | {r['pair']} | {r['mode']} | {'yes' if r['ok'] else 'NO'} "
+                   f"| {c(r.get('total_ms'))} | {c(r.get('downtime_ms'))} | {c(r.get('sent_mib'))} "
+                   f"| {c(r.get('mbit_s'))} | {c(r.get('syncs'))} | {c(r.get('src_rss_mib'))} "
+                   f"| {c(r.get('dst_rss_mib'))} | {c(r.get('boot_s'), 1)} |")
+    return "\n".join(out)
+
+
+def machine():
+    cpu = ""
+    flags = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and not cpu:
+                cpu = line.split(":", 1)[1].strip()
+    mem = ""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / (1 << 20):.1f} GiB"
+    qv = subprocess.run([QEMU, "--version"], capture_output=True, text=True).stdout.splitlines()
+    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True).stdout.strip()
+    built = datetime.datetime.fromtimestamp(os.path.getmtime(FERRY), datetime.timezone.utc)
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "kernel": platform.release(),
+            "qemu": qv[0] if qv else "", "git_head": rev,
+            "ferry_built": built.strftime("%Y-%m-%d %H:%M UTC")}
+
+
+KEEP_MARK = "<!-- Written by hand below this line; bench_vs_qemu.py keeps it. -->"
+
+
+def write_report(runs, wkeys, modes, started, finished, cmd):
+    os.makedirs(OUT, exist_ok=True)
+    mach = machine()
+    doc = {"date": started, "finished": finished, "machine": mach, "command": cmd,
+           "pairs": PAIRS, "downtime_ms": DOWNTIME_MS, "max_bandwidth_bytes_s": MAX_BANDWIDTH,
+           "migration_timeout_s": MIGRATION_TIMEOUT_S,
+           "workloads": {k: WORKLOADS[k] for k in wkeys}, "modes": {m: MODES[m] for m in modes},
+           "runs": runs}
+    with open(os.path.join(OUT, "vs-qemu.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    tab = table(runs, wkeys, modes)
+    md_path = os.path.join(OUT, "vs-qemu.md")
+    kept = ""
+    old = read_text(md_path)
+    if KEEP_MARK in old:
+        kept = old[old.index(KEEP_MARK) + len(KEEP_MARK):]
+    md = f"""# Live migration: Ferry side by side with QEMU
+
+Measured {started} – {finished} on {mach['cpu']}, {mach['cores']} cores, {mach['memory']} RAM,
+Linux {mach['kernel']}, nested PVM-based KVM; {mach['qemu']}; Ferry at {mach['git_head']}
+(binaries built {mach['ferry_built']}). The machine was shared: another engineer compiled
+and ran tests on the same 2 cores during the run, so absolute figures are noisy; the modes
+alternate run by run so the noise hits them alike.
+
+Command: `{cmd}` ({PAIRS} rounds per workload; raw runs in [vs-qemu.json](vs-qemu.json)).
+
+Setup, the same for every mode: the same guest binary (`target/test-guest/guest.elf`, a
+PVH ELF), memory, vCPUs and command line; one migration at a time, each round running
+QEMU ring → QEMU bitmap → Ferry loopback → Ferry netns. QEMU: `-accel kvm,dirty-ring-size=4096`
+(ring) or `-accel kvm` (bitmap), `-cpu {QEMU_CPU}`, `-kernel guest.elf -append ...`,
+`-device isa-debug-exit`, QMP on a UNIX socket: `migrate-set-parameters` downtime-limit
+{DOWNTIME_MS} ms and max-bandwidth {MAX_BANDWIDTH // 10**9} GB/s, `migrate` to
+`tcp:127.0.0.1`, `query-migrate` every 20 ms until completed; destination started with
+`-incoming tcp:127.0.0.1:PORT`. Ferry: `send-migration --downtime-ms {DOWNTIME_MS}` through
+its REST API (`ferry-remote`), default dirty rings (65536 entries), over TCP on loopback and
+between two network namespaces joined by a veth pair. The migration starts
+{SETTLE_S:g} s after the guest's first progress line (`pass`/`verified` of every vCPU; `ready`
+for idle). A run counts only if the guest then goes on on the destination: two more
+progress lines from every vCPU there (for `verify` the second ends a pass, run wholly on
+the destination, that checked every page of its share), or for idle the process stays up
+{IDLE_WATCH_S:g} s with QEMU's `query-status` `running` / Ferry's `vm.info` `Running`; and
+no `MISMATCH`/`FAIL` on any serial. A migration that has not completed after
+{MIGRATION_TIMEOUT_S:.0f} s is cancelled and counted as failed (neither side has
+auto-converge or a switch-over timeout on).
+
+Figures: median (min–max) over the successful runs. *total* and *downtime* are each
+VMM's own report: QEMU's `query-migrate` `total-time` and `downtime` (measured on the
+source: stop → completion), Ferry's `vm.migration-info` (`downtime`: source pause →
+destination resume, measured on the destination). *MiB sent*: `ram.transferred`.
+*Mbit/s*: transferred bits / total time, the same formula for both (each VMM's own
+`ram.mbps` is in the JSON). *dirty syncs*: `ram.dirty-sync-count`. *Peak RSS*: `VmHWM`
+of the source and destination processes read just before they ended (for Ferry's source,
+which ends itself, the last reading ≤ 20 ms before; `ru_maxrss` from `wait4` is in the JSON
+as a check). Ratio rows: Ferry's median / the better of the two QEMU medians (below 1 is
+better for Ferry, except Mbit/s).
+
+{tab}
+<details><summary>Every run</summary>
+
+{raw_lines(runs)}
+
+</details>
+
+{KEEP_MARK}{kept}"""
+    if not kept:
+        md += "\n"
+    with open(md_path, "w") as f:
+        f.write(md)
+    return tab
+
+
+# ---------------------------------------------------------------------------- main
+
+def main():
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    wkeys = os.environ.get("WORKLOADS", "a b c d").split()
+    modes = os.environ.get("MODES", " ".join(MODES)).split()
+    for k in wkeys:
+        if k not in WORKLOADS:
+            sys.exit(f"unknown workload {k} (a b c d)")
+    for m in modes:
+        if m not in MODES:
+            sys.exit(f"unknown mode {m} ({' '.join(MODES)})")
+    if "ferry-netns" in modes and not (NS_A and NS_B and ADDR_B):
+        sys.exit("ferry-netns needs NS_A, NS_B and ADDR_B (run scripts/bench_vs_qemu.sh)")
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cmd = os.environ.get("BENCH_CMD", "scripts/dev_cli.sh bench vs-qemu")
+    runs = []
+    jsonl = os.path.join(WORK, "runs.jsonl")
+    port = 47100
+    n = len(wkeys) * len(modes) * PAIRS
+    t0 = time.monotonic()
+    try:
+        for wk in wkeys:
+            for pair in range(1, PAIRS + 1):
+                for m in modes:
+                    port += 1
+                    rec = one_run(wk, m, pair, port)
+                    runs.append(rec)
+                    with open(jsonl, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    if rec["ok"]:
+                        what = (f"total {rec['total_ms']} ms, downtime {rec['downtime_ms']} ms, "
+                                f"{rec['sent_mib']:.0f} MiB, {rec['syncs']} syncs")
+                    else:
+                        what = f"FAILED: {rec['error']}"
+                    log(f"[{len(runs)}/{n} {time.monotonic() - t0:.0f}s] {wk} {m} pair {pair}: "
+                        f"{what} ({rec['run_s']} s)")
+    finally:
+        stop_all()
+    finished = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(write_report(runs, wkeys, modes, started, finished, cmd))
+    log(f"written to {OUT}/vs-qemu.md and vs-qemu.json")
+
+
+if __name__ == "__main__":
+    main()
