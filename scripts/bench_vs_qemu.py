@@ -15,6 +15,7 @@ Python 3.11 standard library only.
 
 import ctypes
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -27,9 +28,9 @@ import sys
 import time
 
 ROOT = os.environ.get("ROOT") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FERRY = os.path.join(ROOT, "target/release/ferry")
-REMOTE = os.path.join(ROOT, "target/release/ferry-remote")
-GUEST = os.path.join(ROOT, "target/test-guest/guest.elf")
+FERRY = os.environ.get("FERRY") or os.path.join(ROOT, "target/release/ferry")
+REMOTE = os.environ.get("REMOTE") or os.path.join(ROOT, "target/release/ferry-remote")
+GUEST = os.environ.get("GUEST") or os.path.join(ROOT, "target/test-guest/guest.elf")
 QEMU = os.environ.get("QEMU", "qemu-system-x86_64")
 QEMU_CPU = os.environ.get("FERRY_QEMU_CPU", "qemu64")
 
@@ -623,14 +624,15 @@ def table(runs, wkeys, modes):
 
 
 def raw_lines(runs):
-    out = ["| workload | pair | mode | ok | total ms | downtime ms | MiB sent | Mbit/s | syncs "
-           "| src RSS MiB | dst RSS MiB | boot s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| workload | pair | mode | ok | total ms | wall ms | downtime ms | MiB sent | Mbit/s "
+           "| syncs | src RSS MiB | dst RSS MiB | boot s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def c(v, p=0):
         return "–" if v is None else f"{v:.{p}f}"
     for r in runs:
         out.append(f"| {r['workload']} | {r['pair']} | {r['mode']} | {'yes' if r['ok'] else 'NO'} "
-                   f"| {c(r.get('total_ms'))} | {c(r.get('downtime_ms'))} | {c(r.get('sent_mib'))} "
+                   f"| {c(r.get('total_ms'))} | {c(r.get('wall_ms'))} | {c(r.get('downtime_ms'))} | {c(r.get('sent_mib'))} "
                    f"| {c(r.get('mbit_s'))} | {c(r.get('syncs'))} | {c(r.get('src_rss_mib'))} "
                    f"| {c(r.get('dst_rss_mib'))} | {c(r.get('boot_s'), 1)} |")
     return "\n".join(out)
@@ -638,7 +640,6 @@ def raw_lines(runs):
 
 def machine():
     cpu = ""
-    flags = ""
     with open("/proc/cpuinfo") as f:
         for line in f:
             if line.startswith("model name") and not cpu:
@@ -652,9 +653,14 @@ def machine():
     rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                          capture_output=True, text=True).stdout.strip()
     built = datetime.datetime.fromtimestamp(os.path.getmtime(FERRY), datetime.timezone.utc)
+    def sha(path):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    fv = subprocess.run([FERRY, "--version"], capture_output=True, text=True).stdout.strip()
     return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "kernel": platform.release(),
-            "qemu": qv[0] if qv else "", "git_head": rev,
-            "ferry_built": built.strftime("%Y-%m-%d %H:%M UTC")}
+            "qemu": qv[0] if qv else "", "git_head": rev, "ferry_version": fv,
+            "ferry_built": built.strftime("%Y-%m-%d %H:%M UTC"),
+            "sha256": {os.path.basename(p): sha(p) for p in (FERRY, REMOTE, GUEST)}}
 
 
 KEEP_MARK = "<!-- Written by hand below this line; bench_vs_qemu.py keeps it. -->"
@@ -680,12 +686,14 @@ def write_report(runs, wkeys, modes, started, finished, cmd):
     md = f"""# Live migration: Ferry side by side with QEMU
 
 Measured {started} – {finished} on {mach['cpu']}, {mach['cores']} cores, {mach['memory']} RAM,
-Linux {mach['kernel']}, nested PVM-based KVM; {mach['qemu']}; Ferry at {mach['git_head']}
-(binaries built {mach['ferry_built']}). The machine was shared: another engineer compiled
+Linux {mach['kernel']}, nested PVM-based KVM; {mach['qemu']}; Ferry: the binaries of the
+shared checkout at {mach['git_head']} as built {mach['ferry_built']} (copied before the run; sha256
+in the JSON). The machine was shared: another engineer compiled
 and ran tests on the same 2 cores during the run, so absolute figures are noisy; the modes
 alternate run by run so the noise hits them alike.
 
-Command: `{cmd}` ({PAIRS} rounds per workload; raw runs in [vs-qemu.json](vs-qemu.json)).
+Command: `{cmd}` ({PAIRS} round{'s' if PAIRS != 1 else ''} per workload; raw runs in
+[vs-qemu.json](vs-qemu.json)).
 
 Setup, the same for every mode: the same guest binary (`target/test-guest/guest.elf`, a
 PVH ELF), memory, vCPUs and command line; one migration at a time, each round running
@@ -709,12 +717,16 @@ auto-converge or a switch-over timeout on).
 Figures: median (min–max) over the successful runs. *total* and *downtime* are each
 VMM's own report: QEMU's `query-migrate` `total-time` and `downtime` (measured on the
 source: stop → completion), Ferry's `vm.migration-info` (`downtime`: source pause →
-destination resume, measured on the destination). *MiB sent*: `ram.transferred`.
+destination resume, measured on the destination; `total-time` from the source's
+`vm.migration-info`, read just before the source ends itself, because the destination's
+counts from its own `receive-migration` request). *MiB sent*: `ram.transferred`.
 *Mbit/s*: transferred bits / total time, the same formula for both (each VMM's own
 `ram.mbps` is in the JSON). *dirty syncs*: `ram.dirty-sync-count`. *Peak RSS*: `VmHWM`
 of the source and destination processes read just before they ended (for Ferry's source,
 which ends itself, the last reading ≤ 20 ms before; `ru_maxrss` from `wait4` is in the JSON
-as a check). Ratio rows: Ferry's median / the better of the two QEMU medians (below 1 is
+as a check). *wall ms* (raw runs only): this script's clock from the migrate request to
+seeing it completed (QMP polled every 20 ms; Ferry: both `ferry-remote` calls returned).
+Ratio rows: Ferry's median / the better of the two QEMU medians (below 1 is
 better for Ferry, except Mbit/s).
 
 {tab}

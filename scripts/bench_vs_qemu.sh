@@ -48,8 +48,13 @@ for ns in "$NS_A" "$NS_B"; do ip -n "$ns" link set lo up; done
 ip -n "$NS_A" link set "$VETH_A" up
 ip -n "$NS_B" link set "$VETH_B" up
 
-export ROOT WORK NS_A NS_B ADDR_B
-export BENCH_CMD="${BENCH_CMD:-scripts/dev_cli.sh bench vs-qemu${PAIRS:+ (PAIRS=$PAIRS)}}"
+# A copy of the binaries, so that a rebuild during the run cannot mix two versions.
+mkdir -p "$WORK/bin"
+cp -p "$ROOT/target/release/ferry" "$ROOT/target/release/ferry-remote" "$ROOT/target/test-guest/guest.elf" "$WORK/bin/"
+"$WORK/bin/ferry" --version >/dev/null
+FERRY="$WORK/bin/ferry" REMOTE="$WORK/bin/ferry-remote" GUEST="$WORK/bin/guest.elf"
+export ROOT WORK NS_A NS_B ADDR_B FERRY REMOTE GUEST
+export BENCH_CMD="${BENCH_CMD:-${PAIRS:+PAIRS=$PAIRS }scripts/dev_cli.sh bench vs-qemu}"
 # In the background so that a signal reaches the trap at once, which then ends the driver.
 python3 "$ROOT/scripts/bench_vs_qemu.py" &
 PY=$!
