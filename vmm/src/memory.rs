@@ -9,6 +9,23 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 /// One RAM region of [`GuestMemoryMmap`].
 pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
 
+/// A new memfd of `size` bytes (zeros), for guest RAM that another process may map too.
+pub fn memfd(name: &str, size: u64) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    let cname = std::ffi::CString::new(name).map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in a memfd name")
+    })?;
+    // SAFETY: memfd_create reads the NUL-terminated name and returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
+}
+
 /// `MADV_POPULATE_WRITE` (Linux 5.14), not yet in every libc.
 const MADV_POPULATE_WRITE: libc::c_int = 23;
 /// Bytes faulted in per madvise call, so a stop request is seen quickly.

@@ -50,10 +50,71 @@ pub enum VmError {
 
 pub type Result<T> = std::result::Result<T, VmError>;
 
-/// Guest RAM with one region per entry of the platform's RAM layout.
-pub fn create_memory(size: u64) -> Result<GuestMemoryMmap> {
+/// Guest RAM with one region per entry of the platform's RAM layout: anonymous memory,
+/// or with `shared` one memfd holding every region back to back (what `MemFDs` hands over).
+pub fn create_memory(size: u64, shared: bool) -> Result<GuestMemoryMmap> {
     let ranges = crate::boot::layout::ram_regions(size);
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
+    let err = |reason: String| VmError::Memory { size, reason };
+    if !shared {
+        return GuestMemoryMmap::from_ranges(&ranges).map_err(|e| err(e.to_string()));
+    }
+    let file =
+        Arc::new(crate::memory::memfd("ferry-guest-ram", size).map_err(|e| err(e.to_string()))?);
+    let mut offset = 0u64;
+    let with_files: Vec<_> = ranges
+        .iter()
+        .map(|&(gpa, len)| {
+            let f = vm_memory::FileOffset::from_arc(file.clone(), offset);
+            offset += len as u64;
+            (gpa, len, Some(f))
+        })
+        .collect();
+    GuestMemoryMmap::from_ranges_with_files(&with_files).map_err(|e| err(e.to_string()))
+}
+
+/// The RAM layout `(gpa, size)` for `size` bytes of guest RAM.
+fn create_layout(size: u64) -> Vec<(u64, u64)> {
+    crate::boot::layout::ram_regions(size)
+        .iter()
+        .map(|(a, l)| (a.0, *l as u64))
+        .collect()
+}
+
+/// Guest RAM mapped from a migration source's own files (`MemFDs`): the same pages.
+pub fn memory_from_files(
+    files: Vec<(vm_migration::protocol::MemoryFd, std::os::fd::OwnedFd)>,
+) -> Result<GuestMemoryMmap> {
+    let size: u64 = files.iter().map(|(f, _)| f.size).sum();
+    let mut ranges = Vec::with_capacity(files.len());
+    for (f, fd) in files {
+        let file = std::fs::File::from(fd);
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if f.file_offset
+            .checked_add(f.size)
+            .is_none_or(|end| end > len)
+        {
+            return Err(VmError::Memory {
+                size,
+                reason: format!(
+                    "the file for gpa {:#x} holds {len} bytes, not {:#x} at offset {:#x}",
+                    f.gpa, f.size, f.file_offset
+                ),
+            });
+        }
+        let len = usize::try_from(f.size).map_err(|_| VmError::Memory {
+            size,
+            reason: format!(
+                "range of {:#x} bytes at gpa {:#x} is too large",
+                f.size, f.gpa
+            ),
+        })?;
+        ranges.push((
+            GuestAddress(f.gpa),
+            len,
+            Some(vm_memory::FileOffset::new(file, f.file_offset)),
+        ));
+    }
+    GuestMemoryMmap::from_ranges_with_files(&ranges).map_err(|e| VmError::Memory {
         size,
         reason: e.to_string(),
     })
@@ -169,10 +230,13 @@ impl IncomingMachine {
 
 impl Machine {
     /// Builds the VM: dirty tracking first, then memslots, then vCPUs (KVM's order).
-    fn build(mut config: VmConfig) -> Result<Parts> {
+    fn build(mut config: VmConfig, mem: Option<GuestMemoryMmap>) -> Result<Parts> {
         config.validate()?;
         let ncpus = config.cpus.boot_vcpus;
-        let mem = create_memory(config.memory.size)?;
+        let mem = match mem {
+            Some(m) => m,
+            None => create_memory(config.memory.size, config.memory.shared)?,
+        };
 
         let builder = VmBuilder::new()?;
         let caps = builder.dirty_caps();
@@ -256,7 +320,7 @@ impl Machine {
             .kernel
             .clone()
             .ok_or(crate::config::ConfigError::NoKernel)?;
-        let parts = Self::build(config)?;
+        let parts = Self::build(config, None)?;
         let c = &parts.config;
         let entry = crate::boot::load_kernel(
             &parts.mem,
@@ -279,8 +343,27 @@ impl Machine {
 
     /// Builds a VM from a migration source's configuration, to receive its RAM and state.
     pub fn incoming(config: VmConfig) -> Result<IncomingMachine> {
-        let mut parts = Self::build(config)?;
+        let mut parts = Self::build(config, None)?;
         parts.populator = Some(crate::memory::Populator::start(&parts.mem));
+        Ok(IncomingMachine { parts })
+    }
+
+    /// Builds a VM on a source's RAM files (`MemFDs`): its memory is in place already.
+    pub fn incoming_on(config: VmConfig, mem: GuestMemoryMmap) -> Result<IncomingMachine> {
+        let layout = |m: &GuestMemoryMmap| -> Vec<(u64, u64)> {
+            m.iter().map(|r| (r.start_addr().0, r.len())).collect()
+        };
+        let expected = create_layout(config.memory.size);
+        if layout(&mem) != expected {
+            return Err(VmError::Memory {
+                size: config.memory.size,
+                reason: format!(
+                    "the files cover {:x?}, but this configuration's RAM is {expected:x?}",
+                    layout(&mem)
+                ),
+            });
+        }
+        let parts = Self::build(config, Some(mem))?;
         Ok(IncomingMachine { parts })
     }
 

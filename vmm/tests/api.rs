@@ -303,18 +303,27 @@ fn migration_requests_are_checked_then_refused() {
     for b in [
         json!({"destination_url": "tcp:127.0.0.1:1"}),
         json!({"destination_url": "tcp:[::1]:1", "downtime_ms": 50, "timeout_s": 10,
-               "timeout_strategy": "Ignore", "connections": 128, "memory_mode": "Precopy"}),
+               "timeout_strategy": "Ignore", "connections": 16, "memory_mode": "Precopy"}),
     ] {
         let msg = f.error("PUT", "vm.send-migration", Some(&body(&b)), 500);
         assert!(msg.contains("cannot connect"), "{b}: {msg}");
     }
-    for b in [
-        json!({"destination_url": "unix:/tmp/m.sock", "local": true}),
-        json!({"destination_url": "unix:/tmp/m.sock", "memory_mode": "MemFDs"}),
-        json!({"destination_url": "tcp:127.0.0.1:1", "memory_mode": "Postcopy"}),
+    for (b, needle) in [
+        (
+            json!({"destination_url": "unix:/tmp/m.sock", "local": true}),
+            "--memory shared=on",
+        ),
+        (
+            json!({"destination_url": "unix:/tmp/m.sock", "memory_mode": "MemFDs"}),
+            "--memory shared=on",
+        ),
+        (
+            json!({"destination_url": "tcp:127.0.0.1:1", "memory_mode": "Postcopy"}),
+            "not supported yet",
+        ),
     ] {
         let msg = f.error("PUT", "vm.send-migration", Some(&body(&b)), 400);
-        assert!(msg.contains("not supported yet"), "{b}: {msg}");
+        assert!(msg.contains(needle), "{b}: {msg}");
     }
     // The refused migration left the VM as it was.
     assert_eq!(f.state(), "Running");
@@ -559,7 +568,7 @@ fn ferry_remote_commands() {
             "--timeout-s",
             "60",
         ],
-        "not supported yet",
+        "--memory shared=on",
     );
     fails(&["receive-migration", "tcp:0.0.0.0:6000"], "already exists");
     fails(&["migration-info"], "no migration has run");

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, Vmm};
 
-/// Largest `connections` value.
-pub const MAX_CONNECTIONS: u32 = 128;
+/// Largest `connections` value (what the wire protocol allows).
+pub const MAX_CONNECTIONS: u32 = vm_migration::protocol::MAX_CHANNELS as u32;
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 pub const DEFAULT_TIMEOUT_S: u64 = 3600;
 
@@ -279,7 +279,7 @@ mod tests {
         let s = send(r#"{"destination_url":"unix:/s","local":true}"#).unwrap();
         assert_eq!(s.memory_mode, MemoryMode::MemFDs);
         let s = send(
-            r#"{"destination_url":"tcp:h:1","downtime_ms":50,"timeout_s":9,"timeout_strategy":"Ignore","connections":128,"memory_mode":"Postcopy","local":false}"#,
+            r#"{"destination_url":"tcp:h:1","downtime_ms":50,"timeout_s":9,"timeout_strategy":"Ignore","connections":16,"memory_mode":"Postcopy","local":false}"#,
         )
         .unwrap();
         assert_eq!(
@@ -290,7 +290,7 @@ mod tests {
                 s.connections,
                 s.memory_mode
             ),
-            (50, 9, TimeoutStrategy::Ignore, 128, MemoryMode::Postcopy)
+            (50, 9, TimeoutStrategy::Ignore, 16, MemoryMode::Postcopy)
         );
     }
 

@@ -67,7 +67,7 @@ enum Command {
         /// What to do at the timeout: Cancel or Ignore (the downtime target).
         #[arg(long = "timeout-strategy", value_name = "STRATEGY")]
         timeout_strategy: Option<String>,
-        /// Parallel connections (1 to 128, tcp: only).
+        /// Parallel connections (1 to 16, tcp: only).
         #[arg(long, value_name = "N")]
         connections: Option<u64>,
         /// Memory mode: Precopy, MemFDs or Postcopy.

@@ -2,16 +2,22 @@
 //! source's configuration with the same capability ordering, filled page by page, and
 //! started only once its state has been restored.
 
+use std::os::fd::OwnedFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
 use vm_migration::engine::HookResult;
+use vm_migration::protocol::MemoryFd;
 use vm_migration::{DestinationVm, RamRange};
 
 use crate::config::VmConfig;
-use crate::vm::{IncomingMachine, Machine, MachineState};
+use crate::memory::GuestMemoryMmap;
+use crate::vm::{memory_from_files, IncomingMachine, Machine, MachineState};
 
 /// The engine's view of the machine being received.
 #[derive(Default)]
 pub struct MachineDestination {
+    /// Guest RAM mapped from the source's files (`MemFDs`), until the VM is built on it.
+    adopted: Option<GuestMemoryMmap>,
     incoming: Option<IncomingMachine>,
     state: Option<MachineState>,
     /// The running machine, once `resume` succeeded.
@@ -30,7 +36,11 @@ impl DestinationVm for MachineDestination {
     fn check_config(&mut self, vm_config: &[u8], ram: &[RamRange]) -> HookResult<Vec<RamRange>> {
         let config: VmConfig = serde_json::from_slice(vm_config)
             .map_err(|e| format!("the source's VM configuration is not understood here: {e}"))?;
-        let incoming = Machine::incoming(config).map_err(|e| e.to_string())?;
+        let incoming = match self.adopted.take() {
+            Some(mem) => Machine::incoming_on(config, mem),
+            None => Machine::incoming(config),
+        }
+        .map_err(|e| e.to_string())?;
         let layout: Vec<RamRange> = incoming
             .memory()
             .iter()
@@ -48,14 +58,19 @@ impl DestinationVm for MachineDestination {
         Ok(layout)
     }
 
-    fn write_pages(&mut self, gpa: u64, data: &[u8]) -> HookResult<()> {
+    fn adopt_memory(&mut self, files: Vec<(MemoryFd, OwnedFd)>) -> HookResult<()> {
+        self.adopted = Some(memory_from_files(files).map_err(|e| e.to_string())?);
+        Ok(())
+    }
+
+    fn write_pages(&self, gpa: u64, data: &[u8]) -> HookResult<()> {
         self.incoming()?
             .memory()
             .write_slice(data, GuestAddress(gpa))
             .map_err(|e| format!("writing {} bytes at {gpa:#x}: {e}", data.len()))
     }
 
-    fn zero_pages(&mut self, gpa: u64, pages: u64) -> HookResult<()> {
+    fn zero_pages(&self, gpa: u64, pages: u64) -> HookResult<()> {
         const ZERO: [u8; 4096] = [0; 4096];
         let mem = self.incoming()?.memory();
         for i in 0..pages {

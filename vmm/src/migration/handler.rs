@@ -5,7 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vm_migration::{
-    receive_migration, send_migration, MigrationProgress, ReceiveError, ReceiveOptions, SendOptions,
+    receive_migration_from, send_migration_parallel, MigrationProgress, ReceiveError,
+    ReceiveOptions, SendOptions,
 };
 
 use super::transport::{Listener, Stream};
@@ -51,44 +52,62 @@ fn failed(action: &'static str, reason: impl ToString) -> ApiError {
 impl MigrationHandler for LiveMigration {
     fn send(&self, vmm: &Arc<Vmm>, req: SendMigration) -> Result<(), ApiError> {
         const ACTION: &str = "vm.send-migration";
-        match req.memory_mode {
-            MemoryMode::Precopy => {}
+        let local_memory = match req.memory_mode {
+            MemoryMode::Precopy => false,
             MemoryMode::Postcopy => {
                 return Err(ApiError::BadRequest(
                     "memory_mode Postcopy is not supported yet".into(),
                 ))
             }
-            MemoryMode::MemFDs => {
-                return Err(ApiError::BadRequest(
-                    "memory_mode MemFDs (local) is not supported yet".into(),
-                ))
-            }
-        }
-        if req.connections > 1 {
-            log::warn!(
-                "connections={}: this version moves memory over one connection",
-                req.connections
-            );
-        }
+            MemoryMode::MemFDs => true,
+        };
         let machine = vmm.machine(ACTION)?;
+        if local_memory && !machine.config.memory.shared {
+            return Err(ApiError::BadRequest(
+                "memory_mode MemFDs hands guest RAM over as files, but this VM's RAM is not \
+                 shared memory: start it with --memory shared=on"
+                    .into(),
+            ));
+        }
         let progress = self.start();
-        log::info!("migrating to {}", req.destination);
-        let stream = Stream::connect(&req.destination, CONNECT_TIMEOUT).map_err(|e| {
-            progress.set_status(vm_migration::MigrationStatus::Failed);
-            failed(
-                ACTION,
-                format!("cannot connect to {}: {e}", req.destination),
-            )
-        })?;
+        log::info!(
+            "migrating to {} ({})",
+            req.destination,
+            if local_memory {
+                "RAM handed over as files".to_string()
+            } else {
+                format!("{} connection(s)", req.connections)
+            }
+        );
+        let connect = || {
+            Stream::connect(&req.destination, CONNECT_TIMEOUT).map_err(|e| {
+                progress.set_status(vm_migration::MigrationStatus::Failed);
+                failed(
+                    ACTION,
+                    format!("cannot connect to {}: {e}", req.destination),
+                )
+            })
+        };
+        let stream = connect()?;
+        let extra = if local_memory {
+            Vec::new()
+        } else {
+            (1..req.connections)
+                .map(|_| connect())
+                .collect::<Result<Vec<_>, _>>()?
+        };
         let strategy = match req.timeout_strategy {
             TimeoutStrategy::Cancel => vm_migration::TimeoutStrategy::Cancel,
             TimeoutStrategy::Ignore => vm_migration::TimeoutStrategy::Ignore,
         };
-        let opts = SendOptions::new(req.downtime_ms, req.timeout_s, strategy);
+        let opts = SendOptions {
+            local_memory,
+            ..SendOptions::new(req.downtime_ms, req.timeout_s, strategy)
+        };
         let source = MachineSource {
             machine: machine.clone(),
         };
-        let result = send_migration(&source, stream, &opts, &progress);
+        let result = send_migration_parallel(&source, stream, extra, &opts, &progress);
         drop(source);
         drop(machine);
         match result {
@@ -127,9 +146,21 @@ impl MigrationHandler for LiveMigration {
         let stream = listener
             .accept_until(|| progress.is_cancelled())
             .map_err(|e| failed(ACTION, format!("on {}: {e}", req.receiver)))?;
-        drop(listener);
+        // The listener stays open for the extra connections the source may announce.
+        let mut accept = |timeout: Duration| {
+            let deadline = std::time::Instant::now() + timeout;
+            listener
+                .accept_until(|| progress.is_cancelled() || std::time::Instant::now() >= deadline)
+        };
         let mut dest = MachineDestination::default();
-        let result = receive_migration(&mut dest, stream, &ReceiveOptions::default(), &progress);
+        let result = receive_migration_from(
+            &mut dest,
+            stream,
+            Some(&mut accept),
+            &ReceiveOptions::default(),
+            &progress,
+        );
+        drop(listener);
         match result {
             Ok(info) => {
                 let machine = dest

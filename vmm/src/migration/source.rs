@@ -1,11 +1,13 @@
 //! A running [`Machine`] as the migration engine's source.
 
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use hypervisor::{DirtyTracking, SyncKind};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vm_migration::engine::HookResult;
+use vm_migration::protocol::MemoryFd;
 use vm_migration::stats::{DirtyTrackingMode, DirtyTrackingStats};
 use vm_migration::{RamRange, SourceVm};
 
@@ -79,6 +81,27 @@ impl SourceVm for MachineSource {
         let blob = serde_json::to_vec(&state).map_err(|e| format!("machine state: {e}"))?;
         // One versioned blob holds vCPUs and devices alike.
         Ok((blob, Vec::new()))
+    }
+
+    fn memory_files(&self) -> HookResult<Vec<(MemoryFd, BorrowedFd<'_>)>> {
+        self.machine
+            .memory()
+            .iter()
+            .map(|r| {
+                let f = r.file_offset().ok_or_else(|| {
+                    format!(
+                        "guest RAM at {:#x} is not shared memory (start the VM with --memory shared=on)",
+                        r.start_addr().0
+                    )
+                })?;
+                let entry = MemoryFd {
+                    gpa: r.start_addr().0,
+                    size: r.len(),
+                    file_offset: f.start(),
+                };
+                Ok((entry, f.file().as_fd()))
+            })
+            .collect()
     }
 
     fn dirty_tracking_stats(&self) -> Option<DirtyTrackingStats> {

@@ -3,11 +3,14 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
+
+use vm_migration::transport::FdUnixStream;
 
 /// How long unacknowledged data may sit on a TCP connection before the kernel gives up
 /// (TCP_USER_TIMEOUT), and how long a blocking read may wait for the peer.
@@ -86,7 +89,8 @@ impl std::fmt::Display for MigrationUrl {
 #[derive(Debug)]
 pub enum Stream {
     Tcp(TcpStream),
-    Unix(UnixStream),
+    /// Keeps file descriptors that arrive with the data (`MemFDs`).
+    Unix(FdUnixStream),
 }
 
 fn set_int_opt(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
@@ -148,7 +152,7 @@ impl Stream {
                 tune_tcp(&s)?;
                 Stream::Tcp(s)
             }
-            MigrationUrl::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
+            MigrationUrl::Unix(p) => Stream::Unix(FdUnixStream::new(UnixStream::connect(p)?)),
         };
         s.set_read_timeout(Some(PEER_SILENCE_LIMIT))?;
         Ok(s)
@@ -157,21 +161,21 @@ impl Stream {
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
-            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.get_ref().set_read_timeout(t),
         }
     }
 
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
-            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.get_ref().set_write_timeout(t),
         }
     }
 
     pub fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(FdUnixStream::new(s.get_ref().try_clone()?)),
         })
     }
 
@@ -179,13 +183,13 @@ impl Stream {
     pub fn shutdown(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.get_ref().shutdown(Shutdown::Both),
         };
     }
 
     pub fn unix(&self) -> Option<&UnixStream> {
         match self {
-            Stream::Unix(s) => Some(s),
+            Stream::Unix(s) => Some(s.get_ref()),
             Stream::Tcp(_) => None,
         }
     }
@@ -211,7 +215,7 @@ impl Write for Stream {
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.write_vectored(bufs),
-            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.get_ref().write_vectored(bufs),
         }
     }
 
@@ -253,7 +257,7 @@ impl Listener {
                 tune_tcp(&s)?;
                 Stream::Tcp(s)
             }
-            Listener::Unix(l, _) => Stream::Unix(l.accept()?.0),
+            Listener::Unix(l, _) => Stream::Unix(FdUnixStream::new(l.accept()?.0)),
         };
         s.set_read_timeout(Some(PEER_SILENCE_LIMIT))?;
         Ok(s)
@@ -265,7 +269,7 @@ impl Listener {
         loop {
             let r = match self {
                 Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
-                Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+                Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(FdUnixStream::new(s))),
             };
             match r {
                 Ok(s) => {
@@ -274,7 +278,7 @@ impl Listener {
                             t.set_nonblocking(false)?;
                             tune_tcp(t)?;
                         }
-                        Stream::Unix(u) => u.set_nonblocking(false)?,
+                        Stream::Unix(u) => u.get_ref().set_nonblocking(false)?,
                     }
                     s.set_read_timeout(Some(PEER_SILENCE_LIMIT))?;
                     return Ok(s);
@@ -325,6 +329,27 @@ impl vm_migration::MigrationStream for Stream {
 
     fn shutdown_both(&self) {
         self.shutdown();
+    }
+
+    fn can_pass_fds(&self) -> bool {
+        matches!(self, Stream::Unix(_))
+    }
+
+    fn write_with_fds(&mut self, buf: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.write_with_fds(buf, fds),
+            Stream::Tcp(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a TCP connection cannot pass file descriptors",
+            )),
+        }
+    }
+
+    fn take_fds(&mut self) -> Vec<OwnedFd> {
+        match self {
+            Stream::Unix(s) => s.take_fds(),
+            Stream::Tcp(_) => Vec::new(),
+        }
     }
 }
 
