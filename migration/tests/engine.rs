@@ -337,6 +337,8 @@ fn converging_migration_copies_ram_exactly() {
     thread::sleep(Duration::from_millis(20));
     let (a, b) = UnixStream::pair().unwrap();
     let dest = spawn_destination(b, FakeDestination::default());
+    // The destination waits a while for its source: that is not part of the migration.
+    thread::sleep(Duration::from_millis(1500));
     let progress = MigrationProgress::new();
     let opts = fast_opts(
         Duration::from_millis(50),
@@ -366,6 +368,11 @@ fn converging_migration_copies_ram_exactly() {
     assert_eq!(dinfo.ram.total, info.ram.total);
     assert_eq!(dinfo.ram.normal, info.ram.normal);
     assert_eq!(dinfo.downtime, info.downtime);
+    let (total, dtotal) = (info.total_time.unwrap(), dinfo.total_time.unwrap());
+    assert!(
+        dtotal + 100 >= total && dtotal < total + 1000,
+        "destination total-time {dtotal} ms, source {total} ms"
+    );
     let json = serde_json::to_value(&dinfo).unwrap();
     assert!(json["ram"]["normal-bytes"].as_u64().unwrap() > 0);
 }

@@ -390,8 +390,13 @@ impl Session<'_> {
         info.ram.remaining = 0;
         info.expected_downtime = None;
         info.error_desc = None;
+        // The source's total time ran to `Complete`; the rest is the resume here. (Not this
+        // side's own clock: it started when the destination began to wait for a source.)
+        info.total_time = info
+            .total_time
+            .map(|t| t + complete_at.elapsed().as_millis() as u64);
+        info.status = MigrationStatus::Completed;
         progress.replace(info);
-        progress.set_status(MigrationStatus::Completed);
 
         send(conn, &Message::Resumed { downtime_us }).map_err(ReceiveError::ConfirmationFailed)?;
         let _ = conn.get_mut().flush();

@@ -309,6 +309,46 @@ fn split_runs(runs: &[(u64, u32)], n: usize) -> Vec<&[(u64, u32)]> {
     groups
 }
 
+/// When to stop iterating. Fitting in `downtime_ms` is necessary, not sufficient: while
+/// each pass still leaves clearly fewer dirty pages than the one before (a guest whose
+/// dirty rate is below the link's), another short pass shrinks the downtime further, down
+/// to [`TINY_DOWNTIME`]. Once the set stops shrinking, more passes only cost time.
+#[derive(Default)]
+struct Convergence {
+    /// Dirty pages left after the previous pass.
+    previous: Option<u64>,
+    /// Passes made since the dirty set first fitted the downtime.
+    passes_fitting: u32,
+}
+
+/// A downtime this short is not worth another pass.
+const TINY_DOWNTIME: Duration = Duration::from_millis(5);
+/// A pass must leave at most this share of the previous pass's dirty pages (3/4) to
+/// count as converging.
+const SHRINK_NUM: u64 = 3;
+const SHRINK_DEN: u64 = 4;
+/// Passes at most after the dirty set first fitted the downtime.
+const MAX_PASSES_FITTING: u32 = 8;
+
+impl Convergence {
+    fn stop_now(&mut self, expected: Duration, downtime: Duration, dirty: u64) -> bool {
+        let shrinking = self
+            .previous
+            .is_none_or(|p| dirty * SHRINK_DEN < p * SHRINK_NUM);
+        self.previous = Some(dirty);
+        if expected > downtime {
+            return false;
+        }
+        self.passes_fitting += 1;
+        let stop =
+            expected <= TINY_DOWNTIME || !shrinking || self.passes_fitting > MAX_PASSES_FITTING;
+        if !stop {
+            log::debug!("{dirty} dirty pages fit the downtime ({expected:?}) but still shrink: one more pass");
+        }
+        stop
+    }
+}
+
 struct Sender<'a, V: ?Sized, S: MigrationStream> {
     vm: &'a V,
     opts: &'a SendOptions,
@@ -419,6 +459,7 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         let mut pending = PageSet::new(&ram);
         pending.insert_all();
         let mut iteration = 0u32;
+        let mut convergence = Convergence::default();
         loop {
             let pass_start = Instant::now();
             let pass = self.send_pass(iteration, &mut pending, Phase::Precopy)?;
@@ -428,7 +469,10 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
             }
             let expected = self.record_pass(iteration, &pass, pass_start, pending.count());
             iteration += 1;
-            if pass.timed_out || pending.is_empty() || expected <= self.opts.downtime {
+            if pass.timed_out
+                || pending.is_empty()
+                || convergence.stop_now(expected, self.opts.downtime, pending.count())
+            {
                 break;
             }
             if self.started.elapsed() >= self.opts.timeout {
@@ -764,7 +808,8 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
 
     /// After a failed write: the `Abort` the destination may have sent before closing.
     fn peer_reason(&mut self) -> Option<SendError> {
-        self.conn.get_mut().set_idle(Duration::from_millis(300));
+        // The destination sends it once all its connections stopped: allow for that.
+        self.conn.get_mut().set_idle(Duration::from_millis(1000));
         loop {
             match self.conn.read_message() {
                 Ok(Message::Abort { reason }) => {
@@ -882,6 +927,34 @@ fn is_cancel_io(e: &SendError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn convergence_goes_on_while_the_dirty_set_shrinks_and_fits() {
+        let ms = Duration::from_millis;
+        let mut c = Convergence::default();
+        // Too slow to fit: go on, however it shrinks.
+        assert!(!c.stop_now(ms(900), ms(300), 25_000));
+        // Fits, and shrank to half: one more pass.
+        assert!(!c.stop_now(ms(200), ms(300), 12_000));
+        assert!(!c.stop_now(ms(60), ms(300), 4_000));
+        // Shrinking still, and now tiny: stop.
+        assert!(c.stop_now(ms(4), ms(300), 300));
+
+        // Fits but no longer shrinks (a steady dirty rate): stop.
+        let mut c = Convergence::default();
+        assert!(!c.stop_now(ms(100), ms(300), 10_000));
+        assert!(c.stop_now(ms(90), ms(300), 9_000));
+
+        // Shrinking forever (slowly enough to count, never tiny) ends after the cap.
+        let mut c = Convergence::default();
+        let mut dirty = 1u64 << 40;
+        let mut passes = 0;
+        while !c.stop_now(ms(100), ms(300), dirty) {
+            dirty /= 2;
+            passes += 1;
+        }
+        assert_eq!(passes, MAX_PASSES_FITTING as usize);
+    }
 
     #[test]
     fn frame_end_finds_the_end_of_a_cut_frame() {
