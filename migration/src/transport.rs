@@ -91,45 +91,47 @@ impl<S: MigrationStream + ?Sized> MigrationStream for Box<S> {
     }
 }
 
-/// The cause inside the I/O error a cancelled wait returns (see [`cancelled_error`]).
-#[derive(Debug)]
-struct Cancelled;
+/// Why a wait on the stream ended early: the cause inside the I/O error it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WaitEnded {
+    /// The migration was cancelled.
+    Cancelled,
+    /// Another connection of the migration ended or failed ([`Watched::with_halt`]).
+    Halted,
+}
 
-impl std::fmt::Display for Cancelled {
+impl std::fmt::Display for WaitEnded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("migration cancelled")
+        f.write_str(match self {
+            WaitEnded::Cancelled => "migration cancelled",
+            WaitEnded::Halted => "stopped: another connection of this migration ended or failed",
+        })
     }
 }
 
-impl std::error::Error for Cancelled {}
+impl std::error::Error for WaitEnded {}
 
-/// The error a read or write returns once the migration is cancelled. Its kind must not be
-/// `Interrupted`: `Write::write_all`, `Read::read_exact` and the protocol reader retry
-/// `Interrupted` at once, and the flag stays set, so they would spin forever.
-fn cancelled_error() -> io::Error {
-    io::Error::other(Cancelled)
+/// The error of a wait ended early. Its kind must not be `Interrupted`:
+/// `Write::write_all`, `Read::read_exact` and the protocol reader retry `Interrupted` at
+/// once, and the flag stays set, so they would spin forever.
+fn wait_ended(why: WaitEnded) -> io::Error {
+    io::Error::other(why)
+}
+
+fn ended_by(e: &io::Error, why: WaitEnded) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<WaitEnded>())
+        .is_some_and(|w| *w == why)
 }
 
 /// Whether `e` is the error of a wait ended by cancellation.
 pub(crate) fn is_cancelled(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<Cancelled>())
+    ended_by(e, WaitEnded::Cancelled)
 }
-
-/// The cause inside the I/O error a halted wait returns (see [`Watched::with_halt`]).
-#[derive(Debug)]
-struct Halted;
-
-impl std::fmt::Display for Halted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("stopped: another connection of this migration ended or failed")
-    }
-}
-
-impl std::error::Error for Halted {}
 
 /// Whether `e` is the error of a wait ended by the halt flag.
 pub(crate) fn is_halted(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<Halted>())
+    ended_by(e, WaitEnded::Halted)
 }
 
 /// A stream whose reads and writes fail after `idle` without progress or on cancellation.
@@ -208,7 +210,7 @@ impl<S: MigrationStream> Watched<S> {
         let start = Instant::now();
         loop {
             if self.progress.is_cancelled() {
-                return Err(cancelled_error());
+                return Err(wait_ended(WaitEnded::Cancelled));
             }
             if !self.halt_ignored
                 && self
@@ -216,7 +218,7 @@ impl<S: MigrationStream> Watched<S> {
                     .as_ref()
                     .is_some_and(|h| h.load(Ordering::Relaxed))
             {
-                return Err(io::Error::other(Halted));
+                return Err(wait_ended(WaitEnded::Halted));
             }
             match op(&mut self.inner) {
                 Err(e) if is_timeout(&e) => {

@@ -1004,6 +1004,27 @@ fn spawn_parallel_destination(
     })
 }
 
+/// Sends `src` over `main` and `extras` with a `downtime_ms` target.
+fn send_parallel(
+    src: &FakeSource,
+    main: UnixStream,
+    extras: Vec<Boxed>,
+    downtime_ms: u64,
+) -> Result<MigrationInfo, SendError> {
+    let opts = fast_opts(
+        Duration::from_millis(downtime_ms),
+        Duration::from_secs(30),
+        TimeoutStrategy::Cancel,
+    );
+    send_migration_parallel(
+        src,
+        Box::new(main) as Boxed,
+        extras,
+        &opts,
+        &MigrationProgress::new(),
+    )
+}
+
 /// The main connection and `extra` more to `path`, in that order.
 fn connect_all(path: &std::path::Path, extra: usize) -> (UnixStream, Vec<UnixStream>) {
     let main = UnixStream::connect(path).unwrap();
@@ -1022,19 +1043,7 @@ fn parallel_connections_lose_nothing_under_a_busy_guest() {
     let guest = src.run_guest(Duration::ZERO, stop.clone());
     let (main, extras) = connect_all(&path, 3);
     let extras: Vec<Boxed> = extras.into_iter().map(|s| Box::new(s) as Boxed).collect();
-    let opts = fast_opts(
-        Duration::from_millis(200),
-        Duration::from_secs(30),
-        TimeoutStrategy::Cancel,
-    );
-    let info = send_migration_parallel(
-        &*src,
-        Box::new(main) as Boxed,
-        extras,
-        &opts,
-        &MigrationProgress::new(),
-    )
-    .expect("migration");
+    let info = send_parallel(&src, main, extras, 200).expect("migration");
     stop.store(true, Ordering::Relaxed);
     guest.join().unwrap();
     let (dr, d) = dest.join().unwrap();
@@ -1067,19 +1076,7 @@ fn corrupted_chunk_on_an_extra_connection_is_refused_and_the_source_keeps_runnin
             }) as Boxed
         })
         .collect();
-    let opts = fast_opts(
-        Duration::from_millis(50),
-        Duration::from_secs(30),
-        TimeoutStrategy::Cancel,
-    );
-    let e = send_migration_parallel(
-        &*src,
-        Box::new(main) as Boxed,
-        extras,
-        &opts,
-        &MigrationProgress::new(),
-    )
-    .unwrap_err();
+    let e = send_parallel(&src, main, extras, 50).unwrap_err();
     let (dr, d) = dest.join().unwrap();
     let de = dr.unwrap_err();
     assert!(
@@ -1109,19 +1106,7 @@ fn a_destination_without_extra_connections_gets_everything_over_one() {
     let src = FakeSource::new(false);
     let (main, extras) = connect_all(&path, 2);
     let extras: Vec<Boxed> = extras.into_iter().map(|s| Box::new(s) as Boxed).collect();
-    let opts = fast_opts(
-        Duration::from_millis(100),
-        Duration::from_secs(30),
-        TimeoutStrategy::Cancel,
-    );
-    send_migration_parallel(
-        &*src,
-        Box::new(main) as Boxed,
-        extras,
-        &opts,
-        &MigrationProgress::new(),
-    )
-    .expect("migration");
+    send_parallel(&src, main, extras, 100).expect("migration");
     let (dr, d, _listener) = dest.join().unwrap();
     dr.expect("destination");
     assert_migrated(&src, &d);
