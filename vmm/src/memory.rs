@@ -28,63 +28,24 @@ pub fn memfd(name: &str, size: u64) -> std::io::Result<std::fs::File> {
 
 /// `MADV_POPULATE_WRITE` (Linux 5.14), not yet in every libc.
 const MADV_POPULATE_WRITE: libc::c_int = 23;
-/// Bytes faulted in per madvise call, so a stop request is seen quickly.
-const POPULATE_STEP: usize = 64 << 20;
 
-/// Faults guest RAM in on a thread of its own, while a migration fills it: a fault per
-/// page taken while receiving costs an exit to the outer hypervisor on a nested host,
-/// and one madvise per 64 MiB is far cheaper. Faulting a page in never changes its
-/// contents, so racing the receiver's writes is harmless.
-pub struct Populator {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Populator {
-    /// Starts faulting in every region of `mem`. `mem` must outlive the populator (the
-    /// owner drops the populator first; its Drop joins the thread).
-    pub fn start(mem: &GuestMemoryMmap) -> Populator {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-        let ranges: Vec<(usize, usize)> = mem
-            .iter()
-            .map(|r| (r.as_ptr() as usize, r.len() as usize))
-            .collect();
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("populate".into())
-            .spawn(move || {
-                let t = std::time::Instant::now();
-                for (base, len) in ranges {
-                    let mut off = 0;
-                    while off < len && !flag.load(Ordering::Relaxed) {
-                        let n = POPULATE_STEP.min(len - off);
-                        // SAFETY: a sub-range of a live guest RAM mapping (the owner joins
-                        // this thread before unmapping); MADV_POPULATE_WRITE only faults
-                        // pages in and changes no contents.
-                        let rc = unsafe {
-                            libc::madvise((base + off) as *mut libc::c_void, n, MADV_POPULATE_WRITE)
-                        };
-                        if rc != 0 {
-                            // Older kernels lack it: pages fault in on first write.
-                            return;
-                        }
-                        off += n;
-                    }
-                }
-                log::info!("guest RAM faulted in after {:?}", t.elapsed());
-            })
-            .ok();
-        Populator { stop, thread }
-    }
-}
-
-impl Drop for Populator {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// Faults in the guest pages of `len` bytes at `gpa` with one system call, before a
+/// migration writes them: on a nested host every page fault taken by a plain copy is an
+/// exit to the outer hypervisor, and one madvise per chunk is far cheaper. Only pages that
+/// are about to be written are touched (zero pages are never sent, so they stay
+/// unallocated), and faulting a page in never changes its contents. Best effort: on a
+/// kernel without it, or outside RAM, the copy faults the pages in itself.
+pub fn prefault(mem: &GuestMemoryMmap, gpa: u64, len: usize) {
+    use vm_memory::GuestMemoryBackend;
+    let Ok(slice) = mem.get_slice(vm_memory::GuestAddress(gpa), len) else {
+        return;
+    };
+    let host = slice.ptr_guard_mut().as_ptr() as usize;
+    let page = 4096usize;
+    let start = host & !(page - 1);
+    let end = (host + len).div_ceil(page) * page;
+    // SAFETY: [start, end) lies within one live guest RAM mapping (`get_slice` checked the
+    // range against the region, and mappings are page-aligned); MADV_POPULATE_WRITE only
+    // faults pages in and changes no contents.
+    let _ = unsafe { libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE) };
 }

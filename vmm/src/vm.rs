@@ -156,11 +156,8 @@ pub struct MachineState {
 pub const MACHINE_STATE_VERSION: u32 = 1;
 
 /// A machine put together but whose vCPUs have not run yet.
-/// Field order is drop order: the populator thread and the KVM VM go before the RAM
-/// they point into.
+/// Field order is drop order: the KVM VM goes before the RAM it points into.
 struct Parts {
-    /// Faults RAM in while a migration fills it.
-    populator: Option<crate::memory::Populator>,
     config: VmConfig,
     vcpus: Vec<hypervisor::Vcpu>,
     hv: Arc<hypervisor::Vm>,
@@ -180,8 +177,6 @@ pub struct Machine {
     serial: Option<Arc<Mutex<Serial>>>,
     pm: Arc<Mutex<AcpiPmControl>>,
     paused: AtomicBool,
-    /// Joined (stopped) before `mem` is unmapped.
-    _populator: Option<crate::memory::Populator>,
     /// Last field: dropped after the KVM VM whose memslots point into it.
     mem: GuestMemoryMmap,
 }
@@ -304,7 +299,6 @@ impl Machine {
         };
         Ok(Parts {
             config,
-            populator: None,
             mem,
             hv,
             vcpus,
@@ -343,8 +337,7 @@ impl Machine {
 
     /// Builds a VM from a migration source's configuration, to receive its RAM and state.
     pub fn incoming(config: VmConfig) -> Result<IncomingMachine> {
-        let mut parts = Self::build(config, None)?;
-        parts.populator = Some(crate::memory::Populator::start(&parts.mem));
+        let parts = Self::build(config, None)?;
         Ok(IncomingMachine { parts })
     }
 
@@ -417,7 +410,6 @@ impl Machine {
             serial,
             pm,
             paused: AtomicBool::new(false),
-            _populator: p.populator,
             mem: p.mem,
         })
     }

@@ -382,6 +382,11 @@ impl Session<'_> {
         let downtime_us = received
             .paused_us
             .saturating_add(complete_at.elapsed().as_micros() as u64);
+        log::info!(
+            "resumed {:.1} ms after Complete (the source had been paused {:.1} ms by then)",
+            complete_at.elapsed().as_secs_f64() * 1000.0,
+            received.paused_us as f64 / 1000.0
+        );
 
         // Report the source's figures (the source exits), with the downtime measured here.
         let mut info = serde_json::from_slice::<MigrationInfo>(&received.source_info)

@@ -64,9 +64,9 @@ impl DestinationVm for MachineDestination {
     }
 
     fn write_pages(&self, gpa: u64, data: &[u8]) -> HookResult<()> {
-        self.incoming()?
-            .memory()
-            .write_slice(data, GuestAddress(gpa))
+        let mem = self.incoming()?.memory();
+        crate::memory::prefault(mem, gpa, data.len());
+        mem.write_slice(data, GuestAddress(gpa))
             .map_err(|e| format!("writing {} bytes at {gpa:#x}: {e}", data.len()))
     }
 
