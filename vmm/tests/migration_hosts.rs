@@ -71,6 +71,21 @@ impl Host {
     }
 }
 
+/// In a failing test, what the host's ferry said (and how it ended) goes to the test's
+/// output: without it a destination that died leaves only "connection closed".
+impl Drop for Host {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(mut f) = self.ferry.take() {
+                let ended = f.child.try_wait().ok().flatten();
+                let (_, out) = f.wait(Duration::ZERO);
+                let who = self.api.path().display();
+                eprintln!("--- {who} (ended by itself: {ended:?})\n{out}");
+            }
+        }
+    }
+}
+
 struct Serial(PathBuf);
 
 impl Serial {
