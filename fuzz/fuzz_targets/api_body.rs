@@ -1,5 +1,6 @@
-//! The JSON bodies the API accepts (vm.create, vm.send-migration, vm.receive-migration)
-//! on arbitrary bytes: never a panic; what is accepted is within the documented ranges.
+//! The JSON bodies the API accepts (vm.create, vm.send-migration, vm.receive-migration,
+//! vm.coredump) on arbitrary bytes: never a panic; what is accepted is within the
+//! documented ranges.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -25,5 +26,8 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(r) = migration::parse_receive_migration(data) {
         assert_eq!(r.receiver_url.parse::<MigrationUrl>().unwrap(), r.receiver);
+    }
+    if let Ok(path) = vmm::api::parse_coredump(data) {
+        assert!(path.is_absolute() && path.file_name().is_some(), "{path:?}");
     }
 });

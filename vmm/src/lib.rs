@@ -4,6 +4,7 @@
 pub mod api;
 pub mod boot;
 pub mod config;
+pub mod coredump;
 pub mod dirty;
 pub mod memory;
 pub mod migration;

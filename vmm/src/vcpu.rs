@@ -50,7 +50,7 @@ struct Flags {
     saved: Vec<Result<VcpuState, String>>,
 }
 
-/// Where a vCPU was when it last parked (for diagnostics).
+/// Where a vCPU was when it last parked (for diagnostics and `vm.coredump`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VcpuSnapshot {
     pub index: u32,
@@ -59,6 +59,14 @@ pub struct VcpuSnapshot {
     pub cr3: u64,
     pub cr4: u64,
     pub efer: u64,
+    /// General-purpose registers in KVM's order: rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp,
+    /// r8 to r15.
+    pub gprs: [u64; 16],
+    pub rflags: u64,
+    /// Segment selectors: cs, ss, ds, es, fs, gs.
+    pub selectors: [u16; 6],
+    pub fs_base: u64,
+    pub gs_base: u64,
 }
 
 /// Pause/resume/stop for all vCPU threads.
@@ -162,6 +170,21 @@ impl VcpuControl {
             cr3: s.cr3,
             cr4: s.cr4,
             efer: s.efer,
+            gprs: [
+                r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
+                r.r12, r.r13, r.r14, r.r15,
+            ],
+            rflags: r.rflags,
+            selectors: [
+                s.cs.selector,
+                s.ss.selector,
+                s.ds.selector,
+                s.es.selector,
+                s.fs.selector,
+                s.gs.selector,
+            ],
+            fs_base: s.fs.base,
+            gs_base: s.gs.base,
         };
         let mut all = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
         all.retain(|x| x.index != snap.index);

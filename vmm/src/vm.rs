@@ -465,6 +465,16 @@ impl Machine {
         self.paused.load(Ordering::SeqCst)
     }
 
+    /// Writes guest RAM and the vCPUs' registers (as they last parked) to an ELF core
+    /// file at `path` (see [`crate::coredump`]). Pause the machine first: the vCPUs of a
+    /// running one would change memory while it is read.
+    pub fn coredump(
+        &self,
+        path: &std::path::Path,
+    ) -> std::result::Result<crate::coredump::CoreSummary, crate::coredump::CoredumpError> {
+        crate::coredump::write_core_file(path, &self.mem, &self.vcpu_snapshots())
+    }
+
     /// Starts dirty logging in KVM and forgets the VMM's own log.
     pub fn start_dirty_log(&self) -> Result<()> {
         self.hv.start_dirty_log()?;

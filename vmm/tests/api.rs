@@ -489,6 +489,116 @@ fn a_long_request_does_not_block_others() {
     f.get("vmm.ping", 200);
 }
 
+#[test]
+fn coredump_of_a_paused_vm() {
+    let f = ApiFerry::start(&[]);
+    let core = f.dir.0.join("vm.core");
+    let url = format!("file://{}", core.display());
+    let good = json!({ "destination_url": url });
+    assert!(f
+        .error("PUT", "vm.coredump", Some(&body(&good)), 404)
+        .contains("no VM"));
+    f.put_json("vm.create", &f.idle_guest_config(), 204);
+    assert!(f
+        .error("PUT", "vm.coredump", Some(&body(&good)), 405)
+        .contains("Created"));
+    f.put("vm.boot", 204);
+    f.wait_serial("guest: ready", 1, BOOT_TIMEOUT);
+
+    // Bad bodies and URLs are refused whatever the state, naming what is wrong.
+    for (b, needle) in [
+        (json!({}), "destination_url"),
+        (json!({"destination_url": 7}), "invalid"),
+        (
+            json!({"destination_url": url, "compress": true}),
+            "compress",
+        ),
+        (
+            json!({"destination_url": "tcp:127.0.0.1:7000"}),
+            "\"tcp:127.0.0.1:7000\"",
+        ),
+        (
+            json!({"destination_url": "/tmp/vm.core"}),
+            "\"/tmp/vm.core\"",
+        ),
+        (
+            json!({"destination_url": "file://host/vm.core"}),
+            "\"file://host/vm.core\"",
+        ),
+        (json!({"destination_url": "file:///tmp/"}), "directory"),
+    ] {
+        let msg = f.error("PUT", "vm.coredump", Some(&body(&b)), 400);
+        assert!(msg.contains(needle), "{b}: {msg}");
+    }
+    assert!(f
+        .error("PUT", "vm.coredump", None, 400)
+        .contains("JSON request body"));
+    // Running: refused like the other wrong-state actions, and nothing is written.
+    let msg = f.error("PUT", "vm.coredump", Some(&body(&good)), 405);
+    assert!(
+        msg.contains("vm.coredump") && msg.contains("Running"),
+        "{msg}"
+    );
+    assert!(!core.exists());
+
+    f.put("vm.pause", 204);
+    f.put_json("vm.coredump", &good, 204);
+    assert_eq!(f.state(), "Paused", "the VM stays paused");
+    let c = vmm::coredump::CoreFile::open(&core).unwrap();
+    assert_eq!(c.ram_bytes(), 256 << 20, "{:?}", c.loads);
+    assert!(c
+        .loads
+        .iter()
+        .all(|l| l.filesz == l.memsz && l.vaddr == l.gpa));
+    assert_eq!(c.loads[0].gpa, 0);
+    // The memory is the guest's: the command line the VMM put there is in low RAM, and
+    // the one vCPU's registers are in a note.
+    let mut low = vec![0u8; 1 << 20];
+    c.read_at(0, &mut low).unwrap();
+    assert!(low.windows(13).any(|w| w == b"workload=idle"));
+    let pr = c.prstatus();
+    assert_eq!(pr.len(), 1);
+    assert_eq!(pr[0].0, 1, "pr_pid is the vCPU index + 1");
+    assert_ne!(pr[0].1[vmm::coredump::PR_REG_RIP], 0, "rip");
+
+    // A file that cannot be created: a 500 naming the path; nothing is left behind, the
+    // VM is still paused.
+    let missing = f.dir.0.join("no-such-dir/vm.core");
+    let msg = f.error(
+        "PUT",
+        "vm.coredump",
+        Some(&body(
+            &json!({"destination_url": format!("file://{}", missing.display())}),
+        )),
+        500,
+    );
+    assert!(msg.contains(missing.to_str().unwrap()), "{msg}");
+    assert_eq!(f.state(), "Paused");
+    let leftovers: Vec<_> = std::fs::read_dir(&f.dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // ferry-remote writes one too; then the guest goes on.
+    let other = f.dir.0.join("other.core");
+    let (code, _, err) = remote(
+        &f.sock,
+        &["coredump", &format!("file://{}", other.display())],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        vmm::coredump::CoreFile::open(&other).unwrap().ram_bytes(),
+        256 << 20
+    );
+    let (code, _, err) = remote(&f.sock, &["coredump", "unix:/x"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unix:/x") && err.contains("HTTP 400"), "{err}");
+    f.put("vm.resume", 204);
+    assert_eq!(f.state(), "Running");
+}
+
 // ---- ferry-remote ----
 
 fn remote(sock: &std::path::Path, args: &[&str]) -> (i32, String, String) {

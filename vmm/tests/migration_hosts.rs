@@ -48,6 +48,16 @@ impl Host {
             .unwrap_or_else(|e| panic!("{endpoint}: {e}"))
     }
 
+    /// A PUT without a body (vm.pause, vm.resume, ...); its status.
+    fn act(&self, endpoint: &str) -> u16 {
+        let r = self
+            .api
+            .put(endpoint, None)
+            .unwrap_or_else(|e| panic!("{endpoint}: {e}"));
+        assert!(r.status < 300, "{endpoint}: {}", r.error_message());
+        r.status
+    }
+
     fn info(&self) -> Value {
         self.api.get("vm.info").unwrap().json().unwrap()
     }
@@ -58,6 +68,21 @@ impl Host {
         let (code, out) = f.wait(timeout);
         eprintln!("--- {}\n{out}", self.dir.display());
         code
+    }
+}
+
+/// In a failing test, what the host's ferry said (and how it ended) goes to the test's
+/// output: without it a destination that died leaves only "connection closed".
+impl Drop for Host {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(mut f) = self.ferry.take() {
+                let ended = f.child.try_wait().ok().flatten();
+                let (_, out) = f.wait(Duration::ZERO);
+                let who = self.api.path().display();
+                eprintln!("--- {who} (ended by itself: {ended:?})\n{out}");
+            }
+        }
     }
 }
 
@@ -180,6 +205,141 @@ fn verify_guest_1_vcpu_moves_between_hosts_in_bitmap_mode() {
             "off",
         ],
     );
+}
+
+/// The `dirty` workload's region in the tests below.
+const DIRTY_START: u64 = 1 << 20;
+const DIRTY_SIZE: u64 = 256 << 20;
+
+/// Polls `host`'s `vm.migration-info` until `stop` is set; the last answer seen.
+fn watch_migration(
+    host: &Host,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Option<Value>> {
+    let api = Client::new(host.api.path(), Some(Duration::from_secs(2)));
+    std::thread::spawn(move || {
+        let mut last = None;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Some(v) = api
+                .get("vm.migration-info")
+                .ok()
+                .and_then(|r| r.json().ok())
+            {
+                last = Some(v);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        last
+    })
+}
+
+/// QEMU's migration test for its `dirty` workload, between two hosts: the guest moves
+/// A→B over TCP and goes on there; then B is paused, its memory dumped with vm.coredump,
+/// and every vCPU's page counters checked on the host (a lost page breaks them).
+fn dirty_guest_moves_and_its_memory_checks_out_on_b(
+    tag: u8,
+    cpus: u32,
+    mode: &str,
+    extra: &[&str],
+) {
+    let hosts = TwoHosts::new(tag);
+    let dir = tmpdir(&format!("dirty{tag}"));
+    let serial = Serial(dir.join("serial.log"));
+    let (mut dest, receiving) = receiver(&hosts.b, &dir, "dest");
+    let boot = format!("boot={cpus}");
+    let mut args = vec!["--cpus", &boot, "--memory", "size=512M"];
+    args.extend_from_slice(extra);
+    let cmdline = format!("workload=dirty start={DIRTY_START:#x} size={DIRTY_SIZE:#x}");
+    let mut src = source(&hosts.a, &dir, &serial, &cmdline, &args);
+    for c in 0..cpus {
+        serial.wait(&format!("guest: pass {c} 1"), 0, Duration::from_secs(60));
+    }
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = watch_migration(&src, stop.clone());
+    // A safety net only: the dirty set (at most the 256 MiB region) fits the default
+    // downtime at this link's speed, so the migration converges by itself.
+    let r = src.put(
+        "vm.send-migration",
+        &json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b),
+                "timeout_s": 120, "timeout_strategy": "Ignore"}),
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = watcher.join().unwrap();
+    assert_eq!(r.status, 204, "send-migration: {}", r.error_message());
+    let rr = receiving.join().unwrap();
+    assert_eq!(rr.status, 204, "receive-migration: {}", rr.error_message());
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    let moved = serial.text().len();
+
+    // B runs it, and reports the migration with the figures the source knew.
+    assert_eq!(dest.info()["state"], "Running");
+    let info: Value = dest.api.get("vm.migration-info").unwrap().json().unwrap();
+    eprintln!("migration: {info}");
+    assert_eq!(info["status"], "completed", "{info}");
+    for k in ["downtime", "total-time"] {
+        assert!(info[k].is_u64(), "{k}: {info}");
+    }
+    let ram = &info["ram"];
+    assert!(ram["transferred"].as_u64() > Some(0), "{info}");
+    assert!(ram["dirty-sync-count"].as_u64() >= Some(1), "{info}");
+    assert_eq!(ram["total"].as_u64(), Some(512 << 20), "{info}");
+    assert_eq!(info["dirty-tracking"]["mode"], mode, "{info}");
+    let seen = seen.expect("the source answered vm.migration-info during the migration");
+    eprintln!("the source's last answer: {seen}");
+    assert_eq!(seen["ram"]["total"], ram["total"]);
+    assert_eq!(seen["dirty-tracking"]["mode"], mode, "{seen}");
+    for k in ["transferred", "dirty-sync-count"] {
+        assert!(
+            ram[k].as_u64() >= seen["ram"][k].as_u64(),
+            "{k}: B reports {} but the source had reached {}",
+            ram[k],
+            seen["ram"][k]
+        );
+    }
+
+    // The guest goes on on B.
+    let pos = serial.wait("guest: pass", moved, Duration::from_secs(30));
+
+    // Stop it there and check its memory from the host.
+    assert_eq!(dest.act("vm.pause"), 204);
+    let core = dir.join("b.core");
+    let r = dest.put(
+        "vm.coredump",
+        &json!({"destination_url": format!("file://{}", core.display())}),
+    );
+    assert_eq!(r.status, 204, "vm.coredump: {}", r.error_message());
+    let file = vmm::coredump::CoreFile::open(&core).unwrap();
+    assert_eq!(file.ram_bytes(), 512 << 20);
+    assert_eq!(file.prstatus().len(), cpus as usize);
+    let shares = common::coredump::check_dirty_region(&file, DIRTY_START, DIRTY_SIZE, cpus)
+        .unwrap_or_else(|e| panic!("B's memory after the migration: {e}"));
+    eprintln!("B's counters: {shares:?}");
+    assert!(
+        common::coredump::counters_moved(&shares),
+        "every counter is zero: the workload never ran in this memory? {shares:?}"
+    );
+    drop(file);
+    let _ = std::fs::remove_file(&core);
+
+    // Resumed, it goes on again; then B ends cleanly.
+    let now = serial.text().len().max(pos);
+    assert_eq!(dest.act("vm.resume"), 204);
+    serial.wait("guest: pass", now, Duration::from_secs(30));
+    serial.assert_clean();
+    assert_eq!(dest.act("vmm.shutdown"), 204);
+    assert_eq!(dest.wait_exit(Duration::from_secs(20)), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn dirty_guest_1_vcpu_moves_between_hosts_with_rings_and_b_memory_checks_out() {
+    dirty_guest_moves_and_its_memory_checks_out_on_b(21, 1, "ring", &[]);
+}
+
+#[test]
+fn dirty_guest_2_vcpus_moves_between_hosts_in_bitmap_mode_and_b_memory_checks_out() {
+    dirty_guest_moves_and_its_memory_checks_out_on_b(22, 2, "bitmap", &["--dirty-ring", "off"]);
 }
 
 impl Host {

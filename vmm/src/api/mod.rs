@@ -171,8 +171,56 @@ pub fn handle(vmm: &Arc<Vmm>, req: &Request) -> Handled {
         Endpoint::VmReceiveMigration => done(receive_migration(vmm, &req.body)),
         Endpoint::VmMigrationInfo => answer(vmm.migration().info(vmm).map(|v| Response::json(&v))),
         Endpoint::VmCancelMigration => done(vmm.migration().cancel(vmm)),
+        Endpoint::VmCoredump => done(coredump(vmm, &req.body)),
     };
     Handled { response, exit }
+}
+
+/// The `vm.coredump` body (cloud-hypervisor's `VmCoredumpData`).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CoredumpBody {
+    destination_url: String,
+}
+
+/// Parses and checks a `vm.coredump` body: the file its `file://` URL names.
+pub fn parse_coredump(body: &[u8]) -> Result<std::path::PathBuf, ApiError> {
+    let b: CoredumpBody = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("vm.coredump: invalid JSON body: {e}")))?;
+    crate::coredump::destination_path(&b.destination_url)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
+/// `vm.coredump`: the paused VM's RAM and registers to an ELF core file. The VM stays
+/// paused; lifecycle requests (vm.resume, ...) answer 405 while the file is written.
+fn coredump(vmm: &Arc<Vmm>, body: &[u8]) -> Result<(), ApiError> {
+    const ACTION: &str = "vm.coredump";
+    let path = parse_coredump(body)?;
+    let _op = vmm.begin(ACTION, |vm| {
+        let vm = vm.ok_or(ApiError::NoVm)?;
+        match vm.state() {
+            VmState::Paused => Ok(()),
+            state => Err(ApiError::WrongState {
+                action: ACTION,
+                state,
+            }),
+        }
+    })?;
+    let machine = vmm.machine(ACTION)?;
+    let t = std::time::Instant::now();
+    let summary = machine.coredump(&path).map_err(|e| ApiError::Failed {
+        action: ACTION,
+        reason: describe(&e),
+    })?;
+    log::info!(
+        "core file {} written: {} MiB of guest RAM in {} region(s), {} vCPU(s), {:?}",
+        path.display(),
+        summary.ram_bytes >> 20,
+        summary.regions,
+        summary.vcpus,
+        t.elapsed()
+    );
+    Ok(())
 }
 
 fn send_migration(vmm: &Arc<Vmm>, body: &[u8]) -> Result<(), ApiError> {

@@ -22,6 +22,7 @@ pub enum Endpoint {
     VmReceiveMigration,
     VmMigrationInfo,
     VmCancelMigration,
+    VmCoredump,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,6 +195,14 @@ pub static ROUTES: &[Route] = &[
         &[204, 400, 404, 405, 500],
         true,
     ),
+    r(
+        E::VmCoredump,
+        "vm.coredump",
+        Put,
+        B::Json,
+        &[204, 400, 404, 405, 500],
+        false,
+    ),
 ];
 
 /// Why a request matches no route.
@@ -274,6 +283,7 @@ mod tests {
             E::VmReceiveMigration,
             E::VmMigrationInfo,
             E::VmCancelMigration,
+            E::VmCoredump,
         ];
         assert_eq!(all.len(), ROUTES.len());
         for e in all {

@@ -83,6 +83,11 @@ enum Command {
     MigrationInfo,
     /// Cancel the running migration.
     CancelMigration,
+    /// Write the paused VM's memory and registers to an ELF core file.
+    Coredump {
+        /// file:///path/to/core (absolute path).
+        destination_url: String,
+    },
 }
 
 /// The request a command makes: method, endpoint, body.
@@ -148,6 +153,11 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
         }
         Command::MigrationInfo => ("GET", "vm.migration-info", None),
         Command::CancelMigration => ("PUT", "vm.cancel-migration", None),
+        Command::Coredump { destination_url } => {
+            let body = serde_json::to_vec(&json!({ "destination_url": destination_url }))
+                .map_err(|e| e.to_string())?;
+            ("PUT", "vm.coredump", Some(body))
+        }
     })
 }
 
@@ -323,6 +333,10 @@ mod tests {
         assert_eq!(
             body_of(&["receive-migration", "tcp:0.0.0.0:6000"]),
             json!({"receiver_url": "tcp:0.0.0.0:6000"})
+        );
+        assert_eq!(
+            body_of(&["coredump", "file:///tmp/vm.core"]),
+            json!({"destination_url": "file:///tmp/vm.core"})
         );
         assert!(Cli::try_parse_from(["ferry-remote", "ping"]).is_err());
         assert!(

@@ -86,12 +86,16 @@ impl ApiFerry {
         std::fs::read_to_string(self.serial_path()).unwrap_or_default()
     }
 
-    /// Waits until the serial log has `n` lines containing `pat`.
+    /// Waits until the serial log has `n` complete lines containing `pat`. Only lines
+    /// ended by a newline count: a test that stops or reboots the VM right after must not
+    /// cut the guest's line short, or the next boot's first line would land on the same
+    /// line and be missed.
     pub fn wait_serial(&self, pat: &str, n: usize, timeout: Duration) {
         let end = Instant::now() + timeout;
         loop {
             let s = self.serial();
-            if s.lines().filter(|l| l.contains(pat)).count() >= n {
+            let complete = s.split_inclusive('\n').filter(|l| l.ends_with('\n'));
+            if complete.filter(|l| l.contains(pat)).count() >= n {
                 return;
             }
             assert!(

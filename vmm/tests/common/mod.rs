@@ -134,6 +134,7 @@ impl Drop for Ferry {
         let _ = self.child.wait();
     }
 }
+pub mod coredump;
 pub mod netns;
 
 /// Waits until the serial log at `path` holds `pat` after byte `from`; returns the offset
