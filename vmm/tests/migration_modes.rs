@@ -18,22 +18,8 @@ fn tmpdir(tag: &str) -> PathBuf {
     d
 }
 
-/// A ferry serving its API at `dir/name.sock`, once it answers.
 fn start(dir: &Path, name: &str, args: &[&str]) -> (Ferry, Client) {
-    let sock = dir.join(format!("{name}.sock"));
-    let mut all = vec!["--api-socket", sock.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let mut ferry = Ferry::spawn(&all);
-    let api = Client::new(&sock, Some(Duration::from_secs(180)));
-    let end = Instant::now() + Duration::from_secs(30);
-    while api.get("vmm.ping").map(|r| r.status).ok() != Some(200) {
-        if let Ok(Some(st)) = ferry.child.try_wait() {
-            panic!("{name} ended ({st}) before serving its API");
-        }
-        assert!(Instant::now() < end, "{name}'s API never answered");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (ferry, api)
+    common::spawn_with_api(None, dir, name, args)
 }
 
 struct Moved {

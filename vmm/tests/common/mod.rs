@@ -128,6 +128,30 @@ impl Ferry {
     }
 }
 
+/// Starts ferry (inside `netns` when given) serving its API at `dir/NAME.sock`, and
+/// returns once the API answers, with a client for it (180 s per request).
+pub fn spawn_with_api(
+    netns: Option<&str>,
+    dir: &Path,
+    name: &str,
+    args: &[&str],
+) -> (Ferry, vmm::api::client::Client) {
+    let sock = dir.join(format!("{name}.sock"));
+    let mut all = vec!["--api-socket", sock.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let mut ferry = Ferry::spawn_in(netns, &all);
+    let api = vmm::api::client::Client::new(&sock, Some(Duration::from_secs(180)));
+    let end = Instant::now() + Duration::from_secs(30);
+    while api.get("vmm.ping").map(|r| r.status).ok() != Some(200) {
+        if let Ok(Some(st)) = ferry.child.try_wait() {
+            panic!("{name} ended ({st}) before serving its API");
+        }
+        assert!(Instant::now() < end, "{name}'s API never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (ferry, api)
+}
+
 impl Drop for Ferry {
     fn drop(&mut self) {
         let _ = self.child.kill();
