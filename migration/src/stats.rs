@@ -118,6 +118,10 @@ pub struct MigrationInfo {
     /// Milliseconds the stop-and-copy would take now, at the measured bandwidth.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expected_downtime: Option<u64>,
+    /// How much of their time the source's vCPUs are held back (auto-converge), in
+    /// percent; absent while they run freely.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_throttle_percentage: Option<u8>,
     pub ram: RamStats,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dirty_tracking: Option<DirtyTrackingStats>,

@@ -76,6 +76,8 @@ struct FakeSource {
     /// RAM at the moment of the pause: what the destination must end up with.
     at_pause: Mutex<Option<Vec<u8>>>,
     resumes: AtomicU32,
+    /// Every throttle the engine asked for, in order.
+    throttles: Mutex<Vec<u8>>,
     /// Every collection reports all of RAM dirty: a migration that cannot converge.
     always_dirty: bool,
     state: (Vec<u8>, Vec<u8>),
@@ -105,6 +107,7 @@ impl FakeSource {
             }),
             at_pause: Mutex::new(None),
             resumes: AtomicU32::new(0),
+            throttles: Mutex::new(Vec::new()),
             always_dirty,
             state: (b"vcpu registers".to_vec(), b"serial, pm".to_vec()),
         })
@@ -222,6 +225,11 @@ impl SourceVm for FakeSource {
     fn save_state(&self) -> HookResult<(Vec<u8>, Vec<u8>)> {
         Ok(self.state.clone())
     }
+
+    fn set_throttle(&self, percent: u8) -> HookResult<()> {
+        self.throttles.lock().unwrap().push(percent);
+        Ok(())
+    }
 }
 
 #[derive(Default)]
@@ -292,6 +300,7 @@ fn fast_opts(downtime: Duration, timeout: Duration, strategy: TimeoutStrategy) -
         confirm_timeout: Duration::from_millis(800),
         chunk_pages: 64,
         local_memory: false,
+        auto_converge: true,
     }
 }
 
@@ -443,6 +452,19 @@ fn non_convergence_with_cancel_keeps_the_source_running() {
     assert_eq!(info.status, MigrationStatus::Failed);
     assert!(info.iterations.len() > 1);
     assert!(info.error_desc.unwrap().contains("timed out"));
+    // Auto-converge held the vCPUs back more and more, and let go when it gave up.
+    let throttles = src.throttles.lock().unwrap().clone();
+    assert!(throttles.len() >= 2, "{throttles:?}");
+    assert_eq!(throttles[0], 20);
+    assert!(
+        throttles
+            .windows(2)
+            .take(throttles.len() - 2)
+            .all(|w| w[1] == (w[0] + 10).min(99)),
+        "{throttles:?}"
+    );
+    assert_eq!(throttles.last(), Some(&0), "{throttles:?}");
+    assert!(info.cpu_throttle_percentage.is_some_and(|p| p >= 20));
     let (dr, d) = dest.join().unwrap();
     let de = dr.unwrap_err();
     assert!(

@@ -8,5 +8,6 @@ pub mod coredump;
 pub mod dirty;
 pub mod memory;
 pub mod migration;
+pub mod throttle;
 pub mod vcpu;
 pub mod vm;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use devices::{PioBus, PlatformEvent};
 use hypervisor::{Vcpu, VcpuExit, VcpuState};
@@ -78,6 +79,10 @@ pub struct VcpuControl {
     flags: Mutex<Flags>,
     cv: Condvar,
     threads: Mutex<Vec<libc::pthread_t>>,
+    /// Auto-converge: bumped once per throttle period; each vCPU naps once per value.
+    throttle_gen: AtomicU64,
+    /// How long each nap lasts, in microseconds.
+    throttle_nap_us: AtomicU64,
 }
 
 impl VcpuControl {
@@ -139,6 +144,40 @@ impl VcpuControl {
         f.pause = false;
         self.pending.store(f.stop, Ordering::SeqCst);
         self.cv.notify_all();
+    }
+
+    /// Has every vCPU sleep `nap` once, outside KVM_RUN (one throttle period's share).
+    pub fn throttle_tick(&self, nap: Duration) {
+        self.throttle_nap_us
+            .store(nap.as_micros() as u64, Ordering::SeqCst);
+        self.throttle_gen.fetch_add(1, Ordering::SeqCst);
+        self.pending.store(true, Ordering::SeqCst);
+        self.kick_all();
+    }
+
+    /// Ends the throttle: vCPUs stop looking for naps.
+    pub fn throttle_off(&self) {
+        self.throttle_nap_us.store(0, Ordering::SeqCst);
+        let f = self.lock();
+        self.pending.store(f.pause || f.stop, Ordering::SeqCst);
+    }
+
+    /// Sleeps the calling vCPU thread if a throttle period started since `seen`.
+    fn nap_if_throttled(&self, seen: &mut u64) {
+        let g = self.throttle_gen.load(Ordering::SeqCst);
+        if g == *seen {
+            return;
+        }
+        *seen = g;
+        let us = self.throttle_nap_us.load(Ordering::SeqCst);
+        if us > 0 {
+            std::thread::sleep(Duration::from_micros(us));
+        }
+    }
+
+    fn pause_requested(&self) -> bool {
+        let f = self.lock();
+        f.pause || f.stop
     }
 
     /// Ends every vCPU thread (they return from their loop).
@@ -258,9 +297,13 @@ fn run_loop(
 ) {
     let index = vcpu.index();
     let mut saved_gen = 0;
+    let mut throttle_seen = ctl.throttle_gen.load(Ordering::SeqCst);
     loop {
         if ctl.pending.load(Ordering::SeqCst) {
-            ctl.record(vcpu);
+            ctl.nap_if_throttled(&mut throttle_seen);
+            if ctl.pause_requested() {
+                ctl.record(vcpu);
+            }
             if !ctl.checkpoint(vcpu, &mut saved_gen, c) {
                 return;
             }

@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{ConsoleMode, VmConfig};
 use crate::dirty::{self, RegionDirty};
 use crate::memory::GuestMemoryMmap;
+use crate::throttle::VcpuThrottle;
 use crate::vcpu::{self, ExitCounters, VcpuControl, VmEvent};
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +171,8 @@ pub struct Machine {
     pub config: VmConfig,
     hv: Arc<hypervisor::Vm>,
     control: Arc<VcpuControl>,
+    /// Auto-converge's hold on the vCPUs (stopped before them, in Drop).
+    throttle: VcpuThrottle,
     threads: Vec<JoinHandle<()>>,
     events: Mutex<Receiver<VmEvent>>,
     pub exit_counters: Arc<ExitCounters>,
@@ -402,6 +405,7 @@ impl Machine {
         Ok(Machine {
             config: p.config,
             hv: p.hv,
+            throttle: VcpuThrottle::new(control.clone()),
             control,
             threads,
             events: Mutex::new(events),
@@ -456,6 +460,16 @@ impl Machine {
         }
     }
 
+    /// Holds the vCPUs back for `percent`% of their time (auto-converge); 0 ends it.
+    pub fn set_throttle(&self, percent: u8) -> Result<()> {
+        self.throttle.set(percent).map_err(|source| VmError::Io {
+            what: "starting the vCPU throttle thread",
+            source,
+        })?;
+        log::info!("vCPU throttle: {}%", self.throttle.percent());
+        Ok(())
+    }
+
     /// Where each vCPU was when it last parked (after a `pause`).
     pub fn vcpu_snapshots(&self) -> Vec<vcpu::VcpuSnapshot> {
         self.control.snapshots()
@@ -507,6 +521,7 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
+        let _ = self.throttle.set(0);
         self.control.stop();
         for t in self.threads.drain(..) {
             let _ = t.join();

@@ -411,10 +411,12 @@ fn switching_over(hosts: &TwoHosts) -> Value {
            "timeout_s": 5, "timeout_strategy": "Ignore"})
 }
 
-/// A 1 ms downtime keeps the migration iterating; with a 1 s timeout the timeout
-/// strikes during the first pass (1.5 GiB to send).
+/// A 1 ms downtime keeps the migration iterating (auto-converge off: nothing may help
+/// it along); with a 1 s timeout the timeout strikes during the first pass (1.5 GiB to
+/// send).
 fn never_converging(hosts: &TwoHosts) -> Value {
-    json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b), "downtime_ms": 1})
+    json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b), "downtime_ms": 1,
+           "auto_converge": false})
 }
 
 /// What is left after a migration was broken mid-way by `damage`.

@@ -75,6 +75,14 @@ pub trait SourceVm {
         Err("guest RAM is not shared memory (start the VM with --memory shared=on)".into())
     }
 
+    /// Holds the vCPUs back for `percent` of their time (0: run freely), so that a guest
+    /// dirtying memory faster than the link carries it lets the migration converge
+    /// (auto-converge). The default does nothing.
+    fn set_throttle(&self, percent: u8) -> HookResult<()> {
+        let _ = percent;
+        Ok(())
+    }
+
     /// Dirty-tracking figures for `vm.migration-info` (`None`: not reported).
     fn dirty_tracking_stats(&self) -> Option<DirtyTrackingStats> {
         None

@@ -41,6 +41,9 @@ pub struct SendOptions {
     pub chunk_pages: u32,
     /// Hand guest RAM over as files instead of copying it (`MemFDs`, one host only).
     pub local_memory: bool,
+    /// Throttle the vCPUs, more each pass, while the dirty set stops shrinking before it
+    /// fits the downtime.
+    pub auto_converge: bool,
 }
 
 impl SendOptions {
@@ -54,6 +57,7 @@ impl SendOptions {
             confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
             chunk_pages: DEFAULT_CHUNK_PAGES,
             local_memory: false,
+            auto_converge: true,
         }
     }
 }
@@ -309,6 +313,11 @@ fn split_runs(runs: &[(u64, u32)], n: usize) -> Vec<&[(u64, u32)]> {
     groups
 }
 
+/// First throttle step and each further one, in percent of vCPU time (QEMU's defaults).
+const THROTTLE_INITIAL: u8 = 20;
+const THROTTLE_STEP: u8 = 10;
+const THROTTLE_MAX: u8 = 99;
+
 /// When to stop iterating. Fitting in `downtime_ms` is necessary, not sufficient: while
 /// each pass still leaves clearly fewer dirty pages than the one before (a guest whose
 /// dirty rate is below the link's), another short pass shrinks the downtime further, down
@@ -319,6 +328,8 @@ struct Convergence {
     previous: Option<u64>,
     /// Passes made since the dirty set first fitted the downtime.
     passes_fitting: u32,
+    /// The last pass left clearly fewer dirty pages than the one before.
+    shrank: bool,
 }
 
 /// A downtime this short is not worth another pass.
@@ -336,6 +347,7 @@ impl Convergence {
             .previous
             .is_none_or(|p| dirty * SHRINK_DEN < p * SHRINK_NUM);
         self.previous = Some(dirty);
+        self.shrank = shrinking;
         if expected > downtime {
             return false;
         }
@@ -363,6 +375,8 @@ struct Sender<'a, V: ?Sized, S: MigrationStream> {
     paused: bool,
     /// Bytes per second, from the last pass big enough to measure.
     bandwidth: Option<f64>,
+    /// Auto-converge's current hold on the vCPUs, in percent.
+    throttle: u8,
 }
 
 /// Migrates `vm` over `stream` (connected to a destination running
@@ -423,6 +437,7 @@ pub fn send_migration_parallel<V: SourceVm + Sync + ?Sized, S: MigrationStream>(
         dirty_log_on: false,
         paused: false,
         bandwidth: None,
+        throttle: 0,
     };
     match sender.run() {
         Ok(()) => {
@@ -474,6 +489,9 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
                 || convergence.stop_now(expected, self.opts.downtime, pending.count())
             {
                 break;
+            }
+            if self.opts.auto_converge && iteration >= 2 && !convergence.shrank {
+                self.throttle_more(pending.count())?;
             }
             if self.started.elapsed() >= self.opts.timeout {
                 match self.opts.timeout_strategy {
@@ -755,11 +773,46 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         expected
     }
 
+    /// Auto-converge: the dirty set no longer shrinks and does not fit, so hold the
+    /// vCPUs back more.
+    fn throttle_more(&mut self, dirty_pages: u64) -> Result<(), SendError> {
+        let next = match self.throttle {
+            0 => THROTTLE_INITIAL,
+            t => t.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX),
+        };
+        if next == self.throttle {
+            return Ok(());
+        }
+        hook("set_throttle", self.vm.set_throttle(next))?;
+        log::info!(
+            "auto-converge: {dirty_pages} dirty pages no longer shrink and do not fit {} ms: \
+             vCPUs throttled to {next}%",
+            self.opts.downtime.as_millis()
+        );
+        self.throttle = next;
+        self.progress
+            .update(|i| i.cpu_throttle_percentage = Some(next));
+        Ok(())
+    }
+
+    /// Lets the vCPUs run freely again (best effort: on the way out).
+    fn unthrottle(&mut self) {
+        if self.throttle > 0 {
+            if let Err(e) = self.vm.set_throttle(0) {
+                log::warn!("auto-converge: removing the throttle failed: {e}");
+            }
+            self.throttle = 0;
+        }
+    }
+
     fn stop_and_copy(&mut self, iteration: u32, mut pending: PageSet) -> Result<(), SendError> {
         self.progress.set_status(MigrationStatus::Device);
         let paused_at = Instant::now();
         hook("pause", self.vm.pause())?;
         self.paused = true;
+        // Paused, the throttle holds nothing back; should the migration fail, the guest
+        // resumes at full speed.
+        self.unthrottle();
         let dirty = hook("collect_dirty", self.vm.collect_dirty(true))?;
         for (gpa, len) in dirty {
             pending.insert_range(gpa, len);
@@ -876,6 +929,7 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
             }
         }
         self.conn.get_ref().shutdown();
+        self.unthrottle();
         if self.dirty_log_on {
             self.vm.stop_dirty_log();
         }

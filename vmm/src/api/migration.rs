@@ -61,6 +61,9 @@ struct SendMigrationBody {
     /// Deprecated alias of `"memory_mode": "MemFDs"`.
     #[serde(default)]
     local: Option<bool>,
+    /// Ferry's own: throttle the vCPUs when the migration does not converge (default on).
+    #[serde(default)]
+    auto_converge: Option<bool>,
 }
 
 /// A checked `vm.send-migration` request, defaults filled in.
@@ -78,6 +81,8 @@ pub struct SendMigration {
     pub connections: u32,
     /// `MemFDs` also when the deprecated `local: true` was sent.
     pub memory_mode: MemoryMode,
+    /// Throttle the vCPUs while the dirty set stops shrinking (Ferry's extension).
+    pub auto_converge: bool,
 }
 
 /// The `vm.receive-migration` body.
@@ -154,6 +159,7 @@ pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
         timeout_strategy: b.timeout_strategy.unwrap_or_default(),
         connections,
         memory_mode,
+        auto_converge: b.auto_converge.unwrap_or(true),
     })
 }
 

@@ -76,6 +76,9 @@ enum Command {
         /// Same-host migration passing memory file descriptors (memory mode MemFDs).
         #[arg(long)]
         local: bool,
+        /// Never throttle the vCPUs, even when the migration does not converge.
+        #[arg(long = "no-auto-converge")]
+        no_auto_converge: bool,
     },
     /// Wait for a migrated VM on URL (tcp:HOST:PORT or unix:/path).
     ReceiveMigration { receiver_url: String },
@@ -121,6 +124,7 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
             connections,
             memory_mode,
             local,
+            no_auto_converge,
         } => {
             // Only what was given: the server fills in its defaults.
             let mut b = Map::new();
@@ -142,6 +146,9 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
             }
             if *local {
                 b.insert("local".into(), json!(true));
+            }
+            if *no_auto_converge {
+                b.insert("auto_converge".into(), json!(false));
             }
             let body = serde_json::to_vec(&Value::Object(b)).map_err(|e| e.to_string())?;
             ("PUT", "vm.send-migration", Some(body))
@@ -325,10 +332,11 @@ mod tests {
                 "--memory-mode",
                 "MemFDs",
                 "--local",
+                "--no-auto-converge",
             ]),
             json!({"destination_url": "unix:/m", "downtime_ms": 50, "timeout_s": 9,
                    "connections": 1, "timeout_strategy": "Ignore", "memory_mode": "MemFDs",
-                   "local": true})
+                   "local": true, "auto_converge": false})
         );
         assert_eq!(
             body_of(&["receive-migration", "tcp:0.0.0.0:6000"]),

@@ -102,6 +102,7 @@ impl MigrationHandler for LiveMigration {
         };
         let opts = SendOptions {
             local_memory,
+            auto_converge: req.auto_converge,
             ..SendOptions::new(req.downtime_ms, req.timeout_s, strategy)
         };
         let source = MachineSource {

@@ -83,6 +83,12 @@ impl SourceVm for MachineSource {
         Ok((blob, Vec::new()))
     }
 
+    fn set_throttle(&self, percent: u8) -> HookResult<()> {
+        self.machine
+            .set_throttle(percent)
+            .map_err(|e| e.to_string())
+    }
+
     fn memory_files(&self) -> HookResult<Vec<(MemoryFd, BorrowedFd<'_>)>> {
         self.machine
             .memory()
