@@ -285,6 +285,7 @@ class Qmp:
         self.sock = wait_until(f"QMP socket {os.path.basename(path)}", connect, timeout, [proc])
         self.sock.settimeout(30)
         self.rf = self.sock.makefile("rb")
+        self.events = []  # (name, host wall-clock seconds) of every event seen
         if "QMP" not in self._read():
             raise RunFailed("no QMP greeting")
         self.cmd("qmp_capabilities")
@@ -302,6 +303,10 @@ class Qmp:
         self.sock.sendall(json.dumps(msg).encode() + b"\n")
         while True:
             r = self._read()
+            if "event" in r:
+                ts = r.get("timestamp", {})
+                self.events.append((r["event"], ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6))
+                continue
             if "return" in r:
                 return r["return"]
             if "error" in r:
@@ -364,6 +369,7 @@ def run_qemu(w, mode, d, port, rec):
         rec["wall_ms"] = round((time.monotonic() - t0) * 1000)
         rec["info"] = info
         # The source has nothing left to do (postmigrate): end it, as Ferry's ends itself.
+        sq_events = list(sq.events)
         src.read_hwm()
         try:
             sq.cmd("quit")
@@ -377,6 +383,14 @@ def run_qemu(w, mode, d, port, rec):
             return True if st == "running" else st
 
         wait_until("destination status running", lambda: running() is True, 30, [dst])
+        # The guest's pause as Ferry measures its own: the source's STOP event to the
+        # destination's RESUME event (QMP timestamps, one host clock).
+        stop = [t for e, t in sq_events if e == "STOP"]
+        wait_until("RESUME event", lambda: dq.cmd("query-status") is not None and
+                   any(e == "RESUME" for e, _ in dq.events), 5, [dst])
+        resume = [t for e, t in dq.events if e == "RESUME"]
+        if stop and resume:
+            rec["pause_resume_ms"] = round((resume[0] - stop[0]) * 1000, 1)
         rec["check_s"] = round(check_destination(w, [src_serial, dst_serial], dst_serial, 0,
                                                  dst, running), 2)
         dst.read_hwm()
@@ -520,6 +534,9 @@ def figures(rec):
     return {
         "total_ms": total,
         "downtime_ms": info.get("downtime"),
+        # Ferry's downtime is already source pause -> destination resume.
+        "pause_resume_ms": rec.get("pause_resume_ms") if rec["mode"].startswith("qemu")
+        else info.get("downtime"),
         "sent_mib": sent / MIB if sent is not None else None,
         # Same formula for both: bytes on the wire over the total time.
         "mbit_s": sent * 8 / total / 1000 if sent is not None and total else None,
@@ -555,6 +572,7 @@ def one_run(wkey, mode, pair, port):
 FIGS = [  # key, column, lower is better
     ("total_ms", "total ms", True, 0),
     ("downtime_ms", "downtime ms", True, 0),
+    ("pause_resume_ms", "pause→resume ms", True, 0),
     ("sent_mib", "MiB sent", True, 0),
     ("mbit_s", "Mbit/s", False, 0),
     ("syncs", "dirty syncs", True, 0),
@@ -624,15 +642,16 @@ def table(runs, wkeys, modes):
 
 
 def raw_lines(runs):
-    out = ["| workload | pair | mode | ok | total ms | wall ms | downtime ms | MiB sent | Mbit/s "
+    out = ["| workload | pair | mode | ok | total ms | wall ms | downtime ms | pause→resume ms | MiB sent | Mbit/s "
            "| syncs | src RSS MiB | dst RSS MiB | boot s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def c(v, p=0):
         return "–" if v is None else f"{v:.{p}f}"
     for r in runs:
         out.append(f"| {r['workload']} | {r['pair']} | {r['mode']} | {'yes' if r['ok'] else 'NO'} "
-                   f"| {c(r.get('total_ms'))} | {c(r.get('wall_ms'))} | {c(r.get('downtime_ms'))} | {c(r.get('sent_mib'))} "
+                   f"| {c(r.get('total_ms'))} | {c(r.get('wall_ms'))} | {c(r.get('downtime_ms'))} | {c(r.get('pause_resume_ms'))} "
+                   f"| {c(r.get('sent_mib'))} "
                    f"| {c(r.get('mbit_s'))} | {c(r.get('syncs'))} | {c(r.get('src_rss_mib'))} "
                    f"| {c(r.get('dst_rss_mib'))} | {c(r.get('boot_s'), 1)} |")
     return "\n".join(out)
@@ -666,9 +685,8 @@ def machine():
 KEEP_MARK = "<!-- Written by hand below this line; bench_vs_qemu.py keeps it. -->"
 
 
-def write_report(runs, wkeys, modes, started, finished, cmd):
+def write_report(runs, wkeys, modes, started, finished, cmd, mach):
     os.makedirs(OUT, exist_ok=True)
-    mach = machine()
     doc = {"date": started, "finished": finished, "machine": mach, "command": cmd,
            "pairs": PAIRS, "downtime_ms": DOWNTIME_MS, "max_bandwidth_bytes_s": MAX_BANDWIDTH,
            "migration_timeout_s": MIGRATION_TIMEOUT_S,
@@ -687,8 +705,8 @@ def write_report(runs, wkeys, modes, started, finished, cmd):
 
 Measured {started} – {finished} on {mach['cpu']}, {mach['cores']} cores, {mach['memory']} RAM,
 Linux {mach['kernel']}, nested PVM-based KVM; {mach['qemu']}; Ferry: the binaries of the
-shared checkout at {mach['git_head']} as built {mach['ferry_built']} (copied before the run; sha256
-in the JSON). The machine was shared: another engineer compiled
+checkout at {mach['git_head']} (its head when the run started) as built {mach['ferry_built']}
+(copied before the run; sha256 in the JSON). The machine was shared: another engineer compiled
 and ran tests on the same 2 cores during the run, so absolute figures are noisy; the modes
 alternate run by run so the noise hits them alike.
 
@@ -717,9 +735,13 @@ auto-converge or a switch-over timeout on).
 Figures: median (min–max) over the successful runs. *total* and *downtime* are each
 VMM's own report: QEMU's `query-migrate` `total-time` and `downtime` (measured on the
 source: stop → completion), Ferry's `vm.migration-info` (`downtime`: source pause →
-destination resume, measured on the destination; `total-time` from the source's
+destination resume, measured on the destination). *pause→resume* is the same for both:
+the guest's pause as the destination ends it, QEMU's from its source's `STOP` to its
+destination's `RESUME` QMP event timestamps (one host clock), Ferry's its `downtime`
+(QEMU's own `downtime` ends when the source is done, before the destination has loaded
+the last data and device state and started). Ferry's `total-time` comes from the source's
 `vm.migration-info`, read just before the source ends itself, because the destination's
-counts from its own `receive-migration` request). *MiB sent*: `ram.transferred`.
+counts from its own `receive-migration` request. *MiB sent*: `ram.transferred`.
 *Mbit/s*: transferred bits / total time, the same formula for both (each VMM's own
 `ram.mbps` is in the JSON). *dirty syncs*: `ram.dirty-sync-count`. *Peak RSS*: `VmHWM`
 of the source and destination processes read just before they ended (for Ferry's source,
@@ -760,6 +782,7 @@ def main():
         sys.exit("ferry-netns needs NS_A, NS_B and ADDR_B (run scripts/bench_vs_qemu.sh)")
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = os.environ.get("BENCH_CMD", "scripts/dev_cli.sh bench vs-qemu")
+    mach = machine()
     runs = []
     jsonl = os.path.join(WORK, "runs.jsonl")
     port = 47100
@@ -784,7 +807,7 @@ def main():
     finally:
         stop_all()
     finished = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(write_report(runs, wkeys, modes, started, finished, cmd))
+    print(write_report(runs, wkeys, modes, started, finished, cmd, mach))
     log(f"written to {OUT}/vs-qemu.md and vs-qemu.json")
 
 
