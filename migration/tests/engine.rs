@@ -1335,3 +1335,68 @@ fn memfds_over_a_connection_that_cannot_pass_files_is_refused_and_the_source_kee
     assert!(!src.paused.load(Ordering::SeqCst));
     assert!(dest.join().unwrap().is_err());
 }
+
+/// A source of all-zero RAM that is slow to read (a large, untouched guest on a busy
+/// host): a pass of zero pages sends almost no bytes for a long time.
+struct SlowZeroSource {
+    paused: AtomicBool,
+}
+
+impl SourceVm for SlowZeroSource {
+    fn config(&self) -> HookResult<Vec<u8>> {
+        Ok(b"{}".to_vec())
+    }
+    fn ram_layout(&self) -> Vec<RamRange> {
+        vec![RamRange {
+            gpa: 0,
+            size: 16 << 20,
+        }]
+    }
+    fn read_pages(&self, _: u64, buf: &mut [u8]) -> HookResult<()> {
+        thread::sleep(Duration::from_millis(12));
+        buf.fill(0);
+        Ok(())
+    }
+    fn start_dirty_log(&self) -> HookResult<()> {
+        Ok(())
+    }
+    fn collect_dirty(&self, _: bool) -> HookResult<Vec<(u64, u64)>> {
+        Ok(Vec::new())
+    }
+    fn stop_dirty_log(&self) {}
+    fn pause(&self) -> HookResult<()> {
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    fn resume(&self) -> HookResult<()> {
+        self.paused.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+    fn save_state(&self) -> HookResult<(Vec<u8>, Vec<u8>)> {
+        Ok((b"cpu".to_vec(), Vec::new()))
+    }
+}
+
+#[test]
+fn a_long_pass_of_zero_pages_keeps_the_destination_from_timing_out() {
+    // 256 chunks of zero pages, 12 ms each to read: about 3 s with only a few KiB to send,
+    // past the destination's 2 s idle limit unless the source writes them out as it goes.
+    let src = SlowZeroSource {
+        paused: AtomicBool::new(false),
+    };
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = spawn_destination(b, FakeDestination::default());
+    let opts = SendOptions {
+        chunk_pages: 16,
+        ..fast_opts(
+            Duration::from_millis(100),
+            Duration::from_secs(30),
+            TimeoutStrategy::Cancel,
+        )
+    };
+    let info = send_migration(&src, a, &opts, &MigrationProgress::new()).expect("migration");
+    assert_eq!(info.ram.duplicate, 4096);
+    let (dr, d) = dest.join().unwrap();
+    dr.expect("destination");
+    assert!(d.resumed);
+}

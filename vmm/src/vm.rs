@@ -57,7 +57,9 @@ pub fn create_memory(size: u64, shared: bool) -> Result<GuestMemoryMmap> {
     let ranges = crate::boot::layout::ram_regions(size);
     let err = |reason: String| VmError::Memory { size, reason };
     if !shared {
-        return GuestMemoryMmap::from_ranges(&ranges).map_err(|e| err(e.to_string()));
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| err(e.to_string()))?;
+        crate::memory::advise_huge_pages(&mem);
+        return Ok(mem);
     }
     let file =
         Arc::new(crate::memory::memfd("ferry-guest-ram", size).map_err(|e| err(e.to_string()))?);

@@ -43,7 +43,7 @@ fn hop(a: &Arc<Machine>, url: &str) -> (vm_migration::MigrationInfo, Machine) {
     let stream = Stream::connect(&url, Duration::from_secs(5)).unwrap();
     let opts = SendOptions::new(300, 120, TimeoutStrategy::Ignore);
     let info = send_migration(
-        &MachineSource { machine: a.clone() },
+        &MachineSource::new(a.clone()),
         stream,
         &opts,
         &MigrationProgress::new(),

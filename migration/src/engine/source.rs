@@ -20,6 +20,9 @@ use crate::transport::{is_cancelled, MigrationStream, Watched};
 
 /// Encoded frames are written once this many bytes are queued: few, large writes.
 const FLUSH_BYTES: usize = 1 << 20;
+/// ... or once they waited this long: zero pages encode to a bit each, and a long run of
+/// them must not leave the destination without a byte until its idle limit.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 /// A pass shorter than this many bytes gives no reliable bandwidth figure.
 const MIN_BYTES_FOR_BANDWIDTH: u64 = 1 << 20;
 /// Wire bytes a dirty page is assumed to cost (as data, the worst case).
@@ -228,6 +231,7 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
         runs: &[(u64, u32)],
     ) -> Result<LaneResult, SendError> {
         let mut res = LaneResult::default();
+        let mut last_flush = Instant::now();
         for (i, &(gpa, pages)) in runs.iter().enumerate() {
             if self.progress.is_cancelled() {
                 return Err(SendError::Cancelled);
@@ -277,8 +281,9 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
                 }
                 i.ram.remaining = left * PAGE_SIZE as u64;
             });
-            if buf.out.len() >= FLUSH_BYTES {
+            if buf.out.len() >= FLUSH_BYTES || last_flush.elapsed() >= FLUSH_INTERVAL {
                 buf.flush(io)?;
+                last_flush = Instant::now();
             }
         }
         encode(

@@ -105,9 +105,7 @@ impl MigrationHandler for LiveMigration {
             auto_converge: req.auto_converge,
             ..SendOptions::new(req.downtime_ms, req.timeout_s, strategy)
         };
-        let source = MachineSource {
-            machine: machine.clone(),
-        };
+        let source = MachineSource::new(machine.clone());
         let result = send_migration_parallel(&source, stream, extra, &opts, &progress);
         drop(source);
         drop(machine);

@@ -11,12 +11,67 @@ use vm_migration::protocol::MemoryFd;
 use vm_migration::stats::{DirtyTrackingMode, DirtyTrackingStats};
 use vm_migration::{RamRange, SourceVm};
 
+use crate::memory::PageMap;
 use crate::vm::Machine;
 
 /// The engine's view of the machine being sent.
 pub struct MachineSource {
     pub machine: Arc<Machine>,
+    /// To send never-touched RAM as zeros without faulting it in (`None`: unavailable).
+    pagemap: Option<PageMap>,
 }
+
+impl MachineSource {
+    pub fn new(machine: Arc<Machine>) -> Self {
+        let pagemap = PageMap::open()
+            .map_err(|e| log::info!("no /proc/self/pagemap ({e}): every page is read"))
+            .ok();
+        MachineSource { machine, pagemap }
+    }
+
+    /// Fills `buf` from guest RAM at `gpa`, writing zeros for pages of private RAM that
+    /// were never touched instead of reading (and so faulting in) them.
+    fn read_sparse(&self, gpa: u64, buf: &mut [u8]) -> Result<bool, String> {
+        let Some(map) = &self.pagemap else {
+            return Ok(false);
+        };
+        let mem = self.machine.memory();
+        let Some(region) = mem.find_region(GuestAddress(gpa)) else {
+            return Ok(false);
+        };
+        if region.file_offset().is_some()
+            || gpa + buf.len() as u64 > region.start_addr().0 + region.len()
+        {
+            return Ok(false);
+        }
+        let host = region.as_ptr() as usize + (gpa - region.start_addr().0) as usize;
+        let pages = buf.len() / PAGE;
+        let mut untouched = Vec::with_capacity(pages);
+        if map.untouched(host, pages, &mut untouched).is_err() {
+            return Ok(false);
+        }
+        let mut i = 0;
+        while i < pages {
+            let zero = untouched[i];
+            let start = i;
+            while i < pages && untouched[i] == zero {
+                i += 1;
+            }
+            let bytes = &mut buf[start * PAGE..i * PAGE];
+            if zero {
+                bytes.fill(0);
+            } else {
+                let at = gpa + (start * PAGE) as u64;
+                mem.read_slice(bytes, GuestAddress(at)).map_err(|e| {
+                    format!("reading {} bytes of guest RAM at {at:#x}: {e}", bytes.len())
+                })?;
+            }
+        }
+        Ok(true)
+    }
+}
+
+const PAGE: usize = 4096;
 
 impl SourceVm for MachineSource {
     fn config(&self) -> HookResult<Vec<u8>> {
@@ -35,6 +90,9 @@ impl SourceVm for MachineSource {
     }
 
     fn read_pages(&self, gpa: u64, buf: &mut [u8]) -> HookResult<()> {
+        if self.read_sparse(gpa, buf)? {
+            return Ok(());
+        }
         self.machine
             .memory()
             .read_slice(buf, GuestAddress(gpa))
