@@ -101,7 +101,7 @@ pub fn advise_huge_pages(mem: &GuestMemoryMmap) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
     #[test]
     fn pagemap_tells_untouched_pages_from_written_and_read_ones() {
