@@ -11,7 +11,7 @@ use super::{DestinationVm, DEFAULT_RECEIVE_IDLE_TIMEOUT};
 use crate::page_set::PageSet;
 use crate::protocol::{
     encode, features, Hello, MemoryChunk, Message, MessageReader, MessageType, PageRun,
-    ProtocolError, RamRange, PAGE_SIZE, PROTOCOL_VERSION,
+    ProtocolError, RamRange, SparseChunk, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use crate::stats::{IterationStats, MigrationInfo, MigrationProgress, MigrationStatus};
 use crate::transport::{is_cancelled, is_halted, MigrationStream, Watched};
@@ -260,6 +260,7 @@ impl Session<'_> {
         if local {
             offered |= features::LOCAL_MEMORY;
         }
+        offered |= features::SPARSE_PAGES;
         send_step(
             conn,
             &Message::Hello(Hello {
@@ -422,6 +423,7 @@ impl Session<'_> {
         let mut last_iteration = Instant::now();
         let mut lanes_open = false;
         let mut anything_received = false;
+        let mut sparse = SparseScratch::default();
         loop {
             let msg = match conn.read_message() {
                 Ok(m) => m,
@@ -446,7 +448,11 @@ impl Session<'_> {
                 }
                 Message::MemoryChunk(chunk) => {
                     anything_received = true;
-                    shared.store(&chunk)?;
+                    shared.store(&chunk, chunk_wire_bytes(&chunk))?;
+                }
+                Message::SparseChunk(chunk) => {
+                    anything_received = true;
+                    shared.store_sparse(&chunk, &mut sparse)?;
                 }
                 Message::IterationDone {
                     iteration,
@@ -574,9 +580,15 @@ fn lane_loop<S: MigrationStream, V: DestinationVm + Sync + ?Sized>(
     shared: &Shared<'_, V>,
     mut lane: MessageReader<Watched<S>>,
 ) -> Result<(), String> {
+    let mut sparse = SparseScratch::default();
     loop {
         match lane.read_message() {
-            Ok(Message::MemoryChunk(chunk)) => shared.store(&chunk).map_err(|e| e.to_string())?,
+            Ok(Message::MemoryChunk(chunk)) => shared
+                .store(&chunk, chunk_wire_bytes(&chunk))
+                .map_err(|e| e.to_string())?,
+            Ok(Message::SparseChunk(chunk)) => shared
+                .store_sparse(&chunk, &mut sparse)
+                .map_err(|e| e.to_string())?,
             Ok(Message::IterationDone {
                 iteration,
                 pages,
@@ -598,6 +610,13 @@ fn lane_loop<S: MigrationStream, V: DestinationVm + Sync + ?Sized>(
     }
 }
 
+/// Where a connection expands sparse chunks (reused from chunk to chunk).
+#[derive(Default)]
+struct SparseScratch {
+    pages: Vec<u8>,
+    map: Vec<u8>,
+}
+
 /// What all connections of one migration share.
 struct Shared<'a, V: ?Sized> {
     vm: &'a V,
@@ -615,7 +634,24 @@ impl<V: DestinationVm + Sync + ?Sized> Shared<'_, V> {
 
     /// Checks a chunk's place, writes it to guest RAM and records it. Chunks of one pass
     /// never overlap, so connections only need the lock for the bookkeeping.
-    fn store(&self, chunk: &MemoryChunk<'_>) -> Result<(), ReceiveError> {
+    /// A sparse chunk, expanded to whole pages in `scratch`, then as [`Shared::store`].
+    fn store_sparse(
+        &self,
+        chunk: &SparseChunk<'_>,
+        scratch: &mut SparseScratch,
+    ) -> Result<(), ReceiveError> {
+        chunk.expand(&mut scratch.pages, &mut scratch.map);
+        let plain = MemoryChunk {
+            gpa: chunk.gpa,
+            page_count: chunk.page_count,
+            data_map: &scratch.map,
+            data: &scratch.pages,
+        };
+        let wire = (crate::protocol::HEADER_LEN + 16 + chunk.body.len()) as u64;
+        self.store(&plain, wire)
+    }
+
+    fn store(&self, chunk: &MemoryChunk<'_>, wire: u64) -> Result<(), ReceiveError> {
         if !self.copy_allowed {
             return Err(ReceiveError::Unexpected {
                 found: MessageType::MemoryChunk,
@@ -646,7 +682,6 @@ impl<V: DestinationVm + Sync + ?Sized> Shared<'_, V> {
         self.pages()
             .received
             .insert_range(chunk.gpa, u64::from(chunk.page_count) * PAGE);
-        let wire = chunk_wire_bytes(chunk);
         self.progress.update(|i| {
             i.ram.duplicate += u64::from(chunk.zero_pages());
             i.ram.normal += u64::from(chunk.data_pages());

@@ -11,9 +11,10 @@ use super::{
 };
 use crate::page_set::PageSet;
 use crate::protocol::{
-    check_ram_layout, encode, encode_memory_chunk, features, write_message, Complete, Config,
-    Header, Hello, MemoryFd, Message, MessageReader, MessageType, ProtocolError, RamRange,
-    HEADER_LEN, MAX_CHANNELS, MAX_CHUNK_PAGES, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
+    check_ram_layout, encode, encode_memory_chunk, encode_sparse_chunk, features, write_message,
+    Complete, Config, Header, Hello, MemoryFd, Message, MessageReader, MessageType, ProtocolError,
+    RamRange, HEADER_LEN, MAX_CHANNELS, MAX_CHUNK_PAGES, MIN_PROTOCOL_VERSION, PAGE_SIZE,
+    PROTOCOL_VERSION,
 };
 use crate::stats::{IterationStats, MigrationInfo, MigrationProgress, MigrationStatus};
 use crate::transport::{is_cancelled, MigrationStream, Watched};
@@ -211,6 +212,8 @@ struct PassCtx<'a, V: ?Sized> {
     left: AtomicU64,
     /// Another connection failed: stop too.
     stop: AtomicBool,
+    /// The destination takes sparse chunks.
+    sparse: bool,
 }
 
 /// One connection's share of a pass.
@@ -264,7 +267,11 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
                 self.vm.read_pages(gpa, &mut buf.scratch[..len]),
             )?;
             let before = buf.out.len();
-            let counts = encode_memory_chunk(gpa, &buf.scratch[..len], &mut buf.out)?;
+            let counts = if self.sparse {
+                encode_sparse_chunk(gpa, &buf.scratch[..len], &mut buf.out)?
+            } else {
+                encode_memory_chunk(gpa, &buf.scratch[..len], &mut buf.out)?
+            };
             let bytes = (buf.out.len() - before) as u64;
             res.pages += u64::from(pages);
             res.bytes += bytes;
@@ -382,6 +389,8 @@ struct Sender<'a, V: ?Sized, S: MigrationStream> {
     bandwidth: Option<f64>,
     /// Auto-converge's current hold on the vCPUs, in percent.
     throttle: u8,
+    /// What the destination's `Hello` offered.
+    peer_features: u64,
 }
 
 /// Migrates `vm` over `stream` (connected to a destination running
@@ -443,6 +452,7 @@ pub fn send_migration_parallel<V: SourceVm + Sync + ?Sized, S: MigrationStream>(
         paused: false,
         bandwidth: None,
         throttle: 0,
+        peer_features: 0,
     };
     match sender.run() {
         Ok(()) => {
@@ -584,6 +594,7 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
                     h.build,
                     h.version
                 );
+                self.peer_features = h.features;
                 h.features
             }
             other => return Err(unexpected(other, "waiting for Hello")),
@@ -672,6 +683,7 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
             iteration,
             left: AtomicU64::new(runs.iter().map(|r| u64::from(r.1)).sum()),
             stop: AtomicBool::new(false),
+            sparse: self.peer_features & features::SPARSE_PAGES != 0,
         };
         let results = if self.lanes.is_empty() {
             vec![ctx.send_runs(self.conn.get_mut(), &mut self.main, &runs)]
