@@ -323,6 +323,7 @@ impl VmWithMemory {
             rings: Mutex::new(rings),
             dirty,
             logging: AtomicBool::new(false),
+            out_of_step: AtomicBool::new(false),
             stats: DirtyStats::default(),
             msr_indices,
         });
@@ -342,6 +343,8 @@ pub struct DirtyStats {
     pub ring_full_exits: AtomicU64,
     /// Rings KVM overfilled (entries lost, so all RAM was marked dirty).
     pub ring_overflows: AtomicU64,
+    /// Extra `KVM_RESET_DIRTY_RINGS` calls needed because KVM stopped a reset part-way.
+    pub ring_reset_retries: AtomicU64,
     pub bitmap_reads: AtomicU64,
 }
 
@@ -355,6 +358,37 @@ pub enum SyncKind {
     Final,
 }
 
+/// Blocks the vCPU kick signal in this thread until dropped.
+struct KicksHeld {
+    old: libc::sigset_t,
+}
+
+impl KicksHeld {
+    fn new() -> KicksHeld {
+        // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it fully, and
+        // pthread_sigmask only changes this thread's mask (the old one is kept to restore).
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, crate::vcpu::kick_signal());
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+            KicksHeld { old }
+        }
+    }
+}
+
+impl Drop for KicksHeld {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `new` for this same thread.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+    }
+}
+
+/// Most `KVM_RESET_DIRTY_RINGS` calls to finish one reset (each makes progress or is
+/// interrupted by a signal; the bound only guards against a KVM that never finishes).
+const MAX_RESET_CALLS: u32 = 1000;
+
 /// A running VM.
 pub struct Vm {
     kvm: Kvm,
@@ -366,6 +400,8 @@ pub struct Vm {
     rings: Mutex<Vec<DirtyRing>>,
     dirty: DirtyPageSet,
     logging: AtomicBool,
+    /// A ring lost step with KVM since dirty logging started (see `sync_dirty`).
+    out_of_step: AtomicBool,
     pub stats: DirtyStats,
     /// MSRs saved with each vCPU's state.
     msr_indices: Vec<u32>,
@@ -395,6 +431,7 @@ impl Vm {
     /// Starts dirty logging: sets `KVM_MEM_LOG_DIRTY_PAGES` on every slot (KVM then
     /// write-protects guest RAM) and forgets anything collected before.
     pub fn start_dirty_log(&self) -> Result<()> {
+        self.out_of_step.store(false, Ordering::Release);
         self.set_logging(true)?;
         self.dirty.slots().iter().for_each(|s| drop(s.take()));
         Ok(())
@@ -440,8 +477,10 @@ impl Vm {
         Ok(n)
     }
 
-    /// Entries were lost: every page of every slot counts as dirty.
+    /// Entries were lost: every page of every slot counts as dirty, now and again in the
+    /// final sync.
     fn note_overflow(&self) {
+        self.out_of_step.store(true, Ordering::Release);
         if self.stats.ring_overflows.fetch_add(1, Ordering::Relaxed) == 0 {
             log::warn!(
                 "KVM overfilled a dirty ring of {} entries (its soft-full exit came \
@@ -497,23 +536,53 @@ impl Vm {
     }
 
     /// Must run under the rings lock, right after the harvest it completes.
+    ///
+    /// KVM may stop a reset part-way and return what it did so far (it bails out when the
+    /// calling thread has a signal pending: a vCPU thread being kicked). The entries it
+    /// left are still marked harvested, so calling again finishes them. It must be
+    /// finished now: a harvested page stays writable (its writes unlogged) until KVM
+    /// resets its entry, so a write in between would be lost.
     fn reset_rings(&self, harvested: u64) -> Result<()> {
         if harvested == 0 {
             return Ok(());
         }
-        // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; the fd is a VM fd we own.
-        let ret = unsafe { ioctl(&self.fd, KVM_RESET_DIRTY_RINGS()) };
-        if ret < 0 {
-            return Err(HypervisorError::Ioctl {
-                what: "KVM_RESET_DIRTY_RINGS",
-                source: errno::Error::last(),
-            });
+        // A pending kick makes KVM stop a reset part-way, and a reset stopped part-way has
+        // been seen to leave pages writable without logging them (a lost dirty page under
+        // auto-converge's kicks). Hold kicks off for the ioctl: one that arrives meanwhile
+        // is delivered right after, and ends the vCPU's next KVM_RUN as usual.
+        let _held = KicksHeld::new();
+        let mut reset = 0u64;
+        let mut calls = 0u32;
+        while reset < harvested {
+            calls += 1;
+            // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; the fd is a VM fd we own.
+            let ret = unsafe { ioctl(&self.fd, KVM_RESET_DIRTY_RINGS()) };
+            if ret < 0 {
+                let e = errno::Error::last();
+                if e.errno() == libc::EINTR && calls < MAX_RESET_CALLS {
+                    continue;
+                }
+                return Err(HypervisorError::Ioctl {
+                    what: "KVM_RESET_DIRTY_RINGS",
+                    source: e,
+                });
+            }
+            if ret == 0 || calls >= MAX_RESET_CALLS {
+                break;
+            }
+            reset += ret as u64;
         }
-        if ret as u64 != harvested {
+        if calls > 1 {
+            self.stats
+                .ring_reset_retries
+                .fetch_add(u64::from(calls - 1), Ordering::Relaxed);
+            log::debug!("KVM_RESET_DIRTY_RINGS needed {calls} calls for {harvested} entries");
+        }
+        if reset != harvested {
             // KVM reset a different number of entries than were handed back: the ring and
             // KVM are out of step (an overfilled ring being refilled while we harvest).
             // Entries may be lost, so count it as an overflow rather than fail the VM.
-            log::warn!("KVM_RESET_DIRTY_RINGS reset {ret} entries, {harvested} were harvested");
+            log::warn!("KVM_RESET_DIRTY_RINGS reset {reset} entries, {harvested} were harvested");
             self.note_overflow();
         }
         Ok(())
@@ -594,6 +663,18 @@ impl Vm {
         match self.tracking {
             DirtyTracking::Ring { backup_bitmap, .. } => {
                 self.harvest_all_rings()?;
+                if kind == SyncKind::Final && self.out_of_step.load(Ordering::Acquire) {
+                    // A ring lost step with KVM during this log: some harvested page may
+                    // have stayed writable without a new entry. With every vCPU parked,
+                    // copying all RAM once more is the only way to be sure.
+                    log::warn!(
+                        "a dirty ring lost step with KVM during this migration: the final \
+                         pass copies all guest RAM"
+                    );
+                    for s in self.dirty.slots() {
+                        s.mark_all();
+                    }
+                }
                 if kind == SyncKind::Final && backup_bitmap {
                     for (i, s) in self.slots.iter().enumerate() {
                         let bm = self.read_kvm_bitmap(i as u32, s, false)?;
