@@ -1018,7 +1018,11 @@ pub fn encode_sparse_chunk(
     let mut counts = ChunkCounts::default();
     let mut runs: Vec<(usize, usize)> = Vec::with_capacity(MAX_PAGE_SEGMENTS + 1);
     for page in pages.chunks_exact(PAGE_SIZE) {
-        non_zero_runs(page, &mut runs);
+        if is_zero_page(page) {
+            runs.clear();
+        } else {
+            non_zero_runs(page, &mut runs);
+        }
         if runs.is_empty() {
             counts.zero_pages += 1;
             out.extend_from_slice(&0u16.to_le_bytes());
