@@ -182,18 +182,11 @@ impl<S: MigrationStream> Watched<S> {
     /// Writes `buf` ignoring cancellation, giving up after about half a second: for a
     /// last `Abort` on the way out.
     pub(crate) fn write_best_effort(&mut self, buf: &[u8]) -> io::Result<()> {
-        let deadline = Instant::now() + Duration::from_millis(500);
-        let mut rest = buf;
-        while !rest.is_empty() {
-            match self.inner.write(rest) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => rest = &rest[n..],
-                Err(e)
-                    if (is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted)
-                        && Instant::now() < deadline => {}
-                Err(e) => return Err(e),
-            }
-        }
+        write_all_until(
+            &mut self.inner,
+            buf,
+            Instant::now() + Duration::from_millis(500),
+        )?;
         self.inner.flush()
     }
 
@@ -237,6 +230,21 @@ impl<S: MigrationStream> Watched<S> {
             }
         }
     }
+}
+
+/// Writes all of `buf`, retrying socket timeouts and interruptions until `deadline`.
+fn write_all_until<W: Write>(w: &mut W, mut buf: &[u8], deadline: Instant) -> io::Result<()> {
+    while !buf.is_empty() {
+        match w.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e)
+                if (is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted)
+                    && Instant::now() < deadline => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn is_timeout(e: &io::Error) -> bool {
@@ -415,18 +423,7 @@ impl MigrationStream for FdUnixStream {
             }
         };
         // The descriptors went with the first byte; the rest is ordinary data.
-        let mut rest = &buf[sent..];
-        while !rest.is_empty() {
-            match self.inner.write(rest) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => rest = &rest[n..],
-                Err(e)
-                    if (is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted)
-                        && Instant::now() < deadline => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        write_all_until(&mut self.inner, &buf[sent..], deadline)
     }
 
     fn take_fds(&mut self) -> Vec<OwnedFd> {
