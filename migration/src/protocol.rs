@@ -64,6 +64,8 @@ pub enum MessageType {
     ChannelsReady = 13,
     MemoryFds = 14,
     SparseChunk = 15,
+    PassReceived = 16,
+    Measured = 17,
 }
 
 impl MessageType {
@@ -85,6 +87,8 @@ impl MessageType {
             13 => ChannelsReady,
             14 => MemoryFds,
             15 => SparseChunk,
+            16 => PassReceived,
+            17 => Measured,
             _ => return None,
         })
     }
@@ -106,6 +110,8 @@ impl MessageType {
             ChannelsReady => 0,
             MemoryFds => (4 + MAX_RAM_RANGES * 24) as u32,
             SparseChunk => MAX_SPARSE_CHUNK_LEN,
+            PassReceived => 4,
+            Measured => 8 + 8,
         }
     }
 }
@@ -279,8 +285,17 @@ pub mod features {
     pub const LOCAL_MEMORY: u64 = 1 << 1;
     /// Memory may come as [`super::Message::SparseChunk`]s.
     pub const SPARSE_PAGES: u64 = 1 << 2;
+    /// The destination answers every `IterationDone` with
+    /// [`super::Message::PassReceived`] once the pass is in guest RAM, and the source waits
+    /// for it before it looks at the dirty set: it never pauses the guest while pages
+    /// still queue on their way to the destination.
+    pub const PASS_ACKS: u64 = 1 << 3;
+    /// After `Resumed` the source sends [`super::Message::Measured`]: the downtime and
+    /// total time on its own clock, which the destination then reports.
+    pub const SOURCE_MEASURES: u64 = 1 << 4;
     /// Every feature this build implements.
-    pub const ALL: u64 = PARALLEL_CHANNELS | LOCAL_MEMORY | SPARSE_PAGES;
+    pub const ALL: u64 =
+        PARALLEL_CHANNELS | LOCAL_MEMORY | SPARSE_PAGES | PASS_ACKS | SOURCE_MEASURES;
 }
 
 /// Most connections one migration may use (the main one included).
@@ -418,6 +433,16 @@ pub enum Message<'a> {
     MemoryFds(Vec<MemoryFd>),
     /// A memory chunk whose pages carry only their non-zero stretches.
     SparseChunk(SparseChunk<'a>),
+    /// Destination → source: every page of pass `iteration` is in guest RAM.
+    PassReceived {
+        iteration: u32,
+    },
+    /// Source → destination, after `Resumed`: from the pause to `Resumed` and from the
+    /// start to `Resumed`, on the source's clock.
+    Measured {
+        downtime_us: u64,
+        total_us: u64,
+    },
 }
 
 impl Message<'_> {
@@ -438,6 +463,8 @@ impl Message<'_> {
             Message::ChannelsReady => MessageType::ChannelsReady,
             Message::MemoryFds(_) => MessageType::MemoryFds,
             Message::SparseChunk(_) => MessageType::SparseChunk,
+            Message::PassReceived { .. } => MessageType::PassReceived,
+            Message::Measured { .. } => MessageType::Measured,
         }
     }
 }
@@ -524,6 +551,14 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) -> Result<(), ProtocolError>
             out.extend_from_slice(c.source_info);
         }
         Message::Resumed { downtime_us } => out.extend_from_slice(&downtime_us.to_le_bytes()),
+        Message::PassReceived { iteration } => out.extend_from_slice(&iteration.to_le_bytes()),
+        Message::Measured {
+            downtime_us,
+            total_us,
+        } => {
+            out.extend_from_slice(&downtime_us.to_le_bytes());
+            out.extend_from_slice(&total_us.to_le_bytes());
+        }
         Message::Channels { count, token } => {
             out.extend_from_slice(&count.to_le_bytes());
             out.extend_from_slice(&token.to_le_bytes());
@@ -877,6 +912,19 @@ pub fn decode_payload(kind: MessageType, p: &[u8]) -> Result<Message<'_>, Protoc
             exact_len(kind, p, 8)?;
             Message::Resumed {
                 downtime_us: u64_at(p, 0),
+            }
+        }
+        MessageType::PassReceived => {
+            exact_len(kind, p, 4)?;
+            Message::PassReceived {
+                iteration: u32_at(p, 0),
+            }
+        }
+        MessageType::Measured => {
+            exact_len(kind, p, 16)?;
+            Message::Measured {
+                downtime_us: u64_at(p, 0),
+                total_us: u64_at(p, 8),
             }
         }
         MessageType::Channels | MessageType::ChannelHello => {
@@ -1319,6 +1367,11 @@ mod tests {
                 source_info: b"{}",
             }),
             Message::Resumed { downtime_us: 42 },
+            Message::PassReceived { iteration: 7 },
+            Message::Measured {
+                downtime_us: 1234,
+                total_us: u64::MAX - 1,
+            },
             Message::Abort { reason: "é" },
             Message::Channels {
                 count: 3,
@@ -1601,6 +1654,8 @@ mod tests {
             (MessageType::Hello, vec![1u8], "expected at least 10"),
             (MessageType::Refused, vec![0xff, 0xfe], "UTF-8"),
             (MessageType::IterationDone, vec![0; 19], "expected 20"),
+            (MessageType::PassReceived, vec![0; 3], "expected 4"),
+            (MessageType::Measured, vec![0; 15], "expected 16"),
             (
                 MessageType::State,
                 vec![9, 0, 0, 0, 1],

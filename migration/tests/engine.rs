@@ -81,6 +81,8 @@ struct FakeSource {
     /// Every collection reports all of RAM dirty: a migration that cannot converge.
     always_dirty: bool,
     state: (Vec<u8>, Vec<u8>),
+    /// Runs inside `pause`, once the vCPUs stopped.
+    on_pause: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl FakeSource {
@@ -110,6 +112,7 @@ impl FakeSource {
             throttles: Mutex::new(Vec::new()),
             always_dirty,
             state: (b"vcpu registers".to_vec(), b"serial, pm".to_vec()),
+            on_pause: Mutex::new(None),
         })
     }
 
@@ -213,6 +216,9 @@ impl SourceVm for FakeSource {
         }
         ram.paused = true;
         *self.at_pause.lock().unwrap() = Some(ram.bytes.clone());
+        if let Some(f) = self.on_pause.lock().unwrap().take() {
+            f();
+        }
         Ok(())
     }
 
@@ -240,7 +246,9 @@ struct FakeDestination {
     config_checked: bool,
     state: Option<(Vec<u8>, Vec<u8>)>,
     resumed: bool,
-    page_writes: AtomicU64,
+    page_writes: Arc<AtomicU64>,
+    /// Each `write_pages` takes this long while the flag is set (a slow destination).
+    write_delay: Option<(Duration, Arc<AtomicBool>)>,
     /// Runs inside `check_config`, before the answer.
     during_config_check: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
@@ -262,6 +270,11 @@ impl DestinationVm for FakeDestination {
 
     fn write_pages(&self, gpa: u64, data: &[u8]) -> HookResult<()> {
         assert!(!self.resumed);
+        if let Some((delay, on)) = &self.write_delay {
+            if on.load(Ordering::SeqCst) {
+                thread::sleep(*delay);
+            }
+        }
         let off = offset(&self.layout, gpa, data.len())?;
         self.ram.lock().unwrap()[off..off + data.len()].copy_from_slice(data);
         self.page_writes
@@ -1399,4 +1412,132 @@ fn a_long_pass_of_zero_pages_keeps_the_destination_from_timing_out() {
     let (dr, d) = dest.join().unwrap();
     dr.expect("destination");
     assert!(d.resumed);
+}
+
+/// Pages of the source's RAM that are not all zeros.
+fn data_pages(src: &FakeSource) -> u64 {
+    let ram = src.ram.lock().unwrap();
+    ram.bytes
+        .chunks_exact(PAGE_SIZE)
+        .filter(|p| p.iter().any(|&b| b != 0))
+        .count() as u64
+}
+
+#[test]
+fn the_source_pauses_only_once_the_destination_holds_the_pass() {
+    // A destination that takes 1 ms per page write falls behind what the socket buffers
+    // hold; the guest is idle, so the source pauses right after pass 0.
+    let src = FakeSource::new(false);
+    let expected = data_pages(&src);
+    let dest = FakeDestination {
+        write_delay: Some((Duration::from_millis(1), Arc::new(AtomicBool::new(true)))),
+        ..FakeDestination::default()
+    };
+    let writes = dest.page_writes.clone();
+    let at_pause = Arc::new(AtomicU64::new(u64::MAX));
+    let seen = at_pause.clone();
+    *src.on_pause.lock().unwrap() = Some(Box::new(move || {
+        seen.store(writes.load(Ordering::SeqCst), Ordering::SeqCst)
+    }));
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = spawn_destination(b, dest);
+    let opts = fast_opts(
+        Duration::from_millis(100),
+        Duration::from_secs(30),
+        TimeoutStrategy::Cancel,
+    );
+    send_migration(&*src, a, &opts, &MigrationProgress::new()).expect("migration");
+    let (dr, d) = dest.join().unwrap();
+    dr.expect("destination");
+    assert_migrated(&src, &d);
+    assert_eq!(
+        at_pause.load(Ordering::SeqCst),
+        expected,
+        "pages the destination had written when the source paused"
+    );
+}
+
+#[test]
+fn downtime_runs_from_the_pause_to_resumed_on_the_source_clock() {
+    // Once the source pauses, every page write at the destination takes 300 ms: the
+    // final pass sits in the socket while the source has long written `Complete`. The
+    // pause lasts at least that long, and both sides must say so.
+    let src = FakeSource::new(false);
+    let slow = Arc::new(AtomicBool::new(false));
+    let dest = FakeDestination {
+        write_delay: Some((Duration::from_millis(300), slow.clone())),
+        ..FakeDestination::default()
+    };
+    *src.on_pause.lock().unwrap() = Some(Box::new(move || slow.store(true, Ordering::SeqCst)));
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = spawn_destination(b, dest);
+    let opts = SendOptions {
+        confirm_timeout: Duration::from_secs(3),
+        ..fast_opts(
+            Duration::from_millis(100),
+            Duration::from_secs(30),
+            TimeoutStrategy::Cancel,
+        )
+    };
+    let info = send_migration(&*src, a, &opts, &MigrationProgress::new()).expect("migration");
+    let (dr, d) = dest.join().unwrap();
+    let dinfo = dr.expect("destination");
+    assert_migrated(&src, &d);
+    let downtime = info.downtime.unwrap();
+    assert!(downtime >= 300, "source downtime {downtime} ms");
+    assert_eq!(
+        dinfo.downtime,
+        Some(downtime),
+        "the destination reports the source's"
+    );
+    let (total, dtotal) = (info.total_time.unwrap(), dinfo.total_time.unwrap());
+    assert!(
+        dtotal >= 300 && dtotal <= total,
+        "{dtotal} ms, source {total} ms"
+    );
+}
+
+/// [`valid_session`] from a source that offers `features`, followed by `tail`.
+fn session_offering(features: u64, tail: &[u8]) -> Vec<u8> {
+    let mut v = valid_session(None);
+    let hello = frame(&Message::Hello(Hello {
+        version: 1,
+        features,
+        build: "test",
+    }));
+    v[..hello.len()].copy_from_slice(&hello);
+    v.extend_from_slice(tail);
+    v
+}
+
+#[test]
+fn the_destination_reports_the_downtime_the_source_measured() {
+    let measured = frame(&Message::Measured {
+        downtime_us: 41_500,
+        total_us: 987_000,
+    });
+    let (r, d) = feed_destination(session_offering(
+        vm_migration::protocol::features::SOURCE_MEASURES,
+        &measured,
+    ));
+    let info = r.expect("valid session");
+    assert!(d.resumed);
+    assert_eq!(info.downtime, Some(42));
+    assert_eq!(info.total_time, Some(987));
+}
+
+#[test]
+fn a_source_that_gives_up_after_the_resume_makes_the_destination_stop() {
+    // `Resumed` came too late for the source: it resumed its own copy and says so.
+    let abort = frame(&Message::Abort {
+        reason: "no Resumed within 8 s",
+    });
+    let (r, d) = feed_destination(session_offering(
+        vm_migration::protocol::features::SOURCE_MEASURES,
+        &abort,
+    ));
+    let e = r.unwrap_err();
+    assert!(matches!(e, ReceiveError::SourceResumed(_)), "{e}");
+    assert!(e.to_string().contains("no Resumed within 8 s"), "{e}");
+    assert!(d.resumed, "it had resumed: the vmm stops it on this error");
 }

@@ -34,7 +34,7 @@ impl Default for ReceiveOptions {
 }
 
 /// Why an incoming migration failed. The VM was not resumed, except after
-/// [`ReceiveError::ConfirmationFailed`].
+/// [`ReceiveError::ConfirmationFailed`] and [`ReceiveError::SourceResumed`].
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
     #[error(transparent)]
@@ -75,6 +75,11 @@ pub enum ReceiveError {
          resume its own copy, so this one must be stopped"
     )]
     ConfirmationFailed(ProtocolError),
+    #[error(
+        "the VM was resumed here, but the source gave up before the confirmation reached it \
+         ({0}) and runs its own copy, so this one must be stopped"
+    )]
+    SourceResumed(String),
 }
 
 fn vm_err(op: &'static str) -> impl FnOnce(String) -> ReceiveError {
@@ -88,9 +93,11 @@ pub type AcceptChannel<'a, S> = &'a mut dyn FnMut(Duration) -> io::Result<S>;
 /// Receives a migration from `stream` (accepted from a source running
 /// [`super::send_migration`]) into `vm`, keeping `progress` current. Returns once the VM runs
 /// here and the source was told; the statistics are then the source's, with the downtime
-/// measured here. On error nothing was resumed (see [`ReceiveError::ConfirmationFailed`]
-/// for the one exception), the source was told when possible, and the vmm should discard
-/// the half-built VM.
+/// the source measured from its pause to `Resumed` (or, from an older source, the sum of
+/// its pause before `Complete` and the time to resume here). On error nothing was resumed
+/// (see [`ReceiveError::ConfirmationFailed`] and [`ReceiveError::SourceResumed`] for the
+/// exceptions), the source was told when possible, and the vmm should discard the
+/// half-built VM.
 pub fn receive_migration<V: DestinationVm + Sync + ?Sized, S: MigrationStream>(
     vm: &mut V,
     stream: S,
@@ -133,7 +140,10 @@ pub fn receive_migration_from<V: DestinationVm + Sync + ?Sized, S: MigrationStre
         } else {
             e
         };
-        let peer_knows = matches!(e, ReceiveError::PeerAborted(_));
+        let peer_knows = matches!(
+            e,
+            ReceiveError::PeerAborted(_) | ReceiveError::SourceResumed(_)
+        );
         let told = matches!(
             e,
             ReceiveError::ConfirmationFailed(_) | ReceiveError::ConfigRefused(_)
@@ -246,12 +256,13 @@ impl Session<'_> {
         let progress = self.progress;
         progress.set_status(MigrationStatus::Setup);
         let local = conn.get_ref().get_ref().can_pass_fds();
-        match conn.read_message()? {
+        let source_features = match conn.read_message()? {
             Message::Hello(h) => {
-                log::info!("migration source: {} (protocol {})", h.build, h.version)
+                log::info!("migration source: {} (protocol {})", h.build, h.version);
+                h.features
             }
             other => return Err(unexpected(other, "waiting for Hello")),
-        }
+        };
         let build = super::build_string();
         let mut offered = 0;
         if accept.is_some() {
@@ -260,7 +271,10 @@ impl Session<'_> {
         if local {
             offered |= features::LOCAL_MEMORY;
         }
-        offered |= features::SPARSE_PAGES;
+        offered |= features::SPARSE_PAGES | features::PASS_ACKS | features::SOURCE_MEASURES;
+        let both = |f: u64| source_features & offered & f != 0;
+        let acks = both(features::PASS_ACKS);
+        let source_measures = both(features::SOURCE_MEASURES);
         send_step(
             conn,
             &Message::Hello(Hello {
@@ -346,7 +360,7 @@ impl Session<'_> {
             copy_allowed: files_layout.is_none(),
         };
         let received = std::thread::scope(|s| {
-            let r = self.main_loop(s, &shared, conn, &mut accept);
+            let r = self.main_loop(s, &shared, conn, &mut accept, acks);
             // Success or not, the extra connections are done: end their threads.
             self.halt.store(true, Ordering::Relaxed);
             r
@@ -406,7 +420,52 @@ impl Session<'_> {
 
         send(conn, &Message::Resumed { downtime_us }).map_err(ReceiveError::ConfirmationFailed)?;
         let _ = conn.get_mut().flush();
+        if source_measures {
+            self.take_measures(conn)?;
+        }
         Ok(())
+    }
+
+    /// Reads the source's `Measured` and reports its figures. An `Abort` instead means
+    /// the source gave up before `Resumed` reached it and runs the VM itself.
+    fn take_measures<S: MigrationStream>(
+        &self,
+        conn: &mut MessageReader<Watched<S>>,
+    ) -> Result<(), ReceiveError> {
+        match conn.read_message() {
+            Ok(Message::Measured {
+                downtime_us,
+                total_us,
+            }) => {
+                log::info!(
+                    "the source measured the pause at {:.1} ms (pause to Resumed) and the \
+                     migration at {:.1} ms",
+                    downtime_us as f64 / 1000.0,
+                    total_us as f64 / 1000.0
+                );
+                self.progress.update(|i| {
+                    i.downtime = Some(downtime_us.div_ceil(1000));
+                    i.total_time = Some(total_us / 1000);
+                });
+                Ok(())
+            }
+            Ok(Message::Abort { reason }) => Err(ReceiveError::SourceResumed(reason.to_string())),
+            Ok(other) => {
+                log::warn!(
+                    "expected the source's Measured after Resumed, got {}: keeping this \
+                     side's downtime estimate",
+                    other.kind()
+                );
+                Ok(())
+            }
+            Err(e) => {
+                log::warn!(
+                    "the source's Measured did not arrive ({e}): keeping this side's downtime \
+                     estimate"
+                );
+                Ok(())
+            }
+        }
     }
 
     /// The main connection from `ConfigAccepted` to `Complete`; starts a thread per extra
@@ -417,6 +476,7 @@ impl Session<'_> {
         shared: &'env Shared<'env, V>,
         conn: &mut MessageReader<Watched<S>>,
         accept: &mut Option<AcceptChannel<'_, S>>,
+        acks: bool,
     ) -> Result<Received, ReceiveError> {
         let progress = self.progress;
         let mut state: Option<(Vec<u8>, Vec<u8>)> = None;
@@ -467,6 +527,9 @@ impl Session<'_> {
                             return Err(self.peer_reason(conn).unwrap_or(e));
                         }
                     };
+                    if acks {
+                        send_step(conn, &Message::PassReceived { iteration })?;
+                    }
                     let ms = last_iteration.elapsed().as_millis() as u64;
                     last_iteration = Instant::now();
                     progress.update(|i| {

@@ -493,6 +493,9 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         loop {
             let pass_start = Instant::now();
             let pass = self.send_pass(iteration, &mut pending, Phase::Precopy)?;
+            // The dirty set is read once the destination holds the pass: pages still
+            // queued on their way would otherwise land inside the downtime.
+            self.await_pass_received(iteration)?;
             let dirty = hook("collect_dirty", self.vm.collect_dirty(false))?;
             for (gpa, len) in dirty {
                 pending.insert_range(gpa, len);
@@ -594,8 +597,9 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
                     h.build,
                     h.version
                 );
-                self.peer_features = h.features;
-                h.features
+                // A feature is used only when both sides offer it.
+                self.peer_features = h.features & features::ALL;
+                self.peer_features
             }
             other => return Err(unexpected(other, "waiting for Hello")),
         };
@@ -790,6 +794,27 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         expected
     }
 
+    /// Waits for the destination's `PassReceived` for `iteration` (when it sends them).
+    fn await_pass_received(&mut self, iteration: u32) -> Result<(), SendError> {
+        if self.peer_features & features::PASS_ACKS == 0 {
+            return Ok(());
+        }
+        let waiting = Instant::now();
+        // Writing a backlog of pages into guest RAM may take longer than an ordinary read.
+        self.conn.get_mut().set_idle(self.opts.confirm_timeout);
+        let reply = match self.conn.read_message()? {
+            Message::PassReceived { iteration: i } if i == iteration => Ok(()),
+            other => Err(unexpected(other, "waiting for PassReceived")),
+        };
+        self.conn.get_mut().set_idle(self.opts.io_timeout);
+        reply?;
+        log::debug!(
+            "the destination held pass {iteration} {:.1} ms after it was sent",
+            waiting.elapsed().as_secs_f64() * 1000.0
+        );
+        Ok(())
+    }
+
     /// Auto-converge: the dirty set no longer shrinks and does not fit, so hold the
     /// vCPUs back more.
     fn throttle_more(&mut self, dirty_pages: u64) -> Result<(), SendError> {
@@ -874,14 +899,40 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         );
 
         self.conn.get_mut().set_idle(self.opts.confirm_timeout);
-        match self.conn.read_message()? {
-            Message::Resumed { downtime_us } => {
-                self.progress
-                    .update(|i| i.downtime = Some(downtime_us.div_ceil(1000)));
-                Ok(())
+        let peer_estimate_us = loop {
+            match self.conn.read_message()? {
+                Message::Resumed { downtime_us } => break downtime_us,
+                // The final pass's, sent while this side went on to the state.
+                Message::PassReceived { .. } => {}
+                other => return Err(unexpected(other, "waiting for Resumed")),
             }
-            other => Err(unexpected(other, "waiting for Resumed")),
+        };
+        // Both ends of the downtime on this clock: the pause here, and `Resumed`, which the
+        // destination sends once its vCPUs run (its one-way trip is counted too, so this
+        // errs on the long side).
+        let downtime_us = paused_at.elapsed().as_micros() as u64;
+        let total_us = self.started.elapsed().as_micros() as u64;
+        log::info!(
+            "the VM runs on the destination: paused {:.1} ms in all (the destination's own \
+             estimate: {:.1} ms), migration {:.1} ms",
+            downtime_us as f64 / 1000.0,
+            peer_estimate_us as f64 / 1000.0,
+            total_us as f64 / 1000.0
+        );
+        self.progress
+            .update(|i| i.downtime = Some(downtime_us.div_ceil(1000)));
+        if self.peer_features & features::SOURCE_MEASURES != 0 {
+            let measured = Message::Measured {
+                downtime_us,
+                total_us,
+            };
+            // The migration is over either way: a destination that misses this keeps its
+            // own estimate.
+            if let Err(e) = self.send(&measured).and_then(|()| self.flush()) {
+                log::warn!("could not send the measured downtime to the destination: {e}");
+            }
         }
+        Ok(())
     }
 
     /// After a failed write: the `Abort` the destination may have sent before closing.

@@ -177,7 +177,10 @@ impl MigrationHandler for LiveMigration {
             Err(e) => {
                 // Nothing half-received runs: the built VM (if any) is dropped here. After
                 // a lost confirmation it was running already, and is stopped the same way.
-                if matches!(e, ReceiveError::ConfirmationFailed(_)) {
+                if matches!(
+                    e,
+                    ReceiveError::ConfirmationFailed(_) | ReceiveError::SourceResumed(_)
+                ) {
                     log::error!("the VM started but the source did not learn it: stopping it");
                 }
                 drop(dest);
