@@ -66,6 +66,9 @@ fn config_from(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
+        // Microseconds: a migration's pause and resume, logged by two processes on one
+        // host, can then be set against each other.
+        .format_timestamp_micros()
         .init();
     let cli = Cli::parse();
     let config = match config_from(&cli) {

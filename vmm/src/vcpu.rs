@@ -106,6 +106,8 @@ impl VcpuControl {
         let mut f = self.lock();
         f.pause = true;
         self.pending.store(true, Ordering::SeqCst);
+        // Wakes vCPUs napping for the throttle.
+        self.cv.notify_all();
         drop(f);
         self.kick_all();
         let mut f = self.lock();
@@ -162,7 +164,9 @@ impl VcpuControl {
         self.pending.store(f.pause || f.stop, Ordering::SeqCst);
     }
 
-    /// Sleeps the calling vCPU thread if a throttle period started since `seen`.
+    /// Sleeps the calling vCPU thread if a throttle period started since `seen`; a pause
+    /// or stop ends the nap at once (a migration pauses a throttled guest to finish, and
+    /// the nap would otherwise add to its downtime).
     fn nap_if_throttled(&self, seen: &mut u64) {
         let g = self.throttle_gen.load(Ordering::SeqCst);
         if g == *seen {
@@ -170,8 +174,21 @@ impl VcpuControl {
         }
         *seen = g;
         let us = self.throttle_nap_us.load(Ordering::SeqCst);
-        if us > 0 {
-            std::thread::sleep(Duration::from_micros(us));
+        if us == 0 {
+            return;
+        }
+        let until = std::time::Instant::now() + Duration::from_micros(us);
+        let mut f = self.lock();
+        while !(f.pause || f.stop) {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            f = self
+                .cv
+                .wait_timeout(f, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -371,5 +388,34 @@ fn run_loop(
             }
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_pause_ends_a_throttle_nap() {
+        let ctl = Arc::new(VcpuControl::default());
+        let mut seen = ctl.throttle_gen.load(Ordering::SeqCst);
+        ctl.throttle_tick(Duration::from_secs(30));
+        let napper = {
+            let ctl = ctl.clone();
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                ctl.nap_if_throttled(&mut seen);
+                start.elapsed()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        ctl.pause(0);
+        let napped = napper.join().unwrap();
+        // It napped until the pause, not the 30 s it was given.
+        assert!(
+            napped >= Duration::from_millis(200) && napped < Duration::from_secs(10),
+            "napped {napped:?}"
+        );
     }
 }

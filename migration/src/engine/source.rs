@@ -24,9 +24,10 @@ const FLUSH_BYTES: usize = 1 << 20;
 /// ... or once they waited this long: zero pages encode to a bit each, and a long run of
 /// them must not leave the destination without a byte until its idle limit.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
-/// A pass shorter than this many bytes gives no reliable bandwidth figure.
-const MIN_BYTES_FOR_BANDWIDTH: u64 = 1 << 20;
-/// Wire bytes a dirty page is assumed to cost (as data, the worst case).
+/// A pass of fewer pages (1 MiB of RAM) gives no reliable rate.
+const MIN_PAGES_FOR_RATE: u64 = 256;
+/// Wire bytes a dirty page is assumed to cost (as data, the worst case), when the
+/// destination does not acknowledge passes.
 const BYTES_PER_DIRTY_PAGE: f64 = PAGE_SIZE as f64 + 1.0;
 
 /// How a migration is sent.
@@ -385,8 +386,8 @@ struct Sender<'a, V: ?Sized, S: MigrationStream> {
     started: Instant,
     dirty_log_on: bool,
     paused: bool,
-    /// Bytes per second, from the last pass big enough to measure.
-    bandwidth: Option<f64>,
+    /// Pages per second, from the last pass big enough to measure.
+    page_rate: Option<f64>,
     /// Auto-converge's current hold on the vCPUs, in percent.
     throttle: u8,
     /// What the destination's `Hello` offered.
@@ -450,7 +451,7 @@ pub fn send_migration_parallel<V: SourceVm + Sync + ?Sized, S: MigrationStream>(
         started: Instant::now(),
         dirty_log_on: false,
         paused: false,
-        bandwidth: None,
+        page_rate: None,
         throttle: 0,
         peer_features: 0,
     };
@@ -545,6 +546,7 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
             i.ram.remaining = 0;
         });
         self.progress.set_status(MigrationStatus::Device);
+        log::info!("pausing the VM: its RAM stays in the files the destination maps");
         let paused_at = Instant::now();
         hook("pause", self.vm.pause())?;
         self.paused = true;
@@ -760,12 +762,21 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         dirty_pages: u64,
     ) -> Duration {
         let secs = pass_start.elapsed().as_secs_f64().max(1e-6);
-        if pass.bytes >= MIN_BYTES_FOR_BANDWIDTH || self.bandwidth.is_none() {
-            self.bandwidth = Some(pass.bytes as f64 / secs);
+        if pass.pages >= MIN_PAGES_FOR_RATE || self.page_rate.is_none() {
+            // With acknowledged passes, a pass lasts until the destination holds it: its
+            // page rate is what a final pass will see, whatever a page costs on the wire
+            // (a sparse page may be 14 bytes but is still a page write there). Without,
+            // the pass ended when the bytes left, and only the wire bytes say anything:
+            // dirty pages are then counted as whole pages.
+            let rate = if self.peer_features & features::PASS_ACKS != 0 {
+                pass.pages as f64 / secs
+            } else {
+                pass.bytes as f64 / secs / BYTES_PER_DIRTY_PAGE
+            };
+            self.page_rate = Some(rate);
         }
-        let bandwidth = self.bandwidth.unwrap_or(f64::MAX).max(1.0);
-        let expected =
-            Duration::from_secs_f64(dirty_pages as f64 * BYTES_PER_DIRTY_PAGE / bandwidth);
+        let rate = self.page_rate.unwrap_or(f64::MAX).max(1.0);
+        let expected = Duration::from_secs_f64(dirty_pages as f64 / rate);
         let stats = self.vm.dirty_tracking_stats();
         self.progress.update(|i| {
             i.iterations.push(IterationStats {
@@ -849,6 +860,11 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
 
     fn stop_and_copy(&mut self, iteration: u32, mut pending: PageSet) -> Result<(), SendError> {
         self.progress.set_status(MigrationStatus::Device);
+        log::info!(
+            "stop-and-copy: pausing the VM with {} dirty pages left after pass {}",
+            pending.count(),
+            iteration.saturating_sub(1)
+        );
         let paused_at = Instant::now();
         hook("pause", self.vm.pause())?;
         self.paused = true;
