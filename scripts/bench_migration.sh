@@ -56,9 +56,19 @@ one_run() {
         ((SECONDS > end)) && { echo "$name: the guest did not go on on B" >&2; exit 1; }; sleep 0.1; done
     if grep -q "MISMATCH\|FAIL" "$d/serial.log"; then echo "$name: guest reported loss" >&2; exit 1; fi
     local rss; rss=$(awk '/VmHWM/{print $2}' /proc/"$dst"/status 2>/dev/null || echo 0)
-    python3 -c 'import json, sys; print(json.dumps({"workload": sys.argv[1], "run": int(sys.argv[2]),
-        "dest_peak_rss_kib": int(sys.argv[3]), "info": json.load(open(sys.argv[4]))}))' \
-        "$name" "$run" "$rss" "$d/info.json" >>"$WORK/runs.jsonl"
+    # The guest's pause on one clock: the source's log line just before it pauses the vCPUs
+    # to the destination's just after it resumed them (microsecond timestamps).
+    python3 -c 'import json, sys, re, datetime
+def at(path, needle):
+    for line in open(path, errors="replace"):
+        m = re.match(r"\[(\S+?)Z ", line)
+        if needle in line and m:
+            return datetime.datetime.fromisoformat(m.group(1)).timestamp()
+p, r = at(sys.argv[5], "stop-and-copy: pausing the VM"), at(sys.argv[6], "after Complete")
+print(json.dumps({"workload": sys.argv[1], "run": int(sys.argv[2]),
+    "dest_peak_rss_kib": int(sys.argv[3]), "info": json.load(open(sys.argv[4])),
+    "pause_resume_ms": round((r - p) * 1000, 1) if p and r else None}))' \
+        "$name" "$run" "$rss" "$d/info.json" "$d/a.log" "$d/b.log" >>"$WORK/runs.jsonl"
     kill "$dst" 2>/dev/null || true; wait "$dst" 2>/dev/null || true
     echo "  $name run $run done" >&2
 }
@@ -75,22 +85,24 @@ out = sys.argv[2]; os.makedirs(out, exist_ok=True)
 rows = []
 for w in sorted({r["workload"] for r in runs}):
     rs = [r for r in runs if r["workload"] == w]
-    def fig(f):
-        v = [f(r["info"]) for r in rs]
+    def fig(f, whole=False):
+        v = [f(r if whole else r["info"]) for r in rs]
+        v = [x for x in v if x is not None] or [float("nan")]
         return statistics.median(v), min(v), max(v)
     # RAM moved per second in the full first pass (pages x 4 KiB, whatever their encoding),
     # and wire bits per second over the whole migration.
     pass0 = lambda i: i["iterations"][0]["pages"] * 4096 * 8 / max(i["iterations"][0]["duration-ms"], 1) / 1e6
     wire = lambda i: i["ram"]["transferred"] * 8 / max(i["total-time"], 1) / 1e3
     rows.append((w, len(rs), fig(lambda i: i["total-time"]), fig(lambda i: i["downtime"]),
+                 fig(lambda r: r["pause_resume_ms"], whole=True),
                  fig(lambda i: i["ram"]["transferred"] / 2**20), fig(pass0), fig(wire),
                  fig(lambda i: i["ram"]["dirty-sync-count"]),
                  fig(lambda i: i.get("cpu-throttle-percentage", 0))))
 def f3(t, p=0): return f"{t[0]:.{p}f} ({t[1]:.{p}f}-{t[2]:.{p}f})"
-head = ("| workload | runs | total ms | downtime ms | MiB sent | pass 0 Gbit/s of RAM | wire Mbit/s | passes | throttle % |\n"
-        "|---|---|---|---|---|---|---|---|---|")
-lines = [f"| {w} | {n} | {f3(t)} | {f3(d)} | {f3(b)} | {f3(g, 1)} | {f3(m)} | {f3(p)} | {f3(th)} |"
-         for w, n, t, d, b, g, m, p, th in rows]
+head = ("| workload | runs | total ms | downtime ms | pause→resume ms | MiB sent | pass 0 Gbit/s of RAM | wire Mbit/s | passes | throttle % |\n"
+        "|---|---|---|---|---|---|---|---|---|---|")
+lines = [f"| {w} | {n} | {f3(t)} | {f3(d)} | {f3(pr, 1)} | {f3(b)} | {f3(g, 1)} | {f3(m)} | {f3(p)} | {f3(th)} |"
+         for w, n, t, d, pr, b, g, m, p, th in rows]
 print(head); print("\n".join(lines))
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
 date = datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC")
@@ -101,7 +113,11 @@ Measured {date} on {cpu}, {os.cpu_count()} cores, nested PVM KVM. Command:
 namespaces over a veth pair, `downtime_ms` 300, one connection, dirty rings (65536 entries),
 sparse chunks and auto-converge on (the defaults).
 Each figure: median (min-max). After every run the guest must go on on the destination
-with no mismatch, or the benchmark fails. *pass 0 Gbit/s of RAM*: guest RAM moved per
+with no mismatch, or the benchmark fails. *total ms* and *downtime ms*: the destination's
+`vm.migration-info`, which reports the source's clock (downtime: from the source's pause
+until the destination's `Resumed` reached it). *pause→resume ms*: the same pause on one
+host clock from the two processes' logs (the source's line just before it pauses the
+vCPUs, the destination's just after it resumed them), as a check. *pass 0 Gbit/s of RAM*: guest RAM moved per
 second in the first, full pass (pages x 4 KiB, zero pages and sparse pages included);
 *wire Mbit/s*: bytes on the wire over the whole migration. *throttle %*: auto-converge's
 last hold on the source's vCPUs (0: none).

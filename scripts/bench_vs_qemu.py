@@ -427,6 +427,28 @@ def source_log_total(path):
     return int(m.group(1)) if m else None
 
 
+def log_time(path, needle):
+    """Seconds since the epoch of the first line of a ferry log holding `needle` (ferry logs
+    `[2026-11-29T14:52:50.115586Z INFO ] ...`, one host clock for both processes)."""
+    for line in read_text(path).splitlines():
+        if needle in line:
+            m = re.match(r"\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z", line)
+            if m:
+                return datetime.datetime.fromisoformat(m.group(1)).replace(
+                    tzinfo=datetime.timezone.utc).timestamp()
+    return None
+
+
+def ferry_pause_resume_ms(src_log, dst_log):
+    """The guest's pause on one clock: the source's log line just before it pauses the vCPUs
+    to the destination's just after it resumed them."""
+    paused = log_time(src_log, "stop-and-copy: pausing the VM")
+    resumed = log_time(dst_log, "after Complete")
+    if paused is None or resumed is None:
+        return None
+    return round((resumed - paused) * 1000, 1)
+
+
 def run_ferry(w, mode, d, port, rec):
     netns = mode == "ferry-netns"
     ns_a, ns_b = (NS_A, NS_B) if netns else (None, None)
@@ -495,6 +517,7 @@ def run_ferry(w, mode, d, port, rec):
         if not src.wait(30):
             raise RunFailed("the source ferry still runs 30 s after the migration")
         rec["src_log_total_ms"] = source_log_total(f"{d}/src.log")
+        rec["pause_resume_ms"] = ferry_pause_resume_ms(f"{d}/src.log", f"{d}/dst.log")
 
         def running():
             rc, out, err = run_cmd([REMOTE, "--api-socket", dsock, "info"], 30)
@@ -520,13 +543,10 @@ def figures(rec):
     info = rec.get("info") or {}
     ram = info.get("ram", {})
     total = info.get("total-time")
-    if rec["mode"].startswith("ferry") and info:
-        # Ferry's destination reports the time since its receive-migration request as
-        # `total-time`; take the source's own figure (or, failing that, the wall clock).
-        src = rec.get("src_info") or {}
-        if src.get("status") == "completed" and src.get("total-time") is not None:
-            total, rec["total_from"] = src["total-time"], "source migration-info"
-        elif rec.get("src_log_total_ms") is not None:
+    if rec["mode"].startswith("ferry") and info and total is None:
+        # The destination reports the source's own total (start to `Resumed`); should
+        # it be missing, the source's log line, or the wall clock.
+        if rec.get("src_log_total_ms") is not None:
             total, rec["total_from"] = rec["src_log_total_ms"], "source log"
         else:
             total, rec["total_from"] = rec.get("wall_ms"), "wall clock"
@@ -534,9 +554,8 @@ def figures(rec):
     return {
         "total_ms": total,
         "downtime_ms": info.get("downtime"),
-        # Ferry's downtime is already source pause -> destination resume.
-        "pause_resume_ms": rec.get("pause_resume_ms") if rec["mode"].startswith("qemu")
-        else info.get("downtime"),
+        # QEMU's from its STOP/RESUME events, Ferry's from its two processes' logs.
+        "pause_resume_ms": rec.get("pause_resume_ms"),
         "sent_mib": sent / MIB if sent is not None else None,
         # Same formula for both: bytes on the wire over the total time.
         "mbit_s": sent * 8 / total / 1000 if sent is not None and total else None,
@@ -734,14 +753,15 @@ auto-converge or a switch-over timeout on).
 
 Figures: median (min–max) over the successful runs. *total* and *downtime* are each
 VMM's own report: QEMU's `query-migrate` `total-time` and `downtime` (measured on the
-source: stop → completion), Ferry's `vm.migration-info` (`downtime`: source pause →
-destination resume, measured on the destination). *pause→resume* is the same for both:
-the guest's pause as the destination ends it, QEMU's from its source's `STOP` to its
-destination's `RESUME` QMP event timestamps (one host clock), Ferry's its `downtime`
-(QEMU's own `downtime` ends when the source is done, before the destination has loaded
-the last data and device state and started). Ferry's `total-time` comes from the source's
-`vm.migration-info`, read just before the source ends itself, because the destination's
-counts from its own `receive-migration` request. *MiB sent*: `ram.transferred`.
+source: stop → completion), Ferry's destination's `vm.migration-info`, which reports the
+source's own clock (`downtime`: the source's pause until the destination's `Resumed`
+reached it; `total-time`: the migration's start until then). *pause→resume* is measured
+the same way for both, on one host clock, as the guest sees it: QEMU's from its source's
+`STOP` to its destination's `RESUME` QMP event timestamps, Ferry's from the source's log
+line just before it pauses the vCPUs ("stop-and-copy: pausing the VM") to the
+destination's just after it resumed them ("resumed … after Complete"), both logged with
+microsecond timestamps (QEMU's own `downtime` ends when the source is done, before the
+destination has loaded the last data and device state and started). *MiB sent*: `ram.transferred`.
 *Mbit/s*: transferred bits / total time, the same formula for both (each VMM's own
 `ram.mbps` is in the JSON). *dirty syncs*: `ram.dirty-sync-count`. *Peak RSS*: `VmHWM`
 of the source and destination processes read just before they ended (for Ferry's source,
