@@ -353,9 +353,22 @@ const SHRINK_NUM: u64 = 3;
 const SHRINK_DEN: u64 = 4;
 /// Passes at most after the dirty set first fitted the downtime.
 const MAX_PASSES_FITTING: u32 = 8;
+/// With auto-converge, a dirty set that fits but stopped shrinking is not final while it
+/// would still pause the guest longer than this: the throttle goes up one more step
+/// instead (a guest rewriting its working set as fast as the link carries it otherwise
+/// ends on whatever share of it the last pass left, up to the whole `downtime_ms`).
+const SETTLED_DOWNTIME: Duration = Duration::from_millis(20);
 
 impl Convergence {
-    fn stop_now(&mut self, expected: Duration, downtime: Duration, dirty: u64) -> bool {
+    /// Whether to pause now, with `dirty` pages left that would take `expected` to send.
+    /// `can_throttle`: auto-converge is on and could hold the vCPUs back more.
+    fn stop_now(
+        &mut self,
+        expected: Duration,
+        downtime: Duration,
+        dirty: u64,
+        can_throttle: bool,
+    ) -> bool {
         let shrinking = self
             .previous
             .is_none_or(|p| dirty * SHRINK_DEN < p * SHRINK_NUM);
@@ -365,8 +378,10 @@ impl Convergence {
             return false;
         }
         self.passes_fitting += 1;
-        let stop =
-            expected <= TINY_DOWNTIME || !shrinking || self.passes_fitting > MAX_PASSES_FITTING;
+        let settled = shrinking || !can_throttle || expected <= SETTLED_DOWNTIME;
+        let stop = expected <= TINY_DOWNTIME
+            || (!shrinking && settled)
+            || self.passes_fitting > MAX_PASSES_FITTING;
         if !stop {
             log::debug!("{dirty} dirty pages fit the downtime ({expected:?}) but still shrink: one more pass");
         }
@@ -505,7 +520,12 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
             iteration += 1;
             if pass.timed_out
                 || pending.is_empty()
-                || convergence.stop_now(expected, self.opts.downtime, pending.count())
+                || convergence.stop_now(
+                    expected,
+                    self.opts.downtime,
+                    pending.count(),
+                    self.opts.auto_converge && self.throttle < THROTTLE_MAX,
+                )
             {
                 break;
             }
@@ -1079,23 +1099,30 @@ mod tests {
         let ms = Duration::from_millis;
         let mut c = Convergence::default();
         // Too slow to fit: go on, however it shrinks.
-        assert!(!c.stop_now(ms(900), ms(300), 25_000));
+        assert!(!c.stop_now(ms(900), ms(300), 25_000, false));
         // Fits, and shrank to half: one more pass.
-        assert!(!c.stop_now(ms(200), ms(300), 12_000));
-        assert!(!c.stop_now(ms(60), ms(300), 4_000));
+        assert!(!c.stop_now(ms(200), ms(300), 12_000, false));
+        assert!(!c.stop_now(ms(60), ms(300), 4_000, false));
         // Shrinking still, and now tiny: stop.
-        assert!(c.stop_now(ms(4), ms(300), 300));
+        assert!(c.stop_now(ms(4), ms(300), 300, false));
 
         // Fits but no longer shrinks (a steady dirty rate): stop.
         let mut c = Convergence::default();
-        assert!(!c.stop_now(ms(100), ms(300), 10_000));
-        assert!(c.stop_now(ms(90), ms(300), 9_000));
+        assert!(!c.stop_now(ms(100), ms(300), 10_000, false));
+        assert!(c.stop_now(ms(90), ms(300), 9_000, false));
+
+        // The same with auto-converge able to do more: another pass while the pause
+        // would still be long, then stop once it would be short.
+        let mut c = Convergence::default();
+        assert!(!c.stop_now(ms(100), ms(300), 10_000, true));
+        assert!(!c.stop_now(ms(90), ms(300), 9_000, true));
+        assert!(c.stop_now(ms(18), ms(300), 8_900, true));
 
         // Shrinking forever (slowly enough to count, never tiny) ends after the cap.
         let mut c = Convergence::default();
         let mut dirty = 1u64 << 40;
         let mut passes = 0;
-        while !c.stop_now(ms(100), ms(300), dirty) {
+        while !c.stop_now(ms(100), ms(300), dirty, true) {
             dirty /= 2;
             passes += 1;
         }
