@@ -1042,6 +1042,18 @@ pub fn encode_sparse_chunk(
     pages: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<ChunkCounts, ProtocolError> {
+    encode_sparse_chunk_known(gpa, pages, &[], out)
+}
+
+/// [`encode_sparse_chunk`] where page `i` is known to be zero when `known_zero[i]` is true
+/// (its bytes in `pages` are then not looked at: the reader did not fill them). An empty
+/// `known_zero` knows nothing.
+pub fn encode_sparse_chunk_known(
+    gpa: u64,
+    pages: &[u8],
+    known_zero: &[bool],
+    out: &mut Vec<u8>,
+) -> Result<ChunkCounts, ProtocolError> {
     let kind = MessageType::SparseChunk;
     let page_count = pages.len() / PAGE_SIZE;
     if !pages.len().is_multiple_of(PAGE_SIZE)
@@ -1065,8 +1077,8 @@ pub fn encode_sparse_chunk(
     out.extend_from_slice(&(page_count as u32).to_le_bytes());
     let mut counts = ChunkCounts::default();
     let mut runs: Vec<(usize, usize)> = Vec::with_capacity(MAX_PAGE_SEGMENTS + 1);
-    for page in pages.chunks_exact(PAGE_SIZE) {
-        if is_zero_page(page) {
+    for (i, page) in pages.chunks_exact(PAGE_SIZE).enumerate() {
+        if known_zero.get(i) == Some(&true) || is_zero_page(page) {
             runs.clear();
         } else {
             non_zero_runs(page, &mut runs);
@@ -1531,6 +1543,28 @@ mod tests {
             page_count: 1024,
             body: &buf[HEADER_LEN + CHUNK_FIXED_LEN..],
         }));
+    }
+
+    #[test]
+    fn pages_known_to_be_zero_are_sent_as_zero_whatever_the_buffer_holds() {
+        // The reader left pages 1 and 3 unread (stale bytes from an earlier chunk).
+        let mut pages = vec![0xabu8; 4 * PAGE_SIZE];
+        let known_zero = [false, true, false, true];
+        let mut with_zeros = pages.clone();
+        with_zeros[PAGE_SIZE..2 * PAGE_SIZE].fill(0);
+        with_zeros[3 * PAGE_SIZE..].fill(0);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let counts = encode_sparse_chunk_known(0x2000, &pages, &known_zero, &mut a).unwrap();
+        encode_sparse_chunk(0x2000, &with_zeros, &mut b).unwrap();
+        assert_eq!((counts.zero_pages, counts.data_pages), (2, 2));
+        assert_eq!(a, b);
+        // Knowing nothing is the plain encoder.
+        pages[0] = 0;
+        a.clear();
+        b.clear();
+        encode_sparse_chunk_known(0x2000, &pages, &[], &mut a).unwrap();
+        encode_sparse_chunk(0x2000, &pages, &mut b).unwrap();
+        assert_eq!(a, b);
     }
 
     #[test]

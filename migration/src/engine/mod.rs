@@ -48,6 +48,19 @@ pub trait SourceVm {
     /// Copies guest RAM at `gpa` into `buf` (a whole number of pages, inside one range).
     fn read_pages(&self, gpa: u64, buf: &mut [u8]) -> HookResult<()>;
 
+    /// [`SourceVm::read_pages`], except that pages the VM knows to be zero without reading
+    /// them (never-touched RAM) may be left unwritten in `buf` and marked in `zero` (one
+    /// entry per page; left empty, it says nothing). The default reads every page.
+    fn read_pages_known_zero(
+        &self,
+        gpa: u64,
+        buf: &mut [u8],
+        zero: &mut Vec<bool>,
+    ) -> HookResult<()> {
+        zero.clear();
+        self.read_pages(gpa, buf)
+    }
+
     /// Starts dirty logging (every source: vCPUs, the VMM itself, DMA). Pages dirtied from
     /// now on must appear in a later [`SourceVm::collect_dirty`].
     fn start_dirty_log(&self) -> HookResult<()>;

@@ -11,10 +11,10 @@ use super::{
 };
 use crate::page_set::PageSet;
 use crate::protocol::{
-    check_ram_layout, encode, encode_memory_chunk, encode_sparse_chunk, features, write_message,
-    Complete, Config, Header, Hello, MemoryFd, Message, MessageReader, MessageType, ProtocolError,
-    RamRange, HEADER_LEN, MAX_CHANNELS, MAX_CHUNK_PAGES, MIN_PROTOCOL_VERSION, PAGE_SIZE,
-    PROTOCOL_VERSION,
+    check_ram_layout, encode, encode_memory_chunk, encode_sparse_chunk_known, features,
+    write_message, Complete, Config, Header, Hello, MemoryFd, Message, MessageReader, MessageType,
+    ProtocolError, RamRange, HEADER_LEN, MAX_CHANNELS, MAX_CHUNK_PAGES, MIN_PROTOCOL_VERSION,
+    PAGE_SIZE, PROTOCOL_VERSION,
 };
 use crate::stats::{IterationStats, MigrationInfo, MigrationProgress, MigrationStatus};
 use crate::transport::{is_cancelled, MigrationStream, Watched};
@@ -144,6 +144,8 @@ struct LaneBuf {
     out: Vec<u8>,
     /// Pages read from the guest, before encoding.
     scratch: Vec<u8>,
+    /// Which pages of `scratch` the VM knows to be zero (and left unread).
+    known_zero: Vec<bool>,
     /// A write failed part-way: the stream is no longer at a frame boundary.
     broken: bool,
 }
@@ -265,12 +267,21 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
             }
             hook(
                 "read_pages",
-                self.vm.read_pages(gpa, &mut buf.scratch[..len]),
+                self.vm
+                    .read_pages_known_zero(gpa, &mut buf.scratch[..len], &mut buf.known_zero),
             )?;
             let before = buf.out.len();
             let counts = if self.sparse {
-                encode_sparse_chunk(gpa, &buf.scratch[..len], &mut buf.out)?
+                encode_sparse_chunk_known(gpa, &buf.scratch[..len], &buf.known_zero, &mut buf.out)?
             } else {
+                // The plain encoder looks at every byte: give it the zeros.
+                for (page, _) in buf.scratch[..len]
+                    .chunks_exact_mut(PAGE_SIZE)
+                    .zip(&buf.known_zero)
+                    .filter(|(_, &z)| z)
+                {
+                    page.fill(0);
+                }
                 encode_memory_chunk(gpa, &buf.scratch[..len], &mut buf.out)?
             };
             let bytes = (buf.out.len() - before) as u64;

@@ -29,9 +29,10 @@ impl MachineSource {
         MachineSource { machine, pagemap }
     }
 
-    /// Fills `buf` from guest RAM at `gpa`, writing zeros for pages of private RAM that
-    /// were never touched instead of reading (and so faulting in) them.
-    fn read_sparse(&self, gpa: u64, buf: &mut [u8]) -> Result<bool, String> {
+    /// Fills `buf` from guest RAM at `gpa`, except pages of private RAM that were never
+    /// touched: those are marked in `zero` instead of read (reading would fault them in),
+    /// and left as they were in `buf`. False: pagemap could not tell, nothing was read.
+    fn read_sparse(&self, gpa: u64, buf: &mut [u8], zero: &mut Vec<bool>) -> Result<bool, String> {
         let Some(map) = &self.pagemap else {
             return Ok(false);
         };
@@ -46,21 +47,19 @@ impl MachineSource {
         }
         let host = region.as_ptr() as usize + (gpa - region.start_addr().0) as usize;
         let pages = buf.len() / PAGE;
-        let mut untouched = Vec::with_capacity(pages);
-        if map.untouched(host, pages, &mut untouched).is_err() {
+        if map.untouched(host, pages, zero).is_err() {
+            zero.clear();
             return Ok(false);
         }
         let mut i = 0;
         while i < pages {
-            let zero = untouched[i];
+            let untouched = zero[i];
             let start = i;
-            while i < pages && untouched[i] == zero {
+            while i < pages && zero[i] == untouched {
                 i += 1;
             }
-            let bytes = &mut buf[start * PAGE..i * PAGE];
-            if zero {
-                bytes.fill(0);
-            } else {
+            if !untouched {
+                let bytes = &mut buf[start * PAGE..i * PAGE];
                 let at = gpa + (start * PAGE) as u64;
                 mem.read_slice(bytes, GuestAddress(at)).map_err(|e| {
                     format!("reading {} bytes of guest RAM at {at:#x}: {e}", bytes.len())
@@ -90,9 +89,24 @@ impl SourceVm for MachineSource {
     }
 
     fn read_pages(&self, gpa: u64, buf: &mut [u8]) -> HookResult<()> {
-        if self.read_sparse(gpa, buf)? {
+        let mut zero = Vec::new();
+        self.read_pages_known_zero(gpa, buf, &mut zero)?;
+        for (page, _) in buf.chunks_exact_mut(PAGE).zip(&zero).filter(|(_, &z)| z) {
+            page.fill(0);
+        }
+        Ok(())
+    }
+
+    fn read_pages_known_zero(
+        &self,
+        gpa: u64,
+        buf: &mut [u8],
+        zero: &mut Vec<bool>,
+    ) -> HookResult<()> {
+        if self.read_sparse(gpa, buf, zero)? {
             return Ok(());
         }
+        zero.clear();
         self.machine
             .memory()
             .read_slice(buf, GuestAddress(gpa))
