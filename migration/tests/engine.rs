@@ -83,6 +83,11 @@ struct FakeSource {
     state: (Vec<u8>, Vec<u8>),
     /// Runs inside `pause`, once the vCPUs stopped.
     on_pause: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Reading takes this long per page (a slow source: passes outlast the engine's
+    /// interval between dirty-log reads).
+    read_delay: Mutex<Duration>,
+    /// `collect_dirty` calls while the guest ran.
+    running_collects: AtomicU32,
 }
 
 impl FakeSource {
@@ -113,6 +118,8 @@ impl FakeSource {
             always_dirty,
             state: (b"vcpu registers".to_vec(), b"serial, pm".to_vec()),
             on_pause: Mutex::new(None),
+            read_delay: Mutex::new(Duration::ZERO),
+            running_collects: AtomicU32::new(0),
         })
     }
 
@@ -176,6 +183,10 @@ impl SourceVm for FakeSource {
     }
 
     fn read_pages(&self, gpa: u64, buf: &mut [u8]) -> HookResult<()> {
+        let delay = *self.read_delay.lock().unwrap();
+        if !delay.is_zero() {
+            thread::sleep(delay * (buf.len() / PAGE_SIZE) as u32);
+        }
         let off = offset(&self.layout, gpa, buf.len())?;
         buf.copy_from_slice(&self.ram.lock().unwrap().bytes[off..off + buf.len()]);
         Ok(())
@@ -186,8 +197,15 @@ impl SourceVm for FakeSource {
         Ok(())
     }
 
-    fn collect_dirty(&self, _final_pass: bool) -> HookResult<Vec<(u64, u64)>> {
+    fn collect_dirty(&self, final_pass: bool) -> HookResult<Vec<(u64, u64)>> {
         let mut ram = self.ram.lock().unwrap();
+        assert_eq!(
+            final_pass, ram.paused,
+            "the final collection comes paused, and only it"
+        );
+        if !final_pass {
+            self.running_collects.fetch_add(1, Ordering::SeqCst);
+        }
         let mut out = Vec::new();
         for (i, d) in ram.dirty.iter_mut().enumerate() {
             if std::mem::take(d) {
@@ -1540,4 +1558,57 @@ fn a_source_that_gives_up_after_the_resume_makes_the_destination_stop() {
     assert!(matches!(e, ReceiveError::SourceResumed(_)), "{e}");
     assert!(e.to_string().contains("no Resumed within 8 s"), "{e}");
     assert!(d.resumed, "it had resumed: the vmm stops it on this error");
+}
+
+/// A busy guest on a slow source: passes last long enough for the engine to read the dirty
+/// log mid-pass and leave pages written again to the next pass. Nothing may be lost.
+fn redirtied_pages_wait_for_the_next_pass(extra_connections: usize) {
+    let src = FakeSource::new(false);
+    // Slower per page with more connections: every pass lasts about as long.
+    *src.read_delay.lock().unwrap() = Duration::from_micros(100) * (extra_connections as u32 + 1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = src.run_guest(Duration::from_micros(200), stop.clone());
+    let (listener, path) = unix_listener(&format!("redirty{extra_connections}"));
+    let dest = spawn_parallel_destination(listener);
+    let (main, extras) = connect_all(&path, extra_connections);
+    let extras: Vec<Boxed> = extras.into_iter().map(|s| Box::new(s) as Boxed).collect();
+    let opts = SendOptions {
+        chunk_pages: 16,
+        ..fast_opts(
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+            TimeoutStrategy::Cancel,
+        )
+    };
+    let progress = MigrationProgress::new();
+    let info = send_migration_parallel(&*src, Box::new(main) as Boxed, extras, &opts, &progress);
+    let info = info.unwrap_or_else(|e| panic!("{e}: {:?}", progress.snapshot().iterations));
+    stop.store(true, Ordering::Relaxed);
+    guest.join().unwrap();
+    let (dr, d) = dest.join().unwrap();
+    dr.expect("destination");
+    assert_migrated(&src, &d);
+    // 1024 pages at 100 us (over all connections) make pass 0 last past the 50 ms
+    // interval: the log was read in it, and pages the guest wrote before their turn were
+    // left out of it.
+    // One collection after each precopy pass (every pass but the final one), more within.
+    let precopy_passes = info.iterations.len() as u32 - 1;
+    let collects = src.running_collects.load(Ordering::SeqCst);
+    assert!(
+        collects > precopy_passes,
+        "{collects} collections in {precopy_passes} precopy passes"
+    );
+    let first = info.iterations[0].pages;
+    assert!(first < 1024, "pass 0 sent {first} of 1024 pages");
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn redirtied_pages_wait_for_the_next_pass_on_one_connection() {
+    redirtied_pages_wait_for_the_next_pass(0);
+}
+
+#[test]
+fn redirtied_pages_wait_for_the_next_pass_on_three_connections() {
+    redirtied_pages_wait_for_the_next_pass(2);
 }

@@ -3,6 +3,7 @@
 use std::io::{self, Write};
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::{
@@ -24,6 +25,9 @@ const FLUSH_BYTES: usize = 1 << 20;
 /// ... or once they waited this long: zero pages encode to a bit each, and a long run of
 /// them must not leave the destination without a byte until its idle limit.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+/// During a precopy pass the dirty log is read this often, so that pages the guest wrote
+/// again before their turn wait for the next pass instead of travelling twice.
+const RECOLLECT_INTERVAL: Duration = Duration::from_millis(50);
 /// A pass of fewer pages (1 MiB of RAM) gives no reliable rate.
 const MIN_PAGES_FOR_RATE: u64 = 256;
 /// Wire bytes a dirty page is assumed to cost (as data, the worst case), when the
@@ -133,6 +137,8 @@ enum Phase {
 struct PassResult {
     pages: u64,
     bytes: u64,
+    /// Pages left for the next pass because the guest wrote them again first.
+    skipped: u64,
     /// The timeout passed mid-pass under [`TimeoutStrategy::Ignore`].
     timed_out: bool,
 }
@@ -217,6 +223,15 @@ struct PassCtx<'a, V: ?Sized> {
     stop: AtomicBool,
     /// The destination takes sparse chunks.
     sparse: bool,
+    /// Precopy only: pages dirtied again since the pass began, collected while it runs.
+    /// They go into the next pass; this one skips those it has not sent yet.
+    redirtied: Option<Mutex<Redirtied>>,
+}
+
+/// The dirty log read in the middle of a pass.
+struct Redirtied {
+    pages: PageSet,
+    collected_at: Instant,
 }
 
 /// One connection's share of a pass.
@@ -226,6 +241,8 @@ struct LaneResult {
     bytes: u64,
     /// Runs not sent because the timeout passed (under `Ignore`).
     unsent: Vec<(u64, u32)>,
+    /// Pages left for the next pass because the guest wrote them again first.
+    skipped: u64,
 }
 
 impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
@@ -261,45 +278,9 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
                     }
                 }
             }
-            let len = pages as usize * PAGE_SIZE;
-            if buf.scratch.len() < len {
-                buf.scratch.resize(len, 0);
+            for (gpa, pages) in self.still_clean(gpa, pages, &mut res)? {
+                self.send_run(gpa, pages, buf, &mut res)?;
             }
-            hook(
-                "read_pages",
-                self.vm
-                    .read_pages_known_zero(gpa, &mut buf.scratch[..len], &mut buf.known_zero),
-            )?;
-            let before = buf.out.len();
-            let counts = if self.sparse {
-                encode_sparse_chunk_known(gpa, &buf.scratch[..len], &buf.known_zero, &mut buf.out)?
-            } else {
-                // The plain encoder looks at every byte: give it the zeros.
-                for (page, _) in buf.scratch[..len]
-                    .chunks_exact_mut(PAGE_SIZE)
-                    .zip(&buf.known_zero)
-                    .filter(|(_, &z)| z)
-                {
-                    page.fill(0);
-                }
-                encode_memory_chunk(gpa, &buf.scratch[..len], &mut buf.out)?
-            };
-            let bytes = (buf.out.len() - before) as u64;
-            res.pages += u64::from(pages);
-            res.bytes += bytes;
-            let left = self.left.fetch_sub(u64::from(pages), Ordering::Relaxed) - u64::from(pages);
-            let phase = self.phase;
-            self.progress.update(|i| {
-                i.ram.duplicate += u64::from(counts.zero_pages);
-                i.ram.normal += u64::from(counts.data_pages);
-                i.ram.normal_bytes += u64::from(counts.data_pages) * PAGE_SIZE as u64;
-                i.ram.transferred += bytes;
-                match phase {
-                    Phase::Precopy => i.ram.precopy_bytes += bytes,
-                    Phase::Downtime => i.ram.downtime_bytes += bytes,
-                }
-                i.ram.remaining = left * PAGE_SIZE as u64;
-            });
             if buf.out.len() >= FLUSH_BYTES || last_flush.elapsed() >= FLUSH_INTERVAL {
                 buf.flush(io)?;
                 last_flush = Instant::now();
@@ -315,6 +296,100 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
         )?;
         buf.flush(io)?;
         Ok(res)
+    }
+
+    /// The parts of the run `(gpa, pages)` the guest has not written again since the pass
+    /// began (reading the dirty log first when it is due). The rest is already in the next
+    /// pass: sending it now would only send it twice.
+    fn still_clean(
+        &self,
+        gpa: u64,
+        pages: u32,
+        res: &mut LaneResult,
+    ) -> Result<Vec<(u64, u32)>, SendError> {
+        let Some(redirtied) = &self.redirtied else {
+            return Ok(vec![(gpa, pages)]);
+        };
+        let mut r = redirtied.lock().unwrap_or_else(|p| p.into_inner());
+        if r.collected_at.elapsed() >= RECOLLECT_INTERVAL {
+            for (g, len) in hook("collect_dirty", self.vm.collect_dirty(false))? {
+                r.pages.insert_range(g, len);
+            }
+            r.collected_at = Instant::now();
+        }
+        if r.pages.is_empty() {
+            return Ok(vec![(gpa, pages)]);
+        }
+        let mut parts = Vec::new();
+        let mut i = 0u32;
+        while i < pages {
+            let at = |i: u32| gpa + u64::from(i) * PAGE_SIZE as u64;
+            let dirty = r.pages.contains(at(i));
+            let start = i;
+            while i < pages && r.pages.contains(at(i)) == dirty {
+                i += 1;
+            }
+            if dirty {
+                res.skipped += u64::from(i - start);
+            } else {
+                parts.push((at(start), i - start));
+            }
+        }
+        let skipped = pages - parts.iter().map(|p| p.1).sum::<u32>();
+        if skipped > 0 {
+            self.left.fetch_sub(u64::from(skipped), Ordering::Relaxed);
+        }
+        Ok(parts)
+    }
+
+    /// Reads, encodes and queues one run of pages.
+    fn send_run(
+        &self,
+        gpa: u64,
+        pages: u32,
+        buf: &mut LaneBuf,
+        res: &mut LaneResult,
+    ) -> Result<(), SendError> {
+        let len = pages as usize * PAGE_SIZE;
+        if buf.scratch.len() < len {
+            buf.scratch.resize(len, 0);
+        }
+        hook(
+            "read_pages",
+            self.vm
+                .read_pages_known_zero(gpa, &mut buf.scratch[..len], &mut buf.known_zero),
+        )?;
+        let before = buf.out.len();
+        let counts = if self.sparse {
+            encode_sparse_chunk_known(gpa, &buf.scratch[..len], &buf.known_zero, &mut buf.out)?
+        } else {
+            // The plain encoder looks at every byte: give it the zeros.
+            for (page, _) in buf.scratch[..len]
+                .chunks_exact_mut(PAGE_SIZE)
+                .zip(&buf.known_zero)
+                .filter(|(_, &z)| z)
+            {
+                page.fill(0);
+            }
+            encode_memory_chunk(gpa, &buf.scratch[..len], &mut buf.out)?
+        };
+        let bytes = (buf.out.len() - before) as u64;
+        res.pages += u64::from(pages);
+        res.bytes += bytes;
+        let left = self.left.fetch_sub(u64::from(pages), Ordering::Relaxed) - u64::from(pages);
+        let phase = self.phase;
+        self.progress.update(|i| {
+            i.ram.duplicate += u64::from(counts.zero_pages);
+            i.ram.normal += u64::from(counts.data_pages);
+            i.ram.normal_bytes += u64::from(counts.data_pages) * PAGE_SIZE as u64;
+            i.ram.transferred += bytes;
+            match phase {
+                Phase::Precopy => i.ram.precopy_bytes += bytes,
+                Phase::Downtime => i.ram.downtime_bytes += bytes,
+            }
+            i.ram.remaining = left * PAGE_SIZE as u64;
+        });
+        Ok(())
     }
 }
 
@@ -721,6 +796,13 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
             left: AtomicU64::new(runs.iter().map(|r| u64::from(r.1)).sum()),
             stop: AtomicBool::new(false),
             sparse: self.peer_features & features::SPARSE_PAGES != 0,
+            // Never while paused: the final collection must see everything, and last.
+            redirtied: (phase == Phase::Precopy).then(|| {
+                Mutex::new(Redirtied {
+                    pages: PageSet::new(&self.vm.ram_layout()),
+                    collected_at: Instant::now(),
+                })
+            }),
         };
         let results = if self.lanes.is_empty() {
             vec![ctx.send_runs(self.conn.get_mut(), &mut self.main, &runs)]
@@ -760,11 +842,18 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         };
         let mut pass = PassResult::default();
         let mut first_err = None;
+        if let Some(r) = ctx.redirtied {
+            let mut redirtied = r.into_inner().unwrap_or_else(|p| p.into_inner()).pages;
+            for (g, p) in redirtied.take_runs(MAX_CHUNK_PAGES) {
+                pending.insert_range(g, u64::from(p) * PAGE_SIZE as u64);
+            }
+        }
         for r in results {
             match r {
                 Ok(lane) => {
                     pass.pages += lane.pages;
                     pass.bytes += lane.bytes;
+                    pass.skipped += lane.skipped;
                     if !lane.unsent.is_empty() {
                         pass.timed_out = true;
                     }
@@ -828,8 +917,11 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
             }
         });
         log::debug!(
-            "migration pass {iteration}: {} pages, {} bytes in {:.1} ms; {dirty_pages} dirty, expected downtime {expected:?}",
+            "migration pass {iteration}: {} pages ({} left for the next pass, written again \
+             before their turn), {} bytes in {:.1} ms; {dirty_pages} dirty, expected downtime \
+             {expected:?}",
             pass.pages,
+            pass.skipped,
             pass.bytes,
             secs * 1000.0
         );
