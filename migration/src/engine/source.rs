@@ -139,6 +139,8 @@ struct PassResult {
     bytes: u64,
     /// Pages left for the next pass because the guest wrote them again first.
     skipped: u64,
+    /// Pages sent as zero without being read: never touched.
+    untouched: u64,
     /// The timeout passed mid-pass under [`TimeoutStrategy::Ignore`].
     timed_out: bool,
 }
@@ -243,6 +245,8 @@ struct LaneResult {
     unsent: Vec<(u64, u32)>,
     /// Pages left for the next pass because the guest wrote them again first.
     skipped: u64,
+    /// Pages sent as zero because the VM knew them never touched (nearly free).
+    untouched: u64,
 }
 
 impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
@@ -375,6 +379,7 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
         };
         let bytes = (buf.out.len() - before) as u64;
         res.pages += u64::from(pages);
+        res.untouched += buf.known_zero.iter().filter(|&&z| z).count() as u64;
         res.bytes += bytes;
         let left = self.left.fetch_sub(u64::from(pages), Ordering::Relaxed) - u64::from(pages);
         let phase = self.phase;
@@ -854,6 +859,7 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
                     pass.pages += lane.pages;
                     pass.bytes += lane.bytes;
                     pass.skipped += lane.skipped;
+                    pass.untouched += lane.untouched;
                     if !lane.unsent.is_empty() {
                         pass.timed_out = true;
                     }
@@ -882,14 +888,22 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         dirty_pages: u64,
     ) -> Duration {
         let secs = pass_start.elapsed().as_secs_f64().max(1e-6);
-        if pass.pages >= MIN_PAGES_FOR_RATE || self.page_rate.is_none() {
+        // Never-touched pages cost next to nothing, and a dirty page is never one of them:
+        // the rate counts the others, once there are enough of them to measure.
+        let touched = pass.pages - pass.untouched;
+        if touched >= MIN_PAGES_FOR_RATE || self.page_rate.is_none() {
             // With acknowledged passes, a pass lasts until the destination holds it: its
             // page rate is what a final pass will see, whatever a page costs on the wire
             // (a sparse page may be 14 bytes but is still a page write there). Without,
             // the pass ended when the bytes left, and only the wire bytes say anything:
             // dirty pages are then counted as whole pages.
+            let pages = if touched >= MIN_PAGES_FOR_RATE {
+                touched
+            } else {
+                pass.pages
+            };
             let rate = if self.peer_features & features::PASS_ACKS != 0 {
-                pass.pages as f64 / secs
+                pages as f64 / secs
             } else {
                 pass.bytes as f64 / secs / BYTES_PER_DIRTY_PAGE
             };
