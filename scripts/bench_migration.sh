@@ -45,7 +45,9 @@ one_run() {
     "$REMOTE" --api-socket "$d/b.sock" receive-migration "tcp:0.0.0.0:$PORT" >"$d/recv.out" 2>&1 &
     local recv=$!
     wait_for "$d/serial.log" "$first" 120
-    sleep 1
+    # Past the 2 s after which this host's kernel hands freed memory back to the outer
+    # hypervisor (free page reporting): every run's destination starts from such memory.
+    sleep 3
     "$REMOTE" --api-socket "$d/a.sock" send-migration "tcp:$ADDR_B:$PORT" --downtime-ms 300 >/dev/null
     wait "$recv"; wait "$src" || true
     "$REMOTE" --api-socket "$d/b.sock" migration-info >"$d/info.json"

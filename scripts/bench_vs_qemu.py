@@ -41,8 +41,13 @@ MAX_BANDWIDTH = 100 * 10**9
 BOOT_TIMEOUT_S = float(os.environ.get("BOOT_TIMEOUT_S", "180"))
 MIGRATION_TIMEOUT_S = float(os.environ.get("MIGRATION_TIMEOUT_S", "120"))
 CHECK_TIMEOUT_S = float(os.environ.get("CHECK_TIMEOUT_S", "60"))
-# After the first progress line, let the workload run this long before migrating.
-SETTLE_S = float(os.environ.get("SETTLE_S", "1"))
+# After the first progress line, let the workload run this long before migrating. Longer
+# than the 2 s after which this machine's kernel reports freed memory to the outer host
+# (virtio-balloon free page reporting), so no mode's destination gets the memory the run
+# before it just freed, still backed: on this host a first touch of reported memory costs
+# several times more than of memory freed a moment ago, and the order of the modes would
+# otherwise decide who pays it.
+SETTLE_S = float(os.environ.get("SETTLE_S", "3"))
 # How long an idle guest must stay up on the destination.
 IDLE_WATCH_S = 2.0
 
@@ -745,7 +750,9 @@ QEMU ring → QEMU bitmap → Ferry loopback → Ferry netns. QEMU: `-accel kvm,
 its REST API (`ferry-remote`), default dirty rings (65536 entries), over TCP on loopback and
 between two network namespaces joined by a veth pair. The migration starts
 {SETTLE_S:g} s after the guest's first progress line (`pass`/`verified` of every vCPU; `ready`
-for idle). A run counts only if the guest then goes on on the destination: two more
+for idle; longer than the 2 s after which this host's kernel hands freed memory back to
+the outer hypervisor, whose first touch is then slow again, so that no mode's destination
+inherits the previous run's still-backed memory). A run counts only if the guest then goes on on the destination: two more
 progress lines from every vCPU there (for `verify` the second ends a pass, run wholly on
 the destination, that checked every page of its share), or for idle the process stays up
 {IDLE_WATCH_S:g} s with QEMU's `query-status` `running` / Ferry's `vm.info` `Running`; and
