@@ -91,17 +91,18 @@ for w in sorted({r["workload"] for r in runs}):
         v = [f(r if whole else r["info"]) for r in rs]
         v = [x for x in v if x is not None] or [float("nan")]
         return statistics.median(v), min(v), max(v)
-    # RAM moved per second in the full first pass (pages x 4 KiB, whatever their encoding),
-    # and wire bits per second over the whole migration.
-    pass0 = lambda i: i["iterations"][0]["pages"] * 4096 * 8 / max(i["iterations"][0]["duration-ms"], 1) / 1e6
+    # Page data (pages that were not zero, 4 KiB each) moved per second over all passes,
+    # each pass ending when the destination held it, and wire bits per second over the
+    # whole migration.
+    data = lambda i: i["ram"]["normal-bytes"] * 8 / max(sum(p["duration-ms"] for p in i["iterations"]), 1) / 1e6
     wire = lambda i: i["ram"]["transferred"] * 8 / max(i["total-time"], 1) / 1e3
     rows.append((w, len(rs), fig(lambda i: i["total-time"]), fig(lambda i: i["downtime"]),
                  fig(lambda r: r["pause_resume_ms"], whole=True),
-                 fig(lambda i: i["ram"]["transferred"] / 2**20), fig(pass0), fig(wire),
+                 fig(lambda i: i["ram"]["transferred"] / 2**20), fig(data), fig(wire),
                  fig(lambda i: i["ram"]["dirty-sync-count"]),
                  fig(lambda i: i.get("cpu-throttle-percentage", 0))))
 def f3(t, p=0): return f"{t[0]:.{p}f} ({t[1]:.{p}f}-{t[2]:.{p}f})"
-head = ("| workload | runs | total ms | downtime ms | pause→resume ms | MiB sent | pass 0 Gbit/s of RAM | wire Mbit/s | passes | throttle % |\n"
+head = ("| workload | runs | total ms | downtime ms | pause→resume ms | MiB sent | page data Gbit/s | wire Mbit/s | passes | throttle % |\n"
         "|---|---|---|---|---|---|---|---|---|---|")
 lines = [f"| {w} | {n} | {f3(t)} | {f3(d)} | {f3(pr, 1)} | {f3(b)} | {f3(g, 1)} | {f3(m)} | {f3(p)} | {f3(th)} |"
          for w, n, t, d, pr, b, g, m, p, th in rows]
@@ -119,8 +120,10 @@ with no mismatch, or the benchmark fails. *total ms* and *downtime ms*: the dest
 `vm.migration-info`, which reports the source's clock (downtime: from the source's pause
 until the destination's `Resumed` reached it). *pause→resume ms*: the same pause on one
 host clock from the two processes' logs (the source's line just before it pauses the
-vCPUs, the destination's just after it resumed them), as a check. *pass 0 Gbit/s of RAM*: guest RAM moved per
-second in the first, full pass (pages x 4 KiB, zero pages and sparse pages included);
+vCPUs, the destination's just after it resumed them), as a check. *page data Gbit/s*: the
+guest pages that were not zero (`ram.normal-bytes`, 4 KiB each, however few bytes a
+sparse page took on the wire) over the time of all passes, each pass ending when the
+destination had written it into guest RAM;
 *wire Mbit/s*: bytes on the wire over the whole migration. *throttle %*: auto-converge's
 last hold on the source's vCPUs (0: none).
 
