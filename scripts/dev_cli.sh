@@ -72,8 +72,11 @@ bench() {
             build
             "$ROOT/scripts/bench_vs_qemu.sh"
             ;;
+        first-touch)
+            "$ROOT/scripts/bench_first_touch.py"
+            ;;
         *)
-            echo "usage: dev_cli.sh bench harvest|migration|vs-qemu" >&2
+            echo "usage: dev_cli.sh bench harvest|migration|vs-qemu|first-touch" >&2
             exit 2
             ;;
     esac
@@ -88,6 +91,7 @@ usage: scripts/dev_cli.sh <command>
   bench harvest   dirty-set collection time, rings vs bitmap
   bench migration live-migration time, downtime, bytes, throughput between two hosts
   bench vs-qemu   the same guests live-migrated by QEMU and by Ferry, side by side
+  bench first-touch  the host's cost of faulting in fresh memory (caps a destination)
 USAGE
     exit 2
 }

@@ -53,12 +53,20 @@ pub type Result<T> = std::result::Result<T, VmError>;
 
 /// Guest RAM with one region per entry of the platform's RAM layout: anonymous memory,
 /// or with `shared` one memfd holding every region back to back (what `MemFDs` hands over).
-pub fn create_memory(size: u64, shared: bool) -> Result<GuestMemoryMmap> {
+///
+/// `huge_pages` asks for transparent huge pages on anonymous RAM (fewer faults while a
+/// guest fills it). Not for a migration's destination: there the VMM faults in every
+/// received page on the migration's critical path, and on a host whose freed memory goes
+/// back to the outer hypervisor a cold first touch with huge pages costs 2.6 times as much
+/// as with 4 KiB pages (`docs/benchmarks/first-touch.md`).
+pub fn create_memory(size: u64, shared: bool, huge_pages: bool) -> Result<GuestMemoryMmap> {
     let ranges = crate::boot::layout::ram_regions(size);
     let err = |reason: String| VmError::Memory { size, reason };
     if !shared {
         let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| err(e.to_string()))?;
-        crate::memory::advise_huge_pages(&mem);
+        if huge_pages {
+            crate::memory::advise_huge_pages(&mem);
+        }
         return Ok(mem);
     }
     let file =
@@ -235,7 +243,7 @@ impl Machine {
         let ncpus = config.cpus.boot_vcpus;
         let mem = match mem {
             Some(m) => m,
-            None => create_memory(config.memory.size, config.memory.shared)?,
+            None => create_memory(config.memory.size, config.memory.shared, true)?,
         };
 
         let builder = VmBuilder::new()?;
@@ -341,8 +349,11 @@ impl Machine {
     }
 
     /// Builds a VM from a migration source's configuration, to receive its RAM and state.
-    pub fn incoming(config: VmConfig) -> Result<IncomingMachine> {
-        let parts = Self::build(config, None)?;
+    pub fn incoming(mut config: VmConfig) -> Result<IncomingMachine> {
+        // A bad configuration is refused as such, before any memory is made for it.
+        config.validate()?;
+        let mem = create_memory(config.memory.size, config.memory.shared, false)?;
+        let parts = Self::build(config, Some(mem))?;
         Ok(IncomingMachine { parts })
     }
 

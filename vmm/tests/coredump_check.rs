@@ -30,7 +30,7 @@ fn dir(tag: &str) -> PathBuf {
 /// page 33. The rest of each page is noise that the check must ignore. The RAM is a
 /// memfd (`--memory shared=on`), as MemFDs migrations use.
 fn dirty_memory() -> vmm::memory::GuestMemoryMmap {
-    let mem = vmm::vm::create_memory(64 << 20, true).unwrap();
+    let mem = vmm::vm::create_memory(64 << 20, true, true).unwrap();
     for c in 0..CPUS {
         let r = share(PAGES, CPUS, c);
         for p in r.clone() {
@@ -119,7 +119,7 @@ fn one_wrong_page_in_the_core_is_caught() {
 #[test]
 fn untouched_memory_passes_the_check_but_shows_no_work() {
     let d = dir("zero");
-    let mem = vmm::vm::create_memory(64 << 20, false).unwrap();
+    let mem = vmm::vm::create_memory(64 << 20, false, true).unwrap();
     let core = core_of(&mem, &d.join("vm.core"));
     let shares = check_dirty_region(&core, START, SIZE, CPUS).unwrap();
     assert!(!counters_moved(&shares), "{shares:?}");
