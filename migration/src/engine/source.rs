@@ -379,7 +379,12 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
         };
         let bytes = (buf.out.len() - before) as u64;
         res.pages += u64::from(pages);
-        res.untouched += buf.known_zero.iter().filter(|&&z| z).count() as u64;
+        res.untouched += buf
+            .known_zero
+            .iter()
+            .take(pages as usize)
+            .filter(|&&z| z)
+            .count() as u64;
         res.bytes += bytes;
         let left = self.left.fetch_sub(u64::from(pages), Ordering::Relaxed) - u64::from(pages);
         let phase = self.phase;
@@ -434,6 +439,8 @@ struct Convergence {
     passes_fitting: u32,
     /// The last pass left clearly fewer dirty pages than the one before.
     shrank: bool,
+    /// Passes added to throttle a dirty set down that fitted but stopped shrinking.
+    settling_steps: u32,
 }
 
 /// A downtime this short is not worth another pass.
@@ -449,6 +456,9 @@ const MAX_PASSES_FITTING: u32 = 8;
 /// instead (a guest rewriting its working set as fast as the link carries it otherwise
 /// ends on whatever share of it the last pass left, up to the whole `downtime_ms`).
 const SETTLED_DOWNTIME: Duration = Duration::from_millis(20);
+/// At most this many such extra throttle steps: a dirty set that then no longer fits
+/// would otherwise keep the migration going where it could have stopped.
+const MAX_SETTLING_STEPS: u32 = 3;
 
 impl Convergence {
     /// Whether to pause now, with `dirty` pages left that would take `expected` to send.
@@ -469,12 +479,21 @@ impl Convergence {
             return false;
         }
         self.passes_fitting += 1;
-        let settled = shrinking || !can_throttle || expected <= SETTLED_DOWNTIME;
+        let settled = shrinking
+            || !can_throttle
+            || expected <= SETTLED_DOWNTIME
+            || self.settling_steps >= MAX_SETTLING_STEPS;
         let stop = expected <= TINY_DOWNTIME
             || (!shrinking && settled)
             || self.passes_fitting > MAX_PASSES_FITTING;
-        if !stop {
+        if !stop && shrinking {
             log::debug!("{dirty} dirty pages fit the downtime ({expected:?}) but still shrink: one more pass");
+        } else if !stop {
+            self.settling_steps += 1;
+            log::debug!(
+                "{dirty} dirty pages fit the downtime ({expected:?}) and no longer shrink: one \
+                 more pass, throttled harder"
+            );
         }
         stop
     }
@@ -890,7 +909,7 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         let secs = pass_start.elapsed().as_secs_f64().max(1e-6);
         // Never-touched pages cost next to nothing, and a dirty page is never one of them:
         // the rate counts the others, once there are enough of them to measure.
-        let touched = pass.pages - pass.untouched;
+        let touched = pass.pages.saturating_sub(pass.untouched);
         if touched >= MIN_PAGES_FOR_RATE || self.page_rate.is_none() {
             // With acknowledged passes, a pass lasts until the destination holds it: its
             // page rate is what a final pass will see, whatever a page costs on the wire
@@ -1234,6 +1253,15 @@ mod tests {
         assert!(!c.stop_now(ms(100), ms(300), 10_000, true));
         assert!(!c.stop_now(ms(90), ms(300), 9_000, true));
         assert!(c.stop_now(ms(18), ms(300), 8_900, true));
+
+        // ... but only for a few passes: a set that throttling does not shrink ends anyway.
+        let mut c = Convergence::default();
+        assert!(!c.stop_now(ms(100), ms(300), 10_000, true));
+        let mut extra = 0;
+        while !c.stop_now(ms(90), ms(300), 9_900, true) {
+            extra += 1;
+        }
+        assert_eq!(extra, MAX_SETTLING_STEPS);
 
         // Shrinking forever (slowly enough to count, never tiny) ends after the cap.
         let mut c = Convergence::default();
