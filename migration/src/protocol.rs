@@ -1145,10 +1145,10 @@ fn non_zero_runs(page: &[u8], runs: &mut Vec<(usize, usize)>) {
     }
 }
 
-fn decode_sparse_chunk(p: &[u8]) -> Result<SparseChunk<'_>, ProtocolError> {
-    let kind = MessageType::SparseChunk;
+/// The fixed fields every memory chunk starts with (crc32c, gpa, page count), checked:
+/// `(gpa, page_count)`.
+fn chunk_header(kind: MessageType, p: &[u8]) -> Result<(u64, u32), ProtocolError> {
     min_len(kind, p, CHUNK_FIXED_LEN)?;
-    let expected_crc = u32_at(p, 0);
     let gpa = u64_at(p, 4);
     let page_count = u32_at(p, 12);
     if page_count == 0 || page_count > MAX_CHUNK_PAGES {
@@ -1157,25 +1157,43 @@ fn decode_sparse_chunk(p: &[u8]) -> Result<SparseChunk<'_>, ProtocolError> {
             format!("page count {page_count} at gpa {gpa:#x} (1 to {MAX_CHUNK_PAGES})"),
         ));
     }
-    if !gpa.is_multiple_of(PAGE_SIZE as u64)
-        || gpa
-            .checked_add(u64::from(page_count) * PAGE_SIZE as u64)
-            .is_none()
+    if !gpa.is_multiple_of(PAGE_SIZE as u64) {
+        return Err(ProtocolError::malformed(
+            kind,
+            format!("gpa {gpa:#x} is not page-aligned"),
+        ));
+    }
+    if gpa
+        .checked_add(u64::from(page_count) * PAGE_SIZE as u64)
+        .is_none()
     {
         return Err(ProtocolError::malformed(
             kind,
-            format!("gpa {gpa:#x} is not page-aligned or {page_count} pages overflow"),
+            format!("{page_count} pages at gpa {gpa:#x} overflow the address space"),
         ));
     }
-    // The checksum first: damage anywhere reads as damage, not as a malformed layout.
-    let found_crc = crc32c::crc32c(&p[4..]);
-    if found_crc != expected_crc {
+    Ok((gpa, page_count))
+}
+
+/// Checks a memory chunk's crc32c (its first field, over every payload byte after it).
+fn check_chunk_crc(p: &[u8], gpa: u64) -> Result<(), ProtocolError> {
+    let expected = u32_at(p, 0);
+    let found = crc32c::crc32c(&p[4..]);
+    if found != expected {
         return Err(ProtocolError::ChecksumMismatch {
             gpa,
-            expected: expected_crc,
-            found: found_crc,
+            expected,
+            found,
         });
     }
+    Ok(())
+}
+
+fn decode_sparse_chunk(p: &[u8]) -> Result<SparseChunk<'_>, ProtocolError> {
+    let kind = MessageType::SparseChunk;
+    let (gpa, page_count) = chunk_header(kind, p)?;
+    // The checksum first: damage anywhere reads as damage, not as a malformed layout.
+    check_chunk_crc(p, gpa)?;
     let body = &p[CHUNK_FIXED_LEN..];
     let bad = |page: u32, why: String| {
         ProtocolError::malformed(
@@ -1237,31 +1255,7 @@ fn decode_sparse_chunk(p: &[u8]) -> Result<SparseChunk<'_>, ProtocolError> {
 
 fn decode_chunk(p: &[u8]) -> Result<MemoryChunk<'_>, ProtocolError> {
     let kind = MessageType::MemoryChunk;
-    min_len(kind, p, CHUNK_FIXED_LEN)?;
-    let expected_crc = u32_at(p, 0);
-    let gpa = u64_at(p, 4);
-    let page_count = u32_at(p, 12);
-    if page_count == 0 || page_count > MAX_CHUNK_PAGES {
-        return Err(ProtocolError::malformed(
-            kind,
-            format!("page count {page_count} at gpa {gpa:#x} (1 to {MAX_CHUNK_PAGES})"),
-        ));
-    }
-    if !gpa.is_multiple_of(PAGE_SIZE as u64) {
-        return Err(ProtocolError::malformed(
-            kind,
-            format!("gpa {gpa:#x} is not page-aligned"),
-        ));
-    }
-    if gpa
-        .checked_add(u64::from(page_count) * PAGE_SIZE as u64)
-        .is_none()
-    {
-        return Err(ProtocolError::malformed(
-            kind,
-            format!("{page_count} pages at gpa {gpa:#x} overflow the address space"),
-        ));
-    }
+    let (gpa, page_count) = chunk_header(kind, p)?;
     let map_len = (page_count as usize).div_ceil(8);
     min_len(kind, p, CHUNK_FIXED_LEN + map_len)?;
     let data_map = &p[CHUNK_FIXED_LEN..CHUNK_FIXED_LEN + map_len];
@@ -1284,14 +1278,7 @@ fn decode_chunk(p: &[u8]) -> Result<MemoryChunk<'_>, ProtocolError> {
             ),
         ));
     }
-    let found_crc = crc32c::crc32c(&p[4..]);
-    if found_crc != expected_crc {
-        return Err(ProtocolError::ChecksumMismatch {
-            gpa,
-            expected: expected_crc,
-            found: found_crc,
-        });
-    }
+    check_chunk_crc(p, gpa)?;
     Ok(MemoryChunk {
         gpa,
         page_count,
