@@ -746,15 +746,11 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
             vm_config,
         }))?;
         self.flush()?;
-        // Building the destination VM may take longer than an ordinary read.
-        self.conn.get_mut().set_idle(self.opts.confirm_timeout);
-        let reply = match self.conn.read_message()? {
+        self.read_slow_reply(|m| match m {
             Message::ConfigAccepted => Ok(()),
             Message::Refused { reason } => Err(SendError::Refused(reason.to_string())),
             other => Err(unexpected(other, "waiting for ConfigAccepted")),
-        };
-        self.conn.get_mut().set_idle(self.opts.io_timeout);
-        reply?;
+        })?;
         if self.lanes.is_empty() {
             return Ok(());
         }
@@ -790,12 +786,10 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
             };
             write_message(&mut lane.io, &hello)?;
         }
-        self.conn.get_mut().set_idle(self.opts.confirm_timeout);
-        let reply = match self.conn.read_message()? {
+        let reply = self.read_slow_reply(|m| match m {
             Message::ChannelsReady => Ok(()),
             other => Err(unexpected(other, "waiting for ChannelsReady")),
-        };
-        self.conn.get_mut().set_idle(self.opts.io_timeout);
+        });
         log::info!("sending memory over {} connections", self.lanes.len() + 1);
         reply
     }
@@ -961,20 +955,32 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         expected
     }
 
+    /// Reads the destination's answer to a step that may take it longer than an ordinary
+    /// read (building the VM, accepting connections, writing a backlog of pages into guest
+    /// RAM): the confirmation timeout is the idle limit meanwhile.
+    fn read_slow_reply(
+        &mut self,
+        answer: impl FnOnce(Message<'_>) -> Result<(), SendError>,
+    ) -> Result<(), SendError> {
+        self.conn.get_mut().set_idle(self.opts.confirm_timeout);
+        let reply = match self.conn.read_message() {
+            Ok(m) => answer(m),
+            Err(e) => Err(e.into()),
+        };
+        self.conn.get_mut().set_idle(self.opts.io_timeout);
+        reply
+    }
+
     /// Waits for the destination's `PassReceived` for `iteration` (when it sends them).
     fn await_pass_received(&mut self, iteration: u32) -> Result<(), SendError> {
         if self.peer_features & features::PASS_ACKS == 0 {
             return Ok(());
         }
         let waiting = Instant::now();
-        // Writing a backlog of pages into guest RAM may take longer than an ordinary read.
-        self.conn.get_mut().set_idle(self.opts.confirm_timeout);
-        let reply = match self.conn.read_message()? {
+        self.read_slow_reply(|m| match m {
             Message::PassReceived { iteration: i } if i == iteration => Ok(()),
             other => Err(unexpected(other, "waiting for PassReceived")),
-        };
-        self.conn.get_mut().set_idle(self.opts.io_timeout);
-        reply?;
+        })?;
         log::debug!(
             "the destination held pass {iteration} {:.1} ms after it was sent",
             waiting.elapsed().as_secs_f64() * 1000.0
