@@ -1,7 +1,18 @@
 //! One vCPU's KVM dirty ring: the mmap of `struct kvm_dirty_gfn` entries at
 //! `KVM_DIRTY_LOG_PAGE_OFFSET` of the vCPU fd, and the userspace half of the harvest
-//! protocol (walk from the fetch index, load-acquire `flags`, stop at the first entry not
-//! yet published, store-release RESET).
+//! protocol, kept in step with KVM's own indexes.
+//!
+//! KVM keeps two indexes per ring: `dirty` (where it pushes next) and `reset` (where its
+//! `KVM_RESET_DIRTY_RINGS` walk starts). The walk resets entries for as long as they carry
+//! the RESET flag and nothing stops it at `dirty`: one RESET flag too many and `reset`
+//! passes `dirty`, KVM's `used = dirty - reset` wraps, and the vCPU exits "ring full"
+//! forever. So this ring keeps an exact copy of KVM's reset index (from what each reset
+//! returns) beside its own fetch index, and flags RESET only on entries it has seen
+//! published: `reset <= fetch <= dirty` holds at every step.
+//!
+//! Entries are taken with a compare-exchange from DIRTY to RESET and checked again after
+//! it, so an entry KVM overwrites while it is being taken (this host's KVM pushes past a
+//! full ring) is noticed rather than reset unread.
 
 use std::os::unix::io::RawFd;
 use std::ptr::NonNull;
@@ -11,28 +22,72 @@ use kvm_bindings::{kvm_dirty_gfn, KVM_DIRTY_LOG_PAGE_OFFSET};
 
 use crate::{HypervisorError, Result};
 
-const GFN_F_DIRTY: u32 = 1 << 0;
-const GFN_F_RESET: u32 = 1 << 1;
+pub(crate) const GFN_F_DIRTY: u32 = 1 << 0;
+pub(crate) const GFN_F_RESET: u32 = 1 << 1;
 
-/// What one harvest of one ring collected.
+/// A dirty page as a ring entry names it: `slot` = as_id << 16 | slot id, `offset` = page
+/// index inside the slot.
+pub(crate) type RingEntry = (u32, u64);
+
+/// What one walk over a ring took.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RingHarvest {
-    /// Entries taken from the ring and marked RESET (each needs `KVM_RESET_DIRTY_RINGS`).
-    pub entries: u64,
-    /// The ring was found completely full. KVM keeps a reserve below the soft limit, so a
-    /// correct kernel never gets there: entries were probably overwritten and lost.
+    /// Entries taken and flagged RESET (each needs `KVM_RESET_DIRTY_RINGS`).
+    pub entries: u32,
+    /// KVM overran the ring: the walk took a whole ring's worth of entries (a correct
+    /// KVM keeps a reserve and never fills it), or an entry changed while it was taken.
+    /// Entries were overwritten, so pages may be missing and may stay writable unlogged.
     pub overflowed: bool,
 }
 
-/// A vCPU's dirty ring. Harvesting needs `&mut self`: one harvester at a time per ring
-/// (the fetch index is ours), while KVM keeps pushing entries from the running vCPU.
+/// The ring's indexes, for logs and test failure messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingIndexes {
+    /// Next entry this side looks at.
+    pub fetch: u32,
+    /// KVM's reset index as its return values tell it.
+    pub reset: u32,
+    /// Entries past `fetch` may already have been taken out of order (after an overrun).
+    pub may_be_ahead: bool,
+    /// Entries taken over the ring's life.
+    pub harvested: u64,
+}
+
+impl std::fmt::Display for RingIndexes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "fetch index {}, KVM reset index {}, {} harvested{}",
+            self.fetch,
+            self.reset,
+            self.harvested,
+            if self.may_be_ahead {
+                ", entries may be ahead"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// A vCPU's dirty ring. All methods need `&mut self`: one harvester at a time per ring
+/// (the indexes are ours), while KVM keeps pushing entries from the running vCPU.
 #[derive(Debug)]
 pub struct DirtyRing {
     base: NonNull<kvm_dirty_gfn>,
     entries: u32,
+    /// Entries `< fetch_index` were seen published and taken.
     fetch_index: u32,
-    /// Entries harvested over the ring's life (per-vCPU dirty rate needs it).
+    /// KVM's reset index: entries `reset_index..fetch_index` are flagged RESET and wait
+    /// for `KVM_RESET_DIRTY_RINGS`.
+    reset_index: u32,
+    /// Set once KVM overran this ring: entries at and past the fetch index may already
+    /// have been taken (out of order) and reset, so an empty entry at the fetch index no
+    /// longer proves that KVM published nothing there. Harvests then look further.
+    may_be_ahead: bool,
     total_harvested: u64,
+    /// Unmapped in Drop (false for test rings over memory someone else owns).
+    owned: bool,
 }
 
 // SAFETY: the mapping is owned by this struct and only reached through `&mut self` or
@@ -65,12 +120,28 @@ impl DirtyRing {
                 source: std::io::Error::last_os_error(),
             });
         }
-        Ok(DirtyRing {
-            base: NonNull::new(addr.cast()).expect("mmap never returns NULL on success"),
+        let base = NonNull::new(addr.cast()).expect("mmap never returns NULL on success");
+        Ok(DirtyRing::over(base, entries, true))
+    }
+
+    fn over(base: NonNull<kvm_dirty_gfn>, entries: u32, owned: bool) -> Self {
+        debug_assert!(entries.is_power_of_two());
+        DirtyRing {
+            base,
             entries,
             fetch_index: 0,
+            reset_index: 0,
+            may_be_ahead: false,
             total_harvested: 0,
-        })
+            owned,
+        }
+    }
+
+    /// A ring over `base`, which the caller keeps alive and zeroed as KVM hands it out
+    /// (the KVM model in the tests).
+    #[cfg(test)]
+    pub(crate) fn over_test_memory(base: NonNull<kvm_dirty_gfn>, entries: u32) -> Self {
+        DirtyRing::over(base, entries, false)
     }
 
     pub fn entries(&self) -> u32 {
@@ -81,179 +152,218 @@ impl DirtyRing {
         self.total_harvested
     }
 
-    /// Collects every published entry, in ring order, calling `mark(slot, offset)` for
-    /// each, and hands the entries back to KVM (RESET). The caller must then issue
-    /// `KVM_RESET_DIRTY_RINGS` before reading the pages' contents.
-    pub fn harvest(&mut self, mut mark: impl FnMut(u32, u64)) -> RingHarvest {
-        let mut taken = 0u64;
-        loop {
-            let i = (self.fetch_index & (self.entries - 1)) as usize;
-            // SAFETY: i < entries, so the entry lies inside the mapping owned by self.
-            let gfn = unsafe { self.base.as_ptr().add(i) };
-            let flags = self.flags(i);
-            // Acquire pairs with KVM's release when it publishes the entry, so `slot` and
-            // `offset` read below are the ones KVM wrote.
-            if flags.load(Ordering::Acquire) & (GFN_F_DIRTY | GFN_F_RESET) != GFN_F_DIRTY {
-                break;
-            }
-            // SAFETY: the entry is published (DIRTY) and KVM does not touch it again until
-            // we set RESET, so these plain reads do not race.
-            let (slot, offset) = unsafe { ((*gfn).slot, (*gfn).offset) };
-            mark(slot, offset);
-            // Release: our reads of the entry happen before KVM may reuse it.
-            flags.store(GFN_F_RESET, Ordering::Release);
-            self.fetch_index = self.fetch_index.wrapping_add(1);
-            taken += 1;
-        }
-        self.total_harvested += taken;
-        RingHarvest {
-            entries: taken,
-            overflowed: taken >= u64::from(self.entries),
+    pub fn indexes(&self) -> RingIndexes {
+        RingIndexes {
+            fetch: self.fetch_index,
+            reset: self.reset_index,
+            may_be_ahead: self.may_be_ahead,
+            harvested: self.total_harvested,
         }
     }
 
-    /// Recovers from a ring KVM overflowed. After an overflow KVM's producer index runs
-    /// ahead of ours, so KVM reports the ring full while the entries at our fetch index
-    /// are already reset: nothing is harvestable and the vCPU would exit forever. This
-    /// marks those stale entries RESET up to the first published one (or `max_skip`
-    /// entries when none is found; never more than KVM's soft limit, so KVM's reset index
-    /// cannot pass its producer index). Returns how many entries were skipped; they are
-    /// reset by the next `KVM_RESET_DIRTY_RINGS` like harvested ones.
-    pub fn skip_stale(&mut self, max_skip: u32) -> u32 {
-        let mut skipped = 0;
-        let mut first_dirty = None;
-        for d in 0..self.entries {
-            let i = (self.fetch_index.wrapping_add(d) & (self.entries - 1)) as usize;
-            if self.flags(i).load(Ordering::Acquire) & GFN_F_DIRTY != 0 {
-                first_dirty = Some(d);
+    pub(crate) fn reset_index(&self) -> u32 {
+        self.reset_index
+    }
+
+    pub(crate) fn may_be_ahead(&self) -> bool {
+        self.may_be_ahead
+    }
+
+    /// Entries flagged RESET that KVM has not reset yet.
+    pub(crate) fn pending_reset(&self) -> u32 {
+        self.fetch_index.wrapping_sub(self.reset_index)
+    }
+
+    /// Takes every published entry from the fetch index, in ring order, into `out`, and
+    /// flags it RESET. Never takes more than the ring holds past KVM's reset index, so the
+    /// flagged entries are distinct slots. `between(index)` runs after an entry is read and
+    /// before it is flagged: nothing in production, KVM's model in the tests.
+    pub(crate) fn harvest(
+        &mut self,
+        out: &mut Vec<RingEntry>,
+        mut between: impl FnMut(u32),
+    ) -> RingHarvest {
+        let room = self.entries - self.pending_reset().min(self.entries);
+        let mut h = RingHarvest::default();
+        while h.entries < room {
+            let index = self.fetch_index;
+            let flags = self.flags(index);
+            // Acquire pairs with KVM's publication of the entry, so `slot` and `offset`
+            // read below are the ones KVM wrote before it set DIRTY.
+            if flags.load(Ordering::Acquire) & (GFN_F_DIRTY | GFN_F_RESET) != GFN_F_DIRTY {
                 break;
             }
+            let entry = self.read_entry(index);
+            between(index);
+            if flags
+                .compare_exchange(
+                    GFN_F_DIRTY,
+                    GFN_F_RESET,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_err()
+            {
+                // Only KVM changes a DIRTY entry, and only by overwriting it.
+                h.overflowed = true;
+                break;
+            }
+            // KVM writes an entry's contents before its flag. If they changed under the
+            // exchange, KVM pushed over this entry: the page it now names would be reset
+            // (re-protected) without ever being seen. Count it as an overrun.
+            if self.read_entry(index) != entry {
+                h.overflowed = true;
+            }
+            out.push(entry);
+            self.fetch_index = index.wrapping_add(1);
+            h.entries += 1;
         }
-        let n = first_dirty.unwrap_or(max_skip).min(max_skip);
-        while skipped < n {
-            let i = (self.fetch_index & (self.entries - 1)) as usize;
-            self.flags(i).store(GFN_F_RESET, Ordering::Release);
+        if h.entries == room && room > 0 {
+            // A whole ring past KVM's reset index: KVM pushed into its own reserve, and
+            // entries past what we took may have been taken here out of order.
+            h.overflowed = true;
+        }
+        if h.overflowed {
+            self.may_be_ahead = true;
+        }
+        self.total_harvested += u64::from(h.entries);
+        h
+    }
+
+    /// Records that `KVM_RESET_DIRTY_RINGS` reset `count` entries of this ring. Returns
+    /// `false` (and leaves the model unchanged) when that is more than were flagged: KVM
+    /// walked past the fetch index, which only a stray RESET flag can make it do.
+    pub(crate) fn note_reset(&mut self, count: u32) -> bool {
+        if count > self.pending_reset() {
+            return false;
+        }
+        self.reset_index = self.reset_index.wrapping_add(count);
+        true
+    }
+
+    /// After a reset that stopped short of the fetch index: the entry at KVM's reset
+    /// index is what stopped it. A RESET one means the walk was interrupted (call again);
+    /// a DIRTY one was overwritten by KVM after it was flagged. Takes every overwritten
+    /// entry between KVM's reset index and the fetch index into `out` and flags it RESET
+    /// again, so the next reset can reach the fetch index. Returns how many were taken.
+    pub(crate) fn retake_overwritten(
+        &mut self,
+        out: &mut Vec<RingEntry>,
+        mut between: impl FnMut(u32),
+    ) -> u32 {
+        let mut taken = 0;
+        let mut index = self.reset_index;
+        while index != self.fetch_index {
+            let flags = self.flags(index);
+            let f = flags.load(Ordering::Acquire);
+            if f & GFN_F_RESET == 0 {
+                let entry = self.read_entry(index);
+                between(index);
+                // Either way the slot's index lies below the fetch index, so it was seen
+                // published: flagging it cannot take KVM's reset index past its own dirty
+                // index. A failed exchange means KVM wrote it again: look again.
+                if flags
+                    .compare_exchange(f, GFN_F_RESET, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+                {
+                    continue;
+                }
+                if f & GFN_F_DIRTY != 0 {
+                    out.push(entry);
+                    taken += 1;
+                }
+                self.may_be_ahead = true;
+            }
+            index = index.wrapping_add(1);
+        }
+        self.total_harvested += u64::from(taken);
+        taken
+    }
+
+    /// Steps over entries that were taken out of order earlier (see `may_be_ahead`): when
+    /// a DIRTY entry lies `d` slots past the fetch index, KVM's dirty index is past it, so
+    /// the `d` empty entries before it were published too (and taken already). Flags them
+    /// RESET, each with an exchange from empty, and moves the fetch index to the DIRTY one.
+    /// Returns how many were stepped over; 0 when nothing is published anywhere.
+    ///
+    /// Why a DIRTY entry `d` past the fetch index proves KVM's dirty index is past
+    /// `fetch + d`: entries below KVM's reset index were cleared by its reset, and those
+    /// from there to the fetch index carry our RESET flag, so a DIRTY entry holds a push
+    /// at or past the fetch index — and the slot it sits in makes that `fetch + d` plus
+    /// whole rings.
+    pub(crate) fn skip_taken_ahead(&mut self) -> u32 {
+        let room = self.entries - self.pending_reset().min(self.entries);
+        let Some(d) = (0..room).find(|&d| {
+            let index = self.fetch_index.wrapping_add(d);
+            self.flags(index).load(Ordering::Acquire) & GFN_F_DIRTY != 0
+        }) else {
+            return 0;
+        };
+        let mut skipped = 0;
+        while skipped < d {
+            let flags = self.flags(self.fetch_index);
+            if flags
+                .compare_exchange(0, GFN_F_RESET, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                // KVM published here meanwhile: the harvest takes it from here.
+                break;
+            }
             self.fetch_index = self.fetch_index.wrapping_add(1);
             skipped += 1;
         }
         skipped
     }
 
-    fn flags(&self, i: usize) -> &AtomicU32 {
-        debug_assert!(i < self.entries as usize);
-        // SAFETY: i < entries, so the entry is inside our mapping; `flags` is shared with
-        // KVM and only accessed atomically.
-        unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.base.as_ptr().add(i)).flags)) }
+    /// Steps over one empty entry at the fetch index. Only for a ring KVM reported full
+    /// (its vCPU out of `KVM_RUN`, no reset since it entered) with nothing published
+    /// anywhere: KVM then counts at least one published entry past its reset index that
+    /// was taken out of order, so one step cannot pass KVM's dirty index.
+    pub(crate) fn step_over_one(&mut self) -> bool {
+        debug_assert_eq!(self.pending_reset(), 0, "step only from a reset ring");
+        let stepped = self
+            .flags(self.fetch_index)
+            .compare_exchange(0, GFN_F_RESET, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if stepped {
+            self.fetch_index = self.fetch_index.wrapping_add(1);
+        }
+        stepped
+    }
+
+    fn read_entry(&self, index: u32) -> RingEntry {
+        let gfn = self.entry_ptr(index);
+        // SAFETY: the entry lies inside our mapping. KVM may rewrite it concurrently when
+        // it overruns the ring; volatile reads of plain integers are then merely stale,
+        // and the caller checks for that.
+        unsafe {
+            (
+                std::ptr::read_volatile(std::ptr::addr_of!((*gfn).slot)),
+                std::ptr::read_volatile(std::ptr::addr_of!((*gfn).offset)),
+            )
+        }
+    }
+
+    pub(crate) fn entry_ptr(&self, index: u32) -> *mut kvm_dirty_gfn {
+        let i = (index & (self.entries - 1)) as usize;
+        // SAFETY: i < entries, so the entry lies inside the mapping owned by self.
+        unsafe { self.base.as_ptr().add(i) }
+    }
+
+    fn flags(&self, index: u32) -> &AtomicU32 {
+        // SAFETY: the entry is inside our mapping; `flags` is shared with KVM and only
+        // accessed atomically.
+        unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.entry_ptr(index)).flags)) }
     }
 }
 
 impl Drop for DirtyRing {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let bytes = self.entries as usize * std::mem::size_of::<kvm_dirty_gfn>();
         // SAFETY: unmapping exactly the mapping made in `map`; nothing references it after.
         unsafe { libc::munmap(self.base.as_ptr().cast(), bytes) };
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A ring over anonymous memory, filled by the test as KVM would fill it.
-    fn anon_ring(entries: u32) -> DirtyRing {
-        let bytes = entries as usize * 16;
-        // SAFETY: anonymous private mapping, checked below.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
-        DirtyRing {
-            base: NonNull::new(addr.cast()).unwrap(),
-            entries,
-            fetch_index: 0,
-            total_harvested: 0,
-        }
-    }
-
-    fn push(r: &DirtyRing, idx: u32, slot: u32, offset: u64) {
-        let i = (idx & (r.entries - 1)) as usize;
-        // SAFETY: i < entries; test-only single-threaded writes.
-        unsafe {
-            let g = r.base.as_ptr().add(i);
-            (*g).slot = slot;
-            (*g).offset = offset;
-            (*g).flags = GFN_F_DIRTY;
-        }
-    }
-
-    fn flags(r: &DirtyRing, i: usize) -> u32 {
-        // SAFETY: i < entries.
-        unsafe { (*r.base.as_ptr().add(i)).flags }
-    }
-
-    #[test]
-    fn walks_in_order_and_stops_at_first_unpublished() {
-        let mut r = anon_ring(256);
-        push(&r, 0, 0, 5);
-        push(&r, 1, 1, 7);
-        push(&r, 3, 0, 9); // gap at 2: must not be taken yet
-        let mut seen = vec![];
-        let h = r.harvest(|s, o| seen.push((s, o)));
-        assert_eq!(h.entries, 2);
-        assert!(!h.overflowed);
-        assert_eq!(seen, vec![(0, 5), (1, 7)]);
-        assert_eq!(flags(&r, 0), GFN_F_RESET);
-        assert_eq!(flags(&r, 3), GFN_F_DIRTY);
-        // KVM resets collected entries, then publishes entry 2.
-        push(&r, 2, 0, 8);
-        seen.clear();
-        r.harvest(|s, o| seen.push((s, o)));
-        assert_eq!(seen, vec![(0, 8), (0, 9)]);
-        assert_eq!(r.total_harvested(), 4);
-    }
-
-    #[test]
-    fn skip_stale_resyncs_with_the_producer() {
-        let mut r = anon_ring(256);
-        // KVM's producer ran 3 entries ahead: positions 0..3 are reset, 3 is published.
-        push(&r, 3, 0, 42);
-        assert_eq!(r.harvest(|_, _| {}).entries, 0);
-        assert_eq!(r.skip_stale(64), 3);
-        assert_eq!(flags(&r, 0), GFN_F_RESET);
-        let mut seen = vec![];
-        r.harvest(|_, o| seen.push(o));
-        assert_eq!(seen, vec![42]);
-        // Nothing published anywhere: skip only the bounded amount.
-        assert_eq!(r.skip_stale(64), 64);
-    }
-
-    #[test]
-    fn wraps_around() {
-        let mut r = anon_ring(256);
-        for i in 0..256 {
-            push(&r, i, 0, i as u64);
-        }
-        let h = r.harvest(|_, _| {});
-        assert_eq!(h.entries, 256);
-        assert!(
-            h.overflowed,
-            "a completely full ring means KVM overran its reserve"
-        );
-        // KVM_RESET_DIRTY_RINGS clears the flags; then entries wrap to index 0.
-        for i in 0..256 {
-            // SAFETY: i < entries.
-            unsafe { (*r.base.as_ptr().add(i)).flags = 0 };
-        }
-        push(&r, 256, 0, 1000);
-        let mut seen = vec![];
-        r.harvest(|_, o| seen.push(o));
-        assert_eq!(seen, vec![1000]);
     }
 }

@@ -63,6 +63,12 @@ pub enum HypervisorError {
     RingEntryOutOfRange { slot: u32, offset: u64 },
     #[error("KVM did not accept MSR {index:#x} when restoring vCPU {vcpu}")]
     RestoreMsr { index: u32, vcpu: u32 },
+    #[error("dirty ring of vCPU {index} is out of step with KVM: {what} ({indexes})")]
+    RingOutOfStep {
+        index: u32,
+        what: String,
+        indexes: crate::RingIndexes,
+    },
     #[error("dirty logging is not enabled on this VM ({0})")]
     TrackingOff(&'static str),
 }

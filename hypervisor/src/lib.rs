@@ -3,14 +3,17 @@
 
 mod caps;
 mod dirty_ring;
+mod dirty_rings;
 mod dirty_set;
 mod error;
+#[cfg(test)]
+mod kvm_ring_model;
 mod state;
 mod vcpu;
 mod vm;
 
 pub use caps::{CapabilityProbe, DirtyCaps, RingFlavor, MIN_RING_ENTRIES, RING_ENTRY_BYTES};
-pub use dirty_ring::{DirtyRing, RingHarvest};
+pub use dirty_ring::{DirtyRing, RingHarvest, RingIndexes};
 pub use dirty_set::{count_bits, DirtyPageSet, SlotDirtyBits};
 pub use error::{HypervisorError, Result};
 pub use state::{VcpuState, VmState};

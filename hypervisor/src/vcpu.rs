@@ -121,6 +121,9 @@ impl Vcpu {
     pub fn run(&mut self) -> Result<VcpuExit<'_>> {
         let index = self.index;
         let run: *mut kvm_run = self.fd.get_kvm_run();
+        // What KVM's reset index was when this run began: a ring-full exit with nothing
+        // to harvest is stale only if the ring was reset since.
+        let reset_before_run = self.vm.ring_reset_index(index);
         let exit = match self.fd.run() {
             Ok(e) => e,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -152,7 +155,7 @@ impl Vcpu {
                     .stats
                     .ring_full_exits
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.vm.handle_ring_full(index)?;
+                self.vm.handle_ring_full(index, reset_before_run)?;
                 VcpuExit::DirtyRingFull
             }
             KvmExit::FailEntry(reason, cpu) => VcpuExit::Other(format!(

@@ -35,6 +35,7 @@ use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 use crate::caps::{CapabilityProbe, DirtyCaps, RingFlavor};
 use crate::dirty_ring::DirtyRing;
+use crate::dirty_rings::{Collected, DirtyRings, RingKernel};
 use crate::dirty_set::{count_bits, DirtyPageSet, SlotDirtyBits};
 use crate::vcpu::Vcpu;
 use crate::{HypervisorError, Result};
@@ -315,11 +316,13 @@ impl VmWithMemory {
                 .map(|s| SlotDirtyBits::new(s.guest_phys_addr, s.pages()))
                 .collect(),
         );
+        let rings = DirtyRings::new(rings);
         let vm = Arc::new(Vm {
             kvm: self.b.kvm,
             fd: self.b.fd,
             tracking: self.tracking,
             slots: self.slots,
+            ring_reset_indexes: rings.reset_indexes(),
             rings: Mutex::new(rings),
             dirty,
             logging: AtomicBool::new(false),
@@ -345,6 +348,13 @@ pub struct DirtyStats {
     pub ring_overflows: AtomicU64,
     /// Extra `KVM_RESET_DIRTY_RINGS` calls needed because KVM stopped a reset part-way.
     pub ring_reset_retries: AtomicU64,
+    /// Entries KVM overwrote after they were flagged, taken again to finish a reset.
+    pub ring_retaken: AtomicU64,
+    /// Empty entries stepped over because they had been taken out of order after an
+    /// overrun (KVM counted them as published).
+    pub ring_skipped: AtomicU64,
+    /// Ring-full exits with nothing published anywhere that stepped over one entry.
+    pub ring_steps: AtomicU64,
     pub bitmap_reads: AtomicU64,
 }
 
@@ -385,9 +395,31 @@ impl Drop for KicksHeld {
     }
 }
 
-/// Most `KVM_RESET_DIRTY_RINGS` calls to finish one reset (each makes progress or is
-/// interrupted by a signal; the bound only guards against a KVM that never finishes).
-const MAX_RESET_CALLS: u32 = 1000;
+/// KVM's half of the ring protocol on a real VM. Kicks are held off while it exists: a
+/// pending signal makes KVM stop a reset part-way, and a kick arriving meanwhile is
+/// delivered right after and ends the vCPU's next `KVM_RUN` as usual.
+struct KvmRings<'a> {
+    fd: &'a VmFd,
+    _held: KicksHeld,
+}
+
+impl RingKernel for KvmRings<'_> {
+    fn reset_rings(&mut self) -> Result<u32> {
+        // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; the fd is a VM fd we own.
+        let ret = unsafe { ioctl(self.fd, KVM_RESET_DIRTY_RINGS()) };
+        if ret < 0 {
+            let e = errno::Error::last();
+            if e.errno() == libc::EINTR {
+                return Ok(0);
+            }
+            return Err(HypervisorError::Ioctl {
+                what: "KVM_RESET_DIRTY_RINGS",
+                source: e,
+            });
+        }
+        Ok(ret as u32)
+    }
+}
 
 /// A running VM.
 pub struct Vm {
@@ -396,8 +428,10 @@ pub struct Vm {
     tracking: DirtyTracking,
     slots: Vec<MemorySlot>,
     /// One lock for all rings: a harvest and its `KVM_RESET_DIRTY_RINGS` are one step, so
-    /// the reset count KVM returns must equal what was harvested.
-    rings: Mutex<Vec<DirtyRing>>,
+    /// each reset count KVM returns belongs to the ring just harvested.
+    rings: Mutex<DirtyRings>,
+    /// KVM's reset index per ring, as the rings last saw it (read without the lock).
+    ring_reset_indexes: Arc<[std::sync::atomic::AtomicU32]>,
     dirty: DirtyPageSet,
     logging: AtomicBool,
     /// A ring lost step with KVM since dirty logging started (see `sync_dirty`).
@@ -429,10 +463,23 @@ impl Vm {
     }
 
     /// Starts dirty logging: sets `KVM_MEM_LOG_DIRTY_PAGES` on every slot (KVM then
-    /// write-protects guest RAM) and forgets anything collected before.
+    /// write-protects all guest RAM) and forgets anything collected before.
+    ///
+    /// Logging is first turned off if it was on, so that every page is write-protected
+    /// anew (a page an earlier overrun left writable is then logged again), and the rings
+    /// are drained in between: what a cancelled migration left in them is taken and
+    /// reset, and KVM's indexes and ours agree before the new log starts.
     pub fn start_dirty_log(&self) -> Result<()> {
-        self.out_of_step.store(false, Ordering::Release);
+        let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_logging() {
+            self.set_logging(false)?;
+        }
+        if self.tracking.is_ring() {
+            let drained = rings.collect_all(&mut self.kvm_rings(), &self.dirty)?;
+            self.count(&drained);
+        }
         self.set_logging(true)?;
+        self.out_of_step.store(false, Ordering::Release);
         self.dirty.slots().iter().for_each(|s| drop(s.take()));
         Ok(())
     }
@@ -452,44 +499,86 @@ impl Vm {
         Ok(())
     }
 
-    /// Handles vCPU `index`'s `KVM_EXIT_DIRTY_RING_FULL`: harvests its ring and resets
-    /// it in KVM so the vCPU can re-enter. When KVM reports the ring full but nothing is
-    /// harvestable, KVM overran the ring earlier: skip the stale entries so KVM's reset
-    /// catches up, and treat the lost entries as "all RAM dirty".
-    pub fn handle_ring_full(&self, index: u32) -> Result<u64> {
-        let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(ring) = rings.get_mut(index as usize) else {
-            return Ok(0);
-        };
-        let mut n = self.harvest_one(ring)?;
-        if n == 0 {
-            // Bounded by KVM's smallest soft limit (ring size minus its reserve of 64 +
-            // 512 PML entries), so KVM's reset index never passes its producer index.
-            let max_skip = (ring.entries() / 4).max(1);
-            let skipped = ring.skip_stale(max_skip);
-            log::warn!(
-                "vCPU {index}: dirty ring out of step with KVM, skipped {skipped} stale entries"
-            );
-            self.note_overflow();
-            n = u64::from(skipped) + self.harvest_one(ring)?;
+    fn kvm_rings(&self) -> KvmRings<'_> {
+        KvmRings {
+            fd: &self.fd,
+            _held: KicksHeld::new(),
         }
-        self.reset_rings(n)?;
-        Ok(n)
     }
 
-    /// Entries were lost: every page of every slot counts as dirty, now and again in the
-    /// final sync.
-    fn note_overflow(&self) {
-        self.out_of_step.store(true, Ordering::Release);
-        if self.stats.ring_overflows.fetch_add(1, Ordering::Relaxed) == 0 {
-            log::warn!(
-                "KVM overfilled a dirty ring of {} entries (its soft-full exit came \
-                 too late); marking all guest RAM dirty so no page is lost",
-                self.rings_entries()
+    /// KVM's reset index of vCPU `index`'s ring as last seen. A vCPU reads it before
+    /// `KVM_RUN` and hands it to [`Self::handle_ring_full`].
+    pub fn ring_reset_index(&self, index: u32) -> u32 {
+        self.ring_reset_indexes
+            .get(index as usize)
+            .map_or(0, |r| r.load(Ordering::Acquire))
+    }
+
+    /// The indexes of vCPU `index`'s ring (for logs and test failure messages).
+    pub fn ring_indexes(&self, index: u32) -> Option<crate::RingIndexes> {
+        let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        rings.indexes(index as usize)
+    }
+
+    /// Handles vCPU `index`'s `KVM_EXIT_DIRTY_RING_FULL` on that vCPU's thread: harvests
+    /// its ring and resets it in KVM so the vCPU can re-enter. `reset_before_run` is
+    /// [`Self::ring_reset_index`] read before the `KVM_RUN` that exited: when nothing is
+    /// published and the ring was reset since, the exit is stale and the vCPU simply
+    /// re-enters.
+    pub fn handle_ring_full(&self, index: u32, reset_before_run: u32) -> Result<u64> {
+        let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        if index as usize >= rings.len() {
+            return Ok(0);
+        }
+        let got = rings.handle_full(
+            index as usize,
+            reset_before_run,
+            &mut self.kvm_rings(),
+            &self.dirty,
+        )?;
+        if got.stepped {
+            log::debug!(
+                "vCPU {index}: ring full with nothing published; stepped over one entry \
+                 taken earlier ({})",
+                rings.indexes(index as usize).expect("index checked above")
             );
         }
-        for s in self.dirty.slots() {
-            s.mark_all();
+        self.count(&got);
+        Ok(got.entries)
+    }
+
+    /// Counts a collection and acts on what it found. An overrun (or an entry naming no
+    /// page of ours) means pages may be missing from the rings and may stay writable
+    /// without a new entry: every page counts as dirty now, and again in the final sync.
+    fn count(&self, c: &Collected) {
+        let s = &self.stats;
+        s.ring_harvests.fetch_add(1, Ordering::Relaxed);
+        s.ring_entries.fetch_add(c.entries, Ordering::Relaxed);
+        s.ring_reset_retries
+            .fetch_add(c.extra_resets, Ordering::Relaxed);
+        s.ring_retaken.fetch_add(c.retaken, Ordering::Relaxed);
+        s.ring_skipped.fetch_add(c.skipped, Ordering::Relaxed);
+        s.ring_steps
+            .fetch_add(u64::from(c.stepped), Ordering::Relaxed);
+        if let Some((slot, offset)) = c.bad_entry {
+            log::warn!(
+                "a dirty ring entry names slot {slot:#x} offset {offset:#x}, outside every \
+                 memory slot; marking all guest RAM dirty"
+            );
+        }
+        if c.overflowed || c.bad_entry.is_some() {
+            self.out_of_step.store(true, Ordering::Release);
+            if s.ring_overflows.fetch_add(1, Ordering::Relaxed) == 0 {
+                log::warn!(
+                    "KVM overran a dirty ring of {} entries (its ring-full exit came too \
+                     late); marking all guest RAM dirty now and in the final pass so no \
+                     page is lost",
+                    self.rings_entries()
+                );
+            }
+            for slot in self.dirty.slots() {
+                slot.mark_all();
+            }
         }
     }
 
@@ -500,92 +589,20 @@ impl Vm {
         }
     }
 
-    /// Harvests every ring, then one `KVM_RESET_DIRTY_RINGS`, so pages are re-protected
-    /// before anyone reads their contents.
-    pub fn harvest_all_rings(&self) -> Result<u64> {
+    /// Test seam: the next ring harvest drops one page, as a broken harvest would. Only
+    /// for tests that prove their no-lost-page check catches a lost page.
+    #[doc(hidden)]
+    pub fn lose_next_ring_entry_for_test(&self) {
         let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
-        let mut total = 0;
-        for ring in rings.iter_mut() {
-            total += self.harvest_one(ring)?;
-        }
-        self.reset_rings(total)?;
-        Ok(total)
+        rings.lose_next_entry_for_test();
     }
 
     /// Entries harvested so far from vCPU `index`'s ring (for per-vCPU dirty rates).
     pub fn ring_harvested(&self, index: u32) -> u64 {
         let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
-        rings.get(index as usize).map_or(0, |r| r.total_harvested())
-    }
-
-    fn harvest_one(&self, ring: &mut DirtyRing) -> Result<u64> {
-        let mut bad = None;
-        let h = ring.harvest(|slot, offset| {
-            if let Err(e) = self.dirty.mark_ring_entry(slot, offset) {
-                bad.get_or_insert(e);
-            }
-        });
-        if h.overflowed {
-            self.note_overflow();
-        }
-        self.stats.ring_harvests.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .ring_entries
-            .fetch_add(h.entries, Ordering::Relaxed);
-        bad.map_or(Ok(h.entries), Err)
-    }
-
-    /// Must run under the rings lock, right after the harvest it completes.
-    ///
-    /// KVM may stop a reset part-way and return what it did so far (it bails out when the
-    /// calling thread has a signal pending: a vCPU thread being kicked). The entries it
-    /// left are still marked harvested, so calling again finishes them. It must be
-    /// finished now: a harvested page stays writable (its writes unlogged) until KVM
-    /// resets its entry, so a write in between would be lost.
-    fn reset_rings(&self, harvested: u64) -> Result<()> {
-        if harvested == 0 {
-            return Ok(());
-        }
-        // A pending kick makes KVM stop a reset part-way, and a reset stopped part-way has
-        // been seen to leave pages writable without logging them (a lost dirty page under
-        // auto-converge's kicks). Hold kicks off for the ioctl: one that arrives meanwhile
-        // is delivered right after, and ends the vCPU's next KVM_RUN as usual.
-        let _held = KicksHeld::new();
-        let mut reset = 0u64;
-        let mut calls = 0u32;
-        while reset < harvested {
-            calls += 1;
-            // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; the fd is a VM fd we own.
-            let ret = unsafe { ioctl(&self.fd, KVM_RESET_DIRTY_RINGS()) };
-            if ret < 0 {
-                let e = errno::Error::last();
-                if e.errno() == libc::EINTR && calls < MAX_RESET_CALLS {
-                    continue;
-                }
-                return Err(HypervisorError::Ioctl {
-                    what: "KVM_RESET_DIRTY_RINGS",
-                    source: e,
-                });
-            }
-            if ret == 0 || calls >= MAX_RESET_CALLS {
-                break;
-            }
-            reset += ret as u64;
-        }
-        if calls > 1 {
-            self.stats
-                .ring_reset_retries
-                .fetch_add(u64::from(calls - 1), Ordering::Relaxed);
-            log::debug!("KVM_RESET_DIRTY_RINGS needed {calls} calls for {harvested} entries");
-        }
-        if reset != harvested {
-            // KVM reset a different number of entries than were handed back: the ring and
-            // KVM are out of step (an overfilled ring being refilled while we harvest).
-            // Entries may be lost, so count it as an overflow rather than fail the VM.
-            log::warn!("KVM_RESET_DIRTY_RINGS reset {reset} entries, {harvested} were harvested");
-            self.note_overflow();
-        }
-        Ok(())
+        rings
+            .ring(index as usize)
+            .map_or(0, |r| r.total_harvested())
     }
 
     fn read_kvm_bitmap(&self, slot: u32, s: &MemorySlot, clear: bool) -> Result<Vec<u64>> {
@@ -660,9 +677,13 @@ impl Vm {
         if !self.is_logging() {
             return Err(HypervisorError::TrackingOff("call start_dirty_log first"));
         }
+        // The bits are taken under the rings lock: a ring-full handler publishes its
+        // pages after their reset, and entirely before or after this collection.
+        let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
         match self.tracking {
             DirtyTracking::Ring { backup_bitmap, .. } => {
-                self.harvest_all_rings()?;
+                let got = rings.collect_all(&mut self.kvm_rings(), &self.dirty)?;
+                self.count(&got);
                 if kind == SyncKind::Final && self.out_of_step.load(Ordering::Acquire) {
                     // A ring lost step with KVM during this log: some harvested page may
                     // have stayed writable without a new entry. With every vCPU parked,
@@ -690,6 +711,7 @@ impl Vm {
             }
         }
         let out: Vec<Vec<u64>> = self.dirty.slots().iter().map(|s| s.take()).collect();
+        drop(rings);
         log::debug!(
             "dirty sync {:?}: {} pages",
             kind,

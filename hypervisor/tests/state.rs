@@ -10,7 +10,7 @@ const CODE: [u8; 6] = [0xe6, 0xf4, 0x43, 0xe6, 0xf4, 0xf4];
 
 fn run_to_out(g: &mut Guest) {
     loop {
-        match g.vcpu.run().unwrap() {
+        match g.vcpus[0].run().unwrap() {
             VcpuExit::IoOut(0xf4, _) => return,
             VcpuExit::Interrupted => {}
             e => panic!("unexpected exit {e:?}"),
@@ -23,13 +23,13 @@ fn restored_vcpu_continues_where_the_saved_one_stopped() {
     let mut a = guest(Mode::Ring(4096), 16 << 20);
     // SAFETY: 0x2000 + 6 is inside the 16 MiB mapping.
     unsafe { std::ptr::copy_nonoverlapping(CODE.as_ptr(), a.mem.add(0x2000), CODE.len()) };
-    let mut regs = a.vcpu.fd().get_regs().unwrap();
+    let mut regs = a.vcpus[0].fd().get_regs().unwrap();
     regs.rip = 0x2000;
     regs.rflags = 2;
     regs.rbx = 41;
-    a.vcpu.fd().set_regs(&regs).unwrap();
+    a.vcpus[0].fd().set_regs(&regs).unwrap();
     run_to_out(&mut a);
-    let vcpu_state = a.vcpu.save_state().unwrap();
+    let vcpu_state = a.vcpus[0].save_state().unwrap();
     let vm_state = a.vm.save_state().unwrap();
     assert_eq!(vcpu_state.regs.rip, 0x2002);
     assert!(
@@ -45,9 +45,9 @@ fn restored_vcpu_continues_where_the_saved_one_stopped() {
     // SAFETY: both mappings are 16 MiB; copy the guest's RAM as migration would.
     unsafe { std::ptr::copy_nonoverlapping(a.mem, b.mem, 16 << 20) };
     b.vm.restore_state(&vm_state).unwrap();
-    b.vcpu.restore_state(&vcpu_state).unwrap();
+    b.vcpus[0].restore_state(&vcpu_state).unwrap();
     run_to_out(&mut b);
-    let r = b.vcpu.fd().get_regs().unwrap();
+    let r = b.vcpus[0].fd().get_regs().unwrap();
     assert_eq!(
         r.rbx, 42,
         "the restored vCPU ran `inc ebx` after the saved point"
@@ -59,8 +59,7 @@ fn restored_vcpu_continues_where_the_saved_one_stopped() {
         .find(|m| m.index == 0x10)
         .unwrap()
         .data;
-    let tsc_b = b
-        .vcpu
+    let tsc_b = b.vcpus[0]
         .save_state()
         .unwrap()
         .msrs
