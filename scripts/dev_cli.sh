@@ -75,8 +75,11 @@ bench() {
         first-touch)
             "$ROOT/scripts/bench_first_touch.py"
             ;;
+        rings)
+            "$ROOT/scripts/bench_rings.sh"
+            ;;
         *)
-            echo "usage: dev_cli.sh bench harvest|migration|vs-qemu|first-touch" >&2
+            echo "usage: dev_cli.sh bench harvest|migration|vs-qemu|first-touch|rings" >&2
             exit 2
             ;;
     esac
@@ -92,6 +95,7 @@ usage: scripts/dev_cli.sh <command>
   bench migration live-migration time, downtime, bytes, throughput between two hosts
   bench vs-qemu   the same guests live-migrated by QEMU and by Ferry, side by side
   bench first-touch  the host's cost of faulting in fresh memory (caps a destination)
+  bench rings     dirty-ring reliability loop: ring tests N times on KVM (hangs, lost pages)
 USAGE
     exit 2
 }
