@@ -186,12 +186,11 @@ impl DirtyRings {
                     break;
                 }
                 out.skipped += u64::from(skipped);
-                let more = ring.harvest(&mut self.scratch, |x| kernel.between_read_and_flag(i, x));
-                h.entries += more.entries;
-                h.overflowed |= more.overflowed;
+                h = ring.harvest(&mut self.scratch, |x| kernel.between_read_and_flag(i, x));
+                out.overflowed |= h.overflowed;
             }
         }
-        out.overflowed = h.overflowed;
+        out.overflowed |= h.overflowed;
         if self.lose_next && !self.scratch.is_empty() {
             // Every entry naming that page: KVM may log a page twice.
             self.lose_next = false;
@@ -207,10 +206,12 @@ impl DirtyRings {
         } else {
             0
         };
-        self.reset_ring(i, kernel, &mut out)?;
+        let reset = self.reset_ring(i, kernel, &mut out);
+        // Even when the reset failed: what was taken is dirty (the caller then treats all
+        // RAM as dirty, since pages KVM did not reset stay writable without entries).
         self.publish(published_early, sink, &mut out);
         out.entries = self.scratch.len() as u64;
-        Ok(out)
+        reset.map(|()| out)
     }
 
     fn publishes_before_reset(&self) -> bool {

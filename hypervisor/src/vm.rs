@@ -475,7 +475,8 @@ impl Vm {
             self.set_logging(false)?;
         }
         if self.tracking.is_ring() {
-            let drained = rings.collect_all(&mut self.kvm_rings(), &self.dirty)?;
+            let drained =
+                self.lost_step_on_error(rings.collect_all(&mut self.kvm_rings(), &self.dirty))?;
             self.count(&drained);
         }
         self.set_logging(true)?;
@@ -530,12 +531,12 @@ impl Vm {
         if index as usize >= rings.len() {
             return Ok(0);
         }
-        let got = rings.handle_full(
+        let got = self.lost_step_on_error(rings.handle_full(
             index as usize,
             reset_before_run,
             &mut self.kvm_rings(),
             &self.dirty,
-        )?;
+        ))?;
         if got.stepped {
             log::debug!(
                 "vCPU {index}: ring full with nothing published; stepped over one entry \
@@ -580,6 +581,19 @@ impl Vm {
                 slot.mark_all();
             }
         }
+    }
+
+    /// A ring that could not be reset leaves pages writable without entries: until the
+    /// next `start_dirty_log`, every page is dirty now and in the final sync.
+    fn lost_step_on_error<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            log::error!("{e}; marking all guest RAM dirty");
+            self.out_of_step.store(true, Ordering::Release);
+            for slot in self.dirty.slots() {
+                slot.mark_all();
+            }
+        }
+        r
     }
 
     fn rings_entries(&self) -> u32 {
@@ -682,7 +696,8 @@ impl Vm {
         let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
         match self.tracking {
             DirtyTracking::Ring { backup_bitmap, .. } => {
-                let got = rings.collect_all(&mut self.kvm_rings(), &self.dirty)?;
+                let got =
+                    self.lost_step_on_error(rings.collect_all(&mut self.kvm_rings(), &self.dirty))?;
                 self.count(&got);
                 if kind == SyncKind::Final && self.out_of_step.load(Ordering::Acquire) {
                     // A ring lost step with KVM during this log: some harvested page may

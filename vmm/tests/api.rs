@@ -175,6 +175,10 @@ fn lifecycle_of_the_test_guest() {
         "ring_harvests",
         "ring_full_exits",
         "ring_overflows",
+        "ring_reset_retries",
+        "ring_retaken",
+        "ring_skipped",
+        "ring_steps",
         "bitmap_reads",
     ] {
         assert!(c["dirty_tracking"][k].is_u64(), "{k} missing: {c}");

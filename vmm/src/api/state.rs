@@ -86,6 +86,10 @@ pub fn machine_counters(m: &Machine) -> Counters {
             ("ring_entries", r(&d.ring_entries)),
             ("ring_full_exits", r(&d.ring_full_exits)),
             ("ring_overflows", r(&d.ring_overflows)),
+            ("ring_reset_retries", r(&d.ring_reset_retries)),
+            ("ring_retaken", r(&d.ring_retaken)),
+            ("ring_skipped", r(&d.ring_skipped)),
+            ("ring_steps", r(&d.ring_steps)),
             ("bitmap_reads", r(&d.bitmap_reads)),
         ]),
     );
