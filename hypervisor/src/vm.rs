@@ -573,7 +573,7 @@ impl Vm {
                 log::warn!(
                     "KVM overran a dirty ring of {} entries (its ring-full exit came too \
                      late); marking all guest RAM dirty now and in the final pass so no \
-                     page is lost",
+                     page is lost (a larger ring makes this rarer)",
                     self.rings_entries()
                 );
             }
