@@ -12,7 +12,9 @@
 //!
 //! Entries are taken with a compare-exchange from DIRTY to RESET and checked again after
 //! it, so an entry KVM overwrites while it is being taken (this host's KVM pushes past a
-//! full ring) is noticed rather than reset unread.
+//! full ring) is noticed rather than reset unread. After KVM's reset, every entry it was
+//! meant to reset is read once more: a push that raced the reset walk (KVM locks neither
+//! against the other) leaves it changed, and counts as an overrun.
 
 use std::os::unix::io::RawFd;
 use std::ptr::NonNull;
@@ -85,6 +87,10 @@ pub struct DirtyRing {
     /// have been taken (out of order) and reset, so an empty entry at the fetch index no
     /// longer proves that KVM published nothing there. Harvests then look further.
     may_be_ahead: bool,
+    /// What the entries from `flagged_from` to the fetch index held when they were
+    /// flagged RESET, checked once KVM has reset them.
+    flagged: Vec<RingEntry>,
+    flagged_from: u32,
     total_harvested: u64,
     /// Unmapped in Drop (false for test rings over memory someone else owns).
     owned: bool,
@@ -132,6 +138,8 @@ impl DirtyRing {
             fetch_index: 0,
             reset_index: 0,
             may_be_ahead: false,
+            flagged: Vec::new(),
+            flagged_from: 0,
             total_harvested: 0,
             owned,
         }
@@ -214,6 +222,7 @@ impl DirtyRing {
             if self.read_entry(index) != entry {
                 h.overflowed = true;
             }
+            self.flagged.push(entry);
             out.push(entry);
             self.fetch_index = index.wrapping_add(1);
             h.entries += 1;
@@ -245,52 +254,83 @@ impl DirtyRing {
     /// index is what stopped it. A RESET one means the walk was interrupted (call again);
     /// a DIRTY one was overwritten by KVM after it was flagged. Takes every overwritten
     /// entry between KVM's reset index and the fetch index into `out` and flags it RESET
-    /// again, so the next reset can reach the fetch index. Returns how many were taken.
+    /// again, so the next reset can reach the fetch index. Returns how many were taken,
+    /// or `None` when an entry there is empty: KVM cleared it, so its reset index is not
+    /// the one kept here, and flagging anything could take it past its dirty index.
     pub(crate) fn retake_overwritten(
         &mut self,
         out: &mut Vec<RingEntry>,
         mut between: impl FnMut(u32),
-    ) -> u32 {
+    ) -> Option<u32> {
         let mut taken = 0;
         let mut index = self.reset_index;
         while index != self.fetch_index {
             let flags = self.flags(index);
             let f = flags.load(Ordering::Acquire);
             if f & GFN_F_RESET == 0 {
+                if f & GFN_F_DIRTY == 0 {
+                    return None;
+                }
                 let entry = self.read_entry(index);
                 between(index);
-                // Either way the slot's index lies below the fetch index, so it was seen
-                // published: flagging it cannot take KVM's reset index past its own dirty
-                // index. A failed exchange means KVM wrote it again: look again.
+                // The index lies below the fetch index, so it was seen published: flagging
+                // it cannot take KVM's reset index past its dirty index. A failed exchange
+                // means KVM wrote it again: look again.
                 if flags
                     .compare_exchange(f, GFN_F_RESET, Ordering::AcqRel, Ordering::Acquire)
                     .is_err()
                 {
                     continue;
                 }
-                if f & GFN_F_DIRTY != 0 {
-                    out.push(entry);
-                    taken += 1;
-                }
+                self.flagged[index.wrapping_sub(self.flagged_from) as usize] = entry;
+                out.push(entry);
+                taken += 1;
                 self.may_be_ahead = true;
             }
             index = index.wrapping_add(1);
         }
         self.total_harvested += u64::from(taken);
-        taken
+        Some(taken)
     }
 
-    /// Steps over entries that were taken out of order earlier (see `may_be_ahead`): when
-    /// a DIRTY entry lies `d` slots past the fetch index, KVM's dirty index is past it, so
-    /// the `d` empty entries before it were published too (and taken already). Flags them
-    /// RESET, each with an exchange from empty, and moves the fetch index to the DIRTY one.
-    /// Returns how many were stepped over; 0 when nothing is published anywhere.
+    /// Once KVM's reset index has reached the fetch index: reads every entry flagged
+    /// since the last check again. Each must be empty and name what it named when it was
+    /// flagged. Otherwise a push raced KVM's reset walk (KVM then reset, and write-protected,
+    /// a page nobody saw, or left a flagged one writable) or landed on a slot the walk had
+    /// just cleared with the ring a whole lap ahead: an overrun either way. Returns whether
+    /// all entries checked out.
+    pub(crate) fn check_reset(&mut self) -> bool {
+        debug_assert_eq!(self.pending_reset(), 0);
+        let mut clean = true;
+        for (i, expected) in self.flagged.iter().enumerate() {
+            let index = self.flagged_from.wrapping_add(i as u32);
+            if self.flags(index).load(Ordering::Acquire) != 0 || self.read_entry(index) != *expected
+            {
+                clean = false;
+                break;
+            }
+        }
+        self.flagged.clear();
+        self.flagged_from = self.fetch_index;
+        if !clean {
+            self.may_be_ahead = true;
+        }
+        clean
+    }
+
+    /// Steps over entries consumed out of order earlier (see `may_be_ahead`): when a
+    /// DIRTY entry lies `d` slots past the fetch index, KVM's dirty index is past it, so
+    /// the `d` empty entries before it were published too, and consumed already (taken
+    /// here ahead of their turn, or cleared by a reset walk a push raced; both only after
+    /// an overrun). Flags them RESET, each with an exchange from empty, and moves the fetch
+    /// index to the DIRTY one. Returns how many were stepped over; 0 when nothing is
+    /// published anywhere.
     ///
     /// Why a DIRTY entry `d` past the fetch index proves KVM's dirty index is past
-    /// `fetch + d`: entries below KVM's reset index were cleared by its reset, and those
-    /// from there to the fetch index carry our RESET flag, so a DIRTY entry holds a push
-    /// at or past the fetch index — and the slot it sits in makes that `fetch + d` plus
-    /// whole rings.
+    /// `fetch + d`: nothing but a push sets DIRTY, and no index below the fetch index can
+    /// still show DIRTY (it was flagged RESET here when taken, and KVM's walk clears only
+    /// RESET entries), so the push was for an index at or past the fetch index, and the
+    /// slot it sits in makes that `fetch + d` plus whole rings.
     pub(crate) fn skip_taken_ahead(&mut self) -> u32 {
         let room = self.entries - self.pending_reset().min(self.entries);
         let Some(d) = (0..room).find(|&d| {
@@ -300,42 +340,44 @@ impl DirtyRing {
             return 0;
         };
         let mut skipped = 0;
-        while skipped < d {
-            let flags = self.flags(self.fetch_index);
-            if flags
-                .compare_exchange(0, GFN_F_RESET, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
-                // KVM published here meanwhile: the harvest takes it from here.
-                break;
-            }
-            self.fetch_index = self.fetch_index.wrapping_add(1);
+        while skipped < d && self.flag_empty() {
             skipped += 1;
         }
         skipped
     }
 
+    /// Flags the empty entry at the fetch index RESET and moves past it; `false` when it
+    /// is not empty (KVM published there meanwhile: the harvest takes it).
+    fn flag_empty(&mut self) -> bool {
+        let index = self.fetch_index;
+        let entry = self.read_entry(index);
+        if self
+            .flags(index)
+            .compare_exchange(0, GFN_F_RESET, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        self.flagged.push(entry);
+        self.fetch_index = index.wrapping_add(1);
+        true
+    }
+
     /// Steps over one empty entry at the fetch index. Only for a ring KVM reported full
     /// (its vCPU out of `KVM_RUN`, no reset since it entered) with nothing published
     /// anywhere: KVM then counts at least one published entry past its reset index that
-    /// was taken out of order, so one step cannot pass KVM's dirty index.
+    /// was consumed out of order, so one step cannot pass KVM's dirty index.
     pub(crate) fn step_over_one(&mut self) -> bool {
         debug_assert_eq!(self.pending_reset(), 0, "step only from a reset ring");
-        let stepped = self
-            .flags(self.fetch_index)
-            .compare_exchange(0, GFN_F_RESET, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if stepped {
-            self.fetch_index = self.fetch_index.wrapping_add(1);
-        }
-        stepped
+        self.flag_empty()
     }
 
     fn read_entry(&self, index: u32) -> RingEntry {
         let gfn = self.entry_ptr(index);
         // SAFETY: the entry lies inside our mapping. KVM may rewrite it concurrently when
-        // it overruns the ring; volatile reads of plain integers are then merely stale,
-        // and the caller checks for that.
+        // it overruns the ring (a race with the kernel no mapping shared with it avoids):
+        // the volatile reads of plain integers may then be stale or torn, which the
+        // re-read after the exchange, `check_reset` and the retake are there to catch.
         unsafe {
             (
                 std::ptr::read_volatile(std::ptr::addr_of!((*gfn).slot)),
@@ -344,15 +386,16 @@ impl DirtyRing {
         }
     }
 
-    pub(crate) fn entry_ptr(&self, index: u32) -> *mut kvm_dirty_gfn {
+    fn entry_ptr(&self, index: u32) -> *mut kvm_dirty_gfn {
         let i = (index & (self.entries - 1)) as usize;
         // SAFETY: i < entries, so the entry lies inside the mapping owned by self.
         unsafe { self.base.as_ptr().add(i) }
     }
 
     fn flags(&self, index: u32) -> &AtomicU32 {
-        // SAFETY: the entry is inside our mapping; `flags` is shared with KVM and only
-        // accessed atomically.
+        // SAFETY: the entry is inside our mapping; `flags` is its first field, so 4-byte
+        // aligned in a page-aligned array of 16-byte entries, as `from_ptr` requires. It
+        // is shared with KVM and only accessed atomically here.
         unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.entry_ptr(index)).flags)) }
     }
 }

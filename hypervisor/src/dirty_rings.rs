@@ -69,6 +69,10 @@ pub(crate) struct DirtyRings {
     /// KVM's reset index per ring, readable without the lock: a vCPU notes it before
     /// `KVM_RUN` to tell a stale ring-full exit from a real one.
     reset_indexes: Arc<[AtomicU32]>,
+    /// Set once a ring could not be kept in step with KVM (see `RingOutOfStep`): no ring
+    /// is flagged again, since a wrong copy of KVM's reset index could make a flag take it
+    /// past its dirty index; every later collection fails with this.
+    failed: Option<(u32, String, RingIndexes)>,
     /// Test seam: the page of the next harvested entry is dropped from that harvest, to
     /// prove that the no-lost-page checkers do catch a lost page. Never set outside tests.
     lose_next: bool,
@@ -87,6 +91,7 @@ impl DirtyRings {
             rings,
             scratch: Vec::new(),
             reset_indexes,
+            failed: None,
             lose_next: false,
             #[cfg(test)]
             publish_first: false,
@@ -119,15 +124,18 @@ impl DirtyRings {
     }
 
     /// Harvests every ring, one ring and its reset at a time (so each reset count is
-    /// known to belong to one ring), publishing into `sink`.
+    /// known to belong to one ring), publishing into `sink`. `look_ahead` (the final
+    /// collection, every vCPU parked) also looks past an empty entry at a ring's fetch
+    /// index, whether or not that ring is known to have been overrun.
     pub fn collect_all(
         &mut self,
         kernel: &mut impl RingKernel,
         sink: &DirtyPageSet,
+        look_ahead: bool,
     ) -> Result<Collected> {
         let mut all = Collected::default();
         for i in 0..self.rings.len() {
-            all.add(self.collect_ring(i, kernel, sink, false)?);
+            all.add(self.collect_ring(i, kernel, sink, look_ahead)?);
         }
         Ok(all)
     }
@@ -153,10 +161,13 @@ impl DirtyRings {
             return Ok(out);
         }
         // KVM saw this very reset index and called the ring full, yet nothing is
-        // published anywhere: what it counts was taken out of order before. Step over
+        // published anywhere: what it counts was consumed out of order before. Step over
         // one entry; the next exit, if any, steps over the next.
+        let known_ahead = ring.may_be_ahead();
         if ring.step_over_one() {
             out.stepped = true;
+            // Consumed entries nobody knew of: something went unseen.
+            out.overflowed |= !known_ahead;
             self.reset_ring(i, kernel, &mut out)?;
         }
         Ok(out)
@@ -173,24 +184,35 @@ impl DirtyRings {
         sink: &DirtyPageSet,
         look_ahead: bool,
     ) -> Result<Collected> {
+        if let Some((index, what, indexes)) = &self.failed {
+            return Err(HypervisorError::RingOutOfStep {
+                index: *index,
+                what: what.clone(),
+                indexes: *indexes,
+            });
+        }
         self.scratch.clear();
         let mut out = Collected::default();
         let ring = &mut self.rings[i];
-        let mut h = ring.harvest(&mut self.scratch, |x| kernel.between_read_and_flag(i, x));
-        if look_ahead || ring.may_be_ahead() {
+        let known_ahead = ring.may_be_ahead();
+        let h = ring.harvest(&mut self.scratch, |x| kernel.between_read_and_flag(i, x));
+        out.overflowed |= h.overflowed;
+        if look_ahead || known_ahead {
             // The harvest stops at the first empty entry, which after an overrun may be
-            // one taken ahead with published ones past it: step over and go on.
+            // one consumed ahead of its turn with published ones past it: step over and go
+            // on.
             loop {
                 let skipped = ring.skip_taken_ahead();
                 if skipped == 0 {
                     break;
                 }
                 out.skipped += u64::from(skipped);
-                h = ring.harvest(&mut self.scratch, |x| kernel.between_read_and_flag(i, x));
+                // Consumed entries in a ring not known to be overrun: something went unseen.
+                out.overflowed |= !known_ahead;
+                let h = ring.harvest(&mut self.scratch, |x| kernel.between_read_and_flag(i, x));
                 out.overflowed |= h.overflowed;
             }
         }
-        out.overflowed |= h.overflowed;
         if self.lose_next && !self.scratch.is_empty() {
             // Every entry naming that page: KVM may log a page twice.
             self.lose_next = false;
@@ -230,6 +252,17 @@ impl DirtyRings {
         }
     }
 
+    /// Gives up on the rings: see `failed`.
+    fn fail(&mut self, i: usize, what: String) -> HypervisorError {
+        let indexes = self.rings[i].indexes();
+        self.failed = Some((i as u32, what.clone(), indexes));
+        HypervisorError::RingOutOfStep {
+            index: i as u32,
+            what,
+            indexes,
+        }
+    }
+
     /// Calls `KVM_RESET_DIRTY_RINGS` until KVM's reset index for ring `i` is its fetch
     /// index. A call that stops short was interrupted (call again) or ran into an entry
     /// KVM overwrote after it was flagged (take it, flag it again, call again).
@@ -243,35 +276,40 @@ impl DirtyRings {
         let mut calls = 0u32;
         while ring.pending_reset() > 0 {
             if calls == MAX_RESET_CALLS {
-                return Err(HypervisorError::RingOutOfStep {
-                    index: i as u32,
-                    what: format!(
-                        "KVM_RESET_DIRTY_RINGS left {} entries after {calls} calls",
-                        ring.pending_reset()
-                    ),
-                    indexes: ring.indexes(),
-                });
+                let what = format!(
+                    "KVM_RESET_DIRTY_RINGS left {} entries after {calls} calls",
+                    ring.pending_reset()
+                );
+                return Err(self.fail(i, what));
             }
             calls += 1;
             let count = kernel.reset_rings()?;
             if !ring.note_reset(count) {
-                return Err(HypervisorError::RingOutOfStep {
-                    index: i as u32,
-                    what: format!(
-                        "KVM_RESET_DIRTY_RINGS reset {count} entries, only {} were flagged",
-                        ring.pending_reset()
-                    ),
-                    indexes: ring.indexes(),
-                });
+                let what = format!(
+                    "KVM_RESET_DIRTY_RINGS reset {count} entries, only {} were flagged",
+                    ring.pending_reset()
+                );
+                return Err(self.fail(i, what));
             }
             if ring.pending_reset() > 0 {
-                let retaken = ring
-                    .retake_overwritten(&mut self.scratch, |x| kernel.between_read_and_flag(i, x));
+                let Some(retaken) = ring
+                    .retake_overwritten(&mut self.scratch, |x| kernel.between_read_and_flag(i, x))
+                else {
+                    return Err(self.fail(
+                        i,
+                        "an entry below the fetch index is already empty, so \
+                         KVM's reset index is not the one kept here"
+                            .into(),
+                    ));
+                };
                 if retaken > 0 {
                     out.retaken += u64::from(retaken);
                     out.overflowed = true;
                 }
             }
+        }
+        if !ring.check_reset() {
+            out.overflowed = true;
         }
         out.extra_resets += u64::from(calls.saturating_sub(1));
         self.reset_indexes[i].store(ring.reset_index(), Ordering::Release);

@@ -341,6 +341,7 @@ impl VmWithMemory {
 /// Counters of the dirty-tracking machinery (read by `vm.counters`).
 #[derive(Debug, Default)]
 pub struct DirtyStats {
+    /// Ring collections: all rings at a dirty sync, or one ring at a ring-full exit.
     pub ring_harvests: AtomicU64,
     pub ring_entries: AtomicU64,
     pub ring_full_exits: AtomicU64,
@@ -475,8 +476,11 @@ impl Vm {
             self.set_logging(false)?;
         }
         if self.tracking.is_ring() {
-            let drained =
-                self.lost_step_on_error(rings.collect_all(&mut self.kvm_rings(), &self.dirty))?;
+            let drained = self.lost_step_on_error(rings.collect_all(
+                &mut self.kvm_rings(),
+                &self.dirty,
+                false,
+            ))?;
             self.count(&drained);
         }
         self.set_logging(true)?;
@@ -571,10 +575,17 @@ impl Vm {
             self.out_of_step.store(true, Ordering::Release);
             if s.ring_overflows.fetch_add(1, Ordering::Relaxed) == 0 {
                 log::warn!(
-                    "KVM overran a dirty ring of {} entries (its ring-full exit came too \
-                     late); marking all guest RAM dirty now and in the final pass so no \
-                     page is lost (a larger ring makes this rarer)",
-                    self.rings_entries()
+                    "{}; marking all guest RAM dirty now and in the final pass so no page \
+                     is lost",
+                    if c.overflowed {
+                        format!(
+                            "KVM overran a dirty ring of {} entries (its ring-full exit came \
+                             too late; a larger ring makes this rarer)",
+                            self.rings_entries()
+                        )
+                    } else {
+                        "a dirty ring entry named no page of ours".to_string()
+                    }
                 );
             }
             for slot in self.dirty.slots() {
@@ -696,8 +707,11 @@ impl Vm {
         let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
         match self.tracking {
             DirtyTracking::Ring { backup_bitmap, .. } => {
-                let got =
-                    self.lost_step_on_error(rings.collect_all(&mut self.kvm_rings(), &self.dirty))?;
+                let got = self.lost_step_on_error(rings.collect_all(
+                    &mut self.kvm_rings(),
+                    &self.dirty,
+                    false,
+                ))?;
                 self.count(&got);
                 if kind == SyncKind::Final && self.out_of_step.load(Ordering::Acquire) {
                     // A ring lost step with KVM during this log: some harvested page may
