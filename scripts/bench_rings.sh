@@ -16,6 +16,7 @@ MODEL_RUNS=${MODEL_RUNS:-20000}
 TESTS=(ring_full_exits_lose_no_page overfilled_ring_recovers_and_loses_no_page
        ring_full_exits_on_several_vcpus_never_hang_and_lose_no_page
        several_vcpus_racing_a_harvester_lose_no_page)
+head=$(git rev-parse --short HEAD)
 LOGS="$ROOT/target/bench-rings"
 rm -rf "$LOGS"; mkdir -p "$LOGS"
 
@@ -52,7 +53,6 @@ model_out=$(FERRY_RING_MODEL_RUNS=$MODEL_RUNS cargo test --release -p hypervisor
     random_interleavings -- --nocapture 2>&1) && model_ok=yes || model_ok=no
 model_line=$(grep -E '^[0-9]+ runs, ' <<<"$model_out" | tail -1)
 
-head=$(git rev-parse --short HEAD)
 table="| what | runs | passed | hangs | lost pages | other failures | time |
 |---|---|---|---|---|---|---|
 | real KVM: ${#TESTS[@]} ring tests per run (bound ${TIMEOUT}s) | $RUNS | $passed | $hangs | $lost | $other | ${secs} s |
