@@ -4,6 +4,7 @@
 mod bus;
 mod debug_exit;
 mod i8042;
+pub mod pci;
 mod pm;
 mod serial;
 

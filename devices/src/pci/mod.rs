@@ -1,0 +1,15 @@
+//! PCI: configuration space, bus 0 with its host bridge, and the two ways a guest
+//! reaches configuration space (ports 0xCF8/0xCFC and ECAM). Virtio and other PCI
+//! devices build on [`PciDevice`].
+
+mod bus;
+mod config;
+
+pub use bus::{
+    BarHit, ConfigAddress, PciBus, PciBusError, PciConfigIo, PciDevice, PciHostBridge,
+    CONFIG_IO_LEN, CONFIG_IO_PORT, ECAM_BUS_SIZE, SLOTS,
+};
+pub use config::{
+    Bar, BarKind, PciConfig, PciConfigError, PciConfigState, PciIds, BAR_SLOTS, COMMAND_BUS_MASTER,
+    COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MEMORY, CONFIG_SIZE, CONFIG_STATE_VERSION,
+};
