@@ -1,4 +1,4 @@
-//! Port I/O dispatch: each device owns a port range and sees offsets into it.
+//! Port I/O and MMIO dispatch: each device owns a range and sees offsets into it.
 
 use std::sync::{Arc, Mutex};
 
@@ -71,6 +71,68 @@ impl PioBus {
     }
 }
 
+/// A memory-mapped device. `offset` is relative to the start of its range.
+pub trait MmioDevice: Send {
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    fn write(&mut self, offset: u64, data: &[u8]);
+}
+
+struct MmioEntry {
+    base: u64,
+    len: u64,
+    dev: Arc<Mutex<dyn MmioDevice>>,
+}
+
+/// The MMIO address space outside guest RAM and the in-kernel irqchip. Reads of
+/// unclaimed addresses return all ones (nothing decodes them), writes are dropped.
+#[derive(Default)]
+pub struct MmioBus {
+    entries: Vec<MmioEntry>,
+}
+
+impl MmioBus {
+    /// Claims `base..base+len` for `dev`. Overlaps are a programming error of the VMM.
+    pub fn insert(&mut self, base: u64, len: u64, dev: Arc<Mutex<dyn MmioDevice>>) {
+        let end = base.checked_add(len).expect("MMIO range wraps");
+        assert!(
+            self.entries
+                .iter()
+                .all(|e| end <= e.base || e.base + e.len <= base),
+            "MMIO range {base:#x}+{len:#x} overlaps another device"
+        );
+        self.entries.push(MmioEntry { base, len, dev });
+    }
+
+    /// The device and offset of an access of `len` bytes at `addr`, when one device
+    /// holds all of it.
+    fn find(&self, addr: u64, len: usize) -> Option<(&MmioEntry, u64)> {
+        self.entries
+            .iter()
+            .find(|e| addr >= e.base && addr.saturating_add(len as u64) <= e.base + e.len)
+            .map(|e| (e, addr - e.base))
+    }
+
+    pub fn read(&self, addr: u64, data: &mut [u8]) {
+        match self.find(addr, data.len()) {
+            Some((e, off)) => e
+                .dev
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .read(off, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    pub fn write(&self, addr: u64, data: &[u8]) {
+        if let Some((e, off)) = self.find(addr, data.len()) {
+            e.dev
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write(off, data);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +161,40 @@ mod tests {
         bus.read(0x10, &mut b);
         assert_eq!(b, [7]);
         assert_eq!(bus.write(0x99, &[7]), None);
+    }
+
+    struct Cell(Vec<u8>);
+    impl MmioDevice for Cell {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.copy_from_slice(&self.0[offset as usize..][..data.len()]);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.0[offset as usize..][..data.len()].copy_from_slice(data);
+        }
+    }
+
+    #[test]
+    fn mmio_dispatches_whole_accesses_and_defaults_to_ones() {
+        let mut bus = MmioBus::default();
+        bus.insert(0x1000, 8, Arc::new(Mutex::new(Cell(vec![0; 8]))));
+        bus.write(0x1004, &[1, 2, 3, 4]);
+        let mut b = [0u8; 4];
+        bus.read(0x1004, &mut b);
+        assert_eq!(b, [1, 2, 3, 4]);
+        // Straddling the end: no device holds it.
+        bus.read(0x1006, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        bus.write(0x1006, &[9; 4]);
+        bus.read(0xffff_ffff_ffff_fffe, &mut b);
+        assert_eq!(b, [0xff; 4]);
+    }
+
+    #[test]
+    #[should_panic(expected = "overlaps")]
+    fn overlapping_mmio_ranges_are_refused() {
+        let mut bus = MmioBus::default();
+        bus.insert(0x1000, 8, Arc::new(Mutex::new(Cell(vec![0; 8]))));
+        bus.insert(0x0ff8, 9, Arc::new(Mutex::new(Cell(vec![0; 9]))));
     }
 
     #[test]

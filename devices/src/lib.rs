@@ -8,7 +8,7 @@ pub mod pci;
 mod pm;
 mod serial;
 
-pub use bus::{PioBus, PioDevice, PlatformEvent};
+pub use bus::{MmioBus, MmioDevice, PioBus, PioDevice, PlatformEvent};
 pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 pub use i8042::{I8042, I8042_PORT};
 pub use pm::{AcpiPmControl, ACPI_PM1A_CNT_PORT, ACPI_PM1A_EVT_PORT, ACPI_PM_PORTS, S5_SLP_TYP};

@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use devices::{PioBus, PlatformEvent};
+use devices::{MmioBus, PioBus, PlatformEvent};
 use hypervisor::{Vcpu, VcpuExit, VcpuState};
 
 /// Something that ends (or restarts) the VM, sent by a vCPU thread to the VMM.
@@ -280,6 +280,7 @@ impl VcpuControl {
 pub fn spawn(
     mut vcpu: Vcpu,
     bus: Arc<PioBus>,
+    mmio: Arc<MmioBus>,
     control: Arc<VcpuControl>,
     counters: Arc<ExitCounters>,
     events: Sender<VmEvent>,
@@ -298,7 +299,7 @@ pub fn spawn(
                 .unwrap_or_else(|p| p.into_inner())
                 .push(me);
             let _ = ready_tx.send(());
-            run_loop(&mut vcpu, &bus, &ctl, &counters, &events);
+            run_loop(&mut vcpu, &bus, &mmio, &ctl, &counters, &events);
         })?;
     // The thread registers itself for kicks before anyone may pause it.
     let _ = ready_rx.recv();
@@ -308,6 +309,7 @@ pub fn spawn(
 fn run_loop(
     vcpu: &mut Vcpu,
     bus: &PioBus,
+    mmio: &MmioBus,
     ctl: &VcpuControl,
     c: &ExitCounters,
     events: &Sender<VmEvent>,
@@ -339,13 +341,14 @@ fn run_loop(
                 bus.read(port, data);
                 None
             }
-            Ok(VcpuExit::MmioRead(_, data)) => {
+            Ok(VcpuExit::MmioRead(addr, data)) => {
                 c.mmio.fetch_add(1, Ordering::Relaxed);
-                data.fill(0xff);
+                mmio.read(addr, data);
                 None
             }
-            Ok(VcpuExit::MmioWrite(..)) => {
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
                 c.mmio.fetch_add(1, Ordering::Relaxed);
+                mmio.write(addr, data);
                 None
             }
             Ok(VcpuExit::Hlt) => {

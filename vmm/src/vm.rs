@@ -9,14 +9,16 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use devices::pci::{PciBus, PciConfigIo, PciEcam, CONFIG_IO_LEN, CONFIG_IO_PORT};
 use devices::{
-    AcpiPmControl, DebugExit, PioBus, Serial, SerialCounters, ACPI_PM1A_EVT_PORT, ACPI_PM_PORTS,
-    COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, I8042, I8042_PORT,
+    AcpiPmControl, DebugExit, MmioBus, PioBus, Serial, SerialCounters, ACPI_PM1A_EVT_PORT,
+    ACPI_PM_PORTS, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, I8042, I8042_PORT,
 };
 use hypervisor::{DirtyTracking, MemorySlot, SyncKind, VmBuilder};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::boot::layout::{PCI_ECAM_SIZE, PCI_ECAM_START};
 use crate::config::{ConsoleMode, VmConfig};
 use crate::dirty::{self, RegionDirty};
 use crate::memory::GuestMemoryMmap;
@@ -394,7 +396,21 @@ impl Machine {
         bus.insert(I8042_PORT, 5, Arc::new(Mutex::new(I8042)));
         bus.insert(DEBUG_EXIT_PORT, 4, Arc::new(Mutex::new(DebugExit)));
         bus.insert(ACPI_PM1A_EVT_PORT, ACPI_PM_PORTS, pm.clone());
+        // PCI bus 0 (its host bridge for now), reached through 0xCF8/0xCFC and ECAM.
+        let pci = Arc::new(PciBus::default());
+        bus.insert(
+            CONFIG_IO_PORT,
+            CONFIG_IO_LEN,
+            Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+        );
+        let mut mmio = MmioBus::default();
+        mmio.insert(
+            PCI_ECAM_START,
+            PCI_ECAM_SIZE,
+            Arc::new(Mutex::new(PciEcam::new(pci))),
+        );
         let bus = Arc::new(bus);
+        let mmio = Arc::new(mmio);
 
         let control = Arc::new(VcpuControl::default());
         let exit_counters = Arc::new(ExitCounters::default());
@@ -405,6 +421,7 @@ impl Machine {
                 vcpu::spawn(
                     v,
                     bus.clone(),
+                    mmio.clone(),
                     control.clone(),
                     exit_counters.clone(),
                     tx.clone(),

@@ -108,3 +108,22 @@ fn verifier_catches_a_stale_page_written_by_the_vmm() {
     drop(m);
     let _ = std::fs::remove_file(serial);
 }
+
+/// The guest lists PCI bus 0 through ports 0xCF8/0xCFC and finds the same through ECAM
+/// at the address the MCFG table gives (QEMU's q35 and pc machines pass the same check:
+/// test_guest/pattern/tests/qemu_boot.rs).
+#[test]
+fn pci_scan_sees_the_host_bridge_through_cf8_and_ecam() {
+    let f = ferry(1, "workload=verify start=1M size=4M passes=1 pci=scan");
+    let (code, out) = f.wait(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("guest: pci 00:00.0 1b36:0008 class 060000"),
+        "the host bridge at 00:00.0: {out}"
+    );
+    assert!(
+        out.contains("guest: pci ecam 0xe0000000 agrees (1 devices)"),
+        "ECAM from MCFG agrees with 0xCF8: {out}"
+    );
+    assert!(!out.contains("FAIL"), "{out}");
+}

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::config::{BarKind, PciConfig, PciIds};
-use crate::{PioDevice, PlatformEvent};
+use crate::{MmioDevice, PioDevice, PlatformEvent};
 
 /// Devices per bus.
 pub const SLOTS: usize = 32;
@@ -283,6 +283,34 @@ impl PioDevice for PciConfigIo {
     }
 }
 
+/// The ECAM window of bus 0 as an MMIO device.
+pub struct PciEcam {
+    bus: Arc<PciBus>,
+}
+
+impl PciEcam {
+    pub fn new(bus: Arc<PciBus>) -> Self {
+        PciEcam { bus }
+    }
+}
+
+impl MmioDevice for PciEcam {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // Accesses of 1, 2 or 4 bytes within one dword, as the spec allows.
+        if matches!(data.len(), 1 | 2 | 4) && (offset % 4) as usize + data.len() <= 4 {
+            self.bus.read_ecam(offset, data);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if matches!(data.len(), 1 | 2 | 4) && (offset % 4) as usize + data.len() <= 4 {
+            self.bus.write_ecam(offset, data);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,6 +469,22 @@ mod tests {
         assert_eq!(bus.find_memory_bar(0xfe00_0ffe, 4), None, "crosses the end");
         assert_eq!(bus.find_io_bar(0xc004, 2).map(|h| h.bar), Some(1));
         assert_eq!(bus.find_io_bar(0xfe00, 2), None);
+    }
+
+    #[test]
+    fn ecam_takes_aligned_accesses_only() {
+        let mut ecam = PciEcam::new(Arc::new(PciBus::default()));
+        let mut b = [0; 4];
+        ecam.read(0, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x0008_1b36);
+        let mut w = [0; 2];
+        ecam.read(2, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x0008);
+        ecam.read(3, &mut w);
+        assert_eq!(w, [0xff; 2], "a word across the dword boundary");
+        let mut q = [0; 8];
+        ecam.read(0, &mut q);
+        assert_eq!(q, [0xff; 8], "8-byte accesses are not config accesses");
     }
 
     #[test]

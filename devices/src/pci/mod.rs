@@ -6,7 +6,7 @@ mod bus;
 mod config;
 
 pub use bus::{
-    BarHit, ConfigAddress, PciBus, PciBusError, PciConfigIo, PciDevice, PciHostBridge,
+    BarHit, ConfigAddress, PciBus, PciBusError, PciConfigIo, PciDevice, PciEcam, PciHostBridge,
     CONFIG_IO_LEN, CONFIG_IO_PORT, ECAM_BUS_SIZE, SLOTS,
 };
 pub use config::{

@@ -108,6 +108,12 @@ fn table_len(addr: u64) -> Option<u64> {
 
 /// Finds the MADT and lists its enabled CPUs.
 pub fn find_cpus(rsdp_hint: u64) -> Result<Madt, Error> {
+    let madt = find_table(rsdp_hint, b"APIC")?.ok_or(Error::NoMadt)?;
+    Ok(parse_madt(madt))
+}
+
+/// The address of the first valid table with signature `sig`, if the root lists one.
+pub fn find_table(rsdp_hint: u64, sig: &[u8; 4]) -> Result<Option<u64>, Error> {
     let rsdp = find_rsdp(rsdp_hint)?;
     let xsdt = if phys_read::<u8>(rsdp + 15) >= 2 {
         phys_read::<u64>(rsdp + 24)
@@ -120,7 +126,7 @@ pub fn find_cpus(rsdp_hint: u64) -> Result<Madt, Error> {
         (u64::from(phys_read::<u32>(rsdp + 16)), 4)
     };
     let root_len = table_len(root).ok_or(Error::BadRoot(root))?;
-    let madt = (0..(root_len - 36) / entry_size)
+    Ok((0..(root_len - 36) / entry_size)
         .map(|i| {
             let at = root + 36 + i * entry_size;
             if entry_size == 8 {
@@ -129,9 +135,7 @@ pub fn find_cpus(rsdp_hint: u64) -> Result<Madt, Error> {
                 u64::from(phys_read::<u32>(at))
             }
         })
-        .find(|&t| table_len(t).is_some() && signature(t) == *b"APIC")
-        .ok_or(Error::NoMadt)?;
-    Ok(parse_madt(madt))
+        .find(|&t| table_len(t).is_some() && signature(t) == *sig))
 }
 
 fn parse_madt(madt: u64) -> Madt {

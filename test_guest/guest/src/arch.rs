@@ -22,6 +22,24 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
+/// Writes a dword to an I/O port.
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as for `outb`: a port write touches device state only.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Reads a dword from an I/O port.
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as for `outb`: a port read has no effect on memory.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
 /// Reads a model-specific register.
 pub fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);

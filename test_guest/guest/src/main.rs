@@ -17,6 +17,7 @@ mod arch;
 mod boot;
 mod mem;
 mod paging;
+mod pci;
 mod pvh;
 mod smp;
 mod sys;
@@ -49,7 +50,7 @@ pub fn exit(code: u8) -> ! {
 }
 
 /// Prints `guest: FAIL <why>` and exits with failure.
-fn fail(why: fmt::Arguments) -> ! {
+pub(crate) fn fail(why: fmt::Arguments) -> ! {
     say!("FAIL {why}");
     exit(1)
 }
@@ -212,6 +213,9 @@ pub extern "C" fn bsp_main(start_info: u32) -> ! {
     }
     if info.ram_dropped > 0 {
         say!("note: {} memory map entries ignored", info.ram_dropped);
+    }
+    if cfg.pci_scan {
+        pci::scan(info.rsdp_paddr);
     }
     smp::GO.store(true, Ordering::Release);
     boot::enter_user(0, workload::run)

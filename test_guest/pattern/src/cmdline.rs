@@ -1,5 +1,6 @@
 //! The test guest's command line: `workload=idle|dirty|verify start=ADDR size=SIZE
-//! passes=N rate=PAGES_PER_SEC`, and the rules its workload region must follow.
+//! passes=N rate=PAGES_PER_SEC pci=scan|off`, and the rules its workload region must
+//! follow.
 //!
 //! Words are separated by whitespace. Words that are not `key=value` with one of the keys
 //! above are ignored (VMMs add their own, e.g. `console=ttyS0`); a known key with a value
@@ -52,6 +53,8 @@ pub struct Config {
     pub passes: Option<u64>,
     /// `rate=`: pages per second per vCPU; `None` = as fast as possible.
     pub rate: Option<u64>,
+    /// `pci=scan`: list PCI bus 0 at boot, through ports 0xCF8/0xCFC and through ECAM.
+    pub pci_scan: bool,
 }
 
 impl Default for Config {
@@ -62,6 +65,7 @@ impl Default for Config {
             size: DEFAULT_SIZE,
             passes: None,
             rate: None,
+            pci_scan: false,
         }
     }
 }
@@ -132,6 +136,13 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
             b"size" => c.size = parse_number(value).ok_or(bad)?,
             b"passes" => c.passes = Some(parse_number(value).filter(|&n| n > 0).ok_or(bad)?),
             b"rate" => c.rate = Some(parse_number(value).filter(|&n| n > 0).ok_or(bad)?),
+            b"pci" => {
+                c.pci_scan = match value {
+                    b"scan" => true,
+                    b"off" => false,
+                    _ => return Err(bad),
+                }
+            }
             _ => {}
         }
     }
@@ -275,7 +286,7 @@ mod tests {
 
     #[test]
     fn all_keys() {
-        let c = parse(b"console=ttyS0 workload=verify start=0x200000 size=64M passes=3 rate=1000 quiet\0junk=1").unwrap();
+        let c = parse(b"console=ttyS0 workload=verify start=0x200000 size=64M passes=3 rate=1000 pci=scan quiet\0junk=1").unwrap();
         assert_eq!(
             c,
             Config {
@@ -284,6 +295,15 @@ mod tests {
                 size: 64 << 20,
                 passes: Some(3),
                 rate: Some(1000),
+                pci_scan: true,
+            }
+        );
+        assert!(!parse(b"pci=scan pci=off").unwrap().pci_scan);
+        assert_eq!(
+            parse(b"pci=yes").unwrap_err(),
+            BadArgument {
+                key: b"pci",
+                value: b"yes"
             }
         );
         assert_eq!(parse(b"workload=dirty").unwrap().workload, Workload::Dirty);

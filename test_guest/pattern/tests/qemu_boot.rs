@@ -180,6 +180,39 @@ impl Drop for Qemu {
     }
 }
 
+/// `pci=scan` on QEMU's own PCI: the pc machine (0xCF8 only, no MCFG) and q35 (ECAM
+/// announced by MCFG). The same code checks Ferry's bus (vmm/tests/test_guest.rs).
+#[test]
+fn pci_scan_agrees_with_qemu_pc_and_q35() {
+    for (machine, bridge, ecam) in [
+        (
+            "pc",
+            "guest: pci 00:00.0 8086:1237 class 060000",
+            "guest: pci ecam none (no MCFG)",
+        ),
+        (
+            "q35",
+            "guest: pci 00:00.0 8086:29c0 class 060000",
+            "guest: pci ecam 0xb0000000 agrees (2 devices)",
+        ),
+    ] {
+        let mut q = Qemu::boot(
+            1,
+            "128",
+            "workload=verify size=4M passes=1 pci=scan",
+            &["-machine", machine],
+        );
+        let code = q.wait_exit(RUN_TIMEOUT);
+        let lines = q.guest_lines();
+        assert!(
+            lines.contains(&bridge) && lines.contains(&ecam),
+            "{machine}: {}",
+            q.transcript()
+        );
+        assert_eq!(code, Some(STATUS_PASS), "{machine}: {}", q.transcript());
+    }
+}
+
 fn ready_line(cpus: u32, workload: &str) -> String {
     format!("guest: ready cpus={cpus} workload={workload} ")
 }

@@ -1,4 +1,4 @@
-//! ACPI tables in the BIOS area at `ACPI_START`: RSDP -> XSDT -> {FADT, MADT},
+//! ACPI tables in the BIOS area at `ACPI_START`: RSDP -> XSDT -> {FADT, MADT, MCFG},
 //! FADT -> {FACS, DSDT}. A full (not hardware-reduced) ACPI platform, because guests use
 //! the legacy PIC/IOAPIC/LAPIC and i8042; power-off goes through the PM1a control
 //! register the `devices` crate emulates.
@@ -6,7 +6,7 @@
 use vm_memory::{Bytes, GuestAddress};
 
 use super::aml;
-use super::layout::{ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
+use super::layout::{ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR, PCI_ECAM_START};
 use super::BootError;
 use crate::memory::GuestMemoryMmap;
 
@@ -288,6 +288,18 @@ fn dsdt() -> Vec<u8> {
     t.finish()
 }
 
+/// MCFG: where PCI segment 0's ECAM is (bus 0 only).
+fn mcfg() -> Vec<u8> {
+    let mut t = Sdt::new(b"MCFG", 1);
+    t.u64(0) // reserved
+        .u64(PCI_ECAM_START)
+        .u16(0) // PCI segment group
+        .u8(0) // first bus
+        .u8(0) // last bus
+        .u32(0); // reserved
+    t.finish()
+}
+
 /// Writes the ACPI tables for `ncpus` vCPUs (APIC IDs 0..ncpus) at `ACPI_START` and
 /// returns the RSDP's address, which is `ACPI_START` (where scanning guests look) and
 /// what start_info.rsdp_paddr / boot_params.acpi_rsdp_addr should carry.
@@ -298,7 +310,8 @@ pub fn create_acpi_tables(mem: &GuestMemoryMmap, ncpus: u8) -> Result<GuestAddre
     let dsdt = dsdt();
     let madt = madt(ncpus);
     let facs = facs();
-    let xsdt_len = HEADER_LEN + 2 * 8;
+    let mcfg = mcfg();
+    let xsdt_len = HEADER_LEN + 3 * 8;
 
     // Lay the tables out one after the other; FACS must be 64-byte aligned.
     let mut next = ACPI_START.0;
@@ -312,6 +325,7 @@ pub fn create_acpi_tables(mem: &GuestMemoryMmap, ncpus: u8) -> Result<GuestAddre
     let facs_at = place(facs.len(), 64);
     let fadt_at = place(FADT_LEN, 16);
     let madt_at = place(madt.len(), 16);
+    let mcfg_at = place(mcfg.len(), 16);
     let dsdt_at = place(dsdt.len(), 16);
     if next > ACPI_END {
         return Err(BootError::AcpiTooBig {
@@ -320,7 +334,7 @@ pub fn create_acpi_tables(mem: &GuestMemoryMmap, ncpus: u8) -> Result<GuestAddre
         });
     }
     let fadt = fadt(facs_at, dsdt_at);
-    let xsdt = xsdt(&[fadt_at, madt_at]);
+    let xsdt = xsdt(&[fadt_at, madt_at, mcfg_at]);
     debug_assert_eq!(xsdt.len(), xsdt_len);
     let rsdp = rsdp(xsdt_at);
     for (what, at, bytes) in [
@@ -329,6 +343,7 @@ pub fn create_acpi_tables(mem: &GuestMemoryMmap, ncpus: u8) -> Result<GuestAddre
         ("FACS", facs_at, &facs),
         ("FADT", fadt_at, &fadt),
         ("MADT", madt_at, &madt),
+        ("MCFG", mcfg_at, &mcfg),
         ("DSDT", dsdt_at, &dsdt),
     ] {
         mem.write_slice(bytes, GuestAddress(at))
@@ -402,7 +417,11 @@ mod tests {
             assert_eq!(rsdp_at, ACPI_START);
             let tables = walk(&m, rsdp_at.0);
             let sigs: Vec<_> = tables.iter().map(|t| t.0).collect();
-            assert_eq!(sigs, vec![*b"FACP", *b"APIC"]);
+            assert_eq!(sigs, vec![*b"FACP", *b"APIC", *b"MCFG"]);
+            let mcfg = &tables[2].2;
+            assert_eq!(mcfg.len(), 60, "header, 8 reserved bytes, one allocation");
+            assert_eq!(u64_at(mcfg, 44), PCI_ECAM_START);
+            assert_eq!(&mcfg[52..56], &[0, 0, 0, 0], "segment 0, buses 0 to 0");
             for (_, at, t) in &tables {
                 assert!(*at >= ACPI_START.0 && at + t.len() as u64 <= ACPI_END);
             }

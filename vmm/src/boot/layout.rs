@@ -16,7 +16,8 @@
 //! 0x0009_fc00  EBDA_START            reserved up to 1 MiB
 //! 0x000e_0000  ACPI_START            RSDP, XSDT, FADT, FACS, MADT, DSDT
 //! 0x0010_0000  HIMEM_START           bzImage load address; guests' memory from here
-//! 0xc000_0000  MMIO_HOLE_START       32-bit MMIO hole (IOAPIC, LAPIC)
+//! 0xc000_0000  MMIO_HOLE_START       32-bit MMIO hole (PCI ECAM, IOAPIC, LAPIC)
+//! 0xe000_0000  PCI_ECAM_START        ECAM of PCI bus 0 (1 MiB, announced by MCFG)
 //! 0x1_0000_0000 HIGH_RAM_START       RAM above 3 GiB continues here
 //! ```
 
@@ -31,6 +32,9 @@ pub const EBDA_START: u64 = 0x9_fc00;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// RAM above the hole starts at 4 GiB.
 pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
+/// ECAM of PCI bus 0 (configuration space, 4 KiB per function) in the MMIO hole.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = devices::pci::ECAM_BUS_SIZE;
 /// The I/O APIC (KVM's in-kernel one) in the MMIO hole.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// The local APICs' default base.
