@@ -1,9 +1,10 @@
-//! PCI: configuration space, bus 0 with its host bridge, and the two ways a guest
-//! reaches configuration space (ports 0xCF8/0xCFC and ECAM). Virtio and other PCI
+//! PCI: configuration space, bus 0 with its host bridge, the two ways a guest reaches
+//! configuration space (ports 0xCF8/0xCFC and ECAM), and MSI-X. Virtio and other PCI
 //! devices build on [`PciDevice`].
 
 mod bus;
 mod config;
+mod msix;
 
 pub use bus::{
     BarHit, ConfigAddress, PciBus, PciBusError, PciConfigIo, PciDevice, PciEcam, PciHostBridge,
@@ -12,4 +13,8 @@ pub use bus::{
 pub use config::{
     Bar, BarKind, PciConfig, PciConfigError, PciConfigState, PciIds, BAR_SLOTS, COMMAND_BUS_MASTER,
     COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MEMORY, CONFIG_SIZE, CONFIG_STATE_VERSION,
+};
+pub use msix::{
+    MsiMessage, Msix, MsixEffect, MsixEntry, MsixError, MsixState, MsixTrigger, MSIX_CAP_ID,
+    MSIX_ENTRY_SIZE, MSIX_MAX_VECTORS, MSIX_STATE_VERSION,
 };
