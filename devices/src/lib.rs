@@ -7,6 +7,7 @@ mod i8042;
 pub mod pci;
 mod pm;
 mod serial;
+pub mod virtio;
 
 pub use bus::{MmioBus, MmioDevice, PioBus, PioDevice, PlatformEvent};
 pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT};
