@@ -174,30 +174,3 @@ fn memfds_hand_the_guest_ram_to_a_new_ferry_without_copying_it() {
     goes_on_cleanly(m);
     let _ = std::fs::remove_dir_all(&dir);
 }
-
-/// Both vCPUs rewrite 768 MiB as fast as they can: each pass finds it all dirty again, so
-/// no pass fits 20 ms until auto-converge holds the vCPUs back; then it completes, with
-/// nothing lost.
-#[test]
-fn auto_converge_brings_a_guest_that_outruns_the_link_over() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("tcp:127.0.0.1:{port}");
-    let m = move_guest(
-        "converge",
-        "size=1G",
-        "768M",
-        &url,
-        json!({"destination_url": url, "downtime_ms": 20, "timeout_s": 300}),
-    );
-    let throttle = m.info["cpu-throttle-percentage"].as_u64();
-    assert!(
-        throttle.is_some_and(|t| t >= 20),
-        "converged without throttling: {}",
-        m.info
-    );
-    goes_on_cleanly(m);
-}

@@ -76,6 +76,33 @@ impl TwoHosts {
         hosts
     }
 
+    /// Caps what host A sends over the link at `mbit` Mbit/s (a token bucket filter), so
+    /// a test's guest outruns the link whatever this machine's speed.
+    pub fn limit_rate(&self, mbit: u32) {
+        let rate = format!("{mbit}mbit");
+        let args = [
+            "netns",
+            "exec",
+            &self.a,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            &self.veth_a,
+            "root",
+            "tbf",
+            "rate",
+            &rate,
+            "burst",
+            "256kb",
+            "latency",
+            "100ms",
+        ];
+        if let Err(e) = ip(&args) {
+            panic!("cannot limit the link to {mbit} Mbit/s: {e}");
+        }
+    }
+
     /// Cuts the link silently: packets are dropped, no error reaches either side.
     pub fn cut_link(&self) {
         ip(&["-n", &self.a, "link", "set", &self.veth_a, "down"]).unwrap();
