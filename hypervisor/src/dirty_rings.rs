@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use crate::dirty_ring::{DirtyRing, RingEntry, RingIndexes};
+use crate::dirty_ring::{faulted_in, DirtyRing, RingEntry, RingIndexes};
 use crate::dirty_set::DirtyPageSet;
 use crate::{HypervisorError, Result};
 
@@ -87,9 +87,14 @@ impl DirtyRings {
             .iter()
             .map(|r| AtomicU32::new(r.reset_index()))
             .collect();
+        let most = rings
+            .iter()
+            .map(|r| r.entries() as usize)
+            .max()
+            .unwrap_or(0);
         DirtyRings {
             rings,
-            scratch: Vec::new(),
+            scratch: faulted_in(most),
             reset_indexes,
             failed: None,
             lose_next: false,
