@@ -141,6 +141,12 @@ impl CommonConfig {
         self.config_msix_vector
     }
 
+    /// Sets status bits that only the device sets (DEVICE_NEEDS_RESET), past the rules
+    /// for driver writes.
+    pub(crate) fn force_status(&mut self, status: u8) {
+        self.status = status;
+    }
+
     /// The device changed its configuration: drivers re-read it when this moves.
     pub fn bump_config_generation(&mut self) {
         self.config_generation = self.config_generation.wrapping_add(1);
