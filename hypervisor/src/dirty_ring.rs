@@ -295,27 +295,29 @@ impl DirtyRing {
 
     /// Once KVM's reset index has reached the fetch index: reads every entry flagged
     /// since the last check again. Each must be empty and name what it named when it was
-    /// flagged. Otherwise a push raced KVM's reset walk (KVM then reset, and write-protected,
-    /// a page nobody saw, or left a flagged one writable) or landed on a slot the walk had
-    /// just cleared with the ring a whole lap ahead: an overrun either way. Returns whether
-    /// all entries checked out.
+    /// flagged. Otherwise a push landed on it a lap ahead: it raced KVM's reset walk (KVM
+    /// then write-protected a page nobody saw, or left the flagged one writable, and may
+    /// have cleared a published entry unseen), or came right after the walk with the ring
+    /// a lap on. The entries cannot tell which, nor how far KVM got, so it counts as an
+    /// overrun either way. Returns whether all entries checked out.
     pub(crate) fn check_reset(&mut self) -> bool {
         debug_assert_eq!(self.pending_reset(), 0);
-        let mut clean = true;
-        for (i, expected) in self.flagged.iter().enumerate() {
+        let clean = self.flagged.iter().enumerate().all(|(i, expected)| {
             let index = self.flagged_from.wrapping_add(i as u32);
-            if self.flags(index).load(Ordering::Acquire) != 0 || self.read_entry(index) != *expected
-            {
-                clean = false;
-                break;
-            }
-        }
+            self.flags(index).load(Ordering::Acquire) == 0 && self.read_entry(index) == *expected
+        });
         self.flagged.clear();
         self.flagged_from = self.fetch_index;
         if !clean {
             self.may_be_ahead = true;
         }
         clean
+    }
+
+    /// The entry at KVM's reset index still carries RESET: KVM's last walk stopped
+    /// before it without being stopped by it (a pending signal).
+    pub(crate) fn reset_entry_still_flagged(&self) -> bool {
+        self.flags(self.reset_index).load(Ordering::Acquire) & GFN_F_RESET != 0
     }
 
     /// Steps over entries consumed out of order earlier (see `may_be_ahead`): when a

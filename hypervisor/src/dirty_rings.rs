@@ -288,13 +288,22 @@ impl DirtyRings {
                 return Err(self.fail(i, what));
             }
             calls += 1;
-            let count = kernel.reset_rings()?;
+            let count = match kernel.reset_rings() {
+                Ok(count) => count,
+                // What KVM reset before failing is unknown: the copy of its index is lost.
+                Err(e) => return Err(self.fail(i, e.to_string())),
+            };
             if !ring.note_reset(count) {
                 let what = format!(
                     "KVM_RESET_DIRTY_RINGS reset {count} entries, only {} were flagged",
                     ring.pending_reset()
                 );
                 return Err(self.fail(i, what));
+            }
+            if ring.pending_reset() > 0 && ring.reset_entry_still_flagged() {
+                // Interrupted: a kernel may have cleared the last entries of that walk
+                // without write-protecting their pages, which nothing here can see.
+                out.overflowed = true;
             }
             if ring.pending_reset() > 0 {
                 let Some(retaken) = ring

@@ -83,6 +83,8 @@ pub(crate) struct KvmModel {
     race_in_reset: Vec<(usize, u32, Vec<u64>)>,
     /// Run on every reset call, before KVM walks (a migration thread's take, say).
     pub before_reset: Option<ResetHook>,
+    /// Run on every reset call, after KVM walked (a vCPU pushing right after).
+    pub after_reset: Option<ResetHook>,
     // What the checker needs.
     /// Pages written since they last showed up in a take.
     unreported: HashSet<u64>,
@@ -104,6 +106,7 @@ impl KvmModel {
             race: vec![],
             race_in_reset: vec![],
             before_reset: None,
+            after_reset: None,
             unreported: HashSet::new(),
             leaked: HashSet::new(),
             writes: 0,
@@ -280,13 +283,24 @@ impl RingKernel for KvmModel {
             f(self);
             self.before_reset = Some(f);
         }
-        let mut budget = self.interrupt_after.take().unwrap_or(u32::MAX);
+        let interrupted = self.interrupt_after.take();
+        let mut budget = interrupted.unwrap_or(u32::MAX);
         let mut count = 0;
+        let mut last = None;
         for i in 0..self.rings.len() {
             loop {
                 let r = &self.rings[i];
                 let at = r.reset;
-                if budget == 0 || r.flags(at).load(Ordering::Acquire) & GFN_F_RESET == 0 {
+                if r.flags(at).load(Ordering::Acquire) & GFN_F_RESET == 0 {
+                    break;
+                }
+                if budget == 0 {
+                    // A pending signal: the walk stops here, and (as a kernel may) leaves
+                    // the last entry it cleared without write-protecting its page.
+                    if let Some(page) = last.take() {
+                        self.protected[page as usize] = false;
+                        self.leaked.insert(page);
+                    }
                     break;
                 }
                 if let Some(pages) = Self::due(&mut self.race_in_reset, i, at) {
@@ -299,9 +313,14 @@ impl RingKernel for KvmModel {
                 r.flags(r.reset).store(0, Ordering::Release);
                 self.rings[i].reset = self.rings[i].reset.wrapping_add(1);
                 self.protected[page as usize] = true;
+                last = Some(page);
                 budget -= 1;
                 count += 1;
             }
+        }
+        if let Some(mut f) = self.after_reset.take() {
+            f(self);
+            self.after_reset = Some(f);
         }
         Ok(count)
     }
@@ -692,19 +711,54 @@ mod tests {
         );
     }
 
-    /// A reset a signal stops part-way is finished with more calls, counted.
+    /// A reset a signal stops part-way is finished with more calls, counted, and reported
+    /// as an overrun: the kernel may have left the last page of that walk writable
+    /// without an entry (Ferry blocks every signal around the call, so only a fatal one
+    /// gets here on a real host).
     #[test]
-    fn an_interrupted_reset_is_finished() {
+    fn an_interrupted_reset_is_finished_and_reported() {
         let (mut kvm, mut rings) = KvmModel::new(1, 256, 64, PAGES);
         let sink = KvmModel::sink(PAGES);
         for p in 0..100 {
             kvm.write(0, p);
         }
-        kvm.interrupt_next_reset_after(0);
+        kvm.interrupt_next_reset_after(40);
         let c = collect(&mut kvm, &mut rings, &sink);
         assert_eq!(c.entries, 100);
         assert_eq!(c.extra_resets, 1);
-        assert!(!c.overflowed);
+        assert!(c.overflowed, "{c:?}");
+        assert!(kvm.anything_leaked(), "the model left page 39 writable");
+        kvm.take(&sink);
+        kvm.write(0, 39);
+        collect(&mut kvm, &mut rings, &sink);
+        // Only the final collection's copy of all RAM (after an overrun) covers it.
+        finish_like_vm(&mut kvm, &mut rings, &sink, true);
+    }
+
+    /// A legitimate push right after KVM's walk lands on a slot just reset (the ring a
+    /// lap on, still below its soft limit). The check after the reset cannot tell it from
+    /// a racing push, nor how far KVM got, so it reports an overrun: all RAM is sent again,
+    /// a cost paid only with a ring nearly full, and nothing is lost. (Keeping just the two
+    /// pages a mismatch names was tried: a push a little further on overwrites an entry
+    /// nobody took, and random seed 11 lost a page.)
+    #[test]
+    fn a_push_after_the_walk_on_a_slot_just_reset_is_counted_as_an_overrun() {
+        let (mut kvm, mut rings) = KvmModel::new(1, 256, 64, PAGES);
+        let sink = KvmModel::sink(PAGES);
+        for p in 0..192 {
+            kvm.write(0, p);
+        }
+        kvm.after_reset = Some(Box::new(|k: &mut KvmModel| {
+            for p in 1000..1065 {
+                k.write(0, p);
+            }
+        }));
+        let c = collect(&mut kvm, &mut rings, &sink);
+        kvm.after_reset = None;
+        assert!(c.overflowed, "{c:?}");
+        collect(&mut kvm, &mut rings, &sink);
+        kvm.take(&sink);
+        assert_eq!(kvm.lost(), Vec::<u64>::new());
     }
 
     /// The checker's own proof: a ring that silently drops one entry is caught.
@@ -815,10 +869,12 @@ mod tests {
                             .collect();
                         kvm.race_at(v, at, ps);
                     }
-                    if rng.below(4) == 0 {
+                    // Rare: Ferry blocks signals around the reset, and an interrupted
+                    // walk is an overrun (all RAM), which would hide everything else.
+                    if rng.below(400) == 0 {
                         kvm.interrupt_next_reset_after(rng.below(8) as u32);
                     }
-                    if rng.below(3) == 0 {
+                    if rng.below(40) == 0 {
                         // The vCPU of some ring pushes while KVM's reset walk is inside it.
                         let v = rng.below(n as u64) as usize;
                         let idx = rings.indexes(v).unwrap();
@@ -852,6 +908,15 @@ mod tests {
         }
         finish(seed, &mut kvm, &mut rings, &sink, overflowed);
         seen
+    }
+
+    fn finish_like_vm(
+        kvm: &mut KvmModel,
+        rings: &mut DirtyRings,
+        sink: &DirtyPageSet,
+        overflowed: bool,
+    ) {
+        finish(0, kvm, rings, sink, overflowed);
     }
 
     /// The final collection, every vCPU parked: after an overrun in this log it copies

@@ -369,39 +369,41 @@ pub enum SyncKind {
     Final,
 }
 
-/// Blocks the vCPU kick signal in this thread until dropped.
-struct KicksHeld {
+/// Blocks every signal that can be blocked in this thread until dropped. A pending
+/// signal stops KVM's reset walk part-way, and a kernel may then leave the last entries
+/// it cleared without write-protecting their pages; blocked signals are not pending for
+/// it, and are delivered when the mask is restored (a kick then ends the vCPU's next
+/// `KVM_RUN` as usual).
+struct SignalsHeld {
     old: libc::sigset_t,
 }
 
-impl KicksHeld {
-    fn new() -> KicksHeld {
-        // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it fully, and
+impl SignalsHeld {
+    fn new() -> SignalsHeld {
+        // SAFETY: sigset_t is plain data; sigfillset initialises it fully, and
         // pthread_sigmask only changes this thread's mask (the old one is kept to restore).
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, crate::vcpu::kick_signal());
+            libc::sigfillset(&mut set);
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
-            KicksHeld { old }
+            SignalsHeld { old }
         }
     }
 }
 
-impl Drop for KicksHeld {
+impl Drop for SignalsHeld {
     fn drop(&mut self) {
         // SAFETY: restores the mask saved in `new` for this same thread.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
     }
 }
 
-/// KVM's half of the ring protocol on a real VM. Kicks are held off while it exists: a
-/// pending signal makes KVM stop a reset part-way, and a kick arriving meanwhile is
-/// delivered right after and ends the vCPU's next `KVM_RUN` as usual.
+/// KVM's half of the ring protocol on a real VM. Signals are held off while it exists
+/// (see [`SignalsHeld`]).
 struct KvmRings<'a> {
     fd: &'a VmFd,
-    _held: KicksHeld,
+    _held: SignalsHeld,
 }
 
 impl RingKernel for KvmRings<'_> {
@@ -507,7 +509,7 @@ impl Vm {
     fn kvm_rings(&self) -> KvmRings<'_> {
         KvmRings {
             fd: &self.fd,
-            _held: KicksHeld::new(),
+            _held: SignalsHeld::new(),
         }
     }
 
