@@ -709,10 +709,13 @@ impl Vm {
         let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
         match self.tracking {
             DirtyTracking::Ring { backup_bitmap, .. } => {
+                // The final collection also looks past an empty entry at each fetch index
+                // (every vCPU is parked, so nothing moves): a hole nobody knew of is then
+                // found, and counted as an overrun.
                 let got = self.lost_step_on_error(rings.collect_all(
                     &mut self.kvm_rings(),
                     &self.dirty,
-                    false,
+                    kind == SyncKind::Final,
                 ))?;
                 self.count(&got);
                 if kind == SyncKind::Final && self.out_of_step.load(Ordering::Acquire) {
