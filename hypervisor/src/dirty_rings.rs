@@ -61,6 +61,23 @@ impl Collected {
     }
 }
 
+/// What made the rings give up (kept to fail every later collection the same way).
+struct OutOfStep {
+    index: u32,
+    what: String,
+    indexes: RingIndexes,
+}
+
+impl OutOfStep {
+    fn error(&self) -> HypervisorError {
+        HypervisorError::RingOutOfStep {
+            index: self.index,
+            what: self.what.clone(),
+            indexes: self.indexes,
+        }
+    }
+}
+
 /// Every vCPU's ring, under one lock held by whoever harvests.
 pub(crate) struct DirtyRings {
     rings: Vec<DirtyRing>,
@@ -72,7 +89,7 @@ pub(crate) struct DirtyRings {
     /// Set once a ring could not be kept in step with KVM (see `RingOutOfStep`): no ring
     /// is flagged again, since a wrong copy of KVM's reset index could make a flag take it
     /// past its dirty index; every later collection fails with this.
-    failed: Option<(u32, String, RingIndexes)>,
+    failed: Option<OutOfStep>,
     /// Test seam: the page of the next harvested entry is dropped from that harvest, to
     /// prove that the no-lost-page checkers do catch a lost page. Never set outside tests.
     lose_next: bool,
@@ -189,12 +206,8 @@ impl DirtyRings {
         sink: &DirtyPageSet,
         look_ahead: bool,
     ) -> Result<Collected> {
-        if let Some((index, what, indexes)) = &self.failed {
-            return Err(HypervisorError::RingOutOfStep {
-                index: *index,
-                what: what.clone(),
-                indexes: *indexes,
-            });
+        if let Some(failed) = &self.failed {
+            return Err(failed.error());
         }
         self.scratch.clear();
         let mut out = Collected::default();
@@ -259,13 +272,14 @@ impl DirtyRings {
 
     /// Gives up on the rings: see `failed`.
     fn fail(&mut self, i: usize, what: String) -> HypervisorError {
-        let indexes = self.rings[i].indexes();
-        self.failed = Some((i as u32, what.clone(), indexes));
-        HypervisorError::RingOutOfStep {
+        let failed = OutOfStep {
             index: i as u32,
             what,
-            indexes,
-        }
+            indexes: self.rings[i].indexes(),
+        };
+        let e = failed.error();
+        self.failed = Some(failed);
+        e
     }
 
     /// Calls `KVM_RESET_DIRTY_RINGS` until KVM's reset index for ring `i` is its fetch
@@ -300,12 +314,12 @@ impl DirtyRings {
                 );
                 return Err(self.fail(i, what));
             }
-            if ring.pending_reset() > 0 && ring.reset_entry_still_flagged() {
-                // Interrupted: a kernel may have cleared the last entries of that walk
-                // without write-protecting their pages, which nothing here can see.
-                out.overflowed = true;
-            }
             if ring.pending_reset() > 0 {
+                if ring.reset_entry_still_flagged() {
+                    // Interrupted: a kernel may have cleared the last entries of that walk
+                    // without write-protecting their pages, which nothing here can see.
+                    out.overflowed = true;
+                }
                 let Some(retaken) = ring
                     .retake_overwritten(&mut self.scratch, |x| kernel.between_read_and_flag(i, x))
                 else {

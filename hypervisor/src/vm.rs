@@ -574,7 +574,6 @@ impl Vm {
             );
         }
         if c.overflowed || c.bad_entry.is_some() {
-            self.out_of_step.store(true, Ordering::Release);
             if s.ring_overflows.fetch_add(1, Ordering::Relaxed) == 0 {
                 log::warn!(
                     "{}; marking all guest RAM dirty now and in the final pass so no page \
@@ -590,9 +589,7 @@ impl Vm {
                     }
                 );
             }
-            for slot in self.dirty.slots() {
-                slot.mark_all();
-            }
+            self.lose_step();
         }
     }
 
@@ -601,12 +598,18 @@ impl Vm {
     fn lost_step_on_error<T>(&self, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
             log::error!("{e}; marking all guest RAM dirty");
-            self.out_of_step.store(true, Ordering::Release);
-            for slot in self.dirty.slots() {
-                slot.mark_all();
-            }
+            self.lose_step();
         }
         r
+    }
+
+    /// The rings lost step with KVM: every page is dirty now, and again in the final
+    /// sync of this log.
+    fn lose_step(&self) {
+        self.out_of_step.store(true, Ordering::Release);
+        for slot in self.dirty.slots() {
+            slot.mark_all();
+        }
     }
 
     fn rings_entries(&self) -> u32 {
