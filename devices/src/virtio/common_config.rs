@@ -318,6 +318,76 @@ impl CommonConfig {
     }
 }
 
+/// The common configuration as migrated.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CommonConfigState {
+    pub device_features: u64,
+    pub driver_features: u64,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
+    pub status: u8,
+    pub config_generation: u8,
+    pub config_msix_vector: u16,
+    pub queue_select: u16,
+    pub queues: Vec<super::QueueState>,
+    pub queue_msix_vectors: Vec<u16>,
+}
+
+impl CommonConfig {
+    pub fn state(&self) -> CommonConfigState {
+        CommonConfigState {
+            device_features: self.device_features,
+            driver_features: self.driver_features,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            status: self.status,
+            config_generation: self.config_generation,
+            config_msix_vector: self.config_msix_vector,
+            queue_select: self.queue_select,
+            queues: self.queues.iter().map(super::QueueState::of).collect(),
+            queue_msix_vectors: self.queue_msix_vectors.clone(),
+        }
+    }
+
+    /// Takes a migrated state. It must come from the same device (same features offered,
+    /// same queues); nothing changes if it does not fit.
+    pub fn restore(&mut self, s: &CommonConfigState) -> Result<(), String> {
+        if s.device_features != self.device_features {
+            return Err(format!(
+                "the source device offered features {:#x}, this one offers {:#x}",
+                s.device_features, self.device_features
+            ));
+        }
+        if s.queues.len() != self.queues.len() || s.queue_msix_vectors.len() != self.queues.len() {
+            return Err(format!(
+                "the source device had {} queues, this one has {}",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        let queues = s
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| q.to_queue().map_err(|e| format!("queue {i}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.driver_features = s.driver_features;
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.status = s.status;
+        self.config_generation = s.config_generation;
+        self.config_msix_vector = s.config_msix_vector;
+        self.queue_select = s.queue_select;
+        self.queues = queues;
+        self.queue_msix_vectors = s.queue_msix_vectors.clone();
+        Ok(())
+    }
+
+    pub fn queue_msix_vectors(&self) -> &[u16] {
+        &self.queue_msix_vectors
+    }
+}
+
 /// The 32-bit half of `features` that `select` picks (0 = low, 1 = high, else none).
 fn half(features: u64, select: u32) -> u64 {
     match select {

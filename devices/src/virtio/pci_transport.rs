@@ -4,15 +4,21 @@
 //! capability. The device behind it only sees [`VirtioDevice`] calls; interrupts leave
 //! through an [`InterruptSink`] (KVM routes and irqfds in the VMM, a recorder in tests).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::common_config::{
-    CommonConfig, CommonConfigError, StatusChange, COMMON_CONFIG_SIZE, NO_VECTOR,
+    CommonConfig, CommonConfigError, CommonConfigState, StatusChange, COMMON_CONFIG_SIZE,
 };
+use super::device::VirtioDevice;
+use super::interrupt::{InterruptSink, VirtioInterrupt};
+use super::state::QueueState;
+use super::worker::QueueWorker;
+use crate::guest_ram::GuestRam;
 use crate::pci::{
-    BarKind, Msix, MsixEffect, MsixError, MsixTrigger, PciConfig, PciConfigError, PciDevice,
+    BarKind, Msix, MsixError, MsixState, PciConfig, PciConfigError, PciConfigState, PciDevice,
     PciIds, MSIX_CAP_ID,
 };
 
@@ -41,40 +47,8 @@ const BAR_SIZE: u64 = 0x8000;
 /// Vectors fit in the 8 KiB between the table and the PBA.
 const MAX_VECTORS: u16 = ((MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET) / 16) as u16;
 
-const ISR_QUEUE: u8 = 1 << 0;
-const ISR_CONFIG: u8 = 1 << 1;
-
-/// A virtio device, as the transport drives it.
-pub trait VirtioDevice: Send {
-    /// The virtio device type (2 block, 4 entropy, ...).
-    fn device_type(&self) -> u16;
-    /// PCI class code (base, sub, interface) the function shows.
-    fn pci_class(&self) -> u32;
-    fn queue_max_sizes(&self) -> Vec<u16>;
-    /// Features offered; VERSION_1 must be among them.
-    fn features(&self) -> u64;
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// DRIVER_OK: start with the agreed features and the queues the driver enabled
-    /// (index, queue). An error sets DEVICE_NEEDS_RESET for the driver to see.
-    fn activate(&mut self, features: u64, queues: Vec<(u16, Queue)>) -> Result<(), String>;
-    /// The driver reset the device: stop, finish or drop what is in flight, forget the
-    /// queues.
-    fn reset(&mut self);
-    /// The driver notified queue `queue` (the VMM wires an ioeventfd instead where it can).
-    fn queue_notified(&mut self, _queue: u16) {}
-}
-
-/// Where interrupts go.
-pub trait InterruptSink: Send + Sync {
-    /// An MSI-X route changed, or a message is to be sent.
-    fn msix(&self, effect: MsixEffect);
-    /// INTx level (for drivers that do not enable MSI-X).
-    fn intx(&self, level: bool);
-}
-
 /// Why a transport could not be built (VMM bugs).
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error(transparent)]
     Common(#[from] CommonConfigError),
@@ -84,37 +58,98 @@ pub enum TransportError {
     Msix(#[from] MsixError),
     #[error("{queues} queues need {queues} + 1 MSI-X vectors, more than the {MAX_VECTORS} the BAR holds")]
     TooManyQueues { queues: usize },
+    #[error("eventfd for {what}: {source}")]
+    EventFd {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why a migrated state was refused. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("virtio-pci state version {found} (expected {VIRTIO_PCI_STATE_VERSION})")]
+    Version { found: u32 },
+    #[error("{name}: the state is for virtio device type {found}, this is type {expected}")]
+    DeviceType {
+        name: String,
+        found: u16,
+        expected: u16,
+    },
+    #[error("{name}: {why}")]
+    Mismatch { name: String, why: String },
+    #[error("{name}: cannot start the queue worker: {source}")]
+    Worker {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 const DEVICE_NEEDS_RESET: u8 = 64;
+/// Feature bit: the used/available event index mechanism.
+const VIRTIO_RING_F_EVENT_IDX: u64 = 29;
 
-/// One virtio device on PCI.
-pub struct VirtioPciDevice<D: VirtioDevice> {
-    device: D,
-    config: PciConfig,
-    common: CommonConfig,
-    msix: Msix,
-    msix_cap: usize,
-    isr: u8,
-    interrupts: Arc<dyn InterruptSink>,
-    active: bool,
+/// Version of [`VirtioPciState`].
+pub const VIRTIO_PCI_STATE_VERSION: u32 = 1;
+
+/// One virtio-pci function as migrated.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct VirtioPciState {
+    pub version: u32,
+    pub device_type: u16,
+    pub pci: PciConfigState,
+    pub msix: MsixState,
+    pub common: CommonConfigState,
+    pub isr: u8,
+    /// The queues the device was serving (index, where it stood), when DRIVER_OK.
+    pub running: Option<Vec<(u16, QueueState)>>,
 }
 
-impl<D: VirtioDevice> VirtioPciDevice<D> {
-    pub fn new(device: D, interrupts: Arc<dyn InterruptSink>) -> Result<Self, TransportError> {
-        let sizes = device.queue_max_sizes();
+/// One virtio device on PCI.
+pub struct VirtioPciDevice {
+    name: String,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    device_type: u16,
+    config: PciConfig,
+    common: CommonConfig,
+    msix_cap: usize,
+    interrupt: Arc<VirtioInterrupt>,
+    /// One per queue, written by KVM (ioeventfd) or by a notify exit.
+    notifiers: Vec<EventFd>,
+    ram: GuestRam,
+    worker: Option<QueueWorker>,
+}
+
+impl VirtioPciDevice {
+    pub fn new(
+        name: String,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        ram: GuestRam,
+        interrupts: Arc<dyn InterruptSink>,
+    ) -> Result<Self, TransportError> {
+        let (device_type, class, sizes, features) = {
+            let d = device.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                d.device_type(),
+                d.pci_class(),
+                d.queue_max_sizes(),
+                d.features(),
+            )
+        };
         let vectors = u16::try_from(sizes.len() + 1)
             .ok()
             .filter(|&v| v <= MAX_VECTORS)
             .ok_or(TransportError::TooManyQueues {
                 queues: sizes.len(),
             })?;
-        let common = CommonConfig::new(device.features(), &sizes)?;
+        let common = CommonConfig::new(features, &sizes)?;
         let msix = Msix::new(vectors)?;
         let mut config = PciConfig::new(PciIds {
             vendor: VIRTIO_PCI_VENDOR,
-            device: DEVICE_ID_BASE + device.device_type(),
-            class: device.pci_class(),
+            device: DEVICE_ID_BASE + device_type,
+            class,
             revision: 1,
             subsystem_vendor: VIRTIO_PCI_VENDOR,
             subsystem: 0x40,
@@ -159,90 +194,132 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             MSIX_PBA_OFFSET as u32,
         );
         let msix_cap = config.add_capability(MSIX_CAP_ID, &body, &mask)?;
+        let notifiers = (0..sizes.len())
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| TransportError::EventFd {
+                what: "queue notification",
+                source,
+            })?;
         Ok(VirtioPciDevice {
+            name,
             device,
+            device_type,
             config,
             common,
-            msix,
             msix_cap,
-            isr: 0,
-            interrupts,
-            active: false,
+            interrupt: Arc::new(VirtioInterrupt::new(msix, sizes.len(), interrupts)),
+            notifiers,
+            ram,
+            worker: None,
         })
     }
 
-    pub fn device(&self) -> &D {
-        &self.device
-    }
-
-    pub fn device_mut(&mut self) -> &mut D {
-        &mut self.device
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn is_active(&self) -> bool {
-        self.active
+        self.worker.is_some()
     }
 
-    /// The device put buffers in queue `queue`'s used ring: interrupt the driver.
-    pub fn signal_used_queue(&mut self, queue: u16) {
-        let vector = self
+    /// Each queue's notification eventfd and its offset in BAR 0 (for KVM ioeventfds).
+    pub fn notifiers(&self) -> impl Iterator<Item = (u64, &EventFd)> {
+        self.notifiers
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| (NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_MULTIPLIER), fd))
+    }
+
+    /// The interrupt side, for a device that signals on its own (config changes).
+    pub fn interrupt(&self) -> &Arc<VirtioInterrupt> {
+        &self.interrupt
+    }
+
+    /// Stops serving requests once the one in progress is done (migration's stop-and-copy).
+    pub fn pause(&self) {
+        if let Some(w) = &self.worker {
+            w.pause();
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
+    }
+
+    /// Keeps the agreed MSI-X vectors where the worker's signals read them.
+    fn sync_vectors(&self) {
+        let mut s = self.interrupt.lock();
+        s.queue_vectors = self.common.queue_msix_vectors().to_vec();
+        s.config_vector = self.common.config_msix_vector();
+    }
+
+    fn start_worker(&mut self, queues: Vec<(u16, Queue)>) -> Result<(), std::io::Error> {
+        self.sync_vectors();
+        let w = QueueWorker::spawn(
+            self.name.clone(),
+            self.device.clone(),
+            queues,
+            &self.notifiers,
+            self.ram.clone(),
+            self.interrupt.clone(),
+        )?;
+        self.worker = Some(w);
+        Ok(())
+    }
+
+    fn activate(&mut self) {
+        let features = self.common.driver_features();
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let queues: Vec<(u16, Queue)> = self
             .common
-            .queue_msix_vector(usize::from(queue))
-            .unwrap_or(NO_VECTOR);
-        self.signal(vector, ISR_QUEUE);
-    }
-
-    /// The device changed its configuration.
-    pub fn signal_config_change(&mut self) {
-        self.common.bump_config_generation();
-        let vector = self.common.config_msix_vector();
-        self.signal(vector, ISR_CONFIG);
-    }
-
-    fn signal(&mut self, vector: u16, isr: u8) {
-        if self.msix.enabled() {
-            if vector == NO_VECTOR {
-                return;
-            }
-            if let MsixTrigger::Send(message) = self.msix.trigger(vector) {
-                self.interrupts.msix(MsixEffect::Send { vector, message });
-            }
+            .queues()
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.ready())
+            // The worker gets its own copy; the registers keep theirs for the driver to
+            // read back.
+            .filter_map(|(i, q)| {
+                let mut q = Queue::try_from(q.state()).ok()?;
+                q.set_event_idx(event_idx);
+                Some((i as u16, q))
+            })
+            .collect();
+        let accepted = self
+            .device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .activate(features);
+        let started = accepted.and_then(|()| self.start_worker(queues).map_err(|e| e.to_string()));
+        if let Err(e) = started {
+            log::warn!("{}: cannot start: {e}", self.name);
+            self.needs_reset();
         } else {
-            self.isr |= isr;
-            self.interrupts.intx(true);
+            log::info!(
+                "{}: driver ready, features {features:#x}{}",
+                self.name,
+                if event_idx { " (event idx)" } else { "" }
+            );
         }
     }
 
     fn write_common(&mut self, offset: u64, data: &[u8]) {
-        match self.common.write(offset, data) {
-            StatusChange::Activate => {
-                let queues = self
-                    .common
-                    .queues()
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, q)| virtio_queue::QueueT::ready(*q))
-                    // The device gets its own copy; the registers keep theirs for the
-                    // driver to read back.
-                    .filter_map(|(i, q)| Queue::try_from(q.state()).ok().map(|q| (i as u16, q)))
-                    .collect();
-                match self.device.activate(self.common.driver_features(), queues) {
-                    Ok(()) => self.active = true,
-                    Err(e) => {
-                        log::warn!(
-                            "virtio device type {} failed to start: {e}",
-                            self.device.device_type()
-                        );
-                        self.needs_reset();
-                    }
-                }
-            }
+        let change = self.common.write(offset, data);
+        self.sync_vectors();
+        match change {
+            StatusChange::Activate => self.activate(),
             StatusChange::Reset => {
-                if std::mem::take(&mut self.active) {
-                    self.device.reset();
+                // Joins the worker: no request is in flight after this.
+                if self.worker.take().is_some() {
+                    self.device
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .reset();
                 }
-                self.isr = 0;
-                self.interrupts.intx(false);
+                self.interrupt.lock().isr = 0;
+                self.interrupt.sink().intx(false);
             }
             StatusChange::Failed | StatusChange::None => {}
         }
@@ -253,11 +330,106 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         // write rules.
         let status = self.common.status() | DEVICE_NEEDS_RESET;
         self.common.force_status(status);
-        self.signal_config_change();
+        self.common.bump_config_generation();
+        self.interrupt.signal_config();
+    }
+
+    /// The function's state. Pause first: a running worker moves its queues on.
+    pub fn state(&self) -> VirtioPciState {
+        let (msix, isr) = {
+            let s = self.interrupt.lock();
+            (s.msix.state(), s.isr)
+        };
+        VirtioPciState {
+            version: VIRTIO_PCI_STATE_VERSION,
+            device_type: self.device_type,
+            pci: self.config.state(),
+            msix,
+            common: self.common.state(),
+            isr,
+            running: self.worker.as_ref().map(QueueWorker::queue_states),
+        }
+    }
+
+    /// Takes a migrated state (before the vCPUs run). The device resumes serving where
+    /// the source stopped, looking at every queue once for requests made meanwhile.
+    pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), RestoreError> {
+        let mismatch = |why: String| RestoreError::Mismatch {
+            name: self.name.clone(),
+            why,
+        };
+        if s.version != VIRTIO_PCI_STATE_VERSION {
+            return Err(RestoreError::Version { found: s.version });
+        }
+        if s.device_type != self.device_type {
+            return Err(RestoreError::DeviceType {
+                name: self.name.clone(),
+                found: s.device_type,
+                expected: self.device_type,
+            });
+        }
+        let mut common = CommonConfig::new(self.common.state().device_features, &{
+            self.common
+                .queues()
+                .iter()
+                .map(|q| q.max_size())
+                .collect::<Vec<_>>()
+        })
+        .map_err(|e| mismatch(e.to_string()))?;
+        common.restore(&s.common).map_err(mismatch)?;
+        let running = match &s.running {
+            None => None,
+            Some(qs) => Some(
+                qs.iter()
+                    .map(|(i, q)| {
+                        q.to_queue()
+                            .map(|q| (*i, q))
+                            .map_err(|e| mismatch(format!("running queue {i}: {e}")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        if let Some(qs) = &running {
+            if let Some((i, _)) = qs
+                .iter()
+                .find(|(i, _)| usize::from(*i) >= self.notifiers.len())
+            {
+                return Err(mismatch(format!("running queue {i} does not exist")));
+            }
+        }
+        let mut config = self.config.clone();
+        config
+            .restore(&s.pci)
+            .map_err(|e| mismatch(e.to_string()))?;
+        let mut msix = self.interrupt.lock().msix.clone();
+        let effects = msix.restore(&s.msix).map_err(|e| mismatch(e.to_string()))?;
+        // Everything fits: apply.
+        self.worker = None;
+        self.config = config;
+        self.common = common;
+        {
+            let mut st = self.interrupt.lock();
+            st.msix = msix;
+            st.isr = s.isr;
+        }
+        self.interrupt.apply(effects);
+        if let Some(qs) = running {
+            self.device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .activate(self.common.driver_features())
+                .map_err(|e| mismatch(format!("device refused the agreed features: {e}")))?;
+            self.start_worker(qs)
+                .map_err(|source| RestoreError::Worker {
+                    name: self.name.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
     }
 }
 
-impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
+impl PciDevice for VirtioPciDevice {
     fn config(&self) -> &PciConfig {
         &self.config
     }
@@ -272,9 +444,8 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
         if offset < ctl + 2 && offset + data.len() > ctl {
             let b = self.config.bytes();
             let value = u16::from_le_bytes([b[ctl], b[ctl + 1]]);
-            for effect in self.msix.control_written(value) {
-                self.interrupts.msix(effect);
-            }
+            let effects = self.interrupt.lock().msix.control_written(value);
+            self.interrupt.apply(effects);
         }
     }
 
@@ -288,19 +459,21 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
             o if o + len <= COMMON_OFFSET + COMMON_CONFIG_SIZE => self.common.read(o, data),
             o if o == ISR_OFFSET && len == 1 => {
                 // Reading the ISR acknowledges it and drops the INTx line.
-                data[0] = std::mem::take(&mut self.isr);
-                self.interrupts.intx(false);
+                data[0] = std::mem::take(&mut self.interrupt.lock().isr);
+                self.interrupt.sink().intx(false);
             }
-            o if o >= DEVICE_OFFSET && o + len <= DEVICE_OFFSET + DEVICE_LEN => {
-                self.device.read_config(o - DEVICE_OFFSET, data)
-            }
-            o if o >= MSIX_TABLE_OFFSET
-                && o + len <= MSIX_TABLE_OFFSET + self.msix.table_size() =>
-            {
-                self.msix.read_table(o - MSIX_TABLE_OFFSET, data)
-            }
-            o if o >= MSIX_PBA_OFFSET && o + len <= MSIX_PBA_OFFSET + self.msix.pba_size() => {
-                self.msix.read_pba(o - MSIX_PBA_OFFSET, data)
+            o if o >= DEVICE_OFFSET && o + len <= DEVICE_OFFSET + DEVICE_LEN => self
+                .device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .read_config(o - DEVICE_OFFSET, data),
+            o if o >= MSIX_TABLE_OFFSET => {
+                let s = self.interrupt.lock();
+                if o + len <= MSIX_TABLE_OFFSET + s.msix.table_size() {
+                    s.msix.read_table(o - MSIX_TABLE_OFFSET, data)
+                } else if o >= MSIX_PBA_OFFSET && o + len <= MSIX_PBA_OFFSET + s.msix.pba_size() {
+                    s.msix.read_pba(o - MSIX_PBA_OFFSET, data)
+                }
             }
             _ => {}
         }
@@ -311,27 +484,37 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
             return;
         }
         let len = data.len() as u64;
-        let queues = self.common.queues().len() as u64;
+        let queues = self.notifiers.len() as u64;
         match offset {
             o if o + len <= COMMON_OFFSET + COMMON_CONFIG_SIZE => self.write_common(o, data),
-            o if o >= DEVICE_OFFSET && o + len <= DEVICE_OFFSET + DEVICE_LEN => {
-                self.device.write_config(o - DEVICE_OFFSET, data)
-            }
-            // A notification before DRIVER_OK is ignored.
-            o if self.active
-                && o >= NOTIFY_OFFSET
+            o if o >= DEVICE_OFFSET && o + len <= DEVICE_OFFSET + DEVICE_LEN => self
+                .device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write_config(o - DEVICE_OFFSET, data),
+            // A notify that reached the VMM (no ioeventfd at this address): the same
+            // eventfd KVM would have written. Before DRIVER_OK nobody listens.
+            o if o >= NOTIFY_OFFSET
                 && o < NOTIFY_OFFSET + queues * u64::from(NOTIFY_MULTIPLIER)
                 && (o - NOTIFY_OFFSET).is_multiple_of(u64::from(NOTIFY_MULTIPLIER)) =>
             {
-                let q = (o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER);
-                self.device.queue_notified(q as u16);
-            }
-            o if o >= MSIX_TABLE_OFFSET
-                && o + len <= MSIX_TABLE_OFFSET + self.msix.table_size() =>
-            {
-                for effect in self.msix.write_table(o - MSIX_TABLE_OFFSET, data) {
-                    self.interrupts.msix(effect);
+                let q = ((o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                if self.worker.is_some() {
+                    if let Err(e) = self.notifiers[q].write(1) {
+                        log::error!("{}: queue {q} notification: {e}", self.name);
+                    }
                 }
+            }
+            o if o >= MSIX_TABLE_OFFSET => {
+                let effects = {
+                    let mut s = self.interrupt.lock();
+                    if o + len <= MSIX_TABLE_OFFSET + s.msix.table_size() {
+                        s.msix.write_table(o - MSIX_TABLE_OFFSET, data)
+                    } else {
+                        vec![]
+                    }
+                };
+                self.interrupt.apply(effects);
             }
             _ => {}
         }
@@ -341,14 +524,19 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use crate::guest_ram::GuestMemoryMmap;
+    use crate::pci::MsixEffect;
+    use std::time::{Duration, Instant};
     use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-    use virtio_queue::QueueT;
+    use vm_memory::GuestAddress;
+
+    const ISR_QUEUE: u64 = 1;
 
     #[derive(Default)]
     struct Fake {
-        activated: Option<(u64, Vec<(u16, u16)>)>,
-        notified: Vec<u16>,
+        activated: Option<u64>,
+        /// (queue, next_avail seen) per process_queue call.
+        served: Vec<(u16, u16)>,
         resets: u32,
         refuse: bool,
     }
@@ -369,21 +557,19 @@ mod tests {
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             data.fill(0x40 + offset as u8);
         }
-        fn activate(&mut self, features: u64, queues: Vec<(u16, Queue)>) -> Result<(), String> {
+        fn activate(&mut self, features: u64) -> Result<(), String> {
             if self.refuse {
                 return Err("refused".into());
             }
-            self.activated = Some((
-                features,
-                queues.iter().map(|(i, q)| (*i, q.size())).collect(),
-            ));
+            self.activated = Some(features);
             Ok(())
+        }
+        fn process_queue(&mut self, index: u16, queue: &mut Queue, _ram: &GuestRam) -> usize {
+            self.served.push((index, queue.next_avail()));
+            0
         }
         fn reset(&mut self) {
             self.resets += 1;
-        }
-        fn queue_notified(&mut self, queue: u16) {
-            self.notified.push(queue);
         }
     }
 
@@ -399,31 +585,32 @@ mod tests {
         }
     }
 
-    fn dev(refuse: bool) -> (VirtioPciDevice<Fake>, Arc<Recorder>) {
-        let sink = Arc::new(Recorder::default());
-        let d = VirtioPciDevice::new(
-            Fake {
-                refuse,
-                ..Fake::default()
-            },
-            sink.clone(),
-        )
-        .unwrap();
-        (d, sink)
+    fn ram() -> GuestRam {
+        GuestRam::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap())
     }
 
-    fn wbar(d: &mut VirtioPciDevice<Fake>, offset: u64, v: u64, len: usize) {
+    fn dev(refuse: bool) -> (VirtioPciDevice, Arc<Mutex<Fake>>, Arc<Recorder>) {
+        let sink = Arc::new(Recorder::default());
+        let fake = Arc::new(Mutex::new(Fake {
+            refuse,
+            ..Fake::default()
+        }));
+        let d = VirtioPciDevice::new("fake".into(), fake.clone(), ram(), sink.clone()).unwrap();
+        (d, fake, sink)
+    }
+
+    fn wbar(d: &mut VirtioPciDevice, offset: u64, v: u64, len: usize) {
         d.write_bar(BAR, offset, &v.to_le_bytes()[..len]);
     }
 
-    fn rbar(d: &mut VirtioPciDevice<Fake>, offset: u64, len: usize) -> u64 {
+    fn rbar(d: &mut VirtioPciDevice, offset: u64, len: usize) -> u64 {
         let mut b = [0u8; 8];
         d.read_bar(BAR, offset, &mut b[..len]);
         u64::from_le_bytes(b)
     }
 
     /// The driver's handshake through BAR 0: queue 1 only, then DRIVER_OK.
-    fn bring_up(d: &mut VirtioPciDevice<Fake>) {
+    fn bring_up(d: &mut VirtioPciDevice) {
         wbar(d, 0x14, 1 | 2, 1);
         wbar(d, 0x08, 1, 4);
         wbar(d, 0x0c, 1, 4); // VERSION_1 (bit 32)
@@ -437,9 +624,21 @@ mod tests {
         wbar(d, 0x14, 1 | 2 | 8 | 4, 1);
     }
 
+    /// Waits (bounded) until the fake has served `n` times; returns what it served.
+    fn served(fake: &Mutex<Fake>, n: usize) -> Vec<(u16, u16)> {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = fake.lock().unwrap().served.clone();
+            if s.len() >= n || Instant::now() > until {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     #[test]
     fn capabilities_describe_the_bar_layout() {
-        let (d, _) = dev(false);
+        let (d, _, _) = dev(false);
         let c = d.config().bytes();
         assert_eq!(u16::from_le_bytes([c[0], c[1]]), 0x1af4);
         assert_eq!(u16::from_le_bytes([c[2], c[3]]), 0x1044, "0x1040 + type 4");
@@ -475,32 +674,64 @@ mod tests {
             ]
         );
         assert_eq!(d.config().bars().next().unwrap().size, BAR_SIZE);
+        let offsets: Vec<u64> = d.notifiers().map(|(o, _)| o).collect();
+        assert_eq!(offsets, vec![0x3000, 0x3004]);
     }
 
     #[test]
-    fn the_handshake_activates_the_device_with_the_enabled_queues() {
-        let (mut d, _) = dev(false);
+    fn the_handshake_starts_a_worker_that_serves_notified_queues() {
+        let (mut d, fake, _) = dev(false);
         assert_eq!(rbar(&mut d, 0x12, 2), 2, "num_queues");
+        wbar(&mut d, 0x3004, 1, 2);
+        assert!(!d.is_active());
         bring_up(&mut d);
         assert!(d.is_active());
         assert_eq!(
-            d.device().activated,
-            Some((1 << VIRTIO_F_VERSION_1, vec![(1, 16)]))
+            fake.lock().unwrap().activated,
+            Some(1 << VIRTIO_F_VERSION_1)
         );
-        wbar(&mut d, 0x3004, 1, 2);
+        // The worker looks at every running queue once when it starts.
+        assert_eq!(served(&fake, 1), vec![(1, 0)]);
+        // A notify exit reaches the worker; a misaligned one and queue 0 (not enabled)
+        // do not.
         wbar(&mut d, 0x3002, 1, 2);
-        wbar(&mut d, 0x3008, 1, 2);
-        assert_eq!(d.device().notified, vec![1], "only queue 1's aligned slot");
+        wbar(&mut d, 0x3004, 1, 2);
+        assert_eq!(served(&fake, 2), vec![(1, 0), (1, 0)]);
+        // So does KVM's write to the eventfd (ioeventfd).
+        d.notifiers().nth(1).unwrap().1.write(1).unwrap();
+        assert_eq!(served(&fake, 3).len(), 3);
         assert_eq!(rbar(&mut d, 0x2003, 1), 0x43, "device config at its offset");
         wbar(&mut d, 0x14, 0, 1);
-        assert_eq!(d.device().resets, 1);
+        assert_eq!(fake.lock().unwrap().resets, 1);
         assert!(!d.is_active());
         assert!(!d.common.queues()[1].ready());
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            fake.lock().unwrap().served.len(),
+            3,
+            "stopped with the reset"
+        );
+    }
+
+    #[test]
+    fn a_paused_device_serves_nothing_until_resumed() {
+        let (mut d, fake, _) = dev(false);
+        bring_up(&mut d);
+        served(&fake, 1);
+        d.pause();
+        wbar(&mut d, 0x3004, 1, 2);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(fake.lock().unwrap().served.len(), 1, "paused");
+        d.resume();
+        assert!(
+            served(&fake, 2).len() >= 2,
+            "the notification made meanwhile is served"
+        );
     }
 
     #[test]
     fn a_device_that_cannot_start_asks_for_a_reset() {
-        let (mut d, _) = dev(true);
+        let (mut d, _, _) = dev(true);
         bring_up(&mut d);
         assert!(!d.is_active());
         assert_ne!(rbar(&mut d, 0x14, 1) as u8 & DEVICE_NEEDS_RESET, 0);
@@ -509,10 +740,10 @@ mod tests {
 
     #[test]
     fn without_msix_interrupts_go_through_intx_and_the_isr() {
-        let (mut d, sink) = dev(false);
+        let (mut d, _, sink) = dev(false);
         bring_up(&mut d);
-        d.signal_used_queue(1);
-        assert_eq!(rbar(&mut d, ISR_OFFSET, 1), u64::from(ISR_QUEUE));
+        d.interrupt().signal_queue(1);
+        assert_eq!(rbar(&mut d, ISR_OFFSET, 1), ISR_QUEUE);
         assert_eq!(rbar(&mut d, ISR_OFFSET, 1), 0, "reading acknowledged it");
         assert_eq!(
             *sink.0.lock().unwrap(),
@@ -522,7 +753,7 @@ mod tests {
 
     #[test]
     fn with_msix_a_used_queue_sends_its_vector_once_unmasked() {
-        let (mut d, sink) = dev(false);
+        let (mut d, _, sink) = dev(false);
         bring_up(&mut d);
         let ctl = d.msix_cap + 2;
         d.write_config(ctl, &0x8000u16.to_le_bytes());
@@ -531,9 +762,9 @@ mod tests {
         // Vector 2: address and data, then unmask.
         wbar(&mut d, MSIX_TABLE_OFFSET + 32, 0xfee0_0000, 8);
         wbar(&mut d, MSIX_TABLE_OFFSET + 40, 0x4031, 4);
-        d.signal_used_queue(1);
+        d.interrupt().signal_queue(1);
         wbar(&mut d, MSIX_TABLE_OFFSET + 44, 0, 4);
-        d.signal_used_queue(1);
+        d.interrupt().signal_queue(1);
         let log = sink.0.lock().unwrap().clone();
         let sends = log
             .iter()
@@ -550,13 +781,54 @@ mod tests {
         assert!(!log.iter().any(|l| l.starts_with("intx")), "{log:?}");
         // A queue with no vector sends nothing.
         wbar(&mut d, 0x16, 0, 2);
-        d.signal_used_queue(0);
+        d.interrupt().signal_queue(0);
         assert_eq!(sink.0.lock().unwrap().len(), log.len());
     }
 
     #[test]
+    fn a_running_device_moves_with_its_state() {
+        let (mut d, fake, _) = dev(false);
+        bring_up(&mut d);
+        served(&fake, 1);
+        d.pause();
+        let s = d.state();
+        let running = s.running.clone().expect("running queues");
+        assert_eq!(running.len(), 1);
+        assert_eq!(running[0].0, 1);
+        let json = serde_json::to_string(&s).unwrap();
+        let back: VirtioPciState = serde_json::from_str(&json).unwrap();
+
+        let (mut e, fake2, _) = dev(false);
+        e.restore(&back).unwrap();
+        assert!(e.is_active());
+        assert_eq!(
+            fake2.lock().unwrap().activated,
+            Some(1 << VIRTIO_F_VERSION_1)
+        );
+        assert_eq!(served(&fake2, 1), vec![(1, 0)], "looked at its queue once");
+        assert_eq!(rbar(&mut e, 0x14, 1), 15, "status DRIVER_OK");
+        assert_eq!(e.state().common, s.common);
+
+        // A state that does not fit changes nothing.
+        let (mut f, _, _) = dev(false);
+        let wrong = VirtioPciState {
+            device_type: 2,
+            ..back.clone()
+        };
+        assert!(f
+            .restore(&wrong)
+            .unwrap_err()
+            .to_string()
+            .contains("type 2"));
+        let wrong = VirtioPciState { version: 9, ..back };
+        assert!(f.restore(&wrong).is_err());
+        assert!(!f.is_active());
+        assert_eq!(rbar(&mut f, 0x14, 1), 0);
+    }
+
+    #[test]
     fn other_bars_and_gaps_read_zero_and_ignore_writes() {
-        let (mut d, _) = dev(false);
+        let (mut d, fake, _) = dev(false);
         let mut b = [0xee; 4];
         d.read_bar(1, 0, &mut b);
         assert_eq!(b, [0; 4]);
@@ -564,6 +836,6 @@ mod tests {
         assert_eq!(b, [0; 4]);
         d.write_bar(BAR, 0x7000, &[1; 4]);
         d.write_bar(BAR, ISR_OFFSET, &[1]);
-        assert_eq!(d.device().notified, Vec::<u16>::new());
+        assert!(fake.lock().unwrap().served.is_empty());
     }
 }

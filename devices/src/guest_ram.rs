@@ -1,0 +1,366 @@
+//! The one way devices reach guest RAM.
+//!
+//! Every byte a device writes into the guest (a disk read, random bytes, a used-ring entry
+//! written by `virtio-queue`) goes through [`GuestRam`], which marks the written pages in
+//! the per-region dirty bitmap the migration unions with KVM's log. Devices get a
+//! `GuestRam`, never a host pointer: the only raw pointers into guest RAM in this crate are
+//! in this file, each followed by the dirty mark. Addresses are guest-physical; a range
+//! outside RAM is an error naming it, never a panic (it comes from the guest).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use vm_memory::bitmap::{AtomicBitmap, Bitmap, BS};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+
+/// Guest RAM as the VMM maps it: each region carries an atomic bitmap (one bit per 4 KiB
+/// page) that every write through `vm-memory` sets.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// One RAM region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+
+/// Why a device access to guest RAM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DmaError {
+    #[error("guest range {gpa:#x}+{len:#x} is not all RAM")]
+    OutOfRam { gpa: u64, len: u64 },
+    #[error("I/O on {len:#x} bytes at guest {gpa:#x}: {source}")]
+    Io {
+        gpa: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Guest RAM as devices see it: reads, and writes that are always dirty-logged.
+#[derive(Clone, Debug)]
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+}
+
+impl GuestRam {
+    pub fn new(mem: GuestMemoryMmap) -> Self {
+        GuestRam { mem }
+    }
+
+    /// The memory `virtio-queue` walks rings and descriptors through. It only writes the
+    /// used ring, through `Bytes`, which logs like every write here.
+    pub fn queue_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    fn out_of_ram(gpa: u64, len: usize) -> DmaError {
+        DmaError::OutOfRam {
+            gpa,
+            len: len as u64,
+        }
+    }
+
+    /// The host slices covering `[gpa, gpa + len)`, or an error if any part is not RAM.
+    fn slices(
+        &self,
+        gpa: u64,
+        len: usize,
+    ) -> Result<Vec<VolatileSlice<'_, BS<'_, AtomicBitmap>>>, DmaError> {
+        gpa.checked_add(len as u64)
+            .ok_or_else(|| Self::out_of_ram(gpa, len))?;
+        self.mem
+            .get_slices(GuestAddress(gpa), len)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| Self::out_of_ram(gpa, len))
+    }
+
+    /// Refuses a range that is not all RAM before anything is touched (a write that
+    /// failed half-way would leave the guest half-written).
+    fn check(&self, gpa: u64, len: usize) -> Result<(), DmaError> {
+        let ok =
+            gpa.checked_add(len as u64).is_some() && self.mem.check_range(GuestAddress(gpa), len);
+        if ok {
+            Ok(())
+        } else {
+            Err(Self::out_of_ram(gpa, len))
+        }
+    }
+
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        self.check(gpa, buf.len())?;
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|_| Self::out_of_ram(gpa, buf.len()))
+    }
+
+    /// Writes `buf` at `gpa` and marks the pages dirty.
+    pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), DmaError> {
+        self.check(gpa, buf.len())?;
+        self.mem
+            .write_slice(buf, GuestAddress(gpa))
+            .map_err(|_| Self::out_of_ram(gpa, buf.len()))
+    }
+
+    pub fn read_obj<T: ByteValued>(&self, gpa: u64) -> Result<T, DmaError> {
+        self.mem
+            .read_obj(GuestAddress(gpa))
+            .map_err(|_| Self::out_of_ram(gpa, std::mem::size_of::<T>()))
+    }
+
+    /// Writes `v` at `gpa` and marks the pages dirty.
+    pub fn write_obj<T: ByteValued>(&self, v: T, gpa: u64) -> Result<(), DmaError> {
+        self.check(gpa, std::mem::size_of::<T>())?;
+        self.mem
+            .write_obj(v, GuestAddress(gpa))
+            .map_err(|_| Self::out_of_ram(gpa, std::mem::size_of::<T>()))
+    }
+
+    /// DMA into the guest: reads `len` bytes of `file` at `offset` straight into RAM at
+    /// `gpa` (no bounce buffer) and marks what was written dirty. Returns the bytes read
+    /// (less than `len` at the end of the file).
+    pub fn read_file_at(
+        &self,
+        gpa: u64,
+        len: usize,
+        file: &File,
+        offset: u64,
+    ) -> Result<usize, DmaError> {
+        let mut done = 0usize;
+        for slice in self.slices(gpa, len)? {
+            let mut at = 0usize;
+            while at < slice.len() {
+                let want = slice.len() - at;
+                let guard = slice.ptr_guard_mut();
+                // SAFETY: `slice` is a live mapping of guest RAM of `slice.len()` bytes
+                // (get_slices checked the range), so [at, at + want) lies inside it;
+                // pread writes at most `want` bytes there. Guest RAM may change under us
+                // (the guest runs), which is fine for plain bytes.
+                let n = unsafe {
+                    libc::pread64(
+                        file.as_raw_fd(),
+                        guard.as_ptr().add(at).cast(),
+                        want,
+                        (offset + (done + at) as u64) as libc::off64_t,
+                    )
+                };
+                if n < 0 {
+                    let source = std::io::Error::last_os_error();
+                    if source.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    // What was read so far is in RAM: log it before failing.
+                    slice.bitmap().mark_dirty(0, at);
+                    return Err(DmaError::Io {
+                        gpa,
+                        len: len as u64,
+                        source,
+                    });
+                }
+                if n == 0 {
+                    slice.bitmap().mark_dirty(0, at);
+                    return Ok(done + at);
+                }
+                at += n as usize;
+            }
+            // Marked after the bytes landed: a collection racing this write sees the page
+            // now or at the next collection, never a clean page holding new bytes.
+            slice.bitmap().mark_dirty(0, slice.len());
+            done += slice.len();
+        }
+        Ok(done)
+    }
+
+    /// DMA out of the guest: writes `len` bytes of RAM at `gpa` to `file` at `offset`.
+    /// Returns the bytes written.
+    pub fn write_file_at(
+        &self,
+        gpa: u64,
+        len: usize,
+        file: &File,
+        offset: u64,
+    ) -> Result<usize, DmaError> {
+        let mut done = 0usize;
+        for slice in self.slices(gpa, len)? {
+            let mut at = 0usize;
+            while at < slice.len() {
+                let want = slice.len() - at;
+                let guard = slice.ptr_guard();
+                // SAFETY: as in `read_file_at`; pwrite only reads the `want` bytes at
+                // `at` inside the live slice.
+                let n = unsafe {
+                    libc::pwrite64(
+                        file.as_raw_fd(),
+                        guard.as_ptr().add(at).cast(),
+                        want,
+                        (offset + (done + at) as u64) as libc::off64_t,
+                    )
+                };
+                if n < 0 {
+                    let source = std::io::Error::last_os_error();
+                    if source.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(DmaError::Io {
+                        gpa,
+                        len: len as u64,
+                        source,
+                    });
+                }
+                if n == 0 {
+                    return Ok(done + at);
+                }
+                at += n as usize;
+            }
+            done += slice.len();
+        }
+        Ok(done)
+    }
+
+    /// DMA into the guest from a stream (`/dev/urandom`): reads up to `len` bytes of `src`
+    /// into RAM at `gpa`, marks them dirty, returns how many.
+    pub fn read_from(
+        &self,
+        gpa: u64,
+        len: usize,
+        src: &mut impl std::io::Read,
+    ) -> Result<usize, DmaError> {
+        // Small (entropy requests): a bounce buffer keeps the raw pointer code in one
+        // function above.
+        let mut buf = vec![0u8; len];
+        let n = loop {
+            match src.read(&mut buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(DmaError::Io {
+                        gpa,
+                        len: len as u64,
+                        source,
+                    })
+                }
+            }
+        };
+        self.write(gpa, &buf[..n])?;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use vm_memory::GuestMemoryRegion;
+
+    fn ram() -> GuestRam {
+        // Two regions with a hole, like the platform's RAM below and above the PCI hole.
+        GuestRam::new(
+            GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0), 16 << 12),
+                (GuestAddress(32 << 12), 16 << 12),
+            ])
+            .unwrap(),
+        )
+    }
+
+    fn dirty_pages(ram: &GuestRam) -> Vec<u64> {
+        let mut out = vec![];
+        for r in ram.queue_memory().iter() {
+            let base = r.start_addr().0;
+            for p in 0..r.len() / 4096 {
+                if r.bitmap().dirty_at((p * 4096) as usize) {
+                    out.push(base + p * 4096);
+                }
+            }
+        }
+        out
+    }
+
+    fn temp_file(bytes: &[u8]) -> File {
+        let path = std::env::temp_dir().join(format!(
+            "ferry-guest-ram-{}-{}",
+            std::process::id(),
+            bytes.len()
+        ));
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f.write_all(bytes).unwrap();
+        f
+    }
+
+    #[test]
+    fn writes_are_logged_page_by_page() {
+        let r = ram();
+        r.write(0x1ff0, &[1; 0x20]).unwrap();
+        r.write_obj(7u32, 0x20_000).unwrap();
+        assert_eq!(dirty_pages(&r), vec![0x1000, 0x2000, 0x20_000]);
+        let mut b = [0u8; 2];
+        r.read(0x1fff, &mut b).unwrap();
+        assert_eq!(b, [1, 1]);
+        assert_eq!(r.read_obj::<u32>(0x20_000).unwrap(), 7);
+    }
+
+    #[test]
+    fn file_reads_land_in_ram_and_are_logged() {
+        let data: Vec<u8> = (0..3 * 4096).map(|i| (i % 251) as u8).collect();
+        let f = temp_file(&data);
+        let r = ram();
+        assert_eq!(r.read_file_at(0x3000, 8192, &f, 4096).unwrap(), 8192);
+        let mut back = vec![0u8; 8192];
+        r.read(0x3000, &mut back).unwrap();
+        assert_eq!(back, data[4096..]);
+        assert_eq!(dirty_pages(&r), vec![0x3000, 0x4000]);
+        // Past the end of the file: a short read, only what landed is logged.
+        assert_eq!(r.read_file_at(0x8000, 8192, &f, 2 * 4096).unwrap(), 4096);
+        assert_eq!(dirty_pages(&r), vec![0x3000, 0x4000, 0x8000]);
+    }
+
+    #[test]
+    fn ram_goes_to_files_and_nothing_is_logged() {
+        let f = temp_file(&[0; 8192]);
+        let r = ram();
+        r.queue_memory()
+            .write_slice(&[9; 4096], GuestAddress(0x5000))
+            .unwrap();
+        r.queue_memory()
+            .iter()
+            .for_each(|g| std::ops::Deref::deref(g).bitmap().reset());
+        assert_eq!(r.write_file_at(0x5000, 4096, &f, 4096).unwrap(), 4096);
+        let mut back = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 4096).unwrap();
+        assert_eq!(back, vec![9; 4096]);
+        assert_eq!(dirty_pages(&r), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn ranges_outside_ram_are_errors_naming_them() {
+        let f = temp_file(&[0; 4096]);
+        let r = ram();
+        // Into the hole, across the hole, past the end, wrapping.
+        for (gpa, len) in [
+            (16u64 << 12, 1usize),
+            (15 << 12, 2 << 12),
+            (48 << 12, 1),
+            (u64::MAX - 1, 4),
+        ] {
+            let e = r.read_file_at(gpa, len, &f, 0).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("{gpa:#x}")),
+                "{e} names the address"
+            );
+            assert!(r.write(gpa, &vec![0; len]).is_err());
+            assert!(r.write_file_at(gpa, len, &f, 0).is_err());
+        }
+        assert_eq!(dirty_pages(&r), Vec::<u64>::new(), "nothing half-written");
+    }
+
+    #[test]
+    fn stream_reads_are_logged() {
+        let r = ram();
+        let mut src: &[u8] = &[5; 100];
+        assert_eq!(r.read_from(0x6000, 4096, &mut src).unwrap(), 100);
+        assert_eq!(dirty_pages(&r), vec![0x6000]);
+    }
+}

@@ -1,0 +1,30 @@
+//! What a virtio device model (blk, rng, ...) implements. The transport owns the
+//! registers, the interrupts and the thread; the model only describes itself and serves
+//! requests, reaching guest RAM through [`GuestRam`] alone.
+
+use virtio_queue::Queue;
+
+use crate::guest_ram::GuestRam;
+
+pub trait VirtioDevice: Send {
+    /// The virtio device type (2 block, 4 entropy, ...).
+    fn device_type(&self) -> u16;
+    /// PCI class code (base, sub, interface) the function shows.
+    fn pci_class(&self) -> u32;
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Features offered; VERSION_1 must be among them.
+    fn features(&self) -> u64;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// DRIVER_OK with the features both sides agreed on. An error makes the device ask
+    /// the driver for a reset (DEVICE_NEEDS_RESET).
+    fn activate(&mut self, _features: u64) -> Result<(), String> {
+        Ok(())
+    }
+    /// Serves the chains available in `queue` (number `index`), each ending in the used
+    /// ring, a bad one with an error status where the device type has one. Returns how
+    /// many chains were completed. Guest input never makes this panic.
+    fn process_queue(&mut self, index: u16, queue: &mut Queue, ram: &GuestRam) -> usize;
+    /// The driver reset the device.
+    fn reset(&mut self) {}
+}
