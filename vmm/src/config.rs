@@ -1,6 +1,9 @@
 //! The VM configuration: cloud-hypervisor's `VmConfig` field names (so its JSON bodies
 //! work unchanged), plus Ferry's `dirty_tracking`. The command line is parsed into it.
 
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -12,6 +15,8 @@ pub const MAX_VCPUS: u32 = 254;
 /// between two harvests loses entries and forces an all-RAM resend; a big ring makes
 /// that rare (see the hypervisor crate).
 pub const DEFAULT_RING_ENTRIES: u32 = 65536;
+/// A disk's size must be a multiple of this (virtio-blk counts 512-byte sectors).
+pub const SECTOR_SIZE: u64 = 512;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -28,6 +33,12 @@ pub enum ConfigError {
         value: String,
         why: String,
     },
+    #[error("--{option}: {param}= is required (in '{value}')")]
+    MissingParam {
+        option: &'static str,
+        param: &'static str,
+        value: String,
+    },
     #[error("cpus: boot_vcpus={0} is out of range (accepted: 1 to {MAX_VCPUS})")]
     BootVcpus(u32),
     #[error("cpus: max_vcpus={max} is smaller than boot_vcpus={boot}")]
@@ -38,6 +49,15 @@ pub enum ConfigError {
     SerialFileMissing,
     #[error("missing --kernel (or start with --api-socket and create the VM through the API)")]
     NoKernel,
+    /// A disk file that cannot be used: not there, not openable as asked, not a file or
+    /// block device, or a size that is not whole sectors. `reason` names the OS error.
+    #[error("disk {}: {reason}", .path.display())]
+    Disk { path: PathBuf, reason: String },
+    #[error("disks: the id '{0}' is given to more than one disk")]
+    DuplicateDiskId(String),
+    /// An entropy source that cannot be opened for reading.
+    #[error("rng {}: {reason}", .path.display())]
+    Rng { path: PathBuf, reason: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +135,100 @@ impl Default for SerialConfig {
     }
 }
 
+/// A virtio-blk disk backed by a file or block device (cloud-hypervisor's `DiskConfig`,
+/// the fields Ferry supports).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    /// The guest sees a read-only disk and the file is opened read-only.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Unique among the disks when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+impl DiskConfig {
+    /// Opens the disk as the device will use it: read-write, or read-only when
+    /// `readonly`. Refuses what is not a regular file or block device, and a size that is
+    /// not a multiple of [`SECTOR_SIZE`]. The file is positioned at its start.
+    pub fn open(&self) -> Result<File, ConfigError> {
+        let err = |reason: String| ConfigError::Disk {
+            path: self.path.clone(),
+            reason,
+        };
+        if self.path.as_os_str().is_empty() {
+            return Err(err("the path is empty".into()));
+        }
+        let mode = if self.readonly {
+            "read-only"
+        } else {
+            "read-write"
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!self.readonly)
+            .open(&self.path)
+            .map_err(|e| err(format!("cannot open {mode}: {e}")))?;
+        let kind = file
+            .metadata()
+            .map_err(|e| err(format!("cannot stat: {e}")))?
+            .file_type();
+        if kind.is_dir() {
+            return Err(err("is a directory, not a file or block device".into()));
+        }
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(err("not a regular file or block device".into()));
+        }
+        let size = disk_size(&mut file).map_err(|e| err(format!("cannot find its size: {e}")))?;
+        if !size.is_multiple_of(SECTOR_SIZE) {
+            return Err(err(format!(
+                "its size, {size} bytes, is not a multiple of {SECTOR_SIZE}"
+            )));
+        }
+        Ok(file)
+    }
+}
+
+/// The size in bytes of an open disk file or block device (whose metadata says 0); the
+/// file is left positioned at its start.
+pub fn disk_size(file: &mut File) -> std::io::Result<u64> {
+    let size = file.seek(SeekFrom::End(0))?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(size)
+}
+
+/// A virtio-rng device fed from `src` (cloud-hypervisor's `RngConfig`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngConfig {
+    /// The host file read for entropy, e.g. /dev/urandom.
+    pub src: PathBuf,
+}
+
+impl RngConfig {
+    /// Opens the entropy source for reading; refuses a directory.
+    pub fn open(&self) -> Result<File, ConfigError> {
+        let err = |reason: String| ConfigError::Rng {
+            path: self.src.clone(),
+            reason,
+        };
+        if self.src.as_os_str().is_empty() {
+            return Err(err("the path is empty".into()));
+        }
+        let file =
+            File::open(&self.src).map_err(|e| err(format!("cannot open for reading: {e}")))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| err(format!("cannot stat: {e}")))?;
+        if meta.is_dir() {
+            return Err(err("is a directory".into()));
+        }
+        Ok(file)
+    }
+}
+
 /// Ferry's extension: how KVM reports dirty pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -145,10 +259,17 @@ pub struct VmConfig {
     pub iommu: bool,
     #[serde(default)]
     pub dirty_tracking: DirtyTrackingConfig,
+    /// virtio-blk disks, in the order their devices are made.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-rng device, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng: Option<RngConfig>,
 }
 
 impl VmConfig {
-    /// Checks what can be checked without touching KVM or files; fills defaults.
+    /// Checks what can be checked without touching KVM, including that the disk and rng
+    /// files can be opened as the devices will ([`VmConfig::check_files`]); fills defaults.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         let c = &mut self.cpus;
         if c.boot_vcpus == 0 || c.boot_vcpus > MAX_VCPUS {
@@ -168,6 +289,33 @@ impl VmConfig {
         }
         if self.serial.mode == ConsoleMode::File && self.serial.file.is_none() {
             return Err(ConfigError::SerialFileMissing);
+        }
+        let mut ids = std::collections::HashSet::new();
+        for d in &self.disks {
+            match d.id.as_deref() {
+                Some("") => {
+                    return Err(ConfigError::Disk {
+                        path: d.path.clone(),
+                        reason: "the id is empty".into(),
+                    })
+                }
+                Some(id) if !ids.insert(id) => {
+                    return Err(ConfigError::DuplicateDiskId(id.to_string()))
+                }
+                _ => {}
+            }
+        }
+        self.check_files()
+    }
+
+    /// Opens every disk and the rng source as [`DiskConfig::open`] and
+    /// [`RngConfig::open`] do (and closes them): the first that cannot be used is the error.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        for d in &self.disks {
+            d.open()?;
+        }
+        if let Some(r) = &self.rng {
+            r.open()?;
         }
         Ok(())
     }
@@ -195,20 +343,18 @@ fn params<'a>(
     option: &'static str,
     s: &'a str,
     accepted: &'static str,
-) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
-    let names: Vec<&str> = accepted.split(", ").collect();
+) -> Result<Vec<(&'static str, &'a str)>, ConfigError> {
     s.split(',')
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            if names.contains(&k) {
-                Ok((k, v))
-            } else {
-                Err(ConfigError::UnknownParam {
+            match accepted.split(", ").find(|name| *name == k) {
+                Some(name) => Ok((name, v)),
+                None => Err(ConfigError::UnknownParam {
                     option,
                     param: k.to_string(),
                     accepted,
-                })
+                }),
             }
         })
         .collect()
@@ -220,6 +366,14 @@ fn bad(option: &'static str, param: &'static str, value: &str, why: impl ToStrin
         param,
         value: value.to_string(),
         why: why.to_string(),
+    }
+}
+
+fn missing(option: &'static str, param: &'static str, value: &str) -> ConfigError {
+    ConfigError::MissingParam {
+        option,
+        param,
+        value: value.to_string(),
     }
 }
 
@@ -245,11 +399,7 @@ pub fn parse_cpus(s: &str) -> Result<CpusConfig, ConfigError> {
 /// `--memory size=SIZE[,shared=on|off][,hugepages=on|off]`.
 pub fn parse_memory(s: &str) -> Result<MemoryConfig, ConfigError> {
     let mut m = MemoryConfig::default();
-    let onoff = |p: &'static str, v: &str| match v {
-        "on" | "true" => Ok(true),
-        "off" | "false" => Ok(false),
-        _ => Err(bad("memory", p, v, "expected on or off")),
-    };
+    let onoff = |p: &'static str, v: &str| on_off("memory", p, v);
     for (k, v) in params("memory", s, "size, shared, hugepages")? {
         match k {
             "size" => m.size = parse_size(v).map_err(|e| bad("memory", "size", v, e))?,
@@ -280,6 +430,53 @@ pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
             )),
         },
     }
+}
+
+fn on_off(option: &'static str, param: &'static str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(bad(option, param, v, "expected on or off")),
+    }
+}
+
+/// `--disk path=FILE[,readonly=on|off][,id=NAME]`.
+pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
+    let mut path = None;
+    let mut readonly = false;
+    let mut id = None;
+    let mut seen = Vec::new();
+    for (k, v) in params("disk", s, "path, readonly, id")? {
+        if seen.contains(&k) {
+            return Err(bad("disk", k, v, "given twice"));
+        }
+        seen.push(k);
+        match k {
+            "path" if v.is_empty() => return Err(bad("disk", "path", v, "the path is empty")),
+            "path" => path = Some(PathBuf::from(v)),
+            "readonly" => readonly = on_off("disk", "readonly", v)?,
+            _ if v.is_empty() => return Err(bad("disk", "id", v, "the id is empty")),
+            _ => id = Some(v.to_string()),
+        }
+    }
+    let path = path.ok_or_else(|| missing("disk", "path", s))?;
+    Ok(DiskConfig { path, readonly, id })
+}
+
+/// `--rng src=PATH`.
+pub fn parse_rng(s: &str) -> Result<RngConfig, ConfigError> {
+    let mut src = None;
+    for (_, v) in params("rng", s, "src")? {
+        if v.is_empty() {
+            return Err(bad("rng", "src", v, "the path is empty"));
+        }
+        if src.is_some() {
+            return Err(bad("rng", "src", v, "given twice"));
+        }
+        src = Some(PathBuf::from(v));
+    }
+    let src = src.ok_or_else(|| missing("rng", "src", s))?;
+    Ok(RngConfig { src })
 }
 
 /// `--dirty-ring entries=N|off`.
@@ -355,7 +552,267 @@ mod tests {
         let c: VmConfig = serde_json::from_str(j).unwrap();
         assert_eq!(c.cpus.boot_vcpus, 2);
         assert_eq!(c.serial.mode, ConsoleMode::Tty);
-        let e = serde_json::from_str::<VmConfig>(r#"{"payload":{},"disks":[]}"#).unwrap_err();
-        assert!(e.to_string().contains("disks"), "{e}");
+        let e = serde_json::from_str::<VmConfig>(r#"{"payload":{},"net":[]}"#).unwrap_err();
+        assert!(e.to_string().contains("net"), "{e}");
+    }
+
+    /// A temporary directory for one test, removed on drop.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(tag: &str) -> Dir {
+            let p = std::env::temp_dir().join(format!("ferry-config-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+
+        /// A file of `len` zero bytes.
+        fn file(&self, name: &str, len: u64) -> PathBuf {
+            let p = self.0.join(name);
+            File::create(&p).unwrap().set_len(len).unwrap();
+            p
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn disk(path: &std::path::Path) -> DiskConfig {
+        DiskConfig {
+            path: path.to_path_buf(),
+            readonly: false,
+            id: None,
+        }
+    }
+
+    #[test]
+    fn disk_and_rng_options() {
+        assert_eq!(
+            parse_disk("path=/a.raw").unwrap(),
+            DiskConfig {
+                path: "/a.raw".into(),
+                readonly: false,
+                id: None
+            }
+        );
+        assert_eq!(
+            parse_disk("path=/a.raw,readonly=on,id=root").unwrap(),
+            DiskConfig {
+                path: "/a.raw".into(),
+                readonly: true,
+                id: Some("root".into())
+            }
+        );
+        assert!(!parse_disk("readonly=off,path=/a").unwrap().readonly);
+        assert!(parse_disk("path=/a,readonly=true").unwrap().readonly);
+        let err = |s: &str| parse_disk(s).unwrap_err().to_string();
+        assert_eq!(
+            err("path=/a,direct=on"),
+            "--disk: unknown parameter 'direct' (accepted: path, readonly, id)"
+        );
+        assert_eq!(
+            err("path=/a,readonly=yes"),
+            "--disk: 'yes' is not a valid value for readonly: expected on or off"
+        );
+        assert_eq!(
+            err("path="),
+            "--disk: '' is not a valid value for path: the path is empty"
+        );
+        assert_eq!(
+            err("readonly=on"),
+            "--disk: path= is required (in 'readonly=on')"
+        );
+        assert_eq!(err(""), "--disk: path= is required (in '')");
+        assert!(err("path=/a,id=").contains("id"));
+        assert!(err("path=/a,path=/b").contains("given twice"));
+
+        assert_eq!(
+            parse_rng("src=/dev/urandom").unwrap().src,
+            PathBuf::from("/dev/urandom")
+        );
+        assert_eq!(
+            parse_rng("file=/x").unwrap_err().to_string(),
+            "--rng: unknown parameter 'file' (accepted: src)"
+        );
+        assert!(parse_rng("src=").unwrap_err().to_string().contains("empty"));
+        assert_eq!(
+            parse_rng("").unwrap_err(),
+            ConfigError::MissingParam {
+                option: "rng",
+                param: "src",
+                value: String::new()
+            }
+        );
+    }
+
+    #[test]
+    fn disk_files_are_checked() {
+        let dir = Dir::new("disks");
+        let missing = dir.0.join("x.raw");
+        assert_eq!(
+            disk(&missing).open().unwrap_err().to_string(),
+            format!(
+                "disk {}: cannot open read-write: No such file or directory (os error 2)",
+                missing.display()
+            )
+        );
+        let ro = DiskConfig {
+            readonly: true,
+            ..disk(&missing)
+        };
+        assert!(ro
+            .open()
+            .unwrap_err()
+            .to_string()
+            .contains("cannot open read-only"));
+
+        let odd = dir.file("odd.raw", 1000);
+        let e = disk(&odd).open().unwrap_err().to_string();
+        assert!(e.contains("odd.raw") && e.contains("1000 bytes"), "{e}");
+        let e = DiskConfig {
+            readonly: true,
+            ..disk(&dir.0)
+        }
+        .open()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        assert!(disk(std::path::Path::new("/dev/null")).open().is_err());
+        assert!(disk(std::path::Path::new("")).open().is_err());
+
+        // A good disk opens as asked, at its start; readonly=on cannot write.
+        use std::io::{Read, Write};
+        let good = dir.file("good.raw", 1 << 20);
+        let mut f = disk(&good).open().unwrap();
+        assert_eq!(disk_size(&mut f).unwrap(), 1 << 20);
+        f.write_all(b"ferry").unwrap();
+        let mut f = DiskConfig {
+            readonly: true,
+            ..disk(&good)
+        }
+        .open()
+        .unwrap();
+        let mut head = [0u8; 5];
+        f.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"ferry");
+        assert!(f.write_all(b"x").is_err());
+        assert!(disk(&dir.file("empty.raw", 0)).open().is_ok());
+    }
+
+    #[test]
+    fn rng_source_is_checked() {
+        let dir = Dir::new("rng");
+        let rng = |p: &std::path::Path| RngConfig {
+            src: p.to_path_buf(),
+        };
+        assert!(rng("/dev/urandom".as_ref()).open().is_ok());
+        let missing = dir.0.join("nope");
+        assert_eq!(
+            rng(&missing).open().unwrap_err().to_string(),
+            format!(
+                "rng {}: cannot open for reading: No such file or directory (os error 2)",
+                missing.display()
+            )
+        );
+        assert!(rng(&dir.0)
+            .open()
+            .unwrap_err()
+            .to_string()
+            .contains("is a directory"));
+    }
+
+    #[test]
+    fn validation_checks_disks_and_rng() {
+        let dir = Dir::new("validate");
+        let a = dir.file("a.raw", 4096);
+        let b = dir.file("b.raw", 4096);
+        let mut c = VmConfig {
+            disks: vec![
+                DiskConfig {
+                    id: Some("root".into()),
+                    ..disk(&a)
+                },
+                DiskConfig {
+                    readonly: true,
+                    ..disk(&b)
+                },
+            ],
+            rng: Some(RngConfig {
+                src: "/dev/urandom".into(),
+            }),
+            ..Default::default()
+        };
+        c.validate().unwrap();
+
+        let mut dup = c.clone();
+        dup.disks[1].id = Some("root".into());
+        assert_eq!(
+            dup.validate(),
+            Err(ConfigError::DuplicateDiskId("root".into()))
+        );
+        let mut empty = c.clone();
+        empty.disks[0].id = Some(String::new());
+        assert!(empty
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("id is empty"));
+        let mut gone = c.clone();
+        gone.disks[1].path = dir.0.join("gone.raw");
+        assert!(gone
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("gone.raw: cannot open read-only"));
+        let mut bad_rng = c.clone();
+        bad_rng.rng = Some(RngConfig {
+            src: dir.0.join("entropy"),
+        });
+        assert!(matches!(bad_rng.validate(), Err(ConfigError::Rng { .. })));
+    }
+
+    #[test]
+    fn disks_and_rng_in_json() {
+        let j = r#"{"payload":{"kernel":"/k"},"disks":[{"path":"/a.raw"},
+            {"path":"/b.raw","readonly":true,"id":"data"}],"rng":{"src":"/dev/urandom"}}"#;
+        let c: VmConfig = serde_json::from_str(j).unwrap();
+        assert_eq!(c.disks.len(), 2);
+        assert_eq!(c.disks[1].id.as_deref(), Some("data"));
+        assert!(c.disks[1].readonly && !c.disks[0].readonly);
+        assert_eq!(c.rng.as_ref().unwrap().src, PathBuf::from("/dev/urandom"));
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(
+            v["disks"],
+            serde_json::json!([{"path": "/a.raw", "readonly": false},
+                {"path": "/b.raw", "readonly": true, "id": "data"}])
+        );
+        assert_eq!(v["rng"], serde_json::json!({"src": "/dev/urandom"}));
+
+        // Unset: no disks, no rng key (not null).
+        let v = serde_json::to_value(VmConfig::default()).unwrap();
+        assert_eq!(v["disks"], serde_json::json!([]));
+        assert!(v.get("rng").is_none(), "{v}");
+        let c: VmConfig = serde_json::from_str(r#"{"payload":{}}"#).unwrap();
+        assert!(c.disks.is_empty() && c.rng.is_none());
+
+        for (j, needle) in [
+            (
+                r#"{"payload":{},"disks":[{"path":"/a","direct":true}]}"#,
+                "direct",
+            ),
+            (r#"{"payload":{},"disks":[{"readonly":true}]}"#, "path"),
+            (
+                r#"{"payload":{},"rng":{"src":"/r","iommu":false}}"#,
+                "iommu",
+            ),
+            (r#"{"payload":{},"rng":{}}"#, "src"),
+        ] {
+            let e = serde_json::from_str::<VmConfig>(j).unwrap_err().to_string();
+            assert!(e.contains(needle), "{j}: {e}");
+        }
     }
 }

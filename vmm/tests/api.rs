@@ -78,10 +78,12 @@ fn create_checks_the_config() {
             body(&json!({"payload": {"kernel": elf, "firmware": "/fw"}})),
             "firmware",
         ),
+        (body(&json!({"payload": {"kernel": elf}, "net": []})), "net"),
         (
-            body(&json!({"payload": {"kernel": elf}, "disks": []})),
-            "disks",
+            body(&json!({"payload": {"kernel": elf}, "disks": [{"path": "/a", "direct": true}]})),
+            "direct",
         ),
+        (body(&json!({"payload": {"kernel": elf}, "rng": {}})), "src"),
         (
             body(&json!({"payload": {"kernel": elf}, "cpus": {"boot_vcpus": 0}})),
             "boot_vcpus=0",
@@ -136,6 +138,8 @@ fn create_checks_the_config() {
     assert_eq!(info["config"]["payload"]["cmdline"], "workload=idle");
     assert_eq!(info["config"]["cpus"]["max_vcpus"], 1);
     assert_eq!(info["memory_actual_size"], 256u64 << 20);
+    assert_eq!(info["config"]["disks"], json!([]));
+    assert!(info["config"].get("rng").is_none(), "{info}");
     let msg = f.error("PUT", "vm.create", Some(&body(&good)), 405);
     assert!(msg.contains("already exists"), "{msg}");
 
