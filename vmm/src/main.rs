@@ -43,6 +43,21 @@ struct Cli {
     /// Dirty tracking: entries=N (ring of N entries per vCPU) or off (bitmap).
     #[arg(long = "dirty-ring", default_value = "entries=65536")]
     dirty_ring: String,
+    /// A virtio-blk disk: path=FILE[,readonly=on|off][,id=NAME]; repeat for more disks.
+    #[arg(
+        long,
+        value_name = "path=FILE[,readonly=on|off][,id=NAME]",
+        action = clap::ArgAction::Append
+    )]
+    disk: Vec<String>,
+    /// A virtio-rng device reading src=PATH (without a value: src=/dev/urandom).
+    #[arg(
+        long,
+        value_name = "src=PATH",
+        num_args = 0..=1,
+        default_missing_value = "src=/dev/urandom"
+    )]
+    rng: Option<String>,
     /// REST API socket (HTTP on a UNIX socket).
     #[arg(long = "api-socket")]
     api_socket: Option<PathBuf>,
@@ -60,6 +75,12 @@ fn config_from(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
         serial: config::parse_serial(&cli.serial)?,
         iommu: false,
         dirty_tracking: config::parse_dirty_ring(&cli.dirty_ring)?,
+        disks: cli
+            .disk
+            .iter()
+            .map(|d| config::parse_disk(d))
+            .collect::<Result<_, _>>()?,
+        rng: cli.rng.as_deref().map(config::parse_rng).transpose()?,
     })
 }
 

@@ -74,3 +74,67 @@ fn memory_too_small_for_the_kernel() {
     assert_ne!(code, 0);
     assert!(error_line(&err).contains("size"), "{err}");
 }
+
+#[test]
+fn unusable_disk_and_rng_files_are_named() {
+    let elf = common::guest_elf();
+    let dir = std::env::temp_dir().join(format!("ferry-cli-disk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let odd = dir.join("odd.raw");
+    std::fs::write(&odd, vec![0u8; 1000]).unwrap();
+    let missing = dir.join("missing.raw");
+    let (m, o) = (missing.to_str().unwrap(), odd.to_str().unwrap());
+    for (arg, needle) in [
+        (
+            vec!["--disk".to_string(), format!("path={m}")],
+            format!("disk {m}: cannot open read-write: No such file or directory"),
+        ),
+        (
+            vec!["--disk".to_string(), format!("path={m},readonly=on")],
+            format!("disk {m}: cannot open read-only"),
+        ),
+        (
+            vec!["--disk".to_string(), format!("path={o}")],
+            format!("disk {o}: its size, 1000 bytes, is not a multiple of 512"),
+        ),
+        (
+            vec!["--rng".to_string(), format!("src={m}")],
+            format!("rng {m}: cannot open for reading"),
+        ),
+    ] {
+        let mut a = vec!["--kernel", elf.to_str().unwrap()];
+        a.extend(arg.iter().map(String::as_str));
+        let (code, err) = run(&a);
+        assert_ne!(code, 0, "{a:?}");
+        let line = error_line(&err);
+        assert!(line.starts_with("ferry: error: "), "{line}");
+        assert!(line.contains(&needle), "{a:?}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_disk_and_rng_options_are_named() {
+    let elf = common::guest_elf();
+    for (args, needle) in [
+        (vec!["--disk", "path=/x.raw,direct=on"], "direct"),
+        (vec!["--disk", "path=/x.raw,readonly=maybe"], "maybe"),
+        (vec!["--disk", "path="], "path"),
+        (vec!["--disk", "readonly=on"], "path= is required"),
+        (
+            vec!["--disk", "path=/dev/zero", "--disk", "path=/dev/zero"],
+            "/dev/zero",
+        ),
+        (
+            vec!["--disk", "path=/x,id=a", "--disk", "path=/y,id=a"],
+            "'a'",
+        ),
+        (vec!["--rng", "file=/dev/urandom"], "file"),
+    ] {
+        let mut a = vec!["--kernel", elf.to_str().unwrap()];
+        a.extend(args);
+        let (code, err) = run(&a);
+        assert_ne!(code, 0, "{a:?}");
+        assert!(error_line(&err).contains(needle), "{a:?}: {err}");
+    }
+}
