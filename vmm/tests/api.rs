@@ -165,6 +165,75 @@ fn create_checks_the_config() {
 }
 
 #[test]
+fn create_checks_disk_and_rng_files() {
+    let f = ApiFerry::start(&[]);
+    let missing = f.dir.0.join("missing.raw");
+    let odd = f.dir.0.join("odd.raw");
+    std::fs::write(&odd, vec![0u8; 1000]).unwrap();
+    let with = |disks: Value, rng: Option<Value>| {
+        let mut c = f.idle_guest_config();
+        c["disks"] = disks;
+        if let Some(r) = rng {
+            c["rng"] = r;
+        }
+        c
+    };
+    for (config, needle) in [
+        (
+            with(json!([{"path": missing}]), None),
+            format!(
+                "disk {}: cannot open read-write: No such file or directory",
+                missing.display()
+            ),
+        ),
+        (
+            with(json!([{"path": missing, "readonly": true}]), None),
+            format!("disk {}: cannot open read-only", missing.display()),
+        ),
+        (
+            with(json!([{"path": odd}]), None),
+            format!("disk {}: its size, 1000 bytes", odd.display()),
+        ),
+        (
+            with(json!([]), Some(json!({"src": missing}))),
+            format!("rng {}: cannot open for reading", missing.display()),
+        ),
+    ] {
+        let msg = f.error("PUT", "vm.create", Some(&body(&config)), 400);
+        assert!(msg.contains(&needle), "{msg:?} does not say {needle:?}");
+    }
+    f.get("vm.info", 404);
+
+    let a = f.dir.0.join("a.raw");
+    let b = f.dir.0.join("b.raw");
+    for p in [&a, &b] {
+        std::fs::File::create(p).unwrap().set_len(1 << 20).unwrap();
+    }
+    let dup = with(
+        json!([{"path": a, "id": "d"}, {"path": b, "id": "d"}]),
+        None,
+    );
+    let msg = f.error("PUT", "vm.create", Some(&body(&dup)), 400);
+    assert!(msg.contains("'d'"), "{msg}");
+
+    // The devices are not made yet: only the configuration goes round.
+    let good = with(
+        json!([{"path": a}, {"path": b, "readonly": true, "id": "data"}]),
+        Some(json!({"src": "/dev/urandom"})),
+    );
+    f.put_json("vm.create", &good, 204);
+    let info = f.get("vm.info", 200).json().unwrap();
+    assert_eq!(
+        info["config"]["disks"],
+        json!([
+            {"path": a, "readonly": false},
+            {"path": b, "readonly": true, "id": "data"},
+        ])
+    );
+    assert_eq!(info["config"]["rng"], json!({"src": "/dev/urandom"}));
+}
+
+#[test]
 fn lifecycle_of_the_test_guest() {
     let mut f = ApiFerry::start(&[]);
     f.put_json("vm.create", &f.idle_guest_config(), 204);
