@@ -40,6 +40,8 @@ pub enum HypervisorError {
         "memory slot at gpa {gpa:#x} has size {size:#x}, which is not a non-zero multiple of 4 KiB"
     )]
     BadMemslot { gpa: u64, size: u64 },
+    #[error("interrupt routing: {0}")]
+    IrqRoute(String),
     #[error("{what} failed: {source}")]
     Ioctl {
         what: &'static str,

@@ -6,6 +6,7 @@ mod dirty_ring;
 mod dirty_rings;
 mod dirty_set;
 mod error;
+mod irq_routes;
 #[cfg(test)]
 mod kvm_ring_model;
 mod state;
@@ -16,6 +17,7 @@ pub use caps::{CapabilityProbe, DirtyCaps, RingFlavor, MIN_RING_ENTRIES, RING_EN
 pub use dirty_ring::{DirtyRing, RingHarvest, RingIndexes};
 pub use dirty_set::{count_bits, DirtyPageSet, SlotDirtyBits};
 pub use error::{HypervisorError, Result};
+pub use irq_routes::{IrqRoutes, FIRST_MSI_GSI};
 pub use state::{VcpuState, VmState};
 pub use vcpu::{install_kick_handler, kick_signal, kick_thread, Vcpu, VcpuExit};
 pub use vm::{

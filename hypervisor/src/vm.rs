@@ -329,6 +329,7 @@ impl VmWithMemory {
             out_of_step: AtomicBool::new(false),
             stats: DirtyStats::default(),
             msr_indices,
+            irq_routes: Mutex::new(crate::IrqRoutes::default()),
         });
         let vcpus = vcpus
             .into_iter()
@@ -442,6 +443,8 @@ pub struct Vm {
     pub stats: DirtyStats,
     /// MSRs saved with each vCPU's state.
     msr_indices: Vec<u32>,
+    /// GSI routes beyond KVM's defaults (device MSI-X vectors).
+    irq_routes: Mutex<crate::IrqRoutes>,
 }
 
 impl Vm {
@@ -769,6 +772,56 @@ impl Vm {
     /// Restores what [`Self::save_state`] returned, before any vCPU runs.
     pub fn restore_state(&self, s: &crate::VmState) -> Result<()> {
         crate::state::restore_vm(&self.fd, s)
+    }
+
+    /// Routes `gsi` to an MSI message (a device's MSI-X vector as the guest programmed
+    /// it); irqfds on that GSI then deliver it.
+    pub fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<()> {
+        let mut routes = self.irq_routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes
+            .set_msi(gsi, address, data)
+            .map_err(HypervisorError::IrqRoute)?;
+        let table = routes.table().map_err(HypervisorError::IrqRoute)?;
+        self.fd
+            .set_gsi_routing(&table)
+            .map_err(HypervisorError::ioctl("KVM_SET_GSI_ROUTING"))
+    }
+
+    /// Delivers GSI `gsi` whenever `fd` is written.
+    pub fn register_irqfd(&self, fd: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .register_irqfd(fd, gsi)
+            .map_err(HypervisorError::ioctl("KVM_IRQFD"))
+    }
+
+    /// Has KVM signal `fd` on a guest write to MMIO address `addr` (any value), without
+    /// an exit to the VMM.
+    pub fn register_mmio_ioevent(
+        &self,
+        fd: &vmm_sys_util::eventfd::EventFd,
+        addr: u64,
+    ) -> Result<()> {
+        self.fd
+            .register_ioevent(
+                fd,
+                &kvm_ioctls::IoEventAddress::Mmio(addr),
+                kvm_ioctls::NoDatamatch,
+            )
+            .map_err(HypervisorError::ioctl("KVM_IOEVENTFD"))
+    }
+
+    pub fn unregister_mmio_ioevent(
+        &self,
+        fd: &vmm_sys_util::eventfd::EventFd,
+        addr: u64,
+    ) -> Result<()> {
+        self.fd
+            .unregister_ioevent(
+                fd,
+                &kvm_ioctls::IoEventAddress::Mmio(addr),
+                kvm_ioctls::NoDatamatch,
+            )
+            .map_err(HypervisorError::ioctl("KVM_IOEVENTFD deassign"))
     }
 
     /// Raises or lowers an interrupt line of the in-kernel irqchip.

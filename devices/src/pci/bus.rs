@@ -283,6 +283,42 @@ impl PioDevice for PciConfigIo {
     }
 }
 
+/// The MMIO window the devices' memory BARs live in, as one MMIO device: an access is
+/// passed to the BAR that holds it (a BAR the guest moved inside the window follows),
+/// or reads as all ones and is dropped.
+pub struct PciBarWindow {
+    bus: Arc<PciBus>,
+    base: u64,
+}
+
+impl PciBarWindow {
+    pub fn new(bus: Arc<PciBus>, base: u64) -> Self {
+        PciBarWindow { bus, base }
+    }
+}
+
+impl MmioDevice for PciBarWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let addr = self.base + offset;
+        match self.bus.find_memory_bar(addr, data.len() as u64) {
+            Some(hit) => match self.bus.device(hit.slot) {
+                Some(d) => lock(d).read_bar(hit.bar, hit.offset, data),
+                None => data.fill(0xff),
+            },
+            None => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let addr = self.base + offset;
+        if let Some(hit) = self.bus.find_memory_bar(addr, data.len() as u64) {
+            if let Some(d) = self.bus.device(hit.slot) {
+                lock(d).write_bar(hit.bar, hit.offset, data);
+            }
+        }
+    }
+}
+
 /// The ECAM window of bus 0 as an MMIO device.
 pub struct PciEcam {
     bus: Arc<PciBus>,

@@ -7,8 +7,8 @@ mod config;
 mod msix;
 
 pub use bus::{
-    BarHit, ConfigAddress, PciBus, PciBusError, PciConfigIo, PciDevice, PciEcam, PciHostBridge,
-    CONFIG_IO_LEN, CONFIG_IO_PORT, ECAM_BUS_SIZE, SLOTS,
+    BarHit, ConfigAddress, PciBarWindow, PciBus, PciBusError, PciConfigIo, PciDevice, PciEcam,
+    PciHostBridge, CONFIG_IO_LEN, CONFIG_IO_PORT, ECAM_BUS_SIZE, SLOTS,
 };
 pub use config::{
     Bar, BarKind, PciConfig, PciConfigError, PciConfigState, PciIds, BAR_SLOTS, COMMAND_BUS_MASTER,
