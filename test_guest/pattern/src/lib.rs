@@ -115,17 +115,31 @@ fn store(buf: &mut [u8; PAGE_SIZE], word: usize, v: u64) {
 }
 
 /// Checksum of every word of the page except the checksum word itself (read as zero).
+fn checksum(buf: &[u8; PAGE_SIZE]) -> u64 {
+    hash_words(buf, CHECKSUM_WORD)
+}
+
+/// A 64-bit hash of the whole page (every byte counts): the `dma-verify` workload keeps one
+/// per page the virtio-rng device filled, to notice a page that changed afterwards (or did
+/// not change when the device was asked to write it). Same mixing as the checksum, so any
+/// single changed word always changes the hash.
+pub fn page_hash(buf: &[u8; PAGE_SIZE]) -> u64 {
+    hash_words(buf, usize::MAX)
+}
+
+/// Hash of the page's words, word `skip` read as zero (none if out of range).
 ///
 /// Four independent lanes; each step `(lane ^ w) * odd` then a rotation is a bijection
 /// of the lane, so any single changed word always changes the result.
-fn checksum(buf: &[u8; PAGE_SIZE]) -> u64 {
+#[inline(always)]
+fn hash_words(buf: &[u8; PAGE_SIZE], skip: usize) -> u64 {
     let mut lanes = SUM_LANES;
     for (c, chunk) in buf.chunks_exact(32).enumerate() {
         for (j, lane) in lanes.iter_mut().enumerate() {
             let mut b = [0u8; 8];
             b.copy_from_slice(&chunk[j * 8..j * 8 + 8]);
             let mut w = u64::from_le_bytes(b);
-            if c * 4 + j == CHECKSUM_WORD {
+            if c * 4 + j == skip {
                 w = 0;
             }
             *lane = (*lane ^ w).wrapping_mul(SUM_MUL).rotate_left(29);
@@ -337,6 +351,23 @@ mod tests {
             assert!(page_matches(&p, gpa, g));
             assert!(!page_matches(&p, gpa, g.wrapping_add(1)));
         }
+    }
+
+    #[test]
+    fn page_hash_sees_every_bit_and_every_word() {
+        let mut p = page();
+        fill_page(&mut p, 0x70_0000, 2);
+        let h = page_hash(&p);
+        for bit in 0..PAGE_SIZE * 8 {
+            p[bit / 8] ^= 1 << (bit % 8);
+            assert_ne!(page_hash(&p), h, "bit {bit}");
+            p[bit / 8] ^= 1 << (bit % 8);
+        }
+        assert_eq!(page_hash(&p), h);
+        // Unlike the checksum, the checksum word counts too.
+        store(&mut p, CHECKSUM_WORD, 0);
+        assert_ne!(page_hash(&p), h);
+        assert_ne!(page_hash(&page()), page_hash(&p));
     }
 
     #[test]
