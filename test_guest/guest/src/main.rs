@@ -3,7 +3,8 @@
 //!
 //! Boot path: `boot` (assembly entry, long mode) -> [`bsp_main`]: serial, start info
 //! (`pvh`), identity map (`paging`), command line (`guest_pattern::cmdline`), TSC (`timer`),
-//! CPUs (`acpi`, `apic`, `smp`) -> `guest: ready ...` -> `workload` on every vCPU.
+//! CPUs (`acpi`, `apic`, `smp`) -> `guest: ready ...` -> [`dma-verify`: the virtio device
+//! (`virtio`, `dma_verify`)] -> `workload` on every vCPU.
 #![no_std]
 #![no_main]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -15,6 +16,7 @@ mod acpi;
 mod apic;
 mod arch;
 mod boot;
+mod dma_verify;
 mod mem;
 mod paging;
 mod pci;
@@ -22,13 +24,15 @@ mod pvh;
 mod smp;
 mod sys;
 mod timer;
+mod virtio;
 mod workload;
 
 use core::fmt;
 use core::ops::Range;
 use core::sync::atomic::Ordering;
 
-use guest_pattern::cmdline::{self, Config, RegionError};
+use guest_pattern::cmdline::{self, Config, RegionError, Workload};
+use guest_pattern::dma::DriverMemory;
 
 use crate::arch::halt_forever;
 
@@ -70,9 +74,17 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
     exit(1)
 }
 
-/// `guest: bad argument <key>=<value> (<why>)` for a refused workload region.
-/// `unmapped`: the mapped limit, when RAM goes on above it and the region does too.
-fn bad_region(line: &[u8], cfg: &Config, e: &RegionError, unmapped: Option<u64>) -> ! {
+/// `guest: bad argument <key>=<value> (<what> <start>-<end>: <why>)` for a refused
+/// workload region (`what` = `region`) or driver memory. `unmapped`: the mapped limit,
+/// when RAM goes on above it and the region does too.
+fn bad_region(
+    line: &[u8],
+    cfg: &Config,
+    e: &RegionError,
+    what: &str,
+    region: Range<u64>,
+    unmapped: Option<u64>,
+) -> ! {
     struct Value<'a>(Option<&'a [u8]>, u64);
     impl fmt::Display for Value<'_> {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -82,12 +94,7 @@ fn bad_region(line: &[u8], cfg: &Config, e: &RegionError, unmapped: Option<u64>)
             }
         }
     }
-    let given = if e.key == "start" {
-        cfg.start
-    } else {
-        cfg.size
-    };
-    let value = Value(cmdline::raw_value(line, e.key), given);
+    let value = Value(cmdline::raw_value(line, e.key), cfg.region_value(e.key));
     struct Unmapped(Option<u64>);
     impl fmt::Display for Unmapped {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -98,10 +105,10 @@ fn bad_region(line: &[u8], cfg: &Config, e: &RegionError, unmapped: Option<u64>)
         }
     }
     say!(
-        "bad argument {}={value} (region {:#x}-{:#x}: {e}{})",
+        "bad argument {}={value} ({what} {:#x}-{:#x}: {e}{})",
         e.key,
-        cfg.start,
-        cfg.start.saturating_add(cfg.size),
+        region.start,
+        region.end,
         Unmapped(unmapped)
     );
     exit(1)
@@ -125,19 +132,22 @@ pub extern "C" fn bsp_main(start_info: u32) -> ! {
         *r = i.start.min(limit)..i.end.min(limit);
     }
     let image = boot::image_range();
-    if let Err(e) = cmdline::check_region(
-        cfg.start,
-        cfg.size,
-        &ram[..info.ram_count],
-        core::slice::from_ref(&image),
-    ) {
-        let end = cfg.start.saturating_add(cfg.size);
+    let ram = &ram[..info.ram_count];
+    let unmapped = |end: u64| (limit < ram_top && end > limit).then_some(limit);
+    let region = cfg.start..cfg.start.saturating_add(cfg.size);
+    if let Err(e) = cmdline::check_region(cfg.start, cfg.size, ram, core::slice::from_ref(&image)) {
         bad_region(
             line,
             &cfg,
             &e,
-            (limit < ram_top && end > limit).then_some(limit),
+            "region",
+            region.clone(),
+            unmapped(region.end),
         );
+    }
+    if let Err(e) = cmdline::check_verify_region(&cfg, ram, core::slice::from_ref(&image)) {
+        let v = cfg.verify_region().unwrap_or(0..0);
+        bad_region(line, &cfg, &e, "region", v.clone(), unmapped(v.end));
     }
 
     let tsc = timer::calibrate();
@@ -148,6 +158,29 @@ pub extern "C" fn bsp_main(start_info: u32) -> ! {
         Ok(m) => smp::start_aps(m.ids(), bsp_id),
         Err(_) => smp::start_aps(&[], bsp_id),
     };
+    // dma-verify: the driver's memory follows the regions (it depends on the vCPU count).
+    let driver_memory = (cfg.workload == Workload::DmaVerify).then(|| {
+        let mem = DriverMemory::for_config(&cfg, started.cpus);
+        let r = mem.range();
+        if let Err(mut e) =
+            cmdline::check_region(r.start, r.end - r.start, ram, core::slice::from_ref(&image))
+        {
+            // Blame the region it follows.
+            e.key = match cfg.verify_region() {
+                Some(v) if v.end > region.end => "vsize",
+                _ => "size",
+            };
+            bad_region(
+                line,
+                &cfg,
+                &e,
+                "driver memory after the workload regions,",
+                r.clone(),
+                unmapped(r.end),
+            );
+        }
+        mem
+    });
     workload::publish(&cfg, started.cpus);
 
     struct Count(Option<u64>, &'static str);
@@ -159,14 +192,27 @@ pub extern "C" fn bsp_main(start_info: u32) -> ! {
             }
         }
     }
+    struct DmaKeys<'a>(&'a Config);
+    impl fmt::Display for DmaKeys<'_> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            if let Some(d) = self.0.dma {
+                write!(f, " dma={}", d.name())?;
+            }
+            if let Some(v) = self.0.verify_region() {
+                write!(f, " vstart={:#x} vsize={:#x}", v.start, v.end - v.start)?;
+            }
+            Ok(())
+        }
+    }
     say!(
-        "ready cpus={} workload={} start={:#x} size={:#x} passes={} rate={}",
+        "ready cpus={} workload={} start={:#x} size={:#x} passes={} rate={}{}",
         started.cpus,
         cfg.workload.name(),
         cfg.start,
         cfg.size,
         Count(cfg.passes, "forever"),
         Count(cfg.rate, "max"),
+        DmaKeys(&cfg),
     );
     say!(
         "info tsc_khz={} ({}) ram_top={ram_top:#x} high_ram={} image={:#x}-{:#x} apic={apic_base:#x}{}",
@@ -216,6 +262,9 @@ pub extern "C" fn bsp_main(start_info: u32) -> ! {
     }
     if cfg.pci_scan {
         pci::scan(info.rsdp_paddr);
+    }
+    if let Some(mem) = &driver_memory {
+        dma_verify::setup(&cfg, mem);
     }
     smp::GO.store(true, Ordering::Release);
     boot::enter_user(0, workload::run)

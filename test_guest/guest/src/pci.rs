@@ -11,8 +11,24 @@ const SLOTS: u8 = 32;
 
 /// A dword of device `dev`'s configuration space (bus 0, function 0), through 0xCF8.
 fn read_cf8(dev: u8, reg: u8) -> u32 {
-    outl(CONFIG_ADDRESS, 1 << 31 | u32::from(dev) << 11 | u32::from(reg & 0xfc));
+    read_config(dev, 0, reg)
+}
+
+fn config_address(dev: u8, func: u8, reg: u8) -> u32 {
+    1 << 31 | u32::from(dev & 31) << 11 | u32::from(func & 7) << 8 | u32::from(reg & 0xfc)
+}
+
+/// The dword at `reg` (rounded down to 4) of bus 0 device `dev` function `func`, through
+/// 0xCF8/0xCFC (ring 0 only).
+pub fn read_config(dev: u8, func: u8, reg: u8) -> u32 {
+    outl(CONFIG_ADDRESS, config_address(dev, func, reg));
     inl(CONFIG_DATA)
+}
+
+/// Writes the dword at `reg` (rounded down to 4) of bus 0 device `dev` function `func`.
+pub fn write_config(dev: u8, func: u8, reg: u8, value: u32) {
+    outl(CONFIG_ADDRESS, config_address(dev, func, reg));
+    outl(CONFIG_DATA, value);
 }
 
 /// The same dword through ECAM at `base`.

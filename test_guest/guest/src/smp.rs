@@ -91,5 +91,8 @@ pub extern "C" fn ap_main(cpu: u32) -> ! {
         }
         core::hint::spin_loop();
     }
+    // The boot CPU may have changed the page tables since this CPU started (BARs made
+    // uncached for dma-verify): drop stale translations.
+    crate::arch::flush_tlb();
     boot::enter_user(cpu, workload::run)
 }

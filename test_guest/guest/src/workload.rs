@@ -4,10 +4,11 @@
 //! * `dirty`: add one to the first byte of every page, pass after pass.
 //! * `verify`: in pass g, check each page holds generation g-1 (pass 1: nothing to check),
 //!   then write generation g.
+//! * `dma-verify`: a virtio device writes the pages (see `dma_verify`).
 //!
-//! After each pass a vCPU prints `guest: pass <cpu> <n>` / `guest: verified <cpu> <n>`, at
-//! most ten lines a second (the last pass of a bounded run is always printed). `rate=`
-//! paces the pages of each vCPU separately.
+//! After each pass a vCPU prints `guest: pass <cpu> <n>` / `guest: verified <cpu> <n>` /
+//! `guest: dma-verified <cpu> <n>`, at most ten lines a second (the last pass of a bounded
+//! run is always printed). `rate=` paces the pages of each vCPU separately.
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
@@ -51,6 +52,7 @@ pub fn publish(cfg: &Config, cpus: u32) {
         Workload::Idle => 0,
         Workload::Dirty => 1,
         Workload::Verify => 2,
+        Workload::DmaVerify => 3,
     };
     PLAN.workload.store(w, Ordering::Relaxed);
     PLAN.start.store(cfg.start, Ordering::Relaxed);
@@ -59,6 +61,15 @@ pub fn publish(cfg: &Config, cpus: u32) {
         .store(cfg.passes.unwrap_or(0), Ordering::Relaxed);
     PLAN.rate.store(cfg.rate.unwrap_or(0), Ordering::Relaxed);
     PLAN.cpus.store(cpus, Ordering::Relaxed);
+}
+
+/// The workload region's start and pages, and how many vCPUs run the workload.
+pub(crate) fn region() -> (u64, u64, u32) {
+    (
+        PLAN.start.load(Ordering::Relaxed),
+        PLAN.size.load(Ordering::Relaxed) / PAGE_SIZE as u64,
+        PLAN.cpus.load(Ordering::Relaxed),
+    )
 }
 
 /// The guest-physical addresses of vCPU `cpu`'s pages.
@@ -73,6 +84,7 @@ pub extern "C" fn run(cpu: u32) -> ! {
     match PLAN.workload.load(Ordering::Relaxed) {
         1 => dirty(cpu),
         2 => verify(cpu),
+        3 => crate::dma_verify::run(cpu),
         _ => halt_forever(),
     }
     DONE.fetch_add(1, Ordering::AcqRel);
@@ -88,20 +100,21 @@ pub extern "C" fn run(cpu: u32) -> ! {
     crate::exit(0)
 }
 
-fn check_stop() {
+/// Halts this vCPU if the run is over.
+pub(crate) fn check_stop() {
     if STOP.load(Ordering::Relaxed) {
         halt_forever();
     }
 }
 
 /// Keeps a vCPU at `rate=` pages per second.
-struct Pacer {
+pub(crate) struct Pacer {
     step: u64,
     next: u64,
 }
 
 impl Pacer {
-    fn new() -> Pacer {
+    pub(crate) fn new() -> Pacer {
         let rate = PLAN.rate.load(Ordering::Relaxed);
         let step = timer::hz().checked_div(rate).map_or(0, |s| s.max(1));
         Pacer {
@@ -110,7 +123,7 @@ impl Pacer {
         }
     }
 
-    fn page_done(&mut self) {
+    pub(crate) fn page_done(&mut self) {
         if self.step == 0 {
             return;
         }
@@ -127,17 +140,17 @@ impl Pacer {
 }
 
 /// Rate-limited per-pass progress lines.
-struct Progress {
+pub(crate) struct Progress {
     last: u64,
 }
 
 impl Progress {
-    fn new() -> Progress {
+    pub(crate) fn new() -> Progress {
         Progress { last: 0 }
     }
 
     /// Whether to print the line for pass `n`: at most ten a second, plus the last one.
-    fn due(&mut self, n: u64) -> bool {
+    pub(crate) fn due(&mut self, n: u64) -> bool {
         let now = timer::now();
         let last_pass = n == PLAN.passes.load(Ordering::Relaxed);
         if n == 1 || last_pass || now.wrapping_sub(self.last) >= timer::hz() / 10 {
@@ -149,7 +162,7 @@ impl Progress {
 }
 
 /// Whether pass `n` was the last one.
-fn finished(n: u64) -> bool {
+pub(crate) fn finished(n: u64) -> bool {
     n == PLAN.passes.load(Ordering::Relaxed)
 }
 
@@ -189,17 +202,7 @@ fn verify(cpu: u32) {
         generation += 1;
         for gpa in my_pages(cpu) {
             check_stop();
-            // SAFETY: the page is RAM inside the checked workload region: identity-mapped,
-            // outside the guest image, and in this vCPU's share only, so this is the only
-            // reference to it; it holds plain bytes.
-            let page = unsafe { &mut *(gpa as *mut [u8; PAGE_SIZE]) };
-            if generation > 1 {
-                let found = check_page(page, gpa);
-                if !found.is(generation - 1) {
-                    mismatch(cpu, gpa, generation - 1, found);
-                }
-            }
-            fill_page(page, gpa, generation);
+            verify_page(cpu, gpa, generation);
             pacer.page_done();
         }
         if progress.due(generation) {
@@ -211,17 +214,51 @@ fn verify(cpu: u32) {
     }
 }
 
+/// `verify` on one page in pass `generation`: check it holds generation - 1 (from pass 2),
+/// then write `generation`. The page must be RAM of a checked workload region, in this
+/// vCPU's share only.
+pub(crate) fn verify_page(cpu: u32, gpa: u64, generation: u64) {
+    // SAFETY: the page is RAM inside a checked workload region: identity-mapped, outside
+    // the guest image and the driver memory, and in this vCPU's share only, so this is
+    // the only reference to it; it holds plain bytes.
+    let page = unsafe { &mut *(gpa as *mut [u8; PAGE_SIZE]) };
+    if generation > 1 {
+        let found = check_page(page, gpa);
+        if !found.is(generation - 1) {
+            mismatch(cpu, gpa, generation - 1, found);
+        }
+    }
+    fill_page(page, gpa, generation);
+}
+
 fn mismatch(cpu: u32, gpa: u64, expected: u64, found: PageCheck) -> ! {
+    failure(format_args!(
+        "MISMATCH cpu={cpu} gpa={gpa:#x} expected={expected} found={}{}",
+        found.generation(),
+        Why(found)
+    ))
+}
+
+/// Ends the run for a wrong page: prints `guest: <what>`, then `guest: FAIL`, and exits
+/// with failure. Only the first vCPU to fail prints; the others halt.
+pub(crate) fn failure(what: core::fmt::Arguments) -> ! {
     if FAILED.swap(true, Ordering::AcqRel) {
         halt_forever();
     }
     STOP.store(true, Ordering::Relaxed);
-    say!(
-        "MISMATCH cpu={cpu} gpa={gpa:#x} expected={expected} found={}{}",
-        found.generation(),
-        Why(found)
-    );
+    say!("{what}");
     say!("FAIL");
+    crate::exit(1)
+}
+
+/// Ends the run for anything else that went wrong: `guest: FAIL <why>`, exit with failure.
+/// Only the first vCPU to fail prints; the others halt.
+pub(crate) fn fail(why: core::fmt::Arguments) -> ! {
+    if FAILED.swap(true, Ordering::AcqRel) {
+        halt_forever();
+    }
+    STOP.store(true, Ordering::Relaxed);
+    say!("FAIL {why}");
     crate::exit(1)
 }
 

@@ -1,6 +1,6 @@
-//! The test guest's command line: `workload=idle|dirty|verify start=ADDR size=SIZE
-//! passes=N rate=PAGES_PER_SEC pci=scan|off`, and the rules its workload region must
-//! follow.
+//! The test guest's command line: `workload=idle|dirty|verify|dma-verify start=ADDR
+//! size=SIZE passes=N rate=PAGES_PER_SEC pci=scan|off dma=blk|rng vstart=ADDR vsize=SIZE`,
+//! and the rules its workload regions must follow.
 //!
 //! Words are separated by whitespace. Words that are not `key=value` with one of the keys
 //! above are ignored (VMMs add their own, e.g. `console=ttyS0`); a known key with a value
@@ -28,6 +28,10 @@ pub enum Workload {
     Dirty,
     /// Check then rewrite every page of the share with the next generation's pattern.
     Verify,
+    /// Check every page of the share still holds what a virtio device last wrote into it,
+    /// then have the device overwrite it (`dma=`), pass after pass; optionally `verify`
+    /// on a second region at the same time (`vsize=`).
+    DmaVerify,
 }
 
 impl Workload {
@@ -36,6 +40,25 @@ impl Workload {
             Workload::Idle => "idle",
             Workload::Dirty => "dirty",
             Workload::Verify => "verify",
+            Workload::DmaVerify => "dma-verify",
+        }
+    }
+}
+
+/// The device `dma-verify` drives (`dma=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dma {
+    /// virtio-blk: pages are read from disk blocks the guest wrote at start.
+    Blk,
+    /// virtio-rng: pages are filled with random bytes.
+    Rng,
+}
+
+impl Dma {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dma::Blk => "blk",
+            Dma::Rng => "rng",
         }
     }
 }
@@ -55,6 +78,35 @@ pub struct Config {
     pub rate: Option<u64>,
     /// `pci=scan`: list PCI bus 0 at boot, through ports 0xCF8/0xCFC and through ECAM.
     pub pci_scan: bool,
+    /// `dma=`: the device of `workload=dma-verify` (required with it, refused without).
+    pub dma: Option<Dma>,
+    /// `vstart=`: start of the `verify` region run alongside `dma-verify`; `None` = right
+    /// after the `dma-verify` region. Only with `vsize=`.
+    pub vstart: Option<u64>,
+    /// `vsize=`: bytes in the `verify` region run alongside `dma-verify`; `None` = no such
+    /// region.
+    pub vsize: Option<u64>,
+}
+
+impl Config {
+    /// The region `verify` runs on alongside `dma-verify`, if `vsize=` was given (it may
+    /// be empty or run past the address space: see [`check_verify_region`]).
+    pub fn verify_region(&self) -> Option<Range<u64>> {
+        let size = self.vsize?;
+        let start = self.vstart.unwrap_or(self.start.saturating_add(self.size));
+        Some(start..start.saturating_add(size))
+    }
+
+    /// The value in effect for region key `key` (`start`, `size`, `vstart`, `vsize`).
+    pub fn region_value(&self, key: &str) -> u64 {
+        match key {
+            "start" => self.start,
+            "size" => self.size,
+            "vstart" => self.verify_region().map_or(0, |r| r.start),
+            "vsize" => self.vsize.unwrap_or(0),
+            _ => 0,
+        }
+    }
 }
 
 impl Default for Config {
@@ -66,15 +118,20 @@ impl Default for Config {
             passes: None,
             rate: None,
             pci_scan: false,
+            dma: None,
+            vstart: None,
+            vsize: None,
         }
     }
 }
 
-/// A known key whose value is not acceptable, as written on the command line.
+/// A known key whose value is not acceptable, as written on the command line (an empty
+/// value for a key that is missing), and why when the value alone does not say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BadArgument<'a> {
     pub key: &'a [u8],
     pub value: &'a [u8],
+    pub why: Option<&'static str>,
 }
 
 impl fmt::Display for BadArgument<'_> {
@@ -82,7 +139,11 @@ impl fmt::Display for BadArgument<'_> {
         write!(f, "bad argument ")?;
         write_lossy(f, self.key)?;
         write!(f, "=")?;
-        write_lossy(f, self.value)
+        write_lossy(f, self.value)?;
+        match self.why {
+            Some(why) => write!(f, " ({why})"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -122,13 +183,18 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
     let mut c = Config::default();
     for word in words(cmdline) {
         let (key, value) = split_word(word);
-        let bad = BadArgument { key, value };
+        let bad = BadArgument {
+            key,
+            value,
+            why: None,
+        };
         match key {
             b"workload" => {
                 c.workload = match value {
                     b"idle" => Workload::Idle,
                     b"dirty" => Workload::Dirty,
                     b"verify" => Workload::Verify,
+                    b"dma-verify" => Workload::DmaVerify,
                     _ => return Err(bad),
                 }
             }
@@ -143,7 +209,43 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
                     _ => return Err(bad),
                 }
             }
+            b"dma" => {
+                c.dma = Some(match value {
+                    b"blk" => Dma::Blk,
+                    b"rng" => Dma::Rng,
+                    _ => return Err(bad),
+                })
+            }
+            b"vstart" => c.vstart = Some(parse_number(value).ok_or(bad)?),
+            b"vsize" => c.vsize = Some(parse_number(value).ok_or(bad)?),
             _ => {}
+        }
+    }
+    // Keys that only go with one workload, and keys that need each other.
+    let given = |key: &'static str, why| BadArgument {
+        key: key.as_bytes(),
+        value: raw_value(cmdline, key).unwrap_or_default(),
+        why: Some(why),
+    };
+    if c.workload == Workload::DmaVerify {
+        if c.dma.is_none() {
+            return Err(given(
+                "dma",
+                "required with workload=dma-verify: blk or rng",
+            ));
+        }
+        if c.vstart.is_some() && c.vsize.is_none() {
+            return Err(given("vstart", "needs vsize="));
+        }
+    } else {
+        for (key, set) in [
+            ("dma", c.dma.is_some()),
+            ("vstart", c.vstart.is_some()),
+            ("vsize", c.vsize.is_some()),
+        ] {
+            if set {
+                return Err(given(key, "only with workload=dma-verify"));
+            }
         }
     }
     Ok(c)
@@ -199,6 +301,8 @@ pub enum RegionProblem {
     NotRam,
     /// The region overlaps a range the guest needs for itself (its image).
     Reserved(Range<u64>),
+    /// The `verify` region overlaps the `dma-verify` region.
+    OverlapsDmaRegion(Range<u64>),
 }
 
 /// A refused workload region: the key to blame (`start` or `size`) and why.
@@ -217,6 +321,13 @@ impl fmt::Display for RegionError {
             RegionProblem::NotRam => write!(f, "not all RAM in the memory map"),
             RegionProblem::Reserved(r) => {
                 write!(f, "overlaps the guest image {:#x}-{:#x}", r.start, r.end)
+            }
+            RegionProblem::OverlapsDmaRegion(r) => {
+                write!(
+                    f,
+                    "overlaps the dma-verify region {:#x}-{:#x}",
+                    r.start, r.end
+                )
             }
         }
     }
@@ -271,6 +382,36 @@ pub fn check_region(
     Ok(())
 }
 
+/// Checks the `verify` region of `dma-verify` (`vstart=`/`vsize=`), if there is one, by
+/// the rules of [`check_region`] (problems blame `vstart` or `vsize`), and that it does
+/// not overlap the `dma-verify` region.
+pub fn check_verify_region(
+    cfg: &Config,
+    ram: &[Range<u64>],
+    reserved: &[Range<u64>],
+) -> Result<(), RegionError> {
+    let (Some(size), Some(v)) = (cfg.vsize, cfg.verify_region()) else {
+        return Ok(());
+    };
+    check_region(v.start, size, ram, reserved).map_err(|e| RegionError {
+        key: if e.key == "start" { "vstart" } else { "vsize" },
+        problem: e.problem,
+    })?;
+    let dma = cfg.start..cfg.start + cfg.size;
+    if dma.start < v.end && v.start < dma.end {
+        let key = if dma.contains(&v.start) {
+            "vstart"
+        } else {
+            "vsize"
+        };
+        return Err(RegionError {
+            key,
+            problem: RegionProblem::OverlapsDmaRegion(dma),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,6 +437,9 @@ mod tests {
                 passes: Some(3),
                 rate: Some(1000),
                 pci_scan: true,
+                dma: None,
+                vstart: None,
+                vsize: None,
             }
         );
         assert!(!parse(b"pci=scan pci=off").unwrap().pci_scan);
@@ -303,7 +447,8 @@ mod tests {
             parse(b"pci=yes").unwrap_err(),
             BadArgument {
                 key: b"pci",
-                value: b"yes"
+                value: b"yes",
+                why: None,
             }
         );
         assert_eq!(parse(b"workload=dirty").unwrap().workload, Workload::Dirty);
@@ -372,6 +517,126 @@ mod tests {
         }
         let e = parse(b"size=\xff\x01").unwrap_err();
         assert_eq!(e.to_string(), "bad argument size=??");
+    }
+
+    #[test]
+    fn dma_verify_keys() {
+        let c = parse(b"workload=dma-verify dma=rng size=64M passes=3").unwrap();
+        assert_eq!(
+            (c.workload, c.dma, c.vstart, c.vsize),
+            (Workload::DmaVerify, Some(Dma::Rng), None, None)
+        );
+        assert_eq!(c.workload.name(), "dma-verify");
+        assert_eq!(c.verify_region(), None);
+        let c = parse(b"workload=dma-verify dma=blk size=64M vsize=16M").unwrap();
+        assert_eq!(c.dma, Some(Dma::Blk));
+        // The verify region follows the dma-verify region unless vstart= says otherwise.
+        assert_eq!(c.verify_region(), Some(65 * MB..81 * MB));
+        assert_eq!(
+            (c.region_value("vstart"), c.region_value("vsize")),
+            (65 * MB, 16 * MB)
+        );
+        let c = parse(b"workload=dma-verify dma=blk vstart=0x10000000 vsize=0x1000").unwrap();
+        assert_eq!(c.verify_region(), Some(0x1000_0000..0x1000_1000));
+        assert_eq!(
+            parse(b"dma=rng dma=blk workload=dma-verify").unwrap().dma,
+            Some(Dma::Blk)
+        );
+    }
+
+    #[test]
+    fn dma_verify_bad_arguments() {
+        for (line, text) in [
+            (
+                "workload=dma-verify",
+                "bad argument dma= (required with workload=dma-verify: blk or rng)",
+            ),
+            ("workload=dma-verify dma=net", "bad argument dma=net"),
+            ("workload=dma-verify dma=", "bad argument dma="),
+            (
+                "workload=dma-verify dma=blk vstart=1G",
+                "bad argument vstart=1G (needs vsize=)",
+            ),
+            (
+                "workload=dma-verify dma=blk vsize=1Q",
+                "bad argument vsize=1Q",
+            ),
+            (
+                "workload=dma-verify dma=blk vstart=x vsize=4K",
+                "bad argument vstart=x",
+            ),
+            (
+                "workload=verify dma=blk",
+                "bad argument dma=blk (only with workload=dma-verify)",
+            ),
+            (
+                "dma=rng",
+                "bad argument dma=rng (only with workload=dma-verify)",
+            ),
+            (
+                "workload=dirty vsize=4M",
+                "bad argument vsize=4M (only with workload=dma-verify)",
+            ),
+            (
+                "workload=idle vstart=4M",
+                "bad argument vstart=4M (only with workload=dma-verify)",
+            ),
+        ] {
+            assert_eq!(
+                parse(line.as_bytes()).unwrap_err().to_string(),
+                text,
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn verify_regions_of_dma_verify() {
+        let ram = MB..256 * MB;
+        let image = 0x2_0000..0x9_e000;
+        let check = |line: &str| {
+            check_verify_region(
+                &parse(line.as_bytes()).unwrap(),
+                std::slice::from_ref(&ram),
+                std::slice::from_ref(&image),
+            )
+            .map_err(|e| (e.key, e.to_string()))
+        };
+        assert_eq!(check("workload=dma-verify dma=blk"), Ok(()));
+        assert_eq!(
+            check("workload=dma-verify dma=blk size=64M vsize=64M"),
+            Ok(())
+        );
+        assert_eq!(
+            check("workload=dma-verify dma=blk size=64M vstart=200M vsize=64M"),
+            Err(("vsize", "not all RAM in the memory map".into()))
+        );
+        assert_eq!(
+            check("workload=dma-verify dma=blk size=64M vstart=0x30000 vsize=4K"),
+            Err(("vstart", "overlaps the guest image 0x20000-0x9e000".into()))
+        );
+        assert_eq!(
+            check("workload=dma-verify dma=blk size=64M vsize=0"),
+            Err(("vsize", "not a non-zero multiple of 4096".into()))
+        );
+        assert_eq!(
+            check("workload=dma-verify dma=blk size=64M vstart=16M vsize=4M"),
+            Err((
+                "vstart",
+                "overlaps the dma-verify region 0x100000-0x4100000".into()
+            ))
+        );
+        assert_eq!(
+            check("workload=dma-verify dma=blk start=16M size=4M vstart=12M vsize=8M"),
+            Err((
+                "vsize",
+                "overlaps the dma-verify region 0x1000000-0x1400000".into()
+            ))
+        );
+        assert_eq!(
+            check("workload=dma-verify dma=blk start=16M size=4M vstart=12M vsize=4M"),
+            Ok(())
+        );
     }
 
     #[test]

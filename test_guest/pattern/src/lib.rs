@@ -15,6 +15,7 @@ extern crate std;
 
 pub mod cmdline;
 mod dirty;
+pub mod dma;
 
 pub use dirty::{check_dirty_counters, DirtyCounters, DirtyError};
 

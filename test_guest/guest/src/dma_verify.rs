@@ -1,0 +1,612 @@
+//! `workload=dma-verify`: only a virtio device writes the region. Each pass, for every page
+//! of its share, a vCPU checks that the page still holds what the device last put there,
+//! then has the device overwrite it with something else.
+//!
+//! * `dma=blk`: at start each vCPU writes disk blocks `i` and `i + N` for every page `i` of
+//!   its share (N = pages in the region), block `k` holding `fill_page` of tag
+//!   `block_tag(k)` and this run's generation; then "pass 0" reads block `i` into page `i`.
+//!   Pass `p` checks page `i` holds block `i + ((p-1)%2)*N`, then reads block
+//!   `i + (p%2)*N` into it.
+//! * `dma=rng`: pass `p` checks page `i` still hashes to the value kept for it (from pass
+//!   2), asks the device for 4096 random bytes into it, checks it changed, keeps the new
+//!   hash.
+//!
+//! Requests go in batches (`guest_pattern::dma::BATCH`, fewer if the queue is small), one
+//! notification per batch, completion by polling (`virtio::queue`). With `vsize=` each
+//! vCPU also runs `verify` on its share of the second region, interleaved: after each
+//! batch it verifies the same fraction of its `verify` share.
+
+use core::ops::Range;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+
+use guest_pattern::cmdline::{Config, Dma};
+use guest_pattern::dma::{
+    block_tag, disk_bytes_needed, DriverMemory, BATCH, BLOCK_SIZE, HEADER_BYTES, STATUS_OFFSET,
+};
+use guest_pattern::{check_page, fill_page, page_hash, share, PageCheck, PAGE_SIZE};
+
+use crate::virtio::queue::{self, Buf, Chain};
+use crate::virtio::{self, VENDOR};
+use crate::workload::{self, check_stop, Pacer, Progress};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+// virtio-blk requests (virtio 1.2 §5.2.6): header type, status.
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const S_OK: u8 = 0;
+/// What a status byte holds until the device writes it.
+const S_UNSET: u8 = 0xff;
+const SECTORS_PER_BLOCK: u64 = BLOCK_SIZE / 512;
+/// Rounds of virtio-rng requests in a row that return no bytes before giving up.
+const RNG_EMPTY_ROUNDS: u32 = 1000;
+
+/// What the boot CPU set up, published by `smp::GO`.
+struct DmaPlan {
+    /// 0 blk, 1 rng.
+    dma: AtomicU8,
+    /// Start of the driver memory.
+    memory: AtomicU64,
+    /// `dma=blk`: generation of the disk blocks' pattern, new every boot.
+    generation: AtomicU64,
+    /// Pages per notification.
+    batch: AtomicU32,
+    /// Requests (descriptor chains) per notification, at most.
+    requests: AtomicU32,
+    /// `dma=blk`: VIRTIO_BLK_F_FLUSH agreed: flush after writing the disk.
+    flush: AtomicBool,
+    /// The `verify` region (0 pages: none).
+    vstart: AtomicU64,
+    vpages: AtomicU64,
+}
+
+static PLAN: DmaPlan = DmaPlan {
+    dma: AtomicU8::new(0),
+    memory: AtomicU64::new(0),
+    generation: AtomicU64::new(0),
+    batch: AtomicU32::new(1),
+    requests: AtomicU32::new(1),
+    flush: AtomicBool::new(false),
+    vstart: AtomicU64::new(0),
+    vpages: AtomicU64::new(0),
+};
+
+/// Sets up the device and publishes the plan (boot CPU, ring 0, after the ready line and
+/// before `smp::GO`). Prints `guest: dma device=...`; a missing or unusable device, or a
+/// disk too small, fails the run.
+pub fn setup(cfg: &Config, mem: &DriverMemory) {
+    let dma = mem.dma;
+    let dev = virtio::setup(dma, mem, mem.cpus);
+    if dma == Dma::Blk {
+        let need = disk_bytes_needed(cfg.size);
+        if dev.capacity < need {
+            crate::fail(format_args!(
+                "disk too small: need {need} bytes, have {}",
+                dev.capacity
+            ));
+        }
+    }
+    // virtio-blk: a request per page, three descriptors each. virtio-rng: a descriptor per
+    // request, several pages each when the queue is short (QEMU's has 8 entries).
+    let (batch, requests) = match dma {
+        Dma::Blk => {
+            let n = (usize::from(dev.queue_size) / 3).clamp(1, BATCH);
+            (n, n)
+        }
+        Dma::Rng => (BATCH, usize::from(dev.queue_size).clamp(1, BATCH)),
+    };
+    let generation = crate::timer::now() | 1;
+    PLAN.dma.store(dma as u8, Ordering::Relaxed);
+    PLAN.memory.store(mem.base, Ordering::Relaxed);
+    PLAN.generation.store(generation, Ordering::Relaxed);
+    PLAN.batch.store(batch as u32, Ordering::Relaxed);
+    PLAN.requests.store(requests as u32, Ordering::Relaxed);
+    PLAN.flush.store(dev.flush(), Ordering::Relaxed);
+    if let Some(v) = cfg.verify_region() {
+        PLAN.vstart.store(v.start, Ordering::Relaxed);
+        PLAN.vpages
+            .store((v.end - v.start) / PAGE, Ordering::Relaxed);
+    }
+
+    struct Disk(Dma, u64, u64);
+    impl core::fmt::Display for Disk {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            match self.0 {
+                Dma::Blk => write!(f, " disk={} generation={:#x}", self.1, self.2),
+                Dma::Rng => Ok(()),
+            }
+        }
+    }
+    let range = mem.range();
+    say!(
+        "dma device={} pci=00:{:02x}.{} id={VENDOR:04x}:{:04x} bar={}:{:#x} features={:#x} queues={} queue_size={} batch={batch} requests={requests}{} memory={:#x}-{:#x}",
+        virtio::name(dma),
+        dev.dev,
+        dev.func,
+        dev.id,
+        dev.bar.0,
+        dev.bar.1,
+        dev.features,
+        dev.queues,
+        dev.queue_size,
+        Disk(dma, dev.capacity, generation),
+        range.start,
+        range.end
+    );
+}
+
+/// This vCPU's view of the run.
+struct Cx {
+    cpu: u32,
+    dma: Dma,
+    queue: u32,
+    /// Pages per notification.
+    batch: usize,
+    /// Requests per notification, at most.
+    requests: usize,
+    mem: DriverMemory,
+    /// Start of the region.
+    start: u64,
+    /// Pages in the region.
+    pages: u64,
+    /// This vCPU's pages (indices into the region).
+    share: Range<u64>,
+    generation: u64,
+}
+
+impl Cx {
+    fn gpa(&self, page: u64) -> u64 {
+        self.start + page * PAGE
+    }
+
+    /// Sends `count` chains, chain j = `chain(j)`, and waits for them, passing each used
+    /// length to `used`; a device breaking the protocol fails the run.
+    fn transfer(&self, count: usize, chain: impl Fn(usize) -> Chain, used: impl FnMut(usize, u32)) {
+        if let Err(e) = queue::transfer(self.queue, count, chain, used) {
+            workload::fail(format_args!("{}: {e}", virtio::name(self.dma)));
+        }
+    }
+}
+
+/// The `verify` region's share of this vCPU, worked through alongside the DMA pages.
+struct Interleave {
+    start: u64,
+    share: Range<u64>,
+    /// Pages of the share verified in this pass.
+    done: u64,
+}
+
+impl Interleave {
+    fn new(cpu: u32, cpus: u32) -> Option<Interleave> {
+        let pages = PLAN.vpages.load(Ordering::Relaxed);
+        (pages > 0).then(|| Interleave {
+            start: PLAN.vstart.load(Ordering::Relaxed),
+            share: share(pages, cpus, cpu),
+            done: 0,
+        })
+    }
+
+    /// Verifies (pass `generation`) pages of the share until `num / den` of it is done
+    /// (all of it when `den` is 0).
+    fn catch_up(&mut self, cpu: u32, generation: u64, num: u64, den: u64, pacer: &mut Pacer) {
+        let total = self.share.end - self.share.start;
+        let target = if den == 0 {
+            total
+        } else {
+            (u128::from(total) * u128::from(num.min(den)) / u128::from(den)) as u64
+        };
+        while self.done < target {
+            check_stop();
+            let gpa = self.start + (self.share.start + self.done) * PAGE;
+            workload::verify_page(cpu, gpa, generation);
+            pacer.page_done();
+            self.done += 1;
+        }
+    }
+}
+
+/// Runs `dma-verify` on vCPU `cpu` (ring 3); returns after the last pass.
+pub fn run(cpu: u32) {
+    let (start, pages, cpus) = workload::region();
+    let dma = if PLAN.dma.load(Ordering::Relaxed) == Dma::Rng as u8 {
+        Dma::Rng
+    } else {
+        Dma::Blk
+    };
+    let cx = Cx {
+        cpu,
+        dma,
+        queue: queue::queue_of(cpu),
+        batch: PLAN.batch.load(Ordering::Relaxed) as usize,
+        requests: PLAN.requests.load(Ordering::Relaxed) as usize,
+        mem: DriverMemory {
+            base: PLAN.memory.load(Ordering::Relaxed),
+            cpus,
+            pages,
+            dma,
+        },
+        start,
+        pages,
+        share: share(pages, cpus, cpu),
+        generation: PLAN.generation.load(Ordering::Relaxed),
+    };
+    let mut verify = Interleave::new(cpu, cpus);
+    match dma {
+        Dma::Blk => blk(&cx, &mut verify),
+        Dma::Rng => rng(&cx, &mut verify),
+    }
+}
+
+/// The share in batches of `n` pages.
+fn chunks(r: &Range<u64>, n: usize) -> impl Iterator<Item = Range<u64>> {
+    let end = r.end;
+    (r.start..r.end)
+        .step_by(n)
+        .map(move |s| s..(s + n as u64).min(end))
+}
+
+/// After pass `pass`: finishes its `verify` pages, prints the progress lines; whether
+/// that was the last pass.
+fn pass_done(
+    cx: &Cx,
+    pass: u64,
+    verify: &mut Option<Interleave>,
+    pacer: &mut Pacer,
+    progress: &mut Progress,
+) -> bool {
+    if let Some(v) = verify.as_mut() {
+        v.catch_up(cx.cpu, pass, 0, 0, pacer);
+        v.done = 0;
+    }
+    if progress.due(pass) {
+        say!("dma-verified {} {pass}", cx.cpu);
+        if verify.is_some() {
+            say!("verified {} {pass}", cx.cpu);
+        }
+    }
+    workload::finished(pass)
+}
+
+fn blk(cx: &Cx, verify: &mut Option<Interleave>) {
+    let n = cx.pages;
+    // The disk: blocks i and i + N for every page i of the share, through the staging
+    // buffer (the CPU never writes the region).
+    let staging = cx.mem.staging(cx.cpu);
+    for base in [0, n] {
+        for chunk in chunks(&cx.share, cx.batch) {
+            for (j, i) in chunk.clone().enumerate() {
+                check_stop();
+                // SAFETY: page j < BATCH of this vCPU's own staging buffer, in the driver
+                // memory (RAM checked at boot, outside the regions and the image); the
+                // device reads it only during the transfer below, not now.
+                let page = unsafe { &mut *((staging + j as u64 * PAGE) as *mut [u8; PAGE_SIZE]) };
+                fill_page(page, block_tag(base + i), cx.generation);
+            }
+            blk_io(
+                cx,
+                T_OUT,
+                base + chunk.start,
+                chunk.end - chunk.start,
+                staging,
+            );
+        }
+    }
+    if PLAN.flush.load(Ordering::Relaxed) {
+        blk_flush(cx);
+    }
+    let mut pacer = Pacer::new();
+    let mut progress = Progress::new();
+    let total = cx.share.end - cx.share.start;
+    // Pass 0 only reads (block i into page i).
+    let mut pass = 0;
+    loop {
+        let mut done = 0;
+        for chunk in chunks(&cx.share, cx.batch) {
+            if pass > 0 {
+                let old = ((pass - 1) % 2) * n;
+                for i in chunk.clone() {
+                    check_stop();
+                    let gpa = cx.gpa(i);
+                    // SAFETY: a page of the dma-verify region (RAM, checked at boot) in this
+                    // vCPU's share: the device writes it only while this vCPU has a request
+                    // for it in flight, which is not now.
+                    let page = unsafe { &*(gpa as *const [u8; PAGE_SIZE]) };
+                    let found = check_page(page, block_tag(i + old));
+                    if !found.is(cx.generation) {
+                        blk_mismatch(cx.cpu, gpa, i + old, cx.generation, found);
+                    }
+                }
+            }
+            let count = chunk.end - chunk.start;
+            blk_io(
+                cx,
+                T_IN,
+                chunk.start + (pass % 2) * n,
+                count,
+                cx.gpa(chunk.start),
+            );
+            for _ in 0..count {
+                pacer.page_done();
+            }
+            done += count;
+            if pass > 0 {
+                if let Some(v) = verify.as_mut() {
+                    v.catch_up(cx.cpu, pass, done, total, &mut pacer);
+                }
+            }
+        }
+        if pass > 0 && pass_done(cx, pass, verify, &mut pacer, &mut progress) {
+            return;
+        }
+        pass += 1;
+    }
+}
+
+/// Header `j` and status byte `j` of this vCPU's request page.
+fn blk_slot(cx: &Cx, j: usize) -> (u64, u64) {
+    let req = cx.mem.requests(cx.cpu);
+    (
+        req + HEADER_BYTES * j as u64,
+        req + STATUS_OFFSET + j as u64,
+    )
+}
+
+/// Writes header `j` and presets status `j` of this vCPU's request page.
+fn blk_request(cx: &Cx, j: usize, kind: u32, sector: u64) -> (u64, u64) {
+    let (header, status) = blk_slot(cx, j);
+    // SAFETY: header j and status byte j (j < BATCH) of this vCPU's own request page in
+    // the driver memory (RAM checked at boot); the device touches them only while the
+    // request is in flight, which starts after these writes.
+    unsafe {
+        core::ptr::write_volatile(header as *mut u32, kind);
+        core::ptr::write_volatile((header + 4) as *mut u32, 0);
+        core::ptr::write_volatile((header + 8) as *mut u64, sector);
+        core::ptr::write_volatile(status as *mut u8, S_UNSET);
+    }
+    (header, status)
+}
+
+fn read_status(status: u64) -> u8 {
+    // SAFETY: a status byte of this vCPU's request page (see `blk_request`); its request
+    // has completed, so the device no longer writes it.
+    unsafe { core::ptr::read_volatile(status as *const u8) }
+}
+
+fn status_name(s: u8) -> &'static str {
+    match s {
+        0 => "OK",
+        1 => "IOERR",
+        2 => "UNSUPP",
+        S_UNSET => "not written by the device",
+        _ => "unknown",
+    }
+}
+
+/// One request per block: `count` blocks from `first_block`, block j to or from the page
+/// at `buf + j * 4096`.
+fn blk_io(cx: &Cx, kind: u32, first_block: u64, count: u64, buf: u64) {
+    let count = count as usize;
+    for j in 0..count {
+        let block = first_block + j as u64;
+        blk_request(cx, j, kind, block * SECTORS_PER_BLOCK);
+    }
+    let chain = |j: usize| {
+        let (header, status) = blk_slot(cx, j);
+        Chain::new(&[
+            Buf {
+                addr: header,
+                len: HEADER_BYTES as u32,
+                device_writes: false,
+            },
+            Buf {
+                addr: buf + j as u64 * PAGE,
+                len: PAGE_SIZE as u32,
+                device_writes: kind == T_IN,
+            },
+            Buf {
+                addr: status,
+                len: 1,
+                device_writes: true,
+            },
+        ])
+    };
+    cx.transfer(count, chain, |_, _| {});
+    for j in 0..count {
+        let got = read_status(blk_slot(cx, j).1);
+        if got != S_OK {
+            workload::fail(format_args!(
+                "virtio-blk {} of block {} {} gpa {:#x}: status {got} ({})",
+                if kind == T_IN { "read" } else { "write" },
+                first_block + j as u64,
+                if kind == T_IN { "into" } else { "from" },
+                buf + j as u64 * PAGE,
+                status_name(got)
+            ));
+        }
+    }
+}
+
+fn blk_flush(cx: &Cx) {
+    let (header, status) = blk_request(cx, 0, T_FLUSH, 0);
+    let chain = Chain::new(&[
+        Buf {
+            addr: header,
+            len: HEADER_BYTES as u32,
+            device_writes: false,
+        },
+        Buf {
+            addr: status,
+            len: 1,
+            device_writes: true,
+        },
+    ]);
+    cx.transfer(1, |_| chain, |_, _| {});
+    let got = read_status(status);
+    if got != S_OK {
+        workload::fail(format_args!(
+            "virtio-blk flush: status {got} ({})",
+            status_name(got)
+        ));
+    }
+}
+
+fn blk_mismatch(cpu: u32, gpa: u64, block: u64, generation: u64, found: PageCheck) -> ! {
+    struct Why(PageCheck);
+    impl core::fmt::Display for Why {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            match self.0 {
+                PageCheck::Ok { .. } => Ok(()),
+                PageCheck::BadChecksum { .. } => write!(f, " (bad checksum)"),
+                PageCheck::WrongGpa { found_gpa, .. } => {
+                    write!(f, " (holds block {})", found_gpa / BLOCK_SIZE)
+                }
+                PageCheck::NotWritten { .. } => write!(f, " (no block pattern)"),
+            }
+        }
+    }
+    workload::failure(format_args!(
+        "MISMATCH cpu={cpu} gpa={gpa:#x} block={block} expected={generation} found={}{}",
+        found.generation(),
+        Why(found)
+    ))
+}
+
+fn rng(cx: &Cx, verify: &mut Option<Interleave>) {
+    let mut pacer = Pacer::new();
+    let mut progress = Progress::new();
+    let total = cx.share.end - cx.share.start;
+    let mut pass = 0;
+    loop {
+        pass += 1;
+        let mut done = 0;
+        for chunk in chunks(&cx.share, cx.batch) {
+            let mut before = [0u64; BATCH];
+            for (j, i) in chunk.clone().enumerate() {
+                check_stop();
+                let gpa = cx.gpa(i);
+                let h = page_hash(region_page(gpa));
+                if pass > 1 {
+                    let kept = read_hash(cx.mem.hash(i));
+                    if h != kept {
+                        workload::failure(format_args!(
+                            "MISMATCH cpu={} gpa={gpa:#x} expected={kept:#018x} found={h:#018x} (hash of the random page changed)",
+                            cx.cpu
+                        ));
+                    }
+                }
+                before[j] = h;
+            }
+            let count = chunk.end - chunk.start;
+            rng_fill(cx, cx.gpa(chunk.start), count as usize);
+            for (j, i) in chunk.clone().enumerate() {
+                let gpa = cx.gpa(i);
+                let h = page_hash(region_page(gpa));
+                if h == before[j] {
+                    workload::fail(format_args!(
+                        "device did not write gpa {gpa:#x} (virtio-rng, cpu {}, pass {pass})",
+                        cx.cpu
+                    ));
+                }
+                write_hash(cx.mem.hash(i), h);
+                pacer.page_done();
+            }
+            done += count;
+            if let Some(v) = verify.as_mut() {
+                v.catch_up(cx.cpu, pass, done, total, &mut pacer);
+            }
+        }
+        if pass_done(cx, pass, verify, &mut pacer, &mut progress) {
+            return;
+        }
+    }
+}
+
+/// A page of the dma-verify region, to read between requests.
+fn region_page(gpa: u64) -> &'static [u8; PAGE_SIZE] {
+    // SAFETY: callers pass pages of the dma-verify region (RAM, checked at boot) in this
+    // vCPU's share, and use the reference only while no request for that page is in
+    // flight, so nothing writes the page meanwhile.
+    unsafe { &*(gpa as *const [u8; PAGE_SIZE]) }
+}
+
+fn read_hash(at: u64) -> u64 {
+    // SAFETY: the hash slot of a page of this vCPU's share, in the driver memory (RAM
+    // checked at boot, 8-byte aligned); only this vCPU uses it.
+    unsafe { core::ptr::read_volatile(at as *const u64) }
+}
+
+fn write_hash(at: u64, h: u64) {
+    // SAFETY: as for `read_hash`.
+    unsafe { core::ptr::write_volatile(at as *mut u64, h) }
+}
+
+/// Has virtio-rng fill the `count` pages from `gpa`: `cx.requests` requests at most, one
+/// device-writable descriptor each, the pages split evenly between them; a buffer the
+/// device filled only in part is asked again for the rest.
+fn rng_fill(cx: &Cx, gpa: u64, count: usize) {
+    let bufs = cx.requests.min(count);
+    // Buffer b: its address and length.
+    let buffer = |b: usize| {
+        let (first, end) = (b * count / bufs, (b + 1) * count / bufs);
+        (
+            gpa + first as u64 * PAGE,
+            ((end - first) * PAGE_SIZE) as u32,
+        )
+    };
+    let mut filled = [0u32; BATCH];
+    let mut empty_rounds = 0;
+    loop {
+        // The buffers not full yet.
+        let mut which = [0u8; BATCH];
+        let mut m = 0;
+        for (b, &f) in filled[..bufs].iter().enumerate() {
+            if f < buffer(b).1 {
+                which[m] = b as u8;
+                m += 1;
+            }
+        }
+        if m == 0 {
+            return;
+        }
+        let mut used = [0u32; BATCH];
+        cx.transfer(
+            m,
+            |k| {
+                let b = usize::from(which[k]);
+                let (addr, len) = buffer(b);
+                Chain::new(&[Buf {
+                    addr: addr + u64::from(filled[b]),
+                    len: len - filled[b],
+                    device_writes: true,
+                }])
+            },
+            |k, len| used[k] = len,
+        );
+        let mut got = 0;
+        for (k, &b) in which[..m].iter().enumerate() {
+            let b = usize::from(b);
+            let (addr, len) = buffer(b);
+            let want = len - filled[b];
+            if used[k] > want {
+                workload::fail(format_args!(
+                    "virtio-rng reported {} bytes written into a {want}-byte buffer at gpa {:#x}",
+                    used[k],
+                    addr + u64::from(filled[b])
+                ));
+            }
+            filled[b] += used[k];
+            got += used[k];
+        }
+        if got == 0 {
+            empty_rounds += 1;
+            if empty_rounds == RNG_EMPTY_ROUNDS {
+                workload::fail(format_args!(
+                    "virtio-rng returned no bytes {RNG_EMPTY_ROUNDS} times in a row"
+                ));
+            }
+        } else {
+            empty_rounds = 0;
+        }
+    }
+}

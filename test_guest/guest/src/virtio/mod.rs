@@ -1,0 +1,466 @@
+//! A modern virtio-pci driver (virtio 1.2 §4.1) for `workload=dma-verify`: it finds a
+//! virtio-blk or virtio-rng function on PCI bus 0, reads its vendor capabilities,
+//! negotiates features and sets up split virtqueues. All of that happens once at boot, in
+//! ring 0 (port I/O to 0xCF8 is ring-0 only; ring 0 is slow on some hypervisors, see
+//! `sys`, so it is kept short); the workload then uses the queues from ring 3 (`queue`):
+//! the BAR is identity-mapped and user-accessible like everything below 4 GiB, and made
+//! uncached here.
+//!
+//! * Functions: vendor 0x1af4, device 0x1042 (blk) / 0x1044 (rng), or the transitional
+//!   0x1001 / 0x1005 QEMU shows by default; either way only the modern interface is used
+//!   (vendor capabilities: common configuration, notifications, ISR, device
+//!   configuration), never the legacy I/O BAR.
+//! * BARs: used where the VMM or the firmware put them. A BAR the driver needs that is an
+//!   I/O BAR, unassigned (address 0) or not wholly below 4 GiB fails the run with a line
+//!   naming it; the driver never moves BARs.
+//! * Features: VERSION_1, plus FLUSH (blk, when offered: the workload flushes after
+//!   writing the disk) and MQ (blk, when offered and there is more than one vCPU: a queue
+//!   per vCPU). Nothing else; a read-only disk fails.
+//! * Queues: split, `min(device maximum, 256)` entries (rounded down to a power of two),
+//!   memory from the driver memory after the workload regions (`guest_pattern::dma`).
+//! * No interrupts: MSI-X stays disabled, the configuration and queue vectors are
+//!   NO_VECTOR, INTx is disabled in the command register and every available ring says
+//!   NO_INTERRUPT. The driver polls the used rings.
+
+pub mod queue;
+
+use guest_pattern::cmdline::Dma;
+use guest_pattern::dma::{DriverMemory, MAX_QUEUE_SIZE};
+
+use crate::arch::Plain;
+use crate::pci::{read_config, write_config};
+
+pub const VENDOR: u16 = 0x1af4;
+
+/// The driver's name for the device.
+pub fn name(dma: Dma) -> &'static str {
+    match dma {
+        Dma::Blk => "virtio-blk",
+        Dma::Rng => "virtio-rng",
+    }
+}
+
+/// PCI device ids accepted: modern, transitional.
+fn device_ids(dma: Dma) -> [u16; 2] {
+    match dma {
+        Dma::Blk => [0x1042, 0x1001],
+        Dma::Rng => [0x1044, 0x1005],
+    }
+}
+
+// PCI configuration space (type 0 header).
+const REG_COMMAND: u8 = 0x04;
+const REG_HEADER_TYPE: u8 = 0x0c;
+const REG_BAR0: u8 = 0x10;
+const REG_CAPABILITIES: u8 = 0x34;
+/// Status register (upper half of the dword at 0x04): capability list present.
+const STATUS_CAP_LIST: u32 = 1 << 20;
+const CMD_MEMORY: u32 = 1 << 1;
+const CMD_BUS_MASTER: u32 = 1 << 2;
+const CMD_INTX_DISABLE: u32 = 1 << 10;
+const CAP_VENDOR: u8 = 0x09;
+
+// virtio_pci_cap.cfg_type
+const CFG_COMMON: u8 = 1;
+const CFG_NOTIFY: u8 = 2;
+const CFG_ISR: u8 = 3;
+const CFG_DEVICE: u8 = 4;
+const CFG_NAMES: [&str; 5] = ["", "common", "notify", "ISR", "device"];
+
+// Common configuration (virtio 1.2 §4.1.4.3).
+const DEVICE_FEATURE_SELECT: u64 = 0x00;
+const DEVICE_FEATURE: u64 = 0x04;
+const DRIVER_FEATURE_SELECT: u64 = 0x08;
+const DRIVER_FEATURE: u64 = 0x0c;
+const CONFIG_MSIX_VECTOR: u64 = 0x10;
+const NUM_QUEUES: u64 = 0x12;
+const DEVICE_STATUS: u64 = 0x14;
+const CONFIG_GENERATION: u64 = 0x15;
+const QUEUE_SELECT: u64 = 0x16;
+const QUEUE_SIZE: u64 = 0x18;
+const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+const QUEUE_ENABLE: u64 = 0x1c;
+const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+const QUEUE_DESC: u64 = 0x20;
+const QUEUE_DRIVER: u64 = 0x28;
+const QUEUE_DEVICE: u64 = 0x30;
+/// Bytes of the common configuration the driver uses.
+const COMMON_LEN: u32 = 0x38;
+
+// Device status.
+const ACKNOWLEDGE: u8 = 1;
+const DRIVER: u8 = 2;
+const DRIVER_OK: u8 = 4;
+const FEATURES_OK: u8 = 8;
+pub const NEEDS_RESET: u8 = 64;
+const FAILED: u8 = 128;
+
+const F_VERSION_1: u64 = 1 << 32;
+const BLK_F_RO: u64 = 1 << 5;
+const BLK_F_FLUSH: u64 = 1 << 9;
+const BLK_F_MQ: u64 = 1 << 12;
+const NO_VECTOR: u16 = 0xffff;
+
+// virtio-blk configuration.
+const BLK_CAPACITY: u64 = 0;
+const BLK_NUM_QUEUES: u64 = 34;
+const SECTOR: u64 = 512;
+
+const FOUR_GIB: u64 = 1 << 32;
+const MIB2: u64 = 2 << 20;
+
+/// A device structure in a BAR: `len` bytes at `base`, below 4 GiB, identity-mapped,
+/// uncached. Only this module makes them, from the capabilities and the BARs.
+#[derive(Clone, Copy)]
+pub struct Mmio {
+    base: u64,
+    len: u64,
+}
+
+impl Mmio {
+    pub fn read<T: Plain>(&self, offset: u64) -> T {
+        let size = core::mem::size_of::<T>() as u64;
+        assert!(offset + size <= self.len, "MMIO read past the structure");
+        // SAFETY: the structure lies in a memory BAR wholly below 4 GiB (checked when it
+        // was made), where the identity map holds it, uncached; the access is inside it,
+        // naturally aligned by the callers' offsets. It is device memory, not memory
+        // Rust knows about: a volatile access of the register's own size.
+        unsafe { core::ptr::read_volatile((self.base + offset) as *const T) }
+    }
+
+    pub fn write<T: Plain>(&self, offset: u64, value: T) {
+        let size = core::mem::size_of::<T>() as u64;
+        assert!(offset + size <= self.len, "MMIO write past the structure");
+        // SAFETY: as for `read`: a register of the device's structure, below 4 GiB,
+        // mapped uncached; writing it changes device state only.
+        unsafe { core::ptr::write_volatile((self.base + offset) as *mut T, value) }
+    }
+
+    fn write_u64(&self, offset: u64, value: u64) {
+        self.write::<u32>(offset, value as u32);
+        self.write::<u32>(offset + 4, (value >> 32) as u32);
+    }
+}
+
+/// One `virtio_pci_cap`.
+#[derive(Clone, Copy)]
+struct Cap {
+    bar: u8,
+    offset: u32,
+    length: u32,
+}
+
+/// What the workload needs to know about the device it drives.
+pub struct Device {
+    pub dev: u8,
+    pub func: u8,
+    pub id: u16,
+    /// BAR index and address of the common configuration.
+    pub bar: (u8, u64),
+    /// Features agreed.
+    pub features: u64,
+    pub queues: u32,
+    /// Entries of each queue (the smallest, should they differ).
+    pub queue_size: u16,
+    /// virtio-blk: bytes of the disk.
+    pub capacity: u64,
+}
+
+impl Device {
+    pub fn flush(&self) -> bool {
+        self.features & BLK_F_FLUSH != 0
+    }
+}
+
+/// Finds the first function on bus 0 that is `dma`'s device: (device, function, id).
+fn find(dma: Dma) -> Option<(u8, u8, u16)> {
+    for dev in 0..32 {
+        if read_config(dev, 0, 0) & 0xffff == 0xffff {
+            continue;
+        }
+        let multi = read_config(dev, 0, REG_HEADER_TYPE) & (0x80 << 16) != 0;
+        for func in 0..if multi { 8 } else { 1 } {
+            let id = read_config(dev, func, 0);
+            let (vendor, device) = (id as u16, (id >> 16) as u16);
+            if vendor == VENDOR && device_ids(dma).contains(&device) {
+                return Some((dev, func, device));
+            }
+        }
+    }
+    None
+}
+
+/// Sets up `dma`'s device for `cpus` vCPUs with rings in `mem`; publishes its queues to
+/// `queue`. Ring 0, at boot, before the workload starts. Any problem fails the run.
+pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32) -> Device {
+    let name = name(dma);
+    let [modern, transitional] = device_ids(dma);
+    let Some((dev, func, id)) = find(dma) else {
+        crate::fail(format_args!(
+            "no {name} on PCI bus 0 (vendor {VENDOR:04x}, device {modern:04x} or {transitional:04x})"
+        ))
+    };
+    let fail = |why: core::fmt::Arguments| -> ! {
+        crate::fail(format_args!("{name} 00:{dev:02x}.{func}: {why}"))
+    };
+
+    // Memory decoding and bus mastering on, INTx off (the driver polls).
+    let command = read_config(dev, func, REG_COMMAND);
+    if command & STATUS_CAP_LIST == 0 {
+        fail(format_args!("no capability list"));
+    }
+    // Only the command half is written: zeros leave the status bits (write-1-to-clear).
+    write_config(
+        dev,
+        func,
+        REG_COMMAND,
+        (command & 0xffff) | CMD_MEMORY | CMD_BUS_MASTER | CMD_INTX_DISABLE,
+    );
+
+    // The vendor capabilities: the first of each type the driver knows.
+    let mut caps: [Option<Cap>; 5] = [None; 5];
+    let mut notify_multiplier = 0;
+    let mut at = (read_config(dev, func, REG_CAPABILITIES) & 0xfc) as u8;
+    for _ in 0..48 {
+        if at == 0 {
+            break;
+        }
+        let head = read_config(dev, func, at);
+        let (cap_id, next, cap_len, cfg_type) = (
+            head as u8,
+            (head >> 8) as u8 & 0xfc,
+            (head >> 16) as u8,
+            (head >> 24) as u8,
+        );
+        let bar = read_config(dev, func, at + 4) as u8;
+        let kind = usize::from(cfg_type);
+        if cap_id == CAP_VENDOR
+            && (1..caps.len()).contains(&kind)
+            && bar <= 5
+            && caps[kind].is_none()
+            && (cfg_type != CFG_NOTIFY || cap_len >= 20)
+        {
+            caps[kind] = Some(Cap {
+                bar,
+                offset: read_config(dev, func, at + 8),
+                length: read_config(dev, func, at + 12),
+            });
+            if cfg_type == CFG_NOTIFY {
+                notify_multiplier = read_config(dev, func, at + 16);
+            }
+        }
+        at = next;
+    }
+
+    // A structure: its capability, its BAR's address, checked and mapped uncached.
+    let structure = |cfg_type: u8, min_len: u32| -> Option<(Mmio, u8, u64)> {
+        let what = CFG_NAMES[usize::from(cfg_type)];
+        let cap = caps[usize::from(cfg_type)]?;
+        if cap.length < min_len {
+            fail(format_args!(
+                "the {what} structure has {} bytes, the driver needs {min_len}",
+                cap.length
+            ));
+        }
+        let reg = REG_BAR0 + 4 * cap.bar;
+        let low = read_config(dev, func, reg);
+        if low & 1 != 0 {
+            fail(format_args!(
+                "BAR {} (the {what} structure) is an I/O BAR",
+                cap.bar
+            ));
+        }
+        let mut addr = u64::from(low & !0xf);
+        if (low >> 1) & 3 == 2 {
+            if cap.bar == 5 {
+                fail(format_args!("BAR 5 claims to be 64-bit"));
+            }
+            addr |= u64::from(read_config(dev, func, reg + 4)) << 32;
+        }
+        if addr == 0 {
+            fail(format_args!(
+                "BAR {} (the {what} structure) is unassigned (address 0)",
+                cap.bar
+            ));
+        }
+        let start = addr + u64::from(cap.offset);
+        let end = start + u64::from(cap.length);
+        if end > FOUR_GIB {
+            fail(format_args!(
+                "BAR {} at {addr:#x} (the {what} structure, {start:#x}-{end:#x}) is not below 4 GiB, \
+                 the only memory the driver maps",
+                cap.bar
+            ));
+        }
+        let mut page = start & !(MIB2 - 1);
+        while page < end {
+            crate::paging::set_uncached(page);
+            page += MIB2;
+        }
+        Some((
+            Mmio {
+                base: start,
+                len: u64::from(cap.length),
+            },
+            cap.bar,
+            addr,
+        ))
+    };
+    let missing = |cfg_type: u8| -> ! {
+        fail(format_args!(
+            "no {} structure (vendor capability cfg_type {cfg_type})",
+            CFG_NAMES[usize::from(cfg_type)]
+        ))
+    };
+    let (common, bar, bar_addr) =
+        structure(CFG_COMMON, COMMON_LEN).unwrap_or_else(|| missing(CFG_COMMON));
+    let (notify, _, _) = structure(CFG_NOTIFY, 2).unwrap_or_else(|| missing(CFG_NOTIFY));
+    // The ISR is not used (no interrupts), but a device without one is not virtio-pci.
+    structure(CFG_ISR, 1).unwrap_or_else(|| missing(CFG_ISR));
+    let device_cfg = match dma {
+        Dma::Blk => Some(
+            structure(CFG_DEVICE, 8)
+                .unwrap_or_else(|| missing(CFG_DEVICE))
+                .0,
+        ),
+        Dma::Rng => None,
+    };
+
+    // Reset, then the handshake (virtio 1.2 §3.1.1).
+    common.write::<u8>(DEVICE_STATUS, 0);
+    let mut reset = false;
+    for _ in 0..100_000 {
+        if common.read::<u8>(DEVICE_STATUS) == 0 {
+            reset = true;
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    if !reset {
+        fail(format_args!("device status does not read 0 after a reset"));
+    }
+    let mut status = ACKNOWLEDGE | DRIVER;
+    common.write::<u8>(DEVICE_STATUS, ACKNOWLEDGE);
+    common.write::<u8>(DEVICE_STATUS, status);
+    common.write::<u32>(DEVICE_FEATURE_SELECT, 0);
+    let low = common.read::<u32>(DEVICE_FEATURE);
+    common.write::<u32>(DEVICE_FEATURE_SELECT, 1);
+    let offered = u64::from(common.read::<u32>(DEVICE_FEATURE)) << 32 | u64::from(low);
+    if offered & F_VERSION_1 == 0 {
+        fail(format_args!(
+            "VERSION_1 not offered (features {offered:#x}): a legacy-only device"
+        ));
+    }
+    let mut wanted = F_VERSION_1;
+    if dma == Dma::Blk {
+        if offered & BLK_F_RO != 0 {
+            fail(format_args!("the disk is read-only (VIRTIO_BLK_F_RO)"));
+        }
+        wanted |= offered & BLK_F_FLUSH;
+        if cpus > 1 {
+            wanted |= offered & BLK_F_MQ;
+        }
+    }
+    common.write::<u32>(DRIVER_FEATURE_SELECT, 0);
+    common.write::<u32>(DRIVER_FEATURE, wanted as u32);
+    common.write::<u32>(DRIVER_FEATURE_SELECT, 1);
+    common.write::<u32>(DRIVER_FEATURE, (wanted >> 32) as u32);
+    status |= FEATURES_OK;
+    common.write::<u8>(DEVICE_STATUS, status);
+    if common.read::<u8>(DEVICE_STATUS) & FEATURES_OK == 0 {
+        fail(format_args!(
+            "FEATURES_OK refused for features {wanted:#x} (offered {offered:#x})"
+        ));
+    }
+
+    // Device configuration: the capacity (and queue count) of a disk.
+    let mut capacity = 0;
+    let mut queues = 1;
+    if let Some(cfg) = device_cfg {
+        let mq = wanted & BLK_F_MQ != 0;
+        if mq && cfg.len < BLK_NUM_QUEUES + 2 {
+            fail(format_args!(
+                "MQ offered but no num_queues in the device configuration"
+            ));
+        }
+        let mut consistent = false;
+        for _ in 0..100 {
+            let generation = common.read::<u8>(CONFIG_GENERATION);
+            let sectors = u64::from(cfg.read::<u32>(BLK_CAPACITY))
+                | u64::from(cfg.read::<u32>(BLK_CAPACITY + 4)) << 32;
+            capacity = sectors.saturating_mul(SECTOR);
+            if mq {
+                queues = u32::from(cfg.read::<u16>(BLK_NUM_QUEUES)).clamp(1, cpus);
+            }
+            if common.read::<u8>(CONFIG_GENERATION) == generation {
+                consistent = true;
+                break;
+            }
+        }
+        if !consistent {
+            fail(format_args!(
+                "the device configuration keeps changing (config_generation)"
+            ));
+        }
+    }
+    let available = u32::from(common.read::<u16>(NUM_QUEUES));
+    if available < queues {
+        fail(format_args!(
+            "{queues} queue(s) needed, the device has {available}"
+        ));
+    }
+
+    // The queues: split rings in the driver memory, no interrupts.
+    let mut queue_size = MAX_QUEUE_SIZE;
+    for q in 0..queues {
+        common.write::<u16>(QUEUE_SELECT, q as u16);
+        let max = common.read::<u16>(QUEUE_SIZE);
+        if max == 0 {
+            fail(format_args!("queue {q} is not available (size 0)"));
+        }
+        let size = max.min(MAX_QUEUE_SIZE);
+        // Split rings want a power of two.
+        let size = 1u16 << (15 - size.leading_zeros());
+        queue_size = queue_size.min(size);
+        common.write::<u16>(QUEUE_SIZE, size);
+        common.write::<u16>(QUEUE_MSIX_VECTOR, NO_VECTOR);
+        let rings = mem.rings(q);
+        queue::init_rings(rings);
+        common.write_u64(QUEUE_DESC, rings);
+        common.write_u64(QUEUE_DRIVER, rings + guest_pattern::dma::AVAIL_OFFSET);
+        common.write_u64(QUEUE_DEVICE, rings + guest_pattern::dma::USED_OFFSET);
+        let off = u64::from(common.read::<u16>(QUEUE_NOTIFY_OFF)) * u64::from(notify_multiplier);
+        if off + 2 > notify.len {
+            fail(format_args!(
+                "queue {q}'s notification address (offset {off:#x}) is past the notify structure ({:#x} bytes)",
+                notify.len
+            ));
+        }
+        common.write::<u16>(QUEUE_ENABLE, 1);
+        queue::publish(
+            q,
+            size,
+            rings,
+            notify.base + off,
+            common.base + DEVICE_STATUS,
+        );
+    }
+    common.write::<u16>(CONFIG_MSIX_VECTOR, NO_VECTOR);
+    status |= DRIVER_OK;
+    common.write::<u8>(DEVICE_STATUS, status);
+    let now = common.read::<u8>(DEVICE_STATUS);
+    if now & (NEEDS_RESET | FAILED) != 0 || now & DRIVER_OK == 0 {
+        fail(format_args!("device status {now:#x} after DRIVER_OK"));
+    }
+    queue::set_count(queues);
+    Device {
+        dev,
+        func,
+        id,
+        bar: (bar, bar_addr),
+        features: wanted,
+        queues,
+        queue_size,
+        capacity,
+    }
+}

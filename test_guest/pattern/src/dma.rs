@@ -1,0 +1,178 @@
+//! The `dma-verify` workload's fixed facts, shared by the guest and host-side tests: where
+//! the guest's virtio driver keeps its rings and buffers ([`DriverMemory`]), what disk
+//! block `k` holds ([`block_tag`]) and how big the disk must be ([`disk_bytes_needed`]).
+//!
+//! Driver memory starts right after the workload regions (the `dma-verify` region and the
+//! optional `verify` region, whichever ends last), page-aligned, all of it ordinary RAM:
+//!
+//! | offset                        | what                                                  |
+//! |-------------------------------|-------------------------------------------------------|
+//! | `3 * 4K * q`                  | queue `q` (one per vCPU at most): descriptor table, available ring, used ring, a page each |
+//! | `3 * 4K * cpus + 4K * c`      | vCPU `c`'s request page: [`BATCH`] 16-byte virtio-blk headers at +0, [`BATCH`] status bytes at +0x800 |
+//! | then, `dma=blk`               | vCPU `c`'s staging buffer, [`BATCH`] pages, for writing the disk at start |
+//! | then, `dma=rng`               | one u64 hash per page of the region ([`crate::page_hash`]) |
+
+use core::ops::Range;
+
+use crate::cmdline::{Config, Dma};
+use crate::PAGE_SIZE;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// Requests one vCPU puts in flight per notification, at most (fewer when the queue is
+/// smaller: a virtio-blk request takes three descriptors).
+pub const BATCH: usize = 64;
+/// Largest queue size the driver sets up (the device's maximum if smaller).
+pub const MAX_QUEUE_SIZE: u16 = 256;
+/// Disk block size of the workload: one page.
+pub const BLOCK_SIZE: u64 = PAGE;
+/// Bytes of one queue's rings: descriptor table, available ring, used ring, a page each
+/// (enough for [`MAX_QUEUE_SIZE`] entries: 4096, 6 + 512 and 6 + 2048 bytes).
+pub const RING_BYTES: u64 = 3 * PAGE;
+/// Offset of the available ring in a queue's ring memory.
+pub const AVAIL_OFFSET: u64 = PAGE;
+/// Offset of the used ring in a queue's ring memory.
+pub const USED_OFFSET: u64 = 2 * PAGE;
+/// Offset of the status bytes in a vCPU's request page (the headers are at 0).
+pub const STATUS_OFFSET: u64 = 0x800;
+/// Size of a virtio-blk request header.
+pub const HEADER_BYTES: u64 = 16;
+
+/// Where the driver's memory is, for `cpus` vCPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DriverMemory {
+    pub base: u64,
+    pub cpus: u32,
+    /// Pages in the `dma-verify` region.
+    pub pages: u64,
+    pub dma: Dma,
+}
+
+impl DriverMemory {
+    /// The layout for `cfg` (its `dma=` and regions) and `cpus` vCPUs: it starts where the
+    /// last workload region ends. `cfg.dma` must be set.
+    pub fn for_config(cfg: &Config, cpus: u32) -> DriverMemory {
+        let mut base = cfg.start.saturating_add(cfg.size);
+        if let Some(v) = cfg.verify_region() {
+            base = base.max(v.end);
+        }
+        DriverMemory {
+            base: base.next_multiple_of(PAGE),
+            cpus,
+            pages: cfg.size / PAGE,
+            dma: cfg.dma.unwrap_or(Dma::Blk),
+        }
+    }
+
+    /// Ring memory of queue `queue` (< `cpus`): descriptor table here, then
+    /// [`AVAIL_OFFSET`], [`USED_OFFSET`].
+    pub fn rings(&self, queue: u32) -> u64 {
+        debug_assert!(queue < self.cpus);
+        self.base + RING_BYTES * u64::from(queue)
+    }
+
+    /// vCPU `cpu`'s request page: headers at 0 ([`HEADER_BYTES`] each), status bytes at
+    /// [`STATUS_OFFSET`].
+    pub fn requests(&self, cpu: u32) -> u64 {
+        debug_assert!(cpu < self.cpus);
+        self.base + RING_BYTES * u64::from(self.cpus) + PAGE * u64::from(cpu)
+    }
+
+    fn tail(&self) -> u64 {
+        self.base + (RING_BYTES + PAGE) * u64::from(self.cpus)
+    }
+
+    /// `dma=blk`: vCPU `cpu`'s staging buffer, [`BATCH`] pages.
+    pub fn staging(&self, cpu: u32) -> u64 {
+        debug_assert!(cpu < self.cpus && self.dma == Dma::Blk);
+        self.tail() + BATCH as u64 * PAGE * u64::from(cpu)
+    }
+
+    /// `dma=rng`: where the hash of region page `page` is kept (a u64).
+    pub fn hash(&self, page: u64) -> u64 {
+        debug_assert!(page < self.pages && self.dma == Dma::Rng);
+        self.tail() + 8 * page
+    }
+
+    /// All of it.
+    pub fn range(&self) -> Range<u64> {
+        let tail = match self.dma {
+            Dma::Blk => BATCH as u64 * PAGE * u64::from(self.cpus),
+            Dma::Rng => (8 * self.pages).next_multiple_of(PAGE),
+        };
+        self.base..self.tail() + tail
+    }
+}
+
+/// The tag [`crate::fill_page`] gets for disk block `block` (in place of a GPA): its byte
+/// offset on the disk.
+pub const fn block_tag(block: u64) -> u64 {
+    block * BLOCK_SIZE
+}
+
+/// `dma=blk` with a region of `size` bytes needs a disk of twice that: block `i` and
+/// block `i + pages` for every page `i`.
+pub const fn disk_bytes_needed(size: u64) -> u64 {
+    size.saturating_mul(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cmdline::parse;
+
+    fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
+        a.start < b.end && b.start < a.end
+    }
+
+    #[test]
+    fn driver_memory_follows_the_last_region_and_nothing_overlaps() {
+        let cfg = parse(b"workload=dma-verify dma=blk size=64M").unwrap();
+        let m = DriverMemory::for_config(&cfg, 2);
+        assert_eq!(m.base, (1 << 20) + (64 << 20));
+        assert_eq!(m.pages, 16384);
+        let pieces = [
+            m.rings(0)..m.rings(0) + RING_BYTES,
+            m.rings(1)..m.rings(1) + RING_BYTES,
+            m.requests(0)..m.requests(0) + PAGE,
+            m.requests(1)..m.requests(1) + PAGE,
+            m.staging(0)..m.staging(0) + BATCH as u64 * PAGE,
+            m.staging(1)..m.staging(1) + BATCH as u64 * PAGE,
+        ];
+        for (i, a) in pieces.iter().enumerate() {
+            assert!(a.start >= m.base && a.end <= m.range().end, "{a:x?}");
+            assert_eq!(a.start % PAGE, 0);
+            for b in &pieces[i + 1..] {
+                assert!(!overlaps(a, b), "{a:x?} {b:x?}");
+            }
+        }
+        assert_eq!(m.range().end, pieces[5].end);
+        // Headers and status bytes of a full batch fit their page.
+        assert!(BATCH as u64 * HEADER_BYTES <= STATUS_OFFSET);
+        assert!(STATUS_OFFSET + BATCH as u64 <= PAGE);
+        // A queue of MAX_QUEUE_SIZE fits its ring pages.
+        let q = u64::from(MAX_QUEUE_SIZE);
+        assert!(16 * q <= AVAIL_OFFSET);
+        assert!(6 + 2 * q <= USED_OFFSET - AVAIL_OFFSET);
+        assert!(6 + 8 * q <= RING_BYTES - USED_OFFSET);
+    }
+
+    #[test]
+    fn rng_keeps_a_hash_per_page_after_the_verify_region() {
+        let cfg = parse(b"workload=dma-verify dma=rng size=4M vstart=0x8000000 vsize=8M").unwrap();
+        let m = DriverMemory::for_config(&cfg, 1);
+        assert_eq!(m.base, 0x800_0000 + (8 << 20));
+        assert_eq!(m.hash(0), m.requests(0) + PAGE);
+        assert_eq!(m.hash(1023) + 8, m.range().end);
+        // A verify region below the DMA region: memory still follows the DMA region.
+        let cfg =
+            parse(b"workload=dma-verify dma=rng start=16M size=4M vstart=8M vsize=4M").unwrap();
+        assert_eq!(DriverMemory::for_config(&cfg, 1).base, 20 << 20);
+    }
+
+    #[test]
+    fn blocks_and_disk_size() {
+        assert_eq!(block_tag(3), 0x3000);
+        assert_eq!(disk_bytes_needed(64 << 20), 128 << 20);
+    }
+}
