@@ -314,6 +314,16 @@ fn bad_arguments_are_named_and_fail() {
             "guest: bad argument start=0x30000 ",
         ),
         ("workload=verify size=1G", "guest: bad argument size=1G "),
+        (
+            "workload=dma-verify",
+            "guest: bad argument dma= (required with workload=dma-verify: blk or rng)",
+        ),
+        // The region fits below the top of RAM (0xffdd000 or so), the driver memory
+        // that follows it does not.
+        (
+            "workload=dma-verify dma=rng size=0xfed0000",
+            "guest: bad argument size=0xfed0000 (driver memory after the workload regions, 0xffd0000-",
+        ),
     ] {
         let mut q = Qemu::boot(1, "256", cmdline, &[]);
         let code = q.wait_exit(BOOT_TIMEOUT);
@@ -396,6 +406,194 @@ fn verify_reports_a_corrupted_page() {
         mismatch.contains("gpa=0x164000 ") || mismatch.contains("gpa=0x6dc000 "),
         "{t}"
     );
+    assert!(lines.contains(&"guest: FAIL"), "{t}");
+    assert_eq!(code, Some(STATUS_FAIL), "{t}");
+}
+
+/// A sparse raw disk image in the temporary directory, removed when dropped.
+struct TempDisk(PathBuf);
+
+impl TempDisk {
+    fn new(bytes: u64) -> TempDisk {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("ferry-dma-verify-{}-{n}.raw", std::process::id()));
+        let f = std::fs::File::create(&path)
+            .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        f.set_len(bytes).unwrap();
+        TempDisk(path)
+    }
+
+    /// QEMU arguments for a virtio-blk-pci disk backed by this file.
+    fn qemu_args(&self) -> Vec<String> {
+        vec![
+            "-device".into(),
+            "virtio-blk-pci,drive=d0".into(),
+            "-drive".into(),
+            format!("file={},if=none,id=d0,format=raw", self.0.display()),
+        ]
+    }
+}
+
+impl Drop for TempDisk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Boots `dma-verify` with `cmdline` and `-device` arguments `extra`, expects PASS from
+/// every vCPU after `passes` passes (and `verified` lines too when `vsize=` is given).
+/// Returns how long QEMU ran.
+fn dma_verify_passes(cpus: u32, cmdline: &str, passes: u64, extra: &[String]) -> Duration {
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let t0 = Instant::now();
+    let mut q = Qemu::boot(cpus, "256", cmdline, &extra);
+    let code = q.wait_exit(RUN_TIMEOUT);
+    let took = t0.elapsed();
+    let t = q.transcript();
+    let lines = q.guest_lines();
+    assert_eq!(code, Some(STATUS_PASS), "{t}");
+    assert!(lines[0].starts_with(&ready_line(cpus, "dma-verify")), "{t}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("guest: dma device=virtio-")),
+        "{t}"
+    );
+    for c in 0..cpus {
+        assert!(
+            lines.contains(&format!("guest: dma-verified {c} {passes}").as_str()),
+            "{t}"
+        );
+        if cmdline.contains("vsize=") {
+            assert!(
+                lines.contains(&format!("guest: verified {c} {passes}").as_str()),
+                "{t}"
+            );
+        }
+    }
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("MISMATCH") || l.contains("FAIL")),
+        "{t}"
+    );
+    assert_eq!(lines.last(), Some(&"guest: PASS"), "{t}");
+    eprintln!("{cpus} vCPU(s), '{cmdline}': {took:.1?}");
+    took
+}
+
+/// `dma=blk`: the guest writes the disk, then has the device read every page of the
+/// region three times over from alternating halves of the disk, checking each time.
+#[test]
+fn dma_verify_blk_three_passes_pass() {
+    const SIZE: u64 = 64 << 20;
+    for cpus in [1, 2] {
+        let disk = TempDisk::new(guest_pattern::dma::disk_bytes_needed(SIZE));
+        dma_verify_passes(
+            cpus,
+            "workload=dma-verify dma=blk size=64M passes=3",
+            3,
+            &disk.qemu_args(),
+        );
+    }
+}
+
+/// `dma=rng`: every page is refilled with random bytes each pass and must not change
+/// between passes.
+#[test]
+fn dma_verify_rng_three_passes_pass() {
+    let rng = ["-device".to_string(), "virtio-rng-pci".to_string()];
+    for cpus in [1, 2] {
+        dma_verify_passes(
+            cpus,
+            "workload=dma-verify dma=rng size=64M passes=3",
+            3,
+            &rng,
+        );
+    }
+}
+
+/// `vsize=`: `verify` runs on a second region alongside the DMA work, on every vCPU.
+#[test]
+fn dma_verify_with_a_verify_region_passes() {
+    let rng = ["-device".to_string(), "virtio-rng-pci".to_string()];
+    dma_verify_passes(
+        2,
+        "workload=dma-verify dma=rng size=16M vsize=16M passes=3",
+        3,
+        &rng,
+    );
+}
+
+/// A disk smaller than twice the region, or no device at all, fails after the ready line.
+#[test]
+fn dma_verify_refuses_a_small_disk_and_a_missing_device() {
+    const SIZE: u64 = 16 << 20;
+    let have = guest_pattern::dma::disk_bytes_needed(SIZE) - 4096;
+    let disk = TempDisk::new(have);
+    let args = disk.qemu_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let cases = [
+        (
+            &args[..],
+            format!(
+                "guest: FAIL disk too small: need {} bytes, have {have}",
+                2 * SIZE
+            ),
+        ),
+        (
+            &[][..],
+            "guest: FAIL no virtio-blk on PCI bus 0 (vendor 1af4, device 1042 or 1001)".into(),
+        ),
+    ];
+    for (extra, expected) in cases {
+        let mut q = Qemu::boot(1, "256", "workload=dma-verify dma=blk size=16M", extra);
+        let code = q.wait_exit(BOOT_TIMEOUT);
+        let t = q.transcript();
+        let lines = q.guest_lines();
+        assert_eq!(code, Some(STATUS_FAIL), "{t}");
+        assert!(lines[0].starts_with(&ready_line(1, "dma-verify")), "{t}");
+        assert!(lines.contains(&expected.as_str()), "want {expected:?}\n{t}");
+    }
+}
+
+/// A page changed behind the guest's back after the device wrote it is reported: memory
+/// is written through QEMU's gdb stub while `dma-verify dma=blk` runs.
+#[test]
+fn dma_verify_reports_a_corrupted_page() {
+    let disk = TempDisk::new(16 << 20);
+    let port = free_port();
+    let gdb = format!("tcp:127.0.0.1:{port}");
+    let mut args = disk.qemu_args();
+    args.extend(["-gdb".to_string(), gdb]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut q = Qemu::boot(2, "256", "workload=dma-verify dma=blk size=8M", &args);
+    q.wait_for("a dma-verified pass from both cpus", BOOT_TIMEOUT, |l| {
+        (0..2).all(|c| {
+            l.iter()
+                .any(|x| x.starts_with(&format!("guest: dma-verified {c} ")))
+        })
+    });
+    // One payload byte in a page of each vCPU's share (region 1M-9M, 1024 pages each):
+    // the device rewrites each page every pass, but the guest checks it first.
+    let mut stub = GdbStub::connect(port);
+    stub.write_byte(0x10_0000 + 100 * 4096 + 700, 0x5a);
+    stub.write_byte(0x10_0000 + 1500 * 4096 + 700, 0x5a);
+    stub.detach();
+    let code = q.wait_exit(RUN_TIMEOUT);
+    let t = q.transcript();
+    let lines = q.guest_lines();
+    let mismatch = lines
+        .iter()
+        .find(|l| l.starts_with("guest: MISMATCH cpu="))
+        .unwrap_or_else(|| panic!("no MISMATCH line\n{t}"));
+    assert!(
+        mismatch.contains("gpa=0x164000 block=") || mismatch.contains("gpa=0x6dc000 block="),
+        "{t}"
+    );
+    assert!(mismatch.ends_with("(bad checksum)"), "{t}");
     assert!(lines.contains(&"guest: FAIL"), "{t}");
     assert_eq!(code, Some(STATUS_FAIL), "{t}");
 }
