@@ -1,0 +1,238 @@
+//! What every device model does with a queue before its own work: taking the chains the
+//! driver made available, one ring's worth per call, walking each to its end, and giving
+//! each back in the used ring with the length the device wrote. The guest controls every
+//! byte involved, so nothing here trusts it: a chain that does not end, a head that is
+//! not a descriptor, an available index that runs ahead of the ring, rings outside RAM,
+//! all end in a log line (rate-limited) and the queue going on.
+//!
+//! `virtio-queue`'s descriptor iterator stops silently on a loop (after queue-size
+//! descriptors), on a `next` past the table, on a descriptor it cannot read, on a bad or
+//! nested indirect table and on a chain of more than 4 GiB. In all these cases the last
+//! descriptor it yielded still says NEXT, which is how [`Walked::complete`] tells a
+//! chain that ended from one that was cut short.
+
+use std::fmt;
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+
+use crate::guest_ram::{GuestMemoryMmap, GuestRam};
+
+/// One descriptor chain, walked.
+#[derive(Debug)]
+pub(crate) struct Walked {
+    pub head: u16,
+    /// The first descriptors of the chain, at most the limit [`walk`] was given.
+    pub descs: Vec<Descriptor>,
+    /// How many descriptors the chain has (more than `descs.len()` if it is too long).
+    pub count: usize,
+    pub last: Option<Descriptor>,
+    /// The chain ended with a descriptor without NEXT (it was not cut short).
+    pub complete: bool,
+}
+
+impl Walked {
+    pub fn too_long(&self) -> bool {
+        self.count > self.descs.len()
+    }
+
+    /// Why the chain cannot be served at all, if it cannot.
+    pub fn broken(&self) -> Option<&'static str> {
+        if self.count == 0 {
+            Some("the head is not a readable descriptor (index past the table, outside RAM, or a bad indirect table)")
+        } else if !self.complete {
+            Some("the chain does not end (it loops, is longer than its table, points past its table or outside RAM, or nests indirect tables)")
+        } else {
+            None
+        }
+    }
+}
+
+/// Walks `chain` to its end (virtio-queue bounds the walk by the table's size), keeping
+/// the first `keep` descriptors.
+pub(crate) fn walk(chain: DescriptorChain<&GuestMemoryMmap>, keep: usize) -> Walked {
+    let head = chain.head_index();
+    let mut descs = Vec::new();
+    let mut count = 0usize;
+    let mut last = None;
+    for d in chain {
+        count += 1;
+        if descs.len() < keep {
+            descs.push(d);
+        }
+        last = Some(d);
+    }
+    Walked {
+        head,
+        descs,
+        count,
+        last,
+        complete: last.is_some_and(|d| !d.has_next()),
+    }
+}
+
+/// Serves up to one ring's worth of the chains available in `queue`: `serve` does the
+/// device's work and returns the bytes it wrote into the chain's device-writable buffers,
+/// which become the used length. Returns how many chains went into the used ring.
+///
+/// Bounded per call (a ring whose used index aliases its available index would otherwise
+/// never run dry); the worker calls again while the driver has more.
+pub(crate) fn serve_chains(
+    queue: &mut Queue,
+    ram: &GuestRam,
+    keep: usize,
+    log: &mut GuestErrorLog,
+    mut serve: impl FnMut(&Walked, &GuestRam, &mut GuestErrorLog) -> u32,
+) -> usize {
+    let mem = ram.queue_memory();
+    let size = queue.size();
+    let mut done = 0usize;
+    for _ in 0..size {
+        // The available index, read here rather than left to virtio-queue, which logs
+        // every refusal at error level and cannot say why it found nothing.
+        let Ok(Wrapping(avail)) = queue.avail_idx(mem, Ordering::Acquire) else {
+            // The ring's header is not in RAM: nothing can be served, and the worker's
+            // check for more fails the same way, so it stops.
+            log.report(format_args!(
+                "available ring at {:#x} is outside RAM",
+                queue.avail_ring()
+            ));
+            break;
+        };
+        let next = queue.next_avail();
+        if avail == next {
+            break;
+        }
+        let ahead = avail.wrapping_sub(next);
+        // The entry virtio-queue is about to read (it logs at error level if it cannot).
+        let entry = queue
+            .avail_ring()
+            .checked_add(4 + 2 * u64::from(next % size.max(1)));
+        let readable = entry.is_some_and(|at| ram.read(at, &mut [0u8; 2]).is_ok());
+        let chain = if ahead > size || !readable {
+            None
+        } else {
+            queue.iter(mem).ok().and_then(|mut a| a.next())
+        };
+        let Some(chain) = chain else {
+            // The driver published more entries than the ring holds, the entry is not in
+            // RAM, or the ring is at 0, which virtio-queue refuses. Nothing any call can
+            // take: move to the driver's index, or the worker's "anything new?" check
+            // spins on these entries for good.
+            log.report(format_args!(
+                "available ring at {:#x} unusable (index {avail}, device at {next}, queue size {size}): skipping its entries",
+                queue.avail_ring()
+            ));
+            queue.set_next_avail(avail);
+            break;
+        };
+        let walked = walk(chain, keep);
+        let used = serve(&walked, ram, log);
+        if walked.head >= size {
+            // virtio-queue refuses it (and logs at error level on every call): it cannot
+            // be given back.
+            log.report(format_args!(
+                "available ring names head {} in a queue of {size}; dropped",
+                walked.head
+            ));
+            continue;
+        }
+        match queue.add_used(mem, walked.head, used) {
+            Ok(()) => done += 1,
+            Err(e) => log.report(format_args!(
+                "cannot give head {} back: used ring at {:#x}: {e}",
+                walked.head,
+                queue.used_ring()
+            )),
+        }
+    }
+    done
+}
+
+/// Warnings about a guest's bad requests, at most [`GuestErrorLog::PER_WINDOW`] per
+/// [`GuestErrorLog::WINDOW`]; the rest go to debug and are counted in the next warning.
+#[derive(Debug)]
+pub(crate) struct GuestErrorLog {
+    device: &'static str,
+    window: Option<Instant>,
+    in_window: u32,
+    suppressed: u64,
+    total: u64,
+}
+
+impl GuestErrorLog {
+    pub const PER_WINDOW: u32 = 10;
+    pub const WINDOW: Duration = Duration::from_secs(60);
+
+    pub fn new(device: &'static str) -> Self {
+        GuestErrorLog {
+            device,
+            window: None,
+            in_window: 0,
+            suppressed: 0,
+            total: 0,
+        }
+    }
+
+    /// How many bad requests were reported so far.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    pub fn report(&mut self, what: fmt::Arguments) {
+        if self.admit(Instant::now()) {
+            log::warn!("{}: guest error: {what}", self.device);
+        } else {
+            log::debug!("{}: guest error: {what}", self.device);
+        }
+    }
+
+    /// Counts one report at `now`; true if it is to be a warning.
+    fn admit(&mut self, now: Instant) -> bool {
+        self.total += 1;
+        let fresh = self
+            .window
+            .is_none_or(|start| now.duration_since(start) >= Self::WINDOW);
+        if fresh {
+            if self.suppressed > 0 {
+                log::warn!(
+                    "{}: {} more guest errors in the last {:?} were logged at debug level",
+                    self.device,
+                    self.suppressed,
+                    Self::WINDOW
+                );
+            }
+            self.window = Some(now);
+            self.in_window = 0;
+            self.suppressed = 0;
+        }
+        if self.in_window < Self::PER_WINDOW {
+            self.in_window += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_guest_errors_is_mostly_debug() {
+        let mut l = GuestErrorLog::new("test");
+        let t0 = Instant::now();
+        let warned = (0..1000).filter(|_| l.admit(t0)).count();
+        assert_eq!(warned, GuestErrorLog::PER_WINDOW as usize);
+        assert_eq!(l.suppressed, 1000 - u64::from(GuestErrorLog::PER_WINDOW));
+        // The next window warns again (and says how many were not).
+        assert!(l.admit(t0 + GuestErrorLog::WINDOW));
+        assert_eq!(l.suppressed, 0);
+        assert_eq!(l.total(), 1001);
+    }
+}
