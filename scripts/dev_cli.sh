@@ -12,6 +12,7 @@ ensure_packages() {
     local missing=()
     command -v ip >/dev/null || missing+=(iproute2)
     command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+    command -v iasl >/dev/null || missing+=(acpica-tools)
     if ((${#missing[@]})); then
         say "installing ${missing[*]}"
         if [ "$(id -u)" -ne 0 ]; then
@@ -90,7 +91,7 @@ usage() {
 usage: scripts/dev_cli.sh <command>
   demo            build, boot the test guest and run Ferry's main job end to end
   build           release binaries into target/release/, test guest into target/test-guest/
-  tests           every test (needs /dev/kvm; installs qemu-system-x86, iproute2)
+  tests           every test (needs /dev/kvm; installs qemu-system-x86, iproute2, acpica-tools)
   bench harvest   dirty-set collection time, rings vs bitmap
   bench migration live-migration time, downtime, bytes, throughput between two hosts
   bench vs-qemu   the same guests live-migrated by QEMU and by Ferry, side by side

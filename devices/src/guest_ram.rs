@@ -7,6 +7,9 @@
 //! in this file, each followed by the dirty mark. Addresses are guest-physical; a range
 //! outside RAM is an error naming it, never a panic (it comes from the guest).
 
+// The one module allowed to take host pointers into guest RAM (devices/clippy.toml).
+#![allow(clippy::disallowed_methods)]
+
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
@@ -37,11 +40,30 @@ pub enum DmaError {
 #[derive(Clone, Debug)]
 pub struct GuestRam {
     mem: GuestMemoryMmap,
+    /// Test seam: every DMA into the guest waits this long first, as with a slow disk,
+    /// so a migration's pause lands while a request is in flight.
+    dma_delay: Option<std::time::Duration>,
 }
 
 impl GuestRam {
     pub fn new(mem: GuestMemoryMmap) -> Self {
-        GuestRam { mem }
+        GuestRam {
+            mem,
+            dma_delay: None,
+        }
+    }
+
+    /// The same RAM, with every DMA into the guest ([`Self::read_file_at`],
+    /// [`Self::read_from`]) delayed by `delay` (a test seam standing for a slow device).
+    pub fn with_dma_delay(mut self, delay: std::time::Duration) -> Self {
+        self.dma_delay = Some(delay);
+        self
+    }
+
+    fn slow_device(&self) {
+        if let Some(d) = self.dma_delay {
+            std::thread::sleep(d);
+        }
     }
 
     /// The memory `virtio-queue` walks rings and descriptors through. It only writes the
@@ -122,8 +144,10 @@ impl GuestRam {
         file: &File,
         offset: u64,
     ) -> Result<usize, DmaError> {
+        let slices = self.slices(gpa, len)?;
+        self.slow_device();
         let mut done = 0usize;
-        for slice in self.slices(gpa, len)? {
+        for slice in slices {
             let mut at = 0usize;
             while at < slice.len() {
                 let want = slice.len() - at;
@@ -237,6 +261,7 @@ impl GuestRam {
                 }
             }
         };
+        self.slow_device();
         self.write(gpa, &buf[..n])?;
         Ok(n)
     }

@@ -49,10 +49,15 @@ pub fn bitmap_to_ranges(base: u64, bitmap: &[u64]) -> Vec<(u64, u64)> {
 
 /// Collects KVM's dirty log and the VMM's own, unioned per region. Slot i of the KVM VM
 /// is region i of `mem` (Ferry registers them in that order).
+///
+/// `drop_vmm_log` is a test-only seam (`FERRY_TEST_DROP_DEVICE_LOG`): the VMM's log is
+/// read and thrown away, as a VMM whose device writes bypassed it would, so a test can
+/// show the guest catching the pages that then go missing.
 pub fn collect(
     vm: &hypervisor::Vm,
     mem: &GuestMemoryMmap,
     kind: SyncKind,
+    drop_vmm_log: bool,
 ) -> hypervisor::Result<Vec<RegionDirty>> {
     let kvm_bitmaps = vm.sync_dirty(kind)?;
     Ok(mem
@@ -62,8 +67,10 @@ pub fn collect(
             // The VMM's log is read after KVM's, so a device write racing the sync is
             // either in this collection or the next, never lost.
             let own = vmm_log(region).get_and_reset();
-            for (a, b) in bm.iter_mut().zip(own) {
-                *a |= b;
+            if !drop_vmm_log {
+                for (a, b) in bm.iter_mut().zip(own) {
+                    *a |= b;
+                }
             }
             let base = region.start_addr().0;
             RegionDirty {

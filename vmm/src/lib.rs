@@ -8,6 +8,7 @@ pub mod coredump;
 pub mod dirty;
 pub mod memory;
 pub mod migration;
+pub mod pci_devices;
 pub mod throttle;
 pub mod vcpu;
 pub mod vm;

@@ -1,13 +1,10 @@
 //! Guest RAM: `vm-memory` regions with an atomic dirty bitmap, so every write the VMM's
 //! own code makes through `GuestMemory` is logged for migration.
 
-use vm_memory::bitmap::AtomicBitmap;
-
 /// Guest RAM as the VMM sees it. Writes through this type set bits in the per-region
-/// `AtomicBitmap` (one bit per 4 KiB page).
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
-/// One RAM region of [`GuestMemoryMmap`].
-pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+/// `AtomicBitmap` (one bit per 4 KiB page); devices reach it through
+/// `devices::guest_ram::GuestRam` only.
+pub use devices::guest_ram::{GuestMemoryMmap, GuestRegionMmap};
 
 /// A new memfd of `size` bytes (zeros), for guest RAM that another process may map too.
 pub fn memfd(name: &str, size: u64) -> std::io::Result<std::fs::File> {

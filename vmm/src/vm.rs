@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use devices::pci::{PciBus, PciConfigIo, PciEcam, CONFIG_IO_LEN, CONFIG_IO_PORT};
+use devices::pci::{PciBarWindow, PciConfigIo, PciEcam, CONFIG_IO_LEN, CONFIG_IO_PORT};
 use devices::{
     AcpiPmControl, DebugExit, MmioBus, PioBus, Serial, SerialCounters, ACPI_PM1A_EVT_PORT,
     ACPI_PM_PORTS, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, I8042, I8042_PORT,
@@ -22,6 +22,7 @@ use crate::boot::layout::{PCI_ECAM_SIZE, PCI_ECAM_START};
 use crate::config::{ConsoleMode, VmConfig};
 use crate::dirty::{self, RegionDirty};
 use crate::memory::GuestMemoryMmap;
+use crate::pci_devices::{PciDeviceState, PciDevices, BAR_WINDOW_SIZE, BAR_WINDOW_START};
 use crate::throttle::VcpuThrottle;
 use crate::vcpu::{self, ExitCounters, VcpuControl, VmEvent};
 
@@ -43,6 +44,8 @@ pub enum VmError {
     },
     #[error("machine state: {0}")]
     State(String),
+    #[error(transparent)]
+    Devices(#[from] crate::pci_devices::PciDevicesError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -163,10 +166,12 @@ pub struct MachineState {
     pub vm: hypervisor::VmState,
     pub serial: Option<devices::SerialSnapshot>,
     pub pm_control: u16,
+    /// The PCI functions (virtio disks and rng), in slot order.
+    pub devices: Vec<PciDeviceState>,
 }
 
-/// Current [`MachineState::version`].
-pub const MACHINE_STATE_VERSION: u32 = 1;
+/// Current [`MachineState::version`] (2: PCI devices).
+pub const MACHINE_STATE_VERSION: u32 = 2;
 
 /// A machine put together but whose vCPUs have not run yet.
 /// Field order is drop order: the KVM VM goes before the RAM it points into.
@@ -191,7 +196,11 @@ pub struct Machine {
     pub serial_counters: Option<Arc<SerialCounters>>,
     serial: Option<Arc<Mutex<Serial>>>,
     pm: Arc<Mutex<AcpiPmControl>>,
+    /// PCI bus 0 and the virtio devices.
+    pci: PciDevices,
     paused: AtomicBool,
+    /// Test-only seam: the device log is dropped at every collection.
+    drop_device_log: bool,
     /// Last field: dropped after the KVM VM whose memslots point into it.
     mem: GuestMemoryMmap,
 }
@@ -234,7 +243,12 @@ impl IncomingMachine {
         }
         // Pages received went through the VMM's own writes: they are not guest activity.
         dirty::reset_vmm_log(&p.mem);
-        Machine::start(self.parts, state.serial.as_ref(), state.pm_control)
+        Machine::start(
+            self.parts,
+            state.serial.as_ref(),
+            state.pm_control,
+            Some(&state.devices),
+        )
     }
 }
 
@@ -347,7 +361,7 @@ impl Machine {
             c.cpus.boot_vcpus,
             c.memory.size >> 20
         );
-        Self::start(parts, None, 0)
+        Self::start(parts, None, 0, None)
     }
 
     /// Builds a VM from a migration source's configuration, to receive its RAM and state.
@@ -378,7 +392,12 @@ impl Machine {
         Ok(IncomingMachine { parts })
     }
 
-    fn start(p: Parts, serial_state: Option<&devices::SerialSnapshot>, pm: u16) -> Result<Machine> {
+    fn start(
+        p: Parts,
+        serial_state: Option<&devices::SerialSnapshot>,
+        pm: u16,
+        devices_state: Option<&[PciDeviceState]>,
+    ) -> Result<Machine> {
         let mut bus = PioBus::default();
         let mut serial_counters = None;
         let mut serial = None;
@@ -396,19 +415,37 @@ impl Machine {
         bus.insert(I8042_PORT, 5, Arc::new(Mutex::new(I8042)));
         bus.insert(DEBUG_EXIT_PORT, 4, Arc::new(Mutex::new(DebugExit)));
         bus.insert(ACPI_PM1A_EVT_PORT, ACPI_PM_PORTS, pm.clone());
-        // PCI bus 0 (its host bridge for now), reached through 0xCF8/0xCFC and ECAM.
-        let pci = Arc::new(PciBus::default());
+        // PCI bus 0, reached through 0xCF8/0xCFC and ECAM, its BARs in the window below.
+        let mut pci = PciDevices::new(&p.config, &p.hv, &p.mem)?;
+        if let Some(states) = devices_state {
+            pci.restore(states)?;
+        }
         bus.insert(
             CONFIG_IO_PORT,
             CONFIG_IO_LEN,
-            Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+            Arc::new(Mutex::new(PciConfigIo::new(pci.bus().clone()))),
         );
         let mut mmio = MmioBus::default();
         mmio.insert(
             PCI_ECAM_START,
             PCI_ECAM_SIZE,
-            Arc::new(Mutex::new(PciEcam::new(pci))),
+            Arc::new(Mutex::new(PciEcam::new(pci.bus().clone()))),
         );
+        mmio.insert(
+            BAR_WINDOW_START,
+            BAR_WINDOW_SIZE,
+            Arc::new(Mutex::new(PciBarWindow::new(
+                pci.bus().clone(),
+                BAR_WINDOW_START,
+            ))),
+        );
+        let drop_device_log = std::env::var_os("FERRY_TEST_DROP_DEVICE_LOG").is_some();
+        if drop_device_log {
+            log::warn!(
+                "FERRY_TEST_DROP_DEVICE_LOG is set: device writes to guest RAM are NOT \
+                 migrated (a test seam; pages will be lost)"
+            );
+        }
         let bus = Arc::new(bus);
         let mmio = Arc::new(mmio);
 
@@ -443,7 +480,9 @@ impl Machine {
             serial_counters,
             serial,
             pm,
+            pci,
             paused: AtomicBool::new(false),
+            drop_device_log,
             mem: p.mem,
         })
     }
@@ -456,6 +495,7 @@ impl Machine {
             .pause_and_save(self.config.cpus.boot_vcpus)
             .map_err(VmError::State)?;
         self.paused.store(true, Ordering::SeqCst);
+        self.pci.pause();
         Ok(MachineState {
             version: MACHINE_STATE_VERSION,
             vcpus,
@@ -465,6 +505,7 @@ impl Machine {
                 .as_ref()
                 .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).snapshot()),
             pm_control: self.pm.lock().unwrap_or_else(|p| p.into_inner()).value(),
+            devices: self.pci.state(),
         })
     }
 
@@ -478,14 +519,19 @@ impl Machine {
 
     /// Parks every vCPU outside KVM_RUN (kicked, so the CPU's buffered dirty entries are
     /// in the rings).
+    /// Then the devices finish the requests they are serving and take no more: from here
+    /// on nothing writes guest RAM, so a dirty collection after this is the last word.
     pub fn pause(&self) {
         if !self.paused.swap(true, Ordering::SeqCst) {
             self.control.pause(self.config.cpus.boot_vcpus);
+            self.pci.pause();
         }
     }
 
     pub fn resume(&self) {
         if self.paused.swap(false, Ordering::SeqCst) {
+            // Devices first: they serve what the vCPUs queued before the pause.
+            self.pci.resume();
             self.control.resume();
         }
     }
@@ -528,7 +574,12 @@ impl Machine {
 
     /// Pages dirtied since the last collection, by anyone, as GPA ranges per region.
     pub fn collect_dirty(&self, kind: SyncKind) -> Result<Vec<RegionDirty>> {
-        Ok(dirty::collect(&self.hv, &self.mem, kind)?)
+        Ok(dirty::collect(
+            &self.hv,
+            &self.mem,
+            kind,
+            self.drop_device_log,
+        )?)
     }
 
     /// Waits for the next event that ends the VM, up to `timeout` (None: forever).

@@ -241,6 +241,42 @@ fn madt(ncpus: u8) -> Vec<u8> {
     t.finish()
 }
 
+/// The PCI host bridge: bus 0, configuration through 0xCF8 (and ECAM, from MCFG), the
+/// I/O ports around it and the memory window the BARs are placed in; `_PRT` gives each
+/// slot's INTA the IOAPIC pin the VMM wires it to.
+fn pci0() -> Vec<u8> {
+    use crate::pci_devices::{intx_gsi, BAR_WINDOW_SIZE, BAR_WINDOW_START};
+    let prt: Vec<Vec<u8>> = (1..devices::pci::SLOTS as u8)
+        .map(|slot| aml::prt_entry(slot, 0, intx_gsi(slot)))
+        .collect();
+    let window_end = BAR_WINDOW_START + BAR_WINDOW_SIZE - 1;
+    aml::device(
+        "PCI0",
+        &[
+            aml::name("_HID", &aml::integer(aml::eisa_id("PNP0A08").into())),
+            aml::name("_CID", &aml::integer(aml::eisa_id("PNP0A03").into())),
+            aml::name("_UID", &aml::integer(0)),
+            aml::name("_SEG", &aml::integer(0)),
+            aml::name("_BBN", &aml::integer(0)),
+            aml::name(
+                "_CRS",
+                &aml::resource_template(&[
+                    aml::word_bus_number(0, 0),
+                    aml::io_port(
+                        devices::pci::CONFIG_IO_PORT,
+                        devices::pci::CONFIG_IO_LEN as u8,
+                    ),
+                    aml::word_io(0x0000, 0x0cf7),
+                    aml::word_io(0x0d00, 0xffff),
+                    aml::dword_memory(BAR_WINDOW_START as u32, window_end as u32),
+                ]),
+            ),
+            aml::name("_PRT", &aml::package(&prt)),
+        ]
+        .concat(),
+    )
+}
+
 fn dsdt() -> Vec<u8> {
     let com1 = aml::device(
         "COM1",
@@ -272,7 +308,7 @@ fn dsdt() -> Vec<u8> {
         ]
         .concat(),
     );
-    let sb = aml::scope("\\_SB", &[com1, kbd].concat());
+    let sb = aml::scope("\\_SB", &[com1, kbd, pci0()].concat());
     // _S5_: {SLP_TYPa, SLP_TYPb, reserved, reserved}.
     let s5 = aml::name(
         "_S5",
@@ -507,6 +543,53 @@ mod tests {
         let find = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
         assert!(find(b"COM1") && find(b"PS2K"));
         assert!(find(&0x0105_d041u32.to_le_bytes()), "PNP0501");
+    }
+
+    /// The DSDT as ACPICA's disassembler reads it (`iasl -d`, from acpica-tools, which
+    /// scripts/dev_cli.sh installs): the PCI host bridge with its windows and `_PRT`.
+    #[test]
+    fn acpica_reads_the_pci_host_bridge() {
+        if std::process::Command::new("iasl")
+            .arg("-v")
+            .output()
+            .is_err()
+        {
+            eprintln!("skipped: iasl is not installed (apt-get install acpica-tools)");
+            return;
+        }
+        let m = mem();
+        let tables = walk(&m, create_acpi_tables(&m, 1).unwrap().0);
+        let dsdt = table(&m, u64_at(&tables[0].2, 140), b"DSDT");
+        let dir = std::env::temp_dir().join(format!("ferry-dsdt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let aml = dir.join("dsdt.aml");
+        std::fs::write(&aml, &dsdt).unwrap();
+        let out = std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&aml)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            out.status.success() && !dsl.is_empty(),
+            "iasl -d failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for needle in [
+            "Device (PCI0)",
+            "EisaId (\"PNP0A08\")",
+            "EisaId (\"PNP0A03\")",
+            "WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode,",
+            "0xC0000000,         // Range Minimum",
+            "0xDFFFFFFF,         // Range Maximum",
+            "0x0CF7,             // Range Maximum",
+            "Name (_PRT, Package (0x1F)",
+            "0x0001FFFF,",
+        ] {
+            assert!(dsl.contains(needle), "no {needle:?} in:\n{dsl}");
+        }
     }
 
     #[test]

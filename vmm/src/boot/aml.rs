@@ -139,6 +139,50 @@ pub fn irq_no_flags(irq: u8) -> Vec<u8> {
     vec![0x22, lo, hi]
 }
 
+/// General flags of an address space descriptor for a bridge's window: producer,
+/// positive decode, fixed minimum and maximum.
+const WINDOW_FIXED: u8 = 0x0c;
+
+/// `WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, first, last, 0, n)`.
+pub fn word_bus_number(first: u16, last: u16) -> Vec<u8> {
+    word_address(2, 0, first, last)
+}
+
+/// `WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, 0, min, max, 0,
+/// len)`.
+pub fn word_io(min: u16, max: u16) -> Vec<u8> {
+    word_address(1, 0x03, min, max)
+}
+
+fn word_address(kind: u8, type_flags: u8, min: u16, max: u16) -> Vec<u8> {
+    let mut v = vec![0x88, 13, 0, kind, WINDOW_FIXED, type_flags];
+    for w in [0, min, max, 0, max - min + 1] {
+        v.extend(w.to_le_bytes());
+    }
+    v
+}
+
+/// `DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,
+/// 0, min, max, 0, len)`.
+pub fn dword_memory(min: u32, max: u32) -> Vec<u8> {
+    let mut v = vec![0x87, 23, 0, 0, WINDOW_FIXED, 0x01];
+    for d in [0, min, max, 0, max - min + 1] {
+        v.extend(d.to_le_bytes());
+    }
+    v
+}
+
+/// A `_PRT` entry: slot `slot`'s pin `pin` (0 = INTA) goes to global interrupt `gsi`
+/// (no link device).
+pub fn prt_entry(slot: u8, pin: u8, gsi: u32) -> Vec<u8> {
+    package(&[
+        integer((u64::from(slot) << 16) | 0xffff),
+        integer(u64::from(pin)),
+        integer(0),
+        integer(u64::from(gsi)),
+    ])
+}
+
 /// Test helpers shared with `acpi`'s tests.
 #[cfg(test)]
 pub(crate) mod tests_support {

@@ -1,0 +1,328 @@
+//! The machine's PCI devices: bus 0 with its host bridge and one virtio-pci function per
+//! configured disk and rng, each with its memory BAR placed in the MMIO window below ECAM
+//! (`vm-allocator`), its queue notifications as KVM ioeventfds, and its MSI-X vectors as
+//! KVM MSI routes with one irqfd each. The same configuration always gives the same
+//! slots and BAR addresses, so a migration's destination rebuilds the bus the source had
+//! and then takes each function's state.
+
+use std::sync::{Arc, Mutex};
+
+use devices::guest_ram::GuestRam;
+use devices::pci::{MsixEffect, PciBus, PciDevice};
+use devices::virtio::{InterruptSink, VirtioDevice, VirtioPciDevice, VirtioPciState};
+use vm_allocator::{AddressAllocator, AllocPolicy};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::layout::{MMIO_HOLE_START, PCI_ECAM_START};
+use crate::config::VmConfig;
+use crate::memory::GuestMemoryMmap;
+
+/// The guest-physical window memory BARs are placed in (up to the ECAM region).
+pub const BAR_WINDOW_START: u64 = MMIO_HOLE_START;
+pub const BAR_WINDOW_SIZE: u64 = PCI_ECAM_START - MMIO_HOLE_START;
+/// IOAPIC pins 16-23 carry INTx, by slot (drivers that do not enable MSI-X).
+const FIRST_INTX_GSI: u32 = 16;
+
+/// The IOAPIC pin slot `slot`'s INTA is wired to (the DSDT's `_PRT` says the same).
+pub fn intx_gsi(slot: u8) -> u32 {
+    FIRST_INTX_GSI + u32::from(slot) % 8
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PciDevicesError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{id}: {what}: {reason}")]
+    Setup {
+        id: String,
+        what: &'static str,
+        reason: String,
+    },
+    #[error("device state for '{id}' (slot {slot}): {reason}")]
+    Restore {
+        id: String,
+        slot: u8,
+        reason: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, PciDevicesError>;
+/// A device model, shared by its transport and its queue worker.
+type SharedModel = Arc<Mutex<dyn VirtioDevice>>;
+
+/// One virtio function as migrated, with the name and slot that identify it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct PciDeviceState {
+    pub id: String,
+    pub slot: u8,
+    pub state: VirtioPciState,
+}
+
+struct VirtioFunction {
+    id: String,
+    slot: u8,
+    dev: Arc<Mutex<VirtioPciDevice>>,
+    /// Where the notify ioeventfds are registered (BAR 0's address then).
+    ioevents_at: u64,
+}
+
+/// Bus 0 and the virtio functions on it.
+pub struct PciDevices {
+    bus: Arc<PciBus>,
+    functions: Vec<VirtioFunction>,
+    hv: Arc<hypervisor::Vm>,
+}
+
+/// Interrupts of one function: MSI-X vectors through KVM routes and irqfds, INTx
+/// through an IOAPIC pin.
+struct KvmInterrupts {
+    id: String,
+    hv: Arc<hypervisor::Vm>,
+    /// Per vector: its GSI and the irqfd that raises it.
+    vectors: Vec<(u32, EventFd)>,
+    intx_gsi: u32,
+}
+
+impl InterruptSink for KvmInterrupts {
+    fn msix(&self, effect: MsixEffect) {
+        match effect {
+            MsixEffect::Route { vector, message } => {
+                let Some((gsi, _)) = self.vectors.get(usize::from(vector)) else {
+                    return;
+                };
+                if let Err(e) = self.hv.set_msi_route(*gsi, message.address, message.data) {
+                    log::error!("{}: MSI-X vector {vector}: {e}", self.id);
+                }
+            }
+            MsixEffect::Send { vector, .. } => {
+                if let Some((_, fd)) = self.vectors.get(usize::from(vector)) {
+                    if let Err(e) = fd.write(1) {
+                        log::error!("{}: MSI-X vector {vector} irqfd: {e}", self.id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn intx(&self, level: bool) {
+        if let Err(e) = self.hv.set_irq_line(self.intx_gsi, level) {
+            log::error!("{}: INTx on GSI {}: {e}", self.id, self.intx_gsi);
+        }
+    }
+}
+
+/// The device models the configuration asks for, with the names that identify them in
+/// logs and in the migration stream: `disk0`, `disk1`, ... (or the disk's own id), `rng`.
+fn models(config: &VmConfig) -> Result<Vec<(String, SharedModel)>> {
+    let mut out: Vec<(String, SharedModel)> = Vec::new();
+    for (i, d) in config.disks.iter().enumerate() {
+        let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
+        let file = d.open()?;
+        // The id is the disk's serial number in the guest when it fits (20 bytes).
+        let serial = (id.len() <= devices::virtio::ID_BYTES).then_some(id.as_str());
+        let block = devices::virtio::Block::new(file, d.readonly, serial).map_err(|e| {
+            PciDevicesError::Setup {
+                id: id.clone(),
+                what: "virtio-blk",
+                reason: e.to_string(),
+            }
+        })?;
+        log::info!(
+            "{id}: virtio-blk on {} ({} sectors{})",
+            d.path.display(),
+            block.capacity(),
+            if d.readonly { ", read-only" } else { "" }
+        );
+        out.push((id, Arc::new(Mutex::new(block))));
+    }
+    if let Some(r) = &config.rng {
+        let file = r.open()?;
+        log::info!("rng: virtio-rng from {}", r.src.display());
+        out.push((
+            "rng".to_string(),
+            Arc::new(Mutex::new(devices::virtio::Rng::new(file))),
+        ));
+    }
+    Ok(out)
+}
+
+impl PciDevices {
+    /// Builds bus 0 with a function per configured device.
+    pub fn new(
+        config: &VmConfig,
+        hv: &Arc<hypervisor::Vm>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<PciDevices> {
+        let mut bus = PciBus::default();
+        let mut bars = AddressAllocator::new(BAR_WINDOW_START, BAR_WINDOW_SIZE).map_err(|e| {
+            PciDevicesError::Setup {
+                id: "pci".into(),
+                what: "BAR window",
+                reason: format!("{e:?}"),
+            }
+        })?;
+        let mut next_gsi = hypervisor::FIRST_MSI_GSI;
+        let mut ram = GuestRam::new(mem.clone());
+        if let Some(us) = std::env::var("FERRY_TEST_DMA_DELAY_US")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            log::warn!("FERRY_TEST_DMA_DELAY_US={us}: every device write into the guest waits {us} µs (a test seam)");
+            ram = ram.with_dma_delay(std::time::Duration::from_micros(us));
+        }
+        let mut functions = Vec::new();
+        for (id, model) in models(config)? {
+            let setup = |what: &'static str, reason: String| PciDevicesError::Setup {
+                id: id.clone(),
+                what,
+                reason,
+            };
+            let vectors = model
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .queue_max_sizes()
+                .len()
+                + 1;
+            let mut irqfds = Vec::with_capacity(vectors);
+            for _ in 0..vectors {
+                let fd = EventFd::new(libc::EFD_NONBLOCK)
+                    .map_err(|e| setup("MSI-X irqfd", e.to_string()))?;
+                hv.register_irqfd(&fd, next_gsi)
+                    .map_err(|e| setup("MSI-X irqfd", e.to_string()))?;
+                irqfds.push((next_gsi, fd));
+                next_gsi += 1;
+            }
+            // Slots are handed out in order after the host bridge; INTx follows the slot.
+            let slot_guess = functions.len() as u8 + 1;
+            let intx_gsi = intx_gsi(slot_guess);
+            let sink = Arc::new(KvmInterrupts {
+                id: id.clone(),
+                hv: hv.clone(),
+                vectors: irqfds,
+                intx_gsi,
+            });
+            let mut dev = VirtioPciDevice::new(id.clone(), model, ram.clone(), sink)
+                .map_err(|e| setup("virtio-pci", e.to_string()))?;
+            let size = dev
+                .config()
+                .bars()
+                .next()
+                .map(|b| b.size)
+                .ok_or_else(|| setup("BAR 0", "the function has no BAR".into()))?;
+            let range = bars
+                .allocate(size, size, AllocPolicy::FirstMatch)
+                .map_err(|e| setup("BAR 0", format!("no room for {size:#x} bytes: {e:?}")))?;
+            let bar = range.start();
+            dev.config_mut()
+                .set_bar_address(devices::virtio::BAR, bar)
+                .map_err(|e| setup("BAR 0", e.to_string()))?;
+            // As firmware leaves it: memory decoding on; the interrupt line register
+            // names the INTx GSI.
+            dev.config_mut().set_bytes(0x04, &[0x02]);
+            dev.config_mut().set_bytes(0x3c, &[intx_gsi as u8]);
+            for (offset, fd) in dev.notifiers() {
+                hv.register_mmio_ioevent(fd, bar + offset)
+                    .map_err(|e| setup("notify ioeventfd", e.to_string()))?;
+            }
+            let dev = Arc::new(Mutex::new(dev));
+            let slot = bus
+                .add(dev.clone())
+                .map_err(|e| setup("PCI slot", e.to_string()))?;
+            debug_assert_eq!(slot, slot_guess);
+            log::info!("{id}: PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}, INTx GSI {intx_gsi}");
+            functions.push(VirtioFunction {
+                id,
+                slot,
+                dev,
+                ioevents_at: bar,
+            });
+        }
+        Ok(PciDevices {
+            bus: Arc::new(bus),
+            functions,
+            hv: hv.clone(),
+        })
+    }
+
+    pub fn bus(&self) -> &Arc<PciBus> {
+        &self.bus
+    }
+
+    fn each(&self, f: impl Fn(&VirtioPciDevice)) {
+        for func in &self.functions {
+            f(&func.dev.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+    }
+
+    /// Every device finishes the request it is serving and takes no more: after this,
+    /// no device writes guest RAM until [`Self::resume`].
+    pub fn pause(&self) {
+        self.each(VirtioPciDevice::pause);
+    }
+
+    pub fn resume(&self) {
+        self.each(VirtioPciDevice::resume);
+    }
+
+    /// Every function's state (pause first).
+    pub fn state(&self) -> Vec<PciDeviceState> {
+        self.functions
+            .iter()
+            .map(|f| PciDeviceState {
+                id: f.id.clone(),
+                slot: f.slot,
+                state: f.dev.lock().unwrap_or_else(|p| p.into_inner()).state(),
+            })
+            .collect()
+    }
+
+    /// Takes the source's device states: the same devices in the same slots, or an error
+    /// naming the first that differs.
+    pub fn restore(&mut self, states: &[PciDeviceState]) -> Result<()> {
+        let ours: Vec<(&str, u8)> = self
+            .functions
+            .iter()
+            .map(|f| (f.id.as_str(), f.slot))
+            .collect();
+        let theirs: Vec<(&str, u8)> = states.iter().map(|s| (s.id.as_str(), s.slot)).collect();
+        if ours != theirs {
+            return Err(PciDevicesError::Restore {
+                id: "pci".into(),
+                slot: 0,
+                reason: format!(
+                    "the source has devices {theirs:?}, this configuration makes {ours:?}"
+                ),
+            });
+        }
+        for (f, s) in self.functions.iter_mut().zip(states) {
+            let mut dev = f.dev.lock().unwrap_or_else(|p| p.into_inner());
+            dev.restore(&s.state)
+                .map_err(|e| PciDevicesError::Restore {
+                    id: f.id.clone(),
+                    slot: f.slot,
+                    reason: e.to_string(),
+                })?;
+            // The guest may have moved the BAR on the source: notifications follow it.
+            let bar = dev
+                .config()
+                .bars()
+                .next()
+                .map(|b| b.address)
+                .unwrap_or(f.ioevents_at);
+            if bar != f.ioevents_at {
+                for (offset, fd) in dev.notifiers() {
+                    let _ = self.hv.unregister_mmio_ioevent(fd, f.ioevents_at + offset);
+                    self.hv
+                        .register_mmio_ioevent(fd, bar + offset)
+                        .map_err(|e| PciDevicesError::Restore {
+                            id: f.id.clone(),
+                            slot: f.slot,
+                            reason: format!("notify ioeventfd at {bar:#x}: {e}"),
+                        })?;
+                }
+                f.ioevents_at = bar;
+            }
+        }
+        Ok(())
+    }
+}
