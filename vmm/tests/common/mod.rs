@@ -49,6 +49,11 @@ impl Ferry {
 
     /// Starts ferry inside network namespace `netns` (one of the test's hosts).
     pub fn spawn_in(netns: Option<&str>, args: &[&str]) -> Ferry {
+        Self::spawn_in_env(netns, &[], args)
+    }
+
+    /// As [`Self::spawn_in`], with extra environment variables (test seams).
+    pub fn spawn_in_env(netns: Option<&str>, env: &[(&str, &str)], args: &[&str]) -> Ferry {
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -59,6 +64,7 @@ impl Ferry {
         };
         let mut child = cmd
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -136,10 +142,21 @@ pub fn spawn_with_api(
     name: &str,
     args: &[&str],
 ) -> (Ferry, vmm::api::client::Client) {
+    spawn_with_api_env(netns, dir, name, args, &[])
+}
+
+/// As [`spawn_with_api`], with extra environment variables (test seams).
+pub fn spawn_with_api_env(
+    netns: Option<&str>,
+    dir: &Path,
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Ferry, vmm::api::client::Client) {
     let sock = dir.join(format!("{name}.sock"));
     let mut all = vec!["--api-socket", sock.to_str().unwrap()];
     all.extend_from_slice(args);
-    let mut ferry = Ferry::spawn_in(netns, &all);
+    let mut ferry = Ferry::spawn_in_env(netns, env, &all);
     let api = vmm::api::client::Client::new(&sock, Some(Duration::from_secs(180)));
     let end = Instant::now() + Duration::from_secs(30);
     while api.get("vmm.ping").map(|r| r.status).ok() != Some(200) {
