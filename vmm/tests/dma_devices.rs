@@ -274,8 +274,26 @@ fn migrate(m: Move) -> Moved {
     assert_eq!(r.status, 204, "receive-migration: {}", r.error_message());
     let (code, out) = src.wait_exit(Duration::from_secs(10));
     assert_eq!(code, Some(0), "the source ends once B runs the VM:\n{out}");
-    let migration: Value = dest.api.get("vm.migration-info").unwrap().json().unwrap();
-    assert_eq!(migration["status"], "completed", "{migration}");
+    // A guest that finds a lost page fails at once and its VMM ends: then there is no
+    // API left to ask.
+    let migration: Value = dest
+        .api
+        .get("vm.migration-info")
+        .ok()
+        .and_then(|r| r.json().ok())
+        .unwrap_or(Value::Null);
+    if migration["status"] != "completed" {
+        // Then the guest must have said why (its last lines may still be on their way).
+        let end = Instant::now() + Duration::from_secs(10);
+        while !serial.text().contains("guest: FAIL") {
+            assert!(
+                Instant::now() < end,
+                "migration-info {migration}, serial:\n{}",
+                serial.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     // Every line from here on is B's.
     let moved_at = serial.text().len();
     let now: Vec<u64> = (0..m.cpus)
@@ -388,8 +406,11 @@ fn a_dropped_device_log_is_caught_by_the_guest_after_the_move() {
         drop_device_log: true,
         dma_delay_us: None,
     });
+    // Either a page that went back to older contents, or a request the source's device
+    // completed (its used entry was lost with the page) whose page then shows no write.
     assert!(
-        m.serial.contains("guest: MISMATCH"),
+        m.serial.contains("guest: MISMATCH")
+            || m.serial.contains("guest: FAIL device did not write"),
         "the guest should have caught the lost device writes:\n{}",
         m.serial
     );
