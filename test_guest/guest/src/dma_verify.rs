@@ -20,25 +20,17 @@ use core::ops::Range;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use guest_pattern::cmdline::{Config, Dma};
-use guest_pattern::dma::{
-    block_tag, disk_bytes_needed, DriverMemory, BATCH, BLOCK_SIZE, HEADER_BYTES, STATUS_OFFSET,
-};
+use guest_pattern::dma::{block_tag, disk_bytes_needed, DriverMemory, BATCH, BLOCK_SIZE};
 use guest_pattern::{check_page, fill_page, page_hash, share, PageCheck, PAGE_SIZE};
 
+use crate::virtio;
+use crate::virtio::blk::{status_name, Requests, SECTOR, S_OK, T_IN, T_OUT};
 use crate::virtio::queue::{self, Buf, Chain};
-use crate::virtio::{self, VENDOR};
 use crate::workload::{self, check_stop, Pacer, Progress};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
-// virtio-blk requests (virtio 1.2 §5.2.6): header type, status.
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const S_OK: u8 = 0;
-/// What a status byte holds until the device writes it.
-const S_UNSET: u8 = 0xff;
-const SECTORS_PER_BLOCK: u64 = BLOCK_SIZE / 512;
+const SECTORS_PER_BLOCK: u64 = BLOCK_SIZE / SECTOR;
 /// Rounds of virtio-rng requests in a row that return no bytes before giving up.
 const RNG_EMPTY_ROUNDS: u32 = 1000;
 
@@ -118,21 +110,12 @@ pub fn setup(cfg: &Config, mem: &DriverMemory) {
             }
         }
     }
-    let range = mem.range();
-    say!(
-        "dma device={} pci=00:{:02x}.{} id={VENDOR:04x}:{:04x} bar={}:{:#x} features={:#x} queues={} queue_size={} batch={batch} requests={requests}{} memory={:#x}-{:#x}",
-        virtio::name(dma),
-        dev.dev,
-        dev.func,
-        dev.id,
-        dev.bar.0,
-        dev.bar.1,
-        dev.features,
-        dev.queues,
-        dev.queue_size,
+    dev.announce(
+        dma,
+        batch,
+        requests,
         Disk(dma, dev.capacity, generation),
-        range.start,
-        range.end
+        mem.range(),
     );
 }
 
@@ -343,77 +326,24 @@ fn blk(cx: &Cx, verify: &mut Option<Interleave>) {
     }
 }
 
-/// Header `j` and status byte `j` of this vCPU's request page.
-fn blk_slot(cx: &Cx, j: usize) -> (u64, u64) {
-    let req = cx.mem.requests(cx.cpu);
-    (
-        req + HEADER_BYTES * j as u64,
-        req + STATUS_OFFSET + j as u64,
-    )
-}
-
-/// Writes header `j` and presets status `j` of this vCPU's request page.
-fn blk_request(cx: &Cx, j: usize, kind: u32, sector: u64) -> (u64, u64) {
-    let (header, status) = blk_slot(cx, j);
-    // SAFETY: header j and status byte j (j < BATCH) of this vCPU's own request page in
-    // the driver memory (RAM checked at boot); the device touches them only while the
-    // request is in flight, which starts after these writes.
-    unsafe {
-        core::ptr::write_volatile(header as *mut u32, kind);
-        core::ptr::write_volatile((header + 4) as *mut u32, 0);
-        core::ptr::write_volatile((header + 8) as *mut u64, sector);
-        core::ptr::write_volatile(status as *mut u8, S_UNSET);
-    }
-    (header, status)
-}
-
-fn read_status(status: u64) -> u8 {
-    // SAFETY: a status byte of this vCPU's request page (see `blk_request`); its request
-    // has completed, so the device no longer writes it.
-    unsafe { core::ptr::read_volatile(status as *const u8) }
-}
-
-fn status_name(s: u8) -> &'static str {
-    match s {
-        0 => "OK",
-        1 => "IOERR",
-        2 => "UNSUPP",
-        S_UNSET => "not written by the device",
-        _ => "unknown",
-    }
-}
-
 /// One request per block: `count` blocks from `first_block`, block j to or from the page
 /// at `buf + j * 4096`.
 fn blk_io(cx: &Cx, kind: u32, first_block: u64, count: u64, buf: u64) {
     let count = count as usize;
-    for j in 0..count {
-        let block = first_block + j as u64;
-        blk_request(cx, j, kind, block * SECTORS_PER_BLOCK);
-    }
+    let req = Requests::of(&cx.mem, cx.cpu);
     let chain = |j: usize| {
-        let (header, status) = blk_slot(cx, j);
-        Chain::new(&[
-            Buf {
-                addr: header,
-                len: HEADER_BYTES as u32,
-                device_writes: false,
-            },
-            Buf {
-                addr: buf + j as u64 * PAGE,
-                len: PAGE_SIZE as u32,
-                device_writes: kind == T_IN,
-            },
-            Buf {
-                addr: status,
-                len: 1,
-                device_writes: true,
-            },
-        ])
+        let block = first_block + j as u64;
+        req.data(
+            j,
+            kind,
+            block * SECTORS_PER_BLOCK,
+            buf + j as u64 * PAGE,
+            PAGE_SIZE as u32,
+        )
     };
     cx.transfer(count, chain, |_, _| {});
     for j in 0..count {
-        let got = read_status(blk_slot(cx, j).1);
+        let got = req.status(j);
         if got != S_OK {
             workload::fail(format_args!(
                 "virtio-blk {} of block {} {} gpa {:#x}: status {got} ({})",
@@ -428,21 +358,9 @@ fn blk_io(cx: &Cx, kind: u32, first_block: u64, count: u64, buf: u64) {
 }
 
 fn blk_flush(cx: &Cx) {
-    let (header, status) = blk_request(cx, 0, T_FLUSH, 0);
-    let chain = Chain::new(&[
-        Buf {
-            addr: header,
-            len: HEADER_BYTES as u32,
-            device_writes: false,
-        },
-        Buf {
-            addr: status,
-            len: 1,
-            device_writes: true,
-        },
-    ]);
-    cx.transfer(1, |_| chain, |_, _| {});
-    let got = read_status(status);
+    let req = Requests::of(&cx.mem, cx.cpu);
+    cx.transfer(1, |_| req.flush(0), |_, _| {});
+    let got = req.status(0);
     if got != S_OK {
         workload::fail(format_args!(
             "virtio-blk flush: status {got} ({})",

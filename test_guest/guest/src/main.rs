@@ -3,8 +3,8 @@
 //!
 //! Boot path: `boot` (assembly entry, long mode) -> [`bsp_main`]: serial, start info
 //! (`pvh`), identity map (`paging`), command line (`guest_pattern::cmdline`), TSC (`timer`),
-//! CPUs (`acpi`, `apic`, `smp`) -> `guest: ready ...` -> [`dma-verify`: the virtio device
-//! (`virtio`, `dma_verify`)] -> `workload` on every vCPU.
+//! CPUs (`acpi`, `apic`, `smp`) -> `guest: ready ...` -> [`dma-verify`, `dma-bench`: the
+//! virtio device (`virtio`, `dma_verify`, `dma_bench`)] -> `workload` on every vCPU.
 #![no_std]
 #![no_main]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -16,6 +16,7 @@ mod acpi;
 mod apic;
 mod arch;
 mod boot;
+mod dma_bench;
 mod dma_verify;
 mod mem;
 mod paging;
@@ -158,8 +159,10 @@ pub extern "C" fn bsp_main(start_info: u32) -> ! {
         Ok(m) => smp::start_aps(m.ids(), bsp_id),
         Err(_) => smp::start_aps(&[], bsp_id),
     };
-    // dma-verify: the driver's memory follows the regions (it depends on the vCPU count).
-    let driver_memory = (cfg.workload == Workload::DmaVerify).then(|| {
+    // dma-verify, dma-bench: the driver's memory follows the regions (it depends on the
+    // vCPU count).
+    let dma_workload = matches!(cfg.workload, Workload::DmaVerify | Workload::DmaBench);
+    let driver_memory = dma_workload.then(|| {
         let mem = DriverMemory::for_config(&cfg, started.cpus);
         let r = mem.range();
         if let Err(mut e) =
@@ -200,6 +203,12 @@ pub extern "C" fn bsp_main(start_info: u32) -> ! {
             }
             if let Some(v) = self.0.verify_region() {
                 write!(f, " vstart={:#x} vsize={:#x}", v.start, v.end - v.start)?;
+            }
+            if self.0.workload == Workload::DmaBench {
+                write!(f, " bs={}", self.0.bench_bs())?;
+                if let Some(s) = self.0.bench_secs() {
+                    write!(f, " secs={s}")?;
+                }
             }
             Ok(())
         }
@@ -264,7 +273,11 @@ pub extern "C" fn bsp_main(start_info: u32) -> ! {
         pci::scan(info.rsdp_paddr);
     }
     if let Some(mem) = &driver_memory {
-        dma_verify::setup(&cfg, mem);
+        if cfg.workload == Workload::DmaBench {
+            dma_bench::setup(&cfg, mem);
+        } else {
+            dma_verify::setup(&cfg, mem);
+        }
     }
     smp::GO.store(true, Ordering::Release);
     boot::enter_user(0, workload::run)

@@ -5,6 +5,7 @@
 //! * `verify`: in pass g, check each page holds generation g-1 (pass 1: nothing to check),
 //!   then write generation g.
 //! * `dma-verify`: a virtio device writes the pages (see `dma_verify`).
+//! * `dma-bench`: virtio-blk reads into the region as fast as it can (see `dma_bench`).
 //!
 //! After each pass a vCPU prints `guest: pass <cpu> <n>` / `guest: verified <cpu> <n>` /
 //! `guest: dma-verified <cpu> <n>`, at most ten lines a second (the last pass of a bounded
@@ -53,6 +54,7 @@ pub fn publish(cfg: &Config, cpus: u32) {
         Workload::Dirty => 1,
         Workload::Verify => 2,
         Workload::DmaVerify => 3,
+        Workload::DmaBench => 4,
     };
     PLAN.workload.store(w, Ordering::Relaxed);
     PLAN.start.store(cfg.start, Ordering::Relaxed);
@@ -85,6 +87,7 @@ pub extern "C" fn run(cpu: u32) -> ! {
         1 => dirty(cpu),
         2 => verify(cpu),
         3 => crate::dma_verify::run(cpu),
+        4 => crate::dma_bench::run(cpu),
         _ => halt_forever(),
     }
     DONE.fetch_add(1, Ordering::AcqRel);

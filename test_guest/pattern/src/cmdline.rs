@@ -1,6 +1,6 @@
-//! The test guest's command line: `workload=idle|dirty|verify|dma-verify start=ADDR
-//! size=SIZE passes=N rate=PAGES_PER_SEC pci=scan|off dma=blk|rng vstart=ADDR vsize=SIZE`,
-//! and the rules its workload regions must follow.
+//! The test guest's command line: `workload=idle|dirty|verify|dma-verify|dma-bench
+//! start=ADDR size=SIZE passes=N rate=PAGES_PER_SEC pci=scan|off dma=blk|rng vstart=ADDR
+//! vsize=SIZE bs=BYTES secs=N`, and the rules its workload regions must follow.
 //!
 //! Words are separated by whitespace. Words that are not `key=value` with one of the keys
 //! above are ignored (VMMs add their own, e.g. `console=ttyS0`); a known key with a value
@@ -18,6 +18,12 @@ use crate::PAGE_SIZE;
 pub const DEFAULT_START: u64 = 1 << 20;
 /// Default size of the workload region: 100 MiB.
 pub const DEFAULT_SIZE: u64 = 100 << 20;
+/// `dma-bench`: default request size (`bs=`).
+pub const DEFAULT_BS: u64 = 4 << 10;
+/// `dma-bench`: largest request size (`bs=`).
+pub const MAX_BS: u64 = 1 << 20;
+/// `dma-bench`: default run time in seconds (`secs=`) when `passes=` is not given.
+pub const DEFAULT_SECS: u64 = 5;
 
 /// What the vCPUs do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +38,10 @@ pub enum Workload {
     /// then have the device overwrite it (`dma=`), pass after pass; optionally `verify`
     /// on a second region at the same time (`vsize=`).
     DmaVerify,
+    /// Throughput: the boot vCPU has virtio-blk read the disk sequentially into the region,
+    /// `bs=` bytes a request, the queue kept full, for `secs=` seconds or `passes=` passes
+    /// over the disk, and reports requests, bytes, MiB/s and requests/s.
+    DmaBench,
 }
 
 impl Workload {
@@ -41,11 +51,12 @@ impl Workload {
             Workload::Dirty => "dirty",
             Workload::Verify => "verify",
             Workload::DmaVerify => "dma-verify",
+            Workload::DmaBench => "dma-bench",
         }
     }
 }
 
-/// The device `dma-verify` drives (`dma=`).
+/// The device `dma-verify` or `dma-bench` drives (`dma=`; `dma-bench`: `blk` only).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dma {
     /// virtio-blk: pages are read from disk blocks the guest wrote at start.
@@ -78,7 +89,8 @@ pub struct Config {
     pub rate: Option<u64>,
     /// `pci=scan`: list PCI bus 0 at boot, through ports 0xCF8/0xCFC and through ECAM.
     pub pci_scan: bool,
-    /// `dma=`: the device of `workload=dma-verify` (required with it, refused without).
+    /// `dma=`: the device of `workload=dma-verify` / `dma-bench` (required with them,
+    /// refused with the others).
     pub dma: Option<Dma>,
     /// `vstart=`: start of the `verify` region run alongside `dma-verify`; `None` = right
     /// after the `dma-verify` region. Only with `vsize=`.
@@ -86,9 +98,27 @@ pub struct Config {
     /// `vsize=`: bytes in the `verify` region run alongside `dma-verify`; `None` = no such
     /// region.
     pub vsize: Option<u64>,
+    /// `bs=`: `dma-bench`'s request size; `None` = [`DEFAULT_BS`].
+    pub bs: Option<u64>,
+    /// `secs=`: how long `dma-bench` runs; `None` = [`DEFAULT_SECS`] unless `passes=`.
+    pub secs: Option<u64>,
 }
 
 impl Config {
+    /// `dma-bench`'s request size in bytes.
+    pub fn bench_bs(&self) -> u64 {
+        self.bs.unwrap_or(DEFAULT_BS)
+    }
+
+    /// `dma-bench`'s run time in seconds: `None` when it runs `passes=` passes instead.
+    pub fn bench_secs(&self) -> Option<u64> {
+        match (self.secs, self.passes) {
+            (Some(s), _) => Some(s),
+            (None, Some(_)) => None,
+            (None, None) => Some(DEFAULT_SECS),
+        }
+    }
+
     /// The region `verify` runs on alongside `dma-verify`, if `vsize=` was given (it may
     /// be empty or run past the address space: see [`check_verify_region`]).
     pub fn verify_region(&self) -> Option<Range<u64>> {
@@ -121,6 +151,8 @@ impl Default for Config {
             dma: None,
             vstart: None,
             vsize: None,
+            bs: None,
+            secs: None,
         }
     }
 }
@@ -195,6 +227,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
                     b"dirty" => Workload::Dirty,
                     b"verify" => Workload::Verify,
                     b"dma-verify" => Workload::DmaVerify,
+                    b"dma-bench" => Workload::DmaBench,
                     _ => return Err(bad),
                 }
             }
@@ -218,6 +251,17 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
             }
             b"vstart" => c.vstart = Some(parse_number(value).ok_or(bad)?),
             b"vsize" => c.vsize = Some(parse_number(value).ok_or(bad)?),
+            b"bs" => {
+                c.bs = Some(
+                    parse_number(value)
+                        .filter(|&n| n > 0 && n <= MAX_BS && n.is_multiple_of(PAGE_SIZE as u64))
+                        .ok_or(BadArgument {
+                            why: Some("a multiple of 4K from 4K to 1M"),
+                            ..bad
+                        })?,
+                )
+            }
+            b"secs" => c.secs = Some(parse_number(value).filter(|&n| n > 0).ok_or(bad)?),
             _ => {}
         }
     }
@@ -227,25 +271,63 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
         value: raw_value(cmdline, key).unwrap_or_default(),
         why: Some(why),
     };
-    if c.workload == Workload::DmaVerify {
-        if c.dma.is_none() {
-            return Err(given(
-                "dma",
-                "required with workload=dma-verify: blk or rng",
-            ));
+    let dma_workload = matches!(c.workload, Workload::DmaVerify | Workload::DmaBench);
+    if dma_workload && c.dma.is_none() {
+        return Err(given(
+            "dma",
+            if c.workload == Workload::DmaBench {
+                "required with workload=dma-bench: blk"
+            } else {
+                "required with workload=dma-verify: blk or rng"
+            },
+        ));
+    }
+    if c.workload == Workload::DmaVerify && c.vstart.is_some() && c.vsize.is_none() {
+        return Err(given("vstart", "needs vsize="));
+    }
+    if c.workload == Workload::DmaBench {
+        if c.dma == Some(Dma::Rng) {
+            return Err(given("dma", "workload=dma-bench drives blk only"));
         }
-        if c.vstart.is_some() && c.vsize.is_none() {
-            return Err(given("vstart", "needs vsize="));
+        if c.secs.is_some() && c.passes.is_some() {
+            return Err(given("secs", "not with passes="));
         }
-    } else {
-        for (key, set) in [
-            ("dma", c.dma.is_some()),
-            ("vstart", c.vstart.is_some()),
-            ("vsize", c.vsize.is_some()),
-        ] {
-            if set {
-                return Err(given(key, "only with workload=dma-verify"));
-            }
+        if c.rate.is_some() {
+            return Err(given("rate", "not with workload=dma-bench"));
+        }
+        if c.size < c.bench_bs() {
+            return Err(given("size", "smaller than bs="));
+        }
+    }
+    for (key, set, why) in [
+        (
+            "dma",
+            c.dma.is_some() && !dma_workload,
+            "only with workload=dma-verify or dma-bench",
+        ),
+        (
+            "vstart",
+            c.vstart.is_some() && c.workload != Workload::DmaVerify,
+            "only with workload=dma-verify",
+        ),
+        (
+            "vsize",
+            c.vsize.is_some() && c.workload != Workload::DmaVerify,
+            "only with workload=dma-verify",
+        ),
+        (
+            "bs",
+            c.bs.is_some() && c.workload != Workload::DmaBench,
+            "only with workload=dma-bench",
+        ),
+        (
+            "secs",
+            c.secs.is_some() && c.workload != Workload::DmaBench,
+            "only with workload=dma-bench",
+        ),
+    ] {
+        if set {
+            return Err(given(key, why));
         }
     }
     Ok(c)
@@ -440,6 +522,8 @@ mod tests {
                 dma: None,
                 vstart: None,
                 vsize: None,
+                bs: None,
+                secs: None,
             }
         );
         assert!(!parse(b"pci=scan pci=off").unwrap().pci_scan);
@@ -567,11 +651,11 @@ mod tests {
             ),
             (
                 "workload=verify dma=blk",
-                "bad argument dma=blk (only with workload=dma-verify)",
+                "bad argument dma=blk (only with workload=dma-verify or dma-bench)",
             ),
             (
                 "dma=rng",
-                "bad argument dma=rng (only with workload=dma-verify)",
+                "bad argument dma=rng (only with workload=dma-verify or dma-bench)",
             ),
             (
                 "workload=dirty vsize=4M",
@@ -580,6 +664,88 @@ mod tests {
             (
                 "workload=idle vstart=4M",
                 "bad argument vstart=4M (only with workload=dma-verify)",
+            ),
+        ] {
+            assert_eq!(
+                parse(line.as_bytes()).unwrap_err().to_string(),
+                text,
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn dma_bench_keys() {
+        let c = parse(b"workload=dma-bench dma=blk").unwrap();
+        assert_eq!((c.workload, c.dma), (Workload::DmaBench, Some(Dma::Blk)));
+        assert_eq!(c.workload.name(), "dma-bench");
+        assert_eq!((c.bench_bs(), c.bench_secs()), (4096, Some(5)));
+        let c = parse(b"workload=dma-bench dma=blk bs=64K secs=1 size=16M").unwrap();
+        assert_eq!((c.bs, c.secs, c.bench_bs()), (Some(65536), Some(1), 65536));
+        assert_eq!(c.bench_secs(), Some(1));
+        // passes= instead of a time: passes over the whole disk.
+        let c = parse(b"workload=dma-bench dma=blk passes=2").unwrap();
+        assert_eq!((c.passes, c.bench_secs()), (Some(2), None));
+        for bs in ["4K", "0x1000", "8K", "12K", "1M"] {
+            let line = std::format!("workload=dma-bench dma=blk bs={bs}");
+            assert!(parse(line.as_bytes()).is_ok(), "{line}");
+        }
+        // The largest request still fits the smallest region that holds it.
+        assert!(parse(b"workload=dma-bench dma=blk bs=1M size=1M").is_ok());
+    }
+
+    #[test]
+    fn dma_bench_bad_arguments() {
+        for (line, text) in [
+            (
+                "workload=dma-bench",
+                "bad argument dma= (required with workload=dma-bench: blk)",
+            ),
+            (
+                "workload=dma-bench dma=rng",
+                "bad argument dma=rng (workload=dma-bench drives blk only)",
+            ),
+            (
+                "workload=dma-bench dma=blk bs=0",
+                "bad argument bs=0 (a multiple of 4K from 4K to 1M)",
+            ),
+            (
+                "workload=dma-bench dma=blk bs=512",
+                "bad argument bs=512 (a multiple of 4K from 4K to 1M)",
+            ),
+            (
+                "workload=dma-bench dma=blk bs=2M",
+                "bad argument bs=2M (a multiple of 4K from 4K to 1M)",
+            ),
+            (
+                "workload=dma-bench dma=blk bs=64KB",
+                "bad argument bs=64KB (a multiple of 4K from 4K to 1M)",
+            ),
+            ("workload=dma-bench dma=blk secs=0", "bad argument secs=0"),
+            ("workload=dma-bench dma=blk secs=x", "bad argument secs=x"),
+            (
+                "workload=dma-bench dma=blk secs=1 passes=2",
+                "bad argument secs=1 (not with passes=)",
+            ),
+            (
+                "workload=dma-bench dma=blk rate=100",
+                "bad argument rate=100 (not with workload=dma-bench)",
+            ),
+            (
+                "workload=dma-bench dma=blk bs=64K size=32K",
+                "bad argument size=32K (smaller than bs=)",
+            ),
+            (
+                "workload=dma-bench dma=blk vsize=4M",
+                "bad argument vsize=4M (only with workload=dma-verify)",
+            ),
+            (
+                "workload=dma-verify dma=blk bs=4K",
+                "bad argument bs=4K (only with workload=dma-bench)",
+            ),
+            (
+                "workload=verify secs=3",
+                "bad argument secs=3 (only with workload=dma-bench)",
             ),
         ] {
             assert_eq!(

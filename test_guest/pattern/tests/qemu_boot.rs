@@ -318,6 +318,10 @@ fn bad_arguments_are_named_and_fail() {
             "workload=dma-verify",
             "guest: bad argument dma= (required with workload=dma-verify: blk or rng)",
         ),
+        (
+            "workload=dma-bench dma=blk bs=3K",
+            "guest: bad argument bs=3K (a multiple of 4K from 4K to 1M)",
+        ),
         // The region fits below the top of RAM (0xffdd000 or so), the driver memory
         // that follows it does not.
         (
@@ -525,6 +529,89 @@ fn dma_verify_with_a_verify_region_passes() {
         3,
         &rng,
     );
+}
+
+/// The figures of a `guest: dma-bench ...` line: bs, requests, bytes, ms, MiB/s, req/s,
+/// notifies (MiB/s as printed, e.g. `696.7`).
+fn dma_bench_figures(line: &str) -> (u64, u64, u64, u64, String, u64, u64) {
+    let field = |key: &str| -> String {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+            .to_string()
+    };
+    let num = |key: &str| -> u64 {
+        field(key)
+            .parse()
+            .unwrap_or_else(|e| panic!("{key}= in {line:?}: {e}"))
+    };
+    (
+        num("bs"),
+        num("requests"),
+        num("bytes"),
+        num("ms"),
+        field("MiB/s"),
+        num("req/s"),
+        num("notifies"),
+    )
+}
+
+/// Boots `dma-bench` on `disk` with `cmdline`, expects PASS after one `guest: dma-bench`
+/// line, and returns that line.
+fn dma_bench_line(cmdline: &str, disk: &TempDisk) -> String {
+    let args = disk.qemu_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut q = Qemu::boot(1, "256", cmdline, &args);
+    let code = q.wait_exit(RUN_TIMEOUT);
+    let t = q.transcript();
+    let lines = q.guest_lines();
+    assert_eq!(code, Some(STATUS_PASS), "{t}");
+    assert!(lines[0].starts_with(&ready_line(1, "dma-bench")), "{t}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("guest: dma device=virtio-blk")),
+        "{t}"
+    );
+    let bench: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("guest: dma-bench "))
+        .collect();
+    assert_eq!(bench.len(), 1, "{t}");
+    assert_eq!(lines.last(), Some(&"guest: PASS"), "{t}");
+    eprintln!("'{cmdline}': {}", bench[0]);
+    bench[0].to_string()
+}
+
+/// `dma-bench` for a second with 4 KiB and with 64 KiB requests: the figures are there,
+/// non-zero and agree with each other.
+#[test]
+fn dma_bench_reports_its_throughput() {
+    let disk = TempDisk::new(32 << 20);
+    for (bs, bytes) in [("4K", 4096), ("64K", 65536)] {
+        let line = dma_bench_line(
+            &format!("workload=dma-bench dma=blk bs={bs} secs=1 size=16M"),
+            &disk,
+        );
+        let (b, requests, total, ms, mib_s, req_s, _) = dma_bench_figures(&line);
+        assert_eq!(b, bytes, "{line}");
+        assert!(requests > 0 && req_s > 0 && ms >= 1000, "{line}");
+        assert_eq!(total, requests * bytes, "{line}");
+        let mib_s: f64 = mib_s.parse().unwrap();
+        assert!(mib_s > 0.0, "{line}");
+        // MiB/s and req/s say the same thing twice (rounding apart).
+        let from_req = req_s as f64 * bytes as f64 / (1 << 20) as f64;
+        assert!((mib_s - from_req).abs() <= from_req * 0.01 + 0.1, "{line}");
+    }
+}
+
+/// `passes=` instead of a time: exactly that many passes over the whole disk.
+#[test]
+fn dma_bench_passes_read_the_whole_disk() {
+    let disk = TempDisk::new(8 << 20);
+    let line = dma_bench_line("workload=dma-bench dma=blk bs=64K passes=3 size=4M", &disk);
+    let (_, requests, bytes, ..) = dma_bench_figures(&line);
+    assert_eq!((requests, bytes), (3 * 128, 3 * (8 << 20)), "{line}");
 }
 
 /// A disk smaller than twice the region, or no device at all, fails after the ready line.

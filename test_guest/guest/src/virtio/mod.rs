@@ -22,6 +22,7 @@
 //!   NO_VECTOR, INTx is disabled in the command register and every available ring says
 //!   NO_INTERRUPT. The driver polls the used rings.
 
+pub mod blk;
 pub mod queue;
 
 use guest_pattern::cmdline::Dma;
@@ -169,6 +170,33 @@ pub struct Device {
 impl Device {
     pub fn flush(&self) -> bool {
         self.features & BLK_F_FLUSH != 0
+    }
+
+    /// Prints `guest: dma device=...`: the device, how the workload will use it (`batch`
+    /// pages, at most `requests` chains in flight), `extra` (` disk=...`) and the driver
+    /// memory.
+    pub fn announce(
+        &self,
+        dma: Dma,
+        batch: usize,
+        requests: usize,
+        extra: impl core::fmt::Display,
+        memory: core::ops::Range<u64>,
+    ) {
+        say!(
+            "dma device={} pci=00:{:02x}.{} id={VENDOR:04x}:{:04x} bar={}:{:#x} features={:#x} queues={} queue_size={} batch={batch} requests={requests}{extra} memory={:#x}-{:#x}",
+            name(dma),
+            self.dev,
+            self.func,
+            self.id,
+            self.bar.0,
+            self.bar.1,
+            self.features,
+            self.queues,
+            self.queue_size,
+            memory.start,
+            memory.end
+        );
     }
 }
 
