@@ -129,17 +129,17 @@ pub(crate) fn serve_chains(
             queue.set_next_avail(avail);
             break;
         };
-        let walked = walk(chain, keep);
-        let used = serve(&walked, ram, log);
-        if walked.head >= size {
-            // virtio-queue refuses it (and logs at error level on every call): it cannot
-            // be given back.
+        if chain.head_index() >= size {
+            // Not a descriptor, and add_used refuses it (logging at error level): it
+            // cannot be given back.
             log.report(format_args!(
                 "available ring names head {} in a queue of {size}; dropped",
-                walked.head
+                chain.head_index()
             ));
             continue;
         }
+        let walked = walk(chain, keep);
+        let used = serve(&walked, ram, log);
         // add_used counts the entry in before it publishes the used index, so it can
         // fail with the entry counted (the index outside RAM, the entry inside): the
         // device's own used index is what says whether the chain went in.
