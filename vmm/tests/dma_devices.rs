@@ -92,6 +92,48 @@ fn dma_verify_with_virtio_rng_passes_on_1_and_2_vcpus() {
     }
 }
 
+/// `dma-bench`: a second of virtio-blk reads with 4 KiB and with 64 KiB requests, each
+/// reported with non-zero figures that agree with each other.
+#[test]
+fn dma_bench_reports_virtio_blk_throughput() {
+    let dir = tmpdir("bench");
+    let d = disk(&dir, 32 << 20);
+    let disk_arg = format!("path={}", d.display());
+    for (bs, bytes) in [("4K", 4096u64), ("64K", 65536)] {
+        let out = boot_and_pass(
+            &format!("dma-bench bs={bs}"),
+            1,
+            &format!("workload=dma-bench dma=blk bs={bs} secs=1 size=16M"),
+            &["--disk", &disk_arg],
+        );
+        let line = out
+            .lines()
+            .find_map(|l| l.find("guest: dma-bench ").map(|i| l[i..].trim_end()))
+            .unwrap_or_else(|| panic!("no dma-bench line:\n{out}"));
+        let field = |key: &str| -> &str {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+                .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+        };
+        let num = |key: &str| -> u64 { field(key).parse().unwrap() };
+        assert_eq!(num("bs"), bytes, "{line}");
+        let requests = num("requests");
+        assert!(
+            requests > 0 && num("req/s") > 0 && num("ms") >= 1000,
+            "{line}"
+        );
+        assert_eq!(num("bytes"), requests * bytes, "{line}");
+        let mib_s: f64 = field("MiB/s").parse().unwrap();
+        let from_req = num("req/s") as f64 * bytes as f64 / f64::from(1 << 20);
+        assert!(
+            mib_s > 0.0 && (mib_s - from_req).abs() <= from_req * 0.01 + 0.1,
+            "{line}"
+        );
+        eprintln!("{line}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_disk_too_small_for_the_workload_is_named_by_the_guest() {
     let dir = tmpdir("small");
