@@ -78,6 +78,7 @@ MODES = {
 PROGRESS = {
     "dirty": re.compile(r"guest: pass (\d+) (\d+)\r?\n"),
     "verify": re.compile(r"guest: verified (\d+) (\d+)\r?\n"),
+    "dma-verify": re.compile(r"guest: dma-verified (\d+) (\d+)\r?\n"),
 }
 READY = re.compile(r"guest: ready [^\n]*\n")
 BAD = re.compile(r"guest: (MISMATCH|FAIL|bad argument)[^\n]*")
@@ -332,7 +333,7 @@ def run_qemu(w, mode, d, port, rec):
     base = [QEMU, "-accel", accel, "-cpu", QEMU_CPU, "-m", w["mem"], "-smp", str(w["cpus"]),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-kernel", GUEST, "-append", w["cmdline"]]
+            "-kernel", GUEST, "-append", w["cmdline"]] + w.get("qemu_args", [])
     src_serial, dst_serial = f"{d}/src.serial", f"{d}/dst.serial"
     src = Proc(base + ["-serial", f"file:{src_serial}",
                        "-qmp", f"unix:{d}/src.qmp,server=on,wait=off"], f"{d}/src.log")
@@ -464,7 +465,7 @@ def run_ferry(w, mode, d, port, rec):
     dst = Proc([FERRY, "--api-socket", dsock], f"{d}/dst.log", ns_b)
     src = Proc([FERRY, "--api-socket", ssock, "--kernel", GUEST, "--cmdline", w["cmdline"],
                 "--cpus", f"boot={w['cpus']}", "--memory", f"size={w['mem']}",
-                "--serial", f"file={serial}"], f"{d}/src.log", ns_a)
+                "--serial", f"file={serial}"] + w.get("ferry_args", []), f"{d}/src.log", ns_a)
     helpers = []
     try:
         wait_until("API sockets", lambda: os.path.exists(ssock) and os.path.exists(dsock), 30,

@@ -79,8 +79,13 @@ bench() {
         rings)
             "$ROOT/scripts/bench_rings.sh"
             ;;
+        dma)
+            ensure_packages
+            build
+            "$ROOT/scripts/bench_dma.sh"
+            ;;
         *)
-            echo "usage: dev_cli.sh bench harvest|migration|vs-qemu|first-touch|rings" >&2
+            echo "usage: dev_cli.sh bench harvest|migration|vs-qemu|first-touch|rings|dma" >&2
             exit 2
             ;;
     esac
@@ -97,6 +102,8 @@ usage: scripts/dev_cli.sh <command>
   bench vs-qemu   the same guests live-migrated by QEMU and by Ferry, side by side
   bench first-touch  the host's cost of faulting in fresh memory (caps a destination)
   bench rings     dirty-ring reliability loop: ring tests N times on KVM (hangs, lost pages)
+  bench dma       virtio-blk throughput in the guest (Ferry log on/off, QEMU) and a DMA
+                  guest migrated by Ferry and by QEMU
 USAGE
     exit 2
 }
