@@ -633,8 +633,9 @@ pub fn seeds() -> Vec<Seed> {
 
 /// A driver's side of one queue, for the device models' tests: rings at fixed places in
 /// RAM with a hole (below 1 MiB and from 2 MiB to 3 MiB), chains written descriptor by
-/// descriptor. (virtio-queue's `MockSplitQueue` puts the used ring over the available
-/// ring's entries when the queue has more than 4 entries, hence this.)
+/// descriptor. (virtio-queue 0.18's `MockSplitQueue` ends the available ring `len` bytes
+/// after its entries start instead of `2 * len + 2`, so its used ring lies over the last
+/// available entries and `used_event` at every queue size from 2: hence this.)
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;
