@@ -729,6 +729,33 @@ mod tests {
         );
     }
 
+    /// A driver whose available index always runs ahead of what the device takes (here
+    /// the fake takes nothing) must not keep the worker's lock: pause and reset return.
+    #[test]
+    fn a_queue_that_never_drains_does_not_block_pause_or_reset() {
+        let (mut d, fake, _) = dev(false);
+        d.ram.write_obj(1u16, 0x11_0002).expect("avail idx in RAM");
+        bring_up(&mut d);
+        assert!(
+            served(&fake, 10).len() >= 10,
+            "the worker keeps coming back"
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            d.pause();
+            let n = fake.lock().unwrap().served.len();
+            std::thread::sleep(Duration::from_millis(30));
+            let paused_still = fake.lock().unwrap().served.len() == n;
+            wbar(&mut d, 0x14, 0, 1);
+            tx.send(paused_still).unwrap();
+        });
+        let paused_still = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("pause and reset returned within 10 s");
+        assert!(paused_still, "nothing served while paused");
+        t.join().unwrap();
+    }
+
     #[test]
     fn a_device_that_cannot_start_asks_for_a_reset() {
         let (mut d, _, _) = dev(true);

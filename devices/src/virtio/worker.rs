@@ -23,6 +23,9 @@ use crate::guest_ram::GuestRam;
 
 /// Event data for the control eventfd (queues use their index).
 const CONTROL: u32 = u32::MAX;
+/// Times a queue is looked at again for requests published while it was served, before
+/// the worker lets go of its state and comes back through its own notification.
+const MAX_ROUNDS: u32 = 4;
 
 /// What the worker shares with the transport.
 struct Shared {
@@ -168,7 +171,10 @@ impl Subscriber {
         let mut done = 0usize;
         // With EVENT_IDX the driver only notifies when it passes the index the device last
         // published: look again after re-enabling notifications, or a request made in
-        // between would wait for the next one.
+        // between would wait for the next one. A guest that keeps publishing must not keep
+        // the state lock (pause and reset wait for it): after a few rounds the worker
+        // notifies itself and lets go.
+        let mut rounds = 0;
         loop {
             if queue.disable_notification(mem).is_err() {
                 break;
@@ -179,7 +185,13 @@ impl Subscriber {
                 .unwrap_or_else(|p| p.into_inner())
                 .process_queue(index, queue, &self.ram);
             match queue.enable_notification(mem) {
-                Ok(true) => continue,
+                Ok(true) if rounds < MAX_ROUNDS => rounds += 1,
+                Ok(true) => {
+                    if let Some((_, fd)) = self.notifiers.iter().find(|(i, _)| *i == index) {
+                        let _ = fd.write(1);
+                    }
+                    break;
+                }
                 _ => break,
             }
         }
