@@ -1,6 +1,7 @@
 //! The test guest's command line: `workload=idle|dirty|verify|dma-verify|dma-bench
 //! start=ADDR size=SIZE passes=N rate=PAGES_PER_SEC pci=scan|off dma=blk|rng vstart=ADDR
-//! vsize=SIZE bs=BYTES secs=N`, and the rules its workload regions must follow.
+//! vsize=SIZE bs=BYTES secs=N irq=off|msix`, and the rules its workload regions must
+//! follow.
 //!
 //! Words are separated by whitespace. Words that are not `key=value` with one of the keys
 //! above are ignored (VMMs add their own, e.g. `console=ttyS0`); a known key with a value
@@ -74,6 +75,27 @@ impl Dma {
     }
 }
 
+/// How the virtio driver of `dma-verify` / `dma-bench` hears of completed requests
+/// (`irq=`). It always polls the used rings; interrupts are taken and counted on top.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Irq {
+    /// No interrupts: MSI-X disabled, every queue says NO_INTERRUPT.
+    #[default]
+    Off,
+    /// MSI-X: one table entry per queue, aimed at the boot vCPU, taken in ring 3 and
+    /// counted.
+    Msix,
+}
+
+impl Irq {
+    pub fn name(self) -> &'static str {
+        match self {
+            Irq::Off => "off",
+            Irq::Msix => "msix",
+        }
+    }
+}
+
 /// The parsed command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -102,6 +124,8 @@ pub struct Config {
     pub bs: Option<u64>,
     /// `secs=`: how long `dma-bench` runs; `None` = [`DEFAULT_SECS`] unless `passes=`.
     pub secs: Option<u64>,
+    /// `irq=`: interrupts from the `dma-verify` / `dma-bench` device; `off` by default.
+    pub irq: Irq,
 }
 
 impl Config {
@@ -153,6 +177,7 @@ impl Default for Config {
             vsize: None,
             bs: None,
             secs: None,
+            irq: Irq::Off,
         }
     }
 }
@@ -262,6 +287,13 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
                 )
             }
             b"secs" => c.secs = Some(parse_number(value).filter(|&n| n > 0).ok_or(bad)?),
+            b"irq" => {
+                c.irq = match value {
+                    b"off" => Irq::Off,
+                    b"msix" => Irq::Msix,
+                    _ => return Err(bad),
+                }
+            }
             _ => {}
         }
     }
@@ -324,6 +356,11 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
             "secs",
             c.secs.is_some() && c.workload != Workload::DmaBench,
             "only with workload=dma-bench",
+        ),
+        (
+            "irq",
+            c.irq != Irq::Off && !dma_workload,
+            "only with workload=dma-verify or dma-bench",
         ),
     ] {
         if set {
@@ -524,6 +561,7 @@ mod tests {
                 vsize: None,
                 bs: None,
                 secs: None,
+                irq: Irq::Off,
             }
         );
         assert!(!parse(b"pci=scan pci=off").unwrap().pci_scan);
@@ -692,6 +730,38 @@ mod tests {
         }
         // The largest request still fits the smallest region that holds it.
         assert!(parse(b"workload=dma-bench dma=blk bs=1M size=1M").is_ok());
+    }
+
+    #[test]
+    fn irq_key() {
+        assert_eq!(parse(b"workload=dma-verify dma=blk").unwrap().irq, Irq::Off);
+        for (line, irq) in [
+            ("workload=dma-verify dma=blk irq=msix", Irq::Msix),
+            ("workload=dma-bench dma=blk irq=msix", Irq::Msix),
+            ("workload=dma-verify dma=rng irq=msix irq=off", Irq::Off),
+            // irq=off is the default and fits every workload.
+            ("workload=verify irq=off", Irq::Off),
+        ] {
+            assert_eq!(parse(line.as_bytes()).unwrap().irq, irq, "{line}");
+        }
+        assert_eq!((Irq::Off.name(), Irq::Msix.name()), ("off", "msix"));
+        for (line, text) in [
+            (
+                "workload=dma-verify dma=blk irq=msi",
+                "bad argument irq=msi",
+            ),
+            ("workload=dma-verify dma=blk irq=", "bad argument irq="),
+            (
+                "workload=verify irq=msix",
+                "bad argument irq=msix (only with workload=dma-verify or dma-bench)",
+            ),
+        ] {
+            assert_eq!(
+                parse(line.as_bytes()).unwrap_err().to_string(),
+                text,
+                "{line}"
+            );
+        }
     }
 
     #[test]
