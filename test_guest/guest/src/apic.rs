@@ -1,6 +1,7 @@
-//! The local APIC: just enough to send INIT and STARTUP IPIs. xAPIC (MMIO at the base
-//! the APIC base MSR gives, normally 0xfee00000, mapped uncached); x2APIC through MSRs if
-//! the VMM left the APIC in that mode.
+//! The local APIC: just enough to send INIT and STARTUP IPIs, and (`irq=msix`) to keep
+//! the legacy PIC out and say where EOI goes. xAPIC (MMIO at the base the APIC base MSR
+//! gives, normally 0xfee00000, mapped uncached); x2APIC through MSRs if the VMM left the
+//! APIC in that mode.
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -12,6 +13,10 @@ const BASE_X2APIC: u64 = 1 << 10;
 const REG_SVR: u64 = 0xf0;
 const REG_ICR_LOW: u64 = 0x300;
 const REG_ICR_HIGH: u64 = 0x310;
+const REG_EOI: u64 = 0xb0;
+const REG_LVT_LINT0: u64 = 0x350;
+const LVT_MASKED: u32 = 1 << 16;
+const X2APIC_LVT_LINT0: u32 = 0x835;
 const ICR_PENDING: u32 = 1 << 12;
 const X2APIC_ICR: u32 = 0x830;
 const X2APIC_SVR: u32 = 0x80f;
@@ -64,6 +69,21 @@ pub fn init() -> (u64, bool) {
         mmio_write(REG_SVR, 0x1ff);
     }
     (base, x2)
+}
+
+/// Masks this CPU's LINT0, where the legacy PIC's interrupts arrive (as ExtINT on the
+/// boot CPU, as firmware and KVM leave it). Boot CPU, after `init`.
+pub fn mask_lint0() {
+    if X2APIC.load(Ordering::Relaxed) {
+        wrmsr(X2APIC_LVT_LINT0, u64::from(LVT_MASKED));
+    } else {
+        mmio_write(REG_LVT_LINT0, LVT_MASKED);
+    }
+}
+
+/// The address of the xAPIC EOI register; `None` in x2APIC mode (EOI is MSR 0x80b).
+pub fn eoi_address() -> Option<u64> {
+    (!X2APIC.load(Ordering::Relaxed)).then(|| BASE.load(Ordering::Relaxed) + REG_EOI)
 }
 
 /// Sends an IPI: `low` is the ICR's low word (vector, delivery mode, level).

@@ -360,8 +360,9 @@ pub fn image_range() -> core::ops::Range<u64> {
     (core::ptr::addr_of!(__image_start) as u64)..(core::ptr::addr_of!(__image_end) as u64)
 }
 
-/// 32 gates, 16 bytes each: the exceptions.
-static IDT: Shared<[u64; 64]> = Shared::new([0; 64]);
+/// 256 gates, 16 bytes each: the exceptions (0-31), then only what `irq` installs
+/// (`irq=msix`); the others are not present.
+static IDT: Shared<[u64; 512]> = Shared::new([0; 512]);
 
 fn gate(handler: u64) -> (u64, u64) {
     // Interrupt gate (IF cleared on entry), present, DPL 0, selector = 64-bit kernel code.
@@ -370,21 +371,25 @@ fn gate(handler: u64) -> (u64, u64) {
     (low, handler >> 32)
 }
 
-/// Loads the IDT (filling it on the first call): exceptions print and fail instead of
-/// triple-faulting into a silent reset.
+/// Loads the IDT (filling its exception gates on the first call): exceptions print and
+/// fail instead of triple-faulting into a silent reset.
 pub fn load_idt() {
-    // SAFETY: ISR_TABLE is initialized data from the assembly above. The IDT is written
-    // by the boot CPU before any AP runs (APs only load it) and every write stores the
-    // same values, so there is no conflicting access. `lidt` takes a valid descriptor of
-    // a static table whose gates all point at the stubs above.
+    // SAFETY: ISR_TABLE is initialized data from the assembly above. The exception gates
+    // are written by the boot CPU before any AP runs, and each AP writes the same values
+    // again, so there is no conflicting access (`set_gate` writes only gates from 32 up).
+    // The gates are written through a raw pointer, never through a reference to the
+    // whole table. `lidt` takes a valid descriptor of a static table whose present gates
+    // all point at stubs.
     unsafe {
-        let idt = &mut *IDT.get();
+        let idt = IDT.get() as *mut u64;
         for (v, &addr) in ISR_TABLE.iter().enumerate() {
-            (idt[2 * v], idt[2 * v + 1]) = gate(addr);
+            let (low, high) = gate(addr);
+            idt.add(2 * v).write_volatile(low);
+            idt.add(2 * v + 1).write_volatile(high);
         }
         let base = IDT.get() as u64;
         let desc: [u16; 5] = [
-            (64 * 8 - 1) as u16,
+            (512 * 8 - 1) as u16,
             base as u16,
             (base >> 16) as u16,
             (base >> 32) as u16,
@@ -394,17 +399,39 @@ pub fn load_idt() {
     }
 }
 
+/// Points IDT vector `vector` (32 or more) at `handler`, an interrupt gate (IF cleared on
+/// entry) to ring 0. Boot CPU, before the workload starts.
+pub fn set_gate(vector: u8, handler: u64) {
+    assert!(vector >= 32, "vector {vector} is an exception");
+    let v = usize::from(vector);
+    let (low, high) = gate(handler);
+    // SAFETY: gate `v` (< 256) of the static IDT, written through a raw pointer; only the
+    // boot CPU writes gates from 32 up, and no CPU can take that vector yet (interrupts
+    // are off until the workloads run in ring 3, after `smp::GO` publishes this).
+    unsafe {
+        let idt = IDT.get() as *mut u64;
+        idt.add(2 * v).write_volatile(low);
+        idt.add(2 * v + 1).write_volatile(high);
+    }
+}
+
 /// Drops this vCPU (index `cpu`) to ring 3 at `entry(cpu)`, on a fresh copy of its stack,
-/// with interrupts off. System calls and exceptions come back to ring 0 on the CPU's
-/// kernel stack (TSS.RSP0).
+/// with interrupts off (on with `irq=msix`, see `irq`). System calls, exceptions and
+/// interrupts come back to ring 0 on the CPU's kernel stack (TSS.RSP0).
 pub fn enter_user(cpu: u32, entry: extern "C" fn(u32) -> !) -> ! {
     let i = cpu as usize;
     assert!(i < MAX_CPUS);
+    let rflags: u64 = if crate::irq::user_interrupts() {
+        0x202
+    } else {
+        2
+    };
     // SAFETY: each CPU writes only its own TSS and its own GDT slot (index 8 + 2 * cpu),
     // before loading it with `ltr`; nobody else reads them. The kernel and user stack
     // tops are the ends of this CPU's own static stacks. The iretq frame is the ring-3
     // selectors of the static GDT, a 16-byte aligned stack and `entry`, a function that
-    // never returns; RFLAGS = 2 keeps interrupts off and IOPL 0.
+    // never returns; RFLAGS = 2 keeps interrupts off and IOPL 0 (0x202: interrupts on,
+    // for `irq=msix`, whose gates `irq::setup` installed).
     unsafe {
         let tss = &mut (*TSS.get())[i].0;
         let kstack_top = (*KERNEL_STACKS.get()).0[i].as_ptr() as u64 + KSTACK_SIZE as u64;
@@ -425,12 +452,13 @@ pub fn enter_user(cpu: u32, entry: extern "C" fn(u32) -> !) -> ! {
         asm!(
             "push {ss}",
             "push {rsp}",
-            "push 2",
+            "push {rflags}",
             "push {cs}",
             "push {rip}",
             "iretq",
             ss = in(reg) USER_DS,
             rsp = in(reg) user_stack_top,
+            rflags = in(reg) rflags,
             cs = in(reg) USER_CS,
             rip = in(reg) entry as usize as u64,
             in("rdi") cpu,

@@ -55,7 +55,7 @@ static PLAN: BenchPlan = BenchPlan {
 /// device, or a disk smaller than one request, fails the run.
 pub fn setup(cfg: &Config, mem: &DriverMemory) {
     // One queue: only the boot vCPU reads.
-    let dev = virtio::setup(Dma::Blk, mem, 1);
+    let dev = virtio::setup(Dma::Blk, mem, 1, cfg.irq, crate::apic::id());
     let bs = cfg.bench_bs();
     if dev.capacity < bs {
         crate::fail(format_args!(

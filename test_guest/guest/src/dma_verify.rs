@@ -69,7 +69,7 @@ static PLAN: DmaPlan = DmaPlan {
 /// disk too small, fails the run.
 pub fn setup(cfg: &Config, mem: &DriverMemory) {
     let dma = mem.dma;
-    let dev = virtio::setup(dma, mem, mem.cpus);
+    let dev = virtio::setup(dma, mem, mem.cpus, cfg.irq, crate::apic::id());
     if dma == Dma::Blk {
         let need = disk_bytes_needed(cfg.size);
         if dev.capacity < need {

@@ -18,6 +18,7 @@ mod arch;
 mod boot;
 mod dma_bench;
 mod dma_verify;
+mod irq;
 mod mem;
 mod paging;
 mod pci;
@@ -210,6 +211,9 @@ pub extern "C" fn bsp_main(start_info: u32) -> ! {
                     write!(f, " secs={s}")?;
                 }
             }
+            if self.0.irq != cmdline::Irq::Off {
+                write!(f, " irq={}", self.0.irq.name())?;
+            }
             Ok(())
         }
     }
@@ -273,6 +277,9 @@ pub extern "C" fn bsp_main(start_info: u32) -> ! {
         pci::scan(info.rsdp_paddr);
     }
     if let Some(mem) = &driver_memory {
+        if cfg.irq == cmdline::Irq::Msix {
+            irq::setup();
+        }
         if cfg.workload == Workload::DmaBench {
             dma_bench::setup(&cfg, mem);
         } else {

@@ -99,6 +99,9 @@ pub extern "C" fn run(cpu: u32) -> ! {
         check_stop();
         core::hint::spin_loop();
     }
+    if matches!(PLAN.workload.load(Ordering::Relaxed), 3 | 4) {
+        crate::irq::report();
+    }
     say!("PASS");
     crate::exit(0)
 }

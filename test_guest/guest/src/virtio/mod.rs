@@ -18,14 +18,18 @@
 //!   per vCPU). Nothing else; a read-only disk fails.
 //! * Queues: split, `min(device maximum, 256)` entries (rounded down to a power of two),
 //!   memory from the driver memory after the workload regions (`guest_pattern::dma`).
-//! * No interrupts: MSI-X stays disabled, the configuration and queue vectors are
-//!   NO_VECTOR, INTx is disabled in the command register and every available ring says
-//!   NO_INTERRUPT. The driver polls the used rings.
+//! * Interrupts: by default none: MSI-X stays disabled, the configuration and queue
+//!   vectors are NO_VECTOR, INTx is disabled in the command register and every available
+//!   ring says NO_INTERRUPT. With `irq=msix`: MSI-X enabled, table entry `q` aimed at the
+//!   boot vCPU with IDT vector `irq::QUEUE_VECTOR`, queue `q`'s vector `q` (the device
+//!   must read it back), the available rings without NO_INTERRUPT; the configuration
+//!   vector stays NO_VECTOR. Either way the driver polls the used rings; interrupts are
+//!   only counted (`irq`).
 
 pub mod blk;
 pub mod queue;
 
-use guest_pattern::cmdline::Dma;
+use guest_pattern::cmdline::{Dma, Irq};
 use guest_pattern::dma::{DriverMemory, MAX_QUEUE_SIZE};
 
 use crate::arch::Plain;
@@ -60,6 +64,16 @@ const CMD_MEMORY: u32 = 1 << 1;
 const CMD_BUS_MASTER: u32 = 1 << 2;
 const CMD_INTX_DISABLE: u32 = 1 << 10;
 const CAP_VENDOR: u8 = 0x09;
+const CAP_MSIX: u8 = 0x11;
+// MSI-X message control (upper half of the capability's first dword).
+const MSIX_ENABLE: u32 = 1 << 15;
+const MSIX_FUNCTION_MASK: u32 = 1 << 14;
+const MSIX_TABLE_SIZE: u32 = 0x7ff;
+/// Bytes per MSI-X table entry: address (low, high), data, vector control.
+const MSIX_ENTRY: u64 = 16;
+/// An MSI address: the local APICs' window, destination APIC id in bits 12-19 (physical
+/// destination mode, no redirection hint).
+const MSI_ADDRESS: u32 = 0xfee0_0000;
 
 // virtio_pci_cap.cfg_type
 const CFG_COMMON: u8 = 1;
@@ -165,6 +179,20 @@ pub struct Device {
     pub queue_size: u16,
     /// virtio-blk: bytes of the disk.
     pub capacity: u64,
+    /// `irq=msix`: where the MSI-X table is and the APIC id its entries aim at.
+    pub msix: Option<MsixTable>,
+}
+
+/// The MSI-X table as `irq=msix` programmed it.
+#[derive(Clone, Copy)]
+pub struct MsixTable {
+    /// The table's BAR index and address.
+    pub bar: (u8, u64),
+    /// Entries in the table (the device's vectors).
+    pub entries: u32,
+    /// Entries programmed (one per queue).
+    pub used: u32,
+    pub apic_id: u32,
 }
 
 impl Device {
@@ -174,7 +202,8 @@ impl Device {
 
     /// Prints `guest: dma device=...`: the device, how the workload will use it (`batch`
     /// pages, at most `requests` chains in flight), `extra` (` disk=...`) and the driver
-    /// memory.
+    /// memory; with `irq=msix` then `guest: dma irq=msix table=<bar>:0x<addr>
+    /// vectors=<used>/<entries> vector=0x<v> apic=<id>`.
     pub fn announce(
         &self,
         dma: Dma,
@@ -197,6 +226,17 @@ impl Device {
             memory.start,
             memory.end
         );
+        if let Some(m) = &self.msix {
+            say!(
+                "dma irq=msix table={}:{:#x} vectors={}/{} vector={:#x} apic={}",
+                m.bar.0,
+                m.bar.1,
+                m.used,
+                m.entries,
+                crate::irq::QUEUE_VECTOR,
+                m.apic_id
+            );
+        }
     }
 }
 
@@ -218,9 +258,11 @@ fn find(dma: Dma) -> Option<(u8, u8, u16)> {
     None
 }
 
-/// Sets up `dma`'s device for `cpus` vCPUs with rings in `mem`; publishes its queues to
-/// `queue`. Ring 0, at boot, before the workload starts. Any problem fails the run.
-pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32) -> Device {
+/// Sets up `dma`'s device for `cpus` vCPUs with rings in `mem` and interrupts as `irq`
+/// says (`irq=msix`: aimed at local APIC `apic_id`, whose handler `irq::setup`
+/// installed); publishes its queues to `queue`. Ring 0, at boot, before the workload
+/// starts. Any problem fails the run.
+pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32, irq: Irq, apic_id: u32) -> Device {
     let name = name(dma);
     let [modern, transitional] = device_ids(dma);
     let Some((dev, func, id)) = find(dma) else {
@@ -245,8 +287,9 @@ pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32) -> Device {
         (command & 0xffff) | CMD_MEMORY | CMD_BUS_MASTER | CMD_INTX_DISABLE,
     );
 
-    // The vendor capabilities: the first of each type the driver knows.
+    // The vendor capabilities: the first of each type the driver knows; and MSI-X.
     let mut caps: [Option<Cap>; 5] = [None; 5];
+    let mut msix_cap: Option<u8> = None;
     let mut notify_multiplier = 0;
     let mut at = (read_config(dev, func, REG_CAPABILITIES) & 0xfc) as u8;
     for _ in 0..48 {
@@ -260,6 +303,9 @@ pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32) -> Device {
             (head >> 16) as u8,
             (head >> 24) as u8,
         );
+        if cap_id == CAP_MSIX && msix_cap.is_none() {
+            msix_cap = Some(at);
+        }
         let bar = read_config(dev, func, at + 4) as u8;
         let kind = usize::from(cfg_type);
         if cap_id == CAP_VENDOR
@@ -280,6 +326,41 @@ pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32) -> Device {
         at = next;
     }
 
+    // `len` bytes at `offset` in BAR `bar` holding `what`: the BAR's address, checked, and
+    // the structure mapped uncached.
+    let in_bar = |bar: u8, offset: u32, len: u64, what: core::fmt::Arguments| -> (Mmio, u64) {
+        let reg = REG_BAR0 + 4 * bar;
+        let low = read_config(dev, func, reg);
+        if low & 1 != 0 {
+            fail(format_args!("BAR {bar} (the {what}) is an I/O BAR"));
+        }
+        let mut addr = u64::from(low & !0xf);
+        if (low >> 1) & 3 == 2 {
+            if bar == 5 {
+                fail(format_args!("BAR 5 claims to be 64-bit"));
+            }
+            addr |= u64::from(read_config(dev, func, reg + 4)) << 32;
+        }
+        if addr == 0 {
+            fail(format_args!(
+                "BAR {bar} (the {what}) is unassigned (address 0)"
+            ));
+        }
+        let start = addr + u64::from(offset);
+        let end = start + len;
+        if end > FOUR_GIB {
+            fail(format_args!(
+                "BAR {bar} at {addr:#x} (the {what}, {start:#x}-{end:#x}) is not below 4 GiB, \
+                 the only memory the driver maps"
+            ));
+        }
+        let mut page = start & !(MIB2 - 1);
+        while page < end {
+            crate::paging::set_uncached(page);
+            page += MIB2;
+        }
+        (Mmio { base: start, len }, addr)
+    };
     // A structure: its capability, its BAR's address, checked and mapped uncached.
     let structure = |cfg_type: u8, min_len: u32| -> Option<(Mmio, u8, u64)> {
         let what = CFG_NAMES[usize::from(cfg_type)];
@@ -290,49 +371,13 @@ pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32) -> Device {
                 cap.length
             ));
         }
-        let reg = REG_BAR0 + 4 * cap.bar;
-        let low = read_config(dev, func, reg);
-        if low & 1 != 0 {
-            fail(format_args!(
-                "BAR {} (the {what} structure) is an I/O BAR",
-                cap.bar
-            ));
-        }
-        let mut addr = u64::from(low & !0xf);
-        if (low >> 1) & 3 == 2 {
-            if cap.bar == 5 {
-                fail(format_args!("BAR 5 claims to be 64-bit"));
-            }
-            addr |= u64::from(read_config(dev, func, reg + 4)) << 32;
-        }
-        if addr == 0 {
-            fail(format_args!(
-                "BAR {} (the {what} structure) is unassigned (address 0)",
-                cap.bar
-            ));
-        }
-        let start = addr + u64::from(cap.offset);
-        let end = start + u64::from(cap.length);
-        if end > FOUR_GIB {
-            fail(format_args!(
-                "BAR {} at {addr:#x} (the {what} structure, {start:#x}-{end:#x}) is not below 4 GiB, \
-                 the only memory the driver maps",
-                cap.bar
-            ));
-        }
-        let mut page = start & !(MIB2 - 1);
-        while page < end {
-            crate::paging::set_uncached(page);
-            page += MIB2;
-        }
-        Some((
-            Mmio {
-                base: start,
-                len: u64::from(cap.length),
-            },
+        let (mmio, addr) = in_bar(
             cap.bar,
-            addr,
-        ))
+            cap.offset,
+            u64::from(cap.length),
+            format_args!("{what} structure"),
+        );
+        Some((mmio, cap.bar, addr))
     };
     let missing = |cfg_type: u8| -> ! {
         fail(format_args!(
@@ -438,7 +483,71 @@ pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32) -> Device {
         ));
     }
 
-    // The queues: split rings in the driver memory, no interrupts.
+    // irq=msix: MSI-X enabled with the function masked, entry q (queue q's) aimed at the
+    // boot vCPU and unmasked, then the function unmasked (PCI 3.0 §6.8.2).
+    let msix = (irq == Irq::Msix).then(|| {
+        let Some(at) = msix_cap else {
+            fail(format_args!("irq=msix: no MSI-X capability"))
+        };
+        let head = read_config(dev, func, at);
+        let control = head >> 16;
+        let entries = (control & MSIX_TABLE_SIZE) + 1;
+        if entries < queues {
+            fail(format_args!(
+                "irq=msix: {queues} queue(s) need {queues} MSI-X vectors, the device has {entries}"
+            ));
+        }
+        if apic_id > 0xff {
+            fail(format_args!(
+                "irq=msix: the boot vCPU's APIC id {apic_id} does not fit an MSI address"
+            ));
+        }
+        let table_reg = read_config(dev, func, at + 4);
+        let bir = (table_reg & 7) as u8;
+        if bir > 5 {
+            fail(format_args!("irq=msix: the MSI-X table is in BAR {bir}"));
+        }
+        let (table, _) = in_bar(
+            bir,
+            table_reg & !7,
+            MSIX_ENTRY * u64::from(entries),
+            format_args!("MSI-X table"),
+        );
+        let id_next = head & 0xffff;
+        write_config(
+            dev,
+            func,
+            at,
+            id_next | (control | MSIX_ENABLE | MSIX_FUNCTION_MASK) << 16,
+        );
+        for q in 0..u64::from(queues) {
+            let e = MSIX_ENTRY * q;
+            table.write::<u32>(e, MSI_ADDRESS | apic_id << 12);
+            table.write::<u32>(e + 4, 0);
+            table.write::<u32>(e + 8, u32::from(crate::irq::QUEUE_VECTOR));
+            table.write::<u32>(e + 12, 0);
+        }
+        write_config(
+            dev,
+            func,
+            at,
+            id_next | ((control | MSIX_ENABLE) & !MSIX_FUNCTION_MASK) << 16,
+        );
+        let now = read_config(dev, func, at) >> 16;
+        if now & (MSIX_ENABLE | MSIX_FUNCTION_MASK) != MSIX_ENABLE {
+            fail(format_args!(
+                "irq=msix: MSI-X message control reads {now:#06x} after enabling"
+            ));
+        }
+        MsixTable {
+            bar: (bir, table.base),
+            entries,
+            used: queues,
+            apic_id,
+        }
+    });
+
+    // The queues: split rings in the driver memory; interrupts only with irq=msix.
     let mut queue_size = MAX_QUEUE_SIZE;
     for q in 0..queues {
         common.write::<u16>(QUEUE_SELECT, q as u16);
@@ -451,9 +560,16 @@ pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32) -> Device {
         let size = 1u16 << (15 - size.leading_zeros());
         queue_size = queue_size.min(size);
         common.write::<u16>(QUEUE_SIZE, size);
-        common.write::<u16>(QUEUE_MSIX_VECTOR, NO_VECTOR);
+        let vector = if msix.is_some() { q as u16 } else { NO_VECTOR };
+        common.write::<u16>(QUEUE_MSIX_VECTOR, vector);
+        let accepted = common.read::<u16>(QUEUE_MSIX_VECTOR);
+        if msix.is_some() && accepted != vector {
+            fail(format_args!(
+                "irq=msix: queue {q}'s MSI-X vector {vector} reads back as {accepted:#x}"
+            ));
+        }
         let rings = mem.rings(q);
-        queue::init_rings(rings);
+        queue::init_rings(rings, msix.is_some());
         common.write_u64(QUEUE_DESC, rings);
         common.write_u64(QUEUE_DRIVER, rings + guest_pattern::dma::AVAIL_OFFSET);
         common.write_u64(QUEUE_DEVICE, rings + guest_pattern::dma::USED_OFFSET);
@@ -490,5 +606,6 @@ pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32) -> Device {
         queues,
         queue_size,
         capacity,
+        msix,
     }
 }

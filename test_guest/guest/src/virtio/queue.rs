@@ -58,17 +58,20 @@ static QUEUES: [Vq; MAX_CPUS] = [const {
     }
 }; MAX_CPUS];
 static COUNT: AtomicU32 = AtomicU32::new(1);
+/// Chains the device has used, on every queue (for the interrupt report, `irq`).
+static COMPLETIONS: AtomicU64 = AtomicU64::new(0);
 /// Address of the device status register, for DEVICE_NEEDS_RESET while waiting.
 static STATUS: AtomicU64 = AtomicU64::new(0);
 
-/// Zeroes the flags and indices of the rings at `rings` and asks for no interrupts (ring
-/// 0, at boot, before the device is told where they are).
-pub fn init_rings(rings: u64) {
+/// Zeroes the indices of the rings at `rings` and asks for no interrupts unless
+/// `interrupts` (ring 0, at boot, before the device is told where they are).
+pub fn init_rings(rings: u64, interrupts: bool) {
+    let avail_flags = if interrupts { 0 } else { AVAIL_F_NO_INTERRUPT };
     // SAFETY: `rings` is the start of a queue's ring memory in the driver memory, which
     // bsp_main checked is RAM outside the guest image and the workload regions; nothing
     // else uses it and the device does not know it yet. The words are 2-byte aligned.
     unsafe {
-        core::ptr::write_volatile((rings + AVAIL_OFFSET) as *mut u16, AVAIL_F_NO_INTERRUPT);
+        core::ptr::write_volatile((rings + AVAIL_OFFSET) as *mut u16, avail_flags);
         core::ptr::write_volatile((rings + AVAIL_OFFSET + 2) as *mut u16, 0);
         core::ptr::write_volatile((rings + USED_OFFSET) as *mut u16, 0);
         core::ptr::write_volatile((rings + USED_OFFSET + 2) as *mut u16, 0);
@@ -90,6 +93,11 @@ pub fn publish(q: u32, size: u16, rings: u64, notify: u64, status: u64) {
 /// How many queues there are (ring 0, at boot).
 pub fn set_count(n: u32) {
     COUNT.store(n, Ordering::Relaxed);
+}
+
+/// Chains the device has used so far, on every queue.
+pub fn completions() -> u64 {
+    COMPLETIONS.load(Ordering::Relaxed)
 }
 
 /// The queue vCPU `cpu` uses.
@@ -418,6 +426,7 @@ pub fn transfer(
         }
     }
     q.last_used = q.last_used.wrapping_add(m as u16);
+    COMPLETIONS.fetch_add(m as u64, Ordering::Relaxed);
     Ok(())
 }
 
@@ -516,6 +525,7 @@ impl Stream {
             done(slot, len);
         }
         self.q.last_used = idx;
+        COMPLETIONS.fetch_add(u64::from(n), Ordering::Relaxed);
         Ok(usize::from(n))
     }
 }
