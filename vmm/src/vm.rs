@@ -201,6 +201,9 @@ pub struct Machine {
     paused: AtomicBool,
     /// Test-only seam: the device log is dropped at every collection.
     drop_device_log: bool,
+    /// Test-only seam: `pause` leaves the devices running; they stop only when the state
+    /// is saved, 50 ms after the final collection (the wrong order, which loses pages).
+    pause_devices_late: bool,
     /// Last field: dropped after the KVM VM whose memslots point into it.
     mem: GuestMemoryMmap,
 }
@@ -440,6 +443,13 @@ impl Machine {
             ))),
         );
         let drop_device_log = std::env::var_os("FERRY_TEST_DROP_DEVICE_LOG").is_some();
+        let pause_devices_late = std::env::var_os("FERRY_TEST_PAUSE_DEVICES_LATE").is_some();
+        if pause_devices_late {
+            log::warn!(
+                "FERRY_TEST_PAUSE_DEVICES_LATE is set: devices keep writing guest RAM until \
+                 after the final dirty collection (a test seam; pages will be lost)"
+            );
+        }
         if drop_device_log {
             log::warn!(
                 "FERRY_TEST_DROP_DEVICE_LOG is set: device writes to guest RAM are NOT \
@@ -483,6 +493,7 @@ impl Machine {
             pci,
             paused: AtomicBool::new(false),
             drop_device_log,
+            pause_devices_late,
             mem: p.mem,
         })
     }
@@ -495,6 +506,11 @@ impl Machine {
             .pause_and_save(self.config.cpus.boot_vcpus)
             .map_err(VmError::State)?;
         self.paused.store(true, Ordering::SeqCst);
+        if self.pause_devices_late {
+            // The seam's wrong order, with the devices given time to write after the
+            // final collection.
+            std::thread::sleep(Duration::from_millis(50));
+        }
         self.pci.pause();
         Ok(MachineState {
             version: MACHINE_STATE_VERSION,
@@ -524,7 +540,9 @@ impl Machine {
     pub fn pause(&self) {
         if !self.paused.swap(true, Ordering::SeqCst) {
             self.control.pause(self.config.cpus.boot_vcpus);
-            self.pci.pause();
+            if !self.pause_devices_late {
+                self.pci.pause();
+            }
         }
     }
 

@@ -235,6 +235,8 @@ struct Move {
     drop_device_log: bool,
     /// Every device write into the guest waits this many µs (a slow device).
     dma_delay_us: Option<u32>,
+    /// The source stops its devices only after the final collection (the wrong order).
+    pause_devices_late: bool,
 }
 
 /// What happened on B after the move.
@@ -297,6 +299,9 @@ fn migrate(m: Move) -> Moved {
     if let Some(us) = &delay {
         env.push(("FERRY_TEST_DMA_DELAY_US", us));
     }
+    if m.pause_devices_late {
+        env.push(("FERRY_TEST_PAUSE_DEVICES_LATE", "1"));
+    }
     let mut src = Host::start(&hosts.a, &dir, "source", &args, &env);
     serial.wait_dma_pass(m.cpus, 2, 0, Duration::from_secs(120));
 
@@ -345,7 +350,12 @@ fn migrate(m: Move) -> Moved {
     let end = Instant::now() + Duration::from_secs(120);
     loop {
         let t = serial.text();
-        if t.contains("MISMATCH") || t.contains("FAIL") {
+        // A page lost with its used-ring entry leaves the guest waiting for a request
+        // that B's device already counts as done: it says so every 10 s.
+        let stuck = t
+            .get(moved_at..)
+            .is_some_and(|b| b.contains("still with the device"));
+        if t.contains("MISMATCH") || t.contains("FAIL") || stuck {
             break;
         }
         if (0..m.cpus).all(|c| serial.dma_pass(c, moved_at).is_some_and(|p| p >= target)) {
@@ -368,7 +378,9 @@ fn migrate(m: Move) -> Moved {
 
 fn assert_clean(m: &Moved) {
     assert!(
-        !m.serial.contains("MISMATCH") && !m.serial.contains("FAIL"),
+        !m.serial.contains("MISMATCH")
+            && !m.serial.contains("FAIL")
+            && !m.serial.contains("still with the device"),
         "a page the device wrote was lost (migration {}):\n{}",
         m.migration,
         m.serial
@@ -387,6 +399,7 @@ fn dma_verify_blk_moves_between_hosts_with_rings_beside_verify() {
         dirty_ring: "entries=65536",
         drop_device_log: false,
         dma_delay_us: None,
+        pause_devices_late: false,
     });
     assert_clean(&m);
     assert!(m.serial.contains("guest: verified"), "{}", m.serial);
@@ -402,6 +415,7 @@ fn dma_verify_blk_moves_between_hosts_in_bitmap_mode() {
         dirty_ring: "off",
         drop_device_log: false,
         dma_delay_us: None,
+        pause_devices_late: false,
     });
     assert_clean(&m);
 }
@@ -416,6 +430,7 @@ fn dma_verify_rng_moves_between_hosts_with_rings() {
         dirty_ring: "entries=65536",
         drop_device_log: false,
         dma_delay_us: None,
+        pause_devices_late: false,
     });
     assert_clean(&m);
 }
@@ -430,6 +445,7 @@ fn dma_verify_rng_moves_between_hosts_in_bitmap_mode_beside_verify() {
         dirty_ring: "off",
         drop_device_log: false,
         dma_delay_us: None,
+        pause_devices_late: false,
     });
     assert_clean(&m);
     assert!(m.serial.contains("guest: verified"), "{}", m.serial);
@@ -447,6 +463,7 @@ fn a_dropped_device_log_is_caught_by_the_guest_after_the_move() {
         dirty_ring: "entries=65536",
         drop_device_log: true,
         dma_delay_us: None,
+        pause_devices_late: false,
     });
     // Either a page that went back to older contents, or a request the source's device
     // completed (its used entry was lost with the page) whose page then shows no write.
@@ -471,6 +488,33 @@ fn a_request_in_flight_at_the_pause_is_finished_and_its_pages_move() {
         dirty_ring: "entries=65536",
         drop_device_log: false,
         dma_delay_us: Some(1000),
+        pause_devices_late: false,
     });
     assert_clean(&m);
+}
+
+/// The same slow device, on a source that stops its devices only after the final dirty
+/// collection: the request in flight at the pause lands after it, and the guest on B
+/// finds the page it wrote missing. This is what the order above prevents.
+#[test]
+fn pausing_devices_after_the_final_collection_loses_the_request_in_flight() {
+    let m = migrate(Move {
+        tag: 47,
+        cpus: 1,
+        cmdline: "workload=dma-verify dma=blk size=4M".into(),
+        devices: vec!["--disk".into(), DISK.into()],
+        dirty_ring: "entries=65536",
+        drop_device_log: false,
+        dma_delay_us: Some(1000),
+        pause_devices_late: true,
+    });
+    // The page arrives stale (MISMATCH), or its used entry was lost with it and the
+    // guest waits for a request B's device counts as done.
+    assert!(
+        m.serial.contains("guest: MISMATCH")
+            || m.serial.contains("guest: FAIL")
+            || m.serial.contains("still with the device"),
+        "the guest should have caught the write that landed after the final collection:\n{}",
+        m.serial
+    );
 }
