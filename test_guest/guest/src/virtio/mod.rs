@@ -21,7 +21,7 @@
 //! * Interrupts: by default none: MSI-X stays disabled, the configuration and queue
 //!   vectors are NO_VECTOR, INTx is disabled in the command register and every available
 //!   ring says NO_INTERRUPT. With `irq=msix`: MSI-X enabled, table entry `q` aimed at the
-//!   boot vCPU with IDT vector `irq::QUEUE_VECTOR`, queue `q`'s vector `q` (the device
+//!   boot vCPU with IDT vector `irq::queue_vector(q)`, queue `q`'s vector `q` (the device
 //!   must read it back), the available rings without NO_INTERRUPT; the configuration
 //!   vector stays NO_VECTOR. Either way the driver polls the used rings; interrupts are
 //!   only counted (`irq`).
@@ -203,7 +203,7 @@ impl Device {
     /// Prints `guest: dma device=...`: the device, how the workload will use it (`batch`
     /// pages, at most `requests` chains in flight), `extra` (` disk=...`) and the driver
     /// memory; with `irq=msix` then `guest: dma irq=msix table=<bar>:0x<addr>
-    /// vectors=<used>/<entries> vector=0x<v> apic=<id>`.
+    /// vectors=<used>/<entries> idt=0x<first>-0x<last> apic=<id>`.
     pub fn announce(
         &self,
         dma: Dma,
@@ -228,12 +228,13 @@ impl Device {
         );
         if let Some(m) = &self.msix {
             say!(
-                "dma irq=msix table={}:{:#x} vectors={}/{} vector={:#x} apic={}",
+                "dma irq=msix table={}:{:#x} vectors={}/{} idt={:#x}-{:#x} apic={}",
                 m.bar.0,
                 m.bar.1,
                 m.used,
                 m.entries,
-                crate::irq::QUEUE_VECTOR,
+                crate::irq::queue_vector(0),
+                crate::irq::queue_vector(m.used - 1),
                 m.apic_id
             );
         }
@@ -524,7 +525,7 @@ pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32, irq: Irq, apic_id: u32) ->
             let e = MSIX_ENTRY * q;
             table.write::<u32>(e, MSI_ADDRESS | apic_id << 12);
             table.write::<u32>(e + 4, 0);
-            table.write::<u32>(e + 8, u32::from(crate::irq::QUEUE_VECTOR));
+            table.write::<u32>(e + 8, u32::from(crate::irq::queue_vector(q as u32)));
             table.write::<u32>(e + 12, 0);
         }
         write_config(

@@ -58,8 +58,8 @@ static QUEUES: [Vq; MAX_CPUS] = [const {
     }
 }; MAX_CPUS];
 static COUNT: AtomicU32 = AtomicU32::new(1);
-/// Chains the device has used, on every queue (for the interrupt report, `irq`).
-static COMPLETIONS: AtomicU64 = AtomicU64::new(0);
+/// Chains the device has used, per queue (for the interrupt report, `irq`).
+static COMPLETIONS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 /// Address of the device status register, for DEVICE_NEEDS_RESET while waiting.
 static STATUS: AtomicU64 = AtomicU64::new(0);
 
@@ -97,7 +97,12 @@ pub fn set_count(n: u32) {
 
 /// Chains the device has used so far, on every queue.
 pub fn completions() -> u64 {
-    COMPLETIONS.load(Ordering::Relaxed)
+    COMPLETIONS.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+}
+
+/// Chains the device has used so far on queue `q`.
+pub fn completions_on(q: u32) -> u64 {
+    COMPLETIONS[q as usize].load(Ordering::Relaxed)
 }
 
 /// The queue vCPU `cpu` uses.
@@ -426,7 +431,7 @@ pub fn transfer(
         }
     }
     q.last_used = q.last_used.wrapping_add(m as u16);
-    COMPLETIONS.fetch_add(m as u64, Ordering::Relaxed);
+    COMPLETIONS[queue as usize].fetch_add(m as u64, Ordering::Relaxed);
     Ok(())
 }
 
@@ -525,7 +530,7 @@ impl Stream {
             done(slot, len);
         }
         self.q.last_used = idx;
-        COMPLETIONS.fetch_add(u64::from(n), Ordering::Relaxed);
+        COMPLETIONS[self.q.queue as usize].fetch_add(u64::from(n), Ordering::Relaxed);
         Ok(usize::from(n))
     }
 }
