@@ -446,9 +446,52 @@ impl Drop for TempDisk {
     }
 }
 
+/// The figures of `guest: dma interrupts <n> (irq=<mode>, <k> completions)`: n, mode, k.
+fn dma_interrupts(lines: &[&str]) -> Option<(u64, String, u64)> {
+    let rest = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("guest: dma interrupts "))?;
+    let (n, rest) = rest.split_once(" (irq=")?;
+    let (mode, rest) = rest.split_once(", ")?;
+    let k = rest.strip_suffix(" completions)")?;
+    Some((n.parse().ok()?, mode.to_string(), k.parse().ok()?))
+}
+
+/// Checks the interrupt lines of a `dma-verify` / `dma-bench` run that passed: with
+/// `irq=msix` (in `cmdline`) `guest: dma irq=msix ... vectors=<queues>/.. idt=0x40-..`
+/// after the device line, and at least one interrupt but no more than completions (the
+/// guest itself fails a queue that completed requests without one); otherwise none.
+fn check_dma_interrupts(cmdline: &str, lines: &[&str], t: &str) {
+    let (n, mode, k) =
+        dma_interrupts(lines).unwrap_or_else(|| panic!("no `guest: dma interrupts` line:\n{t}"));
+    assert!(k > 0, "{t}");
+    if cmdline.contains("irq=msix") {
+        assert_eq!(mode, "msix", "{t}");
+        assert!(n > 0 && n <= k, "{n} interrupts for {k} completions:\n{t}");
+        let queues = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("guest: dma device="))
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("queues=")))
+            .unwrap_or_else(|| panic!("no queues= on the device line:\n{t}"));
+        let msix = lines
+            .iter()
+            .find(|l| l.starts_with("guest: dma irq=msix table="))
+            .unwrap_or_else(|| panic!("no `guest: dma irq=msix` line:\n{t}"));
+        let last: u32 = 0x40 + queues.parse::<u32>().unwrap() - 1;
+        assert!(
+            msix.contains(&format!(" vectors={queues}/"))
+                && msix.contains(&format!(" idt=0x40-{last:#x} ")),
+            "{t}"
+        );
+        eprintln!("irq=msix: {n} interrupts for {k} completions ({queues} queue(s))");
+    } else {
+        assert_eq!((n, mode.as_str()), (0, "off"), "{t}");
+    }
+}
+
 /// Boots `dma-verify` with `cmdline` and `-device` arguments `extra`, expects PASS from
-/// every vCPU after `passes` passes (and `verified` lines too when `vsize=` is given).
-/// Returns how long QEMU ran.
+/// every vCPU after `passes` passes (and `verified` lines too when `vsize=` is given), and
+/// the interrupts `irq=` asks for. Returns how long QEMU ran.
 fn dma_verify_passes(cpus: u32, cmdline: &str, passes: u64, extra: &[String]) -> Duration {
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let t0 = Instant::now();
@@ -484,6 +527,7 @@ fn dma_verify_passes(cpus: u32, cmdline: &str, passes: u64, extra: &[String]) ->
         "{t}"
     );
     assert_eq!(lines.last(), Some(&"guest: PASS"), "{t}");
+    check_dma_interrupts(cmdline, &lines, &t);
     eprintln!("{cpus} vCPU(s), '{cmdline}': {took:.1?}");
     took
 }
@@ -529,6 +573,37 @@ fn dma_verify_with_a_verify_region_passes() {
         3,
         &rng,
     );
+}
+
+/// `irq=msix`: the driver enables MSI-X with an entry per queue (QEMU's virtio-blk has a
+/// queue per vCPU) and takes the interrupts in ring 3, counting them, while it still
+/// completes by polling; at least one must arrive. `dma-verify` with virtio-blk on 1 and
+/// 2 vCPUs and with virtio-rng on 1; `dma-bench` one pass over a 4 MiB disk.
+#[test]
+fn dma_workloads_count_msix_interrupts() {
+    const SIZE: u64 = 16 << 20;
+    for cpus in [1, 2] {
+        let disk = TempDisk::new(guest_pattern::dma::disk_bytes_needed(SIZE));
+        dma_verify_passes(
+            cpus,
+            "workload=dma-verify dma=blk size=16M passes=2 irq=msix",
+            2,
+            &disk.qemu_args(),
+        );
+    }
+    let rng = ["-device".to_string(), "virtio-rng-pci".to_string()];
+    dma_verify_passes(
+        1,
+        "workload=dma-verify dma=rng size=16M passes=2 irq=msix",
+        2,
+        &rng,
+    );
+    let disk = TempDisk::new(4 << 20);
+    let line = dma_bench_line(
+        "workload=dma-bench dma=blk bs=64K passes=1 size=4M irq=msix",
+        &disk,
+    );
+    assert_eq!(dma_bench_figures(&line).1, 64, "{line}");
 }
 
 /// The figures of a `guest: dma-bench ...` line: bs, requests, bytes, ms, MiB/s, req/s,
@@ -579,6 +654,7 @@ fn dma_bench_line(cmdline: &str, disk: &TempDisk) -> String {
         .collect();
     assert_eq!(bench.len(), 1, "{t}");
     assert_eq!(lines.last(), Some(&"guest: PASS"), "{t}");
+    check_dma_interrupts(cmdline, &lines, &t);
     eprintln!("'{cmdline}': {}", bench[0]);
     bench[0].to_string()
 }
