@@ -23,6 +23,7 @@ use guest_pattern::cmdline::{Config, Dma};
 use guest_pattern::dma::{block_tag, disk_bytes_needed, DriverMemory, BATCH, BLOCK_SIZE};
 use guest_pattern::{check_page, fill_page, page_hash, share, PageCheck, PAGE_SIZE};
 
+use crate::irq::PassWatch;
 use crate::virtio;
 use crate::virtio::blk::{status_name, Requests, SECTOR, S_OK, T_IN, T_OUT};
 use crate::virtio::queue::{self, Buf, Chain};
@@ -229,19 +230,21 @@ fn chunks(r: &Range<u64>, n: usize) -> impl Iterator<Item = Range<u64>> {
         .map(move |s| s..(s + n as u64).min(end))
 }
 
-/// After pass `pass`: finishes its `verify` pages, prints the progress lines; whether
-/// that was the last pass.
+/// After pass `pass`: finishes its `verify` pages, checks the queue's interrupts
+/// (`irq=msix`), prints the progress lines; whether that was the last pass.
 fn pass_done(
     cx: &Cx,
     pass: u64,
     verify: &mut Option<Interleave>,
     pacer: &mut Pacer,
     progress: &mut Progress,
+    irqs: &mut PassWatch,
 ) -> bool {
     if let Some(v) = verify.as_mut() {
         v.catch_up(cx.cpu, pass, 0, 0, pacer);
         v.done = 0;
     }
+    irqs.pass_done(cx.cpu, pass);
     if progress.due(pass) {
         say!("dma-verified {} {pass}", cx.cpu);
         if verify.is_some() {
@@ -280,6 +283,7 @@ fn blk(cx: &Cx, verify: &mut Option<Interleave>) {
     }
     let mut pacer = Pacer::new();
     let mut progress = Progress::new();
+    let mut irqs = PassWatch::new(cx.queue);
     let total = cx.share.end - cx.share.start;
     // Pass 0 only reads (block i into page i).
     let mut pass = 0;
@@ -319,7 +323,7 @@ fn blk(cx: &Cx, verify: &mut Option<Interleave>) {
                 }
             }
         }
-        if pass > 0 && pass_done(cx, pass, verify, &mut pacer, &mut progress) {
+        if pass > 0 && pass_done(cx, pass, verify, &mut pacer, &mut progress, &mut irqs) {
             return;
         }
         pass += 1;
@@ -393,6 +397,7 @@ fn blk_mismatch(cpu: u32, gpa: u64, block: u64, generation: u64, found: PageChec
 fn rng(cx: &Cx, verify: &mut Option<Interleave>) {
     let mut pacer = Pacer::new();
     let mut progress = Progress::new();
+    let mut irqs = PassWatch::new(cx.queue);
     let total = cx.share.end - cx.share.start;
     let mut pass = 0;
     loop {
@@ -434,7 +439,7 @@ fn rng(cx: &Cx, verify: &mut Option<Interleave>) {
                 v.catch_up(cx.cpu, pass, done, total, &mut pacer);
             }
         }
-        if pass_done(cx, pass, verify, &mut pacer, &mut progress) {
+        if pass_done(cx, pass, verify, &mut pacer, &mut progress, &mut irqs) {
             return;
         }
     }

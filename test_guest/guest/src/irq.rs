@@ -144,6 +144,42 @@ fn total() -> u64 {
     (0..QUEUES).map(count).sum()
 }
 
+/// `dma-verify` with `irq=msix`: a vCPU's queue must have had an interrupt during each of
+/// its passes (so a VMM that stops delivering them, e.g. after a migration, is caught).
+pub struct PassWatch {
+    queue: u32,
+    seen: u64,
+}
+
+impl PassWatch {
+    pub fn new(queue: u32) -> PassWatch {
+        PassWatch {
+            queue,
+            seen: count(queue as usize),
+        }
+    }
+
+    /// After pass `pass` of vCPU `cpu` (ring 3): with `irq=msix`, fails the run unless the
+    /// queue had an interrupt since the last call (after a second's grace).
+    pub fn pass_done(&mut self, cpu: u32, pass: u64) {
+        if !user_interrupts() {
+            return;
+        }
+        let q = self.queue as usize;
+        let end = timer::now() + timer::hz();
+        while count(q) == self.seen && timer::now() < end {
+            core::hint::spin_loop();
+        }
+        let now = count(q);
+        if now == self.seen {
+            crate::workload::fail(format_args!(
+                "no MSI-X interrupt on queue {q} during pass {pass} of cpu {cpu}"
+            ));
+        }
+        self.seen = now;
+    }
+}
+
 /// Prints `guest: dma interrupts <n> (irq=<msix|off>, <k> completions)` at the end of a
 /// `dma-verify` or `dma-bench` run (ring 3, boot vCPU, once every vCPU is done). With
 /// `irq=msix` every queue that completed requests must have had an interrupt (after a
