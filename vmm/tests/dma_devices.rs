@@ -204,6 +204,37 @@ fn dma_workloads_take_msix_interrupts() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `irq=intx`: MSI-X left off, the guest routes the line the interrupt line register
+/// names (Ferry writes the slot's GSI there: 16 + slot, as the DSDT's `_PRT` says) through
+/// the I/O APIC, level-triggered, and acknowledges by reading the ISR, which lowers the
+/// line again (KVM_IRQ_LINE). blk in slot 1 on 2 vCPUs, rng in slot 2 on 1.
+#[test]
+fn dma_verify_takes_intx_interrupts() {
+    let dir = tmpdir("intx");
+    let d = disk(&dir, 64 << 20);
+    let disk_arg = format!("path={}", d.display());
+    let devices = ["--disk", &disk_arg, "--rng", "src=/dev/urandom"];
+    for (dma, cpus, line) in [("blk", 2, 17), ("rng", 1, 18)] {
+        let out = boot_and_pass(
+            &format!("irq=intx dma={dma} {cpus} vCPU(s)"),
+            cpus,
+            &format!("workload=dma-verify dma={dma} size=16M passes=3 irq=intx"),
+            &devices,
+        );
+        assert!(
+            out.contains(&format!(
+                "guest: dma irq=intx pin=A line={line} ioapic=0xfec00000 input={line} idt=0x60 "
+            )),
+            "{out}"
+        );
+        let (n, mode, k) = dma_interrupts(&out);
+        assert_eq!(mode, "intx", "{out}");
+        assert!(n > 0 && n <= k, "{n} interrupts for {k} completions:\n{out}");
+        eprintln!("dma={dma}, {cpus} vCPU(s): {n} INTx interrupts for {k} completions");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_disk_too_small_for_the_workload_is_named_by_the_guest() {
     let dir = tmpdir("small");
@@ -544,6 +575,28 @@ fn msix_interrupts_keep_coming_after_the_move() {
     assert_clean(&m);
 }
 
+/// `irq=intx` across a migration: the I/O APIC's routing moves with the irqchip state
+/// and the device's ISR with its own; the guest keeps getting an interrupt every pass.
+#[test]
+fn intx_interrupts_keep_coming_after_the_move() {
+    let m = migrate(Move {
+        tag: 53,
+        cpus: 1,
+        cmdline: "workload=dma-verify dma=rng size=16M irq=intx".into(),
+        devices: vec![
+            "--disk".into(),
+            DISK.into(),
+            "--rng".into(),
+            "src=/dev/urandom".into(),
+        ],
+        dirty_ring: "entries=65536",
+        drop_device_log: false,
+        dma_delay_us: None,
+        pause_devices_late: false,
+    });
+    assert_clean(&m);
+}
+
 /// The seam: a source that drops the device log loses the pages the device rewrote
 /// after they were sent, and the guest on B says so.
 #[test]
@@ -569,15 +622,15 @@ fn a_dropped_device_log_is_caught_by_the_guest_after_the_move() {
 }
 
 /// A slow device (every write into the guest waits 1 ms, so one is nearly always in
-/// flight): the pause at stop-and-copy waits for the request being served, whose pages
+/// flight; virtio-rng, whose every write is new content): the pause at stop-and-copy waits for the request being served, whose pages
 /// then reach the final collection. Nothing is lost.
 #[test]
 fn a_request_in_flight_at_the_pause_is_finished_and_its_pages_move() {
     let m = migrate(Move {
         tag: 46,
         cpus: 1,
-        cmdline: "workload=dma-verify dma=blk size=4M".into(),
-        devices: vec!["--disk".into(), DISK.into()],
+        cmdline: "workload=dma-verify dma=rng size=4M".into(),
+        devices: vec!["--rng".into(), "src=/dev/urandom".into()],
         dirty_ring: "entries=65536",
         drop_device_log: false,
         dma_delay_us: Some(1000),
@@ -594,8 +647,8 @@ fn pausing_devices_after_the_final_collection_loses_the_request_in_flight() {
     let m = migrate(Move {
         tag: 47,
         cpus: 1,
-        cmdline: "workload=dma-verify dma=blk size=4M".into(),
-        devices: vec!["--disk".into(), DISK.into()],
+        cmdline: "workload=dma-verify dma=rng size=4M".into(),
+        devices: vec!["--rng".into(), "src=/dev/urandom".into()],
         dirty_ring: "entries=65536",
         drop_device_log: false,
         dma_delay_us: Some(1000),
