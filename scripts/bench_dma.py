@@ -76,6 +76,14 @@ def loadavg():
         return float(f.read().split()[0])
 
 
+def cpu_busy_s():
+    """Seconds of CPU time the whole machine has spent busy (all CPUs; /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]  # idle, iowait
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def make_disk(path, mib):
     """A file of `mib` MiB of random bytes (so the page cache holds real pages, not
     holes), then read once: it stays in the page cache (the machine has RAM to spare)."""
@@ -128,6 +136,7 @@ def bench_run(mode, bs, rnd, disk):
     argv = bench_argv(mode, bs, serial, disk)
     rec["argv"] = argv
     t0 = time.monotonic()
+    busy0 = cpu_busy_s()
     with open(f"{d}/vmm.log", "wb") as out:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                              env=env, preexec_fn=vsq._die_with_parent)
@@ -151,6 +160,10 @@ def bench_run(mode, bs, rnd, disk):
     rec["status"] = status
     if ru is not None:
         rec["cpu_s"] = round(ru.ru_utime + ru.ru_stime, 2)
+        # What everything else on the machine used meanwhile, in % of one CPU: how quiet
+        # the machine was (the VMM's own threads keep about two CPUs busy).
+        others = cpu_busy_s() - busy0 - rec["cpu_s"]
+        rec["others_cpu_pct"] = round(max(0.0, others) / rec["run_s"] * 100, 1)
     text = vsq.read_text(serial)
     m = LINE.search(text)
     want = 0 if mode.startswith("ferry") else 1  # QEMU: isa-debug-exit (0 << 1) | 1
@@ -203,7 +216,7 @@ def bench_table(runs):
             out.append(f"| {bs} | {MODE_NAMES[m]} | {ok}/{len(rs)} | {fmt(s['mib_s'], 1)} "
                        f"| {fmt(s['req_s'])} | {fmt(s['notifies_s'])} | {fmt(s['cpu_s_per_gib'], 2)} |")
     out.append("")
-    out += ["| request | logging cost (1 − log on / log off, medians) | per round | Ferry log on / QEMU (MiB/s) | Ferry log off / QEMU |",
+    out += ["| request | logging cost (1 − log on / log off, medians) | per round (median) | Ferry log on / QEMU (MiB/s) | Ferry log off / QEMU |",
             "|---|---|---|---|---|"]
     derived = {}
     for bs in SIZES:
@@ -221,7 +234,8 @@ def bench_table(runs):
         derived[bs] = {"logging_cost_pct": cost, "logging_cost_pct_rounds": rounds,
                        "ferry_log_over_qemu": r_on, "ferry_nolog_over_qemu": r_off}
         c = "–" if cost is None else f"{cost:.1f} %"
-        pr = ", ".join(f"{x:.1f}" for x in rounds) + " %" if rounds else "–"
+        pr = (", ".join(f"{x:.1f}" for x in rounds) + f" % ({statistics.median(rounds):.1f} %)"
+              if rounds else "–")
         out.append(f"| {bs} | {c} | {pr} | {'–' if r_on is None else f'{r_on:.2f}'} "
                    f"| {'–' if r_off is None else f'{r_off:.2f}'} |")
     fails = [r for r in runs if not r.get("ok")]
@@ -295,8 +309,8 @@ def migration_table(runs):
 
 KEEP_MARK = "<!-- Written by hand below this line; bench_dma.py keeps it. -->"
 MACHINE_NOTE = os.environ.get("BENCH_MACHINE_NOTE") or (
-    "Nothing else was started on the machine by the benchmark; other sessions may share it "
-    "(the load average at each run's start is in the JSON).")
+    "The benchmark runs one VM at a time and ends every process it starts; other sessions "
+    "share the machine and may have run builds or tests meanwhile.")
 
 
 def write_report(bench, mig, started, finished, cmd, mach, disk_note):
@@ -316,6 +330,7 @@ def write_report(bench, mig, started, finished, cmd, mach, disk_note):
     old = vsq.read_text(md_path)
     kept = old[old.index(KEEP_MARK) + len(KEEP_MARK):] if KEEP_MARK in old else "\n"
     loads = [r["loadavg"] for r in bench]
+    others = [r["others_cpu_pct"] for r in bench if r.get("others_cpu_pct") is not None]
     wc = mach.get("worktree_changes") or []
     changes = (f"; the working tree then also had uncommitted changes to "
                f"{', '.join(c[3:] for c in wc)}, which the build included" if wc else "")
@@ -325,8 +340,12 @@ Measured {started} – {finished} on {mach['cpu']}, {mach['cores']} cores, {mach
 Linux {mach['kernel']}, nested PVM-based KVM (guest ring 0 emulated, ring 3 native; the
 guest's driver runs in ring 3); {mach['qemu']}; Ferry: the binaries of the checkout at
 {mach['git_head']} (its head when the run started) as built {mach['ferry_built']} (copied
-before the run; sha256 in the JSON{changes}). {MACHINE_NOTE} 1-minute load average at the runs'
-starts: {min(loads) if loads else 0:.2f}–{max(loads) if loads else 0:.2f}.
+before the run; sha256 in the JSON{changes}). {MACHINE_NOTE} CPU used by everything but
+the benchmark's VMM during each throughput run (from /proc/stat, less the VMM's own CPU
+time): {min(others) if others else 0:.0f}–{max(others) if others else 0:.0f} % of one CPU, median
+{statistics.median(others) if others else 0:.0f} % (per run in the JSON; the 1-minute load
+average at the runs' starts, {min(loads) if loads else 0:.2f}–{max(loads) if loads else 0:.2f}, counts
+the previous run's VM, which keeps two threads busy).
 
 Command: `{cmd}` (raw runs in [dma.json](dma.json)).
 
@@ -417,7 +436,7 @@ def main():
                     what = (f"{rec['mib_s']} MiB/s, {rec['req_s']} req/s, {rec['notifies']} notifies"
                             if rec["ok"] else f"FAILED: {rec.get('error')}")
                     log(f"[{time.monotonic() - t0:.0f}s] bs={bs} round {rnd} {m}: {what} "
-                        f"(load {rec['loadavg']:.2f})")
+                        f"(others {rec.get('others_cpu_pct')} % CPU)")
         os.unlink(disk)
         if MIGRATE:
             mig = migration_runs()
