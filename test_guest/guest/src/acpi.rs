@@ -1,6 +1,7 @@
 //! The CPUs, from the ACPI MADT: RSDP (from the start info, else found in the BIOS area)
 //! -> XSDT (or RSDT) -> "APIC". Processor local APIC entries (type 0) and x2APIC entries
-//! (type 9) with the enabled flag each name one CPU by APIC ID.
+//! (type 9) with the enabled flag each name one CPU by APIC ID; the first I/O APIC entry
+//! (type 1) says where `irq=intx` routes the device's pin.
 
 use crate::arch::phys_read;
 
@@ -15,6 +16,8 @@ pub struct Madt {
     pub dropped: usize,
     /// The local APIC base the table gives (informational: the MSR is what counts).
     pub lapic_addr: u64,
+    /// The first I/O APIC: its MMIO address and first GSI.
+    pub ioapic: Option<(u64, u32)>,
 }
 
 impl Madt {
@@ -145,6 +148,7 @@ fn parse_madt(madt: u64) -> Madt {
         count: 0,
         dropped: 0,
         lapic_addr: u64::from(phys_read::<u32>(madt + 36)),
+        ioapic: None,
     };
     let mut at = madt + 44;
     while at + 2 <= madt + len {
@@ -160,6 +164,13 @@ fn parse_madt(madt: u64) -> Madt {
             }
             // Processor local x2APIC: reserved u16, x2APIC id u32, flags u32, uid u32.
             (9, 16..) if phys_read::<u32>(at + 8) & 1 != 0 => m.add(phys_read::<u32>(at + 4)),
+            // I/O APIC: id u8, reserved u8, address u32, GSI base u32.
+            (1, 12..) if m.ioapic.is_none() => {
+                m.ioapic = Some((
+                    u64::from(phys_read::<u32>(at + 4)),
+                    phys_read::<u32>(at + 8),
+                ));
+            }
             // Local APIC address override.
             (5, 12..) => m.lapic_addr = phys_read::<u64>(at + 4),
             _ => {}

@@ -277,8 +277,8 @@ pub extern "C" fn bsp_main(start_info: u32) -> ! {
         pci::scan(info.rsdp_paddr);
     }
     if let Some(mem) = &driver_memory {
-        if cfg.irq == cmdline::Irq::Msix {
-            irq::setup();
+        if cfg.irq != cmdline::Irq::Off {
+            irq::setup(cfg.irq, madt.as_ref().ok().and_then(|m| m.ioapic));
         }
         if cfg.workload == Workload::DmaBench {
             dma_bench::setup(&cfg, mem);

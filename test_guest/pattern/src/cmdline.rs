@@ -1,7 +1,7 @@
 //! The test guest's command line: `workload=idle|dirty|verify|dma-verify|dma-bench
 //! start=ADDR size=SIZE passes=N rate=PAGES_PER_SEC pci=scan|off dma=blk|rng vstart=ADDR
-//! vsize=SIZE bs=BYTES secs=N irq=off|msix`, and the rules its workload regions must
-//! follow.
+//! vsize=SIZE bs=BYTES secs=N irq=off|msix|intx`, and the rules its workload regions
+//! must follow.
 //!
 //! Words are separated by whitespace. Words that are not `key=value` with one of the keys
 //! above are ignored (VMMs add their own, e.g. `console=ttyS0`); a known key with a value
@@ -85,6 +85,9 @@ pub enum Irq {
     /// MSI-X: one table entry per queue, aimed at the boot vCPU, taken in ring 3 and
     /// counted.
     Msix,
+    /// INTx: MSI-X left off, pin A's line (the interrupt line register) routed through
+    /// the IOAPIC to the boot vCPU, acknowledged by reading the ISR, counted.
+    Intx,
 }
 
 impl Irq {
@@ -92,6 +95,7 @@ impl Irq {
         match self {
             Irq::Off => "off",
             Irq::Msix => "msix",
+            Irq::Intx => "intx",
         }
     }
 }
@@ -291,6 +295,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
                 c.irq = match value {
                     b"off" => Irq::Off,
                     b"msix" => Irq::Msix,
+                    b"intx" => Irq::Intx,
                     _ => return Err(bad),
                 }
             }
@@ -738,13 +743,17 @@ mod tests {
         for (line, irq) in [
             ("workload=dma-verify dma=blk irq=msix", Irq::Msix),
             ("workload=dma-bench dma=blk irq=msix", Irq::Msix),
+            ("workload=dma-verify dma=rng irq=intx", Irq::Intx),
             ("workload=dma-verify dma=rng irq=msix irq=off", Irq::Off),
             // irq=off is the default and fits every workload.
             ("workload=verify irq=off", Irq::Off),
         ] {
             assert_eq!(parse(line.as_bytes()).unwrap().irq, irq, "{line}");
         }
-        assert_eq!((Irq::Off.name(), Irq::Msix.name()), ("off", "msix"));
+        assert_eq!(
+            (Irq::Off.name(), Irq::Msix.name(), Irq::Intx.name()),
+            ("off", "msix", "intx")
+        );
         for (line, text) in [
             (
                 "workload=dma-verify dma=blk irq=msi",
@@ -754,6 +763,10 @@ mod tests {
             (
                 "workload=verify irq=msix",
                 "bad argument irq=msix (only with workload=dma-verify or dma-bench)",
+            ),
+            (
+                "workload=dirty irq=intx",
+                "bad argument irq=intx (only with workload=dma-verify or dma-bench)",
             ),
         ] {
             assert_eq!(

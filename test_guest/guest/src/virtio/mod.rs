@@ -23,8 +23,10 @@
 //!   ring says NO_INTERRUPT. With `irq=msix`: MSI-X enabled, table entry `q` aimed at the
 //!   boot vCPU with IDT vector `irq::queue_vector(q)`, queue `q`'s vector `q` (the device
 //!   must read it back), the available rings without NO_INTERRUPT; the configuration
-//!   vector stays NO_VECTOR. Either way the driver polls the used rings; interrupts are
-//!   only counted (`irq`).
+//!   vector stays NO_VECTOR. With `irq=intx`: MSI-X stays disabled, INTx enabled, the
+//!   line the interrupt line register names routed through the I/O APIC (`irq`), the
+//!   available rings without NO_INTERRUPT; the handler reads the ISR. Either way the
+//!   driver polls the used rings; interrupts are only counted (`irq`).
 
 pub mod blk;
 pub mod queue;
@@ -55,6 +57,8 @@ fn device_ids(dma: Dma) -> [u16; 2] {
 
 // PCI configuration space (type 0 header).
 const REG_COMMAND: u8 = 0x04;
+/// Interrupt line (byte 0x3c), interrupt pin (byte 0x3d).
+const REG_INTERRUPT: u8 = 0x3c;
 const REG_HEADER_TYPE: u8 = 0x0c;
 const REG_BAR0: u8 = 0x10;
 const REG_CAPABILITIES: u8 = 0x34;
@@ -181,6 +185,19 @@ pub struct Device {
     pub capacity: u64,
     /// `irq=msix`: where the MSI-X table is and the APIC id its entries aim at.
     pub msix: Option<MsixTable>,
+    /// `irq=intx`: the pin, its line and where the I/O APIC sends it.
+    pub intx: Option<Intx>,
+}
+
+/// INTx as `irq=intx` set it up.
+#[derive(Clone, Copy)]
+pub struct Intx {
+    /// Interrupt pin register: 1 = INTA#.
+    pub pin: u8,
+    /// Interrupt line register: the GSI.
+    pub line: u8,
+    pub route: crate::irq::IntxRoute,
+    pub apic_id: u32,
 }
 
 /// The MSI-X table as `irq=msix` programmed it.
@@ -203,7 +220,9 @@ impl Device {
     /// Prints `guest: dma device=...`: the device, how the workload will use it (`batch`
     /// pages, at most `requests` chains in flight), `extra` (` disk=...`) and the driver
     /// memory; with `irq=msix` then `guest: dma irq=msix table=<bar>:0x<addr>
-    /// vectors=<used>/<entries> idt=0x<first>-0x<last> apic=<id>`.
+    /// vectors=<used>/<entries> idt=0x<first>-0x<last> apic=<id>`, with `irq=intx`
+    /// `guest: dma irq=intx pin=<A-D> line=<gsi> ioapic=0x<addr> input=<n> idt=0x<v>
+    /// apic=<id>`.
     pub fn announce(
         &self,
         dma: Dma,
@@ -236,6 +255,17 @@ impl Device {
                 crate::irq::queue_vector(0),
                 crate::irq::queue_vector(m.used - 1),
                 m.apic_id
+            );
+        }
+        if let Some(i) = &self.intx {
+            say!(
+                "dma irq=intx pin={} line={} ioapic={:#x} input={} idt={:#x} apic={}",
+                char::from(b'A' + (i.pin - 1)),
+                i.line,
+                i.route.ioapic,
+                i.route.input,
+                crate::irq::INTX_VECTOR,
+                i.apic_id
             );
         }
     }
@@ -275,17 +305,22 @@ pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32, irq: Irq, apic_id: u32) ->
         crate::fail(format_args!("{name} 00:{dev:02x}.{func}: {why}"))
     };
 
-    // Memory decoding and bus mastering on, INTx off (the driver polls).
+    // Memory decoding and bus mastering on, INTx off unless irq=intx.
     let command = read_config(dev, func, REG_COMMAND);
     if command & STATUS_CAP_LIST == 0 {
         fail(format_args!("no capability list"));
     }
+    let intx_disable = if irq == Irq::Intx {
+        0
+    } else {
+        CMD_INTX_DISABLE
+    };
     // Only the command half is written: zeros leave the status bits (write-1-to-clear).
     write_config(
         dev,
         func,
         REG_COMMAND,
-        (command & 0xffff) | CMD_MEMORY | CMD_BUS_MASTER | CMD_INTX_DISABLE,
+        (command & 0xffff & !CMD_INTX_DISABLE) | CMD_MEMORY | CMD_BUS_MASTER | intx_disable,
     );
 
     // The vendor capabilities: the first of each type the driver knows; and MSI-X.
@@ -389,8 +424,8 @@ pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32, irq: Irq, apic_id: u32) ->
     let (common, bar, bar_addr) =
         structure(CFG_COMMON, COMMON_LEN).unwrap_or_else(|| missing(CFG_COMMON));
     let (notify, _, _) = structure(CFG_NOTIFY, 2).unwrap_or_else(|| missing(CFG_NOTIFY));
-    // The ISR is not used (no interrupts), but a device without one is not virtio-pci.
-    structure(CFG_ISR, 1).unwrap_or_else(|| missing(CFG_ISR));
+    // The ISR: only `irq=intx` reads it, but a device without one is not virtio-pci.
+    let (isr, _, _) = structure(CFG_ISR, 1).unwrap_or_else(|| missing(CFG_ISR));
     let device_cfg = match dma {
         Dma::Blk => Some(
             structure(CFG_DEVICE, 8)
@@ -548,7 +583,30 @@ pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32, irq: Irq, apic_id: u32) ->
         }
     });
 
-    // The queues: split rings in the driver memory; interrupts only with irq=msix.
+    // irq=intx: pin A's line (the interrupt line register, which the VMM or the firmware
+    // set) through the I/O APIC to the boot vCPU.
+    let intx = (irq == Irq::Intx).then(|| {
+        let reg = read_config(dev, func, REG_INTERRUPT);
+        let (line, pin) = (reg as u8, (reg >> 8) as u8);
+        if !(1..=4).contains(&pin) {
+            fail(format_args!("irq=intx: interrupt pin {pin} (no INTx)"));
+        }
+        if line == 0xff {
+            fail(format_args!(
+                "irq=intx: interrupt line {line:#x} (not connected)"
+            ));
+        }
+        let route = crate::irq::route_intx(u32::from(line), isr.base, apic_id)
+            .unwrap_or_else(|why| fail(format_args!("irq=intx: line {line}: {why}")));
+        Intx {
+            pin,
+            line,
+            route,
+            apic_id,
+        }
+    });
+
+    // The queues: split rings in the driver memory; interrupts only with irq=.
     let mut queue_size = MAX_QUEUE_SIZE;
     for q in 0..queues {
         common.write::<u16>(QUEUE_SELECT, q as u16);
@@ -570,7 +628,7 @@ pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32, irq: Irq, apic_id: u32) ->
             ));
         }
         let rings = mem.rings(q);
-        queue::init_rings(rings, msix.is_some());
+        queue::init_rings(rings, irq != Irq::Off);
         common.write_u64(QUEUE_DESC, rings);
         common.write_u64(QUEUE_DRIVER, rings + guest_pattern::dma::AVAIL_OFFSET);
         common.write_u64(QUEUE_DEVICE, rings + guest_pattern::dma::USED_OFFSET);
@@ -608,5 +666,6 @@ pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32, irq: Irq, apic_id: u32) ->
         queue_size,
         capacity,
         msix,
+        intx,
     }
 }
