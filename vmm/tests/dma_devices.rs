@@ -229,7 +229,10 @@ fn dma_verify_takes_intx_interrupts() {
         );
         let (n, mode, k) = dma_interrupts(&out);
         assert_eq!(mode, "intx", "{out}");
-        assert!(n > 0 && n <= k, "{n} interrupts for {k} completions:\n{out}");
+        assert!(
+            n > 0 && n <= k,
+            "{n} interrupts for {k} completions:\n{out}"
+        );
         eprintln!("dma={dma}, {cpus} vCPU(s): {n} INTx interrupts for {k} completions");
     }
     let _ = std::fs::remove_dir_all(&dir);

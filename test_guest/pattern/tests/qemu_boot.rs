@@ -459,8 +459,9 @@ fn dma_interrupts(lines: &[&str]) -> Option<(u64, String, u64)> {
 
 /// Checks the interrupt lines of a `dma-verify` / `dma-bench` run that passed: with
 /// `irq=msix` (in `cmdline`) `guest: dma irq=msix ... vectors=<queues>/.. idt=0x40-..`
-/// after the device line, and at least one interrupt but no more than completions (the
-/// guest itself fails a queue that completed requests without one); otherwise none.
+/// after the device line, with `irq=intx` `guest: dma irq=intx pin=A line=..`, and at
+/// least one interrupt but no more than completions (the guest itself fails a queue that
+/// completed requests without one); otherwise none.
 fn check_dma_interrupts(cmdline: &str, lines: &[&str], t: &str) {
     let (n, mode, k) =
         dma_interrupts(lines).unwrap_or_else(|| panic!("no `guest: dma interrupts` line:\n{t}"));
@@ -484,6 +485,15 @@ fn check_dma_interrupts(cmdline: &str, lines: &[&str], t: &str) {
             "{t}"
         );
         eprintln!("irq=msix: {n} interrupts for {k} completions ({queues} queue(s))");
+    } else if cmdline.contains("irq=intx") {
+        assert_eq!(mode, "intx", "{t}");
+        assert!(n > 0 && n <= k, "{n} interrupts for {k} completions:\n{t}");
+        let intx = lines
+            .iter()
+            .find(|l| l.starts_with("guest: dma irq=intx pin=A line="))
+            .unwrap_or_else(|| panic!("no `guest: dma irq=intx` line:\n{t}"));
+        assert!(intx.contains(" idt=0x60 "), "{t}");
+        eprintln!("irq=intx: {n} interrupts for {k} completions ({intx})");
     } else {
         assert_eq!((n, mode.as_str()), (0, "off"), "{t}");
     }
@@ -604,6 +614,29 @@ fn dma_workloads_count_msix_interrupts() {
         &disk,
     );
     assert_eq!(dma_bench_figures(&line).1, 64, "{line}");
+}
+
+/// `irq=intx`: MSI-X left off, the driver routes the line SeaBIOS wrote in the interrupt
+/// line register (an ISA IRQ on QEMU's pc machine: 10 or 11) through the I/O APIC,
+/// level-triggered, and its handler reads the ISR to acknowledge. virtio-blk on 2 vCPUs
+/// (2 queues, one line), virtio-rng on 1.
+#[test]
+fn dma_verify_counts_intx_interrupts() {
+    const SIZE: u64 = 16 << 20;
+    let disk = TempDisk::new(guest_pattern::dma::disk_bytes_needed(SIZE));
+    dma_verify_passes(
+        2,
+        "workload=dma-verify dma=blk size=16M passes=2 irq=intx",
+        2,
+        &disk.qemu_args(),
+    );
+    let rng = ["-device".to_string(), "virtio-rng-pci".to_string()];
+    dma_verify_passes(
+        1,
+        "workload=dma-verify dma=rng size=16M passes=2 irq=intx",
+        2,
+        &rng,
+    );
 }
 
 /// The figures of a `guest: dma-bench ...` line: bs, requests, bytes, ms, MiB/s, req/s,
