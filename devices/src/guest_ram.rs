@@ -36,6 +36,13 @@ pub enum DmaError {
     },
 }
 
+/// Which way a file transfer moves bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dma {
+    IntoRam,
+    OutOfRam,
+}
+
 /// Guest RAM as devices see it: reads, and writes that are always dirty-logged.
 #[derive(Clone, Debug)]
 pub struct GuestRam {
@@ -161,51 +168,7 @@ impl GuestRam {
         file: &File,
         offset: u64,
     ) -> Result<usize, DmaError> {
-        let slices = self.slices(gpa, len)?;
-        self.slow_device();
-        let mut done = 0usize;
-        for slice in slices {
-            let mut at = 0usize;
-            while at < slice.len() {
-                let want = slice.len() - at;
-                let guard = slice.ptr_guard_mut();
-                // SAFETY: `slice` is a live mapping of guest RAM of `slice.len()` bytes
-                // (get_slices checked the range), so [at, at + want) lies inside it;
-                // pread writes at most `want` bytes there. Guest RAM may change under us
-                // (the guest runs), which is fine for plain bytes.
-                let n = unsafe {
-                    libc::pread64(
-                        file.as_raw_fd(),
-                        guard.as_ptr().add(at).cast(),
-                        want,
-                        (offset + (done + at) as u64) as libc::off64_t,
-                    )
-                };
-                if n < 0 {
-                    let source = std::io::Error::last_os_error();
-                    if source.kind() == std::io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    // What was read so far is in RAM: log it before failing.
-                    self.mark(&slice, at);
-                    return Err(DmaError::Io {
-                        gpa,
-                        len: len as u64,
-                        source,
-                    });
-                }
-                if n == 0 {
-                    self.mark(&slice, at);
-                    return Ok(done + at);
-                }
-                at += n as usize;
-            }
-            // Marked after the bytes landed: a collection racing this write sees the page
-            // now or at the next collection, never a clean page holding new bytes.
-            self.mark(&slice, slice.len());
-            done += slice.len();
-        }
-        Ok(done)
+        self.file_io(Dma::IntoRam, gpa, len, file, offset)
     }
 
     /// DMA out of the guest: writes `len` bytes of RAM at `gpa` to `file` at `offset`.
@@ -217,39 +180,87 @@ impl GuestRam {
         file: &File,
         offset: u64,
     ) -> Result<usize, DmaError> {
+        self.file_io(Dma::OutOfRam, gpa, len, file, offset)
+    }
+
+    /// `pread` into RAM or `pwrite` out of it, slice by slice, retrying short transfers;
+    /// what landed in RAM is marked dirty, even when the transfer then fails.
+    fn file_io(
+        &self,
+        dir: Dma,
+        gpa: u64,
+        len: usize,
+        file: &File,
+        offset: u64,
+    ) -> Result<usize, DmaError> {
+        let slices = self.slices(gpa, len)?;
+        if dir == Dma::IntoRam {
+            self.slow_device();
+        }
         let mut done = 0usize;
-        for slice in self.slices(gpa, len)? {
+        for slice in slices {
             let mut at = 0usize;
+            let mut result = Ok(());
             while at < slice.len() {
                 let want = slice.len() - at;
-                let guard = slice.ptr_guard();
-                // SAFETY: as in `read_file_at`; pwrite only reads the `want` bytes at
-                // `at` inside the live slice.
-                let n = unsafe {
-                    libc::pwrite64(
-                        file.as_raw_fd(),
-                        guard.as_ptr().add(at).cast(),
-                        want,
-                        (offset + (done + at) as u64) as libc::off64_t,
-                    )
+                let pos = (offset + (done + at) as u64) as libc::off64_t;
+                let n = match dir {
+                    Dma::IntoRam => {
+                        let guard = slice.ptr_guard_mut();
+                        // SAFETY: `slice` is a live mapping of guest RAM of `slice.len()`
+                        // bytes (get_slices checked the range), so [at, at + want) lies
+                        // inside it; pread writes at most `want` bytes there. Guest RAM
+                        // may change under us (the guest runs): fine for plain bytes.
+                        unsafe {
+                            libc::pread64(
+                                file.as_raw_fd(),
+                                guard.as_ptr().add(at).cast(),
+                                want,
+                                pos,
+                            )
+                        }
+                    }
+                    Dma::OutOfRam => {
+                        let guard = slice.ptr_guard();
+                        // SAFETY: as above; pwrite only reads the `want` bytes at `at`
+                        // inside the live slice.
+                        unsafe {
+                            libc::pwrite64(
+                                file.as_raw_fd(),
+                                guard.as_ptr().add(at).cast(),
+                                want,
+                                pos,
+                            )
+                        }
+                    }
                 };
                 if n < 0 {
                     let source = std::io::Error::last_os_error();
                     if source.kind() == std::io::ErrorKind::Interrupted {
                         continue;
                     }
-                    return Err(DmaError::Io {
+                    result = Err(DmaError::Io {
                         gpa,
                         len: len as u64,
                         source,
                     });
+                    break;
                 }
                 if n == 0 {
-                    return Ok(done + at);
+                    break;
                 }
                 at += n as usize;
             }
-            done += slice.len();
+            // Marked after the bytes landed: a collection racing this write sees the page
+            // now or at the next collection, never a clean page holding new bytes.
+            if dir == Dma::IntoRam {
+                self.mark(&slice, at);
+            }
+            done += at;
+            result?;
+            if at < slice.len() {
+                return Ok(done);
+            }
         }
         Ok(done)
     }
