@@ -24,6 +24,9 @@ pub(crate) struct InterruptState {
     pub isr: u8,
     pub queue_vectors: Vec<u16>,
     pub config_vector: u16,
+    /// The command register's Interrupt Disable bit: the function must not assert INTx
+    /// (PCI 3.0 §6.2.2); the ISR still records why it would have.
+    pub intx_disabled: bool,
 }
 
 /// The interrupt side of one virtio-pci function.
@@ -40,6 +43,7 @@ impl VirtioInterrupt {
                 isr: 0,
                 queue_vectors: vec![NO_VECTOR; queues],
                 config_vector: NO_VECTOR,
+                intx_disabled: false,
             }),
             sink,
         }
@@ -58,6 +62,18 @@ impl VirtioInterrupt {
         for e in effects {
             self.sink.msix(e);
         }
+    }
+
+    /// The guest wrote the command register: with Interrupt Disable set the INTx line goes
+    /// (and stays) low; cleared, it is high again if the ISR holds a reason.
+    pub(crate) fn set_intx_disabled(&self, disabled: bool) {
+        let mut s = self.lock();
+        if s.intx_disabled == disabled {
+            return;
+        }
+        s.intx_disabled = disabled;
+        let level = !disabled && s.isr != 0 && !s.msix.enabled();
+        self.sink.intx(level);
     }
 
     /// The device put buffers in queue `queue`'s used ring.
@@ -88,7 +104,9 @@ impl VirtioInterrupt {
             }
         } else {
             s.isr |= isr;
-            self.sink.intx(true);
+            if !s.intx_disabled {
+                self.sink.intx(true);
+            }
         }
     }
 }

@@ -19,13 +19,15 @@ use super::worker::QueueWorker;
 use crate::guest_ram::GuestRam;
 use crate::pci::{
     BarKind, Msix, MsixError, MsixState, PciConfig, PciConfigError, PciConfigState, PciDevice,
-    PciIds, MSIX_CAP_ID,
+    PciIds, COMMAND_INTX_DISABLE, MSIX_CAP_ID,
 };
 
 pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
 /// Modern virtio-pci device ids are 0x1040 plus the virtio device type.
 const DEVICE_ID_BASE: u16 = 0x1040;
 const VENDOR_CAP_ID: u8 = 0x09;
+/// Offset of the command register in configuration space.
+const PCI_COMMAND: usize = 0x04;
 
 const CFG_COMMON: u8 = 1;
 const CFG_NOTIFY: u8 = 2;
@@ -411,6 +413,9 @@ impl VirtioPciDevice {
             let mut st = self.interrupt.lock();
             st.msix = msix;
             st.isr = s.isr;
+            // The line level itself is not restored: KVM's I/O APIC state (pending
+            // level-triggered inputs included) moves with the irqchip.
+            st.intx_disabled = self.config.command() & COMMAND_INTX_DISABLE != 0;
         }
         self.interrupt.apply(effects);
         if let Some(qs) = running {
@@ -440,6 +445,10 @@ impl PciDevice for VirtioPciDevice {
 
     fn write_config(&mut self, offset: usize, data: &[u8]) {
         self.config.write(offset, data);
+        if offset < PCI_COMMAND + 2 && offset + data.len() > PCI_COMMAND {
+            let disabled = self.config.command() & COMMAND_INTX_DISABLE != 0;
+            self.interrupt.set_intx_disabled(disabled);
+        }
         let ctl = self.msix_cap + 2;
         if offset < ctl + 2 && offset + data.len() > ctl {
             let b = self.config.bytes();
@@ -525,7 +534,7 @@ impl PciDevice for VirtioPciDevice {
 mod tests {
     use super::*;
     use crate::guest_ram::GuestMemoryMmap;
-    use crate::pci::MsixEffect;
+    use crate::pci::{MsixEffect, COMMAND_MEMORY};
     use std::time::{Duration, Instant};
     use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
     use vm_memory::GuestAddress;
@@ -775,6 +784,43 @@ mod tests {
         assert_eq!(
             *sink.0.lock().unwrap(),
             vec!["intx true", "intx false", "intx false"]
+        );
+    }
+
+    #[test]
+    fn intx_disable_in_the_command_register_keeps_the_line_low() {
+        let (mut d, _, sink) = dev(false);
+        bring_up(&mut d);
+        let command = |d: &mut VirtioPciDevice, v: u16| d.write_config(4, &v.to_le_bytes());
+        command(&mut d, COMMAND_MEMORY | COMMAND_INTX_DISABLE);
+        d.interrupt().signal_queue(1);
+        assert!(
+            !sink.0.lock().unwrap().iter().any(|l| l == "intx true"),
+            "{:?}",
+            sink.0.lock().unwrap()
+        );
+        // Writing the same value again changes nothing; clearing the bit raises the line
+        // for the reason the ISR kept, and reading the ISR lowers it.
+        command(&mut d, COMMAND_MEMORY | COMMAND_INTX_DISABLE);
+        command(&mut d, COMMAND_MEMORY);
+        assert_eq!(sink.0.lock().unwrap().last().unwrap(), "intx true");
+        assert_eq!(rbar(&mut d, ISR_OFFSET, 1), ISR_QUEUE);
+        // Setting it with the line high lowers it.
+        d.interrupt().signal_queue(1);
+        command(&mut d, COMMAND_MEMORY | COMMAND_INTX_DISABLE);
+        assert_eq!(
+            sink.0.lock().unwrap()[1..],
+            ["intx true", "intx false", "intx true", "intx false"]
+        );
+        // The state keeps the bit: a restored function still keeps the line low.
+        let state = d.state();
+        let (mut e, _, sink_e) = dev(false);
+        e.restore(&state).unwrap();
+        e.interrupt().signal_queue(1);
+        assert!(
+            !sink_e.0.lock().unwrap().iter().any(|l| l == "intx true"),
+            "{:?}",
+            sink_e.0.lock().unwrap()
         );
     }
 
