@@ -343,6 +343,22 @@ struct Move {
     pause_devices_late: bool,
 }
 
+impl Move {
+    /// A move of `cmdline` on `cpus` vCPUs with `devices`, over rings, with no seam.
+    fn of(tag: u8, cpus: u32, cmdline: &str, devices: &[&str]) -> Move {
+        Move {
+            tag,
+            cpus,
+            cmdline: cmdline.into(),
+            devices: devices.iter().map(|d| d.to_string()).collect(),
+            dirty_ring: "entries=65536",
+            drop_device_log: false,
+            dma_delay_us: None,
+            pause_devices_late: false,
+        }
+    }
+}
+
 /// What happened on B after the move.
 struct Moved {
     serial: String,
@@ -495,16 +511,12 @@ const DISK: &str = "path=DIR/disk.raw";
 
 #[test]
 fn dma_verify_blk_moves_between_hosts_with_rings_beside_verify() {
-    let m = migrate(Move {
-        tag: 41,
-        cpus: 2,
-        cmdline: "workload=dma-verify dma=blk size=64M vsize=64M".into(),
-        devices: vec!["--disk".into(), DISK.into()],
-        dirty_ring: "entries=65536",
-        drop_device_log: false,
-        dma_delay_us: None,
-        pause_devices_late: false,
-    });
+    let m = migrate(Move::of(
+        41,
+        2,
+        "workload=dma-verify dma=blk size=64M vsize=64M",
+        &["--disk", DISK],
+    ));
     assert_clean(&m);
     assert!(m.serial.contains("guest: verified"), "{}", m.serial);
 }
@@ -512,44 +524,38 @@ fn dma_verify_blk_moves_between_hosts_with_rings_beside_verify() {
 #[test]
 fn dma_verify_blk_moves_between_hosts_in_bitmap_mode() {
     let m = migrate(Move {
-        tag: 42,
-        cpus: 1,
-        cmdline: "workload=dma-verify dma=blk size=64M".into(),
-        devices: vec!["--disk".into(), DISK.into()],
         dirty_ring: "off",
-        drop_device_log: false,
-        dma_delay_us: None,
-        pause_devices_late: false,
+        ..Move::of(
+            42,
+            1,
+            "workload=dma-verify dma=blk size=64M",
+            &["--disk", DISK],
+        )
     });
     assert_clean(&m);
 }
 
 #[test]
 fn dma_verify_rng_moves_between_hosts_with_rings() {
-    let m = migrate(Move {
-        tag: 43,
-        cpus: 1,
-        cmdline: "workload=dma-verify dma=rng size=32M".into(),
-        devices: vec!["--rng".into(), "src=/dev/urandom".into()],
-        dirty_ring: "entries=65536",
-        drop_device_log: false,
-        dma_delay_us: None,
-        pause_devices_late: false,
-    });
+    let m = migrate(Move::of(
+        43,
+        1,
+        "workload=dma-verify dma=rng size=32M",
+        &["--rng", "src=/dev/urandom"],
+    ));
     assert_clean(&m);
 }
 
 #[test]
 fn dma_verify_rng_moves_between_hosts_in_bitmap_mode_beside_verify() {
     let m = migrate(Move {
-        tag: 44,
-        cpus: 2,
-        cmdline: "workload=dma-verify dma=rng size=32M vsize=64M".into(),
-        devices: vec!["--rng".into(), "src=/dev/urandom".into()],
         dirty_ring: "off",
-        drop_device_log: false,
-        dma_delay_us: None,
-        pause_devices_late: false,
+        ..Move::of(
+            44,
+            2,
+            "workload=dma-verify dma=rng size=32M vsize=64M",
+            &["--rng", "src=/dev/urandom"],
+        )
     });
     assert_clean(&m);
     assert!(m.serial.contains("guest: verified"), "{}", m.serial);
@@ -560,21 +566,12 @@ fn dma_verify_rng_moves_between_hosts_in_bitmap_mode_beside_verify() {
 /// getting them on B.
 #[test]
 fn msix_interrupts_keep_coming_after_the_move() {
-    let m = migrate(Move {
-        tag: 52,
-        cpus: 2,
-        cmdline: "workload=dma-verify dma=blk size=16M irq=msix".into(),
-        devices: vec![
-            "--disk".into(),
-            DISK.into(),
-            "--rng".into(),
-            "src=/dev/urandom".into(),
-        ],
-        dirty_ring: "entries=65536",
-        drop_device_log: false,
-        dma_delay_us: None,
-        pause_devices_late: false,
-    });
+    let m = migrate(Move::of(
+        52,
+        2,
+        "workload=dma-verify dma=blk size=16M irq=msix",
+        &["--disk", DISK, "--rng", "src=/dev/urandom"],
+    ));
     assert_clean(&m);
 }
 
@@ -582,21 +579,12 @@ fn msix_interrupts_keep_coming_after_the_move() {
 /// and the device's ISR with its own; the guest keeps getting an interrupt every pass.
 #[test]
 fn intx_interrupts_keep_coming_after_the_move() {
-    let m = migrate(Move {
-        tag: 53,
-        cpus: 1,
-        cmdline: "workload=dma-verify dma=rng size=16M irq=intx".into(),
-        devices: vec![
-            "--disk".into(),
-            DISK.into(),
-            "--rng".into(),
-            "src=/dev/urandom".into(),
-        ],
-        dirty_ring: "entries=65536",
-        drop_device_log: false,
-        dma_delay_us: None,
-        pause_devices_late: false,
-    });
+    let m = migrate(Move::of(
+        53,
+        1,
+        "workload=dma-verify dma=rng size=16M irq=intx",
+        &["--disk", DISK, "--rng", "src=/dev/urandom"],
+    ));
     assert_clean(&m);
 }
 
@@ -605,14 +593,13 @@ fn intx_interrupts_keep_coming_after_the_move() {
 #[test]
 fn a_dropped_device_log_is_caught_by_the_guest_after_the_move() {
     let m = migrate(Move {
-        tag: 45,
-        cpus: 1,
-        cmdline: "workload=dma-verify dma=rng size=32M".into(),
-        devices: vec!["--rng".into(), "src=/dev/urandom".into()],
-        dirty_ring: "entries=65536",
         drop_device_log: true,
-        dma_delay_us: None,
-        pause_devices_late: false,
+        ..Move::of(
+            45,
+            1,
+            "workload=dma-verify dma=rng size=32M",
+            &["--rng", "src=/dev/urandom"],
+        )
     });
     // Either a page that went back to older contents, or a request the source's device
     // completed (its used entry was lost with the page) whose page then shows no write.
@@ -625,19 +612,19 @@ fn a_dropped_device_log_is_caught_by_the_guest_after_the_move() {
 }
 
 /// A slow device (every write into the guest waits 1 ms, so one is nearly always in
-/// flight; virtio-rng, whose every write is new content): the pause at stop-and-copy waits for the request being served, whose pages
-/// then reach the final collection. Nothing is lost.
+/// flight; virtio-rng, whose every write is new content): the pause at stop-and-copy
+/// waits for the request being served, whose pages then reach the final collection.
+/// Nothing is lost.
 #[test]
 fn a_request_in_flight_at_the_pause_is_finished_and_its_pages_move() {
     let m = migrate(Move {
-        tag: 46,
-        cpus: 1,
-        cmdline: "workload=dma-verify dma=rng size=4M".into(),
-        devices: vec!["--rng".into(), "src=/dev/urandom".into()],
-        dirty_ring: "entries=65536",
-        drop_device_log: false,
         dma_delay_us: Some(1000),
-        pause_devices_late: false,
+        ..Move::of(
+            46,
+            1,
+            "workload=dma-verify dma=rng size=4M",
+            &["--rng", "src=/dev/urandom"],
+        )
     });
     assert_clean(&m);
 }
@@ -648,14 +635,14 @@ fn a_request_in_flight_at_the_pause_is_finished_and_its_pages_move() {
 #[test]
 fn pausing_devices_after_the_final_collection_loses_the_request_in_flight() {
     let m = migrate(Move {
-        tag: 47,
-        cpus: 1,
-        cmdline: "workload=dma-verify dma=rng size=4M".into(),
-        devices: vec!["--rng".into(), "src=/dev/urandom".into()],
-        dirty_ring: "entries=65536",
-        drop_device_log: false,
         dma_delay_us: Some(1000),
         pause_devices_late: true,
+        ..Move::of(
+            47,
+            1,
+            "workload=dma-verify dma=rng size=4M",
+            &["--rng", "src=/dev/urandom"],
+        )
     });
     // The page arrives stale (MISMATCH), or its used entry was lost with it and the
     // guest waits for a request B's device counts as done.
