@@ -10,7 +10,9 @@
 # Environment: ROUNDS (3), SECS (5), SIZES ("4K 64K"), MODES ("ferry-log ferry-nolog
 # qemu"), DISK_MIB (256), REGION (64M), MIGRATE (1; 0 skips the migrations), MIG_MODES
 # ("qemu-bitmap ferry-lo"; also qemu-ring), MIG_SIZE_MIB (256), OUT (docs/benchmarks),
-# KEEP=1 keeps the run directory (serial logs, VMM logs), BENCH_MACHINE_NOTE.
+# QUIET_PCT (10) and RETRIES (2): a run during which the rest of the machine used more
+# than QUIET_PCT % of a CPU is run again, RETRIES times at most; KEEP=1 keeps the run
+# directory (serial logs, VMM logs); BENCH_MACHINE_NOTE.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 for f in target/release/ferry target/release/ferry-remote target/test-guest/guest.elf; do
