@@ -238,6 +238,50 @@ fn dma_verify_takes_intx_interrupts() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Several disks (one read-only) and an rng: one function each, in the order given, each
+/// with its own BAR, seen the same through 0xCF8 and ECAM.
+#[test]
+fn several_disks_and_an_rng_each_get_a_pci_function() {
+    let dir = tmpdir("several");
+    let a = disk(&dir, 1 << 20);
+    let b = dir.join("b.raw");
+    std::fs::File::create(&b).unwrap().set_len(2 << 20).unwrap();
+    let (a_arg, b_arg) = (
+        format!("path={}", a.display()),
+        format!("path={},readonly=on,id=ro", b.display()),
+    );
+    let elf = common::guest_elf();
+    let ferry = Ferry::spawn(&[
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--serial",
+        "tty",
+        "--disk",
+        &a_arg,
+        "--disk",
+        &b_arg,
+        "--rng",
+        "src=/dev/urandom",
+        "--cmdline",
+        "pci=scan workload=verify size=1M passes=1",
+    ]);
+    let (code, out) = ferry.wait(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{out}");
+    for line in [
+        "guest: pci 00:01.0 1af4:1042 class 018000",
+        "guest: pci 00:02.0 1af4:1042 class 018000",
+        "guest: pci 00:03.0 1af4:1044 class ff0000",
+        "guest: pci ecam 0xe0000000 agrees (4 devices)",
+        "disk0: virtio-blk on",
+        "ro: virtio-blk on",
+        "(4096 sectors, read-only)",
+        "ro: PCI 00:02.0, BAR 0 at 0xc0008000",
+    ] {
+        assert!(out.contains(line), "no {line:?} in:\n{out}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_disk_too_small_for_the_workload_is_named_by_the_guest() {
     let dir = tmpdir("small");
