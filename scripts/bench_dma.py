@@ -49,6 +49,7 @@ SIZES = os.environ.get("SIZES", "4K 64K").split()
 MODES = os.environ.get("MODES", "ferry-log ferry-nolog qemu").split()
 DISK_MIB = int(os.environ.get("DISK_MIB", "256"))
 REGION = os.environ.get("REGION", "64M")
+REGION_BYTES = int(REGION[:-1]) << {"K": 10, "M": 20, "G": 30}[REGION[-1].upper()]
 BENCH_MEM = "1G"
 RUN_TIMEOUT_S = float(os.environ.get("RUN_TIMEOUT_S", "180"))
 # A throughput run during which the rest of the machine used more than QUIET_PCT % of one
@@ -86,6 +87,36 @@ def cpu_busy_s():
         v = [int(x) for x in f.readline().split()[1:]]
     idle = v[3] + v[4]  # idle, iowait
     return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def sample_threads(pid, seen):
+    """Records each thread's name and CPU ticks (utime + stime) into `seen` by thread id,
+    keeping the last value read (a thread's time can no longer be read once it or the
+    process has ended)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        seen[tid] = (name, int(fields[11]) + int(fields[12]))
+
+
+VCPU_THREAD = re.compile(r"^(vcpu\d+|CPU \d+/KVM)$")
+
+
+def thread_cpu(seen):
+    """(CPU s of the threads that are not vCPUs, CPU s of Ferry's disk worker threads)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    io = sum(t for n, t in seen.values() if not VCPU_THREAD.match(n)) / hz
+    worker = sum(t for n, t in seen.values() if n.startswith("disk")) / hz
+    return io, worker
 
 
 def make_disk(path, mib):
@@ -145,8 +176,10 @@ def bench_run(mode, bs, rnd, disk):
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                              env=env, preexec_fn=vsq._die_with_parent)
     status = ru = None
+    threads = {}
     try:
         while True:
+            sample_threads(p.pid, threads)
             pid, st, ru = os.wait4(p.pid, os.WNOHANG)
             if pid:
                 status = os.waitstatus_to_exitcode(st)
@@ -155,7 +188,7 @@ def bench_run(mode, bs, rnd, disk):
             if time.monotonic() - t0 > RUN_TIMEOUT_S:
                 rec["error"] = f"still running after {RUN_TIMEOUT_S:.0f} s"
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
         if status is None:
             p.kill()
@@ -175,6 +208,14 @@ def bench_run(mode, bs, rnd, disk):
         rec.update(ok=True, bytes_per_req=int(m[1]), requests=int(m[2]), bytes=int(m[3]),
                    ms=int(m[4]), mib_s=float(m[5]), req_s=int(m[6]), notifies=int(m[7]),
                    line=m[0])
+        # CPU per request on the device side, from the threads' times read every 20 ms
+        # (the requests of the warm-up count too: one per bs-sized buffer of the region).
+        io_s, worker_s = thread_cpu(threads)
+        n = rec["requests"] + REGION_BYTES // rec["bytes_per_req"]
+        rec["threads"] = {f"{tid} {name}": t for tid, (name, t) in sorted(threads.items())}
+        rec["io_cpu_us_per_req"] = round(io_s / n * 1e6, 3)
+        if mode.startswith("ferry"):
+            rec["worker_cpu_us_per_req"] = round(worker_s / n * 1e6, 3)
     elif "error" not in rec:
         bad = vsq.BAD.search(text)
         rec["error"] = (f"status {status}: " + (bad[0] if bad else "no dma-bench line")
@@ -200,8 +241,9 @@ def fmt(s, p=0):
 
 def bench_table(all_runs):
     runs = [r for r in all_runs if not r.get("discarded")]
-    out = ["| request | mode | ok | MiB/s | req/s | notifies/s | VMM CPU s / GiB read |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| request | mode | ok | MiB/s | req/s | notifies/s | VMM CPU s / GiB read "
+           "| CPU µs / request, all but vCPU threads | CPU µs / request, Ferry's disk worker |",
+           "|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for bs in SIZES:
         for m in MODES:
@@ -215,18 +257,26 @@ def bench_table(all_runs):
                     # timed run read: a rough figure, for comparing the VMMs.
                     r["cpu_s_per_gib"] = (r["cpu_s"] / (r["bytes"] / (1 << 30))
                                           if r.get("cpu_s") is not None and r["bytes"] else None)
-            s = {k: med(rs, k) for k in ("mib_s", "req_s", "notifies_s", "cpu_s_per_gib")}
+            s = {k: med(rs, k) for k in ("mib_s", "req_s", "notifies_s", "cpu_s_per_gib",
+                                         "io_cpu_us_per_req", "worker_cpu_us_per_req")}
             summary[(bs, m)] = s
             ok = sum(bool(r.get("ok")) for r in rs)
             out.append(f"| {bs} | {MODE_NAMES[m]} | {ok}/{len(rs)} | {fmt(s['mib_s'], 1)} "
-                       f"| {fmt(s['req_s'])} | {fmt(s['notifies_s'])} | {fmt(s['cpu_s_per_gib'], 2)} |")
+                       f"| {fmt(s['req_s'])} | {fmt(s['notifies_s'])} | {fmt(s['cpu_s_per_gib'], 2)} "
+                       f"| {fmt(s['io_cpu_us_per_req'], 2)} | {fmt(s['worker_cpu_us_per_req'], 2)} |")
     out.append("")
-    out += ["| request | logging cost (1 − log on / log off, medians) | per round (median) | Ferry log on / QEMU (MiB/s) | Ferry log off / QEMU |",
-            "|---|---|---|---|---|"]
+    out += ["| request | logging cost (1 − log on / log off, medians) | per round (median) "
+            "| disk worker CPU per request, log on / log off − 1 (medians) | per round (median) "
+            "| Ferry log on / QEMU (MiB/s) | Ferry log off / QEMU |",
+            "|---|---|---|---|---|---|---|"]
     derived = {}
     for bs in SIZES:
         on, off, q = (summary.get((bs, m), {}).get("mib_s") for m in ("ferry-log", "ferry-nolog", "qemu"))
         cost = (1 - on[0] / off[0]) * 100 if on and off else None
+        won, woff = (summary.get((bs, m), {}).get("worker_cpu_us_per_req")
+                     for m in ("ferry-log", "ferry-nolog"))
+        wcost = (won[0] / woff[0] - 1) * 100 if won and woff else None
+        wrounds = []
         rounds = []
         for rnd in range(1, ROUNDS + 1):
             a = [r for r in runs if r["bs"] == bs and r["round"] == rnd and r.get("ok")]
@@ -234,14 +284,22 @@ def bench_table(all_runs):
             nl = [r["mib_s"] for r in a if r["mode"] == "ferry-nolog"]
             if lo and nl:
                 rounds.append((1 - lo[0] / nl[0]) * 100)
+            wlo = [r.get("worker_cpu_us_per_req") for r in a if r["mode"] == "ferry-log"]
+            wnl = [r.get("worker_cpu_us_per_req") for r in a if r["mode"] == "ferry-nolog"]
+            if wlo and wnl and wlo[0] and wnl[0]:
+                wrounds.append((wlo[0] / wnl[0] - 1) * 100)
         r_on = on[0] / q[0] if on and q else None
         r_off = off[0] / q[0] if off and q else None
         derived[bs] = {"logging_cost_pct": cost, "logging_cost_pct_rounds": rounds,
+                       "logging_cpu_cost_pct": wcost, "logging_cpu_cost_pct_rounds": wrounds,
                        "ferry_log_over_qemu": r_on, "ferry_nolog_over_qemu": r_off}
         c = "–" if cost is None else f"{cost:.1f} %"
         pr = (", ".join(f"{x:.1f}" for x in rounds) + f" % ({statistics.median(rounds):.1f} %)"
               if rounds else "–")
-        out.append(f"| {bs} | {c} | {pr} | {'–' if r_on is None else f'{r_on:.2f}'} "
+        wc = "–" if wcost is None else f"{wcost:.1f} %"
+        wpr = (", ".join(f"{x:.1f}" for x in wrounds) + f" % ({statistics.median(wrounds):.1f} %)"
+               if wrounds else "–")
+        out.append(f"| {bs} | {c} | {pr} | {wc} | {wpr} | {'–' if r_on is None else f'{r_on:.2f}'} "
                    f"| {'–' if r_off is None else f'{r_off:.2f}'} |")
     fails = [r for r in runs if not r.get("ok")]
     noisy = [r for r in runs if r.get("others_cpu_pct", 0) > QUIET_PCT]
@@ -385,7 +443,15 @@ reads for {SECS} s by its TSC; MiB = 2^20 bytes.
 Figures: median (min–max) over the rounds. *notifies/s*: the guest's MMIO notifications
 per second (it notifies only when the device has not set `VIRTQ_USED_F_NO_NOTIFY`).
 *VMM CPU s / GiB read*: the VMM process's user+system CPU time over its whole life (boot,
-warm-up and timed run) per GiB the timed run read: rough, for comparing the two.
+warm-up and timed run) per GiB the timed run read: rough, for comparing the two. *CPU µs
+/ request*: the CPU time of the VMM's threads, read from /proc every 20 ms, over every
+request the guest made (timed run and warm-up): all threads but the vCPU's (which spins
+polling the used ring all the time; Ferry: its disk worker, main and other threads; QEMU:
+its main loop, which takes the notifications and completions, and its thread-pool
+workers, which do the preads), and Ferry's disk worker thread alone, which serves the
+queue and does every `pread` and dirty mark. That figure is much less sensitive to
+the rest of the machine than the throughput, so its log-on / log-off ratio is the
+sharper measure of the logging's cost.
 
 {btab}
 
