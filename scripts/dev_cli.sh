@@ -82,6 +82,8 @@ bench() {
         dma)
             ensure_packages
             build
+            say "what one mark in the device dirty log costs (devices/benches/dirty_marks.rs)"
+            cargo bench -q -p devices --bench dirty_marks
             "$ROOT/scripts/bench_dma.sh"
             ;;
         *)
