@@ -30,8 +30,8 @@ fn main() {
     let logged =
         vm_memory::GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 1 << 20)])
             .unwrap();
-    let plain = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)])
-        .unwrap();
+    let plain =
+        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let small_logged = ns_per(|i| logged.write_obj(i as u16, GuestAddress(0x2002)).unwrap());
     let small_plain = ns_per(|i| plain.write_obj(i as u16, GuestAddress(0x2002)).unwrap());
     let bitmap = AtomicBitmap::new(1 << 20, NonZeroUsize::new(4096).unwrap());
