@@ -10,7 +10,7 @@ Throughput: the test guest's `workload=dma-bench dma=blk bs=N secs=SECS` (one vC
 queue, up to 64 requests in flight, reading a page-cached disk file sequentially into a
 64 MiB region; see test_guest/README.md) booted by
   * `ferry-log`:   Ferry as it is (device writes marked in the dirty log),
-  * `ferry-nolog`: Ferry with FERRY_BENCH_UNLOGGED_DISK_READS=1 (disk reads not marked),
+  * `ferry-nolog`: Ferry with FERRY_BENCH_NO_DEVICE_LOG=1 (no device write marked),
   * `qemu`:        QEMU, -device virtio-blk-pci on -drive cache=writeback,aio=threads,
 for each request size, ROUNDS rounds, the three modes in turn in every round. The
 logging cost is 1 - ferry-log / ferry-nolog (medians of MiB/s).
@@ -64,7 +64,7 @@ QEMU_DRIVE = "format=raw,cache=writeback,aio=threads"
 
 MODE_NAMES = {
     "ferry-log": "Ferry, dirty log on",
-    "ferry-nolog": "Ferry, log off (FERRY_BENCH_UNLOGGED_DISK_READS=1)",
+    "ferry-nolog": "Ferry, log off (FERRY_BENCH_NO_DEVICE_LOG=1)",
     "qemu": "QEMU virtio-blk-pci",
 }
 LINE = re.compile(r"guest: dma-bench bs=(\d+) requests=(\d+) bytes=(\d+) ms=(\d+) "
@@ -163,9 +163,9 @@ def bench_run(mode, bs, rnd, disk):
     os.makedirs(d, exist_ok=True)
     serial = f"{d}/serial.log"
     env = dict(os.environ)
-    env.pop("FERRY_BENCH_UNLOGGED_DISK_READS", None)
+    env.pop("FERRY_BENCH_NO_DEVICE_LOG", None)
     if mode == "ferry-nolog":
-        env["FERRY_BENCH_UNLOGGED_DISK_READS"] = "1"
+        env["FERRY_BENCH_NO_DEVICE_LOG"] = "1"
     rec = {"mode": mode, "bs": bs, "round": rnd, "ok": False, "loadavg": loadavg(),
            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     argv = bench_argv(mode, bs, serial, disk)
@@ -433,7 +433,7 @@ RAM per request; the matching QEMU setup is `-drive {QEMU_DRIVE}` (`cache=writeb
 is QEMU's default: host page cache, no O_DIRECT, like Ferry's `pread` on a normally
 opened file; `aio=threads`, QEMU's default, preads from its thread pool), `-device
 virtio-blk-pci` with its defaults. Ferry's figure with the log off sets
-`FERRY_BENCH_UNLOGGED_DISK_READS=1` (disk reads into the guest not marked in the dirty
+`FERRY_BENCH_NO_DEVICE_LOG=1` (no device write into the guest marked in the dirty
 bitmap; a benchmark seam only). {ROUNDS} round{'s' if ROUNDS != 1 else ''} per request size,
 each running every mode once, one VM at a time, in the order {', '.join(MODES)} rotated by
 one more mode each round (no mode always runs first).

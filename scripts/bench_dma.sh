@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # virtio-blk in the guest (issue: DMA devices): the test guest's `dma-bench` reading a
 # page-cached 256 MiB disk file with 4 KiB and 64 KiB requests under Ferry with its dirty
-# log on, Ferry with FERRY_BENCH_UNLOGGED_DISK_READS=1 (log off) and QEMU
+# log on, Ferry with FERRY_BENCH_NO_DEVICE_LOG=1 (log off) and QEMU
 # (virtio-blk-pci, cache=writeback, aio=threads), ROUNDS rounds (default 3) alternating;
 # then a `dma-verify dma=blk` guest (256 MiB region, 1 GiB, 1 vCPU) live-migrated once by
 # Ferry and once by QEMU over loopback TCP. Prints tables and writes

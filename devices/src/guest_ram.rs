@@ -14,13 +14,20 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, BS};
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+use vm_memory::{
+    ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileSlice,
+};
 
 /// Guest RAM as the VMM maps it: each region carries an atomic bitmap (one bit per 4 KiB
 /// page) that every write through `vm-memory` sets.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 /// One RAM region of [`GuestMemoryMmap`].
 pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+/// The same RAM without the bitmap: what virtio-queue walks the rings through. Its writes
+/// (the used ring only) are marked by [`GuestRam::mark_used_ring`], once per round of
+/// requests rather than once per write (each mark is a locked instruction, which waits
+/// for the store before it: a store into a line the guest is polling).
+pub type QueueMemory = vm_memory::GuestMemoryMmap<()>;
 
 /// Why a device access to guest RAM failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,34 +54,82 @@ enum Dma {
 #[derive(Clone, Debug)]
 pub struct GuestRam {
     mem: GuestMemoryMmap,
+    /// `mem`'s mappings again, without bitmaps (not owned: `mem` unmaps them, and both
+    /// live and die together in this struct).
+    view: QueueMemory,
     /// Test seam: every DMA into the guest waits this long first, as with a slow disk,
     /// so a migration's pause lands while a request is in flight.
     dma_delay: Option<std::time::Duration>,
-    /// Benchmark seam: disk reads into the guest are not marked in the dirty log, to
-    /// measure what the marking costs. Never for a VM that may migrate.
-    unlogged_file_reads: bool,
+    /// Benchmark seam: no device write is marked in the dirty log, to measure what the
+    /// marking costs. Never for a VM that may migrate.
+    unlogged: bool,
 }
 
 impl GuestRam {
     pub fn new(mem: GuestMemoryMmap) -> Self {
+        let regions = mem
+            .iter()
+            .map(|r| {
+                // SAFETY: the range is exactly one live mapping of `mem`, which this
+                // struct keeps alive for as long as the view (the view owns nothing and
+                // unmaps nothing).
+                let raw = unsafe {
+                    vm_memory::MmapRegion::<()>::build_raw(
+                        r.as_ptr(),
+                        r.len() as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_SHARED,
+                    )
+                }
+                .expect("a view of a live guest RAM mapping");
+                vm_memory::GuestRegionMmap::new(raw, r.start_addr())
+                    .expect("the region's own address range")
+            })
+            .collect::<Vec<_>>();
+        let view = QueueMemory::from_regions(regions).expect("the regions of a valid memory");
         GuestRam {
             mem,
+            view,
             dma_delay: None,
-            unlogged_file_reads: false,
+            unlogged: false,
         }
     }
 
-    /// The same RAM, with [`Self::read_file_at`] not marking what it wrote (a benchmark
-    /// seam measuring the cost of the device log: such writes are lost to a migration).
-    pub fn without_file_read_log(mut self) -> Self {
-        self.unlogged_file_reads = true;
+    /// The same RAM with no device write marked in the dirty log (a benchmark seam
+    /// measuring the cost of the device log: such writes are lost to a migration).
+    pub fn without_log(mut self) -> Self {
+        self.unlogged = true;
         self
     }
 
     fn mark(&self, slice: &VolatileSlice<'_, BS<'_, AtomicBitmap>>, len: usize) {
-        if !self.unlogged_file_reads {
+        if !self.unlogged {
             slice.bitmap().mark_dirty(0, len);
         }
+    }
+
+    /// Marks `[gpa, gpa + len)` dirty (the parts that are RAM).
+    fn mark_range(&self, gpa: u64, len: usize) {
+        if self.unlogged {
+            return;
+        }
+        for slice in self
+            .mem
+            .get_slices(GuestAddress(gpa), len)
+            .map_while(Result::ok)
+        {
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
+    }
+
+    /// Marks the used ring of `queue` dirty: call after the writes virtio-queue made
+    /// through [`Self::queue_memory`] (used elements, index, `avail_event`) and before the
+    /// worker lets go of its queues, so a paused device has nothing left unmarked.
+    pub fn mark_used_ring(&self, queue: &virtio_queue::Queue) {
+        use virtio_queue::QueueT;
+        // flags, idx, ring[size], avail_event.
+        let len = 6 + 8 * usize::from(queue.size());
+        self.mark_range(queue.used_ring(), len);
     }
 
     /// The same RAM, with every DMA into the guest ([`Self::read_file_at`],
@@ -90,9 +145,15 @@ impl GuestRam {
         }
     }
 
-    /// The memory `virtio-queue` walks rings and descriptors through. It only writes the
-    /// used ring, through `Bytes`, which logs like every write here.
-    pub fn queue_memory(&self) -> &GuestMemoryMmap {
+    /// The memory `virtio-queue` walks rings and descriptors through. Its writes are not
+    /// logged: virtio-queue writes only the used ring, which [`Self::mark_used_ring`]
+    /// marks. Write nothing else through it.
+    pub fn queue_memory(&self) -> &QueueMemory {
+        &self.view
+    }
+
+    /// The memory with its dirty bitmaps (tests look at them).
+    pub fn logged_memory(&self) -> &GuestMemoryMmap {
         &self.mem
     }
 
@@ -139,9 +200,12 @@ impl GuestRam {
     /// Writes `buf` at `gpa` and marks the pages dirty.
     pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), DmaError> {
         self.check(gpa, buf.len())?;
-        self.mem
-            .write_slice(buf, GuestAddress(gpa))
-            .map_err(|_| Self::out_of_ram(gpa, buf.len()))
+        let done = if self.unlogged {
+            self.view.write_slice(buf, GuestAddress(gpa))
+        } else {
+            self.mem.write_slice(buf, GuestAddress(gpa))
+        };
+        done.map_err(|_| Self::out_of_ram(gpa, buf.len()))
     }
 
     pub fn read_obj<T: ByteValued>(&self, gpa: u64) -> Result<T, DmaError> {
@@ -153,9 +217,12 @@ impl GuestRam {
     /// Writes `v` at `gpa` and marks the pages dirty.
     pub fn write_obj<T: ByteValued>(&self, v: T, gpa: u64) -> Result<(), DmaError> {
         self.check(gpa, std::mem::size_of::<T>())?;
-        self.mem
-            .write_obj(v, GuestAddress(gpa))
-            .map_err(|_| Self::out_of_ram(gpa, std::mem::size_of::<T>()))
+        let done = if self.unlogged {
+            self.view.write_obj(v, GuestAddress(gpa))
+        } else {
+            self.mem.write_obj(v, GuestAddress(gpa))
+        };
+        done.map_err(|_| Self::out_of_ram(gpa, std::mem::size_of::<T>()))
     }
 
     /// DMA into the guest: reads `len` bytes of `file` at `offset` straight into RAM at
@@ -299,7 +366,6 @@ impl GuestRam {
 mod tests {
     use super::*;
     use std::io::Write;
-    use vm_memory::GuestMemoryRegion;
 
     fn ram() -> GuestRam {
         // Two regions with a hole, like the platform's RAM below and above the PCI hole.
@@ -314,7 +380,7 @@ mod tests {
 
     fn dirty_pages(ram: &GuestRam) -> Vec<u64> {
         let mut out = vec![];
-        for r in ram.queue_memory().iter() {
+        for r in ram.logged_memory().iter() {
             let base = r.start_addr().0;
             for p in 0..r.len() / 4096 {
                 if r.bitmap().dirty_at((p * 4096) as usize) {
@@ -371,24 +437,47 @@ mod tests {
     }
 
     #[test]
-    fn the_benchmark_seam_leaves_disk_reads_out_of_the_log() {
+    fn the_benchmark_seam_leaves_every_device_write_out_of_the_log() {
         let f = temp_file(&[3; 4096]);
-        let r = ram().without_file_read_log();
+        let r = ram().without_log();
         assert_eq!(r.read_file_at(0x3000, 4096, &f, 0).unwrap(), 4096);
         assert_eq!(r.read_obj::<u8>(0x3fff).unwrap(), 3);
-        assert_eq!(dirty_pages(&r), Vec::<u64>::new());
         r.write(0x1000, &[1]).unwrap();
-        assert_eq!(dirty_pages(&r), vec![0x1000], "other writes still are");
+        r.write_obj(2u32, 0x2000).unwrap();
+        assert_eq!(r.read_obj::<u32>(0x2000).unwrap(), 2);
+        assert_eq!(dirty_pages(&r), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn used_ring_writes_are_marked_once_per_round() {
+        use virtio_queue::{Queue, QueueT};
+        let r = ram();
+        // virtio-queue's writes through the view are not marked by themselves...
+        r.queue_memory()
+            .write_obj(5u16, GuestAddress(0x4002))
+            .unwrap();
+        assert_eq!(dirty_pages(&r), Vec::<u64>::new());
+        // ...the round's mark covers the whole used ring: 6 + 8 * 512 bytes from 0x4ffc
+        // reach into the second page after it.
+        let mut q = Queue::new(512).unwrap();
+        q.try_set_used_ring_address(GuestAddress(0x4ffc)).unwrap();
+        r.mark_used_ring(&q);
+        assert_eq!(dirty_pages(&r), vec![0x4000, 0x5000, 0x6000]);
+        // A used ring partly outside RAM: the RAM part is marked, nothing breaks.
+        let r = ram();
+        q.try_set_used_ring_address(GuestAddress(0xf000)).unwrap();
+        r.mark_used_ring(&q);
+        assert_eq!(dirty_pages(&r), vec![0xf000]);
     }
 
     #[test]
     fn ram_goes_to_files_and_nothing_is_logged() {
         let f = temp_file(&[0; 8192]);
         let r = ram();
-        r.queue_memory()
+        r.logged_memory()
             .write_slice(&[9; 4096], GuestAddress(0x5000))
             .unwrap();
-        r.queue_memory()
+        r.logged_memory()
             .iter()
             .for_each(|g| std::ops::Deref::deref(g).bitmap().reset());
         assert_eq!(r.write_file_at(0x5000, 4096, &f, 4096).unwrap(), 4096);

@@ -170,9 +170,9 @@ impl PciDevices {
             log::warn!("FERRY_TEST_DMA_DELAY_US={us}: every device write into the guest waits {us} µs (a test seam)");
             ram = ram.with_dma_delay(std::time::Duration::from_micros(us));
         }
-        if std::env::var_os("FERRY_BENCH_UNLOGGED_DISK_READS").is_some() {
-            log::warn!("FERRY_BENCH_UNLOGGED_DISK_READS is set: disk reads into the guest are not dirty-logged (a benchmark seam; a migration would lose them)");
-            ram = ram.without_file_read_log();
+        if std::env::var_os("FERRY_BENCH_NO_DEVICE_LOG").is_some() {
+            log::warn!("FERRY_BENCH_NO_DEVICE_LOG is set: no device write into the guest is dirty-logged (a benchmark seam; a migration would lose them)");
+            ram = ram.without_log();
         }
         let mut functions = Vec::new();
         for (id, model) in models(config)? {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 
-use crate::guest_ram::{GuestMemoryMmap, GuestRam};
+use crate::guest_ram::{GuestRam, QueueMemory};
 
 /// One descriptor chain, walked.
 #[derive(Debug)]
@@ -53,7 +53,7 @@ impl Walked {
 
 /// Walks `chain` to its end (virtio-queue bounds the walk by the table's size), keeping
 /// the first `keep` descriptors.
-pub(crate) fn walk(chain: DescriptorChain<&GuestMemoryMmap>, keep: usize) -> Walked {
+pub(crate) fn walk(chain: DescriptorChain<&QueueMemory>, keep: usize) -> Walked {
     let head = chain.head_index();
     let mut descs = Vec::new();
     let mut count = 0usize;
@@ -155,6 +155,10 @@ pub(crate) fn serve_chains(
                 queue.used_ring()
             ));
         }
+    }
+    // add_used wrote through the unlogged view: one mark for the round.
+    if done > 0 {
+        ram.mark_used_ring(queue);
     }
     done
 }

@@ -766,7 +766,7 @@ pub(crate) mod testing {
 
         /// Forgets which pages were written.
         pub fn clean(&self) {
-            for r in self.ram.queue_memory().iter() {
+            for r in self.ram.logged_memory().iter() {
                 std::ops::Deref::deref(r).bitmap().reset();
             }
         }
@@ -774,7 +774,7 @@ pub(crate) mod testing {
         /// The guest pages written since [`Self::clean`].
         pub fn dirty_pages(&self) -> Vec<u64> {
             let mut out = vec![];
-            for r in self.ram.queue_memory().iter() {
+            for r in self.ram.logged_memory().iter() {
                 let bitmap = std::ops::Deref::deref(r).bitmap();
                 for p in 0..r.len() / 4096 {
                     if bitmap.dirty_at((p * 4096) as usize) {

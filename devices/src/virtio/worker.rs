@@ -195,6 +195,9 @@ impl Subscriber {
                 _ => break,
             }
         }
+        // The notification calls wrote the used ring's flags or avail_event through the
+        // unlogged view; the lock is still held, so a pause finds this marked.
+        self.ram.mark_used_ring(queue);
         if done > 0 && queue.needs_notification(mem).unwrap_or(true) {
             self.interrupt.signal_queue(index);
         }
