@@ -208,6 +208,26 @@ impl GuestRam {
         done.map_err(|_| Self::out_of_ram(gpa, buf.len()))
     }
 
+    /// Writes `buf` at `gpa` without marking it now: for the last byte of a chain's last
+    /// descriptor (a virtio-blk status byte), whose page `virtio::chains::serve_chains`
+    /// marks once for the whole round, with the used ring. Nothing else may use it.
+    pub(crate) fn write_marked_by_round(&self, gpa: u64, buf: &[u8]) -> Result<(), DmaError> {
+        self.check(gpa, buf.len())?;
+        self.view
+            .write_slice(buf, GuestAddress(gpa))
+            .map_err(|_| Self::out_of_ram(gpa, buf.len()))
+    }
+
+    /// Marks the pages holding `gpas` (the chains' last bytes of a round), each once.
+    pub(crate) fn mark_pages(&self, gpas: &[u64]) {
+        let mut pages: Vec<u64> = gpas.iter().map(|g| g & !0xfff).collect();
+        pages.sort_unstable();
+        pages.dedup();
+        for p in pages {
+            self.mark_range(p, 1);
+        }
+    }
+
     pub fn read_obj<T: ByteValued>(&self, gpa: u64) -> Result<T, DmaError> {
         self.mem
             .read_obj(GuestAddress(gpa))

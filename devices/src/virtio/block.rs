@@ -190,7 +190,8 @@ impl Disk {
                 (f.status, f.written)
             }
         };
-        match ram.write(status_at, &[status]) {
+        // The last byte of the last descriptor: serve_chains marks its page for the round.
+        match ram.write_marked_by_round(status_at, &[status]) {
             Ok(()) => written.saturating_add(1),
             Err(e) => {
                 log.report(format_args!("head {}: status byte: {e}", w.head));

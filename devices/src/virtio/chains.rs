@@ -90,6 +90,7 @@ pub(crate) fn serve_chains(
     let mem = ram.queue_memory();
     let size = queue.size();
     let mut done = 0usize;
+    let mut chain_ends = Vec::new();
     for _ in 0..size {
         // The available index, read here rather than left to virtio-queue, which logs
         // every refusal at error level and cannot say why it found nothing.
@@ -140,6 +141,11 @@ pub(crate) fn serve_chains(
         }
         let walked = walk(chain, keep);
         let used = serve(&walked, ram, log);
+        // A device may leave the last byte of the chain (blk's status) for the round's
+        // mark: see GuestRam::write_marked_by_round.
+        if let Some(last) = walked.last.filter(|d| d.is_write_only() && d.len() > 0) {
+            chain_ends.push(last.addr().0.saturating_add(u64::from(last.len()) - 1));
+        }
         // add_used counts the entry in before it publishes the used index, so it can
         // fail with the entry counted (the index outside RAM, the entry inside): the
         // device's own used index is what says whether the chain went in.
@@ -156,10 +162,12 @@ pub(crate) fn serve_chains(
             ));
         }
     }
-    // add_used wrote through the unlogged view: one mark for the round.
+    // add_used wrote through the unlogged view, and the chains' last bytes may have been
+    // too: one mark for the round.
     if done > 0 {
         ram.mark_used_ring(queue);
     }
+    ram.mark_pages(&chain_ends);
     done
 }
 
