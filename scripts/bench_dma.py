@@ -397,7 +397,13 @@ def write_report(bench, mig, started, finished, cmd, mach, disk_note):
         json.dump(doc, f, indent=1)
         f.write("\n")
     md_path = os.path.join(OUT, "dma.md")
-    old = vsq.read_text(md_path)
+    try:
+        # UTF-8 (the hand-written part has µ, ±, ×): read as latin-1 it would come back
+        # encoded twice.
+        with open(md_path, encoding="utf-8", errors="replace") as f:
+            old = f.read()
+    except OSError:
+        old = ""
     kept = old[old.index(KEEP_MARK) + len(KEEP_MARK):] if KEEP_MARK in old else "\n"
     loads = [r["loadavg"] for r in bench]
     others = [r["others_cpu_pct"] for r in bench
@@ -476,7 +482,7 @@ Ferry's two logs); *bytes sent*: `ram.transferred`. Ratio row: Ferry / QEMU.
 {mtab}
 
 {KEEP_MARK}{kept}"""
-    with open(md_path, "w") as f:
+    with open(md_path, "w", encoding="utf-8") as f:
         f.write(md)
     return btab + "\n\n" + mtab
 
