@@ -383,24 +383,7 @@ fn verify_reports_a_corrupted_page() {
     let gdb = format!("tcp:127.0.0.1:{port}");
     let mut q = Qemu::boot(2, "256", "workload=verify size=8M", &["-gdb", &gdb]);
     // Both vCPUs have written every page of their share at least once.
-    q.wait_for("a verified pass from both cpus", BOOT_TIMEOUT, |l| {
-        (0..2).all(|c| {
-            l.iter()
-                .any(|x| x.starts_with(&format!("guest: verified {c} ")))
-        })
-    });
-    // One payload byte in a page of each vCPU's share (region 1M-9M, 1024 pages each).
-    let mut stub = GdbStub::connect(port);
-    stub.write_byte(0x10_0000 + 100 * 4096 + 700, 0x5a);
-    stub.write_byte(0x10_0000 + 1500 * 4096 + 700, 0x5a);
-    stub.detach();
-    let code = q.wait_exit(RUN_TIMEOUT);
-    let t = q.transcript();
-    let lines = q.guest_lines();
-    let mismatch = lines
-        .iter()
-        .find(|l| l.starts_with("guest: MISMATCH cpu="))
-        .unwrap_or_else(|| panic!("no MISMATCH line\n{t}"));
+    let (code, t, lines, mismatch) = corrupt_two_pages(&mut q, port, "verified");
     assert!(
         mismatch.contains(" expected=") && mismatch.contains(" found="),
         "{t}"
@@ -410,7 +393,7 @@ fn verify_reports_a_corrupted_page() {
         mismatch.contains("gpa=0x164000 ") || mismatch.contains("gpa=0x6dc000 "),
         "{t}"
     );
-    assert!(lines.contains(&"guest: FAIL"), "{t}");
+    assert!(lines.iter().any(|l| l == "guest: FAIL"), "{t}");
     assert_eq!(code, Some(STATUS_FAIL), "{t}");
 }
 
@@ -766,32 +749,49 @@ fn dma_verify_reports_a_corrupted_page() {
     args.extend(["-gdb".to_string(), gdb]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut q = Qemu::boot(2, "256", "workload=dma-verify dma=blk size=8M", &args);
-    q.wait_for("a dma-verified pass from both cpus", BOOT_TIMEOUT, |l| {
-        (0..2).all(|c| {
-            l.iter()
-                .any(|x| x.starts_with(&format!("guest: dma-verified {c} ")))
-        })
-    });
-    // One payload byte in a page of each vCPU's share (region 1M-9M, 1024 pages each):
-    // the device rewrites each page every pass, but the guest checks it first.
+    // The device rewrites each page every pass, but the guest checks it first.
+    let (code, t, lines, mismatch) = corrupt_two_pages(&mut q, port, "dma-verified");
+    assert!(
+        mismatch.contains("gpa=0x164000 block=") || mismatch.contains("gpa=0x6dc000 block="),
+        "{t}"
+    );
+    assert!(mismatch.ends_with("(bad checksum)"), "{t}");
+    assert!(lines.iter().any(|l| l == "guest: FAIL"), "{t}");
+    assert_eq!(code, Some(STATUS_FAIL), "{t}");
+}
+
+/// Once both vCPUs printed a `guest: <pass> <cpu> ...` line, changes one payload byte in
+/// a page of each vCPU's share (region 1M-9M, 1024 pages each) through the gdb stub on
+/// `port`, waits for the guest to end, and returns its status, the transcript, the guest
+/// lines and the MISMATCH line (panicking with the transcript if there is none).
+fn corrupt_two_pages(
+    q: &mut Qemu,
+    port: u16,
+    pass: &str,
+) -> (Option<i32>, String, Vec<String>, String) {
+    q.wait_for(
+        &format!("a {pass} pass from both cpus"),
+        BOOT_TIMEOUT,
+        |l| {
+            (0..2).all(|c| {
+                l.iter()
+                    .any(|x| x.starts_with(&format!("guest: {pass} {c} ")))
+            })
+        },
+    );
     let mut stub = GdbStub::connect(port);
     stub.write_byte(0x10_0000 + 100 * 4096 + 700, 0x5a);
     stub.write_byte(0x10_0000 + 1500 * 4096 + 700, 0x5a);
     stub.detach();
     let code = q.wait_exit(RUN_TIMEOUT);
     let t = q.transcript();
-    let lines = q.guest_lines();
+    let lines: Vec<String> = q.guest_lines().iter().map(|l| l.to_string()).collect();
     let mismatch = lines
         .iter()
         .find(|l| l.starts_with("guest: MISMATCH cpu="))
+        .cloned()
         .unwrap_or_else(|| panic!("no MISMATCH line\n{t}"));
-    assert!(
-        mismatch.contains("gpa=0x164000 block=") || mismatch.contains("gpa=0x6dc000 block="),
-        "{t}"
-    );
-    assert!(mismatch.ends_with("(bad checksum)"), "{t}");
-    assert!(lines.contains(&"guest: FAIL"), "{t}");
-    assert_eq!(code, Some(STATUS_FAIL), "{t}");
+    (code, t, lines, mismatch)
 }
 
 /// A connection to QEMU's gdb stub: the VM is stopped while it is open. Addresses are
