@@ -93,8 +93,8 @@ const DEVICE_NEEDS_RESET: u8 = 64;
 /// Feature bit: the used/available event index mechanism.
 const VIRTIO_RING_F_EVENT_IDX: u64 = 29;
 
-/// Version of [`VirtioPciState`].
-pub const VIRTIO_PCI_STATE_VERSION: u32 = 1;
+/// Version of [`VirtioPciState`] (2: the device configuration).
+pub const VIRTIO_PCI_STATE_VERSION: u32 = 2;
 
 /// One virtio-pci function as migrated.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -107,7 +107,13 @@ pub struct VirtioPciState {
     pub isr: u8,
     /// The queues the device was serving (index, where it stood), when DRIVER_OK.
     pub running: Option<Vec<(u16, QueueState)>>,
+    /// The device-specific configuration as the driver read it (a disk's capacity, ...):
+    /// the destination's device must show the same, or the driver would be misled.
+    pub device_config: Vec<u8>,
 }
+
+/// Bytes of device configuration compared across a migration (virtio-blk's is 60).
+const DEVICE_CONFIG_COMPARED: usize = 64;
 
 /// One virtio device on PCI.
 pub struct VirtioPciDevice {
@@ -350,6 +356,7 @@ impl VirtioPciDevice {
             common: self.common.state(),
             isr,
             running: self.worker.as_ref().map(QueueWorker::queue_states),
+            device_config: self.device_config(),
         }
     }
 
@@ -369,6 +376,23 @@ impl VirtioPciDevice {
                 found: s.device_type,
                 expected: self.device_type,
             });
+        }
+        let ours = self.device_config();
+        if s.device_config != ours {
+            let at = s
+                .device_config
+                .iter()
+                .zip(&ours)
+                .position(|(a, b)| a != b)
+                .unwrap_or(ours.len().min(s.device_config.len()));
+            return Err(mismatch(format!(
+                "the device configuration differs from the source's at byte {at:#x} \
+                 (source {:02x?}, here {:02x?}; a disk of another size?)",
+                s.device_config
+                    .get(at..(at + 8).min(s.device_config.len()))
+                    .unwrap_or(&[]),
+                ours.get(at..(at + 8).min(ours.len())).unwrap_or(&[]),
+            )));
         }
         let mut common = CommonConfig::new(self.common.state().device_features, &{
             self.common
@@ -431,6 +455,17 @@ impl VirtioPciDevice {
                 })?;
         }
         Ok(())
+    }
+}
+
+impl VirtioPciDevice {
+    fn device_config(&self) -> Vec<u8> {
+        let mut b = vec![0u8; DEVICE_CONFIG_COMPARED];
+        let d = self.device.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, chunk) in b.chunks_mut(4).enumerate() {
+            d.read_config(i as u64 * 4, chunk);
+        }
+        b
     }
 }
 
@@ -882,8 +917,18 @@ mod tests {
         assert_eq!(rbar(&mut e, 0x14, 1), 15, "status DRIVER_OK");
         assert_eq!(e.state().common, s.common);
 
-        // A state that does not fit changes nothing.
+        // A state that does not fit changes nothing: another device configuration...
         let (mut f, _, _) = dev(false);
+        let mut other = back.device_config.clone();
+        other[5] ^= 1;
+        let wrong = VirtioPciState {
+            device_config: other,
+            ..back.clone()
+        };
+        let e = f.restore(&wrong).unwrap_err().to_string();
+        assert!(e.contains("at byte 0x5"), "{e}");
+        assert!(!f.is_active());
+        // ...another device type, another version.
         let wrong = VirtioPciState {
             device_type: 2,
             ..back.clone()
