@@ -8,6 +8,7 @@ mod i8042;
 pub mod pci;
 mod pm;
 mod serial;
+pub mod viommu;
 pub mod virtio;
 
 pub use bus::{MmioBus, MmioDevice, PioBus, PioDevice, PlatformEvent};
