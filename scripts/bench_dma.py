@@ -223,20 +223,9 @@ def bench_run(mode, bs, rnd, disk):
     return rec
 
 
-def med(runs, key):
-    v = [r[key] for r in runs if r.get("ok") and r.get(key) is not None]
-    if not v:
-        return None
-    return statistics.median(v), min(v), max(v)
-
-
-def fmt(s, p=0):
-    if s is None:
-        return "–"
-    m, lo, hi = s
-    if lo == hi:
-        return f"{m:.{p}f}"
-    return f"{m:.{p}f} ({lo:.{p}f}–{hi:.{p}f})"
+# Median (min–max) over the runs that went well, and its cell: bench_vs_qemu's.
+med = vsq.stats
+fmt = vsq.fmt
 
 
 def bench_table(all_runs):
