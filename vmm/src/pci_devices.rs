@@ -196,9 +196,11 @@ impl PciDevices {
                 irqfds.push((next_gsi, fd));
                 next_gsi += 1;
             }
-            // Slots are handed out in order after the host bridge; INTx follows the slot.
-            let slot_guess = functions.len() as u8 + 1;
-            let intx_gsi = intx_gsi(slot_guess);
+            // Slots in configuration order after the host bridge (the same on a
+            // migration's destination); INTx follows the slot.
+            let slot = u8::try_from(functions.len() + 1)
+                .map_err(|_| setup("PCI slot", "bus 0 is full".into()))?;
+            let intx_gsi = intx_gsi(slot);
             let sink = Arc::new(KvmInterrupts {
                 id: id.clone(),
                 hv: hv.clone(),
@@ -229,10 +231,8 @@ impl PciDevices {
                     .map_err(|e| setup("notify ioeventfd", e.to_string()))?;
             }
             let dev = Arc::new(Mutex::new(dev));
-            let slot = bus
-                .add(dev.clone())
+            bus.add_at(slot, dev.clone())
                 .map_err(|e| setup("PCI slot", e.to_string()))?;
-            debug_assert_eq!(slot, slot_guess);
             log::info!("{id}: PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}, INTx GSI {intx_gsi}");
             functions.push(VirtioFunction {
                 id,
