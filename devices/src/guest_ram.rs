@@ -50,6 +50,60 @@ enum Dma {
     OutOfRam,
 }
 
+/// Test seam: while closed, every DMA into the guest waits at its start. A migration
+/// test closes it, waits until a device is held, pauses the vCPUs and takes the final
+/// dirty collection, then opens it: the held write lands after that collection, every
+/// time (a timed delay alone lands there only when the scheduler agrees).
+#[derive(Debug, Default)]
+pub struct DmaHold {
+    state: std::sync::Mutex<HoldState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct HoldState {
+    closed: bool,
+    held: usize,
+}
+
+impl DmaHold {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HoldState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes the hold and waits until a device write is held by it; false if none came
+    /// within `timeout` (the hold stays closed either way).
+    pub fn close_and_wait_held(&self, timeout: std::time::Duration) -> bool {
+        let mut st = self.lock();
+        st.closed = true;
+        let (st, _) = self
+            .changed
+            .wait_timeout_while(st, timeout, |st| st.held == 0)
+            .unwrap_or_else(|p| p.into_inner());
+        st.held > 0
+    }
+
+    /// Lets every held write go, and every later one.
+    pub fn open(&self) {
+        self.lock().closed = false;
+        self.changed.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut st = self.lock();
+        if !st.closed {
+            return;
+        }
+        st.held += 1;
+        self.changed.notify_all();
+        let mut st = self
+            .changed
+            .wait_while(st, |st| st.closed)
+            .unwrap_or_else(|p| p.into_inner());
+        st.held -= 1;
+    }
+}
+
 /// Guest RAM as devices see it: reads, and writes that are always dirty-logged.
 #[derive(Clone, Debug)]
 pub struct GuestRam {
@@ -60,6 +114,8 @@ pub struct GuestRam {
     /// Test seam: every DMA into the guest waits this long first, as with a slow disk,
     /// so a migration's pause lands while a request is in flight.
     dma_delay: Option<std::time::Duration>,
+    /// Test seam: a gate every DMA into the guest passes first ([`DmaHold`]).
+    dma_hold: Option<std::sync::Arc<DmaHold>>,
     /// Benchmark seam: no device write is marked in the dirty log, to measure what the
     /// marking costs. Never for a VM that may migrate.
     unlogged: bool,
@@ -91,6 +147,7 @@ impl GuestRam {
             mem,
             view,
             dma_delay: None,
+            dma_hold: None,
             unlogged: false,
         }
     }
@@ -139,7 +196,16 @@ impl GuestRam {
         self
     }
 
+    /// The same RAM, with every DMA into the guest passing `hold` first (a test seam).
+    pub fn with_dma_hold(mut self, hold: std::sync::Arc<DmaHold>) -> Self {
+        self.dma_hold = Some(hold);
+        self
+    }
+
     fn slow_device(&self) {
+        if let Some(h) = &self.dma_hold {
+            h.pass();
+        }
         if let Some(d) = self.dma_delay {
             std::thread::sleep(d);
         }
@@ -386,6 +452,27 @@ impl GuestRam {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// The seam holds a DMA into the guest until it is opened: nothing lands meanwhile,
+    /// and `close_and_wait_held` returns only once a write is held.
+    #[test]
+    fn a_closed_dma_hold_keeps_the_write_out_until_it_opens() {
+        let hold = std::sync::Arc::new(DmaHold::default());
+        let r = ram().with_dma_hold(hold.clone());
+        assert!(!hold.close_and_wait_held(std::time::Duration::from_millis(10)));
+        let writer = {
+            let r = r.clone();
+            std::thread::spawn(move || r.read_from(0x1000, 16, &mut &[7u8; 16][..]).unwrap())
+        };
+        assert!(hold.close_and_wait_held(std::time::Duration::from_secs(10)));
+        let mut b = [0u8; 16];
+        r.read(0x1000, &mut b).unwrap();
+        assert_eq!(b, [0; 16], "the held write landed before the hold opened");
+        hold.open();
+        assert_eq!(writer.join().unwrap(), 16);
+        r.read(0x1000, &mut b).unwrap();
+        assert_eq!(b, [7; 16]);
+    }
 
     fn ram() -> GuestRam {
         // Two regions with a hole, like the platform's RAM below and above the PCI hole.

@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use devices::guest_ram::GuestRam;
+use devices::guest_ram::{DmaHold, GuestRam};
 use devices::pci::{MsixEffect, PciBus, PciDevice};
 use devices::virtio::{InterruptSink, VirtioDevice, VirtioPciDevice, VirtioPciState};
 use vm_allocator::{AddressAllocator, AllocPolicy};
@@ -71,6 +71,9 @@ pub struct PciDevices {
     bus: Arc<PciBus>,
     functions: Vec<VirtioFunction>,
     hv: Arc<hypervisor::Vm>,
+    /// Test seam (`FERRY_TEST_PAUSE_DEVICES_LATE`): holds device writes across the final
+    /// dirty collection.
+    dma_hold: Option<Arc<DmaHold>>,
 }
 
 /// Interrupts of one function: MSI-X vectors through KVM routes and irqfds, INTx
@@ -170,6 +173,12 @@ impl PciDevices {
             log::warn!("FERRY_TEST_DMA_DELAY_US={us}: every device write into the guest waits {us} µs (a test seam)");
             ram = ram.with_dma_delay(std::time::Duration::from_micros(us));
         }
+        let mut dma_hold = None;
+        if std::env::var_os("FERRY_TEST_PAUSE_DEVICES_LATE").is_some() {
+            let hold = Arc::new(DmaHold::default());
+            ram = ram.with_dma_hold(hold.clone());
+            dma_hold = Some(hold);
+        }
         if std::env::var_os("FERRY_BENCH_NO_DEVICE_LOG").is_some() {
             log::warn!("FERRY_BENCH_NO_DEVICE_LOG is set: no device write into the guest is dirty-logged (a benchmark seam; a migration would lose them)");
             ram = ram.without_log();
@@ -245,7 +254,27 @@ impl PciDevices {
             bus: Arc::new(bus),
             functions,
             hv: hv.clone(),
+            dma_hold,
         })
+    }
+
+    /// Test seam: holds the next device write into the guest, and every later one, until
+    /// [`Self::release_dma`]; waits (at most `timeout`) until one is held.
+    pub fn hold_dma(&self, timeout: std::time::Duration) {
+        if let Some(h) = &self.dma_hold {
+            if h.close_and_wait_held(timeout) {
+                log::warn!("test seam: a device write into the guest is held");
+            } else {
+                log::warn!("test seam: no device write came within {timeout:?} to hold");
+            }
+        }
+    }
+
+    /// Test seam: lets the writes [`Self::hold_dma`] held go.
+    pub fn release_dma(&self) {
+        if let Some(h) = &self.dma_hold {
+            h.open();
+        }
     }
 
     pub fn bus(&self) -> &Arc<PciBus> {

@@ -507,8 +507,9 @@ impl Machine {
             .map_err(VmError::State)?;
         self.paused.store(true, Ordering::SeqCst);
         if self.pause_devices_late {
-            // The seam's wrong order, with the devices given time to write after the
-            // final collection.
+            // The seam's wrong order: the device write held since the pause lands now,
+            // after the final collection, with time for more.
+            self.pci.release_dma();
             std::thread::sleep(Duration::from_millis(50));
         }
         self.pci.pause();
@@ -539,6 +540,11 @@ impl Machine {
     /// on nothing writes guest RAM, so a dirty collection after this is the last word.
     pub fn pause(&self) {
         if !self.paused.swap(true, Ordering::SeqCst) {
+            if self.pause_devices_late {
+                // The seam pauses while a device write is in flight, and keeps it from
+                // landing before the final collection.
+                self.pci.hold_dma(Duration::from_secs(5));
+            }
             self.control.pause(self.config.cpus.boot_vcpus);
             if !self.pause_devices_late {
                 self.pci.pause();

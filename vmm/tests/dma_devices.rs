@@ -674,8 +674,9 @@ fn a_request_in_flight_at_the_pause_is_finished_and_its_pages_move() {
 }
 
 /// The same slow device, on a source that stops its devices only after the final dirty
-/// collection: the request in flight at the pause lands after it, and the guest on B
-/// finds the page it wrote missing. This is what the order above prevents.
+/// collection: the seam pauses the vCPUs while a device write is held and lets it land
+/// only after that collection, so the guest on B finds the page it wrote missing (or its
+/// request never completed). This is what the order above prevents.
 #[test]
 fn pausing_devices_after_the_final_collection_loses_the_request_in_flight() {
     let m = migrate(Move {
