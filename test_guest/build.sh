@@ -5,14 +5,19 @@
 # test_guest/guest/link.ld. Its own target dir (target/test-guest-build) keeps it off the
 # main workspace's build lock.
 #
+# FERRY_TEST_GUEST_TARGET=DIR builds in DIR/test-guest-build and writes DIR/test-guest/guest.elf
+# instead of under target/ (for working on the guest while others use target/test-guest;
+# test_guest/pattern/tests/qemu_boot.rs looks there too).
+#
 #   test_guest/build.sh            build (extra arguments go to `cargo build`)
 #   test_guest/build.sh clippy     lint the guest crate with the same flags
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 GUEST="$ROOT/test_guest/guest"
-BUILD_DIR="$ROOT/target/test-guest-build"
-OUT_DIR="$ROOT/target/test-guest"
+TARGET_ROOT="${FERRY_TEST_GUEST_TARGET:-$ROOT/target}"
+BUILD_DIR="$TARGET_ROOT/test-guest-build"
+OUT_DIR="$TARGET_ROOT/test-guest"
 TARGET=x86_64-unknown-linux-gnu
 
 flags=(

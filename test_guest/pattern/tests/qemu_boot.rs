@@ -1,4 +1,5 @@
-//! Boots the test guest (`target/test-guest/guest.elf`, built by `test_guest/build.sh`)
+//! Boots the test guest (`target/test-guest/guest.elf`, built by `test_guest/build.sh`;
+//! `$FERRY_TEST_GUEST_TARGET/test-guest/guest.elf` when that is set)
 //! under QEMU with KVM and checks what it prints and how it exits, with 1, 2 and 4 vCPUs.
 //!
 //! Needs /dev/kvm and `qemu-system-x86_64` (`apt-get install -y qemu-system-x86`; the
@@ -34,7 +35,11 @@ fn guest_elf() -> PathBuf {
             .status()
             .expect("run test_guest/build.sh");
         assert!(st.success(), "test_guest/build.sh failed: {st}");
-        let elf = root.join("target/test-guest/guest.elf");
+        // build.sh puts it there too when FERRY_TEST_GUEST_TARGET is set.
+        let elf = match std::env::var_os("FERRY_TEST_GUEST_TARGET") {
+            Some(dir) => PathBuf::from(dir).join("test-guest/guest.elf"),
+            None => root.join("target/test-guest/guest.elf"),
+        };
         assert!(elf.exists(), "{} missing after build", elf.display());
         elf
     })
