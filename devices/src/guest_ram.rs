@@ -14,9 +14,13 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, BS};
+use vm_memory::guest_memory::{GuestMemoryBackendSliceIterator, GuestMemorySliceIterator};
 use vm_memory::{
-    ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileSlice,
+    ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, Permissions,
+    VolatileSlice,
 };
+
+use crate::viommu::{DmaFault, DmaWindow, IommuEndpoint};
 
 /// Guest RAM as the VMM maps it: each region carries an atomic bitmap (one bit per 4 KiB
 /// page) that every write through `vm-memory` sets.
@@ -34,6 +38,13 @@ pub type QueueMemory = vm_memory::GuestMemoryMmap<()>;
 pub enum DmaError {
     #[error("guest range {gpa:#x}+{len:#x} is not all RAM")]
     OutOfRam { gpa: u64, len: u64 },
+    #[error("DMA of {len:#x} bytes at IOVA {iova:#x} (endpoint {endpoint:#x}) refused by the vIOMMU: {fault:?}")]
+    Fault {
+        iova: u64,
+        len: u64,
+        endpoint: u32,
+        fault: DmaFault,
+    },
     #[error("I/O on {len:#x} bytes at guest {gpa:#x}: {source}")]
     Io {
         gpa: u64,
@@ -41,6 +52,108 @@ pub enum DmaError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Guest memory as `virtio-queue` walks it (rings, descriptors, indirect tables): the
+/// unlogged view of guest RAM, and behind the vIOMMU every address translated through the
+/// endpoint's domain first. Its writes (the used ring) are marked by
+/// [`GuestRam::mark_used_ring`].
+#[derive(Clone, Debug)]
+pub struct RingMemory {
+    phys: QueueMemory,
+    iommu: Option<IommuEndpoint>,
+}
+
+/// The slices [`RingMemory`] hands out. Behind the vIOMMU it holds the translation (the
+/// table's read lock) until the access is done, like every other DMA.
+pub struct RingSlices<'a> {
+    direct: Option<GuestMemoryBackendSliceIterator<'a, QueueMemory>>,
+    translated: std::vec::IntoIter<vm_memory::guest_memory::Result<VolatileSlice<'a, ()>>>,
+    _window: Option<DmaWindow<'a>>,
+}
+
+impl<'a> Iterator for RingSlices<'a> {
+    type Item = vm_memory::guest_memory::Result<VolatileSlice<'a, ()>>;
+    fn next(&mut self) -> Option<Self::Item> {
+        match &mut self.direct {
+            Some(d) => d.next(),
+            None => self.translated.next(),
+        }
+    }
+}
+
+impl std::iter::FusedIterator for RingSlices<'_> {}
+impl<'a> GuestMemorySliceIterator<'a, ()> for RingSlices<'a> {}
+
+impl RingMemory {
+    fn window(
+        &self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> Option<DmaWindow<'_>> {
+        let ep = self.iommu.as_ref()?;
+        // A ring access the mapping refuses is a fault like any DMA.
+        ep.table
+            .translate(ep.id, addr.0, count as u64, access.has_write())
+            .ok()
+    }
+}
+
+impl vm_memory::GuestMemory for RingMemory {
+    type PhysicalMemory = QueueMemory;
+    type Bitmap = ();
+
+    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        if self.iommu.is_none() {
+            return GuestMemoryBackend::check_range(&self.phys, addr, count);
+        }
+        self.window(addr, count, access).is_some_and(|w| {
+            w.runs.iter().all(|&(gpa, n)| {
+                usize::try_from(n).is_ok_and(|n| {
+                    GuestMemoryBackend::check_range(&self.phys, GuestAddress(gpa), n)
+                })
+            })
+        })
+    }
+
+    fn get_slices<'a>(
+        &'a self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> vm_memory::guest_memory::Result<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
+        if self.iommu.is_none() {
+            return Ok(RingSlices {
+                direct: Some(GuestMemoryBackend::get_slices(&self.phys, addr, count)),
+                translated: Vec::new().into_iter(),
+                _window: None,
+            });
+        }
+        let w = self
+            .window(addr, count, access)
+            .ok_or(vm_memory::GuestMemoryError::InvalidGuestAddress(addr))?;
+        let mut slices = Vec::new();
+        for &(gpa, n) in &w.runs {
+            slices.extend(GuestMemoryBackend::get_slices(
+                &self.phys,
+                GuestAddress(gpa),
+                n as usize,
+            ));
+        }
+        Ok(RingSlices {
+            direct: None,
+            translated: slices.into_iter(),
+            _window: Some(w),
+        })
+    }
+
+    fn physical_memory(&self) -> Option<&QueueMemory> {
+        match self.iommu {
+            None => Some(&self.phys),
+            Some(_) => None,
+        }
+    }
 }
 
 /// Which way a file transfer moves bytes.
@@ -107,10 +220,15 @@ impl DmaHold {
 /// Guest RAM as devices see it: reads, and writes that are always dirty-logged.
 #[derive(Clone, Debug)]
 pub struct GuestRam {
+    /// Guest RAM with the dirty log this RAM's writes go to.
     mem: GuestMemoryMmap,
-    /// `mem`'s mappings again, without bitmaps (not owned: `mem` unmaps them, and both
-    /// live and die together in this struct).
-    view: QueueMemory,
+    /// The VM's own guest RAM when `mem` is a second view of it with a log of its own
+    /// (the vIOMMU's DMA log): it keeps the mappings alive.
+    owner: Option<GuestMemoryMmap>,
+    /// `mem`'s mappings again, without bitmaps (not owned: `mem` or `owner` unmaps them,
+    /// and all live and die together in this struct), and the vIOMMU endpoint addresses
+    /// go through, if the device sits behind one.
+    view: RingMemory,
     /// Test seam: every DMA into the guest waits this long first, as with a slow disk,
     /// so a migration's pause lands while a request is in flight.
     dma_delay: Option<std::time::Duration>,
@@ -145,10 +263,82 @@ impl GuestRam {
         let view = QueueMemory::from_regions(regions).expect("the regions of a valid memory");
         GuestRam {
             mem,
-            view,
+            owner: None,
+            view: RingMemory {
+                phys: view,
+                iommu: None,
+            },
             dma_delay: None,
             dma_hold: None,
             unlogged: false,
+        }
+    }
+
+    /// The same RAM with a dirty log of its own (empty now): what the devices behind the
+    /// vIOMMU write is counted apart from the other devices' writes.
+    pub fn with_own_log(&self) -> GuestRam {
+        let regions = self
+            .mem
+            .iter()
+            .map(|r| {
+                // SAFETY: the range is exactly one live mapping of `self.mem`, which the
+                // new struct keeps alive (`owner`) for as long as the new view.
+                let raw = unsafe {
+                    vm_memory::MmapRegion::<AtomicBitmap>::build_raw(
+                        r.as_ptr(),
+                        r.len() as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_SHARED,
+                    )
+                }
+                .expect("a view of a live guest RAM mapping");
+                GuestRegionMmap::new(raw, r.start_addr()).expect("the region's own address range")
+            })
+            .collect::<Vec<_>>();
+        let mem = GuestMemoryMmap::from_regions(regions).expect("the regions of a valid memory");
+        GuestRam {
+            owner: Some(self.owner.clone().unwrap_or_else(|| self.mem.clone())),
+            mem,
+            ..self.clone()
+        }
+    }
+
+    /// The same RAM as the device behind vIOMMU endpoint `endpoint` sees it: every
+    /// address is an IOVA of the endpoint's domain.
+    pub fn behind_iommu(&self, endpoint: IommuEndpoint) -> GuestRam {
+        let mut r = self.clone();
+        r.view.iommu = Some(endpoint);
+        r
+    }
+
+    /// The endpoint this device's addresses go through, if any.
+    pub fn iommu(&self) -> Option<&IommuEndpoint> {
+        self.view.iommu.as_ref()
+    }
+
+    /// The device's driver reset it: a device behind the vIOMMU leaves its footprint dirty
+    /// if a migration tracks (DESIGN.md rule 5).
+    pub fn device_reset(&self) {
+        if let Some(ep) = &self.view.iommu {
+            ep.table.endpoint_reset(ep.id);
+        }
+    }
+
+    /// Marks guest-physical `[gpa, gpa + len)` dirty in this RAM's log (the vIOMMU's
+    /// footprint rules).
+    pub fn mark_gpa_range(&self, gpa: u64, len: u64) {
+        if self.unlogged {
+            return;
+        }
+        let end = gpa.saturating_add(len);
+        // Region by region: a footprint may cover holes between them.
+        for r in self.mem.iter() {
+            let (start, r_end) = (r.start_addr().0, r.start_addr().0 + r.len());
+            let (lo, hi) = (gpa.max(start), end.min(r_end));
+            if lo < hi {
+                r.bitmap()
+                    .mark_dirty((lo - start) as usize, (hi - lo) as usize);
+            }
         }
     }
 
@@ -170,10 +360,8 @@ impl GuestRam {
         if self.unlogged {
             return;
         }
-        for slice in self
-            .mem
-            .get_slices(GuestAddress(gpa), len)
-            .map_while(Result::ok)
+        for slice in
+            GuestMemoryBackend::get_slices(&self.mem, GuestAddress(gpa), len).map_while(Result::ok)
         {
             slice.bitmap().mark_dirty(0, slice.len());
         }
@@ -186,7 +374,23 @@ impl GuestRam {
         use virtio_queue::QueueT;
         // flags, idx, ring[size], avail_event.
         let len = 6 + 8 * usize::from(queue.size());
-        self.mark_range(queue.used_ring(), len);
+        self.mark_device_written(queue.used_ring(), len);
+    }
+
+    /// Marks bytes a device wrote at `addr` through the unlogged view: their guest-physical
+    /// pages in the log, and (behind the vIOMMU) their IOVA pages in the domain's bits.
+    fn mark_device_written(&self, addr: u64, len: usize) {
+        match &self.view.iommu {
+            None => self.mark_range(addr, len),
+            Some(ep) => {
+                if let Some(w) = ep.table.lookup(ep.id, addr, len as u64, true) {
+                    for &(gpa, n) in &w.runs {
+                        self.mark_gpa_range(gpa, n);
+                    }
+                    w.written(addr, len as u64);
+                }
+            }
+        }
     }
 
     /// The same RAM, with every DMA into the guest ([`Self::read_file_at`],
@@ -214,7 +418,7 @@ impl GuestRam {
     /// The memory `virtio-queue` walks rings and descriptors through. Its writes are not
     /// logged: virtio-queue writes only the used ring, which [`Self::mark_used_ring`]
     /// marks. Write nothing else through it.
-    pub fn queue_memory(&self) -> &QueueMemory {
+    pub fn queue_memory(&self) -> &RingMemory {
         &self.view
     }
 
@@ -230,85 +434,145 @@ impl GuestRam {
         }
     }
 
-    /// The host slices covering `[gpa, gpa + len)`, or an error if any part is not RAM.
-    fn slices(
+    /// Runs `f` on the guest-physical runs `[addr, addr + len)` stands for: itself, or
+    /// behind the vIOMMU its translation, held (the table's read lock) until `f` is done.
+    /// `f` returns its result and how many bytes it wrote from `addr` on, which the
+    /// endpoint's domain then records in its dirty bits.
+    fn dma<R>(
         &self,
-        gpa: u64,
+        addr: u64,
         len: usize,
-    ) -> Result<Vec<VolatileSlice<'_, BS<'_, AtomicBitmap>>>, DmaError> {
-        gpa.checked_add(len as u64)
-            .ok_or_else(|| Self::out_of_ram(gpa, len))?;
-        self.mem
-            .get_slices(GuestAddress(gpa), len)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| Self::out_of_ram(gpa, len))
-    }
-
-    /// Refuses a range that is not all RAM before anything is touched (a write that
-    /// failed half-way would leave the guest half-written).
-    fn check(&self, gpa: u64, len: usize) -> Result<(), DmaError> {
-        let ok =
-            gpa.checked_add(len as u64).is_some() && self.mem.check_range(GuestAddress(gpa), len);
-        if ok {
-            Ok(())
-        } else {
-            Err(Self::out_of_ram(gpa, len))
+        write: bool,
+        f: impl FnOnce(&[(u64, u64)]) -> Result<(R, usize), DmaError>,
+    ) -> Result<R, DmaError> {
+        addr.checked_add(len as u64)
+            .ok_or_else(|| Self::out_of_ram(addr, len))?;
+        match &self.view.iommu {
+            None => f(&[(addr, len as u64)]).map(|(r, _)| r),
+            Some(ep) => {
+                let w = ep
+                    .table
+                    .translate(ep.id, addr, len as u64, write)
+                    .map_err(|fault| DmaError::Fault {
+                        iova: addr,
+                        len: len as u64,
+                        endpoint: ep.id,
+                        fault,
+                    })?;
+                let (r, written) = f(&w.runs)?;
+                if write && written > 0 {
+                    w.written(addr, written as u64);
+                }
+                Ok(r)
+            }
         }
     }
 
-    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        self.check(gpa, buf.len())?;
-        self.mem
-            .read_slice(buf, GuestAddress(gpa))
-            .map_err(|_| Self::out_of_ram(gpa, buf.len()))
+    /// The host slices covering the runs, or an error if any part is not RAM.
+    fn slices(
+        &self,
+        runs: &[(u64, u64)],
+    ) -> Result<Vec<VolatileSlice<'_, BS<'_, AtomicBitmap>>>, DmaError> {
+        let mut out = Vec::new();
+        for &(gpa, len) in runs {
+            let len = len as usize;
+            for s in GuestMemoryBackend::get_slices(&self.mem, GuestAddress(gpa), len) {
+                out.push(s.map_err(|_| Self::out_of_ram(gpa, len))?);
+            }
+        }
+        Ok(out)
     }
 
-    /// Writes `buf` at `gpa` and marks the pages dirty.
-    pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), DmaError> {
-        self.check(gpa, buf.len())?;
-        let done = if self.unlogged {
-            self.view.write_slice(buf, GuestAddress(gpa))
-        } else {
-            self.mem.write_slice(buf, GuestAddress(gpa))
-        };
-        done.map_err(|_| Self::out_of_ram(gpa, buf.len()))
+    /// Refuses runs that are not all RAM before anything is touched (a write that failed
+    /// half-way would leave the guest half-written).
+    fn check(&self, runs: &[(u64, u64)]) -> Result<(), DmaError> {
+        for &(gpa, len) in runs {
+            let ok = gpa.checked_add(len).is_some()
+                && usize::try_from(len).is_ok_and(|n| {
+                    GuestMemoryBackend::check_range(&self.mem, GuestAddress(gpa), n)
+                });
+            if !ok {
+                return Err(Self::out_of_ram(gpa, len as usize));
+            }
+        }
+        Ok(())
     }
 
-    /// Writes `buf` at `gpa` without marking it now: for the last byte of a chain's last
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        self.dma(addr, buf.len(), false, |runs| {
+            self.check(runs)?;
+            let mut at = 0usize;
+            for &(gpa, n) in runs {
+                let n = n as usize;
+                self.mem
+                    .read_slice(&mut buf[at..at + n], GuestAddress(gpa))
+                    .map_err(|_| Self::out_of_ram(gpa, n))?;
+                at += n;
+            }
+            Ok(((), 0))
+        })
+    }
+
+    /// Writes `buf` at `addr` and marks the pages dirty.
+    pub fn write(&self, addr: u64, buf: &[u8]) -> Result<(), DmaError> {
+        self.dma(addr, buf.len(), true, |runs| {
+            self.check(runs)?;
+            let mut at = 0usize;
+            for &(gpa, n) in runs {
+                let n = n as usize;
+                let part = &buf[at..at + n];
+                let done = if self.unlogged {
+                    self.view.phys.write_slice(part, GuestAddress(gpa))
+                } else {
+                    self.mem.write_slice(part, GuestAddress(gpa))
+                };
+                done.map_err(|_| Self::out_of_ram(gpa, n))?;
+                at += n;
+            }
+            Ok(((), buf.len()))
+        })
+    }
+
+    /// Writes `buf` at `addr` without marking it now: for the last byte of a chain's last
     /// descriptor (a virtio-blk status byte), whose page `virtio::chains::serve_chains`
     /// marks once for the whole round, with the used ring. Nothing else may use it.
-    pub(crate) fn write_marked_by_round(&self, gpa: u64, buf: &[u8]) -> Result<(), DmaError> {
-        self.check(gpa, buf.len())?;
-        self.view
-            .write_slice(buf, GuestAddress(gpa))
-            .map_err(|_| Self::out_of_ram(gpa, buf.len()))
+    pub(crate) fn write_marked_by_round(&self, addr: u64, buf: &[u8]) -> Result<(), DmaError> {
+        self.dma(addr, buf.len(), true, |runs| {
+            self.check(runs)?;
+            let mut at = 0usize;
+            for &(gpa, n) in runs {
+                let n = n as usize;
+                self.view
+                    .phys
+                    .write_slice(&buf[at..at + n], GuestAddress(gpa))
+                    .map_err(|_| Self::out_of_ram(gpa, n))?;
+                at += n;
+            }
+            Ok(((), buf.len()))
+        })
     }
 
-    /// Marks the pages holding `gpas` (the chains' last bytes of a round), each once.
-    pub(crate) fn mark_pages(&self, gpas: &[u64]) {
-        let mut pages: Vec<u64> = gpas.iter().map(|g| g & !0xfff).collect();
+    /// Marks the pages holding `addrs` (the chains' last bytes of a round), each once.
+    pub(crate) fn mark_pages(&self, addrs: &[u64]) {
+        let mut pages: Vec<u64> = addrs.iter().map(|g| g & !0xfff).collect();
         pages.sort_unstable();
         pages.dedup();
         for p in pages {
-            self.mark_range(p, 1);
+            self.mark_device_written(p, 1);
         }
     }
 
-    pub fn read_obj<T: ByteValued>(&self, gpa: u64) -> Result<T, DmaError> {
-        self.mem
-            .read_obj(GuestAddress(gpa))
-            .map_err(|_| Self::out_of_ram(gpa, std::mem::size_of::<T>()))
+    pub fn read_obj<T: ByteValued>(&self, addr: u64) -> Result<T, DmaError> {
+        let v = std::mem::MaybeUninit::<T>::zeroed();
+        // SAFETY: `T: ByteValued` is valid for any bytes, all zeros included.
+        let mut v = unsafe { v.assume_init() };
+        self.read(addr, v.as_mut_slice())?;
+        Ok(v)
     }
 
-    /// Writes `v` at `gpa` and marks the pages dirty.
-    pub fn write_obj<T: ByteValued>(&self, v: T, gpa: u64) -> Result<(), DmaError> {
-        self.check(gpa, std::mem::size_of::<T>())?;
-        let done = if self.unlogged {
-            self.view.write_obj(v, GuestAddress(gpa))
-        } else {
-            self.mem.write_obj(v, GuestAddress(gpa))
-        };
-        done.map_err(|_| Self::out_of_ram(gpa, std::mem::size_of::<T>()))
+    /// Writes `v` at `addr` and marks the pages dirty.
+    pub fn write_obj<T: ByteValued>(&self, v: T, addr: u64) -> Result<(), DmaError> {
+        self.write(addr, v.as_slice())
     }
 
     /// DMA into the guest: reads `len` bytes of `file` at `offset` straight into RAM at
@@ -346,7 +610,26 @@ impl GuestRam {
         file: &File,
         offset: u64,
     ) -> Result<usize, DmaError> {
-        let slices = self.slices(gpa, len)?;
+        self.dma(gpa, len, dir == Dma::IntoRam, |runs| {
+            let slices = self.slices(runs)?;
+            let result = self.file_io_slices(dir, gpa, len, slices, file, offset);
+            let landed = match (&result, dir) {
+                (Ok(n), Dma::IntoRam) => *n,
+                _ => 0,
+            };
+            Ok((result, landed))
+        })?
+    }
+
+    fn file_io_slices(
+        &self,
+        dir: Dma,
+        gpa: u64,
+        len: usize,
+        slices: Vec<VolatileSlice<'_, BS<'_, AtomicBitmap>>>,
+        file: &File,
+        offset: u64,
+    ) -> Result<usize, DmaError> {
         if dir == Dma::IntoRam {
             self.slow_device();
         }

@@ -377,7 +377,7 @@ impl Disk {
 /// host's (an I/O error on the image).
 fn dma_why(what: &str, e: &DmaError) -> String {
     match e {
-        DmaError::OutOfRam { .. } => format!("{what}: {e}"),
+        DmaError::OutOfRam { .. } | DmaError::Fault { .. } => format!("{what}: {e}"),
         DmaError::Io { .. } => format!("host: {what}: {e}"),
     }
 }

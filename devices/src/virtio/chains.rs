@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 
-use crate::guest_ram::{GuestRam, QueueMemory};
+use crate::guest_ram::{GuestRam, RingMemory};
 
 /// One descriptor chain, walked.
 #[derive(Debug)]
@@ -53,7 +53,7 @@ impl Walked {
 
 /// Walks `chain` to its end (virtio-queue bounds the walk by the table's size), keeping
 /// the first `keep` descriptors.
-pub(crate) fn walk(chain: DescriptorChain<&QueueMemory>, keep: usize) -> Walked {
+pub(crate) fn walk(chain: DescriptorChain<&RingMemory>, keep: usize) -> Walked {
     let head = chain.head_index();
     let mut descs = Vec::new();
     let mut count = 0usize;
@@ -85,6 +85,19 @@ pub(crate) fn serve_chains(
     ram: &GuestRam,
     keep: usize,
     log: &mut GuestErrorLog,
+    serve: impl FnMut(&Walked, &GuestRam, &mut GuestErrorLog) -> u32,
+) -> usize {
+    serve_chains_while(queue, ram, keep, log, || true, serve)
+}
+
+/// [`serve_chains`], taking a chain only while `wanted` says the device has something
+/// to put in it (an event queue's buffers wait for events).
+pub(crate) fn serve_chains_while(
+    queue: &mut Queue,
+    ram: &GuestRam,
+    keep: usize,
+    log: &mut GuestErrorLog,
+    mut wanted: impl FnMut() -> bool,
     mut serve: impl FnMut(&Walked, &GuestRam, &mut GuestErrorLog) -> u32,
 ) -> usize {
     let mem = ram.queue_memory();
@@ -92,6 +105,9 @@ pub(crate) fn serve_chains(
     let mut done = 0usize;
     let mut chain_ends = Vec::new();
     for _ in 0..size {
+        if !wanted() {
+            break;
+        }
         // The available index, read here rather than left to virtio-queue, which logs
         // every refusal at error level and cannot say why it found nothing.
         let Ok(Wrapping(avail)) = queue.avail_idx(mem, Ordering::Acquire) else {

@@ -25,6 +25,10 @@ pub trait VirtioDevice: Send {
     /// ring, a bad one with an error status where the device type has one. Returns how
     /// many chains were completed. Guest input never makes this panic.
     fn process_queue(&mut self, index: u16, queue: &mut Queue, ram: &GuestRam) -> usize;
+    /// Once, when the transport is built: the eventfds that make its worker serve each
+    /// queue. A device with work of its own (the vIOMMU's fault records) keeps the one it
+    /// needs and writes it.
+    fn queue_notifiers(&mut self, _notifiers: Vec<vmm_sys_util::eventfd::EventFd>) {}
     /// The driver reset the device.
     fn reset(&mut self) {}
 }

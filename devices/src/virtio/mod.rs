@@ -2,7 +2,7 @@
 //! queues, and the device models. The queues themselves are rust-vmm's `virtio-queue`.
 
 mod block;
-mod chains;
+pub(crate) mod chains;
 mod common_config;
 mod device;
 #[cfg(any(test, feature = "fuzzing"))]

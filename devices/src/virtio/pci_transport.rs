@@ -6,6 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -152,6 +153,12 @@ impl VirtioPciDevice {
             .ok_or(TransportError::TooManyQueues {
                 queues: sizes.len(),
             })?;
+        // Behind the vIOMMU the driver must give IOVAs: VIRTIO_F_ACCESS_PLATFORM says so.
+        let features = if ram.iommu().is_some() {
+            features | 1 << VIRTIO_F_ACCESS_PLATFORM
+        } else {
+            features
+        };
         let common = CommonConfig::new(features, &sizes)?;
         let msix = Msix::new(vectors)?;
         let mut config = PciConfig::new(PciIds {
@@ -209,6 +216,18 @@ impl VirtioPciDevice {
                 what: "queue notification",
                 source,
             })?;
+        let clones = notifiers
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| TransportError::EventFd {
+                what: "queue notification",
+                source,
+            })?;
+        device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue_notifiers(clones);
         Ok(VirtioPciDevice {
             name,
             device,
@@ -325,6 +344,8 @@ impl VirtioPciDevice {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .reset();
+                    // Behind the vIOMMU: what it may have written is dirty (rule 5).
+                    self.ram.device_reset();
                 }
                 self.interrupt.lock().isr = 0;
                 self.interrupt.sink().intx(false);
