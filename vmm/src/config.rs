@@ -147,6 +147,16 @@ pub struct DiskConfig {
     /// Unique among the disks when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// The disk's DMA goes through the virtio-iommu (cloud-hypervisor's field). Left out
+    /// of the JSON when false, so a configuration without it reads as before everywhere
+    /// (a migration to a Ferry that predates the field included).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub iommu: bool,
+}
+
+/// For `skip_serializing_if`: a device's `iommu` is written only when on.
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl DiskConfig {
@@ -205,6 +215,10 @@ pub fn disk_size(file: &mut File) -> std::io::Result<u64> {
 pub struct RngConfig {
     /// The host file read for entropy, e.g. /dev/urandom.
     pub src: PathBuf,
+    /// The device's DMA goes through the virtio-iommu (cloud-hypervisor's field); left
+    /// out of the JSON when false, as for [`DiskConfig::iommu`].
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub iommu: bool,
 }
 
 impl RngConfig {
@@ -255,6 +269,8 @@ pub struct VmConfig {
     pub payload: PayloadConfig,
     #[serde(default)]
     pub serial: SerialConfig,
+    /// A virtio-iommu in the VM even when no device is behind it (cloud-hypervisor's
+    /// field); a device with `iommu` on asks for one too ([`VmConfig::viommu_needed`]).
     #[serde(default)]
     pub iommu: bool,
     #[serde(default)]
@@ -268,6 +284,14 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
+    /// Whether the VM gets a virtio-iommu: the top-level `iommu` is on, or a disk or the
+    /// rng has its `iommu` on.
+    pub fn viommu_needed(&self) -> bool {
+        self.iommu
+            || self.disks.iter().any(|d| d.iommu)
+            || self.rng.as_ref().is_some_and(|r| r.iommu)
+    }
+
     /// Checks what can be checked without touching KVM, including that the disk and rng
     /// files can be opened as the devices will ([`VmConfig::check_files`]); fills defaults.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
@@ -440,13 +464,14 @@ fn on_off(option: &'static str, param: &'static str, v: &str) -> Result<bool, Co
     }
 }
 
-/// `--disk path=FILE[,readonly=on|off][,id=NAME]`.
+/// `--disk path=FILE[,readonly=on|off][,id=NAME][,iommu=on|off]`.
 pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
     let mut path = None;
     let mut readonly = false;
     let mut id = None;
+    let mut iommu = false;
     let mut seen = Vec::new();
-    for (k, v) in params("disk", s, "path, readonly, id")? {
+    for (k, v) in params("disk", s, "path, readonly, id, iommu")? {
         if seen.contains(&k) {
             return Err(bad("disk", k, v, "given twice"));
         }
@@ -455,28 +480,38 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             "path" if v.is_empty() => return Err(bad("disk", "path", v, "the path is empty")),
             "path" => path = Some(PathBuf::from(v)),
             "readonly" => readonly = on_off("disk", "readonly", v)?,
+            "iommu" => iommu = on_off("disk", "iommu", v)?,
             _ if v.is_empty() => return Err(bad("disk", "id", v, "the id is empty")),
             _ => id = Some(v.to_string()),
         }
     }
     let path = path.ok_or_else(|| missing("disk", "path", s))?;
-    Ok(DiskConfig { path, readonly, id })
+    Ok(DiskConfig {
+        path,
+        readonly,
+        id,
+        iommu,
+    })
 }
 
-/// `--rng src=PATH`.
+/// `--rng src=PATH[,iommu=on|off]`.
 pub fn parse_rng(s: &str) -> Result<RngConfig, ConfigError> {
     let mut src = None;
-    for (_, v) in params("rng", s, "src")? {
-        if v.is_empty() {
-            return Err(bad("rng", "src", v, "the path is empty"));
+    let mut iommu = false;
+    let mut seen = Vec::new();
+    for (k, v) in params("rng", s, "src, iommu")? {
+        if seen.contains(&k) {
+            return Err(bad("rng", k, v, "given twice"));
         }
-        if src.is_some() {
-            return Err(bad("rng", "src", v, "given twice"));
+        seen.push(k);
+        match k {
+            "src" if v.is_empty() => return Err(bad("rng", "src", v, "the path is empty")),
+            "src" => src = Some(PathBuf::from(v)),
+            _ => iommu = on_off("rng", "iommu", v)?,
         }
-        src = Some(PathBuf::from(v));
     }
     let src = src.ok_or_else(|| missing("rng", "src", s))?;
-    Ok(RngConfig { src })
+    Ok(RngConfig { src, iommu })
 }
 
 /// `--dirty-ring entries=N|off`.
@@ -586,6 +621,7 @@ mod tests {
             path: path.to_path_buf(),
             readonly: false,
             id: None,
+            iommu: false,
         }
     }
 
@@ -596,7 +632,8 @@ mod tests {
             DiskConfig {
                 path: "/a.raw".into(),
                 readonly: false,
-                id: None
+                id: None,
+                iommu: false,
             }
         );
         assert_eq!(
@@ -604,15 +641,28 @@ mod tests {
             DiskConfig {
                 path: "/a.raw".into(),
                 readonly: true,
-                id: Some("root".into())
+                id: Some("root".into()),
+                iommu: false,
             }
         );
+        assert_eq!(
+            parse_disk("iommu=on,path=/a.raw,readonly=off,id=d").unwrap(),
+            DiskConfig {
+                path: "/a.raw".into(),
+                readonly: false,
+                id: Some("d".into()),
+                iommu: true,
+            }
+        );
+        assert!(parse_disk("path=/a,iommu=true").unwrap().iommu);
+        assert!(!parse_disk("path=/a,iommu=off").unwrap().iommu);
+        assert!(!parse_disk("path=/a,iommu=false").unwrap().iommu);
         assert!(!parse_disk("readonly=off,path=/a").unwrap().readonly);
         assert!(parse_disk("path=/a,readonly=true").unwrap().readonly);
         let err = |s: &str| parse_disk(s).unwrap_err().to_string();
         assert_eq!(
             err("path=/a,direct=on"),
-            "--disk: unknown parameter 'direct' (accepted: path, readonly, id)"
+            "--disk: unknown parameter 'direct' (accepted: path, readonly, id, iommu)"
         );
         assert_eq!(
             err("path=/a,readonly=yes"),
@@ -629,14 +679,45 @@ mod tests {
         assert_eq!(err(""), "--disk: path= is required (in '')");
         assert!(err("path=/a,id=").contains("id"));
         assert!(err("path=/a,path=/b").contains("given twice"));
+        assert_eq!(
+            err("path=/a,iommu=yes"),
+            "--disk: 'yes' is not a valid value for iommu: expected on or off"
+        );
+        assert_eq!(
+            err("path=/a,iommu="),
+            "--disk: '' is not a valid value for iommu: expected on or off"
+        );
+        assert!(err("path=/a,iommu=on,iommu=off").contains("given twice"));
 
         assert_eq!(
             parse_rng("src=/dev/urandom").unwrap().src,
             PathBuf::from("/dev/urandom")
         );
+        assert!(!parse_rng("src=/dev/urandom").unwrap().iommu);
+        assert_eq!(
+            parse_rng("src=/r,iommu=on").unwrap(),
+            RngConfig {
+                src: "/r".into(),
+                iommu: true
+            }
+        );
+        assert!(parse_rng("iommu=true,src=/r").unwrap().iommu);
+        assert!(!parse_rng("src=/r,iommu=off").unwrap().iommu);
+        assert_eq!(
+            parse_rng("src=/r,iommu=maybe").unwrap_err().to_string(),
+            "--rng: 'maybe' is not a valid value for iommu: expected on or off"
+        );
+        assert!(parse_rng("src=/r,src=/s")
+            .unwrap_err()
+            .to_string()
+            .contains("given twice"));
+        assert_eq!(
+            parse_rng("iommu=on").unwrap_err().to_string(),
+            "--rng: src= is required (in 'iommu=on')"
+        );
         assert_eq!(
             parse_rng("file=/x").unwrap_err().to_string(),
-            "--rng: unknown parameter 'file' (accepted: src)"
+            "--rng: unknown parameter 'file' (accepted: src, iommu)"
         );
         assert!(parse_rng("src=").unwrap_err().to_string().contains("empty"));
         assert_eq!(
@@ -708,6 +789,7 @@ mod tests {
         let dir = Dir::new("rng");
         let rng = |p: &std::path::Path| RngConfig {
             src: p.to_path_buf(),
+            iommu: false,
         };
         assert!(rng("/dev/urandom".as_ref()).open().is_ok());
         let missing = dir.0.join("nope");
@@ -743,6 +825,7 @@ mod tests {
             ],
             rng: Some(RngConfig {
                 src: "/dev/urandom".into(),
+                iommu: false,
             }),
             ..Default::default()
         };
@@ -771,6 +854,7 @@ mod tests {
         let mut bad_rng = c.clone();
         bad_rng.rng = Some(RngConfig {
             src: dir.0.join("entropy"),
+            iommu: false,
         });
         assert!(matches!(bad_rng.validate(), Err(ConfigError::Rng { .. })));
     }
@@ -805,14 +889,96 @@ mod tests {
                 "direct",
             ),
             (r#"{"payload":{},"disks":[{"readonly":true}]}"#, "path"),
-            (
-                r#"{"payload":{},"rng":{"src":"/r","iommu":false}}"#,
-                "iommu",
-            ),
             (r#"{"payload":{},"rng":{}}"#, "src"),
+            (r#"{"payload":{},"rng":{"src":"/r","iommu":"on"}}"#, "on"),
+            (
+                r#"{"payload":{},"disks":[{"path":"/a","iommu":1}]}"#,
+                "boolean",
+            ),
+            (
+                r#"{"payload":{},"rng":{"src":"/r","iommu":false,"x":1}}"#,
+                "x",
+            ),
         ] {
             let e = serde_json::from_str::<VmConfig>(j).unwrap_err().to_string();
             assert!(e.contains(needle), "{j}: {e}");
         }
+    }
+
+    /// cloud-hypervisor's `iommu` on a disk and on the rng: read when given, false when
+    /// not, written only when on (so a configuration without it is the same JSON as
+    /// before the field existed, and a migration source's config still parses here).
+    #[test]
+    fn device_iommu_in_json() {
+        let j = r#"{"payload":{"kernel":"/k"},"disks":[{"path":"/a.raw","iommu":true},
+            {"path":"/b.raw","iommu":false},{"path":"/c.raw"}],
+            "rng":{"src":"/dev/urandom","iommu":true}}"#;
+        let c: VmConfig = serde_json::from_str(j).unwrap();
+        let iommu: Vec<bool> = c.disks.iter().map(|d| d.iommu).collect();
+        assert_eq!(iommu, [true, false, false]);
+        assert!(c.rng.as_ref().unwrap().iommu);
+        assert!(!c.iommu, "the top-level field is its own");
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(
+            v["disks"],
+            serde_json::json!([{"path": "/a.raw", "readonly": false, "iommu": true},
+                {"path": "/b.raw", "readonly": false},
+                {"path": "/c.raw", "readonly": false}])
+        );
+        assert_eq!(
+            v["rng"],
+            serde_json::json!({"src": "/dev/urandom", "iommu": true})
+        );
+        let back: VmConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(back, c, "round trip");
+
+        // A configuration written before the fields existed reads with them off.
+        let old = r#"{"payload":{"kernel":"/k"},"iommu":false,"disks":[{"path":"/a.raw",
+            "readonly":true}],"rng":{"src":"/dev/urandom"}}"#;
+        let c: VmConfig = serde_json::from_str(old).unwrap();
+        assert!(!c.disks[0].iommu && !c.rng.as_ref().unwrap().iommu);
+        assert!(!c.viommu_needed());
+    }
+
+    #[test]
+    fn viommu_needed_by_the_vm_or_any_device() {
+        let d = |iommu| DiskConfig {
+            iommu,
+            ..disk("/a.raw".as_ref())
+        };
+        let rng = |iommu| {
+            Some(RngConfig {
+                src: "/dev/urandom".into(),
+                iommu,
+            })
+        };
+        assert!(!VmConfig::default().viommu_needed());
+        let none = VmConfig {
+            disks: vec![d(false), d(false)],
+            rng: rng(false),
+            ..Default::default()
+        };
+        assert!(!none.viommu_needed());
+        assert!(VmConfig {
+            iommu: true,
+            ..Default::default()
+        }
+        .viommu_needed());
+        assert!(VmConfig {
+            disks: vec![d(false), d(true)],
+            ..none.clone()
+        }
+        .viommu_needed());
+        assert!(VmConfig {
+            rng: rng(true),
+            ..none.clone()
+        }
+        .viommu_needed());
+        assert!(VmConfig {
+            rng: rng(true),
+            disks: vec![],
+            ..Default::default()
+        }
+        .viommu_needed());
     }
 }

@@ -43,17 +43,19 @@ struct Cli {
     /// Dirty tracking: entries=N (ring of N entries per vCPU) or off (bitmap).
     #[arg(long = "dirty-ring", default_value = "entries=65536")]
     dirty_ring: String,
-    /// A virtio-blk disk: path=FILE[,readonly=on|off][,id=NAME]; repeat for more disks.
+    /// A virtio-blk disk: path=FILE[,readonly=on|off][,id=NAME][,iommu=on|off]; repeat
+    /// for more disks. iommu=on puts the disk's DMA behind the virtio-iommu.
     #[arg(
         long,
-        value_name = "path=FILE[,readonly=on|off][,id=NAME]",
+        value_name = "path=FILE[,readonly=on|off][,id=NAME][,iommu=on|off]",
         action = clap::ArgAction::Append
     )]
     disk: Vec<String>,
-    /// A virtio-rng device reading src=PATH (without a value: src=/dev/urandom).
+    /// A virtio-rng device reading src=PATH (without a value: src=/dev/urandom);
+    /// iommu=on puts its DMA behind the virtio-iommu.
     #[arg(
         long,
-        value_name = "src=PATH",
+        value_name = "src=PATH[,iommu=on|off]",
         num_args = 0..=1,
         default_missing_value = "src=/dev/urandom"
     )]

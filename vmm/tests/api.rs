@@ -231,6 +231,36 @@ fn create_checks_disk_and_rng_files() {
         ])
     );
     assert_eq!(info["config"]["rng"], json!({"src": "/dev/urandom"}));
+
+    // cloud-hypervisor's per-device iommu: refused when not a boolean, reported when on.
+    f.put("vm.delete", 204);
+    for (config, needle) in [
+        (with(json!([{"path": a, "iommu": "on"}]), None), "\"on\""),
+        (
+            with(json!([]), Some(json!({"src": "/dev/urandom", "iommu": 1}))),
+            "boolean",
+        ),
+    ] {
+        let msg = f.error("PUT", "vm.create", Some(&body(&config)), 400);
+        assert!(msg.contains(needle), "{msg:?} does not say {needle:?}");
+    }
+    let iommu = with(
+        json!([{"path": a, "iommu": true}, {"path": b, "iommu": false}]),
+        Some(json!({"src": "/dev/urandom", "iommu": true})),
+    );
+    f.put_json("vm.create", &iommu, 204);
+    let info = f.get("vm.info", 200).json().unwrap();
+    assert_eq!(
+        info["config"]["disks"],
+        json!([
+            {"path": a, "readonly": false, "iommu": true},
+            {"path": b, "readonly": false},
+        ])
+    );
+    assert_eq!(
+        info["config"]["rng"],
+        json!({"src": "/dev/urandom", "iommu": true})
+    );
 }
 
 #[test]

@@ -130,6 +130,15 @@ fn bad_disk_and_rng_options_are_named() {
             "'a'",
         ),
         (vec!["--rng", "file=/dev/urandom"], "file"),
+        (
+            vec!["--disk", "path=/x.raw,iommu=yes"],
+            "--disk: 'yes' is not a valid value for iommu",
+        ),
+        (
+            vec!["--rng", "src=/dev/urandom,iommu=2"],
+            "--rng: '2' is not a valid value for iommu",
+        ),
+        (vec!["--rng", "iommu=on"], "src= is required"),
     ] {
         let mut a = vec!["--kernel", elf.to_str().unwrap()];
         a.extend(args);
