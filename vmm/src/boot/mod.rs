@@ -274,12 +274,26 @@ pub fn load_initramfs(
 /// Loads `kernel` (a PVH ELF, else a bzImage) with `cmdline` and an optional initramfs
 /// into `mem` (laid out by [`layout::ram_regions`]), writes the ACPI tables for `ncpus`
 /// vCPUs, the boot GDT and the protocol's boot structures, and says how to enter it.
+/// For a VM without a virtio-iommu: [`load_kernel_with_viot`] with no VIOT.
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
     kernel: &Path,
     cmdline: &str,
     initramfs: Option<&Path>,
     ncpus: u32,
+) -> Result<BootEntry, BootError> {
+    load_kernel_with_viot(mem, kernel, cmdline, initramfs, ncpus, None)
+}
+
+/// [`load_kernel`], with `viot` describing the VM's virtio-iommu and its endpoints in
+/// the ACPI tables when it has one ([`acpi::create_acpi_tables`]).
+pub fn load_kernel_with_viot(
+    mem: &GuestMemoryMmap,
+    kernel: &Path,
+    cmdline: &str,
+    initramfs: Option<&Path>,
+    ncpus: u32,
+    viot: Option<&acpi::Viot>,
 ) -> Result<BootEntry, BootError> {
     let mem_size = guest_mem_size(mem)?;
     layout::check_mem_size(mem_size)?;
@@ -311,7 +325,7 @@ pub fn load_kernel(
             let initrd = initramfs
                 .map(|p| load_initramfs(mem, p, lowest, low_ram_end))
                 .transpose()?;
-            let rsdp = acpi::create_acpi_tables(mem, ncpus)?;
+            let rsdp = acpi::create_acpi_tables(mem, ncpus, viot)?;
             gdt::write_gdt(mem)?;
             let start_info =
                 pvh::write_start_info(mem, mem_size, CMDLINE_ADDR, Some(rsdp), initrd)?;
@@ -337,7 +351,7 @@ pub fn load_kernel(
                     )
                 })
                 .transpose()?;
-            let rsdp = acpi::create_acpi_tables(mem, ncpus)?;
+            let rsdp = acpi::create_acpi_tables(mem, ncpus, viot)?;
             gdt::write_gdt(mem)?;
             bzimage::write_page_tables(mem)?;
             let boot_params =
