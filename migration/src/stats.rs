@@ -85,6 +85,25 @@ pub struct DirtyTrackingStats {
     pub ring_full_exits: u64,
     /// Whether KVM's backup bitmap (`DIRTY_LOG_RING_WITH_BITMAP`) is collected last.
     pub backup_bitmap: bool,
+    /// Pages each source reported dirty over the migration's collections.
+    #[serde(default)]
+    pub sources: DirtySourceStats,
+}
+
+/// `dirty-tracking.sources`: pages each source of dirty pages reported, summed over the
+/// collections (a page two sources report counts in both).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DirtySourceStats {
+    /// KVM's log: the vCPUs' dirty rings or the dirty bitmap (with the backup bitmap).
+    pub kvm: u64,
+    /// The VMM's own writes: devices not behind the vIOMMU, and the VMM itself.
+    pub devices: u64,
+    /// DMA of devices behind the virtio-iommu, translated IOVA to guest-physical.
+    pub viommu_dma: u64,
+    /// Of those, pages the vIOMMU's footprint rules made dirty (an endpoint leaving its
+    /// domain during tracking, a device that cannot report its writes).
+    pub viommu_footprint: u64,
 }
 
 /// One precopy pass (iteration 0 is the full copy; the last one runs paused).
@@ -253,6 +272,11 @@ mod tests {
                 ring_entries: 65536,
                 ring_full_exits: 2,
                 backup_bitmap: false,
+                sources: DirtySourceStats {
+                    kvm: 5,
+                    viommu_dma: 3,
+                    ..Default::default()
+                },
             });
             i.iterations.push(IterationStats {
                 iteration: 0,
@@ -267,6 +291,8 @@ mod tests {
         assert_eq!(v["status"], "setup");
         assert!(v["total-time"].is_u64());
         assert_eq!(v["expected-downtime"], 5);
+        let src = &v["dirty-tracking"]["sources"];
+        assert_eq!((src["kvm"].as_u64(), src["viommu-dma"].as_u64()), (Some(5), Some(3)));
         for key in [
             "transferred",
             "remaining",

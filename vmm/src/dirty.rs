@@ -2,6 +2,8 @@
 //! with the log of the VMM's own writes to guest memory (vm-memory's atomic bitmap), as
 //! GPA ranges per RAM region. Each collection clears what it returned.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::GuestMemoryMmap;
@@ -47,28 +49,68 @@ pub fn bitmap_to_ranges(base: u64, bitmap: &[u64]) -> Vec<(u64, u64)> {
     out
 }
 
-/// Collects KVM's dirty log and the VMM's own, unioned per region. Slot i of the KVM VM
-/// is region i of `mem` (Ferry registers them in that order).
+/// Pages each source reported dirty, summed over the collections since tracking
+/// started (a page two sources report counts in both): `vm.migration-info` shows them.
+#[derive(Debug, Default)]
+pub struct DirtySources {
+    /// KVM: the vCPU rings or the bitmap (and the backup bitmap).
+    pub kvm: AtomicU64,
+    /// The VMM's own writes: device models not behind the vIOMMU, the VMM itself.
+    pub devices: AtomicU64,
+    /// DMA of devices behind the vIOMMU, translated to guest-physical pages.
+    pub viommu_dma: AtomicU64,
+}
+
+impl DirtySources {
+    pub fn reset(&self) {
+        for c in [&self.kvm, &self.devices, &self.viommu_dma] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn add(counter: &AtomicU64, bitmap: &[u64]) {
+        let n: u64 = bitmap.iter().map(|w| u64::from(w.count_ones())).sum();
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Collects KVM's dirty log, the VMM's own and the vIOMMU's DMA log, unioned per region.
+/// Slot i of the KVM VM is region i of `mem` (Ferry registers them in that order), and
+/// region i of `dma_log` maps the same RAM.
 ///
-/// `drop_vmm_log` is a test-only seam (`FERRY_TEST_DROP_DEVICE_LOG`): the VMM's log is
-/// read and thrown away, as a VMM whose device writes bypassed it would, so a test can
+/// `drop_vmm_log` is a test-only seam (`FERRY_TEST_DROP_DEVICE_LOG`): the device logs are
+/// read and thrown away, as a VMM whose device writes bypassed them would, so a test can
 /// show the guest catching the pages that then go missing.
 pub fn collect(
     vm: &hypervisor::Vm,
     mem: &GuestMemoryMmap,
+    dma_log: Option<&GuestMemoryMmap>,
     kind: SyncKind,
     drop_vmm_log: bool,
+    sources: &DirtySources,
 ) -> hypervisor::Result<Vec<RegionDirty>> {
     let kvm_bitmaps = vm.sync_dirty(kind)?;
+    let mut dma_regions = dma_log.map(|m| m.iter());
     Ok(mem
         .iter()
         .zip(kvm_bitmaps)
         .map(|(region, mut bm)| {
-            // The VMM's log is read after KVM's, so a device write racing the sync is
+            DirtySources::add(&sources.kvm, &bm);
+            // The VMM's logs are read after KVM's, so a device write racing the sync is
             // either in this collection or the next, never lost.
             let own = vmm_log(region).get_and_reset();
+            DirtySources::add(&sources.devices, &own);
+            let dma = dma_regions
+                .as_mut()
+                .and_then(|r| r.next())
+                .map(|r| vmm_log(r).get_and_reset())
+                .unwrap_or_default();
+            DirtySources::add(&sources.viommu_dma, &dma);
             if !drop_vmm_log {
                 for (a, b) in bm.iter_mut().zip(own) {
+                    *a |= b;
+                }
+                for (a, b) in bm.iter_mut().zip(dma) {
                     *a |= b;
                 }
             }

@@ -9,8 +9,10 @@ use std::sync::{Arc, Mutex};
 
 use devices::guest_ram::{DmaHold, GuestRam};
 use devices::pci::{MsixEffect, PciBus, PciDevice};
+use devices::viommu::{IommuEndpoint, IommuTable, ViommuState, VirtioIommu};
 use devices::virtio::{InterruptSink, VirtioDevice, VirtioPciDevice, VirtioPciState};
 use vm_allocator::{AddressAllocator, AllocPolicy};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::layout::{MMIO_HOLE_START, PCI_ECAM_START};
@@ -66,6 +68,42 @@ struct VirtioFunction {
     ioevents_at: u64,
 }
 
+/// The virtio-iommu of a VM that has one.
+struct Viommu {
+    table: Arc<IommuTable>,
+    /// Guest RAM with the DMA log: what the devices behind the vIOMMU write.
+    dma_ram: GuestRam,
+    bdf: u16,
+    endpoints: Vec<u16>,
+}
+
+/// The endpoint ID of the function in `slot` of bus 0: its BDF.
+pub fn bdf(slot: u8) -> u16 {
+    u16::from(slot) << 3
+}
+
+/// Where the vIOMMU and the devices behind it sit, from the configuration alone (the
+/// ACPI tables are written before the devices are made): the vIOMMU's BDF and its
+/// endpoints' BDFs. Slots follow `models`' order: the disks, the rng, the vIOMMU last.
+pub fn viot_layout(config: &VmConfig) -> Option<(u16, Vec<u16>)> {
+    if !config.viommu_needed() {
+        return None;
+    }
+    let behind: Vec<bool> = config
+        .disks
+        .iter()
+        .map(|d| d.iommu)
+        .chain(config.rng.iter().map(|r| r.iommu))
+        .collect();
+    let endpoints = behind
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b)
+        .map(|(i, _)| bdf(i as u8 + 1))
+        .collect();
+    Some((bdf(behind.len() as u8 + 1), endpoints))
+}
+
 /// Bus 0 and the virtio functions on it.
 pub struct PciDevices {
     bus: Arc<PciBus>,
@@ -74,6 +112,7 @@ pub struct PciDevices {
     /// Test seam (`FERRY_TEST_PAUSE_DEVICES_LATE`): holds device writes across the final
     /// dirty collection.
     dma_hold: Option<Arc<DmaHold>>,
+    viommu: Option<Viommu>,
 }
 
 /// Interrupts of one function: MSI-X vectors through KVM routes and irqfds, INTx
@@ -116,8 +155,9 @@ impl InterruptSink for KvmInterrupts {
 
 /// The device models the configuration asks for, with the names that identify them in
 /// logs and in the migration stream: `disk0`, `disk1`, ... (or the disk's own id), `rng`.
-fn models(config: &VmConfig) -> Result<Vec<(String, SharedModel)>> {
-    let mut out: Vec<(String, SharedModel)> = Vec::new();
+/// Each configured device: its id, its model, and whether it sits behind the vIOMMU.
+fn models(config: &VmConfig) -> Result<Vec<(String, SharedModel, bool)>> {
+    let mut out: Vec<(String, SharedModel, bool)> = Vec::new();
     for (i, d) in config.disks.iter().enumerate() {
         let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
         let file = d.open()?;
@@ -136,7 +176,7 @@ fn models(config: &VmConfig) -> Result<Vec<(String, SharedModel)>> {
             block.capacity(),
             if d.readonly { ", read-only" } else { "" }
         );
-        out.push((id, Arc::new(Mutex::new(block))));
+        out.push((id, Arc::new(Mutex::new(block)), d.iommu));
     }
     if let Some(r) = &config.rng {
         let file = r.open()?;
@@ -144,6 +184,7 @@ fn models(config: &VmConfig) -> Result<Vec<(String, SharedModel)>> {
         out.push((
             "rng".to_string(),
             Arc::new(Mutex::new(devices::virtio::Rng::new(file))),
+            r.iommu,
         ));
     }
     Ok(out)
@@ -183,8 +224,26 @@ impl PciDevices {
             log::warn!("FERRY_BENCH_NO_DEVICE_LOG is set: no device write into the guest is dirty-logged (a benchmark seam; a migration would lose them)");
             ram = ram.without_log();
         }
+        let mut viommu = config.viommu_needed().then(|| {
+            let table = Arc::new(IommuTable::new());
+            let dma_ram = ram.with_own_log();
+            let marker = dma_ram.clone();
+            table.set_gpa_marker(Box::new(move |gpa, len| marker.mark_gpa_range(gpa, len)));
+            Viommu {
+                table,
+                dma_ram,
+                bdf: 0,
+                endpoints: Vec::new(),
+            }
+        });
+        let mut all = models(config)?;
+        if let Some(v) = &viommu {
+            // Last, so the other devices keep the slots they have without it.
+            let model: SharedModel = Arc::new(Mutex::new(VirtioIommu::new(v.table.clone())));
+            all.push(("viommu".to_string(), model, false));
+        }
         let mut functions = Vec::new();
-        for (id, model) in models(config)? {
+        for (id, model, behind_iommu) in all {
             let setup = |what: &'static str, reason: String| PciDevicesError::Setup {
                 id: id.clone(),
                 what,
@@ -216,7 +275,24 @@ impl PciDevices {
                 vectors: irqfds,
                 intx_gsi,
             });
-            let mut dev = VirtioPciDevice::new(id.clone(), model, ram.clone(), sink)
+            let device_ram = match viommu.as_mut() {
+                Some(v) if behind_iommu => {
+                    let endpoint = bdf(slot);
+                    v.table.add_endpoint(u32::from(endpoint), true);
+                    v.endpoints.push(endpoint);
+                    log::info!("{id}: behind the virtio-iommu as endpoint {endpoint:#06x}");
+                    v.dma_ram.behind_iommu(IommuEndpoint {
+                        id: u32::from(endpoint),
+                        table: v.table.clone(),
+                    })
+                }
+                Some(v) if id == "viommu" => {
+                    v.bdf = bdf(slot);
+                    ram.clone()
+                }
+                _ => ram.clone(),
+            };
+            let mut dev = VirtioPciDevice::new(id.clone(), model, device_ram, sink)
                 .map_err(|e| setup("virtio-pci", e.to_string()))?;
             let size = dev
                 .config()
@@ -250,12 +326,69 @@ impl PciDevices {
                 ioevents_at: bar,
             });
         }
+        let made = viommu.as_ref().map(|v| (v.bdf, v.endpoints.clone()));
+        if made != viot_layout(config) {
+            // The ACPI VIOT table was written from viot_layout: it must describe this bus.
+            return Err(PciDevicesError::Setup {
+                id: "viommu".into(),
+                what: "ACPI VIOT",
+                reason: format!(
+                    "the table describes {:x?}, the bus has {made:x?}",
+                    viot_layout(config)
+                ),
+            });
+        }
         Ok(PciDevices {
             bus: Arc::new(bus),
             functions,
             hv: hv.clone(),
             dma_hold,
+            viommu,
         })
+    }
+
+    /// The vIOMMU's table, if the VM has one.
+    pub fn viommu_table(&self) -> Option<&Arc<IommuTable>> {
+        self.viommu.as_ref().map(|v| &v.table)
+    }
+
+    /// The log of what devices behind the vIOMMU wrote (guest-physical), if any.
+    pub fn dma_log(&self) -> Option<&GuestMemoryMmap> {
+        self.viommu.as_ref().map(|v| v.dma_ram.logged_memory())
+    }
+
+    /// The vIOMMU's BDF and its endpoints' BDFs (what [`viot_layout`] said they would be).
+    pub fn viot(&self) -> Option<(u16, Vec<u16>)> {
+        self.viommu.as_ref().map(|v| (v.bdf, v.endpoints.clone()))
+    }
+
+    /// A migration starts or stops tracking dirty pages: the vIOMMU's rules apply while
+    /// it does, and the DMA log starts empty.
+    pub fn set_dirty_tracking(&self, on: bool) {
+        if let Some(v) = &self.viommu {
+            v.table.set_migration_tracking(on);
+            if on {
+                crate::dirty::reset_vmm_log(v.dma_ram.logged_memory());
+            }
+        }
+    }
+
+    /// Before each harvest of the DMA log: the devices that cannot report their writes
+    /// make their whole mapped range dirty (DESIGN.md rule 4).
+    pub fn harvest_untrackable(&self) {
+        if let Some(v) = &self.viommu {
+            v.table.harvest_untrackable();
+            if v.table.untrackable_in_bypass() {
+                for r in v.dma_ram.logged_memory().iter() {
+                    v.dma_ram.mark_gpa_range(r.start_addr().0, r.len());
+                }
+            }
+        }
+    }
+
+    /// The vIOMMU's state (pause first).
+    pub fn viommu_state(&self) -> Option<ViommuState> {
+        self.viommu.as_ref().map(|v| v.table.state())
     }
 
     /// Test seam: holds the next device write into the guest, and every later one, until
@@ -311,7 +444,39 @@ impl PciDevices {
 
     /// Takes the source's device states: the same devices in the same slots, or an error
     /// naming the first that differs.
-    pub fn restore(&mut self, states: &[PciDeviceState]) -> Result<()> {
+    pub fn restore(
+        &mut self,
+        states: &[PciDeviceState],
+        viommu: Option<&ViommuState>,
+    ) -> Result<()> {
+        // The table first: a device that starts serving on restore translates through it.
+        match (&self.viommu, viommu) {
+            (Some(v), Some(state)) => {
+                v.table
+                    .restore(state)
+                    .map_err(|reason| PciDevicesError::Restore {
+                        id: "viommu".into(),
+                        slot: (v.bdf >> 3) as u8,
+                        reason,
+                    })?
+            }
+            (None, None) => {}
+            (mine, _) => {
+                return Err(PciDevicesError::Restore {
+                    id: "viommu".into(),
+                    slot: 0,
+                    reason: format!(
+                        "the source {} a virtio-iommu and this configuration {}",
+                        if viommu.is_some() { "has" } else { "has no" },
+                        if mine.is_some() {
+                            "makes one"
+                        } else {
+                            "makes none"
+                        }
+                    ),
+                })
+            }
+        }
         let ours: Vec<(&str, u8)> = self
             .functions
             .iter()

@@ -168,6 +168,9 @@ pub struct MachineState {
     pub pm_control: u16,
     /// The PCI functions (virtio disks and rng), in slot order.
     pub devices: Vec<PciDeviceState>,
+    /// The virtio-iommu's table (versioned on its own), when the VM has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub viommu: Option<devices::viommu::ViommuState>,
 }
 
 /// Current [`MachineState::version`] (2: PCI devices).
@@ -204,6 +207,7 @@ pub struct Machine {
     /// Test-only seam: `pause` leaves the devices running; they stop only when the state
     /// is saved, 50 ms after the final collection (the wrong order, which loses pages).
     pause_devices_late: bool,
+    dirty_sources: dirty::DirtySources,
     /// Last field: dropped after the KVM VM whose memslots point into it.
     mem: GuestMemoryMmap,
 }
@@ -250,7 +254,7 @@ impl IncomingMachine {
             self.parts,
             state.serial.as_ref(),
             state.pm_control,
-            Some(&state.devices),
+            Some((&state.devices, state.viommu.as_ref())),
         )
     }
 }
@@ -348,12 +352,18 @@ impl Machine {
             .ok_or(crate::config::ConfigError::NoKernel)?;
         let parts = Self::build(config, None)?;
         let c = &parts.config;
-        let entry = crate::boot::load_kernel(
+        // The virtio-iommu and its endpoints, where PciDevices will put them.
+        let viot = crate::pci_devices::viot_layout(c)
+            .map(|(iommu, endpoints)| crate::boot::acpi::Viot::new(iommu, endpoints))
+            .transpose()
+            .map_err(|e| VmError::State(format!("ACPI VIOT: {e}")))?;
+        let entry = crate::boot::load_kernel_with_viot(
             &parts.mem,
             &kernel,
             c.payload.cmdline.as_deref().unwrap_or(""),
             c.payload.initramfs.as_deref(),
             c.cpus.boot_vcpus,
+            viot.as_ref(),
         )?;
         // What the loader wrote is boot state, not guest activity.
         dirty::reset_vmm_log(&parts.mem);
@@ -399,7 +409,7 @@ impl Machine {
         p: Parts,
         serial_state: Option<&devices::SerialSnapshot>,
         pm: u16,
-        devices_state: Option<&[PciDeviceState]>,
+        devices_state: Option<(&[PciDeviceState], Option<&devices::viommu::ViommuState>)>,
     ) -> Result<Machine> {
         let mut bus = PioBus::default();
         let mut serial_counters = None;
@@ -420,8 +430,8 @@ impl Machine {
         bus.insert(ACPI_PM1A_EVT_PORT, ACPI_PM_PORTS, pm.clone());
         // PCI bus 0, reached through 0xCF8/0xCFC and ECAM, its BARs in the window below.
         let mut pci = PciDevices::new(&p.config, &p.hv, &p.mem)?;
-        if let Some(states) = devices_state {
-            pci.restore(states)?;
+        if let Some((states, viommu)) = devices_state {
+            pci.restore(states, viommu)?;
         }
         bus.insert(
             CONFIG_IO_PORT,
@@ -494,6 +504,7 @@ impl Machine {
             paused: AtomicBool::new(false),
             drop_device_log,
             pause_devices_late,
+            dirty_sources: Default::default(),
             mem: p.mem,
         })
     }
@@ -523,6 +534,7 @@ impl Machine {
                 .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).snapshot()),
             pm_control: self.pm.lock().unwrap_or_else(|p| p.into_inner()).value(),
             devices: self.pci.state(),
+            viommu: self.pci.viommu_state(),
         })
     }
 
@@ -593,17 +605,44 @@ impl Machine {
     pub fn start_dirty_log(&self) -> Result<()> {
         self.hv.start_dirty_log()?;
         dirty::reset_vmm_log(&self.mem);
+        self.pci.set_dirty_tracking(true);
+        self.dirty_sources.reset();
         Ok(())
+    }
+
+    /// Stops dirty logging in KVM and the vIOMMU's tracking rules.
+    pub fn stop_dirty_log(&self) -> Result<()> {
+        self.pci.set_dirty_tracking(false);
+        Ok(self.hv.stop_dirty_log()?)
     }
 
     /// Pages dirtied since the last collection, by anyone, as GPA ranges per region.
     pub fn collect_dirty(&self, kind: SyncKind) -> Result<Vec<RegionDirty>> {
+        // Untrackable DMA makes its footprint dirty first, into the DMA log read below.
+        self.pci.harvest_untrackable();
         Ok(dirty::collect(
             &self.hv,
             &self.mem,
+            self.pci.dma_log(),
             kind,
             self.drop_device_log,
+            &self.dirty_sources,
         )?)
+    }
+
+    /// Pages each source reported dirty since the migration's tracking started.
+    pub fn dirty_sources(&self) -> &dirty::DirtySources {
+        &self.dirty_sources
+    }
+
+    /// Pages the vIOMMU's footprint rules made dirty (0 without a vIOMMU).
+    pub fn viommu_footprint_pages(&self) -> u64 {
+        self.pci.viommu_table().map_or(0, |t| t.footprint_pages())
+    }
+
+    /// The virtio-iommu's BDF and its endpoints', for the ACPI VIOT table.
+    pub fn viot(&self) -> Option<(u16, Vec<u16>)> {
+        self.pci.viot()
     }
 
     /// Waits for the next event that ends the VM, up to `timeout` (None: forever).

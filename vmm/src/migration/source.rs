@@ -8,7 +8,7 @@ use hypervisor::{DirtyTracking, SyncKind};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vm_migration::engine::HookResult;
 use vm_migration::protocol::MemoryFd;
-use vm_migration::stats::{DirtyTrackingMode, DirtyTrackingStats};
+use vm_migration::stats::{DirtySourceStats, DirtyTrackingMode, DirtyTrackingStats};
 use vm_migration::{RamRange, SourceVm};
 
 use crate::memory::PageMap;
@@ -133,7 +133,7 @@ impl SourceVm for MachineSource {
     }
 
     fn stop_dirty_log(&self) {
-        if let Err(e) = self.machine.hypervisor().stop_dirty_log() {
+        if let Err(e) = self.machine.stop_dirty_log() {
             log::warn!("stopping dirty logging: {e}");
         }
     }
@@ -184,6 +184,13 @@ impl SourceVm for MachineSource {
 
     fn dirty_tracking_stats(&self) -> Option<DirtyTrackingStats> {
         let hv = self.machine.hypervisor();
+        let src = self.machine.dirty_sources();
+        let sources = DirtySourceStats {
+            kvm: src.kvm.load(Ordering::Relaxed),
+            devices: src.devices.load(Ordering::Relaxed),
+            viommu_dma: src.viommu_dma.load(Ordering::Relaxed),
+            viommu_footprint: self.machine.viommu_footprint_pages(),
+        };
         Some(match hv.tracking() {
             DirtyTracking::Ring {
                 entries,
@@ -194,12 +201,14 @@ impl SourceVm for MachineSource {
                 ring_entries: entries,
                 ring_full_exits: hv.stats.ring_full_exits.load(Ordering::Relaxed),
                 backup_bitmap,
+                sources,
             },
             DirtyTracking::Bitmap { .. } => DirtyTrackingStats {
                 mode: DirtyTrackingMode::Bitmap,
                 ring_entries: 0,
                 ring_full_exits: 0,
                 backup_bitmap: false,
+                sources,
             },
         })
     }
