@@ -55,7 +55,7 @@ static PLAN: BenchPlan = BenchPlan {
 /// device, or a disk smaller than one request, fails the run.
 pub fn setup(cfg: &Config, mem: &DriverMemory) {
     // One queue: only the boot vCPU reads.
-    let dev = virtio::setup(Dma::Blk, mem, 1, cfg.irq, crate::apic::id());
+    let dev = virtio::setup(Dma::Blk, mem, 1, cfg.irq, crate::apic::id(), false);
     let bs = cfg.bench_bs();
     if dev.capacity < bs {
         crate::fail(format_args!(
@@ -186,6 +186,7 @@ pub fn run(cpu: u32) {
         cpus,
         pages,
         dma: Dma::Blk,
+        iommu: false,
     };
     let slots = PLAN.slots.load(Ordering::Relaxed) as usize;
     let blocks = PLAN.disk.load(Ordering::Relaxed) / bs;

@@ -15,6 +15,10 @@
 //! notification per batch, completion by polling (`virtio::queue`). With `vsize=` each
 //! vCPU also runs `verify` on its share of the second region, interleaved: after each
 //! batch it verifies the same fraction of its `verify` share.
+//!
+//! With `iommu=on` the device sits behind a virtio-iommu and sees IOVAs only
+//! (`dma_iommu`): batches end at window boundaries, and the `remap=`, `detach=`,
+//! `nested-dirty=` and `fault=` work happens between batches and passes.
 
 use core::ops::Range;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -23,6 +27,7 @@ use guest_pattern::cmdline::{Config, Dma};
 use guest_pattern::dma::{block_tag, disk_bytes_needed, DriverMemory, BATCH, BLOCK_SIZE};
 use guest_pattern::{check_page, fill_page, page_hash, share, PageCheck, PAGE_SIZE};
 
+use crate::dma_iommu::{self, device_address};
 use crate::irq::PassWatch;
 use crate::virtio;
 use crate::virtio::blk::{status_name, Requests, SECTOR, S_OK, T_IN, T_OUT};
@@ -70,7 +75,29 @@ static PLAN: DmaPlan = DmaPlan {
 /// disk too small, fails the run.
 pub fn setup(cfg: &Config, mem: &DriverMemory) {
     let dma = mem.dma;
-    let dev = virtio::setup(dma, mem, mem.cpus, cfg.irq, crate::apic::id());
+    let kind = virtio::Kind::of(dma);
+    // iommu=on: the virtio-iommu first, and the DMA device's endpoint attached and its
+    // memory mapped before its queues are set up.
+    if cfg.iommu {
+        let Some((dev, func, _)) = virtio::locate(kind) else {
+            virtio::missing(kind)
+        };
+        let iommu = virtio::iommu::setup(mem, cfg.nested_dirty);
+        iommu.announce();
+        dma_iommu::setup(
+            cfg,
+            mem,
+            &iommu,
+            guest_pattern::viommu::endpoint(0, dev, func),
+        );
+    }
+    let apic = crate::apic::id();
+    let mut dev = virtio::setup(dma, mem, mem.cpus, cfg.irq, apic, cfg.iommu);
+    if cfg.fault {
+        dma_iommu::fault_test(dma, mem);
+        // The device may be broken now (QEMU: DEVICE_NEEDS_RESET): start it afresh.
+        dev = virtio::setup(dma, mem, mem.cpus, cfg.irq, apic, cfg.iommu);
+    }
     if dma == Dma::Blk {
         let need = disk_bytes_needed(cfg.size);
         if dev.capacity < need {
@@ -147,7 +174,7 @@ impl Cx {
     /// Sends `count` chains, chain j = `chain(j)`, and waits for them, passing each used
     /// length to `used`; a device breaking the protocol fails the run.
     fn transfer(&self, count: usize, chain: impl Fn(usize) -> Chain, used: impl FnMut(usize, u32)) {
-        if let Err(e) = queue::transfer(self.queue, count, chain, used) {
+        if let Err(e) = queue::transfer(self.queue as usize, count, chain, used) {
             workload::fail(format_args!("{}: {e}", virtio::name(self.dma)));
         }
     }
@@ -209,6 +236,7 @@ pub fn run(cpu: u32) {
             cpus,
             pages,
             dma,
+            iommu: dma_iommu::on(),
         },
         start,
         pages,
@@ -222,36 +250,70 @@ pub fn run(cpu: u32) {
     }
 }
 
-/// The share in batches of `n` pages.
+/// The share in batches of `n` pages (each within one window with `iommu=on`).
 fn chunks(r: &Range<u64>, n: usize) -> impl Iterator<Item = Range<u64>> {
     let end = r.end;
-    (r.start..r.end)
-        .step_by(n)
-        .map(move |s| s..(s + n as u64).min(end))
+    let mut at = r.start;
+    core::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let stop = dma_iommu::batch_end(at, (at + n as u64).min(end));
+        let chunk = at..stop;
+        at = stop;
+        Some(chunk)
+    })
 }
 
 /// After pass `pass`: finishes its `verify` pages, checks the queue's interrupts
-/// (`irq=msix`), prints the progress lines; whether that was the last pass.
+/// (`irq=msix`), prints the progress lines (`dirty`: pages the nested dirty bitmap
+/// reported, `iommu::Vcpu::pass_end`); whether that was the last pass. If not,
+/// `detach=on` happens here.
 fn pass_done(
     cx: &Cx,
     pass: u64,
     verify: &mut Option<Interleave>,
-    pacer: &mut Pacer,
-    progress: &mut Progress,
-    irqs: &mut PassWatch,
+    st: &mut Passes,
+    dirty: Option<u64>,
 ) -> bool {
     if let Some(v) = verify.as_mut() {
-        v.catch_up(cx.cpu, pass, 0, 0, pacer);
+        v.catch_up(cx.cpu, pass, 0, 0, &mut st.pacer);
         v.done = 0;
     }
-    irqs.pass_done(cx.cpu, pass);
-    if progress.due(pass) {
+    st.irqs.pass_done(cx.cpu, pass);
+    if st.progress.due(pass) {
         say!("dma-verified {} {pass}", cx.cpu);
         if verify.is_some() {
             say!("verified {} {pass}", cx.cpu);
         }
+        if let Some(n) = dirty {
+            say!("nested-dirty checked {} {pass} pages={n}", cx.cpu);
+        }
     }
-    workload::finished(pass)
+    let last = workload::finished(pass);
+    if !last {
+        st.iommu.between_passes(pass);
+    }
+    last
+}
+
+/// What a vCPU keeps from pass to pass.
+struct Passes {
+    pacer: Pacer,
+    progress: Progress,
+    irqs: PassWatch,
+    iommu: dma_iommu::Vcpu,
+}
+
+impl Passes {
+    fn new(cx: &Cx) -> Passes {
+        Passes {
+            pacer: Pacer::new(),
+            progress: Progress::new(),
+            irqs: PassWatch::new(cx.queue),
+            iommu: dma_iommu::Vcpu::new(cx.cpu, cx.share.clone()),
+        }
+    }
 }
 
 fn blk(cx: &Cx, verify: &mut Option<Interleave>) {
@@ -281,9 +343,7 @@ fn blk(cx: &Cx, verify: &mut Option<Interleave>) {
     if PLAN.flush.load(Ordering::Relaxed) {
         blk_flush(cx);
     }
-    let mut pacer = Pacer::new();
-    let mut progress = Progress::new();
-    let mut irqs = PassWatch::new(cx.queue);
+    let mut st = Passes::new(cx);
     let total = cx.share.end - cx.share.start;
     // Pass 0 only reads (block i into page i).
     let mut pass = 0;
@@ -313,17 +373,20 @@ fn blk(cx: &Cx, verify: &mut Option<Interleave>) {
                 count,
                 cx.gpa(chunk.start),
             );
+            st.iommu.wrote(chunk.clone());
             for _ in 0..count {
-                pacer.page_done();
+                st.pacer.page_done();
             }
             done += count;
             if pass > 0 {
                 if let Some(v) = verify.as_mut() {
-                    v.catch_up(cx.cpu, pass, done, total, &mut pacer);
+                    v.catch_up(cx.cpu, pass, done, total, &mut st.pacer);
                 }
             }
+            st.iommu.after_batch(pass, done, total);
         }
-        if pass > 0 && pass_done(cx, pass, verify, &mut pacer, &mut progress, &mut irqs) {
+        let dirty = st.iommu.pass_end(pass);
+        if pass > 0 && pass_done(cx, pass, verify, &mut st, dirty) {
             return;
         }
         pass += 1;
@@ -395,9 +458,7 @@ fn blk_mismatch(cpu: u32, gpa: u64, block: u64, generation: u64, found: PageChec
 }
 
 fn rng(cx: &Cx, verify: &mut Option<Interleave>) {
-    let mut pacer = Pacer::new();
-    let mut progress = Progress::new();
-    let mut irqs = PassWatch::new(cx.queue);
+    let mut st = Passes::new(cx);
     let total = cx.share.end - cx.share.start;
     let mut pass = 0;
     loop {
@@ -422,6 +483,7 @@ fn rng(cx: &Cx, verify: &mut Option<Interleave>) {
             }
             let count = chunk.end - chunk.start;
             rng_fill(cx, cx.gpa(chunk.start), count as usize);
+            st.iommu.wrote(chunk.clone());
             for (j, i) in chunk.clone().enumerate() {
                 let gpa = cx.gpa(i);
                 let h = page_hash(region_page(gpa));
@@ -432,14 +494,16 @@ fn rng(cx: &Cx, verify: &mut Option<Interleave>) {
                     ));
                 }
                 write_hash(cx.mem.hash(i), h);
-                pacer.page_done();
+                st.pacer.page_done();
             }
             done += count;
             if let Some(v) = verify.as_mut() {
-                v.catch_up(cx.cpu, pass, done, total, &mut pacer);
+                v.catch_up(cx.cpu, pass, done, total, &mut st.pacer);
             }
+            st.iommu.after_batch(pass, done, total);
         }
-        if pass_done(cx, pass, verify, &mut pacer, &mut progress, &mut irqs) {
+        let dirty = st.iommu.pass_end(pass);
+        if pass_done(cx, pass, verify, &mut st, dirty) {
             return;
         }
     }
@@ -498,9 +562,10 @@ fn rng_fill(cx: &Cx, gpa: u64, count: usize) {
             |k| {
                 let b = usize::from(which[k]);
                 let (addr, len) = buffer(b);
+                let (at, left) = (addr + u64::from(filled[b]), len - filled[b]);
                 Chain::new(&[Buf {
-                    addr: addr + u64::from(filled[b]),
-                    len: len - filled[b],
+                    addr: device_address(at, u64::from(left)),
+                    len: left,
                     device_writes: true,
                 }])
             },

@@ -17,6 +17,7 @@ mod apic;
 mod arch;
 mod boot;
 mod dma_bench;
+mod dma_iommu;
 mod dma_verify;
 mod irq;
 mod mem;
@@ -213,6 +214,19 @@ pub extern "C" fn bsp_main(start_info: u32) -> ! {
             }
             if self.0.irq != cmdline::Irq::Off {
                 write!(f, " irq={}", self.0.irq.name())?;
+            }
+            if self.0.iommu {
+                write!(f, " iommu=on")?;
+                for (on, key) in [
+                    (self.0.remap, "remap"),
+                    (self.0.detach, "detach"),
+                    (self.0.nested_dirty, "nested-dirty"),
+                    (self.0.fault, "fault"),
+                ] {
+                    if on {
+                        write!(f, " {key}=on")?;
+                    }
+                }
             }
             Ok(())
         }

@@ -101,6 +101,7 @@ pub extern "C" fn run(cpu: u32) -> ! {
     }
     if matches!(PLAN.workload.load(Ordering::Relaxed), 3 | 4) {
         crate::irq::report();
+        crate::dma_iommu::report();
     }
     say!("PASS");
     crate::exit(0)

@@ -1,7 +1,7 @@
 //! The test guest's command line: `workload=idle|dirty|verify|dma-verify|dma-bench
 //! start=ADDR size=SIZE passes=N rate=PAGES_PER_SEC pci=scan|off dma=blk|rng vstart=ADDR
-//! vsize=SIZE bs=BYTES secs=N irq=off|msix|intx`, and the rules its workload regions
-//! must follow.
+//! vsize=SIZE bs=BYTES secs=N irq=off|msix|intx iommu=on|off remap=on|off detach=on|off
+//! nested-dirty=on|off fault=on|off`, and the rules its workload regions must follow.
 //!
 //! Words are separated by whitespace. Words that are not `key=value` with one of the keys
 //! above are ignored (VMMs add their own, e.g. `console=ttyS0`); a known key with a value
@@ -130,6 +130,21 @@ pub struct Config {
     pub secs: Option<u64>,
     /// `irq=`: interrupts from the `dma-verify` / `dma-bench` device; `off` by default.
     pub irq: Irq,
+    /// `iommu=on`: `dma-verify` drives its device through a virtio-iommu: the device's
+    /// endpoint is attached to a domain and sees only IOVAs (see [`crate::viommu`]).
+    pub iommu: bool,
+    /// `remap=on` (with `iommu=on`): windows of the region are unmapped and mapped again
+    /// while the device works.
+    pub remap: bool,
+    /// `detach=on` (with `iommu=on`): between passes the endpoint is detached and attached
+    /// again, and everything mapped again.
+    pub detach: bool,
+    /// `nested-dirty=on` (with `iommu=on`): the domain's dirty tracking (Ferry's
+    /// virtio-iommu extension, feature bit 10) is turned on and checked every pass.
+    pub nested_dirty: bool,
+    /// `fault=on` (with `iommu=on`): once, at boot, the device gets a buffer at an
+    /// unmapped IOVA; the request must fail and a fault record arrive.
+    pub fault: bool,
 }
 
 impl Config {
@@ -182,6 +197,11 @@ impl Default for Config {
             bs: None,
             secs: None,
             irq: Irq::Off,
+            iommu: false,
+            remap: false,
+            detach: false,
+            nested_dirty: false,
+            fault: false,
         }
     }
 }
@@ -299,6 +319,11 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
                     _ => return Err(bad),
                 }
             }
+            b"iommu" => c.iommu = on_off(value).ok_or(bad)?,
+            b"remap" => c.remap = on_off(value).ok_or(bad)?,
+            b"detach" => c.detach = on_off(value).ok_or(bad)?,
+            b"nested-dirty" => c.nested_dirty = on_off(value).ok_or(bad)?,
+            b"fault" => c.fault = on_off(value).ok_or(bad)?,
             _ => {}
         }
     }
@@ -367,12 +392,30 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
             c.irq != Irq::Off && !dma_workload,
             "only with workload=dma-verify or dma-bench",
         ),
+        (
+            "iommu",
+            c.iommu && c.workload != Workload::DmaVerify,
+            "only with workload=dma-verify",
+        ),
+        ("remap", c.remap && !c.iommu, "needs iommu=on"),
+        ("detach", c.detach && !c.iommu, "needs iommu=on"),
+        ("nested-dirty", c.nested_dirty && !c.iommu, "needs iommu=on"),
+        ("fault", c.fault && !c.iommu, "needs iommu=on"),
     ] {
         if set {
             return Err(given(key, why));
         }
     }
     Ok(c)
+}
+
+/// `on` / `off`.
+fn on_off(value: &[u8]) -> Option<bool> {
+    match value {
+        b"on" => Some(true),
+        b"off" => Some(false),
+        _ => None,
+    }
 }
 
 /// The value last given to `key` on the command line, as written.
@@ -567,6 +610,11 @@ mod tests {
                 bs: None,
                 secs: None,
                 irq: Irq::Off,
+                iommu: false,
+                remap: false,
+                detach: false,
+                nested_dirty: false,
+                fault: false,
             }
         );
         assert!(!parse(b"pci=scan pci=off").unwrap().pci_scan);
@@ -767,6 +815,68 @@ mod tests {
             (
                 "workload=dirty irq=intx",
                 "bad argument irq=intx (only with workload=dma-verify or dma-bench)",
+            ),
+        ] {
+            assert_eq!(
+                parse(line.as_bytes()).unwrap_err().to_string(),
+                text,
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn iommu_keys() {
+        let c = parse(b"workload=dma-verify dma=rng").unwrap();
+        assert!(!c.iommu && !c.remap && !c.detach && !c.nested_dirty && !c.fault);
+        let c = parse(
+            b"workload=dma-verify dma=blk iommu=on remap=on detach=on nested-dirty=on fault=on",
+        )
+        .unwrap();
+        assert!(c.iommu && c.remap && c.detach && c.nested_dirty && c.fault);
+        let c = parse(b"workload=dma-verify dma=blk iommu=on remap=on remap=off").unwrap();
+        assert!(c.iommu && !c.remap);
+        // off fits every workload, like irq=off.
+        for line in [
+            "workload=verify iommu=off",
+            "workload=dma-bench dma=blk iommu=off remap=off",
+            "workload=dma-verify dma=rng remap=off detach=off nested-dirty=off fault=off",
+        ] {
+            assert!(parse(line.as_bytes()).is_ok(), "{line}");
+        }
+        for (line, text) in [
+            (
+                "workload=dma-verify dma=rng iommu=yes",
+                "bad argument iommu=yes",
+            ),
+            ("workload=dma-verify dma=rng iommu=", "bad argument iommu="),
+            (
+                "workload=dma-verify dma=rng iommu=on nested-dirty=1",
+                "bad argument nested-dirty=1",
+            ),
+            (
+                "workload=verify iommu=on",
+                "bad argument iommu=on (only with workload=dma-verify)",
+            ),
+            (
+                "workload=dma-bench dma=blk iommu=on",
+                "bad argument iommu=on (only with workload=dma-verify)",
+            ),
+            (
+                "workload=dma-verify dma=rng remap=on",
+                "bad argument remap=on (needs iommu=on)",
+            ),
+            (
+                "workload=dma-verify dma=rng iommu=off detach=on",
+                "bad argument detach=on (needs iommu=on)",
+            ),
+            (
+                "workload=dma-verify dma=blk nested-dirty=on",
+                "bad argument nested-dirty=on (needs iommu=on)",
+            ),
+            (
+                "workload=dma-verify dma=blk fault=on",
+                "bad argument fault=on (needs iommu=on)",
             ),
         ] {
             assert_eq!(

@@ -11,6 +11,21 @@
 //! | `3 * 4K * cpus + 4K * c`      | vCPU `c`'s request page: [`BATCH`] 16-byte virtio-blk headers at +0, [`BATCH`] status bytes at +0x800 |
 //! | then, `dma=blk`               | vCPU `c`'s staging buffer, [`BATCH`] pages, for writing the disk at start |
 //! | then, `dma=rng`               | one u64 hash per page of the region ([`crate::page_hash`]) |
+//! | then, `iommu=on`              | the virtio-iommu's own memory, which its device is not given (see below) |
+//!
+//! Everything before the virtio-iommu's memory is what the DMA device touches
+//! ([`DriverMemory::device_part`]); with `iommu=on` it is mapped for the device at
+//! `crate::viommu::MEMORY_IOVA` and on. The virtio-iommu's memory
+//! ([`DriverMemory::iommu_area`]), pages from its start:
+//!
+//! | offset (pages)                | what                                                  |
+//! |-------------------------------|-------------------------------------------------------|
+//! | 0, 3                          | its requestq and eventq rings (three pages each, as above) |
+//! | 6                             | [`EVENT_BUFFERS`] eventq buffers of [`EVENT_BUFFER_BYTES`] |
+//! | 7                             | the PROBE request (72 bytes, then `probe_size` + 4 the device writes) |
+//! | 8 + [`IOMMU_REQUEST_PAGES`] × c | vCPU `c`'s request slots, [`IOMMU_SLOT_BYTES`] each |
+//! | then                          | the IOVA of each window of the region (a u64 each) |
+//! | then                          | the pages the device wrote and the domain has not reported yet (`nested-dirty=on`): a bit per region page |
 
 use core::ops::Range;
 
@@ -37,6 +52,25 @@ pub const USED_OFFSET: u64 = 2 * PAGE;
 pub const STATUS_OFFSET: u64 = 0x800;
 /// Size of a virtio-blk request header.
 pub const HEADER_BYTES: u64 = 16;
+/// `iommu=on`: eventq buffers posted, at most.
+pub const EVENT_BUFFERS: u64 = 16;
+/// `iommu=on`: bytes of an eventq buffer (a fault record is 24).
+pub const EVENT_BUFFER_BYTES: u64 = 64;
+/// `iommu=on`: pages of each vCPU's virtio-iommu request slots.
+pub const IOMMU_REQUEST_PAGES: u64 = 2;
+/// `iommu=on`: bytes of a virtio-iommu request slot (a GET_DIRTY_BITMAP of a whole window:
+/// 40 + 64 + 4).
+pub const IOMMU_SLOT_BYTES: u64 = 256;
+/// `iommu=on`: request slots per vCPU.
+pub const IOMMU_SLOTS: usize = (IOMMU_REQUEST_PAGES * PAGE / IOMMU_SLOT_BYTES) as usize;
+// The eventq buffers fit their page; a GET_DIRTY_BITMAP of a whole window fits a slot.
+const _: () = assert!(EVENT_BUFFERS * EVENT_BUFFER_BYTES <= PAGE);
+const _: () = assert!(
+    crate::viommu::GET_DIRTY_BITMAP_LEN as u64
+        + 8 * crate::viommu::bitmap_words(crate::viommu::WINDOW_PAGES)
+        + crate::viommu::TAIL_LEN as u64
+        <= IOMMU_SLOT_BYTES
+);
 
 /// Where the driver's memory is, for `cpus` vCPUs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +80,8 @@ pub struct DriverMemory {
     /// Pages in the `dma-verify` region.
     pub pages: u64,
     pub dma: Dma,
+    /// `iommu=on`: the virtio-iommu's memory follows.
+    pub iommu: bool,
 }
 
 impl DriverMemory {
@@ -61,6 +97,7 @@ impl DriverMemory {
             cpus,
             pages: cfg.size / PAGE,
             dma: cfg.dma.unwrap_or(Dma::Blk),
+            iommu: cfg.iommu,
         }
     }
 
@@ -94,13 +131,72 @@ impl DriverMemory {
         self.tail() + 8 * page
     }
 
-    /// All of it.
-    pub fn range(&self) -> Range<u64> {
+    /// What the DMA device touches: everything but the virtio-iommu's memory.
+    pub fn device_part(&self) -> Range<u64> {
         let tail = match self.dma {
             Dma::Blk => BATCH as u64 * PAGE * u64::from(self.cpus),
             Dma::Rng => (8 * self.pages).next_multiple_of(PAGE),
         };
         self.base..self.tail() + tail
+    }
+
+    /// `iommu=on`: the virtio-iommu's memory.
+    pub fn iommu_area(&self) -> Range<u64> {
+        let start = self.device_part().end;
+        let windows = crate::viommu::Windows { pages: self.pages }.count();
+        let table = (8 * windows).next_multiple_of(PAGE);
+        let bits = (8 * crate::viommu::bitmap_words(self.pages)).next_multiple_of(PAGE);
+        start..start + (8 + IOMMU_REQUEST_PAGES * u64::from(self.cpus)) * PAGE + table + bits
+    }
+
+    /// `iommu=on`: the virtio-iommu's ring memory of queue `queue` (0 requestq, 1 eventq).
+    pub fn iommu_rings(&self, queue: u16) -> u64 {
+        debug_assert!(queue < 2);
+        self.iommu_area().start + RING_BYTES * u64::from(queue)
+    }
+
+    /// `iommu=on`: eventq buffer `i` (< [`EVENT_BUFFERS`]).
+    pub fn iommu_event(&self, i: u64) -> u64 {
+        debug_assert!(i < EVENT_BUFFERS);
+        self.iommu_area().start + 6 * PAGE + EVENT_BUFFER_BYTES * i
+    }
+
+    /// `iommu=on`: the page of the PROBE request.
+    pub fn iommu_probe(&self) -> u64 {
+        self.iommu_area().start + 7 * PAGE
+    }
+
+    /// `iommu=on`: vCPU `cpu`'s request slots ([`IOMMU_SLOTS`] of [`IOMMU_SLOT_BYTES`]).
+    pub fn iommu_requests(&self, cpu: u32) -> u64 {
+        debug_assert!(cpu < self.cpus);
+        self.iommu_area().start + (8 + IOMMU_REQUEST_PAGES * u64::from(cpu)) * PAGE
+    }
+
+    /// `iommu=on`: where the IOVA of window `k` is kept (a u64).
+    pub fn iommu_window(&self, k: u64) -> u64 {
+        debug_assert!(k < crate::viommu::Windows { pages: self.pages }.count());
+        self.iommu_area().start + (8 + IOMMU_REQUEST_PAGES * u64::from(self.cpus)) * PAGE + 8 * k
+    }
+
+    /// `iommu=on`: word `w` of the bitmap of pages written and not yet reported (bit `i`
+    /// of word `w`: region page `64 w + i`).
+    pub fn iommu_unreported(&self, w: u64) -> u64 {
+        debug_assert!(w < crate::viommu::bitmap_words(self.pages));
+        let windows = crate::viommu::Windows { pages: self.pages }.count();
+        self.iommu_area().start
+            + (8 + IOMMU_REQUEST_PAGES * u64::from(self.cpus)) * PAGE
+            + (8 * windows).next_multiple_of(PAGE)
+            + 8 * w
+    }
+
+    /// All of it.
+    pub fn range(&self) -> Range<u64> {
+        let end = if self.iommu {
+            self.iommu_area().end
+        } else {
+            self.device_part().end
+        };
+        self.base..end
     }
 }
 
@@ -168,6 +264,40 @@ mod tests {
         let cfg =
             parse(b"workload=dma-verify dma=rng start=16M size=4M vstart=8M vsize=4M").unwrap();
         assert_eq!(DriverMemory::for_config(&cfg, 1).base, 20 << 20);
+    }
+
+    #[test]
+    fn iommu_memory_follows_what_the_device_touches() {
+        let cfg = parse(b"workload=dma-verify dma=blk size=64M iommu=on").unwrap();
+        let m = DriverMemory::for_config(&cfg, 2);
+        assert!(m.iommu);
+        let dev = m.device_part();
+        let area = m.iommu_area();
+        assert_eq!(area.start, dev.end);
+        assert_eq!(m.range(), dev.start..area.end);
+        // 16384 pages: 32 windows (a page of IOVAs), 256 bitmap words (a page).
+        assert_eq!(area.end - area.start, (8 + 2 * 2 + 1 + 1) * PAGE);
+        let pieces = [
+            m.iommu_rings(0)..m.iommu_rings(0) + RING_BYTES,
+            m.iommu_rings(1)..m.iommu_rings(1) + RING_BYTES,
+            m.iommu_event(0)..m.iommu_event(EVENT_BUFFERS - 1) + EVENT_BUFFER_BYTES,
+            m.iommu_probe()..m.iommu_probe() + PAGE,
+            m.iommu_requests(0)..m.iommu_requests(0) + IOMMU_REQUEST_PAGES * PAGE,
+            m.iommu_requests(1)..m.iommu_requests(1) + IOMMU_REQUEST_PAGES * PAGE,
+            m.iommu_window(0)..m.iommu_window(31) + 8,
+            m.iommu_unreported(0)..m.iommu_unreported(255) + 8,
+        ];
+        for (i, a) in pieces.iter().enumerate() {
+            assert!(a.start >= area.start && a.end <= area.end, "{a:x?}");
+            for b in &pieces[i + 1..] {
+                assert!(!overlaps(a, b), "{a:x?} {b:x?}");
+            }
+        }
+        assert_eq!(IOMMU_SLOTS, 32);
+        // Without iommu=on nothing follows.
+        let cfg = parse(b"workload=dma-verify dma=blk size=64M").unwrap();
+        let m = DriverMemory::for_config(&cfg, 2);
+        assert_eq!(m.range(), m.device_part());
     }
 
     #[test]

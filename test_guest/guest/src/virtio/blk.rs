@@ -2,11 +2,13 @@
 //! (type, reserved, sector), the data, a status byte: three descriptors. Each vCPU has a
 //! request page in the driver memory (`guest_pattern::dma::DriverMemory::requests`) with
 //! [`BATCH`] header slots and [`BATCH`] status bytes; request `j` of a batch (or slot `j`
-//! of a stream) uses header `j` and status byte `j`.
+//! of a stream) uses header `j` and status byte `j`. Addresses reach the device through
+//! `dma_iommu::device_address` (IOVAs with `iommu=on`).
 
 use guest_pattern::dma::{DriverMemory, BATCH, HEADER_BYTES, STATUS_OFFSET};
 
 use super::queue::{Buf, Chain};
+use crate::dma_iommu::device_address;
 
 /// Request types.
 pub const T_IN: u32 = 0;
@@ -76,20 +78,27 @@ impl Requests {
     /// Prepares request `j`, an IN (`T_IN`, into `data`) or OUT (from `data`) of `len`
     /// bytes at `sector`, and returns its chain: header, data, status.
     pub fn data(&self, j: usize, kind: u32, sector: u64, data: u64, len: u32) -> Chain {
+        let at = device_address(data, u64::from(len));
+        self.data_at(j, kind, sector, at, len)
+    }
+
+    /// [`Requests::data`] with the data at device address `at` as it is (`fault=on`: an
+    /// IOVA nothing maps).
+    pub fn data_at(&self, j: usize, kind: u32, sector: u64, at: u64, len: u32) -> Chain {
         let (header, status) = self.prepare(j, kind, sector);
         Chain::new(&[
             Buf {
-                addr: header,
+                addr: device_address(header, HEADER_BYTES),
                 len: HEADER_BYTES as u32,
                 device_writes: false,
             },
             Buf {
-                addr: data,
+                addr: at,
                 len,
                 device_writes: kind == T_IN,
             },
             Buf {
-                addr: status,
+                addr: device_address(status, 1),
                 len: 1,
                 device_writes: true,
             },
@@ -101,12 +110,12 @@ impl Requests {
         let (header, status) = self.prepare(j, T_FLUSH, 0);
         Chain::new(&[
             Buf {
-                addr: header,
+                addr: device_address(header, HEADER_BYTES),
                 len: HEADER_BYTES as u32,
                 device_writes: false,
             },
             Buf {
-                addr: status,
+                addr: device_address(status, 1),
                 len: 1,
                 device_writes: true,
             },

@@ -29,10 +29,12 @@
 //!   driver polls the used rings; interrupts are only counted (`irq`).
 
 pub mod blk;
+pub mod iommu;
 pub mod queue;
 
 use guest_pattern::cmdline::{Dma, Irq};
 use guest_pattern::dma::{DriverMemory, MAX_QUEUE_SIZE};
+use guest_pattern::viommu::F_ACCESS_PLATFORM;
 
 use crate::arch::Plain;
 use crate::pci::{read_config, write_config};
@@ -47,11 +49,38 @@ pub fn name(dma: Dma) -> &'static str {
     }
 }
 
-/// PCI device ids accepted: modern, transitional.
-fn device_ids(dma: Dma) -> [u16; 2] {
-    match dma {
-        Dma::Blk => [0x1042, 0x1001],
-        Dma::Rng => [0x1044, 0x1005],
+/// The devices the driver knows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Blk,
+    Rng,
+    Iommu,
+}
+
+impl Kind {
+    pub fn of(dma: Dma) -> Kind {
+        match dma {
+            Dma::Blk => Kind::Blk,
+            Dma::Rng => Kind::Rng,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Blk => "virtio-blk",
+            Kind::Rng => "virtio-rng",
+            Kind::Iommu => "virtio-iommu",
+        }
+    }
+
+    /// PCI device ids accepted: modern, transitional (virtio-iommu has no transitional
+    /// id).
+    fn ids(self) -> [u16; 2] {
+        match self {
+            Kind::Blk => [0x1042, 0x1001],
+            Kind::Rng => [0x1044, 0x1005],
+            Kind::Iommu => [guest_pattern::viommu::DEVICE_ID; 2],
+        }
     }
 }
 
@@ -158,6 +187,17 @@ impl Mmio {
     fn write_u64(&self, offset: u64, value: u64) {
         self.write::<u32>(offset, value as u32);
         self.write::<u32>(offset + 4, (value >> 32) as u32);
+    }
+
+    /// A 64-bit field, as two 32-bit reads (low half first), as virtio 1.2 §4.1.3.1 asks
+    /// of device configuration fields.
+    pub fn read_u64(&self, offset: u64) -> u64 {
+        u64::from(self.read::<u32>(offset)) | u64::from(self.read::<u32>(offset + 4)) << 32
+    }
+
+    /// Bytes of the structure.
+    pub fn len(&self) -> u64 {
+        self.len
     }
 }
 
@@ -271,8 +311,8 @@ impl Device {
     }
 }
 
-/// Finds the first function on bus 0 that is `dma`'s device: (device, function, id).
-fn find(dma: Dma) -> Option<(u8, u8, u16)> {
+/// Finds the first function on bus 0 that is a `kind` device: (device, function, id).
+pub fn locate(kind: Kind) -> Option<(u8, u8, u16)> {
     for dev in 0..32 {
         if read_config(dev, 0, 0) & 0xffff == 0xffff {
             continue;
@@ -281,7 +321,7 @@ fn find(dma: Dma) -> Option<(u8, u8, u16)> {
         for func in 0..if multi { 8 } else { 1 } {
             let id = read_config(dev, func, 0);
             let (vendor, device) = (id as u16, (id >> 16) as u16);
-            if vendor == VENDOR && device_ids(dma).contains(&device) {
+            if vendor == VENDOR && kind.ids().contains(&device) {
                 return Some((dev, func, device));
             }
         }
@@ -289,103 +329,233 @@ fn find(dma: Dma) -> Option<(u8, u8, u16)> {
     None
 }
 
-/// Sets up `dma`'s device for `cpus` vCPUs with rings in `mem` and interrupts as `irq`
-/// says (`irq=msix`: aimed at local APIC `apic_id`, whose handler `irq::setup`
-/// installed); publishes its queues to `queue`. Ring 0, at boot, before the workload
-/// starts. Any problem fails the run.
-pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32, irq: Irq, apic_id: u32) -> Device {
-    let name = name(dma);
-    let [modern, transitional] = device_ids(dma);
-    let Some((dev, func, id)) = find(dma) else {
+/// Fails the run for want of a `kind` device on bus 0.
+pub fn missing(kind: Kind) -> ! {
+    let [modern, transitional] = kind.ids();
+    if modern == transitional {
         crate::fail(format_args!(
-            "no {name} on PCI bus 0 (vendor {VENDOR:04x}, device {modern:04x} or {transitional:04x})"
+            "no {} on PCI bus 0 (vendor {VENDOR:04x}, device {modern:04x})",
+            kind.name()
         ))
-    };
-    let fail = |why: core::fmt::Arguments| -> ! {
-        crate::fail(format_args!("{name} 00:{dev:02x}.{func}: {why}"))
-    };
-
-    // Memory decoding and bus mastering on, INTx off unless irq=intx.
-    let command = read_config(dev, func, REG_COMMAND);
-    if command & STATUS_CAP_LIST == 0 {
-        fail(format_args!("no capability list"));
     }
-    let intx_disable = if irq == Irq::Intx {
-        0
-    } else {
-        CMD_INTX_DISABLE
-    };
-    // Only the command half is written: zeros leave the status bits (write-1-to-clear).
-    write_config(
-        dev,
-        func,
-        REG_COMMAND,
-        (command & 0xffff & !CMD_INTX_DISABLE) | CMD_MEMORY | CMD_BUS_MASTER | intx_disable,
-    );
+    crate::fail(format_args!(
+        "no {} on PCI bus 0 (vendor {VENDOR:04x}, device {modern:04x} or {transitional:04x})",
+        kind.name()
+    ))
+}
 
-    // The vendor capabilities: the first of each type the driver knows; and MSI-X.
-    let mut caps: [Option<Cap>; 5] = [None; 5];
-    let mut msix_cap: Option<u8> = None;
-    let mut notify_multiplier = 0;
-    let mut at = (read_config(dev, func, REG_CAPABILITIES) & 0xfc) as u8;
-    for _ in 0..48 {
-        if at == 0 {
-            break;
+/// A virtio-pci function being set up (ring 0, at boot): its structures found, checked
+/// and mapped uncached, memory decoding and bus mastering on, the device reset, then
+/// ACKNOWLEDGE and DRIVER set and its features read. Any problem fails the run, naming
+/// the function.
+pub struct Transport {
+    kind: Kind,
+    pub dev: u8,
+    pub func: u8,
+    pub id: u16,
+    /// BAR index and address of the common configuration.
+    pub bar: (u8, u64),
+    common: Mmio,
+    notify: Mmio,
+    notify_multiplier: u32,
+    isr: Mmio,
+    /// The device configuration, if the device has one.
+    pub device_cfg: Option<Mmio>,
+    msix_cap: Option<u8>,
+    /// Features the device offers.
+    pub offered: u64,
+    status: u8,
+}
+
+impl Transport {
+    /// Opens the first `kind` function on bus 0 (none fails the run). INTx is left enabled
+    /// only for `irq=intx`. `device_cfg`: bytes of device configuration needed (none:
+    /// not needed).
+    pub fn open(kind: Kind, irq: Irq, device_cfg: Option<u32>) -> Transport {
+        let Some((dev, func, id)) = locate(kind) else {
+            missing(kind)
+        };
+        let fail = |why: core::fmt::Arguments| -> ! {
+            crate::fail(format_args!("{} 00:{dev:02x}.{func}: {why}", kind.name()))
+        };
+
+        // Memory decoding and bus mastering on, INTx off unless irq=intx.
+        let command = read_config(dev, func, REG_COMMAND);
+        if command & STATUS_CAP_LIST == 0 {
+            fail(format_args!("no capability list"));
         }
-        let head = read_config(dev, func, at);
-        let (cap_id, next, cap_len, cfg_type) = (
-            head as u8,
-            (head >> 8) as u8 & 0xfc,
-            (head >> 16) as u8,
-            (head >> 24) as u8,
+        let intx_disable = if irq == Irq::Intx {
+            0
+        } else {
+            CMD_INTX_DISABLE
+        };
+        // Only the command half is written: zeros leave the status bits (write-1-to-clear).
+        write_config(
+            dev,
+            func,
+            REG_COMMAND,
+            (command & 0xffff & !CMD_INTX_DISABLE) | CMD_MEMORY | CMD_BUS_MASTER | intx_disable,
         );
-        if cap_id == CAP_MSIX && msix_cap.is_none() {
-            msix_cap = Some(at);
-        }
-        let bar = read_config(dev, func, at + 4) as u8;
-        let kind = usize::from(cfg_type);
-        if cap_id == CAP_VENDOR
-            && (1..caps.len()).contains(&kind)
-            && bar <= 5
-            && caps[kind].is_none()
-            && (cfg_type != CFG_NOTIFY || cap_len >= 20)
-        {
-            caps[kind] = Some(Cap {
-                bar,
-                offset: read_config(dev, func, at + 8),
-                length: read_config(dev, func, at + 12),
-            });
-            if cfg_type == CFG_NOTIFY {
-                notify_multiplier = read_config(dev, func, at + 16);
+
+        // The vendor capabilities: the first of each type the driver knows; and MSI-X.
+        let mut caps: [Option<Cap>; 5] = [None; 5];
+        let mut msix_cap: Option<u8> = None;
+        let mut notify_multiplier = 0;
+        let mut at = (read_config(dev, func, REG_CAPABILITIES) & 0xfc) as u8;
+        for _ in 0..48 {
+            if at == 0 {
+                break;
             }
+            let head = read_config(dev, func, at);
+            let (cap_id, next, cap_len, cfg_type) = (
+                head as u8,
+                (head >> 8) as u8 & 0xfc,
+                (head >> 16) as u8,
+                (head >> 24) as u8,
+            );
+            if cap_id == CAP_MSIX && msix_cap.is_none() {
+                msix_cap = Some(at);
+            }
+            let bar = read_config(dev, func, at + 4) as u8;
+            let kind = usize::from(cfg_type);
+            if cap_id == CAP_VENDOR
+                && (1..caps.len()).contains(&kind)
+                && bar <= 5
+                && caps[kind].is_none()
+                && (cfg_type != CFG_NOTIFY || cap_len >= 20)
+            {
+                caps[kind] = Some(Cap {
+                    bar,
+                    offset: read_config(dev, func, at + 8),
+                    length: read_config(dev, func, at + 12),
+                });
+                if cfg_type == CFG_NOTIFY {
+                    notify_multiplier = read_config(dev, func, at + 16);
+                }
+            }
+            at = next;
         }
-        at = next;
+
+        let mut t = Transport {
+            kind,
+            dev,
+            func,
+            id,
+            bar: (0, 0),
+            common: Mmio { base: 0, len: 0 },
+            notify: Mmio { base: 0, len: 0 },
+            notify_multiplier,
+            isr: Mmio { base: 0, len: 0 },
+            device_cfg: None,
+            msix_cap,
+            offered: 0,
+            status: 0,
+        };
+        // A structure: its capability, its BAR's address, checked and mapped uncached.
+        let structure = |t: &Transport, cfg_type: u8, min_len: u32| -> Option<(Mmio, u8, u64)> {
+            let what = CFG_NAMES[usize::from(cfg_type)];
+            let cap = caps[usize::from(cfg_type)]?;
+            if cap.length < min_len {
+                t.fail(format_args!(
+                    "the {what} structure has {} bytes, the driver needs {min_len}",
+                    cap.length
+                ));
+            }
+            let (mmio, addr) = t.in_bar(
+                cap.bar,
+                cap.offset,
+                u64::from(cap.length),
+                format_args!("{what} structure"),
+            );
+            Some((mmio, cap.bar, addr))
+        };
+        let missing = |t: &Transport, cfg_type: u8| -> ! {
+            t.fail(format_args!(
+                "no {} structure (vendor capability cfg_type {cfg_type})",
+                CFG_NAMES[usize::from(cfg_type)]
+            ))
+        };
+        let (common, bar, bar_addr) =
+            structure(&t, CFG_COMMON, COMMON_LEN).unwrap_or_else(|| missing(&t, CFG_COMMON));
+        let (notify, _, _) =
+            structure(&t, CFG_NOTIFY, 2).unwrap_or_else(|| missing(&t, CFG_NOTIFY));
+        // The ISR: only `irq=intx` reads it, but a device without one is not virtio-pci.
+        let (isr, _, _) = structure(&t, CFG_ISR, 1).unwrap_or_else(|| missing(&t, CFG_ISR));
+        let device_cfg = device_cfg.map(|min| {
+            structure(&t, CFG_DEVICE, min)
+                .unwrap_or_else(|| missing(&t, CFG_DEVICE))
+                .0
+        });
+        t.common = common;
+        t.bar = (bar, bar_addr);
+        t.notify = notify;
+        t.isr = isr;
+        t.device_cfg = device_cfg;
+
+        // Reset, then the handshake (virtio 1.2 §3.1.1).
+        common.write::<u8>(DEVICE_STATUS, 0);
+        let mut reset = false;
+        for _ in 0..100_000 {
+            if common.read::<u8>(DEVICE_STATUS) == 0 {
+                reset = true;
+                break;
+            }
+            core::hint::spin_loop();
+        }
+        if !reset {
+            t.fail(format_args!("device status does not read 0 after a reset"));
+        }
+        t.status = ACKNOWLEDGE | DRIVER;
+        common.write::<u8>(DEVICE_STATUS, ACKNOWLEDGE);
+        common.write::<u8>(DEVICE_STATUS, t.status);
+        common.write::<u32>(DEVICE_FEATURE_SELECT, 0);
+        let low = common.read::<u32>(DEVICE_FEATURE);
+        common.write::<u32>(DEVICE_FEATURE_SELECT, 1);
+        t.offered = u64::from(common.read::<u32>(DEVICE_FEATURE)) << 32 | u64::from(low);
+        if t.offered & F_VERSION_1 == 0 {
+            t.fail(format_args!(
+                "VERSION_1 not offered (features {:#x}): a legacy-only device",
+                t.offered
+            ));
+        }
+        t
     }
 
-    // `len` bytes at `offset` in BAR `bar` holding `what`: the BAR's address, checked, and
-    // the structure mapped uncached.
-    let in_bar = |bar: u8, offset: u32, len: u64, what: core::fmt::Arguments| -> (Mmio, u64) {
+    /// Fails the run: `guest: FAIL <device> 00:DD.F: <why>`.
+    pub fn fail(&self, why: core::fmt::Arguments) -> ! {
+        crate::fail(format_args!(
+            "{} 00:{:02x}.{}: {why}",
+            self.kind.name(),
+            self.dev,
+            self.func
+        ))
+    }
+
+    /// `len` bytes at `offset` in BAR `bar` holding `what`: the BAR's address, checked,
+    /// and the structure mapped uncached.
+    fn in_bar(&self, bar: u8, offset: u32, len: u64, what: core::fmt::Arguments) -> (Mmio, u64) {
+        let (dev, func) = (self.dev, self.func);
         let reg = REG_BAR0 + 4 * bar;
         let low = read_config(dev, func, reg);
         if low & 1 != 0 {
-            fail(format_args!("BAR {bar} (the {what}) is an I/O BAR"));
+            self.fail(format_args!("BAR {bar} (the {what}) is an I/O BAR"));
         }
         let mut addr = u64::from(low & !0xf);
         if (low >> 1) & 3 == 2 {
             if bar == 5 {
-                fail(format_args!("BAR 5 claims to be 64-bit"));
+                self.fail(format_args!("BAR 5 claims to be 64-bit"));
             }
             addr |= u64::from(read_config(dev, func, reg + 4)) << 32;
         }
         if addr == 0 {
-            fail(format_args!(
+            self.fail(format_args!(
                 "BAR {bar} (the {what}) is unassigned (address 0)"
             ));
         }
         let start = addr + u64::from(offset);
         let end = start + len;
         if end > FOUR_GIB {
-            fail(format_args!(
+            self.fail(format_args!(
                 "BAR {bar} at {addr:#x} (the {what}, {start:#x}-{end:#x}) is not below 4 GiB, \
                  the only memory the driver maps"
             ));
@@ -396,154 +566,218 @@ pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32, irq: Irq, apic_id: u32) ->
             page += MIB2;
         }
         (Mmio { base: start, len }, addr)
-    };
-    // A structure: its capability, its BAR's address, checked and mapped uncached.
-    let structure = |cfg_type: u8, min_len: u32| -> Option<(Mmio, u8, u64)> {
-        let what = CFG_NAMES[usize::from(cfg_type)];
-        let cap = caps[usize::from(cfg_type)]?;
-        if cap.length < min_len {
-            fail(format_args!(
-                "the {what} structure has {} bytes, the driver needs {min_len}",
-                cap.length
+    }
+
+    /// Writes the driver features `wanted` and sets FEATURES_OK, which must stick.
+    pub fn negotiate(&mut self, wanted: u64) {
+        let common = self.common;
+        common.write::<u32>(DRIVER_FEATURE_SELECT, 0);
+        common.write::<u32>(DRIVER_FEATURE, wanted as u32);
+        common.write::<u32>(DRIVER_FEATURE_SELECT, 1);
+        common.write::<u32>(DRIVER_FEATURE, (wanted >> 32) as u32);
+        self.status |= FEATURES_OK;
+        common.write::<u8>(DEVICE_STATUS, self.status);
+        if common.read::<u8>(DEVICE_STATUS) & FEATURES_OK == 0 {
+            self.fail(format_args!(
+                "FEATURES_OK refused for features {wanted:#x} (offered {:#x})",
+                self.offered
             ));
         }
-        let (mmio, addr) = in_bar(
-            cap.bar,
-            cap.offset,
-            u64::from(cap.length),
-            format_args!("{what} structure"),
-        );
-        Some((mmio, cap.bar, addr))
-    };
-    let missing = |cfg_type: u8| -> ! {
-        fail(format_args!(
-            "no {} structure (vendor capability cfg_type {cfg_type})",
-            CFG_NAMES[usize::from(cfg_type)]
+    }
+
+    /// `read()` of the device configuration, repeated until `config_generation` says it
+    /// did not change meanwhile.
+    pub fn read_config_stable<T>(&self, read: impl Fn(&Mmio) -> T) -> T {
+        let Some(cfg) = self.device_cfg.as_ref() else {
+            self.fail(format_args!("no device configuration"));
+        };
+        for _ in 0..100 {
+            let generation = self.common.read::<u8>(CONFIG_GENERATION);
+            let value = read(cfg);
+            if self.common.read::<u8>(CONFIG_GENERATION) == generation {
+                return value;
+            }
+        }
+        self.fail(format_args!(
+            "the device configuration keeps changing (config_generation)"
         ))
-    };
-    let (common, bar, bar_addr) =
-        structure(CFG_COMMON, COMMON_LEN).unwrap_or_else(|| missing(CFG_COMMON));
-    let (notify, _, _) = structure(CFG_NOTIFY, 2).unwrap_or_else(|| missing(CFG_NOTIFY));
-    // The ISR: only `irq=intx` reads it, but a device without one is not virtio-pci.
-    let (isr, _, _) = structure(CFG_ISR, 1).unwrap_or_else(|| missing(CFG_ISR));
-    let device_cfg = match dma {
-        Dma::Blk => Some(
-            structure(CFG_DEVICE, 8)
-                .unwrap_or_else(|| missing(CFG_DEVICE))
-                .0,
-        ),
+    }
+
+    /// Queues the device has.
+    pub fn num_queues(&self) -> u32 {
+        u32::from(self.common.read::<u16>(NUM_QUEUES))
+    }
+
+    /// Sets up queue `q` with rings in the driver's memory at `rings`, which the device
+    /// sees at `device_rings`, and publishes it as `queue` slot `slot`; MSI-X vector
+    /// `vector` (NO_VECTOR: none, and the rings ask for no interrupts unless
+    /// `interrupts`). Returns its size: `min(device maximum, 256)` rounded down to a
+    /// power of two.
+    fn queue(
+        &self,
+        q: u16,
+        slot: usize,
+        rings: u64,
+        device_rings: u64,
+        vector: u16,
+        interrupts: bool,
+    ) -> u16 {
+        let common = self.common;
+        common.write::<u16>(QUEUE_SELECT, q);
+        let max = common.read::<u16>(QUEUE_SIZE);
+        if max == 0 {
+            self.fail(format_args!("queue {q} is not available (size 0)"));
+        }
+        let size = max.min(MAX_QUEUE_SIZE);
+        // Split rings want a power of two.
+        let size = 1u16 << (15 - size.leading_zeros());
+        common.write::<u16>(QUEUE_SIZE, size);
+        common.write::<u16>(QUEUE_MSIX_VECTOR, vector);
+        let accepted = common.read::<u16>(QUEUE_MSIX_VECTOR);
+        if vector != NO_VECTOR && accepted != vector {
+            self.fail(format_args!(
+                "irq=msix: queue {q}'s MSI-X vector {vector} reads back as {accepted:#x}"
+            ));
+        }
+        queue::init_rings(rings, interrupts);
+        common.write_u64(QUEUE_DESC, device_rings);
+        common.write_u64(
+            QUEUE_DRIVER,
+            device_rings + guest_pattern::dma::AVAIL_OFFSET,
+        );
+        common.write_u64(QUEUE_DEVICE, device_rings + guest_pattern::dma::USED_OFFSET);
+        let off =
+            u64::from(common.read::<u16>(QUEUE_NOTIFY_OFF)) * u64::from(self.notify_multiplier);
+        if off + 2 > self.notify.len {
+            self.fail(format_args!(
+                "queue {q}'s notification address (offset {off:#x}) is past the notify structure ({:#x} bytes)",
+                self.notify.len
+            ));
+        }
+        common.write::<u16>(QUEUE_ENABLE, 1);
+        queue::publish(
+            slot,
+            q,
+            size,
+            rings,
+            self.notify.base + off,
+            self.common.base + DEVICE_STATUS,
+        );
+        size
+    }
+
+    /// Sets DRIVER_OK; the device must then not say NEEDS_RESET or FAILED.
+    fn driver_ok(&mut self) {
+        self.common.write::<u16>(CONFIG_MSIX_VECTOR, NO_VECTOR);
+        self.status |= DRIVER_OK;
+        self.common.write::<u8>(DEVICE_STATUS, self.status);
+        let now = self.common.read::<u8>(DEVICE_STATUS);
+        if now & (NEEDS_RESET | FAILED) != 0 || now & DRIVER_OK == 0 {
+            self.fail(format_args!("device status {now:#x} after DRIVER_OK"));
+        }
+    }
+}
+
+/// Sets up `dma`'s device for `cpus` vCPUs with rings in `mem` and interrupts as `irq`
+/// says (`irq=msix`: aimed at local APIC `apic_id`, whose handler `irq::setup`
+/// installed); publishes its queues to `queue`. `iommu`: the device's DMA goes through a
+/// virtio-iommu, so it must offer VIRTIO_F_ACCESS_PLATFORM, and the ring addresses it is
+/// given are IOVAs (`dma_iommu::device_address`). Ring 0, at boot, before the workload
+/// starts. Any problem fails the run.
+pub fn setup(
+    dma: Dma,
+    mem: &DriverMemory,
+    cpus: u32,
+    irq: Irq,
+    apic_id: u32,
+    iommu: bool,
+) -> Device {
+    let min_cfg = match dma {
+        Dma::Blk => Some(8),
         Dma::Rng => None,
     };
-
-    // Reset, then the handshake (virtio 1.2 §3.1.1).
-    common.write::<u8>(DEVICE_STATUS, 0);
-    let mut reset = false;
-    for _ in 0..100_000 {
-        if common.read::<u8>(DEVICE_STATUS) == 0 {
-            reset = true;
-            break;
-        }
-        core::hint::spin_loop();
-    }
-    if !reset {
-        fail(format_args!("device status does not read 0 after a reset"));
-    }
-    let mut status = ACKNOWLEDGE | DRIVER;
-    common.write::<u8>(DEVICE_STATUS, ACKNOWLEDGE);
-    common.write::<u8>(DEVICE_STATUS, status);
-    common.write::<u32>(DEVICE_FEATURE_SELECT, 0);
-    let low = common.read::<u32>(DEVICE_FEATURE);
-    common.write::<u32>(DEVICE_FEATURE_SELECT, 1);
-    let offered = u64::from(common.read::<u32>(DEVICE_FEATURE)) << 32 | u64::from(low);
-    if offered & F_VERSION_1 == 0 {
-        fail(format_args!(
-            "VERSION_1 not offered (features {offered:#x}): a legacy-only device"
-        ));
-    }
+    let mut t = Transport::open(Kind::of(dma), irq, min_cfg);
+    let offered = t.offered;
     let mut wanted = F_VERSION_1;
     if dma == Dma::Blk {
         if offered & BLK_F_RO != 0 {
-            fail(format_args!("the disk is read-only (VIRTIO_BLK_F_RO)"));
+            t.fail(format_args!("the disk is read-only (VIRTIO_BLK_F_RO)"));
         }
         wanted |= offered & BLK_F_FLUSH;
         if cpus > 1 {
             wanted |= offered & BLK_F_MQ;
         }
     }
-    common.write::<u32>(DRIVER_FEATURE_SELECT, 0);
-    common.write::<u32>(DRIVER_FEATURE, wanted as u32);
-    common.write::<u32>(DRIVER_FEATURE_SELECT, 1);
-    common.write::<u32>(DRIVER_FEATURE, (wanted >> 32) as u32);
-    status |= FEATURES_OK;
-    common.write::<u8>(DEVICE_STATUS, status);
-    if common.read::<u8>(DEVICE_STATUS) & FEATURES_OK == 0 {
-        fail(format_args!(
-            "FEATURES_OK refused for features {wanted:#x} (offered {offered:#x})"
+    // A device that offers ACCESS_PLATFORM wants it accepted (QEMU refuses FEATURES_OK
+    // otherwise); with iommu=on it must offer it, or its DMA would not see the IOVAs.
+    if iommu && offered & F_ACCESS_PLATFORM == 0 {
+        t.fail(format_args!(
+            "iommu=on, but VIRTIO_F_ACCESS_PLATFORM (bit 33) is not offered (features {offered:#x}): \
+             the device's DMA would bypass the IOMMU (QEMU: iommu_platform=on)"
         ));
     }
+    wanted |= offered & F_ACCESS_PLATFORM;
+    t.negotiate(wanted);
 
     // Device configuration: the capacity (and queue count) of a disk.
     let mut capacity = 0;
     let mut queues = 1;
-    if let Some(cfg) = device_cfg {
+    if dma == Dma::Blk {
         let mq = wanted & BLK_F_MQ != 0;
-        if mq && cfg.len < BLK_NUM_QUEUES + 2 {
-            fail(format_args!(
+        if mq && t.device_cfg.is_some_and(|c| c.len < BLK_NUM_QUEUES + 2) {
+            t.fail(format_args!(
                 "MQ offered but no num_queues in the device configuration"
             ));
         }
-        let mut consistent = false;
-        for _ in 0..100 {
-            let generation = common.read::<u8>(CONFIG_GENERATION);
-            let sectors = u64::from(cfg.read::<u32>(BLK_CAPACITY))
-                | u64::from(cfg.read::<u32>(BLK_CAPACITY + 4)) << 32;
-            capacity = sectors.saturating_mul(SECTOR);
-            if mq {
-                queues = u32::from(cfg.read::<u16>(BLK_NUM_QUEUES)).clamp(1, cpus);
-            }
-            if common.read::<u8>(CONFIG_GENERATION) == generation {
-                consistent = true;
-                break;
-            }
-        }
-        if !consistent {
-            fail(format_args!(
-                "the device configuration keeps changing (config_generation)"
-            ));
+        let (sectors, num_queues) = t.read_config_stable(|cfg| {
+            (
+                u64::from(cfg.read::<u32>(BLK_CAPACITY))
+                    | u64::from(cfg.read::<u32>(BLK_CAPACITY + 4)) << 32,
+                if mq {
+                    cfg.read::<u16>(BLK_NUM_QUEUES)
+                } else {
+                    1
+                },
+            )
+        });
+        capacity = sectors.saturating_mul(SECTOR);
+        if mq {
+            queues = u32::from(num_queues).clamp(1, cpus);
         }
     }
-    let available = u32::from(common.read::<u16>(NUM_QUEUES));
+    let available = t.num_queues();
     if available < queues {
-        fail(format_args!(
+        t.fail(format_args!(
             "{queues} queue(s) needed, the device has {available}"
         ));
     }
 
     // irq=msix: MSI-X enabled with the function masked, entry q (queue q's) aimed at the
     // boot vCPU and unmasked, then the function unmasked (PCI 3.0 §6.8.2).
+    let (dev, func) = (t.dev, t.func);
     let msix = (irq == Irq::Msix).then(|| {
-        let Some(at) = msix_cap else {
-            fail(format_args!("irq=msix: no MSI-X capability"))
+        let Some(at) = t.msix_cap else {
+            t.fail(format_args!("irq=msix: no MSI-X capability"))
         };
         let head = read_config(dev, func, at);
         let control = head >> 16;
         let entries = (control & MSIX_TABLE_SIZE) + 1;
         if entries < queues {
-            fail(format_args!(
+            t.fail(format_args!(
                 "irq=msix: {queues} queue(s) need {queues} MSI-X vectors, the device has {entries}"
             ));
         }
         if apic_id > 0xff {
-            fail(format_args!(
+            t.fail(format_args!(
                 "irq=msix: the boot vCPU's APIC id {apic_id} does not fit an MSI address"
             ));
         }
         let table_reg = read_config(dev, func, at + 4);
         let bir = (table_reg & 7) as u8;
         if bir > 5 {
-            fail(format_args!("irq=msix: the MSI-X table is in BAR {bir}"));
+            t.fail(format_args!("irq=msix: the MSI-X table is in BAR {bir}"));
         }
-        let (table, _) = in_bar(
+        let (table, _) = t.in_bar(
             bir,
             table_reg & !7,
             MSIX_ENTRY * u64::from(entries),
@@ -571,7 +805,7 @@ pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32, irq: Irq, apic_id: u32) ->
         );
         let now = read_config(dev, func, at) >> 16;
         if now & (MSIX_ENABLE | MSIX_FUNCTION_MASK) != MSIX_ENABLE {
-            fail(format_args!(
+            t.fail(format_args!(
                 "irq=msix: MSI-X message control reads {now:#06x} after enabling"
             ));
         }
@@ -589,15 +823,15 @@ pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32, irq: Irq, apic_id: u32) ->
         let reg = read_config(dev, func, REG_INTERRUPT);
         let (line, pin) = (reg as u8, (reg >> 8) as u8);
         if !(1..=4).contains(&pin) {
-            fail(format_args!("irq=intx: interrupt pin {pin} (no INTx)"));
+            t.fail(format_args!("irq=intx: interrupt pin {pin} (no INTx)"));
         }
         if line == 0xff {
-            fail(format_args!(
+            t.fail(format_args!(
                 "irq=intx: interrupt line {line:#x} (not connected)"
             ));
         }
-        let route = crate::irq::route_intx(u32::from(line), isr.base, apic_id)
-            .unwrap_or_else(|why| fail(format_args!("irq=intx: line {line}: {why}")));
+        let route = crate::irq::route_intx(u32::from(line), t.isr.base, apic_id)
+            .unwrap_or_else(|why| t.fail(format_args!("irq=intx: line {line}: {why}")));
         Intx {
             pin,
             line,
@@ -609,58 +843,26 @@ pub fn setup(dma: Dma, mem: &DriverMemory, cpus: u32, irq: Irq, apic_id: u32) ->
     // The queues: split rings in the driver memory; interrupts only with irq=.
     let mut queue_size = MAX_QUEUE_SIZE;
     for q in 0..queues {
-        common.write::<u16>(QUEUE_SELECT, q as u16);
-        let max = common.read::<u16>(QUEUE_SIZE);
-        if max == 0 {
-            fail(format_args!("queue {q} is not available (size 0)"));
-        }
-        let size = max.min(MAX_QUEUE_SIZE);
-        // Split rings want a power of two.
-        let size = 1u16 << (15 - size.leading_zeros());
-        queue_size = queue_size.min(size);
-        common.write::<u16>(QUEUE_SIZE, size);
-        let vector = if msix.is_some() { q as u16 } else { NO_VECTOR };
-        common.write::<u16>(QUEUE_MSIX_VECTOR, vector);
-        let accepted = common.read::<u16>(QUEUE_MSIX_VECTOR);
-        if msix.is_some() && accepted != vector {
-            fail(format_args!(
-                "irq=msix: queue {q}'s MSI-X vector {vector} reads back as {accepted:#x}"
-            ));
-        }
         let rings = mem.rings(q);
-        queue::init_rings(rings, irq != Irq::Off);
-        common.write_u64(QUEUE_DESC, rings);
-        common.write_u64(QUEUE_DRIVER, rings + guest_pattern::dma::AVAIL_OFFSET);
-        common.write_u64(QUEUE_DEVICE, rings + guest_pattern::dma::USED_OFFSET);
-        let off = u64::from(common.read::<u16>(QUEUE_NOTIFY_OFF)) * u64::from(notify_multiplier);
-        if off + 2 > notify.len {
-            fail(format_args!(
-                "queue {q}'s notification address (offset {off:#x}) is past the notify structure ({:#x} bytes)",
-                notify.len
-            ));
-        }
-        common.write::<u16>(QUEUE_ENABLE, 1);
-        queue::publish(
-            q,
-            size,
+        let vector = if msix.is_some() { q as u16 } else { NO_VECTOR };
+        let device_rings = crate::dma_iommu::device_address(rings, guest_pattern::dma::RING_BYTES);
+        let size = t.queue(
+            q as u16,
+            q as usize,
             rings,
-            notify.base + off,
-            common.base + DEVICE_STATUS,
+            device_rings,
+            vector,
+            irq != Irq::Off,
         );
+        queue_size = queue_size.min(size);
     }
-    common.write::<u16>(CONFIG_MSIX_VECTOR, NO_VECTOR);
-    status |= DRIVER_OK;
-    common.write::<u8>(DEVICE_STATUS, status);
-    let now = common.read::<u8>(DEVICE_STATUS);
-    if now & (NEEDS_RESET | FAILED) != 0 || now & DRIVER_OK == 0 {
-        fail(format_args!("device status {now:#x} after DRIVER_OK"));
-    }
+    t.driver_ok();
     queue::set_count(queues);
     Device {
         dev,
         func,
-        id,
-        bar: (bar, bar_addr),
+        id: t.id,
+        bar: t.bar,
         features: wanted,
         queues,
         queue_size,

@@ -15,6 +15,13 @@
 //! Both notify only when the device has not set `VIRTQ_USED_F_NO_NOTIFY` (virtio 1.2
 //! §2.7.10: it is still serving the ring and will see the new index).
 //!
+//! A [`Posted`] queue (the virtio-iommu's eventq) has device-writable buffers, one
+//! descriptor each, that the device fills when it has something to say; the driver looks
+//! at its used ring now and then and puts each buffer back once it has read it.
+//!
+//! Queues live in slots: slot `q` < `MAX_CPUS` is the DMA device's queue `q`;
+//! [`IOMMU_REQUESTQ`] and [`IOMMU_EVENTQ`] are the virtio-iommu's.
+//!
 //! Ring layout (at the `rings` address of `guest_pattern::dma::DriverMemory`): descriptor
 //! table at 0 (16 bytes each: addr u64, len u32, flags u16, next u16), available ring at
 //! `AVAIL_OFFSET` (flags u16, idx u16, ring[size] u16), used ring at `USED_OFFSET` (flags
@@ -34,10 +41,18 @@ const AVAIL_F_NO_INTERRUPT: u16 = 1;
 const USED_F_NO_NOTIFY: u16 = 1;
 const _: () = assert!(BATCH <= 64, "transfer keeps a u64 mask of the chains");
 
+/// Slot of the virtio-iommu's requestq.
+pub const IOMMU_REQUESTQ: usize = MAX_CPUS;
+/// Slot of the virtio-iommu's eventq.
+pub const IOMMU_EVENTQ: usize = MAX_CPUS + 1;
+const SLOTS: usize = MAX_CPUS + 2;
+
 /// One queue: set at boot (before the workload starts, published by `smp::GO`), then its
 /// indices are only touched by the holder of `lock`.
 struct Vq {
     lock: AtomicBool,
+    /// Its index in its device (what a notification writes).
+    index: AtomicU16,
     size: AtomicU16,
     rings: AtomicU64,
     notify: AtomicU64,
@@ -45,23 +60,26 @@ struct Vq {
     next_avail: AtomicU16,
     /// The used index seen last.
     last_used: AtomicU16,
+    /// Address of its device's status register, for DEVICE_NEEDS_RESET while waiting.
+    status: AtomicU64,
 }
 
-static QUEUES: [Vq; MAX_CPUS] = [const {
+static QUEUES: [Vq; SLOTS] = [const {
     Vq {
         lock: AtomicBool::new(false),
+        index: AtomicU16::new(0),
         size: AtomicU16::new(0),
         rings: AtomicU64::new(0),
         notify: AtomicU64::new(0),
         next_avail: AtomicU16::new(0),
         last_used: AtomicU16::new(0),
+        status: AtomicU64::new(0),
     }
-}; MAX_CPUS];
+}; SLOTS];
 static COUNT: AtomicU32 = AtomicU32::new(1);
-/// Chains the device has used, per queue (for the interrupt report, `irq`).
-static COMPLETIONS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
-/// Address of the device status register, for DEVICE_NEEDS_RESET while waiting.
-static STATUS: AtomicU64 = AtomicU64::new(0);
+/// Chains the device has used, per slot (the DMA device's count for the interrupt
+/// report, `irq`).
+static COMPLETIONS: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
 
 /// Zeroes the indices of the rings at `rings` and asks for no interrupts unless
 /// `interrupts` (ring 0, at boot, before the device is told where they are).
@@ -78,16 +96,17 @@ pub fn init_rings(rings: u64, interrupts: bool) {
     }
 }
 
-/// Records queue `q` (ring 0, at boot): `size` entries, rings at `rings`, notified at
-/// `notify`; `status` is the device status register.
-pub fn publish(q: u32, size: u16, rings: u64, notify: u64, status: u64) {
-    let vq = &QUEUES[q as usize];
+/// Records queue `index` of a device as slot `slot` (ring 0, at boot): `size` entries,
+/// rings at `rings`, notified at `notify`; `status` is the device status register.
+pub fn publish(slot: usize, index: u16, size: u16, rings: u64, notify: u64, status: u64) {
+    let vq = &QUEUES[slot];
+    vq.index.store(index, Ordering::Relaxed);
     vq.size.store(size, Ordering::Relaxed);
     vq.rings.store(rings, Ordering::Relaxed);
     vq.notify.store(notify, Ordering::Relaxed);
     vq.next_avail.store(0, Ordering::Relaxed);
     vq.last_used.store(0, Ordering::Relaxed);
-    STATUS.store(status, Ordering::Relaxed);
+    vq.status.store(status, Ordering::Relaxed);
 }
 
 /// How many queues there are (ring 0, at boot).
@@ -95,9 +114,12 @@ pub fn set_count(n: u32) {
     COUNT.store(n, Ordering::Relaxed);
 }
 
-/// Chains the device has used so far, on every queue.
+/// Chains the DMA device has used so far, on every queue.
 pub fn completions() -> u64 {
-    COMPLETIONS.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    COMPLETIONS[..MAX_CPUS]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
 }
 
 /// Chains the device has used so far on queue `q`.
@@ -137,7 +159,8 @@ impl Chain {
     }
 }
 
-/// The device broke the protocol.
+/// The device broke the protocol (or did not answer in time).
+#[derive(Clone, Copy)]
 pub enum Error {
     /// The used index moved further than the chains in flight.
     TooManyUsed {
@@ -149,6 +172,8 @@ pub enum Error {
     BadId { queue: u32, id: u32 },
     /// The device status says DEVICE_NEEDS_RESET.
     NeedsReset { queue: u32, status: u8 },
+    /// Not every chain came back within the time given (`transfer_within`).
+    Timeout { queue: u32, out: usize, secs: u64 },
 }
 
 impl fmt::Display for Error {
@@ -170,6 +195,10 @@ impl fmt::Display for Error {
                 f,
                 "queue {queue}: device status {status:#x} (DEVICE_NEEDS_RESET) while waiting"
             ),
+            Error::Timeout { queue, out, secs } => write!(
+                f,
+                "queue {queue}: {out} request(s) still with the device after {secs} s"
+            ),
         }
     }
 }
@@ -177,7 +206,9 @@ impl fmt::Display for Error {
 /// A queue while this vCPU holds its lock: its rings and the driver's two indices.
 /// Dropping it stores the indices back and releases the lock.
 struct Held {
+    /// The queue's index in its device.
     queue: u32,
+    slot: usize,
     vq: &'static Vq,
     size: u16,
     rings: u64,
@@ -190,9 +221,9 @@ struct Held {
 }
 
 impl Held {
-    /// Takes `queue`'s lock (spinning; ring 3).
-    fn lock(queue: u32) -> Held {
-        let vq = &QUEUES[queue as usize];
+    /// Takes the lock of the queue in slot `slot` (spinning).
+    fn lock(slot: usize) -> Held {
+        let vq = &QUEUES[slot];
         while vq
             .lock
             .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
@@ -203,7 +234,8 @@ impl Held {
         }
         let next_avail = vq.next_avail.load(Ordering::Relaxed);
         Held {
-            queue,
+            queue: u32::from(vq.index.load(Ordering::Relaxed)),
+            slot,
             vq,
             size: vq.size.load(Ordering::Relaxed),
             rings: vq.rings.load(Ordering::Relaxed),
@@ -342,17 +374,22 @@ struct Waiter {
     t0: u64,
     next_look: u64,
     next_note: u64,
+    /// Give up after this many seconds (`transfer_within`).
+    limit: Option<u64>,
+    status: u64,
     spins: u32,
 }
 
 impl Waiter {
-    fn new() -> Waiter {
+    fn new(vq: &Vq, limit: Option<u64>) -> Waiter {
         let hz = timer::hz();
         let t0 = timer::now();
         Waiter {
             t0,
             next_look: t0 + hz,
             next_note: t0 + 10 * hz,
+            limit,
+            status: vq.status.load(Ordering::Relaxed),
             spins: 0,
         }
     }
@@ -369,9 +406,13 @@ impl Waiter {
         if now >= self.next_look {
             let hz = timer::hz();
             self.next_look = now + hz;
-            let status = device_status();
+            let status = device_status(self.status);
             if status & super::NEEDS_RESET != 0 {
                 return Err(Error::NeedsReset { queue, status });
+            }
+            let secs = (now - self.t0) / hz;
+            if self.limit.is_some_and(|l| secs >= l) {
+                return Err(Error::Timeout { queue, out, secs });
             }
             if now >= self.next_note {
                 self.next_note += 10 * hz;
@@ -383,20 +424,34 @@ impl Waiter {
     }
 }
 
-/// Sends `count` chains (at most [`BATCH`], fitting the queue), chain `j` being
-/// `chain(j)`, on `queue` and waits until the device has used every one, then calls
-/// `used(j, len)` with the length the device reported for each. Ring 3.
+/// Sends `m` chains (at most [`BATCH`], fitting the queue), chain `j` being
+/// `make(j)`, on the queue in slot `slot` and waits until the device has used every one,
+/// then calls `used_len(j, len)` with the length the device reported for each. Ring 3
+/// (or ring 0 at boot).
 ///
 /// Chains are made one at a time rather than passed in an array: the ring-3 stacks are
 /// small (`boot::STACK_SIZE`).
 pub fn transfer(
-    queue: u32,
+    slot: usize,
+    m: usize,
+    make: impl Fn(usize) -> Chain,
+    used_len: impl FnMut(usize, u32),
+) -> Result<(), Error> {
+    transfer_within(slot, m, make, used_len, None)
+}
+
+/// [`transfer`], giving up after `limit` seconds if given ([`Error::Timeout`]). After an
+/// error the queue is unusable until it is set up again (chains may still be out).
+pub fn transfer_within(
+    slot: usize,
     m: usize,
     make: impl Fn(usize) -> Chain,
     mut used_len: impl FnMut(usize, u32),
+    limit: Option<u64>,
 ) -> Result<(), Error> {
     assert!(m <= BATCH, "{m} chains in one batch");
-    let mut q = Held::lock(queue);
+    let mut q = Held::lock(slot);
+    let queue = q.queue;
     // Descriptors from 0 on: every earlier chain has been used, so all are free.
     let mut heads = [0u16; BATCH];
     let mut d: u16 = 0;
@@ -410,7 +465,7 @@ pub fn transfer(
     q.kick();
 
     // Poll the used ring until all m chains are back.
-    let mut waiter = Waiter::new();
+    let mut waiter = Waiter::new(q.vq, limit);
     loop {
         let done = usize::from(q.poll(m)?.wrapping_sub(q.last_used));
         if done == m {
@@ -431,8 +486,53 @@ pub fn transfer(
         }
     }
     q.last_used = q.last_used.wrapping_add(m as u16);
-    COMPLETIONS[queue as usize].fetch_add(m as u64, Ordering::Relaxed);
+    COMPLETIONS[slot].fetch_add(m as u64, Ordering::Relaxed);
     Ok(())
+}
+
+/// A queue of device-writable buffers the device fills when it has something to say
+/// (the virtio-iommu's eventq): buffer `d` is descriptor `d`.
+pub struct Posted;
+
+impl Posted {
+    /// Offers `count` (at most the queue's size) one-descriptor buffers, buffer `d` being
+    /// `buf(d)`, on the queue in slot `slot` (at boot, after DRIVER_OK).
+    pub fn post(slot: usize, count: u16, buf: impl Fn(u16) -> Buf) {
+        let mut q = Held::lock(slot);
+        assert!(count <= q.size, "{count} buffers in a queue of {}", q.size);
+        for d in 0..count {
+            q.write_chain(d, &Chain::new(&[buf(d)]));
+            q.offer(d);
+        }
+        q.kick();
+    }
+
+    /// Calls `got(d, len)` for every buffer the device has used since the last look
+    /// (without waiting), then offers each one again as `buf(d)`. Returns how many.
+    pub fn take(
+        slot: usize,
+        mut got: impl FnMut(u16, u32),
+        buf: impl Fn(u16) -> Buf,
+    ) -> Result<usize, Error> {
+        let mut q = Held::lock(slot);
+        let size = usize::from(q.size);
+        let idx = q.poll(size)?;
+        let n = idx.wrapping_sub(q.last_used);
+        for i in 0..n {
+            let (id, len) = q.used_elem(q.last_used.wrapping_add(i));
+            if id >= u32::from(q.size) {
+                return Err(Error::BadId { queue: q.queue, id });
+            }
+            let d = id as u16;
+            got(d, len);
+            q.write_chain(d, &Chain::new(&[buf(d)]));
+            q.offer(d);
+        }
+        q.last_used = idx;
+        q.kick();
+        COMPLETIONS[slot].fetch_add(u64::from(n), Ordering::Relaxed);
+        Ok(usize::from(n))
+    }
 }
 
 /// A queue kept busy: up to `slots` chains of at most `stride` descriptors each in flight
@@ -462,7 +562,7 @@ impl Stream {
             "{slots} slots of {stride} descriptors"
         );
         Stream {
-            q: Held::lock(queue),
+            q: Held::lock(queue as usize),
             stride,
             slots,
             in_flight: 0,
@@ -505,7 +605,7 @@ impl Stream {
         if out == 0 {
             return Ok(0);
         }
-        let mut waiter = Waiter::new();
+        let mut waiter = Waiter::new(self.q.vq, None);
         let idx = loop {
             let idx = self.q.poll(out)?;
             if idx != self.q.last_used {
@@ -530,7 +630,7 @@ impl Stream {
             done(slot, len);
         }
         self.q.last_used = idx;
-        COMPLETIONS[self.q.queue as usize].fetch_add(u64::from(n), Ordering::Relaxed);
+        COMPLETIONS[self.q.slot].fetch_add(u64::from(n), Ordering::Relaxed);
         Ok(usize::from(n))
     }
 }
@@ -544,8 +644,10 @@ impl Drop for Stream {
     }
 }
 
-fn device_status() -> u8 {
-    // SAFETY: the device status register in the common configuration, checked at boot to
-    // be below 4 GiB in the device's BAR and mapped uncached; reading it has no effect.
-    unsafe { core::ptr::read_volatile(STATUS.load(Ordering::Relaxed) as *const u8) }
+/// The device status register at `at`.
+fn device_status(at: u64) -> u8 {
+    // SAFETY: `at` is a queue's device status register in the common configuration
+    // (`publish`), checked at boot to be below 4 GiB in the device's BAR and mapped
+    // uncached; reading it has no effect.
+    unsafe { core::ptr::read_volatile(at as *const u8) }
 }
