@@ -11,7 +11,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::requests::serve;
+use super::requests::{serve, S_OK};
 use super::table::IommuTable;
 use super::{
     DOMAIN_RANGE, F_BYPASS_CONFIG, F_DIRTY_TRACKING, F_DOMAIN_RANGE, F_INPUT_RANGE, F_MAP_UNMAP,
@@ -174,12 +174,13 @@ fn serve_request(
         return 0;
     };
     // The status goes at the end of the writable part (where drivers look for it), the
-    // payload at its start.
+    // payload at its start. A refused request writes nothing but its tail
+    // (DIRTY_TRACKING.md, GET_DIRTY_BITMAP).
     let tail_at = writable_len - 4;
     let payload = &reply.payload[..reply.payload.len().min(tail_at)];
     let mut out = payload.to_vec();
     let gap = tail_at - payload.len();
-    if gap <= MAX_FILL {
+    if reply.status == S_OK && gap <= MAX_FILL {
         out.resize(tail_at, 0);
     }
     let tail = [reply.status, 0, 0, 0];
@@ -271,6 +272,11 @@ impl VirtioDevice for VirtioIommu {
                     8,
                     &mut self.errors,
                     || {
+                        // A record taken for a chain that was not served (its head is
+                        // past the table) waits for the next chain.
+                        if taken.get().is_some() {
+                            return true;
+                        }
                         if pending.is_none() {
                             pending = table.pop_fault();
                         }

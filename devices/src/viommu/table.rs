@@ -244,14 +244,17 @@ impl IommuTable {
         ranges
     }
 
-    /// Whether an untrackable endpoint reaches guest RAM unattached through bypass (then
-    /// nothing but all of RAM bounds what it wrote).
+    /// Whether an untrackable endpoint reaches guest RAM through bypass, unattached or in
+    /// a bypass domain (then nothing but all of RAM bounds what it wrote).
     pub fn untrackable_in_bypass(&self) -> bool {
         let t = self.read();
-        t.bypass
-            && t.endpoints
-                .values()
-                .any(|e| !e.trackable && e.domain.is_none())
+        t.endpoints.values().any(|e| {
+            !e.trackable
+                && match e.domain {
+                    None => t.bypass,
+                    Some(d) => t.domains.get(&d).is_some_and(|d| d.bypass),
+                }
+        })
     }
 
     /// Translates a DMA of endpoint `id`: `len` bytes at `iova`. A refusal is recorded
