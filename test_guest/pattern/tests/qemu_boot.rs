@@ -46,6 +46,16 @@ fn guest_elf() -> PathBuf {
     .clone()
 }
 
+/// Whether `qemu-system-x86_64` runs at all (the virtio-iommu tests skip without it).
+fn qemu_installed() -> bool {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 fn qemu_binary() -> &'static str {
     let found = Command::new("qemu-system-x86_64")
         .arg("--version")
@@ -491,6 +501,16 @@ fn check_dma_interrupts(cmdline: &str, lines: &[&str], t: &str) {
 /// every vCPU after `passes` passes (and `verified` lines too when `vsize=` is given), and
 /// the interrupts `irq=` asks for. Returns how long QEMU ran.
 fn dma_verify_passes(cpus: u32, cmdline: &str, passes: u64, extra: &[String]) -> Duration {
+    dma_verify_run(cpus, cmdline, passes, extra).0
+}
+
+/// [`dma_verify_passes`], also returning the guest's lines and the transcript.
+fn dma_verify_run(
+    cpus: u32,
+    cmdline: &str,
+    passes: u64,
+    extra: &[String],
+) -> (Duration, Vec<String>, String) {
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let t0 = Instant::now();
     let mut q = Qemu::boot(cpus, "256", cmdline, &extra);
@@ -527,7 +547,8 @@ fn dma_verify_passes(cpus: u32, cmdline: &str, passes: u64, extra: &[String]) ->
     assert_eq!(lines.last(), Some(&"guest: PASS"), "{t}");
     check_dma_interrupts(cmdline, &lines, &t);
     eprintln!("{cpus} vCPU(s), '{cmdline}': {took:.1?}");
-    took
+    let lines = lines.iter().map(|l| l.to_string()).collect();
+    (took, lines, t)
 }
 
 /// `dma=blk`: the guest writes the disk, then has the device read every page of the
@@ -625,6 +646,248 @@ fn dma_verify_counts_intx_interrupts() {
         2,
         &rng,
     );
+}
+
+/// QEMU arguments for a virtio-iommu and `dma`'s device behind it: `iommu_platform=on`
+/// (QEMU's VIRTIO_F_ACCESS_PLATFORM, without which the device's DMA bypasses the IOMMU)
+/// needs a modern-only device (`disable-legacy=on`); `disk` for blk.
+fn iommu_args(machine: &str, dma: &str, disk: Option<&TempDisk>) -> Vec<String> {
+    let mut a: Vec<String> = ["-machine", machine, "-device", "virtio-iommu-pci"]
+        .map(String::from)
+        .to_vec();
+    let behind = "iommu_platform=on,disable-legacy=on";
+    match (dma, disk) {
+        ("blk", Some(d)) => a.extend([
+            "-device".into(),
+            format!("virtio-blk-pci,drive=d0,{behind}"),
+            "-drive".into(),
+            format!("file={},if=none,id=d0,format=raw", d.0.display()),
+        ]),
+        ("rng", None) => a.extend(["-device".into(), format!("virtio-rng-pci,{behind}")]),
+        _ => panic!("iommu_args({dma}, {})", disk.is_some()),
+    }
+    a
+}
+
+/// The `key=` value of the first guest line starting with `prefix`.
+fn field<'a>(lines: &'a [String], prefix: &str, key: &str, t: &str) -> &'a str {
+    lines
+        .iter()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting {prefix:?}:\n{t}"))
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|w| w.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("no {key}= on the {prefix:?} line:\n{t}"))
+}
+
+/// `dma-verify iommu=on remap=on detach=on nested-dirty=on` under QEMU 7.2's
+/// virtio-iommu-pci (q35; rng also on pc), blk and rng on 2 vCPUs, 3 passes: the guest
+/// finds the IOMMU, PROBEs the endpoint (QEMU reports the x86 MSI window as RESV_MEM),
+/// maps the region at IOVAs a TiB away from its GPAs, remaps a window per pass and vCPU,
+/// detaches and re-attaches between passes, and every page checks. QEMU has no
+/// DIRTY_TRACKING (bit 10): the guest says so and runs without it.
+#[test]
+fn dma_verify_through_qemus_virtio_iommu() {
+    if !qemu_installed() {
+        eprintln!("skipped: qemu-system-x86_64 is not installed");
+        return;
+    }
+    const SIZE: u64 = 16 << 20;
+    let cmdline = |dma: &str| {
+        format!("workload=dma-verify dma={dma} size=16M passes=3 iommu=on remap=on detach=on nested-dirty=on")
+    };
+    let disk = TempDisk::new(guest_pattern::dma::disk_bytes_needed(SIZE));
+    for (machine, dma, cpus) in [("q35", "rng", 2), ("q35", "blk", 2), ("pc", "rng", 1)] {
+        let args = iommu_args(machine, dma, (dma == "blk").then_some(&disk));
+        let (_, lines, t) = dma_verify_run(cpus, &cmdline(dma), 3, &args);
+        let t = format!("-machine {machine}: {t}");
+        let has = |l: &str| lines.iter().any(|x| x == l);
+        assert!(
+            has("guest: note: nested dirty tracking not offered (feature bit 10); running without it"),
+            "{t}"
+        );
+        assert!(
+            lines[0].ends_with(" iommu=on remap=on detach=on nested-dirty=on"),
+            "{t}"
+        );
+        // The device, its features (VERSION_1, MAP_UNMAP, PROBE, BYPASS_CONFIG taken; no
+        // bit 10), bypass written 0.
+        let features = u64::from_str_radix(
+            field(&lines, "guest: viommu device ", "features", &t).trim_start_matches("0x"),
+            16,
+        )
+        .unwrap();
+        let want = guest_pattern::viommu::F_VERSION_1
+            | guest_pattern::viommu::F_MAP_UNMAP
+            | guest_pattern::viommu::F_PROBE
+            | guest_pattern::viommu::F_BYPASS_CONFIG;
+        assert_eq!(features & want, want, "{t}");
+        assert_eq!(features & guest_pattern::viommu::F_DIRTY_TRACKING, 0, "{t}");
+        assert_eq!(
+            field(&lines, "guest: viommu config ", "bypass", &t),
+            "0",
+            "{t}"
+        );
+        // The endpoint is the DMA device's BDF.
+        let pci = field(&lines, "guest: dma device=", "pci", &t);
+        let slot = u32::from_str_radix(&pci[3..5], 16).unwrap();
+        let endpoint = format!("{:#x}", slot << 3);
+        assert!(
+            has(&format!(
+                "guest: viommu probe endpoint={endpoint} resv_mem subtype=msi start=0xfee00000 end=0xfeefffff"
+            )),
+            "{t}"
+        );
+        let main = "guest: viommu pci=";
+        assert_eq!(field(&lines, main, "endpoint", &t), endpoint, "{t}");
+        assert_eq!(
+            field(&lines, main, "region_iova", &t),
+            "0x10000000000",
+            "{t}"
+        );
+        assert_eq!(field(&lines, main, "windows", &t), "8", "{t}");
+        assert_eq!(
+            field(&lines, main, "nested-dirty", &t),
+            "not-offered",
+            "{t}"
+        );
+        // The device's DMA went through it: ACCESS_PLATFORM agreed.
+        let dev_features = u64::from_str_radix(
+            field(&lines, "guest: dma device=", "features", &t).trim_start_matches("0x"),
+            16,
+        )
+        .unwrap();
+        assert_ne!(
+            dev_features & guest_pattern::viommu::F_ACCESS_PLATFORM,
+            0,
+            "{t}"
+        );
+        // A remap per pass and vCPU, a re-attach between passes, no fault.
+        let done = "guest: viommu done ";
+        let count = |key: &str| -> u64 { field(&lines, done, key, &t).parse().unwrap() };
+        // (blk's pass 0, which only reads the disk into the region, has one too.)
+        let passes = if dma == "blk" { 4 } else { 3 };
+        let remaps = passes * u64::from(cpus);
+        assert_eq!(count("remaps"), remaps, "{t}");
+        assert_eq!(count("unmaps"), remaps, "{t}");
+        assert_eq!(count("detaches"), 2, "{t}");
+        // Initial maps (8 windows + the driver memory), again after each re-attach, one
+        // per remap.
+        assert_eq!(count("maps"), 3 * 9 + remaps, "{t}");
+        assert_eq!(count("faults"), 0, "{t}");
+        assert!(
+            lines.iter().any(|l| l.starts_with("guest: viommu remap ")
+                && l.contains(" iova=0x1")
+                && l.contains("->0x2")),
+            "no remap to the other bank:\n{t}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("guest: viommu re-attached endpoint=")),
+            "{t}"
+        );
+    }
+}
+
+/// `fault=on` under QEMU: the device gets a buffer at an IOVA nothing maps; QEMU's
+/// virtio-iommu reports MAPPING faults for the endpoint at addresses in that buffer (its
+/// devices then complete the request as if it had worked: the guest notes it), the guest
+/// resets the device and runs its passes.
+#[test]
+fn qemus_virtio_iommu_reports_a_fault_at_an_unmapped_iova() {
+    if !qemu_installed() {
+        eprintln!("skipped: qemu-system-x86_64 is not installed");
+        return;
+    }
+    let disk = TempDisk::new(32 << 20);
+    for dma in ["rng", "blk"] {
+        let args = iommu_args("q35", dma, (dma == "blk").then_some(&disk));
+        let cmdline = format!("workload=dma-verify dma={dma} size=16M passes=1 iommu=on fault=on");
+        let (_, lines, t) = dma_verify_run(1, &cmdline, 1, &args);
+        let test = lines
+            .iter()
+            .find(|l| l.starts_with("guest: viommu fault-test "))
+            .unwrap_or_else(|| panic!("no fault-test line:\n{t}"));
+        assert!(
+            test.starts_with(&format!(
+                "guest: viommu fault-test dma={dma} iova=0xffffff0000 "
+            )),
+            "{t}"
+        );
+        let endpoint = field(&lines, "guest: viommu pci=", "endpoint", &t);
+        let faults: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.starts_with("guest: viommu fault reason="))
+            .collect();
+        assert!(!faults.is_empty(), "{t}");
+        for f in &faults {
+            assert!(
+                f.starts_with("guest: viommu fault reason=mapping flags=0x100 endpoint=")
+                    && f.contains(&format!(" endpoint={endpoint} address=0xffffff0")),
+                "{f}\n{t}"
+            );
+        }
+        let n: usize = field(&lines, "guest: viommu fault-test ", "faults", &t)
+            .parse()
+            .unwrap();
+        assert_eq!(n, faults.len(), "{t}");
+        eprintln!("{dma}: {test}");
+    }
+}
+
+/// What `iommu=on` refuses: no virtio-iommu, a device QEMU does not put behind it
+/// (`iommu_platform=off`: no ACCESS_PLATFORM), and the new keys without `iommu=on` or with
+/// another workload.
+#[test]
+fn dma_verify_iommu_refusals() {
+    if !qemu_installed() {
+        eprintln!("skipped: qemu-system-x86_64 is not installed");
+        return;
+    }
+    let rng = "-device virtio-rng-pci,disable-legacy=on";
+    for (extra, cmdline, expected, ready) in [
+        (
+            rng,
+            "workload=dma-verify dma=rng size=4M iommu=on",
+            "guest: FAIL no virtio-iommu on PCI bus 0 (vendor 1af4, device 1057)",
+            true,
+        ),
+        (
+            "-device virtio-iommu-pci -device virtio-rng-pci,disable-legacy=on",
+            "workload=dma-verify dma=rng size=4M iommu=on",
+            "guest: FAIL virtio-rng 00:03.0: iommu=on, but VIRTIO_F_ACCESS_PLATFORM (bit 33) is not offered",
+            true,
+        ),
+        (
+            rng,
+            "workload=dma-verify dma=rng size=4M remap=on",
+            "guest: bad argument remap=on (needs iommu=on)",
+            false,
+        ),
+        (
+            "",
+            "workload=verify size=4M iommu=on",
+            "guest: bad argument iommu=on (only with workload=dma-verify)",
+            false,
+        ),
+    ] {
+        let extra: Vec<&str> = extra.split_whitespace().collect();
+        let mut q = Qemu::boot(1, "256", cmdline, &extra);
+        let code = q.wait_exit(BOOT_TIMEOUT);
+        let t = q.transcript();
+        let lines = q.guest_lines();
+        assert_eq!(code, Some(STATUS_FAIL), "{t}");
+        assert!(
+            lines.iter().any(|l| l.starts_with(expected)),
+            "want {expected:?}\n{t}"
+        );
+        assert_eq!(
+            lines.iter().any(|l| l.starts_with("guest: ready")),
+            ready,
+            "{t}"
+        );
+    }
 }
 
 /// The figures of a `guest: dma-bench ...` line: bs, requests, bytes, ms, MiB/s, req/s,
