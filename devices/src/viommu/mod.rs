@@ -15,9 +15,13 @@
 mod device;
 mod dirty;
 mod domain;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 mod requests;
 mod state;
 mod table;
+#[cfg(test)]
+mod tests;
 
 use std::ops::RangeInclusive;
 
