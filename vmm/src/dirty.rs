@@ -74,19 +74,29 @@ impl DirtySources {
     }
 }
 
+/// Test seams: logs read and thrown away.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DropLogs {
+    /// The VMM's log and the DMA log.
+    pub devices: bool,
+    /// The DMA log of the devices behind the vIOMMU only.
+    pub viommu: bool,
+}
+
 /// Collects KVM's dirty log, the VMM's own and the vIOMMU's DMA log, unioned per region.
 /// Slot i of the KVM VM is region i of `mem` (Ferry registers them in that order), and
 /// region i of `dma_log` maps the same RAM.
 ///
-/// `drop_vmm_log` is a test-only seam (`FERRY_TEST_DROP_DEVICE_LOG`): the device logs are
-/// read and thrown away, as a VMM whose device writes bypassed them would, so a test can
-/// show the guest catching the pages that then go missing.
+/// `drop` is a test-only seam (`FERRY_TEST_DROP_DEVICE_LOG`, both logs;
+/// `FERRY_TEST_DROP_VIOMMU_LOG`, the DMA log): the logs it names are read and thrown
+/// away, as a VMM whose device writes bypassed them would, so a test can show the guest
+/// catching the pages that then go missing.
 pub fn collect(
     vm: &hypervisor::Vm,
     mem: &GuestMemoryMmap,
     dma_log: Option<&GuestMemoryMmap>,
     kind: SyncKind,
-    drop_vmm_log: bool,
+    drop: DropLogs,
     sources: &DirtySources,
 ) -> hypervisor::Result<Vec<RegionDirty>> {
     let kvm_bitmaps = vm.sync_dirty(kind)?;
@@ -106,10 +116,12 @@ pub fn collect(
                 .map(|r| vmm_log(r).get_and_reset())
                 .unwrap_or_default();
             DirtySources::add(&sources.viommu_dma, &dma);
-            if !drop_vmm_log {
+            if !drop.devices {
                 for (a, b) in bm.iter_mut().zip(own) {
                     *a |= b;
                 }
+            }
+            if !drop.devices && !drop.viommu {
                 for (a, b) in bm.iter_mut().zip(dma) {
                     *a |= b;
                 }

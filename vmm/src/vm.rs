@@ -203,7 +203,7 @@ pub struct Machine {
     pci: PciDevices,
     paused: AtomicBool,
     /// Test-only seam: the device log is dropped at every collection.
-    drop_device_log: bool,
+    drop_logs: dirty::DropLogs,
     /// Test-only seam: `pause` leaves the devices running; they stop only when the state
     /// is saved, 50 ms after the final collection (the wrong order, which loses pages).
     pause_devices_late: bool,
@@ -460,6 +460,13 @@ impl Machine {
                  after the final dirty collection (a test seam; pages will be lost)"
             );
         }
+        let drop_viommu_log = std::env::var_os("FERRY_TEST_DROP_VIOMMU_LOG").is_some();
+        if drop_viommu_log {
+            log::warn!(
+                "FERRY_TEST_DROP_VIOMMU_LOG is set: DMA through the virtio-iommu is NOT \
+                 migrated (a test seam; pages will be lost)"
+            );
+        }
         if drop_device_log {
             log::warn!(
                 "FERRY_TEST_DROP_DEVICE_LOG is set: device writes to guest RAM are NOT \
@@ -502,7 +509,10 @@ impl Machine {
             pm,
             pci,
             paused: AtomicBool::new(false),
-            drop_device_log,
+            drop_logs: dirty::DropLogs {
+                devices: drop_device_log,
+                viommu: drop_viommu_log,
+            },
             pause_devices_late,
             dirty_sources: Default::default(),
             mem: p.mem,
@@ -625,7 +635,7 @@ impl Machine {
             &self.mem,
             self.pci.dma_log(),
             kind,
-            self.drop_device_log,
+            self.drop_logs,
             &self.dirty_sources,
         )?)
     }
