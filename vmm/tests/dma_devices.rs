@@ -826,3 +826,33 @@ fn dropped_unread_nested_dirty_bits_are_caught_by_the_guest_after_the_move() {
         moved.serial
     );
 }
+
+/// A DMA to an IOVA nothing maps: the device's request fails (blk: an error status; rng:
+/// nothing written), the vIOMMU posts a fault record naming the endpoint and the address
+/// on its event queue, and the run goes on.
+#[test]
+fn a_dma_to_an_unmapped_iova_faults_and_writes_nothing() {
+    let dir = tmpdir("viommu-fault");
+    let d = disk(&dir, 64 << 20);
+    let disk_arg = format!("path={},iommu=on", d.display());
+    for dma in ["blk", "rng"] {
+        let out = boot_and_pass(
+            &format!("fault=on dma={dma}"),
+            1,
+            &format!("workload=dma-verify dma={dma} size=4M passes=2 iommu=on fault=on"),
+            &["--disk", &disk_arg, "--rng", "src=/dev/urandom,iommu=on"],
+        );
+        let line = out
+            .lines()
+            .find(|l| l.contains("guest: viommu fault-test"))
+            .unwrap_or_else(|| panic!("no fault-test line:\n{out}"));
+        assert!(
+            !line.contains("faults=0") && !out.contains("reported success"),
+            "dma={dma}: {line}\n{out}"
+        );
+        assert!(
+            out.contains("guest: viommu fault reason=mapping"),
+            "dma={dma}: no mapping fault record:\n{out}"
+        );
+    }
+}
