@@ -50,6 +50,9 @@ use crate::workload::{self, check_stop, Progress};
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Where `fault=on` points the device: just below bank 0, never mapped.
 pub const FAULT_IOVA: u64 = REGION_IOVA - 16 * PAGE;
+/// Why an endpoint may be unknown to the virtio-iommu (NOENT).
+const NOT_BEHIND: &str =
+    " (is the device behind this IOMMU? Ferry: iommu=on on the device; QEMU: the same PCI bus)";
 /// Seconds the fault test waits for the request, then for the fault record.
 const FAULT_REQUEST_SECS: u64 = 10;
 const FAULT_RECORD_SECS: u64 = 5;
@@ -263,11 +266,16 @@ pub fn setup(cfg: &Config, mem: &DriverMemory, iommu: &Iommu, endpoint: u32) {
         let (status, props) = iommu::probe(mem, endpoint, iommu.probe_size);
         if status != Some(S_OK) {
             crate::fail(format_args!(
-                "virtio-iommu: PROBE of endpoint {endpoint:#x} answered {}",
+                "virtio-iommu: PROBE of endpoint {endpoint:#x} answered {}{}",
                 status.map_or(
                     "nothing (used length 0)",
                     guest_pattern::viommu::status_name
-                )
+                ),
+                if status == Some(S_NOENT) {
+                    NOT_BEHIND
+                } else {
+                    ""
+                }
             ));
         }
         let mut count = 0;
@@ -327,9 +335,7 @@ pub fn setup(cfg: &Config, mem: &DriverMemory, iommu: &Iommu, endpoint: u32) {
         b.fail(
             i,
             Some(S_NOENT),
-            Some(format_args!(
-                "is the device behind this IOMMU? Ferry: iommu=on on the device; QEMU: the same PCI bus"
-            )),
+            Some(format_args!("{}", NOT_BEHIND.trim())),
         );
     }
     b.expect_ok(i, None);
