@@ -292,7 +292,10 @@ mod tests {
         assert!(v["total-time"].is_u64());
         assert_eq!(v["expected-downtime"], 5);
         let src = &v["dirty-tracking"]["sources"];
-        assert_eq!((src["kvm"].as_u64(), src["viommu-dma"].as_u64()), (Some(5), Some(3)));
+        assert_eq!(
+            (src["kvm"].as_u64(), src["viommu-dma"].as_u64()),
+            (Some(5), Some(3))
+        );
         for key in [
             "transferred",
             "remaining",
