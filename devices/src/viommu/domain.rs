@@ -67,6 +67,11 @@ impl IovaDomain {
         self.mappings.values()
     }
 
+    /// How many mappings the domain holds.
+    pub fn count(&self) -> usize {
+        self.mappings.len()
+    }
+
     /// MAP: `[virt_start, virt_end]` to `phys_start` with `flags`. `mmio_allowed`: the
     /// driver negotiated VIRTIO_IOMMU_F_MMIO.
     pub fn map(

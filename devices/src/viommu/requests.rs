@@ -222,7 +222,7 @@ fn map(table: &IommuTable, req: &[u8], features: u64) -> Reply {
     if virt_start <= *MSI_RANGE.end() && virt_end >= *MSI_RANGE.start() {
         return Reply::status(S_INVAL);
     }
-    if d.mappings.mappings().count() >= MAX_MAPPINGS {
+    if d.mappings.count() >= MAX_MAPPINGS {
         return Reply::status(S_NOMEM);
     }
     let mmio = features & (1 << F_MMIO) != 0;
