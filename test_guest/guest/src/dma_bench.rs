@@ -12,6 +12,14 @@
 //! seconds (the last requests finish after it), or `passes` whole passes over the disk.
 //! Prints `guest: dma-bench bs=<bytes> requests=<n> bytes=<n> ms=<n> MiB/s=<x> req/s=<y>
 //! notifies=<n>` and PASS.
+//!
+//! `iommu=on`: the device sits behind a virtio-iommu, set up as for `dma-verify iommu=on`
+//! (`dma_iommu::setup`: the endpoint attached to a domain, the region mapped window by
+//! window, the driver memory in one mapping) before the device's queue exists; every
+//! address the device is given is then an IOVA (`dma_iommu::device_address`), and the
+//! read loop is the same. `bs` divides the 2 MiB window (the command line sees to it), so
+//! no buffer crosses one. Nothing is remapped while it runs: what it measures is the
+//! translation of every DMA.
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -54,8 +62,24 @@ static PLAN: BenchPlan = BenchPlan {
 /// ready line and before `smp::GO`). Prints `guest: dma device=...`; a missing or unusable
 /// device, or a disk smaller than one request, fails the run.
 pub fn setup(cfg: &Config, mem: &DriverMemory) {
+    // iommu=on: the virtio-iommu first, the endpoint attached and everything mapped
+    // before the device's queue is set up (as `dma_verify::setup` does).
+    if cfg.iommu {
+        let kind = virtio::Kind::of(Dma::Blk);
+        let Some((dev, func, _)) = virtio::locate(kind) else {
+            virtio::missing(kind)
+        };
+        let iommu = virtio::iommu::setup(mem, false);
+        iommu.announce();
+        crate::dma_iommu::setup(
+            cfg,
+            mem,
+            &iommu,
+            guest_pattern::viommu::endpoint(0, dev, func),
+        );
+    }
     // One queue: only the boot vCPU reads.
-    let dev = virtio::setup(Dma::Blk, mem, 1, cfg.irq, crate::apic::id(), false);
+    let dev = virtio::setup(Dma::Blk, mem, 1, cfg.irq, crate::apic::id(), cfg.iommu);
     let bs = cfg.bench_bs();
     if dev.capacity < bs {
         crate::fail(format_args!(
@@ -186,7 +210,7 @@ pub fn run(cpu: u32) {
         cpus,
         pages,
         dma: Dma::Blk,
-        iommu: false,
+        iommu: crate::dma_iommu::on(),
     };
     let slots = PLAN.slots.load(Ordering::Relaxed) as usize;
     let blocks = PLAN.disk.load(Ordering::Relaxed) / bs;

@@ -130,8 +130,9 @@ pub struct Config {
     pub secs: Option<u64>,
     /// `irq=`: interrupts from the `dma-verify` / `dma-bench` device; `off` by default.
     pub irq: Irq,
-    /// `iommu=on`: `dma-verify` drives its device through a virtio-iommu: the device's
-    /// endpoint is attached to a domain and sees only IOVAs (see [`crate::viommu`]).
+    /// `iommu=on`: `dma-verify` or `dma-bench` drives its device through a virtio-iommu:
+    /// the device's endpoint is attached to a domain and sees only IOVAs (see
+    /// [`crate::viommu`]).
     pub iommu: bool,
     /// `remap=on` (with `iommu=on`): windows of the region are unmapped and mapped again
     /// while the device works.
@@ -360,6 +361,12 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
         if c.size < c.bench_bs() {
             return Err(given("size", "smaller than bs="));
         }
+        // iommu=on: a request's buffer must be one run of IOVAs, inside one window of the
+        // region (`crate::viommu::WINDOW_BYTES`); buffers at multiples of `bs` are when `bs`
+        // divides the window.
+        if c.iommu && !crate::viommu::WINDOW_BYTES.is_multiple_of(c.bench_bs()) {
+            return Err(given("bs", "with iommu=on: a power of two, dividing 2M"));
+        }
     }
     for (key, set, why) in [
         (
@@ -394,13 +401,33 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
         ),
         (
             "iommu",
-            c.iommu && c.workload != Workload::DmaVerify,
-            "only with workload=dma-verify",
+            c.iommu && !dma_workload,
+            "only with workload=dma-verify or dma-bench",
         ),
         ("remap", c.remap && !c.iommu, "needs iommu=on"),
         ("detach", c.detach && !c.iommu, "needs iommu=on"),
         ("nested-dirty", c.nested_dirty && !c.iommu, "needs iommu=on"),
         ("fault", c.fault && !c.iommu, "needs iommu=on"),
+        (
+            "remap",
+            c.remap && c.workload == Workload::DmaBench,
+            "only with workload=dma-verify",
+        ),
+        (
+            "detach",
+            c.detach && c.workload == Workload::DmaBench,
+            "only with workload=dma-verify",
+        ),
+        (
+            "nested-dirty",
+            c.nested_dirty && c.workload == Workload::DmaBench,
+            "only with workload=dma-verify",
+        ),
+        (
+            "fault",
+            c.fault && c.workload == Workload::DmaBench,
+            "only with workload=dma-verify",
+        ),
     ] {
         if set {
             return Err(given(key, why));
@@ -836,6 +863,13 @@ mod tests {
         assert!(c.iommu && c.remap && c.detach && c.nested_dirty && c.fault);
         let c = parse(b"workload=dma-verify dma=blk iommu=on remap=on remap=off").unwrap();
         assert!(c.iommu && !c.remap);
+        // dma-bench takes iommu=on alone, with any power-of-two bs up to 1M.
+        for bs in ["4K", "8K", "64K", "1M"] {
+            let line = std::format!("workload=dma-bench dma=blk iommu=on bs={bs}");
+            let c = parse(line.as_bytes()).unwrap();
+            assert!(c.iommu && !c.remap && !c.detach && !c.nested_dirty && !c.fault);
+        }
+        assert!(parse(b"workload=dma-bench dma=blk bs=12K").is_ok());
         // off fits every workload, like irq=off.
         for line in [
             "workload=verify iommu=off",
@@ -856,11 +890,31 @@ mod tests {
             ),
             (
                 "workload=verify iommu=on",
-                "bad argument iommu=on (only with workload=dma-verify)",
+                "bad argument iommu=on (only with workload=dma-verify or dma-bench)",
             ),
             (
-                "workload=dma-bench dma=blk iommu=on",
-                "bad argument iommu=on (only with workload=dma-verify)",
+                "workload=dma-bench dma=blk iommu=on remap=on",
+                "bad argument remap=on (only with workload=dma-verify)",
+            ),
+            (
+                "workload=dma-bench dma=blk iommu=on detach=on",
+                "bad argument detach=on (only with workload=dma-verify)",
+            ),
+            (
+                "workload=dma-bench dma=blk iommu=on nested-dirty=on",
+                "bad argument nested-dirty=on (only with workload=dma-verify)",
+            ),
+            (
+                "workload=dma-bench dma=blk iommu=on fault=on",
+                "bad argument fault=on (only with workload=dma-verify)",
+            ),
+            (
+                "workload=dma-bench dma=blk iommu=on bs=12K",
+                "bad argument bs=12K (with iommu=on: a power of two, dividing 2M)",
+            ),
+            (
+                "workload=dma-bench dma=blk iommu=on bs=12K size=8K",
+                "bad argument size=8K (smaller than bs=)",
             ),
             (
                 "workload=dma-verify dma=rng remap=on",
