@@ -19,10 +19,15 @@ pub fn ferry_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferry"))
 }
 
-/// The test guest, built by `test_guest/build.sh` when missing.
+/// The test guest, built by `test_guest/build.sh` when missing: target/test-guest/guest.elf,
+/// or DIR/test-guest/guest.elf with `FERRY_TEST_GUEST_TARGET=DIR` (where build.sh then
+/// puts it).
 pub fn guest_elf() -> PathBuf {
     let root = repo_root();
-    let elf = root.join("target/test-guest/guest.elf");
+    let elf = match std::env::var_os("FERRY_TEST_GUEST_TARGET") {
+        Some(dir) => PathBuf::from(dir).join("test-guest/guest.elf"),
+        None => root.join("target/test-guest/guest.elf"),
+    };
     static BUILD: std::sync::Once = std::sync::Once::new();
     BUILD.call_once(|| {
         if !elf.exists() {
