@@ -234,7 +234,14 @@ impl VirtioDevice for VirtioIommu {
     /// Only `bypass` (byte 36) is writable, with 0 or 1.
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         if offset == 36 && data.len() == 1 && data[0] <= 1 {
-            self.table.write().bypass = data[0] == 1;
+            let mut t = self.table.write();
+            if data[0] == 0 {
+                let ids: Vec<u32> = t.endpoints.keys().copied().collect();
+                for id in ids {
+                    self.table.bypass_ends(&t, id);
+                }
+            }
+            t.bypass = data[0] == 1;
         } else {
             self.errors.report(format_args!(
                 "config write of {} bytes at {offset} refused (only bypass, byte 36, takes 0 or 1)",
@@ -328,6 +335,10 @@ impl VirtioDevice for VirtioIommu {
         let ids: Vec<u32> = t.domains.keys().copied().collect();
         for id in ids {
             self.table.endpoint_leaves(&t, id);
+        }
+        let endpoints: Vec<u32> = t.endpoints.keys().copied().collect();
+        for id in endpoints {
+            self.table.bypass_ends(&t, id);
         }
         t.domains.clear();
         for e in t.endpoints.values_mut() {

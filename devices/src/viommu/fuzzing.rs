@@ -255,6 +255,8 @@ struct Harness {
     events_posted: VecDeque<u32>,
     next_event_slot: u64,
     marks: Arc<AtomicU64>,
+    /// Marks of all of RAM (an untrackable endpoint leaving bypass), counted apart.
+    all_marks: Arc<AtomicU64>,
     pattern: u8,
     run: Run,
 }
@@ -279,11 +281,17 @@ pub fn requests(input: &[u8]) -> Run {
     let dma_ram = ram.with_own_log();
     let table = Arc::new(new_table());
     let marks = Arc::new(AtomicU64::new(0));
+    let all_marks = Arc::new(AtomicU64::new(0));
     {
         let marks = marks.clone();
+        let all_marks = all_marks.clone();
         let log = dma_ram.clone();
         table.set_gpa_marker(Box::new(move |gpa, len| {
-            marks.fetch_add(1, Ordering::Relaxed);
+            if (gpa, len) == (0, u64::MAX) {
+                all_marks.fetch_add(1, Ordering::Relaxed);
+            } else {
+                marks.fetch_add(1, Ordering::Relaxed);
+            }
             log.mark_gpa_range(gpa, len);
         }));
     }
@@ -311,6 +319,7 @@ pub fn requests(input: &[u8]) -> Run {
         events_posted: VecDeque::new(),
         next_event_slot: 0,
         marks,
+        all_marks,
         pattern: 0,
         run: Run::default(),
     };
@@ -549,6 +558,7 @@ impl Harness {
 
         let before = table.state();
         let marks = self.marks.load(Ordering::Relaxed);
+        let all_marks = self.all_marks.load(Ordering::Relaxed);
         let tracking = table.migration_tracking();
         let kind = r.readable.first().copied();
         let known = kind
@@ -589,8 +599,9 @@ impl Harness {
         }
         let after = table.state();
         let marked = self.marks.load(Ordering::Relaxed) - marks;
+        let all_marked = self.all_marks.load(Ordering::Relaxed) - all_marks;
         if status != S_OK {
-            assert_eq!(marked, 0, "a refused request marks nothing");
+            assert_eq!(marked + all_marked, 0, "a refused request marks nothing");
             assert_eq!(
                 after, before,
                 "a refused request (status {status}) changes nothing"
@@ -646,6 +657,26 @@ impl Harness {
             _ => 0,
         };
         assert_eq!(marked, want_marks, "ranges marked by {kind:#x}");
+        // An untrackable endpoint that stops bypassing makes all of RAM dirty.
+        let leaves_bypass = |ep: u32| {
+            tracking
+                && before.endpoints.iter().any(|e| {
+                    e.id == ep
+                        && !e.trackable
+                        && match e.domain {
+                            None => before.bypass,
+                            Some(d) => before.domains.iter().any(|x| x.id == d && x.bypass),
+                        }
+                })
+        };
+        let want_all = match kind {
+            T_ATTACH if domain_of(&before, u32_at(8)) != Some(u32_at(4)) => {
+                u64::from(leaves_bypass(u32_at(8)))
+            }
+            T_DETACH => u64::from(leaves_bypass(u32_at(8))),
+            _ => 0,
+        };
+        assert_eq!(all_marked, want_all, "all-RAM marks by {kind:#x}");
         match kind {
             T_MAP => {
                 let (d, vs, ve, ps) = (u32_at(4), u64_at(8), u64_at(16), u64_at(24));
@@ -888,6 +919,25 @@ impl Harness {
             .expect("in RAM")
     }
 
+    /// How many untrackable endpoints bypass now, if a migration tracks (each leaving
+    /// bypass marks all of RAM once), else 0.
+    fn bypassing_untrackable(&self) -> u64 {
+        if !self.table.migration_tracking() {
+            return 0;
+        }
+        let t = self.table.read();
+        t.endpoints
+            .values()
+            .filter(|e| {
+                !e.trackable
+                    && match e.domain {
+                        None => t.bypass,
+                        Some(d) => t.domains.get(&d).is_some_and(|d| d.bypass),
+                    }
+            })
+            .count() as u64
+    }
+
     fn footprints(t: &Tables) -> Vec<(u64, u64)> {
         t.domains
             .values()
@@ -900,9 +950,16 @@ impl Harness {
             0 | 1 => {
                 let b = input.pick(&[0u8, 1, 2]);
                 let before = self.table.read().bypass;
+                let want_all = if b == 0 {
+                    self.bypassing_untrackable()
+                } else {
+                    0
+                };
+                let all = self.all_marks.load(Ordering::Relaxed);
                 self.device.write_config(36, &[b]);
                 let now = self.table.read().bypass;
                 assert_eq!(now, if b <= 1 { b == 1 } else { before });
+                assert_eq!(self.all_marks.load(Ordering::Relaxed) - all, want_all);
                 let mut c = [0u8; 1];
                 self.device.read_config(36, &mut c);
                 assert_eq!(c[0], u8::from(now));
@@ -915,8 +972,13 @@ impl Harness {
                     (Self::footprints(&t), self.table.migration_tracking())
                 };
                 let marks = self.marks.load(Ordering::Relaxed);
+                let (all, want_all) = (
+                    self.all_marks.load(Ordering::Relaxed),
+                    self.bypassing_untrackable(),
+                );
                 let bypass = self.table.read().bypass;
                 self.device.reset();
+                assert_eq!(self.all_marks.load(Ordering::Relaxed) - all, want_all);
                 let t = self.table.read();
                 assert!(t.domains.is_empty());
                 assert!(t.endpoints.values().all(|e| e.domain.is_none()));
@@ -940,6 +1002,16 @@ impl Harness {
                     }
                 };
                 let marks = self.marks.load(Ordering::Relaxed);
+                let all = self.all_marks.load(Ordering::Relaxed);
+                let want_all = {
+                    let t = self.table.read();
+                    let e = &t.endpoints[&ep];
+                    let bypassing = match e.domain {
+                        None => t.bypass,
+                        Some(d) => t.domains[&d].bypass,
+                    };
+                    u64::from(self.table.migration_tracking() && !e.trackable && bypassing)
+                };
                 self.dma_ram
                     .behind_iommu(IommuEndpoint {
                         id: ep,
@@ -947,6 +1019,7 @@ impl Harness {
                     })
                     .device_reset();
                 assert_eq!(self.marks.load(Ordering::Relaxed) - marks, want);
+                assert_eq!(self.all_marks.load(Ordering::Relaxed) - all, want_all);
             }
         }
     }

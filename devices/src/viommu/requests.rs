@@ -156,7 +156,11 @@ fn attach(table: &IommuTable, req: &[u8], features: u64) -> Reply {
     if ep.domain == Some(domain) {
         return Reply::status(S_OK);
     }
-    // Attached elsewhere: an implicit DETACH first (the spec allows it).
+    // Attached elsewhere: an implicit DETACH first (the spec allows it), which leaves
+    // bypass if the old domain was one; unattached, it leaves `bypass` now.
+    if ep.domain.is_none() {
+        table.bypass_ends(&t, endpoint);
+    }
     if let Some(old) = ep.domain {
         leave(table, &mut t, endpoint, old);
     }
@@ -173,6 +177,7 @@ fn attach(table: &IommuTable, req: &[u8], features: u64) -> Reply {
 /// a domain without endpoints is gone (with its mappings and dirty bits).
 fn leave(table: &IommuTable, t: &mut Tables, endpoint: u32, domain: u32) {
     table.endpoint_leaves(t, domain);
+    table.bypass_ends(t, endpoint);
     if let Some(e) = t.endpoints.get_mut(&endpoint) {
         e.domain = None;
     }
@@ -329,7 +334,8 @@ fn set_dirty_tracking(table: &IommuTable, req: &[u8]) -> Reply {
         return Reply::status(S_NOENT);
     };
     if flags & DIRTY_TRACKING_F_ENABLE != 0 {
-        if untrackable {
+        // A bypass domain translates nothing, so it has no IOVA pages to report.
+        if untrackable || d.bypass {
             return Reply::status(S_UNSUPP);
         }
         if d.dirty.is_none() {

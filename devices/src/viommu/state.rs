@@ -107,6 +107,7 @@ impl IommuTable {
                 },
             );
         }
+        // Domains live while they hold an endpoint; tracking ones only trackable ones.
         let mut endpoints = std::collections::BTreeMap::new();
         for e in &state.endpoints {
             if let Some(id) = e.domain {
@@ -129,6 +130,22 @@ impl IommuTable {
                     trackable,
                 },
             );
+        }
+        for (id, d) in &domains {
+            if d.endpoints.is_empty() {
+                return Err(format!("domain {id} has no endpoint"));
+            }
+            if d.dirty.is_some() {
+                if let Some(e) = d
+                    .endpoints
+                    .iter()
+                    .find(|e| endpoints.get(*e).is_some_and(|e: &Endpoint| !e.trackable))
+                {
+                    return Err(format!(
+                        "domain {id} tracks dirty pages but endpoint {e:#x} cannot report its writes here"
+                    ));
+                }
+            }
         }
         t.bypass = state.bypass;
         t.endpoints = endpoints;

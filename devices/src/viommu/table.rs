@@ -218,9 +218,31 @@ impl IommuTable {
         }
     }
 
+    /// Whether endpoint `id` reaches guest RAM untranslated (unattached with `bypass` on,
+    /// or in a bypass domain).
+    pub(crate) fn in_bypass(t: &Tables, id: u32) -> bool {
+        t.endpoints.get(&id).is_some_and(|e| match e.domain {
+            None => t.bypass,
+            Some(d) => t.domains.get(&d).is_some_and(|d| d.bypass),
+        })
+    }
+
+    /// Rule 5 for an endpoint that cannot report its writes and is about to stop
+    /// bypassing: nothing but all of RAM bounds what it wrote since the last harvest, so
+    /// all of RAM is dirty now (not counted in [`Self::footprint_pages`]).
+    pub(crate) fn bypass_ends(&self, t: &Tables, id: u32) {
+        let untrackable = t.endpoints.get(&id).is_some_and(|e| !e.trackable);
+        if untrackable && self.migration_tracking() && Self::in_bypass(t, id) {
+            if let Some(mark) = &*self.mark_gpa.lock().unwrap_or_else(|p| p.into_inner()) {
+                mark(0, u64::MAX);
+            }
+        }
+    }
+
     /// The driver of endpoint `id`'s device reset it: rule 5 for its domain.
     pub fn endpoint_reset(&self, id: u32) {
         let t = self.read();
+        self.bypass_ends(&t, id);
         if let Some(d) = t.endpoints.get(&id).and_then(|e| e.domain) {
             self.endpoint_leaves(&t, d);
         }

@@ -1300,6 +1300,14 @@ fn a_state_that_does_not_fit_is_refused_naming_why_and_changes_nothing() {
     let mut bad = state.clone();
     bad.domains[0].dirty.as_mut().unwrap().chunks[0].1.pop();
     refused(&b.table, &bad, &["domain 1", "chunk"]);
+    // A domain lives while it holds an endpoint.
+    let mut bad = state.clone();
+    bad.endpoints[0].domain = None;
+    refused(&b.table, &bad, &["domain 1 has no endpoint"]);
+    // A tracking domain holding an endpoint that cannot report its writes here.
+    let mut bad = state.clone();
+    bad.endpoints[2].domain = Some(1);
+    refused(&b.table, &bad, &["domain 1", "endpoint 0x9"]);
     assert_eq!(b.table.state(), before);
     assert_eq!(b.bits(4, 1), BTreeSet::from([0]));
 }
@@ -1774,4 +1782,45 @@ fn thousands_of_generated_request_sequences_keep_the_invariants() {
         total.events_delivered > 100 && total.marks > 10,
         "{total:?}"
     );
+}
+
+/// Rule 5 for a device that cannot report its writes and bypasses the vIOMMU: nothing but
+/// all of RAM bounds what it wrote, so leaving bypass while a migration tracks (attached
+/// from bypass, detached from a bypass domain, the bypass byte going to 0, a reset) marks
+/// all of RAM; a trackable endpoint, or no migration, marks nothing.
+#[test]
+fn an_untrackable_endpoint_leaving_bypass_makes_all_ram_dirty() {
+    const ALL: (u64, u64) = (0, u64::MAX);
+    let vm = Vm::new(&[(1, true), (9, false)]);
+    let mut dev = VirtioIommu::new(vm.table.clone());
+    // Not tracking: nothing.
+    vm.ok(&attach(2, 9, 0));
+    vm.ok(&detach(2, 9));
+    assert_eq!(vm.marked(), vec![]);
+    vm.table.set_migration_tracking(true);
+    // Unattached with bypass on, then attached.
+    vm.ok(&attach(2, 9, 0));
+    assert_eq!(vm.marked(), vec![ALL]);
+    // Into a bypass domain (from a translated one: its footprint is empty) and out.
+    vm.ok(&attach(3, 9, ATTACH_F_BYPASS));
+    assert_eq!(vm.marked(), vec![]);
+    vm.ok(&detach(3, 9));
+    assert_eq!(vm.marked(), vec![ALL]);
+    // The bypass byte going to 0 with it unattached; going to 1 marks nothing.
+    dev.write_config(36, &[0]);
+    assert_eq!(vm.marked(), vec![ALL]);
+    dev.write_config(36, &[1]);
+    assert_eq!(vm.marked(), vec![]);
+    // Its device's reset while it bypasses.
+    vm.endpoint(9).device_reset();
+    assert_eq!(vm.marked(), vec![ALL]);
+    // The trackable one never does.
+    vm.ok(&attach(4, 1, 0));
+    vm.ok(&detach(4, 1));
+    assert_eq!(vm.marked(), vec![]);
+    // All of RAM is in the DMA log.
+    assert_eq!(vm.dirty().len(), 2 * 0x10_0000 / 4096);
+    // Tracking on a bypass domain: it has no IOVA pages to report.
+    vm.ok(&attach(5, 1, ATTACH_F_BYPASS));
+    assert_eq!(vm.status(&set_tracking(5, ENABLE)), S_UNSUPP);
 }
