@@ -150,15 +150,21 @@ def bench_argv(mode, bs, serial, disk):
     if mode.startswith("ferry"):
         return [FERRY, "--kernel", GUEST, "--memory", f"size={BENCH_MEM}", "--cpus", "boot=1",
                 "--serial", f"file={serial}", "--disk", f"path={disk}", "--cmdline", cmdline]
-    return [QEMU, "-accel", "kvm", "-cpu", QEMU_CPU, "-m", BENCH_MEM, "-smp", "1",
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+    # debug-threads=on names the vCPU threads `CPU n/KVM` (VCPU_THREAD), which the CPU
+    # figures leave out; without it every QEMU thread is `qemu-system-x86`.
+    return [QEMU, "-name", "debug-threads=on", "-accel", "kvm", "-cpu", QEMU_CPU,
+            "-m", BENCH_MEM, "-smp", "1", "-nodefaults", "-no-user-config",
+            "-display", "none", "-no-reboot",
             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
             "-device", "virtio-blk-pci,drive=d0",
             "-drive", f"file={disk},if=none,id=d0,{QEMU_DRIVE}",
             "-serial", f"file:{serial}", "-kernel", GUEST, "-append", cmdline]
 
 
-def bench_run(mode, bs, rnd, disk):
+def bench_run(mode, bs, rnd, disk, argv_of=None):
+    """One `dma-bench` run of `mode` with `bs`-byte requests on `disk`; `argv_of(mode, bs,
+    serial, disk)` gives the VMM's command line (default: `bench_argv`): a mode starting
+    with `ferry` is Ferry (exit status 0), anything else QEMU (isa-debug-exit, 1)."""
     d = os.path.join(WORK, f"bench-{bs}-{mode}-{rnd}")
     os.makedirs(d, exist_ok=True)
     serial = f"{d}/serial.log"
@@ -168,7 +174,7 @@ def bench_run(mode, bs, rnd, disk):
         env["FERRY_BENCH_NO_DEVICE_LOG"] = "1"
     rec = {"mode": mode, "bs": bs, "round": rnd, "ok": False, "loadavg": loadavg(),
            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    argv = bench_argv(mode, bs, serial, disk)
+    argv = (argv_of or bench_argv)(mode, bs, serial, disk)
     rec["argv"] = argv
     t0 = time.monotonic()
     busy0 = cpu_busy_s()
@@ -226,6 +232,37 @@ def bench_run(mode, bs, rnd, disk):
 # Median (min–max) over the runs that went well, and its cell: bench_vs_qemu's.
 med = vsq.stats
 fmt = vsq.fmt
+
+
+def throughput_runs(bench, sizes, modes, rounds, disk, jsonl, argv_of=None):
+    """For each request size, `rounds` rounds of one `bench_run` per mode, each round
+    starting from the next mode (no mode always runs first); a run during which the rest
+    of the machine used more than QUIET_PCT % of a CPU is run again, RETRIES times at most
+    (the discarded runs are kept, marked). Appends every run to `bench` and to the JSON
+    lines file `jsonl`."""
+    t0 = time.monotonic()
+    for bs in sizes:
+        for rnd in range(1, rounds + 1):
+            k = (rnd - 1) % len(modes)
+            for m in modes[k:] + modes[:k]:
+                for attempt in range(RETRIES + 1):
+                    rec = bench_run(m, bs, rnd, disk, argv_of)
+                    rec["attempt"] = attempt + 1
+                    noisy = rec.get("others_cpu_pct", 0) > QUIET_PCT
+                    if noisy and attempt < RETRIES:
+                        rec["discarded"] = True
+                    bench.append(rec)
+                    with open(jsonl, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    if not rec.get("discarded"):
+                        break
+                    log(f"bs={bs} round {rnd} {m}: the rest of the machine used "
+                        f"{rec['others_cpu_pct']} % CPU ({rec.get('mib_s')} MiB/s): again")
+                what = (f"{rec['mib_s']} MiB/s, {rec['req_s']} req/s, {rec['notifies']} notifies"
+                        if rec["ok"] else f"FAILED: {rec.get('error')}")
+                log(f"[{time.monotonic() - t0:.0f}s] bs={bs} round {rnd} {m}: {what} "
+                    f"(others {rec.get('others_cpu_pct')} % CPU)")
+    return bench
 
 
 def bench_table(all_runs):
@@ -476,6 +513,17 @@ Ferry's two logs); *bytes sent*: `ram.transferred`. Ratio row: Ferry / QEMU.
     return btab + "\n\n" + mtab
 
 
+def machine():
+    """bench_vs_qemu's machine facts, and the tracked files that differed from HEAD when
+    the binaries were built (other people commit to the same working tree): the binaries
+    are of HEAD plus these."""
+    mach = vsq.machine()
+    mach["worktree_changes"] = subprocess.run(
+        ["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True, text=True).stdout.split("\n")[:-1]
+    return mach
+
+
 def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for m in MODES:
@@ -483,12 +531,7 @@ def main():
             sys.exit(f"unknown mode {m} ({' '.join(MODE_NAMES)})")
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = os.environ.get("BENCH_CMD", "scripts/dev_cli.sh bench dma")
-    mach = vsq.machine()
-    # Tracked files that differed from HEAD when the binaries were built (other people
-    # commit to the same working tree): the binaries are of HEAD plus these.
-    mach["worktree_changes"] = subprocess.run(
-        ["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True, text=True).stdout.split("\n")[:-1]
+    mach = machine()
     disk = os.path.join(WORK, "bench.raw")
     log(f"writing a {DISK_MIB} MiB disk file of random bytes: {disk}")
     make_disk(disk, DISK_MIB)
@@ -496,30 +539,8 @@ def main():
     log(f"disk: {disk_note}")
     bench, mig = [], []
     jsonl = os.path.join(WORK, "runs.jsonl")
-    t0 = time.monotonic()
     try:
-        for bs in SIZES:
-            for rnd in range(1, ROUNDS + 1):
-                # Each round starts from the next mode, so no mode always runs first.
-                k = (rnd - 1) % len(MODES)
-                for m in MODES[k:] + MODES[:k]:
-                    for attempt in range(RETRIES + 1):
-                        rec = bench_run(m, bs, rnd, disk)
-                        rec["attempt"] = attempt + 1
-                        noisy = rec.get("others_cpu_pct", 0) > QUIET_PCT
-                        if noisy and attempt < RETRIES:
-                            rec["discarded"] = True
-                        bench.append(rec)
-                        with open(jsonl, "a") as f:
-                            f.write(json.dumps(rec) + "\n")
-                        if not rec.get("discarded"):
-                            break
-                        log(f"bs={bs} round {rnd} {m}: the rest of the machine used "
-                            f"{rec['others_cpu_pct']} % CPU ({rec.get('mib_s')} MiB/s): again")
-                    what = (f"{rec['mib_s']} MiB/s, {rec['req_s']} req/s, {rec['notifies']} notifies"
-                            if rec["ok"] else f"FAILED: {rec.get('error')}")
-                    log(f"[{time.monotonic() - t0:.0f}s] bs={bs} round {rnd} {m}: {what} "
-                        f"(others {rec.get('others_cpu_pct')} % CPU)")
+        throughput_runs(bench, SIZES, MODES, ROUNDS, disk, jsonl)
         os.unlink(disk)
         if MIGRATE:
             mig = migration_runs()

@@ -86,8 +86,15 @@ bench() {
             cargo bench -q -p devices --bench dirty_marks
             "$ROOT/scripts/bench_dma.sh"
             ;;
+        viommu)
+            ensure_packages
+            build
+            # The MAP/UNMAP micro-benchmark (devices/benches/viommu_requests.rs) runs
+            # inside, after the wait for a quiet machine.
+            "$ROOT/scripts/bench_viommu.sh"
+            ;;
         *)
-            echo "usage: dev_cli.sh bench harvest|migration|vs-qemu|first-touch|rings|dma" >&2
+            echo "usage: dev_cli.sh bench harvest|migration|vs-qemu|first-touch|rings|dma|viommu" >&2
             exit 2
             ;;
     esac
@@ -106,6 +113,8 @@ usage: scripts/dev_cli.sh <command>
   bench rings     dirty-ring reliability loop: ring tests N times on KVM (hangs, lost pages)
   bench dma       virtio-blk throughput in the guest (Ferry log on/off, QEMU) and a DMA
                   guest migrated by Ferry and by QEMU
+  bench viommu    virtio-iommu: MAP/UNMAP requests per second, virtio-blk throughput with
+                  the vIOMMU on and off (Ferry, QEMU), the iommu=on guest migrated by both
 USAGE
     exit 2
 }
