@@ -393,10 +393,10 @@ Host-side only, no guest: Ferry's request handler (`devices::viommu::serve`, the
 write lock included) called in a loop, best of five runs. Rows: *MAP + UNMAP of a page*:
 one MAP then one UNMAP of a 4 KiB page in a domain that keeps 10,000 other mappings (ns per
 pair; pairs per second, so twice as many requests); *4 KiB device write, no vIOMMU*: a
-device's 4 KiB write into guest RAM as a device not behind the vIOMMU makes it (`GuestRam`,
-its dirty log on); *through a domain*: the same write by a device behind the vIOMMU, its
+device's 4 KiB write into guest RAM as a device not behind the vIOMMU makes it
+(`GuestRam::write`); *through a domain*: the same write by a device behind the vIOMMU, its
 address an IOVA translated through a domain of 14,096 mappings (table read lock, lookup,
-permission check, IOVA dirty bits); *translation's cost per write*: the difference.
+permission check); *translation's cost per write*: the difference.
 
 {utab}
 
