@@ -261,6 +261,10 @@ impl VirtioDevice for VirtioIommu {
             .set_fault_kick(notifiers.into_iter().nth(usize::from(EVENT_Q)));
     }
 
+    fn buffers_wait_for_events(&self, index: u16) -> bool {
+        index == EVENT_Q
+    }
+
     fn process_queue(&mut self, index: u16, queue: &mut Queue, ram: &GuestRam) -> usize {
         let table = self.table.clone();
         match index {

@@ -29,6 +29,12 @@ pub trait VirtioDevice: Send {
     /// queue. A device with work of its own (the vIOMMU's fault records) keeps the one it
     /// needs and writes it.
     fn queue_notifiers(&mut self, _notifiers: Vec<vmm_sys_util::eventfd::EventFd>) {}
+    /// Whether queue `index`'s available buffers wait for events of the device's own (an
+    /// event queue): then buffers the device did not take are no reason to serve the
+    /// queue again; the device wakes it through its notifier when an event comes.
+    fn buffers_wait_for_events(&self, _index: u16) -> bool {
+        false
+    }
     /// The driver reset the device.
     fn reset(&mut self) {}
 }

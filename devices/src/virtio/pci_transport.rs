@@ -604,6 +604,8 @@ mod tests {
         served: Vec<(u16, u16)>,
         resets: u32,
         refuse: bool,
+        /// Queue 1's buffers wait for events of the device's own (an event queue).
+        event_queue: bool,
     }
 
     impl VirtioDevice for Fake {
@@ -635,6 +637,9 @@ mod tests {
         }
         fn reset(&mut self) {
             self.resets += 1;
+        }
+        fn buffers_wait_for_events(&self, index: u16) -> bool {
+            self.event_queue && index == 1
         }
     }
 
@@ -819,6 +824,25 @@ mod tests {
             .expect("pause and reset returned within 10 s");
         assert!(paused_still, "nothing served while paused");
         t.join().unwrap();
+    }
+
+    /// The same never-draining queue as an event queue (the vIOMMU's fault records): the
+    /// buffers the device did not take are no work, so the worker serves it once per
+    /// wake-up and then sleeps, instead of spinning on them (it did: a core at 70 %).
+    #[test]
+    fn an_event_queue_with_buffers_and_no_events_does_not_spin() {
+        let (mut d, fake, _) = dev(false);
+        fake.lock().unwrap().event_queue = true;
+        d.ram.write_obj(16u16, 0x11_0002).expect("avail idx in RAM");
+        bring_up(&mut d);
+        assert_eq!(served(&fake, 1).len(), 1, "served once as it starts");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(fake.lock().unwrap().served.len(), 1, "then left alone");
+        // The device's own wake-up (a notifier write) serves it once more.
+        d.notifiers().nth(1).unwrap().1.write(1).unwrap();
+        assert_eq!(served(&fake, 2).len(), 2);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(fake.lock().unwrap().served.len(), 2, "and no more");
     }
 
     #[test]

@@ -179,12 +179,18 @@ impl Subscriber {
             if queue.disable_notification(mem).is_err() {
                 break;
             }
-            done += self
-                .device
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .process_queue(index, queue, &self.ram);
+            let (served, waits) = {
+                let mut device = self.device.lock().unwrap_or_else(|p| p.into_inner());
+                (
+                    device.process_queue(index, queue, &self.ram),
+                    device.buffers_wait_for_events(index),
+                )
+            };
+            done += served;
             match queue.enable_notification(mem) {
+                // An event queue's buffers are no work until the device has an event: it
+                // wakes the worker then (otherwise this would spin on them).
+                Ok(true) if waits && served == 0 => break,
                 Ok(true) if rounds < MAX_ROUNDS => rounds += 1,
                 Ok(true) => {
                     if let Some((_, fd)) = self.notifiers.iter().find(|(i, _)| *i == index) {
