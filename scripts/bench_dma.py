@@ -409,6 +409,33 @@ MACHINE_NOTE = os.environ.get("BENCH_MACHINE_NOTE") or (
     "share the machine and may have run builds or tests meanwhile.")
 
 
+def save_json(stem, doc):
+    """Writes `doc` to OUT/<stem>.json."""
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, stem + ".json"), "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+
+
+def kept_part(stem, keep_mark):
+    """The hand-written part of OUT/<stem>.md (after `keep_mark`), kept across runs."""
+    try:
+        # UTF-8 (the hand-written part has µ, ±, ×): read as latin-1 it would come back
+        # encoded twice.
+        with open(os.path.join(OUT, stem + ".md"), encoding="utf-8", errors="replace") as f:
+            old = f.read()
+    except OSError:
+        old = ""
+    return old[old.index(keep_mark) + len(keep_mark):] if keep_mark in old else "\n"
+
+
+def worktree_note(mach):
+    """What the build took from uncommitted changes, for the md's first paragraph."""
+    wc = mach.get("worktree_changes") or []
+    return (f"; the working tree then also had uncommitted changes to "
+            f"{', '.join(c[3:] for c in wc)}, which the build included" if wc else "")
+
+
 def write_report(bench, mig, started, finished, cmd, mach, disk_note):
     btab, bsum, derived = bench_table(bench)
     mtab, ratios = migration_table(mig) if mig else ("(not run)", {})
@@ -418,25 +445,13 @@ def write_report(bench, mig, started, finished, cmd, mach, disk_note):
            "qemu_drive": QEMU_DRIVE, "summary": bsum, "derived": derived,
            "migration_ratios_ferry_over_qemu": ratios,
            "bench_runs": bench, "migration_runs": mig}
-    os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "dma.json"), "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+    save_json("dma", doc)
     md_path = os.path.join(OUT, "dma.md")
-    try:
-        # UTF-8 (the hand-written part has µ, ±, ×): read as latin-1 it would come back
-        # encoded twice.
-        with open(md_path, encoding="utf-8", errors="replace") as f:
-            old = f.read()
-    except OSError:
-        old = ""
-    kept = old[old.index(KEEP_MARK) + len(KEEP_MARK):] if KEEP_MARK in old else "\n"
+    kept = kept_part("dma", KEEP_MARK)
     loads = [r["loadavg"] for r in bench]
     others = [r["others_cpu_pct"] for r in bench
               if r.get("others_cpu_pct") is not None and not r.get("discarded")]
-    wc = mach.get("worktree_changes") or []
-    changes = (f"; the working tree then also had uncommitted changes to "
-               f"{', '.join(c[3:] for c in wc)}, which the build included" if wc else "")
+    changes = worktree_note(mach)
     md = f"""# virtio-blk in the guest: throughput with the dirty log on and off, beside QEMU; a DMA guest migrated
 
 Measured {started} – {finished} on {mach['cpu']}, {mach['cores']} cores, {mach['memory']} RAM,

@@ -15,30 +15,9 @@
 # directory (serial logs, VMM logs); BENCH_MACHINE_NOTE.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-for f in target/release/ferry target/release/ferry-remote target/test-guest/guest.elf; do
-    [ -e "$ROOT/$f" ] || { echo "bench_dma.sh: $f missing (scripts/dev_cli.sh build)" >&2; exit 1; }
-done
-command -v qemu-system-x86_64 >/dev/null ||
-    { echo "bench_dma.sh: no qemu-system-x86_64 (apt-get install qemu-system-x86)" >&2; exit 1; }
-
-# The run directory, disk files included, on the local filesystem (not a tmpfs): /var/tmp.
-WORK=$(mktemp -d /var/tmp/ferry-dma.XXXXXX)
-PY=
-cleanup() {
-    # The driver ends every process it started (and they die with it in any case).
-    if [ -n "$PY" ] && kill -0 "$PY" 2>/dev/null; then
-        kill -TERM "$PY" 2>/dev/null || true
-        wait "$PY" 2>/dev/null || true
-    fi
-    if [ "${KEEP:-0}" = 1 ]; then echo "run directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM HUP
-
-# A copy of the binaries, so that a rebuild during the run cannot mix two versions.
-mkdir -p "$WORK/bin"
-cp -p "$ROOT/target/release/ferry" "$ROOT/target/release/ferry-remote" "$ROOT/target/test-guest/guest.elf" "$WORK/bin/"
-"$WORK/bin/ferry" --version >/dev/null
+# shellcheck source=scripts/bench_lib.sh
+. "$ROOT/scripts/bench_lib.sh"
+bench_setup bench_dma.sh dma "$ROOT/target/release" "$ROOT/target/test-guest/guest.elf"
 FERRY="$WORK/bin/ferry" REMOTE="$WORK/bin/ferry-remote" GUEST="$WORK/bin/guest.elf"
 export ROOT WORK FERRY REMOTE GUEST
 export BENCH_CMD="${BENCH_CMD:-${ROUNDS:+ROUNDS=$ROUNDS }scripts/dev_cli.sh bench dma}"

@@ -362,20 +362,10 @@ def write_report(micro_text, micro_rows, bench, mig, started, finished, cmd, mac
                          "downtime_limit_ms": vsq.DOWNTIME_MS, "settle_s": vsq.SETTLE_S},
            "migration_ratios_ferry_over_qemu": ratios,
            "bench_runs": bench, "migration_runs": mig}
-    os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "viommu.json"), "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+    bd.save_json("viommu", doc)
     md_path = os.path.join(OUT, "viommu.md")
-    try:
-        with open(md_path, encoding="utf-8", errors="replace") as f:
-            old = f.read()
-    except OSError:
-        old = ""
-    kept = old[old.index(KEEP_MARK) + len(KEEP_MARK):] if KEEP_MARK in old else "\n"
-    wc = mach.get("worktree_changes") or []
-    changes = (f"; the working tree then also had uncommitted changes to "
-               f"{', '.join(c[3:] for c in wc)}, which the build included" if wc else "")
+    kept = bd.kept_part("viommu", KEEP_MARK)
+    changes = bd.worktree_note(mach)
     md = f"""# virtio-iommu: requests per second, virtio-blk with the vIOMMU on and off, the `iommu=on` guest migrated (Ferry and QEMU)
 
 Measured {started} – {finished} on {mach['cpu']}, {mach['cores']} cores, {mach['memory']} RAM,

@@ -21,31 +21,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 GUEST_ELF="${FERRY_TEST_GUEST_TARGET:-$ROOT/target}/test-guest/guest.elf"
-for f in "$BIN_DIR/ferry" "$BIN_DIR/ferry-remote" "$GUEST_ELF"; do
-    [ -e "$f" ] || { echo "bench_viommu.sh: $f missing (scripts/dev_cli.sh build)" >&2; exit 1; }
-done
-command -v qemu-system-x86_64 >/dev/null ||
-    { echo "bench_viommu.sh: no qemu-system-x86_64 (apt-get install qemu-system-x86)" >&2; exit 1; }
-
-# The run directory, disk files included, on the local filesystem (not a tmpfs): /var/tmp.
-WORK=$(mktemp -d /var/tmp/ferry-viommu.XXXXXX)
-PY=
-cleanup() {
-    # The driver ends every process it started (and they die with it in any case).
-    if [ -n "$PY" ] && kill -0 "$PY" 2>/dev/null; then
-        kill -TERM "$PY" 2>/dev/null || true
-        wait "$PY" 2>/dev/null || true
-    fi
-    if [ "${KEEP:-0}" = 1 ]; then echo "run directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM HUP
-
-# A copy of the binaries, so that a rebuild during the run cannot mix two versions; the
-# micro-benchmark is built now and its executable copied too.
-mkdir -p "$WORK/bin"
-cp -p "$BIN_DIR/ferry" "$BIN_DIR/ferry-remote" "$GUEST_ELF" "$WORK/bin/"
-"$WORK/bin/ferry" --version >/dev/null
+# shellcheck source=scripts/bench_lib.sh
+. "$ROOT/scripts/bench_lib.sh"
+bench_setup bench_viommu.sh viommu "$BIN_DIR" "$GUEST_ELF"
 MICRO_BIN=
 if [ "${MICRO:-1}" = 1 ]; then
     echo "building devices/benches/viommu_requests.rs" >&2

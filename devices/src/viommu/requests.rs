@@ -86,6 +86,15 @@ fn zero(b: &[u8]) -> bool {
     b.iter().all(|x| *x == 0)
 }
 
+/// Whether `domain` holds an endpoint that cannot report its writes.
+fn holds_untrackable(t: &Tables, domain: u32) -> bool {
+    t.domains.get(&domain).is_some_and(|d| {
+        d.endpoints
+            .iter()
+            .any(|e| t.endpoints.get(e).is_some_and(|e| !e.trackable))
+    })
+}
+
 fn domain_status(e: DomainError) -> u8 {
     match e {
         DomainError::Inval(_) => S_INVAL,
@@ -247,11 +256,7 @@ fn unmap(table: &IommuTable, req: &[u8]) -> Reply {
         return Reply::status(S_INVAL);
     }
     let mut t = table.write();
-    let untrackable = t.domains.get(&domain).is_some_and(|d| {
-        d.endpoints
-            .iter()
-            .any(|e| t.endpoints.get(e).is_some_and(|e| !e.trackable))
-    });
+    let untrackable = holds_untrackable(&t, domain);
     let Some(d) = t.domains.get_mut(&domain) else {
         return Reply::status(S_NOENT);
     };
@@ -325,11 +330,7 @@ fn set_dirty_tracking(table: &IommuTable, req: &[u8]) -> Reply {
         return Reply::status(S_INVAL);
     }
     let mut t = table.write();
-    let untrackable = t.domains.get(&domain).is_some_and(|d| {
-        d.endpoints
-            .iter()
-            .any(|e| t.endpoints.get(e).is_some_and(|e| !e.trackable))
-    });
+    let untrackable = holds_untrackable(&t, domain);
     let Some(d) = t.domains.get_mut(&domain) else {
         return Reply::status(S_NOENT);
     };

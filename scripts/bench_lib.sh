@@ -1,0 +1,33 @@
+# Sourced by the benchmark drivers (bench_dma.sh, bench_viommu.sh): the checks, the run
+# directory with its cleanup, and the copies of the binaries they all make.
+# shellcheck shell=bash
+
+# bench_setup SCRIPT NAME BIN_DIR GUEST_ELF: checks that the binaries and QEMU are there,
+# makes WORK (a run directory on the local filesystem, not a tmpfs: /var/tmp), removed at
+# exit unless KEEP=1, and copies ferry, ferry-remote and the guest into WORK/bin, so that a
+# rebuild during the run cannot mix two versions. The driver started in the background
+# goes into PY: the cleanup ends it.
+bench_setup() {
+    local script=$1 name=$2 bin_dir=$3 guest=$4 f
+    for f in "$bin_dir/ferry" "$bin_dir/ferry-remote" "$guest"; do
+        [ -e "$f" ] || { echo "$script: $f missing (scripts/dev_cli.sh build)" >&2; exit 1; }
+    done
+    command -v qemu-system-x86_64 >/dev/null ||
+        { echo "$script: no qemu-system-x86_64 (apt-get install qemu-system-x86)" >&2; exit 1; }
+    WORK=$(mktemp -d "/var/tmp/ferry-$name.XXXXXX")
+    PY=
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT TERM HUP
+    mkdir -p "$WORK/bin"
+    cp -p "$bin_dir/ferry" "$bin_dir/ferry-remote" "$guest" "$WORK/bin/"
+    "$WORK/bin/ferry" --version >/dev/null
+}
+
+bench_cleanup() {
+    # The driver ends every process it started (and they die with it in any case).
+    if [ -n "$PY" ] && kill -0 "$PY" 2>/dev/null; then
+        kill -TERM "$PY" 2>/dev/null || true
+        wait "$PY" 2>/dev/null || true
+    fi
+    if [ "${KEEP:-0}" = 1 ]; then echo "run directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
+}
