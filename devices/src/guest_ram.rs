@@ -62,6 +62,23 @@ pub enum DmaError {
 pub struct RingMemory {
     phys: QueueMemory,
     iommu: Option<IommuEndpoint>,
+    /// Behind the vIOMMU: the log its writes are marked in at once, while the translation
+    /// still holds (a mark made later, by translating again, could miss a page the guest
+    /// unmapped or remapped meanwhile). None for a benchmark's unlogged RAM.
+    log: Option<GuestMemoryMmap>,
+}
+
+/// Marks `[gpa, gpa + len)` in `log`, region by region (a range may cover holes).
+fn mark_gpa(log: &GuestMemoryMmap, gpa: u64, len: u64) {
+    let end = gpa.saturating_add(len);
+    for r in log.iter() {
+        let (start, r_end) = (r.start_addr().0, r.start_addr().0 + r.len());
+        let (lo, hi) = (gpa.max(start), end.min(r_end));
+        if lo < hi {
+            r.bitmap()
+                .mark_dirty((lo - start) as usize, (hi - lo) as usize);
+        }
+    }
 }
 
 /// The slices [`RingMemory`] hands out. Behind the vIOMMU it holds the translation (the
@@ -69,7 +86,21 @@ pub struct RingMemory {
 pub struct RingSlices<'a> {
     direct: Option<GuestMemoryBackendSliceIterator<'a, QueueMemory>>,
     translated: std::vec::IntoIter<vm_memory::guest_memory::Result<VolatileSlice<'a, ()>>>,
-    _window: Option<DmaWindow<'a>>,
+    window: Option<DmaWindow<'a>>,
+    /// A write behind the vIOMMU: marked when the access is done (the slices dropped),
+    /// before the translation is let go.
+    mark: Option<(&'a GuestMemoryMmap, u64, u64)>,
+}
+
+impl Drop for RingSlices<'_> {
+    fn drop(&mut self) {
+        if let (Some(w), Some((log, iova, len))) = (&self.window, self.mark) {
+            for &(gpa, n) in &w.runs {
+                mark_gpa(log, gpa, n);
+            }
+            w.written(iova, len);
+        }
+    }
 }
 
 impl<'a> Iterator for RingSlices<'a> {
@@ -127,7 +158,8 @@ impl vm_memory::GuestMemory for RingMemory {
             return Ok(RingSlices {
                 direct: Some(GuestMemoryBackend::get_slices(&self.phys, addr, count)),
                 translated: Vec::new().into_iter(),
-                _window: None,
+                window: None,
+                mark: None,
             });
         }
         let w = self
@@ -141,10 +173,16 @@ impl vm_memory::GuestMemory for RingMemory {
                 n as usize,
             ));
         }
+        let mark = self
+            .log
+            .as_ref()
+            .filter(|_| access.has_write())
+            .map(|log| (log, addr.0, count as u64));
         Ok(RingSlices {
             direct: None,
             translated: slices.into_iter(),
-            _window: Some(w),
+            window: Some(w),
+            mark,
         })
     }
 
@@ -267,6 +305,7 @@ impl GuestRam {
             view: RingMemory {
                 phys: view,
                 iommu: None,
+                log: None,
             },
             dma_delay: None,
             dma_hold: None,
@@ -308,6 +347,7 @@ impl GuestRam {
     pub fn behind_iommu(&self, endpoint: IommuEndpoint) -> GuestRam {
         let mut r = self.clone();
         r.view.iommu = Some(endpoint);
+        r.view.log = (!r.unlogged).then(|| r.mem.clone());
         r
     }
 
@@ -327,18 +367,8 @@ impl GuestRam {
     /// Marks guest-physical `[gpa, gpa + len)` dirty in this RAM's log (the vIOMMU's
     /// footprint rules).
     pub fn mark_gpa_range(&self, gpa: u64, len: u64) {
-        if self.unlogged {
-            return;
-        }
-        let end = gpa.saturating_add(len);
-        // Region by region: a footprint may cover holes between them.
-        for r in self.mem.iter() {
-            let (start, r_end) = (r.start_addr().0, r.start_addr().0 + r.len());
-            let (lo, hi) = (gpa.max(start), end.min(r_end));
-            if lo < hi {
-                r.bitmap()
-                    .mark_dirty((lo - start) as usize, (hi - lo) as usize);
-            }
+        if !self.unlogged {
+            mark_gpa(&self.mem, gpa, len);
         }
     }
 
@@ -346,6 +376,7 @@ impl GuestRam {
     /// measuring the cost of the device log: such writes are lost to a migration).
     pub fn without_log(mut self) -> Self {
         self.unlogged = true;
+        self.view.log = None;
         self
     }
 
@@ -373,23 +404,10 @@ impl GuestRam {
     pub fn mark_used_ring(&self, queue: &virtio_queue::Queue) {
         use virtio_queue::QueueT;
         // flags, idx, ring[size], avail_event.
-        let len = 6 + 8 * usize::from(queue.size());
-        self.mark_device_written(queue.used_ring(), len);
-    }
-
-    /// Marks bytes a device wrote at `addr` through the unlogged view: their guest-physical
-    /// pages in the log, and (behind the vIOMMU) their IOVA pages in the domain's bits.
-    fn mark_device_written(&self, addr: u64, len: usize) {
-        match &self.view.iommu {
-            None => self.mark_range(addr, len),
-            Some(ep) => {
-                if let Some(w) = ep.table.lookup(ep.id, addr, len as u64, true) {
-                    for &(gpa, n) in &w.runs {
-                        self.mark_gpa_range(gpa, n);
-                    }
-                    w.written(addr, len as u64);
-                }
-            }
+        // Behind the vIOMMU each ring write was marked as it was made (RingSlices).
+        if self.view.iommu.is_none() {
+            let len = 6 + 8 * usize::from(queue.size());
+            self.mark_range(queue.used_ring(), len);
         }
     }
 
@@ -537,6 +555,10 @@ impl GuestRam {
     /// descriptor (a virtio-blk status byte), whose page `virtio::chains::serve_chains`
     /// marks once for the whole round, with the used ring. Nothing else may use it.
     pub(crate) fn write_marked_by_round(&self, addr: u64, buf: &[u8]) -> Result<(), DmaError> {
+        // Behind the vIOMMU it is marked now, under its translation, like any other write.
+        if self.view.iommu.is_some() {
+            return self.write(addr, buf);
+        }
         self.dma(addr, buf.len(), true, |runs| {
             self.check(runs)?;
             let mut at = 0usize;
@@ -554,11 +576,15 @@ impl GuestRam {
 
     /// Marks the pages holding `addrs` (the chains' last bytes of a round), each once.
     pub(crate) fn mark_pages(&self, addrs: &[u64]) {
+        // Behind the vIOMMU those bytes were marked as they were written.
+        if self.view.iommu.is_some() {
+            return;
+        }
         let mut pages: Vec<u64> = addrs.iter().map(|g| g & !0xfff).collect();
         pages.sort_unstable();
         pages.dedup();
         for p in pages {
-            self.mark_device_written(p, 1);
+            self.mark_range(p, 1);
         }
     }
 
@@ -610,14 +636,16 @@ impl GuestRam {
         file: &File,
         offset: u64,
     ) -> Result<usize, DmaError> {
+        // The test seams wait before the translation, not holding the table's lock.
+        if dir == Dma::IntoRam {
+            self.slow_device();
+        }
         self.dma(gpa, len, dir == Dma::IntoRam, |runs| {
             let slices = self.slices(runs)?;
-            let result = self.file_io_slices(dir, gpa, len, slices, file, offset);
-            let landed = match (&result, dir) {
-                (Ok(n), Dma::IntoRam) => *n,
-                _ => 0,
-            };
-            Ok((result, landed))
+            let (done, result) = self.file_io_slices(dir, gpa, len, slices, file, offset);
+            // What landed is in the domain's bits even when the transfer then failed.
+            let landed = if dir == Dma::IntoRam { done } else { 0 };
+            Ok((result.map(|()| done), landed))
         })?
     }
 
@@ -629,10 +657,7 @@ impl GuestRam {
         slices: Vec<VolatileSlice<'_, BS<'_, AtomicBitmap>>>,
         file: &File,
         offset: u64,
-    ) -> Result<usize, DmaError> {
-        if dir == Dma::IntoRam {
-            self.slow_device();
-        }
+    ) -> (usize, Result<(), DmaError>) {
         let mut done = 0usize;
         for slice in slices {
             let mut at = 0usize;
@@ -693,12 +718,11 @@ impl GuestRam {
                 self.mark(&slice, at);
             }
             done += at;
-            result?;
-            if at < slice.len() {
-                return Ok(done);
+            if result.is_err() || at < slice.len() {
+                return (done, result);
             }
         }
-        Ok(done)
+        (done, Ok(()))
     }
 
     /// DMA into the guest from a stream (`/dev/urandom`): reads up to `len` bytes of `src`

@@ -328,24 +328,6 @@ impl IommuTable {
         }
     }
 
-    /// The translation of bytes a device already wrote (through the unlogged ring view),
-    /// to mark them: no permission check beyond the mapping's, no fault recorded.
-    pub fn lookup(&self, id: u32, iova: u64, len: u64, write: bool) -> Option<DmaWindow<'_>> {
-        let guard = self.read();
-        let domain = guard.endpoints.get(&id).and_then(|e| e.domain);
-        let (runs, domain) = match domain.map(|d| (d, guard.domains.get(&d))) {
-            None if guard.bypass => (vec![(iova, len)], None),
-            Some((_, Some(d))) if d.bypass => (vec![(iova, len)], None),
-            Some((id, Some(d))) => (d.mappings.translate(iova, len, write).ok()?, Some(id)),
-            _ => return None,
-        };
-        Some(DmaWindow {
-            guard,
-            runs,
-            domain,
-        })
-    }
-
     fn push_fault(&self, record: FaultRecord) {
         {
             let mut q = self.faults.lock().unwrap_or_else(|p| p.into_inner());

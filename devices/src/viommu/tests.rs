@@ -1824,3 +1824,39 @@ fn an_untrackable_endpoint_leaving_bypass_makes_all_ram_dirty() {
     vm.ok(&attach(5, 1, ATTACH_F_BYPASS));
     assert_eq!(vm.status(&set_tracking(5, ENABLE)), S_UNSUPP);
 }
+
+/// The writes a device makes through the unlogged view behind the vIOMMU (virtio-queue's
+/// used ring, blk's status byte) are marked when they are made, under their translation:
+/// an UNMAP or a remap before the round's end cannot make their page go unmarked (it did:
+/// the round's mark translated the IOVA again and found nothing).
+#[test]
+fn ring_and_status_writes_are_marked_before_their_mapping_can_go() {
+    use vm_memory::Bytes;
+    let vm = Vm::new(&[(1, true)]);
+    vm.table.set_migration_tracking(true);
+    vm.ok(&attach(1, 1, 0));
+    vm.ok(&map(1, 0x10_0000, 0x10_0000 + P - 1, 0x2000, RW));
+    vm.ok(&map(1, 0x20_0000, 0x20_0000 + P - 1, 0x3000, RW));
+    vm.ok(&set_tracking(1, ENABLE));
+    let ram = vm.endpoint(1);
+    // A used-ring write, as virtio-queue makes it (through `queue_memory`).
+    ram.queue_memory()
+        .write_obj(7u16, vm_memory::GuestAddress(0x10_0002))
+        .unwrap();
+    // A status byte, left to the round's mark on a device without the vIOMMU.
+    ram.write_marked_by_round(0x20_0010, &[0]).unwrap();
+    // The guest unmaps both before the round ends.
+    vm.ok(&unmap(1, 0x10_0000, 0x10_0000 + P - 1));
+    vm.ok(&unmap(1, 0x20_0000, 0x20_0000 + P - 1));
+    ram.mark_pages(&[0x20_0010]);
+    assert_eq!(
+        vm.dirty(),
+        vec![0x2000, 0x3000],
+        "both pages in the DMA log"
+    );
+    assert_eq!(vm.bytes(0x2002, 2), vec![7, 0]);
+    // And the IOVA bits were set before the UNMAP forgot them: mapped again, clean.
+    vm.ok(&map(1, 0x10_0000, 0x10_0000 + P - 1, 0x2000, RW));
+    let (status, words) = vm.bitmap(1, 0x10_0000, P, P, 0);
+    assert_eq!((status, words[0]), (S_OK, 0));
+}
