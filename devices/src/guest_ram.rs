@@ -516,6 +516,14 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Whether guest-physical `[gpa, gpa + len)` is all RAM (a device that must not do
+    /// half a job checks first; not for addresses behind the vIOMMU).
+    pub(crate) fn check_ram(&self, gpa: u64, len: usize) -> Result<(), DmaError> {
+        gpa.checked_add(len as u64)
+            .ok_or_else(|| Self::out_of_ram(gpa, len))?;
+        self.check(&[(gpa, len as u64)])
+    }
+
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         self.dma(addr, buf.len(), false, |runs| {
             self.check(runs)?;

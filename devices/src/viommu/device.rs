@@ -97,8 +97,12 @@ fn write_at(
             continue;
         }
         let n = (len - at).min(bytes.len());
-        ram.write(d.addr().0 + at as u64, &bytes[..n])
-            .map_err(|e| e.to_string())?;
+        let addr = d
+            .addr()
+            .0
+            .checked_add(at as u64)
+            .ok_or_else(|| format!("buffer at {:#x} wraps", d.addr().0))?;
+        ram.write(addr, &bytes[..n]).map_err(|e| e.to_string())?;
         bytes = &bytes[n..];
         at = 0;
         if bytes.is_empty() {
@@ -149,6 +153,18 @@ fn serve_request(
         ));
         return 0;
     }
+    // Every writable buffer must be RAM before the request is served: a GET_DIRTY_BITMAP
+    // clears what it reports, which a reply that cannot be written would lose.
+    if let Some(bad) = writable
+        .iter()
+        .find_map(|d| ram.check_ram(d.addr().0, d.len() as usize).err())
+    {
+        log.report(format_args!(
+            "head {}: reply buffer: {bad}; not answered",
+            w.head
+        ));
+        return 0;
+    }
     let mut req = Vec::with_capacity(MAX_READABLE);
     for d in readable {
         let want = (MAX_READABLE - req.len()).min(d.len() as usize);
@@ -190,7 +206,7 @@ fn serve_request(
         log.report(format_args!("head {}: reply not written: {e}", w.head));
         return 0;
     }
-    writable_len as u32
+    u32::try_from(writable_len).unwrap_or(u32::MAX)
 }
 
 impl VirtioDevice for VirtioIommu {
@@ -335,6 +351,8 @@ impl VirtioDevice for VirtioIommu {
     /// `bypass` stays as it is (the spec: it changes on a system reset only).
     fn reset(&mut self) {
         self.features = 0;
+        // Fault records were for the driver that is gone.
+        self.table.set_pending_faults(Vec::new());
         let mut t = self.table.write();
         let ids: Vec<u32> = t.domains.keys().copied().collect();
         for id in ids {

@@ -3,6 +3,7 @@
 //! bytes of IOVA, of which a guest maps a little).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -12,12 +13,18 @@ use super::domain::GRANULE;
 /// Pages per chunk: one chunk covers 2 MiB of IOVA.
 const CHUNK_PAGES: u64 = 512;
 const WORDS: usize = (CHUNK_PAGES / 64) as usize;
+/// Chunks a domain keeps at most (128 GiB of IOVA written, 4 MiB of bits): past that
+/// the domain reports every page as dirty until its tracking is turned off (a guest could
+/// otherwise make the VMM grow without bound by aliasing RAM at many IOVAs).
+pub const MAX_CHUNKS: usize = 1 << 16;
 
 /// Set-only until read: writes set bits (from several device threads at once), a read
 /// returns them and, unless asked not to, clears them.
 #[derive(Debug, Default)]
 pub struct DirtyPages {
     chunks: Mutex<BTreeMap<u64, [u64; WORDS]>>,
+    /// More chunks were needed than [`MAX_CHUNKS`]: every page reads as dirty.
+    overflowed: std::sync::atomic::AtomicBool,
 }
 
 /// [`DirtyPages`] as plain data (the migration stream).
@@ -25,6 +32,9 @@ pub struct DirtyPages {
 pub struct DirtyPagesState {
     /// (first IOVA page of the chunk / 512, the chunk's 512 bits).
     pub chunks: Vec<(u64, Vec<u64>)>,
+    /// Every page reads as dirty ([`MAX_CHUNKS`] was reached).
+    #[serde(default)]
+    pub overflowed: bool,
 }
 
 impl DirtyPages {
@@ -41,17 +51,18 @@ impl DirtyPages {
         let last = iova.saturating_add(len - 1) / GRANULE;
         let mut chunks = self.lock();
         for page in first..=last {
-            let c = chunks.entry(page / CHUNK_PAGES).or_insert([0; WORDS]);
+            let full = chunks.len() >= MAX_CHUNKS;
+            let c = match chunks.entry(page / CHUNK_PAGES) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(_) if full => {
+                    self.overflowed.store(true, Ordering::Relaxed);
+                    return;
+                }
+                std::collections::btree_map::Entry::Vacant(e) => e.insert([0; WORDS]),
+            };
             let bit = page % CHUNK_PAGES;
             c[(bit / 64) as usize] |= 1 << (bit % 64);
         }
-    }
-
-    fn is_set(chunks: &BTreeMap<u64, [u64; WORDS]>, page: u64) -> bool {
-        let bit = page % CHUNK_PAGES;
-        chunks
-            .get(&(page / CHUNK_PAGES))
-            .is_some_and(|c| c[(bit / 64) as usize] & (1 << (bit % 64)) != 0)
     }
 
     /// The bitmap of `[iova, iova + len)` in units of `page_size` (a power of two, at least
@@ -61,6 +72,14 @@ impl DirtyPages {
         let units = len / page_size;
         let per_unit = page_size / GRANULE;
         let mut out = vec![0u64; units.div_ceil(64) as usize];
+        if self.overflowed.load(Ordering::Relaxed) {
+            // Over-reporting is safe; missing a page is not.
+            for (i, w) in out.iter_mut().enumerate() {
+                let left = units - i as u64 * 64;
+                *w = if left >= 64 { !0 } else { (1 << left) - 1 };
+            }
+            return out;
+        }
         let mut chunks = self.lock();
         // Only the chunks in range are visited: a sparse domain reads fast.
         let first_page = iova / GRANULE;
@@ -72,22 +91,22 @@ impl DirtyPages {
         for k in keys {
             let lo = (k * CHUNK_PAGES).max(first_page);
             let hi = ((k + 1) * CHUNK_PAGES).min(end_page);
+            let Some(c) = chunks.get_mut(&k) else {
+                continue;
+            };
             for page in lo..hi {
-                if Self::is_set(&chunks, page) {
+                let bit = page % CHUNK_PAGES;
+                let (w, m) = ((bit / 64) as usize, 1u64 << (bit % 64));
+                if c[w] & m != 0 {
                     let unit = (page - first_page) / per_unit;
                     out[(unit / 64) as usize] |= 1 << (unit % 64);
+                    if !no_clear {
+                        c[w] &= !m;
+                    }
                 }
             }
-            if !no_clear {
-                if let Some(c) = chunks.get_mut(&k) {
-                    for page in lo..hi {
-                        let bit = page % CHUNK_PAGES;
-                        c[(bit / 64) as usize] &= !(1 << (bit % 64));
-                    }
-                    if c.iter().all(|w| *w == 0) {
-                        chunks.remove(&k);
-                    }
-                }
+            if c.iter().all(|w| *w == 0) {
+                chunks.remove(&k);
             }
         }
         out
@@ -130,6 +149,7 @@ impl DirtyPages {
     pub fn state(&self) -> DirtyPagesState {
         DirtyPagesState {
             chunks: self.lock().iter().map(|(k, c)| (*k, c.to_vec())).collect(),
+            overflowed: self.overflowed.load(Ordering::Relaxed),
         }
     }
 
@@ -142,8 +162,15 @@ impl DirtyPages {
             })?;
             chunks.insert(*k, c);
         }
+        if chunks.len() > MAX_CHUNKS {
+            return Err(format!(
+                "{} dirty chunks, more than {MAX_CHUNKS}",
+                chunks.len()
+            ));
+        }
         Ok(DirtyPages {
             chunks: Mutex::new(chunks),
+            overflowed: std::sync::atomic::AtomicBool::new(state.overflowed),
         })
     }
 }
@@ -190,9 +217,26 @@ mod tests {
         );
         let bad = DirtyPagesState {
             chunks: vec![(3, vec![0; 2])],
+            overflowed: false,
         };
         assert!(DirtyPages::from_state(&bad)
             .unwrap_err()
             .contains("chunk 0x3"));
+    }
+
+    /// A guest that writes more sparse IOVA than the domain keeps bits for: the domain
+    /// then reports every page dirty (safe), and the state says so across a migration.
+    #[test]
+    fn past_the_chunk_limit_every_page_reads_dirty() {
+        let d = DirtyPages::default();
+        for c in 0..MAX_CHUNKS as u64 {
+            d.mark(c * CHUNK_PAGES * P, 1);
+        }
+        assert_eq!(d.read(0, 64 * P, P, true), vec![1]);
+        d.mark(MAX_CHUNKS as u64 * CHUNK_PAGES * P, 1);
+        assert_eq!(d.read(0, 64 * P, P, true), vec![!0]);
+        assert_eq!(d.read(0, 3 * P, P, false), vec![0b111]);
+        let back = DirtyPages::from_state(&d.state()).unwrap();
+        assert_eq!(back.read(0, 3 * P, P, true), vec![0b111]);
     }
 }

@@ -171,7 +171,7 @@ impl IovaDomain {
             let n = if left - 1 <= rest { left } else { rest + 1 };
             let gpa = m.phys_start + (at - m.virt_start);
             match out.last_mut() {
-                Some(last) if last.0 + last.1 == gpa => last.1 += n,
+                Some(last) if last.0.checked_add(last.1) == Some(gpa) => last.1 += n,
                 _ => out.push((gpa, n)),
             }
             left -= n;

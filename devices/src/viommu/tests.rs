@@ -1583,6 +1583,35 @@ fn dirty_bitmaps_through_the_queue() {
     assert_eq!(out[..16], [0xee; 16], "nothing but the tail");
 }
 
+/// A reply buffer that is not RAM: the request is not served at all (used length 0), so
+/// a GET_DIRTY_BITMAP cannot clear bits it could not report.
+#[test]
+fn a_bitmap_reply_that_cannot_be_written_clears_nothing() {
+    let mut d = Device::new(&[(1, true)]);
+    d.send(&attach(1, 1, 0), &[20], &[4]);
+    d.send(&map(1, 0, 0xf_ffff, 0x20_0000, RW), &[36], &[4]);
+    d.send(&set_tracking(1, ENABLE), &[16], &[4]);
+    d.vm.endpoint(1).write(P, &[1]).unwrap();
+    let req = get_bitmap(1, 0, 0, 64 * P, P);
+    let ram = d.vm.ram.clone();
+    ram.write(REQ, &req).unwrap();
+    // The bitmap's buffer past the end of RAM, the tail in RAM.
+    let nowhere = 0xffff_f000_0000;
+    let descs = [
+        (REQ, req.len() as u32, false),
+        (nowhere, 8, true),
+        (OUT, 4, true),
+    ];
+    d.reqq.chain(&ram, &descs);
+    assert_eq!(d.dev.process_queue(0, &mut d.reqq.q, &ram), 1);
+    assert_eq!(d.reqq.used(&ram)[0].1, 0, "not answered");
+    assert_eq!(
+        d.vm.bits(1, 64),
+        BTreeSet::from([1]),
+        "the bit is still there"
+    );
+}
+
 #[test]
 fn fault_records_go_into_posted_event_buffers_in_order() {
     let mut d = Device::new(&[(1, true)]);
