@@ -651,6 +651,21 @@ fn dma_verify_counts_intx_interrupts() {
 /// QEMU arguments for a virtio-iommu and `dma`'s device behind it: `iommu_platform=on`
 /// (QEMU's VIRTIO_F_ACCESS_PLATFORM, without which the device's DMA bypasses the IOMMU)
 /// needs a modern-only device (`disable-legacy=on`); `disk` for blk.
+/// The DMA device's `guest: dma device=` line shows ACCESS_PLATFORM agreed (its DMA goes
+/// through the virtio-iommu).
+fn assert_access_platform(lines: &[String], t: &str) {
+    let features = u64::from_str_radix(
+        field(lines, "guest: dma device=", "features", t).trim_start_matches("0x"),
+        16,
+    )
+    .unwrap();
+    assert_ne!(
+        features & guest_pattern::viommu::F_ACCESS_PLATFORM,
+        0,
+        "{t}"
+    );
+}
+
 fn iommu_args(machine: &str, dma: &str, disk: Option<&TempDisk>) -> Vec<String> {
     let mut a: Vec<String> = ["-machine", machine, "-device", "virtio-iommu-pci"]
         .map(String::from)
@@ -752,16 +767,7 @@ fn dma_verify_through_qemus_virtio_iommu() {
             "{t}"
         );
         // The device's DMA went through it: ACCESS_PLATFORM agreed.
-        let dev_features = u64::from_str_radix(
-            field(&lines, "guest: dma device=", "features", &t).trim_start_matches("0x"),
-            16,
-        )
-        .unwrap();
-        assert_ne!(
-            dev_features & guest_pattern::viommu::F_ACCESS_PLATFORM,
-            0,
-            "{t}"
-        );
+        assert_access_platform(&lines, &t);
         // A remap per pass and vCPU, a re-attach between passes, no fault.
         let done = "guest: viommu done ";
         let count = |key: &str| -> u64 { field(&lines, done, key, &t).parse().unwrap() };
@@ -999,16 +1005,7 @@ fn dma_bench_through_qemus_virtio_iommu() {
         for (key, want) in [("maps", "9"), ("unmaps", "0"), ("faults", "0")] {
             assert_eq!(field(&lines, done, key, &t), want, "{key}:\n{t}");
         }
-        let features = u64::from_str_radix(
-            field(&lines, "guest: dma device=", "features", &t).trim_start_matches("0x"),
-            16,
-        )
-        .unwrap();
-        assert_ne!(
-            features & guest_pattern::viommu::F_ACCESS_PLATFORM,
-            0,
-            "{t}"
-        );
+        assert_access_platform(&lines, &t);
     }
 }
 
