@@ -63,6 +63,11 @@ pub enum PolicyError {
         domain: DomainId,
         source: BackendError,
     },
+    #[error("domain {domain}: {source}")]
+    Domain {
+        domain: DomainId,
+        source: BackendError,
+    },
     #[error("range iova {iova:#x} length {length:#x}: {source}")]
     RangeBackend {
         iova: u64,
@@ -293,11 +298,9 @@ impl<B: DirtyBackend> DmaTracker<B> {
         if let Err(source) = self.backend.set_tracking(d, true) {
             // The domain cannot report: its devices are of unknown scope from now on.
             self.tracking_domain_ok = false;
-            self.pending.errors.push(PolicyError::Backend {
-                dev: 0,
-                domain: d,
-                source,
-            });
+            self.pending
+                .errors
+                .push(PolicyError::Domain { domain: d, source });
         }
     }
 
@@ -339,8 +342,16 @@ impl<B: DirtyBackend> DmaTracker<B> {
     }
 
     /// Map `[iova, iova + length)` to `gpa` (the guest's MAP, or guest RAM without a vIOMMU);
-    /// while tracking, the range is read from the next harvest on.
+    /// while tracking, the range is read from the next harvest on. A range ending at 2^64 is
+    /// refused (the kernel would take it; Ferry's guests have no use for it).
     pub fn map(&mut self, iova: u64, length: u64, gpa: u64) -> Result<(), PolicyError> {
+        if iova.checked_add(length).is_none() {
+            return Err(PolicyError::Range {
+                iova,
+                length,
+                source: BitmapError::Overflow { iova, length },
+            });
+        }
         DirtyBitmap::default()
             .prepare(iova, length, self.page_size)
             .map_err(|source| PolicyError::Range {
@@ -475,11 +486,7 @@ impl<B: DirtyBackend> DmaTracker<B> {
         if let Some(td) = self.tracking_domain {
             self.backend
                 .set_tracking(td, false)
-                .map_err(|source| PolicyError::Backend {
-                    dev: 0,
-                    domain: td,
-                    source,
-                })?;
+                .map_err(|source| PolicyError::Domain { domain: td, source })?;
         }
         Ok(())
     }

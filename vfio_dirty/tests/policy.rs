@@ -55,6 +55,10 @@ struct Fake {
     incapable: BTreeSet<DeviceId>,
     /// Domains answer "no capability" after attach although allocated for it.
     domains_lie: bool,
+    /// Devices whose IOMMU claims dirty support but that a dirty domain refuses (EINVAL).
+    refused: BTreeSet<DeviceId>,
+    /// Enabling tracking fails (EIO).
+    fail_set_tracking: bool,
     domains: BTreeMap<DomainId, FakeDomain>,
     next: DomainId,
     mappings: BTreeMap<u64, u64>,
@@ -123,7 +127,7 @@ impl DirtyBackend for Fake {
     fn attach(&mut self, dev: DeviceId, domain: DomainId) -> Result<(), BackendError> {
         self.calls.push(Call::Attach(dev, domain));
         let d = self.domains.get_mut(&domain).unwrap();
-        if d.dirty && self.incapable.contains(&dev) {
+        if d.dirty && (self.incapable.contains(&dev) || self.refused.contains(&dev)) {
             return Err(err("attach", EINVAL));
         }
         d.devices.insert(dev);
@@ -146,6 +150,9 @@ impl DirtyBackend for Fake {
         let d = self.domains.get_mut(&domain).unwrap();
         if !d.dirty {
             return Err(err("set_dirty_tracking", EOPNOTSUPP));
+        }
+        if self.fail_set_tracking && enable {
+            return Err(err("set_dirty_tracking", EIO));
         }
         d.tracking = enable;
         d.pages.clear();
@@ -314,6 +321,53 @@ fn capability_is_read_from_the_domain_after_attach() {
     t.map(0, 2 * PAGE, 0).unwrap();
     t.start();
     assert_eq!(t.harvest(&Identity).unwrap().ranges, vec![r(0, 2 * PAGE)]);
+}
+
+/// Rule 7: a device the tracking domain refuses at attach (its IOMMU claimed support) gets
+/// its own domain and the unknown-scope rule. Fails if the refusal were returned as an error
+/// or the device kept as tracked (the harvest would miss its write).
+#[test]
+fn device_refused_by_the_tracking_domain_gets_its_own_domain() {
+    let mut t = tracker(Fake {
+        refused: BTreeSet::from([2]),
+        ..Default::default()
+    });
+    let Scope::Tracked(td) = t.add_device(1).unwrap() else {
+        panic!("device 1 can track")
+    };
+    let Scope::Unknown(own) = t.add_device(2).unwrap() else {
+        panic!("device 2 was refused")
+    };
+    assert_ne!(own, td);
+    t.map(0, 4 * PAGE, 0).unwrap();
+    t.start();
+    t.backend_mut().dma_write(2, 0x2000);
+    assert_eq!(t.harvest(&Identity).unwrap().ranges, vec![r(0, 4 * PAGE)]);
+}
+
+/// Rule 4, a tracking domain whose tracking cannot be enabled reports nothing: every mapping
+/// is dirty at every harvest. Fails if the failed enable were ignored: the tracker would go
+/// on reading a domain that tracks nothing (the reads below), and only a backend that fails
+/// such reads, as this fake does, would keep the ranges dirty.
+#[test]
+fn failed_enable_makes_everything_dirty() {
+    let mut t = tracker(Fake {
+        fail_set_tracking: true,
+        ..Default::default()
+    });
+    t.add_device(1).unwrap();
+    t.map(0, 4 * PAGE, 0).unwrap();
+    t.map(0x10_0000, 4 * PAGE, 0x10_0000).unwrap();
+    t.start();
+    for i in 0..2 {
+        let h = t.harvest(&Identity).unwrap();
+        assert_eq!(h.ranges, vec![r(0, 4 * PAGE), r(0x10_0000, 4 * PAGE)]);
+        assert_eq!(h.errors.len(), if i == 0 { 1 } else { 0 });
+    }
+    assert!(
+        t.backend().reads().is_empty(),
+        "a domain not tracking is not read"
+    );
 }
 
 /// Rule 6: unmap while tracking reads the range with NO_CLEAR first, then unmaps. Fails if
