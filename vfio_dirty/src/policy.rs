@@ -63,6 +63,8 @@ pub enum PolicyError {
         domain: DomainId,
         source: BackendError,
     },
+    #[error("device {dev}: {source}")]
+    Device { dev: DeviceId, source: BackendError },
     #[error("domain {domain}: {source}")]
     Domain {
         domain: DomainId,
@@ -251,13 +253,10 @@ impl<B: DirtyBackend> DmaTracker<B> {
                     return Ok(scope);
                 }
             } else if let Ok(d) = self.backend.alloc_domain(dev, true) {
-                if let Err(source) = self.backend.attach(dev, d) {
+                if self.backend.attach(dev, d).is_err() {
+                    // Refused by a dirty domain made for it: it goes alone, below.
                     let _ = self.backend.free_domain(d);
-                    return Err(PolicyError::Backend {
-                        dev,
-                        domain: d,
-                        source,
-                    });
+                    return self.add_untracked(dev);
                 }
                 let scope = if self.backend.domain_dirty_capable(d).unwrap_or(false) {
                     self.tracking_domain = Some(d);
@@ -273,14 +272,15 @@ impl<B: DirtyBackend> DmaTracker<B> {
                 return Ok(scope);
             }
         }
+        self.add_untracked(dev)
+    }
+
+    /// A domain of its own for `dev`, without dirty tracking: rule 4 from now on.
+    fn add_untracked(&mut self, dev: DeviceId) -> Result<Scope, PolicyError> {
         let d = self
             .backend
             .alloc_domain(dev, false)
-            .map_err(|source| PolicyError::Backend {
-                dev,
-                domain: 0,
-                source,
-            })?;
+            .map_err(|source| PolicyError::Device { dev, source })?;
         if let Err(source) = self.backend.attach(dev, d) {
             let _ = self.backend.free_domain(d);
             return Err(PolicyError::Backend {

@@ -343,6 +343,16 @@ fn device_refused_by_the_tracking_domain_gets_its_own_domain() {
     t.start();
     t.backend_mut().dma_write(2, 0x2000);
     assert_eq!(t.harvest(&Identity).unwrap().ranges, vec![r(0, 4 * PAGE)]);
+    // The same when it is the first device, refused by the dirty domain made for it.
+    let mut t = tracker(Fake {
+        refused: BTreeSet::from([1]),
+        ..Default::default()
+    });
+    let Scope::Unknown(own) = t.add_device(1).unwrap() else {
+        panic!("device 1 was refused")
+    };
+    assert!(t.backend().calls.contains(&Call::Alloc(1, false)));
+    assert!(t.backend().domains[&own].devices.contains(&1));
 }
 
 /// Rule 4, a tracking domain whose tracking cannot be enabled reports nothing: every mapping
