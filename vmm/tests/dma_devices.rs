@@ -434,13 +434,8 @@ struct Move {
     cmdline: String,
     devices: Vec<String>,
     dirty_ring: &'static str,
-    /// Extra environment for the source (test seams).
+    /// The source's test seams (`FERRY_TEST_*` environment variables).
     env: Vec<(&'static str, &'static str)>,
-    drop_device_log: bool,
-    /// Every device write into the guest waits this many µs (a slow device).
-    dma_delay_us: Option<u32>,
-    /// The source stops its devices only after the final collection (the wrong order).
-    pause_devices_late: bool,
 }
 
 impl Move {
@@ -453,10 +448,13 @@ impl Move {
             devices: devices.iter().map(|d| d.to_string()).collect(),
             dirty_ring: "entries=65536",
             env: Vec::new(),
-            drop_device_log: false,
-            dma_delay_us: None,
-            pause_devices_late: false,
         }
+    }
+
+    /// The same move with test seam `name` set to `value` on the source.
+    fn seam(mut self, name: &'static str, value: &'static str) -> Move {
+        self.env.push((name, value));
+        self
     }
 }
 
@@ -512,19 +510,7 @@ fn migrate(m: Move) -> Moved {
         m.dirty_ring,
     ];
     args.extend(devices.iter().map(String::as_str));
-    let delay = m.dma_delay_us.map(|us| us.to_string());
-    let mut env: Vec<(&str, &str)> = Vec::new();
-    if m.drop_device_log {
-        env.push(("FERRY_TEST_DROP_DEVICE_LOG", "1"));
-    }
-    if let Some(us) = &delay {
-        env.push(("FERRY_TEST_DMA_DELAY_US", us));
-    }
-    if m.pause_devices_late {
-        env.push(("FERRY_TEST_PAUSE_DEVICES_LATE", "1"));
-    }
-    env.extend(m.env.iter().copied());
-    let mut src = Host::start(&hosts.a, &dir, "source", &args, &env);
+    let mut src = Host::start(&hosts.a, &dir, "source", &args, &m.env);
     serial.wait_dma_pass(m.cpus, 2, 0, Duration::from_secs(120));
 
     let r = src
@@ -596,6 +582,19 @@ fn migrate(m: Move) -> Moved {
         serial: text,
         migration,
     }
+}
+
+/// A seam lost a page and the guest on B caught it: the page arrived stale (MISMATCH),
+/// or its used entry was lost with it and the guest waits for a request B's device
+/// counts as done.
+fn assert_loss_caught(m: &Moved, what: &str) {
+    assert!(
+        m.serial.contains("guest: MISMATCH")
+            || m.serial.contains("guest: FAIL")
+            || m.serial.contains("still with the device"),
+        "the guest should have caught {what}:\n{}",
+        m.serial
+    );
 }
 
 fn assert_clean(m: &Moved) {
@@ -694,15 +693,15 @@ fn intx_interrupts_keep_coming_after_the_move() {
 /// after they were sent, and the guest on B says so.
 #[test]
 fn a_dropped_device_log_is_caught_by_the_guest_after_the_move() {
-    let m = migrate(Move {
-        drop_device_log: true,
-        ..Move::of(
+    let m = migrate(
+        Move::of(
             45,
             1,
             "workload=dma-verify dma=rng size=32M",
             &["--rng", "src=/dev/urandom"],
         )
-    });
+        .seam("FERRY_TEST_DROP_DEVICE_LOG", "1"),
+    );
     // Either a page that went back to older contents, or a request the source's device
     // completed (its used entry was lost with the page) whose page then shows no write.
     assert!(
@@ -719,15 +718,15 @@ fn a_dropped_device_log_is_caught_by_the_guest_after_the_move() {
 /// Nothing is lost.
 #[test]
 fn a_request_in_flight_at_the_pause_is_finished_and_its_pages_move() {
-    let m = migrate(Move {
-        dma_delay_us: Some(1000),
-        ..Move::of(
+    let m = migrate(
+        Move::of(
             46,
             1,
             "workload=dma-verify dma=rng size=4M",
             &["--rng", "src=/dev/urandom"],
         )
-    });
+        .seam("FERRY_TEST_DMA_DELAY_US", "1000"),
+    );
     assert_clean(&m);
 }
 
@@ -737,25 +736,17 @@ fn a_request_in_flight_at_the_pause_is_finished_and_its_pages_move() {
 /// request never completed). This is what the order above prevents.
 #[test]
 fn pausing_devices_after_the_final_collection_loses_the_request_in_flight() {
-    let m = migrate(Move {
-        dma_delay_us: Some(1000),
-        pause_devices_late: true,
-        ..Move::of(
+    let m = migrate(
+        Move::of(
             47,
             1,
             "workload=dma-verify dma=rng size=4M",
             &["--rng", "src=/dev/urandom"],
         )
-    });
-    // The page arrives stale (MISMATCH), or its used entry was lost with it and the
-    // guest waits for a request B's device counts as done.
-    assert!(
-        m.serial.contains("guest: MISMATCH")
-            || m.serial.contains("guest: FAIL")
-            || m.serial.contains("still with the device"),
-        "the guest should have caught the write that landed after the final collection:\n{}",
-        m.serial
+        .seam("FERRY_TEST_DMA_DELAY_US", "1000")
+        .seam("FERRY_TEST_PAUSE_DEVICES_LATE", "1"),
     );
+    assert_loss_caught(&m, "the write that landed after the final collection");
 }
 
 // ---- Devices behind the virtio-iommu (issue 13) ----
@@ -855,25 +846,15 @@ fn viommu_blk_remap_detach_nested_dirty_moves_in_bitmap_mode() {
 /// catches it. The same run without the seam is clean (the tests above).
 #[test]
 fn a_dropped_viommu_dma_log_is_caught_by_the_guest_after_the_move() {
-    let mut m = viommu_run(65, 1, "rng", true);
-    m.env.push(("FERRY_TEST_DROP_VIOMMU_LOG", "1"));
-    let moved = migrate(m);
-    assert!(
-        moved.serial.contains("guest: MISMATCH")
-            || moved.serial.contains("guest: FAIL")
-            || moved.serial.contains("still with the device"),
-        "the guest should have caught the lost DMA writes:\n{}",
-        moved.serial
-    );
+    let moved = migrate(viommu_run(65, 1, "rng", true).seam("FERRY_TEST_DROP_VIOMMU_LOG", "1"));
+    assert_loss_caught(&moved, "the lost DMA writes");
 }
 
 /// The seam: a source that migrates the domain's tracking but not the dirty bits the
 /// guest has not read yet; the guest's next bitmap on B misses pages its device wrote.
 #[test]
 fn dropped_unread_nested_dirty_bits_are_caught_by_the_guest_after_the_move() {
-    let mut m = viommu_run(66, 1, "rng", true);
-    m.env.push(("FERRY_TEST_DROP_NESTED_DIRTY", "1"));
-    let moved = migrate(m);
+    let moved = migrate(viommu_run(66, 1, "rng", true).seam("FERRY_TEST_DROP_NESTED_DIRTY", "1"));
     assert!(
         moved.serial.contains("guest: FAIL nested-dirty missing"),
         "the guest should have missed the unread dirty bits:\n{}",
