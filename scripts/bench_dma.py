@@ -265,31 +265,39 @@ def throughput_runs(bench, sizes, modes, rounds, disk, jsonl, argv_of=None):
     return bench
 
 
-def bench_table(all_runs):
-    runs = [r for r in all_runs if not r.get("discarded")]
-    out = ["| request | mode | ok | MiB/s | req/s | notifies/s | VMM CPU s / GiB read "
-           "| CPU µs / request, all but vCPU threads | CPU µs / request, Ferry's disk worker |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    summary = {}
-    for bs in SIZES:
-        for m in MODES:
+def mode_summaries(runs, sizes, modes, keys):
+    """Per request size and mode, in order: the runs and the medians of `keys` (each ok
+    run gets its `notifies_s` first, and its `cpu_s_per_gib` if that is a key)."""
+    for bs in sizes:
+        for m in modes:
             rs = [r for r in runs if r["bs"] == bs and r["mode"] == m]
             if not rs:
                 continue
             for r in rs:
                 if r.get("ok"):
                     r["notifies_s"] = r["notifies"] * 1000 / r["ms"] if r["ms"] else None
+                if r.get("ok") and "cpu_s_per_gib" in keys:
                     # The whole process's CPU time (boot and warm-up too) over what the
                     # timed run read: a rough figure, for comparing the VMMs.
                     r["cpu_s_per_gib"] = (r["cpu_s"] / (r["bytes"] / (1 << 30))
                                           if r.get("cpu_s") is not None and r["bytes"] else None)
-            s = {k: med(rs, k) for k in ("mib_s", "req_s", "notifies_s", "cpu_s_per_gib",
-                                         "io_cpu_us_per_req", "worker_cpu_us_per_req")}
-            summary[(bs, m)] = s
-            ok = sum(bool(r.get("ok")) for r in rs)
-            out.append(f"| {bs} | {MODE_NAMES[m]} | {ok}/{len(rs)} | {fmt(s['mib_s'], 1)} "
-                       f"| {fmt(s['req_s'])} | {fmt(s['notifies_s'])} | {fmt(s['cpu_s_per_gib'], 2)} "
-                       f"| {fmt(s['io_cpu_us_per_req'], 2)} | {fmt(s['worker_cpu_us_per_req'], 2)} |")
+            yield bs, m, rs, {k: med(rs, k) for k in keys}
+
+
+def bench_table(all_runs):
+    runs = [r for r in all_runs if not r.get("discarded")]
+    out = ["| request | mode | ok | MiB/s | req/s | notifies/s | VMM CPU s / GiB read "
+           "| CPU µs / request, all but vCPU threads | CPU µs / request, Ferry's disk worker |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    keys = ("mib_s", "req_s", "notifies_s", "cpu_s_per_gib", "io_cpu_us_per_req",
+            "worker_cpu_us_per_req")
+    for bs, m, rs, s in mode_summaries(runs, SIZES, MODES, keys):
+        summary[(bs, m)] = s
+        ok = sum(bool(r.get("ok")) for r in rs)
+        out.append(f"| {bs} | {MODE_NAMES[m]} | {ok}/{len(rs)} | {fmt(s['mib_s'], 1)} "
+                   f"| {fmt(s['req_s'])} | {fmt(s['notifies_s'])} | {fmt(s['cpu_s_per_gib'], 2)} "
+                   f"| {fmt(s['io_cpu_us_per_req'], 2)} | {fmt(s['worker_cpu_us_per_req'], 2)} |")
     out.append("")
     out += ["| request | logging cost (1 − log on / log off, medians) | per round (median) "
             "| disk worker CPU per request, log on / log off − 1 (medians) | per round (median) "

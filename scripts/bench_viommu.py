@@ -126,26 +126,18 @@ def micro_table(rows):
 
 def bench_tables(all_runs):
     runs = [r for r in all_runs if not r.get("discarded")]
-    med, fmt = vsq.stats, vsq.fmt
+    fmt = vsq.fmt
     out = ["| request | mode | ok | MiB/s | req/s | notifies/s | CPU µs / request, all but vCPU threads "
            "| CPU µs / request, Ferry's disk worker |",
            "|---|---|---|---|---|---|---|---|"]
     summary = {}
-    for bs in SIZES:
-        for m in MODES:
-            rs = [r for r in runs if r["bs"] == bs and r["mode"] == m]
-            if not rs:
-                continue
-            for r in rs:
-                if r.get("ok"):
-                    r["notifies_s"] = r["notifies"] * 1000 / r["ms"] if r["ms"] else None
-            s = {k: med(rs, k) for k in ("mib_s", "req_s", "notifies_s", "io_cpu_us_per_req",
-                                         "worker_cpu_us_per_req")}
-            summary[(bs, m)] = s
-            ok = sum(bool(r.get("ok")) for r in rs)
-            out.append(f"| {bs} | {MODE_NAMES[m]} | {ok}/{len(rs)} | {fmt(s['mib_s'], 1)} "
-                       f"| {fmt(s['req_s'])} | {fmt(s['notifies_s'])} "
-                       f"| {fmt(s['io_cpu_us_per_req'], 2)} | {fmt(s['worker_cpu_us_per_req'], 2)} |")
+    keys = ("mib_s", "req_s", "notifies_s", "io_cpu_us_per_req", "worker_cpu_us_per_req")
+    for bs, m, rs, s in bd.mode_summaries(runs, SIZES, MODES, keys):
+        summary[(bs, m)] = s
+        ok = sum(bool(r.get("ok")) for r in rs)
+        out.append(f"| {bs} | {MODE_NAMES[m]} | {ok}/{len(rs)} | {fmt(s['mib_s'], 1)} "
+                   f"| {fmt(s['req_s'])} | {fmt(s['notifies_s'])} "
+                   f"| {fmt(s['io_cpu_us_per_req'], 2)} | {fmt(s['worker_cpu_us_per_req'], 2)} |")
     out.append("")
     out += ["| request | VMM | iommu=on / off, MiB/s (medians) | per round | "
             "CPU per request, on / off (medians) |",
