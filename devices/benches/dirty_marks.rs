@@ -6,24 +6,17 @@
 
 use std::hint::black_box;
 use std::num::NonZeroUsize;
-use std::time::Instant;
 
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress};
 
 const N: u64 = 5_000_000;
 
-fn ns_per(mut f: impl FnMut(u64)) -> f64 {
-    // Best of five: the machine is shared, the minimum is the cost.
-    (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            for i in 0..N {
-                f(i);
-            }
-            t.elapsed().as_nanos() as f64 / N as f64
-        })
-        .fold(f64::INFINITY, f64::min)
+#[path = "support/timing.rs"]
+mod timing;
+
+fn ns_per(f: impl FnMut(u64)) -> f64 {
+    timing::ns_per(N, f)
 }
 
 fn main() {

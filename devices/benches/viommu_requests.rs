@@ -5,7 +5,6 @@
 //! `scripts/dev_cli.sh bench viommu`). Prints a table; nothing is asserted.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use devices::guest_ram::{GuestMemoryMmap, GuestRam};
 use devices::viommu::{
@@ -54,18 +53,9 @@ fn unmap(i: u64) -> Vec<u8> {
     )
 }
 
-/// Best of five runs of `n` calls, in ns per call.
-fn ns_per(n: u64, mut f: impl FnMut(u64)) -> f64 {
-    (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            for i in 0..n {
-                f(i);
-            }
-            t.elapsed().as_nanos() as f64 / n as f64
-        })
-        .fold(f64::INFINITY, f64::min)
-}
+#[path = "support/timing.rs"]
+mod timing;
+use timing::ns_per;
 
 fn main() {
     let features = 1u64 << F_DIRTY_TRACKING;
