@@ -121,15 +121,7 @@ fn serve_request(
     ram: &GuestRam,
     log: &mut GuestErrorLog,
 ) -> u32 {
-    if let Some(why) = w.broken() {
-        log.report(format_args!("head {}: {why}; not answered", w.head));
-        return 0;
-    }
-    if w.too_long() {
-        log.report(format_args!(
-            "head {}: {} descriptors, more than a request has; not answered",
-            w.head, w.count
-        ));
+    if !w.usable(log, "a request has", "not answered") {
         return 0;
     }
     // The readable part, then the writable part (a readable buffer after a writable one

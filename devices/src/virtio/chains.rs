@@ -39,6 +39,24 @@ impl Walked {
         self.count > self.descs.len()
     }
 
+    /// Whether the chain can be served: one that does not end or is longer than `limit`
+    /// says (of the descriptors it has too many) is reported to `log` with `outcome` (what
+    /// the device then does), and is not.
+    pub fn usable(&self, log: &mut GuestErrorLog, limit: &str, outcome: &str) -> bool {
+        if let Some(why) = self.broken() {
+            log.report(format_args!("head {}: {why}; {outcome}", self.head));
+            return false;
+        }
+        if self.too_long() {
+            log.report(format_args!(
+                "head {}: {} descriptors, more than {limit}; {outcome}",
+                self.head, self.count
+            ));
+            return false;
+        }
+        true
+    }
+
     /// Why the chain cannot be served at all, if it cannot.
     pub fn broken(&self) -> Option<&'static str> {
         if self.count == 0 {

@@ -52,15 +52,7 @@ impl Rng {
 }
 
 fn serve(w: &Walked, ram: &GuestRam, source: &mut dyn Read, log: &mut GuestErrorLog) -> u32 {
-    if let Some(why) = w.broken() {
-        log.report(format_args!("head {}: {why}; nothing written", w.head));
-        return 0;
-    }
-    if w.too_long() {
-        log.report(format_args!(
-            "head {}: {} descriptors, more than the queue holds; nothing written",
-            w.head, w.count
-        ));
+    if !w.usable(log, "the queue holds", "nothing written") {
         return 0;
     }
     let mut left = RNG_MAX_REQUEST;
