@@ -364,8 +364,8 @@ impl GuestRam {
         }
     }
 
-    /// Marks guest-physical `[gpa, gpa + len)` dirty in this RAM's log (the vIOMMU's
-    /// footprint rules).
+    /// Marks guest-physical `[gpa, gpa + len)` dirty in this RAM's log (the parts that
+    /// are RAM): the round's marks and the vIOMMU's footprint rules.
     pub fn mark_gpa_range(&self, gpa: u64, len: u64) {
         if !self.unlogged {
             mark_gpa(&self.mem, gpa, len);
@@ -386,18 +386,6 @@ impl GuestRam {
         }
     }
 
-    /// Marks `[gpa, gpa + len)` dirty (the parts that are RAM).
-    fn mark_range(&self, gpa: u64, len: usize) {
-        if self.unlogged {
-            return;
-        }
-        for slice in
-            GuestMemoryBackend::get_slices(&self.mem, GuestAddress(gpa), len).map_while(Result::ok)
-        {
-            slice.bitmap().mark_dirty(0, slice.len());
-        }
-    }
-
     /// Marks the used ring of `queue` dirty: call after the writes virtio-queue made
     /// through [`Self::queue_memory`] (used elements, index, `avail_event`) and before the
     /// worker lets go of its queues, so a paused device has nothing left unmarked.
@@ -406,8 +394,8 @@ impl GuestRam {
         // flags, idx, ring[size], avail_event.
         // Behind the vIOMMU each ring write was marked as it was made (RingSlices).
         if self.view.iommu.is_none() {
-            let len = 6 + 8 * usize::from(queue.size());
-            self.mark_range(queue.used_ring(), len);
+            let len = 6 + 8 * u64::from(queue.size());
+            self.mark_gpa_range(queue.used_ring(), len);
         }
     }
 
@@ -592,7 +580,7 @@ impl GuestRam {
         pages.sort_unstable();
         pages.dedup();
         for p in pages {
-            self.mark_range(p, 1);
+            self.mark_gpa_range(p, 1);
         }
     }
 

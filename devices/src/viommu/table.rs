@@ -270,13 +270,9 @@ impl IommuTable {
     /// a bypass domain (then nothing but all of RAM bounds what it wrote).
     pub fn untrackable_in_bypass(&self) -> bool {
         let t = self.read();
-        t.endpoints.values().any(|e| {
-            !e.trackable
-                && match e.domain {
-                    None => t.bypass,
-                    Some(d) => t.domains.get(&d).is_some_and(|d| d.bypass),
-                }
-        })
+        t.endpoints
+            .iter()
+            .any(|(id, e)| !e.trackable && Self::in_bypass(&t, *id))
     }
 
     /// Translates a DMA of endpoint `id`: `len` bytes at `iova`. A refusal is recorded
