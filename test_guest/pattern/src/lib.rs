@@ -16,6 +16,7 @@ extern crate std;
 pub mod cmdline;
 mod dirty;
 pub mod dma;
+pub mod user_device;
 pub mod viommu;
 
 pub use dirty::{check_dirty_counters, DirtyCounters, DirtyError};
