@@ -16,6 +16,7 @@
 pub mod bitmap;
 pub mod policy;
 pub mod uapi;
+pub mod vfio_user;
 
 pub use bitmap::{BitmapError, DirtyBitmap};
 pub use policy::{
