@@ -8,6 +8,7 @@ mod i8042;
 pub mod pci;
 mod pm;
 mod serial;
+pub mod user_device;
 pub mod viommu;
 pub mod virtio;
 

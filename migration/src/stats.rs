@@ -104,6 +104,9 @@ pub struct DirtySourceStats {
     /// Of those, pages the vIOMMU's footprint rules made dirty (an endpoint leaving its
     /// domain during tracking, a device that cannot report its writes).
     pub viommu_footprint: u64,
+    /// DMA of vfio-user devices, from their own logs, translated to guest-physical.
+    #[serde(default)]
+    pub user_devices: u64,
 }
 
 /// One precopy pass (iteration 0 is the full copy; the last one runs paused).

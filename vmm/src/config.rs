@@ -58,6 +58,8 @@ pub enum ConfigError {
     /// An entropy source that cannot be opened for reading.
     #[error("rng {}: {reason}", .path.display())]
     Rng { path: PathBuf, reason: String },
+    #[error("user device {}: {reason}", .socket.display())]
+    UserDevice { socket: PathBuf, reason: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,6 +245,22 @@ impl RngConfig {
     }
 }
 
+/// A vfio-user device served by another process on the UNIX socket `socket`
+/// (cloud-hypervisor's `UserDeviceConfig`). Guest RAM is shared with it by file
+/// descriptor, so a VM with one always has shared RAM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserDeviceConfig {
+    pub socket: PathBuf,
+    /// Unique among the devices when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The device's DMA goes through the virtio-iommu (Ferry's; cloud-hypervisor refuses
+    /// vfio-user behind a vIOMMU).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub iommu: bool,
+}
+
 /// Ferry's extension: how KVM reports dirty pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -281,6 +299,9 @@ pub struct VmConfig {
     /// A virtio-rng device, when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rng: Option<RngConfig>,
+    /// vfio-user devices, in the order their functions are placed (after the virtio ones).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_devices: Vec<UserDeviceConfig>,
 }
 
 impl VmConfig {
@@ -290,6 +311,12 @@ impl VmConfig {
         self.iommu
             || self.disks.iter().any(|d| d.iommu)
             || self.rng.as_ref().is_some_and(|r| r.iommu)
+            || self.user_devices.iter().any(|u| u.iommu)
+    }
+
+    /// Whether guest RAM must be shared memory: asked for, or a vfio-user device needs it.
+    pub fn shared_memory(&self) -> bool {
+        self.memory.shared || !self.user_devices.is_empty()
     }
 
     /// Checks what can be checked without touching KVM, including that the disk and rng
@@ -325,6 +352,23 @@ impl VmConfig {
                 }
                 Some(id) if !ids.insert(id) => {
                     return Err(ConfigError::DuplicateDiskId(id.to_string()))
+                }
+                _ => {}
+            }
+        }
+        let mut user_ids = std::collections::HashSet::new();
+        for u in &self.user_devices {
+            let err = |reason: &str| ConfigError::UserDevice {
+                socket: u.socket.clone(),
+                reason: reason.to_string(),
+            };
+            if u.socket.as_os_str().is_empty() {
+                return Err(err("the socket path is empty"));
+            }
+            match u.id.as_deref() {
+                Some("") => return Err(err("the id is empty")),
+                Some(id) if !user_ids.insert(id) => {
+                    return Err(err(&format!("the id '{id}' is given twice")))
                 }
                 _ => {}
             }
@@ -492,6 +536,26 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
         id,
         iommu,
     })
+}
+
+/// `--user-device socket=PATH[,id=NAME][,iommu=on|off]`.
+pub fn parse_user_device(s: &str) -> Result<UserDeviceConfig, ConfigError> {
+    let mut socket: Option<PathBuf> = None;
+    let mut id = None;
+    let mut iommu = false;
+    for (k, v) in params("user-device", s, "socket, id, iommu")? {
+        match k {
+            "socket" if v.is_empty() => {
+                return Err(bad("user-device", "socket", v, "the path is empty"))
+            }
+            "socket" => socket = Some(PathBuf::from(v)),
+            "id" if v.is_empty() => return Err(bad("user-device", "id", v, "the id is empty")),
+            "id" => id = Some(v.to_string()),
+            _ => iommu = on_off("user-device", "iommu", v)?,
+        }
+    }
+    let socket = socket.ok_or_else(|| missing("user-device", "socket", s))?;
+    Ok(UserDeviceConfig { socket, id, iommu })
 }
 
 /// `--rng src=PATH[,iommu=on|off]`.

@@ -59,11 +59,18 @@ pub struct DirtySources {
     pub devices: AtomicU64,
     /// DMA of devices behind the vIOMMU, translated to guest-physical pages.
     pub viommu_dma: AtomicU64,
+    /// DMA of vfio-user devices, from their own logs.
+    pub user_devices: AtomicU64,
 }
 
 impl DirtySources {
     pub fn reset(&self) {
-        for c in [&self.kvm, &self.devices, &self.viommu_dma] {
+        for c in [
+            &self.kvm,
+            &self.devices,
+            &self.viommu_dma,
+            &self.user_devices,
+        ] {
             c.store(0, Ordering::Relaxed);
         }
     }
@@ -163,5 +170,35 @@ mod tests {
             vec![(63 * PAGE, 3 * PAGE)]
         );
         assert_eq!(bitmap_to_ranges(0, &[!0, !0]), vec![(0, 128 * PAGE)]);
+    }
+}
+
+/// Adds guest-physical `extra` ranges (page aligned) to the regions they fall in, keeping
+/// each region's ranges sorted and merged.
+pub fn add_ranges(regions: &mut [RegionDirty], mem: &GuestMemoryMmap, extra: &[(u64, u64)]) {
+    if extra.is_empty() {
+        return;
+    }
+    for (rd, region) in regions.iter_mut().zip(mem.iter()) {
+        let (start, end) = (region.start_addr().0, region.start_addr().0 + region.len());
+        let before = rd.ranges.len();
+        for &(a, l) in extra {
+            let (a2, b2) = (a.max(start), a.saturating_add(l).min(end));
+            if a2 < b2 {
+                rd.ranges.push((a2, b2 - a2));
+            }
+        }
+        if rd.ranges.len() == before {
+            continue;
+        }
+        rd.ranges.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(rd.ranges.len());
+        for (a, l) in rd.ranges.drain(..) {
+            match out.last_mut() {
+                Some((la, ll)) if a <= *la + *ll => *ll = (*ll).max(a + l - *la),
+                _ => out.push((a, l)),
+            }
+        }
+        rd.ranges = out;
     }
 }

@@ -10,5 +10,6 @@ pub mod memory;
 pub mod migration;
 pub mod pci_devices;
 pub mod throttle;
+pub mod user_devices;
 pub mod vcpu;
 pub mod vm;

@@ -60,6 +60,14 @@ struct Cli {
         default_missing_value = "src=/dev/urandom"
     )]
     rng: Option<String>,
+    /// A vfio-user device served on the UNIX socket socket=PATH; repeat for more.
+    /// iommu=on puts its DMA behind the virtio-iommu. Guest RAM is then shared memory.
+    #[arg(
+        long = "user-device",
+        value_name = "socket=PATH[,id=NAME][,iommu=on|off]",
+        action = clap::ArgAction::Append
+    )]
+    user_device: Vec<String>,
     /// REST API socket (HTTP on a UNIX socket).
     #[arg(long = "api-socket")]
     api_socket: Option<PathBuf>,
@@ -83,6 +91,11 @@ fn config_from(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
             .map(|d| config::parse_disk(d))
             .collect::<Result<_, _>>()?,
         rng: cli.rng.as_deref().map(config::parse_rng).transpose()?,
+        user_devices: cli
+            .user_device
+            .iter()
+            .map(|u| config::parse_user_device(u))
+            .collect::<Result<_, _>>()?,
     })
 }
 

@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::layout::{MMIO_HOLE_START, PCI_ECAM_START};
 use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
+use crate::user_devices::{UserDevice, UserDeviceState};
 
 /// The guest-physical window memory BARs are placed in (up to the ECAM region).
 pub const BAR_WINDOW_START: u64 = MMIO_HOLE_START;
@@ -85,6 +86,7 @@ pub fn bdf(slot: u8) -> u16 {
 /// Where the vIOMMU and the devices behind it sit, from the configuration alone (the
 /// ACPI tables are written before the devices are made): the vIOMMU's BDF and its
 /// endpoints' BDFs. Slots follow `models`' order: the disks, the rng, the vIOMMU last.
+/// The vfio-user devices follow the vIOMMU.
 pub fn viot_layout(config: &VmConfig) -> Option<(u16, Vec<u16>)> {
     if !config.viommu_needed() {
         return None;
@@ -95,13 +97,22 @@ pub fn viot_layout(config: &VmConfig) -> Option<(u16, Vec<u16>)> {
         .map(|d| d.iommu)
         .chain(config.rng.iter().map(|r| r.iommu))
         .collect();
-    let endpoints = behind
+    let viommu_slot = behind.len() as u8 + 1;
+    let mut endpoints: Vec<u16> = behind
         .iter()
         .enumerate()
         .filter(|(_, b)| **b)
         .map(|(i, _)| bdf(i as u8 + 1))
         .collect();
-    Some((bdf(behind.len() as u8 + 1), endpoints))
+    endpoints.extend(
+        config
+            .user_devices
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| u.iommu)
+            .map(|(i, _)| bdf(viommu_slot + 1 + i as u8)),
+    );
+    Some((bdf(viommu_slot), endpoints))
 }
 
 /// Bus 0 and the virtio functions on it.
@@ -113,6 +124,8 @@ pub struct PciDevices {
     /// dirty collection.
     dma_hold: Option<Arc<DmaHold>>,
     viommu: Option<Viommu>,
+    /// vfio-user devices, after the virtio functions.
+    user: Vec<UserDevice>,
 }
 
 /// Interrupts of one function: MSI-X vectors through KVM routes and irqfds, INTx
@@ -326,6 +339,58 @@ impl PciDevices {
                 ioevents_at: bar,
             });
         }
+        let mut user = Vec::new();
+        for (i, u) in config.user_devices.iter().enumerate() {
+            let id = u.id.clone().unwrap_or_else(|| format!("user{i}"));
+            let setup = |what: &'static str, reason: String| PciDevicesError::Setup {
+                id: id.clone(),
+                what,
+                reason,
+            };
+            let slot = u8::try_from(functions.len() + 1 + user.len())
+                .ok()
+                .filter(|s| usize::from(*s) < devices::pci::SLOTS)
+                .ok_or_else(|| setup("PCI slot", "bus 0 is full".into()))?;
+            let mut dev = UserDevice::connect(id.clone(), slot, u, mem)
+                .map_err(|e| setup("vfio-user", e.reason.clone()))?;
+            {
+                let mut f = dev.function.lock().unwrap_or_else(|p| p.into_inner());
+                let declared = f.bars().to_vec();
+                for (index, size) in declared {
+                    let size = size.max(4096);
+                    let range =
+                        bars.allocate(size, size, AllocPolicy::FirstMatch)
+                            .map_err(|e| {
+                                setup(
+                                    "BAR",
+                                    format!("no room for BAR {index} of {size:#x} bytes: {e:?}"),
+                                )
+                            })?;
+                    f.config_mut()
+                        .set_bar_address(index, range.start())
+                        .map_err(|e| setup("BAR", e.to_string()))?;
+                    log::info!(
+                        "{id}: vfio-user device on {}, PCI 00:{slot:02x}.0, BAR {index} at {:#x}",
+                        u.socket.display(),
+                        range.start()
+                    );
+                }
+                // As firmware leaves it: memory decoding on.
+                f.config_mut().set_bytes(0x04, &[0x02]);
+            }
+            bus.add_at(slot, dev.function.clone())
+                .map_err(|e| setup("PCI slot", e.to_string()))?;
+            if u.iommu {
+                let v = viommu.as_mut().ok_or_else(|| {
+                    setup("vIOMMU", "iommu=on but the VM has no virtio-iommu".into())
+                })?;
+                let endpoint = bdf(slot);
+                dev.behind_iommu(u32::from(endpoint), v.table.clone());
+                v.endpoints.push(endpoint);
+                log::info!("{id}: behind the virtio-iommu as endpoint {endpoint:#06x}");
+            }
+            user.push(dev);
+        }
         let made = viommu.as_ref().map(|v| (v.bdf, v.endpoints.clone()));
         if made != viot_layout(config) {
             // The ACPI VIOT table was written from viot_layout: it must describe this bus.
@@ -344,7 +409,58 @@ impl PciDevices {
             hv: hv.clone(),
             dma_hold,
             viommu,
+            user,
         })
+    }
+
+    /// What the vfio-user devices wrote since the last harvest: guest-physical ranges, and
+    /// whether all of RAM must be taken as dirty. A device that cannot be read is an error:
+    /// the migration cannot know what it wrote.
+    pub fn harvest_user_devices(&self) -> std::result::Result<(Vec<(u64, u64)>, bool), String> {
+        let mut ranges = Vec::new();
+        let mut all_ram = false;
+        for u in &self.user {
+            let h = u.harvest().map_err(|e| format!("{}: {e}", u.id))?;
+            all_ram |= h.all_ram;
+            ranges.extend(h.ranges.iter().map(|r| (r.start, r.length)));
+        }
+        Ok((ranges, all_ram))
+    }
+
+    /// The vfio-user devices' states (after [`Self::pause`]).
+    pub fn user_states(&self) -> std::result::Result<Vec<UserDeviceState>, String> {
+        self.user
+            .iter()
+            .map(|u| {
+                u.save()
+                    .map_err(|e| format!("{}: saving its state: {e}", u.id))
+            })
+            .collect()
+    }
+
+    /// Gives each vfio-user device its source's state, in order, and runs it.
+    pub fn restore_user(&self, states: &[UserDeviceState]) -> Result<()> {
+        let ours: Vec<(&str, u8)> = self.user.iter().map(|u| (u.id.as_str(), u.slot)).collect();
+        let theirs: Vec<(&str, u8)> = states.iter().map(|s| (s.id.as_str(), s.slot)).collect();
+        if ours != theirs {
+            return Err(PciDevicesError::Restore {
+                id: "user devices".into(),
+                slot: 0,
+                reason: format!(
+                    "the source has vfio-user devices {theirs:?}, this configuration makes {ours:?}"
+                ),
+            });
+        }
+        for (u, s) in self.user.iter().zip(states) {
+            u.restore(s)
+                .and_then(|()| u.resume())
+                .map_err(|reason| PciDevicesError::Restore {
+                    id: u.id.clone(),
+                    slot: u.slot,
+                    reason,
+                })?;
+        }
+        Ok(())
     }
 
     /// The vIOMMU's table, if the VM has one.
@@ -365,6 +481,15 @@ impl PciDevices {
     /// A migration starts or stops tracking dirty pages: the vIOMMU's rules apply while
     /// it does, and the DMA log starts empty.
     pub fn set_dirty_tracking(&self, on: bool) {
+        for u in &self.user {
+            if let Err(e) = u.set_tracking(on) {
+                log::warn!(
+                    "{}: DMA logging {}: {e}",
+                    u.id,
+                    if on { "on" } else { "off" }
+                );
+            }
+        }
         if let Some(v) = &self.viommu {
             v.table.set_migration_tracking(on);
             if on {
@@ -436,9 +561,20 @@ impl PciDevices {
     /// no device writes guest RAM until [`Self::resume`].
     pub fn pause(&self) {
         self.each(VirtioPciDevice::pause);
+        for u in &self.user {
+            // A device that cannot be stopped fails the migration at its last harvest.
+            if let Err(e) = u.pause() {
+                log::error!("{}: stopping the device: {e}", u.id);
+            }
+        }
     }
 
     pub fn resume(&self) {
+        for u in &self.user {
+            if let Err(e) = u.resume() {
+                log::error!("{}: running the device again: {e}", u.id);
+            }
+        }
         self.each(VirtioPciDevice::resume);
     }
 
@@ -470,7 +606,9 @@ impl PciDevices {
                         id: "viommu".into(),
                         slot: (v.bdf >> 3) as u8,
                         reason,
-                    })?
+                    })?;
+                // Devices in other processes get their domains' mappings again.
+                v.table.replay_externals();
             }
             (None, None) => {}
             (mine, _) => {

@@ -171,6 +171,9 @@ pub struct MachineState {
     /// The virtio-iommu's table (versioned on its own), when the VM has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub viommu: Option<devices::viommu::ViommuState>,
+    /// The vfio-user devices' migration data, in slot order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_devices: Vec<crate::user_devices::UserDeviceState>,
 }
 
 /// Current [`MachineState::version`] (2: PCI devices).
@@ -254,7 +257,7 @@ impl IncomingMachine {
             self.parts,
             state.serial.as_ref(),
             state.pm_control,
-            Some((&state.devices, state.viommu.as_ref())),
+            Some((&state.devices, state.viommu.as_ref(), &state.user_devices)),
         )
     }
 }
@@ -266,7 +269,7 @@ impl Machine {
         let ncpus = config.cpus.boot_vcpus;
         let mem = match mem {
             Some(m) => m,
-            None => create_memory(config.memory.size, config.memory.shared, true)?,
+            None => create_memory(config.memory.size, config.shared_memory(), true)?,
         };
 
         let builder = VmBuilder::new()?;
@@ -381,7 +384,7 @@ impl Machine {
     pub fn incoming(mut config: VmConfig) -> Result<IncomingMachine> {
         // A bad configuration is refused as such, before any memory is made for it.
         config.validate()?;
-        let mem = create_memory(config.memory.size, config.memory.shared, false)?;
+        let mem = create_memory(config.memory.size, config.shared_memory(), false)?;
         let parts = Self::build(config, Some(mem))?;
         Ok(IncomingMachine { parts })
     }
@@ -409,7 +412,11 @@ impl Machine {
         p: Parts,
         serial_state: Option<&devices::SerialSnapshot>,
         pm: u16,
-        devices_state: Option<(&[PciDeviceState], Option<&devices::viommu::ViommuState>)>,
+        devices_state: Option<(
+            &[PciDeviceState],
+            Option<&devices::viommu::ViommuState>,
+            &[crate::user_devices::UserDeviceState],
+        )>,
     ) -> Result<Machine> {
         let mut bus = PioBus::default();
         let mut serial_counters = None;
@@ -430,8 +437,9 @@ impl Machine {
         bus.insert(ACPI_PM1A_EVT_PORT, ACPI_PM_PORTS, pm.clone());
         // PCI bus 0, reached through 0xCF8/0xCFC and ECAM, its BARs in the window below.
         let mut pci = PciDevices::new(&p.config, &p.hv, &p.mem)?;
-        if let Some((states, viommu)) = devices_state {
+        if let Some((states, viommu, user)) = devices_state {
             pci.restore(states, viommu)?;
+            pci.restore_user(user)?;
         }
         bus.insert(
             CONFIG_IO_PORT,
@@ -545,6 +553,7 @@ impl Machine {
             pm_control: self.pm.lock().unwrap_or_else(|p| p.into_inner()).value(),
             devices: self.pci.state(),
             viommu: self.pci.viommu_state(),
+            user_devices: self.pci.user_states().map_err(VmError::State)?,
         })
     }
 
@@ -630,14 +639,35 @@ impl Machine {
     pub fn collect_dirty(&self, kind: SyncKind) -> Result<Vec<RegionDirty>> {
         // Untrackable DMA makes its footprint dirty first, into the DMA log read below.
         self.pci.harvest_untrackable();
-        Ok(dirty::collect(
+        let mut regions = dirty::collect(
             &self.hv,
             &self.mem,
             self.pci.dma_log(),
             kind,
             self.drop_logs,
             &self.dirty_sources,
-        )?)
+        )?;
+        // vfio-user devices' own logs (stopped devices at the final pass: their last word).
+        let (mut user, all_ram) = self
+            .pci
+            .harvest_user_devices()
+            .map_err(|e| VmError::State(format!("vfio-user device DMA log: {e}")))?;
+        let pages: u64 = user.iter().map(|&(_, l)| l.div_ceil(4096)).sum();
+        self.dirty_sources
+            .user_devices
+            .fetch_add(pages, Ordering::Relaxed);
+        if all_ram {
+            log::warn!(
+                "a vfio-user device reported a write it could not place: all of RAM is dirty"
+            );
+            user = self
+                .mem
+                .iter()
+                .map(|r| (r.start_addr().0, r.len()))
+                .collect();
+        }
+        dirty::add_ranges(&mut regions, &self.mem, &user);
+        Ok(regions)
     }
 
     /// Pages each source reported dirty since the migration's tracking started.

@@ -33,8 +33,8 @@ pub use domain::{
 pub use requests::*;
 pub use state::{ViommuState, VIOMMU_STATE_VERSION};
 pub use table::{
-    DmaWindow, Domain, Endpoint, FaultRecord, IommuEndpoint, IommuTable, Tables, FAULT_F_ADDRESS,
-    FAULT_F_READ, FAULT_F_WRITE, FAULT_R_DOMAIN, FAULT_R_MAPPING, FAULT_R_UNKNOWN,
+    DmaWindow, Domain, Endpoint, ExternalEndpoint, FaultRecord, IommuEndpoint, IommuTable, Tables,
+    FAULT_F_ADDRESS, FAULT_F_READ, FAULT_F_WRITE, FAULT_R_DOMAIN, FAULT_R_MAPPING, FAULT_R_UNKNOWN,
 };
 
 /// Feature bits (virtio 1.2 §5.13.3).

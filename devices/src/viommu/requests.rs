@@ -95,6 +95,15 @@ fn holds_untrackable(t: &Tables, domain: u32) -> bool {
     })
 }
 
+/// Whether `domain` holds an endpoint whose writes the guest's nested bitmaps cannot show
+/// (untrackable, or served by another process).
+fn holds_unreported(table: &IommuTable, t: &Tables, domain: u32) -> bool {
+    holds_untrackable(t, domain)
+        || t.domains
+            .get(&domain)
+            .is_some_and(|d| d.endpoints.iter().any(|e| table.is_external(*e)))
+}
+
 fn domain_status(e: DomainError) -> u8 {
     match e {
         DomainError::Inval(_) => S_INVAL,
@@ -156,7 +165,7 @@ fn attach(table: &IommuTable, req: &[u8], features: u64) -> Reply {
         }
         // Seed 004: dirty tracking is the domain's property; it refuses an endpoint that
         // cannot report its writes.
-        if d.dirty.is_some() && !ep.trackable {
+        if d.dirty.is_some() && (!ep.trackable || table.is_external(endpoint)) {
             return Reply::status(S_UNSUPP);
         }
     } else if t.domains.len() >= MAX_DOMAINS {
@@ -176,15 +185,23 @@ fn attach(table: &IommuTable, req: &[u8], features: u64) -> Reply {
     let d = t.domains.entry(domain).or_default();
     d.bypass = bypass;
     d.endpoints.insert(endpoint);
+    let maps: Vec<_> = d.mappings.mappings().cloned().collect();
     if let Some(e) = t.endpoints.get_mut(&endpoint) {
         e.domain = Some(domain);
     }
+    table.tell_externals(&t, domain, Some(endpoint), &maps, true);
     Reply::status(S_OK)
 }
 
 /// `endpoint` leaves `domain`: its footprint is dirty if a migration tracks (rule 5), and
 /// a domain without endpoints is gone (with its mappings and dirty bits).
 fn leave(table: &IommuTable, t: &mut Tables, endpoint: u32, domain: u32) {
+    let maps: Vec<_> = t
+        .domains
+        .get(&domain)
+        .map(|d| d.mappings.mappings().cloned().collect())
+        .unwrap_or_default();
+    table.tell_externals(t, domain, Some(endpoint), &maps, false);
     table.endpoint_leaves(t, domain);
     table.bypass_ends(t, endpoint);
     if let Some(e) = t.endpoints.get_mut(&endpoint) {
@@ -244,7 +261,16 @@ fn map(table: &IommuTable, req: &[u8], features: u64) -> Reply {
         .mappings
         .map(virt_start, virt_end, phys_start, flags, mmio)
     {
-        Ok(()) => Reply::status(S_OK),
+        Ok(()) => {
+            let added = super::domain::Mapping {
+                virt_start,
+                virt_end,
+                phys_start,
+                flags,
+            };
+            table.tell_externals(&t, domain, None, &[added], true);
+            Reply::status(S_OK)
+        }
         Err(e) => Reply::status(domain_status(e)),
     }
 }
@@ -257,12 +283,28 @@ fn unmap(table: &IommuTable, req: &[u8]) -> Reply {
     }
     let mut t = table.write();
     let untrackable = holds_untrackable(&t, domain);
-    let Some(d) = t.domains.get_mut(&domain) else {
+    let Some(d) = t.domains.get(&domain) else {
         return Reply::status(S_NOENT);
     };
     if d.bypass {
         return Reply::status(S_INVAL);
     }
+    // Rule 6 for devices in other processes: their logs are read while the mappings
+    // still translate, then the mappings leave the devices.
+    let overlapping = d
+        .mappings
+        .mappings()
+        .filter(|m| m.virt_start <= virt_end && m.virt_end >= virt_start);
+    let (going, split): (Vec<_>, Vec<_>) = overlapping
+        .cloned()
+        .partition(|m| m.virt_start >= virt_start && m.virt_end <= virt_end);
+    if split.is_empty() {
+        // (A range that would split a mapping removes nothing: the UNMAP below fails.)
+        table.tell_externals(&t, domain, None, &going, false);
+    }
+    let Some(d) = t.domains.get_mut(&domain) else {
+        return Reply::status(S_NOENT);
+    };
     let removed = match d.mappings.unmap(virt_start, virt_end) {
         Ok(r) => r,
         Err(e) => return Reply::status(domain_status(e)),
@@ -330,7 +372,7 @@ fn set_dirty_tracking(table: &IommuTable, req: &[u8]) -> Reply {
         return Reply::status(S_INVAL);
     }
     let mut t = table.write();
-    let untrackable = holds_untrackable(&t, domain);
+    let untrackable = holds_unreported(table, &t, domain);
     let Some(d) = t.domains.get_mut(&domain) else {
         return Reply::status(S_NOENT);
     };

@@ -82,6 +82,20 @@ pub struct Tables {
 /// Marks guest-physical ranges dirty in the migration's log (the vmm's DMA log).
 pub type GpaMarker = Box<dyn Fn(u64, u64) + Send + Sync>;
 
+/// An endpoint whose device lives elsewhere (a vfio-user process) and reaches guest RAM
+/// only through mappings it is given: the table tells it of every mapping its domain
+/// gains or loses, under the table's write lock, so a harvest holding the read lock sees
+/// the device's mappings and the table agree. Such a device's writes reach the migration
+/// through its own log (read in `unmap` before a mapping goes), never the guest's nested
+/// bitmaps, and it has no bypass: unattached it reaches nothing.
+pub trait ExternalEndpoint: Send + Sync {
+    /// `[iova, iova + len)` now maps guest-physical `gpa`.
+    fn map(&self, iova: u64, len: u64, gpa: u64, writable: bool);
+    /// `[iova, iova + len)`, mapping `gpa`, is going away: what the device wrote there
+    /// must reach the migration before it returns.
+    fn unmap(&self, iova: u64, len: u64, gpa: u64, writable: bool);
+}
+
 /// The shared table. See the module comment for the locking rule.
 pub struct IommuTable {
     tables: RwLock<Tables>,
@@ -94,6 +108,8 @@ pub struct IommuTable {
     mark_gpa: Mutex<Option<GpaMarker>>,
     /// Pages made dirty by the footprint rules (DETACH, reset, untrackable harvest).
     footprint_pages: AtomicU64,
+    /// Endpoints served by another process, told of their mappings.
+    externals: RwLock<BTreeMap<u32, Arc<dyn ExternalEndpoint>>>,
 }
 
 impl std::fmt::Debug for IommuTable {
@@ -143,6 +159,68 @@ impl IommuTable {
             migration_tracking: AtomicBool::new(false),
             mark_gpa: Mutex::new(None),
             footprint_pages: AtomicU64::new(0),
+            externals: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    /// Adds endpoint `id`, served by another process that `hooks` tells of its mappings.
+    pub fn add_external_endpoint(&self, id: u32, hooks: Arc<dyn ExternalEndpoint>) {
+        self.add_endpoint(id, true);
+        self.externals
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, hooks);
+    }
+
+    pub fn is_external(&self, id: u32) -> bool {
+        self.externals
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&id)
+    }
+
+    /// Tells the external endpoints of `domain` (or only `only`) of each of `maps`:
+    /// `gained` true for new mappings, false for ones going away.
+    pub(crate) fn tell_externals(
+        &self,
+        t: &Tables,
+        domain: u32,
+        only: Option<u32>,
+        maps: &[super::domain::Mapping],
+        gained: bool,
+    ) {
+        let ext = self.externals.read().unwrap_or_else(|p| p.into_inner());
+        if ext.is_empty() {
+            return;
+        }
+        let Some(d) = t.domains.get(&domain) else {
+            return;
+        };
+        for ep in d.endpoints.iter().filter(|e| only.is_none_or(|o| o == **e)) {
+            let Some(h) = ext.get(ep) else { continue };
+            for m in maps {
+                let w = m.flags & super::MAP_F_WRITE != 0;
+                if gained {
+                    h.map(m.virt_start, m.len(), m.phys_start, w);
+                } else {
+                    h.unmap(m.virt_start, m.len(), m.phys_start, w);
+                }
+            }
+        }
+    }
+
+    /// After a restore: each external endpoint is given its domain's mappings.
+    pub fn replay_externals(&self) {
+        let t = self.read();
+        for (id, e) in &t.endpoints {
+            if let Some(d) = e.domain {
+                let maps: Vec<_> = t
+                    .domains
+                    .get(&d)
+                    .map(|d| d.mappings.mappings().cloned().collect())
+                    .unwrap_or_default();
+                self.tell_externals(&t, d, Some(*id), &maps, true);
+            }
         }
     }
 

@@ -69,6 +69,11 @@ impl UserDeviceLog {
         Ok(c)
     }
 
+    /// The guest RAM file and offset behind `[gpa, gpa + length)`.
+    pub fn ram_file(&self, gpa: u64, length: u64) -> Option<(RawFd, u64)> {
+        self.ram.file_of(gpa, length)
+    }
+
     /// The largest range one report can cover at `page_size`.
     pub fn report_span(page_size: u64) -> u64 {
         u64::from(MAX_DATA_BYTES) * 8 * page_size

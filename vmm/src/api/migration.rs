@@ -90,6 +90,15 @@ pub struct SendMigration {
 #[serde(deny_unknown_fields)]
 struct ReceiveMigrationBody {
     receiver_url: String,
+    #[serde(default)]
+    user_devices: Vec<UserDeviceSocket>,
+}
+
+/// Where the destination's own process for one of the source's vfio-user devices listens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserDeviceSocket {
+    pub socket: std::path::PathBuf,
 }
 
 /// A checked `vm.receive-migration` request.
@@ -97,6 +106,9 @@ struct ReceiveMigrationBody {
 pub struct ReceiveMigration {
     pub receiver_url: String,
     pub receiver: MigrationUrl,
+    /// Sockets of this host's device processes for the source's vfio-user devices, in the
+    /// source's order; empty: the source's paths.
+    pub user_devices: Vec<UserDeviceSocket>,
 }
 
 fn json_error(endpoint: &str, e: serde_json::Error) -> ApiError {
@@ -171,9 +183,17 @@ pub fn parse_receive_migration(body: &[u8]) -> Result<ReceiveMigration, ApiError
         .receiver_url
         .parse()
         .map_err(|e: UrlError| bad(format!("receiver_url: {e}")))?;
+    if let Some(i) = b
+        .user_devices
+        .iter()
+        .position(|u| u.socket.as_os_str().is_empty())
+    {
+        return Err(bad(format!("user_devices[{i}].socket is empty")));
+    }
     Ok(ReceiveMigration {
         receiver_url: b.receiver_url,
         receiver,
+        user_devices: b.user_devices,
     })
 }
 

@@ -22,6 +22,9 @@ pub struct MachineDestination {
     state: Option<MachineState>,
     /// The running machine, once `resume` succeeded.
     pub machine: Option<Machine>,
+    /// This host's sockets for the source's vfio-user devices, in order (none given: the
+    /// source's paths).
+    pub user_device_sockets: Vec<std::path::PathBuf>,
 }
 
 impl MachineDestination {
@@ -34,8 +37,30 @@ impl MachineDestination {
 
 impl DestinationVm for MachineDestination {
     fn check_config(&mut self, vm_config: &[u8], ram: &[RamRange]) -> HookResult<Vec<RamRange>> {
-        let config: VmConfig = serde_json::from_slice(vm_config)
+        let mut config: VmConfig = serde_json::from_slice(vm_config)
             .map_err(|e| format!("the source's VM configuration is not understood here: {e}"))?;
+        if !self.user_device_sockets.is_empty() {
+            if self.user_device_sockets.len() != config.user_devices.len() {
+                return Err(format!(
+                    "user_devices names {} socket(s), the source has {} vfio-user device(s)",
+                    self.user_device_sockets.len(),
+                    config.user_devices.len()
+                ));
+            }
+            for (u, socket) in config
+                .user_devices
+                .iter_mut()
+                .zip(&self.user_device_sockets)
+            {
+                log::info!(
+                    "vfio-user device {}: the source's {} is {} here",
+                    u.id.as_deref().unwrap_or("-"),
+                    u.socket.display(),
+                    socket.display()
+                );
+                u.socket = socket.clone();
+            }
+        }
         let incoming = match self.adopted.take() {
             Some(mem) => Machine::incoming_on(config, mem),
             None => Machine::incoming(config),

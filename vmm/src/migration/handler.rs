@@ -62,7 +62,7 @@ impl MigrationHandler for LiveMigration {
             MemoryMode::MemFDs => true,
         };
         let machine = vmm.machine(ACTION)?;
-        if local_memory && !machine.config.memory.shared {
+        if local_memory && !machine.config.shared_memory() {
             return Err(ApiError::BadRequest(
                 "memory_mode MemFDs hands guest RAM over as files, but this VM's RAM is not \
                  shared memory: start it with --memory shared=on"
@@ -152,6 +152,7 @@ impl MigrationHandler for LiveMigration {
                 .accept_until(|| progress.is_cancelled() || std::time::Instant::now() >= deadline)
         };
         let mut dest = MachineDestination::default();
+        dest.user_device_sockets = req.user_devices.iter().map(|u| u.socket.clone()).collect();
         let result = receive_migration_from(
             &mut dest,
             stream,

@@ -190,6 +190,7 @@ impl SourceVm for MachineSource {
             devices: src.devices.load(Ordering::Relaxed),
             viommu_dma: src.viommu_dma.load(Ordering::Relaxed),
             viommu_footprint: self.machine.viommu_footprint_pages(),
+            user_devices: src.user_devices.load(Ordering::Relaxed),
         };
         Some(match hv.tracking() {
             DirtyTracking::Ring {
