@@ -69,7 +69,7 @@ struct Plan {
     /// The region: start, pages.
     start: AtomicU64,
     pages: AtomicU64,
-    /// The driver memory: base, vCPUs, `dma` (0 blk, 1 rng).
+    /// The driver memory: base, vCPUs, `dma` (`Dma as u8`).
     base: AtomicU64,
     cpus: AtomicU32,
     dma: AtomicU8,
@@ -110,11 +110,7 @@ fn mem() -> DriverMemory {
         base: PLAN.base.load(Ordering::Relaxed),
         cpus: PLAN.cpus.load(Ordering::Relaxed),
         pages: PLAN.pages.load(Ordering::Relaxed),
-        dma: if PLAN.dma.load(Ordering::Relaxed) == Dma::Rng as u8 {
-            Dma::Rng
-        } else {
-            Dma::Blk
-        },
+        dma: Dma::from_u8(PLAN.dma.load(Ordering::Relaxed)).unwrap_or(Dma::Blk),
         iommu: true,
     }
 }
@@ -206,6 +202,22 @@ pub fn device_address(gpa: u64, len: u64) -> u64 {
         "gpa {gpa:#x} ({len:#x} bytes) is not mapped for the device"
     );
     MEMORY_IOVA + (gpa - part.start)
+}
+
+/// Whether `iova` is an address the device may have written region page `gpa` through:
+/// the page's place in its window's home in either bank (`remap=on` moves a window to the
+/// other bank and back, and `dma=vfio-user`'s pages name the IOVA they were written at).
+/// False without `iommu=on` or for a `gpa` outside the region.
+pub fn is_iova_of(gpa: u64, iova: u64) -> bool {
+    let start = PLAN.start.load(Ordering::Relaxed);
+    let w = windows();
+    if !on() || gpa < start || gpa >= start + w.pages * PAGE {
+        return false;
+    }
+    let page = (gpa - start) / PAGE;
+    let k = w.of(page);
+    let offset = (page - w.pages_of(k).start) * PAGE;
+    (0..2).any(|bank| w.home(k, bank) + offset == iova)
 }
 
 /// Where a batch of `dma-verify` pages starting at region page `page` must end at the
@@ -588,6 +600,10 @@ pub fn check_faults() {
 /// happened> faults=<n>`. The caller then sets the device up again. Ring 0, at boot.
 #[inline(never)]
 pub fn fault_test(dma: Dma, mem: &DriverMemory) {
+    if dma == Dma::VfioUser {
+        // The command line refuses it; this is a virtio queue test.
+        crate::fail(format_args!("fault=on: not with dma=vfio-user"));
+    }
     FAULT_TEST.store(true, Ordering::Relaxed);
     let len = PAGE as u32;
     let mut used = 0;
@@ -597,7 +613,7 @@ pub fn fault_test(dma: Dma, mem: &DriverMemory) {
         1,
         |_| match dma {
             Dma::Blk => req.data_at(0, T_IN, 0, FAULT_IOVA, len),
-            Dma::Rng => Chain::new(&[Buf {
+            Dma::Rng | Dma::VfioUser => Chain::new(&[Buf {
                 addr: FAULT_IOVA,
                 len,
                 device_writes: true,
@@ -618,7 +634,7 @@ pub fn fault_test(dma: Dma, mem: &DriverMemory) {
                 }
                 (Some(_), _) => f.write_str("broken"),
                 (None, Dma::Blk) => write!(f, "status={}({})", self.0, status_name(self.0)),
-                (None, Dma::Rng) => write!(f, "used={}", self.1),
+                (None, Dma::Rng | Dma::VfioUser) => write!(f, "used={}", self.1),
             }
         }
     }
@@ -630,7 +646,7 @@ pub fn fault_test(dma: Dma, mem: &DriverMemory) {
     let wrote = err.is_none()
         && match dma {
             Dma::Blk => status == crate::virtio::blk::S_OK,
-            Dma::Rng => used > 0,
+            Dma::Rng | Dma::VfioUser => used > 0,
         };
     let outcome = Outcome(status, used, err, dma);
     // The fault record(s).

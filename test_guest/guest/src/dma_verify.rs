@@ -1,4 +1,4 @@
-//! `workload=dma-verify`: only a virtio device writes the region. Each pass, for every page
+//! `workload=dma-verify`: only a DMA device writes the region. Each pass, for every page
 //! of its share, a vCPU checks that the page still holds what the device last put there,
 //! then has the device overwrite it with something else.
 //!
@@ -10,6 +10,11 @@
 //! * `dma=rng`: pass `p` checks page `i` still hashes to the value kept for it (from pass
 //!   2), asks the device for 4096 random bytes into it, checks it changed, keeps the new
 //!   hash.
+//! * `dma=vfio-user` (`ferry-dma-device`, `user_device`): pass `p` checks page `i` holds
+//!   `fill_page` of its DMA address and the generation kept for it (from pass 2), then has
+//!   the device overwrite it: a job per batch of contiguous pages (up to
+//!   `guest_pattern::user_device::MAX_JOB_BYTES`), a new seed per job; the generation the
+//!   job reports is checked in every page at once and kept for the next pass.
 //!
 //! Requests go in batches (`guest_pattern::dma::BATCH`, fewer if the queue is small), one
 //! notification per batch, completion by polling (`virtio::queue`). With `vsize=` each
@@ -29,6 +34,7 @@ use guest_pattern::{check_page, fill_page, page_hash, share, PageCheck, PAGE_SIZ
 
 use crate::dma_iommu::{self, device_address};
 use crate::irq::PassWatch;
+use crate::user_device;
 use crate::virtio;
 use crate::virtio::blk::{status_name, Requests, SECTOR, S_OK, T_IN, T_OUT};
 use crate::virtio::queue::{self, Buf, Chain};
@@ -42,7 +48,7 @@ const RNG_EMPTY_ROUNDS: u32 = 1000;
 
 /// What the boot CPU set up, published by `smp::GO`.
 struct DmaPlan {
-    /// 0 blk, 1 rng.
+    /// `Dma as u8`.
     dma: AtomicU8,
     /// Start of the driver memory.
     memory: AtomicU64,
@@ -75,6 +81,13 @@ static PLAN: DmaPlan = DmaPlan {
 /// disk too small, fails the run.
 pub fn setup(cfg: &Config, mem: &DriverMemory) {
     let dma = mem.dma;
+    if dma == Dma::VfioUser {
+        // Not virtio: no queues; a job covers up to MAX_JOB_BYTES of contiguous pages.
+        user_device::setup(cfg, mem);
+        let pages = guest_pattern::user_device::MAX_JOB_PAGES as usize;
+        publish(cfg, mem, 0, pages, 1, false);
+        return;
+    }
     let kind = virtio::Kind::of(dma);
     // iommu=on: the virtio-iommu first, and the DMA device's endpoint attached and its
     // memory mapped before its queues are set up.
@@ -114,27 +127,17 @@ pub fn setup(cfg: &Config, mem: &DriverMemory) {
             let n = (usize::from(dev.queue_size) / 3).clamp(1, BATCH);
             (n, n)
         }
-        Dma::Rng => (BATCH, usize::from(dev.queue_size).clamp(1, BATCH)),
+        Dma::Rng | Dma::VfioUser => (BATCH, usize::from(dev.queue_size).clamp(1, BATCH)),
     };
     let generation = crate::timer::now() | 1;
-    PLAN.dma.store(dma as u8, Ordering::Relaxed);
-    PLAN.memory.store(mem.base, Ordering::Relaxed);
-    PLAN.generation.store(generation, Ordering::Relaxed);
-    PLAN.batch.store(batch as u32, Ordering::Relaxed);
-    PLAN.requests.store(requests as u32, Ordering::Relaxed);
-    PLAN.flush.store(dev.flush(), Ordering::Relaxed);
-    if let Some(v) = cfg.verify_region() {
-        PLAN.vstart.store(v.start, Ordering::Relaxed);
-        PLAN.vpages
-            .store((v.end - v.start) / PAGE, Ordering::Relaxed);
-    }
+    publish(cfg, mem, generation, batch, requests, dev.flush());
 
     struct Disk(Dma, u64, u64);
     impl core::fmt::Display for Disk {
         fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
             match self.0 {
                 Dma::Blk => write!(f, " disk={} generation={:#x}", self.1, self.2),
-                Dma::Rng => Ok(()),
+                Dma::Rng | Dma::VfioUser => Ok(()),
             }
         }
     }
@@ -145,6 +148,29 @@ pub fn setup(cfg: &Config, mem: &DriverMemory) {
         Disk(dma, dev.capacity, generation),
         mem.range(),
     );
+}
+
+/// Publishes the plan (boot CPU, before `smp::GO`): `batch` pages per notification (per
+/// job), at most `requests` chains.
+fn publish(
+    cfg: &Config,
+    mem: &DriverMemory,
+    generation: u64,
+    batch: usize,
+    requests: usize,
+    flush: bool,
+) {
+    PLAN.dma.store(mem.dma as u8, Ordering::Relaxed);
+    PLAN.memory.store(mem.base, Ordering::Relaxed);
+    PLAN.generation.store(generation, Ordering::Relaxed);
+    PLAN.batch.store(batch as u32, Ordering::Relaxed);
+    PLAN.requests.store(requests as u32, Ordering::Relaxed);
+    PLAN.flush.store(flush, Ordering::Relaxed);
+    if let Some(v) = cfg.verify_region() {
+        PLAN.vstart.store(v.start, Ordering::Relaxed);
+        PLAN.vpages
+            .store((v.end - v.start) / PAGE, Ordering::Relaxed);
+    }
 }
 
 /// This vCPU's view of the run.
@@ -220,11 +246,7 @@ impl Interleave {
 /// Runs `dma-verify` on vCPU `cpu` (ring 3); returns after the last pass.
 pub fn run(cpu: u32) {
     let (start, pages, cpus) = workload::region();
-    let dma = if PLAN.dma.load(Ordering::Relaxed) == Dma::Rng as u8 {
-        Dma::Rng
-    } else {
-        Dma::Blk
-    };
+    let dma = Dma::from_u8(PLAN.dma.load(Ordering::Relaxed)).unwrap_or(Dma::Blk);
     let cx = Cx {
         cpu,
         dma,
@@ -247,6 +269,7 @@ pub fn run(cpu: u32) {
     match dma {
         Dma::Blk => blk(&cx, &mut verify),
         Dma::Rng => rng(&cx, &mut verify),
+        Dma::VfioUser => vfio_user(&cx, &mut verify),
     }
 }
 
@@ -509,6 +532,132 @@ fn rng(cx: &Cx, verify: &mut Option<Interleave>) {
     }
 }
 
+/// `dma=vfio-user`: pass `p`, a job at a time (up to `cx.batch` pages, inside one window
+/// with `iommu=on`): from pass 2 each page must hold `fill_page` of its DMA address and
+/// the generation kept for it; then the device overwrites the pages, every page must hold
+/// the generation the job reports, and that is kept.
+fn vfio_user(cx: &Cx, verify: &mut Option<Interleave>) {
+    let mut st = Passes::new(cx);
+    let total = cx.share.end - cx.share.start;
+    let mut pass = 0;
+    loop {
+        pass += 1;
+        let mut done = 0;
+        for chunk in chunks(&cx.share, cx.batch) {
+            let count = chunk.end - chunk.start;
+            let len = count * PAGE;
+            let first = cx.gpa(chunk.start);
+            // The chunk is one run of DMA addresses (it ends at its window's end).
+            let addr = device_address(first, len);
+            if pass > 1 {
+                for (j, i) in chunk.clone().enumerate() {
+                    check_stop();
+                    let gpa = cx.gpa(i);
+                    let dma = addr + j as u64 * PAGE;
+                    let kept = read_hash(cx.mem.generation(i));
+                    let found = check_user_page(gpa, dma);
+                    if !found.is(kept) {
+                        user_mismatch(cx.cpu, gpa, dma, kept, found, None);
+                    }
+                }
+            }
+            let seed = crate::timer::now() ^ u64::from(cx.cpu) << 56;
+            let generation = match user_device::job(addr, len, seed) {
+                Ok(g) => g,
+                Err(r) => workload::fail(format_args!(
+                    "vfio-user job dma={addr:#x} len={len:#x} (gpa {first:#x}, cpu {}, pass {pass}): status {} ({})",
+                    cx.cpu,
+                    r.status,
+                    guest_pattern::user_device::status_name(r.status)
+                )),
+            };
+            st.iommu.wrote(chunk.clone());
+            for (j, i) in chunk.clone().enumerate() {
+                let gpa = cx.gpa(i);
+                let dma = addr + j as u64 * PAGE;
+                let slot = cx.mem.generation(i);
+                if generation == 0 || (pass > 1 && read_hash(slot) == generation) {
+                    workload::fail(format_args!(
+                        "vfio-user job dma={addr:#x} len={len:#x} (gpa {first:#x}, cpu {}, pass {pass}): GENERATION reads {generation:#x}, {}",
+                        cx.cpu,
+                        if generation == 0 {
+                            "no job written yet"
+                        } else {
+                            "the generation gpa's page already held: not a new job"
+                        }
+                    ));
+                }
+                let found = check_page(region_page(gpa), dma);
+                if !found.is(generation) {
+                    user_mismatch(cx.cpu, gpa, dma, generation, found, Some((addr, len, pass)));
+                }
+                write_hash(slot, generation);
+                st.pacer.page_done();
+            }
+            done += count;
+            if let Some(v) = verify.as_mut() {
+                v.catch_up(cx.cpu, pass, done, total, &mut st.pacer);
+            }
+            st.iommu.after_batch(pass, done, total);
+        }
+        let dirty = st.iommu.pass_end(pass);
+        if pass_done(cx, pass, verify, &mut st, dirty) {
+            return;
+        }
+    }
+}
+
+/// `dma=vfio-user`: what region page `gpa` holds, checked as written at DMA address `dma`
+/// or, with `iommu=on`, at the page's IOVA in the other bank (`remap=on` moved its
+/// window since the device wrote it: the same page under another IOVA).
+fn check_user_page(gpa: u64, dma: u64) -> PageCheck {
+    let page = region_page(gpa);
+    match check_page(page, dma) {
+        PageCheck::WrongGpa { found_gpa, .. } if dma_iommu::is_iova_of(gpa, found_gpa) => {
+            check_page(page, found_gpa)
+        }
+        found => found,
+    }
+}
+
+/// `dma=vfio-user`: page `gpa` (written at DMA address `dma`) does not hold `expected`:
+/// `guest: MISMATCH cpu=<c> gpa=0x.. dma=0x.. expected=0x.. found=0x..[ (why)]`, with
+/// `job`, found right after the job that wrote it (` right after job dma=0x.. len=0x..
+/// pass=<p>`).
+fn user_mismatch(
+    cpu: u32,
+    gpa: u64,
+    dma: u64,
+    expected: u64,
+    found: PageCheck,
+    job: Option<(u64, u64, u64)>,
+) -> ! {
+    struct Why(PageCheck, Option<(u64, u64, u64)>);
+    impl core::fmt::Display for Why {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            match self.0 {
+                PageCheck::Ok { .. } => Ok(()),
+                PageCheck::BadChecksum { .. } => write!(f, " (bad checksum)"),
+                PageCheck::WrongGpa { found_gpa, .. } => {
+                    write!(f, " (page of dma {found_gpa:#x})")
+                }
+                PageCheck::NotWritten { .. } => write!(f, " (no page pattern)"),
+            }?;
+            match self.1 {
+                Some((addr, len, pass)) => {
+                    write!(f, " right after job dma={addr:#x} len={len:#x} pass={pass}")
+                }
+                None => Ok(()),
+            }
+        }
+    }
+    workload::failure(format_args!(
+        "MISMATCH cpu={cpu} gpa={gpa:#x} dma={dma:#x} expected={expected:#x} found={:#x}{}",
+        found.generation(),
+        Why(found, job)
+    ))
+}
+
 /// A page of the dma-verify region, to read between requests.
 fn region_page(gpa: u64) -> &'static [u8; PAGE_SIZE] {
     // SAFETY: callers pass pages of the dma-verify region (RAM, checked at boot) in this
@@ -517,9 +666,10 @@ fn region_page(gpa: u64) -> &'static [u8; PAGE_SIZE] {
     unsafe { &*(gpa as *const [u8; PAGE_SIZE]) }
 }
 
+/// Reads the u64 kept for a page: its hash (`dma=rng`) or generation (`dma=vfio-user`).
 fn read_hash(at: u64) -> u64 {
-    // SAFETY: the hash slot of a page of this vCPU's share, in the driver memory (RAM
-    // checked at boot, 8-byte aligned); only this vCPU uses it.
+    // SAFETY: the hash or generation slot of a page of this vCPU's share, in the driver
+    // memory (RAM checked at boot, 8-byte aligned); only this vCPU uses it.
     unsafe { core::ptr::read_volatile(at as *const u64) }
 }
 

@@ -4,7 +4,8 @@
 //! Boot path: `boot` (assembly entry, long mode) -> [`bsp_main`]: serial, start info
 //! (`pvh`), identity map (`paging`), command line (`guest_pattern::cmdline`), TSC (`timer`),
 //! CPUs (`acpi`, `apic`, `smp`) -> `guest: ready ...` -> [`dma-verify`, `dma-bench`: the
-//! virtio device (`virtio`, `dma_verify`, `dma_bench`)] -> `workload` on every vCPU.
+//! DMA device (`virtio`, `user_device`, `dma_verify`, `dma_bench`)] -> `workload` on every
+//! vCPU.
 #![no_std]
 #![no_main]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -27,6 +28,7 @@ mod pvh;
 mod smp;
 mod sys;
 mod timer;
+mod user_device;
 mod virtio;
 mod workload;
 

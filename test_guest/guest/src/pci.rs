@@ -1,7 +1,10 @@
+//! PCI configuration through mechanism #1 (ports 0xCF8/0xCFC, ring 0 only): finding a
+//! function by its ids, its command register, where its memory BARs are.
+//!
 //! `pci=scan`: lists PCI bus 0 at boot, function 0 of each device, through configuration
-//! mechanism #1 (ports 0xCF8/0xCFC), then reads every slot again through ECAM (found in
-//! the ACPI MCFG table) and checks that both ways agree. A VMM's PCI emulation and
-//! QEMU's are checked by the same code.
+//! mechanism #1, then reads every slot again through ECAM (found in the ACPI MCFG table)
+//! and checks that both ways agree. A VMM's PCI emulation and QEMU's are checked by the
+//! same code.
 
 use crate::arch::{inl, outl};
 
@@ -29,6 +32,81 @@ pub fn read_config(dev: u8, func: u8, reg: u8) -> u32 {
 pub fn write_config(dev: u8, func: u8, reg: u8, value: u32) {
     outl(CONFIG_ADDRESS, config_address(dev, func, reg));
     outl(CONFIG_DATA, value);
+}
+
+// Type 0 header registers and command bits.
+const REG_COMMAND: u8 = 0x04;
+const REG_HEADER_TYPE: u8 = 0x0c;
+const REG_BAR0: u8 = 0x10;
+/// Command register: memory space, bus master, INTx disable.
+pub const CMD_MEMORY: u32 = 1 << 1;
+pub const CMD_BUS_MASTER: u32 = 1 << 2;
+pub const CMD_INTX_DISABLE: u32 = 1 << 10;
+
+/// The first function on bus 0 with `vendor`:`device`: (device, function). Ring 0.
+pub fn find(vendor: u16, device: u16) -> Option<(u8, u8)> {
+    for dev in 0..SLOTS {
+        if read_config(dev, 0, 0) & 0xffff == 0xffff {
+            continue;
+        }
+        let multi = read_config(dev, 0, REG_HEADER_TYPE) & (0x80 << 16) != 0;
+        for func in 0..if multi { 8 } else { 1 } {
+            let id = read_config(dev, func, 0);
+            if id as u16 == vendor && (id >> 16) as u16 == device {
+                return Some((dev, func));
+            }
+        }
+    }
+    None
+}
+
+/// Sets `bits` in the command register of `dev`.`func` (only the command half is written:
+/// zeros leave the write-1-to-clear status bits alone); returns the command as it reads
+/// afterwards. Ring 0.
+pub fn enable(dev: u8, func: u8, bits: u32) -> u32 {
+    let command = read_config(dev, func, REG_COMMAND) & 0xffff;
+    write_config(dev, func, REG_COMMAND, command | bits);
+    read_config(dev, func, REG_COMMAND) & 0xffff
+}
+
+/// Why a BAR cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BarError {
+    Io,
+    Unassigned,
+    /// BAR 5 claiming to be the low half of a 64-bit BAR.
+    Bad64,
+}
+
+impl core::fmt::Display for BarError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            BarError::Io => "is an I/O BAR",
+            BarError::Unassigned => "is unassigned (address 0)",
+            BarError::Bad64 => "claims to be 64-bit",
+        })
+    }
+}
+
+/// The address of memory BAR `bar` (0-5) of `dev`.`func`, as the VMM or the firmware
+/// assigned it (the guest never moves BARs); a 64-bit BAR's high half included. Ring 0.
+pub fn memory_bar(dev: u8, func: u8, bar: u8) -> Result<u64, BarError> {
+    let reg = REG_BAR0 + 4 * bar;
+    let low = read_config(dev, func, reg);
+    if low & 1 != 0 {
+        return Err(BarError::Io);
+    }
+    let mut addr = u64::from(low & !0xf);
+    if (low >> 1) & 3 == 2 {
+        if bar == 5 {
+            return Err(BarError::Bad64);
+        }
+        addr |= u64::from(read_config(dev, func, reg + 4)) << 32;
+    }
+    if addr == 0 {
+        return Err(BarError::Unassigned);
+    }
+    Ok(addr)
 }
 
 /// The same dword through ECAM at `base`.

@@ -1,5 +1,5 @@
 //! The test guest's command line: `workload=idle|dirty|verify|dma-verify|dma-bench
-//! start=ADDR size=SIZE passes=N rate=PAGES_PER_SEC pci=scan|off dma=blk|rng vstart=ADDR
+//! start=ADDR size=SIZE passes=N rate=PAGES_PER_SEC pci=scan|off dma=blk|rng|vfio-user vstart=ADDR
 //! vsize=SIZE bs=BYTES secs=N irq=off|msix|intx iommu=on|off remap=on|off detach=on|off
 //! nested-dirty=on|off fault=on|off`, and the rules its workload regions must follow.
 //!
@@ -35,9 +35,10 @@ pub enum Workload {
     Dirty,
     /// Check then rewrite every page of the share with the next generation's pattern.
     Verify,
-    /// Check every page of the share still holds what a virtio device last wrote into it,
-    /// then have the device overwrite it (`dma=`), pass after pass; optionally `verify`
-    /// on a second region at the same time (`vsize=`).
+    /// Check every page of the share still holds what a DMA device (virtio-blk,
+    /// virtio-rng or `ferry-dma-device`) last wrote into it, then have the device
+    /// overwrite it (`dma=`), pass after pass; optionally `verify` on a second region at
+    /// the same time (`vsize=`).
     DmaVerify,
     /// Throughput: the boot vCPU has virtio-blk read the disk sequentially into the region,
     /// `bs=` bytes a request, the queue kept full, for `secs=` seconds or `passes=` passes
@@ -64,14 +65,27 @@ pub enum Dma {
     Blk,
     /// virtio-rng: pages are filled with random bytes.
     Rng,
+    /// `ferry-dma-device`, an out-of-process PCI device (vfio-user server): pages are
+    /// written with [`crate::fill_page`] of a generation the device picks per job (see
+    /// [`crate::user_device`]). `dma-verify` only; no interrupts, no `fault=on`.
+    VfioUser,
 }
 
 impl Dma {
+    /// Every device, in the order of their `as u8` values.
+    pub const ALL: [Dma; 3] = [Dma::Blk, Dma::Rng, Dma::VfioUser];
+
     pub fn name(self) -> &'static str {
         match self {
             Dma::Blk => "blk",
             Dma::Rng => "rng",
+            Dma::VfioUser => "vfio-user",
         }
+    }
+
+    /// The device whose `as u8` value is `v` (for keeping a `Dma` in an atomic).
+    pub fn from_u8(v: u8) -> Option<Dma> {
+        Dma::ALL.get(usize::from(v)).copied()
     }
 }
 
@@ -296,6 +310,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
                 c.dma = Some(match value {
                     b"blk" => Dma::Blk,
                     b"rng" => Dma::Rng,
+                    b"vfio-user" => Dma::VfioUser,
                     _ => return Err(bad),
                 })
             }
@@ -349,7 +364,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
         return Err(given("vstart", "needs vsize="));
     }
     if c.workload == Workload::DmaBench {
-        if c.dma == Some(Dma::Rng) {
+        if matches!(c.dma, Some(Dma::Rng | Dma::VfioUser)) {
             return Err(given("dma", "workload=dma-bench drives blk only"));
         }
         if c.secs.is_some() && c.passes.is_some() {
@@ -368,6 +383,10 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
             return Err(given("bs", "with iommu=on: a power of two, dividing 2M"));
         }
     }
+    // dma=vfio-user (dma-verify): the device has no interrupts, and it checks a job's
+    // mappings itself (STATUS_UNMAPPED) before any access reaches the IOMMU, so
+    // `fault=on`'s test (a fault record from the virtio-iommu) does not apply to it.
+    let user_device = c.workload == Workload::DmaVerify && c.dma == Some(Dma::VfioUser);
     for (key, set, why) in [
         (
             "dma",
@@ -427,6 +446,17 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
             "fault",
             c.fault && c.workload == Workload::DmaBench,
             "only with workload=dma-verify",
+        ),
+        (
+            "irq",
+            user_device && c.irq != Irq::Off,
+            "dma=vfio-user has no interrupts",
+        ),
+        (
+            "fault",
+            user_device && c.fault,
+            "not with dma=vfio-user: the device refuses an unmapped job itself \
+             (STATUS_UNMAPPED), so no fault record comes",
         ),
     ] {
         if set {
@@ -790,6 +820,70 @@ mod tests {
                 "{line}"
             );
         }
+    }
+
+    #[test]
+    fn vfio_user_keys() {
+        let c = parse(b"workload=dma-verify dma=vfio-user size=64M passes=3").unwrap();
+        assert_eq!(
+            (c.workload, c.dma, c.iommu),
+            (Workload::DmaVerify, Some(Dma::VfioUser), false)
+        );
+        assert_eq!(Dma::VfioUser.name(), "vfio-user");
+        // With iommu=on, alone or with remap=, detach=, nested-dirty=; with vsize=.
+        for line in [
+            "workload=dma-verify dma=vfio-user iommu=on",
+            "workload=dma-verify dma=vfio-user iommu=on remap=on detach=on nested-dirty=on",
+            "workload=dma-verify dma=vfio-user iommu=on fault=off irq=off",
+            "workload=dma-verify dma=vfio-user size=16M vsize=16M",
+            "workload=dma-verify dma=blk dma=vfio-user",
+        ] {
+            let c = parse(line.as_bytes()).unwrap();
+            assert_eq!(c.dma, Some(Dma::VfioUser), "{line}");
+        }
+        for (line, text) in [
+            (
+                "workload=dma-bench dma=vfio-user",
+                "bad argument dma=vfio-user (workload=dma-bench drives blk only)",
+            ),
+            (
+                "workload=verify dma=vfio-user",
+                "bad argument dma=vfio-user (only with workload=dma-verify or dma-bench)",
+            ),
+            ("workload=dma-verify dma=vfio", "bad argument dma=vfio"),
+            (
+                "workload=dma-verify dma=vfio-user iommu=on fault=on",
+                "bad argument fault=on (not with dma=vfio-user: the device refuses an \
+                 unmapped job itself (STATUS_UNMAPPED), so no fault record comes)",
+            ),
+            // The general rule first: fault= needs iommu=on.
+            (
+                "workload=dma-verify dma=vfio-user fault=on",
+                "bad argument fault=on (needs iommu=on)",
+            ),
+            (
+                "workload=dma-verify dma=vfio-user irq=msix",
+                "bad argument irq=msix (dma=vfio-user has no interrupts)",
+            ),
+            (
+                "workload=dma-verify dma=vfio-user irq=intx",
+                "bad argument irq=intx (dma=vfio-user has no interrupts)",
+            ),
+        ] {
+            assert_eq!(
+                parse(line.as_bytes()).unwrap_err().to_string(),
+                text,
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn dma_round_trips_through_u8() {
+        for d in Dma::ALL {
+            assert_eq!(Dma::from_u8(d as u8), Some(d));
+        }
+        assert_eq!(Dma::from_u8(Dma::ALL.len() as u8), None);
     }
 
     #[test]

@@ -11,7 +11,11 @@
 //! | `3 * 4K * cpus + 4K * c`      | vCPU `c`'s request page: [`BATCH`] 16-byte virtio-blk headers at +0, [`BATCH`] status bytes at +0x800 |
 //! | then, `dma=blk`               | vCPU `c`'s staging buffer, [`BATCH`] pages, for writing the disk at start |
 //! | then, `dma=rng`               | one u64 hash per page of the region ([`crate::page_hash`]) |
+//! | then, `dma=vfio-user`         | one u64 per page of the region: the generation the device last wrote into it |
 //! | then, `iommu=on`              | the virtio-iommu's own memory, which its device is not given (see below) |
+//!
+//! (`dma=vfio-user` uses neither the queues nor the request pages; they are left where they
+//! are so that the layout is the same for every device.)
 //!
 //! Everything before the virtio-iommu's memory is what the DMA device touches
 //! ([`DriverMemory::device_part`]); with `iommu=on` it is mapped for the device at
@@ -131,11 +135,18 @@ impl DriverMemory {
         self.tail() + 8 * page
     }
 
+    /// `dma=vfio-user`: where the generation the device last wrote into region page `page`
+    /// is kept (a u64, in the place `dma=rng` keeps its hashes).
+    pub fn generation(&self, page: u64) -> u64 {
+        debug_assert!(page < self.pages && self.dma == Dma::VfioUser);
+        self.tail() + 8 * page
+    }
+
     /// What the DMA device touches: everything but the virtio-iommu's memory.
     pub fn device_part(&self) -> Range<u64> {
         let tail = match self.dma {
             Dma::Blk => BATCH as u64 * PAGE * u64::from(self.cpus),
-            Dma::Rng => (8 * self.pages).next_multiple_of(PAGE),
+            Dma::Rng | Dma::VfioUser => (8 * self.pages).next_multiple_of(PAGE),
         };
         self.base..self.tail() + tail
     }
@@ -264,6 +275,16 @@ mod tests {
         let cfg =
             parse(b"workload=dma-verify dma=rng start=16M size=4M vstart=8M vsize=4M").unwrap();
         assert_eq!(DriverMemory::for_config(&cfg, 1).base, 20 << 20);
+    }
+
+    #[test]
+    fn vfio_user_keeps_a_generation_per_page_where_rng_keeps_hashes() {
+        let cfg = parse(b"workload=dma-verify dma=vfio-user size=4M iommu=on").unwrap();
+        let m = DriverMemory::for_config(&cfg, 2);
+        assert_eq!(m.dma, Dma::VfioUser);
+        assert_eq!(m.generation(0), m.requests(1) + PAGE);
+        assert_eq!(m.generation(1023) + 8, m.device_part().end);
+        assert_eq!(m.iommu_area().start, m.device_part().end);
     }
 
     #[test]

@@ -60,6 +60,21 @@ pub const STATUS_UNMAPPED: u32 = 2;
 /// The device is not running (stopped for migration): nothing written.
 pub const STATUS_STOPPED: u32 = 3;
 
+/// The name of status `s` (`STATUS_*`), for failure lines: `OK`, `BAD_JOB`, `UNMAPPED`,
+/// `STOPPED`, or `unknown`.
+pub const fn status_name(s: u32) -> &'static str {
+    match s {
+        STATUS_OK => "OK",
+        STATUS_BAD_JOB => "BAD_JOB",
+        STATUS_UNMAPPED => "UNMAPPED",
+        STATUS_STOPPED => "STOPPED",
+        _ => "unknown",
+    }
+}
+
+/// Pages in the largest job.
+pub const MAX_JOB_PAGES: u64 = MAX_JOB_BYTES / crate::PAGE_SIZE as u64;
+
 /// The generation job number `job` (counted from 1) writes for `seed`: never 0, and
 /// different for every job of the same seed.
 pub const fn job_generation(seed: u64, job: u64) -> u64 {
@@ -80,6 +95,16 @@ mod tests {
             assert_ne!(g, 0);
             assert!(seen.insert(g), "job {job} repeats generation {g:#x}");
         }
+    }
+
+    #[test]
+    fn status_names() {
+        assert_eq!(status_name(STATUS_OK), "OK");
+        assert_eq!(status_name(STATUS_BAD_JOB), "BAD_JOB");
+        assert_eq!(status_name(STATUS_UNMAPPED), "UNMAPPED");
+        assert_eq!(status_name(STATUS_STOPPED), "STOPPED");
+        assert_eq!(status_name(7), "unknown");
+        assert_eq!(MAX_JOB_PAGES, 256);
     }
 
     #[test]

@@ -46,6 +46,7 @@ pub fn name(dma: Dma) -> &'static str {
     match dma {
         Dma::Blk => "virtio-blk",
         Dma::Rng => "virtio-rng",
+        Dma::VfioUser => "vfio-user",
     }
 }
 
@@ -62,6 +63,7 @@ impl Kind {
         match dma {
             Dma::Blk => Kind::Blk,
             Dma::Rng => Kind::Rng,
+            Dma::VfioUser => panic!("dma=vfio-user is not a virtio device"),
         }
     }
 
@@ -694,7 +696,7 @@ pub fn setup(
 ) -> Device {
     let min_cfg = match dma {
         Dma::Blk => Some(8),
-        Dma::Rng => None,
+        Dma::Rng | Dma::VfioUser => None,
     };
     let mut t = Transport::open(Kind::of(dma), irq, min_cfg);
     let offered = t.offered;

@@ -1,0 +1,56 @@
+// Copyright 2026 Ferry authors
+// SPDX-License-Identifier: Apache-2.0
+
+//! ferry-dma-device: serves one vfio-user client at a time on `--socket`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use dma_device::{listen, Device};
+use log::{error, info, warn};
+
+/// Ferry's vfio-user DMA test device.
+#[derive(Parser, Debug)]
+#[command(name = "ferry-dma-device", version)]
+struct Args {
+    /// The UNIX socket to listen on (a stale socket there is replaced; anything else is
+    /// refused).
+    #[arg(long)]
+    socket: PathBuf,
+    /// Log filter (env_logger syntax: error, warn, info, debug, trace, or per module).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    env_logger::Builder::new()
+        .parse_filters(&args.log_level)
+        .init();
+    let garbage = match listen::garbage_from_env() {
+        Ok(g) => g,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(n) = garbage {
+        warn!(
+            "test seam {}: garbage instead of reply {n}",
+            listen::GARBAGE_ENV
+        );
+    }
+    let listener = match listen::bind(&args.socket) {
+        Ok(l) => l,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    info!("listening on {}", args.socket.display());
+    let mut dev = Device::new();
+    let e = listen::run(&listener, &mut dev, garbage);
+    error!("socket {}: {e}", args.socket.display());
+    ExitCode::FAILURE
+}
