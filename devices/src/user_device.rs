@@ -138,7 +138,7 @@ impl PciDevice for UserPciFunction {
     fn write_config(&mut self, offset: usize, data: &[u8]) {
         self.config.write(offset, data);
         // The device learns of memory and bus-master enable; its BAR addresses are Ferry's.
-        if offset < 4 && offset + data.len() > 2 && !self.broken {
+        if offset < 6 && offset + data.len() > 4 && !self.broken {
             let command = self.config.command().to_le_bytes();
             let r = self.client().region_write(PCI_CONFIG_REGION, 4, &command);
             if let Err(e) = r {

@@ -23,11 +23,7 @@ use vfio_dirty::uapi::{
     VFIO_DEVICE_STATE_STOP_COPY, VFIO_MIGRATION_STOP_COPY,
 };
 use vfio_dirty::vfio_user::client::{Client, ClientError};
-use vfio_dirty::vfio_user::conn::ConnError;
-use vfio_dirty::vfio_user::wire::{
-    Command as Cmd, Feature, Reply, Request, WireError, DMA_MAP_READ, DMA_MAP_WRITE,
-    PCI_CONFIG_REGION,
-};
+use vfio_dirty::vfio_user::wire::{DMA_MAP_READ, DMA_MAP_WRITE, PCI_CONFIG_REGION};
 
 const PAGE: u64 = PAGE_SIZE as u64;
 const RW: u32 = DMA_MAP_READ | DMA_MAP_WRITE;
@@ -59,40 +55,15 @@ fn device(garbage: Option<u64>) -> (Client, JoinHandle<()>) {
     (Client::connect(&path, TIMEOUT).unwrap(), t)
 }
 
-/// Works around a bug in `vfio_dirty::vfio_user::wire` (not this crate's): the reply to a
-/// DEVICE_FEATURE SET whose request is longer than 8 bytes (MIG_DEVICE_STATE,
-/// DMA_LOGGING_START) echoes the request's argsz (16, 24, ...) over an 8-byte payload,
-/// and `Reply::decode` refuses exactly that. The device has acted by then and the stream
-/// is still in step, so that one error counts as success here; a device error (errno)
-/// still fails. `set_state_reply_decodes` (ignored until the fix) shows the bug.
-fn tolerate_feature_argsz(r: Result<Reply, ClientError>) -> Result<(), ClientError> {
-    match r {
-        Ok(_) => Ok(()),
-        Err(ClientError::Conn {
-            command: Cmd::DeviceFeature,
-            source: ConnError::Wire(WireError::Argsz { len: 8, .. }),
-            ..
-        }) => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
 fn set_state(c: &mut Client, state: u32) -> Result<(), ClientError> {
-    tolerate_feature_argsz(c.call(Request::Feature(Feature::SetState(state)), &[]))
+    c.set_state(state)
 }
 
 fn log_start(c: &mut Client, page_size: u64, ranges: &[(u64, u64)]) -> Result<(), ClientError> {
-    tolerate_feature_argsz(c.call(
-        Request::Feature(Feature::LogStart {
-            page_size,
-            ranges: ranges.to_vec(),
-        }),
-        &[],
-    ))
+    c.log_start(page_size, ranges)
 }
 
 #[test]
-#[ignore = "vfio_dirty wire bug: a SET feature reply echoes the request's argsz over 8 bytes"]
 fn set_state_reply_decodes() {
     let (mut c, t) = device(None);
     c.set_state(VFIO_DEVICE_STATE_STOP).unwrap();

@@ -165,6 +165,14 @@ impl ExternalEndpoint for Hooks {
     }
 }
 
+/// Checks that a device process answers on `cfg.socket` (a migration's destination does,
+/// before any RAM moves, so a missing device fails the migration at once).
+pub fn probe(cfg: &UserDeviceConfig) -> Result<(), String> {
+    let c = Client::connect(&cfg.socket, ANSWER_TIMEOUT).map_err(|e| e.to_string())?;
+    c.shutdown();
+    Ok(())
+}
+
 /// One vfio-user device of the VM.
 pub struct UserDevice {
     pub id: String,

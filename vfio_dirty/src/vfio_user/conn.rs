@@ -61,9 +61,13 @@ pub fn send(
         return stream.write_all(&all).map_err(io_err);
     }
     // The descriptors travel with the header's bytes; the rest follows as plain data.
-    let sent = stream
-        .send_with_fds(&[&h[..]], fds)
-        .map_err(|e| ConnError::Io(io::Error::from_raw_os_error(e.errno())))?;
+    // A signal (a vCPU kicked out of KVM_RUN) may interrupt the call before anything went.
+    let sent = loop {
+        match stream.send_with_fds(&[&h[..]], fds) {
+            Err(e) if e.errno() == libc::EINTR => continue,
+            r => break r.map_err(|e| io_err(io::Error::from_raw_os_error(e.errno())))?,
+        }
+    };
     stream.write_all(&h[sent..]).map_err(io_err)?;
     stream.write_all(payload).map_err(io_err)
 }
@@ -76,10 +80,15 @@ pub fn recv(stream: &mut UnixStream) -> Result<Message, ConnError> {
         iov_base: h.as_mut_ptr().cast(),
         iov_len: h.len(),
     }];
-    // SAFETY: the iovec points at `h`, a live buffer of its stated length that may take any
-    // bytes; `raw` has room for MAX_MESSAGE_FDS descriptors.
-    let (n, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut raw) }
-        .map_err(|e| io_err(io::Error::from_raw_os_error(e.errno())))?;
+    let (n, nfds) = loop {
+        // SAFETY: the iovec points at `h`, a live buffer of its stated length that may take
+        // any bytes; `raw` has room for MAX_MESSAGE_FDS descriptors.
+        match unsafe { stream.recv_with_fds(&mut iov, &mut raw) } {
+            // A signal (a vCPU kicked out of KVM_RUN) before any byte came: wait on.
+            Err(e) if e.errno() == libc::EINTR => continue,
+            r => break r.map_err(|e| io_err(io::Error::from_raw_os_error(e.errno())))?,
+        }
+    };
     // SAFETY: the first `nfds` entries are descriptors the kernel just gave this process,
     // owned by nobody else; wrapping them closes them on every path below.
     let files: Vec<File> = raw[..nfds]

@@ -852,9 +852,9 @@ impl Reply {
             }
             Reply::Empty | Reply::Probed => {
                 if let Request::Feature(f) = request {
-                    // A feature reply echoes argsz and flags.
+                    // A feature reply echoes the flags; its argsz is its own length.
                     let enc = encode_feature_request(f);
-                    return enc[..8].to_vec();
+                    return with_argsz(&enc[4..8]);
                 }
             }
             Reply::DmaUnmap {
@@ -1265,6 +1265,14 @@ mod tests {
                 Reply::MigData { data: vec![9; 16] },
             ),
             (Request::Feature(Feature::LogStop), Reply::Empty),
+            (Request::Feature(Feature::SetState(3)), Reply::Empty),
+            (
+                Request::Feature(Feature::LogStart {
+                    page_size: 4096,
+                    ranges: vec![(0, 4096)],
+                }),
+                Reply::Empty,
+            ),
             (
                 Request::DeviceGetInfo,
                 Reply::DeviceInfo {

@@ -54,12 +54,16 @@ impl DestinationVm for MachineDestination {
             {
                 log::info!(
                     "vfio-user device {}: the source's {} is {} here",
-                    u.id.as_deref().unwrap_or("-"),
+                    u.id.as_deref().unwrap_or("(no id)"),
                     u.socket.display(),
                     socket.display()
                 );
                 u.socket = socket.clone();
             }
+        }
+        for (i, u) in config.user_devices.iter().enumerate() {
+            let id = u.id.clone().unwrap_or_else(|| format!("user{i}"));
+            crate::user_devices::probe(u).map_err(|e| format!("vfio-user device {id}: {e}"))?;
         }
         let incoming = match self.adopted.take() {
             Some(mem) => Machine::incoming_on(config, mem),

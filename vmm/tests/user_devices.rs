@@ -1,0 +1,508 @@
+//! vfio-user devices end to end: `ferry-dma-device` (the in-tree device server) in its own
+//! process, the test guest's `dma-verify dma=vfio-user` driving it, and live migration
+//! between two namespace hosts, each with its own device process on its own socket. The
+//! device writes guest RAM by DMA through memory shared with it; Ferry never sees those
+//! writes, so only the device's own log can carry them to B. A test-only switch that
+//! drops the log shows the guest catching the pages then lost; a destination device that
+//! dies or answers garbage fails the migration, the source goes on, and a retry works.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::netns::TwoHosts;
+use common::Ferry;
+use serde_json::{json, Value};
+use vmm::api::client::{Client, Reply};
+
+const PORT: u16 = 7200;
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferry-user-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `ferry-dma-device`, next to this test's binary (same profile), built if missing.
+fn device_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> → target/<profile>/ferry-dma-device
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let bin = profile_dir.join("ferry-dma-device");
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    BUILD.call_once(|| {
+        if !bin.exists() {
+            let mut cmd = Command::new(env!("CARGO"));
+            cmd.args(["build", "-p", "dma_device", "--bin", "ferry-dma-device"]);
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let st = cmd.status().expect("run cargo build for ferry-dma-device");
+            assert!(st.success(), "building ferry-dma-device failed");
+        }
+    });
+    bin
+}
+
+/// A running `ferry-dma-device`, its stderr collected.
+struct Device {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl Device {
+    fn start(socket: PathBuf, env: &[(&str, &str)]) -> Device {
+        let mut cmd = Command::new(device_bin());
+        cmd.arg("--socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start ferry-dma-device");
+        let log = Arc::new(Mutex::new(String::new()));
+        let err = child.stderr.take().unwrap();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut g = l.lock().unwrap();
+                g.push_str(&line);
+                g.push('\n');
+            }
+        });
+        let end = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "ferry-dma-device ended ({st}) before listening:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+            assert!(Instant::now() < end, "ferry-dma-device never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Device {
+            child: Some(child),
+            socket,
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the device's log says `pat`.
+    fn wait_log(&self, pat: &str, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        while !self.log().contains(pat) {
+            assert!(
+                Instant::now() < end,
+                "the device never logged '{pat}':\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// The serial log both hosts append to (the same file: shared storage).
+struct Serial(PathBuf);
+
+impl Serial {
+    fn text(&self) -> String {
+        std::fs::read_to_string(&self.0).unwrap_or_default()
+    }
+
+    fn dma_pass(&self, cpu: u32, from: usize) -> Option<u64> {
+        let prefix = format!("guest: dma-verified {cpu} ");
+        self.text()
+            .get(from..)?
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+            .max()
+    }
+
+    fn failed(t: &str) -> bool {
+        t.contains("MISMATCH") || t.contains("FAIL")
+    }
+
+    /// Waits until every vCPU reported pass `n` or later after byte `from`; panics with
+    /// the log if the guest failed or time ran out.
+    fn wait_dma_pass(&self, cpus: u32, n: u64, from: usize, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        loop {
+            let t = self.text();
+            assert!(!Self::failed(&t), "the guest failed:\n{t}");
+            if (0..cpus).all(|c| self.dma_pass(c, from).is_some_and(|p| p >= n)) {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "not every vCPU reached dma-verified pass {n} within {timeout:?}:\n{t}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn guest_args<'a>(elf: &'a Path, cpus: &'a str, cmdline: &'a str, serial: &'a str) -> Vec<&'a str> {
+    vec![
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--cpus",
+        cpus,
+        "--memory",
+        "size=512M",
+        "--cmdline",
+        cmdline,
+        "--serial",
+        serial,
+    ]
+}
+
+fn user_device_arg(socket: &Path, iommu: bool) -> String {
+    format!(
+        "socket={}{}",
+        socket.display(),
+        if iommu { ",iommu=on" } else { "" }
+    )
+}
+
+/// Booted directly, the guest runs its passes against the device and passes.
+#[test]
+fn dma_verify_with_a_vfio_user_device_passes() {
+    for iommu in [false, true] {
+        let dir = tmpdir(if iommu { "boot-iommu" } else { "boot" });
+        let dev = Device::start(dir.join("dev.sock"), &[]);
+        let elf = common::guest_elf();
+        let cmdline = format!(
+            "workload=dma-verify dma=vfio-user size=8M passes=3{}",
+            if iommu { " iommu=on" } else { "" }
+        );
+        let ud = user_device_arg(&dev.socket, iommu);
+        let mut args = guest_args(&elf, "boot=2", &cmdline, "tty");
+        args.extend(["--user-device", &ud]);
+        let ferry = Ferry::spawn(&args);
+        let (code, out) = ferry.wait(Duration::from_secs(180));
+        assert_eq!(
+            code,
+            Some(0),
+            "iommu={iommu}: {out}\ndevice:\n{}",
+            dev.log()
+        );
+        assert!(out.contains("guest: dma device=vfio-user"), "{out}");
+        assert!(out.contains("guest: PASS"), "{out}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// A ferry on one of the two hosts, serving its API.
+struct Host {
+    ferry: Option<Ferry>,
+    api: Client,
+}
+
+impl Host {
+    fn start(ns: &str, dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Host {
+        let (ferry, api) = common::spawn_with_api_env(Some(ns), dir, name, args, env);
+        Host {
+            ferry: Some(ferry),
+            api,
+        }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, String) {
+        self.ferry.take().unwrap().wait(timeout)
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(f) = self.ferry.take() {
+            let (_, out) = f.wait(Duration::ZERO);
+            if std::thread::panicking() {
+                eprintln!("--- {}\n{out}", self.api.path().display());
+            }
+        }
+    }
+}
+
+/// Two hosts, a device process for each, the guest running on A with the device.
+struct Setup {
+    hosts: TwoHosts,
+    dir: PathBuf,
+    serial: Serial,
+    cpus: u32,
+    _src_dev: Device,
+    src: Host,
+    dest: Host,
+}
+
+fn setup(tag: u8, cpus: u32, iommu: bool, src_env: &[(&str, &str)]) -> Setup {
+    let hosts = TwoHosts::new(tag);
+    let dir = tmpdir(&format!("m{tag}"));
+    let serial = Serial(dir.join("serial.log"));
+    let src_dev = Device::start(dir.join("dev-a.sock"), &[]);
+    let dest = Host::start(&hosts.b, &dir, "dest", &[], &[]);
+    let elf = common::guest_elf();
+    let serial_arg = format!("file={}", serial.0.display());
+    let cpus_arg = format!("boot={cpus}");
+    let cmdline = format!(
+        "workload=dma-verify dma=vfio-user size=16M{}",
+        if iommu { " iommu=on" } else { "" }
+    );
+    let ud = user_device_arg(&src_dev.socket, iommu);
+    let mut args = guest_args(&elf, &cpus_arg, &cmdline, &serial_arg);
+    args.extend(["--user-device", &ud]);
+    let src = Host::start(&hosts.a, &dir, "source", &args, src_env);
+    serial.wait_dma_pass(cpus, 2, 0, Duration::from_secs(120));
+    Setup {
+        hosts,
+        dir,
+        serial,
+        cpus,
+        _src_dev: src_dev,
+        src,
+        dest,
+    }
+}
+
+impl Setup {
+    /// Starts B receiving with its device at `socket`, on a thread.
+    fn receive(&self, socket: &Path) -> std::thread::JoinHandle<Reply> {
+        let api = Client::new(self.dest.api.path(), Some(Duration::from_secs(300)));
+        let body = json!({
+            "receiver_url": format!("tcp:0.0.0.0:{PORT}"),
+            "user_devices": [{"socket": socket}],
+        });
+        let t = std::thread::spawn(move || {
+            api.put("vm.receive-migration", Some(body.to_string().as_bytes()))
+                .unwrap()
+        });
+        // B listens before its migration-info says "setup" (a new receive's first state).
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v: Value = self
+                .dest
+                .api
+                .get("vm.migration-info")
+                .ok()
+                .and_then(|r| r.json().ok())
+                .unwrap_or(Value::Null);
+            if v["status"] == "setup" {
+                break;
+            }
+            assert!(Instant::now() < end, "B never started listening: {v}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t
+    }
+
+    fn send(&self) -> Reply {
+        self.sending().join().unwrap()
+    }
+
+    /// Starts A sending to B, on a thread.
+    fn sending(&self) -> std::thread::JoinHandle<Reply> {
+        let api = Client::new(self.src.api.path(), Some(Duration::from_secs(300)));
+        let body = json!({"destination_url": format!("tcp:{}:{PORT}", self.hosts.addr_b)});
+        std::thread::spawn(move || {
+            api.put("vm.send-migration", Some(body.to_string().as_bytes()))
+                .unwrap()
+        })
+    }
+
+    /// After a successful move: waits on B for two more passes of every vCPU (every page
+    /// checked after the move) or for the guest to fail; returns the serial log and B's
+    /// migration-info.
+    fn finish(mut self) -> (String, Value) {
+        let (code, out) = self.src.wait_exit(Duration::from_secs(10));
+        assert_eq!(code, Some(0), "the source ends once B runs the VM:\n{out}");
+        let migration: Value = self
+            .dest
+            .api
+            .get("vm.migration-info")
+            .ok()
+            .and_then(|r| r.json().ok())
+            .unwrap_or(Value::Null);
+        let moved_at = self.serial.text().len();
+        let now = (0..self.cpus)
+            .map(|c| self.serial.dma_pass(c, 0).unwrap_or(0))
+            .max()
+            .unwrap_or(0);
+        let target = now + 2;
+        let end = Instant::now() + Duration::from_secs(120);
+        loop {
+            let t = self.serial.text();
+            if Serial::failed(&t) {
+                break;
+            }
+            if (0..self.cpus).all(|c| {
+                self.serial
+                    .dma_pass(c, moved_at)
+                    .is_some_and(|p| p >= target)
+            }) {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "B's guest did not reach pass {target} within 120 s:\n{t}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let text = self.serial.text();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        (text, migration)
+    }
+}
+
+fn move_clean(tag: u8, cpus: u32, iommu: bool) {
+    let s = setup(tag, cpus, iommu, &[]);
+    let dest_dev = Device::start(s.dir.join("dev-b.sock"), &[]);
+    let recv = s.receive(&dest_dev.socket);
+    let r = s.send();
+    assert_eq!(r.status, 204, "send-migration: {}", r.error_message());
+    let r = recv.join().unwrap();
+    assert_eq!(r.status, 204, "receive-migration: {}", r.error_message());
+    let (serial, migration) = s.finish();
+    assert!(
+        !Serial::failed(&serial),
+        "a page the device wrote was lost (migration {migration}):\n{serial}\nB's device:\n{}",
+        dest_dev.log()
+    );
+    assert_eq!(migration["status"], "completed", "{migration}");
+    let pages = migration["dirty-tracking"]["sources"]["user-devices"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        pages > 0,
+        "the device's log reported no page while the guest kept it writing: {migration}"
+    );
+}
+
+#[test]
+fn a_vfio_user_guest_moves_between_hosts_with_nothing_lost() {
+    move_clean(90, 2, false);
+}
+
+#[test]
+fn a_vfio_user_guest_behind_the_viommu_moves_between_hosts_with_nothing_lost() {
+    move_clean(91, 1, true);
+}
+
+/// The seam: a source that drops the device's dirty reports loses the pages the device
+/// rewrote after they were sent, and the guest on B says so.
+#[test]
+fn a_dropped_device_report_is_caught_by_the_guest_after_the_move() {
+    for (tag, iommu) in [(92, false), (93, true)] {
+        let s = setup(tag, 1, iommu, &[("FERRY_TEST_DROP_USER_DEVICE_LOG", "1")]);
+        let dest_dev = Device::start(s.dir.join("dev-b.sock"), &[]);
+        let recv = s.receive(&dest_dev.socket);
+        let r = s.send();
+        assert_eq!(r.status, 204, "send-migration: {}", r.error_message());
+        let r = recv.join().unwrap();
+        assert_eq!(r.status, 204, "receive-migration: {}", r.error_message());
+        let (serial, _) = s.finish();
+        assert!(
+            serial.contains("guest: MISMATCH"),
+            "iommu={iommu}: the guest should have caught the lost device writes:\n{serial}"
+        );
+    }
+}
+
+/// How the destination's device fails.
+enum Failure {
+    /// Killed once B connected to it.
+    Killed,
+    /// Answers garbage instead of its first reply.
+    Garbage,
+}
+
+/// B's device fails during the move: the migration fails naming the device, the guest
+/// goes on on A (more passes, nothing lost), and a retry to a healthy device on B
+/// completes with nothing lost.
+fn failed_then_retried(tag: u8, failure: Failure) {
+    let s = setup(tag, 1, false, &[]);
+    let env: &[(&str, &str)] = match failure {
+        Failure::Killed => &[],
+        Failure::Garbage => &[("FERRY_TEST_DMA_DEVICE_GARBAGE", "0")],
+    };
+    let mut bad_dev = Device::start(s.dir.join("dev-b-bad.sock"), env);
+    let recv = s.receive(&bad_dev.socket);
+    let killer = match failure {
+        Failure::Killed => {
+            // B connects to its device when it builds the VM, at the start of the move.
+            let send = s.sending();
+            bad_dev.wait_log("client connected", Duration::from_secs(60));
+            bad_dev.kill();
+            Some(send.join().unwrap())
+        }
+        Failure::Garbage => None,
+    };
+    let r = killer.unwrap_or_else(|| s.send());
+    assert_ne!(r.status, 204, "the move to a failed device must fail");
+    let msg = r.error_message();
+    let rr = recv.join().unwrap();
+    assert_ne!(rr.status, 204, "B must not run a VM whose device failed");
+    let dest_msg = rr.error_message();
+    eprintln!("A said: {msg}\nB said: {dest_msg}");
+    // Both sides name the device and its socket.
+    for m in [&msg, &dest_msg] {
+        assert!(
+            m.contains("user0") && m.contains("dev-b-bad.sock"),
+            "the error should name the device and its socket: {m}"
+        );
+    }
+    // A goes on: running, the guest passing more passes.
+    let info: Value = s.src.api.get("vm.info").unwrap().json().unwrap();
+    assert_eq!(info["state"], "Running", "after '{msg}': {info}");
+    let at = s.serial.text().len();
+    s.serial.wait_dma_pass(1, 1, at, Duration::from_secs(60));
+    drop(bad_dev);
+
+    // The retry, to a healthy device on B.
+    let good_dev = Device::start(s.dir.join("dev-b.sock"), &[]);
+    let recv = s.receive(&good_dev.socket);
+    let r = s.send();
+    assert_eq!(r.status, 204, "the retry: {}", r.error_message());
+    let r = recv.join().unwrap();
+    assert_eq!(r.status, 204, "the retry on B: {}", r.error_message());
+    let (serial, migration) = s.finish();
+    assert!(
+        !Serial::failed(&serial),
+        "the retry lost a page (migration {migration}):\n{serial}"
+    );
+}
+
+#[test]
+fn a_destination_device_killed_mid_migration_fails_it_and_a_retry_works() {
+    failed_then_retried(94, Failure::Killed);
+}
+
+#[test]
+fn a_destination_device_answering_garbage_fails_the_migration_and_a_retry_works() {
+    failed_then_retried(95, Failure::Garbage);
+}
