@@ -272,7 +272,7 @@ fn setup(tag: u8, cpus: u32, iommu: bool, src_env: &[(&str, &str)]) -> Setup {
     let cpus_arg = format!("boot={cpus}");
     let cmdline = format!(
         "workload=dma-verify dma=vfio-user size=16M{}",
-        if iommu { " iommu=on" } else { "" }
+        if iommu { " iommu=on remap=on detach=on" } else { "" }
     );
     let ud = user_device_arg(&src_dev.socket, iommu);
     let mut args = guest_args(&elf, &cpus_arg, &cmdline, &serial_arg);

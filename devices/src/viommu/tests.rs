@@ -1889,3 +1889,97 @@ fn ring_and_status_writes_are_marked_before_their_mapping_can_go() {
     let (status, words) = vm.bitmap(1, 0x10_0000, P, P, 0);
     assert_eq!((status, words[0]), (S_OK, 0));
 }
+
+/// What an external endpoint (a vfio-user device) was told, in order.
+#[derive(Default)]
+struct Told(Mutex<Vec<(bool, u64, u64, u64, bool)>>);
+
+impl ExternalEndpoint for Told {
+    fn map(&self, iova: u64, len: u64, gpa: u64, writable: bool) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((true, iova, len, gpa, writable));
+    }
+    fn unmap(&self, iova: u64, len: u64, gpa: u64, writable: bool) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((false, iova, len, gpa, writable));
+    }
+}
+
+impl Told {
+    fn take(&self) -> Vec<(bool, u64, u64, u64, bool)> {
+        std::mem::take(&mut self.0.lock().unwrap())
+    }
+}
+
+/// A device in another process is told of every mapping its domain gains or loses, while
+/// the mapping still translates (rule 6: its log is read before the mapping goes): on
+/// ATTACH the domain's existing mappings, on MAP, on UNMAP (nothing when the UNMAP fails),
+/// on DETACH everything; a mapping of another domain never; after a restore, all again.
+/// Its writes cannot appear in the guest's nested bitmaps, so tracking is refused.
+#[test]
+fn an_external_endpoint_follows_its_domains_mappings() {
+    let vm = Vm::new(&[(8, true)]);
+    let told = Arc::new(Told::default());
+    vm.table.add_external_endpoint(16, told.clone());
+    vm.ok(&attach(1, 8, 0));
+    vm.ok(&map(1, 0x10_0000, 0x10_0000 + P - 1, 0x20_0000, RW));
+    vm.ok(&map(1, 0x30_0000, 0x30_0000 + P - 1, 0x3000, MAP_F_READ));
+    // Joining a domain: its mappings, as they are.
+    vm.ok(&attach(1, 16, 0));
+    assert_eq!(
+        told.take(),
+        vec![
+            (true, 0x10_0000, P, 0x20_0000, true),
+            (true, 0x30_0000, P, 0x3000, false)
+        ]
+    );
+    vm.ok(&map(1, 0x40_0000, 0x40_0000 + 2 * P - 1, 0x5000, RW));
+    assert_eq!(told.take(), vec![(true, 0x40_0000, 2 * P, 0x5000, true)]);
+    // An UNMAP that would split a mapping fails and removes nothing: nobody is told.
+    assert_eq!(vm.status(&unmap(1, 0x40_0000, 0x40_0000 + P - 1)), S_RANGE);
+    assert_eq!(told.take(), vec![]);
+    // The device hears of the unmap while the table still holds the mapping.
+    vm.ok(&unmap(1, 0x40_0000, 0x40_0000 + 2 * P - 1));
+    assert_eq!(told.take(), vec![(false, 0x40_0000, 2 * P, 0x5000, true)]);
+    // Another domain's mappings are none of its business.
+    vm.ok(&attach(3, 8, 0));
+    vm.ok(&map(3, 0x50_0000, 0x50_0000 + P - 1, 0x6000, RW));
+    assert_eq!(told.take(), vec![]);
+    // Nested dirty tracking cannot show its writes: refused while it is in the domain.
+    assert_eq!(vm.status(&set_tracking(1, ENABLE)), S_UNSUPP);
+    // Leaving: everything it was given goes.
+    vm.ok(&detach(1, 16));
+    assert_eq!(
+        told.take(),
+        vec![
+            (false, 0x10_0000, P, 0x20_0000, true),
+            (false, 0x30_0000, P, 0x3000, false)
+        ]
+    );
+    // A domain that tracks dirty pages does not take it.
+    vm.ok(&set_tracking(3, ENABLE));
+    assert_eq!(vm.status(&attach(3, 16, 0)), S_UNSUPP);
+    // (Domain 1 went with its last endpoint.) After a restore, the device is given its
+    // domain's mappings again.
+    vm.ok(&attach(1, 16, 0));
+    vm.ok(&map(1, 0x10_0000, 0x10_0000 + P - 1, 0x20_0000, RW));
+    vm.ok(&map(1, 0x30_0000, 0x30_0000 + P - 1, 0x3000, MAP_F_READ));
+    told.take();
+    let state = vm.table.state();
+    let other = Vm::new(&[(8, true)]);
+    let told2 = Arc::new(Told::default());
+    other.table.add_external_endpoint(16, told2.clone());
+    other.table.restore(&state).unwrap();
+    other.table.replay_externals();
+    assert_eq!(
+        told2.take(),
+        vec![
+            (true, 0x10_0000, P, 0x20_0000, true),
+            (true, 0x30_0000, P, 0x3000, false)
+        ]
+    );
+}
