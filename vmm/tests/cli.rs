@@ -147,3 +147,54 @@ fn bad_disk_and_rng_options_are_named() {
         assert!(error_line(&err).contains(needle), "{a:?}: {err}");
     }
 }
+
+/// A vfio-user device nobody serves, a socket path that is not a socket, and bad
+/// options: one error line naming the device and why.
+#[test]
+fn unusable_user_devices_are_named() {
+    let elf = common::guest_elf();
+    let dir = std::env::temp_dir().join(format!("ferry-cli-user-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("plain-file");
+    std::fs::write(&file, b"not a socket").unwrap();
+    let missing = dir.join("missing.sock");
+    let (m, f) = (missing.to_str().unwrap(), file.to_str().unwrap());
+    for (arg, needle) in [
+        (
+            format!("socket={m}"),
+            format!("user0: vfio-user: device socket {m}: cannot connect: No such file"),
+        ),
+        (
+            format!("socket={f},id=nic"),
+            format!("nic: vfio-user: device socket {f}: cannot connect: Connection refused"),
+        ),
+        (
+            "socket=".to_string(),
+            "--user-device: '' is not a valid value for socket: the path is empty".to_string(),
+        ),
+        (
+            "id=x".to_string(),
+            "--user-device: socket= is required (in 'id=x')".to_string(),
+        ),
+        (
+            "socket=/s,iommu=maybe".to_string(),
+            "'maybe' is not a valid value for iommu".to_string(),
+        ),
+        (
+            "sock=/s".to_string(),
+            "unknown parameter 'sock' (accepted: socket, id, iommu)".to_string(),
+        ),
+    ] {
+        let a = [
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--user-device",
+            arg.as_str(),
+        ];
+        let (code, err) = run(&a);
+        assert_ne!(code, 0, "{a:?}");
+        let line = error_line(&err);
+        assert!(line.contains(&needle), "{a:?}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
