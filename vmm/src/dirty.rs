@@ -152,27 +152,6 @@ pub fn reset_vmm_log(mem: &GuestMemoryMmap) {
     mem.iter().for_each(|r| vmm_log(r).reset());
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranges_coalesce_across_words() {
-        assert_eq!(bitmap_to_ranges(0, &[]), vec![]);
-        assert_eq!(bitmap_to_ranges(0x1000, &[0b1]), vec![(0x1000, 0x1000)]);
-        assert_eq!(
-            bitmap_to_ranges(0, &[0b1101]),
-            vec![(0, 0x1000), (0x2000, 0x2000)]
-        );
-        // Bits 63 of word 0 and 0..2 of word 1 are one run.
-        assert_eq!(
-            bitmap_to_ranges(0, &[1 << 63, 0b11]),
-            vec![(63 * PAGE, 3 * PAGE)]
-        );
-        assert_eq!(bitmap_to_ranges(0, &[!0, !0]), vec![(0, 128 * PAGE)]);
-    }
-}
-
 /// Adds guest-physical `extra` ranges (page aligned) to the regions they fall in, keeping
 /// each region's ranges sorted and merged.
 pub fn add_ranges(regions: &mut [RegionDirty], mem: &GuestMemoryMmap, extra: &[(u64, u64)]) {
@@ -200,5 +179,61 @@ pub fn add_ranges(regions: &mut [RegionDirty], mem: &GuestMemoryMmap, extra: &[(
             }
         }
         rd.ranges = out;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn added_ranges_land_in_their_regions_merged() {
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (vm_memory::GuestAddress(0), 0x10000),
+            (vm_memory::GuestAddress(0x100000), 0x10000),
+        ])
+        .unwrap();
+        let mut regions = vec![
+            RegionDirty {
+                region_gpa: 0,
+                ranges: vec![(0x1000, 0x1000), (0x8000, 0x1000)],
+            },
+            RegionDirty {
+                region_gpa: 0x100000,
+                ranges: vec![],
+            },
+        ];
+        // Overlapping, adjacent, straddling the end of region 0 and a hole, in region 1.
+        add_ranges(
+            &mut regions,
+            &mem,
+            &[
+                (0x1800, 0x1000),
+                (0x9000, 0x1000),
+                (0xf000, 0x10000),
+                (0x100000, 0x2000),
+            ],
+        );
+        assert_eq!(
+            regions[0].ranges,
+            vec![(0x1000, 0x1800), (0x8000, 0x2000), (0xf000, 0x1000)]
+        );
+        assert_eq!(regions[1].ranges, vec![(0x100000, 0x2000)]);
+    }
+
+    #[test]
+    fn ranges_coalesce_across_words() {
+        assert_eq!(bitmap_to_ranges(0, &[]), vec![]);
+        assert_eq!(bitmap_to_ranges(0x1000, &[0b1]), vec![(0x1000, 0x1000)]);
+        assert_eq!(
+            bitmap_to_ranges(0, &[0b1101]),
+            vec![(0, 0x1000), (0x2000, 0x2000)]
+        );
+        // Bits 63 of word 0 and 0..2 of word 1 are one run.
+        assert_eq!(
+            bitmap_to_ranges(0, &[1 << 63, 0b11]),
+            vec![(63 * PAGE, 3 * PAGE)]
+        );
+        assert_eq!(bitmap_to_ranges(0, &[!0, !0]), vec![(0, 128 * PAGE)]);
     }
 }

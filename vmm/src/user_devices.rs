@@ -284,6 +284,10 @@ impl UserDevice {
 
     /// What the device wrote since the last harvest, guest-physical.
     pub fn harvest(&self) -> Result<Harvest, String> {
+        if !lock(&self.dma).tracker.is_tracking() {
+            // No migration tracks: the device's writes are nobody's business.
+            return Ok(Harvest::default());
+        }
         let h = match &self.endpoint {
             Some((ep, table)) => {
                 // The table's lock first, then the tracker's: the order the vIOMMU's

@@ -1890,9 +1890,12 @@ fn ring_and_status_writes_are_marked_before_their_mapping_can_go() {
     assert_eq!((status, words[0]), (S_OK, 0));
 }
 
+/// One thing an external endpoint was told: (gained, iova, len, gpa, writable).
+type Tell = (bool, u64, u64, u64, bool);
+
 /// What an external endpoint (a vfio-user device) was told, in order.
 #[derive(Default)]
-struct Told(Mutex<Vec<(bool, u64, u64, u64, bool)>>);
+struct Told(Mutex<Vec<Tell>>);
 
 impl ExternalEndpoint for Told {
     fn map(&self, iova: u64, len: u64, gpa: u64, writable: bool) {
@@ -1910,7 +1913,7 @@ impl ExternalEndpoint for Told {
 }
 
 impl Told {
-    fn take(&self) -> Vec<(bool, u64, u64, u64, bool)> {
+    fn take(&self) -> Vec<Tell> {
         std::mem::take(&mut self.0.lock().unwrap())
     }
 }
