@@ -9,6 +9,7 @@ pub mod pci;
 mod pm;
 mod serial;
 pub mod user_device;
+pub mod vfio;
 pub mod viommu;
 pub mod virtio;
 
