@@ -60,6 +60,8 @@ pub enum ConfigError {
     Rng { path: PathBuf, reason: String },
     #[error("user device {}: {reason}", .socket.display())]
     UserDevice { socket: PathBuf, reason: String },
+    #[error("device {}: {reason}", .path.display())]
+    Device { path: PathBuf, reason: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,6 +263,22 @@ pub struct UserDeviceConfig {
     pub iommu: bool,
 }
 
+/// A host PCI device passed through with VFIO, named by its sysfs directory
+/// (`/sys/bus/pci/devices/0000:01:00.0`), bound to vfio-pci (cloud-hypervisor's
+/// `DeviceConfig`, without the fields Ferry has no use for: `pci_segment`,
+/// `x_nv_gpudirect_clique`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    pub path: PathBuf,
+    /// The device's DMA goes through the virtio-iommu.
+    #[serde(default)]
+    pub iommu: bool,
+    /// Unique among the devices when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
 /// Ferry's extension: how KVM reports dirty pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -302,6 +320,9 @@ pub struct VmConfig {
     /// vfio-user devices, in the order their functions are placed (after the virtio ones).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub user_devices: Vec<UserDeviceConfig>,
+    /// VFIO devices, in the order their functions are placed (after the vfio-user ones).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceConfig>,
 }
 
 impl VmConfig {
@@ -312,6 +333,7 @@ impl VmConfig {
             || self.disks.iter().any(|d| d.iommu)
             || self.rng.as_ref().is_some_and(|r| r.iommu)
             || self.user_devices.iter().any(|u| u.iommu)
+            || self.devices.iter().any(|d| d.iommu)
     }
 
     /// Whether guest RAM must be shared memory: asked for, or a vfio-user device needs it.
@@ -368,6 +390,23 @@ impl VmConfig {
             match u.id.as_deref() {
                 Some("") => return Err(err("the id is empty")),
                 Some(id) if !user_ids.insert(id) => {
+                    return Err(err(&format!("the id '{id}' is given twice")))
+                }
+                _ => {}
+            }
+        }
+        let mut device_ids = std::collections::HashSet::new();
+        for d in &self.devices {
+            let err = |reason: &str| ConfigError::Device {
+                path: d.path.clone(),
+                reason: reason.to_string(),
+            };
+            if d.path.as_os_str().is_empty() {
+                return Err(err("the path is empty"));
+            }
+            match d.id.as_deref() {
+                Some("") => return Err(err("the id is empty")),
+                Some(id) if !device_ids.insert(id) => {
                     return Err(err(&format!("the id '{id}' is given twice")))
                 }
                 _ => {}
@@ -556,6 +595,29 @@ pub fn parse_user_device(s: &str) -> Result<UserDeviceConfig, ConfigError> {
     }
     let socket = socket.ok_or_else(|| missing("user-device", "socket", s))?;
     Ok(UserDeviceConfig { socket, id, iommu })
+}
+
+/// `--device path=SYSFS_PATH[,iommu=on|off][,id=NAME]`.
+pub fn parse_device(s: &str) -> Result<DeviceConfig, ConfigError> {
+    let mut path: Option<PathBuf> = None;
+    let mut id = None;
+    let mut iommu = false;
+    let mut seen = Vec::new();
+    for (k, v) in params("device", s, "path, iommu, id")? {
+        if seen.contains(&k) {
+            return Err(bad("device", k, v, "given twice"));
+        }
+        seen.push(k);
+        match k {
+            "path" if v.is_empty() => return Err(bad("device", "path", v, "the path is empty")),
+            "path" => path = Some(PathBuf::from(v)),
+            "id" if v.is_empty() => return Err(bad("device", "id", v, "the id is empty")),
+            "id" => id = Some(v.to_string()),
+            _ => iommu = on_off("device", "iommu", v)?,
+        }
+    }
+    let path = path.ok_or_else(|| missing("device", "path", s))?;
+    Ok(DeviceConfig { path, iommu, id })
 }
 
 /// `--rng src=PATH[,iommu=on|off]`.
@@ -1044,5 +1106,72 @@ mod tests {
             ..Default::default()
         }
         .viommu_needed());
+    }
+
+    #[test]
+    fn parse_device_takes_path_iommu_and_id() {
+        let d = parse_device("path=/sys/bus/pci/devices/0000:01:00.0,iommu=on,id=nic").unwrap();
+        assert_eq!(
+            d,
+            DeviceConfig {
+                path: "/sys/bus/pci/devices/0000:01:00.0".into(),
+                iommu: true,
+                id: Some("nic".into()),
+            }
+        );
+        let d = parse_device("path=/sys/bus/pci/devices/0000:01:00.0").unwrap();
+        assert!(!d.iommu && d.id.is_none());
+        assert!(!VmConfig {
+            devices: vec![d.clone()],
+            ..Default::default()
+        }
+        .viommu_needed());
+        assert!(VmConfig {
+            devices: vec![d, parse_device("path=/x,iommu=on").unwrap()],
+            ..Default::default()
+        }
+        .viommu_needed());
+    }
+
+    #[test]
+    fn parse_device_errors_name_the_value() {
+        for (arg, needle) in [
+            ("iommu=on", "path= is required"),
+            ("path=", "the path is empty"),
+            ("path=/a,id=", "the id is empty"),
+            ("path=/a,iommu=maybe", "maybe"),
+            ("path=/a,path=/b", "given twice"),
+            ("path=/a,pci_segment=1", "pci_segment"),
+        ] {
+            let e = parse_device(arg).unwrap_err().to_string();
+            assert!(e.contains(needle), "{arg}: {e}");
+            assert!(e.contains("--device"), "{arg}: {e}");
+        }
+    }
+
+    #[test]
+    fn devices_in_json_and_validation() {
+        let c: VmConfig = serde_json::from_str(
+            r#"{"payload":{"kernel":"/k"},"devices":[{"path":"/sys/bus/pci/devices/0000:01:00.0","iommu":true,"id":"gpu"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.devices.len(), 1);
+        assert!(c.devices[0].iommu && c.viommu_needed());
+        // Absent when empty, so older peers read it.
+        let j = serde_json::to_string(&VmConfig::default()).unwrap();
+        assert!(!j.contains("\"devices\""), "{j}");
+        assert!(serde_json::from_str::<VmConfig>(
+            r#"{"payload":{"kernel":"/k"},"devices":[{"path":"/a","bogus":1}]}"#
+        )
+        .is_err());
+        let twice = VmConfig {
+            devices: vec![
+                parse_device("path=/a,id=x").unwrap(),
+                parse_device("path=/b,id=x").unwrap(),
+            ],
+            ..Default::default()
+        };
+        let e = twice.clone().validate().unwrap_err().to_string();
+        assert!(e.contains("/b") && e.contains("'x' is given twice"), "{e}");
     }
 }

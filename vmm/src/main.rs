@@ -68,6 +68,15 @@ struct Cli {
         action = clap::ArgAction::Append
     )]
     user_device: Vec<String>,
+    /// A host PCI device passed through with VFIO, named by its sysfs directory
+    /// (path=/sys/bus/pci/devices/0000:01:00.0) and bound to vfio-pci; repeat for more.
+    /// iommu=on puts its DMA behind the virtio-iommu.
+    #[arg(
+        long,
+        value_name = "path=SYSFS_PATH[,iommu=on|off][,id=NAME]",
+        action = clap::ArgAction::Append
+    )]
+    device: Vec<String>,
     /// REST API socket (HTTP on a UNIX socket).
     #[arg(long = "api-socket")]
     api_socket: Option<PathBuf>,
@@ -95,6 +104,11 @@ fn config_from(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
             .user_device
             .iter()
             .map(|u| config::parse_user_device(u))
+            .collect::<Result<_, _>>()?,
+        devices: cli
+            .device
+            .iter()
+            .map(|d| config::parse_device(d))
             .collect::<Result<_, _>>()?,
     })
 }

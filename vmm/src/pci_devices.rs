@@ -19,6 +19,7 @@ use crate::boot::layout::{MMIO_HOLE_START, PCI_ECAM_START};
 use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
 use crate::user_devices::{UserDevice, UserDeviceState};
+use crate::vfio_devices::{KvmVfioInterrupts, VfioDevice, VfioDeviceState};
 
 /// The guest-physical window memory BARs are placed in (up to the ECAM region).
 pub const BAR_WINDOW_START: u64 = MMIO_HOLE_START;
@@ -86,7 +87,7 @@ pub fn bdf(slot: u8) -> u16 {
 /// Where the vIOMMU and the devices behind it sit, from the configuration alone (the
 /// ACPI tables are written before the devices are made): the vIOMMU's BDF and its
 /// endpoints' BDFs. Slots follow `models`' order: the disks, the rng, the vIOMMU last.
-/// The vfio-user devices follow the vIOMMU.
+/// The vfio-user devices follow the vIOMMU, then the VFIO devices.
 pub fn viot_layout(config: &VmConfig) -> Option<(u16, Vec<u16>)> {
     if !config.viommu_needed() {
         return None;
@@ -112,6 +113,15 @@ pub fn viot_layout(config: &VmConfig) -> Option<(u16, Vec<u16>)> {
             .filter(|(_, u)| u.iommu)
             .map(|(i, _)| bdf(viommu_slot + 1 + i as u8)),
     );
+    let first_vfio = viommu_slot + 1 + config.user_devices.len() as u8;
+    endpoints.extend(
+        config
+            .devices
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.iommu)
+            .map(|(i, _)| bdf(first_vfio + i as u8)),
+    );
     Some((bdf(viommu_slot), endpoints))
 }
 
@@ -126,6 +136,8 @@ pub struct PciDevices {
     viommu: Option<Viommu>,
     /// vfio-user devices, after the virtio functions.
     user: Vec<UserDevice>,
+    /// VFIO devices, after the vfio-user ones.
+    vfio: Vec<VfioDevice>,
 }
 
 /// Interrupts of one function: MSI-X vectors through KVM routes and irqfds, INTx
@@ -391,6 +403,62 @@ impl PciDevices {
             }
             user.push(dev);
         }
+        let mut vfio = Vec::new();
+        for (i, d) in config.devices.iter().enumerate() {
+            let id = d.id.clone().unwrap_or_else(|| format!("vfio{i}"));
+            let setup = |what: &'static str, reason: String| PciDevicesError::Setup {
+                id: id.clone(),
+                what,
+                reason,
+            };
+            let slot = u8::try_from(functions.len() + 1 + user.len() + vfio.len())
+                .ok()
+                .filter(|s| usize::from(*s) < devices::pci::SLOTS)
+                .ok_or_else(|| setup("PCI slot", "bus 0 is full".into()))?;
+            let mut dev = VfioDevice::open(id.clone(), slot, d, mem)
+                .map_err(|e| setup("VFIO", e.to_string()))?;
+            {
+                let mut f = dev.function.lock().unwrap_or_else(|p| p.into_inner());
+                let declared = f.bars().to_vec();
+                for (index, size) in declared {
+                    let size = size.max(4096);
+                    let range =
+                        bars.allocate(size, size, AllocPolicy::FirstMatch)
+                            .map_err(|e| {
+                                setup(
+                                    "BAR",
+                                    format!("no room for BAR {index} of {size:#x} bytes: {e:?}"),
+                                )
+                            })?;
+                    f.config_mut()
+                        .set_bar_address(index, range.start())
+                        .map_err(|e| setup("BAR", e.to_string()))?;
+                    log::info!(
+                        "{id}: VFIO device {}, PCI 00:{slot:02x}.0, BAR {index} at {:#x}",
+                        d.path.display(),
+                        range.start()
+                    );
+                }
+                let vectors = f.msix_vectors();
+                let irqs = KvmVfioInterrupts::new(&id, hv, vectors, &mut next_gsi)
+                    .map_err(|e| setup("MSI-X irqfd", e))?;
+                f.set_interrupts(Arc::new(irqs));
+                // As firmware leaves it: memory decoding on (the device is told too).
+                f.write_config(0x04, &[0x02, 0x00]);
+            }
+            bus.add_at(slot, dev.function.clone())
+                .map_err(|e| setup("PCI slot", e.to_string()))?;
+            if d.iommu {
+                let v = viommu.as_mut().ok_or_else(|| {
+                    setup("vIOMMU", "iommu=on but the VM has no virtio-iommu".into())
+                })?;
+                let endpoint = bdf(slot);
+                dev.behind_iommu(u32::from(endpoint), v.table.clone());
+                v.endpoints.push(endpoint);
+                log::info!("{id}: behind the virtio-iommu as endpoint {endpoint:#06x}");
+            }
+            vfio.push(dev);
+        }
         let made = viommu.as_ref().map(|v| (v.bdf, v.endpoints.clone()));
         if made != viot_layout(config) {
             // The ACPI VIOT table was written from viot_layout: it must describe this bus.
@@ -410,7 +478,57 @@ impl PciDevices {
             dma_hold,
             viommu,
             user,
+            vfio,
         })
+    }
+
+    /// What the VFIO devices wrote since the last harvest: guest-physical ranges, and
+    /// whether all of RAM must be taken as dirty. A device that cannot be read is an error.
+    pub fn harvest_vfio_devices(&self) -> std::result::Result<(Vec<(u64, u64)>, bool), String> {
+        let mut ranges = Vec::new();
+        let mut all_ram = false;
+        for d in &self.vfio {
+            let h = d.harvest().map_err(|e| format!("{}: {e}", d.id))?;
+            all_ram |= h.all_ram;
+            ranges.extend(h.ranges.iter().map(|r| (r.start, r.length)));
+        }
+        Ok((ranges, all_ram))
+    }
+
+    /// The VFIO devices' states (after [`Self::pause`]).
+    pub fn vfio_states(&self) -> std::result::Result<Vec<VfioDeviceState>, String> {
+        self.vfio
+            .iter()
+            .map(|d| {
+                d.save()
+                    .map_err(|e| format!("{}: saving its state: {e}", d.id))
+            })
+            .collect()
+    }
+
+    /// Gives each VFIO device its source's state, in order, and runs it.
+    pub fn restore_vfio(&self, states: &[VfioDeviceState]) -> Result<()> {
+        let ours: Vec<(&str, u8)> = self.vfio.iter().map(|d| (d.id.as_str(), d.slot)).collect();
+        let theirs: Vec<(&str, u8)> = states.iter().map(|s| (s.id.as_str(), s.slot)).collect();
+        if ours != theirs {
+            return Err(PciDevicesError::Restore {
+                id: "VFIO devices".into(),
+                slot: 0,
+                reason: format!(
+                    "the source has VFIO devices {theirs:?}, this configuration makes {ours:?}"
+                ),
+            });
+        }
+        for (d, s) in self.vfio.iter().zip(states) {
+            d.restore(s)
+                .and_then(|()| d.resume())
+                .map_err(|reason| PciDevicesError::Restore {
+                    id: d.id.clone(),
+                    slot: d.slot,
+                    reason,
+                })?;
+        }
+        Ok(())
     }
 
     /// What the vfio-user devices wrote since the last harvest: guest-physical ranges, and
@@ -486,6 +604,15 @@ impl PciDevices {
                 log::warn!(
                     "{}: DMA logging {}: {e}",
                     u.id,
+                    if on { "on" } else { "off" }
+                );
+            }
+        }
+        for d in &self.vfio {
+            if let Err(e) = d.set_tracking(on) {
+                log::warn!(
+                    "{}: DMA dirty tracking {}: {e}",
+                    d.id,
                     if on { "on" } else { "off" }
                 );
             }
@@ -567,9 +694,20 @@ impl PciDevices {
                 log::error!("{}: stopping the device: {e}", u.id);
             }
         }
+        for d in &self.vfio {
+            // A device that cannot be stopped fails the migration when its state is saved.
+            if let Err(e) = d.pause() {
+                log::error!("{}: stopping the device: {e}", d.id);
+            }
+        }
     }
 
     pub fn resume(&self) {
+        for d in &self.vfio {
+            if let Err(e) = d.resume() {
+                log::error!("{}: running the device again: {e}", d.id);
+            }
+        }
         for u in &self.user {
             if let Err(e) = u.resume() {
                 log::error!("{}: running the device again: {e}", u.id);

@@ -174,6 +174,9 @@ pub struct MachineState {
     /// The vfio-user devices' migration data, in slot order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub user_devices: Vec<crate::user_devices::UserDeviceState>,
+    /// The VFIO devices' functions and migration data, in slot order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vfio_devices: Vec<crate::vfio_devices::VfioDeviceState>,
 }
 
 /// Current [`MachineState::version`] (2: PCI devices).
@@ -257,7 +260,12 @@ impl IncomingMachine {
             self.parts,
             state.serial.as_ref(),
             state.pm_control,
-            Some((&state.devices, state.viommu.as_ref(), &state.user_devices)),
+            Some((
+                &state.devices,
+                state.viommu.as_ref(),
+                &state.user_devices,
+                &state.vfio_devices,
+            )),
         )
     }
 }
@@ -416,6 +424,7 @@ impl Machine {
             &[PciDeviceState],
             Option<&devices::viommu::ViommuState>,
             &[crate::user_devices::UserDeviceState],
+            &[crate::vfio_devices::VfioDeviceState],
         )>,
     ) -> Result<Machine> {
         let mut bus = PioBus::default();
@@ -437,9 +446,10 @@ impl Machine {
         bus.insert(ACPI_PM1A_EVT_PORT, ACPI_PM_PORTS, pm.clone());
         // PCI bus 0, reached through 0xCF8/0xCFC and ECAM, its BARs in the window below.
         let mut pci = PciDevices::new(&p.config, &p.hv, &p.mem)?;
-        if let Some((states, viommu, user)) = devices_state {
+        if let Some((states, viommu, user, vfio)) = devices_state {
             pci.restore(states, viommu)?;
             pci.restore_user(user)?;
+            pci.restore_vfio(vfio)?;
         }
         bus.insert(
             CONFIG_IO_PORT,
@@ -554,6 +564,7 @@ impl Machine {
             devices: self.pci.state(),
             viommu: self.pci.viommu_state(),
             user_devices: self.pci.user_states().map_err(VmError::State)?,
+            vfio_devices: self.pci.vfio_states().map_err(VmError::State)?,
         })
     }
 
@@ -667,6 +678,20 @@ impl Machine {
                 .collect();
         }
         dirty::add_ranges(&mut regions, &self.mem, &user);
+        // VFIO devices: their DMA logs or their IOMMU domains' dirty bits.
+        let (mut vfio, all_ram) = self
+            .pci
+            .harvest_vfio_devices()
+            .map_err(|e| VmError::State(format!("VFIO device dirty pages: {e}")))?;
+        if all_ram {
+            log::warn!("a VFIO device reported a write it could not place: all of RAM is dirty");
+            vfio = self
+                .mem
+                .iter()
+                .map(|r| (r.start_addr().0, r.len()))
+                .collect();
+        }
+        dirty::add_ranges(&mut regions, &self.mem, &vfio);
         Ok(regions)
     }
 
