@@ -182,6 +182,8 @@ pub struct UserDevice {
     dma: Arc<Mutex<Dma>>,
     /// Its endpoint in the vIOMMU's table, when behind it.
     endpoint: Option<(u32, Arc<IommuTable>)>,
+    /// Why the last pause could not stop it: a harvest then cannot be the last word.
+    stop_failed: Mutex<Option<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,6 +250,7 @@ impl UserDevice {
                 read_only: Vec::new(),
             })),
             endpoint: None,
+            stop_failed: Mutex::new(None),
         })
     }
 
@@ -288,6 +291,10 @@ impl UserDevice {
             // No migration tracks: the device's writes are nobody's business.
             return Ok(Harvest::default());
         }
+        if let Some(why) = &*lock(&self.stop_failed) {
+            // It may still be writing after this harvest: nothing it says is final.
+            return Err(format!("the device could not be stopped: {why}"));
+        }
         let h = match &self.endpoint {
             Some((ep, table)) => {
                 // The table's lock first, then the tracker's: the order the vIOMMU's
@@ -313,13 +320,17 @@ impl UserDevice {
 
     /// Stops the device's DMA (the VM is paused).
     pub fn pause(&self) -> Result<(), String> {
-        self.client()
+        let r = self
+            .client()
             .set_state(VFIO_DEVICE_STATE_STOP)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string());
+        *lock(&self.stop_failed) = r.as_ref().err().cloned();
+        r
     }
 
     /// Lets the device run again, from wherever the migration left it.
     pub fn resume(&self) -> Result<(), String> {
+        *lock(&self.stop_failed) = None;
         let mut c = self.client();
         let state = c.state().map_err(|e| e.to_string())?;
         if state != VFIO_DEVICE_STATE_RUNNING {
