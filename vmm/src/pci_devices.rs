@@ -416,7 +416,7 @@ impl PciDevices {
                 .filter(|s| usize::from(*s) < devices::pci::SLOTS)
                 .ok_or_else(|| setup("PCI slot", "bus 0 is full".into()))?;
             let mut dev = VfioDevice::open(id.clone(), slot, d, mem)
-                .map_err(|e| setup("VFIO", e.to_string()))?;
+                .map_err(|e| setup("VFIO", format!("{}: {}", e.path.display(), e.reason)))?;
             {
                 let mut f = dev.function.lock().unwrap_or_else(|p| p.into_inner());
                 let declared = f.bars().to_vec();

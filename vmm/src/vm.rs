@@ -182,6 +182,15 @@ pub struct MachineState {
 /// Current [`MachineState::version`] (2: PCI devices).
 pub const MACHINE_STATE_VERSION: u32 = 2;
 
+/// What a migration's destination restores on its PCI bus: the virtio functions, the
+/// vIOMMU, the vfio-user devices, the VFIO devices.
+type DevicesState<'a> = (
+    &'a [PciDeviceState],
+    Option<&'a devices::viommu::ViommuState>,
+    &'a [crate::user_devices::UserDeviceState],
+    &'a [crate::vfio_devices::VfioDeviceState],
+);
+
 /// A machine put together but whose vCPUs have not run yet.
 /// Field order is drop order: the KVM VM goes before the RAM it points into.
 struct Parts {
@@ -420,12 +429,7 @@ impl Machine {
         p: Parts,
         serial_state: Option<&devices::SerialSnapshot>,
         pm: u16,
-        devices_state: Option<(
-            &[PciDeviceState],
-            Option<&devices::viommu::ViommuState>,
-            &[crate::user_devices::UserDeviceState],
-            &[crate::vfio_devices::VfioDeviceState],
-        )>,
+        devices_state: Option<DevicesState<'_>>,
     ) -> Result<Machine> {
         let mut bus = PioBus::default();
         let mut serial_counters = None;
