@@ -812,3 +812,38 @@ impl PciDevices {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse_device, parse_user_device, RngConfig};
+
+    #[test]
+    fn viot_layout_puts_vfio_endpoints_after_the_vfio_user_ones() {
+        let config = VmConfig {
+            rng: Some(RngConfig {
+                src: "/dev/urandom".into(),
+                iommu: true,
+            }),
+            user_devices: vec![
+                parse_user_device("socket=/a,iommu=on").unwrap(),
+                parse_user_device("socket=/b").unwrap(),
+            ],
+            devices: vec![
+                parse_device("path=/sys/x").unwrap(),
+                parse_device("path=/sys/y,iommu=on").unwrap(),
+            ],
+            ..Default::default()
+        };
+        // rng in slot 1, the vIOMMU in 2, vfio-user in 3 and 4, VFIO in 5 and 6.
+        assert_eq!(
+            viot_layout(&config),
+            Some((bdf(2), vec![bdf(1), bdf(3), bdf(6)]))
+        );
+        let no_iommu = VmConfig {
+            devices: vec![parse_device("path=/sys/x").unwrap()],
+            ..Default::default()
+        };
+        assert_eq!(viot_layout(&no_iommu), None);
+    }
+}
