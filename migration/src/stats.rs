@@ -107,6 +107,9 @@ pub struct DirtySourceStats {
     /// DMA of vfio-user devices, from their own logs, translated to guest-physical.
     #[serde(default)]
     pub user_devices: u64,
+    /// DMA of VFIO devices, from their DMA logs or their IOMMU domains' dirty bits.
+    #[serde(default)]
+    pub vfio_devices: u64,
 }
 
 /// One precopy pass (iteration 0 is the full copy; the last one runs paused).

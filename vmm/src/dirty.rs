@@ -61,6 +61,8 @@ pub struct DirtySources {
     pub viommu_dma: AtomicU64,
     /// DMA of vfio-user devices, from their own logs.
     pub user_devices: AtomicU64,
+    /// DMA of VFIO devices, from their DMA logs or their IOMMU domains.
+    pub vfio_devices: AtomicU64,
 }
 
 impl DirtySources {
@@ -70,6 +72,7 @@ impl DirtySources {
             &self.devices,
             &self.viommu_dma,
             &self.user_devices,
+            &self.vfio_devices,
         ] {
             c.store(0, Ordering::Relaxed);
         }

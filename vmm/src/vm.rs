@@ -687,6 +687,10 @@ impl Machine {
             .pci
             .harvest_vfio_devices()
             .map_err(|e| VmError::State(format!("VFIO device dirty pages: {e}")))?;
+        let pages: u64 = vfio.iter().map(|&(_, l)| l.div_ceil(4096)).sum();
+        self.dirty_sources
+            .vfio_devices
+            .fetch_add(pages, Ordering::Relaxed);
         if all_ram {
             log::warn!("a VFIO device reported a write it could not place: all of RAM is dirty");
             vfio = self

@@ -191,6 +191,7 @@ impl SourceVm for MachineSource {
             viommu_dma: src.viommu_dma.load(Ordering::Relaxed),
             viommu_footprint: self.machine.viommu_footprint_pages(),
             user_devices: src.user_devices.load(Ordering::Relaxed),
+            vfio_devices: src.vfio_devices.load(Ordering::Relaxed),
         };
         Some(match hv.tracking() {
             DirtyTracking::Ring {
