@@ -15,6 +15,8 @@
 
 pub mod client;
 pub mod conn;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod log;
 pub mod server;
 pub mod wire;

@@ -1065,11 +1065,12 @@ impl Reply {
                     } => {
                         let (i, l, p) = (r.u64()?, r.u64()?, r.u64()?);
                         let bitmap = r.rest();
-                        let need = report_bitmap_bytes(*length, *page_size).unwrap_or(0);
-                        if (i, l, p) != (*iova, *length, *page_size) || bitmap.len() != need {
+                        // A range no bitmap fits (`None`) has no valid answer.
+                        let need = report_bitmap_bytes(*length, *page_size);
+                        if (i, l, p) != (*iova, *length, *page_size) || Some(bitmap.len()) != need {
                             return Err(WireError::Count {
                                 command,
-                                count: need as u32,
+                                count: need.unwrap_or(0) as u32,
                                 len: bitmap.len(),
                             });
                         }
