@@ -93,8 +93,15 @@ bench() {
             # inside, after the wait for a quiet machine.
             "$ROOT/scripts/bench_viommu.sh"
             ;;
+        vfio-user)
+            ensure_packages
+            build
+            # The harvest micro-benchmark (dma_device/benches/log_harvest.rs) runs inside,
+            # after the wait for a quiet machine.
+            "$ROOT/scripts/bench_vfio_user.sh"
+            ;;
         *)
-            echo "usage: dev_cli.sh bench harvest|migration|vs-qemu|first-touch|rings|dma|viommu" >&2
+            echo "usage: dev_cli.sh bench harvest|migration|vs-qemu|first-touch|rings|dma|viommu|vfio-user" >&2
             exit 2
             ;;
     esac
@@ -115,6 +122,8 @@ usage: scripts/dev_cli.sh <command>
                   guest migrated by Ferry and by QEMU
   bench viommu    virtio-iommu: MAP/UNMAP requests per second, virtio-blk throughput with
                   the vIOMMU on and off (Ferry, QEMU), the iommu=on guest migrated by both
+  bench vfio-user vfio-user devices: one harvest of the device's DMA log against region
+                  size, the vfio-user guest (iommu off/on) migrated between two hosts
 USAGE
     exit 2
 }
