@@ -480,3 +480,71 @@ fn the_binary_replaces_a_stale_socket_and_honours_the_garbage_seam() {
     c.region_info(0).unwrap();
     drop(server);
 }
+
+/// Guest RAM as one memfd at guest-physical 0.
+struct OneFile(std::os::fd::RawFd, u64);
+
+impl vfio_dirty::vfio_user::log::GuestRamFiles for OneFile {
+    fn file_of(&self, gpa: u64, length: u64) -> Option<(std::os::fd::RawFd, u64)> {
+        (gpa.checked_add(length)? <= self.1).then_some((self.0, gpa))
+    }
+}
+
+/// One mapping, IOVA to guest-physical.
+struct Linear(u64, u64, u64);
+
+impl vfio_dirty::IovaTranslator for Linear {
+    fn translate(&self, iova: u64, length: u64) -> Option<Vec<vfio_dirty::Range>> {
+        let Linear(at, gpa, len) = *self;
+        (iova >= at && iova + length <= at + len).then(|| {
+            vec![vfio_dirty::Range {
+                start: gpa + (iova - at),
+                length,
+            }]
+        })
+    }
+}
+
+/// Rule 6 through Ferry's tracker and the real device: what the device wrote into a
+/// mapping is read before the mapping goes, and the next harvest has it where the mapping
+/// pointed. With that read skipped (`FERRY_TEST_SKIP_UNMAP_LOG_READ`'s seam) the pages are
+/// lost: the harvest comes back without them, and this test says so.
+#[test]
+fn the_log_is_read_before_a_mapping_goes_and_skipping_it_loses_the_pages() {
+    use std::sync::{Arc, Mutex};
+    use vfio_dirty::vfio_user::log::UserDeviceLog;
+    use vfio_dirty::{DmaTracker, Range};
+    for skip in [false, true] {
+        let (c, t) = device(None);
+        let c = Arc::new(Mutex::new(c));
+        let ram = memfd(64 * PAGE);
+        let mut log = UserDeviceLog::new(c.clone(), Box::new(OneFile(ram.as_raw_fd(), 64 * PAGE)));
+        log.set_skip_unmap_read(skip);
+        let mut tracker = DmaTracker::new(log, PAGE);
+        tracker.add_device(0).unwrap();
+        let (iova, gpa) = (1u64 << 40, 16 * PAGE);
+        let window = Linear(iova, gpa, 8 * PAGE);
+        tracker.map(iova, 8 * PAGE, gpa).unwrap();
+        tracker.start();
+        assert_eq!(
+            job(&mut c.lock().unwrap(), iova + 2 * PAGE, 2 * PAGE, 7),
+            STATUS_OK
+        );
+        // The guest unmaps the window before the next harvest.
+        tracker.unmap(iova, 8 * PAGE, &window).unwrap();
+        let h = tracker.harvest(&window).unwrap();
+        let want = vec![Range {
+            start: gpa + 2 * PAGE,
+            length: 2 * PAGE,
+        }];
+        if skip {
+            assert!(h.ranges.is_empty(), "skip: {:?}", h.ranges);
+        } else {
+            assert_eq!(h.ranges, want, "the pages written before the unmap");
+        }
+        // The pages are in guest RAM all the same: only the log could say they changed.
+        assert!(page_of(&ram, 18).iter().any(|&b| b != 0));
+        c.lock().unwrap().shutdown();
+        t.join().unwrap();
+    }
+}

@@ -45,6 +45,18 @@ impl DirtyBitmap {
     /// Describe `[iova, iova + length)` at `page_size` and zero every bit: call before every
     /// kernel query.
     pub fn prepare(&mut self, iova: u64, length: u64, page_size: u64) -> Result<(), BitmapError> {
+        let words = Self::check(iova, length, page_size)?;
+        self.iova = iova;
+        self.length = length;
+        self.page_size = page_size;
+        self.words.clear();
+        self.words.resize(words, 0);
+        Ok(())
+    }
+
+    /// Whether [`Self::prepare`] would take the range, without allocating anything (a
+    /// guest's mapping may be of any size): the words its bitmap needs.
+    pub fn check(iova: u64, length: u64, page_size: u64) -> Result<usize, BitmapError> {
         if page_size == 0 || !page_size.is_power_of_two() {
             return Err(BitmapError::PageSize(page_size));
         }
@@ -58,14 +70,8 @@ impl DirtyBitmap {
         if iova.checked_add(length - 1).is_none() {
             return Err(BitmapError::Overflow { iova, length });
         }
-        let words = usize::try_from((length / page_size).div_ceil(64))
-            .map_err(|_| BitmapError::Overflow { iova, length })?;
-        self.iova = iova;
-        self.length = length;
-        self.page_size = page_size;
-        self.words.clear();
-        self.words.resize(words, 0);
-        Ok(())
+        usize::try_from((length / page_size).div_ceil(64))
+            .map_err(|_| BitmapError::Overflow { iova, length })
     }
 
     pub fn iova(&self) -> u64 {

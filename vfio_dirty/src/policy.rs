@@ -352,13 +352,11 @@ impl<B: DirtyBackend> DmaTracker<B> {
                 source: BitmapError::Overflow { iova, length },
             });
         }
-        DirtyBitmap::default()
-            .prepare(iova, length, self.page_size)
-            .map_err(|source| PolicyError::Range {
-                iova,
-                length,
-                source,
-            })?;
+        DirtyBitmap::check(iova, length, self.page_size).map_err(|source| PolicyError::Range {
+            iova,
+            length,
+            source,
+        })?;
         let end = iova + length;
         let before = self.mappings.range(..end).next_back();
         if before.is_some_and(|(&s, &l)| s + l > iova) {

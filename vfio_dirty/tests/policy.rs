@@ -582,3 +582,18 @@ fn errors_name_the_offending_value() {
     assert!(e.to_string().contains("42"), "{e}");
     assert!(t.harvest(&Identity).is_err());
 }
+
+/// A guest may ask for a mapping of any size (the vIOMMU takes up to 2^48): checking it
+/// allocates nothing, so a 256 TiB mapping costs what a page does until the backend says
+/// whether guest RAM is behind it. (Checking it with a scratch bitmap allocated 8 GiB and
+/// aborted the process.)
+#[test]
+fn a_huge_mapping_is_checked_without_allocating_its_bitmap() {
+    let mut t = tracker(Fake::default());
+    t.add_device(1).unwrap();
+    t.map(1 << 32, (1 << 48) - (1 << 32), 0).unwrap();
+    assert_eq!(
+        t.backend().calls.last(),
+        Some(&Call::Map(1 << 32, (1 << 48) - (1 << 32)))
+    );
+}

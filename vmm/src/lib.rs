@@ -11,6 +11,6 @@ pub mod migration;
 pub mod pci_devices;
 pub mod throttle;
 pub mod user_devices;
-pub mod vfio_devices;
 pub mod vcpu;
+pub mod vfio_devices;
 pub mod vm;

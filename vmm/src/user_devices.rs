@@ -105,6 +105,10 @@ impl IovaTranslator for TableXlate<'_> {
 struct Dma {
     tracker: DmaTracker<UserDeviceLog>,
     read_only: Vec<(u64, u64)>,
+    /// Set when the device may hold a mapping the vIOMMU no longer has (an unmap it did
+    /// not take, or a map over one it still holds): it may write pages nobody tracks, so
+    /// no harvest can be trusted from then on.
+    desync: Option<String>,
 }
 
 struct Hooks {
@@ -121,7 +125,13 @@ impl ExternalEndpoint for Hooks {
     fn map(&self, iova: u64, len: u64, gpa: u64, writable: bool) {
         let mut dma = lock(&self.dma);
         let r = if writable {
-            dma.tracker.map(iova, len, gpa).map_err(|e| e.to_string())
+            match dma.tracker.map(iova, len, gpa) {
+                Err(e @ vfio_dirty::PolicyError::Overlap { .. }) => {
+                    dma.desync = Some(format!("a stale mapping at iova {iova:#x}: {e}"));
+                    Err(e.to_string())
+                }
+                r => r.map_err(|e| e.to_string()),
+            }
         } else {
             // Read-only: not tracked. The file is looked up as the tracker would.
             let ram_fd = dma.tracker.backend().ram_file(gpa, len);
@@ -134,7 +144,8 @@ impl ExternalEndpoint for Hooks {
             }
         };
         if let Err(e) = r {
-            // The device will fault on this range (it reports STATUS_UNMAPPED or similar).
+            // Nothing was mapped: the device faults on this range (a job there ends
+            // STATUS_UNMAPPED); it cannot write pages nobody tracks.
             log::warn!(
                 "{}: mapping iova {iova:#x} (+{len:#x}) to gpa {gpa:#x} for the device: {e}",
                 self.id
@@ -157,10 +168,12 @@ impl ExternalEndpoint for Hooks {
                 .map_err(|e| e.to_string())
         };
         if let Err(e) = r {
-            log::warn!(
-                "{}: unmapping iova {iova:#x} (+{len:#x}) from the device: {e}",
+            log::error!(
+                "{}: unmapping iova {iova:#x} (+{len:#x}) from the device: {e}; a migration \
+                 cannot vouch for its writes from now on",
                 self.id
             );
+            dma.desync = Some(format!("unmapping iova {iova:#x} (+{len:#x}) failed: {e}"));
         }
     }
 }
@@ -248,6 +261,7 @@ impl UserDevice {
             dma: Arc::new(Mutex::new(Dma {
                 tracker,
                 read_only: Vec::new(),
+                desync: None,
             })),
             endpoint: None,
             stop_failed: Mutex::new(None),
@@ -290,6 +304,9 @@ impl UserDevice {
         if !lock(&self.dma).tracker.is_tracking() {
             // No migration tracks: the device's writes are nobody's business.
             return Ok(Harvest::default());
+        }
+        if let Some(why) = &lock(&self.dma).desync {
+            return Err(format!("its mappings and the vIOMMU's disagree: {why}"));
         }
         if let Some(why) = &*lock(&self.stop_failed) {
             // It may still be writing after this harvest: nothing it says is final.

@@ -652,6 +652,41 @@ impl Machine {
 
     /// Pages dirtied since the last collection, by anyone, as GPA ranges per region.
     pub fn collect_dirty(&self, kind: SyncKind) -> Result<Vec<RegionDirty>> {
+        // DESIGN.md's order: the DMA trackers first (at the final pass the devices are
+        // stopped, so this is their last word), then KVM's collection.
+        let all_ram = || -> Vec<(u64, u64)> {
+            self.mem
+                .iter()
+                .map(|r| (r.start_addr().0, r.len()))
+                .collect()
+        };
+        let pages = |r: &[(u64, u64)]| -> u64 { r.iter().map(|&(_, l)| l.div_ceil(4096)).sum() };
+        // vfio-user devices' own logs.
+        let (mut user, everything) = self
+            .pci
+            .harvest_user_devices()
+            .map_err(|e| VmError::State(format!("vfio-user device DMA log: {e}")))?;
+        self.dirty_sources
+            .user_devices
+            .fetch_add(pages(&user), Ordering::Relaxed);
+        if everything {
+            log::warn!(
+                "a vfio-user device reported a write it could not place: all of RAM is dirty"
+            );
+            user = all_ram();
+        }
+        // VFIO devices: their DMA logs or their IOMMU domains' dirty bits.
+        let (mut vfio, everything) = self
+            .pci
+            .harvest_vfio_devices()
+            .map_err(|e| VmError::State(format!("VFIO device dirty pages: {e}")))?;
+        self.dirty_sources
+            .vfio_devices
+            .fetch_add(pages(&vfio), Ordering::Relaxed);
+        if everything {
+            log::warn!("a VFIO device reported a write it could not place: all of RAM is dirty");
+            vfio = all_ram();
+        }
         // Untrackable DMA makes its footprint dirty first, into the DMA log read below.
         self.pci.harvest_untrackable();
         let mut regions = dirty::collect(
@@ -662,43 +697,7 @@ impl Machine {
             self.drop_logs,
             &self.dirty_sources,
         )?;
-        // vfio-user devices' own logs (stopped devices at the final pass: their last word).
-        let (mut user, all_ram) = self
-            .pci
-            .harvest_user_devices()
-            .map_err(|e| VmError::State(format!("vfio-user device DMA log: {e}")))?;
-        let pages: u64 = user.iter().map(|&(_, l)| l.div_ceil(4096)).sum();
-        self.dirty_sources
-            .user_devices
-            .fetch_add(pages, Ordering::Relaxed);
-        if all_ram {
-            log::warn!(
-                "a vfio-user device reported a write it could not place: all of RAM is dirty"
-            );
-            user = self
-                .mem
-                .iter()
-                .map(|r| (r.start_addr().0, r.len()))
-                .collect();
-        }
         dirty::add_ranges(&mut regions, &self.mem, &user);
-        // VFIO devices: their DMA logs or their IOMMU domains' dirty bits.
-        let (mut vfio, all_ram) = self
-            .pci
-            .harvest_vfio_devices()
-            .map_err(|e| VmError::State(format!("VFIO device dirty pages: {e}")))?;
-        let pages: u64 = vfio.iter().map(|&(_, l)| l.div_ceil(4096)).sum();
-        self.dirty_sources
-            .vfio_devices
-            .fetch_add(pages, Ordering::Relaxed);
-        if all_ram {
-            log::warn!("a VFIO device reported a write it could not place: all of RAM is dirty");
-            vfio = self
-                .mem
-                .iter()
-                .map(|r| (r.start_addr().0, r.len()))
-                .collect();
-        }
         dirty::add_ranges(&mut regions, &self.mem, &vfio);
         Ok(regions)
     }

@@ -272,7 +272,11 @@ fn setup(tag: u8, cpus: u32, iommu: bool, src_env: &[(&str, &str)]) -> Setup {
     let cpus_arg = format!("boot={cpus}");
     let cmdline = format!(
         "workload=dma-verify dma=vfio-user size=16M{}",
-        if iommu { " iommu=on remap=on detach=on" } else { "" }
+        if iommu {
+            " iommu=on remap=on detach=on"
+        } else {
+            ""
+        }
     );
     let ud = user_device_arg(&src_dev.socket, iommu);
     let mut args = guest_args(&elf, &cpus_arg, &cmdline, &serial_arg);
@@ -435,9 +439,10 @@ fn a_dropped_device_report_is_caught_by_the_guest_after_the_move() {
 
 /// How the destination's device fails.
 enum Failure {
-    /// Killed once B connected to it.
+    /// Killed while the RAM moves, after B checked it answers: B finds it gone when it
+    /// starts the VM.
     Killed,
-    /// Answers garbage instead of its first reply.
+    /// Answers garbage when B connects to start the VM (after B's check took 2 replies).
     Garbage,
 }
 
@@ -448,7 +453,7 @@ fn failed_then_retried(tag: u8, failure: Failure) {
     let s = setup(tag, 1, false, &[]);
     let env: &[(&str, &str)] = match failure {
         Failure::Killed => &[],
-        Failure::Garbage => &[("FERRY_TEST_DMA_DEVICE_GARBAGE", "0")],
+        Failure::Garbage => &[("FERRY_TEST_DMA_DEVICE_GARBAGE", "2")],
     };
     let mut bad_dev = Device::start(s.dir.join("dev-b-bad.sock"), env);
     let recv = s.receive(&bad_dev.socket);
@@ -456,7 +461,23 @@ fn failed_then_retried(tag: u8, failure: Failure) {
         Failure::Killed => {
             // B connects to its device when it builds the VM, at the start of the move.
             let send = s.sending();
-            bad_dev.wait_log("client connected", Duration::from_secs(60));
+            // B checked the device (connected and left), and A is moving RAM.
+            bad_dev.wait_log("client disconnected", Duration::from_secs(60));
+            let end = Instant::now() + Duration::from_secs(60);
+            loop {
+                let v: Value = s
+                    .src
+                    .api
+                    .get("vm.migration-info")
+                    .ok()
+                    .and_then(|r| r.json().ok())
+                    .unwrap_or(Value::Null);
+                if v["status"] != "setup" {
+                    break;
+                }
+                assert!(Instant::now() < end, "A never started moving RAM: {v}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
             bad_dev.kill();
             Some(send.join().unwrap())
         }

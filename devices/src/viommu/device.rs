@@ -348,6 +348,9 @@ impl VirtioDevice for VirtioIommu {
         let mut t = self.table.write();
         let ids: Vec<u32> = t.domains.keys().copied().collect();
         for id in ids {
+            // Devices in other processes drop the domain's mappings (their logs read first).
+            let maps: Vec<_> = t.domains[&id].mappings.mappings().cloned().collect();
+            self.table.tell_externals(&t, id, None, &maps, false);
             self.table.endpoint_leaves(&t, id);
         }
         let endpoints: Vec<u32> = t.endpoints.keys().copied().collect();

@@ -70,6 +70,10 @@ pub struct Client {
     stream: UnixStream,
     path: PathBuf,
     next_id: u16,
+    /// How long one request and its whole answer may take.
+    timeout: Duration,
+    /// Set by the first broken exchange: the stream is out of step from then on.
+    broken: Option<String>,
     /// The server's migration page size, if it offered migration.
     pub migration_page_size: Option<u64>,
     pub num_regions: u32,
@@ -95,6 +99,8 @@ impl Client {
             stream,
             path: path.to_path_buf(),
             next_id: 0,
+            timeout,
+            broken: None,
             migration_page_size: None,
             num_regions: 0,
             num_irqs: 0,
@@ -150,8 +156,24 @@ impl Client {
         }
     }
 
-    /// Sends `req` (with `fds`) and returns the checked answer.
+    /// Sends `req` (with `fds`) and returns the checked answer, all within the time limit.
+    /// An exchange that breaks (no answer in time, a closed socket, an answer that does not
+    /// fit the question) leaves the stream out of step: the connection is shut and every
+    /// later call fails at once, naming the first failure.
     pub fn call(&mut self, req: Request, fds: &[RawFd]) -> Result<Reply, ClientError> {
+        if let Some(why) = &self.broken {
+            return Err(self.unusable(format!("the connection broke earlier: {why}")));
+        }
+        let r = self.exchange(req, fds);
+        if let Err(e @ ClientError::Conn { .. }) = &r {
+            self.broken = Some(e.to_string());
+            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        }
+        r
+    }
+
+    fn exchange(&mut self, req: Request, fds: &[RawFd]) -> Result<Reply, ClientError> {
+        let deadline = Some(std::time::Instant::now() + self.timeout);
         let command = req.command();
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
@@ -167,9 +189,15 @@ impl Client {
             flags: FLAG_COMMAND,
             error: 0,
         };
-        conn::send(&mut self.stream, header, &req.encode_payload(), fds)
-            .map_err(|e| conn_err(&self.path, e))?;
-        let msg = conn::recv(&mut self.stream).map_err(|e| conn_err(&self.path, e))?;
+        conn::send_by(
+            &mut self.stream,
+            header,
+            &req.encode_payload(),
+            fds,
+            deadline,
+        )
+        .map_err(|e| conn_err(&self.path, e))?;
+        let msg = conn::recv_by(&mut self.stream, deadline).map_err(|e| conn_err(&self.path, e))?;
         let h = msg.header;
         let wire = |e: WireError| conn_err(&self.path, ConnError::Wire(e));
         if h.kind() != FLAG_REPLY {

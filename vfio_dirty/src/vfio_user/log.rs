@@ -26,12 +26,16 @@ pub trait GuestRamFiles: Send {
 
 /// A test-only seam: drop every report (the device's writes are then lost unless caught).
 pub const DROP_REPORTS_ENV: &str = "FERRY_TEST_DROP_USER_DEVICE_LOG";
+/// A test-only seam: skip only the read before an unmap (rule 6), so the bits of a range
+/// the guest unmaps go with it.
+pub const SKIP_UNMAP_READ_ENV: &str = "FERRY_TEST_SKIP_UNMAP_LOG_READ";
 
 pub struct UserDeviceLog {
     client: Arc<Mutex<Client>>,
     ram: Box<dyn GuestRamFiles>,
     can_log: Option<bool>,
     drop_reports: bool,
+    skip_unmap_read: bool,
 }
 
 fn backend_err(op: &'static str, e: &ClientError) -> BackendError {
@@ -43,11 +47,26 @@ fn backend_err(op: &'static str, e: &ClientError) -> BackendError {
 
 impl UserDeviceLog {
     pub fn new(client: Arc<Mutex<Client>>, ram: Box<dyn GuestRamFiles>) -> Self {
+        let drop_reports = std::env::var_os(DROP_REPORTS_ENV).is_some();
+        if drop_reports {
+            log::warn!(
+                "{DROP_REPORTS_ENV} is set: every DMA log report of this vfio-user device is \
+                 thrown away (a test seam; a migration then loses the pages it wrote)"
+            );
+        }
+        let skip_unmap_read = std::env::var_os(SKIP_UNMAP_READ_ENV).is_some();
+        if skip_unmap_read {
+            log::warn!(
+                "{SKIP_UNMAP_READ_ENV} is set: a vfio-user device's DMA log is not read before \
+                 a mapping goes (a test seam; a migration then loses what it wrote there)"
+            );
+        }
         UserDeviceLog {
             client,
             ram,
             can_log: None,
-            drop_reports: std::env::var_os(DROP_REPORTS_ENV).is_some(),
+            drop_reports,
+            skip_unmap_read,
         }
     }
 
@@ -67,6 +86,12 @@ impl UserDeviceLog {
             .map_err(|e| backend_err("DMA_LOGGING probe", &e))?;
         self.can_log = Some(c);
         Ok(c)
+    }
+
+    /// The test seam of [`SKIP_UNMAP_READ_ENV`], for tests that cannot set the environment.
+    #[doc(hidden)]
+    pub fn set_skip_unmap_read(&mut self, on: bool) {
+        self.skip_unmap_read = on;
     }
 
     /// The guest RAM file and offset behind `[gpa, gpa + length)`.
@@ -121,8 +146,13 @@ impl DirtyBackend for UserDeviceLog {
         &mut self,
         _domain: DomainId,
         bitmap: &mut DirtyBitmap,
-        _no_clear: bool,
+        no_clear: bool,
     ) -> Result<(), BackendError> {
+        // (no_clear: the read before an unmap; the report clears, which is what the unmap
+        // would do anyway.)
+        if no_clear && self.skip_unmap_read {
+            return Ok(());
+        }
         let (iova, length, ps) = (bitmap.iova(), bitmap.length(), bitmap.page_size());
         let span = Self::report_span(ps);
         let drop_reports = self.drop_reports;
