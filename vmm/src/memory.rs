@@ -77,6 +77,59 @@ impl PageMap {
     }
 }
 
+/// For each of the `pages` 4 KiB pages of `file` from byte `offset` (page-aligned), true
+/// when it is a hole: never written by anybody, so it reads as zeros. For shared guest RAM
+/// (a memfd, maybe mapped by a vfio-user device process too), where this process's page
+/// table cannot tell (a page another process wrote is not mapped here) and reading a hole
+/// would allocate it. Asks the file (`SEEK_DATA`/`SEEK_HOLE`), which knows every writer.
+pub fn file_holes(
+    file: &std::fs::File,
+    offset: u64,
+    pages: usize,
+    out: &mut Vec<bool>,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const PAGE: u64 = 4096;
+    let end = offset + pages as u64 * PAGE;
+    out.clear();
+    out.resize(pages, true);
+    let seek = |at: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        let at = libc::off_t::try_from(at)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        // SAFETY: lseek on a descriptor this process owns; it moves only the file position,
+        // which nothing else of Ferry's uses (reads and writes are pread/pwrite and mmap).
+        let r = unsafe { libc::lseek(file.as_raw_fd(), at, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        // ENXIO: no data at or after `at` (SEEK_DATA past the last data, or past the end).
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    };
+    let mut at = offset;
+    while at < end {
+        let Some(data) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        // Pages touching [data, hole) hold data.
+        let first = ((data - offset) / PAGE) as usize;
+        let last = (hole - offset).div_ceil(PAGE) as usize;
+        for z in &mut out[first..last.min(pages)] {
+            *z = false;
+        }
+        at = hole.max(data + 1);
+    }
+    Ok(())
+}
+
 /// Asks for transparent huge pages on guest RAM (`MADV_HUGEPAGE`): fewer faults while it
 /// fills, and untouched RAM is read through the huge zero page. Best effort.
 pub fn advise_huge_pages(mem: &GuestMemoryMmap) {
@@ -99,6 +152,29 @@ pub fn advise_huge_pages(mem: &GuestMemoryMmap) {
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+    /// Holes are what nobody wrote, whoever the writer (a write through the file, as a
+    /// device process's would land, or through a mapping); a page written with zeros is
+    /// data all the same (it must be read, and it reads as zeros).
+    #[test]
+    fn file_holes_are_the_pages_nobody_wrote() {
+        use std::os::unix::fs::FileExt;
+        let f = memfd("holes", 64 << 12).unwrap();
+        f.write_all_at(&[1], 3 << 12).unwrap();
+        f.write_all_at(&[0; 4096], 10 << 12).unwrap();
+        f.write_all_at(&[7; 8192], 62 << 12).unwrap();
+        let mut holes = Vec::new();
+        file_holes(&f, 0, 64, &mut holes).unwrap();
+        let data: Vec<usize> = (0..64).filter(|&i| !holes[i]).collect();
+        assert_eq!(data, vec![3, 10, 62, 63]);
+        // A window of the file, as one region of guest RAM is.
+        file_holes(&f, 8 << 12, 4, &mut holes).unwrap();
+        assert_eq!(holes, vec![true, true, false, true]);
+        // Nothing written at all.
+        let g = memfd("empty", 16 << 12).unwrap();
+        file_holes(&g, 0, 16, &mut holes).unwrap();
+        assert!(holes.iter().all(|&h| h));
+    }
 
     #[test]
     fn pagemap_tells_untouched_pages_from_written_and_read_ones() {

@@ -29,9 +29,10 @@ impl MachineSource {
         MachineSource { machine, pagemap }
     }
 
-    /// Fills `buf` from guest RAM at `gpa`, except pages of private RAM that were never
-    /// touched: those are marked in `zero` instead of read (reading would fault them in),
-    /// and left as they were in `buf`. False: pagemap could not tell, nothing was read.
+    /// Fills `buf` from guest RAM at `gpa`, except pages that were never written: those
+    /// are marked in `zero` instead of read (reading would fault them in), and left as they
+    /// were in `buf`. Private RAM asks the page table (pagemap), shared RAM its file
+    /// (holes). False: neither could tell, nothing was read.
     fn read_sparse(&self, gpa: u64, buf: &mut [u8], zero: &mut Vec<bool>) -> Result<bool, String> {
         let Some(map) = &self.pagemap else {
             return Ok(false);
@@ -40,14 +41,17 @@ impl MachineSource {
         let Some(region) = mem.find_region(GuestAddress(gpa)) else {
             return Ok(false);
         };
-        if region.file_offset().is_some()
-            || gpa + buf.len() as u64 > region.start_addr().0 + region.len()
-        {
+        if gpa + buf.len() as u64 > region.start_addr().0 + region.len() {
             return Ok(false);
         }
-        let host = region.as_ptr() as usize + (gpa - region.start_addr().0) as usize;
+        let within = gpa - region.start_addr().0;
         let pages = buf.len() / PAGE;
-        if map.untouched(host, pages, zero).is_err() {
+        let found = match region.file_offset() {
+            // Shared RAM: the file knows which pages anybody (a device process too) wrote.
+            Some(f) => crate::memory::file_holes(f.file(), f.start() + within, pages, zero),
+            None => map.untouched(region.as_ptr() as usize + within as usize, pages, zero),
+        };
+        if found.is_err() {
             zero.clear();
             return Ok(false);
         }
