@@ -8,6 +8,7 @@ pub mod coredump;
 pub mod dirty;
 pub mod memory;
 pub mod migration;
+pub mod outside_dma;
 pub mod pci_devices;
 pub mod throttle;
 pub mod user_devices;

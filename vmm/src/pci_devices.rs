@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::layout::{MMIO_HOLE_START, PCI_ECAM_START};
 use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
+use crate::outside_dma::{self, OutsideDmaDevice};
 use crate::user_devices::{UserDevice, UserDeviceState};
 use crate::vfio_devices::{KvmVfioInterrupts, VfioDevice, VfioDeviceState};
 
@@ -213,6 +214,11 @@ fn models(config: &VmConfig) -> Result<Vec<(String, SharedModel, bool)>> {
         ));
     }
     Ok(out)
+}
+
+/// A device of another kind's restore error, as the PCI devices' own.
+fn restore_error((id, slot, reason): (String, u8, String)) -> PciDevicesError {
+    PciDevicesError::Restore { id, slot, reason }
 }
 
 impl PciDevices {
@@ -482,103 +488,35 @@ impl PciDevices {
         })
     }
 
-    /// What the VFIO devices wrote since the last harvest: guest-physical ranges, and
-    /// whether all of RAM must be taken as dirty. A device that cannot be read is an error.
-    pub fn harvest_vfio_devices(&self) -> std::result::Result<(Vec<(u64, u64)>, bool), String> {
-        let mut ranges = Vec::new();
-        let mut all_ram = false;
-        for d in &self.vfio {
-            let h = d.harvest().map_err(|e| format!("{}: {e}", d.id))?;
-            all_ram |= h.all_ram;
-            ranges.extend(h.ranges.iter().map(|r| (r.start, r.length)));
-        }
-        Ok((ranges, all_ram))
-    }
-
-    /// The VFIO devices' states (after [`Self::pause`]).
-    pub fn vfio_states(&self) -> std::result::Result<Vec<VfioDeviceState>, String> {
-        self.vfio
-            .iter()
-            .map(|d| {
-                d.save()
-                    .map_err(|e| format!("{}: saving its state: {e}", d.id))
-            })
-            .collect()
-    }
-
-    /// Gives each VFIO device its source's state, in order, and runs it.
-    pub fn restore_vfio(&self, states: &[VfioDeviceState]) -> Result<()> {
-        let ours: Vec<(&str, u8)> = self.vfio.iter().map(|d| (d.id.as_str(), d.slot)).collect();
-        let theirs: Vec<(&str, u8)> = states.iter().map(|s| (s.id.as_str(), s.slot)).collect();
-        if ours != theirs {
-            return Err(PciDevicesError::Restore {
-                id: "VFIO devices".into(),
-                slot: 0,
-                reason: format!(
-                    "the source has VFIO devices {theirs:?}, this configuration makes {ours:?}"
-                ),
-            });
-        }
-        for (d, s) in self.vfio.iter().zip(states) {
-            d.restore(s)
-                .and_then(|()| d.resume())
-                .map_err(|reason| PciDevicesError::Restore {
-                    id: d.id.clone(),
-                    slot: d.slot,
-                    reason,
-                })?;
-        }
-        Ok(())
-    }
-
-    /// What the vfio-user devices wrote since the last harvest: guest-physical ranges, and
-    /// whether all of RAM must be taken as dirty. A device that cannot be read is an error:
-    /// the migration cannot know what it wrote.
+    /// What the vfio-user devices wrote since the last harvest (see
+    /// [`outside_dma::harvest_all`]).
     pub fn harvest_user_devices(&self) -> std::result::Result<(Vec<(u64, u64)>, bool), String> {
-        let mut ranges = Vec::new();
-        let mut all_ram = false;
-        for u in &self.user {
-            let h = u.harvest().map_err(|e| format!("{}: {e}", u.id))?;
-            all_ram |= h.all_ram;
-            ranges.extend(h.ranges.iter().map(|r| (r.start, r.length)));
-        }
-        Ok((ranges, all_ram))
+        outside_dma::harvest_all(&self.user)
+    }
+
+    /// What the VFIO devices wrote since the last harvest.
+    pub fn harvest_vfio_devices(&self) -> std::result::Result<(Vec<(u64, u64)>, bool), String> {
+        outside_dma::harvest_all(&self.vfio)
     }
 
     /// The vfio-user devices' states (after [`Self::pause`]).
     pub fn user_states(&self) -> std::result::Result<Vec<UserDeviceState>, String> {
-        self.user
-            .iter()
-            .map(|u| {
-                u.save()
-                    .map_err(|e| format!("{}: saving its state: {e}", u.id))
-            })
-            .collect()
+        outside_dma::save_all(&self.user)
+    }
+
+    /// The VFIO devices' states (after [`Self::pause`]).
+    pub fn vfio_states(&self) -> std::result::Result<Vec<VfioDeviceState>, String> {
+        outside_dma::save_all(&self.vfio)
     }
 
     /// Gives each vfio-user device its source's state, in order, and runs it.
     pub fn restore_user(&self, states: &[UserDeviceState]) -> Result<()> {
-        let ours: Vec<(&str, u8)> = self.user.iter().map(|u| (u.id.as_str(), u.slot)).collect();
-        let theirs: Vec<(&str, u8)> = states.iter().map(|s| (s.id.as_str(), s.slot)).collect();
-        if ours != theirs {
-            return Err(PciDevicesError::Restore {
-                id: "user devices".into(),
-                slot: 0,
-                reason: format!(
-                    "the source has vfio-user devices {theirs:?}, this configuration makes {ours:?}"
-                ),
-            });
-        }
-        for (u, s) in self.user.iter().zip(states) {
-            u.restore(s)
-                .and_then(|()| u.resume())
-                .map_err(|reason| PciDevicesError::Restore {
-                    id: u.id.clone(),
-                    slot: u.slot,
-                    reason,
-                })?;
-        }
-        Ok(())
+        outside_dma::restore_all(&self.user, states, "vfio-user devices").map_err(restore_error)
+    }
+
+    /// Gives each VFIO device its source's state, in order, and runs it.
+    pub fn restore_vfio(&self, states: &[VfioDeviceState]) -> Result<()> {
+        outside_dma::restore_all(&self.vfio, states, "VFIO devices").map_err(restore_error)
     }
 
     /// The vIOMMU's table, if the VM has one.
@@ -599,24 +537,13 @@ impl PciDevices {
     /// A migration starts or stops tracking dirty pages: the vIOMMU's rules apply while
     /// it does, and the DMA log starts empty.
     pub fn set_dirty_tracking(&self, on: bool) {
-        for u in &self.user {
-            if let Err(e) = u.set_tracking(on) {
-                log::warn!(
-                    "{}: DMA logging {}: {e}",
-                    u.id,
-                    if on { "on" } else { "off" }
-                );
-            }
-        }
-        for d in &self.vfio {
-            if let Err(e) = d.set_tracking(on) {
-                log::warn!(
-                    "{}: DMA dirty tracking {}: {e}",
-                    d.id,
-                    if on { "on" } else { "off" }
-                );
-            }
-        }
+        let what = if on {
+            "DMA dirty tracking on"
+        } else {
+            "DMA dirty tracking off"
+        };
+        outside_dma::each_logged(&self.user, what, |d| d.set_tracking(on));
+        outside_dma::each_logged(&self.vfio, what, |d| d.set_tracking(on));
         if let Some(v) = &self.viommu {
             v.table.set_migration_tracking(on);
             if on {
@@ -688,31 +615,15 @@ impl PciDevices {
     /// no device writes guest RAM until [`Self::resume`].
     pub fn pause(&self) {
         self.each(VirtioPciDevice::pause);
-        for u in &self.user {
-            // A device that cannot be stopped fails the migration at its last harvest.
-            if let Err(e) = u.pause() {
-                log::error!("{}: stopping the device: {e}", u.id);
-            }
-        }
-        for d in &self.vfio {
-            // A device that cannot be stopped fails the migration when its state is saved.
-            if let Err(e) = d.pause() {
-                log::error!("{}: stopping the device: {e}", d.id);
-            }
-        }
+        // A device that cannot be stopped fails the migration at its last harvest
+        // (vfio-user) or when its state is saved (VFIO).
+        outside_dma::each_logged(&self.user, "stopping the device", |d| d.pause());
+        outside_dma::each_logged(&self.vfio, "stopping the device", |d| d.pause());
     }
 
     pub fn resume(&self) {
-        for d in &self.vfio {
-            if let Err(e) = d.resume() {
-                log::error!("{}: running the device again: {e}", d.id);
-            }
-        }
-        for u in &self.user {
-            if let Err(e) = u.resume() {
-                log::error!("{}: running the device again: {e}", u.id);
-            }
-        }
+        outside_dma::each_logged(&self.vfio, "running the device again", |d| d.resume());
+        outside_dma::each_logged(&self.user, "running the device again", |d| d.resume());
         self.each(VirtioPciDevice::resume);
     }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use devices::user_device::UserPciFunction;
-use devices::viommu::{ExternalEndpoint, IommuTable, Tables};
+use devices::viommu::{ExternalEndpoint, IommuTable};
 use vfio_dirty::uapi::{
     VFIO_DEVICE_STATE_RESUMING, VFIO_DEVICE_STATE_RUNNING, VFIO_DEVICE_STATE_STOP,
     VFIO_DEVICE_STATE_STOP_COPY,
@@ -25,11 +25,12 @@ use vfio_dirty::uapi::{
 use vfio_dirty::vfio_user::client::Client;
 use vfio_dirty::vfio_user::log::{GuestRamFiles, UserDeviceLog};
 use vfio_dirty::vfio_user::wire::{DMA_MAP_READ, MAX_DATA_BYTES};
-use vfio_dirty::{DmaTracker, Harvest, Identity, IovaTranslator, Range, Scope};
+use vfio_dirty::{DmaTracker, Harvest, Identity, Scope};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::UserDeviceConfig;
 use crate::memory::GuestMemoryMmap;
+use crate::outside_dma::{EndpointMappings, OneMapping, OutsideDmaDevice};
 
 /// How long Ferry waits for any one answer from a device process.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,49 +55,6 @@ impl GuestRamFiles for RamFiles {
             (gpa >= start && gpa.checked_add(length)? <= start + len)
                 .then(|| (fd, off + (gpa - start)))
         })
-    }
-}
-
-/// One mapping as the vIOMMU gave it: its own translation, for the read before unmap.
-struct Linear {
-    iova: u64,
-    gpa: u64,
-    len: u64,
-}
-
-impl IovaTranslator for Linear {
-    fn translate(&self, iova: u64, length: u64) -> Option<Vec<Range>> {
-        let end = iova.checked_add(length)?;
-        (iova >= self.iova && end <= self.iova + self.len).then(|| {
-            vec![Range {
-                start: self.gpa + (iova - self.iova),
-                length,
-            }]
-        })
-    }
-}
-
-/// An endpoint's mappings in the vIOMMU's table (held read-locked by the caller).
-struct TableXlate<'a> {
-    tables: &'a Tables,
-    endpoint: u32,
-}
-
-impl IovaTranslator for TableXlate<'_> {
-    fn translate(&self, iova: u64, length: u64) -> Option<Vec<Range>> {
-        let d = self.tables.endpoints.get(&self.endpoint)?.domain?;
-        let runs = self
-            .tables
-            .domains
-            .get(&d)?
-            .mappings
-            .translate(iova, length, false)
-            .ok()?;
-        Some(
-            runs.into_iter()
-                .map(|(start, length)| Range { start, length })
-                .collect(),
-        )
     }
 }
 
@@ -156,7 +114,7 @@ impl ExternalEndpoint for Hooks {
     fn unmap(&self, iova: u64, len: u64, gpa: u64, writable: bool) {
         let mut dma = lock(&self.dma);
         let r = if writable {
-            let xlate = Linear { iova, gpa, len };
+            let xlate = OneMapping { iova, gpa, len };
             dma.tracker
                 .unmap(iova, len, &xlate)
                 .map(|_| ())
@@ -285,9 +243,24 @@ impl UserDevice {
     fn client(&self) -> MutexGuard<'_, Client> {
         lock(&self.client)
     }
+}
 
-    /// A migration starts or stops tracking.
-    pub fn set_tracking(&self, on: bool) -> Result<(), String> {
+impl OutsideDmaDevice for UserDevice {
+    type State = UserDeviceState;
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn slot(&self) -> u8 {
+        self.slot
+    }
+
+    fn state_names(s: &UserDeviceState) -> (&str, u8) {
+        (&s.id, s.slot)
+    }
+
+    fn set_tracking(&self, on: bool) -> Result<(), String> {
         let mut dma = lock(&self.dma);
         if on {
             // A start the device refuses makes its ranges dirty at every harvest (rule 4);
@@ -300,7 +273,7 @@ impl UserDevice {
     }
 
     /// What the device wrote since the last harvest, guest-physical.
-    pub fn harvest(&self) -> Result<Harvest, String> {
+    fn harvest(&self) -> Result<Harvest, String> {
         if !lock(&self.dma).tracker.is_tracking() {
             // No migration tracks: the device's writes are nobody's business.
             return Ok(Harvest::default());
@@ -317,7 +290,7 @@ impl UserDevice {
                 // The table's lock first, then the tracker's: the order the vIOMMU's
                 // MAP/UNMAP take them in.
                 let t = table.read();
-                let xlate = TableXlate {
+                let xlate = EndpointMappings {
                     tables: &t,
                     endpoint: *ep,
                 };
@@ -336,7 +309,7 @@ impl UserDevice {
     }
 
     /// Stops the device's DMA (the VM is paused).
-    pub fn pause(&self) -> Result<(), String> {
+    fn pause(&self) -> Result<(), String> {
         let r = self
             .client()
             .set_state(VFIO_DEVICE_STATE_STOP)
@@ -346,7 +319,7 @@ impl UserDevice {
     }
 
     /// Lets the device run again, from wherever the migration left it.
-    pub fn resume(&self) -> Result<(), String> {
+    fn resume(&self) -> Result<(), String> {
         *lock(&self.stop_failed) = None;
         let mut c = self.client();
         let state = c.state().map_err(|e| e.to_string())?;
@@ -362,7 +335,7 @@ impl UserDevice {
     }
 
     /// The device's migration data (the device is stopped, and left in STOP).
-    pub fn save(&self) -> Result<UserDeviceState, String> {
+    fn save(&self) -> Result<UserDeviceState, String> {
         let mut c = self.client();
         c.set_state(VFIO_DEVICE_STATE_STOP_COPY)
             .map_err(|e| e.to_string())?;
@@ -389,7 +362,7 @@ impl UserDevice {
     }
 
     /// Gives the device its source's state (left in STOP; [`Self::resume`] runs it).
-    pub fn restore(&self, s: &UserDeviceState) -> Result<(), String> {
+    fn restore(&self, s: &UserDeviceState) -> Result<(), String> {
         let mut c = self.client();
         c.set_state(VFIO_DEVICE_STATE_STOP)
             .map_err(|e| e.to_string())?;

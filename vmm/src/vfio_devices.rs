@@ -32,7 +32,7 @@ use devices::pci::MsiMessage;
 use devices::vfio::{
     group_device_fd, KernelDevice, VfioFunctionState, VfioInterrupts, VfioOps, VfioPciFunction,
 };
-use devices::viommu::{ExternalEndpoint, IommuTable, Tables};
+use devices::viommu::{ExternalEndpoint, IommuTable};
 use vfio_dirty::device_log::{DeviceLog, MigState, Migration};
 use vfio_dirty::iommufd::IommufdBackend;
 use vfio_dirty::type1::{Type1Backend, DEFAULT_PAGE_SIZE};
@@ -44,6 +44,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::DeviceConfig;
 use crate::memory::GuestMemoryMmap;
+use crate::outside_dma::{EndpointMappings, OneMapping, OutsideDmaDevice};
 
 /// Most migration data a device may give (a NIC's state is kilobytes; GPUs are not
 /// expected here).
@@ -224,49 +225,6 @@ impl Tracker {
     }
 }
 
-/// One mapping as the vIOMMU gave it, for the read before its unmap.
-struct Linear {
-    iova: u64,
-    gpa: u64,
-    len: u64,
-}
-
-impl IovaTranslator for Linear {
-    fn translate(&self, iova: u64, length: u64) -> Option<Vec<Range>> {
-        let end = iova.checked_add(length)?;
-        (iova >= self.iova && end <= self.iova + self.len).then(|| {
-            vec![Range {
-                start: self.gpa + (iova - self.iova),
-                length,
-            }]
-        })
-    }
-}
-
-/// An endpoint's mappings in the vIOMMU's table (held read-locked by the caller).
-struct TableXlate<'a> {
-    tables: &'a Tables,
-    endpoint: u32,
-}
-
-impl IovaTranslator for TableXlate<'_> {
-    fn translate(&self, iova: u64, length: u64) -> Option<Vec<Range>> {
-        let d = self.tables.endpoints.get(&self.endpoint)?.domain?;
-        let runs = self
-            .tables
-            .domains
-            .get(&d)?
-            .mappings
-            .translate(iova, length, false)
-            .ok()?;
-        Some(
-            runs.into_iter()
-                .map(|(start, length)| Range { start, length })
-                .collect(),
-        )
-    }
-}
-
 /// The tracker and what unmaps found dirty since the last harvest (guest-physical).
 struct Dma {
     tracker: Tracker,
@@ -296,7 +254,7 @@ impl ExternalEndpoint for Hooks {
     }
 
     fn unmap(&self, iova: u64, len: u64, gpa: u64, _writable: bool) {
-        let xlate = Linear { iova, gpa, len };
+        let xlate = OneMapping { iova, gpa, len };
         let mut dma = lock(&self.dma);
         match dma.tracker.unmap(iova, len, &xlate) {
             Ok(iovas) => {
@@ -608,7 +566,7 @@ impl VfioDevice {
                 // The table's lock first, then the tracker's: the order the vIOMMU's
                 // MAP/UNMAP take them in.
                 let t = table.read();
-                let xlate = TableXlate {
+                let xlate = EndpointMappings {
                     tables: &t,
                     endpoint: *ep,
                 };
@@ -740,6 +698,46 @@ impl VfioDevice {
         lock(&self.function)
             .restore(&s.function)
             .map_err(|e| e.to_string())
+    }
+}
+
+impl OutsideDmaDevice for VfioDevice {
+    type State = VfioDeviceState;
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn slot(&self) -> u8 {
+        self.slot
+    }
+
+    fn state_names(s: &VfioDeviceState) -> (&str, u8) {
+        (&s.id, s.slot)
+    }
+
+    fn set_tracking(&self, on: bool) -> Result<(), String> {
+        VfioDevice::set_tracking(self, on)
+    }
+
+    fn harvest(&self) -> Result<Harvest, String> {
+        VfioDevice::harvest(self)
+    }
+
+    fn pause(&self) -> Result<(), String> {
+        VfioDevice::pause(self)
+    }
+
+    fn resume(&self) -> Result<(), String> {
+        VfioDevice::resume(self)
+    }
+
+    fn save(&self) -> Result<VfioDeviceState, String> {
+        VfioDevice::save(self)
+    }
+
+    fn restore(&self, s: &VfioDeviceState) -> Result<(), String> {
+        VfioDevice::restore(self, s)
     }
 }
 

@@ -9,6 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::dma_hosts::{Host, Serial};
 use common::netns::TwoHosts;
 use common::Ferry;
 use serde_json::{json, Value};
@@ -356,76 +357,6 @@ fn a_disk_too_small_for_the_workload_is_named_by_the_guest() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("guest: FAIL disk too small"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// A ferry process on one of the two hosts, serving its API.
-struct Host {
-    ferry: Option<Ferry>,
-    api: Client,
-}
-
-impl Host {
-    fn start(ns: &str, dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Host {
-        let (ferry, api) = common::spawn_with_api_env(Some(ns), dir, name, args, env);
-        Host {
-            ferry: Some(ferry),
-            api,
-        }
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, String) {
-        self.ferry.take().unwrap().wait(timeout)
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        if let Some(f) = self.ferry.take() {
-            let (_, out) = f.wait(Duration::ZERO);
-            if std::thread::panicking() {
-                eprintln!("--- {}\n{out}", self.api.path().display());
-            }
-        }
-    }
-}
-
-/// The serial log both hosts append to (the same file: shared storage).
-struct Serial(PathBuf);
-
-impl Serial {
-    fn text(&self) -> String {
-        std::fs::read_to_string(&self.0).unwrap_or_default()
-    }
-
-    /// The highest pass `cpu` reported with `guest: dma-verified <cpu> <n>` after byte
-    /// `from`.
-    fn dma_pass(&self, cpu: u32, from: usize) -> Option<u64> {
-        let prefix = format!("guest: dma-verified {cpu} ");
-        self.text()
-            .get(from..)?
-            .lines()
-            .filter_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
-            .max()
-    }
-
-    /// Waits until every vCPU reported pass `n` or later after byte `from`.
-    fn wait_dma_pass(&self, cpus: u32, n: u64, from: usize, timeout: Duration) {
-        let end = Instant::now() + timeout;
-        loop {
-            let t = self.text();
-            if t.contains("MISMATCH") || t.contains("FAIL") {
-                panic!("the guest failed:\n{t}");
-            }
-            if (0..cpus).all(|c| self.dma_pass(c, from).is_some_and(|p| p >= n)) {
-                return;
-            }
-            assert!(
-                Instant::now() < end,
-                "not every vCPU reached dma-verified pass {n} within {timeout:?}:\n{t}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
 }
 
 struct Move {

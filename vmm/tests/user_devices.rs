@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::dma_hosts::{Host, Serial};
 use common::netns::TwoHosts;
 use common::Ferry;
 use serde_json::{json, Value};
@@ -128,44 +129,16 @@ impl Drop for Device {
     }
 }
 
-/// The serial log both hosts append to (the same file: shared storage).
-struct Serial(PathBuf);
+/// `vm.migration-info` (null when there is no answer).
+fn migration_info(api: &Client) -> Value {
+    api.get("vm.migration-info")
+        .ok()
+        .and_then(|r| r.json().ok())
+        .unwrap_or(Value::Null)
+}
 
-impl Serial {
-    fn text(&self) -> String {
-        std::fs::read_to_string(&self.0).unwrap_or_default()
-    }
-
-    fn dma_pass(&self, cpu: u32, from: usize) -> Option<u64> {
-        let prefix = format!("guest: dma-verified {cpu} ");
-        self.text()
-            .get(from..)?
-            .lines()
-            .filter_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
-            .max()
-    }
-
-    fn failed(t: &str) -> bool {
-        t.contains("MISMATCH") || t.contains("FAIL")
-    }
-
-    /// Waits until every vCPU reported pass `n` or later after byte `from`; panics with
-    /// the log if the guest failed or time ran out.
-    fn wait_dma_pass(&self, cpus: u32, n: u64, from: usize, timeout: Duration) {
-        let end = Instant::now() + timeout;
-        loop {
-            let t = self.text();
-            assert!(!Self::failed(&t), "the guest failed:\n{t}");
-            if (0..cpus).all(|c| self.dma_pass(c, from).is_some_and(|p| p >= n)) {
-                return;
-            }
-            assert!(
-                Instant::now() < end,
-                "not every vCPU reached dma-verified pass {n} within {timeout:?}:\n{t}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+fn failed(t: &str) -> bool {
+    t.contains("MISMATCH") || t.contains("FAIL")
 }
 
 fn guest_args<'a>(elf: &'a Path, cpus: &'a str, cmdline: &'a str, serial: &'a str) -> Vec<&'a str> {
@@ -216,37 +189,6 @@ fn dma_verify_with_a_vfio_user_device_passes() {
         assert!(out.contains("guest: dma device=vfio-user"), "{out}");
         assert!(out.contains("guest: PASS"), "{out}");
         let _ = std::fs::remove_dir_all(&dir);
-    }
-}
-
-/// A ferry on one of the two hosts, serving its API.
-struct Host {
-    ferry: Option<Ferry>,
-    api: Client,
-}
-
-impl Host {
-    fn start(ns: &str, dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Host {
-        let (ferry, api) = common::spawn_with_api_env(Some(ns), dir, name, args, env);
-        Host {
-            ferry: Some(ferry),
-            api,
-        }
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, String) {
-        self.ferry.take().unwrap().wait(timeout)
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        if let Some(f) = self.ferry.take() {
-            let (_, out) = f.wait(Duration::ZERO);
-            if std::thread::panicking() {
-                eprintln!("--- {}\n{out}", self.api.path().display());
-            }
-        }
     }
 }
 
@@ -309,13 +251,7 @@ impl Setup {
         // B listens before its migration-info says "setup" (a new receive's first state).
         let end = Instant::now() + Duration::from_secs(10);
         loop {
-            let v: Value = self
-                .dest
-                .api
-                .get("vm.migration-info")
-                .ok()
-                .and_then(|r| r.json().ok())
-                .unwrap_or(Value::Null);
+            let v = migration_info(&self.dest.api);
             if v["status"] == "setup" {
                 break;
             }
@@ -345,13 +281,7 @@ impl Setup {
     fn finish(mut self) -> (String, Value) {
         let (code, out) = self.src.wait_exit(Duration::from_secs(10));
         assert_eq!(code, Some(0), "the source ends once B runs the VM:\n{out}");
-        let migration: Value = self
-            .dest
-            .api
-            .get("vm.migration-info")
-            .ok()
-            .and_then(|r| r.json().ok())
-            .unwrap_or(Value::Null);
+        let migration = migration_info(&self.dest.api);
         let moved_at = self.serial.text().len();
         let now = (0..self.cpus)
             .map(|c| self.serial.dma_pass(c, 0).unwrap_or(0))
@@ -361,7 +291,7 @@ impl Setup {
         let end = Instant::now() + Duration::from_secs(120);
         loop {
             let t = self.serial.text();
-            if Serial::failed(&t) {
+            if failed(&t) {
                 break;
             }
             if (0..self.cpus).all(|c| {
@@ -393,7 +323,7 @@ fn move_clean(tag: u8, cpus: u32, iommu: bool) {
     assert_eq!(r.status, 204, "receive-migration: {}", r.error_message());
     let (serial, migration) = s.finish();
     assert!(
-        !Serial::failed(&serial),
+        !failed(&serial),
         "a page the device wrote was lost (migration {migration}):\n{serial}\nB's device:\n{}",
         dest_dev.log()
     );
@@ -465,13 +395,7 @@ fn failed_then_retried(tag: u8, failure: Failure) {
             bad_dev.wait_log("client disconnected", Duration::from_secs(60));
             let end = Instant::now() + Duration::from_secs(60);
             loop {
-                let v: Value = s
-                    .src
-                    .api
-                    .get("vm.migration-info")
-                    .ok()
-                    .and_then(|r| r.json().ok())
-                    .unwrap_or(Value::Null);
+                let v = migration_info(&s.src.api);
                 if v["status"] != "setup" {
                     break;
                 }
@@ -513,7 +437,7 @@ fn failed_then_retried(tag: u8, failure: Failure) {
     assert_eq!(r.status, 204, "the retry on B: {}", r.error_message());
     let (serial, migration) = s.finish();
     assert!(
-        !Serial::failed(&serial),
+        !failed(&serial),
         "the retry lost a page (migration {migration}):\n{serial}"
     );
 }

@@ -420,6 +420,13 @@ impl Writer {
     }
 }
 
+/// An `argsz`-led structure whose body `fill` writes.
+fn argsz_struct(fill: impl FnOnce(&mut Writer)) -> Vec<u8> {
+    let mut b = Writer::default();
+    fill(&mut b);
+    with_argsz(&b.0)
+}
+
 /// An `argsz`-led structure: argsz counts itself and everything after it.
 fn with_argsz(body: &[u8]) -> Vec<u8> {
     let mut w = Writer::default();
@@ -512,33 +519,33 @@ impl Request {
                 address,
                 size,
             } => {
-                let mut b = Writer::default();
-                b.u32(*flags).u64(*offset).u64(*address).u64(*size);
-                return with_argsz(&b.0);
+                return argsz_struct(|b| {
+                    b.u32(*flags).u64(*offset).u64(*address).u64(*size);
+                });
             }
             Request::DmaUnmap {
                 flags,
                 address,
                 size,
             } => {
-                let mut b = Writer::default();
-                b.u32(*flags).u64(*address).u64(*size);
-                return with_argsz(&b.0);
+                return argsz_struct(|b| {
+                    b.u32(*flags).u64(*address).u64(*size);
+                });
             }
             Request::DeviceGetInfo => {
-                let mut b = Writer::default();
-                b.u32(0).u32(0).u32(0);
-                return with_argsz(&b.0);
+                return argsz_struct(|b| {
+                    b.u32(0).u32(0).u32(0);
+                });
             }
             Request::RegionInfo { index } => {
-                let mut b = Writer::default();
-                b.u32(0).u32(*index).u32(0).u64(0).u64(0);
-                return with_argsz(&b.0);
+                return argsz_struct(|b| {
+                    b.u32(0).u32(*index).u32(0).u64(0).u64(0);
+                });
             }
             Request::GetIrqInfo { index } => {
-                let mut b = Writer::default();
-                b.u32(0).u32(*index).u32(0);
-                return with_argsz(&b.0);
+                return argsz_struct(|b| {
+                    b.u32(0).u32(*index).u32(0);
+                });
             }
             Request::SetIrqs {
                 flags,
@@ -546,9 +553,9 @@ impl Request {
                 start,
                 count,
             } => {
-                let mut b = Writer::default();
-                b.u32(*flags).u32(*index).u32(*start).u32(*count);
-                return with_argsz(&b.0);
+                return argsz_struct(|b| {
+                    b.u32(*flags).u32(*index).u32(*start).u32(*count);
+                });
             }
             Request::RegionRead {
                 region,
@@ -862,18 +869,18 @@ impl Reply {
                 address,
                 size,
             } => {
-                let mut b = Writer::default();
-                b.u32(*flags).u64(*address).u64(*size);
-                return with_argsz(&b.0);
+                return argsz_struct(|b| {
+                    b.u32(*flags).u64(*address).u64(*size);
+                });
             }
             Reply::DeviceInfo {
                 flags,
                 num_regions,
                 num_irqs,
             } => {
-                let mut b = Writer::default();
-                b.u32(*flags).u32(*num_regions).u32(*num_irqs);
-                return with_argsz(&b.0);
+                return argsz_struct(|b| {
+                    b.u32(*flags).u32(*num_regions).u32(*num_irqs);
+                });
             }
             Reply::RegionInfo {
                 index,
@@ -881,18 +888,18 @@ impl Reply {
                 size,
                 offset,
             } => {
-                let mut b = Writer::default();
-                b.u32(*flags).u32(*index).u32(0).u64(*size).u64(*offset);
-                return with_argsz(&b.0);
+                return argsz_struct(|b| {
+                    b.u32(*flags).u32(*index).u32(0).u64(*size).u64(*offset);
+                });
             }
             Reply::IrqInfo {
                 index,
                 flags,
                 count,
             } => {
-                let mut b = Writer::default();
-                b.u32(*flags).u32(*index).u32(*count);
-                return with_argsz(&b.0);
+                return argsz_struct(|b| {
+                    b.u32(*flags).u32(*index).u32(*count);
+                });
             }
             Reply::RegionRead {
                 region,
@@ -912,23 +919,23 @@ impl Reply {
                 w.u64(*offset).u32(*region).u32(*count);
             }
             Reply::MigrationFlags(flags) => {
-                let mut b = Writer::default();
-                b.u32(feature_flags(
-                    VFIO_DEVICE_FEATURE_MIGRATION,
-                    VFIO_DEVICE_FEATURE_GET,
-                ))
-                .u64(*flags);
-                return with_argsz(&b.0);
+                return argsz_struct(|b| {
+                    b.u32(feature_flags(
+                        VFIO_DEVICE_FEATURE_MIGRATION,
+                        VFIO_DEVICE_FEATURE_GET,
+                    ))
+                    .u64(*flags);
+                });
             }
             Reply::State(s) => {
-                let mut b = Writer::default();
-                b.u32(feature_flags(
-                    VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
-                    VFIO_DEVICE_FEATURE_GET,
-                ))
-                .u32(*s)
-                .u32(u32::MAX);
-                return with_argsz(&b.0);
+                return argsz_struct(|b| {
+                    b.u32(feature_flags(
+                        VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+                        VFIO_DEVICE_FEATURE_GET,
+                    ))
+                    .u32(*s)
+                    .u32(u32::MAX);
+                });
             }
             Reply::LogReport {
                 iova,
@@ -936,16 +943,16 @@ impl Reply {
                 page_size,
                 bitmap,
             } => {
-                let mut b = Writer::default();
-                b.u32(feature_flags(
-                    VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
-                    VFIO_DEVICE_FEATURE_GET,
-                ))
-                .u64(*iova)
-                .u64(*length)
-                .u64(*page_size)
-                .bytes(bitmap);
-                return with_argsz(&b.0);
+                return argsz_struct(|b| {
+                    b.u32(feature_flags(
+                        VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
+                        VFIO_DEVICE_FEATURE_GET,
+                    ))
+                    .u64(*iova)
+                    .u64(*length)
+                    .u64(*page_size)
+                    .bytes(bitmap);
+                });
             }
             Reply::MigData { data } => {
                 w.u32(8 + data.len() as u32)

@@ -181,6 +181,7 @@ impl Drop for Ferry {
     }
 }
 pub mod coredump;
+pub mod dma_hosts;
 pub mod netns;
 
 /// Waits until the serial log at `path` holds `pat` after byte `from`; returns the offset
