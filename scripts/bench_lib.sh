@@ -31,3 +31,27 @@ bench_cleanup() {
     fi
     if [ "${KEEP:-0}" = 1 ]; then echo "run directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
 }
+
+# A quiet machine: waits (bounded) for the 1-minute load average to drop below QUIET_LOAD
+# (0.8), at most QUIET_WAIT_S seconds (900); sets QUIET_LOAD, QUIET_WAIT_S,
+# QUIET_START_LOAD and QUIET_WAITED_S for the report. $1 names the script in messages.
+wait_for_quiet() {
+    QUIET_LOAD=${QUIET_LOAD:-0.8}
+    QUIET_WAIT_S=${QUIET_WAIT_S:-900}
+    local waited=0 load
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    while awk -v l="$load" -v q="$QUIET_LOAD" 'BEGIN { exit !(l >= q) }'; do
+        if [ "$waited" -ge "$QUIET_WAIT_S" ]; then
+            echo "$1: the load average is still $load after ${waited} s: measuring anyway" >&2
+            break
+        fi
+        [ $((waited % 60)) -eq 0 ] && echo "waiting for a quiet machine: load $load (want < $QUIET_LOAD)" >&2
+        sleep 10
+        waited=$((waited + 10))
+        load=$(cut -d' ' -f1 /proc/loadavg)
+    done
+    # Read by the caller, which exports them to its report.
+    # shellcheck disable=SC2034
+    QUIET_START_LOAD=$load QUIET_WAITED_S=$waited
+    echo "load average $load after waiting ${waited} s" >&2
+}

@@ -326,9 +326,7 @@ def migration_table(runs):
 # ---------------------------------------------------------------------------- report
 
 KEEP_MARK = "<!-- Written by hand below this line; bench_vfio_user.py keeps it. -->"
-MACHINE_NOTE = os.environ.get("BENCH_MACHINE_NOTE") or (
-    "The benchmark runs one VM at a time and ends every process it starts; other sessions "
-    "share the machine and may have run builds or tests meanwhile.")
+MACHINE_NOTE = bd.MACHINE_NOTE
 
 
 def quiet_note(runs):

@@ -63,23 +63,7 @@ if [ "${MIG_ROUNDS:-5}" != 0 ]; then
     ip -n "$NS_B" link set "$VETH_B" up
 fi
 
-# A quiet machine: wait (bounded) for the 1-minute load average to drop.
-QUIET_LOAD=${QUIET_LOAD:-0.8}
-QUIET_WAIT_S=${QUIET_WAIT_S:-900}
-waited=0
-load=$(cut -d' ' -f1 /proc/loadavg)
-while awk -v l="$load" -v q="$QUIET_LOAD" 'BEGIN { exit !(l >= q) }'; do
-    if [ "$waited" -ge "$QUIET_WAIT_S" ]; then
-        echo "bench_vfio_user.sh: the load average is still $load after ${waited} s: measuring anyway" >&2
-        break
-    fi
-    [ $((waited % 60)) -eq 0 ] && echo "waiting for a quiet machine: load $load (want < $QUIET_LOAD)" >&2
-    sleep 10
-    waited=$((waited + 10))
-    load=$(cut -d' ' -f1 /proc/loadavg)
-done
-QUIET_START_LOAD=$load QUIET_WAITED_S=$waited
-echo "load average $load after waiting ${waited} s" >&2
+wait_for_quiet bench_vfio_user.sh
 
 FERRY="$WORK/bin/ferry" REMOTE="$WORK/bin/ferry-remote" GUEST="$WORK/bin/guest.elf"
 DEVICE="$WORK/bin/ferry-dma-device"

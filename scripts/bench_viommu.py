@@ -304,9 +304,7 @@ def migration_tables(runs):
 # ---------------------------------------------------------------------------- report
 
 KEEP_MARK = "<!-- Written by hand below this line; bench_viommu.py keeps it. -->"
-MACHINE_NOTE = os.environ.get("BENCH_MACHINE_NOTE") or (
-    "The benchmark runs one VM at a time and ends every process it starts; other sessions "
-    "share the machine and may have run builds or tests meanwhile.")
+MACHINE_NOTE = bd.MACHINE_NOTE
 
 
 def quiet_note(bench):

@@ -34,23 +34,7 @@ if [ "${MICRO:-1}" = 1 ]; then
     MICRO_BIN="$WORK/bin/viommu_requests"
 fi
 
-# A quiet machine: wait (bounded) for the 1-minute load average to drop.
-QUIET_LOAD=${QUIET_LOAD:-0.8}
-QUIET_WAIT_S=${QUIET_WAIT_S:-900}
-waited=0
-load=$(cut -d' ' -f1 /proc/loadavg)
-while awk -v l="$load" -v q="$QUIET_LOAD" 'BEGIN { exit !(l >= q) }'; do
-    if [ "$waited" -ge "$QUIET_WAIT_S" ]; then
-        echo "bench_viommu.sh: the load average is still $load after ${waited} s: measuring anyway" >&2
-        break
-    fi
-    [ $((waited % 60)) -eq 0 ] && echo "waiting for a quiet machine: load $load (want < $QUIET_LOAD)" >&2
-    sleep 10
-    waited=$((waited + 10))
-    load=$(cut -d' ' -f1 /proc/loadavg)
-done
-QUIET_START_LOAD=$load QUIET_WAITED_S=$waited
-echo "load average $load after waiting ${waited} s" >&2
+wait_for_quiet bench_viommu.sh
 
 FERRY="$WORK/bin/ferry" REMOTE="$WORK/bin/ferry-remote" GUEST="$WORK/bin/guest.elf"
 export ROOT WORK FERRY REMOTE GUEST MICRO_BIN QUIET_LOAD QUIET_WAIT_S QUIET_START_LOAD QUIET_WAITED_S
