@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vfio_dirty::vfio_user::client::{Client, ClientError};
 use vfio_dirty::vfio_user::wire::PCI_CONFIG_REGION;
 
-use crate::pci::{BarKind, PciConfig, PciDevice, PciIds, BAR_SLOTS};
+use crate::pci::{declare_device_bars, DeviceBarError, PciConfig, PciDevice, PciIds};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UserDeviceError {
@@ -60,42 +60,22 @@ impl UserPciFunction {
             interrupt_pin: 0,
         };
         let mut config = PciConfig::new(ids);
-        let mut bars = Vec::new();
-        let mut index = 0;
-        while index < BAR_SLOTS {
-            let info = c.region_info(index as u32)?;
-            let flags = le32(&header, 0x10 + 4 * index);
-            let kind = if flags & 1 != 0 {
-                BarKind::Io
-            } else if flags & 0x6 == 0x4 {
-                BarKind::Memory64 {
-                    prefetchable: flags & 0x8 != 0,
-                }
-            } else {
-                BarKind::Memory32
-            };
-            let step = if matches!(kind, BarKind::Memory64 { .. }) {
-                2
-            } else {
-                1
-            };
-            if info.size != 0 {
-                let bad = |reason: String| UserDeviceError::Bar {
-                    path: path.clone(),
-                    index,
-                    size: info.size,
-                    reason,
-                };
-                if kind == BarKind::Io {
-                    return Err(bad("I/O BARs are not supported".into()));
-                }
-                config
-                    .add_bar(index, kind, info.size)
-                    .map_err(|e| bad(e.to_string()))?;
-                bars.push((index, info.size));
-            }
-            index += step;
-        }
+        let bars = declare_device_bars(&mut config, &header, |index| {
+            c.region_info(index as u32).map(|r| r.size)
+        })
+        .map_err(|e| match e {
+            DeviceBarError::Size(e) => UserDeviceError::Client(e),
+            DeviceBarError::Bar {
+                index,
+                size,
+                reason,
+            } => UserDeviceError::Bar {
+                path: path.clone(),
+                index,
+                size,
+                reason,
+            },
+        })?;
         drop(c);
         Ok(UserPciFunction {
             config,

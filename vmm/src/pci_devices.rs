@@ -216,6 +216,27 @@ fn models(config: &VmConfig) -> Result<Vec<(String, SharedModel, bool)>> {
     Ok(out)
 }
 
+/// Places each of `declared` (BAR index, size) in the BAR window (4 KiB at least, so a
+/// BAR never shares a page) and tells the function; their addresses, in order.
+fn place_bars(
+    bars: &mut AddressAllocator,
+    f: &mut dyn PciDevice,
+    declared: &[(usize, u64)],
+) -> std::result::Result<Vec<(usize, u64)>, String> {
+    let mut placed = Vec::with_capacity(declared.len());
+    for &(index, size) in declared {
+        let size = size.max(4096);
+        let range = bars
+            .allocate(size, size, AllocPolicy::FirstMatch)
+            .map_err(|e| format!("no room for BAR {index} of {size:#x} bytes: {e:?}"))?;
+        f.config_mut()
+            .set_bar_address(index, range.start())
+            .map_err(|e| e.to_string())?;
+        placed.push((index, range.start()));
+    }
+    Ok(placed)
+}
+
 /// A device of another kind's restore error, as the PCI devices' own.
 fn restore_error((id, slot, reason): (String, u8, String)) -> PciDevicesError {
     PciDevicesError::Restore { id, slot, reason }
@@ -374,23 +395,13 @@ impl PciDevices {
             {
                 let mut f = dev.function.lock().unwrap_or_else(|p| p.into_inner());
                 let declared = f.bars().to_vec();
-                for (index, size) in declared {
-                    let size = size.max(4096);
-                    let range =
-                        bars.allocate(size, size, AllocPolicy::FirstMatch)
-                            .map_err(|e| {
-                                setup(
-                                    "BAR",
-                                    format!("no room for BAR {index} of {size:#x} bytes: {e:?}"),
-                                )
-                            })?;
-                    f.config_mut()
-                        .set_bar_address(index, range.start())
-                        .map_err(|e| setup("BAR", e.to_string()))?;
+                for (index, at) in
+                    place_bars(&mut bars, &mut *f, &declared).map_err(|e| setup("BAR", e))?
+                {
                     log::info!(
                         "{id}: vfio-user device on {}, PCI 00:{slot:02x}.0, BAR {index} at {:#x}",
                         u.socket.display(),
-                        range.start()
+                        at
                     );
                 }
                 // As firmware leaves it: memory decoding on.
@@ -426,23 +437,13 @@ impl PciDevices {
             {
                 let mut f = dev.function.lock().unwrap_or_else(|p| p.into_inner());
                 let declared = f.bars().to_vec();
-                for (index, size) in declared {
-                    let size = size.max(4096);
-                    let range =
-                        bars.allocate(size, size, AllocPolicy::FirstMatch)
-                            .map_err(|e| {
-                                setup(
-                                    "BAR",
-                                    format!("no room for BAR {index} of {size:#x} bytes: {e:?}"),
-                                )
-                            })?;
-                    f.config_mut()
-                        .set_bar_address(index, range.start())
-                        .map_err(|e| setup("BAR", e.to_string()))?;
+                for (index, at) in
+                    place_bars(&mut bars, &mut *f, &declared).map_err(|e| setup("BAR", e))?
+                {
                     log::info!(
                         "{id}: VFIO device {}, PCI 00:{slot:02x}.0, BAR {index} at {:#x}",
                         d.path.display(),
-                        range.start()
+                        at
                     );
                 }
                 let vectors = f.msix_vectors();

@@ -261,6 +261,15 @@ impl Setup {
         t
     }
 
+    /// Moves the VM from A to B, B's device being `dev`: both sides must say it worked.
+    fn move_to(&self, dev: &Device) {
+        let recv = self.receive(&dev.socket);
+        let r = self.send();
+        assert_eq!(r.status, 204, "send-migration: {}", r.error_message());
+        let r = recv.join().unwrap();
+        assert_eq!(r.status, 204, "receive-migration: {}", r.error_message());
+    }
+
     fn send(&self) -> Reply {
         self.sending().join().unwrap()
     }
@@ -316,11 +325,7 @@ impl Setup {
 fn move_clean(tag: u8, cpus: u32, iommu: bool) {
     let s = setup(tag, cpus, iommu, &[]);
     let dest_dev = Device::start(s.dir.join("dev-b.sock"), &[]);
-    let recv = s.receive(&dest_dev.socket);
-    let r = s.send();
-    assert_eq!(r.status, 204, "send-migration: {}", r.error_message());
-    let r = recv.join().unwrap();
-    assert_eq!(r.status, 204, "receive-migration: {}", r.error_message());
+    s.move_to(&dest_dev);
     let (serial, migration) = s.finish();
     assert!(
         !failed(&serial),
@@ -354,11 +359,7 @@ fn a_dropped_device_report_is_caught_by_the_guest_after_the_move() {
     for (tag, iommu) in [(92, false), (93, true)] {
         let s = setup(tag, 1, iommu, &[("FERRY_TEST_DROP_USER_DEVICE_LOG", "1")]);
         let dest_dev = Device::start(s.dir.join("dev-b.sock"), &[]);
-        let recv = s.receive(&dest_dev.socket);
-        let r = s.send();
-        assert_eq!(r.status, 204, "send-migration: {}", r.error_message());
-        let r = recv.join().unwrap();
-        assert_eq!(r.status, 204, "receive-migration: {}", r.error_message());
+        s.move_to(&dest_dev);
         let (serial, _) = s.finish();
         assert!(
             serial.contains("guest: MISMATCH"),
@@ -430,11 +431,7 @@ fn failed_then_retried(tag: u8, failure: Failure) {
 
     // The retry, to a healthy device on B.
     let good_dev = Device::start(s.dir.join("dev-b.sock"), &[]);
-    let recv = s.receive(&good_dev.socket);
-    let r = s.send();
-    assert_eq!(r.status, 204, "the retry: {}", r.error_message());
-    let r = recv.join().unwrap();
-    assert_eq!(r.status, 204, "the retry on B: {}", r.error_message());
+    s.move_to(&good_dev);
     let (serial, migration) = s.finish();
     assert!(
         !failed(&serial),

@@ -389,6 +389,68 @@ impl PciConfig {
     }
 }
 
+/// Why a BAR of a device served elsewhere (vfio-user, VFIO) cannot be declared.
+#[derive(Debug)]
+pub enum DeviceBarError<E> {
+    /// Asking the device for the BAR's size failed.
+    Size(E),
+    /// BAR `index` of `size` bytes cannot be taken.
+    Bar {
+        index: usize,
+        size: u64,
+        reason: String,
+    },
+}
+
+/// Declares the memory BARs of a device served elsewhere in `config`: each BAR's kind from
+/// the flags in the device's own header (`header`, at least the first 0x28 bytes), its
+/// size from `size_of(index)` (0: no BAR). I/O BARs are refused. Returns (index, size) of
+/// the BARs declared, in order.
+pub fn declare_device_bars<E>(
+    config: &mut PciConfig,
+    header: &[u8],
+    mut size_of: impl FnMut(usize) -> Result<u64, E>,
+) -> Result<Vec<(usize, u64)>, DeviceBarError<E>> {
+    let mut bars = Vec::new();
+    let mut index = 0;
+    while index < BAR_SLOTS {
+        let size = size_of(index).map_err(DeviceBarError::Size)?;
+        let at = BAR0 + 4 * index;
+        let flags = header
+            .get(at..at + 4)
+            .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+        let kind = if flags & BAR_IO != 0 {
+            BarKind::Io
+        } else if flags & 0x6 == BAR_MEM64 {
+            BarKind::Memory64 {
+                prefetchable: flags & BAR_PREFETCHABLE != 0,
+            }
+        } else {
+            BarKind::Memory32
+        };
+        if size != 0 {
+            let bad = |reason: String| DeviceBarError::Bar {
+                index,
+                size,
+                reason,
+            };
+            if kind == BarKind::Io {
+                return Err(bad("I/O BARs are not supported".into()));
+            }
+            config
+                .add_bar(index, kind, size)
+                .map_err(|e| bad(e.to_string()))?;
+            bars.push((index, size));
+        }
+        index += if matches!(kind, BarKind::Memory64 { .. }) {
+            2
+        } else {
+            1
+        };
+    }
+    Ok(bars)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,8 +11,9 @@ pub use bus::{
     PciHostBridge, CONFIG_IO_LEN, CONFIG_IO_PORT, ECAM_BUS_SIZE, SLOTS,
 };
 pub use config::{
-    Bar, BarKind, PciConfig, PciConfigError, PciConfigState, PciIds, BAR_SLOTS, COMMAND_BUS_MASTER,
-    COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MEMORY, CONFIG_SIZE, CONFIG_STATE_VERSION,
+    declare_device_bars, Bar, BarKind, DeviceBarError, PciConfig, PciConfigError, PciConfigState,
+    PciIds, BAR_SLOTS, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MEMORY,
+    CONFIG_SIZE, CONFIG_STATE_VERSION,
 };
 pub use msix::{
     MsiMessage, Msix, MsixEffect, MsixEntry, MsixError, MsixState, MsixTrigger, MSIX_CAP_ID,

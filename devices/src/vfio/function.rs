@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use super::ops::{VfioOps, VfioOpsError, CONFIG_REGION, MSIX_IRQ};
 use crate::pci::{
-    BarKind, MsiMessage, Msix, MsixEffect, MsixState, PciConfig, PciConfigState, PciDevice, PciIds,
-    BAR_SLOTS, CONFIG_SIZE, MSIX_CAP_ID, MSIX_ENTRY_SIZE,
+    declare_device_bars, DeviceBarError, MsiMessage, Msix, MsixEffect, MsixState, PciConfig,
+    PciConfigState, PciDevice, PciIds, CONFIG_SIZE, MSIX_CAP_ID, MSIX_ENTRY_SIZE,
 };
 
 /// Capability id of MSI (hidden from the guest).
@@ -262,48 +262,26 @@ impl VfioPciFunction {
         cfg: &[u8; CONFIG_SIZE],
         config: &mut PciConfig,
     ) -> Result<Vec<(usize, u64)>, VfioFunctionError> {
-        let mut bars = Vec::new();
-        let mut index = 0;
-        while index < BAR_SLOTS {
-            let info = ops
-                .region_info(index as u32)
-                .map_err(|source| VfioFunctionError::Ops {
-                    name: name.to_string(),
-                    op: "VFIO_DEVICE_GET_REGION_INFO",
-                    source,
-                })?;
-            let flags = le32(cfg, 0x10 + 4 * index);
-            let kind = if flags & 1 != 0 {
-                BarKind::Io
-            } else if flags & 0x6 == 0x4 {
-                BarKind::Memory64 {
-                    prefetchable: flags & 0x8 != 0,
-                }
-            } else {
-                BarKind::Memory32
-            };
-            if info.size != 0 {
-                let bad = |reason: String| VfioFunctionError::Bar {
-                    name: name.to_string(),
-                    index,
-                    size: info.size,
-                    reason,
-                };
-                if kind == BarKind::Io {
-                    return Err(bad("I/O BARs are not supported".into()));
-                }
-                config
-                    .add_bar(index, kind, info.size)
-                    .map_err(|e| bad(e.to_string()))?;
-                bars.push((index, info.size));
-            }
-            index += if matches!(kind, BarKind::Memory64 { .. }) {
-                2
-            } else {
-                1
-            };
-        }
-        Ok(bars)
+        declare_device_bars(config, cfg, |index| {
+            ops.region_info(index as u32).map(|r| r.size)
+        })
+        .map_err(|e| match e {
+            DeviceBarError::Size(source) => VfioFunctionError::Ops {
+                name: name.to_string(),
+                op: "VFIO_DEVICE_GET_REGION_INFO",
+                source,
+            },
+            DeviceBarError::Bar {
+                index,
+                size,
+                reason,
+            } => VfioFunctionError::Bar {
+                name: name.to_string(),
+                index,
+                size,
+                reason,
+            },
+        })
     }
 
     /// The device's capability list, split into what the guest sees and what is hidden.
