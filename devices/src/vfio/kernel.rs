@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
 use vfio_dirty::uapi::{io as ioc, VFIO_BASE, VFIO_TYPE};
@@ -140,9 +141,33 @@ pub fn group_device_fd(group: BorrowedFd<'_>, name: &str) -> Result<OwnedFd, Vfi
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A region access that failed or came up short, as the ops error.
+fn transfer_error(
+    op: &'static str,
+    index: u32,
+    offset: u64,
+    len: usize,
+    e: io::Error,
+) -> VfioOpsError {
+    if e.kind() == io::ErrorKind::UnexpectedEof || e.kind() == io::ErrorKind::WriteZero {
+        // The region ended before the access did (the kernel said 0 bytes).
+        return VfioOpsError::Short {
+            op,
+            index,
+            offset,
+            len,
+        };
+    }
+    VfioOpsError::Kernel {
+        op: if op == "read" { "pread" } else { "pwrite" },
+        errno: e.raw_os_error().unwrap_or(libc::EIO),
+    }
+}
+
 /// A VFIO device fd.
 pub struct KernelDevice {
-    fd: OwnedFd,
+    /// The device fd, as a file: region accesses are pread/pwrite at the region's offset.
+    file: std::fs::File,
     info: VfioDeviceInfo,
     /// Region info, asked once per region.
     regions: Mutex<BTreeMap<u32, RegionInfo>>,
@@ -173,7 +198,7 @@ impl KernelDevice {
             });
         }
         Ok(KernelDevice {
-            fd,
+            file: std::fs::File::from(fd),
             info,
             regions: Mutex::new(BTreeMap::new()),
         })
@@ -185,7 +210,7 @@ impl KernelDevice {
 
     /// The device fd, for DMA logging and migration ioctls.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        self.file.as_fd()
     }
 
     fn checked(
@@ -231,7 +256,7 @@ impl VfioOps for KernelDevice {
         // lives across the call.
         unsafe {
             ioctl(
-                self.fd.as_fd(),
+                self.file.as_fd(),
                 VFIO_DEVICE_GET_REGION_INFO,
                 &mut arg as *mut _ as libc::c_ulong,
                 "VFIO_DEVICE_GET_REGION_INFO",
@@ -263,7 +288,7 @@ impl VfioOps for KernelDevice {
         // `flags` and `count` in `arg`, which lives across the call.
         unsafe {
             ioctl(
-                self.fd.as_fd(),
+                self.file.as_fd(),
                 VFIO_DEVICE_GET_IRQ_INFO,
                 &mut arg as *mut _ as libc::c_ulong,
                 "VFIO_DEVICE_GET_IRQ_INFO",
@@ -278,85 +303,17 @@ impl VfioOps for KernelDevice {
 
     fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), VfioOpsError> {
         let (_, at) = self.checked(index, offset, data.len())?;
-        let mut done = 0;
-        while done < data.len() {
-            let rest = &mut data[done..];
-            // SAFETY: pread writes at most `rest.len()` bytes into `rest`, which is
-            // exclusively borrowed for the call.
-            let n = unsafe {
-                libc::pread(
-                    self.fd.as_raw_fd(),
-                    rest.as_mut_ptr().cast(),
-                    rest.len(),
-                    (at + done as u64) as libc::off_t,
-                )
-            };
-            match n {
-                n if n > 0 => done += n as usize,
-                0 => break,
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(VfioOpsError::Kernel {
-                        op: "pread",
-                        errno: e.raw_os_error().unwrap_or(libc::EIO),
-                    });
-                }
-            }
-        }
-        if done < data.len() {
-            return Err(VfioOpsError::Short {
-                op: "read",
-                index,
-                offset,
-                done,
-                len: data.len(),
-            });
-        }
+        self.file
+            .read_exact_at(data, at)
+            .map_err(|e| transfer_error("read", index, offset, data.len(), e))?;
         Ok(())
     }
 
     fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), VfioOpsError> {
         let (_, at) = self.checked(index, offset, data.len())?;
-        let mut done = 0;
-        while done < data.len() {
-            let rest = &data[done..];
-            // SAFETY: pwrite reads at most `rest.len()` bytes from `rest`, borrowed for the
-            // call.
-            let n = unsafe {
-                libc::pwrite(
-                    self.fd.as_raw_fd(),
-                    rest.as_ptr().cast(),
-                    rest.len(),
-                    (at + done as u64) as libc::off_t,
-                )
-            };
-            match n {
-                n if n > 0 => done += n as usize,
-                0 => break,
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(VfioOpsError::Kernel {
-                        op: "pwrite",
-                        errno: e.raw_os_error().unwrap_or(libc::EIO),
-                    });
-                }
-            }
-        }
-        if done < data.len() {
-            return Err(VfioOpsError::Short {
-                op: "write",
-                index,
-                offset,
-                done,
-                len: data.len(),
-            });
-        }
+        self.file
+            .write_all_at(data, at)
+            .map_err(|e| transfer_error("write", index, offset, data.len(), e))?;
         Ok(())
     }
 
@@ -367,7 +324,7 @@ impl VfioOps for KernelDevice {
         // only, alive across the call. Each fd is an eventfd the caller keeps open, or -1.
         unsafe {
             ioctl(
-                self.fd.as_fd(),
+                self.file.as_fd(),
                 VFIO_DEVICE_SET_IRQS,
                 arg.as_mut_ptr() as libc::c_ulong,
                 "VFIO_DEVICE_SET_IRQS",
@@ -388,7 +345,7 @@ impl VfioOps for KernelDevice {
             });
         }
         // SAFETY: VFIO_DEVICE_RESET takes no argument and writes no memory.
-        unsafe { ioctl(self.fd.as_fd(), VFIO_DEVICE_RESET, 0, "VFIO_DEVICE_RESET") }?;
+        unsafe { ioctl(self.file.as_fd(), VFIO_DEVICE_RESET, 0, "VFIO_DEVICE_RESET") }?;
         Ok(())
     }
 }

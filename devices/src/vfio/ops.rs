@@ -53,12 +53,11 @@ pub enum VfioOpsError {
         len: usize,
         size: u64,
     },
-    #[error("region {index}: {op} at {offset:#x} moved {done} of {len} bytes")]
+    #[error("region {index}: {op} of {len} bytes at {offset:#x} ran past what the device has")]
     Short {
         op: &'static str,
         index: u32,
         offset: u64,
-        done: usize,
         len: usize,
     },
     #[error("{what}: the device answered {value:#x}, which cannot be right")]
