@@ -3,13 +3,29 @@
 
 //! The device: BAR 0's registers and the DMA job, configuration space, DMA mappings and
 //! logging, and migration, behind [`UserDevice`].
+//!
+//! Jobs run in one of two [`JobMode`]s. Synchronously, the doorbell write does the whole
+//! job. Asynchronously, the doorbell checks the job (a refused one ends at once with its
+//! status), sets STATUS BUSY and hands it to a worker thread, which writes it page by page
+//! with a delay between pages. Both write through the one function [`run_pages`], which
+//! writes every page with [`DmaSpace::write_page`] (so the DMA log sees every page).
+//!
+//! The registers and the DMA space are shared with the worker behind one mutex
+//! ([`Engine`]). Whatever must not overlap a job waits for it first ([`Device::quiesce`],
+//! bounded by [`QUIESCE_TIMEOUT`], then EIO naming the job): leaving RUNNING (so after the
+//! STOP or STOP_COPY reply the device writes nothing, and the saved state holds the job's
+//! results), DMA_UNMAP (a job never writes through a mapping that is going away), and
+//! reset.
 
 use std::fs::File;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use guest_pattern::user_device::{
     job_generation, BAR0_SIZE, MAGIC, MAX_JOB_BYTES, REG_ADDR, REG_DOORBELL, REG_GENERATION,
     REG_JOBS, REG_LEN, REG_MAGIC, REG_PAGES, REG_SEED, REG_STATUS, REG_VERSION, STATUS_BAD_JOB,
-    STATUS_OK, STATUS_STOPPED, STATUS_UNMAPPED, VERSION,
+    STATUS_BUSY, STATUS_OK, STATUS_STOPPED, STATUS_UNMAPPED, VERSION,
 };
 use guest_pattern::{fill_page, PAGE_SIZE};
 use log::{debug, info, warn};
@@ -31,6 +47,11 @@ use crate::state::{DeviceState, Registers, STATE_BYTES};
 pub const BAR0_REGION: u32 = 0;
 /// Most bytes of migration data taken while resuming (a blob is [`STATE_BYTES`]).
 pub const MAX_RESUME_BYTES: usize = 4096;
+/// The delay between two pages of an asynchronous job unless told otherwise.
+pub const DEFAULT_PAGE_DELAY: Duration = Duration::from_micros(20);
+/// How long leaving RUNNING, DMA_UNMAP or reset wait for a job in flight before they fail
+/// with EIO.
+pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
 
 // The high halves of the 64-bit registers, for 4-byte accesses.
 const ADDR_HI: u64 = REG_ADDR + 4;
@@ -68,11 +89,102 @@ pub fn state_name(s: u32) -> &'static str {
     }
 }
 
+/// How a job the doorbell accepts runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobMode {
+    /// Done before the doorbell write returns (the default).
+    Sync,
+    /// The doorbell write returns at once with STATUS BUSY; a worker thread writes the
+    /// pages, `page_delay` apart, then sets STATUS OK.
+    Async { page_delay: Duration },
+}
+
+/// A job the doorbell accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Job {
+    /// Its number (JOBS after its doorbell).
+    number: u64,
+    addr: u64,
+    len: u64,
+    generation: u64,
+}
+
+impl std::fmt::Display for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "job {} ({:#x} bytes at {:#x})",
+            self.number, self.len, self.addr
+        )
+    }
+}
+
+/// What the serve thread and a job's worker share.
+struct Shared {
+    regs: Registers,
+    dma: DmaSpace,
+    /// The job being written, if any.
+    running: Option<Job>,
+}
+
+/// [`Shared`] behind its mutex, and the condition variable a job's end is announced on.
+struct Engine {
+    shared: Mutex<Shared>,
+    idle: Condvar,
+}
+
+impl Engine {
+    /// The shared state. A panicked holder leaves plain data behind (registers, mappings
+    /// and bitmaps, each updated in one step), so a poisoned lock is taken as it is.
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Writes `job`'s pages one by one, `delay` between two of them, each through
+/// [`DmaSpace::write_page`] (which marks the DMA log) with the lock held for that page
+/// only; then its results into the registers (PAGES, GENERATION, STATUS OK), the job no
+/// longer running, and everyone waiting for that woken. The one way a job writes, in
+/// either mode.
+fn run_pages(engine: &Engine, job: Job, delay: Duration) {
+    let mut buf = Box::new([0u8; PAGE_SIZE]);
+    let mut written = 0u64;
+    for a in (job.addr..job.addr + job.len).step_by(PAGE_SIZE) {
+        if written > 0 && !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
+        fill_page(&mut buf, a, job.generation);
+        // Checked writable at the doorbell, and nothing unmaps while a job runs (unmaps
+        // wait for it), so this fails only if that wait timed out.
+        let r = engine.lock().dma.write_page(a, &buf);
+        if let Err(e) = r {
+            warn!("{job}: write of page {a:#x} failed: errno {e}");
+            break;
+        }
+        written += 1;
+    }
+    let mut s = engine.lock();
+    s.regs.pages = s.regs.pages.wrapping_add(written);
+    s.regs.status = STATUS_OK;
+    s.regs.generation = job.generation;
+    s.running = None;
+    drop(s);
+    engine.idle.notify_all();
+    debug!(
+        "{job}: {written} pages written, generation {:#x}",
+        job.generation
+    );
+}
+
 /// ferry-dma-device.
 pub struct Device {
-    regs: Registers,
+    engine: Arc<Engine>,
+    mode: JobMode,
+    /// The worker of the last asynchronous job (joined once the job is over).
+    worker: Option<JoinHandle<()>>,
+    /// How long [`Device::quiesce`] waits.
+    quiesce_timeout: Duration,
     config: ConfigSpace,
-    dma: DmaSpace,
     state: u32,
     /// STOP_COPY: the state blob and how much of it was read.
     saved: Option<(Vec<u8>, usize)>,
@@ -86,20 +198,46 @@ impl Default for Device {
     }
 }
 
+impl Drop for Device {
+    fn drop(&mut self) {
+        // A job in flight writes into mappings the worker keeps alive; wait for it so the
+        // device ends with its writes, bounded as ever.
+        let _ = self.quiesce("device dropped");
+    }
+}
+
 impl Device {
+    /// A device doing its jobs synchronously.
     pub fn new() -> Self {
+        Self::with_mode(JobMode::Sync)
+    }
+
+    pub fn with_mode(mode: JobMode) -> Self {
         Device {
-            regs: Registers::default(),
+            engine: Arc::new(Engine {
+                shared: Mutex::new(Shared {
+                    regs: Registers::default(),
+                    dma: DmaSpace::new(),
+                    running: None,
+                }),
+                idle: Condvar::new(),
+            }),
+            mode,
+            worker: None,
+            quiesce_timeout: QUIESCE_TIMEOUT,
             config: ConfigSpace::default(),
-            dma: DmaSpace::new(),
             state: VFIO_DEVICE_STATE_RUNNING,
             saved: None,
             resume: Vec::new(),
         }
     }
 
+    pub fn mode(&self) -> JobMode {
+        self.mode
+    }
+
     pub fn registers(&self) -> Registers {
-        self.regs
+        self.engine.lock().regs
     }
 
     pub fn config(&self) -> ConfigSpace {
@@ -108,17 +246,50 @@ impl Device {
 
     /// Number of DMA mappings.
     pub fn mappings(&self) -> usize {
-        self.dma.len()
+        self.engine.lock().dma.len()
+    }
+
+    /// Waits until no job runs (at most `quiesce_timeout`), for `why` (a log phrase).
+    /// EIO, naming the job, if it still runs then. Only the serve thread (this device's
+    /// owner) starts jobs, so none starts after this returns until the next doorbell.
+    fn quiesce(&mut self, why: &str) -> Result<(), Errno> {
+        let s = self.engine.lock();
+        if let Some(job) = s.running {
+            info!("{why}: waiting for {job} to finish");
+        }
+        let (s, _) = self
+            .engine
+            .idle
+            .wait_timeout_while(s, self.quiesce_timeout, |s| s.running.is_some())
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(job) = s.running {
+            warn!(
+                "{why}: {job} still running after {:?}: refused with EIO",
+                self.quiesce_timeout
+            );
+            return Err(libc::EIO);
+        }
+        drop(s);
+        if let Some(w) = self.worker.take() {
+            if w.join().is_err() {
+                warn!("{why}: the last job's worker panicked");
+            }
+        }
+        Ok(())
     }
 
     /// The client went away: its mappings and the log go (that memory is not ours any
     /// more, and a new client maps its own), and an unfinished migration step is
-    /// abandoned (back to RUNNING). Registers and configuration space stay, so a client
-    /// that reconnects finds the device as the guest left it.
+    /// abandoned (back to RUNNING). A job in flight is waited for first (bounded; after
+    /// that its remaining pages fail to write). Registers and configuration space stay,
+    /// so a client that reconnects finds the device as the guest left it.
     pub fn client_gone(&mut self) {
-        let n = self.dma.len();
-        self.dma.unmap_all();
-        self.dma.log_stop();
+        let _ = self.quiesce("client gone");
+        let mut s = self.engine.lock();
+        let n = s.dma.len();
+        s.dma.unmap_all();
+        s.dma.log_stop();
+        drop(s);
         self.saved = None;
         self.resume = Vec::new();
         if self.state != VFIO_DEVICE_STATE_RUNNING {
@@ -133,8 +304,7 @@ impl Device {
         }
     }
 
-    fn reg_read32(&self, off: u64) -> u32 {
-        let r = &self.regs;
+    fn reg_read32(r: &Registers, off: u64) -> u32 {
         match off {
             REG_MAGIC => MAGIC,
             REG_VERSION => VERSION,
@@ -156,7 +326,11 @@ impl Device {
     }
 
     fn reg_write32(&mut self, off: u64, v: u32) {
-        let r = &mut self.regs;
+        if off == REG_DOORBELL {
+            self.doorbell();
+            return;
+        }
+        let r = &mut self.engine.lock().regs;
         match off {
             REG_ADDR => set_lo(&mut r.addr, v),
             ADDR_HI => set_hi(&mut r.addr, v),
@@ -164,7 +338,6 @@ impl Device {
             LEN_HI => set_hi(&mut r.len, v),
             REG_SEED => set_lo(&mut r.seed, v),
             SEED_HI => set_hi(&mut r.seed, v),
-            REG_DOORBELL => self.run_job(),
             _ => {}
         }
     }
@@ -179,18 +352,25 @@ impl Device {
         ok.then_some(()).ok_or(libc::EINVAL)
     }
 
-    /// The doorbell: one job, done before the write returns. Refused (nothing written):
-    /// STOPPED when the device is not running, BAD_JOB for an unaligned, empty or too long
-    /// job, UNMAPPED when a page is not in a writable mapping.
-    fn run_job(&mut self) {
-        self.regs.jobs = self.regs.jobs.wrapping_add(1);
+    /// The doorbell: ignored while a job runs (STATUS BUSY); else one job, counted in
+    /// JOBS. Refused at once (nothing written): STOPPED when the device is not running,
+    /// BAD_JOB for an unaligned, empty or too long job, UNMAPPED when a page is not in a
+    /// writable mapping. Accepted: done before this returns ([`JobMode::Sync`]), or STATUS
+    /// BUSY and the job handed to a worker ([`JobMode::Async`]).
+    fn doorbell(&mut self) {
+        let mut s = self.engine.lock();
+        if let Some(job) = s.running {
+            debug!("doorbell while {job} runs: ignored");
+            return;
+        }
+        s.regs.jobs = s.regs.jobs.wrapping_add(1);
         let Registers {
             addr,
             len,
             seed,
             jobs,
             ..
-        } = self.regs;
+        } = s.regs;
         let status = if !matches!(
             self.state,
             VFIO_DEVICE_STATE_RUNNING | VFIO_DEVICE_STATE_PRE_COPY
@@ -203,13 +383,13 @@ impl Device {
             || addr.checked_add(len).is_none()
         {
             STATUS_BAD_JOB
-        } else if !self.dma.writable(addr, len) {
+        } else if !s.dma.writable(addr, len) {
             STATUS_UNMAPPED
         } else {
             STATUS_OK
         };
         if status != STATUS_OK {
-            self.regs.status = status;
+            s.regs.status = status;
             warn!(
                 "job {jobs} ({len:#x} bytes at {addr:#x}) refused: status {status} ({})",
                 match status {
@@ -220,27 +400,43 @@ impl Device {
             );
             return;
         }
-        let generation = job_generation(seed, jobs);
-        let mut buf = Box::new([0u8; PAGE_SIZE]);
-        let mut written = 0u64;
-        for a in (addr..addr + len).step_by(PAGE_SIZE) {
-            fill_page(&mut buf, a, generation);
-            // Checked writable above, and nothing unmaps in between.
-            if let Err(e) = self.dma.write_page(a, &buf) {
-                warn!("job {jobs}: write of page {a:#x} failed: errno {e}");
-                break;
-            }
-            written += 1;
+        let job = Job {
+            number: jobs,
+            addr,
+            len,
+            generation: job_generation(seed, jobs),
+        };
+        s.running = Some(job);
+        let JobMode::Async { page_delay } = self.mode else {
+            drop(s);
+            run_pages(&self.engine, job, Duration::ZERO);
+            return;
+        };
+        s.regs.status = STATUS_BUSY;
+        drop(s);
+        // The last worker is done (nothing runs): collect it.
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
         }
-        self.regs.pages = self.regs.pages.wrapping_add(written);
-        self.regs.status = STATUS_OK;
-        self.regs.generation = generation;
-        debug!("job {jobs}: {written} pages at {addr:#x}, generation {generation:#x}");
+        let engine = Arc::clone(&self.engine);
+        let spawned = std::thread::Builder::new()
+            .name(format!("dma-job-{jobs}"))
+            .spawn(move || run_pages(&engine, job, page_delay));
+        match spawned {
+            Ok(w) => {
+                debug!("{job}: started, {page_delay:?} between pages");
+                self.worker = Some(w);
+            }
+            Err(e) => {
+                warn!("{job}: no worker thread ({e}): written before the doorbell returns");
+                run_pages(&self.engine, job, Duration::ZERO);
+            }
+        }
     }
 
     fn save(&self) -> Vec<u8> {
         DeviceState {
-            regs: self.regs,
+            regs: self.registers(),
             config: self.config,
         }
         .encode()
@@ -250,7 +446,7 @@ impl Device {
     fn restore(&mut self) -> Result<(), Errno> {
         match DeviceState::decode(&self.resume) {
             Ok(s) => {
-                self.regs = s.regs;
+                self.engine.lock().regs = s.regs;
                 self.config = s.config;
                 self.resume = Vec::new();
                 info!(
@@ -309,9 +505,11 @@ impl UserDevice for Device {
         match region {
             BAR0_REGION => {
                 Self::reg_access(offset, data.len())?;
-                let mut v = u64::from(self.reg_read32(offset));
+                // Both halves of an 8-byte access from one look at the registers.
+                let r = self.registers();
+                let mut v = u64::from(Self::reg_read32(&r, offset));
                 if data.len() == 8 {
-                    v |= u64::from(self.reg_read32(offset + 4)) << 32;
+                    v |= u64::from(Self::reg_read32(&r, offset + 4)) << 32;
                 }
                 data.copy_from_slice(&v.to_le_bytes()[..data.len()]);
                 Ok(())
@@ -359,12 +557,15 @@ impl UserDevice for Device {
         } else {
             "ro"
         };
-        match self.dma.map(flags, address, size, &file, offset) {
+        let mut s = self.engine.lock();
+        let r = s.dma.map(flags, address, size, &file, offset);
+        let n = s.dma.len();
+        drop(s);
+        match r {
             Ok(()) => {
                 info!(
-                    "DMA map [{address:#x}, {:#x}) {rw} (file offset {offset:#x}), {} mappings",
+                    "DMA map [{address:#x}, {:#x}) {rw} (file offset {offset:#x}), {n} mappings",
                     address.wrapping_add(size),
-                    self.dma.len()
                 );
                 Ok(())
             }
@@ -378,8 +579,12 @@ impl UserDevice for Device {
         }
     }
 
+    /// Waits for a job in flight first (bounded: EIO and nothing unmapped if it still
+    /// runs), so a job never writes through a mapping that is going away.
     fn dma_unmap(&mut self, address: u64, size: u64) -> Result<(), Errno> {
-        match self.dma.unmap(address, size) {
+        self.quiesce("DMA unmap")?;
+        let r = self.engine.lock().dma.unmap(address, size);
+        match r {
             Ok(n) => {
                 info!("DMA unmap of {size:#x} bytes at {address:#x}: {n} mappings gone");
                 Ok(())
@@ -396,10 +601,12 @@ impl UserDevice for Device {
 
     /// Registers cleared, state RUNNING; mappings kept. Configuration space is kept (as the
     /// kernel's VFIO reset restores it), and so is the DMA log: a page written before the
-    /// reset and not yet reported still has to reach the destination.
+    /// reset and not yet reported still has to reach the destination. A job in flight is
+    /// waited for first (bounded: EIO and nothing reset if it still runs).
     fn reset(&mut self) -> Result<(), Errno> {
         info!("reset");
-        self.regs = Registers::default();
+        self.quiesce("reset")?;
+        self.engine.lock().regs = Registers::default();
         self.state = VFIO_DEVICE_STATE_RUNNING;
         self.saved = None;
         self.resume = Vec::new();
@@ -420,14 +627,21 @@ impl UserDevice for Device {
             return Ok(());
         }
         match (cur, new) {
-            (RUNNING, STOP) | (STOP, RUNNING) => {}
+            // Leaving RUNNING: the job in flight ends first, so after this reply the device
+            // writes nothing, and a saved state holds the job's results.
+            (RUNNING, STOP) => self.quiesce("RUNNING -> STOP")?,
+            (STOP, RUNNING) => {}
             (STOP | RUNNING, STOP_COPY) => {
+                if cur == RUNNING {
+                    self.quiesce("RUNNING -> STOP_COPY")?;
+                }
                 let blob = self.save();
+                let r = self.registers();
                 info!(
                     "state saved ({} bytes): {} jobs, {} pages",
                     blob.len(),
-                    self.regs.jobs,
-                    self.regs.pages
+                    r.jobs,
+                    r.pages
                 );
                 self.saved = Some((blob, 0));
             }
@@ -477,7 +691,7 @@ impl UserDevice for Device {
     }
 
     fn log_start(&mut self, page_size: u64, ranges: &[(u64, u64)]) -> Result<(), Errno> {
-        let r = self.dma.log_start(page_size, ranges);
+        let r = self.engine.lock().dma.log_start(page_size, ranges);
         match r {
             Ok(()) => info!(
                 "DMA logging started: page size {page_size}, {}",
@@ -494,7 +708,7 @@ impl UserDevice for Device {
 
     fn log_stop(&mut self) -> Result<(), Errno> {
         info!("DMA logging stopped");
-        self.dma.log_stop();
+        self.engine.lock().dma.log_stop();
         Ok(())
     }
 
@@ -505,7 +719,12 @@ impl UserDevice for Device {
         page_size: u64,
         bitmap: &mut [u8],
     ) -> Result<(), Errno> {
-        let r = self.dma.log_report(iova, length, page_size, bitmap);
+        // Under the lock a worker writes its pages with: every page written so far is in.
+        let r = self
+            .engine
+            .lock()
+            .dma
+            .log_report(iova, length, page_size, bitmap);
         if let Err(e) = r {
             warn!("DMA log report of {length:#x} bytes at {iova:#x} refused: errno {e}");
         }
@@ -793,6 +1012,123 @@ mod tests {
         assert_eq!(d.mappings(), 0);
         assert_eq!(r64(&mut d, REG_JOBS), 1);
         assert_eq!(job(&mut d, 0, PAGE, 1), STATUS_UNMAPPED);
+    }
+
+    fn async_device(page_delay: Duration) -> Device {
+        Device::with_mode(JobMode::Async { page_delay })
+    }
+
+    /// Polls STATUS until it is not BUSY (bounded); that status.
+    fn wait_not_busy(d: &mut Device) -> u32 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = r32(d, REG_STATUS);
+            if s != STATUS_BUSY {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still BUSY after 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn an_async_job_is_busy_then_ok_and_ignores_doorbells_meanwhile() {
+        let f = memfd(8 * PAGE);
+        let mut d = async_device(Duration::from_millis(20));
+        d.dma_map(
+            DMA_MAP_READ | DMA_MAP_WRITE,
+            0x40_0000,
+            8 * PAGE,
+            f.try_clone().unwrap(),
+            0,
+        )
+        .unwrap();
+        d.log_start(PAGE, &[]).unwrap();
+        assert_eq!(job(&mut d, 0x40_0000, 4 * PAGE, 3), STATUS_BUSY);
+        assert_eq!(r64(&mut d, REG_JOBS), 1);
+        // Ignored while BUSY: not counted, and the running job keeps its registers' values.
+        assert_eq!(job(&mut d, 0x40_4000, PAGE, 9), STATUS_BUSY);
+        assert_eq!(r64(&mut d, REG_JOBS), 1);
+        assert_eq!(wait_not_busy(&mut d), STATUS_OK);
+        let g = job_generation(3, 1);
+        assert_eq!(r64(&mut d, REG_GENERATION), g);
+        assert_eq!(r64(&mut d, REG_PAGES), 4);
+        let mut buf = [0u8; PAGE_SIZE];
+        for p in 0..8u64 {
+            f.read_exact_at(&mut buf, p * PAGE).unwrap();
+            let gpa = 0x40_0000 + p * PAGE;
+            assert_eq!(guest_pattern::page_matches(&buf, gpa, g), p < 4, "page {p}");
+        }
+        let mut bitmap = [0u8; 1];
+        d.log_report(0x40_0000, 8 * PAGE, PAGE, &mut bitmap)
+            .unwrap();
+        assert_eq!(bitmap, [0b1111]);
+        // Refused jobs end at once, never BUSY.
+        assert_eq!(job(&mut d, 0x40_0800, PAGE, 1), STATUS_BAD_JOB);
+        assert_eq!(job(&mut d, 0x50_0000, PAGE, 1), STATUS_UNMAPPED);
+        assert_eq!(r64(&mut d, REG_JOBS), 3);
+    }
+
+    #[test]
+    fn leaving_running_saves_the_finished_job() {
+        let f = memfd(4 * PAGE);
+        let mut d = async_device(Duration::from_millis(20));
+        d.dma_map(
+            DMA_MAP_READ | DMA_MAP_WRITE,
+            0,
+            4 * PAGE,
+            f.try_clone().unwrap(),
+            0,
+        )
+        .unwrap();
+        assert_eq!(job(&mut d, 0, 4 * PAGE, 5), STATUS_BUSY);
+        d.set_state(STOP_COPY).unwrap();
+        let saved = DeviceState::decode(&d.mig_data_read(STATE_BYTES).unwrap()).unwrap();
+        assert_eq!(saved.regs.status, STATUS_OK);
+        assert_eq!(saved.regs.pages, 4);
+        assert_eq!(saved.regs.generation, job_generation(5, 1));
+        let mut buf = [0u8; PAGE_SIZE];
+        f.read_exact_at(&mut buf, 3 * PAGE).unwrap();
+        assert!(guest_pattern::page_matches(
+            &buf,
+            3 * PAGE,
+            job_generation(5, 1)
+        ));
+    }
+
+    #[test]
+    fn a_job_outlasting_the_wait_fails_stop_unmap_and_reset_with_eio() {
+        let f = memfd(4 * PAGE);
+        // A job of about 750 ms against waits of 20 ms.
+        let mut d = async_device(Duration::from_millis(250));
+        d.quiesce_timeout = Duration::from_millis(20);
+        d.dma_map(
+            DMA_MAP_READ | DMA_MAP_WRITE,
+            0,
+            4 * PAGE,
+            f.try_clone().unwrap(),
+            0,
+        )
+        .unwrap();
+        assert_eq!(job(&mut d, 0, 4 * PAGE, 5), STATUS_BUSY);
+        assert_eq!(d.set_state(STOP), Err(libc::EIO));
+        assert_eq!(d.state(), RUNNING);
+        assert_eq!(d.set_state(STOP_COPY), Err(libc::EIO));
+        assert_eq!(d.dma_unmap(0, 4 * PAGE), Err(libc::EIO));
+        assert_eq!(d.mappings(), 1);
+        assert_eq!(d.reset(), Err(libc::EIO));
+        assert_eq!(r64(&mut d, REG_JOBS), 1);
+        d.quiesce_timeout = QUIESCE_TIMEOUT;
+        assert_eq!(d.set_state(STOP), Ok(()));
+        assert_eq!(r32(&mut d, REG_STATUS), STATUS_OK);
+        assert_eq!(r64(&mut d, REG_PAGES), 4);
+        // Reset and unmap with nothing running go through.
+        assert_eq!(d.dma_unmap(0, 4 * PAGE), Ok(()));
+        assert_eq!(d.reset(), Ok(()));
+        assert_eq!(d.registers(), Registers::default());
     }
 
     #[test]

@@ -30,6 +30,12 @@ struct Mapping {
     dirty: Option<Vec<u64>>,
 }
 
+// SAFETY: a `Mapping` owns its mmap alone (the pointer is never shared outside it), and
+// the memory it points to is a MAP_SHARED file mapping that any thread of this process may
+// access; `Drop` unmaps it from whichever thread drops it. Moving it to another thread (a
+// job's worker reaches it through the device's mutex) is therefore sound.
+unsafe impl Send for Mapping {}
+
 impl Mapping {
     fn pages(&self) -> u64 {
         self.size / PAGE
@@ -44,7 +50,7 @@ impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: `ptr`/`size` are exactly what mmap returned for this mapping, which this
         // struct owns alone; no reference into it outlives the struct (writes copy through
-        // raw pointers while `&mut DmaSpace` is held).
+        // raw pointers while `&mut DmaSpace` is held, which the device's mutex serialises).
         let r = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.size as usize) };
         if r != 0 {
             log::warn!(

@@ -1,12 +1,15 @@
 // Copyright 2026 Ferry authors
 // SPDX-License-Identifier: Apache-2.0
 
-//! ferry-dma-device: serves one vfio-user client at a time on `--socket`.
+//! ferry-dma-device: serves one vfio-user client at a time on `--socket`; jobs run
+//! synchronously unless `--async-jobs` (with `--page-delay-us N`, default 20).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
+use dma_device::device::{JobMode, DEFAULT_PAGE_DELAY};
 use dma_device::{listen, Device};
 use log::{error, info, warn};
 
@@ -21,6 +24,13 @@ struct Args {
     /// Log filter (env_logger syntax: error, warn, info, debug, trace, or per module).
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Run jobs asynchronously: the doorbell write returns at once with STATUS BUSY and a
+    /// worker thread writes the pages (the guest polls STATUS until it is not BUSY).
+    #[arg(long)]
+    async_jobs: bool,
+    /// With --async-jobs: microseconds between two pages of a job (default 20).
+    #[arg(long, requires = "async_jobs", value_name = "N")]
+    page_delay_us: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -49,7 +59,16 @@ fn main() -> ExitCode {
         }
     };
     info!("listening on {}", args.socket.display());
-    let mut dev = Device::new();
+    let mode = if args.async_jobs {
+        let page_delay = args
+            .page_delay_us
+            .map_or(DEFAULT_PAGE_DELAY, Duration::from_micros);
+        info!("asynchronous jobs, {page_delay:?} between pages");
+        JobMode::Async { page_delay }
+    } else {
+        JobMode::Sync
+    };
+    let mut dev = Device::with_mode(mode);
     let e = listen::run(&listener, &mut dev, garbage);
     error!("socket {}: {e}", args.socket.display());
     ExitCode::FAILURE

@@ -18,7 +18,9 @@
 //! | 62..66 | BAR 0 (address bits), u32                 |
 //!
 //! All little-endian, exactly [`STATE_BYTES`] long. DMA mappings are not part of it: the
-//! destination's client maps its own memory.
+//! destination's client maps its own memory. STATUS is never BUSY in a blob (leaving
+//! RUNNING waits for the job in flight, whose results are saved), and a blob saying BUSY
+//! is refused.
 
 use guest_pattern::user_device::{STATUS_BAD_JOB, STATUS_OK, STATUS_STOPPED, STATUS_UNMAPPED};
 use thiserror::Error;
@@ -198,6 +200,8 @@ mod tests {
         assert_eq!(DeviceState::decode(&b), Err(StateError::Version(2)));
         let mut b = good.clone();
         b[32] = 9;
+        assert_eq!(DeviceState::decode(&b), Err(StateError::Value("STATUS")));
+        b[32] = guest_pattern::user_device::STATUS_BUSY as u8;
         assert_eq!(DeviceState::decode(&b), Err(StateError::Value("STATUS")));
         let mut b = good.clone();
         b[60] = 0x01;

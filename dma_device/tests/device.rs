@@ -12,10 +12,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use dma_device::device::JobMode;
 use dma_device::{listen, Device};
 use guest_pattern::user_device::{
     job_generation, DEVICE_ID, REG_ADDR, REG_DOORBELL, REG_GENERATION, REG_JOBS, REG_LEN,
-    REG_PAGES, REG_SEED, REG_STATUS, STATUS_OK, STATUS_STOPPED, STATUS_UNMAPPED, VENDOR_ID,
+    REG_PAGES, REG_SEED, REG_STATUS, STATUS_BUSY, STATUS_OK, STATUS_STOPPED, STATUS_UNMAPPED,
+    VENDOR_ID,
 };
 use guest_pattern::{check_page, page_matches, PageCheck, PAGE_SIZE};
 use vfio_dirty::uapi::{
@@ -42,12 +44,17 @@ fn socket_path(what: &str) -> PathBuf {
 /// A device serving one client on a fresh socket, in a thread; the thread ends when the
 /// client goes and removes the socket.
 fn device(garbage: Option<u64>) -> (Client, JoinHandle<()>) {
+    device_in(JobMode::Sync, garbage)
+}
+
+/// [`device`] running its jobs in `mode`.
+fn device_in(mode: JobMode, garbage: Option<u64>) -> (Client, JoinHandle<()>) {
     let path = socket_path("t");
     let listener = listen::bind(&path).unwrap();
     let p = path.clone();
     let t = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        let mut dev = Device::new();
+        let mut dev = Device::with_mode(mode);
         let mut garbage = garbage;
         let _ = listen::serve_client(stream, &mut dev, &mut garbage);
         let _ = std::fs::remove_file(&p);
@@ -547,4 +554,187 @@ fn the_log_is_read_before_a_mapping_goes_and_skipping_it_loses_the_pages() {
         c.lock().unwrap().shutdown();
         t.join().unwrap();
     }
+}
+
+/// A device with asynchronous jobs, `page_delay` between pages.
+fn async_device(page_delay: Duration) -> (Client, JoinHandle<()>) {
+    device_in(JobMode::Async { page_delay }, None)
+}
+
+/// Polls STATUS until it is not BUSY, for at most [`TIMEOUT`]; that status.
+fn wait_not_busy(c: &mut Client) -> u32 {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let s = status(c);
+        if s != STATUS_BUSY {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "STATUS still BUSY after {TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The pages of `[first, first + n)` of `f` (mapped at DMA address `base`) that do not hold
+/// generation `g` (none: all written).
+fn all_written(f: &File, base: u64, first: u64, n: u64, g: u64) -> Vec<u64> {
+    (first..first + n)
+        .filter(|&p| !page_matches(&page_of(f, p), base + p * PAGE, g))
+        .collect()
+}
+
+#[test]
+fn an_async_job_is_busy_then_ok_and_its_pages_are_logged() {
+    let (mut c, t) = async_device(Duration::from_millis(5));
+    let base = 0x2_0000_0000u64;
+    let f = memfd(64 * PAGE);
+    c.dma_map(base, 64 * PAGE, f.as_raw_fd(), 0, RW).unwrap();
+    log_start(&mut c, 4096, &[]).unwrap();
+    assert_eq!(job(&mut c, base + 8 * PAGE, 32 * PAGE, 0xa5), STATUS_BUSY);
+    // A doorbell while BUSY is ignored: not counted, no second job.
+    assert_eq!(job(&mut c, base, PAGE, 0x5a), STATUS_BUSY);
+    assert_eq!(r64(&mut c, REG_JOBS), 1);
+    // Reports while it runs and after it has ended add up to exactly its pages.
+    let mut seen = reported(&c.log_report(base, 64 * PAGE, PAGE).unwrap(), base);
+    assert_eq!(wait_not_busy(&mut c), STATUS_OK);
+    seen.extend(reported(
+        &c.log_report(base, 64 * PAGE, PAGE).unwrap(),
+        base,
+    ));
+    seen.sort_unstable();
+    let want: Vec<u64> = (8..40).map(|p| base + p * PAGE).collect();
+    assert_eq!(seen, want);
+    let g = job_generation(0xa5, 1);
+    assert_eq!(r64(&mut c, REG_GENERATION), g);
+    assert_eq!(r64(&mut c, REG_PAGES), 32);
+    assert_eq!(r64(&mut c, REG_JOBS), 1);
+    assert_eq!(all_written(&f, base, 8, 32, g), Vec::<u64>::new());
+    assert_untouched(&f, 8);
+    // A refused job ends at once, never BUSY; the next accepted one is job 3 (one page,
+    // no delay before it: it may be over by the time STATUS is read).
+    assert_eq!(job(&mut c, base + 64 * PAGE, PAGE, 1), STATUS_UNMAPPED);
+    assert!(matches!(
+        job(&mut c, base, PAGE, 1),
+        STATUS_BUSY | STATUS_OK
+    ));
+    assert_eq!(wait_not_busy(&mut c), STATUS_OK);
+    assert_eq!(r64(&mut c, REG_GENERATION), job_generation(1, 3));
+    c.shutdown();
+    t.join().unwrap();
+}
+
+/// The point of the asynchronous mode: a job still running when the device is told to
+/// STOP ends before the reply, and nothing is written after it.
+#[test]
+fn stop_during_a_long_job_answers_after_its_last_page() {
+    let delay = Duration::from_millis(30);
+    let (mut c, t) = async_device(delay);
+    let base = 0x10_0000u64;
+    let f = memfd(16 * PAGE);
+    c.dma_map(base, 16 * PAGE, f.as_raw_fd(), 0, RW).unwrap();
+    log_start(&mut c, 4096, &[]).unwrap();
+    let t0 = Instant::now();
+    assert_eq!(job(&mut c, base, 16 * PAGE, 0x77), STATUS_BUSY);
+    let g = job_generation(0x77, 1);
+    // The job is still running: not every page has been written yet.
+    assert!(!all_written(&f, base, 0, 16, g).is_empty());
+    set_state(&mut c, VFIO_DEVICE_STATE_STOP).unwrap();
+    // Right after the STOP reply every page of the job holds the new pattern.
+    assert_eq!(all_written(&f, base, 0, 16, g), Vec::<u64>::new());
+    assert!(t0.elapsed() >= delay * 15, "STOP answered early");
+    assert_eq!(status(&mut c), STATUS_OK);
+    assert_eq!(r64(&mut c, REG_PAGES), 16);
+    assert_eq!(r64(&mut c, REG_GENERATION), g);
+    // The final harvest, after STOP, has every page.
+    let want: Vec<u64> = (0..16).map(|p| base + p * PAGE).collect();
+    assert_eq!(
+        reported(&c.log_report(base, 16 * PAGE, PAGE).unwrap(), base),
+        want
+    );
+    // Stopped: a new job is refused at once and the memory stays as it is.
+    let before: Vec<_> = (0..16).map(|p| page_of(&f, p)).collect();
+    assert_eq!(job(&mut c, base, PAGE, 1), STATUS_STOPPED);
+    std::thread::sleep(delay * 2);
+    assert!((0..16).all(|p| page_of(&f, p) == before[p as usize]));
+    // The saved state holds the finished job (STATUS: the refused one's STOPPED).
+    set_state(&mut c, VFIO_DEVICE_STATE_STOP_COPY).unwrap();
+    let blob = save(&mut c);
+    assert_eq!(&blob[32..36], &STATUS_STOPPED.to_le_bytes());
+    assert_eq!(&blob[36..44], &g.to_le_bytes());
+    assert_eq!(&blob[52..60], &16u64.to_le_bytes());
+    c.shutdown();
+    t.join().unwrap();
+}
+
+#[test]
+fn unmap_during_a_job_waits_for_it() {
+    let delay = Duration::from_millis(20);
+    let (mut c, t) = async_device(delay);
+    let base = 0x10_0000u64;
+    let f = memfd(8 * PAGE);
+    c.dma_map(base, 8 * PAGE, f.as_raw_fd(), 0, RW).unwrap();
+    assert_eq!(job(&mut c, base, 8 * PAGE, 0x33), STATUS_BUSY);
+    let g = job_generation(0x33, 1);
+    c.dma_unmap(base, 8 * PAGE).unwrap();
+    // The unmap answered after the job's last page, written through the mapping.
+    assert_eq!(all_written(&f, base, 0, 8, g), Vec::<u64>::new());
+    assert_eq!(status(&mut c), STATUS_OK);
+    assert_eq!(r64(&mut c, REG_PAGES), 8);
+    assert_eq!(job(&mut c, base, PAGE, 1), STATUS_UNMAPPED);
+    // Reset waits the same way.
+    c.dma_map(base, 8 * PAGE, f.as_raw_fd(), 0, RW).unwrap();
+    assert_eq!(job(&mut c, base, 4 * PAGE, 0x44), STATUS_BUSY);
+    c.reset().unwrap();
+    assert_eq!(
+        all_written(&f, base, 0, 4, job_generation(0x44, 3)),
+        Vec::<u64>::new()
+    );
+    assert_eq!(r64(&mut c, REG_JOBS), 0);
+    assert_eq!(status(&mut c), STATUS_OK);
+    c.shutdown();
+    t.join().unwrap();
+}
+
+#[test]
+fn the_binary_takes_async_jobs_and_refuses_a_delay_without_them() {
+    let path = socket_path("async");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry-dma-device"));
+    cmd.arg("--socket")
+        .arg(&path)
+        .args(["--async-jobs", "--page-delay-us", "50000"])
+        .stdin(Stdio::null())
+        .env_remove(listen::GARBAGE_ENV);
+    let server = Server {
+        child: cmd.spawn().unwrap(),
+        path: path.clone(),
+    };
+    let deadline = Instant::now() + TIMEOUT;
+    let mut c = loop {
+        match Client::connect(&path, TIMEOUT) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let f = memfd(4 * PAGE);
+    c.dma_map(0, 4 * PAGE, f.as_raw_fd(), 0, RW).unwrap();
+    assert_eq!(job(&mut c, 0, 4 * PAGE, 3), STATUS_BUSY);
+    assert_eq!(wait_not_busy(&mut c), STATUS_OK);
+    assert_eq!(
+        all_written(&f, 0, 0, 4, job_generation(3, 1)),
+        Vec::<u64>::new()
+    );
+    drop(c);
+    drop(server);
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry-dma-device"))
+        .arg("--socket")
+        .arg(socket_path("nodelay"))
+        .args(["--page-delay-us", "5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--async-jobs"), "{err}");
 }

@@ -11,8 +11,11 @@
 //!   `guest: dma device=vfio-user ...`.
 //! * Jobs ([`job`], ring 3, from the `dma-verify` loops): one set of registers for every
 //!   vCPU, so a spin lock serialises them: ADDR, LEN, SEED (one 8-byte write each), a
-//!   write to DOORBELL (the job is done when it returns), then STATUS and GENERATION are
-//!   read, and the lock dropped.
+//!   write to DOORBELL, then STATUS is read; while it is BUSY (a device started with
+//!   `--async-jobs` writes the pages after the doorbell returns) it is polled, for at most
+//!   [`BUSY_SECS`] seconds by the TSC (then the run fails: the job is "still busy"); then
+//!   GENERATION is read, and the lock dropped. A synchronous device is never BUSY: the
+//!   first read ends the wait.
 
 use core::sync::atomic::{compiler_fence, AtomicBool, AtomicU64, Ordering};
 
@@ -20,12 +23,13 @@ use guest_pattern::cmdline::Config;
 use guest_pattern::dma::DriverMemory;
 use guest_pattern::user_device::{
     BAR0_SIZE, DEVICE_ID, MAGIC, MAX_JOB_PAGES, REG_ADDR, REG_DOORBELL, REG_GENERATION, REG_JOBS,
-    REG_LEN, REG_MAGIC, REG_PAGES, REG_SEED, REG_STATUS, REG_VERSION, STATUS_OK, VENDOR_ID,
-    VERSION,
+    REG_LEN, REG_MAGIC, REG_PAGES, REG_SEED, REG_STATUS, REG_VERSION, STATUS_BUSY, STATUS_OK,
+    VENDOR_ID, VERSION,
 };
 
 use crate::pci::{self, CMD_BUS_MASTER, CMD_INTX_DISABLE, CMD_MEMORY};
-use crate::workload::check_stop;
+use crate::timer;
+use crate::workload::{self, check_stop};
 
 const FOUR_GIB: u64 = 1 << 32;
 const MIB2: u64 = 2 << 20;
@@ -34,6 +38,8 @@ const MIB2: u64 = 2 << 20;
 static BAR: AtomicU64 = AtomicU64::new(0);
 /// Held while a vCPU programs a job and reads its outcome.
 static LOCK: AtomicBool = AtomicBool::new(false);
+/// Longest a job may read BUSY before the run fails.
+pub const BUSY_SECS: u64 = 10;
 
 fn reg(offset: u64) -> u64 {
     let base = BAR.load(Ordering::Relaxed);
@@ -164,10 +170,26 @@ pub fn job(addr: u64, len: u64, seed: u64) -> Result<u64, Refused> {
     write64(REG_ADDR, addr);
     write64(REG_LEN, len);
     write64(REG_SEED, seed);
-    // The job is done when this write returns (the VMM hands it to the device and waits);
-    // the STATUS read after it could not pass it anyway.
+    // A synchronous device has done the job when this write returns (the VMM hands it to
+    // the device and waits); the STATUS read after it could not pass it anyway. An
+    // asynchronous one reads BUSY until it has.
     write32(REG_DOORBELL, 1);
-    let status = read32(REG_STATUS);
+    let mut status = read32(REG_STATUS);
+    if status == STATUS_BUSY {
+        let start = timer::now();
+        let limit = BUSY_SECS * timer::hz();
+        while status == STATUS_BUSY {
+            check_stop();
+            if timer::now().wrapping_sub(start) > limit {
+                workload::fail(format_args!(
+                    "vfio-user job dma={addr:#x} len={len:#x}: STATUS still BUSY after {BUSY_SECS} s"
+                ));
+            }
+            core::hint::spin_loop();
+            status = read32(REG_STATUS);
+        }
+    }
+    // GENERATION (and the pages) describe the job only once STATUS is no longer BUSY.
     let generation = read64(REG_GENERATION);
     LOCK.store(false, Ordering::Release);
     // The pages the device wrote are read after this, never before.

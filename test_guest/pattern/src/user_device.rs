@@ -2,9 +2,19 @@
 //! `dma_device/`, shared by that server and the test guest's driver (`dma=vfio-user`).
 //!
 //! The device has one memory BAR (BAR 0, [`BAR0_SIZE`] bytes) and no interrupts: the guest
-//! programs a job and rings the doorbell; the device has finished the job (every page
-//! written by DMA, or nothing written and a status saying why) when the doorbell write
-//! returns, and the guest reads [`REG_STATUS`] and [`REG_GENERATION`].
+//! programs a job and rings the doorbell, then reads [`REG_STATUS`] and [`REG_GENERATION`].
+//!
+//! - Synchronous mode (the default): the device has finished the job (every page written
+//!   by DMA, or nothing written and a status saying why) when the doorbell write returns;
+//!   STATUS is never [`STATUS_BUSY`].
+//! - Asynchronous mode (`ferry-dma-device --async-jobs`): a job the device refuses still
+//!   ends at once with its status, but an accepted one makes the doorbell write return at
+//!   once with STATUS [`STATUS_BUSY`] while the device writes the pages in the background.
+//!   The guest polls STATUS until it is not BUSY; only then do [`REG_GENERATION`],
+//!   [`REG_JOBS`] and [`REG_PAGES`] describe the job. A doorbell write while STATUS is
+//!   BUSY is ignored: no job starts and it is counted nowhere (not in JOBS).
+//!
+//! A driver that polls while STATUS is BUSY works with both modes.
 //!
 //! A job writes [`crate::fill_page`] of generation [`job_generation`]`(seed, job)` into
 //! every page of `[ADDR, ADDR + LEN)`, the page's *DMA address* (an IOVA behind a vIOMMU,
@@ -34,9 +44,10 @@ pub const REG_ADDR: u64 = 0x08;
 pub const REG_LEN: u64 = 0x10;
 /// RW u64: the guest's seed for the job's generation.
 pub const REG_SEED: u64 = 0x18;
-/// WO u32: any write starts the job; it is done when the write returns.
+/// WO u32: any write starts the job; it is done when the write returns (synchronous mode)
+/// or once STATUS is no longer [`STATUS_BUSY`] (asynchronous mode; ignored while BUSY).
 pub const REG_DOORBELL: u64 = 0x20;
-/// RO u32: how the last job ended (`STATUS_*`).
+/// RO u32: how the last job ended (`STATUS_*`), or [`STATUS_BUSY`] while it runs.
 pub const REG_STATUS: u64 = 0x24;
 /// RO u64: the generation the last job wrote (0 before the first).
 pub const REG_GENERATION: u64 = 0x28;
@@ -59,15 +70,19 @@ pub const STATUS_BAD_JOB: u32 = 1;
 pub const STATUS_UNMAPPED: u32 = 2;
 /// The device is not running (stopped for migration): nothing written.
 pub const STATUS_STOPPED: u32 = 3;
+/// The job runs (asynchronous mode only): poll STATUS until it is not BUSY. Doorbell
+/// writes meanwhile are ignored (not counted in JOBS).
+pub const STATUS_BUSY: u32 = 4;
 
 /// The name of status `s` (`STATUS_*`), for failure lines: `OK`, `BAD_JOB`, `UNMAPPED`,
-/// `STOPPED`, or `unknown`.
+/// `STOPPED`, `BUSY`, or `unknown`.
 pub const fn status_name(s: u32) -> &'static str {
     match s {
         STATUS_OK => "OK",
         STATUS_BAD_JOB => "BAD_JOB",
         STATUS_UNMAPPED => "UNMAPPED",
         STATUS_STOPPED => "STOPPED",
+        STATUS_BUSY => "BUSY",
         _ => "unknown",
     }
 }
@@ -103,7 +118,18 @@ mod tests {
         assert_eq!(status_name(STATUS_BAD_JOB), "BAD_JOB");
         assert_eq!(status_name(STATUS_UNMAPPED), "UNMAPPED");
         assert_eq!(status_name(STATUS_STOPPED), "STOPPED");
+        assert_eq!(status_name(STATUS_BUSY), "BUSY");
         assert_eq!(status_name(7), "unknown");
+        let all = [
+            STATUS_OK,
+            STATUS_BAD_JOB,
+            STATUS_UNMAPPED,
+            STATUS_STOPPED,
+            STATUS_BUSY,
+        ];
+        for (i, a) in all.iter().enumerate() {
+            assert!(!all[i + 1..].contains(a), "status {a} repeats");
+        }
         assert_eq!(MAX_JOB_PAGES, 256);
     }
 
