@@ -155,7 +155,13 @@ pub struct UserDevice {
     endpoint: Option<(u32, Arc<IommuTable>)>,
     /// Why the last pause could not stop it: a harvest then cannot be the last word.
     stop_failed: Mutex<Option<String>>,
+    /// Test seam (`FERRY_TEST_STOP_USER_DEVICES_LATE`): the pause leaves the device
+    /// running, so it is stopped only when its state is saved, after the final harvest.
+    stop_late: bool,
 }
+
+/// The test seam that stops vfio-user devices after the final harvest (the wrong order).
+pub const STOP_LATE_ENV: &str = "FERRY_TEST_STOP_USER_DEVICES_LATE";
 
 #[derive(Debug, thiserror::Error)]
 #[error("user device {id} ({socket}): {reason}")]
@@ -223,6 +229,17 @@ impl UserDevice {
             })),
             endpoint: None,
             stop_failed: Mutex::new(None),
+            stop_late: {
+                let on = std::env::var_os(STOP_LATE_ENV).is_some();
+                if on {
+                    log::warn!(
+                        "{STOP_LATE_ENV} is set: vfio-user devices are stopped only after the \
+                         final harvest (a test seam; a migration then loses what they write \
+                         in between)"
+                    );
+                }
+                on
+            },
         })
     }
 
@@ -310,6 +327,9 @@ impl OutsideDmaDevice for UserDevice {
 
     /// Stops the device's DMA (the VM is paused).
     fn pause(&self) -> Result<(), String> {
+        if self.stop_late {
+            return Ok(());
+        }
         let r = self
             .client()
             .set_state(VFIO_DEVICE_STATE_STOP)

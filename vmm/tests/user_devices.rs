@@ -59,9 +59,15 @@ struct Device {
 
 impl Device {
     fn start(socket: PathBuf, env: &[(&str, &str)]) -> Device {
+        Self::start_with(socket, env, &[])
+    }
+
+    /// With extra command-line `args` (e.g. `--async-jobs`).
+    fn start_with(socket: PathBuf, env: &[(&str, &str)], args: &[&str]) -> Device {
         let mut cmd = Command::new(device_bin());
         cmd.arg("--socket")
             .arg(&socket)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -204,10 +210,21 @@ struct Setup {
 }
 
 fn setup(tag: u8, cpus: u32, iommu: bool, src_env: &[(&str, &str)]) -> Setup {
+    setup_with(tag, cpus, iommu, src_env, &[])
+}
+
+/// As [`setup`], the source's device started with `dev_args`.
+fn setup_with(
+    tag: u8,
+    cpus: u32,
+    iommu: bool,
+    src_env: &[(&str, &str)],
+    dev_args: &[&str],
+) -> Setup {
     let hosts = TwoHosts::new(tag);
     let dir = tmpdir(&format!("m{tag}"));
     let serial = Serial(dir.join("serial.log"));
-    let src_dev = Device::start(dir.join("dev-a.sock"), &[]);
+    let src_dev = Device::start_with(dir.join("dev-a.sock"), &[], dev_args);
     let dest = Host::start(&hosts.b, &dir, "dest", &[], &[]);
     let elf = common::guest_elf();
     let serial_arg = format!("file={}", serial.0.display());
@@ -366,6 +383,38 @@ fn a_dropped_device_report_is_caught_by_the_guest_after_the_move() {
             "iommu={iommu}: the guest should have caught the lost device writes:\n{serial}"
         );
     }
+}
+
+/// A source device whose jobs run on after the doorbell (`--async-jobs`, 256 pages at
+/// 200 µs each): the VM nearly always pauses with a job in flight. Ferry stops the device
+/// (which finishes the job first) before its final harvest, so the job's last pages move:
+/// nothing is lost. With the seam that stops it only when its state is saved, after the
+/// final harvest, those pages stay behind and the guest on B says so.
+#[test]
+fn a_device_job_in_flight_at_the_pause_moves_whole_and_stopping_it_late_loses_it() {
+    let args = ["--async-jobs", "--page-delay-us", "200"];
+    let s = setup_with(97, 1, false, &[], &args);
+    let dest_dev = Device::start(s.dir.join("dev-b.sock"), &[]);
+    s.move_to(&dest_dev);
+    let (serial, migration) = s.finish();
+    assert!(
+        !failed(&serial),
+        "the job in flight at the pause lost a page (migration {migration}):\n{serial}"
+    );
+    let s = setup_with(
+        98,
+        1,
+        false,
+        &[(vmm::user_devices::STOP_LATE_ENV, "1")],
+        &args,
+    );
+    let dest_dev = Device::start(s.dir.join("dev-b.sock"), &[]);
+    s.move_to(&dest_dev);
+    let (serial, _) = s.finish();
+    assert!(
+        serial.contains("guest: MISMATCH"),
+        "the guest should have caught the pages written after the final harvest:\n{serial}"
+    );
 }
 
 /// How the destination's device fails.
