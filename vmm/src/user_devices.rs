@@ -46,7 +46,8 @@ pub struct UserDeviceState {
     pub data: Vec<u8>,
 }
 
-/// Guest RAM regions as files (the memfd behind shared RAM).
+/// Guest RAM regions as files (the memfd behind shared RAM): (gpa, size, fd, offset). The
+/// fds are borrowed from the machine's guest memory, which outlives its devices.
 struct RamFiles(Vec<(u64, u64, RawFd, u64)>);
 
 impl GuestRamFiles for RamFiles {
