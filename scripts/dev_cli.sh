@@ -107,6 +107,11 @@ bench() {
     esac
 }
 
+fuzz() {
+    # The logic and the per-target settings (-max_len) are in scripts/fuzz.sh.
+    "$ROOT/scripts/fuzz.sh" "$@"
+}
+
 usage() {
     cat >&2 <<USAGE
 usage: scripts/dev_cli.sh <command>
@@ -124,6 +129,10 @@ usage: scripts/dev_cli.sh <command>
                   the vIOMMU on and off (Ferry, QEMU), the iommu=on guest migrated by both
   bench vfio-user vfio-user devices: one harvest of the device's DMA log against region
                   size, the vfio-user guest (iommu off/on) migrated between two hosts
+  fuzz [TARGET] [SECONDS]
+                  cargo-fuzz targets (fuzz/), each from a scratch copy of its seeds for
+                  SECONDS (default 60), or TARGET alone; exits 1 on a crash (needs nightly
+                  and cargo-fuzz; see docs/fuzzing.md)
 USAGE
     exit 2
 }
@@ -135,5 +144,6 @@ case "$cmd" in
     tests) tests ;;
     demo) demo ;;
     bench) bench "$@" ;;
+    fuzz) fuzz "$@" ;;
     *) usage ;;
 esac
