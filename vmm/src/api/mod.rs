@@ -88,9 +88,24 @@ pub fn describe(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A request body that must be a JSON object (the API document says so for every body):
+/// serde would also take a struct's fields from an array, in order.
+pub fn json_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let kind = match &v {
+        serde_json::Value::Object(_) => return T::deserialize(v).map_err(|e| e.to_string()),
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Null => "null",
+    };
+    Err(format!("the body must be a JSON object, not {kind}"))
+}
+
 /// Parses and checks a `vm.create` body.
 pub fn parse_vm_config(body: &[u8]) -> Result<VmConfig, ApiError> {
-    let mut config: VmConfig = serde_json::from_slice(body)
+    let mut config: VmConfig = json_object(body)
         .map_err(|e| ApiError::BadRequest(format!("vm.create: invalid VmConfig JSON: {e}")))?;
     if config.payload.kernel.is_none() {
         return Err(ApiError::BadRequest(
@@ -185,7 +200,7 @@ struct CoredumpBody {
 
 /// Parses and checks a `vm.coredump` body: the file its `file://` URL names.
 pub fn parse_coredump(body: &[u8]) -> Result<std::path::PathBuf, ApiError> {
-    let b: CoredumpBody = serde_json::from_slice(body)
+    let b: CoredumpBody = json_object(body)
         .map_err(|e| ApiError::BadRequest(format!("vm.coredump: invalid JSON body: {e}")))?;
     crate::coredump::destination_path(&b.destination_url)
         .map_err(|e| ApiError::BadRequest(e.to_string()))
