@@ -305,7 +305,7 @@ impl Setup {
     /// checked after the move) or for the guest to fail; returns the serial log and B's
     /// migration-info.
     fn finish(mut self) -> (String, Value) {
-        let (code, out) = self.src.wait_exit(Duration::from_secs(10));
+        let (code, out) = self.src.wait_exit(Duration::from_secs(30));
         assert_eq!(code, Some(0), "the source ends once B runs the VM:\n{out}");
         let migration = migration_info(&self.dest.api);
         let moved_at = self.serial.text().len();

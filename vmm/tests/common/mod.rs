@@ -125,6 +125,10 @@ impl Ferry {
                 break st.code();
             }
             if Instant::now() > end {
+                // Say where every thread of the process was before ending it.
+                if !timeout.is_zero() {
+                    self.seen.push(threads_of(self.child.id()));
+                }
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 break None;
@@ -137,6 +141,32 @@ impl Ferry {
         }
         (code, self.seen.join("\n"))
     }
+}
+
+/// Each thread of process `pid`: its name, where it sleeps in the kernel and the system
+/// call it is in (what a test that timed out waiting for the process reports).
+pub fn threads_of(pid: u32) -> String {
+    let mut out = format!("--- threads of {pid} when it was killed:");
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out + " (gone)";
+    };
+    for t in tasks.flatten() {
+        let read = |f: &str| {
+            std::fs::read_to_string(t.path().join(f))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let syscall = read("syscall");
+        out.push_str(&format!(
+            "\n{} {}: wchan {} syscall {}",
+            t.file_name().to_string_lossy(),
+            read("comm"),
+            read("wchan"),
+            syscall.split(' ').next().unwrap_or("")
+        ));
+    }
+    out
 }
 
 /// Starts ferry (inside `netns` when given) serving its API at `dir/NAME.sock`, and
