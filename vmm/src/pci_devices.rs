@@ -216,6 +216,27 @@ fn models(config: &VmConfig) -> Result<Vec<(String, SharedModel, bool)>> {
     Ok(out)
 }
 
+/// The slot after `taken` functions besides the host bridge, if bus 0 has one left.
+fn slot_after(taken: usize) -> Option<u8> {
+    u8::try_from(taken + 1)
+        .ok()
+        .filter(|s| usize::from(*s) < devices::pci::SLOTS)
+}
+
+/// Makes the device in `slot` an endpoint of the vIOMMU (`viommu`, which the VM must have):
+/// its endpoint ID and the table to tell it of its mappings through.
+fn viommu_endpoint(
+    viommu: Option<&mut Viommu>,
+    id: &str,
+    slot: u8,
+) -> std::result::Result<(u32, Arc<IommuTable>), String> {
+    let v = viommu.ok_or("iommu=on but the VM has no virtio-iommu")?;
+    let endpoint = bdf(slot);
+    v.endpoints.push(endpoint);
+    log::info!("{id}: behind the virtio-iommu as endpoint {endpoint:#06x}");
+    Ok((u32::from(endpoint), v.table.clone()))
+}
+
 /// Places each of `declared` (BAR index, size) in the BAR window (4 KiB at least, so a
 /// BAR never shares a page) and tells the function; their addresses, in order.
 fn place_bars(
@@ -386,9 +407,7 @@ impl PciDevices {
                 what,
                 reason,
             };
-            let slot = u8::try_from(functions.len() + 1 + user.len())
-                .ok()
-                .filter(|s| usize::from(*s) < devices::pci::SLOTS)
+            let slot = slot_after(functions.len() + user.len())
                 .ok_or_else(|| setup("PCI slot", "bus 0 is full".into()))?;
             let mut dev = UserDevice::connect(id.clone(), slot, u, mem)
                 .map_err(|e| setup("vfio-user", e.reason.clone()))?;
@@ -410,13 +429,9 @@ impl PciDevices {
             bus.add_at(slot, dev.function.clone())
                 .map_err(|e| setup("PCI slot", e.to_string()))?;
             if u.iommu {
-                let v = viommu.as_mut().ok_or_else(|| {
-                    setup("vIOMMU", "iommu=on but the VM has no virtio-iommu".into())
-                })?;
-                let endpoint = bdf(slot);
-                dev.behind_iommu(u32::from(endpoint), v.table.clone());
-                v.endpoints.push(endpoint);
-                log::info!("{id}: behind the virtio-iommu as endpoint {endpoint:#06x}");
+                let (endpoint, table) =
+                    viommu_endpoint(viommu.as_mut(), &id, slot).map_err(|e| setup("vIOMMU", e))?;
+                dev.behind_iommu(endpoint, table);
             }
             user.push(dev);
         }
@@ -428,9 +443,7 @@ impl PciDevices {
                 what,
                 reason,
             };
-            let slot = u8::try_from(functions.len() + 1 + user.len() + vfio.len())
-                .ok()
-                .filter(|s| usize::from(*s) < devices::pci::SLOTS)
+            let slot = slot_after(functions.len() + user.len() + vfio.len())
                 .ok_or_else(|| setup("PCI slot", "bus 0 is full".into()))?;
             let mut dev = VfioDevice::open(id.clone(), slot, d, mem)
                 .map_err(|e| setup("VFIO", format!("{}: {}", e.path.display(), e.reason)))?;
@@ -456,13 +469,9 @@ impl PciDevices {
             bus.add_at(slot, dev.function.clone())
                 .map_err(|e| setup("PCI slot", e.to_string()))?;
             if d.iommu {
-                let v = viommu.as_mut().ok_or_else(|| {
-                    setup("vIOMMU", "iommu=on but the VM has no virtio-iommu".into())
-                })?;
-                let endpoint = bdf(slot);
-                dev.behind_iommu(u32::from(endpoint), v.table.clone());
-                v.endpoints.push(endpoint);
-                log::info!("{id}: behind the virtio-iommu as endpoint {endpoint:#06x}");
+                let (endpoint, table) =
+                    viommu_endpoint(viommu.as_mut(), &id, slot).map_err(|e| setup("vIOMMU", e))?;
+                dev.behind_iommu(endpoint, table);
             }
             vfio.push(dev);
         }
