@@ -766,6 +766,20 @@ mod tests {
         u32::from_le_bytes(b)
     }
 
+    /// A memfd of `len` bytes mapped read-write for `d` at DMA address `address`.
+    fn map_rw(d: &mut Device, address: u64, len: u64) -> File {
+        let f = memfd(len);
+        d.dma_map(
+            DMA_MAP_READ | DMA_MAP_WRITE,
+            address,
+            len,
+            f.try_clone().unwrap(),
+            0,
+        )
+        .unwrap();
+        f
+    }
+
     fn job(d: &mut Device, addr: u64, len: u64, seed: u64) -> u32 {
         w64(d, REG_ADDR, addr);
         w64(d, REG_LEN, len);
@@ -828,16 +842,8 @@ mod tests {
 
     #[test]
     fn a_job_fills_pages_and_counts() {
-        let f = memfd(8 * PAGE);
         let mut d = Device::new();
-        d.dma_map(
-            DMA_MAP_READ | DMA_MAP_WRITE,
-            0x40_0000,
-            8 * PAGE,
-            f.try_clone().unwrap(),
-            0,
-        )
-        .unwrap();
+        let f = map_rw(&mut d, 0x40_0000, 8 * PAGE);
         assert_eq!(job(&mut d, 0x40_1000, 3 * PAGE, 77), STATUS_OK);
         let g = job_generation(77, 1);
         assert_eq!(r64(&mut d, REG_GENERATION), g);
@@ -929,16 +935,8 @@ mod tests {
 
     #[test]
     fn stopped_device_refuses_jobs() {
-        let f = memfd(PAGE);
         let mut d = Device::new();
-        d.dma_map(
-            DMA_MAP_READ | DMA_MAP_WRITE,
-            0,
-            PAGE,
-            f.try_clone().unwrap(),
-            0,
-        )
-        .unwrap();
+        let f = map_rw(&mut d, 0, PAGE);
         d.set_state(STOP).unwrap();
         assert_eq!(job(&mut d, 0, PAGE, 1), STATUS_STOPPED);
         d.set_state(STOP_COPY).unwrap();
@@ -989,16 +987,8 @@ mod tests {
 
     #[test]
     fn reset_and_client_gone() {
-        let f = memfd(PAGE);
         let mut d = Device::new();
-        d.dma_map(
-            DMA_MAP_READ | DMA_MAP_WRITE,
-            0,
-            PAGE,
-            f.try_clone().unwrap(),
-            0,
-        )
-        .unwrap();
+        let _ram = map_rw(&mut d, 0, PAGE);
         assert_eq!(job(&mut d, 0, PAGE, 1), STATUS_OK);
         d.set_state(STOP).unwrap();
         d.reset().unwrap();
@@ -1036,16 +1026,8 @@ mod tests {
 
     #[test]
     fn an_async_job_is_busy_then_ok_and_ignores_doorbells_meanwhile() {
-        let f = memfd(8 * PAGE);
         let mut d = async_device(Duration::from_millis(20));
-        d.dma_map(
-            DMA_MAP_READ | DMA_MAP_WRITE,
-            0x40_0000,
-            8 * PAGE,
-            f.try_clone().unwrap(),
-            0,
-        )
-        .unwrap();
+        let f = map_rw(&mut d, 0x40_0000, 8 * PAGE);
         d.log_start(PAGE, &[]).unwrap();
         assert_eq!(job(&mut d, 0x40_0000, 4 * PAGE, 3), STATUS_BUSY);
         assert_eq!(r64(&mut d, REG_JOBS), 1);
@@ -1074,16 +1056,8 @@ mod tests {
 
     #[test]
     fn leaving_running_saves_the_finished_job() {
-        let f = memfd(4 * PAGE);
         let mut d = async_device(Duration::from_millis(20));
-        d.dma_map(
-            DMA_MAP_READ | DMA_MAP_WRITE,
-            0,
-            4 * PAGE,
-            f.try_clone().unwrap(),
-            0,
-        )
-        .unwrap();
+        let f = map_rw(&mut d, 0, 4 * PAGE);
         assert_eq!(job(&mut d, 0, 4 * PAGE, 5), STATUS_BUSY);
         d.set_state(STOP_COPY).unwrap();
         let saved = DeviceState::decode(&d.mig_data_read(STATE_BYTES).unwrap()).unwrap();
@@ -1101,18 +1075,10 @@ mod tests {
 
     #[test]
     fn a_job_outlasting_the_wait_fails_stop_unmap_and_reset_with_eio() {
-        let f = memfd(4 * PAGE);
         // A job of about 750 ms against waits of 20 ms.
         let mut d = async_device(Duration::from_millis(250));
         d.quiesce_timeout = Duration::from_millis(20);
-        d.dma_map(
-            DMA_MAP_READ | DMA_MAP_WRITE,
-            0,
-            4 * PAGE,
-            f.try_clone().unwrap(),
-            0,
-        )
-        .unwrap();
+        let _ram = map_rw(&mut d, 0, 4 * PAGE);
         assert_eq!(job(&mut d, 0, 4 * PAGE, 5), STATUS_BUSY);
         assert_eq!(d.set_state(STOP), Err(libc::EIO));
         assert_eq!(d.state(), RUNNING);
