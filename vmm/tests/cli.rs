@@ -2,27 +2,7 @@
 
 mod common;
 
-use std::process::Command;
-
-fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(common::ferry_bin())
-        .args(args)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    (out.status.code().unwrap_or(-1), err)
-}
-
-fn error_line(err: &str) -> &str {
-    let lines: Vec<&str> = err.lines().filter(|l| l.contains("error")).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "exactly one error line expected, got:\n{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    lines[0]
-}
+use common::{error_line, run_ferry as run};
 
 #[test]
 fn missing_kernel_file_is_named() {

@@ -5,31 +5,12 @@
 
 mod common;
 
+use common::{error_line, run_ferry as run};
+
 use std::path::Path;
-use std::process::Command;
 
 use vmm::config::DeviceConfig;
 use vmm::vfio_devices::VfioDevice;
-
-fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(common::ferry_bin())
-        .args(args)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    (out.status.code().unwrap_or(-1), err)
-}
-
-fn error_line(err: &str) -> &str {
-    let lines: Vec<&str> = err.lines().filter(|l| l.contains("error")).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "exactly one error line expected, got:\n{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    lines[0]
-}
 
 fn boot_with_device(device: &str) -> (i32, String) {
     let elf = common::guest_elf();

@@ -143,6 +143,25 @@ impl Ferry {
     }
 }
 
+/// Runs ferry with `args` to its end: its exit status (-1: killed) and its stderr.
+pub fn run_ferry(args: &[&str]) -> (i32, String) {
+    let out = Command::new(ferry_bin()).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), err)
+}
+
+/// The one error line of a failed run's stderr (and no panic in it).
+pub fn error_line(err: &str) -> &str {
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one error line expected, got:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    lines[0]
+}
+
 /// Each thread of process `pid`: its name, where it sleeps in the kernel and the system
 /// call it is in (what a test that timed out waiting for the process reports).
 pub fn threads_of(pid: u32) -> String {
