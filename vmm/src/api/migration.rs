@@ -64,6 +64,9 @@ struct SendMigrationBody {
     /// Ferry's own: throttle the vCPUs when the migration does not converge (default on).
     #[serde(default)]
     auto_converge: Option<bool>,
+    /// Migrate over TLS: ca-cert.pem, client-cert.pem, client-key.pem (cloud-hypervisor's).
+    #[serde(default)]
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 /// A checked `vm.send-migration` request, defaults filled in.
@@ -83,6 +86,8 @@ pub struct SendMigration {
     pub memory_mode: MemoryMode,
     /// Throttle the vCPUs while the dirty set stops shrinking (Ferry's extension).
     pub auto_converge: bool,
+    /// Over TLS with these credentials (checked loadable when the request came).
+    pub tls_dir: Option<std::path::PathBuf>,
 }
 
 /// The `vm.receive-migration` body.
@@ -92,6 +97,9 @@ struct ReceiveMigrationBody {
     receiver_url: String,
     #[serde(default)]
     user_devices: Vec<UserDeviceSocket>,
+    /// Take the migration over TLS only: ca-cert.pem, server-cert.pem, server-key.pem.
+    #[serde(default)]
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 /// Where the destination's own process for one of the source's vfio-user devices listens.
@@ -109,6 +117,8 @@ pub struct ReceiveMigration {
     /// Sockets of this host's device processes for the source's vfio-user devices, in the
     /// source's order; empty: the source's paths.
     pub user_devices: Vec<UserDeviceSocket>,
+    /// Over TLS only, with these credentials (checked loadable when the request came).
+    pub tls_dir: Option<std::path::PathBuf>,
 }
 
 fn json_error(endpoint: &str, e: String) -> ApiError {
@@ -117,6 +127,39 @@ fn json_error(endpoint: &str, e: String) -> ApiError {
 
 fn bad(msg: String) -> ApiError {
     ApiError::BadRequest(msg)
+}
+
+/// Checks a request's `tls_dir`: a `tcp:` URL, and files that load (400 naming the file
+/// or the reason otherwise; the handler loads them again when it starts).
+///
+/// `tls_dir` with a `unix:` URL is refused: a UNIX socket never leaves this host, its
+/// peer is whoever the socket file's permissions let in (already authenticated by the
+/// kernel), and `MemFDs` passes file descriptors, which a TLS session cannot carry.
+fn check_tls_dir(
+    dir: Option<&std::path::Path>,
+    url: &MigrationUrl,
+    field: &str,
+    server: bool,
+) -> Result<(), ApiError> {
+    let Some(dir) = dir else {
+        return Ok(());
+    };
+    if dir.as_os_str().is_empty() {
+        return Err(bad("tls_dir is empty".into()));
+    }
+    if let MigrationUrl::Unix(_) = url {
+        return Err(bad(format!(
+            "tls_dir needs a tcp: {field}: a unix: socket stays on this host (its file's \
+             permissions say who may connect) and TLS cannot carry memory_mode MemFDs's \
+             file descriptors"
+        )));
+    }
+    let loaded = if server {
+        crate::migration::tls::ServerTls::load(dir).map(drop)
+    } else {
+        crate::migration::tls::ClientTls::load(dir).map(drop)
+    };
+    loaded.map_err(|e| bad(format!("tls_dir: {e}")))
 }
 
 /// Parses and checks a `vm.send-migration` body.
@@ -163,6 +206,7 @@ pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
             b.destination_url
         )));
     }
+    check_tls_dir(b.tls_dir.as_deref(), &destination, "destination_url", false)?;
     Ok(SendMigration {
         destination_url: b.destination_url,
         destination,
@@ -172,6 +216,7 @@ pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
         connections,
         memory_mode,
         auto_converge: b.auto_converge.unwrap_or(true),
+        tls_dir: b.tls_dir,
     })
 }
 
@@ -190,10 +235,12 @@ pub fn parse_receive_migration(body: &[u8]) -> Result<ReceiveMigration, ApiError
     {
         return Err(bad(format!("user_devices[{i}].socket is empty")));
     }
+    check_tls_dir(b.tls_dir.as_deref(), &receiver, "receiver_url", true)?;
     Ok(ReceiveMigration {
         receiver_url: b.receiver_url,
         receiver,
         user_devices: b.user_devices,
+        tls_dir: b.tls_dir,
     })
 }
 
@@ -380,7 +427,22 @@ mod tests {
                 r#"{"destination_url":"tcp:h:1","memory_mode":"Fast"}"#,
                 "Fast",
             ),
-            (r#"{"destination_url":"tcp:h:1","tls_dir":"/x"}"#, "tls_dir"),
+            (
+                r#"{"destination_url":"tcp:h:1","tls_dir":"/nonexistent-ferry-tls"}"#,
+                "tls_dir: /nonexistent-ferry-tls is missing",
+            ),
+            (
+                r#"{"destination_url":"tcp:h:1","tls_dir":"/"}"#,
+                "/ca-cert.pem is missing",
+            ),
+            (
+                r#"{"destination_url":"unix:/s","tls_dir":"/x"}"#,
+                "tls_dir needs a tcp: destination_url",
+            ),
+            (
+                r#"{"destination_url":"tcp:h:1","tls_dir":""}"#,
+                "tls_dir is empty",
+            ),
             (r#"{"destination_url":"tcp:h:1","local":true}"#, "unix:"),
             (
                 r#"{"destination_url":"unix:/s","local":true,"memory_mode":"Precopy"}"#,
@@ -406,6 +468,14 @@ mod tests {
             ("{}", "receiver_url"),
             (r#"{"receiver_url":"x"}"#, "\"x\""),
             (r#"{"receiver_url":"unix:/s","extra":1}"#, "extra"),
+            (
+                r#"{"receiver_url":"unix:/s","tls_dir":"/x"}"#,
+                "tls_dir needs a tcp: receiver_url",
+            ),
+            (
+                r#"{"receiver_url":"tcp:0.0.0.0:1","tls_dir":"/"}"#,
+                "/ca-cert.pem is missing (tls_dir must hold ca-cert.pem, server-cert.pem and server-key.pem)",
+            ),
             ("not json", "JSON"),
         ] {
             let e = parse_receive_migration(j.as_bytes())

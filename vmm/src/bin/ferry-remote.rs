@@ -79,9 +79,20 @@ enum Command {
         /// Never throttle the vCPUs, even when the migration does not converge.
         #[arg(long = "no-auto-converge")]
         no_auto_converge: bool,
+        /// Migrate over TLS (tcp: only): DIR holds ca-cert.pem, client-cert.pem and
+        /// client-key.pem; the destination's certificate must be for the URL's host.
+        #[arg(long = "tls-dir", value_name = "DIR")]
+        tls_dir: Option<PathBuf>,
     },
     /// Wait for a migrated VM on URL (tcp:HOST:PORT or unix:/path).
-    ReceiveMigration { receiver_url: String },
+    ReceiveMigration {
+        receiver_url: String,
+        /// Take the migration over TLS only (tcp: only): DIR holds ca-cert.pem,
+        /// server-cert.pem and server-key.pem; the source must present a certificate
+        /// signed by that CA.
+        #[arg(long = "tls-dir", value_name = "DIR")]
+        tls_dir: Option<PathBuf>,
+    },
     /// Progress of the running or last migration.
     MigrationInfo,
     /// Cancel the running migration.
@@ -91,6 +102,15 @@ enum Command {
         /// file:///path/to/core (absolute path).
         destination_url: String,
     },
+}
+
+/// `dir` as the ferry process must see it: relative to this command's directory, not
+/// ferry's.
+fn absolute(dir: &std::path::Path) -> Result<String, String> {
+    let abs = std::path::absolute(dir).map_err(|e| format!("--tls-dir {}: {e}", dir.display()))?;
+    abs.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| format!("--tls-dir {}: not UTF-8", dir.display()))
 }
 
 /// The request a command makes: method, endpoint, body.
@@ -125,6 +145,7 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
             memory_mode,
             local,
             no_auto_converge,
+            tls_dir,
         } => {
             // Only what was given: the server fills in its defaults.
             let mut b = Map::new();
@@ -150,12 +171,22 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
             if *no_auto_converge {
                 b.insert("auto_converge".into(), json!(false));
             }
+            if let Some(d) = tls_dir {
+                b.insert("tls_dir".into(), json!(absolute(d)?));
+            }
             let body = serde_json::to_vec(&Value::Object(b)).map_err(|e| e.to_string())?;
             ("PUT", "vm.send-migration", Some(body))
         }
-        Command::ReceiveMigration { receiver_url } => {
-            let body = serde_json::to_vec(&json!({ "receiver_url": receiver_url }))
-                .map_err(|e| e.to_string())?;
+        Command::ReceiveMigration {
+            receiver_url,
+            tls_dir,
+        } => {
+            let mut b = Map::new();
+            b.insert("receiver_url".into(), json!(receiver_url));
+            if let Some(d) = tls_dir {
+                b.insert("tls_dir".into(), json!(absolute(d)?));
+            }
+            let body = serde_json::to_vec(&Value::Object(b)).map_err(|e| e.to_string())?;
             ("PUT", "vm.receive-migration", Some(body))
         }
         Command::MigrationInfo => ("GET", "vm.migration-info", None),
@@ -342,6 +373,18 @@ mod tests {
             body_of(&["receive-migration", "tcp:0.0.0.0:6000"]),
             json!({"receiver_url": "tcp:0.0.0.0:6000"})
         );
+        assert_eq!(
+            body_of(&["send-migration", "tcp:h:1", "--tls-dir", "/etc/ferry/tls"]),
+            json!({"destination_url": "tcp:h:1", "tls_dir": "/etc/ferry/tls"})
+        );
+        assert_eq!(
+            body_of(&["receive-migration", "tcp:0.0.0.0:6000", "--tls-dir", "/t"]),
+            json!({"receiver_url": "tcp:0.0.0.0:6000", "tls_dir": "/t"})
+        );
+        // A relative directory is the caller's, made absolute for ferry.
+        let rel = body_of(&["send-migration", "tcp:h:1", "--tls-dir", "tls"]);
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(rel["tls_dir"], json!(cwd.join("tls").to_str().unwrap()));
         assert_eq!(
             body_of(&["coredump", "file:///tmp/vm.core"]),
             json!({"destination_url": "file:///tmp/vm.core"})

@@ -9,6 +9,7 @@ use vm_migration::{
     ReceiveOptions, SendOptions,
 };
 
+use super::tls::{ClientTls, ServerTls};
 use super::transport::{Listener, Stream};
 use super::{MachineDestination, MachineSource};
 use crate::api::migration::{MemoryMode, ReceiveMigration, SendMigration, TimeoutStrategy};
@@ -61,6 +62,13 @@ impl MigrationHandler for LiveMigration {
             }
             MemoryMode::MemFDs => true,
         };
+        // Loaded again (the API checked them): they may have changed since.
+        let tls = req
+            .tls_dir
+            .as_deref()
+            .map(ClientTls::load)
+            .transpose()
+            .map_err(|e| failed(ACTION, format!("tls_dir: {e}")))?;
         let machine = vmm.machine(ACTION)?;
         if local_memory && !machine.config.shared_memory() {
             return Err(ApiError::BadRequest(
@@ -71,29 +79,35 @@ impl MigrationHandler for LiveMigration {
         }
         let progress = self.start();
         log::info!(
-            "migrating to {} ({})",
+            "migrating to {} ({}{})",
             req.destination,
             if local_memory {
                 "RAM handed over as files".to_string()
             } else {
                 format!("{} connection(s)", req.connections)
-            }
+            },
+            if tls.is_some() { ", TLS" } else { "" }
         );
-        let connect = || {
-            Stream::connect(&req.destination, CONNECT_TIMEOUT).map_err(|e| {
-                progress.set_status(vm_migration::MigrationStatus::Failed);
-                failed(
-                    ACTION,
-                    format!("cannot connect to {}: {e}", req.destination),
-                )
-            })
+        // Each connection is its own TLS session. The first one's handshake is done here;
+        // the extra ones' run when the engine first uses them, after announcing them (the
+        // destination accepts them only then).
+        let connect = |later: bool| {
+            Stream::connect_tls(&req.destination, CONNECT_TIMEOUT, tls.as_ref(), later).map_err(
+                |e| {
+                    progress.set_status(vm_migration::MigrationStatus::Failed);
+                    failed(
+                        ACTION,
+                        format!("cannot connect to {}: {e}", req.destination),
+                    )
+                },
+            )
         };
-        let stream = connect()?;
+        let stream = connect(false)?;
         let extra = if local_memory {
             Vec::new()
         } else {
             (1..req.connections)
-                .map(|_| connect())
+                .map(|_| connect(true))
                 .collect::<Result<Vec<_>, _>>()?
         };
         let strategy = match req.timeout_strategy {
@@ -138,18 +152,56 @@ impl MigrationHandler for LiveMigration {
 
     fn receive(&self, vmm: &Arc<Vmm>, req: ReceiveMigration) -> Result<(), ApiError> {
         const ACTION: &str = "vm.receive-migration";
+        let tls = req
+            .tls_dir
+            .as_deref()
+            .map(ServerTls::load)
+            .transpose()
+            .map_err(|e| failed(ACTION, format!("tls_dir: {e}")))?;
         let listener = Listener::bind(&req.receiver)
             .map_err(|e| failed(ACTION, format!("cannot listen on {}: {e}", req.receiver)))?;
         let progress = self.start();
-        log::info!("waiting for a migration on {}", req.receiver);
+        log::info!(
+            "waiting for a migration on {}{}",
+            req.receiver,
+            if tls.is_some() { " (TLS only)" } else { "" }
+        );
+        // A connection that fails its TLS handshake fails this receive, saying why (as
+        // any other broken first connection does); another vm.receive-migration may follow.
         let stream = listener
             .accept_until(|| progress.is_cancelled())
-            .map_err(|e| failed(ACTION, format!("on {}: {e}", req.receiver)))?;
-        // The listener stays open for the extra connections the source may announce.
+            .and_then(|s| s.accept_tls(tls.as_ref(), &|| progress.is_cancelled()))
+            .map_err(|e| {
+                let reason = format!("on {}: {e}", req.receiver);
+                if tls.is_some() && !progress.is_cancelled() {
+                    log::error!("incoming migration failed: {reason}");
+                    progress.fail(vm_migration::MigrationStatus::Failed, &reason);
+                }
+                failed(ACTION, reason)
+            })?;
+        // A source that starts TLS against this plain receiver: say so on both sides (the
+        // engine would only see a bad magic number).
+        if tls.is_none() && stream.peer_starts_tls(&|| progress.is_cancelled()) {
+            stream.refuse_in_plain(
+                "this destination was asked to receive without tls_dir: plain TCP only",
+            );
+            let reason = format!(
+                "on {}: the source started a TLS handshake, but this receiver has no tls_dir \
+                 (give vm.receive-migration one, or the source none)",
+                req.receiver
+            );
+            log::error!("incoming migration failed: {reason}");
+            progress.fail(vm_migration::MigrationStatus::Failed, &reason);
+            return Err(failed(ACTION, reason));
+        }
+        // The listener stays open for the extra connections the source may announce; each
+        // is its own TLS session, checked as the first.
         let mut accept = |timeout: Duration| {
             let deadline = std::time::Instant::now() + timeout;
+            let stop = || progress.is_cancelled() || std::time::Instant::now() >= deadline;
             listener
-                .accept_until(|| progress.is_cancelled() || std::time::Instant::now() >= deadline)
+                .accept_until(stop)
+                .and_then(|s| s.accept_tls(tls.as_ref(), &stop))
         };
         let mut dest = MachineDestination::default();
         dest.user_device_sockets = req.user_devices.iter().map(|u| u.socket.clone()).collect();

@@ -4,6 +4,7 @@
 pub mod destination;
 pub mod handler;
 pub mod source;
+pub mod tls;
 pub mod transport;
 
 pub use destination::MachineDestination;

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use vm_migration::transport::FdUnixStream;
 
+use super::tls::{ClientTls, ServerTls, TlsError, TlsStream};
+
 /// How long unacknowledged data may sit on a TCP connection before the kernel gives up
 /// (TCP_USER_TIMEOUT), and how long a blocking read may wait for the peer.
 pub const PEER_SILENCE_LIMIT: Duration = Duration::from_secs(6);
@@ -86,11 +88,22 @@ impl std::fmt::Display for MigrationUrl {
 }
 
 /// One connection of a migration.
-#[derive(Debug)]
 pub enum Stream {
     Tcp(TcpStream),
     /// Keeps file descriptors that arrive with the data (`MemFDs`).
     Unix(FdUnixStream),
+    /// A TLS session over TCP (`tls_dir`), its handshake done.
+    Tls(Box<TlsStream>),
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stream::Tcp(s) => f.debug_tuple("Tcp").field(s).finish(),
+            Stream::Unix(s) => f.debug_tuple("Unix").field(s).finish(),
+            Stream::Tls(s) => f.debug_tuple("Tls").field(s.tcp()).finish(),
+        }
+    }
 }
 
 fn set_int_opt(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
@@ -162,6 +175,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.get_ref().set_read_timeout(t),
+            Stream::Tls(s) => s.tcp().set_read_timeout(t),
         }
     }
 
@@ -169,13 +183,22 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
             Stream::Unix(s) => s.get_ref().set_write_timeout(t),
+            Stream::Tls(s) => s.tcp().set_write_timeout(t),
         }
     }
 
+    /// A second handle on the same connection (not for a TLS session, whose state
+    /// cannot be shared).
     pub fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(FdUnixStream::new(s.get_ref().try_clone()?)),
+            Stream::Tls(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "a TLS session cannot be cloned",
+                ))
+            }
         })
     }
 
@@ -184,15 +207,109 @@ impl Stream {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.get_ref().shutdown(Shutdown::Both),
+            Stream::Tls(s) => s.tcp().shutdown(Shutdown::Both),
         };
     }
 
     pub fn unix(&self) -> Option<&UnixStream> {
         match self {
             Stream::Unix(s) => Some(s.get_ref()),
-            Stream::Tcp(_) => None,
+            Stream::Tcp(_) | Stream::Tls(_) => None,
         }
     }
+
+    /// Connects to `url` and, with `tls`, runs the TLS handshake on the connection
+    /// (`later`: on its first read or write, see [`ClientTls::connect_later`]), checking
+    /// the destination's certificate against the URL's host. TLS needs a `tcp:` URL (the
+    /// API refuses `tls_dir` with `unix:`).
+    pub fn connect_tls(
+        url: &MigrationUrl,
+        timeout: Duration,
+        tls: Option<&ClientTls>,
+        later: bool,
+    ) -> io::Result<Stream> {
+        let s = Stream::connect(url, timeout)?;
+        match (s, tls, url) {
+            (s, None, _) => Ok(s),
+            (Stream::Tcp(t), Some(tls), MigrationUrl::Tcp { host, .. }) => {
+                let t = if later {
+                    tls.connect_later(t, host)
+                } else {
+                    tls.connect(t, host)
+                }
+                .map_err(tls_io_error)?;
+                Ok(Stream::Tls(Box::new(t)))
+            }
+            (_, Some(_), _) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "TLS needs a tcp: migration URL",
+            )),
+        }
+    }
+
+    /// With `tls`, runs the server side of the TLS handshake on an accepted connection
+    /// (`stop`: give up, checked every 100 ms).
+    pub fn accept_tls(
+        self,
+        tls: Option<&ServerTls>,
+        stop: &dyn Fn() -> bool,
+    ) -> io::Result<Stream> {
+        match (self, tls) {
+            (s, None) => Ok(s),
+            (Stream::Tcp(t), Some(tls)) => {
+                let t = tls.accept(t, stop).map_err(tls_io_error)?;
+                Ok(Stream::Tls(Box::new(t)))
+            }
+            (_, Some(_)) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "TLS needs a tcp: migration URL",
+            )),
+        }
+    }
+}
+
+impl Stream {
+    /// On a plain TCP connection just accepted: whether the peer began with a TLS
+    /// handshake record (a source given a `tls_dir`, sending to a receiver without one).
+    /// Waits up to 2 s for its first bytes (until `stop`), consuming none.
+    pub fn peer_starts_tls(&self, stop: &dyn Fn() -> bool) -> bool {
+        let Stream::Tcp(t) = self else {
+            return false;
+        };
+        let _ = t.set_read_timeout(Some(vm_migration::transport::POLL_INTERVAL));
+        let end = std::time::Instant::now() + Duration::from_secs(2);
+        let mut b = [0u8; 2];
+        let found = loop {
+            match t.peek(&mut b) {
+                // A TLS record: content type 22 (handshake), then version major 3.
+                Ok(n) if n >= 1 => break b[0] == 0x16 && (n < 2 || b[1] == 0x03),
+                Ok(_) => break false,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) && std::time::Instant::now() < end
+                        && !stop() => {}
+                Err(_) => break false,
+            }
+        };
+        let _ = t.set_read_timeout(Some(PEER_SILENCE_LIMIT));
+        found
+    }
+
+    /// Refuses the peer with `reason` in the plain protocol (see [`super::tls::refuse_in_plain`]).
+    pub fn refuse_in_plain(self, reason: &str) {
+        if let Stream::Tcp(mut t) = self {
+            super::tls::refuse_in_plain(&mut t, reason);
+        }
+    }
+}
+
+/// A TLS failure as the I/O error the engine reports (its text is the error's).
+fn tls_io_error(e: TlsError) -> io::Error {
+    io::Error::other(e)
 }
 
 impl Read for Stream {
@@ -200,6 +317,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -209,6 +327,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
 
@@ -216,11 +335,15 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write_vectored(bufs),
             Stream::Unix(s) => s.get_ref().write_vectored(bufs),
+            Stream::Tls(s) => s.write_vectored(bufs),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            Stream::Tls(s) => s.flush(),
+            Stream::Tcp(_) | Stream::Unix(_) => Ok(()),
+        }
     }
 }
 
@@ -279,6 +402,7 @@ impl Listener {
                             tune_tcp(t)?;
                         }
                         Stream::Unix(u) => u.get_ref().set_nonblocking(false)?,
+                        Stream::Tls(_) => unreachable!("accepted connections are plain"),
                     }
                     s.set_read_timeout(Some(PEER_SILENCE_LIMIT))?;
                     return Ok(s);
@@ -338,7 +462,7 @@ impl vm_migration::MigrationStream for Stream {
     fn write_with_fds(&mut self, buf: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         match self {
             Stream::Unix(s) => s.write_with_fds(buf, fds),
-            Stream::Tcp(_) => Err(io::Error::new(
+            Stream::Tcp(_) | Stream::Tls(_) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "a TCP connection cannot pass file descriptors",
             )),
@@ -348,7 +472,7 @@ impl vm_migration::MigrationStream for Stream {
     fn take_fds(&mut self) -> Vec<OwnedFd> {
         match self {
             Stream::Unix(s) => s.take_fds(),
-            Stream::Tcp(_) => Vec::new(),
+            Stream::Tcp(_) | Stream::Tls(_) => Vec::new(),
         }
     }
 }

@@ -232,6 +232,7 @@ impl Drop for Ferry {
 pub mod coredump;
 pub mod dma_hosts;
 pub mod netns;
+pub mod tls_certs;
 
 /// Waits until the serial log at `path` holds `pat` after byte `from`; returns the offset
 /// just past it. Panics with the whole log on timeout.
