@@ -13,6 +13,8 @@ ensure_packages() {
     command -v ip >/dev/null || missing+=(iproute2)
     command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
     command -v iasl >/dev/null || missing+=(acpica-tools)
+    command -v openssl >/dev/null || missing+=(openssl)
+    command -v python3 >/dev/null || missing+=(python3)
     if ((${#missing[@]})); then
         say "installing ${missing[*]}"
         if [ "$(id -u)" -ne 0 ]; then
@@ -100,8 +102,13 @@ bench() {
             # after the wait for a quiet machine.
             "$ROOT/scripts/bench_vfio_user.sh"
             ;;
+        tls)
+            ensure_packages
+            build
+            "$ROOT/scripts/bench_tls.sh"
+            ;;
         *)
-            echo "usage: dev_cli.sh bench harvest|migration|vs-qemu|first-touch|rings|dma|viommu|vfio-user" >&2
+            echo "usage: dev_cli.sh bench harvest|migration|vs-qemu|first-touch|rings|dma|viommu|vfio-user|tls" >&2
             exit 2
             ;;
     esac
@@ -129,6 +136,8 @@ usage: scripts/dev_cli.sh <command>
                   the vIOMMU on and off (Ferry, QEMU), the iommu=on guest migrated by both
   bench vfio-user vfio-user devices: one harvest of the device's DMA log against region
                   size, the vfio-user guest (iommu off/on) migrated between two hosts
+  bench tls       the same guest migrated between two hosts over plain TCP and over TLS
+                  (tls_dir), 1 and 2 connections: time, MiB/s, ratio
   fuzz [TARGET] [SECONDS]
                   cargo-fuzz targets (fuzz/), each from a scratch copy of its seeds for
                   SECONDS (default 60), or TARGET alone; exits 1 on a crash (needs nightly
