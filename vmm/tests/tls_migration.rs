@@ -471,6 +471,33 @@ fn loopback_sessions_carry_data_and_refuse_the_wrong_peers() {
         );
     });
 
+    // The receiver's certificate names 127.0.0.1 only: reached as localhost, it is
+    // refused (the sender checks the URL's host, not just the CA).
+    let client = ClientTls::load(&tls.sender).unwrap();
+    let by_name: MigrationUrl = format!("tcp:localhost:{}", listener.port().unwrap())
+        .parse()
+        .unwrap();
+    let srv = server.clone();
+    std::thread::scope(|s| {
+        let t = s.spawn(|| {
+            let stream = listener.accept().unwrap();
+            stream.accept_tls(Some(&srv), &|| false).map(drop)
+        });
+        let e = Stream::connect_tls(&by_name, Duration::from_secs(5), Some(&client), false)
+            .map(drop)
+            .expect_err("a certificate for 127.0.0.1 was taken for localhost")
+            .to_string();
+        assert!(
+            e.contains("is not for the address this side connected to"),
+            "{e}"
+        );
+        let e = t
+            .join()
+            .unwrap()
+            .expect_err("the receiver saw a handshake succeed");
+        eprintln!("localhost: the destination: {e}");
+    });
+
     // A TLS sender against a destination answering in the plain protocol.
     let client = ClientTls::load(&tls.sender).unwrap();
     std::thread::scope(|s| {

@@ -753,10 +753,16 @@ fn explain(err: &rustls::Error, server: bool, client: Option<&ClientTls>) -> Str
             };
             if refused_mine && !without.is_empty() {
                 format!("the {theirs} requires a client certificate (TLS alert {a:?}){without}")
+            } else if refused_mine && server {
+                format!(
+                    "the source refused this side's certificate (TLS alert {a:?}); the \
+                     source's error says why: this certificate does not chain to its \
+                     ca-cert.pem, or is not for the address it connected to"
+                )
             } else if refused_mine {
                 format!(
-                    "the {theirs} refused this side's certificate (TLS alert {a:?}){without}: \
-                     it does not chain to the {theirs}'s CA, or is missing"
+                    "the destination refused this side's certificate (TLS alert {a:?}): it \
+                     does not chain to the destination's ca-cert.pem"
                 )
             } else {
                 format!("the {theirs} ended the handshake with TLS alert {a:?}{without}")
