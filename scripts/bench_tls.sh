@@ -19,11 +19,11 @@ done
 command -v openssl >/dev/null || { echo "bench_tls.sh: no openssl (apt-get install openssl)" >&2; exit 1; }
 
 WORK=$(mktemp -d /var/tmp/ferry-bench-tls.XXXXXX)
-PIDS=()
 cleanup() {
+    # Only this shell's own background jobs still running (no name matching).
     local p
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    for p in $(jobs -p); do kill "$p" 2>/dev/null || true; done
+    for p in $(jobs -p); do wait "$p" 2>/dev/null || true; done
     ip netns del "$NS_A" 2>/dev/null || true
     ip netns del "$NS_B" 2>/dev/null || true
     if [ "${KEEP:-0}" = 1 ]; then echo "run directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
@@ -80,17 +80,17 @@ one_run() {
         recv_tls=(--tls-dir "$PKI/recv"); send_tls=(--tls-dir "$PKI/send")
     fi
     ip netns exec "$NS_B" "$FERRY" --api-socket "$d/b.sock" 2>"$d/b.log" &
-    local dst=$!; PIDS+=("$dst")
+    local dst=$!
     ip netns exec "$NS_A" "$FERRY" --api-socket "$d/a.sock" --kernel "$ELF" \
         --cmdline "workload=verify start=1M size=1G" --cpus boot=2 --memory size=2G \
         --serial "file=$d/serial.log" 2>"$d/a.log" &
-    local src=$!; PIDS+=("$src")
+    local src=$!
     local end=$((SECONDS + 30))
     until [ -S "$d/b.sock" ] && [ -S "$d/a.sock" ]; do
         ((SECONDS > end)) && { echo "bench_tls.sh: no API socket" >&2; exit 1; }; sleep 0.05; done
     "$REMOTE" --api-socket "$d/b.sock" receive-migration "tcp:0.0.0.0:$PORT" "${recv_tls[@]}" \
         >"$d/recv.out" 2>&1 &
-    local recv=$!; PIDS+=("$recv")
+    local recv=$!
     wait_for "$d/serial.log" "guest: verified 1 1" 180
     # Past the 2 s after which this host's kernel hands freed memory back (as
     # bench_migration.sh does): every run's destination starts from such memory.
