@@ -80,6 +80,11 @@ struct Cli {
     /// REST API socket (HTTP on a UNIX socket).
     #[arg(long = "api-socket")]
     api_socket: Option<PathBuf>,
+    /// System call filters per thread: true (a call outside its thread's filter ends the
+    /// process, naming thread and call), log (the kernel logs it, the call goes through)
+    /// or false (no filters).
+    #[arg(long, default_value = "true", value_name = "true|false|log")]
+    seccomp: String,
 }
 
 fn config_from(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
@@ -121,6 +126,11 @@ fn main() -> ExitCode {
         .format_timestamp_micros()
         .init();
     let cli = Cli::parse();
+    // Before any other thread exists: every thread inherits the VMM filter.
+    if let Err(e) = cli.seccomp.parse().and_then(ferry_seccomp::init) {
+        eprintln!("ferry: error: {e}");
+        return ExitCode::from(2);
+    }
     let config = match config_from(&cli) {
         Ok(c) => c,
         Err(e) => {

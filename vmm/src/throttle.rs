@@ -48,11 +48,12 @@ impl VcpuThrottle {
                 self.percent.clone(),
                 self.stop.clone(),
             );
-            *thread = Some(
-                std::thread::Builder::new()
-                    .name("throttle".into())
-                    .spawn(move || run(&control, &pct, &stop))?,
-            );
+            *thread = Some(std::thread::Builder::new().name("throttle".into()).spawn(
+                move || {
+                    ferry_seccomp::install_or_exit(ferry_seccomp::ThreadKind::Throttle);
+                    run(&control, &pct, &stop)
+                },
+            )?);
         }
         Ok(())
     }

@@ -291,6 +291,7 @@ pub fn spawn(
     let handle = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
+            ferry_seccomp::install_or_exit(ferry_seccomp::ThreadKind::Vcpu);
             vcpu.bind_to_current_thread();
             // SAFETY: pthread_self has no preconditions.
             let me = unsafe { libc::pthread_self() };

@@ -92,9 +92,10 @@ impl QueueWorker {
         };
         let mut em = EventManager::<Subscriber>::new().map_err(std::io::Error::other)?;
         let stop = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
+        let thread = ferry_seccomp::spawn(
+            ferry_seccomp::ThreadKind::DeviceWorker,
+            name.clone(),
+            move || {
                 em.add_subscriber(sub);
                 while !stop.stop.load(Ordering::Acquire) {
                     if let Err(e) = em.run() {
@@ -102,7 +103,8 @@ impl QueueWorker {
                         break;
                     }
                 }
-            })?;
+            },
+        )?;
         let w = QueueWorker {
             shared,
             control,

@@ -495,12 +495,21 @@ impl Session<'_> {
                     shared.barrier.set_lanes(usize::from(count) + 1);
                     for (i, lane) in lanes.into_iter().enumerate() {
                         let index = i as u16 + 1;
-                        scope.spawn(move || {
-                            if let Err(reason) = lane_loop(shared, lane) {
-                                let e = ReceiveError::Channel { index, reason };
-                                self.lane_failed(shared, e);
-                            }
-                        });
+                        let spawned = std::thread::Builder::new()
+                            .name(format!("mig-recv-{index}"))
+                            .spawn_scoped(scope, move || {
+                                ferry_seccomp::install_or_exit(
+                                    ferry_seccomp::ThreadKind::MigrationReceiver,
+                                );
+                                if let Err(reason) = lane_loop(shared, lane) {
+                                    let e = ReceiveError::Channel { index, reason };
+                                    self.lane_failed(shared, e);
+                                }
+                            });
+                        if let Err(e) = spawned {
+                            let reason = format!("starting its receiving thread: {e}");
+                            return Err(ReceiveError::Channel { index, reason });
+                        }
                     }
                     lanes_open = true;
                     send_step(conn, &Message::ChannelsReady)?;

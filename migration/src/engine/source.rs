@@ -832,14 +832,20 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
                 let threads: Vec<_> = lanes
                     .iter_mut()
                     .zip(&groups[1..])
-                    .map(|(lane, group)| {
-                        s.spawn(move || {
-                            let r = ctx.send_runs(&mut lane.io, &mut lane.buf, group);
-                            if r.is_err() {
-                                ctx.stop.store(true, Ordering::Relaxed);
-                            }
-                            r
-                        })
+                    .enumerate()
+                    .map(|(i, (lane, group))| {
+                        std::thread::Builder::new()
+                            .name(format!("mig-send-{}", i + 1))
+                            .spawn_scoped(s, move || {
+                                ferry_seccomp::install_or_exit(
+                                    ferry_seccomp::ThreadKind::MigrationSender,
+                                );
+                                let r = ctx.send_runs(&mut lane.io, &mut lane.buf, group);
+                                if r.is_err() {
+                                    ctx.stop.store(true, Ordering::Relaxed);
+                                }
+                                r
+                            })
                     })
                     .collect();
                 let main = ctx.send_runs(main_io, main_buf, groups[0]);
@@ -848,12 +854,18 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
                 }
                 let mut all = vec![main];
                 for t in threads {
-                    all.push(t.join().unwrap_or_else(|_| {
-                        Err(SendError::Vm {
+                    all.push(match t {
+                        Ok(t) => t.join().unwrap_or_else(|_| {
+                            Err(SendError::Vm {
+                                op: "send",
+                                reason: "a sending thread panicked".into(),
+                            })
+                        }),
+                        Err(e) => Err(SendError::Vm {
                             op: "send",
-                            reason: "a sending thread panicked".into(),
-                        })
-                    }));
+                            reason: format!("starting a sending thread: {e}"),
+                        }),
+                    });
                 }
                 all
             })
