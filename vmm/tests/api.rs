@@ -64,6 +64,37 @@ fn without_a_vm() {
         .contains("no migration is in progress"));
 }
 
+/// The socket is the VM's whole control: only its owner may connect. Another user (here
+/// `nobody`, uid 65534) is refused by the file's mode; the owner is served.
+#[test]
+fn the_api_socket_is_for_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+
+    let f = ApiFerry::start(&[]);
+    let mode = std::fs::metadata(&f.sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the API socket has mode {mode:o}");
+    // The directory must let `nobody` reach the socket for the mode to be what refuses.
+    std::fs::set_permissions(&f.dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let probe = format!(
+        "import socket; s = socket.socket(socket.AF_UNIX); s.connect({:?})",
+        f.sock.to_str().unwrap()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &probe])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("PermissionError"),
+        "another user connected to the API socket (status {}): {err}",
+        out.status
+    );
+    f.get("vmm.ping", 200);
+}
+
 #[test]
 fn create_checks_the_config() {
     let f = ApiFerry::start(&[]);

@@ -48,7 +48,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
         path: path.to_path_buf(),
         source,
     };
-    match UnixListener::bind(path) {
+    match listen_owner_only(path) {
         Ok(l) => Ok(l),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
             let meta = std::fs::symlink_metadata(path).map_err(io_err)?;
@@ -64,10 +64,67 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
             }
             log::info!("removing stale API socket {}", path.display());
             std::fs::remove_file(path).map_err(io_err)?;
-            UnixListener::bind(path).map_err(io_err)
+            listen_owner_only(path).map_err(io_err)
         }
         Err(e) => Err(io_err(e)),
     }
+}
+
+/// Binds a UNIX socket at `path` readable and writable by its owner only (0600), and
+/// only then listens: a connection attempt before the mode is set is refused, so no
+/// other user ever reaches the API (whoever can connect can run and move the VM).
+fn listen_owner_only(path: &Path) -> io::Result<UnixListener> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a socket path must be shorter than {} bytes and hold no NUL (it has {})",
+                addr.sun_path.len(),
+                bytes.len()
+            ),
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket this function owns from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: addr is a valid sockaddr_un and len does not exceed its size (checked).
+    let r = unsafe {
+        libc::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    // SAFETY: fd is a bound socket this function owns.
+    if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&fd), 128) } != 0 {
+        let e = io::Error::last_os_error();
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(UnixListener::from(fd))
 }
 
 /// A running API server. Dropping it removes the socket file (connections being served
