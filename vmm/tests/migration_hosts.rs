@@ -766,3 +766,271 @@ fn auto_converge_brings_a_guest_that_outruns_a_slow_link_over() {
     dest.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---- The fault matrix (docs/fault-matrix.md): rows not covered above ----
+
+/// A TCP relay on host `ns` from `listen` to `to` that flips one bit of the byte at
+/// offset `at` of what flows towards `to` (a corrupting middlebox). Returns once it
+/// listens; its thread ends when both directions have.
+fn flipping_relay(ns: &str, listen: String, to: String, at: u64) -> std::thread::JoinHandle<u64> {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let (ready, listening) = std::sync::mpsc::channel();
+    let relay = common::netns::spawn_in_netns(ns, move || {
+        let listener = TcpListener::bind(&listen).unwrap();
+        ready.send(()).unwrap();
+        let (mut inbound, _) = listener.accept().unwrap();
+        let mut outbound = TcpStream::connect(&to).unwrap();
+        let (mut back_in, mut back_out) =
+            (inbound.try_clone().unwrap(), outbound.try_clone().unwrap());
+        let back = std::thread::spawn(move || std::io::copy(&mut back_out, &mut back_in));
+        let mut seen = 0u64;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match inbound.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if (seen..seen + n as u64).contains(&at) {
+                buf[(at - seen) as usize] ^= 0x10;
+            }
+            seen += n as u64;
+            if outbound.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = outbound.shutdown(std::net::Shutdown::Both);
+        let _ = inbound.shutdown(std::net::Shutdown::Both);
+        let _ = back.join();
+        seen
+    });
+    listening
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the relay never listened");
+    relay
+}
+
+/// A bit flipped on the wire, 64 MiB into the stream (in the first pass's page data):
+/// the destination's checksum catches it, both sides fail the migration naming why, the
+/// destination runs nothing, the source's guest goes on with nothing lost, and a second
+/// migration (no relay) succeeds.
+#[test]
+fn a_byte_flipped_mid_stream_fails_the_migration_and_the_source_keeps_running() {
+    let hosts = TwoHosts::new(20);
+    let dir = tmpdir("flip");
+    let serial = Serial(dir.join("serial.log"));
+    let (mut dest, receiving) = receiver(&hosts.b, &dir, "dest");
+    let mut src = source(&hosts.a, &dir, &serial, FOREVER, &BIG);
+    serial.wait("guest: verified 1 1", 0, Duration::from_secs(60));
+    let relay_port = PORT + 1;
+    let relay = flipping_relay(
+        &hosts.b,
+        format!("{}:{relay_port}", hosts.addr_b),
+        format!("127.0.0.1:{PORT}"),
+        64 << 20,
+    );
+    let body = json!({"destination_url": format!("tcp:{}:{relay_port}", hosts.addr_b),
+                      "downtime_ms": 1, "auto_converge": false});
+    let (r, took) = src.send_async(body).join().unwrap();
+    assert_eq!(r.status, 500, "the corrupted migration should fail");
+    eprintln!("source's error after {took:?}: {}", r.error_message());
+    let rr = receiving.join().unwrap();
+    assert_eq!(rr.status, 500, "the destination should refuse the stream");
+    let why = rr.error_message();
+    assert!(
+        why.contains("checksum") || why.contains("crc"),
+        "the destination should name the checksum: {why}"
+    );
+    let relayed = relay.join().unwrap();
+    assert!(relayed > 64 << 20, "the relay saw only {relayed} bytes");
+    assert_eq!(
+        dest.api.get("vm.info").unwrap().status,
+        404,
+        "nothing runs on B"
+    );
+    dest.kill();
+    assert_source_runs(&src, &serial);
+    migrate_to_fresh(&hosts, &dir, &mut src, &serial);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// While a migration runs, a second sender connects to the same receiver: it is turned
+/// away (refused, or closed without an answer), and the first migration completes with
+/// nothing lost.
+#[test]
+fn a_second_sender_is_turned_away_and_the_first_migration_completes() {
+    use std::io::{Read, Write};
+    let hosts = TwoHosts::new(21);
+    let dir = tmpdir("second-sender");
+    let serial = Serial(dir.join("serial.log"));
+    let (mut dest, receiving) = receiver(&hosts.b, &dir, "dest");
+    let mut src = source(&hosts.a, &dir, &serial, FOREVER, &BIG);
+    serial.wait("guest: verified 1 1", 0, Duration::from_secs(60));
+    let sending = src.send_async(switching_over(&hosts));
+    src.wait_migration_active();
+    let target = format!("{}:{PORT}", hosts.addr_b);
+    let intruder = common::netns::in_netns(&hosts.a, move || {
+        let start = Instant::now();
+        let mut s = match std::net::TcpStream::connect_timeout(
+            &target.parse().unwrap(),
+            Duration::from_secs(5),
+        ) {
+            Ok(s) => s,
+            Err(e) => return format!("refused: {e}"),
+        };
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let _ = s.write_all(b"FERRY-MIGRATION\0 a second sender with nothing to send\n");
+        let mut b = [0u8; 256];
+        match s.read(&mut b) {
+            Ok(0) => format!("closed after {:?}", start.elapsed()),
+            Ok(n) => format!("answered {n} bytes then: {:?}", s.read(&mut b)),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                format!("closed (reset) after {:?}", start.elapsed())
+            }
+            Err(e) => format!("no answer: {e}"),
+        }
+    });
+    eprintln!("the second sender: {intruder}");
+    assert!(
+        intruder.starts_with("refused") || intruder.starts_with("closed"),
+        "the second sender was not turned away: {intruder}"
+    );
+    let (r, _) = sending.join().unwrap();
+    assert_eq!(r.status, 204, "the first migration: {}", r.error_message());
+    assert_eq!(receiving.join().unwrap().status, 204);
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    let now = serial.text().len();
+    serial.wait("guest: verified", now, Duration::from_secs(30));
+    serial.assert_clean();
+    assert_eq!(dest.info()["state"], "Running");
+    dest.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The destination cannot get memory for the guest (its address space is capped below
+/// the guest's 2 GiB): it fails the migration saying so, runs nothing, and the source's
+/// guest goes on.
+#[test]
+fn a_destination_out_of_memory_fails_the_migration_and_the_source_keeps_running() {
+    let hosts = TwoHosts::new(22);
+    let dir = tmpdir("dest-oom");
+    let serial = Serial(dir.join("serial.log"));
+    let (mut dest, receiving) = receiver(&hosts.b, &dir, "dest");
+    let pid = dest.ferry.as_ref().unwrap().child.id();
+    let cap = libc::rlimit {
+        rlim_cur: 1 << 30,
+        rlim_max: 1 << 30,
+    };
+    // SAFETY: prlimit on the destination's pid with a valid rlimit; the old value is not
+    // asked for.
+    let r = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_AS, &cap, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let src = source(&hosts.a, &dir, &serial, FOREVER, &BIG);
+    serial.wait("guest: verified 1 1", 0, Duration::from_secs(60));
+    let (r, _) = src.send_async(never_converging(&hosts)).join().unwrap();
+    assert_eq!(r.status, 500, "the migration should fail");
+    eprintln!("source's error: {}", r.error_message());
+    let rr = receiving.join().unwrap();
+    assert_eq!(rr.status, 500);
+    let why = rr.error_message();
+    assert!(
+        why.contains("memory") || why.contains("Cannot allocate"),
+        "the destination should say it has no memory for the guest: {why}"
+    );
+    assert_eq!(
+        dest.api.get("vm.info").unwrap().status,
+        404,
+        "nothing runs on B"
+    );
+    dest.kill();
+    assert_source_runs(&src, &serial);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The guest's disk is missing on the destination (here: removed after the source opened
+/// it; the source keeps its open file): the destination fails naming the path, runs
+/// nothing, and the source's guest goes on.
+#[test]
+fn a_disk_missing_on_the_destination_fails_the_migration_and_the_source_keeps_running() {
+    let hosts = TwoHosts::new(23);
+    let dir = tmpdir("no-disk");
+    let serial = Serial(dir.join("serial.log"));
+    let disk = dir.join("disk.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let disk_arg = format!("path={}", disk.display());
+    let (mut dest, receiving) = receiver(&hosts.b, &dir, "dest");
+    let src = source(
+        &hosts.a,
+        &dir,
+        &serial,
+        "workload=verify size=64M",
+        &["--disk", &disk_arg],
+    );
+    serial.wait("guest: verified 0 1", 0, Duration::from_secs(60));
+    std::fs::remove_file(&disk).unwrap();
+    let body = json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b)});
+    let (r, _) = src.send_async(body).join().unwrap();
+    assert_eq!(r.status, 500, "the migration should fail");
+    eprintln!("source's error: {}", r.error_message());
+    let rr = receiving.join().unwrap();
+    assert_eq!(rr.status, 500);
+    let why = rr.error_message();
+    assert!(
+        why.contains(disk.to_str().unwrap()),
+        "the destination should name the missing disk: {why}"
+    );
+    assert_eq!(
+        dest.api.get("vm.info").unwrap().status,
+        404,
+        "nothing runs on B"
+    );
+    dest.kill();
+    assert_source_runs(&src, &serial);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The link slowed to a crawl (1 Mbit/s: the guest's 1.5 GiB would take hours): the
+/// migration's timeout (3 s, Cancel) ends it although the link still moves bytes, the
+/// destination runs nothing and the source's guest goes on with nothing lost.
+#[test]
+fn a_link_slowed_to_a_crawl_times_out_and_the_source_keeps_running() {
+    let hosts = TwoHosts::new(24);
+    let dir = tmpdir("crawl");
+    let serial = Serial(dir.join("serial.log"));
+    let (mut dest, receiving) = receiver(&hosts.b, &dir, "dest");
+    let src = source(&hosts.a, &dir, &serial, FOREVER, &BIG);
+    serial.wait("guest: verified 1 1", 0, Duration::from_secs(60));
+    hosts.limit_rate(1);
+    let mut body = never_converging(&hosts);
+    body["timeout_s"] = json!(3);
+    body["timeout_strategy"] = json!("Cancel");
+    let (r, took) = src.send_async(body).join().unwrap();
+    eprintln!(
+        "over a 1 Mbit/s link: {} after {took:?}: {}",
+        r.status,
+        r.error_message()
+    );
+    assert_eq!(r.status, 500, "{}", r.error_message());
+    assert!(
+        r.error_message().contains("timed out"),
+        "{}",
+        r.error_message()
+    );
+    assert!(
+        took < Duration::from_secs(60),
+        "a 3 s timeout took {took:?} to strike over a crawling link"
+    );
+    let rr = receiving.join().unwrap();
+    assert_eq!(rr.status, 500, "{}", rr.error_message());
+    assert_eq!(
+        dest.api.get("vm.info").unwrap().status,
+        404,
+        "nothing runs on B"
+    );
+    dest.kill();
+    assert_source_runs(&src, &serial);
+    let _ = std::fs::remove_dir_all(&dir);
+}

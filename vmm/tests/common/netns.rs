@@ -116,6 +116,27 @@ impl TwoHosts {
     }
 }
 
+/// Runs `f` on a thread of its own that has joined network namespace `ns` (sockets it
+/// makes live there and keep working from any thread afterwards).
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns(2) on an open namespace file; it changes only this thread.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// [`spawn_in_netns`], waiting for `f`'s result.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    spawn_in_netns(ns, f).join().unwrap()
+}
+
 impl Drop for TwoHosts {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.a]);
