@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ferry's entry points: build, tests, demo (the main job), bench, fuzz.
+# Ferry's entry points: build, tests, demo (the main job), bench, soak, fuzz.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -114,6 +114,13 @@ bench() {
     esac
 }
 
+soak() {
+    check_kvm
+    ensure_packages
+    build
+    "$ROOT/scripts/soak.sh" "$@"
+}
+
 fuzz() {
     # The logic and the per-target settings (-max_len) are in scripts/fuzz.sh.
     "$ROOT/scripts/fuzz.sh" "$@"
@@ -138,6 +145,8 @@ usage: scripts/dev_cli.sh <command>
                   size, the vfio-user guest (iommu off/on) migrated between two hosts
   bench tls       the same guest migrated between two hosts over plain TCP and over TLS
                   (tls_dir), 1 and 2 connections: time, MiB/s, ratio
+  soak [N]        the verify guest ping-ponged between two namespace hosts N times
+                  (default 100): runs, failures, lost pages (docs/benchmarks/soak.md)
   fuzz [TARGET] [SECONDS]
                   cargo-fuzz targets (fuzz/), each from a scratch copy of its seeds for
                   SECONDS (default 60), or TARGET alone; exits 1 on a crash (needs nightly
@@ -154,5 +163,6 @@ case "$cmd" in
     demo) demo ;;
     bench) bench "$@" ;;
     fuzz) fuzz "$@" ;;
+    soak) soak "$@" ;;
     *) usage ;;
 esac
