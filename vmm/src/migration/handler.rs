@@ -10,7 +10,7 @@ use vm_migration::{
 };
 
 use super::tls::{ClientTls, ServerTls};
-use super::transport::{Listener, Stream};
+use super::transport::{LaneAcceptor, Listener, Stream};
 use super::{MachineDestination, MachineSource};
 use crate::api::migration::{MemoryMode, ReceiveMigration, SendMigration, TimeoutStrategy};
 use crate::api::{ApiError, MigrationHandler, Vmm};
@@ -91,14 +91,17 @@ impl MigrationHandler for LiveMigration {
         // Each connection is its own TLS session. The first one's handshake is done here;
         // the extra ones' run when the engine first uses them, after announcing them (the
         // destination accepts them only then).
+        // vm.cancel-migration reaches the handshakes, the deferred ones too.
+        let cancel: super::tls::CancelCheck = {
+            let progress = progress.clone();
+            Arc::new(move || progress.is_cancelled())
+        };
         let connect = |later: bool| {
-            Stream::connect_tls(&req.destination, CONNECT_TIMEOUT, tls.as_ref(), later).map_err(
+            let url = &req.destination;
+            Stream::connect_tls(url, CONNECT_TIMEOUT, tls.as_ref(), later, cancel.clone()).map_err(
                 |e| {
                     progress.set_status(vm_migration::MigrationStatus::Failed);
-                    failed(
-                        ACTION,
-                        format!("cannot connect to {}: {e}", req.destination),
-                    )
+                    failed(ACTION, format!("cannot connect to {url}: {e}"))
                 },
             )
         };
@@ -195,23 +198,25 @@ impl MigrationHandler for LiveMigration {
             return Err(failed(ACTION, reason));
         }
         // The listener stays open for the extra connections the source may announce; each
-        // is its own TLS session, checked as the first.
-        let mut accept = |timeout: Duration| {
-            let deadline = std::time::Instant::now() + timeout;
-            let stop = || progress.is_cancelled() || std::time::Instant::now() >= deadline;
-            listener
-                .accept_until(stop)
-                .and_then(|s| s.accept_tls(tls.as_ref(), &stop))
+        // is its own TLS session, checked as the first, handshaken on its own thread (see
+        // LaneAcceptor).
+        let cancel: super::tls::CancelCheck = {
+            let progress = progress.clone();
+            Arc::new(move || progress.is_cancelled())
         };
         let mut dest = MachineDestination::default();
         dest.user_device_sockets = req.user_devices.iter().map(|u| u.socket.clone()).collect();
-        let result = receive_migration_from(
-            &mut dest,
-            stream,
-            Some(&mut accept),
-            &ReceiveOptions::default(),
-            &progress,
-        );
+        let result = std::thread::scope(|scope| {
+            let mut lanes = LaneAcceptor::new(&listener, tls.clone(), scope, cancel);
+            let mut accept = |timeout: Duration| lanes.accept(timeout);
+            receive_migration_from(
+                &mut dest,
+                stream,
+                Some(&mut accept),
+                &ReceiveOptions::default(),
+                &progress,
+            )
+        });
         drop(listener);
         match result {
             Ok(info) => {

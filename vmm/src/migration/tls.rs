@@ -7,10 +7,11 @@
 //! sender checks the receiver's certificate against the host of the `tcp:HOST:PORT` URL
 //! it was given: an IP address must be in an IP subjectAltName, a name in a DNS one.
 //!
-//! A sender whose directory holds neither `client-cert.pem` nor `client-key.pem`
-//! connects without a certificate (a Ferry receiver then refuses it, saying so); one of
-//! the two without the other is an error naming the missing one. A private key readable
-//! or writable by group or others is refused, naming the file and its mode.
+//! A missing file is an error naming it (the sender needs its certificate and key too: a
+//! Ferry receiver refuses a sender without one). A private key readable or writable by
+//! group or others is refused, naming the file and its mode. Each file is opened once,
+//! without blocking, and checked (regular file, the key's mode) on the descriptor it is
+//! then read from.
 //!
 //! Every connection of a migration (`connections` > 1) is its own TLS session with its
 //! own handshake and checks. [`TlsStream`] carries the engine's bytes; the engine does not
@@ -27,6 +28,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,7 +44,8 @@ pub const SERVER_KEY: &str = "server-key.pem";
 pub const CLIENT_CERT: &str = "client-cert.pem";
 pub const CLIENT_KEY: &str = "client-key.pem";
 
-/// How long a TLS handshake (with the receiver's [`ACCEPTED`] byte) may take.
+/// How long a TLS handshake (with the receiver's [`ACCEPTED`] byte) may take in all,
+/// from its start, however the peer trickles its bytes.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The byte the receiver sends once it accepted the sender's certificate.
 const ACCEPTED: u8 = 0x01;
@@ -50,10 +53,14 @@ const ACCEPTED: u8 = 0x01;
 const WRITE_CHUNK: usize = 256 << 10;
 /// Bytes read from the socket at once (rustls alone would read 4 KiB at a time).
 const READ_BUFFER: usize = 256 << 10;
-/// A write whose records the peer takes none of for this long fails (see [`TlsStream`]).
-const STALL_LIMIT: Duration = super::transport::PEER_SILENCE_LIMIT;
+/// Plaintext encrypted at once: one TLS record's worth, so that what a `write` reports
+/// taken is known to be in the socket record by record.
+const RECORD_PLAIN: usize = 16 << 10;
 /// The first byte of a TLS record carrying a handshake message (a ClientHello).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// A migration's cancel check, kept by a stream whose handshake runs later.
+pub type CancelCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// Why TLS could not be set up: files of the `tls_dir`, or a handshake.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +73,8 @@ pub enum TlsError {
     Unreadable { path: PathBuf, source: io::Error },
     #[error("{0} is not a regular file")]
     NotAFile(PathBuf),
+    #[error("{0} is a symbolic link to a file that does not exist")]
+    DanglingLink(PathBuf),
     #[error(
         "{path} has mode {mode:04o}: a private key must be readable by its owner only \
          (chmod 600 {path})"
@@ -85,8 +94,6 @@ pub enum TlsError {
         key: PathBuf,
         reason: String,
     },
-    #[error("{present} is there but {absent} is missing: a client certificate needs both")]
-    HalfIdentity { present: PathBuf, absent: PathBuf },
     #[error(
         "the host {host:?} of the migration URL cannot be checked against the \
          destination's certificate: {reason}"
@@ -104,7 +111,7 @@ pub enum TlsError {
     PeerPlain { peer: String },
     #[error("TLS handshake with {peer} failed: {reason}")]
     Handshake { peer: String, reason: String },
-    #[error("TLS handshake with {peer}: no progress within {} s", HANDSHAKE_TIMEOUT.as_secs())]
+    #[error("TLS handshake with {peer}: not done within {} s", HANDSHAKE_TIMEOUT.as_secs())]
     HandshakeTimeout { peer: String },
     #[error("TLS handshake with {peer} cancelled")]
     Cancelled { peer: String },
@@ -118,30 +125,55 @@ fn needs(server: bool) -> &'static str {
     }
 }
 
-/// Reads a file of the tls_dir, saying which one when it cannot.
-fn read_file(path: &Path, server: bool) -> Result<Vec<u8>, TlsError> {
-    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => TlsError::Missing {
-            path: path.to_path_buf(),
-            needs: needs(server),
-        },
-        _ => TlsError::Unreadable {
-            path: path.to_path_buf(),
-            source: e,
-        },
-    })?;
+/// Opens a file of the tls_dir once, saying which one when it cannot: without blocking
+/// (a FIFO put in its place opens at once and is refused as not a regular file), and a
+/// regular file by `fstat` on the descriptor read next, so what is checked is what is
+/// read.
+fn open_file(path: &Path, server: bool) -> Result<(std::fs::File, std::fs::Metadata), TlsError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let unreadable = |source| TlsError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            // A symbolic link to nothing is not "missing": say where it points.
+            io::ErrorKind::NotFound
+                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) =>
+            {
+                TlsError::DanglingLink(path.to_path_buf())
+            }
+            io::ErrorKind::NotFound => TlsError::Missing {
+                path: path.to_path_buf(),
+                needs: needs(server),
+            },
+            _ => unreadable(e),
+        })?;
+    let meta = file.metadata().map_err(unreadable)?;
     // Not a FIFO or a device: a read must end.
     if !meta.is_file() {
         return Err(TlsError::NotAFile(path.to_path_buf()));
     }
-    std::fs::read(path).map_err(|source| TlsError::Unreadable {
-        path: path.to_path_buf(),
-        source,
-    })
+    Ok((file, meta))
+}
+
+/// Reads all of a file [`open_file`] opened.
+fn read_open(mut file: std::fs::File, path: &Path) -> Result<Vec<u8>, TlsError> {
+    let mut out = Vec::new();
+    file.read_to_end(&mut out)
+        .map_err(|source| TlsError::Unreadable {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(out)
 }
 
 fn certificates(path: &Path, server: bool) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read_file(path, server)?;
+    let (file, _) = open_file(path, server)?;
+    let pem = read_open(file, path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::BadPem {
@@ -155,17 +187,17 @@ fn certificates(path: &Path, server: bool) -> Result<Vec<CertificateDer<'static>
 }
 
 fn private_key(path: &Path, server: bool) -> Result<PrivateKeyDer<'static>, TlsError> {
-    // Checked before reading: a key others could read is refused whatever it holds.
-    if let Ok(meta) = std::fs::metadata(path) {
-        let mode = meta.permissions().mode() & 0o7777;
-        if meta.is_file() && mode & 0o077 != 0 {
-            return Err(TlsError::KeyExposed {
-                path: path.to_path_buf(),
-                mode,
-            });
-        }
+    // The mode is checked on the descriptor the key is then read from: a key others
+    // could read is refused whatever it holds, and no rename in between changes that.
+    let (file, meta) = open_file(path, server)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(TlsError::KeyExposed {
+            path: path.to_path_buf(),
+            mode,
+        });
     }
-    let pem = read_file(path, server)?;
+    let pem = read_open(file, path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey(path.to_path_buf()),
         e => TlsError::BadPem {
@@ -211,8 +243,6 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub struct ClientTls {
     config: Arc<ClientConfig>,
     dir: PathBuf,
-    /// Whether this side presents a certificate.
-    identity: bool,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -233,60 +263,48 @@ impl ClientTls {
                 reason: e.to_string(),
             })?
             .with_root_certificates(roots);
-        let (config, identity) = match (cert.exists(), key.exists()) {
-            (false, false) => {
-                log::warn!(
-                    "{} holds no {CLIENT_CERT} and no {CLIENT_KEY}: connecting without a \
-                     client certificate (a Ferry destination refuses that)",
-                    dir.display()
-                );
-                (builder.with_no_client_auth(), false)
-            }
-            (true, false) => {
-                return Err(TlsError::HalfIdentity {
-                    present: cert,
-                    absent: key,
-                })
-            }
-            (false, true) => {
-                return Err(TlsError::HalfIdentity {
-                    present: key,
-                    absent: cert,
-                })
-            }
-            (true, true) => {
-                let key_der = private_key(&key, false)?;
-                let chain = certificates(&cert, false)?;
-                let config = builder.with_client_auth_cert(chain, key_der).map_err(|e| {
-                    TlsError::BadIdentity {
-                        cert,
-                        key,
-                        reason: e.to_string(),
-                    }
+        // Both files are required: without a certificate a Ferry destination refuses
+        // the connection anyway, so that is said here, naming the file, before connecting.
+        let chain = certificates(&cert, false)?;
+        let key_der = private_key(&key, false)?;
+        let config =
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| TlsError::BadIdentity {
+                    cert,
+                    key,
+                    reason: e.to_string(),
                 })?;
-                (config, true)
-            }
-        };
         Ok(ClientTls {
             config: Arc::new(config),
             dir: dir.to_path_buf(),
-            identity,
         })
     }
 
     /// Starts TLS on `sock` (connected to `host`, the URL's) and completes the handshake,
-    /// including the receiver's word that it accepted this side's certificate.
-    pub fn connect(&self, sock: TcpStream, host: &str) -> Result<TlsStream, TlsError> {
-        let mut s = self.connect_later(sock, host)?;
+    /// including the receiver's word that it accepted this side's certificate; `cancel`
+    /// (the migration's cancel check) ends it early.
+    pub fn connect(
+        &self,
+        sock: TcpStream,
+        host: &str,
+        cancel: CancelCheck,
+    ) -> Result<TlsStream, TlsError> {
+        let mut s = self.connect_later(sock, host, cancel)?;
         s.finish_handshake()?;
         Ok(s)
     }
 
-    /// As [`Self::connect`], with the handshake run by the stream's first read or write.
-    /// For a migration's extra connections: the receiver accepts them (and so answers
-    /// their handshakes) only once the first connection announced them, so the sender
-    /// cannot wait for their handshakes before it starts.
-    pub fn connect_later(&self, sock: TcpStream, host: &str) -> Result<TlsStream, TlsError> {
+    /// As [`Self::connect`], with the handshake run by the stream's first read or write
+    /// (which keeps `cancel` for it). For a migration's extra connections: the receiver
+    /// accepts them (and so answers their handshakes) only once the first connection
+    /// announced them, so the sender cannot wait for their handshakes before it starts.
+    pub fn connect_later(
+        &self,
+        sock: TcpStream,
+        host: &str,
+        cancel: CancelCheck,
+    ) -> Result<TlsStream, TlsError> {
         let peer = peer_name(&sock);
         let name = ServerName::try_from(host.to_string()).map_err(|e| TlsError::BadServerName {
             host: host.to_string(),
@@ -298,8 +316,8 @@ impl ClientTls {
                 reason: e.to_string(),
             }
         })?;
-        let mut s = TlsStream::new(Connection::Client(conn), sock, peer);
-        s.pending = Some(self.clone());
+        let mut s = TlsStream::new(Connection::Client(conn), sock, peer, self.dir.join(CA_CERT));
+        s.pending = Some((self.clone(), cancel));
         Ok(s)
     }
 }
@@ -361,8 +379,8 @@ impl ServerTls {
             peer: peer.clone(),
             reason: e.to_string(),
         })?;
-        let mut s = TlsStream::new(Connection::Server(conn), sock, peer);
-        s.handshake(stop, None)?;
+        let mut s = TlsStream::new(Connection::Server(conn), sock, peer, self.dir.join(CA_CERT));
+        s.run_handshake(stop, None)?;
         Ok(s)
     }
 }
@@ -374,7 +392,7 @@ fn peer_name(sock: &TcpStream) -> String {
 }
 
 /// The socket under a TLS session: reads go through a large buffer (rustls reads 4 KiB
-/// at a time), writes straight to the socket.
+/// at a time); the handshake writes straight to the socket.
 struct BufSock {
     sock: TcpStream,
     buf: Box<[u8]>,
@@ -430,18 +448,39 @@ impl Write for BufSock {
 /// One TLS session over one TCP connection of a migration, as a
 /// [`vm_migration::MigrationStream`].
 ///
-/// It keeps the engine's rule that a `read` or `write` that timed out moved nothing:
-/// timeouts of the socket (the engine's short poll interval) come back as they are, and a
-/// `write` returns only once the records of what it took are in the socket, so no
-/// engine data waits in rustls while the engine waits for the peer. (A `write` whose
-/// records the peer takes none of for [`STALL_LIMIT`] fails; the engine's own limit for
-/// a silent peer is shorter.)
+/// It keeps the engine's rules: a `read` or `write` that timed out moved nothing, and no
+/// call waits much longer than the socket's timeout (the engine's short poll interval),
+/// so the engine's own cancel and stop checks, its limit for a silent peer and its
+/// bounded last words all work as over plain TCP. A `write` encrypts up to
+/// [`WRITE_CHUNK`] one record at a time, tries once (for about one socket timeout) to
+/// hand the records to the socket, and reports taken only the plaintext whose records
+/// are all in the socket. Records encrypted but not sent in full are kept with their
+/// plaintext: the caller's next `write` repeats those bytes (as `io::Write` callers do
+/// with what a write did not take), and they are finished, not encrypted again. So
+/// nothing the engine was told is sent waits in this stream: the engine's extra
+/// connections end a pass with a `write` and no `flush`, and the destination waits for
+/// that pass's end before it answers. `read` and `flush` send what is pending first (the
+/// peer may wait for it); a socket timeout comes back as the socket's own error.
 pub struct TlsStream {
     conn: Connection,
     sock: BufSock,
     peer: String,
-    /// A client's handshake still to run (see [`ClientTls::connect_later`]).
-    pending: Option<ClientTls>,
+    /// This side's ca-cert.pem (for error messages).
+    ca: PathBuf,
+    /// A client's handshake still to run, with the migration's cancel check (see
+    /// [`ClientTls::connect_later`]).
+    pending: Option<(ClientTls, CancelCheck)>,
+    /// Why the handshake failed: every later call fails with it.
+    failed: Option<String>,
+    /// Records for the socket, in rustls's order; `out_pos` of them are sent.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// Plaintext encrypted into `out` but not yet reported taken, and how much of `out`
+    /// (from `out_pos`) its records still are.
+    owed: Vec<u8>,
+    owed_cipher: usize,
+    /// The socket's write timeout in ns (0: none), as last set through this stream.
+    write_timeout_ns: AtomicU64,
 }
 
 fn is_timeout(e: &io::Error) -> bool {
@@ -483,7 +522,7 @@ impl std::fmt::Display for SessionError {
 impl std::error::Error for SessionError {}
 
 impl TlsStream {
-    fn new(mut conn: Connection, sock: TcpStream, peer: String) -> TlsStream {
+    fn new(mut conn: Connection, sock: TcpStream, peer: String, ca: PathBuf) -> TlsStream {
         // What one `write` takes must fit at once (see `write`).
         conn.set_buffer_limit(Some(2 * WRITE_CHUNK));
         TlsStream {
@@ -496,19 +535,47 @@ impl TlsStream {
                 first: Vec::new(),
             },
             peer,
+            ca,
             pending: None,
+            failed: None,
+            out: Vec::new(),
+            out_pos: 0,
+            owed: Vec::new(),
+            owed_cipher: 0,
+            write_timeout_ns: AtomicU64::new(0),
         }
+    }
+
+    /// Runs the handshake, remembering a failure (see [`Self::ready`]).
+    fn run_handshake(
+        &mut self,
+        stop: &dyn Fn() -> bool,
+        client: Option<&ClientTls>,
+    ) -> Result<(), TlsError> {
+        let r = self.handshake(stop, client);
+        if let Err(e) = &r {
+            self.failed = Some(e.to_string());
+        }
+        r
     }
 
     /// Runs the client's handshake if it has not run yet.
     fn finish_handshake(&mut self) -> Result<(), TlsError> {
-        if let Some(client) = self.pending.take() {
-            self.handshake(&|| false, Some(&client))?;
+        if let Some((client, cancel)) = self.pending.take() {
+            self.run_handshake(&*cancel, Some(&client))?;
         }
         Ok(())
     }
 
-    fn finish_handshake_io(&mut self) -> io::Result<()> {
+    /// Before any read or write: the handshake done (running a deferred one), and not
+    /// failed (a failed session is not used half set up).
+    fn ready(&mut self) -> io::Result<()> {
+        if let Some(reason) = &self.failed {
+            return Err(io::Error::other(format!(
+                "TLS session with {} is unusable: its handshake failed ({reason})",
+                self.peer
+            )));
+        }
         self.finish_handshake().map_err(io::Error::other)
     }
 
@@ -516,28 +583,85 @@ impl TlsStream {
         &self.sock.sock
     }
 
+    /// Sets the socket's write timeout, which also bounds how long one `write` pushes.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.sock.sock.set_write_timeout(t)?;
+        let ns = t.map_or(0, |t| t.as_nanos().min(u64::MAX as u128) as u64);
+        self.write_timeout_ns.store(ns, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn write_timeout(&self) -> Option<Duration> {
+        match self.write_timeout_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+
     fn is_server(&self) -> bool {
         matches!(self.conn, Connection::Server(_))
     }
 
-    /// Hands every pending TLS record to the socket, retrying its timeouts while the peer
-    /// takes some of them at least every [`STALL_LIMIT`].
-    fn push_all(&mut self) -> io::Result<()> {
-        let mut last_progress = Instant::now();
+    /// Moves what rustls has to send (records, alerts, key updates) to `out`.
+    fn collect(&mut self) {
         while self.conn.wants_write() {
-            match self.conn.write_tls(&mut self.sock) {
+            // Into a Vec: it cannot fail.
+            if self.conn.write_tls(&mut self.out).is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Sends `out` to the socket while the socket takes it, stopping (Ok, some left)
+    /// after `until`; a socket error, its timeout included, returns as it is.
+    fn send_out(&mut self, until: Option<Instant>) -> io::Result<()> {
+        while self.out_pos < self.out.len() {
+            match self.sock.sock.write(&self.out[self.out_pos..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(_) => last_progress = Instant::now(),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if is_timeout(&e) => {
-                    if last_progress.elapsed() >= STALL_LIMIT {
-                        return Err(io::Error::other(format!(
-                            "TLS to {}: the peer took no data for {} ms",
-                            self.peer,
-                            STALL_LIMIT.as_millis()
-                        )));
+                Ok(n) => {
+                    self.out_pos += n;
+                    self.owed_cipher = self.owed_cipher.saturating_sub(n);
+                    if until.is_some_and(|u| Instant::now() >= u) {
+                        break;
                     }
                 }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the sent part of `out`.
+    fn compact(&mut self) {
+        if self.out_pos == self.out.len() {
+            self.out.clear();
+        } else {
+            self.out.drain(..self.out_pos);
+        }
+        self.out_pos = 0;
+    }
+
+    /// Sends everything pending (before this side waits for the peer, or on `flush`):
+    /// Ok once all is in the socket; the socket's error if it took nothing for one of
+    /// its timeouts.
+    fn send_pending(&mut self) -> io::Result<()> {
+        self.collect();
+        let r = self.send_out(None);
+        self.compact();
+        r
+    }
+
+    /// Hands the handshake's records to the socket until `deadline`.
+    fn push_handshake(&mut self, deadline: Instant) -> io::Result<()> {
+        while self.conn.wants_write() {
+            if Instant::now() >= deadline {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            match self.conn.write_tls(&mut self.sock) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
@@ -563,33 +687,36 @@ impl TlsStream {
         };
         TlsError::Handshake {
             peer,
-            reason: explain(err, self.is_server(), client),
+            reason: explain(err, self.is_server(), &self.ca),
         }
     }
 
-    /// Completes the handshake: bounded by [`HANDSHAKE_TIMEOUT`] without progress and by
-    /// `stop`. The server first checks that the peer speaks TLS at all; the client
-    /// (`client` given) then waits for the server's [`ACCEPTED`].
+    /// Completes the handshake within [`HANDSHAKE_TIMEOUT`] from now in all (a peer
+    /// sending a byte now and then does not keep it going), ended early by `stop`. The
+    /// server first checks that the peer speaks TLS at all; the client (`client` given)
+    /// then waits for the server's [`ACCEPTED`].
     fn handshake(
         &mut self,
         stop: &dyn Fn() -> bool,
         client: Option<&ClientTls>,
     ) -> Result<(), TlsError> {
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
         let poll = Some(vm_migration::transport::POLL_INTERVAL);
         let _ = self.sock.sock.set_read_timeout(poll);
-        let _ = self.sock.sock.set_write_timeout(poll);
-        let mut last_progress = Instant::now();
-        let timed_out = |at: Instant, peer: &str| -> Result<(), TlsError> {
+        let _ = self.set_write_timeout(poll);
+        let check = |peer: &str| -> Result<(), TlsError> {
             if stop() {
                 return Err(TlsError::Cancelled { peer: peer.into() });
             }
-            if at.elapsed() >= HANDSHAKE_TIMEOUT {
+            if Instant::now() >= deadline {
                 return Err(TlsError::HandshakeTimeout { peer: peer.into() });
             }
             Ok(())
         };
+        let retry = |e: &io::Error| is_timeout(e) || e.kind() == io::ErrorKind::Interrupted;
         if self.is_server() {
             loop {
+                check(&self.peer)?;
                 match self.sock.fill() {
                     Ok(0) => {
                         return Err(TlsError::Handshake {
@@ -598,9 +725,7 @@ impl TlsStream {
                         })
                     }
                     Ok(_) => break,
-                    Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {
-                        timed_out(last_progress, &self.peer)?
-                    }
+                    Err(e) if retry(&e) => {}
                     Err(e) => return Err(self.handshake_error(&e, None)),
                 }
             }
@@ -612,12 +737,11 @@ impl TlsStream {
             }
         }
         while self.conn.is_handshaking() {
+            check(&self.peer)?;
             if self.conn.wants_write() {
                 match self.conn.write_tls(&mut self.sock) {
-                    Ok(_) => last_progress = Instant::now(),
-                    Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {
-                        timed_out(last_progress, &self.peer)?
-                    }
+                    Ok(_) => {}
+                    Err(e) if retry(&e) => {}
                     Err(e) => return Err(self.handshake_error(&e, client)),
                 }
                 continue;
@@ -627,39 +751,28 @@ impl TlsStream {
                     let e = io::Error::from(io::ErrorKind::UnexpectedEof);
                     return Err(self.handshake_error(&e, client));
                 }
-                Ok(_) => last_progress = Instant::now(),
-                Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {
-                    timed_out(last_progress, &self.peer)?;
-                    continue;
-                }
+                Ok(_) => {}
+                Err(e) if retry(&e) => continue,
                 Err(e) => return Err(self.handshake_error(&e, client)),
             }
-            if let Err(e) = self.conn.process_new_packets() {
-                // Tell the peer why (the alert rustls queued), then give up.
-                let _ = self.push_all();
-                let e = io::Error::new(io::ErrorKind::InvalidData, e);
-                return Err(self.handshake_error(&e, client));
-            }
+            self.process_in_handshake(client)?;
         }
-        let fail = |s: &Self, e: io::Error| s.handshake_error(&e, client);
         if client.is_none() {
             // The client's certificate is checked: say so (see the module's comment).
-            self.conn
-                .writer()
-                .write_all(&[ACCEPTED])
-                .map_err(|e| fail(self, e))?;
+            let sent = self.conn.writer().write_all(&[ACCEPTED]);
+            sent.map_err(|e| self.handshake_error(&e, client))?;
         }
-        self.push_all().map_err(|e| fail(self, e))?;
+        if let Err(e) = self.push_handshake(deadline) {
+            check(&self.peer)?;
+            return Err(self.handshake_error(&e, client));
+        }
         if client.is_some() {
             let mut b = [0u8; 1];
             loop {
-                match self.read(&mut b) {
+                check(&self.peer)?;
+                match self.conn.reader().read(&mut b) {
                     Ok(1) if b[0] == ACCEPTED => break,
-                    Ok(0) => {
-                        let e = io::Error::from(io::ErrorKind::UnexpectedEof);
-                        return Err(fail(self, e));
-                    }
-                    Ok(_) => {
+                    Ok(1) => {
                         return Err(TlsError::Handshake {
                             peer: self.peer.clone(),
                             reason: format!(
@@ -669,12 +782,34 @@ impl TlsStream {
                             ),
                         })
                     }
-                    Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {
-                        timed_out(last_progress, &self.peer)?
+                    Ok(_) => {
+                        let e = io::Error::from(io::ErrorKind::UnexpectedEof);
+                        return Err(self.handshake_error(&e, client));
                     }
-                    Err(e) => return Err(fail(self, e)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(self.handshake_error(&e, client)),
+                }
+                match self.conn.read_tls(&mut self.sock) {
+                    Ok(0) => {
+                        let e = io::Error::from(io::ErrorKind::UnexpectedEof);
+                        return Err(self.handshake_error(&e, client));
+                    }
+                    Ok(_) => self.process_in_handshake(client)?,
+                    Err(e) if retry(&e) => {}
+                    Err(e) => return Err(self.handshake_error(&e, client)),
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Processes records read during the handshake; on a TLS error, tells the peer why
+    /// (the alert rustls queued, best effort for a second) and explains it.
+    fn process_in_handshake(&mut self, client: Option<&ClientTls>) -> Result<(), TlsError> {
+        if let Err(e) = self.conn.process_new_packets() {
+            let _ = self.push_handshake(Instant::now() + Duration::from_secs(1));
+            let e = io::Error::new(io::ErrorKind::InvalidData, e);
+            return Err(self.handshake_error(&e, client));
         }
         Ok(())
     }
@@ -687,6 +822,21 @@ impl TlsStream {
             "this destination takes migrations over TLS only: give vm.send-migration a \
              tls_dir",
         );
+    }
+
+    /// A TLS error in an established session, with the alert (if any) sent to the peer.
+    fn session_error(&mut self, e: rustls::Error) -> io::Error {
+        self.collect();
+        let until = Instant::now() + Duration::from_secs(1);
+        let _ = self.send_out(Some(until));
+        self.compact();
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            SessionError {
+                peer: self.peer.clone(),
+                err: e,
+            },
+        )
     }
 }
 
@@ -713,14 +863,17 @@ pub fn refuse_in_plain(sock: &mut TcpStream, reason: &str) {
     }
 }
 
-/// What a failed handshake means, for the side that saw `err`.
-fn explain(err: &rustls::Error, server: bool, client: Option<&ClientTls>) -> String {
+/// What a failed handshake means, for the side that saw `err`; `ca`: this side's
+/// ca-cert.pem.
+fn explain(err: &rustls::Error, server: bool, ca: &Path) -> String {
     use rustls::Error as E;
     let mine = if server { "destination" } else { "source" };
     let theirs = if server { "source" } else { "destination" };
     match err {
         E::InvalidCertificate(CertificateError::UnknownIssuer) => format!(
-            "the {theirs}'s certificate does not chain to this side's {CA_CERT} (a different CA?)"
+            "the {theirs}'s certificate does not chain to this side's CA certificate {} (a \
+             different CA?)",
+            ca.display()
         ),
         E::InvalidCertificate(
             c @ (CertificateError::NotValidForName
@@ -744,16 +897,7 @@ fn explain(err: &rustls::Error, server: bool, client: Option<&ClientTls>) -> Str
                     | AlertDescription::AccessDenied
                     | AlertDescription::UnsupportedCertificate
             );
-            let without = match client {
-                Some(c) if !c.identity => format!(
-                    " (this side has no client certificate: {} holds no {CLIENT_CERT})",
-                    c.dir.display()
-                ),
-                _ => String::new(),
-            };
-            if refused_mine && !without.is_empty() {
-                format!("the {theirs} requires a client certificate (TLS alert {a:?}){without}")
-            } else if refused_mine && server {
+            if refused_mine && server {
                 format!(
                     "the source refused this side's certificate (TLS alert {a:?}); the \
                      source's error says why: this certificate does not chain to its \
@@ -765,7 +909,7 @@ fn explain(err: &rustls::Error, server: bool, client: Option<&ClientTls>) -> Str
                      does not chain to the destination's ca-cert.pem"
                 )
             } else {
-                format!("the {theirs} ended the handshake with TLS alert {a:?}{without}")
+                format!("the {theirs} ended the handshake with TLS alert {a:?}")
             }
         }
         E::InvalidMessage(_) | E::InappropriateMessage { .. } => format!(
@@ -778,7 +922,7 @@ fn explain(err: &rustls::Error, server: bool, client: Option<&ClientTls>) -> Str
 
 impl Read for TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.finish_handshake_io()?;
+        self.ready()?;
         loop {
             match self.conn.reader().read(buf) {
                 Ok(n) => return Ok(n),
@@ -788,10 +932,9 @@ impl Read for TlsStream {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
                 Err(e) => return Err(e),
             }
-            // Alerts or key updates rustls wants to answer.
-            if self.conn.wants_write() {
-                self.push_all()?;
-            }
+            // Before waiting for the peer: what this side still has to send (the peer may
+            // be waiting for it), alerts and key updates rustls answers included.
+            self.send_pending()?;
             // A timeout here moved no plaintext: bytes read stay in rustls's buffer.
             if self.conn.read_tls(&mut self.sock)? == 0 {
                 // EOF: what is buffered, then Ok(0).
@@ -818,51 +961,92 @@ impl Read for TlsStream {
     }
 }
 
-impl TlsStream {
-    /// A TLS error in an established session, with the alert (if any) sent to the peer.
-    fn session_error(&mut self, e: rustls::Error) -> io::Error {
-        let _ = self.push_all();
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            SessionError {
-                peer: self.peer.clone(),
-                err: e,
-            },
-        )
-    }
-}
-
 impl Write for TlsStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.finish_handshake_io()?;
-        // Whatever an earlier call left behind goes first; a timeout here took nothing.
-        if self.conn.wants_write() {
-            match self.conn.write_tls(&mut self.sock) {
-                Ok(_) => {}
-                Err(e) => return Err(e),
+        self.ready()?;
+        let until = self.write_timeout().map(|t| Instant::now() + t);
+        if !self.owed.is_empty() {
+            // A write that timed out left records of these bytes unsent; the caller
+            // repeats them now, and they are finished (encrypting them again would send
+            // them twice).
+            if !buf.starts_with(&self.owed) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "TLS to {}: after a write that timed out, the next one must repeat \
+                         the {} bytes it did not take",
+                        self.peer,
+                        self.owed.len()
+                    ),
+                ));
             }
-            if self.conn.wants_write() {
-                return Err(io::ErrorKind::WouldBlock.into());
+            let r = self.send_out(until);
+            self.compact();
+            r?;
+            if self.owed_cipher > 0 {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            let n = self.owed.len();
+            self.owed.clear();
+            return Ok(n);
+        }
+        // Alerts or key updates rustls has to send go first; a timeout here took nothing.
+        self.collect();
+        let r = self.send_out(until);
+        self.compact();
+        r?;
+        if !self.out.is_empty() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        let take = &buf[..buf.len().min(WRITE_CHUNK)];
+        if take.is_empty() {
+            return Ok(0);
+        }
+        // Record by record, noting where each one's bytes end in `out` and in `take`.
+        let mut ends = [(0usize, 0usize); WRITE_CHUNK / RECORD_PLAIN];
+        let mut records = 0;
+        let mut taken = 0;
+        for piece in take.chunks(RECORD_PLAIN) {
+            let n = self.conn.writer().write(piece)?;
+            self.collect();
+            taken += n;
+            ends[records] = (self.out.len(), taken);
+            records += 1;
+            if n < piece.len() {
+                break;
             }
         }
-        let n = self
-            .conn
-            .writer()
-            .write(&buf[..buf.len().min(WRITE_CHUNK)])?;
-        // Taken: it must reach the socket before this call returns.
-        self.push_all()?;
-        Ok(n)
+        let r = self.send_out(until);
+        let sent = self.out_pos;
+        let done = ends[..records]
+            .iter()
+            .take_while(|&&(end, _)| end <= sent)
+            .last()
+            .map_or(0, |&(_, plain)| plain);
+        if done < taken {
+            self.owed = take[done..taken].to_vec();
+            self.owed_cipher = self.out.len() - sent;
+        }
+        self.compact();
+        match r {
+            _ if done > 0 => Ok(done),
+            Err(e) => Err(e),
+            Ok(()) => Err(io::ErrorKind::TimedOut.into()),
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.finish_handshake_io()?;
-        self.push_all()
+        self.ready()?;
+        self.send_pending()
     }
 }
 
 impl vm_migration::MigrationStream for TlsStream {
     fn set_io_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
-        vm_migration::MigrationStream::set_io_timeouts(&self.sock.sock, timeout)
+        vm_migration::MigrationStream::set_io_timeouts(&self.sock.sock, timeout)?;
+        let ns = timeout.map_or(0, |t| t.as_nanos().min(u64::MAX as u128) as u64);
+        self.write_timeout_ns.store(ns, Ordering::Relaxed);
+        Ok(())
     }
 
     fn shutdown_both(&self) {
@@ -945,7 +1129,7 @@ mod tests {
     }
 
     #[test]
-    fn half_a_client_identity_names_the_missing_file() {
+    fn a_client_without_certificate_or_key_names_the_missing_file() {
         let d = dir("half");
         // Any CA that parses gets this far; a self-signed one made here by openssl.
         let st = std::process::Command::new("openssl")
@@ -965,16 +1149,65 @@ mod tests {
             .status()
             .expect("run openssl");
         assert!(st.success());
-        write(&d.join(CLIENT_CERT), "x", 0o644);
+        // Neither: an error naming the certificate (no connecting without one).
+        let e = ClientTls::load(&d).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("{} is missing", d.join(CLIENT_CERT).display()))
+                && e.contains("client-key.pem"),
+            "{e}"
+        );
+        // The certificate without the key: the key is named.
+        std::fs::copy(d.join(CA_CERT), d.join(CLIENT_CERT)).unwrap();
         let e = ClientTls::load(&d).unwrap_err().to_string();
         assert!(
             e.contains(&format!("{} is missing", d.join(CLIENT_KEY).display())),
             "{e}"
         );
-        std::fs::remove_file(d.join(CLIENT_CERT)).unwrap();
-        // Neither: no client certificate (the destination refuses that, not this side).
-        let c = ClientTls::load(&d).unwrap();
-        assert!(!c.identity);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_dangling_link_and_an_unreadable_file_are_told_apart_from_missing() {
+        let d = dir("links");
+        let ca = d.join(CA_CERT);
+        std::os::unix::fs::symlink(d.join("gone.pem"), &ca).unwrap();
+        let e = ClientTls::load(&d).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("{} is a symbolic link", ca.display())) && !e.contains("missing"),
+            "{e}"
+        );
+        std::fs::remove_file(&ca).unwrap();
+        // A file its owner cannot read (root reads anything: then nothing to see).
+        write(&ca, "x", 0o000);
+        if std::fs::File::open(&ca).is_err() {
+            let e = ClientTls::load(&d).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("cannot read {}", ca.display())) && !e.contains("missing"),
+                "{e}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_key_is_checked_and_read_through_one_descriptor() {
+        let d = dir("keyfifo");
+        let key = d.join(SERVER_KEY);
+        // A FIFO in the key's place: refused at once (opening it does not wait for a
+        // writer), not read.
+        let st = std::process::Command::new("mkfifo")
+            .arg(&key)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let start = Instant::now();
+        let e = private_key(&key, true).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use vm_migration::transport::FdUnixStream;
 
-use super::tls::{ClientTls, ServerTls, TlsError, TlsStream};
+use super::tls::{CancelCheck, ClientTls, ServerTls, TlsError, TlsStream};
 
 /// How long unacknowledged data may sit on a TCP connection before the kernel gives up
 /// (TCP_USER_TIMEOUT), and how long a blocking read may wait for the peer.
@@ -183,7 +183,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
             Stream::Unix(s) => s.get_ref().set_write_timeout(t),
-            Stream::Tls(s) => s.tcp().set_write_timeout(t),
+            Stream::Tls(s) => s.set_write_timeout(t),
         }
     }
 
@@ -220,22 +220,24 @@ impl Stream {
 
     /// Connects to `url` and, with `tls`, runs the TLS handshake on the connection
     /// (`later`: on its first read or write, see [`ClientTls::connect_later`]), checking
-    /// the destination's certificate against the URL's host. TLS needs a `tcp:` URL (the
-    /// API refuses `tls_dir` with `unix:`).
+    /// the destination's certificate against the URL's host; `cancel` (the migration's
+    /// cancel check) ends the handshake early, the deferred one too. TLS needs a `tcp:`
+    /// URL (the API refuses `tls_dir` with `unix:`).
     pub fn connect_tls(
         url: &MigrationUrl,
         timeout: Duration,
         tls: Option<&ClientTls>,
         later: bool,
+        cancel: CancelCheck,
     ) -> io::Result<Stream> {
         let s = Stream::connect(url, timeout)?;
         match (s, tls, url) {
             (s, None, _) => Ok(s),
             (Stream::Tcp(t), Some(tls), MigrationUrl::Tcp { host, .. }) => {
                 let t = if later {
-                    tls.connect_later(t, host)
+                    tls.connect_later(t, host, cancel)
                 } else {
-                    tls.connect(t, host)
+                    tls.connect(t, host, cancel)
                 }
                 .map_err(tls_io_error)?;
                 Ok(Stream::Tls(Box::new(t)))
@@ -474,6 +476,96 @@ impl vm_migration::MigrationStream for Stream {
             Stream::Unix(s) => s.take_fds(),
             Stream::Tcp(_) | Stream::Tls(_) => Vec::new(),
         }
+    }
+}
+
+/// Accepts a migration's extra connections on the receiver, each TLS handshake on its
+/// own thread (in `scope`).
+///
+/// Why here and not on the sender: the sender runs each extra connection's handshake
+/// when it first writes to it, one connection after another in its own lane order,
+/// while connections are accepted in the order they reach this side. Handshaking them
+/// one by one here would wait on one the sender does not serve yet while the sender
+/// waits on another (both until the handshake timeout). With a thread each, whatever
+/// order the sender takes is served, whoever it is (a stray or slow peer holds only its
+/// own thread), and the sender stays simple.
+pub struct LaneAcceptor<'a, 'scope, 'env> {
+    listener: &'a Listener,
+    tls: Option<ServerTls>,
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    cancel: CancelCheck,
+    /// Set when the migration no longer takes connections: handshakes still running end.
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Handshakes finished (accepted or failed), in the order they finished.
+    ready: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<io::Result<Stream>>>>,
+}
+
+impl<'a, 'scope, 'env> LaneAcceptor<'a, 'scope, 'env> {
+    pub fn new(
+        listener: &'a Listener,
+        tls: Option<ServerTls>,
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        cancel: CancelCheck,
+    ) -> Self {
+        LaneAcceptor {
+            listener,
+            tls,
+            scope,
+            cancel,
+            done: Default::default(),
+            ready: Default::default(),
+        }
+    }
+
+    fn take_ready(&self) -> Option<io::Result<Stream>> {
+        self.ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
+    }
+
+    /// The next connection whose handshake completed (or failed), accepting and starting
+    /// handshakes meanwhile, for up to `timeout` or until cancelled.
+    pub fn accept(&mut self, timeout: Duration) -> io::Result<Stream> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(r) = self.take_ready() {
+                return r;
+            }
+            let ready = &self.ready;
+            let cancel = &self.cancel;
+            let got = self.listener.accept_until(|| {
+                cancel()
+                    || std::time::Instant::now() >= deadline
+                    || !ready.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+            });
+            let s = match got {
+                Ok(s) => s,
+                Err(e) => match self.take_ready() {
+                    Some(r) => return r,
+                    None => return Err(e),
+                },
+            };
+            let Some(tls) = self.tls.clone() else {
+                return Ok(s);
+            };
+            let (cancel, done, ready) =
+                (self.cancel.clone(), self.done.clone(), self.ready.clone());
+            std::thread::Builder::new()
+                .name("mig-tls-accept".into())
+                .spawn_scoped(self.scope, move || {
+                    let stop = || cancel() || done.load(std::sync::atomic::Ordering::Relaxed);
+                    let r = s.accept_tls(Some(&tls), &stop);
+                    ready.lock().unwrap_or_else(|e| e.into_inner()).push_back(r);
+                })?;
+        }
+    }
+}
+
+impl Drop for LaneAcceptor<'_, '_, '_> {
+    /// Handshakes still running end at their next check (within 100 ms).
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -137,7 +137,8 @@ pub struct TlsDirs {
     pub sender_wrong_ca: PathBuf,
     /// A sender whose client certificate the receiver's CA did not sign.
     pub sender_foreign_cert: PathBuf,
-    /// A sender with the right CA and no client certificate at all.
+    /// A sender with the right CA and no client certificate at all (refused when loaded,
+    /// naming client-cert.pem).
     pub sender_no_cert: PathBuf,
 }
 
