@@ -23,7 +23,9 @@ mkdir -p docs/benchmarks
     echo "($(uname -r)). Each run is one live migration over TCP between two network"
     echo "namespaces (a fresh receiving ferry each time; 2 vCPUs, 256 MiB, the guest"
     echo "rewriting and checking a 64 MiB region on both vCPUs without pause). A lost page is"
-    echo "a MISMATCH the guest reports on the next host."
+    echo "a MISMATCH the guest reports on the next host, which checks every page at least once"
+    echo "after each hop; the guest stops at its first, so 'pages lost' counts the runs that"
+    echo "lost any (a fresh guest takes over). The machine's load during the run: $(cut -d' ' -f1-3 /proc/loadavg) at the end."
     echo
     grep -E '^\|' "$OUT" || echo "(no table: the run did not finish, status $status)"
     grep -E '^- run ' "$OUT" || true
