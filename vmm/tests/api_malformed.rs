@@ -446,3 +446,48 @@ fn too_many_connections_get_503_then_service_resumes() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Found by schemathesis (vmm/tests/api_schemathesis.rs): a `vmm.shutdown` without a body
+/// but labelled `Content-Type: multipart/form-data` ended the VMM. A request labelled with
+/// any media type but JSON now gets 415 and acts on nothing; JSON (any case, with
+/// parameters) still goes through, with or without a body.
+#[test]
+fn a_request_labelled_with_another_media_type_gets_415_and_acts_on_nothing() {
+    let mut f = ApiFerry::start(&[]);
+    let cfg = f.idle_guest_config().to_string();
+    let put = |endpoint: &str, ctype: &str, body: &str| {
+        format!(
+            "PUT /api/v1/{endpoint} HTTP/1.1\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    for (endpoint, ctype, body) in [
+        ("vmm.shutdown", "multipart/form-data", ""),
+        ("vmm.shutdown", "text/plain; charset=utf-8", ""),
+        ("vm.create", "text/plain", cfg.as_str()),
+        (
+            "vm.create",
+            "application/x-www-form-urlencoded",
+            cfg.as_str(),
+        ),
+        ("vm.create", "application/jsonx", cfg.as_str()),
+    ] {
+        let req = put(endpoint, ctype, body);
+        let r = send(&f, req.as_bytes());
+        assert_eq!(r.status, 415, "{ctype} on {endpoint}: {:?}", shown(&r.body));
+        assert!(r.error_message().contains(ctype), "{}", r.error_message());
+        let alive = f.ferry.as_mut().unwrap().child.try_wait().unwrap();
+        assert!(alive.is_none(), "ferry ended after {ctype} on {endpoint}");
+    }
+    f.get("vm.info", 404);
+
+    let r = send(
+        &f,
+        put("vm.create", "Application/JSON; charset=utf-8", &cfg).as_bytes(),
+    );
+    assert_eq!(r.status, 204, "{:?}", shown(&r.body));
+    // ch-remote's shape: a JSON label on an action without a body.
+    let r = send(&f, put("vm.delete", "application/json", "").as_bytes());
+    assert_eq!(r.status, 204, "{:?}", shown(&r.body));
+    f.get("vm.info", 404);
+}

@@ -118,6 +118,26 @@ pub fn parse_vm_config(body: &[u8]) -> Result<VmConfig, ApiError> {
     Ok(config)
 }
 
+/// Every body the API takes is JSON: a request whose `Content-Type` names another media
+/// type (a form, multipart, text) is refused with 415 whatever its endpoint, with or
+/// without a body, so that it acts on nothing (a `vmm.shutdown` labelled as a form would
+/// otherwise end the VMM). No `Content-Type`, or `application/json` with any parameters
+/// (`; charset=utf-8`), is accepted.
+pub fn media_type_error(req: &Request) -> Option<String> {
+    req.headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+        .map(|(_, v)| v)
+        .find(|v| {
+            let media = v.split(';').next().unwrap_or_default();
+            !media.trim().eq_ignore_ascii_case("application/json")
+        })
+        .map(|v| {
+            let shown: String = v.chars().take(100).collect();
+            format!("Content-Type {shown:?} is not supported: the API takes application/json")
+        })
+}
+
 /// What to do with a request's answer.
 #[derive(Debug)]
 pub struct Handled {
@@ -150,6 +170,12 @@ pub fn handle(vmm: &Arc<Vmm>, req: &Request) -> Handled {
             };
         }
     };
+    if let Some(msg) = media_type_error(req) {
+        return Handled {
+            response: Response::error(415, msg),
+            exit: None,
+        };
+    }
     let body_error = match (route.body, req.body.is_empty()) {
         (Body::None, false) => Some(format!(
             "{} takes no request body ({} bytes sent)",
