@@ -26,6 +26,35 @@ ensure_packages() {
     fi
 }
 
+# schemathesis (pinned) in a virtualenv under target/, for vmm/tests/api_schemathesis.rs,
+# which runs it against docs/api/ferry.yaml through $FERRY_SCHEMATHESIS.
+SCHEMATHESIS_VERSION=4.32.5
+ensure_schemathesis() {
+    local venv="$ROOT/target/schemathesis-venv"
+    local st="$venv/bin/st"
+    local have=
+    if [ -x "$st" ]; then
+        have=$("$venv/bin/python3" -c \
+            'import importlib.metadata as m; print(m.version("schemathesis"))' 2>/dev/null || true)
+    fi
+    if [ "$have" != "$SCHEMATHESIS_VERSION" ]; then
+        if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+            if [ "$(id -u)" -ne 0 ]; then
+                echo "dev_cli.sh: need root to apt-get install python3-venv" >&2
+                exit 1
+            fi
+            say "installing python3-venv"
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+        fi
+        say "installing schemathesis $SCHEMATHESIS_VERSION into $venv"
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/python3" -m pip install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+    fi
+    export FERRY_SCHEMATHESIS="$st"
+}
+
 check_kvm() {
     if [ ! -c /dev/kvm ] || [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
         echo "dev_cli.sh: /dev/kvm is missing or not accessible: Ferry needs KVM" >&2
@@ -48,6 +77,7 @@ tests() {
     cargo fmt --all -- --check
     say "cargo clippy"
     cargo clippy --workspace --all-targets --release -- -D warnings
+    ensure_schemathesis
     say "cargo test"
     cargo test --workspace --release -- --test-threads=2
 }
@@ -132,6 +162,7 @@ usage: scripts/dev_cli.sh <command>
   demo            build, boot the test guest and run Ferry's main job end to end
   build           release binaries into target/release/, test guest into target/test-guest/
   tests           every test (needs /dev/kvm; installs qemu-system-x86, iproute2, acpica-tools)
+                  and schemathesis into target/schemathesis-venv
   bench harvest   dirty-set collection time, rings vs bitmap
   bench migration live-migration time, downtime, bytes, throughput between two hosts
   bench vs-qemu   the same guests live-migrated by QEMU and by Ferry, side by side
