@@ -752,7 +752,7 @@ fn set_buf(t: &std::net::TcpStream, opt: libc::c_int, bytes: libc::c_int) {
 fn a_slow_reader_bounds_each_write_call() {
     let dir = tmpdir("slow");
     let tls = TlsDirs::new(&dir.join("pki"), "127.0.0.1");
-    let (mut tx, mut rx) = tls_pair(&tls, |t| set_buf(t, libc::SO_RCVBUF, 64 << 10));
+    let (tx, mut rx) = tls_pair(&tls, |t| set_buf(t, libc::SO_RCVBUF, 64 << 10));
     if let Stream::Tls(t) = &tx {
         set_buf(t.tcp(), libc::SO_SNDBUF, 64 << 10);
     }
@@ -763,6 +763,8 @@ fn a_slow_reader_bounds_each_write_call() {
             .fold(h, |a, &x| a.wrapping_mul(31).wrapping_add(x as u64))
     };
     std::thread::scope(|s| {
+        // Owned here: a failed check below drops it, ending the reader's wait at once.
+        let mut tx = tx;
         let reader = s.spawn(move || {
             rx.set_read_timeout(Some(Duration::from_millis(100)))
                 .unwrap();
@@ -930,5 +932,43 @@ fn a_client_without_a_certificate_is_refused_by_the_receiver() {
         );
         eprintln!("no client certificate: the receiver: {e}; the client: {client_saw:?}");
     });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The migration's cancel check reaches a sender's deferred handshake: against a
+/// receiver that never answers, a cancel ends it at once, not at the handshake timeout.
+#[test]
+fn a_cancel_ends_the_senders_deferred_handshake() {
+    let dir = tmpdir("cancel");
+    let tls = TlsDirs::new(&dir.join("pki"), "127.0.0.1");
+    let client = ClientTls::load(&tls.sender).unwrap();
+    // Connections wait in its backlog, never accepted.
+    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let url: MigrationUrl = format!("tcp:127.0.0.1:{}", listener.port().unwrap())
+        .parse()
+        .unwrap();
+    let cancelled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = cancelled.clone();
+    let check: vmm::migration::tls::CancelCheck =
+        std::sync::Arc::new(move || flag.load(std::sync::atomic::Ordering::Relaxed));
+    let mut c =
+        Stream::connect_tls(&url, Duration::from_secs(5), Some(&client), true, check).unwrap();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        cancelled.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let start = Instant::now();
+    let e = c
+        .write(b"hello")
+        .expect_err("a handshake nobody answered succeeded")
+        .to_string();
+    let took = start.elapsed();
+    canceller.join().unwrap();
+    assert!(e.contains("cancelled"), "after {took:?}: {e}");
+    assert!(
+        took < Duration::from_secs(3),
+        "cancelled after {took:?}: {e}"
+    );
+    drop(listener);
     let _ = std::fs::remove_dir_all(&dir);
 }
