@@ -27,6 +27,11 @@ TARGETS=(
     "virtio_blk_request      4096"
     "virtio_descriptor_chain 4096"
     "vfio_user_messages     16384"
+    "memory_chunks        1048576"
+    "kernel_images          65536"
+    "api_reply              65536"
+    "cli_options             4096"
+    "peer_state             65536"
 )
 
 target_names() {
