@@ -156,7 +156,7 @@ with open(out, "w") as f:
 2 GiB of RAM, `workload=verify start=1M size=1G`) migrated between two network-namespace
 hosts joined by a veth pair, `downtime_ms` 300, without and with `tls_dir` (TLS 1.3,
 rustls with the ring provider, ECDSA P-256 certificates, mutual authentication), over 1
-and 2 connections; {nruns} run(s) each ({"the median shown" if nruns > 1 else "one run: its own figures, no median"}). MiB/s is the data sent (after
+and 2 connections; {nruns} run(s) each ({"the median shown" if int(nruns) > 1 else "one run: its own figures, no median"}). MiB/s is the data sent (after
 zero-page elision) over the total time; the ratio is TLS's rate over plain TCP's at the
 same connection count.
 

@@ -357,8 +357,9 @@ fn forbidden_line(kind: &str, name: &[u8], nr: i64) -> Line {
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     line.push(&name[..end]);
     line.push(b"' (");
+    // A thread that installed nothing of its own runs under the VMM filter it inherited.
     line.push(if kind.is_empty() {
-        b"unfiltered"
+        b"inherited vmm"
     } else {
         kind.as_bytes()
     });
@@ -455,6 +456,9 @@ mod tests {
             ),
             "{text}"
         );
+        let line = forbidden_line("", &name, libc::SYS_personality);
+        let text = std::str::from_utf8(&line.buf[..line.len]).unwrap();
+        assert!(text.contains("(inherited vmm filter)"), "{text}");
         assert_eq!(syscall_name(0), Some("read"));
         assert_eq!(syscall_name(100_000), None);
     }

@@ -142,11 +142,10 @@ const DEVICE_WORKER: &[c_long] = &[
     SYS_sendto,
 ];
 
-/// One connection of an outgoing migration: the socket, and guest RAM read from its
-/// memfd where it is shared.
-const MIGRATION_SENDER: &[c_long] = &[
+/// A migration connection, either way: its socket (data, the peer's acknowledgements,
+/// timeouts, shutdown on failure).
+const MIGRATION_SOCKET: &[c_long] = &[
     SYS_ioctl,
-    SYS_pread64,
     SYS_recvfrom,
     SYS_recvmsg,
     SYS_sendmsg,
@@ -156,17 +155,13 @@ const MIGRATION_SENDER: &[c_long] = &[
     SYS_writev,
 ];
 
-/// One connection of an incoming migration: the socket, and guest RAM it reads into.
-const MIGRATION_RECEIVER: &[c_long] = &[
-    SYS_ioctl,
-    SYS_recvfrom,
-    SYS_recvmsg,
-    SYS_sendmsg,
-    SYS_sendto,
-    SYS_setsockopt,
-    SYS_shutdown,
-    SYS_writev,
-];
+/// One connection of an outgoing migration: the socket, and guest RAM read from its
+/// memfd where it is shared.
+const MIGRATION_SENDER: &[c_long] = &[SYS_pread64];
+
+/// One connection of an incoming migration: the socket, and guest RAM it reads into
+/// (mapped: nothing more).
+const MIGRATION_RECEIVER: &[c_long] = &[];
 
 /// Auto-converge: sleeps and kicks the vCPUs with a signal.
 const THROTTLE: &[c_long] = &[SYS_tgkill];
@@ -174,13 +169,16 @@ const THROTTLE: &[c_long] = &[SYS_tgkill];
 /// The system calls a thread of `kind` may make (its own filter; the VMM filter it
 /// inherited applies too).
 pub fn allowed(kind: ThreadKind) -> Vec<c_long> {
-    let own = match kind {
-        ThreadKind::Vmm => VMM,
-        ThreadKind::Vcpu => VCPU,
-        ThreadKind::DeviceWorker => DEVICE_WORKER,
-        ThreadKind::MigrationSender => MIGRATION_SENDER,
-        ThreadKind::MigrationReceiver => MIGRATION_RECEIVER,
-        ThreadKind::Throttle => THROTTLE,
+    let own: &[&[c_long]] = match kind {
+        ThreadKind::Vmm => &[VMM],
+        ThreadKind::Vcpu => &[VCPU],
+        ThreadKind::DeviceWorker => &[DEVICE_WORKER],
+        ThreadKind::MigrationSender => &[MIGRATION_SOCKET, MIGRATION_SENDER],
+        ThreadKind::MigrationReceiver => &[MIGRATION_SOCKET, MIGRATION_RECEIVER],
+        ThreadKind::Throttle => &[THROTTLE],
     };
-    BASE.iter().chain(own).copied().collect()
+    BASE.iter()
+        .chain(own.iter().flat_map(|l| l.iter()))
+        .copied()
+        .collect()
 }

@@ -810,6 +810,35 @@ fn flipping_relay(ns: &str, listen: String, to: String, at: u64) -> std::thread:
     relay
 }
 
+/// After a migration a fault broke: the destination refused it (500) with a reason
+/// `names` accepts (`what` says which), runs nothing and is ended; the source's guest
+/// goes on with nothing lost.
+fn assert_refused_and_source_runs(
+    receiving: std::thread::JoinHandle<Reply>,
+    mut dest: Host,
+    src: &Host,
+    serial: &Serial,
+    names: impl Fn(&str) -> bool,
+    what: &str,
+) {
+    let rr = receiving.join().unwrap();
+    assert_eq!(
+        rr.status,
+        500,
+        "the destination should refuse: {}",
+        rr.error_message()
+    );
+    let why = rr.error_message();
+    assert!(names(&why), "the destination should name {what}: {why}");
+    assert_eq!(
+        dest.api.get("vm.info").unwrap().status,
+        404,
+        "nothing runs on B"
+    );
+    dest.kill();
+    assert_source_runs(src, serial);
+}
+
 /// A bit flipped on the wire, 64 MiB into the stream (in the first pass's page data):
 /// the destination's checksum catches it, both sides fail the migration naming why, the
 /// destination runs nothing, the source's guest goes on with nothing lost, and a second
@@ -819,7 +848,7 @@ fn a_byte_flipped_mid_stream_fails_the_migration_and_the_source_keeps_running() 
     let hosts = TwoHosts::new(20);
     let dir = tmpdir("flip");
     let serial = Serial(dir.join("serial.log"));
-    let (mut dest, receiving) = receiver(&hosts.b, &dir, "dest");
+    let (dest, receiving) = receiver(&hosts.b, &dir, "dest");
     let mut src = source(&hosts.a, &dir, &serial, FOREVER, &BIG);
     serial.wait("guest: verified 1 1", 0, Duration::from_secs(60));
     let relay_port = PORT + 1;
@@ -834,22 +863,16 @@ fn a_byte_flipped_mid_stream_fails_the_migration_and_the_source_keeps_running() 
     let (r, took) = src.send_async(body).join().unwrap();
     assert_eq!(r.status, 500, "the corrupted migration should fail");
     eprintln!("source's error after {took:?}: {}", r.error_message());
-    let rr = receiving.join().unwrap();
-    assert_eq!(rr.status, 500, "the destination should refuse the stream");
-    let why = rr.error_message();
-    assert!(
-        why.contains("checksum") || why.contains("crc"),
-        "the destination should name the checksum: {why}"
+    assert_refused_and_source_runs(
+        receiving,
+        dest,
+        &src,
+        &serial,
+        |why| why.contains("checksum") || why.contains("crc"),
+        "the checksum",
     );
     let relayed = relay.join().unwrap();
     assert!(relayed > 64 << 20, "the relay saw only {relayed} bytes");
-    assert_eq!(
-        dest.api.get("vm.info").unwrap().status,
-        404,
-        "nothing runs on B"
-    );
-    dest.kill();
-    assert_source_runs(&src, &serial);
     migrate_to_fresh(&hosts, &dir, &mut src, &serial);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -915,7 +938,7 @@ fn a_destination_out_of_memory_fails_the_migration_and_the_source_keeps_running(
     let hosts = TwoHosts::new(22);
     let dir = tmpdir("dest-oom");
     let serial = Serial(dir.join("serial.log"));
-    let (mut dest, receiving) = receiver(&hosts.b, &dir, "dest");
+    let (dest, receiving) = receiver(&hosts.b, &dir, "dest");
     let pid = dest.ferry.as_ref().unwrap().child.id();
     let cap = libc::rlimit {
         rlim_cur: 1 << 30,
@@ -930,20 +953,14 @@ fn a_destination_out_of_memory_fails_the_migration_and_the_source_keeps_running(
     let (r, _) = src.send_async(never_converging(&hosts)).join().unwrap();
     assert_eq!(r.status, 500, "the migration should fail");
     eprintln!("source's error: {}", r.error_message());
-    let rr = receiving.join().unwrap();
-    assert_eq!(rr.status, 500);
-    let why = rr.error_message();
-    assert!(
-        why.contains("memory") || why.contains("Cannot allocate"),
-        "the destination should say it has no memory for the guest: {why}"
+    assert_refused_and_source_runs(
+        receiving,
+        dest,
+        &src,
+        &serial,
+        |why| why.contains("memory") || why.contains("Cannot allocate"),
+        "the memory it lacks",
     );
-    assert_eq!(
-        dest.api.get("vm.info").unwrap().status,
-        404,
-        "nothing runs on B"
-    );
-    dest.kill();
-    assert_source_runs(&src, &serial);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -961,7 +978,7 @@ fn a_disk_missing_on_the_destination_fails_the_migration_and_the_source_keeps_ru
         .set_len(64 << 20)
         .unwrap();
     let disk_arg = format!("path={}", disk.display());
-    let (mut dest, receiving) = receiver(&hosts.b, &dir, "dest");
+    let (dest, receiving) = receiver(&hosts.b, &dir, "dest");
     let src = source(
         &hosts.a,
         &dir,
@@ -975,20 +992,15 @@ fn a_disk_missing_on_the_destination_fails_the_migration_and_the_source_keeps_ru
     let (r, _) = src.send_async(body).join().unwrap();
     assert_eq!(r.status, 500, "the migration should fail");
     eprintln!("source's error: {}", r.error_message());
-    let rr = receiving.join().unwrap();
-    assert_eq!(rr.status, 500);
-    let why = rr.error_message();
-    assert!(
-        why.contains(disk.to_str().unwrap()),
-        "the destination should name the missing disk: {why}"
+    let path = disk.to_str().unwrap();
+    assert_refused_and_source_runs(
+        receiving,
+        dest,
+        &src,
+        &serial,
+        |why| why.contains(path),
+        "the missing disk",
     );
-    assert_eq!(
-        dest.api.get("vm.info").unwrap().status,
-        404,
-        "nothing runs on B"
-    );
-    dest.kill();
-    assert_source_runs(&src, &serial);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1000,7 +1012,7 @@ fn a_link_slowed_to_a_crawl_times_out_and_the_source_keeps_running() {
     let hosts = TwoHosts::new(24);
     let dir = tmpdir("crawl");
     let serial = Serial(dir.join("serial.log"));
-    let (mut dest, receiving) = receiver(&hosts.b, &dir, "dest");
+    let (dest, receiving) = receiver(&hosts.b, &dir, "dest");
     let src = source(&hosts.a, &dir, &serial, FOREVER, &BIG);
     serial.wait("guest: verified 1 1", 0, Duration::from_secs(60));
     hosts.limit_rate(1);
@@ -1023,14 +1035,6 @@ fn a_link_slowed_to_a_crawl_times_out_and_the_source_keeps_running() {
         took < Duration::from_secs(60),
         "a 3 s timeout took {took:?} to strike over a crawling link"
     );
-    let rr = receiving.join().unwrap();
-    assert_eq!(rr.status, 500, "{}", rr.error_message());
-    assert_eq!(
-        dest.api.get("vm.info").unwrap().status,
-        404,
-        "nothing runs on B"
-    );
-    dest.kill();
-    assert_source_runs(&src, &serial);
+    assert_refused_and_source_runs(receiving, dest, &src, &serial, |_| true, "why");
     let _ = std::fs::remove_dir_all(&dir);
 }
