@@ -362,6 +362,15 @@ type Case<'a> = (
     &'a [&'a str],
 );
 
+/// A migration listener on a free loopback port, and the URL that reaches it.
+fn loopback_listener() -> (Listener, MigrationUrl) {
+    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = format!("tcp:127.0.0.1:{}", listener.port().unwrap())
+        .parse()
+        .unwrap();
+    (listener, url)
+}
+
 fn set_mode(p: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -375,10 +384,7 @@ fn loopback_sessions_carry_data_and_refuse_the_wrong_peers() {
     let tls = TlsDirs::new(&dir.join("pki"), "127.0.0.1");
     let server = ServerTls::load(&tls.receiver).unwrap();
 
-    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
-    let url: MigrationUrl = format!("tcp:127.0.0.1:{}", listener.port().unwrap())
-        .parse()
-        .unwrap();
+    let (listener, url) = loopback_listener();
     // (sender's tls_dir, whether it is accepted)
     let cases = [
         (tls.sender.clone(), None),
@@ -593,10 +599,7 @@ fn write_retrying(s: &mut Stream, mut buf: &[u8]) {
 fn tls_pair(tls: &TlsDirs, tune: impl Fn(&std::net::TcpStream) + Sync) -> (Stream, Stream) {
     let server = ServerTls::load(&tls.receiver).unwrap();
     let client = ClientTls::load(&tls.sender).unwrap();
-    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
-    let url: MigrationUrl = format!("tcp:127.0.0.1:{}", listener.port().unwrap())
-        .parse()
-        .unwrap();
+    let (listener, url) = loopback_listener();
     std::thread::scope(|s| {
         let t = s.spawn(|| {
             let Stream::Tcp(t) = listener.accept().unwrap() else {
@@ -678,10 +681,7 @@ fn extra_connections_handshake_in_any_order() {
     let tls = TlsDirs::new(&dir.join("pki"), "127.0.0.1");
     let server = ServerTls::load(&tls.receiver).unwrap();
     let client = ClientTls::load(&tls.sender).unwrap();
-    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
-    let url: MigrationUrl = format!("tcp:127.0.0.1:{}", listener.port().unwrap())
-        .parse()
-        .unwrap();
+    let (listener, url) = loopback_listener();
     // Connected (and so accepted) in the order 1, 2, 3; handshaken in the order 3, 1, 2.
     let connect = || {
         Stream::connect_tls(
@@ -846,10 +846,7 @@ fn a_failed_handshake_leaves_the_stream_failed() {
     let tls = TlsDirs::new(&dir.join("pki"), "127.0.0.1");
     let server = ServerTls::load(&tls.receiver).unwrap();
     let client = ClientTls::load(&tls.sender_wrong_ca).unwrap();
-    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
-    let url: MigrationUrl = format!("tcp:127.0.0.1:{}", listener.port().unwrap())
-        .parse()
-        .unwrap();
+    let (listener, url) = loopback_listener();
     std::thread::scope(|s| {
         let t = s.spawn(|| {
             let stream = listener.accept().unwrap();
@@ -943,10 +940,7 @@ fn a_cancel_ends_the_senders_deferred_handshake() {
     let tls = TlsDirs::new(&dir.join("pki"), "127.0.0.1");
     let client = ClientTls::load(&tls.sender).unwrap();
     // Connections wait in its backlog, never accepted.
-    let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
-    let url: MigrationUrl = format!("tcp:127.0.0.1:{}", listener.port().unwrap())
-        .parse()
-        .unwrap();
+    let (listener, url) = loopback_listener();
     let cancelled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = cancelled.clone();
     let check: vmm::migration::tls::CancelCheck =
