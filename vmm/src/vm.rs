@@ -100,7 +100,17 @@ fn create_layout(size: u64) -> Vec<(u64, u64)> {
 pub fn memory_from_files(
     files: Vec<(vm_migration::protocol::MemoryFd, std::os::fd::OwnedFd)>,
 ) -> Result<GuestMemoryMmap> {
-    let size: u64 = files.iter().map(|(f, _)| f.size).sum();
+    // The sizes come from the peer: their sum may not fit (then nothing is mapped).
+    let size = files
+        .iter()
+        .try_fold(0u64, |sum, (f, _)| sum.checked_add(f.size))
+        .ok_or_else(|| VmError::Memory {
+            size: u64::MAX,
+            reason: format!(
+                "the sizes of the {} memory files add up past 2^64 bytes",
+                files.len()
+            ),
+        })?;
     let mut ranges = Vec::with_capacity(files.len());
     for (f, fd) in files {
         let file = std::fs::File::from(fd);
@@ -762,5 +772,45 @@ mod tests {
     fn machine_is_shareable() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<super::Machine>();
+    }
+
+    /// Found by the `memory_files` fuzz target: sizes a peer sends could overflow the sum.
+    #[test]
+    fn memory_files_whose_sizes_overflow_are_refused() {
+        use vm_migration::protocol::MemoryFd;
+        let file = |size| {
+            let f = unnamed_file(0x1000);
+            (
+                MemoryFd {
+                    gpa: 0,
+                    size,
+                    file_offset: 0,
+                },
+                f,
+            )
+        };
+        let e = super::memory_from_files(vec![file(u64::MAX - 0xfff), file(0x2000)])
+            .expect_err("refused");
+        assert!(e.to_string().contains("add up past 2^64"), "{e}");
+        // Each one alone is refused for not fitting its file, naming it.
+        let e = super::memory_from_files(vec![file(0x2000)]).expect_err("refused");
+        assert!(e.to_string().contains("holds 4096 bytes"), "{e}");
+    }
+
+    /// A file of `len` bytes with no name left behind.
+    fn unnamed_file(len: u64) -> std::os::fd::OwnedFd {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("ferry-vm-test-{}-{n}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f.set_len(len).unwrap();
+        f.into()
     }
 }
