@@ -1612,3 +1612,52 @@ fn redirtied_pages_wait_for_the_next_pass_on_one_connection() {
 fn redirtied_pages_wait_for_the_next_pass_on_three_connections() {
     redirtied_pages_wait_for_the_next_pass(2);
 }
+
+/// An extra connection finished pass 0 and waits at the pass barrier; the main connection
+/// never ends that pass (here it falls silent, as over a cut link; a source that goes on
+/// to `Complete` without its `IterationDone` does the same). The main connection's
+/// failure must also release the waiting connection: the destination fails within its
+/// idle timeout instead of waiting for that thread forever.
+#[test]
+fn main_connection_failing_mid_pass_releases_the_extra_connections() {
+    let (mut src_main, dest_main) = UnixStream::pair().unwrap();
+    let (mut src_lane, dest_lane) = UnixStream::pair().unwrap();
+    let token = 0x5eed;
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let mut lanes = vec![dest_lane];
+        let mut accept = |_: Duration| -> io::Result<UnixStream> {
+            lanes.pop().ok_or_else(|| io::ErrorKind::TimedOut.into())
+        };
+        let mut dest = FakeDestination::default();
+        let opts = ReceiveOptions {
+            idle_timeout: Duration::from_millis(300),
+        };
+        let r = receive_migration_from(
+            &mut dest,
+            dest_main,
+            Some(&mut accept),
+            &opts,
+            &MigrationProgress::new(),
+        );
+        let _ = done_tx.send((r, dest.resumed));
+    });
+    let mut main = hello_and_config();
+    main.extend(frame(&Message::Channels { count: 1, token }));
+    src_main.write_all(&main).unwrap();
+    let mut lane = frame(&Message::ChannelHello { index: 1, token });
+    lane.extend(frame(&Message::IterationDone {
+        iteration: 0,
+        pages: 0,
+        bytes: 0,
+    }));
+    src_lane.write_all(&lane).unwrap();
+    // Both connections stay open; the main one says nothing more.
+    let (r, resumed) = done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the destination still waits for its extra connection");
+    let e = r.expect_err("main connection fell silent");
+    assert!(e.to_string().contains("no data from the peer"), "{e}");
+    assert!(!resumed);
+    drop((src_main, src_lane));
+}

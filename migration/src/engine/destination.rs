@@ -361,8 +361,12 @@ impl Session<'_> {
         };
         let received = std::thread::scope(|s| {
             let r = self.main_loop(s, &shared, conn, &mut accept, acks);
-            // Success or not, the extra connections are done: end their threads.
+            // Success or not, the extra connections are done: end their threads, those
+            // reading (the halt flag) and those waiting at a pass barrier the main
+            // connection will never reach (it failed, or completed without that pass's
+            // `IterationDone`), or the scope would wait for them forever.
             self.halt.store(true, Ordering::Relaxed);
+            shared.barrier.fail();
             r
         });
         // The main connection goes on (`Resumed`, or the peer's `Abort`).
@@ -845,8 +849,9 @@ impl PassBarrier {
             ));
         }
         st.arrived += 1;
-        st.pages += pages;
-        st.bytes += bytes;
+        // The figures come from the source: a hostile one must not overflow them.
+        st.pages = st.pages.saturating_add(pages);
+        st.bytes = st.bytes.saturating_add(bytes);
         if st.arrived >= st.lanes.max(1) {
             st.done = (st.pages, st.bytes);
             st.arrived = 0;
@@ -893,4 +898,28 @@ struct Pages {
 
 fn is_cancel_io(e: &ReceiveError) -> bool {
     matches!(e, ReceiveError::Protocol(ProtocolError::Io { source, .. }) if is_cancelled(source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `receive_session` fuzz target: the per-connection page and byte
+    /// counts of `IterationDone` come from the source and could overflow their sum.
+    #[test]
+    fn pass_totals_from_a_hostile_source_saturate() {
+        let barrier = PassBarrier {
+            state: Mutex::new(BarrierState::default()),
+            cv: Condvar::new(),
+        };
+        barrier.set_lanes(2);
+        let totals = std::thread::scope(|s| {
+            let other = s.spawn(|| barrier.arrive(0, u64::MAX, u64::MAX));
+            // The last to arrive completes the pass (whichever of the two it is).
+            let mine = barrier.arrive(0, 2, 3);
+            (mine, other.join().unwrap())
+        });
+        assert_eq!(totals.0, Ok((u64::MAX, u64::MAX)));
+        assert_eq!(totals.1, Ok((u64::MAX, u64::MAX)));
+    }
 }
