@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use super::dirty::{DirtyPages, DirtyPagesState};
 use super::domain::{IovaDomain, Mapping};
-use super::table::{Domain, Endpoint, FaultRecord, IommuTable};
+use super::requests::MAX_MAPPINGS;
+use super::table::{Domain, Endpoint, FaultRecord, IommuTable, MAX_PENDING_FAULTS};
+use super::{DOMAIN_RANGE, INPUT_RANGE, MSI_RANGE};
 
 pub const VIOMMU_STATE_VERSION: u32 = 1;
 
@@ -83,10 +85,52 @@ impl IommuTable {
                 "vIOMMU endpoints differ: source {theirs:x?}, here {mine:x?}"
             ));
         }
+        if state.pending_faults.len() > MAX_PENDING_FAULTS {
+            return Err(format!(
+                "{} pending faults (at most {MAX_PENDING_FAULTS} are kept)",
+                state.pending_faults.len()
+            ));
+        }
         let mut domains = std::collections::BTreeMap::new();
         for d in &state.domains {
+            // What ATTACH and MAP would have refused cannot come in by migration either.
+            if !DOMAIN_RANGE.contains(&d.id) {
+                return Err(format!(
+                    "domain {} is outside the domain range {DOMAIN_RANGE:?}",
+                    d.id
+                ));
+            }
+            if domains.contains_key(&d.id) {
+                return Err(format!("domain {} appears twice", d.id));
+            }
+            if d.bypass && !d.mappings.is_empty() {
+                return Err(format!(
+                    "domain {} is a bypass domain with {} mapping(s)",
+                    d.id,
+                    d.mappings.len()
+                ));
+            }
+            if d.mappings.len() > MAX_MAPPINGS {
+                return Err(format!(
+                    "domain {} has {} mappings (at most {MAX_MAPPINGS})",
+                    d.id,
+                    d.mappings.len()
+                ));
+            }
             let mut mappings = IovaDomain::default();
             for m in &d.mappings {
+                if m.virt_start < *INPUT_RANGE.start() || m.virt_end > *INPUT_RANGE.end() {
+                    return Err(format!(
+                        "domain {} mapping {m:x?} is outside the input range {INPUT_RANGE:x?}",
+                        d.id
+                    ));
+                }
+                if m.virt_start <= *MSI_RANGE.end() && m.virt_end >= *MSI_RANGE.start() {
+                    return Err(format!(
+                        "domain {} mapping {m:x?} covers the MSI window {MSI_RANGE:x?}",
+                        d.id
+                    ));
+                }
                 mappings
                     .map(m.virt_start, m.virt_end, m.phys_start, m.flags, true)
                     .map_err(|e| format!("domain {} mapping {m:x?}: {e}", d.id))?;

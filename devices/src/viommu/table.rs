@@ -29,7 +29,7 @@ pub const FAULT_F_ADDRESS: u32 = 1 << 8;
 
 /// Fault records kept while the driver has no event buffer posted; later ones are counted
 /// and dropped (the spec lets a device drop them).
-const MAX_PENDING_FAULTS: usize = 256;
+pub(crate) const MAX_PENDING_FAULTS: usize = 256;
 
 /// One fault record, as the event queue carries it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -1308,6 +1308,47 @@ fn a_state_that_does_not_fit_is_refused_naming_why_and_changes_nothing() {
     let mut bad = state.clone();
     bad.endpoints[2].domain = Some(1);
     refused(&b.table, &bad, &["domain 1", "endpoint 0x9"]);
+    // What ATTACH or MAP would have refused.
+    let mut bad = state.clone();
+    bad.domains[0].id = 0;
+    bad.endpoints[0].domain = Some(0);
+    refused(&b.table, &bad, &["domain 0", "outside the domain range"]);
+    let mut bad = state.clone();
+    bad.domains.push(bad.domains[0].clone());
+    refused(&b.table, &bad, &["domain 1 appears twice"]);
+    let mut bad = state.clone();
+    bad.domains[0].bypass = true;
+    bad.domains[0].dirty = None;
+    refused(
+        &b.table,
+        &bad,
+        &["domain 1", "bypass domain with 1 mapping"],
+    );
+    let mut bad = state.clone();
+    bad.domains[0].mappings[0] = Mapping {
+        virt_start: 1 << 48,
+        virt_end: (1 << 48) + P - 1,
+        ..m
+    };
+    refused(&b.table, &bad, &["domain 1", "input range"]);
+    let mut bad = state.clone();
+    bad.domains[0].mappings[0] = Mapping {
+        virt_start: 0xfee0_0000,
+        virt_end: 0xfee0_0000 + P - 1,
+        ..m
+    };
+    refused(&b.table, &bad, &["domain 1", "MSI window"]);
+    let mut bad = state.clone();
+    bad.pending_faults = vec![
+        FaultRecord {
+            reason: 1,
+            flags: 0,
+            endpoint: 1,
+            address: 0,
+        };
+        257
+    ];
+    refused(&b.table, &bad, &["257 pending faults"]);
     assert_eq!(b.table.state(), before);
     assert_eq!(b.bits(4, 1), BTreeSet::from([0]));
 }

@@ -365,6 +365,16 @@ impl CommonConfig {
                 self.queues.len()
             ));
         }
+        // A queue larger than this device offers would outgrow what it was built for.
+        for (i, (theirs, mine)) in s.queues.iter().zip(&self.queues).enumerate() {
+            if theirs.max_size != mine.max_size() {
+                return Err(format!(
+                    "queue {i}: the source offered {} entries at most, this device {}",
+                    theirs.max_size,
+                    mine.max_size()
+                ));
+            }
+        }
         let queues = s
             .queues
             .iter()
@@ -510,6 +520,25 @@ mod tests {
         w(c, QUEUE_SELECT, 7, 2);
         assert_eq!(r(c, QUEUE_SIZE, 2), 0);
         assert_eq!(r(c, QUEUE_MSIX_VECTOR, 2), u64::from(NO_VECTOR));
+    }
+
+    /// Found while fuzzing `device_state`: a migrated queue offering more entries than
+    /// this device does is refused, and nothing changes.
+    #[test]
+    fn a_migrated_queue_larger_than_offered_is_refused() {
+        let c = &mut CommonConfig::new(FEATURES, &[256, 64]).unwrap();
+        negotiate(c, FEATURES);
+        let mut s = c.state();
+        s.queues[1].max_size = 32768;
+        s.queues[1].size = 32768;
+        let before = c.state();
+        let e = c.restore(&s).unwrap_err();
+        assert!(
+            e.contains("queue 1") && e.contains("32768") && e.contains("64"),
+            "{e}"
+        );
+        assert_eq!(c.state(), before);
+        assert_eq!(c.restore(&before), Ok(()));
     }
 
     #[test]
