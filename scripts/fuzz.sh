@@ -32,6 +32,11 @@ TARGETS=(
     "api_reply              65536"
     "cli_options             4096"
     "peer_state             65536"
+    "receive_session      1048576"
+    "device_state           65536"
+    "memory_files            4096"
+    "unix_fds                4096"
+    "kernel_files           65536"
 )
 
 target_names() {

@@ -271,6 +271,83 @@ fn new_table() -> IommuTable {
 
 /// Runs `input` (see the module comment); panics if an invariant breaks.
 pub fn requests(input: &[u8]) -> Run {
+    run(input, None).expect("nothing to restore").0
+}
+
+/// The `device_state` target's vIOMMU half: restores `state` (a migrated
+/// [`ViommuState`]) into the harness's table, then runs `input` against it, with every
+/// check of [`requests`]. None if the state was refused (after checking the refusal
+/// changed nothing); else what the run did and the table's state at its end (which
+/// restores into a new table to itself).
+pub fn restored_requests(state: &ViommuState, input: &[u8]) -> Option<(Run, ViommuState)> {
+    run(input, Some(state))
+}
+
+/// Runs `input` like [`requests`] and gives the table's state at the end (the seeds of
+/// the `device_state` target: states a driver really built).
+pub fn requests_with_state(input: &[u8]) -> (Run, ViommuState) {
+    run(input, None).expect("nothing to restore")
+}
+
+/// The committed seeds of the `device_state` target's vIOMMU half: (name, the state a
+/// run of the first input left, the operations run after restoring it).
+pub fn state_seeds() -> Vec<(&'static str, ViommuState, Vec<u8>)> {
+    use build::*;
+    let cat = |parts: &[Vec<u8>]| -> Vec<u8> {
+        let mut v = vec![0u8]; // every feature
+        for p in parts {
+            v.extend_from_slice(p);
+        }
+        v
+    };
+    let after = cat(&[
+        dma(true, 1, 3, 0),
+        dma(true, 2, 1, 1),
+        bitmap(1, 0, 16),
+        event(),
+        unmap(1, 0, 4),
+        detach(1, 1),
+        harvest(),
+        reset(),
+    ]);
+    [
+        (
+            "viommu_tracking",
+            cat(&[
+                attach(0, 2),
+                map(0, 1, 2, 3),
+                attach(1, 1),
+                track(1),
+                map(1, 0, 8, 0),
+                dma(true, 1, 2, 5),
+                dma(true, 1, 6, 1),
+            ]),
+        ),
+        (
+            "viommu_faults_untrackable",
+            cat(&[
+                attach(2, 3),
+                map(2, 0, 2, 10),
+                migration_toggle(),
+                attach(1, 1),
+                map(1, 4, 4, 20),
+                dma(true, 1, 5, 0),
+                dma(false, 2, 9, 0),
+                dma(true, 3, 7, 0),
+            ]),
+        ),
+    ]
+    .into_iter()
+    .map(|(name, input)| {
+        let (_, state) = requests_with_state(&input);
+        (name, state, after.clone())
+    })
+    .collect()
+}
+
+/// What [`requests`] runs, in the state of the [`ViommuState`] given, if any; and the
+/// table's state at the end.
+fn run(input: &[u8], restore: Option<&ViommuState>) -> Option<(Run, ViommuState)> {
     let mem = GuestMemoryMmap::from_ranges(
         &RAM.iter()
             .map(|&(a, l)| (GuestAddress(a), l))
@@ -308,6 +385,18 @@ pub fn requests(input: &[u8]) -> Run {
         }
     }
     device.activate(features).expect("activates");
+    if let Some(state) = restore {
+        let before = table.state();
+        if table.restore(state).is_err() {
+            assert_eq!(table.state(), before, "a refused state changes nothing");
+            return None;
+        }
+        // What the table took is what it gives back, and restores again to itself.
+        let mine = table.state();
+        let other = new_table();
+        other.restore(&mine).expect("a table's own state restores");
+        assert_eq!(other.state(), mine);
+    }
     let mut h = Harness {
         ram,
         dma_ram,
@@ -323,6 +412,7 @@ pub fn requests(input: &[u8]) -> Run {
         pattern: 0,
         run: Run::default(),
     };
+    h.check_tables();
     while !input.done() && h.run.ops < MAX_OPS {
         h.run.ops += 1;
         let op = input.u8();
@@ -357,7 +447,9 @@ pub fn requests(input: &[u8]) -> Run {
         h.check_tables();
     }
     h.run.marks = h.marks.load(Ordering::Relaxed);
-    h.run
+    let end = h.table.state();
+    h.round_trip();
+    Some((h.run, end))
 }
 
 /// A request of a known type with fields from the input, sometimes broken.

@@ -786,3 +786,548 @@ pub(crate) mod testing {
         }
     }
 }
+
+/// The `device_state` target's virtio-pci half (`fuzz/fuzz_targets/device_state.rs`): a
+/// migrated [`VirtioPciState`] restored into a real virtio-pci function (virtio-rng,
+/// virtio-blk over a temporary disk, or the virtio-iommu) over [`RAM`], then used as a
+/// guest would. See [`pci_state`].
+pub mod pci_state {
+    use std::cell::RefCell;
+    use std::fs::File;
+    use std::sync::{Arc, Mutex};
+
+    use virtio_queue::QueueT;
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+    use super::super::device::VirtioDevice;
+    use super::super::interrupt::InterruptSink;
+    use super::super::pci_transport::{VirtioPciDevice, VirtioPciState, BAR, NOTIFY_MULTIPLIER};
+    use super::super::{Block, QueueState, Rng};
+    use super::{ram_ranges, temp_disk, Counting, DISK_SECTORS, RAM};
+    use crate::guest_ram::{GuestMemoryMmap, GuestRam};
+    use crate::pci::{MsixEffect, PciDevice, MSIX_CAP_ID};
+    use crate::viommu::{IommuTable, VirtioIommu};
+
+    /// The functions a state can be restored into (the target's first byte, modulo).
+    pub const KINDS: [&str; 3] = ["rng", "blk", "viommu"];
+    /// Guest operations taken from the input at most.
+    pub const MAX_OPS: usize = 32;
+    /// Bytes per guest operation.
+    pub const OP_LEN: usize = 8;
+    const NOTIFY_OFFSET: u64 = 0x3000;
+    const MSIX_TABLE_OFFSET: u64 = 0x4000;
+    const MSIX_PBA_OFFSET: u64 = 0x6000;
+    const PAGE: usize = 0x1000;
+    /// The common configuration's registers and their widths.
+    const COMMON_REGS: [(u64, usize); 20] = [
+        (0x00, 4),
+        (0x04, 4),
+        (0x08, 4),
+        (0x0c, 4),
+        (0x10, 2),
+        (0x12, 2),
+        (0x14, 1),
+        (0x15, 1),
+        (0x16, 2),
+        (0x18, 2),
+        (0x1a, 2),
+        (0x1c, 2),
+        (0x1e, 2),
+        (0x20, 4),
+        (0x24, 4),
+        (0x28, 4),
+        (0x2c, 4),
+        (0x30, 4),
+        (0x34, 4),
+        (0x38, 2),
+    ];
+
+    /// Interrupts go nowhere (the transport's own state is what is checked).
+    struct NullSink;
+
+    impl InterruptSink for NullSink {
+        fn msix(&self, _effect: MsixEffect) {}
+        fn intx(&self, _level: bool) {}
+    }
+
+    thread_local! {
+        static DISK: RefCell<Option<File>> = const { RefCell::new(None) };
+    }
+
+    /// A new function of kind `kind` (see [`KINDS`]) over `ram`.
+    pub fn device(kind: u8, ram: &GuestRam) -> (VirtioPciDevice, Arc<Mutex<dyn VirtioDevice>>) {
+        let d: Arc<Mutex<dyn VirtioDevice>> = match usize::from(kind) % KINDS.len() {
+            0 => Arc::new(Mutex::new(Rng::new(Counting(0)))),
+            1 => {
+                let disk = DISK.with(|d| {
+                    d.borrow_mut()
+                        .get_or_insert_with(|| temp_disk(DISK_SECTORS))
+                        .try_clone()
+                        .expect("a second descriptor of the disk")
+                });
+                Arc::new(Mutex::new(
+                    Block::new(disk, false, Some("fuzz")).expect("disk"),
+                ))
+            }
+            _ => {
+                let table = IommuTable::new();
+                for (id, trackable) in crate::viommu::fuzzing::ENDPOINTS {
+                    table.add_endpoint(id, trackable);
+                }
+                Arc::new(Mutex::new(VirtioIommu::new(Arc::new(table))))
+            }
+        };
+        let name = KINDS[usize::from(kind) % KINDS.len()].to_string();
+        let pci = VirtioPciDevice::new(name, d.clone(), ram.clone(), Arc::new(NullSink))
+            .expect("a valid function");
+        (pci, d)
+    }
+
+    /// Guest RAM ([`RAM`]) holding `image` from address 0, its dirty log clear.
+    pub fn ram(image: &[u8]) -> GuestRam {
+        let mem = GuestMemoryMmap::from_ranges(&ram_ranges()).expect("harness RAM");
+        let mut image = image;
+        for (base, len) in RAM {
+            let n = image.len().min(len);
+            mem.write_slice(&image[..n], GuestAddress(base))
+                .expect("inside RAM");
+            image = &image[n..];
+        }
+        for r in mem.iter() {
+            // The region's own bitmap (not a slice of it): what the harness wrote is not
+            // the device's doing.
+            let region: &vm_memory::MmapRegion<_> = r;
+            region.bitmap().reset();
+        }
+        GuestRam::new(mem)
+    }
+
+    fn contents(ram: &GuestRam) -> Vec<u8> {
+        let mut out = vec![];
+        for (base, len) in RAM {
+            let mut b = vec![0u8; len];
+            ram.read(base, &mut b).expect("inside RAM");
+            out.extend(b);
+        }
+        out
+    }
+
+    /// Every page whose bytes changed since `before` is marked in the dirty log: a
+    /// migration would otherwise send the page as it was.
+    fn check_dirty_log(ram: &GuestRam, before: &[u8]) {
+        let after = contents(ram);
+        let mut at = 0usize;
+        for r in ram.logged_memory().iter() {
+            let len = r.len() as usize;
+            for p in (0..len).step_by(PAGE) {
+                let (a, b) = (
+                    &before[at + p..at + p + PAGE],
+                    &after[at + p..at + p + PAGE],
+                );
+                if a != b {
+                    assert!(
+                        r.bitmap().dirty_at(p),
+                        "page {:#x} written but not in the dirty log",
+                        r.start_addr().0 + p as u64
+                    );
+                }
+            }
+            at += len;
+        }
+    }
+
+    fn rbar(d: &mut VirtioPciDevice, offset: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        d.read_bar(BAR, offset, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+
+    fn wbar(d: &mut VirtioPciDevice, offset: u64, v: u64, len: usize) {
+        d.write_bar(BAR, offset, &v.to_le_bytes()[..len]);
+    }
+
+    /// The offset of the MSI-X capability in configuration space.
+    pub fn msix_cap(d: &VirtioPciDevice) -> usize {
+        let c = d.config().bytes();
+        let mut at = usize::from(c[0x34]);
+        let mut hops = 0;
+        while at != 0 && at + 1 < c.len() && hops < 48 {
+            if c[at] == MSIX_CAP_ID {
+                return at;
+            }
+            at = usize::from(c[at + 1]);
+            hops += 1;
+        }
+        0
+    }
+
+    /// What a second restore of `s` must give again: the positions of running queues
+    /// may move on (the worker serves what was published), the ISR and pending bits with
+    /// the interrupts it signals.
+    fn comparable(s: &VirtioPciState) -> String {
+        let mut s = s.clone();
+        s.isr = 0;
+        s.msix.pending.fill(0);
+        if let Some(r) = &mut s.running {
+            for (_, q) in r.iter_mut() {
+                *q = QueueState {
+                    next_avail: 0,
+                    next_used: 0,
+                    ..*q
+                };
+            }
+        }
+        format!("{s:?}")
+    }
+
+    /// Serves `running` in this thread as the worker would (notifications off, serve,
+    /// on, a few rounds), marking each used ring as the worker does.
+    fn serve(device: &Mutex<dyn VirtioDevice>, running: &[(u16, QueueState)], ram: &GuestRam) {
+        for (i, qs) in running {
+            let mut q = qs.to_queue().expect("a state's own queue");
+            let mem = ram.queue_memory();
+            for _ in 0..4 {
+                if q.disable_notification(mem).is_err() {
+                    break;
+                }
+                let before = q.next_used();
+                let n = device
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .process_queue(*i, &mut q, ram);
+                assert_eq!(
+                    usize::from(q.next_used().wrapping_sub(before)),
+                    n,
+                    "the count returned is what went into the used ring"
+                );
+                assert!(n <= usize::from(q.size()), "one ring's worth per call");
+                if !matches!(q.enable_notification(mem), Ok(true)) {
+                    break;
+                }
+            }
+            ram.mark_used_ring(&q);
+        }
+    }
+
+    /// What one run did.
+    #[derive(Debug, Default)]
+    pub struct Outcome {
+        /// The state was taken.
+        pub restored: bool,
+        /// Queues it left running.
+        pub running: usize,
+        /// The function's state at the end (the target checks it survives JSON).
+        pub last: Option<VirtioPciState>,
+    }
+
+    /// Restores `state` into a new function of kind `kind`, then uses it: `tail` is the
+    /// number of guest operations (byte 0, at most [`MAX_OPS`]), the operations
+    /// ([`OP_LEN`] bytes each: kind, offset (2), width, value (4)), then guest RAM from
+    /// address 0. Panics if the function breaks: a panic anywhere, a state it gave that
+    /// does not restore again, a restore of its own state that differs, a
+    /// write to RAM the dirty log missed, a used ring count that does not match.
+    pub fn pci_state(kind: u8, state: &VirtioPciState, tail: &[u8]) -> Outcome {
+        let nops = usize::from(tail.first().copied().unwrap_or(0)).min(MAX_OPS);
+        let ops_end = (1 + nops * OP_LEN).min(tail.len());
+        let ops = tail.get(1..ops_end).unwrap_or(&[]);
+        let image = tail.get(ops_end..).unwrap_or(&[]);
+        let ram = ram(image);
+        let before = contents(&ram);
+        let (mut dev, device) = device(kind, &ram);
+        let queues = device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue_max_sizes()
+            .len();
+        let mut out = Outcome::default();
+        if dev.restore(state).is_ok() {
+            out.restored = true;
+            // The state it gives is the state it took, and restores again to itself.
+            dev.pause();
+            let s1 = dev.state();
+            assert_eq!(
+                comparable(&s1),
+                comparable(&VirtioPciState {
+                    running: s1.running.clone(),
+                    ..state.clone()
+                }),
+                "a restored function gives back what it took"
+            );
+            let (mut again, _) = super::pci_state::device(kind, &ram);
+            again
+                .restore(&s1)
+                .expect("a restored function's own state restores");
+            again.pause();
+            assert_eq!(comparable(&again.state()), comparable(&s1));
+            drop(again);
+            out.running = s1.running.as_ref().map_or(0, Vec::len);
+            dev.resume();
+        }
+        // A guest's reads: every register of the common configuration for each queue
+        // (and one past them), the device configuration, the ISR, the MSI-X table and
+        // pending bits; then notifications and interrupts.
+        for sel in 0..=queues {
+            wbar(&mut dev, 0x16, sel as u64, 2);
+            for (off, len) in COMMON_REGS {
+                rbar(&mut dev, off, len);
+            }
+        }
+        for off in (0x2000..0x2040).step_by(4) {
+            rbar(&mut dev, off, 4);
+        }
+        rbar(&mut dev, 0x1000, 1);
+        for v in 0..=queues as u64 + 1 {
+            for f in 0..4 {
+                rbar(&mut dev, MSIX_TABLE_OFFSET + 16 * v + 4 * f, 4);
+            }
+        }
+        rbar(&mut dev, MSIX_PBA_OFFSET, 8);
+        let mut cfg = [0u8; 4];
+        for off in (0..256).step_by(4) {
+            dev.read_config(off, &mut cfg);
+        }
+        for q in 0..queues as u64 {
+            wbar(
+                &mut dev,
+                NOTIFY_OFFSET + q * u64::from(NOTIFY_MULTIPLIER),
+                q,
+                2,
+            );
+            dev.interrupt().signal_queue(q as u16);
+        }
+        dev.interrupt().signal_config();
+        // The input's operations.
+        let msix = msix_cap(&dev);
+        for op in ops.chunks(OP_LEN) {
+            let b = |i: usize| op.get(i).copied().unwrap_or(0);
+            let off = u64::from(u16::from_le_bytes([b(1), b(2)]));
+            let len = [1usize, 2, 4, 8][usize::from(b(3) % 4)];
+            let v = u64::from(u32::from_le_bytes([b(4), b(5), b(6), b(7)]));
+            match b(0) % 8 {
+                0 => {
+                    rbar(&mut dev, off % 0x8000, len);
+                }
+                1 => wbar(&mut dev, off % 0x8000, v, len),
+                // The common configuration, where the handshake happens.
+                2 => wbar(&mut dev, off % 0x3c, v, len),
+                3 => {
+                    let mut d = [0u8; 8];
+                    dev.read_config(usize::from(off as u8), &mut d[..len]);
+                }
+                4 => dev.write_config(usize::from(off as u8), &v.to_le_bytes()[..len]),
+                // MSI-X enable / function mask.
+                5 => dev.write_config(msix + 2, &(v as u16).to_le_bytes()),
+                6 => {
+                    let q = off % queues as u64;
+                    wbar(
+                        &mut dev,
+                        NOTIFY_OFFSET + q * u64::from(NOTIFY_MULTIPLIER),
+                        q,
+                        2,
+                    );
+                }
+                _ => {
+                    if off & 1 == 0 {
+                        dev.interrupt().signal_queue((off >> 1) as u16);
+                    } else {
+                        dev.interrupt().signal_config();
+                    }
+                }
+            }
+        }
+        // Stopped as for a migration: the queues served once more here, the state given
+        // must serialise and restore into a new function.
+        dev.pause();
+        let last = dev.state();
+        if let Some(r) = &last.running {
+            serve(&*device, r, &ram);
+        }
+        let (mut next, _) = super::pci_state::device(kind, &ram);
+        if let Err(e) = next.restore(&last) {
+            panic!("a function's own state does not restore: {e}");
+        }
+        next.pause();
+        drop(next);
+        drop(dev);
+        check_dirty_log(&ram, &before);
+        out.last = Some(last);
+        out
+    }
+
+    /// One seed of the `device_state` target: a state saved from a function a driver
+    /// really set up, and the rest of the input (no operations, then guest RAM as the
+    /// source left it, with one more request published after the pause).
+    pub struct StateSeed {
+        pub name: &'static str,
+        pub kind: u8,
+        pub state: VirtioPciState,
+        pub tail: Vec<u8>,
+    }
+
+    const QSIZE: u64 = 8;
+
+    fn rings(q: u64) -> (u64, u64, u64) {
+        let base = 0x200 * q;
+        (base, base + 0x80, base + 0xc0)
+    }
+
+    fn put_desc(ram: &GuestRam, q: u64, i: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..].copy_from_slice(&next.to_le_bytes());
+        ram.write(rings(q).0 + 16 * i, &d).expect("in RAM");
+    }
+
+    /// Makes `head` available in queue `q` as its `n`th entry.
+    fn publish(ram: &GuestRam, q: u64, n: u16, head: u16) {
+        let avail = rings(q).1;
+        ram.write_obj(head, avail + 4 + 2 * (u64::from(n) % QSIZE))
+            .expect("in RAM");
+        ram.write_obj(n + 1, avail + 2).expect("in RAM");
+    }
+
+    /// Puts request number `n` of a `kind` function in its queue 0 (and, for the vIOMMU,
+    /// an event buffer in queue 1).
+    fn request(ram: &GuestRam, kind: u8, n: u16) {
+        use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+        const N: u16 = VRING_DESC_F_NEXT as u16;
+        const W: u16 = VRING_DESC_F_WRITE as u16;
+        let d = 3 * u64::from(n);
+        let buf = 0x800 + 0x100 * u64::from(n);
+        match kind {
+            0 => put_desc(ram, 0, d, buf, 64, W, 0),
+            1 => {
+                let mut h = [0u8; 16];
+                h[..4].copy_from_slice(
+                    &virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_T_IN.to_le_bytes(),
+                );
+                h[8..].copy_from_slice(&(3 + u64::from(n)).to_le_bytes());
+                ram.write(buf, &h).expect("in RAM");
+                put_desc(ram, 0, d, buf, 16, N, (d + 1) as u16);
+                put_desc(
+                    ram,
+                    0,
+                    d + 1,
+                    0x2_0000 + 0x200 * u64::from(n),
+                    512,
+                    W | N,
+                    (d + 2) as u16,
+                );
+                put_desc(ram, 0, d + 2, buf + 0x20, 1, W, 0);
+            }
+            _ => {
+                // ATTACH endpoint 1 to domain 1 + n, then its tail.
+                let mut r = [0u8; 20];
+                r[0] = crate::viommu::T_ATTACH;
+                r[4..8].copy_from_slice(&(1 + u32::from(n)).to_le_bytes());
+                r[8..12].copy_from_slice(&1u32.to_le_bytes());
+                ram.write(buf, &r).expect("in RAM");
+                put_desc(ram, 0, d, buf, 20, N, (d + 1) as u16);
+                put_desc(ram, 0, d + 1, buf + 0x40, 4, W, 0);
+                put_desc(ram, 1, u64::from(n), buf + 0x80, 24, W, 0);
+                publish(ram, 1, n, n);
+            }
+        }
+        publish(ram, 0, n, d as u16);
+    }
+
+    /// A driver's setup of a `kind` function over `ram`: features (all offered),
+    /// MSI-X vectors programmed and unmasked if `msix`, every queue of 8 in RAM with its
+    /// vector, then DRIVER_OK if `driver_ok`.
+    fn bring_up(dev: &mut VirtioPciDevice, queues: u64, msix: bool, driver_ok: bool) {
+        wbar(dev, 0x14, 1, 1);
+        wbar(dev, 0x14, 1 | 2, 1);
+        for sel in 0..2 {
+            wbar(dev, 0x00, sel, 4);
+            let f = rbar(dev, 0x04, 4);
+            wbar(dev, 0x08, sel, 4);
+            wbar(dev, 0x0c, f, 4);
+        }
+        wbar(dev, 0x14, 1 | 2 | 8, 1);
+        assert_ne!(rbar(dev, 0x14, 1) & 8, 0, "FEATURES_OK");
+        if msix {
+            let cap = msix_cap(dev);
+            dev.write_config(cap + 2, &0x8000u16.to_le_bytes());
+            for v in 0..=queues {
+                let at = MSIX_TABLE_OFFSET + 16 * v;
+                wbar(dev, at, 0xfee0_0000, 8);
+                wbar(dev, at + 8, 0x40 + v, 4);
+                wbar(dev, at + 12, 0, 4);
+            }
+            wbar(dev, 0x10, 0, 2);
+        }
+        for q in 0..queues {
+            let (d, a, u) = rings(q);
+            wbar(dev, 0x16, q, 2);
+            wbar(dev, 0x18, QSIZE, 2);
+            if msix {
+                wbar(dev, 0x1a, q + 1, 2);
+            }
+            for (off, addr) in [(0x20, d), (0x28, a), (0x30, u)] {
+                wbar(dev, off, addr, 4);
+                wbar(dev, off + 4, 0, 4);
+            }
+            wbar(dev, 0x1c, 1, 2);
+        }
+        wbar(dev, 0x16, 0, 2);
+        if driver_ok {
+            wbar(dev, 0x14, 1 | 2 | 8 | 4, 1);
+        }
+    }
+
+    /// Waits (bounded) until queue 0's used index reaches `n`.
+    fn wait_used(ram: &GuestRam, n: u16) {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while ram.read_obj::<u16>(rings(0).2 + 2).expect("in RAM") < n {
+            assert!(std::time::Instant::now() < until, "the worker served");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    /// The committed seeds of the `device_state` target's virtio-pci half.
+    pub fn seeds() -> Vec<StateSeed> {
+        let mut out = vec![];
+        for (name, kind, msix, driver_ok) in [
+            ("rng_running_msix", 0u8, true, true),
+            ("blk_running_msix", 1, true, true),
+            ("blk_running_intx", 1, false, true),
+            ("viommu_running_msix", 2, true, true),
+            ("rng_features_ok", 0, true, false),
+        ] {
+            let ram = ram(&[]);
+            let (mut dev, device) = device(kind, &ram);
+            let queues = device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .queue_max_sizes()
+                .len() as u64;
+            request(&ram, kind, 0);
+            bring_up(&mut dev, queues, msix, driver_ok);
+            if driver_ok {
+                assert!(dev.is_active(), "{name}: DRIVER_OK");
+                wait_used(&ram, 1);
+            }
+            dev.pause();
+            let state = dev.state();
+            // The driver goes on while the source stops: one more request.
+            request(&ram, kind, 1);
+            let mut image = contents(&ram);
+            image.truncate(0x1000);
+            while image.last() == Some(&0) {
+                image.pop();
+            }
+            let mut tail = vec![0u8];
+            tail.extend(image);
+            out.push(StateSeed {
+                name,
+                kind,
+                state,
+                tail,
+            });
+        }
+        out
+    }
+}
