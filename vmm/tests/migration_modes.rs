@@ -34,14 +34,13 @@ struct Moved {
 }
 
 /// Boots the `verify` guest (2 vCPUs, over `region` of RAM) in one ferry, moves it to a
-/// second one over `receiver` with the `send` body's options, and checks that the source
-/// exited.
-fn move_guest(tag: &str, memory: &str, region: &str, receiver: &str, send: Value) -> Moved {
+/// second one with the `receive` and `send` bodies, and checks that the source exited.
+fn move_guest(tag: &str, memory: &str, region: &str, receive: Value, send: Value) -> Moved {
     let dir = tmpdir(tag);
     let serial = dir.join("serial.log");
     let (dest, dest_api) = start(&dir, "dest", &[]);
     let recv_api = Client::new(dest_api.path(), Some(Duration::from_secs(300)));
-    let body = json!({ "receiver_url": receiver }).to_string();
+    let body = receive.to_string();
     let receiving = std::thread::spawn(move || {
         recv_api
             .put("vm.receive-migration", Some(body.as_bytes()))
@@ -143,7 +142,7 @@ fn four_tcp_connections_carry_the_memory_and_lose_nothing() {
         "conns",
         "size=512M",
         "128M",
-        &format!("tcp:127.0.0.1:{port}"),
+        json!({"receiver_url": format!("tcp:127.0.0.1:{port}")}),
         json!({"destination_url": format!("tcp:127.0.0.1:{port}"), "connections": 4}),
     );
     let sent = m.info["ram"]["transferred"].as_u64().unwrap();
@@ -164,13 +163,49 @@ fn memfds_hand_the_guest_ram_to_a_new_ferry_without_copying_it() {
         "memfds",
         "size=512M,shared=on",
         "128M",
-        &url,
+        json!({ "receiver_url": url }),
         json!({"destination_url": url, "memory_mode": "MemFDs"}),
     );
     // Only the machine state crossed the socket, not 512 MiB of RAM.
     let sent = m.info["ram"]["transferred"].as_u64().unwrap();
     assert!(sent < 1 << 20, "{} bytes sent", sent);
     assert_eq!(m.info["ram"]["total"], 512u64 << 20);
+    goes_on_cleanly(m);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The bodies cloud-hypervisor's `ch-remote` sends for a local migration, every default
+/// field included (its `local: true` with `memory_mode: Precopy` is Ferry's `MemFDs`).
+#[test]
+fn cloud_hypervisor_migration_bodies_move_a_guest() {
+    let dir = tmpdir("ch-bodies-sock");
+    let sock = dir.join("migrate.sock");
+    let url = format!("unix:{}", sock.display());
+    let m = move_guest(
+        "ch-bodies",
+        "size=256M,shared=on",
+        "64M",
+        json!({
+            "receiver_url": url,
+            "tls_dir": null,
+            "memory_mode": "Precopy",
+            "vfio_fds": null,
+            "iommufd_fd": null,
+            "zone_updates": []
+        }),
+        json!({
+            "destination_url": url,
+            "local": true,
+            "downtime_ms": 300,
+            "timeout_s": 3600,
+            "timeout_strategy": "Cancel",
+            "connections": 1,
+            "preserve_source": false,
+            "tls_dir": null
+        }),
+    );
+    let sent = m.info["ram"]["transferred"].as_u64().unwrap();
+    assert!(sent < 1 << 20, "RAM went as files: {sent} bytes sent");
     goes_on_cleanly(m);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -47,9 +47,19 @@ impl Reply {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The `error` of a JSON error body, else the body as text.
+    /// The messages of a JSON error body (cloud-hypervisor's array of strings, or an
+    /// older Ferry's `{"error": ...}`) joined by ": ", else the body as text.
     pub fn error_message(&self) -> String {
-        match serde_json::from_slice::<ErrorBody>(&self.body) {
+        #[derive(serde::Deserialize)]
+        struct OldErrorBody {
+            error: String,
+        }
+        if let Ok(v) = serde_json::from_slice::<ErrorBody>(&self.body) {
+            if !v.is_empty() {
+                return v.join(": ");
+            }
+        }
+        match serde_json::from_slice::<OldErrorBody>(&self.body) {
             Ok(e) => e.error,
             Err(_) if self.body.is_empty() => format!("HTTP status {}", self.status),
             Err(_) => String::from_utf8_lossy(&self.body).into_owned(),
@@ -257,7 +267,20 @@ mod tests {
             headers: vec![],
             body: br#"{"error":"no VM"}"#.to_vec(),
         };
-        assert_eq!(e.error_message(), "no VM");
+        assert_eq!(e.error_message(), "no VM", "an older Ferry's shape");
+        let e = Reply {
+            body: br#"["no VM","it was deleted"]"#.to_vec(),
+            ..e
+        };
+        assert_eq!(e.error_message(), "no VM: it was deleted");
+        // Ferry's own status line, with no reason phrase.
+        let (r, _) = parse_reply(
+            b"HTTP/1.1 404 \r\nContent-Length: 9\r\n\r\n[\"no VM\"]",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((r.status, r.error_message().as_str()), (404, "no VM"));
         assert!(parse_reply(b"SPDY 200\r\n\r\n", false).is_err());
     }
 }

@@ -556,29 +556,6 @@ fn check_request_line_prefix(p: &[u8]) -> Result<(), ParseError> {
     Ok(())
 }
 
-/// The reason phrase of a status code.
-pub fn reason(status: u16) -> &'static str {
-    match status {
-        100 => "Continue",
-        200 => "OK",
-        204 => "No Content",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        411 => "Length Required",
-        413 => "Content Too Large",
-        415 => "Unsupported Media Type",
-        417 => "Expectation Failed",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        503 => "Service Unavailable",
-        505 => "HTTP Version Not Supported",
-        _ => "Unknown",
-    }
-}
-
 /// A response: status, optional JSON body, and whether the connection closes after it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Response {
@@ -589,11 +566,10 @@ pub struct Response {
     pub close: bool,
 }
 
-/// The JSON body of every error answer.
-#[derive(serde::Serialize, serde::Deserialize, Debug)]
-pub struct ErrorBody {
-    pub error: String,
-}
+/// The JSON body of every error answer, cloud-hypervisor's shape: an array of messages,
+/// the error first and then its causes (Ferry's messages already name their cause, so
+/// one entry).
+pub type ErrorBody = Vec<String>;
 
 impl Response {
     pub fn no_content() -> Response {
@@ -618,12 +594,10 @@ impl Response {
         }
     }
 
-    /// `status` with `{"error": message}`.
+    /// `status` with `["message"]`.
     pub fn error(status: u16, message: impl fmt::Display) -> Response {
-        let body = serde_json::to_vec(&ErrorBody {
-            error: message.to_string(),
-        })
-        .unwrap_or_else(|_| b"{\"error\":\"unknown\"}".to_vec());
+        let body: ErrorBody = vec![message.to_string()];
+        let body = serde_json::to_vec(&body).unwrap_or_else(|_| b"[\"unknown\"]".to_vec());
         Response {
             status,
             body: Some(body),
@@ -634,11 +608,9 @@ impl Response {
 
     /// The bytes to send.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = format!(
-            "HTTP/1.1 {} {}\r\nServer: Ferry\r\n",
-            self.status,
-            reason(self.status)
-        );
+        // No reason phrase (RFC 9112 allows an empty one): cloud-hypervisor's client reads
+        // everything after the version up to the line end as the status code.
+        let mut out = format!("HTTP/1.1 {} \r\nServer: Ferry\r\n", self.status);
         if let Some(allow) = self.allow {
             out.push_str(&format!("Allow: {allow}\r\n"));
         }
@@ -813,11 +785,18 @@ mod tests {
     fn response_bytes() {
         let r = Response::error(404, "no such endpoint \"/x\"");
         let b = String::from_utf8(r.to_bytes()).unwrap();
-        assert!(b.starts_with("HTTP/1.1 404 Not Found\r\n"), "{b}");
+        assert!(b.starts_with("HTTP/1.1 404 \r\n"), "{b}");
         assert!(
-            b.ends_with("\r\n\r\n{\"error\":\"no such endpoint \\\"/x\\\"\"}"),
+            b.ends_with("\r\n\r\n[\"no such endpoint \\\"/x\\\"\"]"),
             "{b}"
         );
+        // As cloud-hypervisor's client reads it: everything after the version up to the
+        // line end, trimmed, is the code.
+        for r in [Response::json(&1), Response::no_content(), r] {
+            let b = String::from_utf8(r.to_bytes()).unwrap();
+            let code = &b["HTTP/1.1 ".len()..b.find('\r').unwrap()];
+            assert_eq!(code.trim().parse::<u16>(), Ok(r.status), "{b}");
+        }
         let b = String::from_utf8(Response::no_content().to_bytes()).unwrap();
         assert!(!b.contains("Content-Length"), "{b}");
     }

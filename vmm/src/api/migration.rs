@@ -43,9 +43,23 @@ pub enum MemoryMode {
 
 pub use crate::migration::transport::{MigrationUrl, UrlError};
 
+/// Most `connections` a request may name: cloud-hypervisor's limit, so its clients' values
+/// are taken; Ferry uses at most [`MAX_CONNECTIONS`] of them (the wire protocol's).
+pub const MAX_REQUESTED_CONNECTIONS: u64 = 128;
+
+/// Fields of a body this Ferry does not know: ignored, as cloud-hypervisor ignores them
+/// (a newer client may send more), and named in the log.
+type UnknownFields = std::collections::BTreeMap<String, serde_json::Value>;
+
+fn log_unknown(endpoint: &str, unknown: &UnknownFields) {
+    if !unknown.is_empty() {
+        let names: Vec<&str> = unknown.keys().map(String::as_str).collect();
+        log::warn!("{endpoint}: ignoring unknown field(s) {names:?}");
+    }
+}
+
 /// The `vm.send-migration` body as sent (cloud-hypervisor's field names).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct SendMigrationBody {
     destination_url: String,
     #[serde(default)]
@@ -58,15 +72,20 @@ struct SendMigrationBody {
     connections: Option<u64>,
     #[serde(default)]
     memory_mode: Option<MemoryMode>,
-    /// Deprecated alias of `"memory_mode": "MemFDs"`.
+    /// cloud-hypervisor's: guest RAM handed over as files on one host (Ferry's `MemFDs`).
     #[serde(default)]
     local: Option<bool>,
+    /// cloud-hypervisor's: keep the source VM after the move (only `false` here).
+    #[serde(default)]
+    preserve_source: Option<bool>,
     /// Ferry's own: throttle the vCPUs when the migration does not converge (default on).
     #[serde(default)]
     auto_converge: Option<bool>,
     /// Migrate over TLS: ca-cert.pem, client-cert.pem, client-key.pem (cloud-hypervisor's).
     #[serde(default)]
     tls_dir: Option<std::path::PathBuf>,
+    #[serde(flatten)]
+    unknown: UnknownFields,
 }
 
 /// A checked `vm.send-migration` request, defaults filled in.
@@ -92,7 +111,6 @@ pub struct SendMigration {
 
 /// The `vm.receive-migration` body.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ReceiveMigrationBody {
     receiver_url: String,
     #[serde(default)]
@@ -100,6 +118,20 @@ struct ReceiveMigrationBody {
     /// Take the migration over TLS only: ca-cert.pem, server-cert.pem, server-key.pem.
     #[serde(default)]
     tls_dir: Option<std::path::PathBuf>,
+    /// cloud-hypervisor's; the source decides how memory comes, so only `Precopy` (or
+    /// Ferry's `MemFDs`) is taken here.
+    #[serde(default)]
+    memory_mode: Option<MemoryMode>,
+    /// cloud-hypervisor's: VFIO device and iommufd descriptors passed with the request,
+    /// and memory zone changes; Ferry has none of them on receive, so only empty values.
+    #[serde(default)]
+    vfio_fds: Option<Vec<i64>>,
+    #[serde(default)]
+    iommufd_fd: Option<i64>,
+    #[serde(default)]
+    zone_updates: Option<Vec<serde_json::Value>>,
+    #[serde(flatten)]
+    unknown: UnknownFields,
 }
 
 /// Where the destination's own process for one of the source's vfio-user devices listens.
@@ -178,18 +210,34 @@ pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
     if timeout_s == 0 {
         return Err(bad("timeout_s=0 is out of range (at least 1)".into()));
     }
-    let connections = b.connections.unwrap_or(1);
-    if !(1..=u64::from(MAX_CONNECTIONS)).contains(&connections) {
+    log_unknown("vm.send-migration", &b.unknown);
+    let asked = b.connections.unwrap_or(1);
+    if !(1..=MAX_REQUESTED_CONNECTIONS).contains(&asked) {
         return Err(bad(format!(
-            "connections={connections} is out of range (1 to {MAX_CONNECTIONS})"
+            "connections={asked} is out of range (1 to {MAX_REQUESTED_CONNECTIONS})"
         )));
     }
-    let connections = connections as u32;
+    let connections = asked.min(u64::from(MAX_CONNECTIONS)) as u32;
+    if u64::from(connections) < asked {
+        log::info!(
+            "vm.send-migration: connections={asked}: using {connections}, the most one \
+             migration of this Ferry opens"
+        );
+    }
+    if b.preserve_source == Some(true) {
+        return Err(bad(
+            "preserve_source=true is not supported: once the destination runs the VM, \
+             Ferry ends it here (omit the field or send false)"
+                .into(),
+        ));
+    }
+    // cloud-hypervisor's `local` says how memory travels, `memory_mode` when: Precopy
+    // with local=true is RAM as files; Ferry's own `MemFDs` value means the same.
     let memory_mode = match (b.local, b.memory_mode) {
-        (Some(true), None | Some(MemoryMode::MemFDs)) => MemoryMode::MemFDs,
+        (Some(true), None | Some(MemoryMode::Precopy | MemoryMode::MemFDs)) => MemoryMode::MemFDs,
         (Some(true), Some(m)) => {
             return Err(bad(format!(
-                "local=true means memory_mode MemFDs, but memory_mode {m:?} was given"
+                "local=true hands guest RAM over as files, which memory_mode {m:?} cannot use"
             )))
         }
         (_, m) => m.unwrap_or_default(),
@@ -224,6 +272,30 @@ pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
 pub fn parse_receive_migration(body: &[u8]) -> Result<ReceiveMigration, ApiError> {
     let b: ReceiveMigrationBody =
         super::json_object(body).map_err(|e| json_error("vm.receive-migration", e))?;
+    log_unknown("vm.receive-migration", &b.unknown);
+    if let Some(m @ MemoryMode::Postcopy) = b.memory_mode {
+        return Err(bad(format!(
+            "memory_mode {m:?} is not supported yet (Precopy is; the source decides whether \
+             RAM comes as files)"
+        )));
+    }
+    if let Some(fds) = b.vfio_fds.as_ref().filter(|f| !f.is_empty()) {
+        return Err(bad(format!(
+            "vfio_fds {fds:?}: Ferry opens a VFIO device from its configuration on receive \
+             and takes no descriptors"
+        )));
+    }
+    if let Some(fd) = b.iommufd_fd {
+        return Err(bad(format!(
+            "iommufd_fd {fd}: Ferry takes no iommufd descriptor on receive"
+        )));
+    }
+    if let Some(z) = b.zone_updates.as_ref().filter(|z| !z.is_empty()) {
+        return Err(bad(format!(
+            "zone_updates ({} given): Ferry has no memory zones",
+            z.len()
+        )));
+    }
     let receiver = b
         .receiver_url
         .parse()
@@ -445,8 +517,12 @@ mod tests {
             ),
             (r#"{"destination_url":"tcp:h:1","local":true}"#, "unix:"),
             (
-                r#"{"destination_url":"unix:/s","local":true,"memory_mode":"Precopy"}"#,
-                "Precopy",
+                r#"{"destination_url":"unix:/s","local":true,"memory_mode":"Postcopy"}"#,
+                "Postcopy",
+            ),
+            (
+                r#"{"destination_url":"unix:/s","preserve_source":true}"#,
+                "preserve_source=true",
             ),
             (
                 r#"{"destination_url":"unix:/s","connections":4}"#,
@@ -460,6 +536,30 @@ mod tests {
         }
     }
 
+    /// The bodies cloud-hypervisor's `ch-remote` sends, its default fields included.
+    #[test]
+    fn cloud_hypervisor_bodies_are_taken() {
+        let s = send(
+            r#"{"destination_url":"tcp:10.0.0.2:6000","local":false,"downtime_ms":300,"timeout_s":3600,"timeout_strategy":"Cancel","connections":1,"preserve_source":false,"tls_dir":null}"#,
+        )
+        .unwrap();
+        assert_eq!((s.memory_mode, s.connections), (MemoryMode::Precopy, 1));
+        let s =
+            send(r#"{"destination_url":"unix:/s","local":true,"memory_mode":"Precopy"}"#).unwrap();
+        assert_eq!(s.memory_mode, MemoryMode::MemFDs);
+        // cloud-hypervisor allows 128 connections: taken, Ferry opens at most 16.
+        let s = send(r#"{"destination_url":"tcp:h:1","connections":128}"#).unwrap();
+        assert_eq!(s.connections, MAX_CONNECTIONS);
+        // A field this Ferry does not know is ignored, as cloud-hypervisor does.
+        assert!(send(r#"{"destination_url":"tcp:h:1","a_newer_field":{"x":1}}"#).is_ok());
+        let r = parse_receive_migration(
+            br#"{"receiver_url":"unix:/s","tls_dir":null,"memory_mode":"Precopy","vfio_fds":null,"iommufd_fd":null,"zone_updates":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.receiver_url, "unix:/s");
+        assert!(parse_receive_migration(br#"{"receiver_url":"unix:/s","extra":1}"#).is_ok());
+    }
+
     #[test]
     fn receive() {
         let r = parse_receive_migration(br#"{"receiver_url":"tcp:0.0.0.0:6000"}"#).unwrap();
@@ -467,7 +567,16 @@ mod tests {
         for (j, needle) in [
             ("{}", "receiver_url"),
             (r#"{"receiver_url":"x"}"#, "\"x\""),
-            (r#"{"receiver_url":"unix:/s","extra":1}"#, "extra"),
+            (
+                r#"{"receiver_url":"unix:/s","memory_mode":"Postcopy"}"#,
+                "memory_mode Postcopy",
+            ),
+            (r#"{"receiver_url":"unix:/s","vfio_fds":[7]}"#, "vfio_fds [7]"),
+            (r#"{"receiver_url":"unix:/s","iommufd_fd":9}"#, "iommufd_fd 9"),
+            (
+                r#"{"receiver_url":"unix:/s","zone_updates":[{"id":"z"}]}"#,
+                "zone_updates (1 given)",
+            ),
             (
                 r#"{"receiver_url":"unix:/s","tls_dir":"/x"}"#,
                 "tls_dir needs a tcp: receiver_url",

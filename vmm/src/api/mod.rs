@@ -176,20 +176,19 @@ pub fn handle(vmm: &Arc<Vmm>, req: &Request) -> Handled {
             exit: None,
         };
     }
-    let body_error = match (route.body, req.body.is_empty()) {
-        (Body::None, false) => Some(format!(
-            "{} takes no request body ({} bytes sent)",
+    match (route.body, req.body.is_empty()) {
+        (Body::Json, true) => {
+            return Handled {
+                response: Response::error(400, format!("{} needs a JSON request body", route.name)),
+                exit: None,
+            }
+        }
+        (Body::Ignored, false) => log::debug!(
+            "{}: ignoring a {}-byte request body (it takes none)",
             route.name,
             req.body.len()
-        )),
-        (Body::Json, true) => Some(format!("{} needs a JSON request body", route.name)),
-        _ => None,
-    };
-    if let Some(msg) = body_error {
-        return Handled {
-            response: Response::error(400, msg),
-            exit: None,
-        };
+        ),
+        _ => {}
     }
     let mut exit = None;
     let response = match route.endpoint {

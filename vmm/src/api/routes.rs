@@ -43,11 +43,9 @@ impl Method {
 /// Whether a request body is expected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Body {
-    /// A body is refused (400), as cloud-hypervisor does for its action endpoints.
-    None,
     /// A JSON body is required (400 without one).
     Json,
-    /// Ignored (GET endpoints).
+    /// Ignored if sent (GET and action endpoints), as cloud-hypervisor does.
     Ignored,
 }
 
@@ -94,7 +92,7 @@ pub static ROUTES: &[Route] = &[
         E::VmmShutdown,
         "vmm.shutdown",
         Put,
-        B::None,
+        B::Ignored,
         &[204, 400],
         false,
     ),
@@ -110,7 +108,7 @@ pub static ROUTES: &[Route] = &[
         E::VmBoot,
         "vm.boot",
         Put,
-        B::None,
+        B::Ignored,
         &[204, 400, 404, 405, 500],
         false,
     ),
@@ -118,7 +116,7 @@ pub static ROUTES: &[Route] = &[
         E::VmPause,
         "vm.pause",
         Put,
-        B::None,
+        B::Ignored,
         &[204, 400, 404, 405],
         false,
     ),
@@ -126,7 +124,7 @@ pub static ROUTES: &[Route] = &[
         E::VmResume,
         "vm.resume",
         Put,
-        B::None,
+        B::Ignored,
         &[204, 400, 404, 405],
         false,
     ),
@@ -134,7 +132,7 @@ pub static ROUTES: &[Route] = &[
         E::VmShutdown,
         "vm.shutdown",
         Put,
-        B::None,
+        B::Ignored,
         &[204, 400, 404, 405],
         false,
     ),
@@ -142,7 +140,7 @@ pub static ROUTES: &[Route] = &[
         E::VmReboot,
         "vm.reboot",
         Put,
-        B::None,
+        B::Ignored,
         &[204, 400, 404, 405, 500],
         false,
     ),
@@ -150,7 +148,7 @@ pub static ROUTES: &[Route] = &[
         E::VmDelete,
         "vm.delete",
         Put,
-        B::None,
+        B::Ignored,
         &[204, 400, 404, 405],
         false,
     ),
@@ -191,7 +189,7 @@ pub static ROUTES: &[Route] = &[
         E::VmCancelMigration,
         "vm.cancel-migration",
         Put,
-        B::None,
+        B::Ignored,
         &[204, 400, 404, 405, 500],
         true,
     ),

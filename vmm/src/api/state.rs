@@ -399,7 +399,11 @@ impl Vmm {
         let vm = {
             let mut slot = self.lock();
             slot.not_busy("vm.delete")?;
-            slot.vm.take().ok_or(ApiError::NoVm)?
+            // No VM is not an error: cloud-hypervisor answers 204 (cleanup scripts rely on it).
+            let Some(vm) = slot.vm.take() else {
+                return Ok(());
+            };
+            vm
         };
         drop(vm);
         Ok(())

@@ -188,7 +188,9 @@ pub fn check_reply(method: &str, endpoint: &str, r: &Reply) {
                 String::from_utf8_lossy(&r.body)
             )
         });
-        let msg = v["error"].as_str().expect("an \"error\" string");
+        let msg = v[0]
+            .as_str()
+            .expect("cloud-hypervisor's error shape: an array of strings");
         assert!(!msg.is_empty());
         assert_eq!(
             r.header("content-type"),
