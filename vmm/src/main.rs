@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use vmm::api::{describe, ApiServer, Vmm};
 use vmm::config::{self, PayloadConfig, VmConfig};
+use vmm::events;
 use vmm::vm::{exit_status, Machine};
+
+/// How long the end of the process waits for the event monitor to write what is queued.
+const EVENT_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -85,6 +89,16 @@ struct Cli {
     /// or false (no filters).
     #[arg(long, default_value = "true", value_name = "true|false|log")]
     seccomp: String,
+    /// cloud-hypervisor's event monitor: lifecycle events (boot, pause, migration...) as
+    /// JSON objects to a file (created or appended to) or an inherited descriptor.
+    #[arg(long = "event-monitor", value_name = "path=FILE|fd=N")]
+    event_monitor: Option<String>,
+    /// Write the log to this file (created or appended to) instead of standard error.
+    #[arg(long = "log-file", value_name = "FILE")]
+    log_file: Option<PathBuf>,
+    /// More log detail: -v debug, -vv trace (default info; RUST_LOG, when set, decides).
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    verbose: u8,
 }
 
 fn config_from(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
@@ -95,6 +109,7 @@ fn config_from(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
             kernel: cli.kernel.clone(),
             cmdline: cli.cmdline.clone(),
             initramfs: cli.initramfs.clone(),
+            ..Default::default()
         },
         serial: config::parse_serial(&cli.serial)?,
         iommu: false,
@@ -115,22 +130,53 @@ fn config_from(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
             .iter()
             .map(|d| config::parse_device(d))
             .collect::<Result<_, _>>()?,
+        ..Default::default()
     })
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level));
+    logger
         .format_target(false)
         // Microseconds: a migration's pause and resume, logged by two processes on one
         // host, can then be set against each other.
-        .format_timestamp_micros()
-        .init();
-    let cli = Cli::parse();
+        .format_timestamp_micros();
+    if let Some(path) = &cli.log_file {
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            Ok(f) => {
+                logger.target(env_logger::Target::Pipe(Box::new(f)));
+            }
+            Err(e) => {
+                eprintln!("ferry: error: --log-file {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    logger.init();
     // Before any other thread exists: every thread inherits the VMM filter.
     if let Err(e) = cli.seccomp.parse().and_then(ferry_seccomp::init) {
         eprintln!("ferry: error: {e}");
         return ExitCode::from(2);
     }
+    // After the filter: the writer thread inherits it.
+    if let Some(target) = &cli.event_monitor {
+        if let Err(e) = events::open_target(target).and_then(events::start) {
+            eprintln!("ferry: error: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    events::emit("vmm", "starting", &[]);
     let config = match config_from(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -155,9 +201,11 @@ fn main() -> ExitCode {
         Some(e) => log::info!("guest ended: {e:?}, exit status {status}"),
         None => eprintln!("ferry: error: all vCPU threads ended"),
     }
-    // Flush serial output the guest wrote before its exit.
+    // Flush serial output the guest wrote before its exit, and the last events.
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    events::emit("vm", "shutdown", &[]);
+    events::flush(EVENT_FLUSH_LIMIT);
     // vCPU threads may sit in KVM_RUN; exiting the process ends them.
     std::process::exit(status);
 }
@@ -188,6 +236,7 @@ fn serve_api(path: &std::path::Path, config: Option<VmConfig>) -> ExitCode {
     drop(server);
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    events::flush(EVENT_FLUSH_LIMIT);
     // vCPU threads may sit in KVM_RUN; exiting the process ends them.
     std::process::exit(status);
 }

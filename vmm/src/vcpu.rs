@@ -83,6 +83,8 @@ pub struct VcpuControl {
     throttle_gen: AtomicU64,
     /// How long each nap lasts, in microseconds.
     throttle_nap_us: AtomicU64,
+    /// Bumped per `vm.nmi`; each vCPU injects one NMI per value it has not seen.
+    nmi_gen: AtomicU64,
 }
 
 impl VcpuControl {
@@ -195,6 +197,14 @@ impl VcpuControl {
     fn pause_requested(&self) -> bool {
         let f = self.lock();
         f.pause || f.stop
+    }
+
+    /// Has every vCPU take an NMI (`vm.nmi`). Each injects it itself before its next
+    /// KVM_RUN (KVM wants vCPU ioctls from the vCPU's own thread), kicked to get there
+    /// now; a parked vCPU does it when it runs again.
+    pub fn nmi(&self) {
+        self.nmi_gen.fetch_add(1, Ordering::SeqCst);
+        self.kick_all();
     }
 
     /// Ends every vCPU thread (they return from their loop).
@@ -318,7 +328,15 @@ fn run_loop(
     let index = vcpu.index();
     let mut saved_gen = 0;
     let mut throttle_seen = ctl.throttle_gen.load(Ordering::SeqCst);
+    let mut nmi_seen = ctl.nmi_gen.load(Ordering::SeqCst);
     loop {
+        let nmi = ctl.nmi_gen.load(Ordering::SeqCst);
+        if nmi != nmi_seen {
+            nmi_seen = nmi;
+            if let Err(e) = vcpu.fd().nmi() {
+                log::warn!("vCPU {index}: KVM_NMI failed: {e}");
+            }
+        }
         if ctl.pending.load(Ordering::SeqCst) {
             ctl.nap_if_throttled(&mut throttle_seen);
             if ctl.pause_requested() {

@@ -148,7 +148,8 @@ pub fn memory_from_files(
 
 fn serial_sink(cfg: &VmConfig) -> Result<Option<Box<dyn Write + Send>>> {
     Ok(match cfg.serial.mode {
-        ConsoleMode::Off => None,
+        // Pty and Socket are refused by VmConfig::validate.
+        ConsoleMode::Off | ConsoleMode::Pty | ConsoleMode::Socket => None,
         ConsoleMode::Null => Some(Box::new(std::io::sink())),
         ConsoleMode::Tty => Some(Box::new(std::io::stdout())),
         ConsoleMode::File => {
@@ -606,6 +607,11 @@ impl Machine {
                 self.pci.pause();
             }
         }
+    }
+
+    /// Injects an NMI into every vCPU (`vm.nmi`); a paused VM takes it on resume.
+    pub fn nmi(&self) {
+        self.control.nmi();
     }
 
     pub fn resume(&self) {

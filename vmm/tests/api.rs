@@ -110,7 +110,10 @@ fn create_checks_the_config() {
             body(&json!({"payload": {"kernel": elf, "firmware": "/fw"}})),
             "firmware",
         ),
-        (body(&json!({"payload": {"kernel": elf}, "net": []})), "net"),
+        (
+            body(&json!({"payload": {"kernel": elf}, "net": [{"tap": "tap0"}]})),
+            "net",
+        ),
         (
             body(&json!({"payload": {"kernel": elf}, "disks": [{"path": "/a", "direct": true}]})),
             "direct",
@@ -784,7 +787,11 @@ fn ferry_remote_commands() {
     let cfg = f.dir.0.join("vm.json");
     std::fs::write(&cfg, f.idle_guest_config().to_string()).unwrap();
     let bad = f.dir.0.join("bad.json");
-    std::fs::write(&bad, r#"{"payload":{"kernel":"/k"},"net":[]}"#).unwrap();
+    std::fs::write(
+        &bad,
+        r#"{"payload":{"kernel":"/k"},"net":[{"tap":"tap0"}]}"#,
+    )
+    .unwrap();
     fails(&["create", bad.to_str().unwrap()], "net");
     fails(&["create", "/no/such/file.json"], "/no/such/file.json");
     assert_eq!(ok(&["create", cfg.to_str().unwrap()]), "");
@@ -837,6 +844,61 @@ fn ferry_remote_commands() {
 }
 
 // ---- the migration seam: a long request does not block the others ----
+
+/// cloud-hypervisor's `--log-file` and `-v`: the log goes to the file, at debug level
+/// with one `-v`, and not to standard error; a file that cannot be opened is named.
+#[test]
+fn log_file_and_verbosity() {
+    let dir = TempDir::new("logfile");
+    let log = dir.0.join("ferry.log");
+    let mut f = ApiFerry::start(&["--log-file", log.to_str().unwrap(), "-v"]);
+    // Ignored, and said so at debug level.
+    f.error("PUT", "vm.boot", Some(b"{}"), 404);
+    f.put("vmm.shutdown", 204);
+    let (code, out) = f.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{out}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("DEBUG") && text.contains("vm.boot: ignoring a 2-byte request body"),
+        "{text}"
+    );
+    assert!(
+        !out.contains("ignoring a 2-byte"),
+        "the log also went to stderr:\n{out}"
+    );
+    let bad = std::process::Command::new(common::ferry_bin())
+        .args(["--log-file", "/nonexistent-ferry-dir/ferry.log"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent-ferry-dir/ferry.log"));
+}
+
+/// `vm.nmi` (cloud-hypervisor's endpoint): every vCPU takes an NMI (the test guest prints a
+/// line per CPU and goes on); a paused VM takes it when it resumes; no VM: 404.
+#[test]
+fn nmi_reaches_every_vcpu() {
+    let f = ApiFerry::start(&[]);
+    f.put("vm.nmi", 404);
+    let mut config = f.idle_guest_config();
+    config["cpus"] = json!({"boot_vcpus": 2, "max_vcpus": 2});
+    f.put_json("vm.create", &config, 204);
+    f.put("vm.nmi", 405);
+    f.put("vm.boot", 204);
+    f.wait_serial("guest: ready", 1, BOOT_TIMEOUT);
+    f.put("vm.nmi", 204);
+    f.wait_serial("guest: NMI on apic_id 0 ", 1, BOOT_TIMEOUT);
+    f.wait_serial("guest: NMI on apic_id 1 ", 1, BOOT_TIMEOUT);
+    f.put("vm.pause", 204);
+    f.put("vm.nmi", 204);
+    std::thread::sleep(Duration::from_millis(200));
+    let paused = f.serial().matches("guest: NMI").count();
+    assert_eq!(paused, 2, "a paused guest took an NMI:\n{}", f.serial());
+    f.put("vm.resume", 204);
+    f.wait_serial("guest: NMI", 4, BOOT_TIMEOUT);
+    assert_eq!(f.state(), "Running");
+    assert!(!f.serial().contains("FAIL"), "{}", f.serial());
+}
 
 /// One request the way cloud-hypervisor's `ch-remote` (its `api_client` crate) makes it —
 /// no Content-Type, `Accept: */*`, a Content-Length only with a body — on a connection of

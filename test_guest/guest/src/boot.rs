@@ -536,6 +536,15 @@ extern "C" fn trap(t: &mut Trap) {
         crate::sys::handle(t);
         return;
     }
+    if t.vector == 2 {
+        // The VMM's vm.nmi: say so and go on where the CPU was.
+        crate::serial::print_line_forced(format_args!(
+            "guest: NMI on apic_id {} at rip={:#x}",
+            crate::apic::current_id(),
+            t.rip
+        ));
+        return;
+    }
     let cr2: u64;
     // SAFETY: reading CR2 has no side effects.
     unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };

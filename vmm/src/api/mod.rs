@@ -204,6 +204,7 @@ pub fn handle(vmm: &Arc<Vmm>, req: &Request) -> Handled {
         Endpoint::VmResume => done(vmm.resume()),
         Endpoint::VmShutdown => done(vmm.shutdown()),
         Endpoint::VmReboot => done(vmm.reboot()),
+        Endpoint::VmNmi => done(vmm.nmi()),
         Endpoint::VmDelete => done(vmm.delete()),
         Endpoint::VmInfo => answer(vmm.info().map(|i| Response::json(&i))),
         Endpoint::VmCounters => answer(vmm.counters().map(|c| Response::json(&c))),

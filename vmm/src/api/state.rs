@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::migration::MigrationHandler;
 use super::ApiError;
 use crate::config::VmConfig;
+use crate::events;
 use crate::vcpu::VmEvent;
 use crate::vm::Machine;
 
@@ -324,7 +325,11 @@ impl Vmm {
             }
         })?;
         let config = config.expect("set by the check");
+        events::emit("vm", "booting", &[]);
         let r = self.boot_machine("vm.boot", config);
+        if r.is_ok() {
+            events::emit("vm", "booted", &[]);
+        }
         drop(op);
         r
     }
@@ -336,7 +341,9 @@ impl Vmm {
         let vm = slot.vm_mut()?;
         match (vm.state(), &vm.machine) {
             (VmState::Running, Some(m)) => {
+                events::emit("vm", "pausing", &[]);
                 m.pause();
+                events::emit("vm", "paused", &[]);
                 Ok(())
             }
             (s, _) => Err(wrong_state("vm.pause", s)),
@@ -350,10 +357,26 @@ impl Vmm {
         let vm = slot.vm_mut()?;
         match (vm.state(), &vm.machine) {
             (VmState::Paused, Some(m)) => {
+                events::emit("vm", "resuming", &[]);
                 m.resume();
+                events::emit("vm", "resumed", &[]);
                 Ok(())
             }
             (s, _) => Err(wrong_state("vm.resume", s)),
+        }
+    }
+
+    /// `vm.nmi`: an NMI to every vCPU of a Running or Paused VM (taken on resume).
+    pub fn nmi(&self) -> Result<(), ApiError> {
+        let mut slot = self.lock();
+        slot.not_busy("vm.nmi")?;
+        let vm = slot.vm_mut()?;
+        match (vm.state(), &vm.machine) {
+            (VmState::Running | VmState::Paused, Some(m)) => {
+                m.nmi();
+                Ok(())
+            }
+            (s, _) => Err(wrong_state("vm.nmi", s)),
         }
     }
 
@@ -369,6 +392,7 @@ impl Vmm {
             }
         };
         drop(machine);
+        events::emit("vm", "shutdown", &[]);
         Ok(())
     }
 
@@ -388,8 +412,12 @@ impl Vmm {
             taken = vm.take_machine();
             vm.config.clone()
         });
+        events::emit("vm", "rebooting", &[]);
         drop(taken);
         let r = self.boot_machine("vm.reboot", config);
+        if r.is_ok() {
+            events::emit("vm", "rebooted", &[]);
+        }
         drop(op);
         r
     }
@@ -406,6 +434,7 @@ impl Vmm {
             vm
         };
         drop(vm);
+        events::emit("vm", "deleted", &[]);
         Ok(())
     }
 
@@ -414,6 +443,7 @@ impl Vmm {
     pub fn shutdown_vmm(&self) {
         let vm = self.lock().vm.take();
         drop(vm);
+        events::emit("vmm", "shutdown", &[]);
     }
 
     pub fn info(&self) -> Result<VmInfo, ApiError> {
@@ -487,10 +517,18 @@ impl Vmm {
             }
             VmEvent::Failed(why) => {
                 log::error!("VM failed, now shut down: {why}");
+                events::emit("vm", "shutdown", &[("reason", "failed"), ("error", &why)]);
                 None
             }
             other => {
                 log::info!("guest ended ({other:?}): VM shut down");
+                match &other {
+                    VmEvent::PowerOff => events::emit("vm", "shutdown", &[("reason", "power-off")]),
+                    VmEvent::Reset(why) => {
+                        events::emit("vm", "shutdown", &[("reason", "reset"), ("detail", why)])
+                    }
+                    _ => events::emit("vm", "shutdown", &[]),
+                }
                 None
             }
         }

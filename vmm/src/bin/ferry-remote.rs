@@ -50,6 +50,8 @@ enum Command {
     Shutdown,
     /// Reboot the VM.
     Reboot,
+    /// Inject an NMI into every vCPU.
+    Nmi,
     /// Delete the VM.
     Delete,
     /// End the ferry process.
@@ -67,13 +69,13 @@ enum Command {
         /// What to do at the timeout: Cancel or Ignore (the downtime target).
         #[arg(long = "timeout-strategy", value_name = "STRATEGY")]
         timeout_strategy: Option<String>,
-        /// Parallel connections (1 to 16, tcp: only).
+        /// Parallel connections (tcp: only; up to 128 taken, at most 16 used).
         #[arg(long, value_name = "N")]
         connections: Option<u64>,
         /// Memory mode: Precopy, MemFDs or Postcopy.
         #[arg(long = "memory-mode", value_name = "MODE")]
         memory_mode: Option<String>,
-        /// Same-host migration passing memory file descriptors (memory mode MemFDs).
+        /// Same-host migration handing guest RAM over as files (cloud-hypervisor's `local`).
         #[arg(long)]
         local: bool,
         /// Never throttle the vCPUs, even when the migration does not converge.
@@ -134,6 +136,7 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
         Command::Resume => ("PUT", "vm.resume", None),
         Command::Shutdown => ("PUT", "vm.shutdown", None),
         Command::Reboot => ("PUT", "vm.reboot", None),
+        Command::Nmi => ("PUT", "vm.nmi", None),
         Command::Delete => ("PUT", "vm.delete", None),
         Command::ShutdownVmm => ("PUT", "vmm.shutdown", None),
         Command::SendMigration {

@@ -14,6 +14,7 @@ use super::transport::{LaneAcceptor, Listener, Stream};
 use super::{MachineDestination, MachineSource};
 use crate::api::migration::{MemoryMode, ReceiveMigration, SendMigration, TimeoutStrategy};
 use crate::api::{ApiError, MigrationHandler, Vmm};
+use crate::events;
 
 /// How long the source tries to reach the destination.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,6 +41,34 @@ impl LiveMigration {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+}
+
+/// The event monitor's `failed` event for a migration that returns early (a `?`) once
+/// its `started` event is out; [`Outcome::completed`] and [`Outcome::failed`] say how it
+/// ended otherwise, with detail.
+struct Outcome(&'static str);
+
+impl Outcome {
+    fn started(started: &'static str, failed: &'static str, peer: &str) -> Outcome {
+        events::emit("vm", started, &[("url", peer)]);
+        Outcome(failed)
+    }
+
+    fn completed(self, event: &'static str, properties: &[(&str, &str)]) {
+        events::emit("vm", event, properties);
+        std::mem::forget(self);
+    }
+
+    fn failed(self, error: &str) {
+        events::emit("vm", self.0, &[("error", error)]);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        events::emit("vm", self.0, &[]);
     }
 }
 
@@ -78,6 +107,8 @@ impl MigrationHandler for LiveMigration {
             ));
         }
         let progress = self.start();
+        let destination = req.destination.to_string();
+        let outcome = Outcome::started("migration-started", "migration-failed", &destination);
         log::info!(
             "migrating to {} ({}{})",
             req.destination,
@@ -135,6 +166,14 @@ impl MigrationHandler for LiveMigration {
                     info.downtime,
                     info.ram.transferred
                 );
+                outcome.completed(
+                    "migration-completed",
+                    &[
+                        ("url", &destination),
+                        ("downtime_ms", &info.downtime.unwrap_or(0).to_string()),
+                        ("total_ms", &info.total_time.unwrap_or(0).to_string()),
+                    ],
+                );
                 // The VM runs on the destination now: this one is gone (torn down here,
                 // before answering), and so is the process, once the answer is out.
                 let gone = vmm.with_vm(|vm| vm.and_then(|vm| vm.take_machine()));
@@ -148,6 +187,7 @@ impl MigrationHandler for LiveMigration {
             }
             Err(e) => {
                 log::error!("migration to {} failed: {e}", req.destination);
+                outcome.failed(&e.to_string());
                 Err(failed(ACTION, e))
             }
         }
@@ -164,6 +204,12 @@ impl MigrationHandler for LiveMigration {
         let listener = Listener::bind(&req.receiver)
             .map_err(|e| failed(ACTION, format!("cannot listen on {}: {e}", req.receiver)))?;
         let progress = self.start();
+        let receiver = req.receiver.to_string();
+        let outcome = Outcome::started(
+            "migration-receive-started",
+            "migration-receive-failed",
+            &receiver,
+        );
         log::info!(
             "waiting for a migration on {}{}",
             req.receiver,
@@ -230,6 +276,13 @@ impl MigrationHandler for LiveMigration {
                     info.ram.transferred
                 );
                 vmm.install(machine.config.clone(), Arc::new(machine));
+                outcome.completed(
+                    "migration-receive-completed",
+                    &[
+                        ("url", &receiver),
+                        ("total_ms", &info.total_time.unwrap_or(0).to_string()),
+                    ],
+                );
                 Ok(())
             }
             Err(e) => {
@@ -243,6 +296,7 @@ impl MigrationHandler for LiveMigration {
                 }
                 drop(dest);
                 log::error!("incoming migration failed: {e}");
+                outcome.failed(&e.to_string());
                 Err(failed(ACTION, e))
             }
         }
