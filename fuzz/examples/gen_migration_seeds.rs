@@ -8,7 +8,9 @@
 //!
 //! Not a fuzz target: `cargo fuzz build` builds only the `[[bin]]`s.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{out_dir, write};
 
 use vm_migration::protocol::{
     encode, encode_memory_chunk, encode_sparse_chunk, features, Complete, Config, Hello, MemoryFd,
@@ -46,18 +48,8 @@ fn sparse_page() -> Vec<u8> {
 const VM_CONFIG: &[u8] =
     br#"{"cpus":{"boot_vcpus":1,"max_vcpus":1},"memory":{"size":1048576},"payload":{"kernel":"/k"}}"#;
 
-fn write(dir: &Path, name: &str, bytes: &[u8]) {
-    let path = dir.join(name);
-    std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    println!("{:>8} bytes  {}", bytes.len(), path.display());
-}
-
 fn main() {
-    let dir: PathBuf = std::env::args_os()
-        .nth(1)
-        .expect("usage: gen_migration_seeds DIR")
-        .into();
-    std::fs::create_dir_all(&dir).expect("seed directory");
+    let dir = out_dir("usage: gen_migration_seeds DIR");
     let ram = vec![
         RamRange {
             gpa: 0,

@@ -12,7 +12,9 @@
 //!
 //! Not a fuzz target: `cargo fuzz build` builds only the `[[bin]]`s.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{out_dir, write};
 
 use vm_migration::protocol::{
     encode, encode_memory_chunk, encode_sparse_chunk, features, Complete, Config, Hello, Message,
@@ -241,18 +243,8 @@ fn input(main: &[u8], extra: &[Vec<u8>]) -> Vec<u8> {
     v
 }
 
-fn write(dir: &Path, name: &str, bytes: &[u8]) {
-    let path = dir.join(name);
-    std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    println!("{:>8} bytes  {}", bytes.len(), path.display());
-}
-
 fn main() {
-    let dir: PathBuf = std::env::args_os()
-        .nth(1)
-        .expect("usage: gen_receive_seeds DIR")
-        .into();
-    std::fs::create_dir_all(&dir).expect("seed directory");
+    let dir = out_dir("usage: gen_receive_seeds DIR");
 
     write(&dir, "ok_single", &input(&single(None, 1, None), &[]));
     let (m, lanes) = parallel(TOKEN);

@@ -805,17 +805,7 @@ mod tests {
 
     /// A file of `len` bytes with no name left behind.
     fn unnamed_file(len: u64) -> std::os::fd::OwnedFd {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("ferry-vm-test-{}-{n}", std::process::id()));
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
+        let f = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
         f.set_len(len).unwrap();
         f.into()
     }
