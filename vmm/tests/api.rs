@@ -886,6 +886,19 @@ fn nmi_reaches_every_vcpu() {
     f.put("vm.nmi", 405);
     f.put("vm.boot", 204);
     f.wait_serial("guest: ready", 1, BOOT_TIMEOUT);
+    // Until both vCPUs halt, a CPU may be mid-line when its NMI comes, and the guest's
+    // handler then prints over that line: wait for the boot lines to end.
+    let end = Instant::now() + BOOT_TIMEOUT;
+    let mut last = f.serial();
+    loop {
+        std::thread::sleep(Duration::from_millis(700));
+        let now = f.serial();
+        if now == last {
+            break;
+        }
+        assert!(Instant::now() < end, "the idle guest never went quiet:\n{now}");
+        last = now;
+    }
     f.put("vm.nmi", 204);
     f.wait_serial("guest: NMI on apic_id 0 ", 1, BOOT_TIMEOUT);
     f.wait_serial("guest: NMI on apic_id 1 ", 1, BOOT_TIMEOUT);
