@@ -29,6 +29,7 @@ ensure_packages() {
 # schemathesis (pinned) in a virtualenv under target/, for vmm/tests/api_schemathesis.rs,
 # which runs it against docs/api/ferry.yaml through $FERRY_SCHEMATHESIS.
 SCHEMATHESIS_VERSION=4.32.5
+QEMU_QMP_VERSION=0.0.6
 ensure_schemathesis() {
     local venv="$ROOT/target/schemathesis-venv"
     local st="$venv/bin/st"
@@ -53,6 +54,14 @@ ensure_schemathesis() {
         "$venv/bin/python3" -m pip install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
     fi
     export FERRY_SCHEMATHESIS="$st"
+    # QEMU's own QMP client (PyPI qemu.qmp, pinned; it brings qmp-shell) in the same
+    # virtualenv, for vmm/tests/qmp.rs through $FERRY_QMP_PYTHON.
+    if ! "$venv/bin/python3" -c "import importlib.metadata as m, sys; \
+            sys.exit(m.version('qemu.qmp') != '$QEMU_QMP_VERSION')" 2>/dev/null; then
+        say "installing qemu.qmp $QEMU_QMP_VERSION into $venv"
+        "$venv/bin/python3" -m pip install -q --disable-pip-version-check "qemu.qmp==$QEMU_QMP_VERSION"
+    fi
+    export FERRY_QMP_PYTHON="$venv/bin/python3"
 }
 
 check_kvm() {

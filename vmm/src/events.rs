@@ -55,6 +55,17 @@ struct Monitor {
 
 static MONITOR: OnceLock<Monitor> = OnceLock::new();
 
+/// A function that hears every event, monitor or not (the QMP server: its STOP, RESUME,
+/// MIGRATION events). Called on the emitting thread, perhaps with the VM lock held.
+pub type Listener = fn(source: &str, event: &str, properties: &[(&str, &str)]);
+
+static LISTENER: OnceLock<Listener> = OnceLock::new();
+
+/// Sets the process's [`Listener`] (once; false if one was set already).
+pub fn set_listener(f: Listener) -> bool {
+    LISTENER.set(f).is_ok()
+}
+
 #[derive(serde::Serialize)]
 struct Timestamp {
     secs: u64,
@@ -133,8 +144,11 @@ pub fn start(mut file: File) -> Result<(), EventMonitorError> {
 }
 
 /// Records `event` from `source` ("vmm" or "vm"), with optional string properties.
-/// Without a monitor, does nothing.
+/// Without a monitor, only the [`Listener`] (if any) hears it.
 pub fn emit(source: &str, event: &str, properties: &[(&str, &str)]) {
+    if let Some(listener) = LISTENER.get() {
+        listener(source, event, properties);
+    }
     let Some(m) = MONITOR.get() else {
         return;
     };

@@ -11,6 +11,7 @@ pub mod memory;
 pub mod migration;
 pub mod outside_dma;
 pub mod pci_devices;
+pub mod qmp;
 pub mod throttle;
 pub mod user_devices;
 pub mod vcpu;

@@ -1,5 +1,6 @@
 //! `ferry`: boot a VM from the command line (cloud-hypervisor's flag style), and/or serve
-//! the REST API on `--api-socket PATH`.
+//! the REST API on `--api-socket PATH` and/or QEMU's QMP on `--qmp unix:PATH` (both act
+//! on the same VM; "the API" below is either).
 //!
 //! Without the API the process lives as long as the guest and exits with its status
 //! (debug-exit value, 0 for power-off/reset, 1 on failure). With the API, `--kernel` is
@@ -84,6 +85,9 @@ struct Cli {
     /// REST API socket (HTTP on a UNIX socket).
     #[arg(long = "api-socket")]
     api_socket: Option<PathBuf>,
+    /// QEMU's monitor protocol (QMP) on a UNIX socket, for QEMU's migration tools.
+    #[arg(long, value_name = "unix:PATH")]
+    qmp: Option<String>,
     /// System call filters per thread: true (a call outside its thread's filter ends the
     /// process, naming thread and call), log (the kernel logs it, the call goes through)
     /// or false (no filters).
@@ -184,8 +188,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(path) = &cli.api_socket {
-        return serve_api(path, (cli.kernel.is_some()).then_some(config));
+    let qmp = match cli.qmp.as_deref().map(vmm::qmp::parse_option).transpose() {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!("ferry: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.api_socket.is_some() || qmp.is_some() {
+        let config = (cli.kernel.is_some()).then_some(config);
+        return serve_api(cli.api_socket.as_deref(), qmp.as_deref(), config);
     }
     let machine = match Machine::boot(config) {
         Ok(m) => m,
@@ -210,9 +222,14 @@ fn main() -> ExitCode {
     std::process::exit(status);
 }
 
-/// Serves the API on `path`, booting `config` first when given. Returns only when the VM
-/// or the socket cannot be set up; otherwise ends the process when `Vmm::run` says so.
-fn serve_api(path: &std::path::Path, config: Option<VmConfig>) -> ExitCode {
+/// Serves the API on `path` and/or QMP on `qmp`, booting `config` first when given.
+/// Returns only when the VM or a socket cannot be set up; otherwise ends the process when
+/// `Vmm::run` says so.
+fn serve_api(
+    path: Option<&std::path::Path>,
+    qmp: Option<&std::path::Path>,
+    config: Option<VmConfig>,
+) -> ExitCode {
     let vmm = Vmm::new(Box::new(vmm::migration::LiveMigration::default()));
     if let Some(mut config) = config {
         let booted = config
@@ -225,7 +242,17 @@ fn serve_api(path: &std::path::Path, config: Option<VmConfig>) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    let server = match ApiServer::start(path, vmm.clone()) {
+    let server = match path.map(|p| ApiServer::start(p, vmm.clone())).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ferry: error: {}", describe(&e));
+            return ExitCode::from(1);
+        }
+    };
+    let qmp_server = match qmp
+        .map(|p| vmm::qmp::QmpServer::start(p, vmm.clone()))
+        .transpose()
+    {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ferry: error: {}", describe(&e));
@@ -234,6 +261,7 @@ fn serve_api(path: &std::path::Path, config: Option<VmConfig>) -> ExitCode {
     };
     let status = vmm.run();
     drop(server);
+    drop(qmp_server);
     use std::io::Write;
     let _ = std::io::stdout().flush();
     events::flush(EVENT_FLUSH_LIMIT);

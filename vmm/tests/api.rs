@@ -896,7 +896,10 @@ fn nmi_reaches_every_vcpu() {
         if now == last {
             break;
         }
-        assert!(Instant::now() < end, "the idle guest never went quiet:\n{now}");
+        assert!(
+            Instant::now() < end,
+            "the idle guest never went quiet:\n{now}"
+        );
         last = now;
     }
     f.put("vm.nmi", 204);

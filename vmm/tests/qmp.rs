@@ -1,0 +1,539 @@
+//! `--qmp unix:PATH`: QEMU's monitor protocol against real ferry processes, with a small
+//! QMP client written here, and (when `FERRY_QMP_PYTHON` names a Python with QEMU's own
+//! `qemu.qmp` package, as `scripts/dev_cli.sh tests` sets it) with QEMU's client.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{wait_serial, Ferry};
+use serde_json::{json, Value};
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferry-qmp-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A QMP connection: answers are matched to commands, events kept in arrival order.
+struct Qmp {
+    out: UnixStream,
+    input: BufReader<UnixStream>,
+    greeting: Value,
+    events: Vec<Value>,
+}
+
+impl Qmp {
+    /// Connects (waiting up to 30 s for the socket) and reads the greeting.
+    fn connect(path: &Path) -> Qmp {
+        let end = Instant::now() + Duration::from_secs(30);
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < end, "{}: {e}", path.display());
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut q = Qmp {
+            out: s.try_clone().unwrap(),
+            input: BufReader::new(s),
+            greeting: Value::Null,
+            events: vec![],
+        };
+        q.greeting = q.read().expect("greeting");
+        q
+    }
+
+    /// Connects and negotiates capabilities.
+    fn negotiated(path: &Path) -> Qmp {
+        let mut q = Qmp::connect(path);
+        assert_eq!(q.cmd("qmp_capabilities", json!({})), json!({"return": {}}));
+        q
+    }
+
+    fn read(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        match self.input.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))),
+        }
+    }
+
+    /// Sends raw bytes and returns the next answer (events on the way are kept).
+    fn raw(&mut self, bytes: &[u8]) -> Value {
+        self.out.write_all(bytes).unwrap();
+        self.answer()
+    }
+
+    fn answer(&mut self) -> Value {
+        loop {
+            let v = self.read().expect("an answer");
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    /// Runs a command; its whole answer (`return` or `error`).
+    fn cmd(&mut self, name: &str, args: Value) -> Value {
+        let msg = json!({"execute": name, "arguments": args});
+        self.raw(format!("{msg}\n").as_bytes())
+    }
+
+    /// Runs a command that must succeed; its `return`.
+    fn ok(&mut self, name: &str, args: Value) -> Value {
+        let a = self.cmd(name, args);
+        a.get("return")
+            .cloned()
+            .unwrap_or_else(|| panic!("{name}: {a}"))
+    }
+
+    /// Waits for event `name` whose data has `pred`; consumes events up to it.
+    fn event(&mut self, name: &str, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Value {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self
+                .events
+                .iter()
+                .position(|e| e["event"] == name && pred(&e["data"]))
+            {
+                let e = self.events[i].clone();
+                self.events.drain(..=i);
+                return e;
+            }
+            assert!(
+                Instant::now() < end,
+                "no {name} event; got {:?}",
+                self.events
+            );
+            let left = end.saturating_duration_since(Instant::now());
+            self.input
+                .get_ref()
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            match self.read() {
+                Some(v) => self.events.push(v),
+                None => panic!("connection ended waiting for {name}; got {:?}", self.events),
+            }
+        }
+    }
+}
+
+fn error_of(a: &Value) -> (String, String) {
+    let e = &a["error"];
+    assert!(e.is_object(), "an error expected: {a}");
+    (
+        e["class"].as_str().unwrap().into(),
+        e["desc"].as_str().unwrap().into(),
+    )
+}
+
+fn verify_guest(dir: &Path, qmp: &Path, cpus: &str) -> (Ferry, PathBuf) {
+    verify_guest_with(dir, qmp, cpus, &[])
+}
+
+fn verify_guest_with(dir: &Path, qmp: &Path, cpus: &str, extra: &[&str]) -> (Ferry, PathBuf) {
+    let serial = dir.join("serial.log");
+    let elf = common::guest_elf();
+    let mut args = vec![
+        "--qmp".to_string(),
+        format!("unix:{}", qmp.display()),
+        "--kernel".into(),
+        elf.to_str().unwrap().into(),
+        "--cmdline".into(),
+        "workload=verify start=1M size=16M".into(),
+        "--cpus".into(),
+        format!("boot={cpus}"),
+        "--memory".into(),
+        "size=256M".into(),
+        "--serial".into(),
+        format!("file={}", serial.display()),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let ferry = Ferry::spawn(&args);
+    (ferry, serial)
+}
+
+fn serial_len(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+#[test]
+fn bad_qmp_values_are_named() {
+    for bad in ["unix:", "/tmp/x.sock", "tcp:127.0.0.1:4444"] {
+        let (code, err) = common::run_ferry(&["--qmp", bad]);
+        assert_eq!(code, 2, "{bad}: {err}");
+        let line = common::error_line(&err);
+        assert!(line.contains(&format!("{bad:?}")), "{line}");
+    }
+    // A path that is taken by a file: exit 1 naming it, the file left alone.
+    let dir = tmpdir("bad");
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, b"x").unwrap();
+    let (code, err) = common::run_ferry(&["--qmp", &format!("unix:{}", file.display())]);
+    assert_eq!(code, 1, "{err}");
+    let line = common::error_line(&err);
+    assert!(
+        line.contains(&format!(
+            "QMP socket {}: exists and is not a socket",
+            file.display()
+        )),
+        "{line}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+}
+
+/// Greeting, negotiation, errors, ids, the message limit, stop/cont with their events and
+/// the guest really paused, events only to negotiated connections, quit.
+#[test]
+fn protocol_and_lifecycle() {
+    let dir = tmpdir("protocol");
+    let sock = dir.join("qmp.sock");
+    let api_sock = dir.join("api.sock");
+    let (ferry, serial) = verify_guest_with(
+        &dir,
+        &sock,
+        "1",
+        &["--api-socket", api_sock.to_str().unwrap()],
+    );
+    wait_serial(&serial, "guest: verified 0 1", 0, Duration::from_secs(60));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the QMP socket is owner-only");
+
+    let mut q = Qmp::connect(&sock);
+    let v = &q.greeting["QMP"];
+    assert_eq!(
+        v["version"]["qemu"],
+        json!({"micro": 0, "minor": 2, "major": 7})
+    );
+    assert!(v["version"]["package"]
+        .as_str()
+        .unwrap()
+        .starts_with("ferry "));
+    assert_eq!(v["capabilities"], json!([]));
+    // Nothing but qmp_capabilities before negotiation; the id comes back.
+    let a = q.raw(b"{\"execute\": \"query-status\", \"id\": 41}\n");
+    assert_eq!(a["id"], 41);
+    assert_eq!(
+        error_of(&a),
+        (
+            "CommandNotFound".into(),
+            "Expecting capabilities negotiation with 'qmp_capabilities'".into()
+        )
+    );
+    assert_eq!(
+        q.raw(b"{\"execute\": \"qmp_capabilities\", \"id\": \"n\"}"),
+        json!({"return": {}, "id": "n"})
+    );
+    let (class, _) = error_of(&q.cmd("qmp_capabilities", json!({})));
+    assert_eq!(class, "CommandNotFound");
+    // Unknown command, malformed JSON, not an object, bad arguments.
+    let a = q.raw(b"{\"execute\": \"system_powerdown\", \"id\": [1, {\"x\": null}]}\n");
+    assert_eq!(a["id"], json!([1, {"x": null}]));
+    assert_eq!(
+        error_of(&a),
+        (
+            "CommandNotFound".into(),
+            "The command system_powerdown has not been found".into()
+        )
+    );
+    let (class, desc) = error_of(&q.raw(b"{\"execute\": query-status}\n"));
+    assert_eq!(class, "GenericError");
+    assert!(desc.starts_with("JSON parse error, "), "{desc}");
+    let (_, desc) = error_of(&q.raw(b"[1, 2]\n"));
+    assert!(desc.contains("must be a JSON object"), "{desc}");
+    let (_, desc) = error_of(&q.cmd("stop", json!({"now": true})));
+    assert_eq!(desc, "Parameter 'now' is unexpected");
+    // A message over the limit is refused, the connection goes on.
+    let long = format!("{{\"execute\": \"{}\"}}\n", "x".repeat(100 * 1024));
+    let (class, desc) = error_of(&q.raw(long.as_bytes()));
+    assert_eq!(class, "GenericError");
+    assert!(desc.contains("longer than 65536 bytes"), "{desc}");
+    let a = q.raw(b"{\"execute\": \"query-status\", \"id\": {\"seq\": 7}}\n");
+    assert_eq!(
+        a,
+        json!({"return": {"running": true, "singlestep": false, "status": "running"}, "id": {"seq": 7}})
+    );
+    assert_eq!(q.ok("query-migrate", json!({})), json!({}));
+    let names: Vec<Value> = q
+        .ok("query-commands", json!({}))
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(names.contains(&json!({"name": "migrate"})), "{names:?}");
+
+    // A connection that has not negotiated hears no events.
+    let mut quiet = Qmp::connect(&sock);
+
+    q.ok("stop", json!({}));
+    q.event("STOP", |_| true, Duration::from_secs(5));
+    assert_eq!(q.ok("query-status", json!({}))["status"], "paused");
+    q.ok("stop", json!({})); // already paused: fine, as in QEMU
+    std::thread::sleep(Duration::from_millis(300));
+    let before = serial_len(&serial);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        serial_len(&serial),
+        before,
+        "the guest prints nothing while stopped"
+    );
+    q.ok("cont", json!({}));
+    q.event("RESUME", |_| true, Duration::from_secs(5));
+    assert_eq!(q.ok("query-status", json!({}))["running"], true);
+    let pos = wait_serial(
+        &serial,
+        "guest: verified 0 ",
+        before as usize,
+        Duration::from_secs(30),
+    );
+    assert!(pos > before as usize);
+
+    // A pause and resume over the REST API are heard on QMP too.
+    let api = vmm::api::client::Client::new(&api_sock, Some(Duration::from_secs(30)));
+    assert_eq!(api.put("vm.pause", None).unwrap().status, 204);
+    q.event("STOP", |_| true, Duration::from_secs(5));
+    assert_eq!(api.put("vm.resume", None).unwrap().status, 204);
+    q.event("RESUME", |_| true, Duration::from_secs(5));
+
+    quiet
+        .input
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    match quiet.input.read(&mut buf) {
+        Ok(n) => panic!(
+            "a connection without negotiation got {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        ),
+    }
+
+    assert_eq!(q.ok("quit", json!({})), json!({}));
+    let (code, out) = ferry.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "quit ends ferry:\n{out}");
+    assert!(!out.contains("panicked"), "{out}");
+    assert!(!sock.exists(), "the socket file is removed on quit");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits for both vCPUs to verify their share twice more after `pos`, with no mismatch.
+fn goes_on(serial: &Path, pos: usize) {
+    let mut pos = pos;
+    for _ in 0..2 {
+        for cpu in 0..2 {
+            wait_serial(
+                serial,
+                &format!("guest: verified {cpu} "),
+                pos,
+                Duration::from_secs(60),
+            );
+        }
+        pos = serial_len(serial) as usize;
+    }
+    let text = std::fs::read_to_string(serial).unwrap();
+    assert!(
+        !text.contains("MISMATCH") && !text.contains("FAIL"),
+        "{text}"
+    );
+}
+
+/// A migration between two ferry processes driven only through QMP, as a QEMU user does.
+#[test]
+fn migration_through_qmp() {
+    let dir = tmpdir("migrate");
+    let sock_b = dir.join("b.sock");
+    let dest = Ferry::spawn(&["--qmp", &format!("unix:{}", sock_b.display())]);
+    let mut b = Qmp::negotiated(&sock_b);
+    assert_eq!(b.ok("query-status", json!({}))["status"], "prelaunch");
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let (_, desc) = error_of(&b.cmd("migrate-incoming", json!({"uri": "ftp://x"})));
+    assert!(desc.contains("ftp://x"), "{desc}");
+    // A port taken: the answer says so (QEMU listens before answering too).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_uri = format!("tcp:{}", taken.local_addr().unwrap());
+    let (_, desc) = error_of(&b.cmd("migrate-incoming", json!({"uri": taken_uri})));
+    assert!(desc.contains("cannot listen"), "{desc}");
+    drop(taken);
+    assert_eq!(b.ok("migrate-incoming", json!({"uri": uri})), json!({}));
+    assert_eq!(b.ok("query-status", json!({}))["status"], "inmigrate");
+
+    let sock_a = dir.join("a.sock");
+    let (src, serial) = verify_guest(&dir, &sock_a, "2");
+    let pos = wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(60));
+    let mut a = Qmp::negotiated(&sock_a);
+    a.ok("migrate-set-parameters", json!({"downtime-limit": 300}));
+    assert_eq!(
+        a.ok("query-migrate-parameters", json!({}))["downtime-limit"],
+        300
+    );
+    let (_, desc) = error_of(&a.cmd("migrate", json!({"uri": uri, "blk": true})));
+    assert!(desc.contains("blk=true"), "{desc}");
+    assert_eq!(a.ok("migrate", json!({"uri": uri})), json!({}));
+    a.event(
+        "MIGRATION",
+        |d| d["status"] == "setup",
+        Duration::from_secs(10),
+    );
+    // query-migrate follows it (the source ends shortly after completing).
+    let info = a.ok("query-migrate", json!({}));
+    assert!(info["status"].is_string(), "{info}");
+    a.event(
+        "MIGRATION",
+        |d| d["status"] == "completed",
+        Duration::from_secs(120),
+    );
+    // QEMU would stay in postmigrate; Ferry's source ends once the VM moved.
+    let (code, out) = src.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "the source exits after its VM moved:\n{out}");
+
+    b.event(
+        "MIGRATION",
+        |d| d["status"] == "completed",
+        Duration::from_secs(30),
+    );
+    b.event("RESUME", |_| true, Duration::from_secs(5));
+    assert_eq!(
+        b.ok("query-status", json!({})),
+        json!({"running": true, "singlestep": false, "status": "running"})
+    );
+    let info = b.ok("query-migrate", json!({}));
+    assert_eq!(info["status"], "completed", "{info}");
+    goes_on(&serial, pos);
+    b.ok("quit", json!({}));
+    let (code, out) = dest.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{out}");
+}
+
+/// `$FERRY_QMP_PYTHON`, if it names a file.
+fn qmp_python() -> Result<PathBuf, String> {
+    let p = std::env::var_os("FERRY_QMP_PYTHON")
+        .ok_or("FERRY_QMP_PYTHON is not set (scripts/dev_cli.sh tests sets it)")?;
+    let p = PathBuf::from(p);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!("FERRY_QMP_PYTHON={} is not a file", p.display()))
+    }
+}
+
+/// QEMU's own client (`qemu.qmp.QMPClient`): lifecycle on one ferry, then a migration to
+/// a second one followed with `query-migrate` to completion.
+const PY_SCRIPT: &str = r#"
+import asyncio, sys
+from qemu.qmp import QMPClient
+
+async def main(a_path, b_path, uri):
+    a, b = QMPClient("source"), QMPClient("destination")
+    await a.connect(a_path)
+    await b.connect(b_path)
+    print("greeting", a.greeting.QMP.version["qemu"])
+    st = await a.execute("query-status")
+    assert st["status"] == "running", st
+    await a.execute("stop")
+    assert (await a.execute("query-status"))["status"] == "paused"
+    await a.execute("cont")
+    assert (await a.execute("query-status"))["running"] is True
+    assert await a.execute("query-migrate") == {}
+    await b.execute("migrate-incoming", {"uri": uri})
+    assert (await b.execute("query-status"))["status"] == "inmigrate"
+    await a.execute("migrate-set-parameters", {"downtime-limit": 300})
+    await a.execute("migrate", {"uri": uri})
+    seen = set()
+    for _ in range(2400):
+        try:
+            info = await a.execute("query-migrate")
+        except Exception as e:  # the source ends after completing
+            print("source gone:", type(e).__name__)
+            break
+        seen.add(info.get("status"))
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            break
+        await asyncio.sleep(0.05)
+    print("source statuses", sorted(s for s in seen if s))
+    assert "failed" not in seen and "cancelled" not in seen, seen
+    for _ in range(600):
+        info = await b.execute("query-migrate")
+        if info.get("status") == "completed":
+            break
+        await asyncio.sleep(0.05)
+    assert info.get("status") == "completed", info
+    assert (await b.execute("query-status"))["status"] == "running"
+    print("MIGRATED")
+    await b.disconnect()
+    try:
+        await a.disconnect()
+    except Exception:
+        pass
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
+"#;
+
+#[test]
+fn qemu_qmp_python_client() {
+    let python = match qmp_python() {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("SKIPPED: qemu.qmp client test: {why}");
+            return;
+        }
+    };
+    let dir = tmpdir("python");
+    let sock_b = dir.join("b.sock");
+    let dest = Ferry::spawn(&["--qmp", &format!("unix:{}", sock_b.display())]);
+    let sock_a = dir.join("a.sock");
+    let (src, serial) = verify_guest(&dir, &sock_a, "2");
+    let pos = wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(60));
+    // Both sockets exist before the script connects.
+    drop(Qmp::connect(&sock_a));
+    drop(Qmp::connect(&sock_b));
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let out = std::process::Command::new(&python)
+        .args(["-c", PY_SCRIPT])
+        .arg(&sock_a)
+        .arg(&sock_b)
+        .arg(&uri)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, src_out) = src.wait(Duration::from_secs(10));
+    assert!(
+        out.status.success() && text.contains("MIGRATED"),
+        "{text}\n--- source:\n{src_out}"
+    );
+    eprintln!("{text}");
+    goes_on(&serial, pos);
+    let mut b = Qmp::negotiated(&sock_b);
+    b.ok("quit", json!({}));
+    let (code, out) = dest.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{out}");
+}
