@@ -164,40 +164,66 @@ impl Drop for ApiServer {
 }
 
 fn accept_loop(listener: UnixListener, vmm: Arc<Vmm>) {
+    accept_connections(
+        listener,
+        "API",
+        "api-conn",
+        MAX_CLIENTS,
+        |mut stream| {
+            let mut r = Response::error(
+                503,
+                format!("too many API connections (at most {MAX_CLIENTS}); try again"),
+            );
+            r.close = true;
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = stream.write_all(&r.to_bytes());
+        },
+        move |stream| serve(stream, &vmm),
+    )
+}
+
+/// Accepts connections on `listener` for ever, each served by `serve` on a thread of its
+/// own named `thread_name` (inheriting the caller's seccomp filter); past `max` at once,
+/// `refuse` answers the extra one on the accepting thread. `what` names the socket in
+/// the log. The API and QMP servers share it.
+pub fn accept_connections<S, R>(
+    listener: UnixListener,
+    what: &'static str,
+    thread_name: &'static str,
+    max: usize,
+    refuse: R,
+    serve: S,
+) where
+    S: Fn(UnixStream) + Send + Sync + 'static,
+    R: Fn(UnixStream),
+{
+    let serve = Arc::new(serve);
     let active = Arc::new(AtomicUsize::new(0));
     loop {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) => {
                 // EMFILE and the like: wait for connections to end rather than spin.
-                log::warn!("API socket accept: {e}");
+                log::warn!("{what} socket accept: {e}");
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
         };
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+        if active.fetch_add(1, Ordering::SeqCst) >= max {
             active.fetch_sub(1, Ordering::SeqCst);
-            let mut r = Response::error(
-                503,
-                format!("too many API connections (at most {MAX_CLIENTS}); try again"),
-            );
-            r.close = true;
-            let mut s = stream;
-            let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = s.write_all(&r.to_bytes());
+            refuse(stream);
             continue;
         }
-        let vmm = vmm.clone();
-        let active2 = active.clone();
+        let (serve, active2) = (serve.clone(), active.clone());
         let spawned = std::thread::Builder::new()
-            .name("api-conn".into())
+            .name(thread_name.into())
             .spawn(move || {
-                serve(stream, &vmm);
+                serve(stream);
                 active2.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
             active.fetch_sub(1, Ordering::SeqCst);
-            log::warn!("API connection thread: {e}");
+            log::warn!("{what} connection thread: {e}");
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -134,39 +134,25 @@ impl Drop for QmpServer {
 }
 
 fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
-    let active = Arc::new(AtomicUsize::new(0));
-    loop {
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) => {
-                log::warn!("QMP socket accept: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-        };
-        let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
-            active.fetch_sub(1, Ordering::SeqCst);
-            let mut s = stream;
+    // Answers and events are written with a bound: a client that stops reading must not
+    // hold up the lifecycle path an event comes from.
+    crate::api::server::accept_connections(
+        listener,
+        "QMP",
+        "qmp-conn",
+        MAX_CLIENTS,
+        |mut stream| {
+            let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
             let f = Failure::generic(format!(
                 "too many QMP connections (at most {MAX_CLIENTS}); try again"
             ));
-            let _ = s.write_all(&protocol::to_wire(&protocol::error(&f, None)));
-            continue;
-        }
-        let shared = shared.clone();
-        let active2 = active.clone();
-        let spawned = std::thread::Builder::new()
-            .name("qmp-conn".into())
-            .spawn(move || {
-                serve(stream, &shared);
-                active2.fetch_sub(1, Ordering::SeqCst);
-            });
-        if let Err(e) = spawned {
-            active.fetch_sub(1, Ordering::SeqCst);
-            log::warn!("QMP connection thread: {e}");
-        }
-    }
+            let _ = stream.write_all(&protocol::to_wire(&protocol::error(&f, None)));
+        },
+        move |stream| {
+            let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+            serve(stream, &shared);
+        },
+    )
 }
 
 /// Serves one connection until the client leaves (or `quit`).
