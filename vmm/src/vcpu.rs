@@ -423,21 +423,25 @@ mod tests {
         let ctl = Arc::new(VcpuControl::default());
         let mut seen = ctl.throttle_gen.load(Ordering::SeqCst);
         ctl.throttle_tick(Duration::from_secs(30));
+        let start = Instant::now();
         let napper = {
             let ctl = ctl.clone();
             std::thread::spawn(move || {
-                let start = Instant::now();
                 ctl.nap_if_throttled(&mut seen);
-                start.elapsed()
+                Instant::now()
             })
         };
         std::thread::sleep(Duration::from_millis(200));
+        let paused_at = Instant::now();
         ctl.pause(0);
-        let napped = napper.join().unwrap();
-        // It napped until the pause, not the 30 s it was given.
+        let woke = napper.join().unwrap();
+        // It napped until the pause, not the 30 s it was given. (Measured from this
+        // thread: the napper may start late under load, so its own clock proves nothing.)
         assert!(
-            napped >= Duration::from_millis(200) && napped < Duration::from_secs(10),
-            "napped {napped:?}"
+            woke >= paused_at && woke - start < Duration::from_secs(10),
+            "woke {:?} after the start, the pause came at {:?}",
+            woke - start,
+            paused_at - start
         );
     }
 }
