@@ -10,31 +10,13 @@
 
 mod common;
 
-use common::{out_dir, write};
+use common::{msg, out_dir, pages, write};
 
 use vm_migration::protocol::{
-    encode, encode_memory_chunk, encode_sparse_chunk, features, Complete, Config, Hello, MemoryFd,
-    Message, PROTOCOL_VERSION,
+    encode_memory_chunk, encode_sparse_chunk, features, Complete, Config, Hello, MemoryFd, Message,
+    PROTOCOL_VERSION,
 };
 use vm_migration::{RamRange, PAGE_SIZE};
-
-fn msg(out: &mut Vec<u8>, m: Message<'_>) {
-    encode(&m, out).expect("seed message encodes");
-}
-
-/// `n` pages where page `i` is data when `data(i)`, zero otherwise.
-fn pages(n: usize, data: impl Fn(usize) -> bool) -> Vec<u8> {
-    let mut v = vec![0u8; n * PAGE_SIZE];
-    for i in 0..n {
-        if data(i) {
-            let page = &mut v[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-            for (j, b) in page.iter_mut().enumerate() {
-                *b = (i * 31 + j * 7) as u8 | 1;
-            }
-        }
-    }
-    v
-}
 
 /// A page with only a few non-zero stretches, which the sparse encoder keeps short.
 fn sparse_page() -> Vec<u8> {
