@@ -16,7 +16,7 @@ mod common;
 use std::io::{self, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -30,18 +30,6 @@ const MAX_EXAMPLES: u32 = 50;
 const HARD_LIMIT: Duration = Duration::from_secs(150);
 /// Relayed connections open at once, at most (the server takes 64).
 const MAX_RELAYED: usize = 16;
-
-/// `$FERRY_SCHEMATHESIS`, if it names a file.
-fn schemathesis() -> Result<PathBuf, String> {
-    let p = std::env::var_os("FERRY_SCHEMATHESIS")
-        .ok_or("FERRY_SCHEMATHESIS is not set (scripts/dev_cli.sh tests sets it)")?;
-    let p = PathBuf::from(p);
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(format!("FERRY_SCHEMATHESIS={} is not a file", p.display()))
-    }
-}
 
 /// Forwards TCP connections on 127.0.0.1 to a UNIX socket, one thread per direction of
 /// each connection, at most [`MAX_RELAYED`] connections at once (more are closed at once).
@@ -144,7 +132,7 @@ fn wait_progress(f: &ApiFerry, timeout: Duration) {
 
 #[test]
 fn invalid_requests_get_4xx_and_leave_the_vm_as_it_was() {
-    let st = match schemathesis() {
+    let st = match common::tool_from_env("FERRY_SCHEMATHESIS") {
         Ok(p) => p,
         Err(why) => {
             eprintln!("SKIPPED: schemathesis negative run: {why}");

@@ -430,18 +430,6 @@ fn migration_through_qmp() {
     assert_eq!(code, Some(0), "{out}");
 }
 
-/// `$FERRY_QMP_PYTHON`, if it names a file.
-fn qmp_python() -> Result<PathBuf, String> {
-    let p = std::env::var_os("FERRY_QMP_PYTHON")
-        .ok_or("FERRY_QMP_PYTHON is not set (scripts/dev_cli.sh tests sets it)")?;
-    let p = PathBuf::from(p);
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(format!("FERRY_QMP_PYTHON={} is not a file", p.display()))
-    }
-}
-
 /// QEMU's own client (`qemu.qmp.QMPClient`): lifecycle on one ferry, then a migration to
 /// a second one followed with `query-migrate` to completion.
 const PY_SCRIPT: &str = r#"
@@ -496,7 +484,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
 
 #[test]
 fn qemu_qmp_python_client() {
-    let python = match qmp_python() {
+    let python = match common::tool_from_env("FERRY_QMP_PYTHON") {
         Ok(p) => p,
         Err(why) => {
             eprintln!("SKIPPED: qemu.qmp client test: {why}");

@@ -15,6 +15,19 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The program `$var` names (a tool `scripts/dev_cli.sh tests` installs, such as
+/// schemathesis), or why there is none: a test then prints one SKIPPED line.
+pub fn tool_from_env(var: &str) -> Result<PathBuf, String> {
+    let p = std::env::var_os(var)
+        .ok_or_else(|| format!("{var} is not set (scripts/dev_cli.sh tests sets it)"))?;
+    let p = PathBuf::from(p);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!("{var}={} is not a file", p.display()))
+    }
+}
+
 pub fn ferry_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferry"))
 }
