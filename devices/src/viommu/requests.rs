@@ -235,6 +235,45 @@ fn detach(table: &IommuTable, req: &[u8]) -> Reply {
     Reply::status(S_OK)
 }
 
+/// IOVAs no mapping may cover, whatever the domain: MAP refuses them, and so does a
+/// migrated state that holds them.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum ReservedIova {
+    /// Past the input range the config space announces.
+    OutsideInput,
+    /// The MSI doorbell window, reserved (PROBE says so).
+    OverMsi,
+}
+
+impl ReservedIova {
+    pub(super) fn of(virt_start: u64, virt_end: u64) -> Option<ReservedIova> {
+        if virt_start < *INPUT_RANGE.start() || virt_end > *INPUT_RANGE.end() {
+            Some(ReservedIova::OutsideInput)
+        } else if virt_start <= *MSI_RANGE.end() && virt_end >= *MSI_RANGE.start() {
+            Some(ReservedIova::OverMsi)
+        } else {
+            None
+        }
+    }
+
+    /// MAP's answer.
+    fn status(&self) -> u8 {
+        match self {
+            ReservedIova::OutsideInput => S_RANGE,
+            ReservedIova::OverMsi => S_INVAL,
+        }
+    }
+}
+
+impl std::fmt::Display for ReservedIova {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReservedIova::OutsideInput => write!(f, "is outside the input range {INPUT_RANGE:x?}"),
+            ReservedIova::OverMsi => write!(f, "covers the MSI window {MSI_RANGE:x?}"),
+        }
+    }
+}
+
 fn map(table: &IommuTable, req: &[u8], features: u64) -> Reply {
     let domain = u32_at(req, 4);
     let (virt_start, virt_end, phys_start) = (u64_at(req, 8), u64_at(req, 16), u64_at(req, 24));
@@ -246,12 +285,8 @@ fn map(table: &IommuTable, req: &[u8], features: u64) -> Reply {
     if d.bypass {
         return Reply::status(S_INVAL);
     }
-    if virt_start < *INPUT_RANGE.start() || virt_end > *INPUT_RANGE.end() {
-        return Reply::status(S_RANGE);
-    }
-    // The MSI doorbell is reserved (PROBE says so): a mapping over it is refused.
-    if virt_start <= *MSI_RANGE.end() && virt_end >= *MSI_RANGE.start() {
-        return Reply::status(S_INVAL);
+    if let Some(r) = ReservedIova::of(virt_start, virt_end) {
+        return Reply::status(r.status());
     }
     if d.mappings.count() >= MAX_MAPPINGS {
         return Reply::status(S_NOMEM);

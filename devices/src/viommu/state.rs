@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use super::dirty::{DirtyPages, DirtyPagesState};
 use super::domain::{IovaDomain, Mapping};
-use super::requests::MAX_MAPPINGS;
+use super::requests::{ReservedIova, MAX_MAPPINGS};
 use super::table::{Domain, Endpoint, FaultRecord, IommuTable, MAX_PENDING_FAULTS};
-use super::{DOMAIN_RANGE, INPUT_RANGE, MSI_RANGE};
+use super::DOMAIN_RANGE;
 
 pub const VIOMMU_STATE_VERSION: u32 = 1;
 
@@ -119,17 +119,8 @@ impl IommuTable {
             }
             let mut mappings = IovaDomain::default();
             for m in &d.mappings {
-                if m.virt_start < *INPUT_RANGE.start() || m.virt_end > *INPUT_RANGE.end() {
-                    return Err(format!(
-                        "domain {} mapping {m:x?} is outside the input range {INPUT_RANGE:x?}",
-                        d.id
-                    ));
-                }
-                if m.virt_start <= *MSI_RANGE.end() && m.virt_end >= *MSI_RANGE.start() {
-                    return Err(format!(
-                        "domain {} mapping {m:x?} covers the MSI window {MSI_RANGE:x?}",
-                        d.id
-                    ));
+                if let Some(r) = ReservedIova::of(m.virt_start, m.virt_end) {
+                    return Err(format!("domain {} mapping {m:x?} {r}", d.id));
                 }
                 mappings
                     .map(m.virt_start, m.virt_end, m.phys_start, m.flags, true)
