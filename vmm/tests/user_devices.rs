@@ -209,15 +209,41 @@ struct Setup {
     dest: Host,
 }
 
-fn setup(tag: u8, cpus: u32, iommu: bool, src_env: &[(&str, &str)]) -> Setup {
-    setup_with(tag, cpus, iommu, src_env, &[])
+/// How the guest reaches the device.
+#[derive(Clone, Copy, Debug)]
+enum Reach {
+    /// By guest-physical address.
+    Direct,
+    /// Behind the vIOMMU, remapping windows and detaching the endpoint after every pass.
+    Viommu,
+    /// Behind the vIOMMU, remapping but never detaching: a detach while tracking makes the
+    /// device's whole footprint dirty (rule 5), which would hide a dropped report.
+    ViommuNoDetach,
+}
+
+impl Reach {
+    fn iommu(self) -> bool {
+        !matches!(self, Reach::Direct)
+    }
+
+    fn cmdline(self) -> &'static str {
+        match self {
+            Reach::Direct => "",
+            Reach::Viommu => " iommu=on remap=on detach=on",
+            Reach::ViommuNoDetach => " iommu=on remap=on",
+        }
+    }
+}
+
+fn setup(tag: u8, cpus: u32, reach: Reach, src_env: &[(&str, &str)]) -> Setup {
+    setup_with(tag, cpus, reach, src_env, &[])
 }
 
 /// As [`setup`], the source's device started with `dev_args`.
 fn setup_with(
     tag: u8,
     cpus: u32,
-    iommu: bool,
+    reach: Reach,
     src_env: &[(&str, &str)],
     dev_args: &[&str],
 ) -> Setup {
@@ -231,13 +257,9 @@ fn setup_with(
     let cpus_arg = format!("boot={cpus}");
     let cmdline = format!(
         "workload=dma-verify dma=vfio-user size=16M{}",
-        if iommu {
-            " iommu=on remap=on detach=on"
-        } else {
-            ""
-        }
+        reach.cmdline()
     );
-    let ud = user_device_arg(&src_dev.socket, iommu);
+    let ud = user_device_arg(&src_dev.socket, reach.iommu());
     let mut args = guest_args(&elf, &cpus_arg, &cmdline, &serial_arg);
     args.extend(["--user-device", &ud]);
     let src = Host::start(&hosts.a, &dir, "source", &args, src_env);
@@ -339,8 +361,8 @@ impl Setup {
     }
 }
 
-fn move_clean(tag: u8, cpus: u32, iommu: bool) {
-    let s = setup(tag, cpus, iommu, &[]);
+fn move_clean(tag: u8, cpus: u32, reach: Reach) {
+    let s = setup(tag, cpus, reach, &[]);
     let dest_dev = Device::start(s.dir.join("dev-b.sock"), &[]);
     s.move_to(&dest_dev);
     let (serial, migration) = s.finish();
@@ -361,26 +383,30 @@ fn move_clean(tag: u8, cpus: u32, iommu: bool) {
 
 #[test]
 fn a_vfio_user_guest_moves_between_hosts_with_nothing_lost() {
-    move_clean(90, 2, false);
+    move_clean(90, 2, Reach::Direct);
 }
 
 #[test]
 fn a_vfio_user_guest_behind_the_viommu_moves_between_hosts_with_nothing_lost() {
-    move_clean(91, 1, true);
+    move_clean(91, 1, Reach::Viommu);
 }
 
 /// The seam: a source that drops the device's dirty reports loses the pages the device
-/// rewrote after they were sent, and the guest on B says so.
+/// rewrote after they were sent, and the guest on B says so. Behind the vIOMMU the guest
+/// does not detach: a detach makes the whole footprint dirty (rule 5), so a move whose
+/// last live pass followed a detach lost nothing even with the seam (once in CI, and in
+/// 2 of 33 local runs).
 #[test]
 fn a_dropped_device_report_is_caught_by_the_guest_after_the_move() {
-    for (tag, iommu) in [(92, false), (93, true)] {
-        let s = setup(tag, 1, iommu, &[("FERRY_TEST_DROP_USER_DEVICE_LOG", "1")]);
+    for (tag, reach) in [(92, Reach::Direct), (93, Reach::ViommuNoDetach)] {
+        let s = setup(tag, 1, reach, &[("FERRY_TEST_DROP_USER_DEVICE_LOG", "1")]);
         let dest_dev = Device::start(s.dir.join("dev-b.sock"), &[]);
         s.move_to(&dest_dev);
-        let (serial, _) = s.finish();
+        let (serial, migration) = s.finish();
         assert!(
             serial.contains("guest: MISMATCH"),
-            "iommu={iommu}: the guest should have caught the lost device writes:\n{serial}"
+            "{reach:?}: the guest should have caught the lost device writes \
+             (B's migration-info {migration}):\n{serial}"
         );
     }
 }
@@ -393,7 +419,7 @@ fn a_dropped_device_report_is_caught_by_the_guest_after_the_move() {
 #[test]
 fn a_device_job_in_flight_at_the_pause_moves_whole_and_stopping_it_late_loses_it() {
     let args = ["--async-jobs", "--page-delay-us", "200"];
-    let s = setup_with(97, 1, false, &[], &args);
+    let s = setup_with(97, 1, Reach::Direct, &[], &args);
     let dest_dev = Device::start(s.dir.join("dev-b.sock"), &[]);
     s.move_to(&dest_dev);
     let (serial, migration) = s.finish();
@@ -404,7 +430,7 @@ fn a_device_job_in_flight_at_the_pause_moves_whole_and_stopping_it_late_loses_it
     let s = setup_with(
         98,
         1,
-        false,
+        Reach::Direct,
         &[(vmm::user_devices::STOP_LATE_ENV, "1")],
         &args,
     );
@@ -430,7 +456,7 @@ enum Failure {
 /// goes on on A (more passes, nothing lost), and a retry to a healthy device on B
 /// completes with nothing lost.
 fn failed_then_retried(tag: u8, failure: Failure) {
-    let s = setup(tag, 1, false, &[]);
+    let s = setup(tag, 1, Reach::Direct, &[]);
     let env: &[(&str, &str)] = match failure {
         Failure::Killed => &[],
         Failure::Garbage => &[("FERRY_TEST_DMA_DEVICE_GARBAGE", "2")],
