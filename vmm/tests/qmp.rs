@@ -525,3 +525,107 @@ fn qemu_qmp_python_client() {
     let (code, out) = dest.wait(Duration::from_secs(10));
     assert_eq!(code, Some(0), "{out}");
 }
+
+/// Runs QEMU's `qmp-shell` (beside `python` in the virtualenv) on `sock` with `lines` as
+/// its input, as a user types them; its whole output.
+fn qmp_shell(python: &Path, sock: &Path, lines: &[&str]) -> String {
+    let shell = python.with_file_name("qmp-shell");
+    let mut child = std::process::Command::new(&shell)
+        .arg(sock)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", shell.display()));
+    let mut input = child.stdin.take().unwrap();
+    for l in lines {
+        writeln!(input, "{l}").unwrap();
+    }
+    // End of input ends the shell.
+    drop(input);
+    let end = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > end {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "qmp-shell {}: {text}", sock.display());
+    text
+}
+
+/// QEMU's `qmp-shell`, typed into as the README shows: B waits for the stream, A gets a
+/// downtime limit and migrates; the guest goes on on B. An unknown command gets QEMU's
+/// `CommandNotFound`.
+#[test]
+fn qmp_shell_drives_a_migration() {
+    let python = match common::tool_from_env("FERRY_QMP_PYTHON") {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("SKIPPED: qmp-shell test: {why}");
+            return;
+        }
+    };
+    let dir = tmpdir("shell");
+    let sock_b = dir.join("b.sock");
+    let dest = Ferry::spawn(&["--qmp", &format!("unix:{}", sock_b.display())]);
+    let sock_a = dir.join("a.sock");
+    let (src, serial) = verify_guest(&dir, &sock_a, "2");
+    let pos = wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(60));
+    drop(Qmp::connect(&sock_a));
+    drop(Qmp::connect(&sock_b));
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let b_out = qmp_shell(
+        &python,
+        &sock_b,
+        &[&format!("migrate-incoming uri={uri}"), "query-status"],
+    );
+    assert!(
+        b_out.contains(r#""status": "inmigrate""#) && b_out.contains(r#"{"return": {}}"#),
+        "B's shell: {b_out}"
+    );
+    let a_out = qmp_shell(
+        &python,
+        &sock_a,
+        &[
+            "migrate-set-parameters downtime-limit=300",
+            "query-migrate-parameters",
+            &format!("migrate uri={uri}"),
+            "no-such-command",
+        ],
+    );
+    for want in [
+        r#""downtime-limit": 300"#,
+        r#"{"return": {}}"#,
+        r#""class": "CommandNotFound""#,
+    ] {
+        assert!(a_out.contains(want), "no '{want}' in A's shell: {a_out}");
+    }
+    let mut b = Qmp::negotiated(&sock_b);
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = b.ok("query-status", json!({}));
+        if st["status"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < end, "B never ran the VM: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, src_out) = src.wait(Duration::from_secs(30));
+    assert_eq!(
+        code,
+        Some(0),
+        "the source exits after its VM moved:\n{src_out}"
+    );
+    goes_on(&serial, pos);
+    b.ok("quit", json!({}));
+    let (code, out) = dest.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{out}");
+}
