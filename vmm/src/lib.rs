@@ -12,6 +12,7 @@ pub mod migration;
 pub mod outside_dma;
 pub mod pci_devices;
 pub mod qmp;
+pub mod snapshot;
 pub mod throttle;
 pub mod user_devices;
 pub mod vcpu;

@@ -97,6 +97,14 @@ struct Cli {
     /// JSON objects to a file (created or appended to) or an inherited descriptor.
     #[arg(long = "event-monitor", value_name = "path=FILE|fd=N")]
     event_monitor: Option<String>,
+    /// Restore the VM saved by vm.snapshot in a directory (cloud-hypervisor's option);
+    /// it stays paused until vm.resume unless resume=true. Needs --api-socket or --qmp;
+    /// not with --kernel (the snapshot has the configuration).
+    #[arg(
+        long,
+        value_name = "source_url=file:///DIR[,resume=true|false][,prefault=on|off]"
+    )]
+    restore: Option<String>,
     /// Write the log to this file (created or appended to) instead of standard error.
     #[arg(long = "log-file", value_name = "FILE")]
     log_file: Option<PathBuf>,
@@ -195,9 +203,34 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(opt) = &cli.restore {
+        let req = match vmm::api::snapshot::parse_restore_option(opt) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("ferry: error: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        if cli.kernel.is_some() {
+            eprintln!("ferry: error: --restore takes the VM's configuration from the snapshot: drop --kernel");
+            return ExitCode::from(2);
+        }
+        if cli.api_socket.is_none() && qmp.is_none() {
+            eprintln!("ferry: error: --restore needs --api-socket or --qmp (to resume, watch or stop the VM)");
+            return ExitCode::from(2);
+        }
+        return serve_api(
+            cli.api_socket.as_deref(),
+            qmp.as_deref(),
+            Start::Restore(req),
+        );
+    }
     if cli.api_socket.is_some() || qmp.is_some() {
-        let config = (cli.kernel.is_some()).then_some(config);
-        return serve_api(cli.api_socket.as_deref(), qmp.as_deref(), config);
+        let start = match cli.kernel.is_some() {
+            true => Start::Boot(Box::new(config)),
+            false => Start::Empty,
+        };
+        return serve_api(cli.api_socket.as_deref(), qmp.as_deref(), start);
     }
     let machine = match Machine::boot(config) {
         Ok(m) => m,
@@ -222,25 +255,37 @@ fn main() -> ExitCode {
     std::process::exit(status);
 }
 
-/// Serves the API on `path` and/or QMP on `qmp`, booting `config` first when given.
+/// What `serve_api` has before it serves.
+enum Start {
+    /// No VM (vm.create, vm.restore or a migration brings one).
+    Empty,
+    /// The command line's VM, booted.
+    Boot(Box<VmConfig>),
+    /// The VM of a snapshot (`--restore`).
+    Restore(vmm::api::snapshot::Restore),
+}
+
+/// Serves the API on `path` and/or QMP on `qmp`, with the VM `start` says first.
 /// Returns only when the VM or a socket cannot be set up; otherwise ends the process when
 /// `Vmm::run` says so.
 fn serve_api(
     path: Option<&std::path::Path>,
     qmp: Option<&std::path::Path>,
-    config: Option<VmConfig>,
+    start: Start,
 ) -> ExitCode {
     let vmm = Vmm::new(Box::new(vmm::migration::LiveMigration::default()));
-    if let Some(mut config) = config {
-        let booted = config
+    let ready = match start {
+        Start::Empty => Ok(()),
+        Start::Boot(mut config) => config
             .validate()
             .map_err(|e| e.to_string())
-            .and_then(|()| vmm.create(config).map_err(|e| e.to_string()))
-            .and_then(|()| vmm.boot().map_err(|e| e.to_string()));
-        if let Err(e) = booted {
-            eprintln!("ferry: error: {e}");
-            return ExitCode::from(1);
-        }
+            .and_then(|()| vmm.create(*config).map_err(|e| e.to_string()))
+            .and_then(|()| vmm.boot().map_err(|e| e.to_string())),
+        Start::Restore(req) => vmm::api::snapshot::install_restored(&vmm, &req),
+    };
+    if let Err(e) = ready {
+        eprintln!("ferry: error: {e}");
+        return ExitCode::from(1);
     }
     let server = match path.map(|p| ApiServer::start(p, vmm.clone())).transpose() {
         Ok(s) => s,

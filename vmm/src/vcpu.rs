@@ -88,6 +88,15 @@ pub struct VcpuControl {
 }
 
 impl VcpuControl {
+    /// A control whose vCPUs park before their first KVM_RUN (a VM restored paused):
+    /// `resume` lets them run.
+    pub fn parked_at_start() -> VcpuControl {
+        let c = VcpuControl::default();
+        c.lock().pause = true;
+        c.pending.store(true, Ordering::SeqCst);
+        c
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Flags> {
         self.flags.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -255,7 +255,9 @@ impl IncomingMachine {
     }
 
     /// Restores the source's state and starts the vCPUs.
-    pub fn start(self, state: &MachineState) -> Result<Machine> {
+    /// Starts the received machine from `state`; `paused`: its vCPUs park before they
+    /// first run and its devices wait (`Machine::resume` starts both).
+    pub fn start(self, state: &MachineState, paused: bool) -> Result<Machine> {
         if state.version != MACHINE_STATE_VERSION {
             return Err(VmError::State(format!(
                 "machine state version {} is not {MACHINE_STATE_VERSION}",
@@ -286,6 +288,7 @@ impl IncomingMachine {
                 &state.user_devices,
                 &state.vfio_devices,
             )),
+            paused,
         )
     }
 }
@@ -405,7 +408,7 @@ impl Machine {
             c.cpus.boot_vcpus,
             c.memory.size >> 20
         );
-        Self::start(parts, None, 0, None)
+        Self::start(parts, None, 0, None, false)
     }
 
     /// Builds a VM from a migration source's configuration, to receive its RAM and state.
@@ -441,6 +444,7 @@ impl Machine {
         serial_state: Option<&devices::SerialSnapshot>,
         pm: u16,
         devices_state: Option<DevicesState<'_>>,
+        paused: bool,
     ) -> Result<Machine> {
         let mut bus = PioBus::default();
         let mut serial_counters = None;
@@ -508,8 +512,16 @@ impl Machine {
         }
         let bus = Arc::new(bus);
         let mmio = Arc::new(mmio);
+        if paused {
+            // As `Machine::pause` leaves them, so that `resume` undoes exactly that.
+            pci.pause();
+        }
 
-        let control = Arc::new(VcpuControl::default());
+        let control = Arc::new(if paused {
+            VcpuControl::parked_at_start()
+        } else {
+            VcpuControl::default()
+        });
         let exit_counters = Arc::new(ExitCounters::default());
         let (tx, events) = channel();
         let mut threads = Vec::new();
@@ -541,7 +553,7 @@ impl Machine {
             serial,
             pm,
             pci,
-            paused: AtomicBool::new(false),
+            paused: AtomicBool::new(paused),
             drop_logs: dirty::DropLogs {
                 devices: drop_device_log,
                 viommu: drop_viommu_log,

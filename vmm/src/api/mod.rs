@@ -15,6 +15,7 @@ pub mod http;
 pub mod migration;
 pub mod routes;
 pub mod server;
+pub mod snapshot;
 pub mod state;
 
 use std::sync::Arc;
@@ -213,6 +214,8 @@ pub fn handle(vmm: &Arc<Vmm>, req: &Request) -> Handled {
         Endpoint::VmMigrationInfo => answer(vmm.migration().info(vmm).map(|v| Response::json(&v))),
         Endpoint::VmCancelMigration => done(vmm.migration().cancel(vmm)),
         Endpoint::VmCoredump => done(coredump(vmm, &req.body)),
+        Endpoint::VmSnapshot => done(snapshot::snapshot(vmm, &req.body)),
+        Endpoint::VmRestore => done(snapshot::restore(vmm, &req.body)),
     };
     Handled { response, exit }
 }

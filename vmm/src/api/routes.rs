@@ -24,6 +24,8 @@ pub enum Endpoint {
     VmMigrationInfo,
     VmCancelMigration,
     VmCoredump,
+    VmSnapshot,
+    VmRestore,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,6 +203,22 @@ pub static ROUTES: &[Route] = &[
         Put,
         B::Json,
         &[204, 400, 404, 405, 500],
+        false,
+    ),
+    r(
+        E::VmSnapshot,
+        "vm.snapshot",
+        Put,
+        B::Json,
+        &[204, 400, 404, 405, 500],
+        false,
+    ),
+    r(
+        E::VmRestore,
+        "vm.restore",
+        Put,
+        B::Json,
+        &[204, 400, 405, 500],
         false,
     ),
 ];

@@ -104,6 +104,19 @@ enum Command {
         /// file:///path/to/core (absolute path).
         destination_url: String,
     },
+    /// Save the paused VM (configuration, state, RAM) into an existing directory.
+    Snapshot {
+        /// file:///path/to/directory (absolute path).
+        destination_url: String,
+    },
+    /// Build the VM saved in a snapshot directory (paused unless --resume).
+    Restore {
+        /// file:///path/to/directory (absolute path).
+        source_url: String,
+        /// Run the VM at once.
+        #[arg(long)]
+        resume: bool,
+    },
 }
 
 /// `dir` as the ferry process must see it: relative to this command's directory, not
@@ -198,6 +211,16 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
             let body = serde_json::to_vec(&json!({ "destination_url": destination_url }))
                 .map_err(|e| e.to_string())?;
             ("PUT", "vm.coredump", Some(body))
+        }
+        Command::Snapshot { destination_url } => {
+            let body = serde_json::to_vec(&json!({ "destination_url": destination_url }))
+                .map_err(|e| e.to_string())?;
+            ("PUT", "vm.snapshot", Some(body))
+        }
+        Command::Restore { source_url, resume } => {
+            let body = serde_json::to_vec(&json!({ "source_url": source_url, "resume": resume }))
+                .map_err(|e| e.to_string())?;
+            ("PUT", "vm.restore", Some(body))
         }
     })
 }
@@ -391,6 +414,14 @@ mod tests {
         assert_eq!(
             body_of(&["coredump", "file:///tmp/vm.core"]),
             json!({"destination_url": "file:///tmp/vm.core"})
+        );
+        assert_eq!(
+            body_of(&["snapshot", "file:///tmp/snap"]),
+            json!({"destination_url": "file:///tmp/snap"})
+        );
+        assert_eq!(
+            body_of(&["restore", "file:///tmp/snap", "--resume"]),
+            json!({"source_url": "file:///tmp/snap", "resume": true})
         );
         assert!(Cli::try_parse_from(["ferry-remote", "ping"]).is_err());
         assert!(

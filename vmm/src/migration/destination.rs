@@ -25,6 +25,8 @@ pub struct MachineDestination {
     /// This host's sockets for the source's vfio-user devices, in order (none given: the
     /// source's paths).
     pub user_device_sockets: Vec<std::path::PathBuf>,
+    /// `resume` builds the machine paused (a snapshot restored without `resume`).
+    pub start_paused: bool,
 }
 
 impl MachineDestination {
@@ -126,7 +128,11 @@ impl DestinationVm for MachineDestination {
             .state
             .take()
             .ok_or_else(|| "no machine state was received".to_string())?;
-        self.machine = Some(incoming.start(&state).map_err(|e| e.to_string())?);
+        self.machine = Some(
+            incoming
+                .start(&state, self.start_paused)
+                .map_err(|e| e.to_string())?,
+        );
         Ok(())
     }
 }
