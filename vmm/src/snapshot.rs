@@ -658,7 +658,8 @@ mod tests {
         let dir = tmp("bad");
         save(&FakeSource::new(), &dir).unwrap();
         let good = std::fs::read(dir.join(MANIFEST)).unwrap();
-        let cases: Vec<(Box<dyn FnOnce(&mut Manifest)>, &str)> = vec![
+        type Change = Box<dyn FnOnce(&mut Manifest)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|m| m.version = 2), "format version 2"),
             (
                 Box::new(|m| m.config.file = "../x".into()),
