@@ -16,5 +16,8 @@ pub mod virtio;
 pub use bus::{MmioBus, MmioDevice, PioBus, PioDevice, PlatformEvent};
 pub use debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 pub use i8042::{I8042, I8042_PORT};
-pub use pm::{AcpiPmControl, ACPI_PM1A_CNT_PORT, ACPI_PM1A_EVT_PORT, ACPI_PM_PORTS, S5_SLP_TYP};
+pub use pm::{
+    AcpiPm, AcpiPmState, SciLine, ACPI_PM1A_CNT_PORT, ACPI_PM1A_EVT_PORT, ACPI_PM_PORTS, PWRBTN,
+    S5_SLP_TYP,
+};
 pub use serial::{EventFdTrigger, Serial, SerialCounters, SerialSnapshot, COM1_IRQ, COM1_PORT};

@@ -1,82 +1,222 @@
-//! The ACPI PM1a event block (status/enable, read as zero: no events are ever raised)
-//! and control register, enough for a guest to power off (S5): the FADT points guests
-//! here, and writing SLP_EN with SLP_TYP = 5 ends the VM.
+//! The ACPI PM1a event block and control register: the fixed-feature power button
+//! (`vm.power-button` sets PWRBTN_STS; with PWRBTN_EN set the SCI line is raised until the
+//! guest clears the status) and power-off (S5): the FADT points guests here, and writing
+//! SLP_EN with SLP_TYP = 5 ends the VM.
 
 use crate::{PioDevice, PlatformEvent};
 
-/// PM1a event block (4 bytes), followed by the control register (2 bytes).
+/// PM1a event block (status, then enable: 2 bytes each), followed by the control register.
 pub const ACPI_PM1A_EVT_PORT: u16 = 0x600;
 pub const ACPI_PM1A_CNT_PORT: u16 = 0x604;
 /// Ports the device decodes from [`ACPI_PM1A_EVT_PORT`].
 pub const ACPI_PM_PORTS: u16 = 6;
+const STS_OFFSET: u16 = 0;
+const EN_OFFSET: u16 = 2;
 const CNT_OFFSET: u16 = ACPI_PM1A_CNT_PORT - ACPI_PM1A_EVT_PORT;
 const SLP_EN: u16 = 1 << 13;
 const SLP_TYP_SHIFT: u16 = 10;
 /// The S5 sleep type the DSDT's `_S5_` object advertises.
 pub const S5_SLP_TYP: u16 = 5;
+/// PM1 status and enable: the power button's bit (ACPI 6, 4.8.3.1).
+pub const PWRBTN: u16 = 1 << 8;
+/// The only event bits this device has; the others read as zero and ignore writes.
+const EVENTS: u16 = PWRBTN;
 
-#[derive(Default)]
-pub struct AcpiPmControl {
-    value: u16,
+/// Raises (true) or lowers the SCI interrupt line.
+pub type SciLine = Box<dyn Fn(bool) + Send>;
+
+/// The PM1a registers as migrated: control, event status, event enable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AcpiPmState {
+    pub control: u16,
+    pub status: u16,
+    pub enable: u16,
 }
 
-impl AcpiPmControl {
-    /// The control register (migration state).
-    pub fn value(&self) -> u16 {
-        self.value
+pub struct AcpiPm {
+    state: AcpiPmState,
+    sci: SciLine,
+}
+
+impl AcpiPm {
+    /// A device in `state` (a received VM's, or the default), its SCI on `sci`.
+    pub fn new(state: AcpiPmState, sci: SciLine) -> Self {
+        let state = AcpiPmState {
+            control: state.control & !SLP_EN,
+            status: state.status & EVENTS,
+            enable: state.enable & EVENTS,
+        };
+        let pm = AcpiPm { state, sci };
+        pm.update_sci();
+        pm
     }
 
-    pub fn with_value(value: u16) -> Self {
-        AcpiPmControl { value }
+    /// The registers (migration state).
+    pub fn state(&self) -> AcpiPmState {
+        self.state
+    }
+
+    /// Presses the fixed-feature power button: PWRBTN_STS is set (a guest that enabled
+    /// the event gets an SCI; one that did not may poll the status).
+    pub fn press_power_button(&mut self) {
+        self.state.status |= PWRBTN;
+        self.update_sci();
+    }
+
+    /// The SCI is a level: high while an enabled event's status is set.
+    fn update_sci(&self) {
+        (self.sci)(self.state.status & self.state.enable != 0);
     }
 }
 
-impl PioDevice for AcpiPmControl {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
-        if offset < CNT_OFFSET {
-            data.fill(0);
-            return;
+fn read_u16(v: u16, at: u16, data: &mut [u8]) {
+    let b = v.to_le_bytes();
+    for (i, d) in data.iter_mut().enumerate() {
+        *d = b.get(at as usize + i).copied().unwrap_or(0);
+    }
+}
+
+/// The bytes of a write at `offset` within the 2-byte register at `reg`, merged into `old`.
+fn merged(old: u16, reg: u16, offset: u16, data: &[u8]) -> u16 {
+    let mut b = old.to_le_bytes();
+    for (i, d) in data.iter().enumerate() {
+        if let Some(slot) = (offset + i as u16)
+            .checked_sub(reg)
+            .and_then(|k| b.get_mut(k as usize))
+        {
+            *slot = *d;
         }
-        let v = self.value.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = v.get(i).copied().unwrap_or(0);
+    }
+    u16::from_le_bytes(b)
+}
+
+impl PioDevice for AcpiPm {
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        match offset {
+            0..=1 => read_u16(self.state.status, offset - STS_OFFSET, data),
+            2..=3 => read_u16(self.state.enable, offset - EN_OFFSET, data),
+            4..=5 => read_u16(self.state.control, offset - CNT_OFFSET, data),
+            _ => data.fill(0),
         }
     }
 
     fn write(&mut self, offset: u16, data: &[u8]) -> Option<PlatformEvent> {
-        if offset != CNT_OFFSET || data.len() < 2 {
-            return None;
+        match offset {
+            0..=1 => {
+                // Write 1 to clear; only the bytes written count.
+                let ones = merged(0, STS_OFFSET, offset, data);
+                self.state.status &= !ones;
+                self.update_sci();
+                None
+            }
+            2..=3 => {
+                self.state.enable = merged(self.state.enable, EN_OFFSET, offset, data) & EVENTS;
+                self.update_sci();
+                None
+            }
+            4..=5 => {
+                let v = merged(self.state.control, CNT_OFFSET, offset, data);
+                self.state.control = v & !SLP_EN;
+                (v & SLP_EN != 0 && (v >> SLP_TYP_SHIFT) & 7 == S5_SLP_TYP)
+                    .then_some(PlatformEvent::PowerOff)
+            }
+            _ => None,
         }
-        self.value = u16::from_le_bytes([data[0], data[1]]) & !SLP_EN;
-        let v = u16::from_le_bytes([data[0], data[1]]);
-        (v & SLP_EN != 0 && (v >> SLP_TYP_SHIFT) & 7 == S5_SLP_TYP)
-            .then_some(PlatformEvent::PowerOff)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A device whose SCI level changes are recorded.
+    fn pm() -> (AcpiPm, Arc<Mutex<Vec<bool>>>) {
+        let levels = Arc::new(Mutex::new(Vec::new()));
+        let l = levels.clone();
+        let pm = AcpiPm::new(
+            AcpiPmState::default(),
+            Box::new(move |v| l.lock().unwrap().push(v)),
+        );
+        (pm, levels)
+    }
+
+    fn read16(pm: &mut AcpiPm, offset: u16) -> u16 {
+        let mut r = [0u8; 2];
+        pm.read(offset, &mut r);
+        u16::from_le_bytes(r)
+    }
 
     #[test]
     fn s5_with_slp_en_powers_off() {
-        let mut pm = AcpiPmControl::default();
+        let (mut pm, _) = pm();
         let v = (S5_SLP_TYP << SLP_TYP_SHIFT) | SLP_EN;
         assert_eq!(
             pm.write(CNT_OFFSET, &v.to_le_bytes()),
             Some(PlatformEvent::PowerOff)
         );
-        assert_eq!(
-            pm.write(0, &v.to_le_bytes()),
-            None,
-            "event block writes are ignored"
-        );
+        assert_eq!(pm.write(STS_OFFSET, &v.to_le_bytes()), None);
         let v = S5_SLP_TYP << SLP_TYP_SHIFT;
         assert_eq!(pm.write(CNT_OFFSET, &v.to_le_bytes()), None);
-        let mut r = [0u8; 2];
-        pm.read(CNT_OFFSET, &mut r);
-        assert_eq!(u16::from_le_bytes(r), v);
-        pm.read(0, &mut r);
-        assert_eq!(r, [0, 0], "no ACPI events pending");
+        assert_eq!(read16(&mut pm, CNT_OFFSET), v);
+        assert_eq!(read16(&mut pm, STS_OFFSET), 0, "no ACPI events pending");
+    }
+
+    #[test]
+    fn the_power_button_raises_the_sci_while_enabled_until_cleared() {
+        let (mut pm, levels) = pm();
+        pm.press_power_button();
+        assert_eq!(
+            read16(&mut pm, STS_OFFSET),
+            PWRBTN,
+            "status set even if disabled"
+        );
+        assert!(
+            !*levels.lock().unwrap().last().unwrap(),
+            "not enabled: no SCI"
+        );
+        pm.write(EN_OFFSET, &PWRBTN.to_le_bytes());
+        assert_eq!(read16(&mut pm, EN_OFFSET), PWRBTN);
+        assert!(
+            *levels.lock().unwrap().last().unwrap(),
+            "enabled and pending: SCI high"
+        );
+        // Writing 0 clears nothing; writing the bit clears it and lowers the SCI.
+        pm.write(STS_OFFSET, &0u16.to_le_bytes());
+        assert_eq!(read16(&mut pm, STS_OFFSET), PWRBTN);
+        pm.write(STS_OFFSET, &PWRBTN.to_le_bytes());
+        assert_eq!(read16(&mut pm, STS_OFFSET), 0);
+        assert!(!*levels.lock().unwrap().last().unwrap());
+        // Unknown bits neither stick in the enable register nor pend.
+        pm.write(EN_OFFSET, &0xffffu16.to_le_bytes());
+        assert_eq!(read16(&mut pm, EN_OFFSET), PWRBTN);
+        // Byte-wide access to the high byte of the status register.
+        pm.press_power_button();
+        let mut hi = [0u8];
+        pm.read(STS_OFFSET + 1, &mut hi);
+        assert_eq!(hi[0], (PWRBTN >> 8) as u8);
+        pm.write(STS_OFFSET + 1, &hi);
+        assert_eq!(read16(&mut pm, STS_OFFSET), 0);
+    }
+
+    #[test]
+    fn a_migrated_state_keeps_a_pending_press_and_its_line() {
+        let levels = Arc::new(Mutex::new(Vec::new()));
+        let l = levels.clone();
+        let state = AcpiPmState {
+            control: SLP_EN | 0x1,
+            status: PWRBTN | 0x1,
+            enable: PWRBTN | 0x4000,
+        };
+        let pm = AcpiPm::new(state, Box::new(move |v| l.lock().unwrap().push(v)));
+        assert_eq!(
+            pm.state(),
+            AcpiPmState {
+                control: 0x1,
+                status: PWRBTN,
+                enable: PWRBTN
+            }
+        );
+        assert_eq!(*levels.lock().unwrap(), vec![true]);
     }
 }

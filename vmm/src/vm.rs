@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use devices::pci::{PciBarWindow, PciConfigIo, PciEcam, CONFIG_IO_LEN, CONFIG_IO_PORT};
 use devices::{
-    AcpiPmControl, DebugExit, MmioBus, PioBus, Serial, SerialCounters, ACPI_PM1A_EVT_PORT,
+    AcpiPm, AcpiPmState, DebugExit, MmioBus, PioBus, Serial, SerialCounters, ACPI_PM1A_EVT_PORT,
     ACPI_PM_PORTS, COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, I8042, I8042_PORT,
 };
 use hypervisor::{DirtyTracking, MemorySlot, SyncKind, VmBuilder};
@@ -177,6 +177,11 @@ pub struct MachineState {
     pub vm: hypervisor::VmState,
     pub serial: Option<devices::SerialSnapshot>,
     pub pm_control: u16,
+    /// PM1 event status and enable (the power button); absent from older states: 0.
+    #[serde(default)]
+    pub pm_status: u16,
+    #[serde(default)]
+    pub pm_enable: u16,
     /// The PCI functions (virtio disks and rng), in slot order.
     pub devices: Vec<PciDeviceState>,
     /// The virtio-iommu's table (versioned on its own), when the VM has one.
@@ -224,7 +229,7 @@ pub struct Machine {
     pub exit_counters: Arc<ExitCounters>,
     pub serial_counters: Option<Arc<SerialCounters>>,
     serial: Option<Arc<Mutex<Serial>>>,
-    pm: Arc<Mutex<AcpiPmControl>>,
+    pm: Arc<Mutex<AcpiPm>>,
     /// PCI bus 0 and the virtio devices.
     pci: PciDevices,
     paused: AtomicBool,
@@ -281,7 +286,11 @@ impl IncomingMachine {
         Machine::start(
             self.parts,
             state.serial.as_ref(),
-            state.pm_control,
+            AcpiPmState {
+                control: state.pm_control,
+                status: state.pm_status,
+                enable: state.pm_enable,
+            },
             Some((
                 &state.devices,
                 state.viommu.as_ref(),
@@ -408,7 +417,7 @@ impl Machine {
             c.cpus.boot_vcpus,
             c.memory.size >> 20
         );
-        Self::start(parts, None, 0, None, false)
+        Self::start(parts, None, AcpiPmState::default(), None, false)
     }
 
     /// Builds a VM from a migration source's configuration, to receive its RAM and state.
@@ -442,7 +451,7 @@ impl Machine {
     fn start(
         p: Parts,
         serial_state: Option<&devices::SerialSnapshot>,
-        pm: u16,
+        pm: AcpiPmState,
         devices_state: Option<DevicesState<'_>>,
         paused: bool,
     ) -> Result<Machine> {
@@ -459,7 +468,13 @@ impl Machine {
             bus.insert(COM1_PORT, 8, dev.clone());
             serial = Some(dev);
         }
-        let pm = Arc::new(Mutex::new(AcpiPmControl::with_value(pm)));
+        let sci_hv = p.hv.clone();
+        let sci: devices::SciLine = Box::new(move |level| {
+            if let Err(e) = sci_hv.set_irq_line(crate::boot::acpi::SCI_IRQ.into(), level) {
+                log::error!("ACPI SCI (GSI {}): {e}", crate::boot::acpi::SCI_IRQ);
+            }
+        });
+        let pm = Arc::new(Mutex::new(AcpiPm::new(pm, sci)));
         bus.insert(I8042_PORT, 5, Arc::new(Mutex::new(I8042)));
         bus.insert(DEBUG_EXIT_PORT, 4, Arc::new(Mutex::new(DebugExit)));
         bus.insert(ACPI_PM1A_EVT_PORT, ACPI_PM_PORTS, pm.clone());
@@ -579,6 +594,7 @@ impl Machine {
             std::thread::sleep(Duration::from_millis(50));
         }
         self.pci.pause();
+        let pm = self.pm.lock().unwrap_or_else(|p| p.into_inner()).state();
         Ok(MachineState {
             version: MACHINE_STATE_VERSION,
             vcpus,
@@ -587,7 +603,9 @@ impl Machine {
                 .serial
                 .as_ref()
                 .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).snapshot()),
-            pm_control: self.pm.lock().unwrap_or_else(|p| p.into_inner()).value(),
+            pm_control: pm.control,
+            pm_status: pm.status,
+            pm_enable: pm.enable,
             devices: self.pci.state(),
             viommu: self.pci.viommu_state(),
             user_devices: self.pci.user_states().map_err(VmError::State)?,
@@ -619,6 +637,15 @@ impl Machine {
                 self.pci.pause();
             }
         }
+    }
+
+    /// Presses the ACPI fixed-feature power button (`vm.power-button`): the guest gets an
+    /// SCI if it enabled the event; a paused VM's guest sees it on resume.
+    pub fn power_button(&self) {
+        self.pm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .press_power_button();
     }
 
     /// Injects an NMI into every vCPU (`vm.nmi`); a paused VM takes it on resume.

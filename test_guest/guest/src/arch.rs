@@ -22,6 +22,24 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
+/// Writes a word to an I/O port.
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: as for `outb`: a port write touches device state only.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Reads a word from an I/O port.
+pub fn inw(port: u16) -> u16 {
+    let value: u16;
+    // SAFETY: as for `outb`: a port read has no effect on memory.
+    unsafe {
+        asm!("in ax, dx", in("dx") port, out("ax") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
 /// Writes a dword to an I/O port.
 pub fn outl(port: u16, value: u32) {
     // SAFETY: as for `outb`: a port write touches device state only.

@@ -284,6 +284,8 @@ isr_\vec:
     .irp v, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31
     ISR_NOERR \v
     .endr
+    /* The ACPI SCI (`power_button::SCI_VECTOR`): an interrupt, handled in `trap`. */
+    ISR_NOERR 97
     .irp v, 8,10,11,12,13,14,17,21,29,30
     ISR_ERR \v
     .endr
@@ -336,6 +338,9 @@ ISR_TABLE:
     .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
     .quad isr_\v
     .endr
+    .global ISR_SCI
+ISR_SCI:
+    .quad isr_97
     .popsection
 "#,
     stack_size = const STACK_SIZE,
@@ -349,6 +354,8 @@ ISR_TABLE:
 extern "C" {
     /// Addresses of the 32 exception stubs.
     static ISR_TABLE: [u64; 32];
+    /// Address of the SCI's stub (vector 97, through `trap`).
+    static ISR_SCI: u64;
     static mut BOOT_GDT: [u64; 8 + 2 * MAX_CPUS];
     static __image_start: u8;
     static __image_end: u8;
@@ -397,6 +404,12 @@ pub fn load_idt() {
         ];
         asm!("lidt [{}]", in(reg) &desc, options(readonly, nostack, preserves_flags));
     }
+}
+
+/// The stub of the SCI's vector (97), which saves every register and calls `trap`.
+pub fn sci_stub() -> u64 {
+    // SAFETY: ISR_SCI is initialized data from the assembly above.
+    unsafe { ISR_SCI }
 }
 
 /// Points IDT vector `vector` (32 or more) at `handler`, an interrupt gate (IF cleared on
@@ -534,6 +547,10 @@ const NAMES: [&str; 32] = [
 extern "C" fn trap(t: &mut Trap) {
     if crate::sys::is_call(t) {
         crate::sys::handle(t);
+        return;
+    }
+    if t.vector == u64::from(crate::power_button::SCI_VECTOR) {
+        crate::power_button::sci();
         return;
     }
     if t.vector == 2 {

@@ -184,7 +184,7 @@ fn mode() -> Irq {
 
 /// Whether `boot::enter_user` sets IF (published with the plan, before `smp::GO`).
 pub fn user_interrupts() -> bool {
-    mode() != Irq::Off
+    mode() != Irq::Off || crate::power_button::enabled()
 }
 
 /// Where `irq=intx` sent the device's line.
@@ -224,6 +224,15 @@ fn ioapic_read(base: u64, reg: u32) -> u32 {
 /// level-triggered, fixed delivery, physical destination, unmasked; the handler reads
 /// the ISR byte at `isr`. An error says why it cannot be done.
 pub fn route_intx(gsi: u32, isr: u64, apic_id: u32) -> Result<IntxRoute, &'static str> {
+    let route = route_level(gsi, INTX_VECTOR, apic_id)?;
+    ISR_ADDR.store(isr, Ordering::Relaxed);
+    Ok(route)
+}
+
+/// Routes GSI `gsi` through the I/O APIC to local APIC `apic_id` with `vector`,
+/// level-triggered, active high, fixed delivery, physical destination, unmasked (boot
+/// CPU, ring 0, after [`setup`]).
+pub fn route_level(gsi: u32, vector: u8, apic_id: u32) -> Result<IntxRoute, &'static str> {
     let base = IOAPIC[0].load(Ordering::Relaxed);
     let first = IOAPIC[1].load(Ordering::Relaxed) as u32;
     if base == 0 {
@@ -241,13 +250,8 @@ pub fn route_intx(gsi: u32, isr: u64, apic_id: u32) -> Result<IntxRoute, &'stati
     if gsi < first || input >= inputs {
         return Err("the interrupt line is not an input of the I/O APIC");
     }
-    ISR_ADDR.store(isr, Ordering::Relaxed);
     ioapic_write(base, IOREDTBL + 2 * input + 1, apic_id << 24);
-    ioapic_write(
-        base,
-        IOREDTBL + 2 * input,
-        u32::from(INTX_VECTOR) | REDIR_LEVEL,
-    );
+    ioapic_write(base, IOREDTBL + 2 * input, u32::from(vector) | REDIR_LEVEL);
     Ok(IntxRoute {
         ioapic: base,
         input,

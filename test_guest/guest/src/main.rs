@@ -24,6 +24,7 @@ mod irq;
 mod mem;
 mod paging;
 mod pci;
+mod power_button;
 mod pvh;
 mod smp;
 mod sys;
@@ -300,6 +301,18 @@ pub extern "C" fn bsp_main(start_info: u32) -> ! {
             dma_bench::setup(&cfg, mem);
         } else {
             dma_verify::setup(&cfg, mem);
+        }
+    }
+    if cfg.power_button {
+        // `irq=` set the interrupt machinery up already; otherwise it is set up here.
+        if driver_memory.is_none() || cfg.irq == cmdline::Irq::Off {
+            irq::setup(
+                cmdline::Irq::Off,
+                madt.as_ref().ok().and_then(|m| m.ioapic),
+            );
+        }
+        if let Err(e) = power_button::setup(info.rsdp_paddr, bsp_id) {
+            fail(format_args!("power-button=on: {e}"));
         }
     }
     smp::GO.store(true, Ordering::Release);

@@ -160,6 +160,9 @@ pub struct Config {
     /// `fault=on` (with `iommu=on`): once, at boot, the device gets a buffer at an
     /// unmapped IOVA; the request must fail and a fault record arrive.
     pub fault: bool,
+    /// `power-button=on`: the ACPI fixed-feature power button's event is enabled; its SCI
+    /// makes the guest say so and power off (S5). Any workload.
+    pub power_button: bool,
 }
 
 impl Config {
@@ -217,6 +220,7 @@ impl Default for Config {
             detach: false,
             nested_dirty: false,
             fault: false,
+            power_button: false,
         }
     }
 }
@@ -340,6 +344,7 @@ pub fn parse(cmdline: &[u8]) -> Result<Config, BadArgument<'_>> {
             b"detach" => c.detach = on_off(value).ok_or(bad)?,
             b"nested-dirty" => c.nested_dirty = on_off(value).ok_or(bad)?,
             b"fault" => c.fault = on_off(value).ok_or(bad)?,
+            b"power-button" => c.power_button = on_off(value).ok_or(bad)?,
             _ => {}
         }
     }
@@ -651,7 +656,7 @@ mod tests {
 
     #[test]
     fn all_keys() {
-        let c = parse(b"console=ttyS0 workload=verify start=0x200000 size=64M passes=3 rate=1000 pci=scan quiet\0junk=1").unwrap();
+        let c = parse(b"console=ttyS0 workload=verify start=0x200000 size=64M passes=3 rate=1000 pci=scan power-button=on quiet\0junk=1").unwrap();
         assert_eq!(
             c,
             Config {
@@ -672,9 +677,11 @@ mod tests {
                 detach: false,
                 nested_dirty: false,
                 fault: false,
+                power_button: true,
             }
         );
         assert!(!parse(b"pci=scan pci=off").unwrap().pci_scan);
+        assert!(parse(b"power-button=maybe").is_err());
         assert_eq!(
             parse(b"pci=yes").unwrap_err(),
             BadArgument {

@@ -1186,3 +1186,82 @@ fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Sends one QMP command on a fresh connection to `sock` (after the greeting and
+/// `qmp_capabilities`); returns its answer line.
+fn qmp_command(sock: &Path, command: &str) -> String {
+    use std::os::unix::net::UnixStream;
+    let end = Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < end, "QMP {}: {e}", sock.display());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut out = s.try_clone().unwrap();
+    let mut input = BufReader::new(s);
+    let mut greeting = String::new();
+    input.read_line(&mut greeting).unwrap();
+    assert!(greeting.contains("QMP"), "no QMP greeting: {greeting}");
+    let mut answer = |msg: &str| -> String {
+        out.write_all(msg.as_bytes()).unwrap();
+        loop {
+            let mut line = String::new();
+            input.read_line(&mut line).unwrap();
+            // Events may come first.
+            if !line.contains("\"event\"") {
+                return line;
+            }
+        }
+    };
+    let r = answer("{\"execute\":\"qmp_capabilities\"}\n");
+    assert!(r.contains("return"), "{r}");
+    answer(&format!("{{\"execute\":\"{command}\"}}\n"))
+}
+
+/// `power-button=on` against QEMU's own ACPI (PIIX4 on pc, ICH9 on q35): QEMU's
+/// `system_powerdown` presses the button; the guest says so and powers off through
+/// `_S5_`, and QEMU ends as after an OS's power-off. Ferry's `vm.power-button` is checked
+/// against the same guest code (vmm/tests/power_button.rs).
+#[test]
+fn power_button_under_qemu_pc_and_q35() {
+    for machine in ["pc", "q35"] {
+        let sock = std::env::temp_dir().join(format!(
+            "ferry-qemu-pwrbtn-{machine}-{}.sock",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&sock);
+        let qmp = format!("unix:{},server=on,wait=off", sock.display());
+        let mut q = Qemu::boot(
+            1,
+            "128",
+            "workload=verify size=4M power-button=on",
+            &["-machine", machine, "-qmp", &qmp],
+        );
+        q.wait_for("the power button set up", RUN_TIMEOUT, |l| {
+            l.iter().any(|l| l.starts_with("guest: power button sci="))
+        });
+        q.wait_for("a verify pass", RUN_TIMEOUT, |l| {
+            l.iter().any(|l| l.starts_with("guest: verified 0 1"))
+        });
+        let r = qmp_command(&sock, "system_powerdown");
+        assert!(r.contains("return"), "{machine}: system_powerdown: {r}");
+        let code = q.wait_exit(RUN_TIMEOUT);
+        let lines = q.guest_lines();
+        assert!(
+            // The line may come in the middle of one a vCPU was printing: the SCI
+            // interrupts it.
+            lines
+                .iter()
+                .any(|l| l.contains("guest: power button pressed: powering off (S5)")),
+            "{machine}: {}",
+            q.transcript()
+        );
+        assert_eq!(code, Some(0), "{machine}: S5 ends QEMU: {}", q.transcript());
+        let _ = std::fs::remove_file(&sock);
+    }
+}

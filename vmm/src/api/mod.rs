@@ -206,6 +206,7 @@ pub fn handle(vmm: &Arc<Vmm>, req: &Request) -> Handled {
         Endpoint::VmShutdown => done(vmm.shutdown()),
         Endpoint::VmReboot => done(vmm.reboot()),
         Endpoint::VmNmi => done(vmm.nmi()),
+        Endpoint::VmPowerButton => done(vmm.power_button()),
         Endpoint::VmDelete => done(vmm.delete()),
         Endpoint::VmInfo => answer(vmm.info().map(|i| Response::json(&i))),
         Endpoint::VmCounters => answer(vmm.counters().map(|c| Response::json(&c))),

@@ -16,6 +16,7 @@ pub enum Endpoint {
     VmShutdown,
     VmReboot,
     VmNmi,
+    VmPowerButton,
     VmDelete,
     VmInfo,
     VmCounters,
@@ -148,6 +149,14 @@ pub static ROUTES: &[Route] = &[
         false,
     ),
     r(E::VmNmi, "vm.nmi", Put, B::Ignored, &[204, 404, 405], false),
+    r(
+        E::VmPowerButton,
+        "vm.power-button",
+        Put,
+        B::Ignored,
+        &[204, 404, 405],
+        false,
+    ),
     r(
         E::VmDelete,
         "vm.delete",
@@ -295,6 +304,7 @@ mod tests {
             E::VmShutdown,
             E::VmReboot,
             E::VmNmi,
+            E::VmPowerButton,
             E::VmDelete,
             E::VmInfo,
             E::VmCounters,
@@ -303,6 +313,8 @@ mod tests {
             E::VmMigrationInfo,
             E::VmCancelMigration,
             E::VmCoredump,
+            E::VmSnapshot,
+            E::VmRestore,
         ];
         assert_eq!(all.len(), ROUTES.len());
         for e in all {

@@ -380,6 +380,21 @@ impl Vmm {
         }
     }
 
+    /// `vm.power-button`: the ACPI power button, pressed (the guest decides what follows;
+    /// a paused VM's guest sees it when it resumes).
+    pub fn power_button(&self) -> Result<(), ApiError> {
+        let mut slot = self.lock();
+        slot.not_busy("vm.power-button")?;
+        let vm = slot.vm_mut()?;
+        match (vm.state(), &vm.machine) {
+            (VmState::Running | VmState::Paused, Some(m)) => {
+                m.power_button();
+                Ok(())
+            }
+            (s, _) => Err(wrong_state("vm.power-button", s)),
+        }
+    }
+
     /// `vm.shutdown`: Running or Paused -> Shutdown (vCPU threads stopped, memory freed).
     pub fn shutdown(&self) -> Result<(), ApiError> {
         let machine = {

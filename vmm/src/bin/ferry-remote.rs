@@ -52,6 +52,8 @@ enum Command {
     Reboot,
     /// Inject an NMI into every vCPU.
     Nmi,
+    /// Press the VM's ACPI power button.
+    PowerButton,
     /// Delete the VM.
     Delete,
     /// End the ferry process.
@@ -150,6 +152,7 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
         Command::Shutdown => ("PUT", "vm.shutdown", None),
         Command::Reboot => ("PUT", "vm.reboot", None),
         Command::Nmi => ("PUT", "vm.nmi", None),
+        Command::PowerButton => ("PUT", "vm.power-button", None),
         Command::Delete => ("PUT", "vm.delete", None),
         Command::ShutdownVmm => ("PUT", "vmm.shutdown", None),
         Command::SendMigration {

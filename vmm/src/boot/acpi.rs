@@ -33,8 +33,9 @@ pub const PM1A_CNT_BLK: u16 = devices::ACPI_PM1A_CNT_PORT;
 const PM1_CNT_LEN: u8 = 2;
 /// SLP_TYP for S5 in the DSDT's `_S5_`: the value the PM control device acts on.
 pub const S5_SLP_TYP: u64 = devices::S5_SLP_TYP as u64;
-/// The conventional ISA IRQ for the SCI. No device raises it.
-const SCI_IRQ: u16 = 9;
+/// The conventional ISA IRQ for the SCI (the PM1 power button raises it), level-triggered
+/// and active high (the MADT's override says so).
+pub const SCI_IRQ: u16 = 9;
 /// i8042 command port and its "pulse reset line" command: the FADT reset register.
 const RESET_PORT: u64 = 0x64;
 const RESET_VALUE: u8 = 0xfe;
@@ -48,7 +49,6 @@ const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5; // no RTC at 0x70/0x71: don't reg
 /// FADT flags.
 const FADT_WBINVD: u32 = 1 << 0;
 const FADT_PROC_C1: u32 = 1 << 2;
-const FADT_PWR_BUTTON: u32 = 1 << 4; // no fixed-feature power button
 const FADT_SLP_BUTTON: u32 = 1 << 5; // no fixed-feature sleep button
 const FADT_RESET_REG_SUP: u32 = 1 << 10;
 
@@ -63,6 +63,9 @@ const MADT_PCAT_COMPAT: u32 = 1;
 const MADT_LAPIC: u8 = 0;
 const MADT_IOAPIC: u8 = 1;
 const MADT_INT_SRC_OVERRIDE: u8 = 2;
+/// MPS INTI flags of an interrupt source override: polarity (bits 0-1), trigger (2-3).
+const MADT_ACTIVE_HIGH: u16 = 0b01;
+const MADT_LEVEL: u16 = 0b11 << 2;
 const LAPIC_ENABLED: u32 = 1;
 /// The in-kernel I/O APIC resets with ID 0; report what it will answer.
 const IOAPIC_ID: u8 = 0;
@@ -317,7 +320,8 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
         .u8(0) // CENTURY
         .u16(IAPC_LEGACY_DEVICES | IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT)
         .u8(0) // reserved
-        .u32(FADT_WBINVD | FADT_PROC_C1 | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_RESET_REG_SUP)
+        // PWR_BUTTON clear: the power button is the fixed-feature one in PM1 (vm.power-button).
+        .u32(FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RESET_REG_SUP)
         .gas_io(RESET_PORT, 8, GAS_ACCESS_BYTE)
         .u8(RESET_VALUE)
         .u16(0) // ARM_BOOT_ARCH
@@ -361,6 +365,14 @@ fn madt(ncpus: u8) -> Vec<u8> {
         .u8(0) // source: IRQ0
         .u32(2) // GSI 2
         .u16(0); // flags: conforms to the bus (edge, active high)
+                 // The SCI: level-triggered, active high, as the PM device drives its line (an
+                 // active-low line would read as always asserted through KVM's IOAPIC).
+    t.u8(MADT_INT_SRC_OVERRIDE)
+        .u8(10)
+        .u8(0) // bus: ISA
+        .u8(SCI_IRQ as u8)
+        .u32(SCI_IRQ.into())
+        .u16(MADT_ACTIVE_HIGH | MADT_LEVEL);
     t.finish()
 }
 
@@ -623,7 +635,13 @@ mod tests {
                     }
                     2 => {
                         assert_eq!(len, 10);
-                        assert_eq!((e[2], e[3], u32_at(e, 4)), (0, 0, 2), "IRQ0 -> GSI2");
+                        let flags = u16::from_le_bytes([e[8], e[9]]);
+                        let expected = [(0, 0, 2, 0), (0, 9, 9, 0xd)][overrides];
+                        assert_eq!(
+                            (e[2], e[3], u32_at(e, 4), flags),
+                            expected,
+                            "IRQ0 -> GSI2 (bus's polarity and trigger), then the SCI (IRQ9 -> GSI9, level, active high)"
+                        );
                         overrides += 1;
                     }
                     k => panic!("unexpected MADT entry type {k}"),
@@ -632,7 +650,7 @@ mod tests {
             }
             assert_eq!(at, madt.len(), "entries fill the MADT exactly");
             assert_eq!(lapic_ids, (0..ncpus).collect::<Vec<_>>());
-            assert_eq!((ioapics, overrides), (1, 1));
+            assert_eq!((ioapics, overrides), (1, 2));
         }
     }
 
