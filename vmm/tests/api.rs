@@ -443,9 +443,10 @@ fn migration_requests_are_checked_then_refused() {
         .contains("JSON request body"));
     // Valid bodies: nobody listens at these addresses, so the migration fails at once.
     for b in [
-        json!({"destination_url": "tcp:127.0.0.1:1"}),
+        json!({"destination_url": "tcp:127.0.0.1:1", "wait_for_completion": true}),
         json!({"destination_url": "tcp:[::1]:1", "downtime_ms": 50, "timeout_s": 10,
-               "timeout_strategy": "Ignore", "connections": 16, "memory_mode": "Precopy"}),
+               "timeout_strategy": "Ignore", "connections": 16, "memory_mode": "Precopy",
+               "wait_for_completion": true}),
     ] {
         let msg = f.error("PUT", "vm.send-migration", Some(&body(&b)), 500);
         assert!(msg.contains("cannot connect"), "{b}: {msg}");
@@ -472,7 +473,7 @@ fn migration_requests_are_checked_then_refused() {
     f.put("vm.pause", 204);
     f.put_json(
         "vm.send-migration",
-        &json!({"destination_url": "unix:/m"}),
+        &json!({"destination_url": "unix:/m", "wait_for_completion": true}),
         500,
     );
 

@@ -151,7 +151,8 @@ fn migrate_between_hosts(tag: u8, cmdline: &str, extra: &[&str]) {
 
     let r = src.put(
         "vm.send-migration",
-        &json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b)}),
+        &json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b),
+                "wait_for_completion": true}),
     );
     assert_eq!(r.status, 204, "send-migration: {}", r.error_message());
     let r = receiving.join().unwrap();
@@ -252,7 +253,7 @@ fn dirty_guest_moves_and_its_memory_checks_out_on_b(
     let r = src.put(
         "vm.send-migration",
         &json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b),
-                "timeout_s": 120, "timeout_strategy": "Ignore"}),
+                "timeout_s": 120, "timeout_strategy": "Ignore", "wait_for_completion": true}),
     );
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let seen = watcher.join().unwrap();
@@ -339,8 +340,10 @@ impl Host {
         }
     }
 
-    /// `vm.send-migration` on a thread of its own; the answer and how long it took.
-    fn send_async(&self, body: Value) -> std::thread::JoinHandle<(Reply, Duration)> {
+    /// `vm.send-migration` answering at its end, on a thread of its own; the answer and
+    /// how long it took.
+    fn send_async(&self, mut body: Value) -> std::thread::JoinHandle<(Reply, Duration)> {
+        body["wait_for_completion"] = json!(true);
         let api = Client::new(self.api.path(), Some(Duration::from_secs(300)));
         std::thread::spawn(move || {
             let t = Instant::now();
