@@ -398,6 +398,66 @@ impl MigrationHandler for NotImplemented {
     }
 }
 
+/// Lets a migration [`start_send`] started go on: sent, or dropped.
+pub type Go = std::sync::mpsc::Sender<()>;
+
+/// Starts a migration to `request`'s destination on a thread of its own, for
+/// `vm.send-migration` and QMP's `migrate` (named `action` in errors).
+///
+/// Returns once the checks are done: the VM exists and is Running or Paused, no other
+/// long operation runs (else [`ApiError::Busy`]), and [`MigrationHandler::prepare_send`]
+/// accepted the request; an error here is the caller's answer. Then `on_start` runs (its
+/// value goes to `on_end`) and the migration waits for the returned [`Go`], so that the
+/// caller's answer can go out before the migration's first event. Once
+/// [`MigrationHandler::send`] has returned and the operation has ended, `on_end` gets its
+/// result on that thread.
+pub fn start_send<T: Send + 'static>(
+    vmm: &Arc<Vmm>,
+    action: &'static str,
+    request: SendMigration,
+    on_start: impl FnOnce() -> T + Send + 'static,
+    on_end: impl FnOnce(T, Result<(), ApiError>) + Send + 'static,
+) -> Result<Go, ApiError> {
+    let (checked_tx, checked) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel::<()>();
+    let vmm = vmm.clone();
+    // The operation borrows the Vmm, so it is begun on the thread that keeps it.
+    let job = move || {
+        let op = vmm.begin(action, |vm| {
+            let vm = vm.ok_or(ApiError::NoVm)?;
+            match vm.state() {
+                super::VmState::Running | super::VmState::Paused => Ok(()),
+                state => Err(ApiError::WrongState { action, state }),
+            }
+        });
+        let op = match op.and_then(|op| vmm.migration().prepare_send(&vmm, &request).map(|()| op)) {
+            Ok(op) => op,
+            Err(e) => return drop(checked_tx.send(Err(e))),
+        };
+        let state = on_start();
+        let _ = checked_tx.send(Ok(()));
+        // Err: the caller dropped its Go, which says go as well.
+        let _ = go_rx.recv();
+        let r = vmm.migration().send(&vmm, request);
+        drop(op);
+        on_end(state, r);
+    };
+    std::thread::Builder::new()
+        .name("send-migration".into())
+        .spawn(job)
+        .map_err(|e| ApiError::Failed {
+            action,
+            reason: format!("cannot start the migration's thread: {e}"),
+        })?;
+    match checked.recv() {
+        Ok(r) => r.map(|()| go),
+        Err(_) => Err(ApiError::Failed {
+            action,
+            reason: "the migration's thread ended before its checks".into(),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -620,65 +680,5 @@ mod tests {
                 .to_string();
             assert!(e.contains(needle), "{j}: {e}");
         }
-    }
-}
-
-/// Lets a migration [`start_send`] started go on: sent, or dropped.
-pub type Go = std::sync::mpsc::Sender<()>;
-
-/// Starts a migration to `request`'s destination on a thread of its own, for
-/// `vm.send-migration` and QMP's `migrate` (named `action` in errors).
-///
-/// Returns once the checks are done: the VM exists and is Running or Paused, no other
-/// long operation runs (else [`ApiError::Busy`]), and [`MigrationHandler::prepare_send`]
-/// accepted the request; an error here is the caller's answer. Then `on_start` runs (its
-/// value goes to `on_end`) and the migration waits for the returned [`Go`], so that the
-/// caller's answer can go out before the migration's first event. Once
-/// [`MigrationHandler::send`] has returned and the operation has ended, `on_end` gets its
-/// result on that thread.
-pub fn start_send<T: Send + 'static>(
-    vmm: &Arc<Vmm>,
-    action: &'static str,
-    request: SendMigration,
-    on_start: impl FnOnce() -> T + Send + 'static,
-    on_end: impl FnOnce(T, Result<(), ApiError>) + Send + 'static,
-) -> Result<Go, ApiError> {
-    let (checked_tx, checked) = std::sync::mpsc::channel();
-    let (go, go_rx) = std::sync::mpsc::channel::<()>();
-    let vmm = vmm.clone();
-    // The operation borrows the Vmm, so it is begun on the thread that keeps it.
-    let job = move || {
-        let op = vmm.begin(action, |vm| {
-            let vm = vm.ok_or(ApiError::NoVm)?;
-            match vm.state() {
-                super::VmState::Running | super::VmState::Paused => Ok(()),
-                state => Err(ApiError::WrongState { action, state }),
-            }
-        });
-        let op = match op.and_then(|op| vmm.migration().prepare_send(&vmm, &request).map(|()| op)) {
-            Ok(op) => op,
-            Err(e) => return drop(checked_tx.send(Err(e))),
-        };
-        let state = on_start();
-        let _ = checked_tx.send(Ok(()));
-        // Err: the caller dropped its Go, which says go as well.
-        let _ = go_rx.recv();
-        let r = vmm.migration().send(&vmm, request);
-        drop(op);
-        on_end(state, r);
-    };
-    std::thread::Builder::new()
-        .name("send-migration".into())
-        .spawn(job)
-        .map_err(|e| ApiError::Failed {
-            action,
-            reason: format!("cannot start the migration's thread: {e}"),
-        })?;
-    match checked.recv() {
-        Ok(r) => r.map(|()| go),
-        Err(_) => Err(ApiError::Failed {
-            action,
-            reason: "the migration's thread ended before its checks".into(),
-        }),
     }
 }
