@@ -278,8 +278,10 @@ fn send_migration(vmm: &Arc<Vmm>, body: &[u8]) -> Result<(), ApiError> {
         request,
         || (),
         move |(), r| {
-            // Nobody listens without wait_for_completion: the handler logged the failure
-            // and `vm.migration-info` holds it.
+            // Nobody waits for this answer: the log and `vm.migration-info` tell it.
+            if let (false, Err(e)) = (wait, &r) {
+                log::error!("{e}");
+            }
             let _ = tx.send(r);
         },
     )?;

@@ -432,7 +432,8 @@ impl Shared {
             "connections": connections,
         });
         let mut request = parse_send_migration(body.to_string().as_bytes()).map_err(api_failure)?;
-        // This thread waits for the outcome and tells it (MIGRATION events).
+        // Its end is told by QMP (the MIGRATION events): the source may end right after a
+        // success, as it always did.
         request.wait_for_completion = true;
         let (me, me_too) = (self.clone(), self.clone());
         crate::api::migration::start_send(
