@@ -1142,52 +1142,57 @@ fn ferry_remote_waits_and_reports_a_background_migration_failing() {
     serial.wait("guest: verified 1 1", 0, Duration::from_secs(60));
 
     // never_converging's body, as options.
-    let remote = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-remote"))
+    let mut remote = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-remote"))
         .arg("--api-socket")
         .arg(src.api.path())
         .args(["send-migration", &format!("tcp:{}:{PORT}", hosts.addr_b)])
         .args(["--downtime-ms", "1", "--no-auto-converge"])
-        .stdout(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stderr = remote.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(l);
+        }
+    });
+    // It follows the migration: a progress line (setup or active) while it runs.
+    let first = lines
+        .recv_timeout(Duration::from_secs(30))
+        .expect("ferry-remote printed no progress line in 30 s");
+    assert!(
+        first.starts_with("setup") || first.starts_with("active"),
+        "{first}"
+    );
     src.wait_migration_active();
     dest.kill();
     let _ = receiving.join();
 
-    // Bounded: wait_with_output has no timeout, so a watchdog ends a hung ferry-remote.
-    let pid = remote.id();
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watchdog = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let end = Instant::now() + Duration::from_secs(60);
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                if Instant::now() > end {
-                    let _ = std::process::Command::new("kill")
-                        .arg(pid.to_string())
-                        .status();
-                    return true;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            false
-        })
+    let end = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = remote.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > end {
+            let _ = remote.kill();
+            let _ = remote.wait();
+            panic!("ferry-remote still waited 60 s after the destination was killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     };
-    let out = remote.wait_with_output().unwrap();
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
-    let killed = watchdog.join().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    eprintln!("ferry-remote: {:?}\n{err}", out.status);
-    assert!(
-        !killed,
-        "ferry-remote still waited 60 s after the failure:\n{err}"
-    );
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.lines().any(|l| l.starts_with("active")),
-        "no progress line:\n{err}"
-    );
+    let rest: Vec<String> = lines.iter().collect();
+    let err = std::iter::once(first)
+        .chain(rest)
+        .collect::<Vec<_>>()
+        .join("\n");
+    eprintln!("ferry-remote: {status:?}\n{err}");
+    assert_eq!(status.code(), Some(1), "{err}");
     let last = err.lines().last().unwrap_or_default();
 
     let (info, _) = migration_outcome(&src, Duration::from_secs(10));
