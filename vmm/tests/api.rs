@@ -387,6 +387,19 @@ fn boot_failure_answers_500_and_keeps_the_vm() {
     assert_eq!(f.state(), "Running");
 }
 
+/// `vm.migration-info` once the migration has ended (within 30 s).
+fn migration_outcome(f: &ApiFerry) -> Value {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = f.get("vm.migration-info", 200).json().unwrap();
+        if ["completed", "failed", "cancelled"].contains(&info["status"].as_str().unwrap_or("")) {
+            return info;
+        }
+        assert!(Instant::now() < end, "the migration never ended: {info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn migration_requests_are_checked_then_refused() {
     let f = ApiFerry::start(&[]);
@@ -443,13 +456,26 @@ fn migration_requests_are_checked_then_refused() {
         .contains("JSON request body"));
     // Valid bodies: nobody listens at these addresses, so the migration fails at once.
     for b in [
-        json!({"destination_url": "tcp:127.0.0.1:1"}),
+        json!({"destination_url": "tcp:127.0.0.1:1", "wait_for_completion": true}),
         json!({"destination_url": "tcp:[::1]:1", "downtime_ms": 50, "timeout_s": 10,
-               "timeout_strategy": "Ignore", "connections": 16, "memory_mode": "Precopy"}),
+               "timeout_strategy": "Ignore", "connections": 16, "memory_mode": "Precopy",
+               "wait_for_completion": true}),
     ] {
         let msg = f.error("PUT", "vm.send-migration", Some(&body(&b)), 500);
         assert!(msg.contains("cannot connect"), "{b}: {msg}");
     }
+    // Not waited for (the default): 204 once started; the failure, with the reason the
+    // 500 above gave word for word, is in vm.migration-info, and the VM runs on.
+    let refused = json!({"destination_url": "tcp:127.0.0.1:1"});
+    f.put_json("vm.send-migration", &refused, 204);
+    let info = migration_outcome(&f);
+    assert_eq!(info["status"], "failed", "{info}");
+    let why = info["error-desc"].as_str().unwrap_or_default();
+    let mut waited = refused.clone();
+    waited["wait_for_completion"] = json!(true);
+    let msg = f.error("PUT", "vm.send-migration", Some(&body(&waited)), 500);
+    assert_eq!(msg, format!("vm.send-migration failed: {why}"), "{info}");
+    assert_eq!(f.state(), "Running");
     for (b, needle) in [
         (
             json!({"destination_url": "unix:/tmp/m.sock", "local": true}),
@@ -472,7 +498,7 @@ fn migration_requests_are_checked_then_refused() {
     f.put("vm.pause", 204);
     f.put_json(
         "vm.send-migration",
-        &json!({"destination_url": "unix:/m"}),
+        &json!({"destination_url": "unix:/m", "wait_for_completion": true}),
         500,
     );
 
@@ -828,6 +854,27 @@ fn ferry_remote_commands() {
     fails(&["receive-migration", "tcp:0.0.0.0:6000"], "already exists");
     fails(&["migration-info"], "no migration has run");
     fails(&["cancel-migration"], "no migration is in progress");
+    // send-migration follows the migration it started to its end: a failure is its
+    // error, with the reason migration-info holds; --no-wait returns once it started.
+    let (code, _, err) = remote(&s, &["send-migration", "tcp:127.0.0.1:1"]);
+    assert_eq!(code, 1, "{err}");
+    let info = migration_outcome(&f);
+    let why = info["error-desc"].as_str().unwrap_or_default();
+    assert!(why.contains("cannot connect"), "{info}");
+    assert_eq!(
+        err.lines().last(),
+        Some(format!("ferry-remote: error: migration failed: {why}").as_str()),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .rev()
+            .skip(1)
+            .all(|l| !l.contains("ferry-remote")),
+        "one error line, after the progress lines: {err}"
+    );
+    ok(&["send-migration", "tcp:127.0.0.1:1", "--no-wait"]);
+    assert_eq!(migration_outcome(&f)["status"], "failed");
     ok(&["shutdown"]);
     let info: Value = serde_json::from_str(&ok(&["info"])).unwrap();
     assert_eq!(info["state"], "Shutdown");

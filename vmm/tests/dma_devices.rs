@@ -451,9 +451,10 @@ fn migrate(m: Move) -> Moved {
         .put(
             "vm.send-migration",
             Some(
-                json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b)})
-                    .to_string()
-                    .as_bytes(),
+                json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b),
+                       "wait_for_completion": true})
+                .to_string()
+                .as_bytes(),
             ),
         )
         .unwrap();

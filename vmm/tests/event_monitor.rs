@@ -48,9 +48,10 @@ fn lifecycle_and_migration_events_in_cloud_hypervisors_shape() {
         "PUT",
         "vm.send-migration",
         Some(
-            json!({"destination_url": "unix:/nonexistent-ferry-dir/m.sock"})
-                .to_string()
-                .as_bytes(),
+            json!({"destination_url": "unix:/nonexistent-ferry-dir/m.sock",
+                   "wait_for_completion": true})
+            .to_string()
+            .as_bytes(),
         ),
         500,
     );

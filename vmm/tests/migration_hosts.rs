@@ -151,7 +151,8 @@ fn migrate_between_hosts(tag: u8, cmdline: &str, extra: &[&str]) {
 
     let r = src.put(
         "vm.send-migration",
-        &json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b)}),
+        &json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b),
+                "wait_for_completion": true}),
     );
     assert_eq!(r.status, 204, "send-migration: {}", r.error_message());
     let r = receiving.join().unwrap();
@@ -252,7 +253,7 @@ fn dirty_guest_moves_and_its_memory_checks_out_on_b(
     let r = src.put(
         "vm.send-migration",
         &json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b),
-                "timeout_s": 120, "timeout_strategy": "Ignore"}),
+                "timeout_s": 120, "timeout_strategy": "Ignore", "wait_for_completion": true}),
     );
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let seen = watcher.join().unwrap();
@@ -339,8 +340,10 @@ impl Host {
         }
     }
 
-    /// `vm.send-migration` on a thread of its own; the answer and how long it took.
-    fn send_async(&self, body: Value) -> std::thread::JoinHandle<(Reply, Duration)> {
+    /// `vm.send-migration` answering at its end, on a thread of its own; the answer and
+    /// how long it took.
+    fn send_async(&self, mut body: Value) -> std::thread::JoinHandle<(Reply, Duration)> {
+        body["wait_for_completion"] = json!(true);
         let api = Client::new(self.api.path(), Some(Duration::from_secs(300)));
         std::thread::spawn(move || {
             let t = Instant::now();
@@ -1036,5 +1039,170 @@ fn a_link_slowed_to_a_crawl_times_out_and_the_source_keeps_running() {
         "a 3 s timeout took {took:?} to strike over a crawling link"
     );
     assert_refused_and_source_runs(receiving, dest, &src, &serial, |_| true, "why");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- vm.send-migration without wait_for_completion: answered at once ----
+
+/// Polls `host`'s `vm.migration-info` until its status is `completed`, `failed` or
+/// `cancelled`; that answer and every status seen on the way.
+fn migration_outcome(host: &Host, timeout: Duration) -> (Value, Vec<String>) {
+    let end = Instant::now() + timeout;
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        let info: Value = host
+            .api
+            .get("vm.migration-info")
+            .unwrap_or_else(|e| panic!("vm.migration-info after {seen:?}: {e}"))
+            .json()
+            .unwrap();
+        let status = info["status"].as_str().unwrap_or_default().to_string();
+        if seen.last() != Some(&status) {
+            seen.push(status.clone());
+        }
+        if ["completed", "failed", "cancelled"].contains(&status.as_str()) {
+            return (info, seen);
+        }
+        assert!(
+            Instant::now() < end,
+            "the migration did not end in {timeout:?}; statuses {seen:?}, last {info}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// cloud-hypervisor 54's way: `vm.send-migration` answers 204 while the guest still runs
+/// on the source and the migration has barely begun; a second send meanwhile is refused;
+/// the source's `vm.migration-info` follows the migration to `completed` (the source
+/// stays until it has said so), and the guest goes on on B with nothing lost.
+#[test]
+fn send_migration_answers_at_once_and_migration_info_follows_it_to_completion() {
+    let hosts = TwoHosts::new(25);
+    let dir = tmpdir("async-send");
+    let serial = Serial(dir.join("serial.log"));
+    let (dest, receiving) = receiver(&hosts.b, &dir, "dest");
+    let mut src = source(&hosts.a, &dir, &serial, FOREVER, &BIG);
+    serial.wait("guest: verified 1 1", 0, Duration::from_secs(60));
+
+    // 1.5 GiB to copy that the guest rewrites faster than the link drains: the
+    // migration lasts until its 5 s timeout (Ignore) switches it over.
+    let body = switching_over(&hosts);
+    let r = src.put("vm.send-migration", &body);
+    assert_eq!(r.status, 204, "send-migration: {}", r.error_message());
+    let info: Value = src.api.get("vm.migration-info").unwrap().json().unwrap();
+    assert!(
+        ["setup", "active"].contains(&info["status"].as_str().unwrap_or_default()),
+        "right after the answer the migration should have barely begun: {info}"
+    );
+    assert_eq!(
+        src.info()["state"],
+        "Running",
+        "the guest runs on the source"
+    );
+
+    // One migration at a time, waited for or not.
+    for wait in [false, true] {
+        let mut again = body.clone();
+        again["wait_for_completion"] = json!(wait);
+        let r = src.put("vm.send-migration", &again);
+        assert_eq!(r.status, 405, "a second send: {}", r.error_message());
+        assert!(
+            r.error_message().contains("in progress"),
+            "a second send: {}",
+            r.error_message()
+        );
+    }
+
+    let (info, seen) = migration_outcome(&src, Duration::from_secs(120));
+    eprintln!("the source's statuses {seen:?}; last {info}");
+    assert_eq!(info["status"], "completed", "{info}");
+    assert!(seen.contains(&"active".to_string()), "{seen:?}");
+    let rr = receiving.join().unwrap();
+    assert_eq!(rr.status, 204, "receive-migration: {}", rr.error_message());
+    // Told, the source ends.
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_eq!(dest.info()["state"], "Running");
+    let now = serial.text().len();
+    serial.wait("guest: verified", now, Duration::from_secs(30));
+    serial.assert_clean();
+    drop(dest);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `ferry-remote send-migration` (no --no-wait) on a migration whose destination is
+/// killed mid-way: it prints progress, exits 1 with the reason, which the source's
+/// `vm.migration-info` holds word for word (status `failed`); the source's guest goes on.
+#[test]
+fn ferry_remote_waits_and_reports_a_background_migration_failing() {
+    let hosts = TwoHosts::new(26);
+    let dir = tmpdir("remote-fails");
+    let serial = Serial(dir.join("serial.log"));
+    let (mut dest, receiving) = receiver(&hosts.b, &dir, "dest");
+    let src = source(&hosts.a, &dir, &serial, FOREVER, &BIG);
+    serial.wait("guest: verified 1 1", 0, Duration::from_secs(60));
+
+    // never_converging's body, as options.
+    let mut remote = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-remote"))
+        .arg("--api-socket")
+        .arg(src.api.path())
+        .args(["send-migration", &format!("tcp:{}:{PORT}", hosts.addr_b)])
+        .args(["--downtime-ms", "1", "--no-auto-converge"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stderr = remote.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(l);
+        }
+    });
+    // It follows the migration: a progress line (setup or active) while it runs.
+    let first = lines
+        .recv_timeout(Duration::from_secs(30))
+        .expect("ferry-remote printed no progress line in 30 s");
+    assert!(
+        first.starts_with("setup") || first.starts_with("active"),
+        "{first}"
+    );
+    src.wait_migration_active();
+    dest.kill();
+    let _ = receiving.join();
+
+    let end = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = remote.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > end {
+            let _ = remote.kill();
+            let _ = remote.wait();
+            panic!("ferry-remote still waited 60 s after the destination was killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rest: Vec<String> = lines.iter().collect();
+    let err = std::iter::once(first)
+        .chain(rest)
+        .collect::<Vec<_>>()
+        .join("\n");
+    eprintln!("ferry-remote: {status:?}\n{err}");
+    assert_eq!(status.code(), Some(1), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+
+    let (info, _) = migration_outcome(&src, Duration::from_secs(10));
+    assert_eq!(info["status"], "failed", "{info}");
+    let why = info["error-desc"].as_str().unwrap_or_default();
+    assert!(!why.is_empty(), "no error-desc: {info}");
+    assert_eq!(
+        last,
+        format!("ferry-remote: error: migration failed: {why}")
+    );
+    assert_source_runs(&src, &serial);
     let _ = std::fs::remove_dir_all(&dir);
 }

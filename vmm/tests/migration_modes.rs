@@ -35,7 +35,7 @@ struct Moved {
 
 /// Boots the `verify` guest (2 vCPUs, over `region` of RAM) in one ferry, moves it to a
 /// second one with the `receive` and `send` bodies, and checks that the source exited.
-fn move_guest(tag: &str, memory: &str, region: &str, receive: Value, send: Value) -> Moved {
+fn move_guest(tag: &str, memory: &str, region: &str, receive: Value, mut send: Value) -> Moved {
     let dir = tmpdir(tag);
     let serial = dir.join("serial.log");
     let (dest, dest_api) = start(&dir, "dest", &[]);
@@ -73,6 +73,7 @@ fn move_guest(tag: &str, memory: &str, region: &str, receive: Value, send: Value
         ],
     );
     let pos = wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(60));
+    send["wait_for_completion"] = json!(true);
     let r = match src_api.put("vm.send-migration", Some(send.to_string().as_bytes())) {
         Ok(r) => r,
         Err(e) => {

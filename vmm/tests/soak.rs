@@ -142,7 +142,8 @@ fn ping_pong(tag: u8, runs: usize, env: &[(&str, &str)]) -> Tally {
             std::thread::sleep(Duration::from_millis(10));
         }
         let moved_at = std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0) as usize;
-        let body = json!({"destination_url": format!("tcp:{}:{PORT}", addrs[to])});
+        let body = json!({"destination_url": format!("tcp:{}:{PORT}", addrs[to]),
+                          "wait_for_completion": true});
         let sent = vm
             .api
             .put("vm.send-migration", Some(body.to_string().as_bytes()));

@@ -67,7 +67,8 @@ fn receive(dest: &Host, tls_dir: Option<&Path>) -> std::thread::JoinHandle<Reply
 }
 
 fn send(src: &Host, to: &str, tls_dir: Option<&Path>, connections: u32) -> Reply {
-    let mut body = json!({"destination_url": to, "connections": connections});
+    let mut body = json!({"destination_url": to, "connections": connections,
+                          "wait_for_completion": true});
     if let Some(d) = tls_dir {
         body["tls_dir"] = json!(d);
     }

@@ -316,7 +316,8 @@ impl Setup {
     /// Starts A sending to B, on a thread.
     fn sending(&self) -> std::thread::JoinHandle<Reply> {
         let api = Client::new(self.src.api.path(), Some(Duration::from_secs(300)));
-        let body = json!({"destination_url": format!("tcp:{}:{PORT}", self.hosts.addr_b)});
+        let body = json!({"destination_url": format!("tcp:{}:{PORT}", self.hosts.addr_b),
+                          "wait_for_completion": true});
         std::thread::spawn(move || {
             api.put("vm.send-migration", Some(body.to_string().as_bytes()))
                 .unwrap()

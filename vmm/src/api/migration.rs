@@ -2,10 +2,12 @@
 //! plugs in: [`MigrationHandler`].
 //!
 //! The API layer parses and validates `vm.send-migration` / `vm.receive-migration` bodies
-//! (400 on any problem), checks the VM's state (404/405), then calls the handler on the
-//! request's own thread: a handler may run for as long as the migration lasts, while other
-//! connections (info, counters, cancel) are served by their own threads. Until the engine
-//! exists, [`NotImplemented`] answers 500.
+//! (400 on any problem), checks the VM's state (404/405), then calls the handler: a
+//! receive on the request's own thread, a send on a thread of its own ([`start_send`],
+//! shared with QMP's `migrate`), which the request waits for only with
+//! `wait_for_completion`. A handler may run for as long as the migration lasts, while
+//! other connections (info, counters, cancel) are served by their own threads. Until the
+//! engine exists, [`NotImplemented`] answers 500.
 
 use std::sync::Arc;
 
@@ -84,6 +86,10 @@ struct SendMigrationBody {
     /// Migrate over TLS: ca-cert.pem, client-cert.pem, client-key.pem (cloud-hypervisor's).
     #[serde(default)]
     tls_dir: Option<std::path::PathBuf>,
+    /// Ferry's own: answer when the migration has ended (cloud-hypervisor 54 answers at
+    /// once, and so does Ferry by default).
+    #[serde(default)]
+    wait_for_completion: Option<bool>,
     #[serde(flatten)]
     unknown: UnknownFields,
 }
@@ -107,6 +113,11 @@ pub struct SendMigration {
     pub auto_converge: bool,
     /// Over TLS with these credentials (checked loadable when the request came).
     pub tls_dir: Option<std::path::PathBuf>,
+    /// Someone waits for [`MigrationHandler::send`]'s result and passes the outcome on
+    /// (the request's answer; QMP's events): after a success the source may end at once.
+    /// Otherwise the outcome is only in `vm.migration-info`, and the source stays until
+    /// that has reported the completion (or a while at most).
+    pub wait_for_completion: bool,
 }
 
 /// The `vm.receive-migration` body.
@@ -265,6 +276,7 @@ pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
         memory_mode,
         auto_converge: b.auto_converge.unwrap_or(true),
         tls_dir: b.tls_dir,
+        wait_for_completion: b.wait_for_completion.unwrap_or(false),
     })
 }
 
@@ -318,11 +330,12 @@ pub fn parse_receive_migration(body: &[u8]) -> Result<ReceiveMigration, ApiError
 
 /// The migration engine, as the API sees it; give yours to [`Vmm::new`] (in `main.rs`).
 ///
-/// Every method runs on the thread of the request that asked for it, never holding the VM
-/// lock on entry, so it may take as long as the migration does while other connections
-/// (`vm.info`, `vm.counters`, `vm.migration-info`, `vm.cancel-migration`) are answered.
-/// `send` and `receive` run inside an [`Operation`](super::Operation) the API layer
-/// started: meanwhile `vm.boot`/`pause`/`resume`/`shutdown`/`reboot`/`delete`/`create` and a
+/// No method holds the VM lock on entry, so `send` and `receive` may take as long as the
+/// migration does while other connections (`vm.info`, `vm.counters`,
+/// `vm.migration-info`, `vm.cancel-migration`) are answered. `receive` runs on the thread
+/// of its request; `prepare_send` and then `send` on the thread [`start_send`] started.
+/// `prepare_send`, `send` and `receive` run inside an [`Operation`](super::Operation) the
+/// API layer started: meanwhile `vm.boot`/`pause`/`resume`/`shutdown`/`reboot`/`delete`/`create` and a
 /// second migration answer 405. So the engine does not call those `Vmm` methods itself:
 /// it takes the machine with [`Vmm::machine`] (an `Arc`, used without the lock: its
 /// `pause`, `collect_dirty`, `save_state`...), changes the VM with [`Vmm::with_vm`] for
@@ -333,8 +346,19 @@ pub fn parse_receive_migration(body: &[u8]) -> Result<ReceiveMigration, ApiError
 /// Errors become the response: [`ApiError::status`] gives the code, its text the message
 /// (e.g. [`ApiError::Failed`] for 500, [`ApiError::NotFound`] for 404).
 pub trait MigrationHandler: Send + Sync {
-    /// `PUT vm.send-migration`: the VM exists and is Running or Paused (checked). Return
-    /// when the migration has finished (204) or failed.
+    /// `PUT vm.send-migration`, before it is answered: the VM exists and is Running or
+    /// Paused (checked). Refuse what can be refused now (the error is the answer), and
+    /// start the migration's progress: from here on `info` reports this migration (in
+    /// `setup`), not the last one, so a client that polls it after the answer follows
+    /// the right migration.
+    fn prepare_send(&self, vmm: &Arc<Vmm>, request: &SendMigration) -> Result<(), ApiError> {
+        let _ = (vmm, request);
+        Ok(())
+    }
+
+    /// The migration `prepare_send` accepted, on a thread of its own: return when it has
+    /// finished or failed. Every failure is also in `info` (status `failed` or
+    /// `cancelled`, `error-desc` the error's reason), for the clients that did not wait.
     fn send(&self, vmm: &Arc<Vmm>, request: SendMigration) -> Result<(), ApiError>;
 
     /// `PUT vm.receive-migration`: no VM exists (checked). Return once the VM has arrived
@@ -353,6 +377,10 @@ pub trait MigrationHandler: Send + Sync {
 pub struct NotImplemented;
 
 impl MigrationHandler for NotImplemented {
+    fn prepare_send(&self, _: &Arc<Vmm>, _: &SendMigration) -> Result<(), ApiError> {
+        Err(ApiError::MigrationNotImplemented("vm.send-migration"))
+    }
+
     fn send(&self, _: &Arc<Vmm>, _: SendMigration) -> Result<(), ApiError> {
         Err(ApiError::MigrationNotImplemented("vm.send-migration"))
     }
@@ -367,6 +395,66 @@ impl MigrationHandler for NotImplemented {
 
     fn cancel(&self, _: &Arc<Vmm>) -> Result<(), ApiError> {
         Err(ApiError::MigrationNotImplemented("vm.cancel-migration"))
+    }
+}
+
+/// Lets a migration [`start_send`] started go on: sent, or dropped.
+pub type Go = std::sync::mpsc::Sender<()>;
+
+/// Starts a migration to `request`'s destination on a thread of its own, for
+/// `vm.send-migration` and QMP's `migrate` (named `action` in errors).
+///
+/// Returns once the checks are done: the VM exists and is Running or Paused, no other
+/// long operation runs (else [`ApiError::Busy`]), and [`MigrationHandler::prepare_send`]
+/// accepted the request; an error here is the caller's answer. Then `on_start` runs (its
+/// value goes to `on_end`) and the migration waits for the returned [`Go`], so that the
+/// caller's answer can go out before the migration's first event. Once
+/// [`MigrationHandler::send`] has returned and the operation has ended, `on_end` gets its
+/// result on that thread.
+pub fn start_send<T: Send + 'static>(
+    vmm: &Arc<Vmm>,
+    action: &'static str,
+    request: SendMigration,
+    on_start: impl FnOnce() -> T + Send + 'static,
+    on_end: impl FnOnce(T, Result<(), ApiError>) + Send + 'static,
+) -> Result<Go, ApiError> {
+    let (checked_tx, checked) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel::<()>();
+    let vmm = vmm.clone();
+    // The operation borrows the Vmm, so it is begun on the thread that keeps it.
+    let job = move || {
+        let op = vmm.begin(action, |vm| {
+            let vm = vm.ok_or(ApiError::NoVm)?;
+            match vm.state() {
+                super::VmState::Running | super::VmState::Paused => Ok(()),
+                state => Err(ApiError::WrongState { action, state }),
+            }
+        });
+        let op = match op.and_then(|op| vmm.migration().prepare_send(&vmm, &request).map(|()| op)) {
+            Ok(op) => op,
+            Err(e) => return drop(checked_tx.send(Err(e))),
+        };
+        let state = on_start();
+        let _ = checked_tx.send(Ok(()));
+        // Err: the caller dropped its Go, which says go as well.
+        let _ = go_rx.recv();
+        let r = vmm.migration().send(&vmm, request);
+        drop(op);
+        on_end(state, r);
+    };
+    std::thread::Builder::new()
+        .name("send-migration".into())
+        .spawn(job)
+        .map_err(|e| ApiError::Failed {
+            action,
+            reason: format!("cannot start the migration's thread: {e}"),
+        })?;
+    match checked.recv() {
+        Ok(r) => r.map(|()| go),
+        Err(_) => Err(ApiError::Failed {
+            action,
+            reason: "the migration's thread ended before its checks".into(),
+        }),
     }
 }
 

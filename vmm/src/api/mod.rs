@@ -155,8 +155,8 @@ fn done(r: Result<(), ApiError>) -> Response {
     answer(r.map(|()| Response::no_content()))
 }
 
-/// Answers one request. Long operations (boot, reboot, migrations) run on the calling
-/// thread without holding the VM lock.
+/// Answers one request. Long operations (boot, reboot, a receive, a send with
+/// `wait_for_completion`) run on the calling thread without holding the VM lock.
 pub fn handle(vmm: &Arc<Vmm>, req: &Request) -> Handled {
     let route = match routes::route(&req.method, &req.path) {
         Ok(r) => r,
@@ -268,20 +268,38 @@ fn coredump(vmm: &Arc<Vmm>, body: &[u8]) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `vm.send-migration`: answered once the migration has started (cloud-hypervisor 54's
+/// way; its outcome is then in `vm.migration-info`), or once it has ended with
+/// `wait_for_completion`.
 fn send_migration(vmm: &Arc<Vmm>, body: &[u8]) -> Result<(), ApiError> {
     const ACTION: &str = "vm.send-migration";
     let request = migration::parse_send_migration(body)?;
-    let _op = vmm.begin(ACTION, |vm| {
-        let vm = vm.ok_or(ApiError::NoVm)?;
-        match vm.state() {
-            VmState::Running | VmState::Paused => Ok(()),
-            state => Err(ApiError::WrongState {
-                action: ACTION,
-                state,
-            }),
-        }
-    })?;
-    vmm.migration().send(vmm, request)
+    let wait = request.wait_for_completion;
+    let (tx, ended) = std::sync::mpsc::channel();
+    let go = migration::start_send(
+        vmm,
+        ACTION,
+        request,
+        || (),
+        move |(), r| {
+            // Nobody waits for this answer: the log and `vm.migration-info` tell it.
+            if let (false, Err(e)) = (wait, &r) {
+                log::error!("{e}");
+            }
+            let _ = tx.send(r);
+        },
+    )?;
+    // The answer is written after this returns; nothing here needs to follow it.
+    drop(go);
+    if !wait {
+        return Ok(());
+    }
+    ended.recv().unwrap_or_else(|_| {
+        Err(ApiError::Failed {
+            action: ACTION,
+            reason: "the migration's thread ended without an outcome".into(),
+        })
+    })
 }
 
 fn receive_migration(vmm: &Arc<Vmm>, body: &[u8]) -> Result<(), ApiError> {

@@ -5,9 +5,7 @@
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use serde_json::{json, Map, Value};
@@ -58,7 +56,9 @@ enum Command {
     Delete,
     /// End the ferry process.
     ShutdownVmm,
-    /// Live-migrate the VM to a ferry waiting in receive-migration.
+    /// Live-migrate the VM to a ferry waiting in receive-migration. Waits for the end,
+    /// showing progress on stderr (from migration-info); exits 1 with the reason if the
+    /// migration fails or is cancelled.
     SendMigration {
         /// tcp:HOST:PORT or unix:/path.
         destination_url: String,
@@ -87,6 +87,9 @@ enum Command {
         /// client-key.pem; the destination's certificate must be for the URL's host.
         #[arg(long = "tls-dir", value_name = "DIR")]
         tls_dir: Option<PathBuf>,
+        /// Return once the migration has started (follow it with migration-info).
+        #[arg(long = "no-wait")]
+        no_wait: bool,
     },
     /// Wait for a migrated VM on URL (tcp:HOST:PORT or unix:/path).
     ReceiveMigration {
@@ -165,6 +168,7 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
             local,
             no_auto_converge,
             tls_dir,
+            no_wait: _,
         } => {
             // Only what was given: the server fills in its defaults.
             let mut b = Map::new();
@@ -269,34 +273,67 @@ fn progress_line(info: &Value) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join(", "))
 }
 
-/// Shows migration progress on stderr until `done` is set.
-fn show_progress(client: Client, done: Arc<AtomicBool>) {
-    let mut shown = false;
-    while !done.load(Ordering::SeqCst) {
-        if let Ok(r) = client.get("vm.migration-info") {
-            if let Some(line) = r
-                .is_success()
-                .then(|| r.json().ok())
-                .flatten()
-                .as_ref()
-                .and_then(progress_line)
-            {
+/// How often a waiting `send-migration` reads `vm.migration-info`.
+const POLL: Duration = Duration::from_millis(200);
+/// Without a terminal, a progress line at most this often (and on each status change).
+const LINE_EVERY: Duration = Duration::from_secs(1);
+
+/// Follows the migration `send-migration` started through `vm.migration-info` until it
+/// ends, showing progress on stderr (rewriting one line on a terminal): success once it
+/// completed, else the error to report.
+fn follow_migration(client: &Client) -> Result<(), String> {
+    let tty = std::io::stderr().is_terminal();
+    let mut shown: Option<(String, Instant)> = None;
+    let mut last_status = String::new();
+    let result = loop {
+        let info = match client.get("vm.migration-info") {
+            Ok(r) if r.is_success() => r.json().map_err(|e| format!("vm.migration-info: {e}")),
+            Ok(r) => Err(format!(
+                "vm.migration-info: {} (HTTP {})",
+                r.error_message(),
+                r.status
+            )),
+            // The source ends only some time after reporting a completion (read below).
+            Err(e) => Err(format!(
+                "the source ferry stopped answering before the migration ended: {}",
+                vmm::api::describe(&e)
+            )),
+        };
+        let info = match info {
+            Ok(i) => i,
+            Err(e) => break Err(e),
+        };
+        let status = info["status"].as_str().unwrap_or_default().to_string();
+        if let s @ ("failed" | "cancelled") = status.as_str() {
+            let why = info["error-desc"].as_str().unwrap_or("no reason given");
+            break Err(format!("migration {s}: {why}"));
+        }
+        if let Some(line) = progress_line(&info) {
+            let due = match &shown {
+                None => true,
+                Some((_, at)) => tty || status != last_status || at.elapsed() >= LINE_EVERY,
+            };
+            if due && shown.as_ref().map(|(l, _)| l) != Some(&line) {
                 let mut e = std::io::stderr().lock();
-                let _ = write!(e, "\r\x1b[2K{line}");
+                let _ = if tty {
+                    write!(e, "\r\x1b[2K{line}")
+                } else {
+                    writeln!(e, "{line}")
+                };
                 let _ = e.flush();
-                shown = true;
+                shown = Some((line, Instant::now()));
             }
         }
-        for _ in 0..5 {
-            if done.load(Ordering::SeqCst) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        if status == "completed" {
+            break Ok(());
         }
-    }
-    if shown {
+        last_status = status;
+        std::thread::sleep(POLL);
+    };
+    if tty && shown.is_some() {
         eprintln!();
     }
+    result
 }
 
 fn print_reply(reply: &Reply) {
@@ -325,24 +362,21 @@ fn main() -> ExitCode {
         &cli.api_socket,
         cli.request_timeout_s.map(Duration::from_secs),
     );
-    let done = Arc::new(AtomicBool::new(false));
-    let progress =
-        (endpoint == "vm.send-migration" && std::io::stderr().is_terminal()).then(|| {
-            let (c, d) = (
-                Client::new(&cli.api_socket, Some(Duration::from_secs(5))),
-                done.clone(),
-            );
-            std::thread::spawn(move || show_progress(c, d))
-        });
-    let result = client.request(method, endpoint, body.as_deref());
-    done.store(true, Ordering::SeqCst);
-    if let Some(p) = progress {
-        let _ = p.join();
-    }
-    match result {
+    let follow = matches!(cli.command, Command::SendMigration { no_wait: false, .. });
+    match client.request(method, endpoint, body.as_deref()) {
         Ok(reply) if reply.is_success() => {
             print_reply(&reply);
-            ExitCode::SUCCESS
+            if !follow {
+                return ExitCode::SUCCESS;
+            }
+            let poller = Client::new(&cli.api_socket, Some(Duration::from_secs(10)));
+            match follow_migration(&poller) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ferry-remote: error: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Ok(reply) => {
             eprintln!(
@@ -409,6 +443,11 @@ mod tests {
         assert_eq!(
             body_of(&["receive-migration", "tcp:0.0.0.0:6000", "--tls-dir", "/t"]),
             json!({"receiver_url": "tcp:0.0.0.0:6000", "tls_dir": "/t"})
+        );
+        // Waiting is ferry-remote's business: the request is the same.
+        assert_eq!(
+            body_of(&["send-migration", "tcp:h:1", "--no-wait"]),
+            json!({"destination_url": "tcp:h:1"})
         );
         // A relative directory is the caller's, made absolute for ferry.
         let rel = body_of(&["send-migration", "tcp:h:1", "--tls-dir", "tls"]);

@@ -1,8 +1,9 @@
 //! The API's migration endpoints, served by the `vm-migration` engine over a
 //! [`Machine`](crate::vm::Machine).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vm_migration::{
     receive_migration_from, send_migration_parallel, MigrationProgress, ReceiveError,
@@ -18,22 +19,72 @@ use crate::events;
 
 /// How long the source tries to reach the destination.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The source process ends this long after its migration succeeded, so the 204 answer
-/// reaches the client first.
+/// The source process ends this long after its migration's success was told (the answer
+/// of a request that waited, or a `vm.migration-info` saying `completed`), so that the
+/// answer reaches the client first.
 const EXIT_DELAY: Duration = Duration::from_millis(300);
+/// Longest wait of a source whose success nobody waited for, for a `vm.migration-info`
+/// to report it, before it ends anyway.
+const OUTCOME_KEPT: Duration = Duration::from_secs(30);
+/// How often that wait looks.
+const OUTCOME_POLL: Duration = Duration::from_millis(20);
 
 /// Live migration for the API: at most one migration at a time (the API layer ensures
 /// it), whose progress stays readable after it ended.
 #[derive(Default)]
 pub struct LiveMigration {
     progress: Mutex<Option<MigrationProgress>>,
+    /// The send `prepare_send` started, for `send` to go on with.
+    prepared: Mutex<Option<MigrationProgress>>,
+    /// `info` has reported the current migration `completed`.
+    completion_told: Arc<AtomicBool>,
 }
 
 impl LiveMigration {
     fn start(&self) -> MigrationProgress {
         let p = MigrationProgress::new();
+        self.completion_told.store(false, Ordering::SeqCst);
         *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
         p
+    }
+
+    /// The checks of a send that need no connection (also made by `prepare_send`).
+    fn check_send(vmm: &Vmm, req: &SendMigration) -> Result<bool, ApiError> {
+        const ACTION: &str = "vm.send-migration";
+        let local_memory = match req.memory_mode {
+            MemoryMode::Precopy => false,
+            MemoryMode::Postcopy => {
+                return Err(ApiError::BadRequest(
+                    "memory_mode Postcopy is not supported yet".into(),
+                ))
+            }
+            MemoryMode::MemFDs => true,
+        };
+        let machine = vmm.machine(ACTION)?;
+        if local_memory && !machine.config.shared_memory() {
+            return Err(ApiError::BadRequest(
+                "memory_mode MemFDs hands guest RAM over as files, but this VM's RAM is not \
+                 shared memory: start it with --memory shared=on"
+                    .into(),
+            ));
+        }
+        Ok(local_memory)
+    }
+
+    /// Ends the process once the VM has moved: soon after a waited-for success, else once
+    /// `vm.migration-info` has reported it (a client polling it learns the outcome before
+    /// the socket goes), or after [`OUTCOME_KEPT`] at the latest.
+    fn exit_after_success(&self, vmm: &Arc<Vmm>, waited: bool) {
+        let vmm = vmm.clone();
+        let told = self.completion_told.clone();
+        std::thread::spawn(move || {
+            let end = Instant::now() + OUTCOME_KEPT;
+            while !waited && !told.load(Ordering::SeqCst) && Instant::now() < end {
+                std::thread::sleep(OUTCOME_POLL);
+            }
+            std::thread::sleep(EXIT_DELAY);
+            vmm.request_exit(0);
+        });
     }
 
     fn current(&self) -> Option<MigrationProgress> {
@@ -79,18 +130,18 @@ fn failed(action: &'static str, reason: impl ToString) -> ApiError {
     }
 }
 
-impl MigrationHandler for LiveMigration {
-    fn send(&self, vmm: &Arc<Vmm>, req: SendMigration) -> Result<(), ApiError> {
+impl LiveMigration {
+    /// The send of [`MigrationHandler::send`], its progress in `progress`.
+    fn send_with(
+        &self,
+        vmm: &Arc<Vmm>,
+        req: SendMigration,
+        progress: &MigrationProgress,
+    ) -> Result<(), ApiError> {
         const ACTION: &str = "vm.send-migration";
-        let local_memory = match req.memory_mode {
-            MemoryMode::Precopy => false,
-            MemoryMode::Postcopy => {
-                return Err(ApiError::BadRequest(
-                    "memory_mode Postcopy is not supported yet".into(),
-                ))
-            }
-            MemoryMode::MemFDs => true,
-        };
+        // Again: the VM may have changed since prepare_send (not while the operation
+        // holds it, but a caller may skip prepare_send).
+        let local_memory = Self::check_send(vmm, &req)?;
         // Loaded again (the API checked them): they may have changed since.
         let tls = req
             .tls_dir
@@ -99,14 +150,6 @@ impl MigrationHandler for LiveMigration {
             .transpose()
             .map_err(|e| failed(ACTION, format!("tls_dir: {e}")))?;
         let machine = vmm.machine(ACTION)?;
-        if local_memory && !machine.config.shared_memory() {
-            return Err(ApiError::BadRequest(
-                "memory_mode MemFDs hands guest RAM over as files, but this VM's RAM is not \
-                 shared memory: start it with --memory shared=on"
-                    .into(),
-            ));
-        }
-        let progress = self.start();
         let destination = req.destination.to_string();
         let outcome = Outcome::started("migration-started", "migration-failed", &destination);
         log::info!(
@@ -154,7 +197,7 @@ impl MigrationHandler for LiveMigration {
             ..SendOptions::new(req.downtime_ms, req.timeout_s, strategy)
         };
         let source = MachineSource::new(machine.clone());
-        let result = send_migration_parallel(&source, stream, extra, &opts, &progress);
+        let result = send_migration_parallel(&source, stream, extra, &opts, progress);
         drop(source);
         drop(machine);
         match result {
@@ -175,14 +218,10 @@ impl MigrationHandler for LiveMigration {
                     ],
                 );
                 // The VM runs on the destination now: this one is gone (torn down here,
-                // before answering), and so is the process, once the answer is out.
+                // before answering), and so is the process, once the outcome is out.
                 let gone = vmm.with_vm(|vm| vm.and_then(|vm| vm.take_machine()));
                 drop(gone);
-                let vmm = vmm.clone();
-                std::thread::spawn(move || {
-                    std::thread::sleep(EXIT_DELAY);
-                    vmm.request_exit(0);
-                });
+                self.exit_after_success(vmm, req.wait_for_completion);
                 Ok(())
             }
             Err(e) => {
@@ -191,6 +230,41 @@ impl MigrationHandler for LiveMigration {
                 Err(failed(ACTION, e))
             }
         }
+    }
+}
+
+impl MigrationHandler for LiveMigration {
+    fn prepare_send(&self, vmm: &Arc<Vmm>, req: &SendMigration) -> Result<(), ApiError> {
+        Self::check_send(vmm, req)?;
+        *self.prepared.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.start());
+        Ok(())
+    }
+
+    fn send(&self, vmm: &Arc<Vmm>, req: SendMigration) -> Result<(), ApiError> {
+        let prepared = self
+            .prepared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let progress = prepared.unwrap_or_else(|| self.start());
+        let r = self.send_with(vmm, req, &progress);
+        if let Err(e) = &r {
+            // Whatever failed, early or in the engine, `vm.migration-info` says why with
+            // the words of the error (the engine's own failures are already there so).
+            let reason = match e {
+                ApiError::Failed { reason, .. } => reason.clone(),
+                e => e.to_string(),
+            };
+            use vm_migration::MigrationStatus as S;
+            let status = match progress.status() {
+                S::Cancelled => S::Cancelled,
+                S::Failed => S::Failed,
+                _ if progress.is_cancelled() => S::Cancelled,
+                _ => S::Failed,
+            };
+            progress.fail(status, &reason);
+        }
+        r
     }
 
     fn receive(&self, vmm: &Arc<Vmm>, req: ReceiveMigration) -> Result<(), ApiError> {
@@ -303,9 +377,14 @@ impl MigrationHandler for LiveMigration {
     }
 
     fn info(&self, _vmm: &Arc<Vmm>) -> Result<serde_json::Value, ApiError> {
-        self.current()
-            .map(|p| p.to_json())
-            .ok_or_else(|| ApiError::NotFound("no migration has run in this VMM".into()))
+        let p = self
+            .current()
+            .ok_or_else(|| ApiError::NotFound("no migration has run in this VMM".into()))?;
+        let info = p.to_json();
+        if info["status"] == "completed" {
+            self.completion_told.store(true, Ordering::SeqCst);
+        }
+        Ok(info)
     }
 
     fn cancel(&self, _vmm: &Arc<Vmm>) -> Result<(), ApiError> {

@@ -431,35 +431,28 @@ impl Shared {
             "downtime_ms": p.downtime_limit,
             "connections": connections,
         });
-        let request = parse_send_migration(body.to_string().as_bytes()).map_err(api_failure)?;
-        let me = self.clone();
-        self.in_background("qmp-migrate", move |started| {
-            let vmm = &me.vmm;
-            let op = vmm.begin("migrate", |vm| {
-                let vm = vm.ok_or(ApiError::NoVm)?;
-                match vm.state() {
-                    VmState::Running | VmState::Paused => Ok(()),
-                    state => Err(ApiError::WrongState {
-                        action: "migrate",
-                        state,
-                    }),
+        let mut request = parse_send_migration(body.to_string().as_bytes()).map_err(api_failure)?;
+        // Its end is told by QMP (the MIGRATION events): the source may end right after a
+        // success, as it always did.
+        request.wait_for_completion = true;
+        let (me, me_too) = (self.clone(), self.clone());
+        crate::api::migration::start_send(
+            &self.vmm,
+            "migrate",
+            request,
+            move || {
+                me.sending.store(true, Ordering::SeqCst);
+                me.migration_ends.load(Ordering::SeqCst)
+            },
+            move |ends, r| {
+                me_too.sending.store(false, Ordering::SeqCst);
+                if let Err(e) = r {
+                    log::error!("QMP migrate: {e}");
+                    me_too.failed_without_event(ends);
                 }
-            });
-            let op = match op {
-                Ok(op) => op,
-                Err(e) => return started(Err(api_failure(e))),
-            };
-            me.sending.store(true, Ordering::SeqCst);
-            started(Ok(()));
-            let ends = me.migration_ends.load(Ordering::SeqCst);
-            let r = vmm.migration().send(vmm, request);
-            me.sending.store(false, Ordering::SeqCst);
-            drop(op);
-            if let Err(e) = r {
-                log::error!("QMP migrate: {e}");
-                me.failed_without_event(ends);
-            }
-        })
+            },
+        )
+        .map_err(api_failure)
     }
 
     /// `migrate-incoming`: waits for a migration on `uri` on a thread of its own.
