@@ -11,6 +11,7 @@
 //! - [`client`]: the client side, used by `ferry-remote` and the tests.
 
 pub mod client;
+pub mod devices;
 pub mod http;
 pub mod migration;
 pub mod routes;
@@ -49,6 +50,12 @@ pub enum ApiError {
         action: &'static str,
         busy: &'static str,
     },
+    #[error("{action} is not possible while the VM is {state}: {why}")]
+    NotWhileRunning {
+        action: &'static str,
+        state: VmState,
+        why: &'static str,
+    },
     #[error("{action}: a VM already exists (state {state}); delete it first")]
     VmExists {
         action: &'static str,
@@ -68,7 +75,10 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => 400,
             ApiError::NoVm | ApiError::NotFound(_) => 404,
-            ApiError::WrongState { .. } | ApiError::Busy { .. } | ApiError::VmExists { .. } => 405,
+            ApiError::WrongState { .. }
+            | ApiError::NotWhileRunning { .. }
+            | ApiError::Busy { .. }
+            | ApiError::VmExists { .. } => 405,
             ApiError::Failed { .. } | ApiError::MigrationNotImplemented(_) => 500,
         }
     }
@@ -215,6 +225,11 @@ pub fn handle(vmm: &Arc<Vmm>, req: &Request) -> Handled {
         Endpoint::VmMigrationInfo => answer(vmm.migration().info(vmm).map(|v| Response::json(&v))),
         Endpoint::VmCancelMigration => done(vmm.migration().cancel(vmm)),
         Endpoint::VmCoredump => done(coredump(vmm, &req.body)),
+        Endpoint::VmAddDisk => done(devices::add_disk(vmm, &req.body)),
+        Endpoint::VmAddDevice => done(devices::add_device(vmm, &req.body)),
+        Endpoint::VmAddUserDevice => done(devices::add_user_device(vmm, &req.body)),
+        Endpoint::VmRemoveDevice => done(devices::remove_device(vmm, &req.body)),
+        Endpoint::VmResize => done(devices::resize(vmm, &req.body)),
         Endpoint::VmSnapshot => done(snapshot::snapshot(vmm, &req.body)),
         Endpoint::VmRestore => done(snapshot::restore(vmm, &req.body)),
     };

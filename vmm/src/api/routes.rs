@@ -27,6 +27,11 @@ pub enum Endpoint {
     VmCoredump,
     VmSnapshot,
     VmRestore,
+    VmAddDisk,
+    VmAddDevice,
+    VmAddUserDevice,
+    VmRemoveDevice,
+    VmResize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -230,6 +235,46 @@ pub static ROUTES: &[Route] = &[
         &[204, 400, 405, 500],
         false,
     ),
+    r(
+        E::VmAddDisk,
+        "vm.add-disk",
+        Put,
+        B::Json,
+        &[204, 400, 404, 405],
+        false,
+    ),
+    r(
+        E::VmAddDevice,
+        "vm.add-device",
+        Put,
+        B::Json,
+        &[204, 400, 404, 405],
+        false,
+    ),
+    r(
+        E::VmAddUserDevice,
+        "vm.add-user-device",
+        Put,
+        B::Json,
+        &[204, 400, 404, 405],
+        false,
+    ),
+    r(
+        E::VmRemoveDevice,
+        "vm.remove-device",
+        Put,
+        B::Json,
+        &[204, 400, 404, 405],
+        false,
+    ),
+    r(
+        E::VmResize,
+        "vm.resize",
+        Put,
+        B::Json,
+        &[204, 400, 404, 405],
+        false,
+    ),
 ];
 
 /// Why a request matches no route.
@@ -315,6 +360,11 @@ mod tests {
             E::VmCoredump,
             E::VmSnapshot,
             E::VmRestore,
+            E::VmAddDisk,
+            E::VmAddDevice,
+            E::VmAddUserDevice,
+            E::VmRemoveDevice,
+            E::VmResize,
         ];
         assert_eq!(all.len(), ROUTES.len());
         for e in all {

@@ -380,6 +380,37 @@ impl Vmm {
         }
     }
 
+    /// Changes the configuration of a VM that is not running (Created or Shutdown):
+    /// `edit` works on a copy, which must then validate before it replaces the old one.
+    /// A bad request is a 400 naming the problem whatever the VM's state; a good one on a
+    /// running or paused VM is a 405 with `why_not`.
+    pub fn edit_config(
+        &self,
+        action: &'static str,
+        why_not: &'static str,
+        edit: impl FnOnce(&mut VmConfig) -> Result<(), ApiError>,
+    ) -> Result<(), ApiError> {
+        let mut slot = self.lock();
+        slot.not_busy(action)?;
+        let vm = slot.vm_mut()?;
+        let mut config = vm.config.clone();
+        edit(&mut config)?;
+        config
+            .validate()
+            .map_err(|e| ApiError::BadRequest(format!("{action}: {e}")))?;
+        match vm.state() {
+            VmState::Created | VmState::Shutdown => {
+                vm.config = config;
+                Ok(())
+            }
+            state => Err(ApiError::NotWhileRunning {
+                action,
+                state,
+                why: why_not,
+            }),
+        }
+    }
+
     /// `vm.power-button`: the ACPI power button, pressed (the guest decides what follows;
     /// a paused VM's guest sees it when it resumes).
     pub fn power_button(&self) -> Result<(), ApiError> {

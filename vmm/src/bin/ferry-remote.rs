@@ -52,6 +52,25 @@ enum Command {
     Nmi,
     /// Press the VM's ACPI power button.
     PowerButton,
+    /// Add a disk to a VM not yet booted.
+    AddDisk {
+        /// The disk image (raw) or block device.
+        path: PathBuf,
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        readonly: bool,
+    },
+    /// Remove a device (by id) from a VM not yet booted.
+    RemoveDevice { id: String },
+    /// Change the vCPU count and/or RAM size of a VM not yet booted.
+    Resize {
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Bytes.
+        #[arg(long)]
+        ram: Option<u64>,
+    },
     /// Delete the VM.
     Delete,
     /// End the ferry process.
@@ -126,11 +145,11 @@ enum Command {
 
 /// `dir` as the ferry process must see it: relative to this command's directory, not
 /// ferry's.
-fn absolute(dir: &std::path::Path) -> Result<String, String> {
-    let abs = std::path::absolute(dir).map_err(|e| format!("--tls-dir {}: {e}", dir.display()))?;
+fn absolute(what: &str, dir: &std::path::Path) -> Result<String, String> {
+    let abs = std::path::absolute(dir).map_err(|e| format!("{what} {}: {e}", dir.display()))?;
     abs.to_str()
         .map(str::to_string)
-        .ok_or_else(|| format!("--tls-dir {}: not UTF-8", dir.display()))
+        .ok_or_else(|| format!("{what} {}: not UTF-8", dir.display()))
 }
 
 /// The request a command makes: method, endpoint, body.
@@ -156,6 +175,27 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
         Command::Reboot => ("PUT", "vm.reboot", None),
         Command::Nmi => ("PUT", "vm.nmi", None),
         Command::PowerButton => ("PUT", "vm.power-button", None),
+        Command::AddDisk { path, id, readonly } => {
+            let mut b = serde_json::Map::new();
+            b.insert("path".into(), json!(absolute("add-disk", path)?));
+            if let Some(id) = id {
+                b.insert("id".into(), json!(id));
+            }
+            if *readonly {
+                b.insert("readonly".into(), json!(true));
+            }
+            let body = serde_json::to_vec(&Value::Object(b)).map_err(|e| e.to_string())?;
+            ("PUT", "vm.add-disk", Some(body))
+        }
+        Command::RemoveDevice { id } => {
+            let body = serde_json::to_vec(&json!({ "id": id })).map_err(|e| e.to_string())?;
+            ("PUT", "vm.remove-device", Some(body))
+        }
+        Command::Resize { vcpus, ram } => {
+            let body = serde_json::to_vec(&json!({ "desired_vcpus": vcpus, "desired_ram": ram }))
+                .map_err(|e| e.to_string())?;
+            ("PUT", "vm.resize", Some(body))
+        }
         Command::Delete => ("PUT", "vm.delete", None),
         Command::ShutdownVmm => ("PUT", "vmm.shutdown", None),
         Command::SendMigration {
@@ -195,7 +235,7 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
                 b.insert("auto_converge".into(), json!(false));
             }
             if let Some(d) = tls_dir {
-                b.insert("tls_dir".into(), json!(absolute(d)?));
+                b.insert("tls_dir".into(), json!(absolute("--tls-dir", d)?));
             }
             let body = serde_json::to_vec(&Value::Object(b)).map_err(|e| e.to_string())?;
             ("PUT", "vm.send-migration", Some(body))
@@ -207,7 +247,7 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
             let mut b = Map::new();
             b.insert("receiver_url".into(), json!(receiver_url));
             if let Some(d) = tls_dir {
-                b.insert("tls_dir".into(), json!(absolute(d)?));
+                b.insert("tls_dir".into(), json!(absolute("--tls-dir", d)?));
             }
             let body = serde_json::to_vec(&Value::Object(b)).map_err(|e| e.to_string())?;
             ("PUT", "vm.receive-migration", Some(body))
@@ -457,6 +497,15 @@ mod tests {
             body_of(&["coredump", "file:///tmp/vm.core"]),
             json!({"destination_url": "file:///tmp/vm.core"})
         );
+        assert_eq!(
+            body_of(&["add-disk", "/d.raw", "--id", "data", "--readonly"]),
+            json!({"path": "/d.raw", "id": "data", "readonly": true})
+        );
+        assert_eq!(
+            body_of(&["resize", "--vcpus", "2"]),
+            json!({"desired_vcpus": 2, "desired_ram": null})
+        );
+        assert_eq!(body_of(&["remove-device", "data"]), json!({"id": "data"}));
         assert_eq!(
             body_of(&["snapshot", "file:///tmp/snap"]),
             json!({"destination_url": "file:///tmp/snap"})
