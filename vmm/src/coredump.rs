@@ -79,7 +79,7 @@ pub const PR_REG_RSP: usize = 19;
 #[derive(Debug, thiserror::Error)]
 pub enum CoredumpError {
     #[error("destination_url {url:?}: {reason}")]
-    Url { url: String, reason: &'static str },
+    Url { url: String, reason: String },
     #[error("cannot create core file {path} (as temporary file {tmp}): {source}")]
     Create {
         path: String,
@@ -111,28 +111,38 @@ pub enum CoredumpError {
     TooManyRegions { count: usize, max: usize },
 }
 
-/// The path a `file://` URL names: `file:///abs/path` only (no host part, no relative
-/// path, no directory, no NUL byte; the path is taken literally, without %-decoding).
-pub fn destination_path(url: &str) -> Result<PathBuf, CoredumpError> {
-    let bad = |reason| CoredumpError::Url {
-        url: url.chars().take(300).collect(),
-        reason,
-    };
+/// The absolute path a `file:///abs/path` URL names (no host part, no relative path, no
+/// NUL byte; taken literally, without %-decoding), or why the URL is refused. `example`
+/// ends the messages, e.g. `file:///path/to/core`. `vm.coredump`, `vm.snapshot` and
+/// `vm.restore` take their URLs through it.
+pub fn file_url_path(url: &str, example: &'static str) -> Result<PathBuf, String> {
     let path = url
         .strip_prefix(FILE_SCHEME)
-        .ok_or_else(|| bad("only file:// URLs are accepted (file:///path/to/core)"))?;
+        .ok_or_else(|| format!("only file:// URLs are accepted ({example})"))?;
     if !path.starts_with('/') {
-        return Err(bad(
-            "the path must be absolute and there is no host part (file:///path/to/core)",
+        return Err(format!(
+            "the path must be absolute and there is no host part ({example})"
         ));
     }
     if path.contains('\0') {
-        return Err(bad("the path contains a NUL byte"));
-    }
-    if path.ends_with('/') || path.ends_with("/.") || path.ends_with("/..") {
-        return Err(bad("the path names a directory, not a file"));
+        return Err("the path contains a NUL byte".into());
     }
     Ok(PathBuf::from(path))
+}
+
+/// The path a `file://` URL names: `file:///abs/path` only ([`file_url_path`]), and not a
+/// directory.
+pub fn destination_path(url: &str) -> Result<PathBuf, CoredumpError> {
+    let bad = |reason: String| CoredumpError::Url {
+        url: url.chars().take(300).collect(),
+        reason,
+    };
+    let path = file_url_path(url, "file:///path/to/core").map_err(bad)?;
+    let text = path.to_string_lossy();
+    if text.ends_with('/') || text.ends_with("/.") || text.ends_with("/..") {
+        return Err(bad("the path names a directory, not a file".into()));
+    }
+    Ok(path)
 }
 
 /// What [`write_core_file`] wrote.
@@ -370,7 +380,7 @@ pub fn write_core_file(
         .file_name()
         .ok_or_else(|| CoredumpError::Url {
             url: format!("{FILE_SCHEME}{shown}"),
-            reason: "the path names a directory, not a file",
+            reason: "the path names a directory, not a file".into(),
         })?
         .to_string_lossy();
     let tmp = path.with_file_name(format!(".{name}.ferry-tmp-{}", std::process::id()));

@@ -40,7 +40,6 @@ const CHUNK: usize = 2 << 20;
 const MAX_SMALL_FILE: u64 = 64 << 20;
 /// Progress is logged every this many bytes of RAM.
 const PROGRESS_EVERY: u64 = 1 << 30;
-const FILE_SCHEME: &str = "file://";
 
 /// A test-only seam: `FERRY_TEST_SNAPSHOT_DROP_PAGES=GPA` (hex with 0x, or decimal)
 /// leaves the [`DROP_PAGES`] pages from GPA out of the snapshot (holes instead), checksums
@@ -64,7 +63,7 @@ fn drop_seam() -> Option<std::ops::Range<u64>> {
 #[derive(Debug, Error)]
 pub enum SnapshotError {
     #[error("{url:?}: {reason}")]
-    Url { url: String, reason: &'static str },
+    Url { url: String, reason: String },
     #[error("{}: {what}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -135,26 +134,15 @@ pub struct Restored {
 
 /// The directory a `file:///dir` URL names (it must exist).
 pub fn dir_from_url(url: &str) -> Result<PathBuf> {
-    let bad = |reason| SnapshotError::Url {
+    let bad = |reason: String| SnapshotError::Url {
         url: url.chars().take(300).collect(),
         reason,
     };
-    let path = url
-        .strip_prefix(FILE_SCHEME)
-        .ok_or_else(|| bad("only file:// URLs are accepted (file:///path/to/directory)"))?;
-    if !path.starts_with('/') {
-        return Err(bad(
-            "the path must be absolute and there is no host part (file:///path/to/directory)",
-        ));
-    }
-    if path.contains('\0') {
-        return Err(bad("the path contains a NUL byte"));
-    }
-    let dir = PathBuf::from(path);
+    let dir = crate::coredump::file_url_path(url, "file:///path/to/directory").map_err(bad)?;
     match std::fs::metadata(&dir) {
         Ok(m) if m.is_dir() => Ok(dir),
-        Ok(_) => Err(bad("the path is not a directory")),
-        Err(_) => Err(bad("the directory does not exist")),
+        Ok(_) => Err(bad("the path is not a directory".into())),
+        Err(_) => Err(bad("the directory does not exist".into())),
     }
 }
 
@@ -536,6 +524,8 @@ mod tests {
     /// Two RAM ranges (1 MiB at 0, 2 MiB at 4 GiB) with a few pages written.
     struct FakeSource {
         ranges: Vec<(u64, Vec<u8>)>,
+        /// Every read of RAM fails.
+        broken: bool,
     }
 
     impl FakeSource {
@@ -547,6 +537,7 @@ mod tests {
             high[0x10_0000..0x10_2000].fill(0x5a);
             FakeSource {
                 ranges: vec![(0, low), (4 << 30, high)],
+                broken: false,
             }
         }
     }
@@ -565,6 +556,9 @@ mod tests {
                 .collect()
         }
         fn read_pages(&self, gpa: u64, buf: &mut [u8]) -> HookResult<()> {
+            if self.broken {
+                return Err(format!("reading {gpa:#x} failed"));
+            }
             let (base, m) = self
                 .ranges
                 .iter()
@@ -717,37 +711,13 @@ mod tests {
 
     #[test]
     fn a_failed_save_leaves_no_manifest_and_no_partial_files() {
-        struct Failing(FakeSource);
-        impl SourceVm for Failing {
-            fn config(&self) -> HookResult<Vec<u8>> {
-                self.0.config()
-            }
-            fn ram_layout(&self) -> Vec<RamRange> {
-                self.0.ram_layout()
-            }
-            fn read_pages(&self, gpa: u64, _: &mut [u8]) -> HookResult<()> {
-                Err(format!("reading {gpa:#x} failed"))
-            }
-            fn start_dirty_log(&self) -> HookResult<()> {
-                Ok(())
-            }
-            fn collect_dirty(&self, _: bool) -> HookResult<Vec<(u64, u64)>> {
-                Ok(vec![])
-            }
-            fn stop_dirty_log(&self) {}
-            fn pause(&self) -> HookResult<()> {
-                Ok(())
-            }
-            fn resume(&self) -> HookResult<()> {
-                Ok(())
-            }
-            fn save_state(&self) -> HookResult<(Vec<u8>, Vec<u8>)> {
-                self.0.save_state()
-            }
-        }
         let dir = tmp("fail");
         save(&FakeSource::new(), &dir).unwrap();
-        let e = save(&Failing(FakeSource::new()), &dir).unwrap_err();
+        let broken = FakeSource {
+            broken: true,
+            ..FakeSource::new()
+        };
+        let e = save(&broken, &dir).unwrap_err();
         assert!(e.to_string().contains("reading 0x0 failed"), "{e}");
         let left: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()

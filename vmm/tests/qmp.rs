@@ -343,23 +343,7 @@ fn free_port() -> u16 {
 
 /// Waits for both vCPUs to verify their share twice more after `pos`, with no mismatch.
 fn goes_on(serial: &Path, pos: usize) {
-    let mut pos = pos;
-    for _ in 0..2 {
-        for cpu in 0..2 {
-            wait_serial(
-                serial,
-                &format!("guest: verified {cpu} "),
-                pos,
-                Duration::from_secs(60),
-            );
-        }
-        pos = serial_len(serial) as usize;
-    }
-    let text = std::fs::read_to_string(serial).unwrap();
-    assert!(
-        !text.contains("MISMATCH") && !text.contains("FAIL"),
-        "{text}"
-    );
+    common::verified_twice_more(serial, pos, 2);
 }
 
 /// A migration between two ferry processes driven only through QMP, as a QEMU user does.

@@ -98,26 +98,8 @@ fn serial_len(p: &Path) -> usize {
     std::fs::metadata(p).map(|m| m.len() as usize).unwrap_or(0)
 }
 
-/// Waits for both vCPUs to check their whole share twice more after `pos`; fails on a
-/// mismatch.
 fn goes_on(serial: &Path, pos: usize) {
-    let mut pos = pos;
-    for _ in 0..2 {
-        for cpu in 0..2 {
-            wait_serial(
-                serial,
-                &format!("guest: verified {cpu} "),
-                pos,
-                Duration::from_secs(120),
-            );
-        }
-        pos = serial_len(serial);
-    }
-    let text = std::fs::read_to_string(serial).unwrap();
-    assert!(
-        !text.contains("MISMATCH") && !text.contains("FAIL"),
-        "{text}"
-    );
+    common::verified_twice_more(serial, pos, 2);
 }
 
 /// Ends a ferry through its API.

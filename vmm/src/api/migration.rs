@@ -51,9 +51,9 @@ pub const MAX_REQUESTED_CONNECTIONS: u64 = 128;
 
 /// Fields of a body this Ferry does not know: ignored, as cloud-hypervisor ignores them
 /// (a newer client may send more), and named in the log.
-type UnknownFields = std::collections::BTreeMap<String, serde_json::Value>;
+pub(crate) type UnknownFields = std::collections::BTreeMap<String, serde_json::Value>;
 
-fn log_unknown(endpoint: &str, unknown: &UnknownFields) {
+pub(crate) fn log_unknown(endpoint: &str, unknown: &UnknownFields) {
     if !unknown.is_empty() {
         let names: Vec<&str> = unknown.keys().map(String::as_str).collect();
         log::warn!("{endpoint}: ignoring unknown field(s) {names:?}");

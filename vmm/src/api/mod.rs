@@ -251,21 +251,27 @@ pub fn parse_coredump(body: &[u8]) -> Result<std::path::PathBuf, ApiError> {
         .map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
+/// Begins `action` on the VM, which must be Paused (`vm.coredump`, `vm.snapshot`: what
+/// they read must not change meanwhile); lifecycle requests answer 405 until it ends.
+pub(crate) fn begin_on_paused<'a>(
+    vmm: &'a Vmm,
+    action: &'static str,
+) -> Result<Operation<'a>, ApiError> {
+    vmm.begin(action, |vm| {
+        let vm = vm.ok_or(ApiError::NoVm)?;
+        match vm.state() {
+            VmState::Paused => Ok(()),
+            state => Err(ApiError::WrongState { action, state }),
+        }
+    })
+}
+
 /// `vm.coredump`: the paused VM's RAM and registers to an ELF core file. The VM stays
 /// paused; lifecycle requests (vm.resume, ...) answer 405 while the file is written.
 fn coredump(vmm: &Arc<Vmm>, body: &[u8]) -> Result<(), ApiError> {
     const ACTION: &str = "vm.coredump";
     let path = parse_coredump(body)?;
-    let _op = vmm.begin(ACTION, |vm| {
-        let vm = vm.ok_or(ApiError::NoVm)?;
-        match vm.state() {
-            VmState::Paused => Ok(()),
-            state => Err(ApiError::WrongState {
-                action: ACTION,
-                state,
-            }),
-        }
-    })?;
+    let _op = begin_on_paused(vmm, ACTION)?;
     let machine = vmm.machine(ACTION)?;
     let t = std::time::Instant::now();
     let summary = machine.coredump(&path).map_err(|e| ApiError::Failed {

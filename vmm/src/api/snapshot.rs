@@ -5,21 +5,12 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::{json_object, ApiError, VmState, Vmm};
+use super::migration::{log_unknown, UnknownFields};
+use super::{begin_on_paused, json_object, ApiError, Vmm};
 use crate::events;
 use crate::migration::{MachineDestination, MachineSource};
 use crate::snapshot;
 use crate::vm::Machine;
-
-/// Fields of a body this Ferry does not know: ignored, as cloud-hypervisor ignores them.
-type UnknownFields = std::collections::BTreeMap<String, serde_json::Value>;
-
-fn log_unknown(endpoint: &str, unknown: &UnknownFields) {
-    if !unknown.is_empty() {
-        let names: Vec<&str> = unknown.keys().map(String::as_str).collect();
-        log::warn!("{endpoint}: ignoring unknown field(s) {names:?}");
-    }
-}
 
 /// cloud-hypervisor's `VmSnapshotConfig`.
 #[derive(Debug, Deserialize)]
@@ -139,16 +130,7 @@ pub fn parse_restore(body: &[u8]) -> Result<Restore, ApiError> {
 pub fn snapshot(vmm: &Arc<Vmm>, body: &[u8]) -> Result<(), ApiError> {
     const ACTION: &str = "vm.snapshot";
     let dir = parse_snapshot(body)?;
-    let _op = vmm.begin(ACTION, |vm| {
-        let vm = vm.ok_or(ApiError::NoVm)?;
-        match vm.state() {
-            VmState::Paused => Ok(()),
-            state => Err(ApiError::WrongState {
-                action: ACTION,
-                state,
-            }),
-        }
-    })?;
+    let _op = begin_on_paused(vmm, ACTION)?;
     let machine = vmm.machine(ACTION)?;
     let url = format!("file://{}", dir.display());
     events::emit("vm", "snapshotting", &[("destination_url", &url)]);
