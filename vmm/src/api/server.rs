@@ -280,7 +280,7 @@ fn serve(mut stream: UnixStream, vmm: &Arc<Vmm>) {
             Err(ParseError::Incomplete(p)) => {
                 if p.expect_continue && !sent_continue {
                     sent_continue = true;
-                    if stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
+                    if stream.write_all(&Response::proceed().to_bytes()).is_err() {
                         return;
                     }
                 }
