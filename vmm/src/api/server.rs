@@ -6,6 +6,10 @@
 //! 4xx, then closed), or stays silent: an idle connection is closed after
 //! [`IDLE_TIMEOUT`], a request that takes longer than [`REQUEST_TIMEOUT`] to arrive gets
 //! 408. At most [`MAX_CLIENTS`] connections are served at once; more get 503.
+//!
+//! Requests are parsed and answers written by [`super::http`] (micro_http inside). The
+//! connections are Ferry's own rather than micro_http's `HttpServer`, which serves every
+//! connection from one thread: there a migration request would hold up every other client.
 
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileTypeExt;
