@@ -160,7 +160,7 @@ fn table() -> Vec<(Vec<u8>, u16, &'static str)> {
             400,
             "\"-5\"",
         ),
-        // A list is not a length (micro_http reads one number; was "conflicting").
+        // Not digits, so not a length (was "conflicting": the old parser read a list).
         (
             b(&format!("{PING}Content-Length: 1, 2\r\n\r\n")),
             400,

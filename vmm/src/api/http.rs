@@ -336,21 +336,33 @@ pub fn parse_request(buf: &[u8]) -> Result<(Request, usize), ParseError> {
         }
         headers.push(check_header(l.strip_suffix(b"\r").unwrap_or(l))?);
     }
+    // micro_http ignores a coding it does not know, and reads a chunked body by
+    // Content-Length: either would take body bytes for the next request.
     let te = list_values(&headers, "transfer-encoding");
-    if !te.is_empty() {
-        if te.iter().all(|c| c.eq_ignore_ascii_case("chunked")) {
+    let has_te = headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"));
+    if has_te {
+        if !te.is_empty() && te.iter().all(|c| c.eq_ignore_ascii_case("chunked")) {
             return Err(ParseError::Chunked);
         }
         return Err(ParseError::UnsupportedTransferEncoding(shown(
             te.join(", ").as_bytes(),
         )));
     }
-    // micro_http keeps the last Content-Length; differing ones must not pass.
+    // micro_http keeps the last Content-Length and takes `+5`; RFC 9112 6.3 wants digits,
+    // and one value.
     let lengths: Vec<&str> = headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
         .map(|(_, v)| v.as_str())
         .collect();
+    if let Some(bad) = lengths
+        .iter()
+        .find(|v| v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(ParseError::BadContentLength(shown(bad.as_bytes())));
+    }
     if let Some(other) = lengths.iter().find(|v| **v != lengths[0]) {
         return Err(ParseError::ConflictingContentLength(
             shown(lengths[0].as_bytes()),
@@ -358,10 +370,15 @@ pub fn parse_request(buf: &[u8]) -> Result<(Request, usize), ParseError> {
         ));
     }
     let fields = micro_http::Headers::try_from(fields).map_err(|e| match e {
+        // Digits only (checked above), so too many for micro_http's u32.
         RequestError::HeaderError(micro_http::HttpHeaderError::InvalidValue(n, v))
             if n.trim().eq_ignore_ascii_case("content-length") =>
         {
-            ParseError::BadContentLength(shown(v.trim().as_bytes()))
+            let v = v.trim();
+            match v.parse::<u64>() {
+                Ok(n) => ParseError::BodyTooLarge(n),
+                Err(_) => ParseError::BadContentLength(shown(v.as_bytes())),
+            }
         }
         e => ParseError::Refused {
             part: "the header fields were",
@@ -635,6 +652,12 @@ mod tests {
                 400,
             ),
             (b"PUT /x HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", 413),
+            (
+                b"PUT /x HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n",
+                413,
+            ),
+            (b"PUT /x HTTP/1.1\r\nContent-Length: +5\r\n\r\n", 400),
+            (b"PUT /x HTTP/1.1\r\nTransfer-Encoding:\r\n\r\n", 501),
             (b"PUT /x HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
             (
                 b"PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
