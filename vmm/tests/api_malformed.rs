@@ -99,10 +99,11 @@ fn table() -> Vec<(Vec<u8>, u16, &'static str)> {
             400,
             "target",
         ),
+        // micro_http keeps a fragment in the path, which no route has (was 400).
         (
             b("GET /api/v1/vm.info#frag HTTP/1.1\r\n\r\n"),
-            400,
-            "target",
+            404,
+            "vm.info#frag",
         ),
         (
             b("GET ftp://host/api/v1/vmm.ping HTTP/1.1\r\n\r\n"),
@@ -148,11 +149,6 @@ fn table() -> Vec<(Vec<u8>, u16, &'static str)> {
             431,
             "longer than",
         ),
-        (
-            b(&format!("{PING}Expect: 100-nope\r\n\r\n")),
-            417,
-            "100-nope",
-        ),
         // Framing.
         (
             b(&format!("{PING}Content-Length: abc\r\n\r\n")),
@@ -164,10 +160,11 @@ fn table() -> Vec<(Vec<u8>, u16, &'static str)> {
             400,
             "\"-5\"",
         ),
+        // Not digits, so not a length (was "conflicting": the old parser read a list).
         (
             b(&format!("{PING}Content-Length: 1, 2\r\n\r\n")),
             400,
-            "conflicting",
+            "\"1, 2\"",
         ),
         (
             b(&format!(
@@ -189,44 +186,27 @@ fn table() -> Vec<(Vec<u8>, u16, &'static str)> {
             "larger than",
         ),
         (big_body(MAX_BODY + 4096), 413, "larger than"),
+        // micro_http reads bodies by Content-Length only: any chunked request gets 411
+        // (was 400 for these malformed ones, and 204 for a well-formed chunked body).
         (
             b(&format!(
                 "{PING}Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n"
             )),
-            400,
-            "both",
+            411,
+            "Content-Length",
         ),
         (
             b("PUT /api/v1/vm.create HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
-            400,
-            "HTTP/1.0",
-        ),
-        (
-            b(&format!("{PING}Transfer-Encoding: chunked\r\n\r\nzz\r\n")),
-            400,
-            "chunk size",
-        ),
-        (
-            b(&format!(
-                "{PING}Transfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n"
-            )),
-            400,
-            "not followed by CRLF",
-        ),
-        (
-            b(&format!(
-                "{PING}Transfer-Encoding: chunked\r\n\r\n2\nab\r\n0\r\n\r\n"
-            )),
-            400,
-            "bare LF",
+            411,
+            "chunked",
         ),
         (
             b(&format!(
                 "{PING}Transfer-Encoding: chunked\r\n\r\n{:x}\r\n",
                 MAX_BODY + 1
             )),
-            413,
-            "larger than",
+            411,
+            "chunked",
         ),
         // Cut short: the client stops sending and half-closes.
         (
@@ -370,11 +350,21 @@ fn well_formed_variants_are_accepted() {
         "GET /api/v1/vmm.ping HTTP/1.1\r\nX-Empty:\r\nX-Tab:\tv\t\r\n\r\n",
         200,
     );
+    // micro_http ignores an expectation it does not know (RFC 9110 10.1.1: 417 is a MAY;
+    // was 417).
+    ok(
+        "GET /api/v1/vmm.ping HTTP/1.1\r\nExpect: 100-nope\r\n\r\n",
+        200,
+    );
     ok(
         "GET /api/v1/vmm.ping HTTP/1.1\r\nContent-Length: 4\r\n\r\njunk",
         200,
     );
-
+    // A body on GET to a PUT endpoint: the wrong method, as schemathesis expects.
+    ok(
+        "GET /api/v1/vm.create HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+        405,
+    );
     // Keep-alive and pipelining on one connection.
     let mut s = f.client.connect().unwrap();
     let two = format!("{PING}\r\nGET /api/v1/vm.info HTTP/1.1\r\n\r\n");
@@ -383,18 +373,15 @@ fn well_formed_variants_are_accepted() {
     let r = exchange(&mut s, format!("{PING}\r\n").as_bytes(), 1);
     assert_eq!(r[0].status, 200);
 
-    // A chunked vm.create body, announced with Expect: 100-continue.
+    // A vm.create body announced with Expect: 100-continue, sent after the interim 100.
     let cfg = f.idle_guest_config().to_string();
-    let (a, b) = cfg.split_at(cfg.len() / 2);
-    let head = "PUT /api/v1/vm.create HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n";
+    let head = format!(
+        "PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        cfg.len()
+    );
     let r = exchange(&mut s, head.as_bytes(), 1);
     assert_eq!(r[0].status, 100);
-    let rest = format!(
-        "{:x}\r\n{a}\r\n{:X};ext=1\r\n{b}\r\n0\r\n\r\n",
-        a.len(),
-        b.len()
-    );
-    let r = exchange(&mut s, rest.as_bytes(), 1);
+    let r = exchange(&mut s, cfg.as_bytes(), 1);
     assert_eq!(r[0].status, 204, "{:?}", shown(&r[0].body));
     assert_eq!(f.state(), "Created");
 

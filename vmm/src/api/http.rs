@@ -1,17 +1,27 @@
-//! HTTP/1.1 request parsing and response writing for the API socket.
+//! HTTP/1.1 for the API socket on top of `micro_http`, the HTTP library cloud-hypervisor
+//! uses (vendored in `third_party/micro_http`).
 //!
-//! [`parse_request`] is a pure function over the bytes received so far: it either returns
-//! one complete request and how many bytes it used, or says why it cannot (yet). Nothing in
-//! it panics or allocates without bound, whatever the input: it is what `fuzz/` exercises.
+//! micro_http parses a request it is handed whole and writes responses; it does not frame
+//! requests on a byte stream, and it is lenient where Ferry is not. [`parse_request`] is
+//! the thin layer around it: a pure function over the bytes received so far that finds
+//! where one request ends, enforces Ferry's limits and checks, lets micro_http parse the
+//! request line, header fields and body, and names what is wrong in words a client can
+//! act on. Nothing in it panics or allocates without bound, whatever the input: it is what
+//! `fuzz/` exercises.
 //!
-//! Accepted: `METHOD SP TARGET SP HTTP/1.0|HTTP/1.1 CRLF`, header fields `name: value CRLF`,
-//! an empty line, then a body framed by `Content-Length` or `Transfer-Encoding: chunked`.
-//! Refused with a 4xx (or 505/501 where RFC 9112 says so): bare LF line ends, obsolete
-//! line folding, whitespace before a field's colon, control characters, conflicting or
-//! malformed framing, heads over [`MAX_HEAD`] bytes, more than [`MAX_HEADERS`] fields,
-//! bodies over [`MAX_BODY`] bytes.
+//! Ferry's part, before micro_http sees a request: leading empty lines are skipped
+//! (RFC 9112 2.2); bare LF line ends, bytes in the request line that no method, target or
+//! version can hold, malformed header lines (no colon, whitespace before the colon,
+//! obsolete line folding, control characters, a name that is not a token), heads over
+//! [`MAX_HEAD`] bytes or with more than [`MAX_HEADERS`] fields, conflicting
+//! `Content-Length` values, bodies over [`MAX_BODY`] bytes, and any `Transfer-Encoding`
+//! (micro_http reads bodies by `Content-Length` only) are refused. Methods micro_http does
+//! not know (it knows GET, PUT, PATCH and DELETE) still reach the route table, which
+//! answers 405 naming the method to use.
 
 use std::fmt;
+
+use micro_http::{Body, MediaType, RequestError, StatusCode, Version};
 
 /// Largest request head (request line and header fields) in bytes.
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -19,14 +29,6 @@ pub const MAX_HEAD: usize = 16 * 1024;
 pub const MAX_HEADERS: usize = 64;
 /// Largest request body in bytes (a VM config is a few hundred bytes).
 pub const MAX_BODY: usize = 1 << 20;
-/// Longest chunk-size line (size, extensions) in a chunked body.
-const MAX_CHUNK_LINE: usize = 1024;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Version {
-    Http10,
-    Http11,
-}
 
 /// One complete request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,7 +41,7 @@ pub struct Request {
     /// The query string after `?`, if any (the API has no use for it).
     pub query: Option<String>,
     pub version: Version,
-    /// Header fields in order, names as sent.
+    /// Header fields in order, names as sent (micro_http keeps only some of them).
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     /// Whether the client wants the connection kept after the response.
@@ -75,14 +77,22 @@ pub enum ParseError {
     Incomplete(Partial),
     #[error("line {line} ends with a bare LF; HTTP lines end with CRLF")]
     BareLf { line: usize },
+    #[error(
+        "request line {line:?} holds byte {byte:#04x}, which no method, target or \
+         version may hold (is this HTTP?)"
+    )]
+    NotText { line: String, byte: u8 },
     #[error("request line {0:?} is not 'METHOD SP TARGET SP HTTP-VERSION'")]
     BadRequestLine(String),
-    #[error("method {0:?} is not a valid token")]
-    BadMethod(String),
-    #[error("request target {0:?} is not an absolute path like /api/v1/vm.info")]
-    BadTarget(String),
-    #[error("{0:?} is not an HTTP version like HTTP/1.1")]
-    BadVersion(String),
+    #[error("request line {line:?}: method {method:?} is not a valid token")]
+    BadMethod { line: String, method: String },
+    #[error(
+        "request line {line:?}: request target {target:?} is not an absolute path \
+         like /api/v1/vm.info"
+    )]
+    BadTarget { line: String, target: String },
+    #[error("request line {line:?}: {version:?} is not an HTTP version like HTTP/1.1")]
+    BadVersion { line: String, version: String },
     #[error("HTTP version {0:?} is not supported (HTTP/1.0 and HTTP/1.1 are)")]
     UnsupportedVersion(String),
     #[error("header line {line:?} is malformed: {why}")]
@@ -97,28 +107,27 @@ pub enum ParseError {
     ConflictingContentLength(String, String),
     #[error("a body of {0} bytes is larger than the limit of {MAX_BODY} bytes")]
     BodyTooLarge(u64),
-    #[error("Transfer-Encoding {0:?} is not supported (only chunked is)")]
+    #[error(
+        "Transfer-Encoding: chunked is not supported (bodies are read by Content-Length); \
+         send the body with a Content-Length"
+    )]
+    Chunked,
+    #[error("Transfer-Encoding {0:?} is not supported; send the body with a Content-Length")]
     UnsupportedTransferEncoding(String),
-    #[error("Transfer-Encoding is not allowed in an HTTP/1.0 request")]
-    TransferEncodingInHttp10,
-    #[error("the request has both Transfer-Encoding and Content-Length")]
-    LengthAndChunked,
-    #[error("chunked body: {0}")]
-    BadChunk(String),
-    #[error("Expect {0:?} cannot be met (only 100-continue is supported)")]
-    BadExpect(String),
+    /// What micro_http refused and Ferry's checks did not name first.
+    #[error("{part} refused by the HTTP parser: {why}")]
+    Refused { part: &'static str, why: String },
 }
 
 impl ParseError {
     /// The status code of the response to this error.
     pub fn status(&self) -> u16 {
         match self {
-            ParseError::Incomplete(_) => 400,
             ParseError::HeadTooLarge | ParseError::TooManyHeaders => 431,
             ParseError::BodyTooLarge(_) => 413,
+            ParseError::Chunked => 411,
             ParseError::UnsupportedVersion(_) => 505,
             ParseError::UnsupportedTransferEncoding(_) => 501,
-            ParseError::BadExpect(_) => 417,
             _ => 400,
         }
     }
@@ -143,61 +152,12 @@ fn shown(b: &[u8]) -> String {
     s
 }
 
-/// Finds the next CRLF-terminated line at `from`: returns (line without CRLF, next offset),
-/// None when no line end is there yet, or a bare-LF error.
-fn next_line(
-    buf: &[u8],
-    from: usize,
-    line_no: usize,
-) -> Result<Option<(&[u8], usize)>, ParseError> {
-    let rest = &buf[from..];
-    match rest.iter().position(|&b| b == b'\n') {
-        None => Ok(None),
-        Some(0) => Err(ParseError::BareLf { line: line_no }),
-        Some(i) if rest[i - 1] != b'\r' => Err(ParseError::BareLf { line: line_no }),
-        Some(i) => Ok(Some((&rest[..i - 1], from + i + 1))),
-    }
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn parse_version(v: &[u8]) -> Result<Version, ParseError> {
-    match v {
-        b"HTTP/1.1" => Ok(Version::Http11),
-        b"HTTP/1.0" => Ok(Version::Http10),
-        [b'H', b'T', b'T', b'P', b'/', a, b'.', b] if a.is_ascii_digit() && b.is_ascii_digit() => {
-            Err(ParseError::UnsupportedVersion(shown(v)))
-        }
-        _ => Err(ParseError::BadVersion(shown(v))),
-    }
-}
-
-/// Splits the request target into path and query; reduces absolute-form to its path.
-fn parse_target(t: &[u8]) -> Result<(String, Option<String>), ParseError> {
-    let bad = || ParseError::BadTarget(shown(t));
-    if t.is_empty() || !t.iter().all(|&b| (0x21..0x7f).contains(&b)) || t.contains(&b'#') {
-        return Err(bad());
-    }
-    let origin = if t[0] == b'/' {
-        t
-    } else {
-        let lower = t.get(..7).map(|p| p.to_ascii_lowercase());
-        if lower.as_deref() != Some(b"http://".as_slice()) {
-            return Err(bad());
-        }
-        let after = &t[7..];
-        match after.iter().position(|&b| b == b'/') {
-            Some(i) if i > 0 => &after[i..],
-            _ => return Err(bad()),
-        }
-    };
-    // Every byte is printable ASCII, so this is UTF-8.
-    let s = String::from_utf8_lossy(origin);
-    Ok(match s.split_once('?') {
-        Some((p, q)) => (p.to_string(), Some(q.to_string())),
-        None => (s.into_owned(), None),
-    })
-}
-
-fn parse_header(line: &[u8]) -> Result<(String, String), ParseError> {
+/// Checks a header line micro_http would take or misread; returns (name, value trimmed).
+fn check_header(line: &[u8]) -> Result<(String, String), ParseError> {
     let bad = |why| ParseError::BadHeader {
         line: shown(line),
         why,
@@ -215,6 +175,8 @@ fn parse_header(line: &[u8]) -> Result<(String, String), ParseError> {
     if name.is_empty() {
         return Err(bad("empty field name"));
     }
+    // micro_http trims the name, so `Content-Length : 5` would count (RFC 9112 5.1 says
+    // to refuse it).
     if matches!(name.last(), Some(b' ' | b'\t')) {
         return Err(bad("whitespace before the colon"));
     }
@@ -225,10 +187,11 @@ fn parse_header(line: &[u8]) -> Result<(String, String), ParseError> {
     if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
         return Err(bad("control character in the field value"));
     }
-    let value = String::from_utf8_lossy(value);
     Ok((
         String::from_utf8_lossy(name).into_owned(),
-        value.trim_matches([' ', '\t']).to_string(),
+        String::from_utf8_lossy(value)
+            .trim_matches([' ', '\t'])
+            .to_string(),
     ))
 }
 
@@ -239,168 +202,61 @@ fn list_values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> 
         .filter(|(n, _)| n.eq_ignore_ascii_case(name))
         .flat_map(|(_, v)| v.split(','))
         .map(|e| e.trim_matches([' ', '\t']))
+        .filter(|e| !e.is_empty())
         .collect()
 }
 
-enum Framing {
-    None,
-    Length(usize),
-    Chunked,
+/// Parses `bytes` (one whole request) with micro_http. A method micro_http does not know,
+/// and GET or DELETE with a body (which micro_http refuses), are parsed as PUT so that the
+/// rest is still checked and the route table answers for the method actually sent: 405
+/// naming the right one, or, on an endpoint that takes that method, the body ignored as
+/// the route table says.
+fn micro_parse(
+    bytes: &[u8],
+    method_len: usize,
+    has_body: bool,
+) -> Result<micro_http::Request, RequestError> {
+    let method = &bytes[..method_len];
+    let as_is = match micro_http::Method::try_from(method) {
+        Ok(micro_http::Method::Get | micro_http::Method::Delete) => !has_body,
+        Ok(_) => true,
+        Err(_) => !is_token(method),
+    };
+    if as_is {
+        return micro_http::Request::try_from(bytes, Some(MAX_HEAD + MAX_BODY + 1));
+    }
+    let mut as_put = b"PUT".to_vec();
+    as_put.extend_from_slice(&bytes[method_len..]);
+    micro_http::Request::try_from(&as_put, Some(MAX_HEAD + MAX_BODY + 4))
 }
 
-fn framing(headers: &[(String, String)], version: Version) -> Result<Framing, ParseError> {
-    let te = list_values(headers, "transfer-encoding");
-    let has_te = headers
-        .iter()
-        .any(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"));
-    let has_cl = headers
-        .iter()
-        .any(|(n, _)| n.eq_ignore_ascii_case("content-length"));
-    if has_te {
-        if has_cl {
-            return Err(ParseError::LengthAndChunked);
-        }
-        if version == Version::Http10 {
-            return Err(ParseError::TransferEncodingInHttp10);
-        }
-        let codings: Vec<&str> = te.iter().copied().filter(|e| !e.is_empty()).collect();
-        if codings.len() != 1 || !codings[0].eq_ignore_ascii_case("chunked") {
-            return Err(ParseError::UnsupportedTransferEncoding(shown(
-                te.join(", ").as_bytes(),
-            )));
-        }
-        return Ok(Framing::Chunked);
-    }
-    if !has_cl {
-        return Ok(Framing::None);
-    }
-    let values = list_values(headers, "content-length");
-    let first = values[0];
-    for v in &values[1..] {
-        if *v != first {
-            return Err(ParseError::ConflictingContentLength(
-                shown(first.as_bytes()),
-                shown(v.as_bytes()),
-            ));
-        }
-    }
-    if first.is_empty() || first.len() > 19 || !first.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ParseError::BadContentLength(shown(first.as_bytes())));
-    }
-    let n: u64 = first
-        .parse()
-        .map_err(|_| ParseError::BadContentLength(shown(first.as_bytes())))?;
-    if n > MAX_BODY as u64 {
-        return Err(ParseError::BodyTooLarge(n));
-    }
-    Ok(Framing::Length(n as usize))
-}
-
-/// Decodes a chunked body starting at `from`: the body and the offset after it.
-fn parse_chunked(
-    buf: &[u8],
-    from: usize,
-    partial: Partial,
-) -> Result<(Vec<u8>, usize), ParseError> {
-    let incomplete = ParseError::Incomplete(partial);
-    let mut body = Vec::new();
-    let mut at = from;
-    loop {
-        let rest = &buf[at..];
-        // The line with its CRLF is shorter than MAX_CHUNK_LINE.
-        let Some(nl) = rest.iter().take(MAX_CHUNK_LINE).position(|&b| b == b'\n') else {
-            if rest.len() >= MAX_CHUNK_LINE {
-                return Err(ParseError::BadChunk(format!(
-                    "chunk-size line of {MAX_CHUNK_LINE} bytes or more"
-                )));
+/// Says which part of the request line micro_http refused, and why.
+fn request_line_error(line: &[u8], e: RequestError) -> ParseError {
+    let mut parts = line.splitn(3, |&b| b == b' ');
+    let method = parts.next().unwrap_or_default();
+    let target = parts.next().unwrap_or_default();
+    let version = parts.next().unwrap_or_default();
+    match e {
+        RequestError::InvalidHttpMethod(_) => ParseError::BadMethod {
+            line: shown(line),
+            method: shown(method),
+        },
+        RequestError::InvalidHttpVersion(_) => match version {
+            [b'H', b'T', b'T', b'P', b'/', a, b'.', b]
+                if a.is_ascii_digit() && b.is_ascii_digit() =>
+            {
+                ParseError::UnsupportedVersion(shown(version))
             }
-            return Err(incomplete);
-        };
-        if nl == 0 || rest[nl - 1] != b'\r' {
-            return Err(ParseError::BadChunk(
-                "chunk-size line ends with a bare LF".into(),
-            ));
-        }
-        let line = &rest[..nl - 1];
-        let size_part = match line.iter().position(|&b| b == b';') {
-            Some(i) => &line[..i],
-            None => line,
-        };
-        let size_part = size_part
-            .iter()
-            .rposition(|&b| b != b' ' && b != b'\t')
-            .map_or(&size_part[..0], |e| &size_part[..=e]);
-        if size_part.is_empty()
-            || size_part.len() > 8
-            || !size_part.iter().all(|b| b.is_ascii_hexdigit())
-        {
-            return Err(ParseError::BadChunk(format!(
-                "chunk size {:?} is not a hexadecimal number of at most 8 digits",
-                shown(size_part)
-            )));
-        }
-        if line[size_part.len()..]
-            .iter()
-            .any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
-        {
-            return Err(ParseError::BadChunk(
-                "control character in a chunk extension".into(),
-            ));
-        }
-        // At most 8 hex digits: fits in u64 without overflow.
-        let size = u64::from_str_radix(&String::from_utf8_lossy(size_part), 16)
-            .map_err(|e| ParseError::BadChunk(e.to_string()))?;
-        at += nl + 1;
-        if size == 0 {
-            break;
-        }
-        let total = body.len() as u64 + size;
-        if total > MAX_BODY as u64 {
-            return Err(ParseError::BodyTooLarge(total));
-        }
-        let size = size as usize;
-        if buf.len() < at + size + 2 {
-            return Err(incomplete);
-        }
-        if &buf[at + size..at + size + 2] != b"\r\n" {
-            return Err(ParseError::BadChunk(format!(
-                "chunk data of {size} bytes is not followed by CRLF"
-            )));
-        }
-        body.extend_from_slice(&buf[at..at + size]);
-        at += size + 2;
-    }
-    // Trailer fields, then an empty line: at most MAX_HEAD bytes in all.
-    let trailer_start = at;
-    let mut trailers = 0;
-    loop {
-        match next_line(buf, at, 0) {
-            Ok(None) => {
-                if buf.len() - trailer_start > MAX_HEAD {
-                    return Err(ParseError::HeadTooLarge);
-                }
-                return Err(incomplete);
-            }
-            Err(_) => {
-                return Err(ParseError::BadChunk(
-                    "trailer line ends with a bare LF".into(),
-                ))
-            }
-            Ok(Some((line, next))) => {
-                if next - trailer_start > MAX_HEAD {
-                    return Err(ParseError::HeadTooLarge);
-                }
-                at = next;
-                if line.is_empty() {
-                    return Ok((body, at));
-                }
-                parse_header(line)?;
-                trailers += 1;
-                if trailers > MAX_HEADERS {
-                    return Err(ParseError::TooManyHeaders);
-                }
-            }
-        }
+            _ => ParseError::BadVersion {
+                line: shown(line),
+                version: shown(version),
+            },
+        },
+        RequestError::InvalidUri(_) if !target.is_empty() => ParseError::BadTarget {
+            line: shown(line),
+            target: shown(target),
+        },
+        _ => ParseError::BadRequestLine(shown(line)),
     }
 }
 
@@ -416,144 +272,162 @@ pub fn parse_request(buf: &[u8]) -> Result<(Request, usize), ParseError> {
     while buf[at..].starts_with(b"\r\n") && at < MAX_HEAD {
         at += 2;
     }
-    let head_partial = Partial {
+    let incomplete_head = ParseError::Incomplete(Partial {
         head_complete: false,
         expect_continue: false,
         needed: None,
+    });
+    // The head ends at the first empty line, within MAX_HEAD bytes.
+    let window = &buf[at..buf.len().min(at + MAX_HEAD)];
+    let head_end = find(window, b"\r\n\r\n").map(|i| at + i + 4);
+    let head = &buf[at..head_end.unwrap_or(buf.len().min(at + MAX_HEAD + 1))];
+
+    // Bare LFs, and bytes the request line cannot hold, as soon as they arrive: a client
+    // that is not speaking HTTP/1.1 with CRLFs gets an answer rather than a timeout.
+    for (i, &b) in head.iter().enumerate() {
+        if b == b'\n' && (i == 0 || head[i - 1] != b'\r') {
+            let line = 1 + head[..i].iter().filter(|&&c| c == b'\n').count();
+            return Err(ParseError::BareLf { line });
+        }
+    }
+    let line_end = find(head, b"\r\n");
+    let line = &head[..line_end.unwrap_or(head.len())];
+    // A trailing CR may be the start of the CRLF still to come.
+    let checked = match line_end {
+        None => line.strip_suffix(b"\r").unwrap_or(line),
+        Some(_) => line,
     };
-    // Request line.
-    let Some((line, mut next)) = next_line(buf, at, 1)? else {
+    if let Some(&byte) = checked.iter().find(|&&b| !(0x20..0x7f).contains(&b)) {
+        return Err(ParseError::NotText {
+            line: shown(line),
+            byte,
+        });
+    }
+    let Some(head_end) = head_end else {
         if buf.len() - at > MAX_HEAD {
             return Err(ParseError::HeadTooLarge);
         }
-        // Check what is there already, so garbage is refused before its line ends.
-        check_request_line_prefix(&buf[at..])?;
-        return Err(ParseError::Incomplete(head_partial));
+        return Err(incomplete_head);
     };
-    let mut parts = line.split(|&b| b == b' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(ParseError::BadRequestLine(shown(line)));
-    };
-    if !is_token(method) {
-        return Err(ParseError::BadMethod(shown(method)));
-    }
-    let (path, query) = parse_target(target)?;
-    let version = parse_version(version)?;
-    if next - at > MAX_HEAD {
-        return Err(ParseError::HeadTooLarge);
+    // The head is complete, so is its request line.
+    let line_end = at + line_end.unwrap_or(0);
+
+    // The request line, by micro_http, as a head without fields.
+    let method_len = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
+    let mut bare = line.to_vec();
+    bare.extend_from_slice(b"\r\n\r\n");
+    let parsed_line =
+        micro_parse(&bare, method_len, false).map_err(|e| request_line_error(line, e))?;
+    let path = parsed_line.uri().get_abs_path();
+    if path.is_empty() {
+        let target = line.split(|&b| b == b' ').nth(1).unwrap_or_default();
+        return Err(ParseError::BadTarget {
+            line: shown(line),
+            target: shown(target),
+        });
     }
 
-    // Header fields.
+    // Header fields: Ferry's checks, then micro_http's reading of them.
+    let fields = &buf[line_end + 2..head_end - 2];
     let mut headers = Vec::new();
-    let mut line_no = 2;
-    loop {
-        match next_line(buf, next, line_no)? {
-            None => {
-                if buf.len() - at > MAX_HEAD {
-                    return Err(ParseError::HeadTooLarge);
-                }
-                // A partial field line that is already wrong.
-                let rest = &buf[next..];
-                if matches!(rest.first(), Some(b' ' | b'\t')) {
-                    return Err(parse_header(rest).unwrap_err());
-                }
-                return Err(ParseError::Incomplete(head_partial));
-            }
-            Some((l, n)) => {
-                // The head, up to and including its final empty line, fits in MAX_HEAD.
-                if n - at > MAX_HEAD {
-                    return Err(ParseError::HeadTooLarge);
-                }
-                next = n;
-                line_no += 1;
-                if l.is_empty() {
-                    break;
-                }
-                if headers.len() == MAX_HEADERS {
-                    return Err(ParseError::TooManyHeaders);
-                }
-                headers.push(parse_header(l)?);
+    for l in fields.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        if headers.len() == MAX_HEADERS {
+            return Err(ParseError::TooManyHeaders);
+        }
+        headers.push(check_header(l.strip_suffix(b"\r").unwrap_or(l))?);
+    }
+    // micro_http ignores a coding it does not know, and reads a chunked body by
+    // Content-Length: either would take body bytes for the next request.
+    let te = list_values(&headers, "transfer-encoding");
+    let has_te = headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"));
+    if has_te {
+        if !te.is_empty() && te.iter().all(|c| c.eq_ignore_ascii_case("chunked")) {
+            return Err(ParseError::Chunked);
+        }
+        return Err(ParseError::UnsupportedTransferEncoding(shown(
+            te.join(", ").as_bytes(),
+        )));
+    }
+    // micro_http keeps the last Content-Length and takes `+5`; RFC 9112 6.3 wants digits,
+    // and one value.
+    let lengths: Vec<&str> = headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    if let Some(bad) = lengths
+        .iter()
+        .find(|v| v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(ParseError::BadContentLength(shown(bad.as_bytes())));
+    }
+    if let Some(other) = lengths.iter().find(|v| **v != lengths[0]) {
+        return Err(ParseError::ConflictingContentLength(
+            shown(lengths[0].as_bytes()),
+            shown(other.as_bytes()),
+        ));
+    }
+    let fields = micro_http::Headers::try_from(fields).map_err(|e| match e {
+        // Digits only (checked above), so too many for micro_http's u32.
+        RequestError::HeaderError(micro_http::HttpHeaderError::InvalidValue(n, v))
+            if n.trim().eq_ignore_ascii_case("content-length") =>
+        {
+            let v = v.trim();
+            match v.parse::<u64>() {
+                Ok(n) => ParseError::BodyTooLarge(n),
+                Err(_) => ParseError::BadContentLength(shown(v.as_bytes())),
             }
         }
+        e => ParseError::Refused {
+            part: "the header fields were",
+            why: e.to_string(),
+        },
+    })?;
+    let length = fields.content_length();
+    if length as usize > MAX_BODY {
+        return Err(ParseError::BodyTooLarge(length.into()));
     }
-    let head_end = next;
+    let end = head_end + length as usize;
+    if buf.len() < end {
+        return Err(ParseError::Incomplete(Partial {
+            head_complete: true,
+            expect_continue: fields.expect(),
+            needed: Some(end),
+        }));
+    }
 
-    let mut expect_continue = false;
-    for e in list_values(&headers, "expect") {
-        if e.eq_ignore_ascii_case("100-continue") {
-            expect_continue = true;
-        } else {
-            return Err(ParseError::BadExpect(shown(e.as_bytes())));
-        }
-    }
+    // The whole request, by micro_http.
+    let parsed =
+        micro_parse(&buf[at..end], method_len, length > 0).map_err(|e| ParseError::Refused {
+            part: "the request was",
+            why: e.to_string(),
+        })?;
+    let version = parsed.http_version();
     let connection = list_values(&headers, "connection");
     let has = |t: &str| connection.iter().any(|c| c.eq_ignore_ascii_case(t));
     let keep_alive = match version {
         Version::Http11 => !has("close"),
         Version::Http10 => has("keep-alive") && !has("close"),
     };
-
-    let (body, end) = match framing(&headers, version)? {
-        Framing::None => (Vec::new(), head_end),
-        Framing::Length(n) => {
-            let end = head_end + n;
-            if buf.len() < end {
-                return Err(ParseError::Incomplete(Partial {
-                    head_complete: true,
-                    expect_continue,
-                    needed: Some(end),
-                }));
-            }
-            (buf[head_end..end].to_vec(), end)
-        }
-        Framing::Chunked => parse_chunked(
-            buf,
-            head_end,
-            Partial {
-                head_complete: true,
-                expect_continue,
-                needed: None,
-            },
-        )?,
+    let target = parsed.uri().get_abs_path();
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (target.to_string(), None),
     };
     Ok((
         Request {
-            method: String::from_utf8_lossy(method).into_owned(),
+            method: String::from_utf8_lossy(&line[..method_len]).into_owned(),
             path,
             query,
             version,
             headers,
-            body,
+            body: parsed.body.map(|b| b.body).unwrap_or_default(),
             keep_alive,
         },
         end,
     ))
-}
-
-/// Refuses an unfinished request line whose bytes already cannot start a valid one.
-fn check_request_line_prefix(p: &[u8]) -> Result<(), ParseError> {
-    let p = p.strip_suffix(b"\r").unwrap_or(p);
-    let mut parts = p.split(|&b| b == b' ');
-    let method = parts.next().unwrap_or_default();
-    if !method.iter().all(|&b| is_tchar(b)) || (method.is_empty() && !p.is_empty()) {
-        return Err(ParseError::BadMethod(shown(method)));
-    }
-    if let Some(target) = parts.next() {
-        if target.iter().any(|&b| !(0x21..0x7f).contains(&b)) {
-            return Err(ParseError::BadTarget(shown(target)));
-        }
-    }
-    if let Some(version) = parts.next() {
-        if !b"HTTP/".starts_with(&version[..version.len().min(5)]) {
-            return Err(ParseError::BadVersion(shown(version)));
-        }
-    }
-    if parts.next().is_some() || p.contains(&b'\r') {
-        return Err(ParseError::BadRequestLine(shown(p)));
-    }
-    Ok(())
 }
 
 /// A response: status, optional JSON body, and whether the connection closes after it.
@@ -561,7 +435,7 @@ fn check_request_line_prefix(p: &[u8]) -> Result<(), ParseError> {
 pub struct Response {
     pub status: u16,
     pub body: Option<Vec<u8>>,
-    /// Value of an `Allow` header (405 answers).
+    /// Value of an `Allow` header (405 answers): `GET` or `PUT`.
     pub allow: Option<&'static str>,
     pub close: bool,
 }
@@ -571,10 +445,42 @@ pub struct Response {
 /// one entry).
 pub type ErrorBody = Vec<String>;
 
+/// micro_http's status code for `status`, or one of the same class to stand in for it
+/// (its `StatusCode` has no 408, 411, 415, 431 or 505).
+fn status_code(status: u16) -> StatusCode {
+    match status {
+        100 => StatusCode::Continue,
+        204 => StatusCode::NoContent,
+        401 => StatusCode::Unauthorized,
+        404 => StatusCode::NotFound,
+        405 => StatusCode::MethodNotAllowed,
+        409 => StatusCode::Conflict,
+        413 => StatusCode::PayloadTooLarge,
+        429 => StatusCode::TooManyRequests,
+        501 => StatusCode::NotImplemented,
+        503 => StatusCode::ServiceUnavailable,
+        // 200, 400 and 500 themselves, and stand-ins for the codes of their class that
+        // StatusCode lacks (to_bytes puts the real digits in after writing).
+        200..=299 => StatusCode::OK,
+        400..=499 => StatusCode::BadRequest,
+        _ => StatusCode::InternalServerError,
+    }
+}
+
 impl Response {
     pub fn no_content() -> Response {
         Response {
             status: 204,
+            body: None,
+            allow: None,
+            close: false,
+        }
+    }
+
+    /// The interim answer to `Expect: 100-continue`.
+    pub fn proceed() -> Response {
+        Response {
+            status: 100,
             body: None,
             allow: None,
             close: false,
@@ -606,32 +512,53 @@ impl Response {
         }
     }
 
-    /// The bytes to send.
+    /// The bytes to send, written by micro_http.
+    ///
+    /// Its status line, `HTTP/1.1 404 ` then CRLF with no reason phrase, is what
+    /// cloud-hypervisor's client reads: everything after the version up to the line end
+    /// is the code. Two things are put right afterwards: the three digits of a status its
+    /// `StatusCode` lacks, and `Connection: keep-alive`, which it always writes, when the
+    /// connection closes after this answer.
     pub fn to_bytes(&self) -> Vec<u8> {
-        // No reason phrase (RFC 9112 allows an empty one): cloud-hypervisor's client reads
-        // everything after the version up to the line end as the status code.
-        let mut out = format!("HTTP/1.1 {} \r\nServer: Ferry\r\n", self.status);
+        let status = if (100..=599).contains(&self.status) {
+            self.status
+        } else {
+            500
+        };
+        let mut r = micro_http::Response::new(Version::Http11, status_code(status));
+        r.set_server("Ferry");
+        // RFC 9110 8.6 and 15.2: no Content-Length in a 204 or a 1xx.
+        if status != 204 && status >= 200 {
+            if let Some(body) = self.body.as_ref().filter(|b| !b.is_empty()) {
+                r.set_body(Body::new(body.clone()));
+                r.set_content_type(MediaType::ApplicationJson);
+            }
+        }
         if let Some(allow) = self.allow {
-            out.push_str(&format!("Allow: {allow}\r\n"));
+            r.set_allow(
+                allow
+                    .split(',')
+                    .filter_map(|m| micro_http::Method::try_from(m.trim().as_bytes()).ok())
+                    .collect(),
+            );
+        }
+        let mut out = Vec::new();
+        // Writing into a Vec cannot fail.
+        let _ = r.write_all(&mut out);
+        let prefix = b"HTTP/1.1 ".len();
+        if let Some(code) = out.get_mut(prefix..prefix + 3) {
+            code.copy_from_slice(format!("{status:03}").as_bytes());
         }
         if self.close {
-            out.push_str("Connection: close\r\n");
-        }
-        // RFC 9110 8.6: no Content-Length in a 204.
-        let body = if self.status == 204 {
-            &[][..]
-        } else {
-            let b = self.body.as_deref().unwrap_or_default();
-            if !b.is_empty() {
-                out.push_str("Content-Type: application/json\r\n");
+            const KEEP: &[u8] = b"\r\nConnection: keep-alive\r\n";
+            if let Some(i) = find(&out, KEEP) {
+                out.splice(
+                    i..i + KEEP.len(),
+                    b"\r\nConnection: close\r\n".iter().copied(),
+                );
             }
-            out.push_str(&format!("Content-Length: {}\r\n", b.len()));
-            b
-        };
-        out.push_str("\r\n");
-        let mut bytes = out.into_bytes();
-        bytes.extend_from_slice(body);
-        bytes
+        }
+        out
     }
 }
 
@@ -674,20 +601,18 @@ mod tests {
     }
 
     #[test]
-    fn chunked_body() {
-        let s = "PUT /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nX-T: 1\r\n\r\n";
-        let (r, n) = ok(s);
-        assert_eq!(r.body, b"abcde");
-        assert_eq!(n, s.len());
-        for cut in 0..s.len() {
-            assert!(
-                matches!(
-                    parse_request(&s.as_bytes()[..cut]),
-                    Err(ParseError::Incomplete(_))
-                ),
-                "prefix of {cut} bytes"
-            );
-        }
+    fn a_method_micro_http_does_not_know_still_reaches_the_router() {
+        let (r, _) = ok("POST /api/v1/vm.create HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}");
+        assert_eq!((r.method.as_str(), r.body.as_slice()), ("POST", &b"{}"[..]));
+        let (r, _) = ok("get /api/v1/vmm.ping HTTP/1.1\r\n\r\n");
+        assert_eq!(r.method, "get");
+        // micro_http refuses a body on GET; the router answers it instead.
+        let (r, _) = ok("GET /api/v1/vm.create HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}");
+        assert_eq!((r.method.as_str(), r.body.as_slice()), ("GET", &b"{}"[..]));
+        assert!(matches!(
+            err(b"G@T /api/v1/vmm.ping HTTP/1.1\r\n\r\n"),
+            ParseError::BadMethod { .. }
+        ));
     }
 
     #[test]
@@ -696,6 +621,7 @@ mod tests {
         let (r, _) = ok(s);
         assert_eq!(r.path, "/api/v1/vm.create");
         assert_eq!(r.query.as_deref(), Some("x=1"));
+        assert_eq!(r.body, b"{}");
         for cut in 0..s.len() {
             match parse_request(&s.as_bytes()[..cut]) {
                 Err(ParseError::Incomplete(p)) => {
@@ -726,16 +652,17 @@ mod tests {
                 400,
             ),
             (b"PUT /x HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", 413),
+            (
+                b"PUT /x HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n",
+                413,
+            ),
+            (b"PUT /x HTTP/1.1\r\nContent-Length: +5\r\n\r\n", 400),
+            (b"PUT /x HTTP/1.1\r\nTransfer-Encoding:\r\n\r\n", 501),
             (b"PUT /x HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
             (
-                b"PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n",
-                400,
+                b"PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                411,
             ),
-            (
-                b"PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-                400,
-            ),
-            (b"PUT /x HTTP/1.1\r\nExpect: 200-ok\r\n\r\n", 417),
             (b"\x00\x01\x02", 400),
         ];
         for (s, status) in cases {
@@ -791,13 +718,29 @@ mod tests {
             "{b}"
         );
         // As cloud-hypervisor's client reads it: everything after the version up to the
-        // line end, trimmed, is the code.
-        for r in [Response::json(&1), Response::no_content(), r] {
+        // line end, trimmed, is the code; also for codes micro_http has no name for.
+        let mut closing = Response::error(431, "too long");
+        closing.close = true;
+        for r in [
+            Response::json(&1),
+            Response::no_content(),
+            Response::error(415, "form"),
+            Response::error(505, "HTTP/2.0"),
+            closing.clone(),
+            r,
+        ] {
             let b = String::from_utf8(r.to_bytes()).unwrap();
             let code = &b["HTTP/1.1 ".len()..b.find('\r').unwrap()];
-            assert_eq!(code.trim().parse::<u16>(), Ok(r.status), "{b}");
+            assert_eq!(code, format!("{} ", r.status), "{b}");
         }
         let b = String::from_utf8(Response::no_content().to_bytes()).unwrap();
         assert!(!b.contains("Content-Length"), "{b}");
+        let b = String::from_utf8(closing.to_bytes()).unwrap();
+        assert!(b.contains("\r\nConnection: close\r\n"), "{b}");
+        assert!(!b.contains("keep-alive"), "{b}");
+        let mut r = Response::error(405, "use PUT");
+        r.allow = Some("PUT");
+        let b = String::from_utf8(r.to_bytes()).unwrap();
+        assert!(b.contains("\r\nAllow: PUT\r\n"), "{b}");
     }
 }

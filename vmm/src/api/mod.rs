@@ -2,7 +2,9 @@
 //! plus Ferry's migration extensions. `docs/api/ferry.yaml` documents it.
 //!
 //! Layers, each usable alone:
-//! - [`http`]: a pure request parser ([`http::parse_request`]) and response writer;
+//! - [`http`]: Ferry's framing, limits and checks around `micro_http` (cloud-hypervisor's
+//!   HTTP library, vendored), which parses each request and writes each response
+//!   ([`http::parse_request`] is pure);
 //! - [`routes`]: the route table ([`routes::ROUTES`]) every request is matched against;
 //! - [`handle`]: one parsed request -> one response, acting on a [`Vmm`];
 //! - [`server`]: the socket, one thread per connection;

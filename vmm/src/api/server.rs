@@ -6,6 +6,10 @@
 //! 4xx, then closed), or stays silent: an idle connection is closed after
 //! [`IDLE_TIMEOUT`], a request that takes longer than [`REQUEST_TIMEOUT`] to arrive gets
 //! 408. At most [`MAX_CLIENTS`] connections are served at once; more get 503.
+//!
+//! Requests are parsed and answers written by [`super::http`] (micro_http inside). The
+//! connections are Ferry's own rather than micro_http's `HttpServer`, which serves every
+//! connection from one thread: there a migration request would hold up every other client.
 
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -280,7 +284,7 @@ fn serve(mut stream: UnixStream, vmm: &Arc<Vmm>) {
             Err(ParseError::Incomplete(p)) => {
                 if p.expect_continue && !sent_continue {
                     sent_continue = true;
-                    if stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
+                    if stream.write_all(&Response::proceed().to_bytes()).is_err() {
                         return;
                     }
                 }
