@@ -228,7 +228,13 @@ pub fn spawn_with_api_env(
     let end = Instant::now() + Duration::from_secs(30);
     while api.get("vmm.ping").map(|r| r.status).ok() != Some(200) {
         if let Ok(Some(st)) = ferry.child.try_wait() {
-            panic!("{name} ended ({st}) before serving its API");
+            // Its last lines say why; the readers see the pipes close.
+            std::thread::sleep(Duration::from_millis(200));
+            let said: Vec<String> = ferry.lines.try_iter().collect();
+            panic!(
+                "{name} ended ({st}) before serving its API:\n{}",
+                said.join("\n")
+            );
         }
         assert!(Instant::now() < end, "{name}'s API never answered");
         std::thread::sleep(Duration::from_millis(20));
