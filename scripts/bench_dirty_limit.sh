@@ -4,7 +4,8 @@
 # Mbit/s), three ways: without auto-converge (it does not converge: cancelled at
 # TIMEOUT_S), with auto-converge (the whole VM throttled), and without auto-converge but
 # with QMP's set-vcpu-dirty-limit on each vCPU (LIMIT_MIB MiB/s, default 4). The guest:
-# `workload=dirty start=1M size=128M`, 2 vCPUs, flat out. Its dirty rate is measured with
+# `workload=verify start=1M size=128M`, 2 vCPUs, flat out (full pages of its pattern, which
+# nothing on the way compresses; it also reports any page lost). Its dirty rate is measured with
 # QMP's calc-dirty-rate before each migration. Prints a table and writes
 # docs/benchmarks/dirty-limit.md. Run: scripts/dev_cli.sh bench dirty-limit
 # Needs root (namespaces, tc, KVM), python3, and the release binaries and test guest
@@ -99,7 +100,7 @@ one_run() {
     ip netns exec "$NS_B" "$FERRY" --api-socket "$d/b.sock" 2>"$d/b.log" &
     local dst=$!
     ip netns exec "$NS_A" "$FERRY" --api-socket "$d/a.sock" --qmp "unix:$d/a.qmp" \
-        --kernel "$ELF" --cmdline "workload=dirty start=1M size=128M" --cpus boot=2 \
+        --kernel "$ELF" --cmdline "workload=verify start=1M size=128M" --cpus boot=2 \
         --memory size=512M --serial "file=$d/serial.log" 2>"$d/a.log" &
     local src=$!
     local end=$((SECONDS + 30))
@@ -107,7 +108,7 @@ one_run() {
         ((SECONDS > end)) && { echo "bench_dirty_limit.sh: no API socket" >&2; exit 1; }; sleep 0.05; done
     "$REMOTE" --api-socket "$d/b.sock" receive-migration "tcp:0.0.0.0:$PORT" >"$d/recv.out" 2>&1 &
     local recv=$!
-    wait_for "$d/serial.log" "guest: pass 1 1" 120
+    wait_for "$d/serial.log" "guest: verified 1 1" 120
     local free limited=null
     free=$(dirty_rate "$d/a.qmp")
     local send_args=(--downtime-ms 300 --timeout-s "$TIMEOUT_S" --timeout-strategy Cancel)
@@ -124,6 +125,11 @@ one_run() {
         wait "$recv" || { echo "bench_dirty_limit.sh: receive-migration failed:" >&2; cat "$d/recv.out" >&2; exit 1; }
         timeout 30 tail --pid="$src" -f /dev/null || true
         "$REMOTE" --api-socket "$d/b.sock" migration-info >"$d/info.json"
+        # The guest goes on at B with nothing lost.
+        local n; n=$(wc -c <"$d/serial.log")
+        end=$((SECONDS + 60))
+        until [ "$(tail -c +"$((n + 1))" "$d/serial.log" | grep -c 'guest: verified')" -gt 1 ]; do
+            ((SECONDS > end)) && { echo "bench_dirty_limit.sh: the guest did not go on on B" >&2; exit 1; }; sleep 0.1; done
     else
         # Not converged: the source still runs its guest and knows how far it got.
         "$REMOTE" --api-socket "$d/a.sock" migration-info >"$d/info.json"
@@ -141,6 +147,7 @@ print(json.dumps({"mode": sys.argv[1], "converged": sys.argv[2] == "1",
     "free_rate": free.get("dirty-rate"), "limited_rate": lim and lim.get("dirty-rate"),
     "limited_vcpus": lim and [v["dirty-rate"] for v in lim["vcpu-dirty-rate"]]}))' \
         "$mode" "$ok" "$d/info.json" "$free" "$limited" >>"$WORK/runs.jsonl"
+    if grep -q "MISMATCH\|FAIL" "$d/serial.log"; then echo "bench_dirty_limit.sh: the guest reported loss" >&2; exit 1; fi
     kill "$dst" 2>/dev/null || true; wait "$dst" 2>/dev/null || true
     wait "$src" 2>/dev/null || true
     echo "  $mode done (converged: $ok)" >&2
@@ -178,9 +185,10 @@ print(table)
 with open(out, "w") as f:
     f.write(f"""# A guest faster than the link: not converging, auto-converge, the dirty limit
 
-`scripts/dev_cli.sh bench dirty-limit` (scripts/bench_dirty_limit.sh): the `dirty` guest
-(2 vCPUs, 512 MiB of RAM, `workload=dirty start=1M size=128M`, each vCPU adding one to a
-byte of every page of its 64 MiB share, flat out) migrated between two network-namespace
+`scripts/dev_cli.sh bench dirty-limit` (scripts/bench_dirty_limit.sh): the `verify` guest
+(2 vCPUs, 512 MiB of RAM, `workload=verify start=1M size=128M`, each vCPU checking and
+rewriting every page of its 64 MiB share with a new pattern, flat out: full pages that do
+not compress, and a lost one would be reported) migrated between two network-namespace
 hosts over a veth limited to {link} Mbit/s ({int(link) / 8 * 1e6 / 2**20:.1f} MiB/s; tc tbf on the
 source's side), `downtime_ms` 300, `timeout_s` {timeout} with `Cancel`. Three migrations:
 
@@ -193,7 +201,8 @@ The guest's dirty rate is QMP's `calc-dirty-rate` (`dirty-ring` mode, 1 s) befor
 migration, and for the limited run again once the limit is set (in all, then per vCPU).
 A page counts once per ring harvest, so a guest rewriting a small share reads at most its
 share per harvest interval. "MiB left" is what was still dirty when a migration that did
-not converge was cancelled. One run each.
+not converge was cancelled. Each migration that completed was checked on the destination:
+the guest went on, nothing lost. One run each.
 
 {table}
 

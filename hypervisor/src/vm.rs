@@ -648,6 +648,15 @@ impl Vm {
             .collect()
     }
 
+    /// Entries KVM has published so far in every vCPU's ring, in vCPU order: what
+    /// [`Self::rings_harvested`] counts plus what waits in the rings, counted without
+    /// taking it (so without resetting its pages: cheap, and a page being rewritten is
+    /// not counted again until the next harvest).
+    pub fn rings_dirtied(&self) -> Vec<u64> {
+        let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        rings.dirtied()
+    }
+
     /// Harvests every ring now, while vCPUs run (for dirty-rate measurement and the
     /// per-vCPU dirty limit, which want fresh counts). The pages go to the same dirty set
     /// a migration collects from, so a migration running meanwhile loses nothing: it

@@ -12,9 +12,10 @@
 //! when the last of them ends (not under a running migration).
 //!
 //! The limit: every [`TICK`] a thread kicks the limited vCPUs (so the CPU's buffered
-//! entries reach the rings), harvests, and keeps a per-vCPU balance of pages dirtied
-//! against pages allowed; a vCPU over its allowance sleeps outside KVM_RUN until the
-//! allowance catches up. Each vCPU is held back on its own: the others run on.
+//! entries reach the rings), counts each ring's entries (without taking them; it harvests
+//! every [`HARVEST_PERIOD`]), and keeps a per-vCPU balance of pages dirtied against pages
+//! allowed; a vCPU over its allowance sleeps outside KVM_RUN until the allowance catches
+//! up. Each vCPU is held back on its own: the others run on.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -25,8 +26,13 @@ use crate::vcpu::{now_us, VcpuControl};
 
 /// Pages of 4 KiB in a MiB: QMP's rates are in MiB/s ("MB/s" in QEMU's words).
 pub const PAGES_PER_MIB: u64 = 256;
-/// How often the limiter looks at the rings.
+/// How often the limiter counts the limited vCPUs' entries (without taking them).
 pub const TICK: Duration = Duration::from_millis(5);
+/// How often the limiter harvests (and so resets) the rings. A harvest write-protects
+/// the pages again, so a page the guest keeps writing (its stack) makes one entry per
+/// harvest: harvesting every tick would count such pages 200 times a second against the
+/// limit. A page rewritten less often than this counts at each rewrite.
+pub const HARVEST_PERIOD: Duration = Duration::from_millis(100);
 /// Largest allowance a limited vCPU may save up while it dirties less than its limit (in
 /// seconds of its limit). Large enough that a vCPU thread the host kept off the CPU for a
 /// while (a loaded host does, for tens of milliseconds) gets that time's allowance back;
@@ -381,6 +387,7 @@ fn limiter(s: &Shared) {
     let mut seen_generation = u64::MAX;
     let mut accounts: Vec<Account> = Vec::new();
     let mut last = Instant::now();
+    let mut harvested = Instant::now();
     loop {
         let (limits, generation) = {
             let mut l = s.limits.lock().unwrap_or_else(|p| p.into_inner());
@@ -401,10 +408,13 @@ fn limiter(s: &Shared) {
             .collect();
         // Kicked now, their buffered entries are harvested by this tick or the next.
         s.control.flush(&limited, None);
-        if let Err(e) = s.hv.harvest_rings() {
-            log::warn!("dirty limit: harvesting the rings: {e}");
+        if harvested.elapsed() >= HARVEST_PERIOD {
+            harvested = Instant::now();
+            if let Err(e) = s.hv.harvest_rings() {
+                log::warn!("dirty limit: harvesting the rings: {e}");
+            }
         }
-        let totals = s.hv.rings_harvested();
+        let totals = s.hv.rings_dirtied();
         let now = Instant::now();
         if generation != seen_generation || accounts.len() != totals.len() {
             // Limits changed: every account starts from here.

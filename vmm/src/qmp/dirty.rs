@@ -195,6 +195,7 @@ fn rates(a: &Sample, b: &Sample) -> (i64, Vec<i64>) {
         .zip(a.pages.iter().chain(std::iter::repeat(&0)))
         .map(|(y, x)| y.saturating_sub(*x))
         .collect();
+    log::info!("calc-dirty-rate: {per:?} pages per vCPU in {secs:.3} s");
     let total = mib_per_s(per.iter().sum(), secs);
     (total, per.iter().map(|&p| mib_per_s(p, secs)).collect())
 }
