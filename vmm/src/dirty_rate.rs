@@ -366,6 +366,9 @@ struct Account {
     last_total: u64,
     /// Pages dirtied beyond the allowance (negative: saved-up allowance).
     debt: f64,
+    /// For the debug log: pages booked and nap time asked since it last printed.
+    booked: u64,
+    napped: f64,
 }
 
 impl Account {
@@ -388,6 +391,7 @@ fn limiter(s: &Shared) {
     let mut accounts: Vec<Account> = Vec::new();
     let mut last = Instant::now();
     let mut harvested = Instant::now();
+    let mut logged = Instant::now();
     loop {
         let (limits, generation) = {
             let mut l = s.limits.lock().unwrap_or_else(|p| p.into_inner());
@@ -423,7 +427,7 @@ fn limiter(s: &Shared) {
                 .iter()
                 .map(|&t| Account {
                     last_total: t,
-                    debt: 0.0,
+                    ..Account::default()
                 })
                 .collect();
             last = now;
@@ -442,12 +446,33 @@ fn limiter(s: &Shared) {
                 continue;
             };
             let nap = acc.settle(delta, limit as f64, dt);
+            acc.booked += delta as u64;
+            acc.napped += nap.min(TICK.as_secs_f64());
             let until = if nap > 0.0 {
                 now_us() + (nap * 1e6) as u64
             } else {
                 0
             };
             s.control.hold_vcpu(i as u32, until);
+        }
+        if logged.elapsed() >= Duration::from_secs(1) {
+            let secs = logged.elapsed().as_secs_f64();
+            logged = Instant::now();
+            let per: Vec<String> = accounts
+                .iter_mut()
+                .map(|a| {
+                    let s = format!(
+                        "{:.0} pages/s napping {:.0} %",
+                        a.booked as f64 / secs,
+                        a.napped / secs * 100.0
+                    );
+                    (a.booked, a.napped) = (0, 0.0);
+                    s
+                })
+                .collect();
+            // Per-second figures: how lumpy the limiting is (a loaded host runs the limiter
+            // late, and a vCPU runs free until it does).
+            log::debug!("dirty limit, per vCPU: {per:?}");
         }
         {
             let mut l = s.limits.lock().unwrap_or_else(|p| p.into_inner());
