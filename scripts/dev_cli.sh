@@ -146,8 +146,13 @@ bench() {
             build
             "$ROOT/scripts/bench_tls.sh"
             ;;
+        dirty-limit)
+            ensure_packages
+            build
+            "$ROOT/scripts/bench_dirty_limit.sh"
+            ;;
         *)
-            echo "usage: dev_cli.sh bench harvest|migration|vs-qemu|first-touch|rings|dma|viommu|vfio-user|tls" >&2
+            echo "usage: dev_cli.sh bench harvest|migration|vs-qemu|first-touch|rings|dma|viommu|vfio-user|tls|dirty-limit" >&2
             exit 2
             ;;
     esac
@@ -185,6 +190,8 @@ usage: scripts/dev_cli.sh <command>
                   size, the vfio-user guest (iommu off/on) migrated between two hosts
   bench tls       the same guest migrated between two hosts over plain TCP and over TLS
                   (tls_dir), 1 and 2 connections: time, MiB/s, ratio
+  bench dirty-limit  a guest dirtying faster than a rate-limited link, migrated without
+                  auto-converge, with it, and with QMP's set-vcpu-dirty-limit
   soak [N]        the verify guest ping-ponged between two namespace hosts N times
                   (default 100): runs, failures, lost pages (docs/benchmarks/soak.md)
   fuzz [TARGET] [SECONDS]

@@ -92,6 +92,9 @@ pub struct DirtyRing {
     flagged: Vec<RingEntry>,
     flagged_from: u32,
     total_harvested: u64,
+    /// Published entries from the fetch index up to here were counted by
+    /// [`Self::dirtied`] without being taken (where its next count goes on from).
+    peeked_to: u32,
     /// Unmapped in Drop (false for test rings over memory someone else owns).
     owned: bool,
 }
@@ -141,6 +144,7 @@ impl DirtyRing {
             flagged: faulted_in(entries as usize),
             flagged_from: 0,
             total_harvested: 0,
+            peeked_to: 0,
             owned,
         }
     }
@@ -158,6 +162,26 @@ impl DirtyRing {
 
     pub fn total_harvested(&self) -> u64 {
         self.total_harvested
+    }
+
+    /// Entries KVM has published so far: those harvested plus those waiting at the fetch
+    /// index, counted without taking them (no reset, so a page being rewritten makes no
+    /// new entry until the next harvest). Reads only flags; each call goes on from where
+    /// the last one stopped.
+    pub(crate) fn dirtied(&mut self) -> u64 {
+        let room = self.entries - self.pending_reset().min(self.entries);
+        if self.peeked_to.wrapping_sub(self.fetch_index) > room {
+            // A harvest took what was counted (or more): count again from its end.
+            self.peeked_to = self.fetch_index;
+        }
+        while self.peeked_to.wrapping_sub(self.fetch_index) < room {
+            let f = self.flags(self.peeked_to).load(Ordering::Acquire);
+            if f & (GFN_F_DIRTY | GFN_F_RESET) != GFN_F_DIRTY {
+                break;
+            }
+            self.peeked_to = self.peeked_to.wrapping_add(1);
+        }
+        self.total_harvested + u64::from(self.peeked_to.wrapping_sub(self.fetch_index))
     }
 
     pub fn indexes(&self) -> RingIndexes {

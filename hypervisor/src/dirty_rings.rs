@@ -141,6 +141,11 @@ impl DirtyRings {
         self.rings.get(index)
     }
 
+    /// [`DirtyRing::dirtied`] of every ring.
+    pub fn dirtied(&mut self) -> Vec<u64> {
+        self.rings.iter_mut().map(DirtyRing::dirtied).collect()
+    }
+
     pub fn indexes(&self, index: usize) -> Option<RingIndexes> {
         self.rings.get(index).map(DirtyRing::indexes)
     }

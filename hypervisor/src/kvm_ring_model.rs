@@ -408,6 +408,37 @@ mod tests {
         c
     }
 
+    /// Counting a ring's entries without taking them (the dirty limit's count) sees each
+    /// published entry once, keeps counting across harvests, and resets nothing: a page
+    /// rewritten before the next harvest makes no new entry.
+    #[test]
+    fn dirtied_counts_published_entries_without_taking_them() {
+        let (mut kvm, mut rings) = KvmModel::new(2, 256, 64, PAGES);
+        let sink = KvmModel::sink(PAGES);
+        for p in 0..100 {
+            kvm.write(0, p);
+        }
+        kvm.write(1, 500);
+        assert_eq!(rings.dirtied(), vec![100, 1]);
+        // Again: nothing new, nothing counted twice; rewrites make no entry (not reset).
+        for p in 0..100 {
+            kvm.write(0, p);
+        }
+        assert_eq!(rings.dirtied(), vec![100, 1]);
+        for p in 100..150 {
+            kvm.write(0, p);
+        }
+        assert_eq!(rings.dirtied(), vec![150, 1]);
+        assert_eq!(collect(&mut kvm, &mut rings, &sink).entries, 151);
+        assert_eq!(rings.dirtied(), vec![150, 1]);
+        // After the harvest's reset, rewrites are entries again.
+        for p in 0..10 {
+            kvm.write(0, p);
+        }
+        assert_eq!(rings.dirtied(), vec![160, 1]);
+        assert!(!kvm.anything_leaked());
+    }
+
     /// (A) The vCPU exits "ring full"; before its handler runs, the harvester has taken
     /// and reset the whole ring. The handler must find nothing and flag nothing: the
     /// landed code skipped 256 unpublished entries here and took KVM's reset index past

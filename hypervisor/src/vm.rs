@@ -638,6 +638,40 @@ impl Vm {
             .map_or(0, |r| r.total_harvested())
     }
 
+    /// Entries harvested so far from every vCPU's ring, in vCPU order, read at one
+    /// instant (empty in bitmap mode). Every harvest counts here, whoever made it: a
+    /// ring-full exit, a migration's collection, [`Self::harvest_rings`].
+    pub fn rings_harvested(&self) -> Vec<u64> {
+        let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        (0..rings.len())
+            .map(|i| rings.ring(i).map_or(0, |r| r.total_harvested()))
+            .collect()
+    }
+
+    /// Entries KVM has published so far in every vCPU's ring, in vCPU order: what
+    /// [`Self::rings_harvested`] counts plus what waits in the rings, counted without
+    /// taking it (so without resetting its pages: cheap, and a page being rewritten is
+    /// not counted again until the next harvest).
+    pub fn rings_dirtied(&self) -> Vec<u64> {
+        let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        rings.dirtied()
+    }
+
+    /// Harvests every ring now, while vCPUs run (for dirty-rate measurement and the
+    /// per-vCPU dirty limit, which want fresh counts). The pages go to the same dirty set
+    /// a migration collects from, so a migration running meanwhile loses nothing: it
+    /// finds them at its next collection. Nothing to do without rings or logging.
+    pub fn harvest_rings(&self) -> Result<()> {
+        if !self.tracking.is_ring() || !self.is_logging() {
+            return Ok(());
+        }
+        let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        let got =
+            self.lost_step_on_error(rings.collect_all(&mut self.kvm_rings(), &self.dirty, false))?;
+        self.count(&got);
+        Ok(())
+    }
+
     fn read_kvm_bitmap(&self, slot: u32, s: &MemorySlot, clear: bool) -> Result<Vec<u64>> {
         let mut bm = vec![0u64; s.pages().div_ceil(64) as usize];
         let log = kvm_dirty_log {

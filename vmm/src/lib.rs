@@ -6,6 +6,7 @@ pub mod boot;
 pub mod config;
 pub mod coredump;
 pub mod dirty;
+pub mod dirty_rate;
 pub mod events;
 pub mod memory;
 pub mod migration;

@@ -70,6 +70,25 @@ pub struct VcpuSnapshot {
     pub gs_base: u64,
 }
 
+/// Microseconds since the first call (a monotonic clock that fits an atomic).
+pub fn now_us() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_micros() as u64
+}
+
+/// What the VMM may ask of one vCPU alone (the dirty limit holds vCPUs back one by one).
+struct VcpuSlot {
+    index: u32,
+    thread: libc::pthread_t,
+    /// The vCPU stays out of KVM_RUN until this [`now_us`] instant (0: no nap).
+    nap_until_us: AtomicU64,
+    /// KVM_RUN returns so far: a kicked vCPU has left KVM_RUN once this moved.
+    runs: AtomicU64,
+}
+
 /// Pause/resume/stop for all vCPU threads.
 #[derive(Default)]
 pub struct VcpuControl {
@@ -79,6 +98,8 @@ pub struct VcpuControl {
     flags: Mutex<Flags>,
     cv: Condvar,
     threads: Mutex<Vec<libc::pthread_t>>,
+    /// Each vCPU's own requests, in no particular order.
+    slots: Mutex<Vec<Arc<VcpuSlot>>>,
     /// Auto-converge: bumped once per throttle period; each vCPU naps once per value.
     throttle_gen: AtomicU64,
     /// How long each nap lasts, in microseconds.
@@ -216,6 +237,88 @@ impl VcpuControl {
         self.kick_all();
     }
 
+    fn slot(&self, index: u32) -> Option<Arc<VcpuSlot>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|s| s.index == index)
+            .cloned()
+    }
+
+    /// Keeps vCPU `index` out of KVM_RUN until `until_us` ([`now_us`]); 0 lets it run.
+    /// A later call replaces the deadline. A running vCPU is kicked out to take the nap.
+    pub fn hold_vcpu(&self, index: u32, until_us: u64) {
+        let Some(slot) = self.slot(index) else {
+            return;
+        };
+        let before = slot.nap_until_us.swap(until_us, Ordering::SeqCst);
+        if until_us > before {
+            hypervisor::kick_thread(slot.thread);
+        } else if until_us < before {
+            // A shorter nap (or none): wake it to look again.
+            let _f = self.lock();
+            self.cv.notify_all();
+        }
+    }
+
+    /// Kicks vCPUs `which` out of KVM_RUN (so the CPU's buffered dirty-log entries
+    /// reach their rings); with `wait`, returns once each left KVM_RUN (or `wait` passed:
+    /// a parked or napping vCPU is not in KVM_RUN anyway).
+    pub fn flush(&self, which: &[u32], wait: Option<Duration>) {
+        let slots: Vec<(Arc<VcpuSlot>, u64)> = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|s| which.contains(&s.index))
+            .map(|s| (s.clone(), s.runs.load(Ordering::SeqCst)))
+            .collect();
+        for (s, _) in &slots {
+            hypervisor::kick_thread(s.thread);
+        }
+        let Some(wait) = wait else {
+            return;
+        };
+        let end = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < end
+            && slots
+                .iter()
+                .any(|(s, runs)| s.runs.load(Ordering::SeqCst) == *runs)
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Sleeps the calling vCPU thread until its dirty-limit deadline, re-read as it goes
+    /// (the limiter may move it); a pause or stop ends the nap at once, as for the
+    /// throttle.
+    fn nap_for_limit(&self, slot: &VcpuSlot) {
+        let mut f = self.lock();
+        loop {
+            let until = slot.nap_until_us.load(Ordering::SeqCst);
+            let now = now_us();
+            if until <= now {
+                // Served: later loops skip the clock (unless the limiter set a new one).
+                let _ = slot.nap_until_us.compare_exchange(
+                    until,
+                    0,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+                return;
+            }
+            if f.pause || f.stop {
+                return;
+            }
+            f = self
+                .cv
+                .wait_timeout(f, Duration::from_micros((until - now).min(20_000)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     /// Ends every vCPU thread (they return from their loop).
     pub fn stop(&self) {
         let mut f = self.lock();
@@ -318,8 +421,18 @@ pub fn spawn(
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(me);
+            let slot = Arc::new(VcpuSlot {
+                index,
+                thread: me,
+                nap_until_us: AtomicU64::new(0),
+                runs: AtomicU64::new(0),
+            });
+            ctl.slots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(slot.clone());
             let _ = ready_tx.send(());
-            run_loop(&mut vcpu, &bus, &mmio, &ctl, &counters, &events);
+            run_loop(&mut vcpu, &bus, &mmio, &ctl, &slot, &counters, &events);
         })?;
     // The thread registers itself for kicks before anyone may pause it.
     let _ = ready_rx.recv();
@@ -331,6 +444,7 @@ fn run_loop(
     bus: &PioBus,
     mmio: &MmioBus,
     ctl: &VcpuControl,
+    slot: &VcpuSlot,
     c: &ExitCounters,
     events: &Sender<VmEvent>,
 ) {
@@ -346,6 +460,9 @@ fn run_loop(
                 log::warn!("vCPU {index}: KVM_NMI failed: {e}");
             }
         }
+        if slot.nap_until_us.load(Ordering::Relaxed) != 0 {
+            ctl.nap_for_limit(slot);
+        }
         if ctl.pending.load(Ordering::SeqCst) {
             ctl.nap_if_throttled(&mut throttle_seen);
             if ctl.pause_requested() {
@@ -355,7 +472,9 @@ fn run_loop(
                 return;
             }
         }
-        let event = match vcpu.run() {
+        let ran = vcpu.run();
+        slot.runs.fetch_add(1, Ordering::SeqCst);
+        let event = match ran {
             Ok(VcpuExit::IoOut(port, data)) => {
                 c.io_out.fetch_add(1, Ordering::Relaxed);
                 bus.write(port, data).map(|e| match e {

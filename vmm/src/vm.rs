@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::layout::{PCI_ECAM_SIZE, PCI_ECAM_START};
 use crate::config::{ConsoleMode, VmConfig};
 use crate::dirty::{self, RegionDirty};
+use crate::dirty_rate::RingWatch;
 use crate::memory::GuestMemoryMmap;
 use crate::pci_devices::{PciDeviceState, PciDevices, BAR_WINDOW_SIZE, BAR_WINDOW_START};
 use crate::throttle::VcpuThrottle;
@@ -224,6 +225,9 @@ pub struct Machine {
     control: Arc<VcpuControl>,
     /// Auto-converge's hold on the vCPUs (stopped before them, in Drop).
     throttle: VcpuThrottle,
+    /// Dirty logging for rate measurements and the per-vCPU dirty limit, and the
+    /// limiter (stopped before the vCPUs, in Drop).
+    ring_watch: RingWatch,
     threads: Vec<JoinHandle<()>>,
     events: Mutex<Receiver<VmEvent>>,
     pub exit_counters: Arc<ExitCounters>,
@@ -556,10 +560,12 @@ impl Machine {
                 })?,
             );
         }
+        let ring_watch = RingWatch::new(p.hv.clone(), control.clone(), p.config.cpus.boot_vcpus);
         Ok(Machine {
             config: p.config,
             hv: p.hv,
             throttle: VcpuThrottle::new(control.clone()),
+            ring_watch,
             control,
             threads,
             events: Mutex::new(events),
@@ -692,17 +698,24 @@ impl Machine {
 
     /// Starts dirty logging in KVM and forgets the VMM's own log.
     pub fn start_dirty_log(&self) -> Result<()> {
-        self.hv.start_dirty_log()?;
+        self.ring_watch
+            .migration_starts(|| self.hv.start_dirty_log())?;
         dirty::reset_vmm_log(&self.mem);
         self.pci.set_dirty_tracking(true);
         self.dirty_sources.reset();
         Ok(())
     }
 
-    /// Stops dirty logging in KVM and the vIOMMU's tracking rules.
+    /// Stops dirty logging in KVM (unless a dirty-rate measurement or a dirty limit still
+    /// needs it) and the vIOMMU's tracking rules.
     pub fn stop_dirty_log(&self) -> Result<()> {
         self.pci.set_dirty_tracking(false);
-        Ok(self.hv.stop_dirty_log()?)
+        Ok(self.ring_watch.migration_ends()?)
+    }
+
+    /// Dirty-rate measurement and the per-vCPU dirty limit on this machine's rings.
+    pub fn ring_watch(&self) -> &RingWatch {
+        &self.ring_watch
     }
 
     /// Pages dirtied since the last collection, by anyone, as GPA ranges per region.
@@ -793,6 +806,7 @@ impl Machine {
 impl Drop for Machine {
     fn drop(&mut self) {
         let _ = self.throttle.set(0);
+        self.ring_watch.shut_down();
         self.control.stop();
         for t in self.threads.drain(..) {
             let _ = t.join();

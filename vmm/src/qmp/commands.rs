@@ -28,6 +28,11 @@ pub const COMMANDS: &[&str] = &[
     "query-migrate-parameters",
     "query-migrate",
     "migrate_cancel",
+    "calc-dirty-rate",
+    "query-dirty-rate",
+    "set-vcpu-dirty-limit",
+    "query-vcpu-dirty-limit",
+    "cancel-vcpu-dirty-limit",
     "query-version",
     "query-commands",
     "quit",
@@ -185,10 +190,12 @@ pub struct Shared {
     /// Migration end events sent so far (a failure before the engine's first event is
     /// reported by the migration thread).
     migration_ends: AtomicU64,
+    /// The last `calc-dirty-rate`.
+    pub(super) rates: super::dirty::Rates,
 }
 
 /// A failure of the [`Vmm`], in QMP's words.
-fn api_failure(e: ApiError) -> Failure {
+pub(super) fn api_failure(e: ApiError) -> Failure {
     match e {
         ApiError::NoVm => {
             Failure::generic("there is no VM (start ferry with --kernel, or migrate-incoming)")
@@ -198,7 +205,10 @@ fn api_failure(e: ApiError) -> Failure {
 }
 
 /// Checks arguments against `(name, type, required)`; QEMU's messages.
-fn check_args(args: &Map<String, Value>, spec: &[(&str, &str, bool)]) -> Result<(), Failure> {
+pub(super) fn check_args(
+    args: &Map<String, Value>,
+    spec: &[(&str, &str, bool)],
+) -> Result<(), Failure> {
     for k in args.keys() {
         if !spec.iter().any(|(n, _, _)| n == k) {
             return Err(Failure::generic(format!("Parameter '{k}' is unexpected")));
@@ -239,6 +249,7 @@ impl Shared {
             migrated_out: AtomicBool::new(false),
             migration_ends: AtomicU64::new(0),
             listening: Mutex::new(None),
+            rates: Default::default(),
         }
     }
 
@@ -317,6 +328,11 @@ impl Shared {
                 let _ = self.vmm.migration().cancel(&self.vmm);
                 json!({})
             }),
+            "calc-dirty-rate" => super::dirty::calc(self, args),
+            "query-dirty-rate" => super::dirty::query(self, args),
+            "set-vcpu-dirty-limit" => super::dirty::set_limit(self, args),
+            "query-vcpu-dirty-limit" => super::dirty::query_limits(self, args),
+            "cancel-vcpu-dirty-limit" => super::dirty::cancel_limit(self, args),
             "query-version" => no_args().map(|()| protocol::version()),
             "query-commands" => no_args()
                 .map(|()| Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())),

@@ -3,12 +3,14 @@
 //!
 //! - [`protocol`]: the wire shapes (greeting, commands, answers, events) and the framing;
 //! - [`commands`]: one command -> its answer, acting on the [`Vmm`];
+//! - [`dirty`]: the dirty-rate and dirty-limit commands;
 //! - [`server`]: the socket, one thread per connection, events to every connection.
 //!
 //! Events: lifecycle and migration events reach QMP through [`crate::events`]'s listener,
 //! so a pause or a migration asked for over the REST API shows here too.
 
 pub mod commands;
+pub mod dirty;
 pub mod protocol;
 pub mod server;
 

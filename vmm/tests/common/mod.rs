@@ -251,6 +251,7 @@ impl Drop for Ferry {
 pub mod coredump;
 pub mod dma_hosts;
 pub mod netns;
+pub mod qmp;
 pub mod tls_certs;
 
 /// Waits until the serial log at `path` holds `pat` after byte `from`; returns the offset
