@@ -153,3 +153,35 @@ fn without_a_running_vm_the_press_is_refused() {
         r.error_message()
     );
 }
+
+/// QEMU's `system_powerdown` over QMP presses the same button: the guest powers off and
+/// QMP says so with QEMU's SHUTDOWN event (guest-initiated).
+#[test]
+fn qmp_system_powerdown_presses_the_button() {
+    let dir = tmpdir("qmp");
+    let serial = dir.join("serial.log");
+    let sock = dir.join("qmp.sock");
+    let elf = common::guest_elf();
+    let qmp_arg = format!("unix:{}", sock.display());
+    let serial_arg = format!("file={}", serial.display());
+    let _ferry = Ferry::spawn(&[
+        "--qmp",
+        &qmp_arg,
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--cmdline",
+        "workload=verify start=1M size=16M power-button=on",
+        "--memory",
+        "size=128M",
+        "--serial",
+        &serial_arg,
+    ]);
+    wait_serial(&serial, "guest: verified 0 1", 0, Duration::from_secs(120));
+    let mut q = common::qmp::Qmp::negotiated(&sock);
+    assert_eq!(
+        q.ok("system_powerdown", serde_json::json!({})),
+        serde_json::json!({})
+    );
+    wait_serial(&serial, PRESSED, 0, Duration::from_secs(60));
+    q.event("SHUTDOWN", |d| d["guest"] == true, Duration::from_secs(60));
+}

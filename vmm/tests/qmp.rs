@@ -1,12 +1,12 @@
 //! `--qmp unix:PATH`: QEMU's monitor protocol against real ferry processes, with a small
-//! QMP client written here, and (when `FERRY_QMP_PYTHON` names a Python with QEMU's own
+//! QMP client (`common::qmp`), and (when `FERRY_QMP_PYTHON` names a Python with QEMU's own
 //! `qemu.qmp` package, as `scripts/dev_cli.sh tests` sets it) with QEMU's client.
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::qmp::{error_of, tmpdir, Qmp};
 use common::{wait_serial, Ferry};

@@ -22,6 +22,7 @@ pub const COMMANDS: &[&str] = &[
     "query-status",
     "stop",
     "cont",
+    "system_powerdown",
     "migrate",
     "migrate-incoming",
     "migrate-set-parameters",
@@ -307,6 +308,12 @@ impl Shared {
             "query-status" => no_args().map(|()| self.status()),
             "stop" => no_args().and_then(|()| self.stop()),
             "cont" => no_args().and_then(|()| self.cont()),
+            "system_powerdown" => no_args().and_then(|()| {
+                self.vmm
+                    .power_button()
+                    .map(|()| json!({}))
+                    .map_err(api_failure)
+            }),
             "migrate" => return Self::started(self.migrate(args)),
             "migrate-incoming" => self.migrate_incoming(args),
             "migrate-set-parameters" => self
