@@ -67,6 +67,26 @@ fn measure(q: &mut Qmp, secs: u64) -> Value {
 }
 
 /// Per-vCPU MiB/s of a `query-dirty-rate` answer, by id.
+/// Ferry's exact per-vCPU rates in pages per second (`x-ferry-pages-per-second`, beside
+/// QEMU's whole MiB/s), by vCPU index.
+fn vcpu_pages_per_second(r: &Value) -> Vec<f64> {
+    let list = r["vcpu-dirty-rate"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{r}"));
+    let mut out = vec![0.0; list.len()];
+    for v in list {
+        out[v["id"].as_u64().unwrap() as usize] = v["x-ferry-pages-per-second"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no x-ferry-pages-per-second: {r}"));
+    }
+    out
+}
+
+/// Whether `got` is within `tolerance` (a fraction) of `want`.
+fn within(got: f64, want: f64, tolerance: f64) -> bool {
+    (got - want).abs() <= want * tolerance
+}
+
 fn vcpu_rates(r: &Value) -> Vec<i64> {
     let list = r["vcpu-dirty-rate"]
         .as_array()
@@ -246,13 +266,25 @@ fn calc_dirty_rate_through_qemu_qmp_matches_the_guest() {
         "in all: {total} MiB/s measured, the guest dirties {} MiB/s: {r}",
         2.0 * want
     );
+    // The exact figures, without QMP's rounding to whole MiB/s: within 10 % too.
+    for (cpu, got) in vcpu_pages_per_second(r).into_iter().enumerate() {
+        assert!(
+            within(got, 2048.0, 0.10),
+            "vCPU {cpu}: {got:.0} pages/s measured, the guest dirties 2048: {r}"
+        );
+    }
+    let exact = r["x-ferry-pages-per-second"].as_f64().unwrap();
+    assert!(
+        within(exact, 4096.0, 0.10),
+        "in all: {exact:.0} pages/s measured, the guest dirties 4096: {r}"
+    );
     drop(ferry);
 }
 
 /// One phase of the limit test: waits for the limiter to settle, then measures with
 /// `calc-dirty-rate` while following the guest's own pass lines over the same window.
-/// Returns (Ferry's per-vCPU MiB/s, the guest's per-vCPU pages/s).
-fn limited_phase(q: &mut Qmp, serial: &Path, share: u64) -> (Vec<i64>, Vec<Option<f64>>) {
+/// Returns (Ferry's per-vCPU pages/s, the guest's per-vCPU pages/s).
+fn limited_phase(q: &mut Qmp, serial: &Path, share: u64) -> (Vec<f64>, Vec<Option<f64>>) {
     std::thread::sleep(Duration::from_secs(1));
     let mut passes = PassWatch::new(serial);
     let from = Instant::now();
@@ -269,7 +301,7 @@ fn limited_phase(q: &mut Qmp, serial: &Path, share: u64) -> (Vec<i64>, Vec<Optio
         std::thread::sleep(Duration::from_millis(50));
     };
     let guest = (0..2).map(|c| passes.rate(c, share, from, to)).collect();
-    (vcpu_rates(&r), guest)
+    (vcpu_pages_per_second(&r), guest)
 }
 
 /// What a phase of the limit test expects of one vCPU.
@@ -282,7 +314,7 @@ enum Want {
 }
 
 /// (b) `set-vcpu-dirty-limit` holds each vCPU of a guest dirtying flat out at its limit:
-/// within 10 % by Ferry's `calc-dirty-rate` (give or take QMP's rounding to whole MiB/s),
+/// within 10 % by Ferry's `calc-dirty-rate` (its exact pages/s beside QMP's whole MiB/s),
 /// cross-checked with the guest's own progress lines (its workload stays under the limit
 /// and gets most of it); each vCPU on its own (two limits, then one limited and one
 /// free), and `cancel` lets it run free again.
@@ -310,7 +342,7 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
             .map(|c| passes.rate(c, share, from, Instant::now()))
             .collect()
     };
-    let check = |what: &str, ferry: &[i64], guest: &[Option<f64>], want: [Want; 2]| {
+    let check = |what: &str, ferry: &[f64], guest: &[Option<f64>], want: [Want; 2]| {
         for c in 0..2 {
             let g = guest[c].unwrap_or_else(|| panic!("{what}: vCPU {c}: no pass lines"));
             match want[c] {
@@ -319,9 +351,10 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
                     "{what}: vCPU {c} has no limit yet runs at {g:.0} pages/s (<= {min})"
                 ),
                 Want::Limit(mib) => {
+                    let limit = mib * PAGES_PER_MIB;
                     assert!(
-                        within_rounded(ferry[c], mib, 0.10),
-                        "{what}: vCPU {c} measured at {} MiB/s, limit {mib} (all: {ferry:?})",
+                        within(ferry[c], limit, 0.10),
+                        "{what}: vCPU {c} measured at {:.0} pages/s, limit {limit} (all: {ferry:?})",
                         ferry[c]
                     );
                     // The guest's own account counts its workload's pages only, while
@@ -332,7 +365,6 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
                     // at these rates the guest prints a line every 2-4 s, held back in
                     // steps of the limiter's naps. So: the workload must not beat the
                     // limit (10 %) and must not be stalled (40 %).
-                    let limit = mib * PAGES_PER_MIB;
                     assert!(
                         g <= limit * 1.10 && g >= limit * 0.4,
                         "{what}: vCPU {c}: the guest reports {g:.0} pages/s of its \
@@ -347,7 +379,7 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
     let fast = Want::Free(1.5 * 2.0 * PAGES_PER_MIB);
     check(
         "free",
-        &[0, 0],
+        &[0.0, 0.0],
         &free_for(Duration::from_secs(4)),
         [fast, fast],
     );
@@ -393,7 +425,7 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
     std::thread::sleep(Duration::from_millis(300));
     check(
         "all cancelled",
-        &[0, 0],
+        &[0.0, 0.0],
         &free_for(Duration::from_secs(4)),
         [fast, fast],
     );

@@ -36,8 +36,16 @@ pub struct RateState {
     /// Unix time, seconds.
     start_time: i64,
     calc_ms: u64,
-    /// MiB/s in all and per vCPU (None: the VM ended during the measurement).
-    result: Option<(i64, Vec<i64>)>,
+    /// The rates (None: the VM ended during the measurement).
+    result: Option<Measured>,
+}
+
+/// One measurement: QEMU's whole MiB/s, and Ferry's exact pages per second (QMP's
+/// integer MiB/s is coarse at low rates: 1 MiB/s is 256 pages/s).
+#[derive(Debug)]
+struct Measured {
+    mib: (i64, Vec<i64>),
+    pages_per_s: (f64, Vec<f64>),
 }
 
 pub type Rates = Mutex<RateState>;
@@ -186,8 +194,8 @@ pub fn calc(shared: &Arc<Shared>, args: &Map<String, Value>) -> Result<Value, Fa
     Ok(json!({}))
 }
 
-/// MiB/s over the window between two samples, in all and per vCPU.
-fn rates(a: &Sample, b: &Sample) -> (i64, Vec<i64>) {
+/// The rates over the window between two samples, in all and per vCPU.
+fn rates(a: &Sample, b: &Sample) -> Measured {
     let secs = b.at.duration_since(a.at).as_secs_f64();
     let per: Vec<u64> = b
         .pages
@@ -196,8 +204,15 @@ fn rates(a: &Sample, b: &Sample) -> (i64, Vec<i64>) {
         .map(|(y, x)| y.saturating_sub(*x))
         .collect();
     log::info!("calc-dirty-rate: {per:?} pages per vCPU in {secs:.3} s");
-    let total = mib_per_s(per.iter().sum(), secs);
-    (total, per.iter().map(|&p| mib_per_s(p, secs)).collect())
+    let total: u64 = per.iter().sum();
+    let exact = |p: u64| if secs > 0.0 { p as f64 / secs } else { 0.0 };
+    Measured {
+        mib: (
+            mib_per_s(total, secs),
+            per.iter().map(|&p| mib_per_s(p, secs)).collect(),
+        ),
+        pages_per_s: (exact(total), per.iter().map(|&p| exact(p)).collect()),
+    }
 }
 
 /// `query-dirty-rate`.
@@ -217,12 +232,16 @@ pub fn query(shared: &Shared, args: &Map<String, Value>) -> Result<Value, Failur
         "sample-pages": 0,
         "mode": "dirty-ring",
     });
-    if let (Status::Measured, Some((total, per))) = (st.status, &st.result) {
+    if let (Status::Measured, Some(m)) = (st.status, &st.result) {
+        let ((total, per), (exact_total, exact_per)) = (&m.mib, &m.pages_per_s);
         out["dirty-rate"] = json!(total);
+        // Ferry's extension (QMP clients ignore members they do not know).
+        out["x-ferry-pages-per-second"] = json!(exact_total);
         out["vcpu-dirty-rate"] = per
             .iter()
+            .zip(exact_per)
             .enumerate()
-            .map(|(i, r)| json!({"id": i, "dirty-rate": r}))
+            .map(|(i, (r, e))| json!({"id": i, "dirty-rate": r, "x-ferry-pages-per-second": e}))
             .collect();
     }
     Ok(out)
@@ -309,7 +328,9 @@ mod tests {
             at: at + Duration::from_secs(2),
             pages: vec![100 + 2 * 2560, 200 + 2 * 5120],
         };
-        assert_eq!(rates(&a, &b), (30, vec![10, 20]));
+        let m = rates(&a, &b);
+        assert_eq!(m.mib, (30, vec![10, 20]));
+        assert_eq!(m.pages_per_s, (7680.0, vec![2560.0, 5120.0]));
     }
 
     #[test]
