@@ -55,3 +55,47 @@ wait_for_quiet() {
     QUIET_START_LOAD=$load QUIET_WAITED_S=$waited
     echo "load average $load after waiting ${waited} s" >&2
 }
+
+# bench_hosts_setup SCRIPT NAME BIN_DIR GUEST_ELF NS_A NS_B: as bench_setup, for drivers
+# that move a VM between two network-namespace hosts themselves (no QEMU needed): WORK
+# and its copies of the binaries (FERRY, REMOTE, ELF), a cleanup at exit that ends this
+# shell's own background jobs (no name matching) and deletes both namespaces.
+bench_hosts_setup() {
+    local script=$1 name=$2 bin_dir=$3 guest=$4 f
+    BENCH_NS_A=$5 BENCH_NS_B=$6
+    for f in "$bin_dir/ferry" "$bin_dir/ferry-remote" "$guest"; do
+        [ -e "$f" ] || { echo "$script: $f missing (scripts/dev_cli.sh build)" >&2; exit 1; }
+    done
+    WORK=$(mktemp -d "/var/tmp/ferry-bench-$name.XXXXXX")
+    trap bench_hosts_cleanup EXIT
+    trap 'exit 130' INT TERM HUP
+    mkdir -p "$WORK/bin"
+    cp -p "$bin_dir/ferry" "$bin_dir/ferry-remote" "$guest" "$WORK/bin/"
+    # Read by the caller.
+    # shellcheck disable=SC2034
+    FERRY=$WORK/bin/ferry REMOTE=$WORK/bin/ferry-remote ELF=$WORK/bin/$(basename "$guest")
+}
+
+bench_hosts_cleanup() {
+    local p
+    for p in $(jobs -p); do kill "$p" 2>/dev/null || true; done
+    for p in $(jobs -p); do wait "$p" 2>/dev/null || true; done
+    ip netns del "$BENCH_NS_A" 2>/dev/null || true
+    ip netns del "$BENCH_NS_B" 2>/dev/null || true
+    if [ "${KEEP:-0}" = 1 ]; then echo "run directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
+}
+
+# bench_two_hosts VETH ADDR_A ADDR_B: the namespaces of bench_hosts_setup (made afresh)
+# joined by a veth pair VETH-va (in A, ADDR_A/30) and VETH-vb (in B, ADDR_B/30), all up.
+bench_two_hosts() {
+    local veth=$1 addr_a=$2 addr_b=$3 ns
+    ip netns del "$BENCH_NS_A" 2>/dev/null || true
+    ip netns del "$BENCH_NS_B" 2>/dev/null || true
+    ip netns add "$BENCH_NS_A"; ip netns add "$BENCH_NS_B"
+    ip link add "$veth-va" type veth peer name "$veth-vb"
+    ip link set "$veth-va" netns "$BENCH_NS_A"; ip link set "$veth-vb" netns "$BENCH_NS_B"
+    ip -n "$BENCH_NS_A" addr add "$addr_a/30" dev "$veth-va"
+    ip -n "$BENCH_NS_B" addr add "$addr_b/30" dev "$veth-vb"
+    for ns in "$BENCH_NS_A" "$BENCH_NS_B"; do ip -n "$ns" link set lo up; done
+    ip -n "$BENCH_NS_A" link set "$veth-va" up; ip -n "$BENCH_NS_B" link set "$veth-vb" up
+}

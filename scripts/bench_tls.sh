@@ -13,37 +13,11 @@ RUNS=${RUNS:-1}
 OUT=${OUT:-$ROOT/docs/benchmarks/tls.md}
 NS_A=ferry-tlsb-a NS_B=ferry-tlsb-b ADDR_A=198.18.252.1 ADDR_B=198.18.252.2 PORT=7000
 
-for f in "$BIN_DIR/ferry" "$BIN_DIR/ferry-remote" "$GUEST"; do
-    [ -e "$f" ] || { echo "bench_tls.sh: $f missing (scripts/dev_cli.sh build)" >&2; exit 1; }
-done
+# shellcheck source=scripts/bench_lib.sh
+. "$ROOT/scripts/bench_lib.sh"
 command -v openssl >/dev/null || { echo "bench_tls.sh: no openssl (apt-get install openssl)" >&2; exit 1; }
-
-WORK=$(mktemp -d /var/tmp/ferry-bench-tls.XXXXXX)
-cleanup() {
-    # Only this shell's own background jobs still running (no name matching).
-    local p
-    for p in $(jobs -p); do kill "$p" 2>/dev/null || true; done
-    for p in $(jobs -p); do wait "$p" 2>/dev/null || true; done
-    ip netns del "$NS_A" 2>/dev/null || true
-    ip netns del "$NS_B" 2>/dev/null || true
-    if [ "${KEEP:-0}" = 1 ]; then echo "run directory kept: $WORK" >&2; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM HUP
-# Copies, so that a rebuild during the run cannot mix two versions.
-mkdir -p "$WORK/bin"
-cp -p "$BIN_DIR/ferry" "$BIN_DIR/ferry-remote" "$GUEST" "$WORK/bin/"
-FERRY=$WORK/bin/ferry REMOTE=$WORK/bin/ferry-remote ELF=$WORK/bin/$(basename "$GUEST")
-
-ip netns del "$NS_A" 2>/dev/null || true
-ip netns del "$NS_B" 2>/dev/null || true
-ip netns add "$NS_A"; ip netns add "$NS_B"
-ip link add ferry-tlsb-va type veth peer name ferry-tlsb-vb
-ip link set ferry-tlsb-va netns "$NS_A"; ip link set ferry-tlsb-vb netns "$NS_B"
-ip -n "$NS_A" addr add "$ADDR_A/30" dev ferry-tlsb-va
-ip -n "$NS_B" addr add "$ADDR_B/30" dev ferry-tlsb-vb
-for ns in "$NS_A" "$NS_B"; do ip -n "$ns" link set lo up; done
-ip -n "$NS_A" link set ferry-tlsb-va up; ip -n "$NS_B" link set ferry-tlsb-vb up
+bench_hosts_setup bench_tls.sh tls "$BIN_DIR" "$GUEST" "$NS_A" "$NS_B"
+bench_two_hosts ferry-tlsb "$ADDR_A" "$ADDR_B"
 
 # The credentials, as the README shows: a CA, the receiver's certificate for ADDR_B, the
 # sender's client certificate.
