@@ -114,13 +114,13 @@ fn protocol_and_lifecycle() {
     let (class, _) = error_of(&q.cmd("qmp_capabilities", json!({})));
     assert_eq!(class, "CommandNotFound");
     // Unknown command, malformed JSON, not an object, bad arguments.
-    let a = q.raw(b"{\"execute\": \"system_powerdown\", \"id\": [1, {\"x\": null}]}\n");
+    let a = q.raw(b"{\"execute\": \"device_add\", \"id\": [1, {\"x\": null}]}\n");
     assert_eq!(a["id"], json!([1, {"x": null}]));
     assert_eq!(
         error_of(&a),
         (
             "CommandNotFound".into(),
-            "The command system_powerdown has not been found".into()
+            "The command device_add has not been found".into()
         )
     );
     let (class, desc) = error_of(&q.raw(b"{\"execute\": query-status}\n"));
@@ -341,25 +341,65 @@ async def main(a_path, b_path, uri):
 asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
 "#;
 
-#[test]
-fn qemu_qmp_python_client() {
+/// Two ferries for QEMU's own tools: B waiting with only QMP, A running the verify guest
+/// (2 vCPUs) past its first check, both sockets up, and a free loopback URI.
+struct Pair {
+    python: PathBuf,
+    dest: Ferry,
+    sock_b: PathBuf,
+    src: Ferry,
+    sock_a: PathBuf,
+    serial: PathBuf,
+    pos: usize,
+    uri: String,
+}
+
+/// [`Pair`], or `None` (the test skips, saying so) without the Python that has qemu.qmp.
+fn pair_for_qemu_tools(tag: &str, what: &str) -> Option<Pair> {
     let python = match common::tool_from_env("FERRY_QMP_PYTHON") {
         Ok(p) => p,
         Err(why) => {
-            eprintln!("SKIPPED: qemu.qmp client test: {why}");
-            return;
+            eprintln!("SKIPPED: {what}: {why}");
+            return None;
         }
     };
-    let dir = tmpdir("python");
+    let dir = tmpdir(tag);
     let sock_b = dir.join("b.sock");
     let dest = Ferry::spawn(&["--qmp", &format!("unix:{}", sock_b.display())]);
     let sock_a = dir.join("a.sock");
     let (src, serial) = verify_guest(&dir, &sock_a, "2");
     let pos = wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(60));
-    // Both sockets exist before the script connects.
+    // Both sockets exist before the tools connect.
     drop(Qmp::connect(&sock_a));
     drop(Qmp::connect(&sock_b));
     let uri = format!("tcp:127.0.0.1:{}", free_port());
+    Some(Pair {
+        python,
+        dest,
+        sock_b,
+        src,
+        sock_a,
+        serial,
+        pos,
+        uri,
+    })
+}
+
+#[test]
+fn qemu_qmp_python_client() {
+    let Some(Pair {
+        python,
+        dest,
+        sock_b,
+        src,
+        sock_a,
+        serial,
+        pos,
+        uri,
+    }) = pair_for_qemu_tools("python", "qemu.qmp client test")
+    else {
+        return;
+    };
     let out = std::process::Command::new(&python)
         .args(["-c", PY_SCRIPT])
         .arg(&sock_a)
@@ -425,22 +465,19 @@ fn qmp_shell(python: &Path, sock: &Path, lines: &[&str]) -> String {
 /// `CommandNotFound`.
 #[test]
 fn qmp_shell_drives_a_migration() {
-    let python = match common::tool_from_env("FERRY_QMP_PYTHON") {
-        Ok(p) => p,
-        Err(why) => {
-            eprintln!("SKIPPED: qmp-shell test: {why}");
-            return;
-        }
+    let Some(Pair {
+        python,
+        dest,
+        sock_b,
+        src,
+        sock_a,
+        serial,
+        pos,
+        uri,
+    }) = pair_for_qemu_tools("shell", "qmp-shell test")
+    else {
+        return;
     };
-    let dir = tmpdir("shell");
-    let sock_b = dir.join("b.sock");
-    let dest = Ferry::spawn(&["--qmp", &format!("unix:{}", sock_b.display())]);
-    let sock_a = dir.join("a.sock");
-    let (src, serial) = verify_guest(&dir, &sock_a, "2");
-    let pos = wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(60));
-    drop(Qmp::connect(&sock_a));
-    drop(Qmp::connect(&sock_b));
-    let uri = format!("tcp:127.0.0.1:{}", free_port());
     let b_out = qmp_shell(
         &python,
         &sock_b,

@@ -328,12 +328,21 @@ fn send_migration(vmm: &Arc<Vmm>, body: &[u8]) -> Result<(), ApiError> {
 fn receive_migration(vmm: &Arc<Vmm>, body: &[u8]) -> Result<(), ApiError> {
     const ACTION: &str = "vm.receive-migration";
     let request = migration::parse_receive_migration(body)?;
-    let _op = vmm.begin(ACTION, |vm| match vm {
+    let _op = begin_without_vm(vmm, ACTION)?;
+    vmm.migration().receive(vmm, request)
+}
+
+/// Begins `action`, which brings a VM (`vm.receive-migration`, `vm.restore`): there must
+/// be none yet; lifecycle requests answer 405 until it ends.
+pub(crate) fn begin_without_vm<'a>(
+    vmm: &'a Vmm,
+    action: &'static str,
+) -> Result<Operation<'a>, ApiError> {
+    vmm.begin(action, |vm| match vm {
         Some(vm) => Err(ApiError::VmExists {
-            action: ACTION,
+            action,
             state: vm.state(),
         }),
         None => Ok(()),
-    })?;
-    vmm.migration().receive(vmm, request)
+    })
 }

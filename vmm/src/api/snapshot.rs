@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::migration::{log_unknown, UnknownFields};
-use super::{begin_on_paused, json_object, ApiError, Vmm};
+use super::{begin_on_paused, begin_without_vm, json_object, ApiError, Vmm};
 use crate::events;
 use crate::migration::{MachineDestination, MachineSource};
 use crate::snapshot;
@@ -164,13 +164,7 @@ pub fn restore_machine(req: &Restore) -> Result<Machine, String> {
 pub fn restore(vmm: &Arc<Vmm>, body: &[u8]) -> Result<(), ApiError> {
     const ACTION: &str = "vm.restore";
     let req = parse_restore(body)?;
-    let _op = vmm.begin(ACTION, |vm| match vm {
-        Some(vm) => Err(ApiError::VmExists {
-            action: ACTION,
-            state: vm.state(),
-        }),
-        None => Ok(()),
-    })?;
+    let _op = begin_without_vm(vmm, ACTION)?;
     install_restored(vmm, &req).map_err(|reason| ApiError::Failed {
         action: ACTION,
         reason,
