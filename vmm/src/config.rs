@@ -730,7 +730,8 @@ impl ConsoleCompat {
         why: &'static str,
     ) -> Result<(), ConfigError> {
         match c.as_ref().and_then(|c| c.mode.as_deref()) {
-            None | Some("Off") => Ok(()),
+            // Null: connected to nothing, which is what Ferry has.
+            None | Some("Off") | Some("Null") => Ok(()),
             Some("Tty") if tty_taken => {
                 log::warn!(
                     "{field}.mode Tty taken, but {why}: the guest's console device is absent"
@@ -748,7 +749,7 @@ impl VmCompat {
             "console",
             &self.console,
             true,
-            "Ferry has no virtio-console: use serial (Off and Tty are taken)",
+            "Ferry has no virtio-console: use serial (Off, Null and Tty are taken)",
         )?;
         ConsoleCompat::check(
             "debug_console",
@@ -1199,9 +1200,55 @@ pub fn parse_dirty_ring(s: &str) -> Result<DirtyTrackingConfig, ConfigError> {
     Ok(d)
 }
 
+/// `--console off|null|tty|pty|file=PATH|socket=PATH` (cloud-hypervisor's virtio-console
+/// option), as its `console.mode`: checked by [`VmConfig::validate`] like `vm.create`'s
+/// (Off and Null are taken, Tty with a warning, the others refused: no virtio-console).
+pub fn parse_console(s: &str) -> Result<ConsoleCompat, ConfigError> {
+    let mode = match s.split_once('=').map_or(s, |(k, _)| k) {
+        "off" => "Off",
+        "null" => "Null",
+        "tty" => "Tty",
+        "pty" => "Pty",
+        "file" => "File",
+        "socket" => "Socket",
+        _ => {
+            return Err(bad(
+                "console",
+                "mode",
+                s,
+                "expected off, null, tty, pty, file=PATH or socket=PATH",
+            ))
+        }
+    };
+    Ok(ConsoleCompat {
+        mode: Some(mode.into()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn console_option_is_checked_as_vm_create_checks_console() {
+        let with = |s: &str| -> Result<(), ConfigError> {
+            let mut c: VmConfig = serde_json::from_str(r#"{"payload":{}}"#).unwrap();
+            c.ch.console = Some(parse_console(s)?);
+            c.ch.check()
+        };
+        for ok in ["off", "null", "tty"] {
+            assert_eq!(with(ok), Ok(()), "{ok}");
+        }
+        for no in ["pty", "file=/tmp/c", "socket=/tmp/s"] {
+            let e = with(no).unwrap_err().to_string();
+            assert!(
+                e.contains("console.mode") && e.contains("virtio-console"),
+                "{no}: {e}"
+            );
+        }
+        let e = parse_console("serial").unwrap_err().to_string();
+        assert!(e.contains("serial") && e.contains("expected off"), "{e}");
+    }
 
     #[test]
     fn sizes() {

@@ -82,6 +82,11 @@ struct Cli {
         action = clap::ArgAction::Append
     )]
     device: Vec<String>,
+    /// cloud-hypervisor's virtio-console option: Ferry has no virtio-console, so off and
+    /// null are taken, tty (cloud-hypervisor's default) with a warning, the others
+    /// refused. The guest's console is --serial.
+    #[arg(long, value_name = "off|null|tty|pty|file=PATH|socket=PATH")]
+    console: Option<String>,
     /// REST API socket (HTTP on a UNIX socket).
     #[arg(long = "api-socket")]
     api_socket: Option<PathBuf>,
@@ -142,6 +147,14 @@ fn config_from(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
             .iter()
             .map(|d| config::parse_device(d))
             .collect::<Result<_, _>>()?,
+        ch: config::VmCompat {
+            console: cli
+                .console
+                .as_deref()
+                .map(config::parse_console)
+                .transpose()?,
+            ..Default::default()
+        },
         ..Default::default()
     })
 }

@@ -37,6 +37,9 @@ fn bad_option_values_are_named() {
         (vec!["--serial", "pty"], "pty"),
         (vec!["--dirty-ring", "entries=1000"], "1000"),
         (vec!["--cpus", "boot=2,sockets=1"], "sockets"),
+        (vec!["--console", "bogus"], "bogus"),
+        (vec!["--console", "pty"], "no virtio-console"),
+        (vec!["--console", "file=/tmp/c"], "\"File\""),
     ] {
         let elf = common::guest_elf();
         let mut a = vec!["--kernel", elf.to_str().unwrap()];
