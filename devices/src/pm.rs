@@ -10,6 +10,7 @@ pub const ACPI_PM1A_EVT_PORT: u16 = 0x600;
 pub const ACPI_PM1A_CNT_PORT: u16 = 0x604;
 /// Ports the device decodes from [`ACPI_PM1A_EVT_PORT`].
 pub const ACPI_PM_PORTS: u16 = 6;
+/// Where each 2-byte register starts in the block.
 const STS_OFFSET: u16 = 0;
 const EN_OFFSET: u16 = 2;
 const CNT_OFFSET: u16 = ACPI_PM1A_CNT_PORT - ACPI_PM1A_EVT_PORT;
@@ -69,59 +70,61 @@ impl AcpiPm {
     }
 }
 
-fn read_u16(v: u16, at: u16, data: &mut [u8]) {
-    let b = v.to_le_bytes();
-    for (i, d) in data.iter_mut().enumerate() {
-        *d = b.get(at as usize + i).copied().unwrap_or(0);
+impl AcpiPm {
+    /// The register byte at `at` (0-5: status, enable, control, low byte first).
+    fn byte(&self, at: u16) -> u8 {
+        let reg = match at & !1 {
+            STS_OFFSET => self.state.status,
+            EN_OFFSET => self.state.enable,
+            CNT_OFFSET => self.state.control,
+            _ => return 0,
+        };
+        reg.to_le_bytes()[usize::from(at % 2)]
     }
-}
-
-/// The bytes of a write at `offset` within the 2-byte register at `reg`, merged into `old`.
-fn merged(old: u16, reg: u16, offset: u16, data: &[u8]) -> u16 {
-    let mut b = old.to_le_bytes();
-    for (i, d) in data.iter().enumerate() {
-        if let Some(slot) = (offset + i as u16)
-            .checked_sub(reg)
-            .and_then(|k| b.get_mut(k as usize))
-        {
-            *slot = *d;
-        }
-    }
-    u16::from_le_bytes(b)
 }
 
 impl PioDevice for AcpiPm {
+    // Byte by byte, so that any access width and alignment reaches the registers it
+    // covers (a 4-byte access at 0 is status and enable together).
     fn read(&mut self, offset: u16, data: &mut [u8]) {
-        match offset {
-            0..=1 => read_u16(self.state.status, offset - STS_OFFSET, data),
-            2..=3 => read_u16(self.state.enable, offset - EN_OFFSET, data),
-            4..=5 => read_u16(self.state.control, offset - CNT_OFFSET, data),
-            _ => data.fill(0),
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = offset.checked_add(i as u16).map_or(0, |at| self.byte(at));
         }
     }
 
     fn write(&mut self, offset: u16, data: &[u8]) -> Option<PlatformEvent> {
-        match offset {
-            0..=1 => {
-                // Write 1 to clear; only the bytes written count.
-                let ones = merged(0, STS_OFFSET, offset, data);
-                self.state.status &= !ones;
-                self.update_sci();
-                None
+        let (mut clear, mut enable, mut control) = (
+            [0u8; 2],
+            self.state.enable.to_le_bytes(),
+            self.state.control.to_le_bytes(),
+        );
+        let mut wrote_control = false;
+        for (i, &d) in data.iter().enumerate() {
+            let Some(at) = offset.checked_add(i as u16) else {
+                break;
+            };
+            let b = usize::from(at % 2);
+            match at & !1 {
+                STS_OFFSET => clear[b] = d,
+                EN_OFFSET => enable[b] = d,
+                CNT_OFFSET => {
+                    control[b] = d;
+                    wrote_control = true;
+                }
+                _ => {}
             }
-            2..=3 => {
-                self.state.enable = merged(self.state.enable, EN_OFFSET, offset, data) & EVENTS;
-                self.update_sci();
-                None
-            }
-            4..=5 => {
-                let v = merged(self.state.control, CNT_OFFSET, offset, data);
-                self.state.control = v & !SLP_EN;
-                (v & SLP_EN != 0 && (v >> SLP_TYP_SHIFT) & 7 == S5_SLP_TYP)
-                    .then_some(PlatformEvent::PowerOff)
-            }
-            _ => None,
         }
+        // Status: write 1 to clear.
+        self.state.status &= !u16::from_le_bytes(clear);
+        self.state.enable = u16::from_le_bytes(enable) & EVENTS;
+        self.update_sci();
+        if !wrote_control {
+            return None;
+        }
+        let v = u16::from_le_bytes(control);
+        self.state.control = v & !SLP_EN;
+        (v & SLP_EN != 0 && (v >> SLP_TYP_SHIFT) & 7 == S5_SLP_TYP)
+            .then_some(PlatformEvent::PowerOff)
     }
 }
 
@@ -197,6 +200,32 @@ mod tests {
         assert_eq!(hi[0], (PWRBTN >> 8) as u8);
         pm.write(STS_OFFSET + 1, &hi);
         assert_eq!(read16(&mut pm, STS_OFFSET), 0);
+    }
+
+    #[test]
+    fn a_dword_at_the_event_block_reaches_status_and_enable() {
+        let (mut pm, levels) = pm();
+        pm.press_power_button();
+        // Enable PWRBTN and clear nothing, in one 4-byte write.
+        let v = u32::from(PWRBTN) << 16;
+        pm.write(STS_OFFSET, &v.to_le_bytes());
+        assert!(*levels.lock().unwrap().last().unwrap());
+        let mut r = [0u8; 4];
+        pm.read(STS_OFFSET, &mut r);
+        assert_eq!(
+            u32::from_le_bytes(r),
+            u32::from(PWRBTN) << 16 | u32::from(PWRBTN)
+        );
+        // Clear the status, keep the enable.
+        let v = u32::from(PWRBTN) << 16 | u32::from(PWRBTN);
+        pm.write(STS_OFFSET, &v.to_le_bytes());
+        pm.read(STS_OFFSET, &mut r);
+        assert_eq!(u32::from_le_bytes(r), u32::from(PWRBTN) << 16);
+        assert!(!*levels.lock().unwrap().last().unwrap());
+        // Past the block: nothing.
+        let mut b = [0xffu8; 2];
+        pm.read(6, &mut b);
+        assert_eq!(b, [0, 0]);
     }
 
     #[test]

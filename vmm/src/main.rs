@@ -155,7 +155,6 @@ fn config_from(cli: &Cli) -> Result<VmConfig, config::ConfigError> {
                 .transpose()?,
             ..Default::default()
         },
-        ..Default::default()
     })
 }
 

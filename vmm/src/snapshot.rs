@@ -6,8 +6,10 @@
 //! stop-and-copy carries; only the transport differs. A directory holds:
 //!
 //! - `snapshot.json`: the manifest — format version, the Ferry build that wrote it, and a
-//!   crc32c for each other file (each RAM range separately). Written last and removed first,
-//!   so a directory whose manifest is there holds a whole snapshot.
+//!   crc32c for each other file (each RAM range separately). Every file is written under
+//!   a temporary name first (owner-only); only then does an older snapshot's manifest go,
+//!   the files are renamed into place and the new manifest last, so a failed save leaves
+//!   the older snapshot whole, and a directory whose manifest is there holds a whole one.
 //! - `config.json`: the VM configuration (as `vm.info` shows it).
 //! - `state.json`: vCPUs and devices (the migration's machine state blob).
 //! - `memory.bin`: guest RAM, range after range; pages the guest never wrote, or that hold
@@ -155,13 +157,46 @@ fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> 
 }
 
 /// Writes `bytes` to `dir/name` through a temporary name, so the file is whole or absent.
+/// `dir/.NAME.partial`, where a file is written before it is renamed into place.
+fn partial(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(".{name}.partial"))
+}
+
+/// Creates `path` afresh for writing: owner-only (guest RAM and registers are in these
+/// files), never through a symlink someone left there.
+fn create_private(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(path, "removing a stale partial file")(e)),
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io(path, "creating"))
+}
+
+/// Writes `bytes` to `dir/.NAME.partial` (renamed into place by [`save_files`] once
+/// everything is written).
 fn write_small(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileSum> {
-    let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.partial"));
-    let mut f = File::create(&tmp).map_err(io(&tmp, "creating"))?;
+    let tmp = partial(dir, name);
+    if bytes.len() as u64 > MAX_SMALL_FILE {
+        // A restore would refuse it: say so now, not when it is needed.
+        return Err(SnapshotError::Format {
+            path: dir.join(name),
+            reason: format!(
+                "{} bytes, more than the {MAX_SMALL_FILE} a restore reads",
+                bytes.len()
+            ),
+        });
+    }
+    let mut f = create_private(&tmp)?;
     f.write_all(bytes).map_err(io(&tmp, "writing"))?;
     f.sync_all().map_err(io(&tmp, "syncing"))?;
-    std::fs::rename(&tmp, &path).map_err(io(&path, "renaming into place"))?;
     Ok(FileSum {
         file: name.to_string(),
         bytes: bytes.len() as u64,
@@ -174,25 +209,19 @@ fn is_zero(page: &[u8]) -> bool {
 }
 
 /// Saves the paused VM behind `src` into `dir` (an existing directory). A snapshot
-/// already there is replaced; on failure no manifest is left, so nothing half-written
-/// can be restored.
+/// already there is replaced once the new one is written; a failure before that leaves
+/// it as it was (and no partial file).
 pub fn save(src: &dyn SourceVm, dir: &Path) -> Result<Saved> {
     let r = save_files(src, dir);
     if r.is_err() {
         for name in [CONFIG, STATE, MEMORY, MANIFEST] {
-            let _ = std::fs::remove_file(dir.join(format!(".{name}.partial")));
+            let _ = std::fs::remove_file(partial(dir, name));
         }
     }
     r
 }
 
 fn save_files(src: &dyn SourceVm, dir: &Path) -> Result<Saved> {
-    let manifest_path = dir.join(MANIFEST);
-    match std::fs::remove_file(&manifest_path) {
-        Ok(()) => log::info!("snapshot: replacing the one in {}", dir.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(&manifest_path, "removing the old manifest")(e)),
-    }
     let started = Instant::now();
     let config = write_small(dir, CONFIG, &src.config().map_err(SnapshotError::Vm)?)?;
     let (machine, devices) = src.save_state().map_err(SnapshotError::Vm)?;
@@ -205,9 +234,8 @@ fn save_files(src: &dyn SourceVm, dir: &Path) -> Result<Saved> {
     }
     let state = write_small(dir, STATE, &machine)?;
 
-    let mem_path = dir.join(MEMORY);
-    let tmp = dir.join(format!(".{MEMORY}.partial"));
-    let file = File::create(&tmp).map_err(io(&tmp, "creating"))?;
+    let tmp = partial(dir, MEMORY);
+    let file = create_private(&tmp)?;
     let layout = src.ram_layout();
     let total: u64 = layout.iter().map(|r| r.size).sum();
     // Sized first: pages left unwritten are holes that read as zeros.
@@ -267,7 +295,6 @@ fn save_files(src: &dyn SourceVm, dir: &Path) -> Result<Saved> {
     }
     file.sync_all().map_err(io(&tmp, "syncing"))?;
     drop(file);
-    std::fs::rename(&tmp, &mem_path).map_err(io(&mem_path, "renaming into place"))?;
 
     let manifest = Manifest {
         version: FORMAT_VERSION,
@@ -280,6 +307,18 @@ fn save_files(src: &dyn SourceVm, dir: &Path) -> Result<Saved> {
     let text = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| SnapshotError::Vm(format!("writing the manifest: {e}")))?;
     write_small(dir, MANIFEST, &text)?;
+    // Everything is written: only now does an older snapshot here go (its manifest
+    // first, so that a crash in between leaves no manifest over mixed files).
+    let manifest_path = dir.join(MANIFEST);
+    match std::fs::remove_file(&manifest_path) {
+        Ok(()) => log::info!("snapshot: replacing the one in {}", dir.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&manifest_path, "removing the old manifest")(e)),
+    }
+    for name in [CONFIG, STATE, MEMORY, MANIFEST] {
+        let path = dir.join(name);
+        std::fs::rename(partial(dir, name), &path).map_err(io(&path, "renaming into place"))?;
+    }
     log::info!(
         "snapshot: {} written: {} MiB of RAM ({} data pages, the rest holes) in {:?}",
         dir.display(),
@@ -293,9 +332,29 @@ fn save_files(src: &dyn SourceVm, dir: &Path) -> Result<Saved> {
     })
 }
 
+/// Opens a file of the snapshot for reading: a regular file only (a FIFO or device put
+/// there would block or never end), checked without blocking.
+fn open_regular(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io(path, "opening"))?;
+    let meta = f.metadata().map_err(io(path, "reading its type"))?;
+    if !meta.is_file() {
+        return Err(SnapshotError::Format {
+            path: path.to_path_buf(),
+            reason: "not a regular file".into(),
+        });
+    }
+    // O_NONBLOCK means nothing for a regular file's reads.
+    Ok(f)
+}
+
 /// Reads a small file whole, refusing one over [`MAX_SMALL_FILE`].
 fn read_small(path: &Path) -> Result<Vec<u8>> {
-    let f = File::open(path).map_err(io(path, "opening"))?;
+    let f = open_regular(path)?;
     let mut out = Vec::new();
     f.take(MAX_SMALL_FILE + 1)
         .read_to_end(&mut out)
@@ -429,7 +488,7 @@ pub fn restore(dest: &mut dyn DestinationVm, dir: &Path) -> Result<Restored> {
     let config = read_checked(dir, &m.config)?;
     let state = read_checked(dir, &m.state)?;
     let mem_path = dir.join(&m.memory_file);
-    let file = File::open(&mem_path).map_err(io(&mem_path, "opening"))?;
+    let file = open_regular(&mem_path)?;
     let total: u64 = m.memory.iter().map(|r| r.size).sum();
     let len = file
         .metadata()
@@ -710,7 +769,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_save_leaves_no_manifest_and_no_partial_files() {
+    fn a_failed_save_keeps_the_older_snapshot_and_no_partial_file() {
         let dir = tmp("fail");
         save(&FakeSource::new(), &dir).unwrap();
         let broken = FakeSource {
@@ -723,12 +782,39 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert!(
-            !left
-                .iter()
-                .any(|n| n == MANIFEST || n.ends_with(".partial")),
-            "{left:?}"
-        );
+        assert!(!left.iter().any(|n| n.ends_with(".partial")), "{left:?}");
+        // The older snapshot is still whole.
+        let mut dest = FakeDest::default();
+        assert_eq!(restore(&mut dest, &dir).unwrap().data_pages, 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn files_are_owner_only_and_not_written_through_symlinks() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tmp("mode");
+        // A symlink planted at a temporary name is replaced, not followed.
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        std::os::unix::fs::symlink(&victim, partial(&dir, MEMORY)).unwrap();
+        save(&FakeSource::new(), &dir).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        for name in [MANIFEST, CONFIG, STATE, MEMORY] {
+            let mode = std::fs::metadata(dir.join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}: {mode:o}");
+        }
+        // A FIFO where the memory file should be is refused, not read (which would block).
+        std::fs::remove_file(dir.join(MEMORY)).unwrap();
+        let fifo = std::ffi::CString::new(dir.join(MEMORY).to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path; it only creates a file.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let e = restore(&mut FakeDest::default(), &dir)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

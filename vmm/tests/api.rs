@@ -501,6 +501,11 @@ fn migration_requests_are_checked_then_refused() {
         &json!({"destination_url": "unix:/m", "wait_for_completion": true}),
         500,
     );
+    assert_eq!(
+        f.state(),
+        "Paused",
+        "a failed migration leaves a paused VM paused"
+    );
 
     for (b, needle) in [
         (json!({}), "receiver_url"),

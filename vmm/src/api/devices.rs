@@ -56,55 +56,61 @@ struct RemoveDevice {
     id: String,
 }
 
-/// Every device of `c` with the id it has in logs and migrations (its own, or the
-/// default `diskN`, `userN`, `vfioN`, `rng`), and how to take it out.
-fn remove_by_id(c: &mut VmConfig, id: &str) -> Result<(), Vec<String>> {
+/// Why `vm.remove-device` removes nothing.
+#[derive(Debug, PartialEq, Eq)]
+enum NotRemoved {
+    /// No device has the id; the VM's ids.
+    NotFound(Vec<String>),
+    /// More than one has it (an explicit id equal to another's default one): the count.
+    Ambiguous(usize),
+}
+
+/// Removes the device of `c` whose id (its own, or the default `diskN`, `userN`, `vfioN`,
+/// `rng` that logs and migrations use) is `id`.
+fn remove_by_id(c: &mut VmConfig, id: &str) -> Result<(), NotRemoved> {
     let disk = |i: usize, d: &DiskConfig| d.id.clone().unwrap_or_else(|| format!("disk{i}"));
     let user = |i: usize, u: &UserDeviceConfig| u.id.clone().unwrap_or_else(|| format!("user{i}"));
     let vfio = |i: usize, d: &DeviceConfig| d.id.clone().unwrap_or_else(|| format!("vfio{i}"));
-    if let Some(i) = c
-        .disks
-        .iter()
-        .enumerate()
-        .position(|(i, d)| disk(i, d) == id)
-    {
-        c.disks.remove(i);
-        return Ok(());
-    }
-    if let Some(i) = c
-        .user_devices
-        .iter()
-        .enumerate()
-        .position(|(i, u)| user(i, u) == id)
-    {
-        c.user_devices.remove(i);
-        return Ok(());
-    }
-    if let Some(i) = c
-        .devices
-        .iter()
-        .enumerate()
-        .position(|(i, d)| vfio(i, d) == id)
-    {
-        c.devices.remove(i);
-        return Ok(());
-    }
-    if id == "rng" && c.rng.is_some() {
-        c.rng = None;
-        return Ok(());
-    }
-    let mut ids: Vec<String> = c
+    let disks: Vec<String> = c
         .disks
         .iter()
         .enumerate()
         .map(|(i, d)| disk(i, d))
         .collect();
-    ids.extend(c.user_devices.iter().enumerate().map(|(i, u)| user(i, u)));
-    ids.extend(c.devices.iter().enumerate().map(|(i, d)| vfio(i, d)));
-    if c.rng.is_some() {
-        ids.push("rng".into());
+    let users: Vec<String> = c
+        .user_devices
+        .iter()
+        .enumerate()
+        .map(|(i, u)| user(i, u))
+        .collect();
+    let vfios: Vec<String> = c
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| vfio(i, d))
+        .collect();
+    let rng: Vec<String> = c.rng.iter().map(|_| "rng".to_string()).collect();
+    let all: Vec<&String> = disks
+        .iter()
+        .chain(&users)
+        .chain(&vfios)
+        .chain(&rng)
+        .collect();
+    match all.iter().filter(|x| x.as_str() == id).count() {
+        0 => return Err(NotRemoved::NotFound(all.into_iter().cloned().collect())),
+        1 => {}
+        n => return Err(NotRemoved::Ambiguous(n)),
     }
-    Err(ids)
+    if let Some(i) = disks.iter().position(|x| x == id) {
+        c.disks.remove(i);
+    } else if let Some(i) = users.iter().position(|x| x == id) {
+        c.user_devices.remove(i);
+    } else if let Some(i) = vfios.iter().position(|x| x == id) {
+        c.devices.remove(i);
+    } else {
+        c.rng = None;
+    }
+    Ok(())
 }
 
 /// `vm.remove-device`: the device with that id.
@@ -112,11 +118,16 @@ pub fn remove_device(vmm: &Arc<Vmm>, b: &[u8]) -> Result<(), ApiError> {
     const ACTION: &str = "vm.remove-device";
     let r: RemoveDevice = body(ACTION, b)?;
     vmm.edit_config(ACTION, NO_HOTPLUG, |c| {
-        remove_by_id(c, &r.id).map_err(|ids| {
-            ApiError::NotFound(format!(
+        remove_by_id(c, &r.id).map_err(|e| match e {
+            NotRemoved::NotFound(ids) => ApiError::NotFound(format!(
                 "{ACTION}: no device with id {:?} (the VM's devices: {ids:?})",
                 r.id
-            ))
+            )),
+            NotRemoved::Ambiguous(n) => ApiError::BadRequest(format!(
+                "{ACTION}: {n} devices answer to id {:?} (an id given equals another \
+                 device's default one): remove by the other id, or give each an id",
+                r.id
+            )),
         })
     })
 }
@@ -190,7 +201,11 @@ mod tests {
         .unwrap();
         assert_eq!(
             remove_by_id(&mut c, "nope").unwrap_err(),
-            ["disk0", "data", "u", "vfio0", "rng"]
+            NotRemoved::NotFound(
+                ["disk0", "data", "u", "vfio0", "rng"]
+                    .map(String::from)
+                    .to_vec()
+            )
         );
         remove_by_id(&mut c, "data").unwrap();
         remove_by_id(&mut c, "disk0").unwrap();
@@ -199,5 +214,18 @@ mod tests {
         remove_by_id(&mut c, "rng").unwrap();
         assert!(c.disks.is_empty() && c.devices.is_empty() && c.user_devices.is_empty());
         assert!(c.rng.is_none());
+    }
+
+    #[test]
+    fn an_id_two_devices_answer_to_removes_nothing() {
+        let mut c: VmConfig = serde_json::from_str(
+            r#"{"payload":{},"disks":[{"path":"/a"},{"path":"/b","id":"disk0"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            remove_by_id(&mut c, "disk0").unwrap_err(),
+            NotRemoved::Ambiguous(2)
+        );
+        assert_eq!(c.disks.len(), 2);
     }
 }

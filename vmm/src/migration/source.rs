@@ -19,6 +19,9 @@ pub struct MachineSource {
     pub machine: Arc<Machine>,
     /// To send never-touched RAM as zeros without faulting it in (`None`: unavailable).
     pagemap: Option<PageMap>,
+    /// The VM was paused (by its user) before the migration: a failed migration leaves
+    /// it paused rather than running it.
+    paused_before: bool,
 }
 
 impl MachineSource {
@@ -26,7 +29,12 @@ impl MachineSource {
         let pagemap = PageMap::open()
             .map_err(|e| log::info!("no /proc/self/pagemap ({e}): every page is read"))
             .ok();
-        MachineSource { machine, pagemap }
+        let paused_before = machine.is_paused();
+        MachineSource {
+            machine,
+            pagemap,
+            paused_before,
+        }
     }
 
     /// Fills `buf` from guest RAM at `gpa`, except pages that were never written: those
@@ -155,7 +163,11 @@ impl SourceVm for MachineSource {
     }
 
     fn resume(&self) -> HookResult<()> {
-        self.machine.resume();
+        if self.paused_before {
+            log::info!("the VM was paused before the migration: it stays paused");
+        } else {
+            self.machine.resume();
+        }
         Ok(())
     }
 
