@@ -343,6 +343,7 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
             .collect()
     };
     let check = |what: &str, ferry: &[f64], guest: &[Option<f64>], want: [Want; 2]| {
+        eprintln!("{what}: Ferry measured {ferry:.0?} pages/s, the guest reports {guest:.0?}");
         for c in 0..2 {
             let g = guest[c].unwrap_or_else(|| panic!("{what}: vCPU {c}: no pass lines"));
             match want[c] {
