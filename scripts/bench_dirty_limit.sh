@@ -181,9 +181,9 @@ the guest went on, nothing lost. One run each.
 {table}
 
 Measured {datetime.date.today().isoformat()} on this project's machine ({cpus} cores, a
-nested KVM; 1-minute load average {load0} at the start, {load1} at the end). Other builds
-and tests shared the machine during the run; the guest's own rate depends on the CPU it
-gets, the limit does not.
+nested KVM; 1-minute load average {load0} at the start, {load1} at the end; a load
+above 1 means something else shared the 2 cores). The guest's own rate depends on the CPU
+it gets, the limit does not.
 """)
 print(f"wrote {out}", file=sys.stderr)
 PY
