@@ -218,7 +218,7 @@ fn free_port() -> u16 {
 
 /// Waits for both vCPUs to verify their share twice more after `pos`, with no mismatch.
 fn goes_on(serial: &Path, pos: usize) {
-    common::verified_twice_more(serial, pos, 2);
+    common::verified_twice_more(serial, pos, 2, Duration::from_secs(60));
 }
 
 /// A migration between two ferry processes driven only through QMP, as a QEMU user does.

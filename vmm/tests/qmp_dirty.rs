@@ -621,23 +621,8 @@ fn a_dirty_limit_holds_through_a_migration() {
         Duration::from_secs(30),
     );
     // The guest goes on at B (two more passes per vCPU), nothing lost.
-    let mut pos = std::fs::metadata(&serial).map_or(0, |m| m.len() as usize);
-    for _ in 0..2 {
-        for cpu in 0..2 {
-            wait_serial(
-                &serial,
-                &format!("guest: verified {cpu} "),
-                pos,
-                Duration::from_secs(60),
-            );
-        }
-        pos = std::fs::metadata(&serial).map_or(0, |m| m.len() as usize);
-    }
-    let text = std::fs::read_to_string(&serial).unwrap();
-    assert!(
-        !text.contains("MISMATCH") && !text.contains("FAIL"),
-        "{text}"
-    );
+    let pos = std::fs::metadata(&serial).map_or(0, |m| m.len() as usize);
+    common::verified_twice_more(&serial, pos, 2, Duration::from_secs(60));
     // The limit stayed with the source: the arrived VM has none.
     assert_eq!(b.ok("query-vcpu-dirty-limit", json!({})), json!([]));
     b.ok("quit", json!({}));

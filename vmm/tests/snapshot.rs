@@ -99,7 +99,7 @@ fn serial_len(p: &Path) -> usize {
 }
 
 fn goes_on(serial: &Path, pos: usize) {
-    common::verified_twice_more(serial, pos, 2);
+    common::verified_twice_more(serial, pos, 2, Duration::from_secs(120));
 }
 
 /// Ends a ferry through its API.

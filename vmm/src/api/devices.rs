@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::{json_object, ApiError, VmState, Vmm};
+use super::{json_body, ApiError, VmState, Vmm};
 use crate::config::{DeviceConfig, DiskConfig, UserDeviceConfig, VmConfig};
 
 const NO_HOTPLUG: &str =
@@ -17,38 +17,33 @@ const NO_HOTPLUG: &str =
 const NO_RESIZE: &str =
     "Ferry has no vCPU or memory hotplug: resize before vm.boot (or after vm.shutdown)";
 
-fn body<T: serde::de::DeserializeOwned>(action: &str, body: &[u8]) -> Result<T, ApiError> {
-    json_object(body).map_err(|e| ApiError::BadRequest(format!("{action}: invalid JSON body: {e}")))
+/// Adds the device in body `b` (a `T`) to the list `list` picks from the configuration.
+fn add<T: serde::de::DeserializeOwned>(
+    vmm: &Arc<Vmm>,
+    action: &'static str,
+    b: &[u8],
+    list: impl FnOnce(&mut VmConfig) -> &mut Vec<T>,
+) -> Result<(), ApiError> {
+    let dev: T = json_body(action, b)?;
+    vmm.edit_config(action, NO_HOTPLUG, |c| {
+        list(c).push(dev);
+        Ok(())
+    })
 }
 
 /// `vm.add-disk`: a virtio-blk disk (cloud-hypervisor's `DiskConfig`).
 pub fn add_disk(vmm: &Arc<Vmm>, b: &[u8]) -> Result<(), ApiError> {
-    const ACTION: &str = "vm.add-disk";
-    let disk: DiskConfig = body(ACTION, b)?;
-    vmm.edit_config(ACTION, NO_HOTPLUG, |c| {
-        c.disks.push(disk);
-        Ok(())
-    })
+    add::<DiskConfig>(vmm, "vm.add-disk", b, |c| &mut c.disks)
 }
 
 /// `vm.add-device`: a VFIO device (cloud-hypervisor's `DeviceConfig`).
 pub fn add_device(vmm: &Arc<Vmm>, b: &[u8]) -> Result<(), ApiError> {
-    const ACTION: &str = "vm.add-device";
-    let dev: DeviceConfig = body(ACTION, b)?;
-    vmm.edit_config(ACTION, NO_HOTPLUG, |c| {
-        c.devices.push(dev);
-        Ok(())
-    })
+    add::<DeviceConfig>(vmm, "vm.add-device", b, |c| &mut c.devices)
 }
 
 /// `vm.add-user-device`: a vfio-user device (cloud-hypervisor's `VmAddUserDevice`).
 pub fn add_user_device(vmm: &Arc<Vmm>, b: &[u8]) -> Result<(), ApiError> {
-    const ACTION: &str = "vm.add-user-device";
-    let dev: UserDeviceConfig = body(ACTION, b)?;
-    vmm.edit_config(ACTION, NO_HOTPLUG, |c| {
-        c.user_devices.push(dev);
-        Ok(())
-    })
+    add::<UserDeviceConfig>(vmm, "vm.add-user-device", b, |c| &mut c.user_devices)
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,7 +111,7 @@ fn remove_by_id(c: &mut VmConfig, id: &str) -> Result<(), NotRemoved> {
 /// `vm.remove-device`: the device with that id.
 pub fn remove_device(vmm: &Arc<Vmm>, b: &[u8]) -> Result<(), ApiError> {
     const ACTION: &str = "vm.remove-device";
-    let r: RemoveDevice = body(ACTION, b)?;
+    let r: RemoveDevice = json_body(ACTION, b)?;
     vmm.edit_config(ACTION, NO_HOTPLUG, |c| {
         remove_by_id(c, &r.id).map_err(|e| match e {
             NotRemoved::NotFound(ids) => ApiError::NotFound(format!(
@@ -147,7 +142,7 @@ struct Resize {
 /// the sizes it has.
 pub fn resize(vmm: &Arc<Vmm>, b: &[u8]) -> Result<(), ApiError> {
     const ACTION: &str = "vm.resize";
-    let r: Resize = body(ACTION, b)?;
+    let r: Resize = json_body(ACTION, b)?;
     if let Some(n) = r.desired_balloon.filter(|&n| n != 0) {
         return Err(ApiError::BadRequest(format!(
             "{ACTION}: desired_balloon {n}: Ferry has no balloon device"

@@ -164,10 +164,6 @@ pub struct ReceiveMigration {
     pub tls_dir: Option<std::path::PathBuf>,
 }
 
-fn json_error(endpoint: &str, e: String) -> ApiError {
-    ApiError::BadRequest(format!("{endpoint}: invalid JSON body: {e}"))
-}
-
 fn bad(msg: String) -> ApiError {
     ApiError::BadRequest(msg)
 }
@@ -207,8 +203,7 @@ fn check_tls_dir(
 
 /// Parses and checks a `vm.send-migration` body.
 pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
-    let b: SendMigrationBody =
-        super::json_object(body).map_err(|e| json_error("vm.send-migration", e))?;
+    let b: SendMigrationBody = super::json_body("vm.send-migration", body)?;
     let destination: MigrationUrl = b
         .destination_url
         .parse()
@@ -282,8 +277,7 @@ pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
 
 /// Parses and checks a `vm.receive-migration` body.
 pub fn parse_receive_migration(body: &[u8]) -> Result<ReceiveMigration, ApiError> {
-    let b: ReceiveMigrationBody =
-        super::json_object(body).map_err(|e| json_error("vm.receive-migration", e))?;
+    let b: ReceiveMigrationBody = super::json_body("vm.receive-migration", body)?;
     log_unknown("vm.receive-migration", &b.unknown);
     if let Some(m @ MemoryMode::Postcopy) = b.memory_mode {
         return Err(bad(format!(

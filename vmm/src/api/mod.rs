@@ -116,6 +116,15 @@ pub fn json_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Str
     Err(format!("the body must be a JSON object, not {kind}"))
 }
 
+/// A request body that must be a JSON object of type `T`; an error is a 400 naming
+/// `action` (every endpoint with a body reads it through here).
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
+    action: &str,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    json_object(body).map_err(|e| ApiError::BadRequest(format!("{action}: invalid JSON body: {e}")))
+}
+
 /// Parses and checks a `vm.create` body.
 pub fn parse_vm_config(body: &[u8]) -> Result<VmConfig, ApiError> {
     let mut config: VmConfig = json_object(body)
@@ -247,8 +256,7 @@ struct CoredumpBody {
 
 /// Parses and checks a `vm.coredump` body: the file its `file://` URL names.
 pub fn parse_coredump(body: &[u8]) -> Result<std::path::PathBuf, ApiError> {
-    let b: CoredumpBody = json_object(body)
-        .map_err(|e| ApiError::BadRequest(format!("vm.coredump: invalid JSON body: {e}")))?;
+    let b: CoredumpBody = json_body("vm.coredump", body)?;
     crate::coredump::destination_path(&b.destination_url)
         .map_err(|e| ApiError::BadRequest(e.to_string()))
 }

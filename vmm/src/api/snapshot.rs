@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::migration::{log_unknown, UnknownFields};
-use super::{begin_on_paused, begin_without_vm, json_object, ApiError, Vmm};
+use super::{begin_on_paused, begin_without_vm, json_body, ApiError, Vmm};
 use crate::events;
 use crate::migration::{MachineDestination, MachineSource};
 use crate::snapshot;
@@ -65,8 +65,7 @@ fn bad(action: &str, e: impl std::fmt::Display) -> ApiError {
 /// Parses a `vm.snapshot` body: the directory its `file://` URL names.
 pub fn parse_snapshot(body: &[u8]) -> Result<PathBuf, ApiError> {
     const ACTION: &str = "vm.snapshot";
-    let b: SnapshotBody =
-        json_object(body).map_err(|e| bad(ACTION, format!("invalid JSON body: {e}")))?;
+    let b: SnapshotBody = json_body(ACTION, body)?;
     log_unknown(ACTION, &b.unknown);
     snapshot::dir_from_url(&b.destination_url).map_err(|e| bad(ACTION, e))
 }
@@ -74,8 +73,7 @@ pub fn parse_snapshot(body: &[u8]) -> Result<PathBuf, ApiError> {
 /// Parses a `vm.restore` body. What Ferry cannot do is refused naming field and value.
 pub fn parse_restore(body: &[u8]) -> Result<Restore, ApiError> {
     const ACTION: &str = "vm.restore";
-    let b: RestoreBody =
-        json_object(body).map_err(|e| bad(ACTION, format!("invalid JSON body: {e}")))?;
+    let b: RestoreBody = json_body(ACTION, body)?;
     log_unknown(ACTION, &b.unknown);
     if b.memory_restore_mode == MemoryRestoreMode::OnDemand {
         return Err(bad(

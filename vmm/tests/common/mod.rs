@@ -270,17 +270,13 @@ pub fn wait_serial(path: &Path, pat: &str, from: usize, timeout: Duration) -> us
 
 /// Waits until each of the `verify` guest's `cpus` vCPUs has checked its whole share
 /// twice more after byte `pos` of the serial log at `serial` (every page checked after
-/// whatever happened at `pos`); fails on a MISMATCH or FAIL line anywhere in it.
-pub fn verified_twice_more(serial: &Path, pos: usize, cpus: u32) {
+/// whatever happened at `pos`), each check within `each`; fails on a MISMATCH or FAIL
+/// line anywhere in it.
+pub fn verified_twice_more(serial: &Path, pos: usize, cpus: u32, each: Duration) {
     let mut pos = pos;
     for _ in 0..2 {
         for cpu in 0..cpus {
-            wait_serial(
-                serial,
-                &format!("guest: verified {cpu} "),
-                pos,
-                Duration::from_secs(120),
-            );
+            wait_serial(serial, &format!("guest: verified {cpu} "), pos, each);
         }
         pos = std::fs::metadata(serial).map_or(0, |m| m.len() as usize);
     }
