@@ -89,6 +89,8 @@ const VMM: &[c_long] = &[
     SYS_seccomp,
     SYS_sendmsg,
     SYS_sendto,
+    // The dirty limiter's thread raises its own priority (vmm/src/dirty_rate.rs).
+    SYS_setpriority,
     SYS_setsockopt,
     SYS_shutdown,
     SYS_socket,

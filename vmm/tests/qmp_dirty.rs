@@ -283,14 +283,19 @@ fn calc_dirty_rate_through_qemu_qmp_matches_the_guest() {
 
 /// One phase of the limit test: waits for the limiter to settle, then measures with
 /// `calc-dirty-rate` while following the guest's own pass lines over the same window.
-/// Returns (Ferry's per-vCPU pages/s, the guest's per-vCPU pages/s).
-fn limited_phase(q: &mut Qmp, serial: &Path, share: u64) -> (Vec<f64>, Vec<Option<f64>>) {
+fn limited_phase(q: &mut Qmp, pid: u32, serial: &Path, share: u64) -> Phase {
     std::thread::sleep(Duration::from_secs(1));
     let mut passes = PassWatch::new(serial);
+    let waited_before = runqueue_wait(pid);
     let from = Instant::now();
     assert_eq!(q.ok("calc-dirty-rate", json!({"calc-time": 8})), json!({}));
     passes.watch_for(Duration::from_secs(8));
     let to = Instant::now();
+    let waited = runqueue_wait(pid)
+        .iter()
+        .zip(&waited_before)
+        .map(|(after, before)| after.saturating_sub(*before).as_secs_f64() / 8.0)
+        .collect();
     let end = Instant::now() + Duration::from_secs(30);
     let r = loop {
         let r = q.ok("query-dirty-rate", json!({}));
@@ -300,8 +305,42 @@ fn limited_phase(q: &mut Qmp, serial: &Path, share: u64) -> (Vec<f64>, Vec<Optio
         assert!(Instant::now() < end, "still measuring: {r}");
         std::thread::sleep(Duration::from_millis(50));
     };
-    let guest = (0..2).map(|c| passes.rate(c, share, from, to)).collect();
-    (vcpu_pages_per_second(&r), guest)
+    Phase {
+        ferry: vcpu_pages_per_second(&r),
+        guest: (0..2).map(|c| passes.rate(c, share, from, to)).collect(),
+        waited,
+    }
+}
+
+/// What one phase of the limit test measured, per vCPU.
+struct Phase {
+    /// Ferry's exact pages/s (`x-ferry-pages-per-second`).
+    ferry: Vec<f64>,
+    /// The guest's own workload pages/s, from its pass lines.
+    guest: Vec<Option<f64>>,
+    /// The share of the window the vCPU thread spent runnable but waiting for a host CPU.
+    waited: Vec<f64>,
+}
+
+/// How long each vCPU thread (`vcpu0`, `vcpu1`) of process `pid` has waited for a host
+/// CPU while runnable (the second field of `/proc/PID/task/TID/schedstat`). Zero where
+/// the host does not say.
+fn runqueue_wait(pid: u32) -> [Duration; 2] {
+    let mut out = [Duration::ZERO; 2];
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let Some(i) = ["vcpu0", "vcpu1"].iter().position(|n| comm.trim() == *n) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        if let Some(ns) = stat.split_whitespace().nth(1).and_then(|w| w.parse().ok()) {
+            out[i] = Duration::from_nanos(ns);
+        }
+    }
+    out
 }
 
 /// What a phase of the limit test expects of one vCPU.
@@ -314,7 +353,8 @@ enum Want {
 }
 
 /// (b) `set-vcpu-dirty-limit` holds each vCPU of a guest dirtying flat out at its limit:
-/// within 10 % by Ferry's `calc-dirty-rate` (its exact pages/s beside QMP's whole MiB/s),
+/// within 10 % by Ferry's `calc-dirty-rate` (its exact pages/s: at most 10 % over, and at
+/// most 10 % under in the time the vCPU's thread had a host CPU),
 /// cross-checked with the guest's own progress lines (its workload stays under the limit
 /// and gets most of it); each vCPU on its own (two limits, then one limited and one
 /// free), and `cancel` lets it run free again.
@@ -342,10 +382,16 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
             .map(|c| passes.rate(c, share, from, Instant::now()))
             .collect()
     };
-    let check = |what: &str, ferry: &[f64], guest: &[Option<f64>], want: [Want; 2]| {
-        eprintln!("{what}: Ferry measured {ferry:.0?} pages/s, the guest reports {guest:.0?}");
+    let check = |what: &str, p: &Phase, want: [Want; 2]| {
+        eprintln!(
+            "{what}: Ferry measured {:.0?} pages/s, the guest reports {:.0?}, the vCPU \
+             threads waited for a host CPU {:.0?} % of the window",
+            p.ferry,
+            p.guest,
+            p.waited.iter().map(|w| w * 100.0).collect::<Vec<_>>()
+        );
         for c in 0..2 {
-            let g = guest[c].unwrap_or_else(|| panic!("{what}: vCPU {c}: no pass lines"));
+            let g = p.guest[c].unwrap_or_else(|| panic!("{what}: vCPU {c}: no pass lines"));
             match want[c] {
                 Want::Free(min) => assert!(
                     g > min,
@@ -353,12 +399,26 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
                 ),
                 Want::Limit(mib) => {
                     let limit = mib * PAGES_PER_MIB;
-                    // QMP's whole MiB/s, as a QEMU user reads it (the exact figure
-                    // swings about ±11 % on this host: printed above).
+                    let f = p.ferry[c];
+                    // Ferry's exact count: never more than 10 % over the limit.
                     assert!(
-                        within_rounded((ferry[c] / PAGES_PER_MIB).round() as i64, mib, 0.10),
-                        "{what}: vCPU {c} measured at {:.0} pages/s, limit {limit} (all: {ferry:?})",
-                        ferry[c]
+                        f <= limit * 1.10,
+                        "{what}: vCPU {c} measured at {f:.0} pages/s, over its limit \
+                         {limit} by more than 10 % (all: {:?})",
+                        p.ferry
+                    );
+                    // And not held more than 10 % under it in the time its thread had a
+                    // host CPU to run on: a vCPU the host keeps waiting cannot dirty, and
+                    // that is no fault of the limit (on this 2-core host, beside other
+                    // tests' guests, a vCPU thread waits 0-40 % of the window).
+                    let could = limit * (1.0 - p.waited[c]);
+                    assert!(
+                        f >= could * 0.90,
+                        "{what}: vCPU {c} measured at {f:.0} pages/s, limit {limit}: more \
+                         than 10 % under the {could:.0} it could reach while its thread \
+                         had a CPU ({:.0} % of the window waiting; all: {:?})",
+                        p.waited[c] * 100.0,
+                        p.ferry
                     );
                     // The guest's own account counts its workload's pages only, while
                     // the limit counts every page the vCPU dirties: also its stack and
@@ -371,29 +431,31 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
                     assert!(
                         g <= limit * 1.10 && g >= limit * 0.4,
                         "{what}: vCPU {c}: the guest reports {g:.0} pages/s of its \
-                         workload, the limit is {limit} (Ferry measured {ferry:?} MiB/s)"
+                         workload, the limit is {limit} (Ferry measured {:?} pages/s)",
+                        p.ferry
                     );
                 }
             }
         }
     };
+    let free = |d: Duration| Phase {
+        ferry: vec![0.0; 2],
+        guest: free_for(d),
+        waited: vec![0.0; 2],
+    };
     // Without dirty logging the guest runs far above every limit used below.
     // Without a limit the guest runs well above the limits (about its own pace).
     let fast = Want::Free(1.5 * 2.0 * PAGES_PER_MIB);
-    check(
-        "free",
-        &[0.0, 0.0],
-        &free_for(Duration::from_secs(4)),
-        [fast, fast],
-    );
+    check("free", &free(Duration::from_secs(4)), [fast, fast]);
 
     // Every vCPU at 4 MiB/s.
     assert_eq!(
         q.ok("set-vcpu-dirty-limit", json!({"dirty-rate": 2})),
         json!({})
     );
-    let (f, g) = limited_phase(&mut q, &serial, share);
-    check("both at 2", &f, &g, [Want::Limit(2.0), Want::Limit(2.0)]);
+    let pid = ferry.child.id();
+    let p = limited_phase(&mut q, pid, &serial, share);
+    check("both at 2", &p, [Want::Limit(2.0), Want::Limit(2.0)]);
     let limits = q.ok("query-vcpu-dirty-limit", json!({}));
     let list = limits.as_array().unwrap();
     assert_eq!(list.len(), 2, "{limits}");
@@ -410,8 +472,8 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
         "set-vcpu-dirty-limit",
         json!({"cpu-index": 1, "dirty-rate": 3}),
     );
-    let (f, g) = limited_phase(&mut q, &serial, share);
-    check("2 and 3", &f, &g, [Want::Limit(2.0), Want::Limit(3.0)]);
+    let p = limited_phase(&mut q, pid, &serial, share);
+    check("2 and 3", &p, [Want::Limit(2.0), Want::Limit(3.0)]);
 
     // vCPU 0 free again, vCPU 1 still held. Dirty logging stays on for vCPU 1's limit,
     // and every page costs vCPU 0 a fault: on a loaded host it may not keep its own pace,
@@ -420,18 +482,13 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
     let limits = q.ok("query-vcpu-dirty-limit", json!({}));
     assert_eq!(limits.as_array().unwrap().len(), 1, "{limits}");
     assert_eq!(limits[0]["cpu-index"], 1, "{limits}");
-    let (f, g) = limited_phase(&mut q, &serial, share);
-    check("free and 3", &f, &g, [fast, Want::Limit(3.0)]);
+    let p = limited_phase(&mut q, pid, &serial, share);
+    check("free and 3", &p, [fast, Want::Limit(3.0)]);
 
     q.ok("cancel-vcpu-dirty-limit", json!({}));
     assert_eq!(q.ok("query-vcpu-dirty-limit", json!({})), json!([]));
     std::thread::sleep(Duration::from_millis(300));
-    check(
-        "all cancelled",
-        &[0.0, 0.0],
-        &free_for(Duration::from_secs(4)),
-        [fast, fast],
-    );
+    check("all cancelled", &free(Duration::from_secs(4)), [fast, fast]);
     drop(ferry);
 }
 
