@@ -74,6 +74,10 @@ MODES = {
     "qemu-bitmap": "QEMU dirty bitmap",
     "ferry-lo": "Ferry loopback",
     "ferry-netns": "Ferry netns (veth)",
+    # The same with `--switch-over Fits` (pause as soon as the rest fits the downtime,
+    # QEMU's rule) in place of the default MinDowntime.
+    "ferry-lo-fits": "Ferry loopback, switch-over Fits",
+    "ferry-netns-fits": "Ferry netns (veth), switch-over Fits",
 }
 PROGRESS = {
     "dirty": re.compile(r"guest: pass (\d+) (\d+)\r?\n"),
@@ -456,7 +460,7 @@ def ferry_pause_resume_ms(src_log, dst_log):
 
 
 def run_ferry(w, mode, d, port, rec):
-    netns = mode == "ferry-netns"
+    netns = mode.startswith("ferry-netns")
     ns_a, ns_b = (NS_A, NS_B) if netns else (None, None)
     host = ADDR_B if netns else "127.0.0.1"
     listen = f"tcp:0.0.0.0:{port}" if netns else f"tcp:127.0.0.1:{port}"
@@ -480,8 +484,9 @@ def run_ferry(w, mode, d, port, rec):
         rec["boot_s"] = round(time.monotonic() - src.started, 2)
         time.sleep(SETTLE_S)
         t0 = time.monotonic()
+        fits = ["--switch-over", "Fits"] if mode.endswith("-fits") else []
         send = Proc([REMOTE, "--api-socket", ssock, "send-migration", f"tcp:{host}:{port}",
-                     "--downtime-ms", str(DOWNTIME_MS)], f"{d}/send.out")
+                     "--downtime-ms", str(DOWNTIME_MS)] + fits, f"{d}/send.out")
         helpers.append(send)
         end = t0 + MIGRATION_TIMEOUT_S
         while send.alive() or recv.alive():
@@ -643,7 +648,7 @@ def table(runs, wkeys, modes):
                 cells.append(fmt(s, p))
             ok = sum(r["ok"] for r in mr)
             out.append(f"| {MODES[m]} | {ok}/{len(mr)} | " + " | ".join(cells) + " |")
-        for fm in ("ferry-lo", "ferry-netns"):
+        for fm in ("ferry-lo", "ferry-netns", "ferry-lo-fits", "ferry-netns-fits"):
             if fm not in modes or not any(r["mode"] == fm for r in rs):
                 continue
             cells = []
@@ -808,7 +813,7 @@ def main():
     for m in modes:
         if m not in MODES:
             sys.exit(f"unknown mode {m} ({' '.join(MODES)})")
-    if "ferry-netns" in modes and not (NS_A and NS_B and ADDR_B):
+    if any(m.startswith("ferry-netns") for m in modes) and not (NS_A and NS_B and ADDR_B):
         sys.exit("ferry-netns needs NS_A, NS_B and ADDR_B (run scripts/bench_vs_qemu.sh)")
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = os.environ.get("BENCH_CMD", "scripts/dev_cli.sh bench vs-qemu")

@@ -18,7 +18,7 @@ pub mod transport;
 pub use engine::{
     receive_migration, receive_migration_from, send_migration, send_migration_parallel,
     AcceptChannel, DestinationVm, HookResult, ReceiveError, ReceiveOptions, SendError, SendOptions,
-    SourceVm, TimeoutStrategy,
+    SourceVm, SwitchOver, TimeoutStrategy,
 };
 pub use protocol::{RamRange, PAGE_SIZE};
 pub use stats::{MigrationInfo, MigrationProgress, MigrationStatus};

@@ -17,8 +17,8 @@ use vm_migration::transport::FdUnixStream;
 use vm_migration::{
     receive_migration, receive_migration_from, send_migration, send_migration_parallel,
     DestinationVm, HookResult, MigrationInfo, MigrationProgress, MigrationStatus, MigrationStream,
-    RamRange, ReceiveError, ReceiveOptions, SendError, SendOptions, SourceVm, TimeoutStrategy,
-    PAGE_SIZE,
+    RamRange, ReceiveError, ReceiveOptions, SendError, SendOptions, SourceVm, SwitchOver,
+    TimeoutStrategy, PAGE_SIZE,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -332,6 +332,7 @@ fn fast_opts(downtime: Duration, timeout: Duration, strategy: TimeoutStrategy) -
         chunk_pages: 64,
         local_memory: false,
         auto_converge: true,
+        switch_over: SwitchOver::MinDowntime,
     }
 }
 
@@ -521,6 +522,37 @@ fn non_convergence_with_ignore_switches_over() {
     stop.store(true, Ordering::Relaxed);
     guest.join().unwrap();
     assert!(info.iterations.len() > 1);
+    let (dr, d) = dest.join().unwrap();
+    dr.expect("destination");
+    assert_migrated(&src, &d);
+}
+
+/// `switch_over: Fits` pauses after the first pass whose leftovers fit the downtime (here
+/// pass 0: any dirty set fits 10 s), and what the guest wrote meanwhile still arrives.
+#[test]
+fn the_fits_rule_pauses_after_the_first_pass_that_fits() {
+    let src = FakeSource::new(true);
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = src.run_guest(Duration::from_micros(50), stop.clone());
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = spawn_destination(b, FakeDestination::default());
+    let opts = SendOptions {
+        switch_over: SwitchOver::Fits,
+        ..fast_opts(
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+            TimeoutStrategy::Cancel,
+        )
+    };
+    let info = send_migration(&*src, a, &opts, &MigrationProgress::new()).expect("migration");
+    stop.store(true, Ordering::Relaxed);
+    guest.join().unwrap();
+    let passes: Vec<u64> = info.iterations.iter().map(|i| i.pages).collect();
+    assert_eq!(
+        passes.len(),
+        2,
+        "pass 0 and the final pass; sent {passes:?}"
+    );
     let (dr, d) = dest.join().unwrap();
     dr.expect("destination");
     assert_migrated(&src, &d);

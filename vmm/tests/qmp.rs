@@ -246,11 +246,14 @@ fn migration_through_qmp() {
     let (src, serial) = verify_guest(&dir, &sock_a, "2");
     let pos = wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(60));
     let mut a = Qmp::negotiated(&sock_a);
-    a.ok("migrate-set-parameters", json!({"downtime-limit": 300}));
-    assert_eq!(
-        a.ok("query-migrate-parameters", json!({}))["downtime-limit"],
-        300
+    // Ferry's own parameter beside QEMU's: QEMU's switch-over rule.
+    a.ok(
+        "migrate-set-parameters",
+        json!({"downtime-limit": 300, "x-ferry-switch-over": "fits"}),
     );
+    let p = a.ok("query-migrate-parameters", json!({}));
+    assert_eq!(p["downtime-limit"], 300, "{p}");
+    assert_eq!(p["x-ferry-switch-over"], "fits", "{p}");
     let (_, desc) = error_of(&a.cmd("migrate", json!({"uri": uri, "blk": true})));
     assert!(desc.contains("blk=true"), "{desc}");
     assert_eq!(a.ok("migrate", json!({"uri": uri})), json!({}));
@@ -270,6 +273,10 @@ fn migration_through_qmp() {
     // QEMU would stay in postmigrate; Ferry's source ends once the VM moved.
     let (code, out) = src.wait(Duration::from_secs(10));
     assert_eq!(code, Some(0), "the source exits after its VM moved:\n{out}");
+    assert!(
+        out.contains("switch-over rule Fits"),
+        "the source's log does not name the rule set over QMP:\n{out}"
+    );
 
     b.event(
         "MIGRATION",

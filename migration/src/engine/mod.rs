@@ -14,7 +14,7 @@ use std::time::Duration;
 pub use destination::{
     receive_migration, receive_migration_from, AcceptChannel, ReceiveError, ReceiveOptions,
 };
-pub use source::{send_migration, send_migration_parallel, SendError, SendOptions};
+pub use source::{send_migration, send_migration_parallel, SendError, SendOptions, SwitchOver};
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 

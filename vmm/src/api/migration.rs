@@ -31,6 +31,16 @@ pub enum TimeoutStrategy {
     Ignore,
 }
 
+/// When the source pauses the guest for the last pass (Ferry's `switch_over`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SwitchOver {
+    /// As soon as the dirty pages left fit `downtime_ms` (QEMU's rule).
+    Fits,
+    /// Once they fit, go on while each pass leaves clearly fewer (a pause of a few ms).
+    #[default]
+    MinDowntime,
+}
+
 /// How guest memory moves.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MemoryMode {
@@ -83,6 +93,9 @@ struct SendMigrationBody {
     /// Ferry's own: throttle the vCPUs when the migration does not converge (default on).
     #[serde(default)]
     auto_converge: Option<bool>,
+    /// Ferry's own: when to pause for the last pass (default `MinDowntime`).
+    #[serde(default)]
+    switch_over: Option<SwitchOver>,
     /// Migrate over TLS: ca-cert.pem, client-cert.pem, client-key.pem (cloud-hypervisor's).
     #[serde(default)]
     tls_dir: Option<std::path::PathBuf>,
@@ -111,6 +124,8 @@ pub struct SendMigration {
     pub memory_mode: MemoryMode,
     /// Throttle the vCPUs while the dirty set stops shrinking (Ferry's extension).
     pub auto_converge: bool,
+    /// When to pause for the last pass (Ferry's extension).
+    pub switch_over: SwitchOver,
     /// Over TLS with these credentials (checked loadable when the request came).
     pub tls_dir: Option<std::path::PathBuf>,
     /// Someone waits for [`MigrationHandler::send`]'s result and passes the outcome on
@@ -270,6 +285,7 @@ pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
         connections,
         memory_mode,
         auto_converge: b.auto_converge.unwrap_or(true),
+        switch_over: b.switch_over.unwrap_or_default(),
         tls_dir: b.tls_dir,
         wait_for_completion: b.wait_for_completion.unwrap_or(false),
     })
@@ -535,6 +551,9 @@ mod tests {
         assert_eq!(s.timeout_strategy, TimeoutStrategy::Cancel);
         assert_eq!(s.connections, 1);
         assert_eq!(s.memory_mode, MemoryMode::Precopy);
+        assert_eq!(s.switch_over, SwitchOver::MinDowntime);
+        let s = send(r#"{"destination_url":"tcp:h:1","switch_over":"Fits"}"#).unwrap();
+        assert_eq!(s.switch_over, SwitchOver::Fits);
         let s = send(r#"{"destination_url":"unix:/s","local":true}"#).unwrap();
         assert_eq!(s.memory_mode, MemoryMode::MemFDs);
         let s = send(
@@ -580,6 +599,10 @@ mod tests {
             (
                 r#"{"destination_url":"tcp:h:1","memory_mode":"Fast"}"#,
                 "Fast",
+            ),
+            (
+                r#"{"destination_url":"tcp:h:1","switch_over":"Soon"}"#,
+                "Soon",
             ),
             (
                 r#"{"destination_url":"tcp:h:1","tls_dir":"/nonexistent-ferry-tls"}"#,

@@ -102,6 +102,10 @@ enum Command {
         /// Never throttle the vCPUs, even when the migration does not converge.
         #[arg(long = "no-auto-converge")]
         no_auto_converge: bool,
+        /// When to pause for the last pass: Fits (as soon as the rest fits the downtime,
+        /// QEMU's rule) or MinDowntime (go on while the rest still shrinks; the default).
+        #[arg(long = "switch-over", value_name = "RULE")]
+        switch_over: Option<String>,
         /// Migrate over TLS (tcp: only): DIR holds ca-cert.pem, client-cert.pem and
         /// client-key.pem; the destination's certificate must be for the URL's host.
         #[arg(long = "tls-dir", value_name = "DIR")]
@@ -207,6 +211,7 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
             memory_mode,
             local,
             no_auto_converge,
+            switch_over,
             tls_dir,
             no_wait: _,
         } => {
@@ -233,6 +238,9 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
             }
             if *no_auto_converge {
                 b.insert("auto_converge".into(), json!(false));
+            }
+            if let Some(v) = switch_over {
+                b.insert("switch_over".into(), json!(v));
             }
             if let Some(d) = tls_dir {
                 b.insert("tls_dir".into(), json!(absolute("--tls-dir", d)?));

@@ -13,7 +13,9 @@ use vm_migration::{
 use super::tls::{ClientTls, ServerTls};
 use super::transport::{LaneAcceptor, Listener, Stream};
 use super::{MachineDestination, MachineSource};
-use crate::api::migration::{MemoryMode, ReceiveMigration, SendMigration, TimeoutStrategy};
+use crate::api::migration::{
+    MemoryMode, ReceiveMigration, SendMigration, SwitchOver, TimeoutStrategy,
+};
 use crate::api::{ApiError, MigrationHandler, Vmm};
 use crate::events;
 
@@ -194,6 +196,10 @@ impl LiveMigration {
         let opts = SendOptions {
             local_memory,
             auto_converge: req.auto_converge,
+            switch_over: match req.switch_over {
+                SwitchOver::Fits => vm_migration::SwitchOver::Fits,
+                SwitchOver::MinDowntime => vm_migration::SwitchOver::MinDowntime,
+            },
             ..SendOptions::new(req.downtime_ms, req.timeout_s, strategy)
         };
         let source = MachineSource::new(machine.clone());

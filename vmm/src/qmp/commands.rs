@@ -13,7 +13,9 @@ use serde_json::{json, Map, Value};
 
 use super::protocol::{self, Command, Failure};
 use super::server::{no_data, Clients, Conn};
-use crate::api::migration::{parse_receive_migration, parse_send_migration, MigrationUrl};
+use crate::api::migration::{
+    parse_receive_migration, parse_send_migration, MigrationUrl, SwitchOver,
+};
 use crate::api::{ApiError, VmState, Vmm};
 
 /// The commands served, in `query-commands`' order.
@@ -85,6 +87,8 @@ pub struct Parameters {
     pub max_bandwidth: u64,
     /// Used as the number of TCP connections (Ferry's `connections`); 1 by default.
     pub multifd_channels: u64,
+    /// Ferry's `x-ferry-switch-over`: when to pause for the last pass.
+    pub switch_over: SwitchOver,
 }
 
 impl Default for Parameters {
@@ -93,6 +97,7 @@ impl Default for Parameters {
             downtime_limit: crate::api::migration::DEFAULT_DOWNTIME_MS,
             max_bandwidth: DEFAULT_MAX_BANDWIDTH,
             multifd_channels: 1,
+            switch_over: SwitchOver::default(),
         }
     }
 }
@@ -103,6 +108,10 @@ impl Parameters {
             "downtime-limit": self.downtime_limit,
             "max-bandwidth": self.max_bandwidth,
             "multifd-channels": self.multifd_channels,
+            "x-ferry-switch-over": match self.switch_over {
+                SwitchOver::Fits => "fits",
+                SwitchOver::MinDowntime => "min-downtime",
+            },
         })
     }
 
@@ -151,10 +160,22 @@ impl Parameters {
                     }
                     next.multifd_channels = n;
                 }
+                "x-ferry-switch-over" => {
+                    next.switch_over = match v.as_str() {
+                        Some("fits") => SwitchOver::Fits,
+                        Some("min-downtime") => SwitchOver::MinDowntime,
+                        _ => {
+                            return Err(Failure::generic(format!(
+                                "Parameter 'x-ferry-switch-over' expects 'fits' or \
+                                 'min-downtime' (got {v})"
+                            )))
+                        }
+                    };
+                }
                 k if UNSUPPORTED_PARAMETERS.contains(&k) => {
                     return Err(Failure::generic(format!(
                         "Parameter '{k}' is not supported by Ferry (it takes downtime-limit, \
-                         max-bandwidth, multifd-channels)"
+                         max-bandwidth, multifd-channels, x-ferry-switch-over)"
                     )))
                 }
                 k => return Err(Failure::generic(format!("Parameter '{k}' is unexpected"))),
@@ -453,6 +474,7 @@ impl Shared {
             "destination_url": uri,
             "downtime_ms": p.downtime_limit,
             "connections": connections,
+            "switch_over": p.switch_over,
         });
         let mut request = parse_send_migration(body.to_string().as_bytes()).map_err(api_failure)?;
         // Its end is told by QMP (the MIGRATION events): the source may end right after a
@@ -656,13 +678,14 @@ mod tests {
     #[test]
     fn parameters_are_checked_all_or_none() {
         let mut p = Parameters::default();
-        p.set(&args(
-            json!({"downtime-limit": 50, "max-bandwidth": 1000, "multifd-channels": 4}),
-        ))
-        .unwrap();
+        assert_eq!(p.to_json()["x-ferry-switch-over"], "min-downtime");
+        p.set(&args(json!({"downtime-limit": 50, "max-bandwidth": 1000,
+                           "multifd-channels": 4, "x-ferry-switch-over": "fits"})))
+            .unwrap();
         assert_eq!(
             p.to_json(),
-            json!({"downtime-limit": 50, "max-bandwidth": 1000, "multifd-channels": 4})
+            json!({"downtime-limit": 50, "max-bandwidth": 1000, "multifd-channels": 4,
+                   "x-ferry-switch-over": "fits"})
         );
         for (a, needle) in [
             (json!({"downtime-limit": 2_000_001}), "2000001"),
@@ -675,6 +698,10 @@ mod tests {
                 "'tls-creds' is not supported by Ferry",
             ),
             (json!({"bogus": 1}), "'bogus' is unexpected"),
+            (
+                json!({"x-ferry-switch-over": "soon"}),
+                "expects 'fits' or 'min-downtime' (got \"soon\")",
+            ),
             (json!({"downtime-limit": 10, "bogus": 1}), "'bogus'"),
         ] {
             let before = p.clone();
