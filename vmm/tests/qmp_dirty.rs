@@ -390,9 +390,9 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
             p.guest,
             p.waited.iter().map(|w| w * 100.0).collect::<Vec<_>>()
         );
-        for c in 0..2 {
+        for (c, want) in want.into_iter().enumerate() {
             let g = p.guest[c].unwrap_or_else(|| panic!("{what}: vCPU {c}: no pass lines"));
-            match want[c] {
+            match want {
                 Want::Free(min) => assert!(
                     g > min,
                     "{what}: vCPU {c} has no limit yet runs at {g:.0} pages/s (<= {min})"
