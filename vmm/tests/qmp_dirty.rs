@@ -362,14 +362,16 @@ enum Want {
 fn dirty_limit_holds_each_vcpu_at_its_limit() {
     let dir = tmpdir("dirty-limit");
     // The guest paces itself at 2048 pages/s per vCPU (8 MiB/s), above the limits of 2
-    // and 3 MiB/s (with two busy loops beside the tests, a vCPU kept only 1200 of it). Not flat out: a limit counts dirty
-    // pages, and a vCPU running free for a moment (a loaded host runs the limiter late)
-    // rewrites its share many times over between two harvests for one entry a page, so
-    // its own pass count would say nothing about the limit. Paced, it writes each page of
-    // its 1024-page share once per pass (every 2 s at 2 MiB/s, long after the limiter's
-    // harvest): one entry per write, and a pass line every 0.5-2 s over the 8 s window.
-    let share = 1024;
-    let (ferry, sock, serial) = dirty_guest(&dir, "workload=dirty start=1M size=8M rate=2048", &[]);
+    // and 3 MiB/s (with two busy loops beside the tests, a vCPU kept only 1200 of it). Not
+    // flat out: a limit counts dirty pages, and a vCPU running free for a moment (a
+    // loaded host runs the limiter late) rewrites its share many times over between two
+    // harvests for one entry a page, so its own pass count would say nothing about the
+    // limit. Paced, it writes each page of its 512-page share once per pass (every second
+    // at 2 MiB/s, long after the limiter's harvest): one entry per write, and a pass line
+    // every 0.25-1.2 s over the 8 s window. (With 1024 pages a loaded run saw only two
+    // lines of a vCPU in a window, too few for a rate.)
+    let share = 512;
+    let (ferry, sock, serial) = dirty_guest(&dir, "workload=dirty start=1M size=4M rate=2048", &[]);
     wait_serial(&serial, "guest: pass 1 1", 0, Duration::from_secs(60));
     let mut q = Qmp::negotiated(&sock);
     assert_eq!(q.ok("query-vcpu-dirty-limit", json!({})), json!([]));
