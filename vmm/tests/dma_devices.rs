@@ -747,8 +747,15 @@ fn viommu_move(tag: u8, cpus: u32, dma: &str, ring: bool) -> Moved {
 }
 
 fn viommu_run(tag: u8, cpus: u32, dma: &str, ring: bool) -> Move {
+    viommu_run_detach(tag, cpus, dma, ring, true)
+}
+
+/// [`viommu_run`], with the guest detaching and re-attaching its endpoint each pass or not.
+fn viommu_run_detach(tag: u8, cpus: u32, dma: &str, ring: bool, detach: bool) -> Move {
+    let detach = if detach { "on" } else { "off" };
     let cmdline = format!(
-        "workload=dma-verify dma={dma} size=16M iommu=on remap=on detach=on nested-dirty=on"
+        "workload=dma-verify dma={dma} size=16M iommu=on remap=on detach={detach} \
+         nested-dirty=on"
     );
     let mut m = Move::of(
         tag,
@@ -789,10 +796,13 @@ fn viommu_blk_remap_detach_nested_dirty_moves_in_bitmap_mode() {
 
 /// The seam: a source that throws away the DMA log of the devices behind the vIOMMU
 /// (and only that) loses pages the device rewrote after they were sent; the guest on B
-/// catches it. The same run without the seam is clean (the tests above).
+/// catches it. The same run without the seam is clean (the tests above). The guest does
+/// not detach here: a detach makes the whole footprint dirty (rule 5), so a move whose
+/// last live pass followed a detach loses nothing even with the seam (once in CI).
 #[test]
 fn a_dropped_viommu_dma_log_is_caught_by_the_guest_after_the_move() {
-    let moved = migrate(viommu_run(65, 1, "rng", true).seam("FERRY_TEST_DROP_VIOMMU_LOG", "1"));
+    let run = viommu_run_detach(65, 1, "rng", true, false);
+    let moved = migrate(run.seam("FERRY_TEST_DROP_VIOMMU_LOG", "1"));
     assert_loss_caught(&moved, "the lost DMA writes");
 }
 
