@@ -208,50 +208,63 @@ def _stat_ticks(path):
 
 
 def cpu_sample(pid):
-    """The process's CPU time outside its vCPU threads, in seconds: the whole process's
-    user + system time (threads that already ended included) less that of its vCPU
-    threads. None once the process is gone."""
+    """`(ticks, vcpus)`: the whole process's user + system clock ticks (threads that
+    already ended included) and those of each live vCPU thread by thread id. None once the
+    process is gone."""
     try:
         total = _stat_ticks(f"/proc/{pid}/stat")
-        vcpus = 0
+        vcpus = {}
         for tid in os.listdir(f"/proc/{pid}/task"):
             try:
                 with open(f"/proc/{pid}/task/{tid}/comm") as f:
                     if VCPU_THREAD.match(f.read().strip()):
-                        vcpus += _stat_ticks(f"/proc/{pid}/task/{tid}/stat")
+                        vcpus[tid] = _stat_ticks(f"/proc/{pid}/task/{tid}/stat")
             except (OSError, IndexError, ValueError):
-                pass  # the thread ended meanwhile: its time is in the total
+                pass  # the thread ended meanwhile
     except (OSError, IndexError, ValueError):
         return None
-    return (total - vcpus) / CLK_TCK
+    return total, vcpus
 
 
 class CpuMeter:
-    """CPU seconds one VMM process spent outside its vCPUs between `start` and `stop`;
-    `poll` keeps a recent reading in case the process ends before `stop`."""
+    """CPU seconds one VMM process spent outside its vCPU threads between `start` and
+    `stop`. Ferry's source ends its vCPU threads right after the pause, before the
+    migration counts as done, while a process's total keeps the time of ended threads: so
+    `poll` (called every 20 ms meanwhile) keeps each vCPU thread's last reading, and the
+    process's in case it ends first. A paused vCPU no longer runs, so a thread's last
+    reading is at most one poll short."""
 
     def __init__(self, proc):
         self.proc = proc
         self.first = self.last = None
-        self.polled = 0.0
+        self.vcpu_first = {}
+        self.vcpu_last = {}
+        self.result = None
+
+    def _take(self, sample):
+        if sample is None:
+            return
+        self.last = sample[0]
+        self.vcpu_last.update(sample[1])
 
     def start(self):
-        self.first = self.last = cpu_sample(self.proc.pid)
+        sample = cpu_sample(self.proc.pid)
+        if sample is not None:
+            self.first = sample[0]
+            self.vcpu_first = dict(sample[1])
+        self._take(sample)
 
-    def poll(self, every=0.1):
-        if time.monotonic() - self.polled >= every:
-            self.polled = time.monotonic()
-            v = cpu_sample(self.proc.pid)
-            if v is not None:
-                self.last = v
+    def poll(self):
+        if self.result is None:
+            self._take(cpu_sample(self.proc.pid))
 
     def stop(self):
-        v = cpu_sample(self.proc.pid)
-        if v is not None:
-            self.last = v
-        if self.first is None or self.last is None:
-            return None
-        return round(self.last - self.first, 3)
+        """The migration's CPU seconds (the first call's answer; None: not measured)."""
+        self.poll()
+        if self.result is None and self.first is not None and self.last is not None:
+            vcpu = sum(t - self.vcpu_first.get(tid, 0) for tid, t in self.vcpu_last.items())
+            self.result = round((self.last - self.first - vcpu) / CLK_TCK, 3)
+        return self.result
 
 
 def run_cmd(argv, timeout=30):
@@ -396,6 +409,8 @@ def run_qemu(w, mode, d, port, rec):
     base = [QEMU, "-accel", accel, "-cpu", QEMU_CPU, "-m", w["mem"], "-smp", str(w["cpus"]),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            # Thread names (`CPU N/KVM`), so that the CPU figures can leave the vCPUs out.
+            "-name", "vsq,debug-threads=on",
             "-kernel", GUEST, "-append", w["cmdline"]] + w.get("qemu_args", [])
     src_serial, dst_serial = f"{d}/src.serial", f"{d}/dst.serial"
     src = Proc(base + ["-serial", f"file:{src_serial}",
@@ -437,6 +452,8 @@ def run_qemu(w, mode, d, port, rec):
                     f"remaining, {ram.get('transferred', 0) // MIB} MiB sent); cancelled")
             src.read_hwm()
             dst.read_hwm()
+            src_cpu.poll()
+            dst_cpu.poll()
             time.sleep(0.02)
         rec["wall_ms"] = round((time.monotonic() - t0) * 1000)
         rec["src_cpu_s"] = src_cpu.stop()
@@ -455,7 +472,8 @@ def run_qemu(w, mode, d, port, rec):
             st = dq.cmd("query-status").get("status")
             return True if st == "running" else st
 
-        wait_until("destination status running", lambda: running() is True, 30, [dst])
+        wait_until("destination status running",
+                   lambda: dst_cpu.poll() or running() is True, 30, [dst])
         # The destination's share ends once it runs the guest (it loads the last pages and
         # the device state after the source called the migration complete).
         rec["dst_cpu_s"] = dst_cpu.stop()
@@ -577,6 +595,7 @@ def run_ferry(w, mode, d, port, rec):
                 rec["src_cpu_s"] = src_cpu.stop()
                 source_info(ssock, rec)
             src_cpu.poll()
+            dst_cpu.poll()
             if not recv.alive() and recv.status != 0:
                 raise RunFailed(f"receive-migration failed: {recv.log_tail(3)}")
             src.read_hwm()
@@ -839,7 +858,7 @@ Setup, the same for every mode: the same guest binary (`target/test-guest/guest.
 PVH ELF), memory, vCPUs and command line; one migration at a time, each round running
 QEMU ring → QEMU bitmap → Ferry loopback → Ferry netns. QEMU: `-accel kvm,dirty-ring-size=4096`
 (ring) or `-accel kvm` (bitmap), `-cpu {QEMU_CPU}`, `-kernel guest.elf -append ...`,
-`-device isa-debug-exit`, QMP on a UNIX socket: `migrate-set-parameters` downtime-limit
+`-device isa-debug-exit`, `-name vsq,debug-threads=on` (thread names only), QMP on a UNIX socket: `migrate-set-parameters` downtime-limit
 {DOWNTIME_MS} ms and max-bandwidth {MAX_BANDWIDTH // 10**9} GB/s, `migrate` to
 `tcp:127.0.0.1`, `query-migrate` every 20 ms until completed; destination started with
 `-incoming tcp:127.0.0.1:PORT`. Ferry: `send-migration --downtime-ms {DOWNTIME_MS}` through
