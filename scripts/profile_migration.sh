@@ -58,7 +58,8 @@ PSRC=$!
 "$PERF" record -q -g -F "$FREQ" -p "$DST" -o "$OUT/dst.perf" >"$OUT/perf-dst.out" 2>&1 &
 PDST=$!
 PIDS+=("$PSRC" "$PDST")
-sleep 0.5
+# perf needs a moment to attach to every thread.
+sleep 2
 "$REMOTE" --api-socket "$OUT/src.sock" send-migration "tcp:127.0.0.1:$PORT" --downtime-ms 300 \
     >"$OUT/send.out" 2>&1
 wait "$RECV"

@@ -12,10 +12,10 @@ use super::{
 };
 use crate::page_set::PageSet;
 use crate::protocol::{
-    check_ram_layout, encode, encode_memory_chunk, encode_sparse_chunk_known, features,
-    write_message, Complete, Config, Header, Hello, MemoryFd, Message, MessageReader, MessageType,
-    ProtocolError, RamRange, HEADER_LEN, MAX_CHANNELS, MAX_CHUNK_PAGES, MIN_PROTOCOL_VERSION,
-    PAGE_SIZE, PROTOCOL_VERSION,
+    begin_page_chunk, check_ram_layout, encode, encode_memory_chunk, encode_sparse_chunk_known,
+    features, finish_page_chunk, write_message, ChunkCounts, Complete, Config, Header, Hello,
+    MemoryFd, Message, MessageReader, MessageType, ProtocolError, RamRange, HEADER_LEN,
+    MAX_CHANNELS, MAX_CHUNK_PAGES, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use crate::stats::{IterationStats, MigrationInfo, MigrationProgress, MigrationStatus};
 use crate::transport::{is_cancelled, MigrationStream, Watched};
@@ -223,8 +223,8 @@ struct PassCtx<'a, V: ?Sized> {
     left: AtomicU64,
     /// Another connection failed: stop too.
     stop: AtomicBool,
-    /// The destination takes sparse chunks.
-    sparse: bool,
+    /// How chunks are encoded: what the destination takes.
+    encoding: Encoding,
     /// Precopy only: pages dirtied again since the pass began, collected while it runs.
     /// They go into the next pass; this one skips those it has not sent yet.
     redirtied: Option<Mutex<Redirtied>>,
@@ -355,27 +355,28 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
         res: &mut LaneResult,
     ) -> Result<(), SendError> {
         let len = pages as usize * PAGE_SIZE;
-        if buf.scratch.len() < len {
-            buf.scratch.resize(len, 0);
-        }
-        hook(
-            "read_pages",
-            self.vm
-                .read_pages_known_zero(gpa, &mut buf.scratch[..len], &mut buf.known_zero),
-        )?;
         let before = buf.out.len();
-        let counts = if self.sparse {
-            encode_sparse_chunk_known(gpa, &buf.scratch[..len], &buf.known_zero, &mut buf.out)?
-        } else {
-            // The plain encoder looks at every byte: give it the zeros.
-            for (page, _) in buf.scratch[..len]
-                .chunks_exact_mut(PAGE_SIZE)
-                .zip(&buf.known_zero)
-                .filter(|(_, &z)| z)
-            {
-                page.fill(0);
+        let counts = if self.encoding == Encoding::Pages {
+            // Guest RAM is copied once, straight into the frame, and encoded there.
+            let (start, place) = begin_page_chunk(gpa, pages as usize, &mut buf.out)?;
+            let read = self
+                .vm
+                .read_pages_known_zero(gpa, &mut buf.out[place], &mut buf.known_zero);
+            if let Err(e) = read {
+                buf.out.truncate(start);
+                return Err(vm_err("read_pages")(e));
             }
-            encode_memory_chunk(gpa, &buf.scratch[..len], &mut buf.out)?
+            finish_page_chunk(&mut buf.out, start, &buf.known_zero)?
+        } else {
+            if buf.scratch.len() < len {
+                buf.scratch.resize(len, 0);
+            }
+            hook(
+                "read_pages",
+                self.vm
+                    .read_pages_known_zero(gpa, &mut buf.scratch[..len], &mut buf.known_zero),
+            )?;
+            self.encode_copied(gpa, len, buf)?
         };
         let bytes = (buf.out.len() - before) as u64;
         res.pages += u64::from(pages);
@@ -400,6 +401,58 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
             i.ram.remaining = left * PAGE_SIZE as u64;
         });
         Ok(())
+    }
+}
+
+impl<V: ?Sized> PassCtx<'_, V> {
+    /// Encodes the `len` bytes of pages read into `buf.scratch` at `gpa` as a sparse or a
+    /// plain chunk (a destination that takes no page chunks).
+    fn encode_copied(
+        &self,
+        gpa: u64,
+        len: usize,
+        buf: &mut LaneBuf,
+    ) -> Result<ChunkCounts, ProtocolError> {
+        if self.encoding == Encoding::Sparse {
+            return encode_sparse_chunk_known(
+                gpa,
+                &buf.scratch[..len],
+                &buf.known_zero,
+                &mut buf.out,
+            );
+        }
+        // The plain encoder looks at every byte: give it the zeros.
+        for (page, _) in buf.scratch[..len]
+            .chunks_exact_mut(PAGE_SIZE)
+            .zip(&buf.known_zero)
+            .filter(|(_, &z)| z)
+        {
+            page.fill(0);
+        }
+        encode_memory_chunk(gpa, &buf.scratch[..len], &mut buf.out)
+    }
+}
+
+/// How memory chunks go on the wire, by what the destination takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Encoding {
+    /// `MemoryChunk`: a page map and whole pages.
+    Plain,
+    /// `SparseChunk`: each page as its non-zero stretches.
+    Sparse,
+    /// `PageChunk`: page kinds first, then whole pages or stretches; encoded in place.
+    Pages,
+}
+
+impl Encoding {
+    fn for_peer(peer_features: u64) -> Encoding {
+        if peer_features & features::PAGE_CHUNKS != 0 {
+            Encoding::Pages
+        } else if peer_features & features::SPARSE_PAGES != 0 {
+            Encoding::Sparse
+        } else {
+            Encoding::Plain
+        }
     }
 }
 
@@ -813,7 +866,7 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
             iteration,
             left: AtomicU64::new(runs.iter().map(|r| u64::from(r.1)).sum()),
             stop: AtomicBool::new(false),
-            sparse: self.peer_features & features::SPARSE_PAGES != 0,
+            encoding: Encoding::for_peer(self.peer_features),
             // Never while paused: the final collection must see everything, and last.
             redirtied: (phase == Phase::Precopy).then(|| {
                 Mutex::new(Redirtied {
