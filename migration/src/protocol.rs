@@ -1432,18 +1432,38 @@ fn take<R: Read + ?Sized>(
             ),
         ));
     }
-    let got = read_full(r, buf)?;
-    if got < buf.len() {
-        return Err(ProtocolError::Truncated {
-            what: "page chunk",
-            expected: buf.len(),
-            got,
-        });
+    // The checksum takes each piece as it arrives, while the copy that brought it is
+    // still in the cache.
+    let mut got = 0;
+    while got < buf.len() {
+        let want = buf.len().min(got + CRC_PIECE);
+        match r.read(&mut buf[got..want]) {
+            Ok(0) => {
+                return Err(ProtocolError::Truncated {
+                    what: "page chunk",
+                    expected: buf.len(),
+                    got,
+                })
+            }
+            Ok(n) => {
+                *crc = crc32c::crc32c_append(*crc, &buf[got..got + n]);
+                got += n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(ProtocolError::Io {
+                    op: "receiving a message",
+                    source,
+                })
+            }
+        }
     }
     *left -= buf.len();
-    *crc = crc32c::crc32c_append(*crc, buf);
     Ok(())
 }
+
+/// Most bytes [`take`] reads before it checksums them: small enough to be still cached.
+const CRC_PIECE: usize = 256 << 10;
 
 /// Reads a sparse page's `segments` stretches into `page` (zeroed). `Err(Ok(why))`: the
 /// layout is wrong; `Err(Err(e))`: the stream failed.
@@ -1642,10 +1662,99 @@ fn decode_page_chunk(p: &[u8]) -> Result<PageChunk<'_>, ProtocolError> {
     })
 }
 
+/// Where the pages go in a buffer that holds one `PageChunk` frame of `page_count` pages
+/// from its first byte (see [`finish_page_chunk_at`]): after the header, the fixed part
+/// and a kind per page.
+pub fn page_chunk_pages(page_count: usize) -> std::ops::Range<usize> {
+    let data = HEADER_LEN + CHUNK_FIXED_LEN + 2 * page_count;
+    data..data + page_count * PAGE_SIZE
+}
+
+/// Encodes a `PageChunk` for the `page_count` pages at `gpa` that the caller put in
+/// `frame` at [`page_chunk_pages`], in place: page `i` is zero when `known_zero[i]` is
+/// true (its bytes are not looked at) or when all its bytes are; a page with few non-zero
+/// stretches goes as those; any other page whole. Zero and sparse pages are squeezed out
+/// in place, so a chunk of data pages is not moved at all. Returns the frame's length
+/// (it starts at `frame[0]`).
+pub fn finish_page_chunk_at(
+    frame: &mut [u8],
+    gpa: u64,
+    page_count: usize,
+    known_zero: &[bool],
+) -> Result<(usize, ChunkCounts), ProtocolError> {
+    let kind = MessageType::PageChunk;
+    if page_count == 0
+        || page_count > MAX_CHUNK_PAGES as usize
+        || !gpa.is_multiple_of(PAGE_SIZE as u64)
+        || frame.len() < page_chunk_pages(page_count).end
+    {
+        return Err(ProtocolError::malformed(
+            kind,
+            format!(
+                "{page_count} pages at gpa {gpa:#x} in a {}-byte frame (1 to \
+                 {MAX_CHUNK_PAGES} aligned pages, all in the frame)",
+                frame.len()
+            ),
+        ));
+    }
+    let fixed = HEADER_LEN;
+    frame[fixed + 4..fixed + 12].copy_from_slice(&gpa.to_le_bytes());
+    frame[fixed + 12..fixed + 16].copy_from_slice(&(page_count as u32).to_le_bytes());
+    let kinds = fixed + CHUNK_FIXED_LEN;
+    let data = page_chunk_pages(page_count).start;
+    let mut counts = ChunkCounts::default();
+    let mut runs: Vec<(usize, usize)> = Vec::with_capacity(MAX_PAGE_SEGMENTS + 1);
+    let mut copy = [0u8; PAGE_SIZE];
+    // Where the next page's bytes go; never past where that page now is.
+    let mut w = data;
+    for i in 0..page_count {
+        let at = data + i * PAGE_SIZE;
+        let page = &frame[at..at + PAGE_SIZE];
+        if known_zero.get(i) == Some(&true) || is_zero_page(page) {
+            runs.clear();
+        } else {
+            non_zero_runs(page, &mut runs);
+        }
+        let sparse_len: usize = runs.iter().map(|&(_, len)| 4 + len).sum();
+        let k = if runs.is_empty() {
+            counts.zero_pages += 1;
+            PAGE_KIND_ZERO
+        } else if runs.len() > MAX_PAGE_SEGMENTS || sparse_len >= PAGE_SIZE {
+            counts.data_pages += 1;
+            if w != at {
+                frame.copy_within(at..at + PAGE_SIZE, w);
+            }
+            w += PAGE_SIZE;
+            PAGE_KIND_WHOLE
+        } else {
+            counts.data_pages += 1;
+            // Shorter than the page, so it ends before the next page starts; a copy, as
+            // its first segment header may land on its own first bytes.
+            copy.copy_from_slice(page);
+            for &(off, len) in &runs {
+                frame[w..w + 2].copy_from_slice(&(off as u16).to_le_bytes());
+                frame[w + 2..w + 4].copy_from_slice(&(len as u16).to_le_bytes());
+                frame[w + 4..w + 4 + len].copy_from_slice(&copy[off..off + len]);
+                w += 4 + len;
+            }
+            runs.len() as u16
+        };
+        frame[kinds + 2 * i..kinds + 2 * i + 2].copy_from_slice(&k.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&frame[fixed + 4..w]);
+    frame[fixed..fixed + 4].copy_from_slice(&crc.to_le_bytes());
+    let header = Header {
+        version: PROTOCOL_VERSION,
+        kind,
+        payload_len: (w - HEADER_LEN) as u32,
+    };
+    frame[..HEADER_LEN].copy_from_slice(&header.to_bytes());
+    Ok((w, counts))
+}
+
 /// Starts a `PageChunk` frame for `page_count` pages at `gpa` at the end of `out`; returns
-/// where in `out` the caller puts the pages (`page_count × 4096` bytes), then calls
-/// [`finish_page_chunk`] with the returned start. The pages are copied once, into the
-/// frame; the encoder then works in place.
+/// where it starts and where in `out` the caller puts the pages; then
+/// [`finish_page_chunk`] with that start.
 pub fn begin_page_chunk(
     gpa: u64,
     page_count: usize,
@@ -1661,80 +1770,33 @@ pub fn begin_page_chunk(
         ));
     }
     let start = out.len();
-    out.extend_from_slice(&[0u8; HEADER_LEN + 4]);
-    out.extend_from_slice(&gpa.to_le_bytes());
-    out.extend_from_slice(&(page_count as u32).to_le_bytes());
-    out.resize(out.len() + 2 * page_count, 0);
-    let data = out.len();
-    out.resize(data + page_count * PAGE_SIZE, 0);
-    Ok((start, data..out.len()))
+    let place = page_chunk_pages(page_count);
+    out.resize(start + place.end, 0);
+    out[start + HEADER_LEN + 4..start + HEADER_LEN + 12].copy_from_slice(&gpa.to_le_bytes());
+    out[start + HEADER_LEN + 12..start + HEADER_LEN + 16]
+        .copy_from_slice(&(page_count as u32).to_le_bytes());
+    Ok((start, start + place.start..start + place.end))
 }
 
-/// Ends the frame [`begin_page_chunk`] started at `start`, whose pages the caller put in
-/// place: page `i` is zero when `known_zero[i]` is true (its bytes are not looked at) or
-/// when all its bytes are; a page with few non-zero stretches is sent as those; any other
-/// page is sent whole. Zero and sparse pages are squeezed out of the frame in place.
+/// Ends the frame [`begin_page_chunk`] started at `start`, as [`finish_page_chunk_at`].
 pub fn finish_page_chunk(
     out: &mut Vec<u8>,
     start: usize,
     known_zero: &[bool],
 ) -> Result<ChunkCounts, ProtocolError> {
-    let kind = MessageType::PageChunk;
     let fixed = start + HEADER_LEN;
-    let page_count = out
-        .get(fixed + 12..fixed + CHUNK_FIXED_LEN)
-        .map(|b| u32_at(b, 0) as usize)
-        .filter(|&n| {
-            n > 0
-                && n <= MAX_CHUNK_PAGES as usize
-                && out.len() == fixed + CHUNK_FIXED_LEN + n * (2 + PAGE_SIZE)
-        })
-        .ok_or_else(|| ProtocolError::malformed(kind, "not a frame begun by begin_page_chunk"))?;
-    let kinds = fixed + CHUNK_FIXED_LEN;
-    let data = kinds + 2 * page_count;
-    let mut counts = ChunkCounts::default();
-    let mut runs: Vec<(usize, usize)> = Vec::with_capacity(MAX_PAGE_SEGMENTS + 1);
-    let mut copy = [0u8; PAGE_SIZE];
-    // Where the next page's bytes go; never past where that page now is.
-    let mut w = data;
-    for i in 0..page_count {
-        let at = data + i * PAGE_SIZE;
-        let page = &out[at..at + PAGE_SIZE];
-        if known_zero.get(i) == Some(&true) || is_zero_page(page) {
-            runs.clear();
-        } else {
-            non_zero_runs(page, &mut runs);
-        }
-        let sparse_len: usize = runs.iter().map(|&(_, len)| 4 + len).sum();
-        let k = if runs.is_empty() {
-            counts.zero_pages += 1;
-            PAGE_KIND_ZERO
-        } else if runs.len() > MAX_PAGE_SEGMENTS || sparse_len >= PAGE_SIZE {
-            counts.data_pages += 1;
-            if w != at {
-                out.copy_within(at..at + PAGE_SIZE, w);
-            }
-            w += PAGE_SIZE;
-            PAGE_KIND_WHOLE
-        } else {
-            counts.data_pages += 1;
-            // Shorter than the page, so it ends before the next page starts; a copy, as
-            // its first segment header may land on its own first bytes.
-            copy.copy_from_slice(page);
-            for &(off, len) in &runs {
-                out[w..w + 2].copy_from_slice(&(off as u16).to_le_bytes());
-                out[w + 2..w + 4].copy_from_slice(&(len as u16).to_le_bytes());
-                out[w + 4..w + 4 + len].copy_from_slice(&copy[off..off + len]);
-                w += 4 + len;
-            }
-            runs.len() as u16
-        };
-        out[kinds + 2 * i..kinds + 2 * i + 2].copy_from_slice(&k.to_le_bytes());
-    }
-    out.truncate(w);
-    let crc = crc32c::crc32c(&out[fixed + 4..]);
-    out[fixed..fixed + 4].copy_from_slice(&crc.to_le_bytes());
-    finish_frame(out, start, kind)?;
+    let begun = out.get(fixed + 4..fixed + CHUNK_FIXED_LEN).and_then(|b| {
+        let (gpa, n) = (u64_at(b, 0), u32_at(b, 8) as usize);
+        (out.len() == start + page_chunk_pages(n).end).then_some((gpa, n))
+    });
+    let Some((gpa, n)) = begun else {
+        return Err(ProtocolError::malformed(
+            MessageType::PageChunk,
+            "not a frame begun by begin_page_chunk",
+        ));
+    };
+    let (len, counts) = finish_page_chunk_at(&mut out[start..], gpa, n, known_zero)?;
+    out.truncate(start + len);
     Ok(counts)
 }
 

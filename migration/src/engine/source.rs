@@ -12,9 +12,9 @@ use super::{
 };
 use crate::page_set::PageSet;
 use crate::protocol::{
-    begin_page_chunk, check_ram_layout, encode, encode_memory_chunk, encode_sparse_chunk_known,
-    features, finish_page_chunk, write_message, ChunkCounts, Complete, Config, Header, Hello,
-    MemoryFd, Message, MessageReader, MessageType, ProtocolError, RamRange, HEADER_LEN,
+    check_ram_layout, encode, encode_memory_chunk, encode_sparse_chunk_known, features,
+    finish_page_chunk_at, page_chunk_pages, write_message, ChunkCounts, Complete, Config, Header,
+    Hello, MemoryFd, Message, MessageReader, MessageType, ProtocolError, RamRange, HEADER_LEN,
     MAX_CHANNELS, MAX_CHUNK_PAGES, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use crate::stats::{IterationStats, MigrationInfo, MigrationProgress, MigrationStatus};
@@ -154,6 +154,9 @@ struct LaneBuf {
     scratch: Vec<u8>,
     /// Which pages of `scratch` the VM knows to be zero (and left unread).
     known_zero: Vec<bool>,
+    /// A page chunk, built in place around the pages read into it, then written from
+    /// here. It keeps its largest size, so it is zeroed once, not for every chunk.
+    frame: Vec<u8>,
     /// A write failed part-way: the stream is no longer at a frame boundary.
     broken: bool,
 }
@@ -171,38 +174,58 @@ impl LaneBuf {
         if self.out.is_empty() {
             return Ok(());
         }
-        // Not `write_all`: a cancelled write must say how far it got. (`Watched` retries
-        // `Interrupted` itself, checking for cancellation each time.)
-        let mut written = 0;
-        let r = loop {
-            match io.write(&self.out[written..]) {
-                Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
-                Ok(n) => {
-                    written += n;
-                    if written == self.out.len() {
-                        break Ok(());
-                    }
-                }
-                Err(e) => break Err(e),
-            }
-        };
-        let r = r.map_err(|source| {
-            // Cancelled: the link works, so end the frame cut short (if any) to leave the
-            // stream at a frame boundary, where the destination can still read an `Abort`.
-            let at_boundary = is_cancelled(&source)
-                && io
-                    .write_best_effort(&self.out[written..frame_end(&self.out, written)])
-                    .is_ok();
-            self.broken = !at_boundary;
-            ProtocolError::Io {
-                op: "sending to the destination",
-                source,
-            }
-            .into()
-        });
+        let r = write_frames(io, &self.out, &mut self.broken);
         self.out.clear();
         r
     }
+
+    /// Writes the queued frames, then the first `len` bytes of `frame` (one whole frame).
+    fn flush_with_frame<S: MigrationStream>(
+        &mut self,
+        io: &mut Watched<S>,
+        len: usize,
+    ) -> Result<(), SendError> {
+        self.flush(io)?;
+        write_frames(io, &self.frame[..len], &mut self.broken)
+    }
+}
+
+/// Writes `frames` (whole frames) to `io`. On failure `broken` says whether the stream is
+/// no longer at a frame boundary.
+fn write_frames<S: MigrationStream>(
+    io: &mut Watched<S>,
+    frames: &[u8],
+    broken: &mut bool,
+) -> Result<(), SendError> {
+    // Not `write_all`: a cancelled write must say how far it got. (`Watched` retries
+    // `Interrupted` itself, checking for cancellation each time.)
+    let mut written = 0;
+    let r = loop {
+        match io.write(&frames[written..]) {
+            Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => {
+                written += n;
+                if written == frames.len() {
+                    break Ok(());
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    r.map_err(|source| {
+        // Cancelled: the link works, so end the frame cut short (if any) to leave the
+        // stream at a frame boundary, where the destination can still read an `Abort`.
+        let at_boundary = is_cancelled(&source)
+            && io
+                .write_best_effort(&frames[written..frame_end(frames, written)])
+                .is_ok();
+        *broken = !at_boundary;
+        ProtocolError::Io {
+            op: "sending to the destination",
+            source,
+        }
+        .into()
+    })
 }
 
 /// An extra connection, carrying memory only.
@@ -283,7 +306,7 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
                 }
             }
             for (gpa, pages) in self.still_clean(gpa, pages, &mut res)? {
-                self.send_run(gpa, pages, buf, &mut res)?;
+                self.send_run(gpa, pages, io, buf, &mut res)?;
             }
             if buf.out.len() >= FLUSH_BYTES || last_flush.elapsed() >= FLUSH_INTERVAL {
                 buf.flush(io)?;
@@ -346,27 +369,32 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
         Ok(parts)
     }
 
-    /// Reads, encodes and queues one run of pages.
-    fn send_run(
+    /// Reads, encodes and queues (or, a page chunk, writes) one run of pages.
+    fn send_run<S: MigrationStream>(
         &self,
         gpa: u64,
         pages: u32,
+        io: &mut Watched<S>,
         buf: &mut LaneBuf,
         res: &mut LaneResult,
     ) -> Result<(), SendError> {
         let len = pages as usize * PAGE_SIZE;
         let before = buf.out.len();
-        let counts = if self.encoding == Encoding::Pages {
+        let (counts, bytes) = if self.encoding == Encoding::Pages {
             // Guest RAM is copied once, straight into the frame, and encoded there.
-            let (start, place) = begin_page_chunk(gpa, pages as usize, &mut buf.out)?;
-            let read = self
-                .vm
-                .read_pages_known_zero(gpa, &mut buf.out[place], &mut buf.known_zero);
-            if let Err(e) = read {
-                buf.out.truncate(start);
-                return Err(vm_err("read_pages")(e));
+            let place = page_chunk_pages(pages as usize);
+            if buf.frame.len() < place.end {
+                buf.frame.resize(place.end, 0);
             }
-            finish_page_chunk(&mut buf.out, start, &buf.known_zero)?
+            hook(
+                "read_pages",
+                self.vm
+                    .read_pages_known_zero(gpa, &mut buf.frame[place], &mut buf.known_zero),
+            )?;
+            let (frame_len, counts) =
+                finish_page_chunk_at(&mut buf.frame, gpa, pages as usize, &buf.known_zero)?;
+            buf.flush_with_frame(io, frame_len)?;
+            (counts, frame_len as u64)
         } else {
             if buf.scratch.len() < len {
                 buf.scratch.resize(len, 0);
@@ -376,9 +404,9 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
                 self.vm
                     .read_pages_known_zero(gpa, &mut buf.scratch[..len], &mut buf.known_zero),
             )?;
-            self.encode_copied(gpa, len, buf)?
+            let counts = self.encode_copied(gpa, len, buf)?;
+            (counts, (buf.out.len() - before) as u64)
         };
-        let bytes = (buf.out.len() - before) as u64;
         res.pages += u64::from(pages);
         res.untouched += buf
             .known_zero
