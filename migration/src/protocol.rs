@@ -538,7 +538,7 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) -> Result<(), ProtocolError>
             out.extend_from_slice(&c.page_count.to_le_bytes());
             out.extend_from_slice(c.data_map);
             out.extend_from_slice(c.data);
-            let crc = crc32c::crc32c(&out[payload_start + 4..]);
+            let crc = crate::crc::crc32c(&out[payload_start + 4..]);
             out[payload_start..payload_start + 4].copy_from_slice(&crc.to_le_bytes());
         }
         Message::IterationDone {
@@ -591,7 +591,7 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) -> Result<(), ProtocolError>
             out.extend_from_slice(&c.gpa.to_le_bytes());
             out.extend_from_slice(&c.page_count.to_le_bytes());
             out.extend_from_slice(c.body);
-            let crc = crc32c::crc32c(&out[payload_start + 4..]);
+            let crc = crate::crc::crc32c(&out[payload_start + 4..]);
             out[payload_start..payload_start + 4].copy_from_slice(&crc.to_le_bytes());
         }
         Message::SparseChunk(c) => {
@@ -600,7 +600,7 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) -> Result<(), ProtocolError>
             out.extend_from_slice(&c.gpa.to_le_bytes());
             out.extend_from_slice(&c.page_count.to_le_bytes());
             out.extend_from_slice(c.body);
-            let crc = crc32c::crc32c(&out[payload_start + 4..]);
+            let crc = crate::crc::crc32c(&out[payload_start + 4..]);
             out[payload_start..payload_start + 4].copy_from_slice(&crc.to_le_bytes());
         }
         Message::MemoryFds(fds) => {
@@ -697,7 +697,7 @@ pub fn encode_memory_chunk(
             out.extend_from_slice(page);
         }
     }
-    let crc = crc32c::crc32c(&out[payload_start + 4..]);
+    let crc = crate::crc::crc32c(&out[payload_start + 4..]);
     out[payload_start..payload_start + 4].copy_from_slice(&crc.to_le_bytes());
     finish_frame(out, start, kind)?;
     Ok(counts)
@@ -1154,7 +1154,7 @@ pub fn encode_sparse_chunk_known(
             out.extend_from_slice(&page[off..off + len]);
         }
     }
-    let crc = crc32c::crc32c(&out[payload_start + 4..]);
+    let crc = crate::crc::crc32c(&out[payload_start + 4..]);
     out[payload_start..payload_start + 4].copy_from_slice(&crc.to_le_bytes());
     finish_frame(out, start, kind)?;
     Ok(counts)
@@ -1232,7 +1232,7 @@ fn chunk_header(kind: MessageType, p: &[u8]) -> Result<(u64, u32), ProtocolError
 /// Checks a memory chunk's crc32c (its first field, over every payload byte after it).
 fn check_chunk_crc(p: &[u8], gpa: u64) -> Result<(), ProtocolError> {
     let expected = u32_at(p, 0);
-    let found = crc32c::crc32c(&p[4..]);
+    let found = crate::crc::crc32c(&p[4..]);
     if found != expected {
         return Err(ProtocolError::ChecksumMismatch {
             gpa,
@@ -1362,7 +1362,7 @@ impl PageChunk<'_> {
         payload.extend_from_slice(&self.gpa.to_le_bytes());
         payload.extend_from_slice(&self.page_count.to_le_bytes());
         payload.extend_from_slice(self.body);
-        let crc = crc32c::crc32c(&payload[4..]);
+        let crc = crate::crc::crc32c(&payload[4..]);
         payload[..4].copy_from_slice(&crc.to_le_bytes());
         let (mut kinds, mut expanded) = (Vec::new(), Vec::new());
         stream_page_chunk(
@@ -1446,7 +1446,7 @@ fn take<R: Read + ?Sized>(
                 })
             }
             Ok(n) => {
-                *crc = crc32c::crc32c_append(*crc, &buf[got..got + n]);
+                *crc = crate::crc::crc32c_append(*crc, &buf[got..got + n]);
                 got += n;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1523,7 +1523,7 @@ fn stream_page_chunk<R: Read + ?Sized, P: PageSink>(
         .into());
     }
     left -= CHUNK_FIXED_LEN;
-    crc = crc32c::crc32c_append(crc, &fixed[4..]);
+    crc = crate::crc::crc32c_append(crc, &fixed[4..]);
     let expected = u32_at(&fixed, 0);
     let (gpa, page_count) = chunk_header(kind, &fixed)?;
     let n = page_count as usize;
@@ -1741,7 +1741,7 @@ pub fn finish_page_chunk_at(
         };
         frame[kinds + 2 * i..kinds + 2 * i + 2].copy_from_slice(&k.to_le_bytes());
     }
-    let crc = crc32c::crc32c(&frame[fixed + 4..w]);
+    let crc = crate::crc::crc32c(&frame[fixed + 4..w]);
     frame[fixed..fixed + 4].copy_from_slice(&crc.to_le_bytes());
     let header = Header {
         version: PROTOCOL_VERSION,
@@ -2091,7 +2091,7 @@ mod tests {
             payload.extend_from_slice(&gpa.to_le_bytes());
             payload.extend_from_slice(&page_count.to_le_bytes());
             payload.extend_from_slice(body);
-            let crc = crc32c::crc32c(&payload[4..]);
+            let crc = crate::crc::crc32c(&payload[4..]);
             payload[..4].copy_from_slice(&crc.to_le_bytes());
             let mut b = Header {
                 version: PROTOCOL_VERSION,
@@ -2466,7 +2466,7 @@ mod tests {
             p.extend_from_slice(&gpa.to_le_bytes());
             p.extend_from_slice(&count.to_le_bytes());
             p.extend_from_slice(rest);
-            let crc = crc32c::crc32c(&p[4..]) ^ u32::from(bad_crc);
+            let crc = crate::crc::crc32c(&p[4..]) ^ u32::from(bad_crc);
             p[..4].copy_from_slice(&crc.to_le_bytes());
             let mut f = Header {
                 version: PROTOCOL_VERSION,
