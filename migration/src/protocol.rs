@@ -2500,7 +2500,7 @@ mod tests {
             ),
             (
                 "past the address space",
-                frame(u64::MAX & !4095, 2, &kinds(&[0, 0]), false),
+                frame(!4095u64, 2, &kinds(&[0, 0]), false),
                 "overflow",
             ),
             (
