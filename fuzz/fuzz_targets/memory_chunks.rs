@@ -47,10 +47,6 @@ impl PageSink for Checker {
         self.take(gpa, len as u64);
         fill(&mut vec![0u8; len])
     }
-    fn pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), ProtocolError> {
-        self.take(gpa, data.len() as u64);
-        Ok(())
-    }
     fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), ProtocolError> {
         self.take(gpa, u64::from(pages) * PAGE);
         Ok(())

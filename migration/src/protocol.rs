@@ -738,8 +738,6 @@ pub fn write_message<W: Write + ?Sized>(w: &mut W, msg: &Message<'_>) -> Result<
 pub struct MessageReader<R> {
     inner: R,
     buf: Vec<u8>,
-    /// Sparse pages of a streamed `PageChunk`, made whole.
-    pages: Vec<u8>,
 }
 
 /// Payload bytes read per step while the buffer grows: a header claiming a big payload
@@ -751,7 +749,6 @@ impl<R: Read> MessageReader<R> {
         MessageReader {
             inner,
             buf: Vec::new(),
-            pages: Vec::new(),
         }
     }
 
@@ -784,7 +781,7 @@ impl<R: Read> MessageReader<R> {
         let header = self.read_header()?;
         if header.kind == MessageType::PageChunk {
             let len = header.payload_len as usize;
-            stream_page_chunk(&mut self.inner, len, sink, &mut self.buf, &mut self.pages)?;
+            stream_page_chunk(&mut self.inner, len, sink, &mut self.buf)?;
             return Ok(None);
         }
         Ok(Some(self.read_payload(header)?))
@@ -1364,14 +1361,7 @@ impl PageChunk<'_> {
         payload.extend_from_slice(self.body);
         let crc = crate::crc::crc32c(&payload[4..]);
         payload[..4].copy_from_slice(&crc.to_le_bytes());
-        let (mut kinds, mut expanded) = (Vec::new(), Vec::new());
-        stream_page_chunk(
-            &mut &payload[..],
-            payload.len(),
-            sink,
-            &mut kinds,
-            &mut expanded,
-        )
+        stream_page_chunk(&mut &payload[..], payload.len(), sink, &mut Vec::new())
     }
 }
 
@@ -1383,17 +1373,15 @@ pub trait PageSink {
     /// begins; an error refuses it before any of its pages is read.
     fn begin(&mut self, gpa: u64, page_count: u32) -> Result<(), Self::Error>;
 
-    /// `len` bytes of whole pages at `gpa`: calls `fill` once with the place they go,
-    /// which `fill` overwrites entirely (or fails, then the chunk fails).
+    /// `len` bytes of whole pages at `gpa` (sent whole, or sparse and made whole): calls
+    /// `fill` once with the place they go, which `fill` overwrites entirely (or fails,
+    /// then the chunk fails).
     fn whole_pages(
         &mut self,
         gpa: u64,
         len: usize,
         fill: &mut dyn FnMut(&mut [u8]) -> Result<(), ProtocolError>,
     ) -> Result<(), Self::Error>;
-
-    /// Whole pages at `gpa` made from sparse ones (the bytes between their stretches zero).
-    fn pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), Self::Error>;
 
     /// `pages` pages at `gpa` are zero.
     fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), Self::Error>;
@@ -1492,15 +1480,14 @@ fn stream_segments<R: Read + ?Sized>(
 }
 
 /// Streams a `PageChunk` payload of `len` bytes from `r` into `sink`: the page kinds into
-/// `kinds`, whole pages straight to where the sink puts them, sparse pages made whole in
-/// `expanded`, the checksum over every byte as it passes. Never reads past the payload; on
+/// `kinds`, whole pages straight to where the sink puts them, sparse pages made whole
+/// there too, the checksum over every byte as it passes. Never reads past the payload; on
 /// any error the sink was not told `end`, so nothing of the chunk counts as received.
 fn stream_page_chunk<R: Read + ?Sized, P: PageSink>(
     r: &mut R,
     len: usize,
     sink: &mut P,
     kinds: &mut Vec<u8>,
-    expanded: &mut Vec<u8>,
 ) -> Result<(), P::Error> {
     let kind = MessageType::PageChunk;
     let mut left = len;
@@ -1574,19 +1561,22 @@ fn stream_page_chunk<R: Read + ?Sized, P: PageSink>(
                     i += 1;
                 }
                 data_pages += (i - start) as u32;
-                expanded.clear();
-                expanded.resize((i - start) * PAGE_SIZE, 0);
-                for (p, page) in expanded.chunks_exact_mut(PAGE_SIZE).enumerate() {
-                    let page_gpa = page_gpa(start + p);
-                    stream_segments(r, kind_of(kinds, start + p), page, &mut left, &mut crc)
-                        .map_err(|why| match why {
-                            Ok(why) => {
-                                ProtocolError::malformed(kind, format!("page {page_gpa:#x}: {why}"))
-                            }
-                            Err(e) => e,
-                        })?;
-                }
-                sink.pages(page_gpa(start), expanded)?;
+                // Made whole where they go: zeros, then the stretches read into place.
+                let mut fill = |buf: &mut [u8]| {
+                    buf.fill(0);
+                    for (p, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                        let at = page_gpa(start + p);
+                        stream_segments(r, kind_of(kinds, start + p), page, &mut left, &mut crc)
+                            .map_err(|why| match why {
+                                Ok(why) => {
+                                    ProtocolError::malformed(kind, format!("page {at:#x}: {why}"))
+                                }
+                                Err(e) => e,
+                            })?;
+                    }
+                    Ok(())
+                };
+                sink.whole_pages(page_gpa(start), (i - start) * PAGE_SIZE, &mut fill)?;
             }
         }
     }
@@ -1632,9 +1622,6 @@ impl PageSink for CheckOnly {
         let mut buf = vec![0u8; len.min(MAX_CHUNK_PAGES as usize * PAGE_SIZE)];
         fill(&mut buf)
     }
-    fn pages(&mut self, _: u64, _: &[u8]) -> Result<(), ProtocolError> {
-        Ok(())
-    }
     fn zero_pages(&mut self, _: u64, _: u32) -> Result<(), ProtocolError> {
         Ok(())
     }
@@ -1648,13 +1635,7 @@ fn decode_page_chunk(p: &[u8]) -> Result<PageChunk<'_>, ProtocolError> {
     let (gpa, page_count) = chunk_header(kind, p)?;
     // The checksum first: damage anywhere reads as damage, not as a malformed layout.
     check_chunk_crc(p, gpa)?;
-    stream_page_chunk(
-        &mut &p[..],
-        p.len(),
-        &mut CheckOnly,
-        &mut Vec::new(),
-        &mut Vec::new(),
-    )?;
+    stream_page_chunk(&mut &p[..], p.len(), &mut CheckOnly, &mut Vec::new())?;
     Ok(PageChunk {
         gpa,
         page_count,
@@ -2341,10 +2322,6 @@ mod tests {
             fill: &mut dyn FnMut(&mut [u8]) -> Result<(), ProtocolError>,
         ) -> Result<(), ProtocolError> {
             fill(self.place(gpa, len)?)
-        }
-        fn pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), ProtocolError> {
-            self.place(gpa, data.len())?.copy_from_slice(data);
-            Ok(())
         }
         fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), ProtocolError> {
             self.place(gpa, pages as usize * PAGE_SIZE)?.fill(0);

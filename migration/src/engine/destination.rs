@@ -853,7 +853,7 @@ impl<V: DestinationVm + Sync + ?Sized> Shared<'_, V> {
     }
 }
 
-/// Stores a page chunk as it streams in: whole pages read straight into guest RAM. Its
+/// Stores a page chunk as it streams in: every data page read straight into guest RAM. Its
 /// pages count as received only at `end`, once the checksum matched.
 struct ChunkSink<'s, 'a, V: ?Sized> {
     shared: &'s Shared<'a, V>,
@@ -880,18 +880,6 @@ impl<V: DestinationVm + Sync + ?Sized> PageSink for ChunkSink<'_, '_, V> {
             .map_err(vm_err("fill_pages"))?;
         filled?;
         self.shared.pages().written.insert_range(gpa, len as u64);
-        Ok(())
-    }
-
-    fn pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), ReceiveError> {
-        self.shared
-            .vm
-            .write_pages(gpa, data)
-            .map_err(vm_err("write_pages"))?;
-        self.shared
-            .pages()
-            .written
-            .insert_range(gpa, data.len() as u64);
         Ok(())
     }
 
