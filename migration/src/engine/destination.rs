@@ -782,10 +782,15 @@ impl<V: DestinationVm + Sync + ?Sized> Shared<'_, V> {
 
     /// Whether a chunk of `page_count` pages at `gpa` may be written: RAM is copied in
     /// this migration, and the pages lie inside one RAM range.
-    fn check_place(&self, gpa: u64, page_count: u32) -> Result<(), ReceiveError> {
+    fn check_place(
+        &self,
+        kind: MessageType,
+        gpa: u64,
+        page_count: u32,
+    ) -> Result<(), ReceiveError> {
         if !self.copy_allowed {
             return Err(ReceiveError::Unexpected {
-                found: MessageType::MemoryChunk,
+                found: kind,
                 during: "a migration whose RAM came as files",
             });
         }
@@ -803,7 +808,7 @@ impl<V: DestinationVm + Sync + ?Sized> Shared<'_, V> {
     }
 
     fn store(&self, chunk: &MemoryChunk<'_>, wire: u64) -> Result<(), ReceiveError> {
-        self.check_place(chunk.gpa, chunk.page_count)?;
+        self.check_place(MessageType::MemoryChunk, chunk.gpa, chunk.page_count)?;
         for run in chunk.runs() {
             match run {
                 PageRun::Data { gpa, data } => {
@@ -864,7 +869,8 @@ impl<V: DestinationVm + Sync + ?Sized> PageSink for ChunkSink<'_, '_, V> {
 
     fn begin(&mut self, gpa: u64, page_count: u32) -> Result<(), ReceiveError> {
         self.shared.check_offered(MessageType::PageChunk)?;
-        self.shared.check_place(gpa, page_count)
+        self.shared
+            .check_place(MessageType::PageChunk, gpa, page_count)
     }
 
     fn whole_pages(
