@@ -710,6 +710,8 @@ FIGS = [  # key, column, lower is better
     ("sent_mib", "MiB sent", True, 0),
     ("mbit_s", "Mbit/s", False, 0),
     ("syncs", "dirty syncs", True, 0),
+    ("src_cpu_s", "src CPU s", True, 2),
+    ("dst_cpu_s", "dst CPU s", True, 2),
     ("src_cpu_s_gib", "src CPU s/GiB", True, 2),
     ("dst_cpu_s_gib", "dst CPU s/GiB", True, 2),
     ("src_rss_mib", "src peak RSS MiB", True, 0),
@@ -892,8 +894,9 @@ CPU seconds (user + system, from `/proc/PID/stat`) each VMM process spent outsid
 threads (`/proc/PID/task/*`: Ferry's `vcpuN`, QEMU's `CPU N/KVM`, whose time is the guest's)
 from the migrate request until the source was done (QEMU: `query-migrate` completed; Ferry:
 its `send-migration` returned) and until the destination ran the guest (QEMU: `query-status`
-running; Ferry: `receive-migration` returned), per GiB of `ram.transferred`; the seconds
-themselves are in the raw runs. *Peak RSS*: `VmHWM`
+running; Ferry: `receive-migration` returned), in all (*CPU s*) and per GiB of
+`ram.transferred` (*CPU s/GiB*; where Ferry sends a few MiB of a sparse guest, per GiB
+says little: compare the seconds). *Peak RSS*: `VmHWM`
 of the source and destination processes read just before they ended (for Ferry's source,
 which ends itself, the last reading ≤ 20 ms before; `ru_maxrss` from `wait4` is in the JSON
 as a check). *wall ms* (raw runs only): this script's clock from the migrate request to
