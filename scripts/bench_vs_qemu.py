@@ -195,6 +195,82 @@ def stop_all():
         p.stop(grace=5)
 
 
+# ---------------------------------------------------------------------------- CPU time
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# vCPU threads: Ferry's `vcpuN`, QEMU's `CPU N/KVM`. Their time is the guest's (and KVM's
+# dirty tracking on its behalf), not the migration's, so it is left out on both ends.
+VCPU_THREAD = re.compile(r"^(vcpu\d+|CPU \d+/KVM)$")
+
+
+def _stat_ticks(path):
+    """user + system clock ticks from a /proc stat file (fields 14 and 15; the name in
+    parentheses may hold spaces, so count from the last ')')."""
+    with open(path) as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return int(rest[11]) + int(rest[12])
+
+
+def cpu_sample(pid):
+    """`(ticks, vcpus)`: the whole process's user + system clock ticks (threads that
+    already ended included) and those of each live vCPU thread by thread id. None once the
+    process is gone."""
+    try:
+        total = _stat_ticks(f"/proc/{pid}/stat")
+        vcpus = {}
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    if VCPU_THREAD.match(f.read().strip()):
+                        vcpus[tid] = _stat_ticks(f"/proc/{pid}/task/{tid}/stat")
+            except (OSError, IndexError, ValueError):
+                pass  # the thread ended meanwhile
+    except (OSError, IndexError, ValueError):
+        return None
+    return total, vcpus
+
+
+class CpuMeter:
+    """CPU seconds one VMM process spent outside its vCPU threads between `start` and
+    `stop`. Ferry's source ends its vCPU threads right after the pause, before the
+    migration counts as done, while a process's total keeps the time of ended threads: so
+    `poll` (called every 20 ms meanwhile) keeps each vCPU thread's last reading, and the
+    process's in case it ends first. A paused vCPU no longer runs, so a thread's last
+    reading is at most one poll short."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.first = self.last = None
+        self.vcpu_first = {}
+        self.vcpu_last = {}
+        self.result = None
+
+    def _take(self, sample):
+        if sample is None:
+            return
+        self.last = sample[0]
+        self.vcpu_last.update(sample[1])
+
+    def start(self):
+        sample = cpu_sample(self.proc.pid)
+        if sample is not None:
+            self.first = sample[0]
+            self.vcpu_first = dict(sample[1])
+        self._take(sample)
+
+    def poll(self):
+        if self.result is None:
+            self._take(cpu_sample(self.proc.pid))
+
+    def stop(self):
+        """The migration's CPU seconds (the first call's answer; None: not measured)."""
+        self.poll()
+        if self.result is None and self.first is not None and self.last is not None:
+            vcpu = sum(t - self.vcpu_first.get(tid, 0) for tid, t in self.vcpu_last.items())
+            self.result = round((self.last - self.first - vcpu) / CLK_TCK, 3)
+        return self.result
+
+
 def run_cmd(argv, timeout=30):
     r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                        timeout=timeout, preexec_fn=_die_with_parent)
@@ -337,6 +413,8 @@ def run_qemu(w, mode, d, port, rec):
     base = [QEMU, "-accel", accel, "-cpu", QEMU_CPU, "-m", w["mem"], "-smp", str(w["cpus"]),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            # Thread names (`CPU N/KVM`), so that the CPU figures can leave the vCPUs out.
+            "-name", "vsq,debug-threads=on",
             "-kernel", GUEST, "-append", w["cmdline"]] + w.get("qemu_args", [])
     src_serial, dst_serial = f"{d}/src.serial", f"{d}/dst.serial"
     src = Proc(base + ["-serial", f"file:{src_serial}",
@@ -345,6 +423,7 @@ def run_qemu(w, mode, d, port, rec):
                        "-qmp", f"unix:{d}/dst.qmp,server=on,wait=off",
                        "-incoming", f"tcp:127.0.0.1:{port}"], f"{d}/dst.log")
     sq = dq = None
+    src_cpu, dst_cpu = CpuMeter(src), CpuMeter(dst)
     try:
         sq = Qmp(f"{d}/src.qmp", 30, src)
         dq = Qmp(f"{d}/dst.qmp", 30, dst)
@@ -356,6 +435,8 @@ def run_qemu(w, mode, d, port, rec):
         time.sleep(SETTLE_S)
         sq.cmd("migrate-set-parameters",
                {"downtime-limit": DOWNTIME_MS, "max-bandwidth": MAX_BANDWIDTH})
+        src_cpu.start()
+        dst_cpu.start()
         t0 = time.monotonic()
         sq.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         end = t0 + MIGRATION_TIMEOUT_S
@@ -375,8 +456,11 @@ def run_qemu(w, mode, d, port, rec):
                     f"remaining, {ram.get('transferred', 0) // MIB} MiB sent); cancelled")
             src.read_hwm()
             dst.read_hwm()
+            src_cpu.poll()
+            dst_cpu.poll()
             time.sleep(0.02)
         rec["wall_ms"] = round((time.monotonic() - t0) * 1000)
+        rec["src_cpu_s"] = src_cpu.stop()
         rec["info"] = info
         # The source has nothing left to do (postmigrate): end it, as Ferry's ends itself.
         sq_events = list(sq.events)
@@ -392,7 +476,11 @@ def run_qemu(w, mode, d, port, rec):
             st = dq.cmd("query-status").get("status")
             return True if st == "running" else st
 
-        wait_until("destination status running", lambda: running() is True, 30, [dst])
+        wait_until("destination status running",
+                   lambda: dst_cpu.poll() or running() is True, 30, [dst])
+        # The destination's share ends once it runs the guest (it loads the last pages and
+        # the device state after the source called the migration complete).
+        rec["dst_cpu_s"] = dst_cpu.stop()
         # The guest's pause as Ferry measures its own: the source's STOP event to the
         # destination's RESUME event (QMP timestamps, one host clock).
         stop = [t for e, t in sq_events if e == "STOP"]
@@ -471,6 +559,7 @@ def run_ferry(w, mode, d, port, rec):
                 "--cpus", f"boot={w['cpus']}", "--memory", f"size={w['mem']}",
                 "--serial", f"file={serial}"] + w.get("ferry_args", []), f"{d}/src.log", ns_a)
     helpers = []
+    src_cpu, dst_cpu = CpuMeter(src), CpuMeter(dst)
     try:
         wait_until("API sockets", lambda: os.path.exists(ssock) and os.path.exists(dsock), 30,
                    [src, dst])
@@ -483,6 +572,8 @@ def run_ferry(w, mode, d, port, rec):
                    [src, dst, recv])
         rec["boot_s"] = round(time.monotonic() - src.started, 2)
         time.sleep(SETTLE_S)
+        src_cpu.start()
+        dst_cpu.start()
         t0 = time.monotonic()
         fits = ["--switch-over", "Fits"] if mode.endswith("-fits") else []
         send = Proc([REMOTE, "--api-socket", ssock, "send-migration", f"tcp:{host}:{port}",
@@ -504,13 +595,22 @@ def run_ferry(w, mode, d, port, rec):
             if not send.alive() and send.status != 0:
                 raise RunFailed(f"send-migration failed: {send.log_tail(3)}")
             if not send.alive() and "src_info" not in rec:
+                # The source is done once its send-migration returned (and ends itself
+                # soon after): read its CPU time first.
+                rec["src_cpu_s"] = src_cpu.stop()
                 source_info(ssock, rec)
+            src_cpu.poll()
+            dst_cpu.poll()
             if not recv.alive() and recv.status != 0:
                 raise RunFailed(f"receive-migration failed: {recv.log_tail(3)}")
             src.read_hwm()
             dst.read_hwm()
             time.sleep(0.02)
         rec["wall_ms"] = round((time.monotonic() - t0) * 1000)
+        # receive-migration returns once the guest runs here.
+        rec["dst_cpu_s"] = dst_cpu.stop()
+        if "src_cpu_s" not in rec:
+            rec["src_cpu_s"] = src_cpu.stop()
         if "src_info" not in rec and send.status == 0:
             source_info(ssock, rec)
         if send.status != 0 or recv.status != 0:
@@ -548,6 +648,12 @@ def run_ferry(w, mode, d, port, rec):
         rec["src_peak_kib"], rec["dst_peak_kib"] = src.peak_kib(), dst.peak_kib()
 
 
+def per_gib(cpu_s, sent):
+    if cpu_s is None or not sent:
+        return None
+    return cpu_s / (sent / (1 << 30))
+
+
 def figures(rec):
     """The table's figures from a run's raw answer (QEMU's query-migrate or Ferry's
     migration-info, which uses the same names)."""
@@ -571,6 +677,9 @@ def figures(rec):
         # Same formula for both: bytes on the wire over the total time.
         "mbit_s": sent * 8 / total / 1000 if sent is not None and total else None,
         "syncs": ram.get("dirty-sync-count"),
+        # CPU seconds outside the vCPU threads per GiB on the wire (ram.transferred).
+        "src_cpu_s_gib": per_gib(rec.get("src_cpu_s"), sent),
+        "dst_cpu_s_gib": per_gib(rec.get("dst_cpu_s"), sent),
         "src_rss_mib": rec["src_peak_kib"] / 1024 if rec.get("src_peak_kib") else None,
         "dst_rss_mib": rec["dst_peak_kib"] / 1024 if rec.get("dst_peak_kib") else None,
     }
@@ -606,6 +715,10 @@ FIGS = [  # key, column, lower is better
     ("sent_mib", "MiB sent", True, 0),
     ("mbit_s", "Mbit/s", False, 0),
     ("syncs", "dirty syncs", True, 0),
+    ("src_cpu_s", "src CPU s", True, 2),
+    ("dst_cpu_s", "dst CPU s", True, 2),
+    ("src_cpu_s_gib", "src CPU s/GiB", True, 2),
+    ("dst_cpu_s_gib", "dst CPU s/GiB", True, 2),
     ("src_rss_mib", "src peak RSS MiB", True, 0),
     ("dst_rss_mib", "dst peak RSS MiB", True, 0),
 ]
@@ -673,8 +786,8 @@ def table(runs, wkeys, modes):
 
 def raw_lines(runs):
     out = ["| workload | pair | mode | ok | total ms | wall ms | downtime ms | pause→resume ms | MiB sent | Mbit/s "
-           "| syncs | src RSS MiB | dst RSS MiB | boot s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| syncs | src CPU s | dst CPU s | src CPU s/GiB | dst CPU s/GiB | src RSS MiB | dst RSS MiB | boot s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def c(v, p=0):
         return "–" if v is None else f"{v:.{p}f}"
@@ -682,7 +795,10 @@ def raw_lines(runs):
         out.append(f"| {r['workload']} | {r['pair']} | {r['mode']} | {'yes' if r['ok'] else 'NO'} "
                    f"| {c(r.get('total_ms'))} | {c(r.get('wall_ms'))} | {c(r.get('downtime_ms'))} | {c(r.get('pause_resume_ms'))} "
                    f"| {c(r.get('sent_mib'))} "
-                   f"| {c(r.get('mbit_s'))} | {c(r.get('syncs'))} | {c(r.get('src_rss_mib'))} "
+                   f"| {c(r.get('mbit_s'))} | {c(r.get('syncs'))} "
+                   f"| {c(r.get('src_cpu_s'), 2)} | {c(r.get('dst_cpu_s'), 2)} "
+                   f"| {c(r.get('src_cpu_s_gib'), 2)} | {c(r.get('dst_cpu_s_gib'), 2)} "
+                   f"| {c(r.get('src_rss_mib'))} "
                    f"| {c(r.get('dst_rss_mib'))} | {c(r.get('boot_s'), 1)} |")
     return "\n".join(out)
 
@@ -749,7 +865,7 @@ Setup, the same for every mode: the same guest binary (`target/test-guest/guest.
 PVH ELF), memory, vCPUs and command line; one migration at a time, each round running
 QEMU ring → QEMU bitmap → Ferry loopback → Ferry netns. QEMU: `-accel kvm,dirty-ring-size=4096`
 (ring) or `-accel kvm` (bitmap), `-cpu {QEMU_CPU}`, `-kernel guest.elf -append ...`,
-`-device isa-debug-exit`, QMP on a UNIX socket: `migrate-set-parameters` downtime-limit
+`-device isa-debug-exit`, `-name vsq,debug-threads=on` (thread names only), QMP on a UNIX socket: `migrate-set-parameters` downtime-limit
 {DOWNTIME_MS} ms and max-bandwidth {MAX_BANDWIDTH // 10**9} GB/s, `migrate` to
 `tcp:127.0.0.1`, `query-migrate` every 20 ms until completed; destination started with
 `-incoming tcp:127.0.0.1:PORT`. Ferry: `send-migration --downtime-ms {DOWNTIME_MS}` through
@@ -778,7 +894,14 @@ destination's just after it resumed them ("resumed … after Complete"), both lo
 microsecond timestamps (QEMU's own `downtime` ends when the source is done, before the
 destination has loaded the last data and device state and started). *MiB sent*: `ram.transferred`.
 *Mbit/s*: transferred bits / total time, the same formula for both (each VMM's own
-`ram.mbps` is in the JSON). *dirty syncs*: `ram.dirty-sync-count`. *Peak RSS*: `VmHWM`
+`ram.mbps` is in the JSON). *dirty syncs*: `ram.dirty-sync-count`. *src/dst CPU s/GiB*:
+CPU seconds (user + system, from `/proc/PID/stat`) each VMM process spent outside its vCPU
+threads (`/proc/PID/task/*`: Ferry's `vcpuN`, QEMU's `CPU N/KVM`, whose time is the guest's)
+from the migrate request until the source was done (QEMU: `query-migrate` completed; Ferry:
+its `send-migration` returned) and until the destination ran the guest (QEMU: `query-status`
+running; Ferry: `receive-migration` returned), in all (*CPU s*) and per GiB of
+`ram.transferred` (*CPU s/GiB*; where Ferry sends a few MiB of a sparse guest, per GiB
+says little: compare the seconds). *Peak RSS*: `VmHWM`
 of the source and destination processes read just before they ended (for Ferry's source,
 which ends itself, the last reading ≤ 20 ms before; `ru_maxrss` from `wait4` is in the JSON
 as a check). *wall ms* (raw runs only): this script's clock from the migrate request to

@@ -8,11 +8,13 @@
 # Run: scripts/dev_cli.sh bench vs-qemu (root, /dev/kvm, qemu-system-x86, iproute2).
 # Environment: PAIRS (5), WORKLOADS ("a b c d"), MODES ("qemu-ring qemu-bitmap ferry-lo
 # ferry-netns"), DOWNTIME_MS (300), MIGRATION_TIMEOUT_S (120), BOOT_TIMEOUT_S (180),
-# CHECK_TIMEOUT_S (60), OUT (docs/benchmarks), KEEP=1 keeps the run directory (logs, serials).
+# CHECK_TIMEOUT_S (60), OUT (docs/benchmarks), KEEP=1 keeps the run directory (logs, serials),
+# BIN_DIR (the ferry binaries; default $CARGO_TARGET_DIR/release, else target/release).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-for f in target/release/ferry target/release/ferry-remote target/test-guest/guest.elf; do
-    [ -e "$ROOT/$f" ] || { echo "bench_vs_qemu.sh: $f missing (scripts/dev_cli.sh build)" >&2; exit 1; }
+BIN_DIR=${BIN_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/release}
+for f in "$BIN_DIR/ferry" "$BIN_DIR/ferry-remote" "$ROOT/target/test-guest/guest.elf"; do
+    [ -e "$f" ] || { echo "bench_vs_qemu.sh: $f missing (scripts/dev_cli.sh build)" >&2; exit 1; }
 done
 command -v qemu-system-x86_64 >/dev/null ||
     { echo "bench_vs_qemu.sh: no qemu-system-x86_64 (apt-get install qemu-system-x86)" >&2; exit 1; }
@@ -50,11 +52,11 @@ ip -n "$NS_B" link set "$VETH_B" up
 
 # A copy of the binaries, so that a rebuild during the run cannot mix two versions.
 mkdir -p "$WORK/bin"
-cp -p "$ROOT/target/release/ferry" "$ROOT/target/release/ferry-remote" "$ROOT/target/test-guest/guest.elf" "$WORK/bin/"
+cp -p "$BIN_DIR/ferry" "$BIN_DIR/ferry-remote" "$ROOT/target/test-guest/guest.elf" "$WORK/bin/"
 "$WORK/bin/ferry" --version >/dev/null
 FERRY="$WORK/bin/ferry" REMOTE="$WORK/bin/ferry-remote" GUEST="$WORK/bin/guest.elf"
 export ROOT WORK NS_A NS_B ADDR_B FERRY REMOTE GUEST
-export BENCH_CMD="${BENCH_CMD:-${PAIRS:+PAIRS=$PAIRS }scripts/dev_cli.sh bench vs-qemu}"
+export BENCH_CMD="${BENCH_CMD:-${PAIRS:+PAIRS=$PAIRS }${WORKLOADS:+WORKLOADS=\"$WORKLOADS\" }${MODES:+MODES=\"$MODES\" }scripts/dev_cli.sh bench vs-qemu}"
 # In the background so that a signal reaches the trap at once, which then ends the driver.
 python3 "$ROOT/scripts/bench_vs_qemu.py" &
 PY=$!

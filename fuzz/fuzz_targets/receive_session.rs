@@ -234,6 +234,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let opts = ReceiveOptions {
         idle_timeout: Duration::from_millis(50),
+        ..ReceiveOptions::default()
     };
     let threads_before = threads();
     let progress = MigrationProgress::new();

@@ -8,7 +8,9 @@
 //! - [`protocol`]: message framing, encoder and streaming decoder (see `PROTOCOL.md`).
 //! - [`stats`]: `query-migrate`-shaped statistics and the shared live progress object.
 //! - [`engine`]: the precopy source and the receiving destination.
+//! - [`crc`]: the chunks' crc32c, folded with carry-less multiplication where the CPU can.
 
+pub mod crc;
 pub mod engine;
 pub mod page_set;
 pub mod protocol;

@@ -42,6 +42,14 @@ pub const MAX_PAGE_SEGMENTS: usize = 64;
 /// Largest sparse chunk payload: fixed part, then every page as one whole-page segment.
 pub const MAX_SPARSE_CHUNK_LEN: u32 =
     (CHUNK_FIXED_LEN + MAX_CHUNK_PAGES as usize * (2 + 4 + PAGE_SIZE)) as u32;
+/// Page kinds in a [`PageChunk`]: a zero page, or a page sent whole (other values:
+/// the number of segments of a sparse page).
+pub const PAGE_KIND_ZERO: u16 = 0;
+pub const PAGE_KIND_WHOLE: u16 = 0xffff;
+/// Largest page chunk payload: fixed part, a kind per page, every page whole (a sparse page
+/// is only sent as segments when that is shorter than the page).
+pub const MAX_PAGE_CHUNK_LEN: u32 =
+    (CHUNK_FIXED_LEN + MAX_CHUNK_PAGES as usize * (2 + PAGE_SIZE)) as u32;
 /// Largest payload of any message type.
 pub const MAX_PAYLOAD_LEN: u32 = MAX_STATE_LEN;
 
@@ -66,6 +74,7 @@ pub enum MessageType {
     SparseChunk = 15,
     PassReceived = 16,
     Measured = 17,
+    PageChunk = 18,
 }
 
 impl MessageType {
@@ -89,6 +98,7 @@ impl MessageType {
             15 => SparseChunk,
             16 => PassReceived,
             17 => Measured,
+            18 => PageChunk,
             _ => return None,
         })
     }
@@ -112,6 +122,7 @@ impl MessageType {
             SparseChunk => MAX_SPARSE_CHUNK_LEN,
             PassReceived => 4,
             Measured => 8 + 8,
+            PageChunk => MAX_PAGE_CHUNK_LEN,
         }
     }
 }
@@ -293,9 +304,12 @@ pub mod features {
     /// After `Resumed` the source sends [`super::Message::Measured`]: the downtime and
     /// total time on its own clock, which the destination then reports.
     pub const SOURCE_MEASURES: u64 = 1 << 4;
+    /// Memory may come as [`super::Message::PageChunk`]s, whose page kinds come before
+    /// the page data, so the destination can read whole pages straight into guest RAM.
+    pub const PAGE_CHUNKS: u64 = 1 << 5;
     /// Every feature this build implements.
     pub const ALL: u64 =
-        PARALLEL_CHANNELS | LOCAL_MEMORY | SPARSE_PAGES | PASS_ACKS | SOURCE_MEASURES;
+        PARALLEL_CHANNELS | LOCAL_MEMORY | SPARSE_PAGES | PASS_ACKS | SOURCE_MEASURES | PAGE_CHUNKS;
 }
 
 /// Most connections one migration may use (the main one included).
@@ -443,6 +457,8 @@ pub enum Message<'a> {
         downtime_us: u64,
         total_us: u64,
     },
+    /// A memory chunk with a kind per page ahead of the data (see [`PageChunk`]).
+    PageChunk(PageChunk<'a>),
 }
 
 impl Message<'_> {
@@ -465,6 +481,7 @@ impl Message<'_> {
             Message::SparseChunk(_) => MessageType::SparseChunk,
             Message::PassReceived { .. } => MessageType::PassReceived,
             Message::Measured { .. } => MessageType::Measured,
+            Message::PageChunk(_) => MessageType::PageChunk,
         }
     }
 }
@@ -521,7 +538,7 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) -> Result<(), ProtocolError>
             out.extend_from_slice(&c.page_count.to_le_bytes());
             out.extend_from_slice(c.data_map);
             out.extend_from_slice(c.data);
-            let crc = crc32c::crc32c(&out[payload_start + 4..]);
+            let crc = crate::crc::crc32c(&out[payload_start + 4..]);
             out[payload_start..payload_start + 4].copy_from_slice(&crc.to_le_bytes());
         }
         Message::IterationDone {
@@ -568,13 +585,22 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) -> Result<(), ProtocolError>
             out.extend_from_slice(&token.to_le_bytes());
         }
         Message::ChannelsReady => {}
+        Message::PageChunk(c) => {
+            let payload_start = out.len();
+            out.extend_from_slice(&[0u8; 4]);
+            out.extend_from_slice(&c.gpa.to_le_bytes());
+            out.extend_from_slice(&c.page_count.to_le_bytes());
+            out.extend_from_slice(c.body);
+            let crc = crate::crc::crc32c(&out[payload_start + 4..]);
+            out[payload_start..payload_start + 4].copy_from_slice(&crc.to_le_bytes());
+        }
         Message::SparseChunk(c) => {
             let payload_start = out.len();
             out.extend_from_slice(&[0u8; 4]);
             out.extend_from_slice(&c.gpa.to_le_bytes());
             out.extend_from_slice(&c.page_count.to_le_bytes());
             out.extend_from_slice(c.body);
-            let crc = crc32c::crc32c(&out[payload_start + 4..]);
+            let crc = crate::crc::crc32c(&out[payload_start + 4..]);
             out[payload_start..payload_start + 4].copy_from_slice(&crc.to_le_bytes());
         }
         Message::MemoryFds(fds) => {
@@ -671,7 +697,7 @@ pub fn encode_memory_chunk(
             out.extend_from_slice(page);
         }
     }
-    let crc = crc32c::crc32c(&out[payload_start + 4..]);
+    let crc = crate::crc::crc32c(&out[payload_start + 4..]);
     out[payload_start..payload_start + 4].copy_from_slice(&crc.to_le_bytes());
     finish_frame(out, start, kind)?;
     Ok(counts)
@@ -741,6 +767,27 @@ impl<R: Read> MessageReader<R> {
     /// Reads and decodes the next message. `Err(Closed)` when the stream ends cleanly
     /// between messages; every other failure names what was wrong.
     pub fn read_message(&mut self) -> Result<Message<'_>, ProtocolError> {
+        let header = self.read_header()?;
+        self.read_payload(header)
+    }
+
+    /// [`MessageReader::read_message`], except that a `PageChunk` is not buffered: its
+    /// pages go to `sink` as they arrive (whole pages read straight into the place the sink
+    /// gives), and `Ok(None)` says one was stored.
+    pub fn read_message_with<P: PageSink>(
+        &mut self,
+        sink: &mut P,
+    ) -> Result<Option<Message<'_>>, P::Error> {
+        let header = self.read_header()?;
+        if header.kind == MessageType::PageChunk {
+            let len = header.payload_len as usize;
+            stream_page_chunk(&mut self.inner, len, sink, &mut self.buf)?;
+            return Ok(None);
+        }
+        Ok(Some(self.read_payload(header)?))
+    }
+
+    fn read_header(&mut self) -> Result<Header, ProtocolError> {
         let mut hb = [0u8; HEADER_LEN];
         let got = read_full(&mut self.inner, &mut hb)?;
         if got == 0 {
@@ -753,7 +800,10 @@ impl<R: Read> MessageReader<R> {
                 got,
             });
         }
-        let header = Header::parse(&hb)?;
+        Header::parse(&hb)
+    }
+
+    fn read_payload(&mut self, header: Header) -> Result<Message<'_>, ProtocolError> {
         let len = header.payload_len as usize;
         let mut filled = 0;
         while filled < len {
@@ -953,6 +1003,7 @@ pub fn decode_payload(kind: MessageType, p: &[u8]) -> Result<Message<'_>, Protoc
             Message::ChannelsReady
         }
         MessageType::SparseChunk => Message::SparseChunk(decode_sparse_chunk(p)?),
+        MessageType::PageChunk => Message::PageChunk(decode_page_chunk(p)?),
         MessageType::MemoryFds => {
             min_len(kind, p, 4)?;
             let n = u32_at(p, 0) as usize;
@@ -1100,7 +1151,7 @@ pub fn encode_sparse_chunk_known(
             out.extend_from_slice(&page[off..off + len]);
         }
     }
-    let crc = crc32c::crc32c(&out[payload_start + 4..]);
+    let crc = crate::crc::crc32c(&out[payload_start + 4..]);
     out[payload_start..payload_start + 4].copy_from_slice(&crc.to_le_bytes());
     finish_frame(out, start, kind)?;
     Ok(counts)
@@ -1178,7 +1229,7 @@ fn chunk_header(kind: MessageType, p: &[u8]) -> Result<(u64, u32), ProtocolError
 /// Checks a memory chunk's crc32c (its first field, over every payload byte after it).
 fn check_chunk_crc(p: &[u8], gpa: u64) -> Result<(), ProtocolError> {
     let expected = u32_at(p, 0);
-    let found = crc32c::crc32c(&p[4..]);
+    let found = crate::crc::crc32c(&p[4..]);
     if found != expected {
         return Err(ProtocolError::ChecksumMismatch {
             gpa,
@@ -1285,6 +1336,466 @@ fn decode_chunk(p: &[u8]) -> Result<MemoryChunk<'_>, ProtocolError> {
         data_map,
         data,
     })
+}
+
+/// A page chunk as received whole: `page_count` pages from `gpa`; `body` holds a kind per
+/// page (`u16`: [`PAGE_KIND_ZERO`], [`PAGE_KIND_WHOLE`] or a sparse page's segment count,
+/// 1 to [`MAX_PAGE_SEGMENTS`]), then the data of the non-zero pages in page order: 4096
+/// bytes for a whole page, `segments ×` (`offset: u16`, `len: u16`, bytes) for a sparse
+/// one. Checked by the decoder; [`PageChunk::apply`] stores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageChunk<'a> {
+    pub gpa: u64,
+    pub page_count: u32,
+    pub body: &'a [u8],
+}
+
+impl PageChunk<'_> {
+    /// Hands the chunk's pages to `sink`, as [`MessageReader::read_message_with`] does with a
+    /// chunk it streams.
+    pub fn apply<P: PageSink>(&self, sink: &mut P) -> Result<(), P::Error> {
+        let mut payload = Vec::with_capacity(CHUNK_FIXED_LEN + self.body.len());
+        payload.extend_from_slice(&[0u8; 4]);
+        payload.extend_from_slice(&self.gpa.to_le_bytes());
+        payload.extend_from_slice(&self.page_count.to_le_bytes());
+        payload.extend_from_slice(self.body);
+        let crc = crate::crc::crc32c(&payload[4..]);
+        payload[..4].copy_from_slice(&crc.to_le_bytes());
+        stream_page_chunk(&mut &payload[..], payload.len(), sink, &mut Vec::new())
+    }
+}
+
+/// Where a page chunk's pages go as they are read (the destination's guest RAM).
+pub trait PageSink {
+    type Error: From<ProtocolError>;
+
+    /// A chunk of `page_count` pages at `gpa` (aligned, not past the address space)
+    /// begins; an error refuses it before any of its pages is read.
+    fn begin(&mut self, gpa: u64, page_count: u32) -> Result<(), Self::Error>;
+
+    /// `len` bytes of whole pages at `gpa` (sent whole, or sparse and made whole): calls
+    /// `fill` once with the place they go, which `fill` overwrites entirely (or fails,
+    /// then the chunk fails).
+    fn whole_pages(
+        &mut self,
+        gpa: u64,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<(), ProtocolError>,
+    ) -> Result<(), Self::Error>;
+
+    /// `pages` pages at `gpa` are zero.
+    fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), Self::Error>;
+
+    /// Every byte of the chunk arrived and its checksum matched: only now do its pages
+    /// count as received. `wire_bytes` includes the frame header.
+    fn end(&mut self, chunk: PageChunkDone) -> Result<(), Self::Error>;
+}
+
+/// What [`PageSink::end`] learns about a checked chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageChunkDone {
+    pub gpa: u64,
+    pub page_count: u32,
+    pub zero_pages: u32,
+    pub data_pages: u32,
+    pub wire_bytes: u64,
+}
+
+/// Reads exactly `buf.len()` bytes of a payload with `left` bytes to go, adding them to
+/// the running checksum. Reading past the payload is a malformed chunk, not a read.
+fn take<R: Read + ?Sized>(
+    r: &mut R,
+    buf: &mut [u8],
+    left: &mut usize,
+    crc: &mut u32,
+    what: &str,
+) -> Result<(), ProtocolError> {
+    if buf.len() > *left {
+        return Err(ProtocolError::malformed(
+            MessageType::PageChunk,
+            format!(
+                "{what} needs {} bytes, the payload has {} left",
+                buf.len(),
+                *left
+            ),
+        ));
+    }
+    // The checksum takes each piece as it arrives, while the copy that brought it is
+    // still in the cache.
+    let mut got = 0;
+    while got < buf.len() {
+        let want = buf.len().min(got + CRC_PIECE);
+        match r.read(&mut buf[got..want]) {
+            Ok(0) => {
+                return Err(ProtocolError::Truncated {
+                    what: "page chunk",
+                    expected: buf.len(),
+                    got,
+                })
+            }
+            Ok(n) => {
+                *crc = crate::crc::crc32c_append(*crc, &buf[got..got + n]);
+                got += n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(ProtocolError::Io {
+                    op: "receiving a message",
+                    source,
+                })
+            }
+        }
+    }
+    *left -= buf.len();
+    Ok(())
+}
+
+/// Most bytes [`take`] reads before it checksums them: small enough to be still cached.
+const CRC_PIECE: usize = 256 << 10;
+
+/// Reads a sparse page's `segments` stretches into `page` (zeroed). `Err(Ok(why))`: the
+/// layout is wrong; `Err(Err(e))`: the stream failed.
+fn stream_segments<R: Read + ?Sized>(
+    r: &mut R,
+    segments: u16,
+    page: &mut [u8],
+    left: &mut usize,
+    crc: &mut u32,
+) -> Result<(), Result<String, ProtocolError>> {
+    let mut end = 0;
+    for _ in 0..segments {
+        let mut seg = [0u8; 4];
+        take(r, &mut seg, left, crc, "a segment header").map_err(Err)?;
+        let off = usize::from(u16_at(&seg, 0));
+        let len = usize::from(u16_at(&seg, 2));
+        if len == 0 || off < end || off + len > PAGE_SIZE {
+            return Err(Ok(format!(
+                "segment {off}+{len} is empty, out of order or past the page"
+            )));
+        }
+        take(r, &mut page[off..off + len], left, crc, "a segment").map_err(Err)?;
+        end = off + len;
+    }
+    Ok(())
+}
+
+/// Streams a `PageChunk` payload of `len` bytes from `r` into `sink`: the page kinds into
+/// `kinds`, whole pages straight to where the sink puts them, sparse pages made whole
+/// there too, the checksum over every byte as it passes. Never reads past the payload; on
+/// any error the sink was not told `end`, so nothing of the chunk counts as received.
+fn stream_page_chunk<R: Read + ?Sized, P: PageSink>(
+    r: &mut R,
+    len: usize,
+    sink: &mut P,
+    kinds: &mut Vec<u8>,
+) -> Result<(), P::Error> {
+    let kind = MessageType::PageChunk;
+    let mut left = len;
+    let mut crc = 0u32;
+    let mut fixed = [0u8; CHUNK_FIXED_LEN];
+    if len < CHUNK_FIXED_LEN {
+        return Err(ProtocolError::malformed(
+            kind,
+            format!("{len} bytes, expected at least {CHUNK_FIXED_LEN}"),
+        )
+        .into());
+    }
+    let got = read_full(r, &mut fixed)?;
+    if got < CHUNK_FIXED_LEN {
+        return Err(ProtocolError::Truncated {
+            what: "page chunk",
+            expected: CHUNK_FIXED_LEN,
+            got,
+        }
+        .into());
+    }
+    left -= CHUNK_FIXED_LEN;
+    crc = crate::crc::crc32c_append(crc, &fixed[4..]);
+    let expected = u32_at(&fixed, 0);
+    let (gpa, page_count) = chunk_header(kind, &fixed)?;
+    let n = page_count as usize;
+    kinds.clear();
+    kinds.resize(2 * n, 0);
+    take(r, kinds, &mut left, &mut crc, "the page kinds")?;
+    let kinds = &kinds[..];
+    let page_gpa = |i: usize| gpa + (i * PAGE_SIZE) as u64;
+    let kind_of = |kinds: &[u8], i: usize| u16_at(kinds, 2 * i);
+    for i in 0..n {
+        let k = kind_of(kinds, i);
+        if k != PAGE_KIND_ZERO && k != PAGE_KIND_WHOLE && usize::from(k) > MAX_PAGE_SEGMENTS {
+            return Err(ProtocolError::malformed(
+                kind,
+                format!(
+                    "page {:#x}: kind {k:#x} (0, {PAGE_KIND_WHOLE:#x} or 1 to \
+                     {MAX_PAGE_SEGMENTS} segments)",
+                    page_gpa(i)
+                ),
+            )
+            .into());
+        }
+    }
+    sink.begin(gpa, page_count)?;
+    let (mut zero_pages, mut data_pages) = (0u32, 0u32);
+    let mut i = 0;
+    while i < n {
+        let k = kind_of(kinds, i);
+        let start = i;
+        match k {
+            PAGE_KIND_ZERO | PAGE_KIND_WHOLE => {
+                while i < n && kind_of(kinds, i) == k {
+                    i += 1;
+                }
+                let pages = i - start;
+                if k == PAGE_KIND_ZERO {
+                    zero_pages += pages as u32;
+                    sink.zero_pages(page_gpa(start), pages as u32)?;
+                } else {
+                    data_pages += pages as u32;
+                    let mut fill =
+                        |buf: &mut [u8]| take(r, buf, &mut left, &mut crc, "the whole pages");
+                    sink.whole_pages(page_gpa(start), pages * PAGE_SIZE, &mut fill)?;
+                }
+            }
+            _ => {
+                while i < n && !matches!(kind_of(kinds, i), PAGE_KIND_ZERO | PAGE_KIND_WHOLE) {
+                    i += 1;
+                }
+                data_pages += (i - start) as u32;
+                // Made whole where they go: zeros, then the stretches read into place.
+                let mut fill = |buf: &mut [u8]| {
+                    buf.fill(0);
+                    for (p, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                        let at = page_gpa(start + p);
+                        stream_segments(r, kind_of(kinds, start + p), page, &mut left, &mut crc)
+                            .map_err(|why| match why {
+                                Ok(why) => {
+                                    ProtocolError::malformed(kind, format!("page {at:#x}: {why}"))
+                                }
+                                Err(e) => e,
+                            })?;
+                    }
+                    Ok(())
+                };
+                sink.whole_pages(page_gpa(start), (i - start) * PAGE_SIZE, &mut fill)?;
+            }
+        }
+    }
+    if left != 0 {
+        return Err(ProtocolError::malformed(
+            kind,
+            format!("{left} bytes after the last page at gpa {gpa:#x}"),
+        )
+        .into());
+    }
+    if crc != expected {
+        return Err(ProtocolError::ChecksumMismatch {
+            gpa,
+            expected,
+            found: crc,
+        }
+        .into());
+    }
+    sink.end(PageChunkDone {
+        gpa,
+        page_count,
+        zero_pages,
+        data_pages,
+        wire_bytes: (HEADER_LEN + len) as u64,
+    })
+}
+
+/// A sink that only checks: what decoding a buffered `PageChunk` needs.
+struct CheckOnly;
+
+impl PageSink for CheckOnly {
+    type Error = ProtocolError;
+    fn begin(&mut self, _: u64, _: u32) -> Result<(), ProtocolError> {
+        Ok(())
+    }
+    fn whole_pages(
+        &mut self,
+        _: u64,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<(), ProtocolError>,
+    ) -> Result<(), ProtocolError> {
+        // At most one chunk's worth: `take` refuses more than the payload holds first.
+        let mut buf = vec![0u8; len.min(MAX_CHUNK_PAGES as usize * PAGE_SIZE)];
+        fill(&mut buf)
+    }
+    fn zero_pages(&mut self, _: u64, _: u32) -> Result<(), ProtocolError> {
+        Ok(())
+    }
+    fn end(&mut self, _: PageChunkDone) -> Result<(), ProtocolError> {
+        Ok(())
+    }
+}
+
+fn decode_page_chunk(p: &[u8]) -> Result<PageChunk<'_>, ProtocolError> {
+    let kind = MessageType::PageChunk;
+    let (gpa, page_count) = chunk_header(kind, p)?;
+    // The checksum first: damage anywhere reads as damage, not as a malformed layout.
+    check_chunk_crc(p, gpa)?;
+    stream_page_chunk(&mut &p[..], p.len(), &mut CheckOnly, &mut Vec::new())?;
+    Ok(PageChunk {
+        gpa,
+        page_count,
+        body: &p[CHUNK_FIXED_LEN..],
+    })
+}
+
+/// Where the pages go in a buffer that holds one `PageChunk` frame of `page_count` pages
+/// from its first byte (see [`finish_page_chunk_at`]): after the header, the fixed part
+/// and a kind per page.
+pub fn page_chunk_pages(page_count: usize) -> std::ops::Range<usize> {
+    let data = HEADER_LEN + CHUNK_FIXED_LEN + 2 * page_count;
+    data..data + page_count * PAGE_SIZE
+}
+
+/// Encodes a `PageChunk` for the `page_count` pages at `gpa` that the caller put in
+/// `frame` at [`page_chunk_pages`], in place: page `i` is zero when `known_zero[i]` is
+/// true (its bytes are not looked at) or when all its bytes are; a page with few non-zero
+/// stretches goes as those; any other page whole. Zero and sparse pages are squeezed out
+/// in place, so a chunk of data pages is not moved at all. Returns the frame's length
+/// (it starts at `frame[0]`).
+pub fn finish_page_chunk_at(
+    frame: &mut [u8],
+    gpa: u64,
+    page_count: usize,
+    known_zero: &[bool],
+) -> Result<(usize, ChunkCounts), ProtocolError> {
+    let kind = MessageType::PageChunk;
+    if page_count == 0
+        || page_count > MAX_CHUNK_PAGES as usize
+        || !gpa.is_multiple_of(PAGE_SIZE as u64)
+        || frame.len() < page_chunk_pages(page_count).end
+    {
+        return Err(ProtocolError::malformed(
+            kind,
+            format!(
+                "{page_count} pages at gpa {gpa:#x} in a {}-byte frame (1 to \
+                 {MAX_CHUNK_PAGES} aligned pages, all in the frame)",
+                frame.len()
+            ),
+        ));
+    }
+    let fixed = HEADER_LEN;
+    frame[fixed + 4..fixed + 12].copy_from_slice(&gpa.to_le_bytes());
+    frame[fixed + 12..fixed + 16].copy_from_slice(&(page_count as u32).to_le_bytes());
+    let kinds = fixed + CHUNK_FIXED_LEN;
+    let data = page_chunk_pages(page_count).start;
+    let mut counts = ChunkCounts::default();
+    let mut runs: Vec<(usize, usize)> = Vec::with_capacity(MAX_PAGE_SEGMENTS + 1);
+    let mut copy = [0u8; PAGE_SIZE];
+    // Where the next page's bytes go; never past where that page now is.
+    let mut w = data;
+    for i in 0..page_count {
+        let at = data + i * PAGE_SIZE;
+        let page = &frame[at..at + PAGE_SIZE];
+        if known_zero.get(i) == Some(&true) || is_zero_page(page) {
+            runs.clear();
+        } else {
+            non_zero_runs(page, &mut runs);
+        }
+        let sparse_len: usize = runs.iter().map(|&(_, len)| 4 + len).sum();
+        let k = if runs.is_empty() {
+            counts.zero_pages += 1;
+            PAGE_KIND_ZERO
+        } else if runs.len() > MAX_PAGE_SEGMENTS || sparse_len >= PAGE_SIZE {
+            counts.data_pages += 1;
+            if w != at {
+                frame.copy_within(at..at + PAGE_SIZE, w);
+            }
+            w += PAGE_SIZE;
+            PAGE_KIND_WHOLE
+        } else {
+            counts.data_pages += 1;
+            // Shorter than the page, so it ends before the next page starts; a copy, as
+            // its first segment header may land on its own first bytes.
+            copy.copy_from_slice(page);
+            for &(off, len) in &runs {
+                frame[w..w + 2].copy_from_slice(&(off as u16).to_le_bytes());
+                frame[w + 2..w + 4].copy_from_slice(&(len as u16).to_le_bytes());
+                frame[w + 4..w + 4 + len].copy_from_slice(&copy[off..off + len]);
+                w += 4 + len;
+            }
+            runs.len() as u16
+        };
+        frame[kinds + 2 * i..kinds + 2 * i + 2].copy_from_slice(&k.to_le_bytes());
+    }
+    let crc = crate::crc::crc32c(&frame[fixed + 4..w]);
+    frame[fixed..fixed + 4].copy_from_slice(&crc.to_le_bytes());
+    let header = Header {
+        version: PROTOCOL_VERSION,
+        kind,
+        payload_len: (w - HEADER_LEN) as u32,
+    };
+    frame[..HEADER_LEN].copy_from_slice(&header.to_bytes());
+    Ok((w, counts))
+}
+
+/// Starts a `PageChunk` frame for `page_count` pages at `gpa` at the end of `out`; returns
+/// where it starts and where in `out` the caller puts the pages; then
+/// [`finish_page_chunk`] with that start.
+pub fn begin_page_chunk(
+    gpa: u64,
+    page_count: usize,
+    out: &mut Vec<u8>,
+) -> Result<(usize, std::ops::Range<usize>), ProtocolError> {
+    if page_count == 0
+        || page_count > MAX_CHUNK_PAGES as usize
+        || !gpa.is_multiple_of(PAGE_SIZE as u64)
+    {
+        return Err(ProtocolError::malformed(
+            MessageType::PageChunk,
+            format!("{page_count} pages at gpa {gpa:#x} (1 to {MAX_CHUNK_PAGES}, aligned)"),
+        ));
+    }
+    let start = out.len();
+    let place = page_chunk_pages(page_count);
+    out.resize(start + place.end, 0);
+    out[start + HEADER_LEN + 4..start + HEADER_LEN + 12].copy_from_slice(&gpa.to_le_bytes());
+    out[start + HEADER_LEN + 12..start + HEADER_LEN + 16]
+        .copy_from_slice(&(page_count as u32).to_le_bytes());
+    Ok((start, start + place.start..start + place.end))
+}
+
+/// Ends the frame [`begin_page_chunk`] started at `start`, as [`finish_page_chunk_at`].
+pub fn finish_page_chunk(
+    out: &mut Vec<u8>,
+    start: usize,
+    known_zero: &[bool],
+) -> Result<ChunkCounts, ProtocolError> {
+    let fixed = start + HEADER_LEN;
+    let begun = out.get(fixed + 4..fixed + CHUNK_FIXED_LEN).and_then(|b| {
+        let (gpa, n) = (u64_at(b, 0), u32_at(b, 8) as usize);
+        (out.len() == start + page_chunk_pages(n).end).then_some((gpa, n))
+    });
+    let Some((gpa, n)) = begun else {
+        return Err(ProtocolError::malformed(
+            MessageType::PageChunk,
+            "not a frame begun by begin_page_chunk",
+        ));
+    };
+    let (len, counts) = finish_page_chunk_at(&mut out[start..], gpa, n, known_zero)?;
+    out.truncate(start + len);
+    Ok(counts)
+}
+
+/// [`begin_page_chunk`] and [`finish_page_chunk`] for pages already in a buffer.
+pub fn encode_page_chunk(
+    gpa: u64,
+    pages: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<ChunkCounts, ProtocolError> {
+    if !pages.len().is_multiple_of(PAGE_SIZE) {
+        return Err(ProtocolError::malformed(
+            MessageType::PageChunk,
+            format!("{} bytes is not whole pages", pages.len()),
+        ));
+    }
+    let (start, place) = begin_page_chunk(gpa, pages.len() / PAGE_SIZE, out)?;
+    out[place].copy_from_slice(pages);
+    finish_page_chunk(out, start, &[])
 }
 
 #[cfg(test)]
@@ -1561,7 +2072,7 @@ mod tests {
             payload.extend_from_slice(&gpa.to_le_bytes());
             payload.extend_from_slice(&page_count.to_le_bytes());
             payload.extend_from_slice(body);
-            let crc = crc32c::crc32c(&payload[4..]);
+            let crc = crate::crc::crc32c(&payload[4..]);
             payload[..4].copy_from_slice(&crc.to_le_bytes());
             let mut b = Header {
                 version: PROTOCOL_VERSION,
@@ -1772,6 +2283,280 @@ mod tests {
         assert_eq!(buf.len(), HEADER_LEN + MAX_TEXT_LEN);
     }
 
+    /// A page sink over a RAM of `pages` pages from gpa 0 that records what it was told;
+    /// refuses pages outside it as the destination does.
+    struct RamSink {
+        ram: Vec<u8>,
+        ended: Vec<PageChunkDone>,
+    }
+
+    impl RamSink {
+        fn new(pages: usize) -> Self {
+            RamSink {
+                ram: vec![0xeeu8; pages * PAGE_SIZE],
+                ended: Vec::new(),
+            }
+        }
+
+        fn place(&mut self, gpa: u64, len: usize) -> Result<&mut [u8], ProtocolError> {
+            let at = usize::try_from(gpa).unwrap_or(usize::MAX);
+            match at.checked_add(len) {
+                Some(end) if end <= self.ram.len() => Ok(&mut self.ram[at..end]),
+                _ => Err(ProtocolError::malformed(
+                    MessageType::PageChunk,
+                    "outside RAM",
+                )),
+            }
+        }
+    }
+
+    impl PageSink for RamSink {
+        type Error = ProtocolError;
+        fn begin(&mut self, gpa: u64, page_count: u32) -> Result<(), ProtocolError> {
+            self.place(gpa, page_count as usize * PAGE_SIZE).map(|_| ())
+        }
+        fn whole_pages(
+            &mut self,
+            gpa: u64,
+            len: usize,
+            fill: &mut dyn FnMut(&mut [u8]) -> Result<(), ProtocolError>,
+        ) -> Result<(), ProtocolError> {
+            fill(self.place(gpa, len)?)
+        }
+        fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), ProtocolError> {
+            self.place(gpa, pages as usize * PAGE_SIZE)?.fill(0);
+            Ok(())
+        }
+        fn end(&mut self, done: PageChunkDone) -> Result<(), ProtocolError> {
+            self.ended.push(done);
+            Ok(())
+        }
+    }
+
+    /// Pages of every kind: zero, full, a counter, two stretches, many stretches, data
+    /// only at the end.
+    fn mixed_pages() -> Vec<u8> {
+        let mut pages = vec![0u8; 8 * PAGE_SIZE];
+        for (j, b) in pages[PAGE_SIZE..2 * PAGE_SIZE].iter_mut().enumerate() {
+            *b = (j % 251) as u8 | 1;
+        }
+        pages[2 * PAGE_SIZE] = 1;
+        pages[3 * PAGE_SIZE + 100] = 7;
+        pages[3 * PAGE_SIZE + 3000] = 9;
+        for k in 0..100 {
+            pages[4 * PAGE_SIZE + k * 40] = 3; // more stretches than a page may have
+        }
+        pages[7 * PAGE_SIZE - 1] = 0xff;
+        // page 5 and 7 zero; page 6 ends with one byte
+        pages
+    }
+
+    #[test]
+    fn page_chunks_stream_into_place_and_roundtrip() {
+        let pages = mixed_pages();
+        let mut buf = Vec::new();
+        let counts = encode_page_chunk(0x3000, &pages, &mut buf).unwrap();
+        assert_eq!((counts.zero_pages, counts.data_pages), (3, 5));
+        // Sparse pages cost their stretches: far less than 5 whole pages.
+        assert!(buf.len() < 3 * PAGE_SIZE, "{}", buf.len());
+        let mut sink = RamSink::new(16);
+        let mut r = MessageReader::new(&buf[..]);
+        assert!(r.read_message_with(&mut sink).unwrap().is_none());
+        assert_eq!(&sink.ram[0x3000..0x3000 + pages.len()], &pages[..]);
+        assert_eq!(
+            sink.ended,
+            vec![PageChunkDone {
+                gpa: 0x3000,
+                page_count: 8,
+                zero_pages: 3,
+                data_pages: 5,
+                wire_bytes: buf.len() as u64,
+            }]
+        );
+        // Other messages pass through read_message_with unchanged.
+        let mut two = frame_of(&Message::ConfigAccepted);
+        two.extend_from_slice(&buf);
+        let mut r = MessageReader::new(&two[..]);
+        assert_eq!(
+            r.read_message_with(&mut RamSink::new(16)).unwrap(),
+            Some(Message::ConfigAccepted)
+        );
+        // Buffered, the same chunk decodes, re-encodes to the same bytes, and applies
+        // to the same pages.
+        let mut r = MessageReader::new(&buf[..]);
+        let msg = r.read_message().unwrap();
+        let Message::PageChunk(c) = msg else {
+            panic!("not a page chunk: {msg:?}")
+        };
+        assert_eq!((c.gpa, c.page_count), (0x3000, 8));
+        roundtrip(&Message::PageChunk(c));
+        let mut sink = RamSink::new(16);
+        c.apply(&mut sink).unwrap();
+        assert_eq!(&sink.ram[0x3000..0x3000 + pages.len()], &pages[..]);
+    }
+
+    fn frame_of(msg: &Message<'_>) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode(msg, &mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn page_chunk_encoding_in_place_skips_pages_known_zero() {
+        // The reader left pages 1 and 3 unread: whatever they hold, they go as zero.
+        let mut out = vec![9u8; 5]; // frames already queued stay as they are
+        let (start, place) = begin_page_chunk(0x1000, 4, &mut out).unwrap();
+        assert_eq!(start, 5);
+        assert_eq!(place.len(), 4 * PAGE_SIZE);
+        out[place.clone()].fill(0xab);
+        let counts = finish_page_chunk(&mut out, start, &[false, true, false, true]).unwrap();
+        assert_eq!((counts.zero_pages, counts.data_pages), (2, 2));
+        assert_eq!(&out[..5], &[9u8; 5]);
+        let mut sink = RamSink::new(8);
+        MessageReader::new(&out[5..])
+            .read_message_with(&mut sink)
+            .unwrap();
+        let mut expected = vec![0xabu8; 4 * PAGE_SIZE];
+        expected[PAGE_SIZE..2 * PAGE_SIZE].fill(0);
+        expected[3 * PAGE_SIZE..].fill(0);
+        assert_eq!(&sink.ram[0x1000..0x5000], &expected[..]);
+        // Whole data pages cost their 4 KiB and a 2-byte kind, nothing more.
+        assert_eq!(
+            out.len() - 5,
+            HEADER_LEN + CHUNK_FIXED_LEN + 4 * 2 + 2 * PAGE_SIZE
+        );
+        // Refused: no pages, too many, unaligned; and a frame not begun here.
+        let mut v = Vec::new();
+        assert!(begin_page_chunk(0, 0, &mut v).is_err());
+        assert!(begin_page_chunk(0, MAX_CHUNK_PAGES as usize + 1, &mut v).is_err());
+        assert!(begin_page_chunk(1, 1, &mut v).is_err());
+        assert!(v.is_empty());
+        assert!(finish_page_chunk(&mut vec![0u8; 100], 0, &[]).is_err());
+        assert!(encode_page_chunk(0, &[1u8; 100], &mut v).is_err());
+    }
+
+    #[test]
+    fn hostile_page_chunks_are_refused_naming_what_is_wrong() {
+        // A payload: crc, gpa, count, then `rest`; the crc made right unless `bad_crc`.
+        let frame = |gpa: u64, count: u32, rest: &[u8], bad_crc: bool| {
+            let mut p = vec![0u8; 4];
+            p.extend_from_slice(&gpa.to_le_bytes());
+            p.extend_from_slice(&count.to_le_bytes());
+            p.extend_from_slice(rest);
+            let crc = crate::crc::crc32c(&p[4..]) ^ u32::from(bad_crc);
+            p[..4].copy_from_slice(&crc.to_le_bytes());
+            let mut f = Header {
+                version: PROTOCOL_VERSION,
+                kind: MessageType::PageChunk,
+                payload_len: p.len() as u32,
+            }
+            .to_bytes()
+            .to_vec();
+            f.extend(p);
+            f
+        };
+        let kinds = |k: &[u16]| k.iter().flat_map(|k| k.to_le_bytes()).collect::<Vec<u8>>();
+        let seg = |off: u16, len: u16| {
+            let mut v = off.to_le_bytes().to_vec();
+            v.extend_from_slice(&len.to_le_bytes());
+            v.extend(std::iter::repeat_n(1u8, len as usize));
+            v
+        };
+        let cat = |parts: &[Vec<u8>]| parts.concat();
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("no pages", frame(0, 0, &[], false), "page count 0"),
+            (
+                "too many pages",
+                frame(0, 1025, &[], false),
+                "page count 1025",
+            ),
+            (
+                "unaligned",
+                frame(5, 1, &kinds(&[0]), false),
+                "not page-aligned",
+            ),
+            (
+                "past the address space",
+                frame(!4095u64, 2, &kinds(&[0, 0]), false),
+                "overflow",
+            ),
+            (
+                "kinds cut short",
+                frame(0, 4, &kinds(&[0]), false),
+                "the page kinds needs 8 bytes",
+            ),
+            ("bad kind", frame(0, 1, &kinds(&[65]), false), "kind 0x41"),
+            (
+                "whole page missing",
+                frame(0, 1, &kinds(&[0xffff]), false),
+                "needs 4096 bytes",
+            ),
+            (
+                "segment past the page",
+                frame(0, 1, &cat(&[kinds(&[1]), seg(4000, 100)]), false),
+                "past the page",
+            ),
+            (
+                "empty segment",
+                frame(0, 1, &cat(&[kinds(&[1]), seg(0, 0)]), false),
+                "empty",
+            ),
+            (
+                "segments out of order",
+                frame(0, 1, &cat(&[kinds(&[2]), seg(100, 8), seg(50, 8)]), false),
+                "out of order",
+            ),
+            (
+                "segment cut short",
+                frame(0, 1, &cat(&[kinds(&[1]), seg(0, 8)[..8].to_vec()]), false),
+                "a segment needs 8 bytes",
+            ),
+            (
+                "bytes after the pages",
+                frame(0, 1, &cat(&[kinds(&[0]), vec![0u8; 3]]), false),
+                "3 bytes after",
+            ),
+            (
+                "bad checksum",
+                frame(0, 1, &cat(&[kinds(&[1]), seg(8, 8)]), true),
+                "checksum mismatch",
+            ),
+            (
+                "outside the sink",
+                frame(64 * PAGE_SIZE as u64, 1, &kinds(&[0]), false),
+                "outside RAM",
+            ),
+        ];
+        for (name, bytes, needle) in cases {
+            let mut sink = RamSink::new(4);
+            let e = MessageReader::new(&bytes[..])
+                .read_message_with(&mut sink)
+                .expect_err(name);
+            assert!(e.to_string().contains(needle), "{name}: {e}");
+            assert!(sink.ended.is_empty(), "{name}: counted as received");
+            // Buffered, the same bytes are refused as well (except where only the sink
+            // knows: the RAM size).
+            if name != "outside the sink" {
+                assert!(
+                    MessageReader::new(&bytes[..]).read_message().is_err(),
+                    "{name}"
+                );
+            }
+        }
+        // A stream cut in the middle of the pages is truncated, not a hang or a panic.
+        let mut good = Vec::new();
+        encode_page_chunk(0, &mixed_pages(), &mut good).unwrap();
+        for cut in [13, 30, 40, HEADER_LEN + 20 + PAGE_SIZE, good.len() - 1] {
+            let e = MessageReader::new(&good[..cut])
+                .read_message_with(&mut RamSink::new(16))
+                .expect_err("cut");
+            assert!(
+                matches!(e, ProtocolError::Truncated { .. }),
+                "cut at {cut}: {e}"
+            );
+        }
+    }
+
     /// A tiny deterministic generator, so the test needs no extra crate.
     struct XorShift(u64);
     impl XorShift {
@@ -1812,6 +2597,7 @@ mod tests {
         )
         .unwrap();
         encode_memory_chunk(0x2000, &sample_pages(), &mut valid).unwrap();
+        encode_page_chunk(0x4000, &mixed_pages(), &mut valid).unwrap();
         encode(
             &Message::State {
                 vcpus: b"abc",
@@ -1828,7 +2614,7 @@ mod tests {
             &mut valid,
         )
         .unwrap();
-        assert_eq!(decode_all(&valid).unwrap(), 5);
+        assert_eq!(decode_all(&valid).unwrap(), 6);
 
         let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
         for round in 0..4000 {
@@ -1839,7 +2625,7 @@ mod tests {
                     // A valid header prefix, so the payload decoders are reached too.
                     v[..4].copy_from_slice(&MAGIC);
                     v[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-                    v[6..8].copy_from_slice(&(1 + rng.below(10) as u16).to_le_bytes());
+                    v[6..8].copy_from_slice(&(1 + rng.below(18) as u16).to_le_bytes());
                     v[8..12].copy_from_slice(&((len - HEADER_LEN) as u32).to_le_bytes());
                 }
                 v
@@ -1860,6 +2646,15 @@ mod tests {
                 }
                 v
             };
+            // Streamed into a RAM sink: returns, never panics, never writes outside it.
+            let mut sink = RamSink::new(64);
+            let mut r = MessageReader::new(&input[..]);
+            for _ in 0..16 {
+                if r.read_message_with(&mut sink).is_err() {
+                    break;
+                }
+            }
+            assert_eq!(sink.ram.len(), 64 * PAGE_SIZE);
             let mut r = MessageReader::new(&input[..]);
             for _ in 0..16 {
                 match r.read_message() {

@@ -10,8 +10,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use vm_migration::protocol::{
-    encode, encode_memory_chunk, Complete, Config, Header, Hello, Message, MessageReader,
-    MessageType, ProtocolError, HEADER_LEN,
+    encode, encode_memory_chunk, encode_page_chunk, Complete, Config, Header, Hello, Message,
+    MessageReader, MessageType, ProtocolError, HEADER_LEN,
 };
 use vm_migration::transport::FdUnixStream;
 use vm_migration::{
@@ -339,6 +339,7 @@ fn fast_opts(downtime: Duration, timeout: Duration, strategy: TimeoutStrategy) -
 fn receive_opts() -> ReceiveOptions {
     ReceiveOptions {
         idle_timeout: Duration::from_secs(2),
+        ..ReceiveOptions::default()
     }
 }
 
@@ -919,6 +920,131 @@ fn destination_refuses_hostile_streams_without_resuming() {
         assert!(e.to_string().contains(needle), "{name}: {e}");
         assert!(!d.resumed, "{name}: resumed");
         assert!(d.state.is_none(), "{name}: state restored");
+    }
+}
+
+/// A session whose RAM comes as page chunks of 64 pages mixing zero, whole and sparse
+/// pages; returns it with the RAM it leaves, and where its first chunk's data starts.
+fn page_chunk_session() -> (Vec<u8>, Vec<u8>, usize) {
+    let mut v = hello_and_config();
+    let mut ram = Vec::new();
+    let mut first_data = 0;
+    for r in layout() {
+        let mut pages = vec![0u8; r.size as usize];
+        for (i, page) in pages.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            match i % 3 {
+                0 => {}
+                1 => page
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(j, b)| *b = (i + j) as u8 | 1),
+                _ => page[i % PAGE_SIZE] = 0x77,
+            }
+        }
+        for (c, chunk) in pages.chunks(64 * PAGE_SIZE).enumerate() {
+            if first_data == 0 {
+                // Header, fixed part, a kind per page.
+                first_data = v.len() + HEADER_LEN + 16 + 2 * 64;
+            }
+            let gpa = r.gpa + (c * 64 * PAGE_SIZE) as u64;
+            encode_page_chunk(gpa, chunk, &mut v).unwrap();
+        }
+        ram.extend(pages);
+    }
+    v.extend(frame(&Message::State {
+        vcpus: b"v",
+        devices: b"d",
+    }));
+    v.extend(frame(&Message::Complete(Complete {
+        paused_us: 1,
+        source_info: b"not json",
+    })));
+    (v, ram, first_data)
+}
+
+#[test]
+fn page_chunks_stream_into_ram_and_damage_is_refused() {
+    let (session, ram, first_data) = page_chunk_session();
+    let (r, d) = feed_destination(session.clone());
+    r.expect("valid page chunk session");
+    assert!(d.resumed);
+    assert!(*d.ram.lock().unwrap() == ram, "the RAM differs");
+
+    // One bit of page data flipped: the pages were already in RAM, but the checksum
+    // fails the chunk, so the VM never runs.
+    let mut flipped = session.clone();
+    flipped[first_data + PAGE_SIZE + 5] ^= 0x10;
+    let outside_ram = {
+        let mut v = hello_and_config();
+        encode_page_chunk(512 << 10, &[1u8; PAGE_SIZE], &mut v).unwrap();
+        v
+    };
+    // The kinds claim a whole page the payload does not hold.
+    let short = {
+        let mut v = hello_and_config();
+        let at = v.len();
+        encode_page_chunk(0, &[0u8; 2 * PAGE_SIZE], &mut v).unwrap();
+        v[at + HEADER_LEN + 16..at + HEADER_LEN + 18].copy_from_slice(&0xffffu16.to_le_bytes());
+        v
+    };
+    let bad_kind = {
+        let mut v = hello_and_config();
+        let at = v.len();
+        encode_page_chunk(0, &[0u8; PAGE_SIZE], &mut v).unwrap();
+        v[at + HEADER_LEN + 16..at + HEADER_LEN + 18].copy_from_slice(&65u16.to_le_bytes());
+        v
+    };
+    for (name, bytes, needle) in [
+        ("flipped bit", flipped, "checksum mismatch"),
+        ("outside RAM", outside_ram, "0x80000"),
+        ("short", short, "needs 4096 bytes"),
+        ("bad kind", bad_kind, "kind 0x41"),
+        (
+            "truncated",
+            session[..first_data + 100].to_vec(),
+            "truncated",
+        ),
+    ] {
+        let (r, d) = feed_destination(bytes);
+        let e = r.expect_err(name);
+        assert!(e.to_string().contains(needle), "{name}: {e}");
+        assert!(!d.resumed, "{name}: resumed");
+    }
+}
+
+/// A destination of an older build (no page chunks; no sparse chunks either) gets what
+/// it takes, and nothing is lost.
+#[test]
+fn older_destinations_get_the_encodings_they_take() {
+    use vm_migration::protocol::features;
+    for offered in [
+        features::ALL & !features::PAGE_CHUNKS,
+        features::ALL & !features::PAGE_CHUNKS & !features::SPARSE_PAGES,
+    ] {
+        let src = FakeSource::new(false);
+        let stop = Arc::new(AtomicBool::new(false));
+        let guest = src.run_guest(Duration::from_micros(100), stop.clone());
+        let (a, b) = UnixStream::pair().unwrap();
+        let dest = thread::spawn(move || {
+            let mut dest = FakeDestination::default();
+            let opts = ReceiveOptions {
+                features: offered,
+                ..receive_opts()
+            };
+            let r = receive_migration(&mut dest, b, &opts, &MigrationProgress::new());
+            (r, dest)
+        });
+        let opts = fast_opts(
+            Duration::from_millis(500),
+            Duration::from_secs(30),
+            TimeoutStrategy::Cancel,
+        );
+        send_migration(&*src, a, &opts, &MigrationProgress::new()).expect("migration");
+        stop.store(true, Ordering::Relaxed);
+        guest.join().unwrap();
+        let (dr, d) = dest.join().unwrap();
+        dr.expect("destination");
+        assert_migrated(&src, &d);
     }
 }
 
@@ -1664,6 +1790,7 @@ fn main_connection_failing_mid_pass_releases_the_extra_connections() {
         let mut dest = FakeDestination::default();
         let opts = ReceiveOptions {
             idle_timeout: Duration::from_millis(300),
+            ..ReceiveOptions::default()
         };
         let r = receive_migration_from(
             &mut dest,

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use super::{DestinationVm, DEFAULT_RECEIVE_IDLE_TIMEOUT};
 use crate::page_set::PageSet;
 use crate::protocol::{
-    encode, features, Hello, MemoryChunk, Message, MessageReader, MessageType, PageRun,
-    ProtocolError, RamRange, SparseChunk, PAGE_SIZE, PROTOCOL_VERSION,
+    encode, features, Hello, MemoryChunk, Message, MessageReader, MessageType, PageChunkDone,
+    PageRun, PageSink, ProtocolError, RamRange, SparseChunk, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use crate::stats::{IterationStats, MigrationInfo, MigrationProgress, MigrationStatus};
 use crate::transport::{is_cancelled, is_halted, MigrationStream, Watched};
@@ -23,12 +23,16 @@ const PAGE: u64 = PAGE_SIZE as u64;
 pub struct ReceiveOptions {
     /// The source counts as gone when no byte arrives for this long.
     pub idle_timeout: Duration,
+    /// The optional protocol features this side may offer (default: all it implements;
+    /// fewer: behave as an older destination, e.g. to test a source's older encodings).
+    pub features: u64,
 }
 
 impl Default for ReceiveOptions {
     fn default() -> Self {
         ReceiveOptions {
             idle_timeout: DEFAULT_RECEIVE_IDLE_TIMEOUT,
+            features: features::ALL,
         }
     }
 }
@@ -271,9 +275,15 @@ impl Session<'_> {
         if local {
             offered |= features::LOCAL_MEMORY;
         }
-        offered |= features::SPARSE_PAGES | features::PASS_ACKS | features::SOURCE_MEASURES;
+        offered |= features::SPARSE_PAGES
+            | features::PASS_ACKS
+            | features::SOURCE_MEASURES
+            | features::PAGE_CHUNKS;
+        offered &= self.opts.features;
         let both = |f: u64| source_features & offered & f != 0;
         let acks = both(features::PASS_ACKS);
+        // What this side offered is all it takes: a source must not send the others.
+        let takes = offered;
         let source_measures = both(features::SOURCE_MEASURES);
         send_step(
             conn,
@@ -358,6 +368,7 @@ impl Session<'_> {
             barrier: PassBarrier::default(),
             progress,
             copy_allowed: files_layout.is_none(),
+            takes,
         };
         let received = std::thread::scope(|s| {
             let r = self.main_loop(s, &shared, conn, &mut accept, acks);
@@ -489,9 +500,18 @@ impl Session<'_> {
         let mut anything_received = false;
         let mut sparse = SparseScratch::default();
         loop {
-            let msg = match conn.read_message() {
-                Ok(m) => m,
-                Err(e) => return Err(self.peer_reason(conn).unwrap_or(e.into())),
+            let mut sink = ChunkSink { shared };
+            let msg = match conn.read_message_with(&mut sink) {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    // A page chunk, stored.
+                    anything_received = true;
+                    continue;
+                }
+                Err(e @ ReceiveError::Protocol(_)) => {
+                    return Err(self.peer_reason(conn).unwrap_or(e))
+                }
+                Err(e) => return Err(e),
             };
             match msg {
                 Message::Channels { count, token } if !lanes_open && !anything_received => {
@@ -526,6 +546,10 @@ impl Session<'_> {
                 Message::SparseChunk(chunk) => {
                     anything_received = true;
                     shared.store_sparse(&chunk, &mut sparse)?;
+                }
+                Message::PageChunk(chunk) => {
+                    anything_received = true;
+                    chunk.apply(&mut ChunkSink { shared })?;
                 }
                 Message::IterationDone {
                     iteration,
@@ -658,7 +682,17 @@ fn lane_loop<S: MigrationStream, V: DestinationVm + Sync + ?Sized>(
 ) -> Result<(), String> {
     let mut sparse = SparseScratch::default();
     loop {
-        match lane.read_message() {
+        let mut sink = ChunkSink { shared };
+        let msg = match lane.read_message_with(&mut sink) {
+            Ok(None) => continue,
+            Ok(Some(msg)) => Ok(msg),
+            Err(ReceiveError::Protocol(e)) => Err(e),
+            Err(e) => return Err(e.to_string()),
+        };
+        match msg {
+            Ok(Message::PageChunk(chunk)) => chunk
+                .apply(&mut ChunkSink { shared })
+                .map_err(|e| e.to_string())?,
             Ok(Message::MemoryChunk(chunk)) => shared
                 .store(&chunk, chunk_wire_bytes(&chunk))
                 .map_err(|e| e.to_string())?,
@@ -701,6 +735,8 @@ struct Shared<'a, V: ?Sized> {
     progress: &'a MigrationProgress,
     /// False when RAM came as the source's files: no page may be written then.
     copy_allowed: bool,
+    /// The features this side offered (a chunk kind it did not offer is refused).
+    takes: u64,
 }
 
 impl<V: DestinationVm + Sync + ?Sized> Shared<'_, V> {
@@ -716,6 +752,7 @@ impl<V: DestinationVm + Sync + ?Sized> Shared<'_, V> {
         chunk: &SparseChunk<'_>,
         scratch: &mut SparseScratch,
     ) -> Result<(), ReceiveError> {
+        self.check_offered(MessageType::SparseChunk)?;
         chunk.expand(&mut scratch.pages, &mut scratch.map);
         let plain = MemoryChunk {
             gpa: chunk.gpa,
@@ -727,23 +764,51 @@ impl<V: DestinationVm + Sync + ?Sized> Shared<'_, V> {
         self.store(&plain, wire)
     }
 
-    fn store(&self, chunk: &MemoryChunk<'_>, wire: u64) -> Result<(), ReceiveError> {
+    /// A chunk kind this side did not offer is a protocol violation.
+    fn check_offered(&self, kind: MessageType) -> Result<(), ReceiveError> {
+        let feature = match kind {
+            MessageType::PageChunk => features::PAGE_CHUNKS,
+            MessageType::SparseChunk => features::SPARSE_PAGES,
+            _ => return Ok(()),
+        };
+        if self.takes & feature == 0 {
+            return Err(ReceiveError::Unexpected {
+                found: kind,
+                during: "receiving memory (this destination did not offer that encoding)",
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether a chunk of `page_count` pages at `gpa` may be written: RAM is copied in
+    /// this migration, and the pages lie inside one RAM range.
+    fn check_place(
+        &self,
+        kind: MessageType,
+        gpa: u64,
+        page_count: u32,
+    ) -> Result<(), ReceiveError> {
         if !self.copy_allowed {
             return Err(ReceiveError::Unexpected {
-                found: MessageType::MemoryChunk,
+                found: kind,
                 during: "a migration whose RAM came as files",
             });
         }
         if !self
             .pages()
             .received
-            .contains_range(chunk.gpa, u64::from(chunk.page_count))
+            .contains_range(gpa, u64::from(page_count))
         {
             return Err(ReceiveError::OutsideRam {
-                gpa: chunk.gpa,
-                pages: chunk.page_count,
+                gpa,
+                pages: page_count,
             });
         }
+        Ok(())
+    }
+
+    fn store(&self, chunk: &MemoryChunk<'_>, wire: u64) -> Result<(), ReceiveError> {
+        self.check_place(MessageType::MemoryChunk, chunk.gpa, chunk.page_count)?;
         for run in chunk.runs() {
             match run {
                 PageRun::Data { gpa, data } => {
@@ -789,6 +854,56 @@ impl<V: DestinationVm + Sync + ?Sized> Shared<'_, V> {
         for (g, n) in runs {
             self.vm.zero_pages(g, n).map_err(vm_err("zero_pages"))?;
         }
+        Ok(())
+    }
+}
+
+/// Stores a page chunk as it streams in: every data page read straight into guest RAM. Its
+/// pages count as received only at `end`, once the checksum matched.
+struct ChunkSink<'s, 'a, V: ?Sized> {
+    shared: &'s Shared<'a, V>,
+}
+
+impl<V: DestinationVm + Sync + ?Sized> PageSink for ChunkSink<'_, '_, V> {
+    type Error = ReceiveError;
+
+    fn begin(&mut self, gpa: u64, page_count: u32) -> Result<(), ReceiveError> {
+        self.shared.check_offered(MessageType::PageChunk)?;
+        self.shared
+            .check_place(MessageType::PageChunk, gpa, page_count)
+    }
+
+    fn whole_pages(
+        &mut self,
+        gpa: u64,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<(), ProtocolError>,
+    ) -> Result<(), ReceiveError> {
+        let mut filled = Ok(());
+        self.shared
+            .vm
+            .fill_pages(gpa, len, &mut |buf| filled = fill(buf))
+            .map_err(vm_err("fill_pages"))?;
+        filled?;
+        self.shared.pages().written.insert_range(gpa, len as u64);
+        Ok(())
+    }
+
+    fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), ReceiveError> {
+        self.shared.zero(gpa, u64::from(pages))
+    }
+
+    fn end(&mut self, c: PageChunkDone) -> Result<(), ReceiveError> {
+        self.shared
+            .pages()
+            .received
+            .insert_range(c.gpa, u64::from(c.page_count) * PAGE);
+        self.shared.progress.update(|i| {
+            i.ram.duplicate += u64::from(c.zero_pages);
+            i.ram.normal += u64::from(c.data_pages);
+            i.ram.normal_bytes += u64::from(c.data_pages) * PAGE;
+            i.ram.transferred += c.wire_bytes;
+        });
         Ok(())
     }
 }

@@ -123,6 +123,18 @@ pub trait DestinationVm {
     /// never for overlapping pages at the same time.
     fn write_pages(&self, gpa: u64, data: &[u8]) -> HookResult<()>;
 
+    /// Lets `fill` write `len` bytes (whole pages, inside one RAM range: the engine checks)
+    /// at `gpa` in place: `fill` is called once with a buffer that becomes those pages
+    /// (it overwrites all of it, or the migration fails). The same concurrency as
+    /// [`DestinationVm::write_pages`]. The default fills a buffer and writes it; a VM whose
+    /// RAM can be handed out directly saves that copy (pages read from the network go
+    /// straight into guest RAM).
+    fn fill_pages(&self, gpa: u64, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> HookResult<()> {
+        let mut buf = vec![0u8; len];
+        fill(&mut buf);
+        self.write_pages(gpa, &buf)
+    }
+
     /// Zeroes `pages` pages at `gpa` (pages that were written earlier and are zero now).
     fn zero_pages(&self, gpa: u64, pages: u64) -> HookResult<()>;
 

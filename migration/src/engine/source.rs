@@ -13,9 +13,9 @@ use super::{
 use crate::page_set::PageSet;
 use crate::protocol::{
     check_ram_layout, encode, encode_memory_chunk, encode_sparse_chunk_known, features,
-    write_message, Complete, Config, Header, Hello, MemoryFd, Message, MessageReader, MessageType,
-    ProtocolError, RamRange, HEADER_LEN, MAX_CHANNELS, MAX_CHUNK_PAGES, MIN_PROTOCOL_VERSION,
-    PAGE_SIZE, PROTOCOL_VERSION,
+    finish_page_chunk_at, page_chunk_pages, write_message, ChunkCounts, Complete, Config, Header,
+    Hello, MemoryFd, Message, MessageReader, MessageType, ProtocolError, RamRange, HEADER_LEN,
+    MAX_CHANNELS, MAX_CHUNK_PAGES, MIN_PROTOCOL_VERSION, PAGE_SIZE, PROTOCOL_VERSION,
 };
 use crate::stats::{IterationStats, MigrationInfo, MigrationProgress, MigrationStatus};
 use crate::transport::{is_cancelled, MigrationStream, Watched};
@@ -157,6 +157,9 @@ struct LaneBuf {
     scratch: Vec<u8>,
     /// Which pages of `scratch` the VM knows to be zero (and left unread).
     known_zero: Vec<bool>,
+    /// A page chunk, built in place around the pages read into it, then written from
+    /// here. It keeps its largest size, so it is zeroed once, not for every chunk.
+    frame: Vec<u8>,
     /// A write failed part-way: the stream is no longer at a frame boundary.
     broken: bool,
 }
@@ -174,38 +177,58 @@ impl LaneBuf {
         if self.out.is_empty() {
             return Ok(());
         }
-        // Not `write_all`: a cancelled write must say how far it got. (`Watched` retries
-        // `Interrupted` itself, checking for cancellation each time.)
-        let mut written = 0;
-        let r = loop {
-            match io.write(&self.out[written..]) {
-                Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
-                Ok(n) => {
-                    written += n;
-                    if written == self.out.len() {
-                        break Ok(());
-                    }
-                }
-                Err(e) => break Err(e),
-            }
-        };
-        let r = r.map_err(|source| {
-            // Cancelled: the link works, so end the frame cut short (if any) to leave the
-            // stream at a frame boundary, where the destination can still read an `Abort`.
-            let at_boundary = is_cancelled(&source)
-                && io
-                    .write_best_effort(&self.out[written..frame_end(&self.out, written)])
-                    .is_ok();
-            self.broken = !at_boundary;
-            ProtocolError::Io {
-                op: "sending to the destination",
-                source,
-            }
-            .into()
-        });
+        let r = write_frames(io, &self.out, &mut self.broken);
         self.out.clear();
         r
     }
+
+    /// Writes the queued frames, then the first `len` bytes of `frame` (one whole frame).
+    fn flush_with_frame<S: MigrationStream>(
+        &mut self,
+        io: &mut Watched<S>,
+        len: usize,
+    ) -> Result<(), SendError> {
+        self.flush(io)?;
+        write_frames(io, &self.frame[..len], &mut self.broken)
+    }
+}
+
+/// Writes `frames` (whole frames) to `io`. On failure `broken` says whether the stream is
+/// no longer at a frame boundary.
+fn write_frames<S: MigrationStream>(
+    io: &mut Watched<S>,
+    frames: &[u8],
+    broken: &mut bool,
+) -> Result<(), SendError> {
+    // Not `write_all`: a cancelled write must say how far it got. (`Watched` retries
+    // `Interrupted` itself, checking for cancellation each time.)
+    let mut written = 0;
+    let r = loop {
+        match io.write(&frames[written..]) {
+            Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => {
+                written += n;
+                if written == frames.len() {
+                    break Ok(());
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    r.map_err(|source| {
+        // Cancelled: the link works, so end the frame cut short (if any) to leave the
+        // stream at a frame boundary, where the destination can still read an `Abort`.
+        let at_boundary = is_cancelled(&source)
+            && io
+                .write_best_effort(&frames[written..frame_end(frames, written)])
+                .is_ok();
+        *broken = !at_boundary;
+        ProtocolError::Io {
+            op: "sending to the destination",
+            source,
+        }
+        .into()
+    })
 }
 
 /// An extra connection, carrying memory only.
@@ -226,8 +249,8 @@ struct PassCtx<'a, V: ?Sized> {
     left: AtomicU64,
     /// Another connection failed: stop too.
     stop: AtomicBool,
-    /// The destination takes sparse chunks.
-    sparse: bool,
+    /// How chunks are encoded: what the destination takes.
+    encoding: Encoding,
     /// Precopy only: pages dirtied again since the pass began, collected while it runs.
     /// They go into the next pass; this one skips those it has not sent yet.
     redirtied: Option<Mutex<Redirtied>>,
@@ -286,7 +309,7 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
                 }
             }
             for (gpa, pages) in self.still_clean(gpa, pages, &mut res)? {
-                self.send_run(gpa, pages, buf, &mut res)?;
+                self.send_run(gpa, pages, io, buf, &mut res)?;
             }
             if buf.out.len() >= FLUSH_BYTES || last_flush.elapsed() >= FLUSH_INTERVAL {
                 buf.flush(io)?;
@@ -349,38 +372,44 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
         Ok(parts)
     }
 
-    /// Reads, encodes and queues one run of pages.
-    fn send_run(
+    /// Reads, encodes and queues (or, a page chunk, writes) one run of pages.
+    fn send_run<S: MigrationStream>(
         &self,
         gpa: u64,
         pages: u32,
+        io: &mut Watched<S>,
         buf: &mut LaneBuf,
         res: &mut LaneResult,
     ) -> Result<(), SendError> {
         let len = pages as usize * PAGE_SIZE;
-        if buf.scratch.len() < len {
-            buf.scratch.resize(len, 0);
-        }
-        hook(
-            "read_pages",
-            self.vm
-                .read_pages_known_zero(gpa, &mut buf.scratch[..len], &mut buf.known_zero),
-        )?;
         let before = buf.out.len();
-        let counts = if self.sparse {
-            encode_sparse_chunk_known(gpa, &buf.scratch[..len], &buf.known_zero, &mut buf.out)?
-        } else {
-            // The plain encoder looks at every byte: give it the zeros.
-            for (page, _) in buf.scratch[..len]
-                .chunks_exact_mut(PAGE_SIZE)
-                .zip(&buf.known_zero)
-                .filter(|(_, &z)| z)
-            {
-                page.fill(0);
+        let (counts, bytes) = if self.encoding == Encoding::Pages {
+            // Guest RAM is copied once, straight into the frame, and encoded there.
+            let place = page_chunk_pages(pages as usize);
+            if buf.frame.len() < place.end {
+                buf.frame.resize(place.end, 0);
             }
-            encode_memory_chunk(gpa, &buf.scratch[..len], &mut buf.out)?
+            hook(
+                "read_pages",
+                self.vm
+                    .read_pages_known_zero(gpa, &mut buf.frame[place], &mut buf.known_zero),
+            )?;
+            let (frame_len, counts) =
+                finish_page_chunk_at(&mut buf.frame, gpa, pages as usize, &buf.known_zero)?;
+            buf.flush_with_frame(io, frame_len)?;
+            (counts, frame_len as u64)
+        } else {
+            if buf.scratch.len() < len {
+                buf.scratch.resize(len, 0);
+            }
+            hook(
+                "read_pages",
+                self.vm
+                    .read_pages_known_zero(gpa, &mut buf.scratch[..len], &mut buf.known_zero),
+            )?;
+            let counts = self.encode_copied(gpa, len, buf)?;
+            (counts, (buf.out.len() - before) as u64)
         };
-        let bytes = (buf.out.len() - before) as u64;
         res.pages += u64::from(pages);
         res.untouched += buf
             .known_zero
@@ -403,6 +432,58 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
             i.ram.remaining = left * PAGE_SIZE as u64;
         });
         Ok(())
+    }
+}
+
+impl<V: ?Sized> PassCtx<'_, V> {
+    /// Encodes the `len` bytes of pages read into `buf.scratch` at `gpa` as a sparse or a
+    /// plain chunk (a destination that takes no page chunks).
+    fn encode_copied(
+        &self,
+        gpa: u64,
+        len: usize,
+        buf: &mut LaneBuf,
+    ) -> Result<ChunkCounts, ProtocolError> {
+        if self.encoding == Encoding::Sparse {
+            return encode_sparse_chunk_known(
+                gpa,
+                &buf.scratch[..len],
+                &buf.known_zero,
+                &mut buf.out,
+            );
+        }
+        // The plain encoder looks at every byte: give it the zeros.
+        for (page, _) in buf.scratch[..len]
+            .chunks_exact_mut(PAGE_SIZE)
+            .zip(&buf.known_zero)
+            .filter(|(_, &z)| z)
+        {
+            page.fill(0);
+        }
+        encode_memory_chunk(gpa, &buf.scratch[..len], &mut buf.out)
+    }
+}
+
+/// How memory chunks go on the wire, by what the destination takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Encoding {
+    /// `MemoryChunk`: a page map and whole pages.
+    Plain,
+    /// `SparseChunk`: each page as its non-zero stretches.
+    Sparse,
+    /// `PageChunk`: page kinds first, then whole pages or stretches; encoded in place.
+    Pages,
+}
+
+impl Encoding {
+    fn for_peer(peer_features: u64) -> Encoding {
+        if peer_features & features::PAGE_CHUNKS != 0 {
+            Encoding::Pages
+        } else if peer_features & features::SPARSE_PAGES != 0 {
+            Encoding::Sparse
+        } else {
+            Encoding::Plain
+        }
     }
 }
 
@@ -849,7 +930,7 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
             iteration,
             left: AtomicU64::new(runs.iter().map(|r| u64::from(r.1)).sum()),
             stop: AtomicBool::new(false),
-            sparse: self.peer_features & features::SPARSE_PAGES != 0,
+            encoding: Encoding::for_peer(self.peer_features),
             // Never while paused: the final collection must see everything, and last.
             redirtied: (phase == Phase::Precopy).then(|| {
                 Mutex::new(Redirtied {

@@ -101,6 +101,26 @@ impl DestinationVm for MachineDestination {
             .map_err(|e| format!("writing {} bytes at {gpa:#x}: {e}", data.len()))
     }
 
+    fn fill_pages(&self, gpa: u64, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> HookResult<()> {
+        use vm_memory::bitmap::Bitmap;
+        let mem = self.incoming()?.memory();
+        let slice = mem
+            .get_slice(GuestAddress(gpa), len)
+            .map_err(|e| format!("{len} bytes at {gpa:#x}: {e}"))?;
+        crate::memory::prefault(mem, gpa, len);
+        let guard = slice.ptr_guard_mut();
+        // SAFETY: `slice` is `len` bytes of this VM's guest RAM mapping (checked by
+        // `get_slice`), mapped for as long as `mem` is borrowed, which outlives `buf`. The
+        // VM being received runs nothing yet (no vCPU, no device), and the engine never
+        // hands the same pages to two threads at once, so nothing else reads or writes
+        // these bytes while `fill` holds them.
+        let buf = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), len) };
+        fill(buf);
+        // As a write through `GuestMemory` would: the VMM's dirty log sees every write.
+        slice.bitmap().mark_dirty(0, len);
+        Ok(())
+    }
+
     fn zero_pages(&self, gpa: u64, pages: u64) -> HookResult<()> {
         const ZERO: [u8; 4096] = [0; 4096];
         let mem = self.incoming()?.memory();
