@@ -42,6 +42,8 @@ pub const MAX_PAGE_SEGMENTS: usize = 64;
 /// Largest sparse chunk payload: fixed part, then every page as one whole-page segment.
 pub const MAX_SPARSE_CHUNK_LEN: u32 =
     (CHUNK_FIXED_LEN + MAX_CHUNK_PAGES as usize * (2 + 4 + PAGE_SIZE)) as u32;
+/// Most page runs in one [`Message::PostcopyDiscard`].
+pub const MAX_DISCARD_RANGES: usize = 65536;
 /// Largest payload of any message type.
 pub const MAX_PAYLOAD_LEN: u32 = MAX_STATE_LEN;
 
@@ -66,6 +68,11 @@ pub enum MessageType {
     SparseChunk = 15,
     PassReceived = 16,
     Measured = 17,
+    PostcopyDiscard = 18,
+    PostcopyRun = 19,
+    PageRequest = 20,
+    PostcopyDone = 21,
+    PostcopyComplete = 22,
 }
 
 impl MessageType {
@@ -89,6 +96,11 @@ impl MessageType {
             15 => SparseChunk,
             16 => PassReceived,
             17 => Measured,
+            18 => PostcopyDiscard,
+            19 => PostcopyRun,
+            20 => PageRequest,
+            21 => PostcopyDone,
+            22 => PostcopyComplete,
             _ => return None,
         })
     }
@@ -112,6 +124,10 @@ impl MessageType {
             SparseChunk => MAX_SPARSE_CHUNK_LEN,
             PassReceived => 4,
             Measured => 8 + 8,
+            PostcopyDiscard => (4 + MAX_DISCARD_RANGES * 12) as u32,
+            PostcopyRun => 8,
+            PageRequest => 8,
+            PostcopyDone | PostcopyComplete => 0,
         }
     }
 }
@@ -293,9 +309,13 @@ pub mod features {
     /// After `Resumed` the source sends [`super::Message::Measured`]: the downtime and
     /// total time on its own clock, which the destination then reports.
     pub const SOURCE_MEASURES: u64 = 1 << 4;
+    /// The source may switch to postcopy: the VM then runs on the destination before all
+    /// of its RAM is there, and the destination asks for the pages it misses
+    /// ([`super::Message::PageRequest`]) on the main connection's return direction.
+    pub const POSTCOPY: u64 = 1 << 5;
     /// Every feature this build implements.
     pub const ALL: u64 =
-        PARALLEL_CHANNELS | LOCAL_MEMORY | SPARSE_PAGES | PASS_ACKS | SOURCE_MEASURES;
+        PARALLEL_CHANNELS | LOCAL_MEMORY | SPARSE_PAGES | PASS_ACKS | SOURCE_MEASURES | POSTCOPY;
 }
 
 /// Most connections one migration may use (the main one included).
@@ -443,6 +463,23 @@ pub enum Message<'a> {
         downtime_us: u64,
         total_us: u64,
     },
+    /// Source → destination at the switch to postcopy (the source is paused): these runs
+    /// `(gpa, pages)` are not valid on the destination (never sent, or written again since
+    /// they were); it drops what it holds of them. Several may follow one another.
+    PostcopyDiscard(Vec<(u64, u32)>),
+    /// Source → destination after the discards and the `State`: run the VM now;
+    /// `paused_us` is how long the source had been paused.
+    PostcopyRun {
+        paused_us: u64,
+    },
+    /// Destination → source during postcopy: the guest (or a device) waits for this page.
+    PageRequest {
+        gpa: u64,
+    },
+    /// Source → destination: every page not valid at the switch has been sent once.
+    PostcopyDone,
+    /// Destination → source: every page of RAM is here; the source may go.
+    PostcopyComplete,
 }
 
 impl Message<'_> {
@@ -465,6 +502,11 @@ impl Message<'_> {
             Message::SparseChunk(_) => MessageType::SparseChunk,
             Message::PassReceived { .. } => MessageType::PassReceived,
             Message::Measured { .. } => MessageType::Measured,
+            Message::PostcopyDiscard(_) => MessageType::PostcopyDiscard,
+            Message::PostcopyRun { .. } => MessageType::PostcopyRun,
+            Message::PageRequest { .. } => MessageType::PageRequest,
+            Message::PostcopyDone => MessageType::PostcopyDone,
+            Message::PostcopyComplete => MessageType::PostcopyComplete,
         }
     }
 }
@@ -567,7 +609,23 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) -> Result<(), ProtocolError>
             out.extend_from_slice(&index.to_le_bytes());
             out.extend_from_slice(&token.to_le_bytes());
         }
-        Message::ChannelsReady => {}
+        Message::ChannelsReady | Message::PostcopyDone | Message::PostcopyComplete => {}
+        Message::PostcopyRun { paused_us } => out.extend_from_slice(&paused_us.to_le_bytes()),
+        Message::PageRequest { gpa } => out.extend_from_slice(&gpa.to_le_bytes()),
+        Message::PostcopyDiscard(runs) => {
+            if runs.len() > MAX_DISCARD_RANGES {
+                out.truncate(start);
+                return Err(ProtocolError::malformed(
+                    kind,
+                    format!("{} runs, at most {MAX_DISCARD_RANGES}", runs.len()),
+                ));
+            }
+            out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+            for (gpa, pages) in runs {
+                out.extend_from_slice(&gpa.to_le_bytes());
+                out.extend_from_slice(&pages.to_le_bytes());
+            }
+        }
         Message::SparseChunk(c) => {
             let payload_start = out.len();
             out.extend_from_slice(&[0u8; 4]);
@@ -951,6 +1009,56 @@ pub fn decode_payload(kind: MessageType, p: &[u8]) -> Result<Message<'_>, Protoc
         MessageType::ChannelsReady => {
             exact_len(kind, p, 0)?;
             Message::ChannelsReady
+        }
+        MessageType::PostcopyDone => {
+            exact_len(kind, p, 0)?;
+            Message::PostcopyDone
+        }
+        MessageType::PostcopyComplete => {
+            exact_len(kind, p, 0)?;
+            Message::PostcopyComplete
+        }
+        MessageType::PostcopyRun => {
+            exact_len(kind, p, 8)?;
+            Message::PostcopyRun {
+                paused_us: u64_at(p, 0),
+            }
+        }
+        MessageType::PageRequest => {
+            exact_len(kind, p, 8)?;
+            let gpa = u64_at(p, 0);
+            if !gpa.is_multiple_of(PAGE_SIZE as u64) {
+                return Err(ProtocolError::malformed(
+                    kind,
+                    format!("gpa {gpa:#x} is not page-aligned"),
+                ));
+            }
+            Message::PageRequest { gpa }
+        }
+        MessageType::PostcopyDiscard => {
+            min_len(kind, p, 4)?;
+            let n = u32_at(p, 0) as usize;
+            if n > MAX_DISCARD_RANGES {
+                return Err(ProtocolError::malformed(
+                    kind,
+                    format!("{n} runs, at most {MAX_DISCARD_RANGES}"),
+                ));
+            }
+            exact_len(kind, p, 4 + n * 12)?;
+            let mut runs = Vec::with_capacity(n);
+            for i in 0..n {
+                let (gpa, pages) = (u64_at(p, 4 + i * 12), u32_at(p, 12 + i * 12));
+                if !gpa.is_multiple_of(PAGE_SIZE as u64) || pages == 0 {
+                    return Err(ProtocolError::malformed(
+                        kind,
+                        format!(
+                            "run {i} (gpa {gpa:#x}, {pages} pages) is empty or not page-aligned"
+                        ),
+                    ));
+                }
+                runs.push((gpa, pages));
+            }
+            Message::PostcopyDiscard(runs)
         }
         MessageType::SparseChunk => Message::SparseChunk(decode_sparse_chunk(p)?),
         MessageType::MemoryFds => {
@@ -1372,6 +1480,12 @@ mod tests {
                 total_us: u64::MAX - 1,
             },
             Message::Abort { reason: "é" },
+            Message::PostcopyDiscard(vec![(0x1000, 3), (0x100000, u32::MAX)]),
+            Message::PostcopyDiscard(Vec::new()),
+            Message::PostcopyRun { paused_us: 99 },
+            Message::PageRequest { gpa: 0x10_0000 },
+            Message::PostcopyDone,
+            Message::PostcopyComplete,
             Message::Channels {
                 count: 3,
                 token: u64::MAX - 5,

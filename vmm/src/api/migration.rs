@@ -19,6 +19,10 @@ use super::{ApiError, Vmm};
 pub const MAX_CONNECTIONS: u32 = vm_migration::protocol::MAX_CHANNELS as u32;
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 pub const DEFAULT_TIMEOUT_S: u64 = 3600;
+/// Precopy passes before `memory_mode: Postcopy` switches (unless the migration
+/// converged first): the first pass moves most of RAM while the guest runs, a second one
+/// what it dirtied meanwhile, so few pages are left to fetch on demand.
+pub const DEFAULT_POSTCOPY_AFTER_PASSES: u32 = 2;
 
 /// What to do when `timeout_s` passes before the migration could finish within
 /// `downtime_ms`.
@@ -39,7 +43,8 @@ pub enum MemoryMode {
     Precopy,
     /// Pass the guest memory file descriptors over a UNIX socket (same host).
     MemFDs,
-    /// Start the destination first and fetch pages on demand.
+    /// Precopy passes first (`postcopy_after_passes`), then the VM runs on the
+    /// destination while the rest of its RAM streams in, touched pages fetched first.
     Postcopy,
 }
 
@@ -83,6 +88,10 @@ struct SendMigrationBody {
     /// Ferry's own: throttle the vCPUs when the migration does not converge (default on).
     #[serde(default)]
     auto_converge: Option<bool>,
+    /// Ferry's own: switch to postcopy after this many precopy passes (implies
+    /// `memory_mode: Postcopy`; default [`DEFAULT_POSTCOPY_AFTER_PASSES`] with it).
+    #[serde(default)]
+    postcopy_after_passes: Option<u32>,
     /// Migrate over TLS: ca-cert.pem, client-cert.pem, client-key.pem (cloud-hypervisor's).
     #[serde(default)]
     tls_dir: Option<std::path::PathBuf>,
@@ -111,6 +120,8 @@ pub struct SendMigration {
     pub memory_mode: MemoryMode,
     /// Throttle the vCPUs while the dirty set stops shrinking (Ferry's extension).
     pub auto_converge: bool,
+    /// `memory_mode: Postcopy`: switch after this many precopy passes.
+    pub postcopy_after_passes: Option<u32>,
     /// Over TLS with these credentials (checked loadable when the request came).
     pub tls_dir: Option<std::path::PathBuf>,
     /// Someone waits for [`MigrationHandler::send`]'s result and passes the outcome on
@@ -129,8 +140,8 @@ struct ReceiveMigrationBody {
     /// Take the migration over TLS only: ca-cert.pem, server-cert.pem, server-key.pem.
     #[serde(default)]
     tls_dir: Option<std::path::PathBuf>,
-    /// cloud-hypervisor's; the source decides how memory comes, so only `Precopy` (or
-    /// Ferry's `MemFDs`) is taken here.
+    /// cloud-hypervisor's; the source decides how memory comes (a destination that can
+    /// takes postcopy whenever the source switches), so any value is taken here.
     #[serde(default)]
     memory_mode: Option<MemoryMode>,
     /// cloud-hypervisor's: VFIO device and iommufd descriptors passed with the request,
@@ -246,7 +257,22 @@ pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
                 "local=true hands guest RAM over as files, which memory_mode {m:?} cannot use"
             )))
         }
+        (_, None) if b.postcopy_after_passes.is_some() => MemoryMode::Postcopy,
         (_, m) => m.unwrap_or_default(),
+    };
+    let postcopy_after_passes = match (memory_mode, b.postcopy_after_passes) {
+        (_, Some(0)) => {
+            return Err(bad(
+                "postcopy_after_passes=0 is out of range (at least 1)".into()
+            ))
+        }
+        (MemoryMode::Postcopy, n) => Some(n.unwrap_or(DEFAULT_POSTCOPY_AFTER_PASSES)),
+        (m, Some(n)) => {
+            return Err(bad(format!(
+                "postcopy_after_passes={n} needs memory_mode Postcopy, not {m:?}"
+            )))
+        }
+        (_, None) => None,
     };
     if let MigrationUrl::Unix(_) = destination {
         if connections > 1 {
@@ -270,6 +296,7 @@ pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
         connections,
         memory_mode,
         auto_converge: b.auto_converge.unwrap_or(true),
+        postcopy_after_passes,
         tls_dir: b.tls_dir,
         wait_for_completion: b.wait_for_completion.unwrap_or(false),
     })
@@ -279,11 +306,10 @@ pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
 pub fn parse_receive_migration(body: &[u8]) -> Result<ReceiveMigration, ApiError> {
     let b: ReceiveMigrationBody = super::json_body("vm.receive-migration", body)?;
     log_unknown("vm.receive-migration", &b.unknown);
-    if let Some(m @ MemoryMode::Postcopy) = b.memory_mode {
-        return Err(bad(format!(
-            "memory_mode {m:?} is not supported yet (Precopy is; the source decides whether \
-             RAM comes as files)"
-        )));
+    if b.memory_mode == Some(MemoryMode::Postcopy) && !crate::migration::postcopy::available() {
+        return Err(bad(
+            "memory_mode Postcopy: this host gives Ferry no userfaultfd (see the log)".into(),
+        ));
     }
     if let Some(fds) = b.vfio_fds.as_ref().filter(|f| !f.is_empty()) {
         return Err(bad(format!(
@@ -649,10 +675,6 @@ mod tests {
         for (j, needle) in [
             ("{}", "receiver_url"),
             (r#"{"receiver_url":"x"}"#, "\"x\""),
-            (
-                r#"{"receiver_url":"unix:/s","memory_mode":"Postcopy"}"#,
-                "memory_mode Postcopy",
-            ),
             (r#"{"receiver_url":"unix:/s","vfio_fds":[7]}"#, "vfio_fds [7]"),
             (r#"{"receiver_url":"unix:/s","iommufd_fd":9}"#, "iommufd_fd 9"),
             (

@@ -3,11 +3,12 @@
 //! started only once its state has been restored.
 
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use vm_migration::engine::HookResult;
 use vm_migration::protocol::MemoryFd;
-use vm_migration::{DestinationVm, RamRange};
+use vm_migration::{DestinationVm, PostcopyRam, RamRange};
 
 use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
@@ -116,6 +117,25 @@ impl DestinationVm for MachineDestination {
         let state: MachineState =
             serde_json::from_slice(vcpus).map_err(|e| format!("machine state: {e}"))?;
         self.state = Some(state);
+        Ok(())
+    }
+
+    fn supports_postcopy(&self) -> bool {
+        // RAM handed over as files is the source's own: nothing to fetch.
+        self.adopted.is_none() && super::postcopy::available()
+    }
+
+    fn postcopy_ram(&mut self) -> HookResult<Arc<dyn PostcopyRam>> {
+        let ram = super::postcopy::UffdRam::new(self.incoming()?.memory())?;
+        Ok(Arc::new(ram))
+    }
+
+    fn pause_postcopy(&mut self) -> HookResult<()> {
+        let machine = self
+            .machine
+            .as_ref()
+            .ok_or_else(|| "the VM did not start".to_string())?;
+        machine.pause_for_postcopy();
         Ok(())
     }
 

@@ -52,12 +52,7 @@ impl LiveMigration {
     fn check_send(vmm: &Vmm, req: &SendMigration) -> Result<bool, ApiError> {
         const ACTION: &str = "vm.send-migration";
         let local_memory = match req.memory_mode {
-            MemoryMode::Precopy => false,
-            MemoryMode::Postcopy => {
-                return Err(ApiError::BadRequest(
-                    "memory_mode Postcopy is not supported yet".into(),
-                ))
-            }
+            MemoryMode::Precopy | MemoryMode::Postcopy => false,
             MemoryMode::MemFDs => true,
         };
         let machine = vmm.machine(ACTION)?;
@@ -194,6 +189,7 @@ impl LiveMigration {
         let opts = SendOptions {
             local_memory,
             auto_converge: req.auto_converge,
+            postcopy_after_passes: req.postcopy_after_passes,
             ..SendOptions::new(req.downtime_ms, req.timeout_s, strategy)
         };
         let source = MachineSource::new(machine.clone());
@@ -359,6 +355,16 @@ impl MigrationHandler for LiveMigration {
                 );
                 Ok(())
             }
+            Err(e @ ReceiveError::PostcopyPaused { .. }) => {
+                // The VM ran here and its missing pages are still at the source: keep it,
+                // paused, rather than lose the only up-to-date copy of its other pages.
+                log::error!("incoming migration: {e}");
+                if let Some(machine) = dest.machine.take() {
+                    vmm.install(machine.config.clone(), Arc::new(machine));
+                }
+                outcome.failed(&e.to_string());
+                Err(failed(ACTION, e))
+            }
             Err(e) => {
                 // Nothing half-received runs: the built VM (if any) is dropped here. After
                 // a lost confirmation it was running already, and is stopped the same way.
@@ -388,7 +394,15 @@ impl MigrationHandler for LiveMigration {
     }
 
     fn cancel(&self, _vmm: &Arc<Vmm>) -> Result<(), ApiError> {
+        use vm_migration::MigrationStatus as S;
         match self.current() {
+            Some(p) if matches!(p.status(), S::PostcopyActive | S::PostcopyPaused) => {
+                Err(ApiError::BadRequest(
+                    "the migration is in postcopy: the VM runs on the destination and misses \
+                     pages only the source has, so it cannot be cancelled"
+                        .into(),
+                ))
+            }
             Some(p) if !p.status().is_finished() => {
                 p.cancel();
                 Ok(())
