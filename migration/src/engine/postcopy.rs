@@ -452,7 +452,10 @@ pub(super) fn run_destination<V: DestinationVm + ?Sized, S: MigrationStream>(
             Ok(())
         }
         Err(e) => {
-            let left = lock(&pages).received.total_pages() - lock(&pages).received.count();
+            let left = {
+                let p = lock(&pages);
+                p.received.total_pages() - p.received.count()
+            };
             let why = fault_error
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

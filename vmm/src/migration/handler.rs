@@ -255,6 +255,8 @@ impl MigrationHandler for LiveMigration {
             let status = match progress.status() {
                 S::Cancelled => S::Cancelled,
                 S::Failed => S::Failed,
+                // The VM moved: saying "failed" would invite resuming this stale copy.
+                S::PostcopyPaused => S::PostcopyPaused,
                 _ if progress.is_cancelled() => S::Cancelled,
                 _ => S::Failed,
             };
