@@ -332,6 +332,7 @@ fn fast_opts(downtime: Duration, timeout: Duration, strategy: TimeoutStrategy) -
         chunk_pages: 64,
         local_memory: false,
         auto_converge: true,
+        postcopy_after_passes: None,
     }
 }
 

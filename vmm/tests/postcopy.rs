@@ -272,6 +272,16 @@ fn a_link_cut_during_postcopy_leaves_the_guest_paused_on_both_sides() {
         "the source must not resume"
     );
     assert_eq!(dest.get("vm.info")["state"], "Paused");
+    // Neither copy may be resumed by hand.
+    for (host, name) in [(&src, "source"), (&dest, "destination")] {
+        let r = host.api.put("vm.resume", None).unwrap();
+        assert!(
+            r.status >= 400 && r.error_message().contains("postcopy-paused"),
+            "vm.resume on the {name}: {} {}",
+            r.status,
+            r.error_message()
+        );
+    }
     // The link comes back: without recovery, both stay as they are (never a split VM).
     hosts.mend_link();
     std::thread::sleep(Duration::from_secs(2));

@@ -391,6 +391,21 @@ pub trait MigrationHandler: Send + Sync {
     /// `PUT vm.cancel-migration`: stop the running migration; its `send`/`receive` call
     /// then returns an error.
     fn cancel(&self, vmm: &Arc<Vmm>) -> Result<(), ApiError>;
+
+    /// `PUT vm.migrate-start-postcopy` (QMP's `migrate-start-postcopy`): the running
+    /// outgoing migration switches to postcopy after its current pass.
+    fn start_postcopy(&self, vmm: &Arc<Vmm>) -> Result<(), ApiError> {
+        let _ = vmm;
+        Err(ApiError::MigrationNotImplemented(
+            "vm.migrate-start-postcopy",
+        ))
+    }
+
+    /// A postcopy migration lost its link: this side's VM must not be resumed (the source's
+    /// copy is stale, the destination's misses pages only the source has).
+    fn postcopy_paused(&self) -> bool {
+        false
+    }
 }
 
 /// The handler until the migration engine lands: every call answers 500.

@@ -395,6 +395,26 @@ impl MigrationHandler for LiveMigration {
         Ok(info)
     }
 
+    fn start_postcopy(&self, _vmm: &Arc<Vmm>) -> Result<(), ApiError> {
+        use vm_migration::MigrationStatus as S;
+        match self.current() {
+            Some(p) if matches!(p.status(), S::Setup | S::Active) => {
+                p.request_postcopy();
+                log::info!("postcopy asked for: switching after the current pass");
+                Ok(())
+            }
+            Some(p) if p.status() == S::PostcopyActive => Ok(()),
+            _ => Err(ApiError::NotFound(
+                "no migration in precopy to switch to postcopy".into(),
+            )),
+        }
+    }
+
+    fn postcopy_paused(&self) -> bool {
+        self.current()
+            .is_some_and(|p| p.status() == vm_migration::MigrationStatus::PostcopyPaused)
+    }
+
     fn cancel(&self, _vmm: &Arc<Vmm>) -> Result<(), ApiError> {
         use vm_migration::MigrationStatus as S;
         match self.current() {

@@ -435,12 +435,10 @@ mod tests {
             m.read_slice(&mut b, GuestAddress(3 * PAGE + 8)).unwrap();
             tx.send(b).unwrap();
         });
-        let gpa = loop {
-            if let Some(g) = ram.next_fault(Duration::from_secs(5)).unwrap() {
-                break g;
-            }
-            panic!("no fault reported within 5 s");
-        };
+        let gpa = ram
+            .next_fault(Duration::from_secs(5))
+            .unwrap()
+            .expect("no fault reported within 5 s");
         assert_eq!(gpa, 3 * PAGE);
         assert!(
             rx.recv_timeout(Duration::from_millis(200)).is_err(),
