@@ -31,6 +31,8 @@ const PAGE: u64 = PAGE_SIZE as u64;
 /// Pages sent for one request: the asked page and the missing ones right after it (a
 /// guest often goes on to the next page).
 const REQUEST_RUN_PAGES: u32 = 16;
+/// Most pages in one background chunk (256 KiB).
+const BACKGROUND_CHUNK_PAGES: u32 = 64;
 /// Background chunks are written at least this often, so that a request waits behind at
 /// most this much queued data on this side.
 const BACKGROUND_FLUSH_BYTES: usize = 256 << 10;
@@ -195,10 +197,8 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         mut pending: PageSet,
         rx: &mpsc::Receiver<FromDestination>,
     ) -> Result<(), SendError> {
-        let chunk_pages = self
-            .opts
-            .chunk_pages
-            .clamp(1, crate::protocol::MAX_CHUNK_PAGES);
+        // Small background chunks: an asked-for page waits for the one being read.
+        let chunk_pages = self.opts.chunk_pages.clamp(1, BACKGROUND_CHUNK_PAGES);
         let mut background: VecDeque<(u64, u32)> = pending.clone().take_runs(chunk_pages).into();
         let sparse = self.peer_features & features::SPARSE_PAGES != 0;
         let mut requests = 0u64;
