@@ -1809,6 +1809,16 @@ impl DestinationVm for PostcopyDestination {
 /// page placed exactly once; the source never resumes.
 #[test]
 fn postcopy_moves_a_guest_that_never_converges_with_every_page_placed_once() {
+    postcopy_after(1);
+}
+
+/// Postcopy from the start: no precopy pass, every page fetched or streamed once.
+#[test]
+fn postcopy_from_the_start_sends_every_page_once() {
+    postcopy_after(0);
+}
+
+fn postcopy_after(passes: u32) {
     let src = FakeSource::new(true);
     let stop = Arc::new(AtomicBool::new(false));
     let guest = src.run_guest(Duration::from_micros(200), stop.clone());
@@ -1839,7 +1849,7 @@ fn postcopy_moves_a_guest_that_never_converges_with_every_page_placed_once() {
     });
     let progress = MigrationProgress::new();
     let opts = SendOptions {
-        postcopy_after_passes: Some(1),
+        postcopy_after_passes: Some(passes),
         ..fast_opts(
             Duration::from_millis(1),
             Duration::from_secs(30),
@@ -1847,6 +1857,7 @@ fn postcopy_moves_a_guest_that_never_converges_with_every_page_placed_once() {
         )
     };
     let info = send_migration(&*src, a, &opts, &progress).expect("migration");
+    assert_eq!(info.iterations.len(), passes as usize, "{info:?}");
     stop.store(true, Ordering::Relaxed);
     guest.join().unwrap();
     let (dr, d, dinfo) = dest.join().unwrap();

@@ -296,3 +296,63 @@ fn a_link_cut_during_postcopy_leaves_the_guest_paused_on_both_sides() {
     drop((src, dest));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A plain precopy migration that cannot converge switches when asked
+/// (`vm.migrate-start-postcopy`, QMP's `migrate-start-postcopy`).
+#[test]
+fn a_precopy_migration_switches_to_postcopy_when_asked() {
+    let hosts = TwoHosts::new(63);
+    hosts.limit_rate(200);
+    let dir = tmpdir("asked");
+    let serial = dir.join("serial.log");
+    let (dest, receiving) = receiver(&hosts.b, &dir);
+    let mut src = source(&hosts.a, &dir, &serial, &[]);
+    common::wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(60));
+    let api = Client::new(src.api.path(), Some(Duration::from_secs(300)));
+    let body = json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b),
+                      "downtime_ms": 20, "auto_converge": false, "timeout_s": 300,
+                      "wait_for_completion": true});
+    let sending = std::thread::spawn(move || {
+        api.put("vm.send-migration", Some(body.to_string().as_bytes()))
+            .unwrap()
+    });
+    // Well into precopy (a pass or more done), ask for the switch.
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = src.get("vm.migration-info");
+        if info["status"] == "active"
+            && info["iterations"].as_array().is_some_and(|i| !i.is_empty())
+        {
+            break;
+        }
+        assert!(Instant::now() < end, "precopy never made a pass: {info}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = src.api.put("vm.migrate-start-postcopy", None).unwrap();
+    assert_eq!(
+        r.status,
+        204,
+        "vm.migrate-start-postcopy: {}",
+        r.error_message()
+    );
+    let r = join_within(sending, Duration::from_secs(120), "send-migration");
+    assert_eq!(r.status, 204, "send-migration: {}", r.error_message());
+    let rr = join_within(receiving, Duration::from_secs(30), "receive-migration");
+    assert_eq!(rr.status, 204, "receive-migration: {}", rr.error_message());
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    let info = dest.get("vm.migration-info");
+    assert_eq!(info["status"], "completed", "{info}");
+    assert!(
+        info["ram"]["postcopy-requests"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "no page was asked for: was postcopy used? {info}"
+    );
+    let moved_at = serial_len(&serial);
+    common::verified_twice_more(&serial, moved_at, 2, Duration::from_secs(60));
+    // Nothing to switch any more.
+    let r = dest.api.put("vm.migrate-start-postcopy", None).unwrap();
+    assert_eq!(r.status, 404, "{}", r.error_message());
+    drop(dest);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -120,9 +120,8 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         }
         let missing = pending.count();
         log::info!(
-            "switching to postcopy after pass {}: {missing} pages stay here until the \
-             destination asks for them or they stream",
-            iteration.saturating_sub(1)
+            "switching to postcopy after {iteration} precopy pass(es): {missing} pages stay \
+             here until the destination asks for them or they stream"
         );
         let runs = pending.clone().take_runs(u32::MAX);
         for group in runs.chunks(MAX_DISCARD_RANGES) {

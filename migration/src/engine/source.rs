@@ -53,8 +53,8 @@ pub struct SendOptions {
     /// Throttle the vCPUs, more each pass, while the dirty set stops shrinking before it
     /// fits the downtime.
     pub auto_converge: bool,
-    /// Switch to postcopy after this many precopy passes when the migration has not
-    /// converged by then (`None`: only when asked, see
+    /// Switch to postcopy after this many precopy passes (0: before the first) when the
+    /// migration has not converged by then (`None`: only when asked, see
     /// [`MigrationProgress::request_postcopy`]). Needs a destination that can.
     pub postcopy_after_passes: Option<u32>,
 }
@@ -634,6 +634,10 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         pending.insert_all();
         let mut iteration = 0u32;
         let mut convergence = Convergence::default();
+        // Postcopy from the start: every page is fetched or streamed once, nothing twice.
+        if self.postcopy_due(0)? {
+            return self.postcopy(0, pending);
+        }
         loop {
             let pass_start = Instant::now();
             let pass = self.send_pass(iteration, &mut pending, Phase::Precopy)?;

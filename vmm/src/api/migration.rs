@@ -261,11 +261,6 @@ pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
         (_, m) => m.unwrap_or_default(),
     };
     let postcopy_after_passes = match (memory_mode, b.postcopy_after_passes) {
-        (_, Some(0)) => {
-            return Err(bad(
-                "postcopy_after_passes=0 is out of range (at least 1)".into()
-            ))
-        }
         (MemoryMode::Postcopy, n) => Some(n.unwrap_or(DEFAULT_POSTCOPY_AFTER_PASSES)),
         (m, Some(n)) => {
             return Err(bad(format!(
