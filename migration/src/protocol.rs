@@ -127,7 +127,8 @@ impl MessageType {
             PostcopyDiscard => (4 + MAX_DISCARD_RANGES * 12) as u32,
             PostcopyRun => 8,
             PageRequest => 8,
-            PostcopyDone | PostcopyComplete => 0,
+            PostcopyDone => MAX_CONFIG_LEN,
+            PostcopyComplete => 0,
         }
     }
 }
@@ -476,8 +477,11 @@ pub enum Message<'a> {
     PageRequest {
         gpa: u64,
     },
-    /// Source → destination: every page not valid at the switch has been sent once.
-    PostcopyDone,
+    /// Source → destination: every page not valid at the switch has been sent once;
+    /// `source_info` as in [`Complete`].
+    PostcopyDone {
+        source_info: &'a [u8],
+    },
     /// Destination → source: every page of RAM is here; the source may go.
     PostcopyComplete,
 }
@@ -505,7 +509,7 @@ impl Message<'_> {
             Message::PostcopyDiscard(_) => MessageType::PostcopyDiscard,
             Message::PostcopyRun { .. } => MessageType::PostcopyRun,
             Message::PageRequest { .. } => MessageType::PageRequest,
-            Message::PostcopyDone => MessageType::PostcopyDone,
+            Message::PostcopyDone { .. } => MessageType::PostcopyDone,
             Message::PostcopyComplete => MessageType::PostcopyComplete,
         }
     }
@@ -609,7 +613,8 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) -> Result<(), ProtocolError>
             out.extend_from_slice(&index.to_le_bytes());
             out.extend_from_slice(&token.to_le_bytes());
         }
-        Message::ChannelsReady | Message::PostcopyDone | Message::PostcopyComplete => {}
+        Message::ChannelsReady | Message::PostcopyComplete => {}
+        Message::PostcopyDone { source_info } => out.extend_from_slice(source_info),
         Message::PostcopyRun { paused_us } => out.extend_from_slice(&paused_us.to_le_bytes()),
         Message::PageRequest { gpa } => out.extend_from_slice(&gpa.to_le_bytes()),
         Message::PostcopyDiscard(runs) => {
@@ -1010,10 +1015,7 @@ pub fn decode_payload(kind: MessageType, p: &[u8]) -> Result<Message<'_>, Protoc
             exact_len(kind, p, 0)?;
             Message::ChannelsReady
         }
-        MessageType::PostcopyDone => {
-            exact_len(kind, p, 0)?;
-            Message::PostcopyDone
-        }
+        MessageType::PostcopyDone => Message::PostcopyDone { source_info: p },
         MessageType::PostcopyComplete => {
             exact_len(kind, p, 0)?;
             Message::PostcopyComplete
@@ -1484,7 +1486,7 @@ mod tests {
             Message::PostcopyDiscard(Vec::new()),
             Message::PostcopyRun { paused_us: 99 },
             Message::PageRequest { gpa: 0x10_0000 },
-            Message::PostcopyDone,
+            Message::PostcopyDone { source_info: b"{}" },
             Message::PostcopyComplete,
             Message::Channels {
                 count: 3,

@@ -450,12 +450,9 @@ impl Session<'_> {
                 idle_timeout: self.opts.idle_timeout,
             };
             super::postcopy::run_destination(vm, conn, start, progress)?;
-            progress.update(|i| {
-                i.ram.remaining = 0;
-                i.expected_downtime = None;
-                i.error_desc = None;
-            });
-            progress.set_status(MigrationStatus::Completed);
+            // Not `set_status`: `total-time` is the source's (from its start to its last
+            // page), not this side's wait since the receive began.
+            progress.update(|i| i.status = MigrationStatus::Completed);
             return Ok(());
         }
 

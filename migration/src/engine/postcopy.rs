@@ -256,7 +256,13 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
                 self.flush()?;
             }
         }
-        self.send(&Message::PostcopyDone)?;
+        let mut info = self.progress.snapshot();
+        info.total_time = Some(self.started.elapsed().as_millis() as u64);
+        info.ram.remaining = 0;
+        let source_info = serde_json::to_vec(&info).unwrap_or_default();
+        self.send(&Message::PostcopyDone {
+            source_info: &source_info,
+        })?;
         self.flush()?;
         let end = Instant::now() + self.opts.confirm_timeout;
         loop {
@@ -440,8 +446,19 @@ pub(super) fn run_destination<V: DestinationVm + ?Sized, S: MigrationStream>(
         r
     });
     match result {
-        Ok(()) => {
+        Ok(source_info) => {
             ram.disarm().map_err(vm_err("postcopy disarm"))?;
+            // Report the source's figures (it exits), with what only this side knows.
+            if let Ok(mut info) = serde_json::from_slice::<crate::MigrationInfo>(&source_info) {
+                let here = progress.snapshot();
+                info.status = here.status;
+                info.downtime = here.downtime;
+                info.ram.postcopy_requests = here.ram.postcopy_requests;
+                info.ram.remaining = 0;
+                info.expected_downtime = None;
+                info.error_desc = None;
+                progress.replace(info);
+            }
             super::destination::send_plain(conn, &Message::PostcopyComplete)
                 .map_err(ReceiveError::ConfirmationFailed)?;
             log::info!(
@@ -523,10 +540,10 @@ fn receive_pages<S: MigrationStream>(
     conn: &mut MessageReader<Watched<S>>,
     pages: &Mutex<DestPages>,
     progress: &MigrationProgress,
-) -> Result<(), ReceiveError> {
+) -> Result<Vec<u8>, ReceiveError> {
     let mut sparse_pages = Vec::new();
     let mut sparse_map = Vec::new();
-    loop {
+    let source_info = loop {
         let msg = conn.read_message()?;
         let (chunk, wire) = match msg {
             Message::MemoryChunk(c) => {
@@ -547,7 +564,7 @@ fn receive_pages<S: MigrationStream>(
                     wire,
                 )
             }
-            Message::PostcopyDone => break,
+            Message::PostcopyDone { source_info } => break source_info.to_vec(),
             Message::Abort { reason } => return Err(ReceiveError::PeerAborted(reason.to_string())),
             other => {
                 return Err(ReceiveError::Unexpected {
@@ -597,7 +614,7 @@ fn receive_pages<S: MigrationStream>(
             i.ram.transferred += wire;
             i.ram.remaining = left * PAGE;
         });
-    }
+    };
     let p = lock(pages);
     if let Some(first_gpa) = p.received.first_missing() {
         return Err(ReceiveError::MissingPages {
@@ -606,5 +623,5 @@ fn receive_pages<S: MigrationStream>(
             total: p.received.total_pages(),
         });
     }
-    Ok(())
+    Ok(source_info)
 }
