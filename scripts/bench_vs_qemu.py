@@ -837,7 +837,8 @@ def main():
     mach = machine()
     runs = []
     jsonl = os.path.join(WORK, "runs.jsonl")
-    port = 47100
+    # Another run on this host (another worktree's) may use the default ports.
+    port = int(os.environ.get("PORT_BASE", "47100"))
     n = len(wkeys) * len(modes) * PAIRS
     t0 = time.monotonic()
     try:
