@@ -28,6 +28,8 @@ pub struct MachineDestination {
     pub user_device_sockets: Vec<std::path::PathBuf>,
     /// `resume` builds the machine paused (a snapshot restored without `resume`).
     pub start_paused: bool,
+    /// Guest RAM under userfaultfd while postcopy runs.
+    postcopy: Option<Arc<super::postcopy::UffdRam>>,
 }
 
 impl MachineDestination {
@@ -126,8 +128,9 @@ impl DestinationVm for MachineDestination {
     }
 
     fn postcopy_ram(&mut self) -> HookResult<Arc<dyn PostcopyRam>> {
-        let ram = super::postcopy::UffdRam::new(self.incoming()?.memory())?;
-        Ok(Arc::new(ram))
+        let ram = Arc::new(super::postcopy::UffdRam::new(self.incoming()?.memory())?);
+        self.postcopy = Some(ram.clone());
+        Ok(ram)
     }
 
     fn pause_postcopy(&mut self) -> HookResult<()> {
@@ -136,6 +139,11 @@ impl DestinationVm for MachineDestination {
             .as_ref()
             .ok_or_else(|| "the VM did not start".to_string())?;
         machine.pause_for_postcopy();
+        // Its pages that never came must keep their waiters waiting, whatever becomes of
+        // this migration's objects.
+        if let Some(ram) = self.postcopy.take() {
+            super::postcopy::keep_for_good(ram);
+        }
         Ok(())
     }
 

@@ -137,6 +137,17 @@ fn open_uffd() -> Result<OwnedFd, UffdError> {
     })
 }
 
+/// Watched RAM of VMs whose postcopy broke off: kept open for the life of the process.
+/// Closing a userfaultfd wakes whoever waits on it into an ordinary fault, which on
+/// anonymous memory maps a zero page: the guest would go on with zeros where its data
+/// should be. Kept, the waiters wait (the VM stays paused) until the process ends.
+static KEPT: std::sync::Mutex<Vec<std::sync::Arc<UffdRam>>> = std::sync::Mutex::new(Vec::new());
+
+/// Keeps `ram` watched until the process ends (see [`KEPT`]).
+pub fn keep_for_good(ram: std::sync::Arc<UffdRam>) {
+    KEPT.lock().unwrap_or_else(|p| p.into_inner()).push(ram);
+}
+
 /// Whether this host lets postcopy watch guest RAM (a userfaultfd can be made).
 pub fn available() -> bool {
     match open_uffd() {
