@@ -73,6 +73,8 @@ pub enum MessageType {
     PageRequest = 20,
     PostcopyDone = 21,
     PostcopyComplete = 22,
+    PostcopyResume = 23,
+    PostcopyMissing = 24,
 }
 
 impl MessageType {
@@ -101,6 +103,8 @@ impl MessageType {
             20 => PageRequest,
             21 => PostcopyDone,
             22 => PostcopyComplete,
+            23 => PostcopyResume,
+            24 => PostcopyMissing,
             _ => return None,
         })
     }
@@ -124,11 +128,11 @@ impl MessageType {
             SparseChunk => MAX_SPARSE_CHUNK_LEN,
             PassReceived => 4,
             Measured => 8 + 8,
-            PostcopyDiscard => (4 + MAX_DISCARD_RANGES * 12) as u32,
+            PostcopyDiscard | PostcopyMissing => (4 + MAX_DISCARD_RANGES * 12) as u32,
             PostcopyRun => 8,
             PageRequest => 8,
             PostcopyDone => MAX_CONFIG_LEN,
-            PostcopyComplete => 0,
+            PostcopyComplete | PostcopyResume => 0,
         }
     }
 }
@@ -484,6 +488,12 @@ pub enum Message<'a> {
     },
     /// Destination → source: every page of RAM is here; the source may go.
     PostcopyComplete,
+    /// Source → destination, first on a new connection after postcopy lost its link:
+    /// take the migration up again.
+    PostcopyResume,
+    /// Destination → source, the answer to `PostcopyResume`: runs of pages still missing
+    /// here; an empty list ends the answer.
+    PostcopyMissing(Vec<(u64, u32)>),
 }
 
 impl Message<'_> {
@@ -511,6 +521,8 @@ impl Message<'_> {
             Message::PageRequest { .. } => MessageType::PageRequest,
             Message::PostcopyDone { .. } => MessageType::PostcopyDone,
             Message::PostcopyComplete => MessageType::PostcopyComplete,
+            Message::PostcopyResume => MessageType::PostcopyResume,
+            Message::PostcopyMissing(_) => MessageType::PostcopyMissing,
         }
     }
 }
@@ -613,11 +625,11 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) -> Result<(), ProtocolError>
             out.extend_from_slice(&index.to_le_bytes());
             out.extend_from_slice(&token.to_le_bytes());
         }
-        Message::ChannelsReady | Message::PostcopyComplete => {}
+        Message::ChannelsReady | Message::PostcopyComplete | Message::PostcopyResume => {}
         Message::PostcopyDone { source_info } => out.extend_from_slice(source_info),
         Message::PostcopyRun { paused_us } => out.extend_from_slice(&paused_us.to_le_bytes()),
         Message::PageRequest { gpa } => out.extend_from_slice(&gpa.to_le_bytes()),
-        Message::PostcopyDiscard(runs) => {
+        Message::PostcopyDiscard(runs) | Message::PostcopyMissing(runs) => {
             if runs.len() > MAX_DISCARD_RANGES {
                 out.truncate(start);
                 return Err(ProtocolError::malformed(
@@ -1020,6 +1032,10 @@ pub fn decode_payload(kind: MessageType, p: &[u8]) -> Result<Message<'_>, Protoc
             exact_len(kind, p, 0)?;
             Message::PostcopyComplete
         }
+        MessageType::PostcopyResume => {
+            exact_len(kind, p, 0)?;
+            Message::PostcopyResume
+        }
         MessageType::PostcopyRun => {
             exact_len(kind, p, 8)?;
             Message::PostcopyRun {
@@ -1037,7 +1053,7 @@ pub fn decode_payload(kind: MessageType, p: &[u8]) -> Result<Message<'_>, Protoc
             }
             Message::PageRequest { gpa }
         }
-        MessageType::PostcopyDiscard => {
+        MessageType::PostcopyDiscard | MessageType::PostcopyMissing => {
             min_len(kind, p, 4)?;
             let n = u32_at(p, 0) as usize;
             if n > MAX_DISCARD_RANGES {
@@ -1060,7 +1076,11 @@ pub fn decode_payload(kind: MessageType, p: &[u8]) -> Result<Message<'_>, Protoc
                 }
                 runs.push((gpa, pages));
             }
-            Message::PostcopyDiscard(runs)
+            if kind == MessageType::PostcopyDiscard {
+                Message::PostcopyDiscard(runs)
+            } else {
+                Message::PostcopyMissing(runs)
+            }
         }
         MessageType::SparseChunk => Message::SparseChunk(decode_sparse_chunk(p)?),
         MessageType::MemoryFds => {
@@ -1488,6 +1508,9 @@ mod tests {
             Message::PageRequest { gpa: 0x10_0000 },
             Message::PostcopyDone { source_info: b"{}" },
             Message::PostcopyComplete,
+            Message::PostcopyResume,
+            Message::PostcopyMissing(vec![(0x2000, 1)]),
+            Message::PostcopyMissing(Vec::new()),
             Message::Channels {
                 count: 3,
                 token: u64::MAX - 5,

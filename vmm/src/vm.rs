@@ -653,6 +653,12 @@ impl Machine {
         self.control.request_pause();
     }
 
+    /// Undoes [`Machine::pause_for_postcopy`] once the source is back.
+    pub fn resume_after_postcopy(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        self.control.resume();
+    }
+
     /// Presses the ACPI fixed-feature power button (`vm.power-button`): the guest gets an
     /// SCI if it enabled the event; a paused VM's guest sees it on resume.
     pub fn power_button(&self) {

@@ -449,7 +449,7 @@ impl Session<'_> {
                 paused_us: received.paused_us,
                 idle_timeout: self.opts.idle_timeout,
             };
-            super::postcopy::run_destination(vm, conn, start, progress)?;
+            super::postcopy::run_destination(vm, conn, start, accept, progress)?;
             // Not `set_status`: `total-time` is the source's (from its start to its last
             // page), not this side's wait since the receive began.
             progress.update(|i| i.status = MigrationStatus::Completed);

@@ -8,6 +8,7 @@
 
 mod destination;
 mod postcopy;
+pub use postcopy::resume_postcopy;
 mod source;
 
 use std::sync::Arc;
@@ -155,6 +156,11 @@ pub trait DestinationVm {
     /// stay waiting), keep everything else as it is, so that the pages still missing can
     /// come later. The default does nothing.
     fn pause_postcopy(&mut self) -> HookResult<()> {
+        Ok(())
+    }
+
+    /// Postcopy's link is back (the source connected again): undoes `pause_postcopy`.
+    fn resume_postcopy(&mut self) -> HookResult<()> {
         Ok(())
     }
 }

@@ -158,7 +158,12 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         });
         self.progress.set_status(MigrationStatus::PostcopyActive);
         self.conn.get_mut().set_idle(self.opts.io_timeout);
+        self.stream_rest(pending, reader)
+    }
 
+    /// With the VM running on the destination: reads its requests on `reader` (a second
+    /// handle on the connection) and sends what it misses, until it holds every page.
+    fn stream_rest(&mut self, pending: PageSet, reader: S) -> Result<(), SendError> {
         let halt = Arc::new(AtomicBool::new(false));
         let watched = Watched::new(reader, REQUEST_IDLE, self.progress.clone())
             .map_err(|e| SendError::PostcopyLinkLost(e.to_string()))?
@@ -385,6 +390,7 @@ pub(super) fn run_destination<V: DestinationVm + ?Sized, S: MigrationStream>(
     vm: &mut V,
     conn: &mut MessageReader<Watched<S>>,
     start: PostcopyStart<S>,
+    mut accept: Option<super::AcceptChannel<'_, S>>,
     progress: &MigrationProgress,
 ) -> Result<(), ReceiveError> {
     let began = Instant::now();
@@ -421,22 +427,120 @@ pub(super) fn run_destination<V: DestinationVm + ?Sized, S: MigrationStream>(
         received: start.received,
     };
     let pages = Mutex::new(ram_layout_pages);
+    let mut writer = start.writer;
+    // After a broken link: the source's new connection.
+    let mut recovered: Option<MessageReader<Watched<S>>> = None;
+    loop {
+        let again = recovered.is_some();
+        let conn_now = match recovered.as_mut() {
+            Some(c) => c,
+            None => &mut *conn,
+        };
+        match serve_session(
+            &*ram,
+            conn_now,
+            writer,
+            &pages,
+            progress,
+            start.idle_timeout,
+            again,
+        ) {
+            Ok(source_info) => {
+                ram.disarm().map_err(vm_err("postcopy disarm"))?;
+                // Report the source's figures (it exits), with what only this side knows.
+                if let Ok(mut info) = serde_json::from_slice::<crate::MigrationInfo>(&source_info) {
+                    let here = progress.snapshot();
+                    info.status = here.status;
+                    info.downtime = here.downtime;
+                    info.ram.postcopy_requests = here.ram.postcopy_requests;
+                    info.ram.remaining = 0;
+                    info.expected_downtime = None;
+                    info.error_desc = None;
+                    progress.replace(info);
+                }
+                super::destination::send_plain(conn_now, &Message::PostcopyComplete)
+                    .map_err(ReceiveError::ConfirmationFailed)?;
+                log::info!(
+                    "postcopy complete: every page is here, {:.1} ms after the VM started here",
+                    began.elapsed().as_secs_f64() * 1000.0
+                );
+                return Ok(());
+            }
+            Err(why) => {
+                let left = {
+                    let p = lock(&pages);
+                    p.received.total_pages() - p.received.count()
+                };
+                if let Err(p) = vm.pause_postcopy() {
+                    log::error!("postcopy: pausing the VM failed: {p}");
+                }
+                let paused = ReceiveError::PostcopyPaused {
+                    missing: left,
+                    reason: why,
+                };
+                log::error!("incoming migration: {paused}");
+                progress.fail(MigrationStatus::PostcopyPaused, &paused.to_string());
+                let Some(accept) = accept.as_mut() else {
+                    return Err(paused);
+                };
+                log::info!(
+                    "postcopy: waiting for the source to connect again (ferry-remote \
+                     send-migration --resume; vm.cancel-migration stops waiting)"
+                );
+                let Some((c, w)) = wait_for_source(&mut **accept, progress, start.idle_timeout)
+                else {
+                    return Err(paused);
+                };
+                let mut c = c;
+                let missing_runs = lock(&pages).received.missing_runs(u32::MAX);
+                for group in missing_runs.chunks(MAX_DISCARD_RANGES) {
+                    super::destination::send_plain(
+                        &mut c,
+                        &Message::PostcopyMissing(group.to_vec()),
+                    )?;
+                }
+                super::destination::send_plain(&mut c, &Message::PostcopyMissing(Vec::new()))?;
+                vm.resume_postcopy()
+                    .map_err(vm_err("resume after postcopy recovery"))?;
+                progress.update(|i| i.error_desc = None);
+                progress.set_status(MigrationStatus::PostcopyActive);
+                log::info!("postcopy taken up again: {left} pages still at the source");
+                recovered = Some(c);
+                writer = w;
+            }
+        }
+    }
+}
+
+/// One connection's share of postcopy: a fault thread asks for pages on `writer` while
+/// this thread places what comes on `conn`. `again`: a connection after a broken one,
+/// on which the pages asked for before and not yet here are asked for again (whoever
+/// waits for them will not fault a second time). The source's figures on success; why
+/// it stopped otherwise.
+fn serve_session<S: MigrationStream>(
+    ram: &dyn PostcopyRam,
+    conn: &mut MessageReader<Watched<S>>,
+    writer: S,
+    pages: &Mutex<DestPages>,
+    progress: &MigrationProgress,
+    idle: Duration,
+    again: bool,
+) -> Result<Vec<u8>, String> {
     let stop = AtomicBool::new(false);
     let fault_error: Mutex<Option<String>> = Mutex::new(None);
-    let writer = Watched::new(start.writer, start.idle_timeout, progress.clone())
-        .map_err(ReceiveError::Stream)?;
+    let writer = Watched::new(writer, idle, progress.clone()).map_err(|e| e.to_string())?;
     let result = std::thread::scope(|s| {
         let faults = std::thread::Builder::new()
             .name("mig-postcopy-fault".into())
             .spawn_scoped(s, || {
-                if let Err(e) = fault_loop(&*ram, &pages, &stop, writer, progress) {
+                if let Err(e) = fault_loop(ram, pages, &stop, writer, progress, again) {
                     log::warn!("postcopy fault thread: {e}");
                     *fault_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                     // The page stream notices through its own reads, within its idle time.
                 }
             });
         let r = match faults {
-            Ok(_) => receive_pages(&*ram, conn, &pages, progress),
+            Ok(_) => receive_pages(ram, conn, pages, progress),
             Err(e) => Err(ReceiveError::Vm {
                 op: "postcopy",
                 reason: format!("starting the fault thread: {e}"),
@@ -445,47 +549,48 @@ pub(super) fn run_destination<V: DestinationVm + ?Sized, S: MigrationStream>(
         stop.store(true, Ordering::Relaxed);
         r
     });
-    match result {
-        Ok(source_info) => {
-            ram.disarm().map_err(vm_err("postcopy disarm"))?;
-            // Report the source's figures (it exits), with what only this side knows.
-            if let Ok(mut info) = serde_json::from_slice::<crate::MigrationInfo>(&source_info) {
-                let here = progress.snapshot();
-                info.status = here.status;
-                info.downtime = here.downtime;
-                info.ram.postcopy_requests = here.ram.postcopy_requests;
-                info.ram.remaining = 0;
-                info.expected_downtime = None;
-                info.error_desc = None;
-                progress.replace(info);
+    result.map_err(|e| {
+        fault_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .map_or_else(|| e.to_string(), |f| format!("{e} (page requests: {f})"))
+    })
+}
+
+/// Accepts connections until one opens with `PostcopyResume` (or the migration is
+/// cancelled: `None`); that connection and a second handle on it.
+fn wait_for_source<S: MigrationStream>(
+    accept: &mut dyn FnMut(Duration) -> std::io::Result<S>,
+    progress: &MigrationProgress,
+    idle: Duration,
+) -> Option<(MessageReader<Watched<S>>, S)> {
+    while !progress.is_cancelled() {
+        let stream = match accept(POLL * 5) {
+            Ok(s) => s,
+            Err(_) => continue,
+        };
+        let writer = match stream.try_clone_stream() {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!("postcopy: a connection that cannot be shared: {e}");
+                continue;
             }
-            super::destination::send_plain(conn, &Message::PostcopyComplete)
-                .map_err(ReceiveError::ConfirmationFailed)?;
-            log::info!(
-                "postcopy complete: every page is here, {:.1} ms after the VM started here",
-                began.elapsed().as_secs_f64() * 1000.0
-            );
-            Ok(())
-        }
-        Err(e) => {
-            let left = {
-                let p = lock(&pages);
-                p.received.total_pages() - p.received.count()
-            };
-            let why = fault_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-                .map_or_else(|| e.to_string(), |f| format!("{e} (page requests: {f})"));
-            if let Err(p) = vm.pause_postcopy() {
-                log::error!("postcopy: pausing the VM failed: {p}");
-            }
-            Err(ReceiveError::PostcopyPaused {
-                missing: left,
-                reason: why,
-            })
+        };
+        let Ok(watched) = Watched::new(stream, idle, progress.clone()) else {
+            continue;
+        };
+        let mut c = MessageReader::new(watched);
+        match c.read_message() {
+            Ok(Message::PostcopyResume) => return Some((c, writer)),
+            Ok(other) => log::warn!(
+                "postcopy: a connection opened with {} instead of PostcopyResume: closed",
+                other.kind()
+            ),
+            Err(e) => log::warn!("postcopy: a connection that said nothing useful: {e}"),
         }
     }
+    None
 }
 
 fn lock(m: &Mutex<DestPages>) -> MutexGuard<'_, DestPages> {
@@ -500,9 +605,31 @@ fn fault_loop<S: MigrationStream>(
     stop: &AtomicBool,
     mut writer: Watched<S>,
     progress: &MigrationProgress,
+    again: bool,
 ) -> Result<(), String> {
     let mut frame = Vec::new();
-    let mut requests = 0u64;
+    let mut requests = progress.snapshot().ram.postcopy_requests;
+    if again {
+        // Asked for on the broken connection and still missing: someone waits for them.
+        let waiting: Vec<u64> = {
+            let p = lock(pages);
+            let mut outstanding = p.requested.clone();
+            for (gpa, n) in p.received.clone().take_runs(u32::MAX) {
+                outstanding.remove_range(gpa, u64::from(n));
+            }
+            outstanding
+                .take_runs(1)
+                .into_iter()
+                .map(|(g, _)| g)
+                .collect()
+        };
+        for gpa in waiting {
+            frame.clear();
+            encode(&Message::PageRequest { gpa }, &mut frame).map_err(|e| e.to_string())?;
+            std::io::Write::write_all(&mut writer, &frame)
+                .map_err(|e| format!("asking again for the page at {gpa:#x}: {e}"))?;
+        }
+    }
     while !stop.load(Ordering::Relaxed) {
         let Some(gpa) = ram.next_fault(POLL)? else {
             continue;
@@ -624,4 +751,94 @@ fn receive_pages<S: MigrationStream>(
         });
     }
     Ok(source_info)
+}
+
+/// Takes up a postcopy migration whose link broke ([`SendError::PostcopyLinkLost`]) over a
+/// new connection `stream` to the same destination, which waits for it: it says which pages
+/// it still misses, and they are sent as before. `vm` is the paused source VM of that
+/// migration. On failure the VM stays paused (`postcopy-paused`) for another try.
+pub fn resume_postcopy<V: SourceVm + Sync + ?Sized, S: MigrationStream>(
+    vm: &V,
+    stream: S,
+    opts: &super::SendOptions,
+    progress: &MigrationProgress,
+) -> Result<crate::MigrationInfo, SendError> {
+    let watched = match Watched::new(stream, opts.io_timeout, progress.clone()) {
+        Ok(w) => w,
+        Err(e) => {
+            let e = SendError::PostcopyLinkLost(format!("the new connection: {e}"));
+            progress.fail(MigrationStatus::PostcopyPaused, &e.to_string());
+            return Err(e);
+        }
+    };
+    let mut sender = Sender {
+        vm,
+        opts,
+        progress,
+        conn: MessageReader::new(watched),
+        main: super::source::LaneBuf::new(),
+        lanes: Vec::new(),
+        started: Instant::now(),
+        dirty_log_on: false,
+        paused: true,
+        page_rate: None,
+        throttle: 0,
+        // Plain chunks: the new connection has no `Hello` to say more.
+        peer_features: 0,
+        postcopy_started: true,
+    };
+    match sender.recover() {
+        Ok(()) => {
+            progress.set_status(MigrationStatus::Completed);
+            Ok(progress.snapshot())
+        }
+        Err(e) => Err(sender.fail(e)),
+    }
+}
+
+impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
+    fn recover(&mut self) -> Result<(), SendError> {
+        self.progress.set_status(MigrationStatus::PostcopyActive);
+        let reader = self
+            .conn
+            .get_ref()
+            .get_ref()
+            .try_clone_stream()
+            .map_err(SendError::Stream)?;
+        self.send(&Message::PostcopyResume)?;
+        self.flush()?;
+        let ram = self.vm.ram_layout();
+        let mut pending = PageSet::new(&ram);
+        self.conn.get_mut().set_idle(self.opts.confirm_timeout);
+        loop {
+            match self.conn.read_message()? {
+                Message::PostcopyMissing(runs) if runs.is_empty() => break,
+                Message::PostcopyMissing(runs) => {
+                    for (gpa, pages) in runs {
+                        if !pending.contains_range(gpa, u64::from(pages)) {
+                            return Err(SendError::Vm {
+                                op: "postcopy resume",
+                                reason: format!(
+                                    "the destination misses {pages} pages at {gpa:#x}, not RAM"
+                                ),
+                            });
+                        }
+                        pending.insert_range(gpa, u64::from(pages) * PAGE);
+                    }
+                }
+                other => return Err(unexpected(other, "waiting for PostcopyMissing")),
+            }
+        }
+        self.conn.get_mut().set_idle(self.opts.io_timeout);
+        log::info!(
+            "postcopy taken up again: the destination misses {} pages",
+            pending.count()
+        );
+        self.progress.update(|i| {
+            i.ram.total = ram.iter().map(|r| r.size).sum();
+            i.ram.remaining = pending.count() * PAGE;
+            i.error_desc = None;
+        });
+        self.stream_rest(pending, reader)
+    }
 }

@@ -171,7 +171,7 @@ pub(super) struct LaneBuf {
 }
 
 impl LaneBuf {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         LaneBuf {
             out: Vec::with_capacity(FLUSH_BYTES + MAX_CHUNK_PAGES as usize * PAGE_SIZE),
             ..LaneBuf::default()
@@ -1185,7 +1185,7 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
     }
 
     /// Cleans up after `e`: tell the peer, stop logging, resume the VM, record the failure.
-    fn fail(&mut self, e: SendError) -> SendError {
+    pub(super) fn fail(&mut self, e: SendError) -> SendError {
         let cancelled = self.progress.is_cancelled() || is_cancel_io(&e);
         let e = if cancelled { SendError::Cancelled } else { e };
         for lane in self.lanes.drain(..) {

@@ -88,6 +88,9 @@ struct SendMigrationBody {
     /// Ferry's own: throttle the vCPUs when the migration does not converge (default on).
     #[serde(default)]
     auto_converge: Option<bool>,
+    /// QEMU's `resume`: take up a postcopy migration whose link broke (Ferry's own here).
+    #[serde(default)]
+    resume: Option<bool>,
     /// Ferry's own: switch to postcopy after this many precopy passes (implies
     /// `memory_mode: Postcopy`; default [`DEFAULT_POSTCOPY_AFTER_PASSES`] with it).
     #[serde(default)]
@@ -122,6 +125,8 @@ pub struct SendMigration {
     pub auto_converge: bool,
     /// `memory_mode: Postcopy`: switch after this many precopy passes.
     pub postcopy_after_passes: Option<u32>,
+    /// Take up a postcopy migration that lost its link (`postcopy-paused`).
+    pub resume: bool,
     /// Over TLS with these credentials (checked loadable when the request came).
     pub tls_dir: Option<std::path::PathBuf>,
     /// Someone waits for [`MigrationHandler::send`]'s result and passes the outcome on
@@ -292,6 +297,7 @@ pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
         memory_mode,
         auto_converge: b.auto_converge.unwrap_or(true),
         postcopy_after_passes,
+        resume: b.resume.unwrap_or(false),
         tls_dir: b.tls_dir,
         wait_for_completion: b.wait_for_completion.unwrap_or(false),
     })

@@ -99,6 +99,9 @@ enum Command {
         /// Postcopy after N precopy passes (0: at once; implies --memory-mode Postcopy).
         #[arg(long = "postcopy-after-passes", value_name = "N")]
         postcopy_after_passes: Option<u32>,
+        /// Take up a postcopy migration whose link broke (migration-info: postcopy-paused).
+        #[arg(long)]
+        resume: bool,
         /// Same-host migration handing guest RAM over as files (cloud-hypervisor's `local`).
         #[arg(long)]
         local: bool,
@@ -211,6 +214,7 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
             connections,
             memory_mode,
             postcopy_after_passes,
+            resume,
             local,
             no_auto_converge,
             tls_dir,
@@ -236,6 +240,9 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
             }
             if let Some(n) = postcopy_after_passes {
                 b.insert("postcopy_after_passes".into(), json!(n));
+            }
+            if *resume {
+                b.insert("resume".into(), json!(true));
             }
             if *local {
                 b.insert("local".into(), json!(true));

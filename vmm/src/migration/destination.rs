@@ -147,6 +147,15 @@ impl DestinationVm for MachineDestination {
         Ok(())
     }
 
+    fn resume_postcopy(&mut self) -> HookResult<()> {
+        let machine = self
+            .machine
+            .as_ref()
+            .ok_or_else(|| "the VM did not start".to_string())?;
+        machine.resume_after_postcopy();
+        Ok(())
+    }
+
     fn resume(&mut self) -> HookResult<()> {
         let incoming = self
             .incoming

@@ -82,6 +82,26 @@ impl LiveMigration {
         });
     }
 
+    /// `resume: true` takes up a postcopy migration whose link broke, and nothing else.
+    fn check_resume(&self, req: &SendMigration) -> Result<(), ApiError> {
+        let paused = self
+            .current()
+            .is_some_and(|p| p.status() == vm_migration::MigrationStatus::PostcopyPaused);
+        match (req.resume, paused) {
+            (true, false) => Err(ApiError::BadRequest(
+                "resume=true: no postcopy migration of this VM is paused (migration-info \
+                 says postcopy-paused when one is)"
+                    .into(),
+            )),
+            (false, true) => Err(ApiError::BadRequest(
+                "this VM's postcopy migration lost its link: only resume=true (to the same \
+                 destination) may move it now"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn current(&self) -> Option<MigrationProgress> {
         self.progress
             .lock()
@@ -193,7 +213,12 @@ impl LiveMigration {
             ..SendOptions::new(req.downtime_ms, req.timeout_s, strategy)
         };
         let source = MachineSource::new(machine.clone());
-        let result = send_migration_parallel(&source, stream, extra, &opts, progress);
+        let result = if req.resume {
+            drop(extra);
+            vm_migration::engine::resume_postcopy(&source, stream, &opts, progress)
+        } else {
+            send_migration_parallel(&source, stream, extra, &opts, progress)
+        };
         drop(source);
         drop(machine);
         match result {
@@ -232,6 +257,7 @@ impl LiveMigration {
 impl MigrationHandler for LiveMigration {
     fn prepare_send(&self, vmm: &Arc<Vmm>, req: &SendMigration) -> Result<(), ApiError> {
         Self::check_send(vmm, req)?;
+        self.check_resume(req)?;
         *self.prepared.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.start());
         Ok(())
     }
@@ -242,6 +268,9 @@ impl MigrationHandler for LiveMigration {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+        if prepared.is_none() {
+            self.check_resume(&req)?;
+        }
         let progress = prepared.unwrap_or_else(|| self.start());
         let r = self.send_with(vmm, req, &progress);
         if let Err(e) = &r {
@@ -418,13 +447,16 @@ impl MigrationHandler for LiveMigration {
     fn cancel(&self, _vmm: &Arc<Vmm>) -> Result<(), ApiError> {
         use vm_migration::MigrationStatus as S;
         match self.current() {
-            Some(p) if matches!(p.status(), S::PostcopyActive | S::PostcopyPaused) => {
-                Err(ApiError::BadRequest(
-                    "the migration is in postcopy: the VM runs on the destination and misses \
-                     pages only the source has, so it cannot be cancelled"
-                        .into(),
-                ))
+            // On the destination this ends the wait for the source (the VM stays paused).
+            Some(p) if p.status() == S::PostcopyPaused => {
+                p.cancel();
+                Ok(())
             }
+            Some(p) if p.status() == S::PostcopyActive => Err(ApiError::BadRequest(
+                "the migration is in postcopy: the VM runs on the destination and misses \
+                     pages only the source has, so it cannot be cancelled"
+                    .into(),
+            )),
             Some(p) if !p.status().is_finished() => {
                 p.cancel();
                 Ok(())
