@@ -130,10 +130,14 @@ fn source(ns: &str, dir: &Path, serial: &Path, env: &[(&str, &str)]) -> Host {
 /// Starts the migration on a thread: precopy without auto-converge (it would never fit
 /// 20 ms), postcopy after two passes.
 fn send_postcopy(src: &Host, addr_b: &str) -> std::thread::JoinHandle<Reply> {
+    send_postcopy_after(src, addr_b, 2)
+}
+
+fn send_postcopy_after(src: &Host, addr_b: &str, passes: u32) -> std::thread::JoinHandle<Reply> {
     let api = Client::new(src.api.path(), Some(Duration::from_secs(300)));
     let body = json!({"destination_url": format!("tcp:{addr_b}:{PORT}"),
                       "downtime_ms": 20, "auto_converge": false,
-                      "memory_mode": "Postcopy", "postcopy_after_passes": 2,
+                      "memory_mode": "Postcopy", "postcopy_after_passes": passes,
                       "wait_for_completion": true});
     std::thread::spawn(move || {
         api.put("vm.send-migration", Some(body.to_string().as_bytes()))
@@ -377,6 +381,43 @@ fn a_precopy_migration_switches_to_postcopy_when_asked() {
     // Nothing to switch any more.
     let r = dest.api.put("vm.migrate-start-postcopy", None).unwrap();
     assert_eq!(r.status, 404, "{}", r.error_message());
+    drop(dest);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Postcopy from the start: the VM runs on B before a single page moved (its code and
+/// stack included), every page fetched on demand or streamed exactly once.
+#[test]
+fn a_guest_moves_with_postcopy_from_the_start() {
+    let hosts = TwoHosts::new(64);
+    hosts.limit_rate(200);
+    let dir = tmpdir("start");
+    let serial = dir.join("serial.log");
+    let (dest, receiving) = receiver(&hosts.b, &dir);
+    let mut src = source(&hosts.a, &dir, &serial, &[]);
+    common::wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(60));
+    let sending = send_postcopy_after(&src, &hosts.addr_b, 0);
+    let r = join_within(sending, Duration::from_secs(120), "send-migration");
+    assert_eq!(r.status, 204, "send-migration: {}", r.error_message());
+    let rr = join_within(receiving, Duration::from_secs(30), "receive-migration");
+    assert_eq!(rr.status, 204, "receive-migration: {}", rr.error_message());
+    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    let info = dest.get("vm.migration-info");
+    eprintln!("postcopy from the start: {info}");
+    assert_eq!(info["status"], "completed", "{info}");
+    assert_eq!(
+        info["iterations"].as_array().map(Vec::len),
+        Some(0),
+        "{info}"
+    );
+    assert!(
+        info["ram"]["postcopy-requests"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{info}"
+    );
+    let moved_at = serial_len(&serial);
+    common::verified_twice_more(&serial, moved_at, 2, Duration::from_secs(60));
     drop(dest);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -448,6 +448,7 @@ impl Session<'_> {
                 state,
                 paused_us: received.paused_us,
                 idle_timeout: self.opts.idle_timeout,
+                source_measures,
             };
             super::postcopy::run_destination(vm, conn, start, accept, progress)?;
             // Not `set_status`: `total-time` is the source's (from its start to its last

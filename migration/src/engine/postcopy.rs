@@ -158,7 +158,19 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         });
         self.progress.set_status(MigrationStatus::PostcopyActive);
         self.conn.get_mut().set_idle(self.opts.io_timeout);
-        self.stream_rest(pending, reader)
+        self.stream_rest(pending, reader)?;
+        if self.peer_features & features::SOURCE_MEASURES != 0 {
+            let measured = Message::Measured {
+                downtime_us,
+                total_us: self.started.elapsed().as_micros() as u64,
+            };
+            // The migration is over either way: a destination that misses this keeps the
+            // figure of `PostcopyDone`.
+            if let Err(e) = self.send(&measured).and_then(|()| self.flush()) {
+                log::warn!("could not send the measured times to the destination: {e}");
+            }
+        }
+        Ok(())
     }
 
     /// With the VM running on the destination: reads its requests on `reader` (a second
@@ -375,6 +387,8 @@ pub(super) struct PostcopyStart<S> {
     pub(super) state: (Vec<u8>, Vec<u8>),
     pub(super) paused_us: u64,
     pub(super) idle_timeout: Duration,
+    /// The source sends `Measured` after `PostcopyComplete`.
+    pub(super) source_measures: bool,
 }
 
 /// The destination's pages: which are valid here, which were asked for.
@@ -460,6 +474,22 @@ pub(super) fn run_destination<V: DestinationVm + ?Sized, S: MigrationStream>(
                 }
                 super::destination::send_plain(conn_now, &Message::PostcopyComplete)
                     .map_err(ReceiveError::ConfirmationFailed)?;
+                // The source's clock to the end: the last pages were still on their way
+                // when it sent `PostcopyDone`. (Not after a resume: that connection had
+                // no `Hello` to agree on it.)
+                if start.source_measures && !again {
+                    conn_now.get_mut().set_idle(Duration::from_secs(2));
+                    match conn_now.read_message() {
+                        Ok(Message::Measured { total_us, .. }) => {
+                            progress.update(|i| i.total_time = Some(total_us / 1000));
+                        }
+                        Ok(other) => log::warn!(
+                            "expected the source's Measured after PostcopyComplete, got {}",
+                            other.kind()
+                        ),
+                        Err(e) => log::warn!("the source's Measured did not arrive: {e}"),
+                    }
+                }
                 log::info!(
                     "postcopy complete: every page is here, {:.1} ms after the VM started here",
                     began.elapsed().as_secs_f64() * 1000.0
