@@ -78,7 +78,12 @@ MODES = {
     # QEMU's rule) in place of the default MinDowntime.
     "ferry-lo-fits": "Ferry loopback, switch-over Fits",
     "ferry-netns-fits": "Ferry netns (veth), switch-over Fits",
+    # Postcopy after the same number of precopy passes on both (not in the default run).
+    "qemu-postcopy": f"QEMU postcopy after {os.environ.get('POSTCOPY_AFTER', '2')} passes",
+    "ferry-postcopy": f"Ferry postcopy after {os.environ.get('POSTCOPY_AFTER', '2')} passes",
 }
+DEFAULT_MODES = "qemu-ring qemu-bitmap ferry-lo ferry-netns"
+POSTCOPY_AFTER = int(os.environ.get("POSTCOPY_AFTER", "2"))
 PROGRESS = {
     "dirty": re.compile(r"guest: pass (\d+) (\d+)\r?\n"),
     "verify": re.compile(r"guest: verified (\d+) (\d+)\r?\n"),
@@ -435,6 +440,11 @@ def run_qemu(w, mode, d, port, rec):
         time.sleep(SETTLE_S)
         sq.cmd("migrate-set-parameters",
                {"downtime-limit": DOWNTIME_MS, "max-bandwidth": MAX_BANDWIDTH})
+        postcopy = mode == "qemu-postcopy"
+        if postcopy:
+            for q in (sq, dq):
+                q.cmd("migrate-set-capabilities",
+                      {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
         src_cpu.start()
         dst_cpu.start()
         t0 = time.monotonic()
@@ -445,6 +455,12 @@ def run_qemu(w, mode, d, port, rec):
             st = info.get("status")
             if st == "completed":
                 break
+            # QEMU counts a sync at the start of each pass: POSTCOPY_AFTER passes are done
+            # when the next one starts.
+            if (postcopy and st == "active"
+                    and info.get("ram", {}).get("dirty-sync-count", 0) > POSTCOPY_AFTER):
+                sq.cmd("migrate-start-postcopy")
+                postcopy = False
             if st in ("failed", "cancelled"):
                 raise RunFailed(f"QEMU migration {st}: {info.get('error-desc', '')}")
             if time.monotonic() > end:
@@ -542,6 +558,10 @@ def ferry_pause_resume_ms(src_log, dst_log):
     to the destination's just after it resumed them."""
     paused = log_time(src_log, "stop-and-copy: pausing the VM")
     resumed = log_time(dst_log, "after Complete")
+    if paused is None:
+        paused = log_time(src_log, "switching to postcopy")
+    if resumed is None:
+        resumed = log_time(dst_log, "postcopy: the VM runs here")
     if paused is None or resumed is None:
         return None
     return round((resumed - paused) * 1000, 1)
@@ -575,9 +595,12 @@ def run_ferry(w, mode, d, port, rec):
         src_cpu.start()
         dst_cpu.start()
         t0 = time.monotonic()
-        fits = ["--switch-over", "Fits"] if mode.endswith("-fits") else []
+        extra = (["--memory-mode", "Postcopy", "--postcopy-after-passes", str(POSTCOPY_AFTER)]
+                 if mode == "ferry-postcopy" else [])
+        if mode.endswith("-fits"):
+            extra = ["--switch-over", "Fits"]
         send = Proc([REMOTE, "--api-socket", ssock, "send-migration", f"tcp:{host}:{port}",
-                     "--downtime-ms", str(DOWNTIME_MS)] + fits, f"{d}/send.out")
+                     "--downtime-ms", str(DOWNTIME_MS)] + extra, f"{d}/send.out")
         helpers.append(send)
         end = t0 + MIGRATION_TIMEOUT_S
         while send.alive() or recv.alive():
@@ -929,7 +952,7 @@ better for Ferry, except Mbit/s).
 def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     wkeys = os.environ.get("WORKLOADS", "a b c d").split()
-    modes = os.environ.get("MODES", " ".join(MODES)).split()
+    modes = os.environ.get("MODES", DEFAULT_MODES).split()
     for k in wkeys:
         if k not in WORKLOADS:
             sys.exit(f"unknown workload {k} (a b c d)")
@@ -943,7 +966,8 @@ def main():
     mach = machine()
     runs = []
     jsonl = os.path.join(WORK, "runs.jsonl")
-    port = 47100
+    # Another run on this host (another worktree's) may use the default ports.
+    port = int(os.environ.get("PORT_BASE", "47100"))
     n = len(wkeys) * len(modes) * PAIRS
     t0 = time.monotonic()
     try:

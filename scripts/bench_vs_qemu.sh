@@ -7,7 +7,9 @@
 # Prints a table and writes docs/benchmarks/vs-qemu.{md,json}.
 # Run: scripts/dev_cli.sh bench vs-qemu (root, /dev/kvm, qemu-system-x86, iproute2).
 # Environment: PAIRS (5), WORKLOADS ("a b c d"), MODES ("qemu-ring qemu-bitmap ferry-lo
-# ferry-netns"), DOWNTIME_MS (300), MIGRATION_TIMEOUT_S (120), BOOT_TIMEOUT_S (180),
+# ferry-netns"; also ferry-lo-fits / ferry-netns-fits with --switch-over Fits, and
+# qemu-postcopy / ferry-postcopy, loopback, switching after POSTCOPY_AFTER (2) precopy
+# passes), DOWNTIME_MS (300), MIGRATION_TIMEOUT_S (120), BOOT_TIMEOUT_S (180),
 # CHECK_TIMEOUT_S (60), OUT (docs/benchmarks), KEEP=1 keeps the run directory (logs, serials),
 # BIN_DIR (the ferry binaries; default $CARGO_TARGET_DIR/release, else target/release).
 set -euo pipefail

@@ -19,8 +19,8 @@ pub mod transport;
 
 pub use engine::{
     receive_migration, receive_migration_from, send_migration, send_migration_parallel,
-    AcceptChannel, DestinationVm, HookResult, ReceiveError, ReceiveOptions, SendError, SendOptions,
-    SourceVm, SwitchOver, TimeoutStrategy,
+    AcceptChannel, DestinationVm, HookResult, PostcopyRam, ReceiveError, ReceiveOptions, SendError,
+    SendOptions, SourceVm, SwitchOver, TimeoutStrategy,
 };
 pub use protocol::{RamRange, PAGE_SIZE};
 pub use stats::{MigrationInfo, MigrationProgress, MigrationStatus};

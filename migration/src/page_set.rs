@@ -40,6 +40,11 @@ impl PageSet {
         self.count
     }
 
+    /// The RAM layout the set covers.
+    pub fn ram(&self) -> &[RamRange] {
+        &self.ram
+    }
+
     pub fn total_pages(&self) -> u64 {
         self.total_pages
     }
@@ -159,6 +164,41 @@ impl PageSet {
         runs
     }
 
+    /// Removes every page of the `pages` pages from `gpa` (those outside RAM are ignored);
+    /// returns how many were in the set.
+    pub fn remove_range(&mut self, gpa: u64, pages: u64) -> u64 {
+        let mut removed = 0;
+        for i in 0..pages {
+            let Some(page) = gpa.checked_add(i * PAGE) else {
+                break;
+            };
+            if let Some((idx, _)) = self.locate(page) {
+                let (w, b) = ((idx / 64) as usize, idx % 64);
+                if self.bits[w] & (1 << b) != 0 {
+                    self.bits[w] &= !(1 << b);
+                    self.count -= 1;
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
+    /// The pages of RAM not in the set, as runs `(gpa, pages)` in address order of at
+    /// most `max_run` pages each.
+    pub fn missing_runs(&self, max_run: u32) -> Vec<(u64, u32)> {
+        let mut inverse = self.clone();
+        for w in inverse.bits.iter_mut() {
+            *w = !*w;
+        }
+        let spare = inverse.bits.len() as u64 * 64 - inverse.total_pages;
+        if let Some(last) = inverse.bits.last_mut() {
+            *last &= u64::MAX.checked_shr(spare as u32).unwrap_or(0);
+        }
+        inverse.count = inverse.total_pages - self.count;
+        inverse.take_runs(max_run)
+    }
+
     /// The first page of RAM not in the set, if any.
     pub fn first_missing(&self) -> Option<u64> {
         // The usual answer, at the end of every migration (inside its downtime), without
@@ -193,6 +233,23 @@ mod tests {
                 size: 100 * PAGE,
             },
         ]
+    }
+
+    #[test]
+    fn removed_pages_come_back_as_missing_runs() {
+        let mut s = PageSet::new(&layout());
+        s.insert_all();
+        assert_eq!(s.remove_range(2 * PAGE, 3), 3);
+        assert_eq!(s.remove_range(2 * PAGE, 3), 0);
+        assert_eq!(s.remove_range(0x10_0000 + 99 * PAGE, 5), 1);
+        assert_eq!(s.count(), 110 - 4);
+        assert_eq!(
+            s.missing_runs(2),
+            vec![(2 * PAGE, 2), (4 * PAGE, 1), (0x10_0000 + 99 * PAGE, 1)]
+        );
+        assert_eq!(s.count(), 110 - 4, "missing_runs leaves the set as it is");
+        let empty = PageSet::new(&layout());
+        assert_eq!(empty.missing_runs(1024), vec![(0, 10), (0x10_0000, 100)]);
     }
 
     #[test]

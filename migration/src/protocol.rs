@@ -50,6 +50,8 @@ pub const PAGE_KIND_WHOLE: u16 = 0xffff;
 /// is only sent as segments when that is shorter than the page).
 pub const MAX_PAGE_CHUNK_LEN: u32 =
     (CHUNK_FIXED_LEN + MAX_CHUNK_PAGES as usize * (2 + PAGE_SIZE)) as u32;
+/// Most page runs in one [`Message::PostcopyDiscard`].
+pub const MAX_DISCARD_RANGES: usize = 65536;
 /// Largest payload of any message type.
 pub const MAX_PAYLOAD_LEN: u32 = MAX_STATE_LEN;
 
@@ -75,6 +77,13 @@ pub enum MessageType {
     PassReceived = 16,
     Measured = 17,
     PageChunk = 18,
+    PostcopyDiscard = 19,
+    PostcopyRun = 20,
+    PageRequest = 21,
+    PostcopyDone = 22,
+    PostcopyComplete = 23,
+    PostcopyResume = 24,
+    PostcopyMissing = 25,
 }
 
 impl MessageType {
@@ -99,6 +108,13 @@ impl MessageType {
             16 => PassReceived,
             17 => Measured,
             18 => PageChunk,
+            19 => PostcopyDiscard,
+            20 => PostcopyRun,
+            21 => PageRequest,
+            22 => PostcopyDone,
+            23 => PostcopyComplete,
+            24 => PostcopyResume,
+            25 => PostcopyMissing,
             _ => return None,
         })
     }
@@ -123,6 +139,11 @@ impl MessageType {
             PassReceived => 4,
             Measured => 8 + 8,
             PageChunk => MAX_PAGE_CHUNK_LEN,
+            PostcopyDiscard | PostcopyMissing => (4 + MAX_DISCARD_RANGES * 12) as u32,
+            PostcopyRun => 8,
+            PageRequest => 8,
+            PostcopyDone => MAX_CONFIG_LEN,
+            PostcopyComplete | PostcopyResume => 0,
         }
     }
 }
@@ -307,9 +328,18 @@ pub mod features {
     /// Memory may come as [`super::Message::PageChunk`]s, whose page kinds come before
     /// the page data, so the destination can read whole pages straight into guest RAM.
     pub const PAGE_CHUNKS: u64 = 1 << 5;
+    /// The source may switch to postcopy: the VM then runs on the destination before all
+    /// of its RAM is there, and the destination asks for the pages it misses
+    /// ([`super::Message::PageRequest`]) on the main connection's return direction.
+    pub const POSTCOPY: u64 = 1 << 6;
     /// Every feature this build implements.
-    pub const ALL: u64 =
-        PARALLEL_CHANNELS | LOCAL_MEMORY | SPARSE_PAGES | PASS_ACKS | SOURCE_MEASURES | PAGE_CHUNKS;
+    pub const ALL: u64 = PARALLEL_CHANNELS
+        | LOCAL_MEMORY
+        | SPARSE_PAGES
+        | PASS_ACKS
+        | SOURCE_MEASURES
+        | PAGE_CHUNKS
+        | POSTCOPY;
 }
 
 /// Most connections one migration may use (the main one included).
@@ -459,6 +489,32 @@ pub enum Message<'a> {
     },
     /// A memory chunk with a kind per page ahead of the data (see [`PageChunk`]).
     PageChunk(PageChunk<'a>),
+    /// Source → destination at the switch to postcopy (the source is paused): these runs
+    /// `(gpa, pages)` are not valid on the destination (never sent, or written again since
+    /// they were); it drops what it holds of them. Several may follow one another.
+    PostcopyDiscard(Vec<(u64, u32)>),
+    /// Source → destination after the discards and the `State`: run the VM now;
+    /// `paused_us` is how long the source had been paused.
+    PostcopyRun {
+        paused_us: u64,
+    },
+    /// Destination → source during postcopy: the guest (or a device) waits for this page.
+    PageRequest {
+        gpa: u64,
+    },
+    /// Source → destination: every page not valid at the switch has been sent once;
+    /// `source_info` as in [`Complete`].
+    PostcopyDone {
+        source_info: &'a [u8],
+    },
+    /// Destination → source: every page of RAM is here; the source may go.
+    PostcopyComplete,
+    /// Source → destination, first on a new connection after postcopy lost its link:
+    /// take the migration up again.
+    PostcopyResume,
+    /// Destination → source, the answer to `PostcopyResume`: runs of pages still missing
+    /// here; an empty list ends the answer.
+    PostcopyMissing(Vec<(u64, u32)>),
 }
 
 impl Message<'_> {
@@ -482,6 +538,13 @@ impl Message<'_> {
             Message::PassReceived { .. } => MessageType::PassReceived,
             Message::Measured { .. } => MessageType::Measured,
             Message::PageChunk(_) => MessageType::PageChunk,
+            Message::PostcopyDiscard(_) => MessageType::PostcopyDiscard,
+            Message::PostcopyRun { .. } => MessageType::PostcopyRun,
+            Message::PageRequest { .. } => MessageType::PageRequest,
+            Message::PostcopyDone { .. } => MessageType::PostcopyDone,
+            Message::PostcopyComplete => MessageType::PostcopyComplete,
+            Message::PostcopyResume => MessageType::PostcopyResume,
+            Message::PostcopyMissing(_) => MessageType::PostcopyMissing,
         }
     }
 }
@@ -584,7 +647,6 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) -> Result<(), ProtocolError>
             out.extend_from_slice(&index.to_le_bytes());
             out.extend_from_slice(&token.to_le_bytes());
         }
-        Message::ChannelsReady => {}
         Message::PageChunk(c) => {
             let payload_start = out.len();
             out.extend_from_slice(&[0u8; 4]);
@@ -593,6 +655,24 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) -> Result<(), ProtocolError>
             out.extend_from_slice(c.body);
             let crc = crate::crc::crc32c(&out[payload_start + 4..]);
             out[payload_start..payload_start + 4].copy_from_slice(&crc.to_le_bytes());
+        }
+        Message::ChannelsReady | Message::PostcopyComplete | Message::PostcopyResume => {}
+        Message::PostcopyDone { source_info } => out.extend_from_slice(source_info),
+        Message::PostcopyRun { paused_us } => out.extend_from_slice(&paused_us.to_le_bytes()),
+        Message::PageRequest { gpa } => out.extend_from_slice(&gpa.to_le_bytes()),
+        Message::PostcopyDiscard(runs) | Message::PostcopyMissing(runs) => {
+            if runs.len() > MAX_DISCARD_RANGES {
+                out.truncate(start);
+                return Err(ProtocolError::malformed(
+                    kind,
+                    format!("{} runs, at most {MAX_DISCARD_RANGES}", runs.len()),
+                ));
+            }
+            out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+            for (gpa, pages) in runs {
+                out.extend_from_slice(&gpa.to_le_bytes());
+                out.extend_from_slice(&pages.to_le_bytes());
+            }
         }
         Message::SparseChunk(c) => {
             let payload_start = out.len();
@@ -1001,6 +1081,61 @@ pub fn decode_payload(kind: MessageType, p: &[u8]) -> Result<Message<'_>, Protoc
         MessageType::ChannelsReady => {
             exact_len(kind, p, 0)?;
             Message::ChannelsReady
+        }
+        MessageType::PostcopyDone => Message::PostcopyDone { source_info: p },
+        MessageType::PostcopyComplete => {
+            exact_len(kind, p, 0)?;
+            Message::PostcopyComplete
+        }
+        MessageType::PostcopyResume => {
+            exact_len(kind, p, 0)?;
+            Message::PostcopyResume
+        }
+        MessageType::PostcopyRun => {
+            exact_len(kind, p, 8)?;
+            Message::PostcopyRun {
+                paused_us: u64_at(p, 0),
+            }
+        }
+        MessageType::PageRequest => {
+            exact_len(kind, p, 8)?;
+            let gpa = u64_at(p, 0);
+            if !gpa.is_multiple_of(PAGE_SIZE as u64) {
+                return Err(ProtocolError::malformed(
+                    kind,
+                    format!("gpa {gpa:#x} is not page-aligned"),
+                ));
+            }
+            Message::PageRequest { gpa }
+        }
+        MessageType::PostcopyDiscard | MessageType::PostcopyMissing => {
+            min_len(kind, p, 4)?;
+            let n = u32_at(p, 0) as usize;
+            if n > MAX_DISCARD_RANGES {
+                return Err(ProtocolError::malformed(
+                    kind,
+                    format!("{n} runs, at most {MAX_DISCARD_RANGES}"),
+                ));
+            }
+            exact_len(kind, p, 4 + n * 12)?;
+            let mut runs = Vec::with_capacity(n);
+            for i in 0..n {
+                let (gpa, pages) = (u64_at(p, 4 + i * 12), u32_at(p, 12 + i * 12));
+                if !gpa.is_multiple_of(PAGE_SIZE as u64) || pages == 0 {
+                    return Err(ProtocolError::malformed(
+                        kind,
+                        format!(
+                            "run {i} (gpa {gpa:#x}, {pages} pages) is empty or not page-aligned"
+                        ),
+                    ));
+                }
+                runs.push((gpa, pages));
+            }
+            if kind == MessageType::PostcopyDiscard {
+                Message::PostcopyDiscard(runs)
+            } else {
+                Message::PostcopyMissing(runs)
+            }
         }
         MessageType::SparseChunk => Message::SparseChunk(decode_sparse_chunk(p)?),
         MessageType::PageChunk => Message::PageChunk(decode_page_chunk(p)?),
@@ -1883,6 +2018,15 @@ mod tests {
                 total_us: u64::MAX - 1,
             },
             Message::Abort { reason: "é" },
+            Message::PostcopyDiscard(vec![(0x1000, 3), (0x100000, u32::MAX)]),
+            Message::PostcopyDiscard(Vec::new()),
+            Message::PostcopyRun { paused_us: 99 },
+            Message::PageRequest { gpa: 0x10_0000 },
+            Message::PostcopyDone { source_info: b"{}" },
+            Message::PostcopyComplete,
+            Message::PostcopyResume,
+            Message::PostcopyMissing(vec![(0x2000, 1)]),
+            Message::PostcopyMissing(Vec::new()),
             Message::Channels {
                 count: 3,
                 token: u64::MAX - 5,

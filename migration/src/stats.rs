@@ -21,6 +21,14 @@ pub enum MigrationStatus {
     Active,
     /// Stop-and-copy: the guest is paused, last pages and device state move.
     Device,
+    /// Postcopy: the guest runs on the destination while the pages it misses come.
+    #[serde(rename = "postcopy-active")]
+    PostcopyActive,
+    /// Postcopy lost its link: the guest is paused on the destination (vCPUs waiting
+    /// for a missing page count as paused) and the source keeps the pages it still
+    /// misses; neither side may run it on its own.
+    #[serde(rename = "postcopy-paused")]
+    PostcopyPaused,
     Completed,
     Failed,
     Cancelled,
@@ -52,6 +60,9 @@ pub struct RamStats {
     pub normal_bytes: u64,
     /// Pages dirtied per second, measured over the last iteration.
     pub dirty_pages_rate: u64,
+    /// Postcopy: pages the destination asked for because someone waited for them.
+    #[serde(default)]
+    pub postcopy_requests: u64,
     /// Throughput of the last iteration, megabits per second.
     pub mbps: f64,
     /// Dirty-log collections so far.
@@ -159,6 +170,7 @@ pub struct MigrationInfo {
 struct ProgressInner {
     info: Mutex<MigrationInfo>,
     cancelled: AtomicBool,
+    postcopy_requested: AtomicBool,
     started: Instant,
 }
 
@@ -189,6 +201,7 @@ impl MigrationProgress {
             inner: Arc::new(ProgressInner {
                 info: Mutex::new(info),
                 cancelled: AtomicBool::new(false),
+                postcopy_requested: AtomicBool::new(false),
                 started: Instant::now(),
             }),
         }
@@ -215,6 +228,16 @@ impl MigrationProgress {
 
     pub fn is_cancelled(&self) -> bool {
         self.inner.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Asks the source to switch to postcopy after its current pass (QMP's
+    /// `migrate-start-postcopy`); it does when the destination can.
+    pub fn request_postcopy(&self) {
+        self.inner.postcopy_requested.store(true, Ordering::Release);
+    }
+
+    pub fn postcopy_requested(&self) -> bool {
+        self.inner.postcopy_requested.load(Ordering::Acquire)
     }
 
     pub fn status(&self) -> MigrationStatus {

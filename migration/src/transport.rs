@@ -43,6 +43,18 @@ pub trait MigrationStream: Read + Write + Send {
     fn take_fds(&mut self) -> Vec<OwnedFd> {
         Vec::new()
     }
+
+    /// A second handle on the same connection, so that one thread may read while another
+    /// writes (postcopy's page requests travel against the page stream).
+    fn try_clone_stream(&self) -> io::Result<Self>
+    where
+        Self: Sized,
+    {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this connection cannot be shared between a reader and a writer",
+        ))
+    }
 }
 
 impl MigrationStream for TcpStream {
@@ -56,6 +68,10 @@ impl MigrationStream for TcpStream {
     fn shutdown_both(&self) {
         let _ = self.shutdown(Shutdown::Both);
     }
+
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
 }
 
 impl MigrationStream for UnixStream {
@@ -66,6 +82,10 @@ impl MigrationStream for UnixStream {
 
     fn shutdown_both(&self) {
         let _ = self.shutdown(Shutdown::Both);
+    }
+
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
     }
 }
 
@@ -365,6 +385,10 @@ impl MigrationStream for FdUnixStream {
 
     fn can_pass_fds(&self) -> bool {
         true
+    }
+
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        Ok(FdUnixStream::new(self.inner.try_clone()?))
     }
 
     fn write_with_fds(&mut self, buf: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {

@@ -333,6 +333,7 @@ fn fast_opts(downtime: Duration, timeout: Duration, strategy: TimeoutStrategy) -
         local_memory: false,
         auto_converge: true,
         switch_over: SwitchOver::MinDowntime,
+        postcopy_after_passes: None,
     }
 }
 
@@ -1819,4 +1820,270 @@ fn main_connection_failing_mid_pass_releases_the_extra_connections() {
     assert!(e.to_string().contains("no data from the peer"), "{e}");
     assert!(!resumed);
     drop((src_main, src_lane));
+}
+
+// ---- Postcopy ----
+
+/// Guest RAM on a fake postcopy destination: which pages are present, how often each was
+/// placed, and a scripted "guest" that touches some missing pages.
+struct FakePostcopyRam {
+    layout: Vec<RamRange>,
+    bytes: Mutex<Vec<u8>>,
+    present: Mutex<Vec<bool>>,
+    /// Placements that filled a missing page, per page.
+    placed: Mutex<Vec<u32>>,
+    /// Pages in the order they were filled.
+    order: Mutex<Vec<usize>>,
+    armed: AtomicBool,
+    /// Pages the guest touches, in order (reported while missing).
+    touches: Mutex<Vec<u64>>,
+    /// Gpas reported as faults.
+    faulted: Mutex<Vec<u64>>,
+}
+
+impl FakePostcopyRam {
+    fn page(&self, gpa: u64) -> usize {
+        offset(&self.layout, gpa, PAGE_SIZE).unwrap() / PAGE_SIZE
+    }
+}
+
+impl vm_migration::PostcopyRam for FakePostcopyRam {
+    fn discard(&self, gpa: u64, pages: u64) -> HookResult<()> {
+        assert!(!self.armed.load(Ordering::SeqCst), "discard after arm");
+        for i in 0..pages {
+            let p = self.page(gpa + i * PAGE);
+            self.present.lock().unwrap()[p] = false;
+            self.bytes.lock().unwrap()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill(0xee);
+        }
+        Ok(())
+    }
+
+    fn arm(&self) -> HookResult<()> {
+        self.armed.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn next_fault(&self, timeout: Duration) -> HookResult<Option<u64>> {
+        let next = {
+            let mut t = self.touches.lock().unwrap();
+            let present = self.present.lock().unwrap();
+            t.retain(|&g| !present[offset(&self.layout, g, PAGE_SIZE).unwrap() / PAGE_SIZE]);
+            t.first().copied()
+        };
+        match next {
+            Some(g) => {
+                self.faulted.lock().unwrap().push(g);
+                thread::sleep(Duration::from_millis(2));
+                Ok(Some(g))
+            }
+            None => {
+                thread::sleep(timeout.min(Duration::from_millis(10)));
+                Ok(None)
+            }
+        }
+    }
+
+    fn place(&self, gpa: u64, data: &[u8]) -> HookResult<()> {
+        assert!(self.armed.load(Ordering::SeqCst), "placed before arm");
+        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let p = self.page(gpa + i as u64 * PAGE);
+            let mut present = self.present.lock().unwrap();
+            // A page already there stays as it is (userfaultfd's EEXIST): a fault
+            // reported twice may be answered after the page came.
+            if !present[p] {
+                self.placed.lock().unwrap()[p] += 1;
+                self.order.lock().unwrap().push(p);
+                present[p] = true;
+                self.bytes.lock().unwrap()[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
+                    .copy_from_slice(page);
+            }
+        }
+        Ok(())
+    }
+
+    fn place_zero(&self, gpa: u64, pages: u64) -> HookResult<()> {
+        let zero = vec![0u8; (pages * PAGE) as usize];
+        self.place(gpa, &zero)
+    }
+
+    fn disarm(&self) -> HookResult<()> {
+        self.armed.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// A [`FakeDestination`] that can run before all its RAM is there.
+struct PostcopyDestination {
+    inner: FakeDestination,
+    ram: Option<Arc<FakePostcopyRam>>,
+    touches: Vec<u64>,
+}
+
+impl DestinationVm for PostcopyDestination {
+    fn check_config(&mut self, vm_config: &[u8], ram: &[RamRange]) -> HookResult<Vec<RamRange>> {
+        self.inner.check_config(vm_config, ram)
+    }
+
+    fn write_pages(&self, gpa: u64, data: &[u8]) -> HookResult<()> {
+        self.inner.write_pages(gpa, data)
+    }
+
+    fn zero_pages(&self, gpa: u64, pages: u64) -> HookResult<()> {
+        self.inner.zero_pages(gpa, pages)
+    }
+
+    fn restore_state(&mut self, vcpus: &[u8], devices: &[u8]) -> HookResult<()> {
+        self.inner.restore_state(vcpus, devices)
+    }
+
+    fn resume(&mut self) -> HookResult<()> {
+        self.inner.resume()
+    }
+
+    fn supports_postcopy(&self) -> bool {
+        true
+    }
+
+    fn postcopy_ram(&mut self) -> HookResult<Arc<dyn vm_migration::PostcopyRam>> {
+        let bytes = self.inner.ram.lock().unwrap().clone();
+        let pages = bytes.len() / PAGE_SIZE;
+        let ram = Arc::new(FakePostcopyRam {
+            layout: self.inner.layout.clone(),
+            bytes: Mutex::new(bytes),
+            present: Mutex::new(vec![true; pages]),
+            placed: Mutex::new(vec![0; pages]),
+            order: Mutex::new(Vec::new()),
+            armed: AtomicBool::new(false),
+            touches: Mutex::new(self.touches.clone()),
+            faulted: Mutex::new(Vec::new()),
+        });
+        self.ram = Some(ram.clone());
+        Ok(ram)
+    }
+}
+
+/// A guest that never converges (every collection says all RAM is dirty) switches to
+/// postcopy after one pass: the destination runs with every page missing, the pages its
+/// guest touches are asked for, and in the end its RAM is the source's at the pause, each
+/// page placed exactly once; the source never resumes.
+#[test]
+fn postcopy_moves_a_guest_that_never_converges_with_every_page_placed_once() {
+    postcopy_after(1);
+}
+
+/// Postcopy from the start: no precopy pass, every page fetched or streamed once.
+#[test]
+fn postcopy_from_the_start_sends_every_page_once() {
+    postcopy_after(0);
+}
+
+fn postcopy_after(passes: u32) {
+    let src = FakeSource::new(true);
+    let stop = Arc::new(AtomicBool::new(false));
+    let guest = src.run_guest(Duration::from_micros(200), stop.clone());
+    // Once paused, the source reads slowly (1 ms a page): the stream alone would take
+    // a second, so the guest's touches must be answered ahead of it.
+    *src.on_pause.lock().unwrap() = Some(Box::new({
+        let src = src.clone();
+        move || *src.read_delay.lock().unwrap() = Duration::from_millis(1)
+    }));
+    let (a, b) = UnixStream::pair().unwrap();
+    let layout = layout();
+    // The guest touches pages near the end first: they must come before the stream.
+    let touches: Vec<u64> = (0..8)
+        .map(|i| gpa_of_page(&layout, 1000 - i * 37))
+        .collect();
+    let dest = thread::spawn({
+        let touches = touches.clone();
+        move || {
+            let mut d = PostcopyDestination {
+                inner: FakeDestination::default(),
+                ram: None,
+                touches,
+            };
+            let progress = MigrationProgress::new();
+            let r = receive_migration(&mut d, b, &receive_opts(), &progress);
+            (r, d, progress.snapshot())
+        }
+    });
+    let progress = MigrationProgress::new();
+    let opts = SendOptions {
+        postcopy_after_passes: Some(passes),
+        ..fast_opts(
+            Duration::from_millis(1),
+            Duration::from_secs(30),
+            TimeoutStrategy::Cancel,
+        )
+    };
+    let info = send_migration(&*src, a, &opts, &progress).expect("migration");
+    assert_eq!(info.iterations.len(), passes as usize, "{info:?}");
+    stop.store(true, Ordering::Relaxed);
+    guest.join().unwrap();
+    let (dr, d, dinfo) = dest.join().unwrap();
+    dr.expect("destination");
+    assert_eq!(info.status, MigrationStatus::Completed);
+    assert_eq!(dinfo.status, MigrationStatus::Completed, "{dinfo:?}");
+    assert_eq!(src.resumes.load(Ordering::SeqCst), 0);
+    assert!(src.is_paused());
+    let ram = d.ram.expect("postcopy was used");
+    let at_pause = src.at_pause.lock().unwrap().clone().unwrap();
+    let bytes = ram.bytes.lock().unwrap();
+    let diff = at_pause
+        .chunks_exact(PAGE_SIZE)
+        .zip(bytes.chunks_exact(PAGE_SIZE))
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(
+        diff, 0,
+        "{diff} pages differ from the source's at its pause"
+    );
+    // Every page was missing (all dirty): each placed exactly once.
+    let placed = ram.placed.lock().unwrap();
+    assert!(placed.iter().all(|&n| n == 1), "placements: {:?}", {
+        let mut odd: Vec<_> = placed.iter().enumerate().filter(|(_, &n)| n != 1).collect();
+        odd.truncate(10);
+        odd
+    });
+    assert!(
+        !ram.faulted.lock().unwrap().is_empty(),
+        "the guest touched no missing page"
+    );
+    assert!(dinfo.ram.postcopy_requests > 0, "{dinfo:?}");
+    // Asked-for pages came ahead of the address-ordered stream (which would fill page p
+    // about p-th), by more than the chunk the source was reading when asked.
+    let order = ram.order.lock().unwrap();
+    for g in &touches {
+        let p = offset(&layout, *g, PAGE_SIZE).unwrap() / PAGE_SIZE;
+        let at = order.iter().position(|&q| q == p).unwrap();
+        assert!(
+            at + 64 < p,
+            "touched page {p} was filled {at}th of {}",
+            order.len()
+        );
+    }
+    assert_eq!(d.inner.state.as_ref(), Some(&src.state));
+}
+
+/// A source that asks for postcopy from a destination that cannot take it fails before
+/// it pauses, and its VM keeps running.
+#[test]
+fn postcopy_against_a_destination_without_it_fails_and_the_source_runs_on() {
+    let src = FakeSource::new(true);
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = spawn_destination(b, FakeDestination::default());
+    let progress = MigrationProgress::new();
+    let opts = SendOptions {
+        postcopy_after_passes: Some(1),
+        ..fast_opts(
+            Duration::from_millis(1),
+            Duration::from_secs(30),
+            TimeoutStrategy::Cancel,
+        )
+    };
+    let e = send_migration(&*src, a, &opts, &progress).unwrap_err();
+    assert!(matches!(e, SendError::NoPostcopy(_)), "{e}");
+    assert!(!src.is_paused());
+    let (dr, d) = dest.join().unwrap();
+    assert!(dr.is_err());
+    assert!(!d.resumed);
 }

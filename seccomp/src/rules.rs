@@ -103,6 +103,8 @@ const VMM: &[c_long] = &[
     SYS_uname,
     SYS_unlink,
     SYS_unlinkat,
+    // Postcopy's page-fault descriptor where /dev/userfaultfd is missing.
+    SYS_userfaultfd,
     SYS_wait4,
     SYS_writev,
 ];

@@ -133,6 +133,18 @@ impl VcpuControl {
         }
     }
 
+    /// Has every vCPU park at its next exit from KVM_RUN, without kicking any and without
+    /// waiting: a vCPU waiting inside KVM_RUN for a postcopy page that will not come for
+    /// now stays there (kicked, a vCPU on this host's KVM retries that fault in a loop
+    /// instead of leaving KVM_RUN).
+    pub fn request_pause(&self) {
+        let mut f = self.lock();
+        f.pause = true;
+        self.pending.store(true, Ordering::SeqCst);
+        self.cv.notify_all();
+        drop(f);
+    }
+
     /// Parks every vCPU outside KVM_RUN and returns once all are parked.
     pub fn pause(&self, count: u32) {
         let mut f = self.lock();

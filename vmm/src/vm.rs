@@ -645,6 +645,20 @@ impl Machine {
         }
     }
 
+    /// Postcopy lost its source: every vCPU parks at its next exit, those waiting for a
+    /// missing page stay waiting (see [`vcpu::VcpuControl::request_pause`]); the machine
+    /// counts as paused from now on.
+    pub fn pause_for_postcopy(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        self.control.request_pause();
+    }
+
+    /// Undoes [`Machine::pause_for_postcopy`] once the source is back.
+    pub fn resume_after_postcopy(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        self.control.resume();
+    }
+
     /// Presses the ACPI fixed-feature power button (`vm.power-button`): the guest gets an
     /// SCI if it enabled the event; a paused VM's guest sees it on resume.
     pub fn power_button(&self) {

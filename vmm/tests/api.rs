@@ -486,8 +486,9 @@ fn migration_requests_are_checked_then_refused() {
             "--memory shared=on",
         ),
         (
-            json!({"destination_url": "tcp:127.0.0.1:1", "memory_mode": "Postcopy"}),
-            "not supported yet",
+            json!({"destination_url": "tcp:127.0.0.1:1", "memory_mode": "Precopy",
+                   "postcopy_after_passes": 1}),
+            "needs memory_mode Postcopy",
         ),
     ] {
         let msg = f.error("PUT", "vm.send-migration", Some(&body(&b)), 400);

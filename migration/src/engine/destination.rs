@@ -64,6 +64,13 @@ pub enum ReceiveError {
     MissingState,
     #[error("the source sent {0} twice")]
     Duplicate(MessageType),
+    #[error("postcopy: the source sent the page at {gpa:#x} a second time")]
+    PostcopyPageTwice { gpa: u64 },
+    #[error(
+        "postcopy stopped ({reason}): the VM is paused here with {missing} pages still at \
+         the source; neither side may run it alone"
+    )]
+    PostcopyPaused { missing: u64, reason: String },
     #[error("extra connection {index}: {reason}")]
     Channel { index: u16, reason: String },
     #[error("the source's memory files: {0}")]
@@ -86,7 +93,7 @@ pub enum ReceiveError {
     SourceResumed(String),
 }
 
-fn vm_err(op: &'static str) -> impl FnOnce(String) -> ReceiveError {
+pub(super) fn vm_err(op: &'static str) -> impl FnOnce(String) -> ReceiveError {
     move |reason| ReceiveError::Vm { op, reason }
 }
 
@@ -144,6 +151,14 @@ pub fn receive_migration_from<V: DestinationVm + Sync + ?Sized, S: MigrationStre
         } else {
             e
         };
+        if let ReceiveError::PostcopyPaused { .. } = e {
+            // The source's pages are still needed: leave the link to it as it is (it is
+            // broken anyway) and say so.
+            conn.get_ref().shutdown();
+            log::error!("incoming migration: {e}");
+            progress.fail(MigrationStatus::PostcopyPaused, &e.to_string());
+            return Err(e);
+        }
         let peer_knows = matches!(
             e,
             ReceiveError::PeerAborted(_) | ReceiveError::SourceResumed(_)
@@ -177,6 +192,24 @@ fn send<S: MigrationStream>(
     msg: &Message<'_>,
 ) -> Result<(), ProtocolError> {
     crate::protocol::write_message(conn.get_mut(), msg)
+}
+
+/// [`send`] for the postcopy module.
+pub(super) fn send_plain<S: MigrationStream>(
+    conn: &mut MessageReader<Watched<S>>,
+    msg: &Message<'_>,
+) -> Result<(), ProtocolError> {
+    send(conn, msg)
+}
+
+/// Tells the source the VM runs here.
+pub(super) fn send_resumed<S: MigrationStream>(
+    conn: &mut MessageReader<Watched<S>>,
+    downtime_us: u64,
+) -> Result<(), ReceiveError> {
+    send(conn, &Message::Resumed { downtime_us }).map_err(ReceiveError::ConfirmationFailed)?;
+    let _ = conn.get_mut().flush();
+    Ok(())
 }
 
 /// Sends `msg` during the session. When that fails, the source may have closed the stream
@@ -245,6 +278,8 @@ struct Session<'a> {
 
 /// What the main connection received by `Complete`.
 struct Received {
+    /// The source switched to postcopy (`PostcopyRun`) instead of `Complete`.
+    postcopy: bool,
     paused_us: u64,
     source_info: Vec<u8>,
     state: Option<(Vec<u8>, Vec<u8>)>,
@@ -280,6 +315,21 @@ impl Session<'_> {
             | features::SOURCE_MEASURES
             | features::PAGE_CHUNKS;
         offered &= self.opts.features;
+        // Postcopy asks for pages on a second handle of this connection, while this one
+        // reads the page stream; RAM handed over as files needs none of it.
+        let mut postcopy_writer = None;
+        if vm.supports_postcopy()
+            && !local
+            && source_features & self.opts.features & features::POSTCOPY != 0
+        {
+            match conn.get_ref().get_ref().try_clone_stream() {
+                Ok(w) => {
+                    postcopy_writer = Some(w);
+                    offered |= features::POSTCOPY;
+                }
+                Err(e) => log::info!("no postcopy on this connection: {e}"),
+            }
+        }
         let both = |f: u64| source_features & offered & f != 0;
         let acks = both(features::PASS_ACKS);
         // What this side offered is all it takes: a source must not send the others.
@@ -371,7 +421,14 @@ impl Session<'_> {
             takes,
         };
         let received = std::thread::scope(|s| {
-            let r = self.main_loop(s, &shared, conn, &mut accept, acks);
+            let r = self.main_loop(
+                s,
+                &shared,
+                conn,
+                &mut accept,
+                acks,
+                postcopy_writer.is_some(),
+            );
             // Success or not, the extra connections are done: end their threads, those
             // reading (the halt flag) and those waiting at a pass barrier the main
             // connection will never reach (it failed, or completed without that pass's
@@ -395,6 +452,24 @@ impl Session<'_> {
         };
         let complete_at = Instant::now();
         let pages = shared.pages.into_inner().unwrap_or_else(|p| p.into_inner());
+        if received.postcopy {
+            let (Some(writer), Some(state)) = (postcopy_writer, received.state) else {
+                return Err(ReceiveError::MissingState);
+            };
+            let start = super::postcopy::PostcopyStart {
+                writer,
+                received: pages.received,
+                state,
+                paused_us: received.paused_us,
+                idle_timeout: self.opts.idle_timeout,
+                source_measures,
+            };
+            super::postcopy::run_destination(vm, conn, start, accept, progress)?;
+            // Not `set_status`: `total-time` is the source's (from its start to its last
+            // page), not this side's wait since the receive began.
+            progress.update(|i| i.status = MigrationStatus::Completed);
+            return Ok(());
+        }
 
         // Everything arrived and every checksum matched: only now may the VM run.
         let missing = pages.received.total_pages() - pages.received.count();
@@ -492,6 +567,7 @@ impl Session<'_> {
         conn: &mut MessageReader<Watched<S>>,
         accept: &mut Option<AcceptChannel<'_, S>>,
         acks: bool,
+        postcopy: bool,
     ) -> Result<Received, ReceiveError> {
         let progress = self.progress;
         let mut state: Option<(Vec<u8>, Vec<u8>)> = None;
@@ -587,8 +663,27 @@ impl Session<'_> {
                     progress.set_status(MigrationStatus::Device);
                     state = Some((vcpus.to_vec(), devices.to_vec()));
                 }
+                Message::PostcopyDiscard(runs) if postcopy => {
+                    anything_received = true;
+                    let mut p = shared.pages();
+                    for (gpa, pages) in runs {
+                        if !p.received.contains_range(gpa, u64::from(pages)) {
+                            return Err(ReceiveError::OutsideRam { gpa, pages });
+                        }
+                        p.received.remove_range(gpa, u64::from(pages));
+                    }
+                }
+                Message::PostcopyRun { paused_us } if postcopy => {
+                    return Ok(Received {
+                        postcopy: true,
+                        paused_us,
+                        source_info: Vec::new(),
+                        state,
+                    })
+                }
                 Message::Complete(c) => {
                     return Ok(Received {
+                        postcopy: false,
                         paused_us: c.paused_us,
                         source_info: c.source_info.to_vec(),
                         state,

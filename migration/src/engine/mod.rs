@@ -7,14 +7,22 @@
 //! calls the engine on a thread of its own (it returns when the migration has ended).
 
 mod destination;
+mod postcopy;
+pub use postcopy::resume_postcopy;
 mod source;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use destination::{
     receive_migration, receive_migration_from, AcceptChannel, ReceiveError, ReceiveOptions,
 };
 pub use source::{send_migration, send_migration_parallel, SendError, SendOptions, SwitchOver};
+
+/// Test-only seam (tests of postcopy's own checks): at the switch to postcopy the source
+/// leaves the first page at or above this gpa (hex or decimal) of the final dirty set out
+/// of both the discard list and the stream, so the destination keeps its stale copy.
+pub const TEST_STALE_PAGE_ENV: &str = "FERRY_TEST_POSTCOPY_STALE_FROM";
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 
@@ -143,6 +151,56 @@ pub trait DestinationVm {
 
     /// Starts the vCPUs. Called only after a successful `restore_state`.
     fn resume(&mut self) -> HookResult<()>;
+
+    /// Whether this VM can run before all of its RAM is here (postcopy). When true,
+    /// [`DestinationVm::postcopy_ram`] must work once [`DestinationVm::check_config`] has.
+    fn supports_postcopy(&self) -> bool {
+        false
+    }
+
+    /// Guest RAM as postcopy needs it (see [`PostcopyRam`]); called once, after
+    /// `check_config`, before the VM is resumed.
+    fn postcopy_ram(&mut self) -> HookResult<Arc<dyn PostcopyRam>> {
+        Err("this VM cannot run before all of its RAM is here (postcopy)".into())
+    }
+
+    /// Postcopy lost its link after `resume`: stop the vCPUs (those waiting for a page
+    /// stay waiting), keep everything else as it is, so that the pages still missing can
+    /// come later. The default does nothing.
+    fn pause_postcopy(&mut self) -> HookResult<()> {
+        Ok(())
+    }
+
+    /// Postcopy's link is back (the source connected again): undoes `pause_postcopy`.
+    fn resume_postcopy(&mut self) -> HookResult<()> {
+        Ok(())
+    }
+}
+
+/// The destination's guest RAM while postcopy runs: the VM runs with pages missing, and
+/// whoever touches a missing page (a vCPU, the kernel for it, a device model's DMA)
+/// waits until the page is placed. Implemented over userfaultfd by the vmm.
+pub trait PostcopyRam: Send + Sync {
+    /// Drops what RAM holds of `pages` pages at `gpa` (not valid any more), so that the
+    /// next touch waits for the page instead of reading the old data.
+    fn discard(&self, gpa: u64, pages: u64) -> HookResult<()>;
+
+    /// From now on, a touch of a page not present waits and is reported by `next_fault`.
+    fn arm(&self) -> HookResult<()>;
+
+    /// The next page someone waits for (page-aligned gpa), or `None` after `timeout`.
+    /// The same page may be reported more than once.
+    fn next_fault(&self, timeout: Duration) -> HookResult<Option<u64>>;
+
+    /// Places whole pages `data` at `gpa` at once and wakes whoever waits for them. A page
+    /// already present there is left as it is (not an error).
+    fn place(&self, gpa: u64, data: &[u8]) -> HookResult<()>;
+
+    /// [`PostcopyRam::place`] with `pages` zero pages.
+    fn place_zero(&self, gpa: u64, pages: u64) -> HookResult<()>;
+
+    /// Every page is present: touches no longer need watching.
+    fn disarm(&self) -> HookResult<()>;
 }
 
 /// Default for how long a read or write may make no progress before the peer counts as gone.

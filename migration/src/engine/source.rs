@@ -55,6 +55,10 @@ pub struct SendOptions {
     pub auto_converge: bool,
     /// When to pause the guest for the last pass.
     pub switch_over: SwitchOver,
+    /// Switch to postcopy after this many precopy passes (0: before the first) when the
+    /// migration has not converged by then (`None`: only when asked, see
+    /// [`MigrationProgress::request_postcopy`]). Needs a destination that can.
+    pub postcopy_after_passes: Option<u32>,
 }
 
 impl SendOptions {
@@ -70,6 +74,7 @@ impl SendOptions {
             local_memory: false,
             auto_converge: true,
             switch_over: SwitchOver::default(),
+            postcopy_after_passes: None,
         }
     }
 }
@@ -113,6 +118,13 @@ pub enum SendError {
     NoLocalMemory,
     #[error("{0} connections asked for; at most {MAX_CHANNELS}")]
     TooManyConnections(usize),
+    #[error(
+        "postcopy lost the destination ({0}): the VM is paused there and this side keeps \
+         the pages it still misses; neither copy may run on its own"
+    )]
+    PostcopyLinkLost(String),
+    #[error("postcopy was asked for, but the destination cannot take it ({0})")]
+    NoPostcopy(&'static str),
     #[error("{cause}; resuming the source VM then failed too: {reason}")]
     ResumeFailed {
         cause: Box<SendError>,
@@ -124,12 +136,12 @@ fn vm_err(op: &'static str) -> impl FnOnce(String) -> SendError {
     move |reason| SendError::Vm { op, reason }
 }
 
-fn hook<T>(op: &'static str, r: HookResult<T>) -> Result<T, SendError> {
+pub(super) fn hook<T>(op: &'static str, r: HookResult<T>) -> Result<T, SendError> {
     r.map_err(vm_err(op))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub(super) enum Phase {
     /// The guest runs; timeout and cancellation apply.
     Precopy,
     /// The guest is paused: send everything, as fast as possible.
@@ -137,7 +149,7 @@ enum Phase {
 }
 
 #[derive(Default)]
-struct PassResult {
+pub(super) struct PassResult {
     pages: u64,
     bytes: u64,
     /// Pages left for the next pass because the guest wrote them again first.
@@ -150,13 +162,13 @@ struct PassResult {
 
 /// One connection's outgoing frames.
 #[derive(Default)]
-struct LaneBuf {
+pub(super) struct LaneBuf {
     /// Frames queued for the next write.
-    out: Vec<u8>,
+    pub(super) out: Vec<u8>,
     /// Pages read from the guest, before encoding.
-    scratch: Vec<u8>,
+    pub(super) scratch: Vec<u8>,
     /// Which pages of `scratch` the VM knows to be zero (and left unread).
-    known_zero: Vec<bool>,
+    pub(super) known_zero: Vec<bool>,
     /// A page chunk, built in place around the pages read into it, then written from
     /// here. It keeps its largest size, so it is zeroed once, not for every chunk.
     frame: Vec<u8>,
@@ -165,7 +177,7 @@ struct LaneBuf {
 }
 
 impl LaneBuf {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         LaneBuf {
             out: Vec::with_capacity(FLUSH_BYTES + MAX_CHUNK_PAGES as usize * PAGE_SIZE),
             ..LaneBuf::default()
@@ -173,7 +185,10 @@ impl LaneBuf {
     }
 
     /// Writes the queued frames to `io`.
-    fn flush<S: MigrationStream>(&mut self, io: &mut Watched<S>) -> Result<(), SendError> {
+    pub(super) fn flush<S: MigrationStream>(
+        &mut self,
+        io: &mut Watched<S>,
+    ) -> Result<(), SendError> {
         if self.out.is_empty() {
             return Ok(());
         }
@@ -232,8 +247,8 @@ fn write_frames<S: MigrationStream>(
 }
 
 /// An extra connection, carrying memory only.
-struct Lane<S> {
-    io: Watched<S>,
+pub(super) struct Lane<S> {
+    pub(super) io: Watched<S>,
     buf: LaneBuf,
 }
 
@@ -604,24 +619,26 @@ impl Convergence {
     }
 }
 
-struct Sender<'a, V: ?Sized, S: MigrationStream> {
-    vm: &'a V,
-    opts: &'a SendOptions,
-    progress: &'a MigrationProgress,
-    conn: MessageReader<Watched<S>>,
+pub(super) struct Sender<'a, V: ?Sized, S: MigrationStream> {
+    pub(super) vm: &'a V,
+    pub(super) opts: &'a SendOptions,
+    pub(super) progress: &'a MigrationProgress,
+    pub(super) conn: MessageReader<Watched<S>>,
     /// The main connection's outgoing frames.
-    main: LaneBuf,
+    pub(super) main: LaneBuf,
     /// Extra connections for memory (empty: everything goes over `conn`).
-    lanes: Vec<Lane<S>>,
-    started: Instant,
-    dirty_log_on: bool,
-    paused: bool,
+    pub(super) lanes: Vec<Lane<S>>,
+    pub(super) started: Instant,
+    pub(super) dirty_log_on: bool,
+    pub(super) paused: bool,
     /// Pages per second, from the last pass big enough to measure.
-    page_rate: Option<f64>,
+    pub(super) page_rate: Option<f64>,
     /// Auto-converge's current hold on the vCPUs, in percent.
-    throttle: u8,
+    pub(super) throttle: u8,
     /// What the destination's `Hello` offered.
-    peer_features: u64,
+    pub(super) peer_features: u64,
+    /// The destination has run the VM (postcopy): never resume it here.
+    pub(super) postcopy_started: bool,
 }
 
 /// Migrates `vm` over `stream` (connected to a destination running
@@ -684,6 +701,7 @@ pub fn send_migration_parallel<V: SourceVm + Sync + ?Sized, S: MigrationStream>(
         page_rate: None,
         throttle: 0,
         peer_features: 0,
+        postcopy_started: false,
     };
     match sender.run() {
         Ok(()) => {
@@ -733,6 +751,10 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
                     "once the dirty pages left fit the downtime, go on while they shrink",
             }
         );
+        // Postcopy from the start: every page is fetched or streamed once, nothing twice.
+        if self.postcopy_due(0)? {
+            return self.postcopy(0, pending);
+        }
         loop {
             let pass_start = Instant::now();
             let pass = self.send_pass(iteration, &mut pending, Phase::Precopy)?;
@@ -755,6 +777,9 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
                 )
             {
                 break;
+            }
+            if self.postcopy_due(iteration)? {
+                return self.postcopy(iteration, pending);
             }
             if self.opts.auto_converge && iteration >= 2 && !convergence.shrank {
                 self.throttle_more(pending.count())?;
@@ -913,7 +938,7 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
 
     /// Sends every page in `pending` (emptying it), split between the connections, each
     /// ending its share with `IterationDone`.
-    fn send_pass(
+    pub(super) fn send_pass(
         &mut self,
         iteration: u32,
         pending: &mut PageSet,
@@ -1022,7 +1047,7 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
     }
 
     /// Records a finished pass; returns the downtime the dirty pages would cost now.
-    fn record_pass(
+    pub(super) fn record_pass(
         &mut self,
         iteration: u32,
         pass: &PassResult,
@@ -1087,7 +1112,7 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
     /// Reads the destination's answer to a step that may take it longer than an ordinary
     /// read (building the VM, accepting connections, writing a backlog of pages into guest
     /// RAM): the confirmation timeout is the idle limit meanwhile.
-    fn read_slow_reply(
+    pub(super) fn read_slow_reply(
         &mut self,
         answer: impl FnOnce(Message<'_>) -> Result<(), SendError>,
     ) -> Result<(), SendError> {
@@ -1140,7 +1165,7 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
     }
 
     /// Lets the vCPUs run freely again (best effort: on the way out).
-    fn unthrottle(&mut self) {
+    pub(super) fn unthrottle(&mut self) {
         if self.throttle > 0 {
             if let Err(e) = self.vm.set_throttle(0) {
                 log::warn!("auto-converge: removing the throttle failed: {e}");
@@ -1266,18 +1291,18 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
     }
 
     /// Queues one message on the main connection.
-    fn send(&mut self, msg: &Message<'_>) -> Result<(), SendError> {
+    pub(super) fn send(&mut self, msg: &Message<'_>) -> Result<(), SendError> {
         encode(msg, &mut self.main.out)?;
         Ok(())
     }
 
     /// Writes the main connection's queued frames.
-    fn flush(&mut self) -> Result<(), SendError> {
+    pub(super) fn flush(&mut self) -> Result<(), SendError> {
         self.main.flush(self.conn.get_mut())
     }
 
     /// Cleans up after `e`: tell the peer, stop logging, resume the VM, record the failure.
-    fn fail(&mut self, e: SendError) -> SendError {
+    pub(super) fn fail(&mut self, e: SendError) -> SendError {
         let cancelled = self.progress.is_cancelled() || is_cancel_io(&e);
         let e = if cancelled { SendError::Cancelled } else { e };
         for lane in self.lanes.drain(..) {
@@ -1308,6 +1333,14 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
         if self.dirty_log_on {
             self.vm.stop_dirty_log();
         }
+        if self.postcopy_started {
+            // The VM ran on the destination: this copy is out of date and must stay
+            // paused; only the pages the destination still misses are worth anything.
+            log::error!("migration failed after the switch to postcopy: {e}");
+            self.progress
+                .fail(MigrationStatus::PostcopyPaused, &e.to_string());
+            return e;
+        }
         let e = if self.paused {
             match self.vm.resume() {
                 Ok(()) => e,
@@ -1330,7 +1363,7 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
     }
 }
 
-fn unexpected(msg: Message<'_>, during: &'static str) -> SendError {
+pub(super) fn unexpected(msg: Message<'_>, during: &'static str) -> SendError {
     match msg {
         Message::Abort { reason } => SendError::PeerAborted(reason.to_string()),
         other => SendError::Unexpected {

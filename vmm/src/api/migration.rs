@@ -19,6 +19,10 @@ use super::{ApiError, Vmm};
 pub const MAX_CONNECTIONS: u32 = vm_migration::protocol::MAX_CHANNELS as u32;
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 pub const DEFAULT_TIMEOUT_S: u64 = 3600;
+/// Precopy passes before `memory_mode: Postcopy` switches (unless the migration
+/// converged first): the first pass moves most of RAM while the guest runs, a second one
+/// what it dirtied meanwhile, so few pages are left to fetch on demand.
+pub const DEFAULT_POSTCOPY_AFTER_PASSES: u32 = 2;
 
 /// What to do when `timeout_s` passes before the migration could finish within
 /// `downtime_ms`.
@@ -49,7 +53,8 @@ pub enum MemoryMode {
     Precopy,
     /// Pass the guest memory file descriptors over a UNIX socket (same host).
     MemFDs,
-    /// Start the destination first and fetch pages on demand.
+    /// Precopy passes first (`postcopy_after_passes`), then the VM runs on the
+    /// destination while the rest of its RAM streams in, touched pages fetched first.
     Postcopy,
 }
 
@@ -96,6 +101,13 @@ struct SendMigrationBody {
     /// Ferry's own: when to pause for the last pass (default `MinDowntime`).
     #[serde(default)]
     switch_over: Option<SwitchOver>,
+    /// QEMU's `resume`: take up a postcopy migration whose link broke (Ferry's own here).
+    #[serde(default)]
+    resume: Option<bool>,
+    /// Ferry's own: switch to postcopy after this many precopy passes (implies
+    /// `memory_mode: Postcopy`; default [`DEFAULT_POSTCOPY_AFTER_PASSES`] with it).
+    #[serde(default)]
+    postcopy_after_passes: Option<u32>,
     /// Migrate over TLS: ca-cert.pem, client-cert.pem, client-key.pem (cloud-hypervisor's).
     #[serde(default)]
     tls_dir: Option<std::path::PathBuf>,
@@ -126,6 +138,10 @@ pub struct SendMigration {
     pub auto_converge: bool,
     /// When to pause for the last pass (Ferry's extension).
     pub switch_over: SwitchOver,
+    /// `memory_mode: Postcopy`: switch after this many precopy passes.
+    pub postcopy_after_passes: Option<u32>,
+    /// Take up a postcopy migration that lost its link (`postcopy-paused`).
+    pub resume: bool,
     /// Over TLS with these credentials (checked loadable when the request came).
     pub tls_dir: Option<std::path::PathBuf>,
     /// Someone waits for [`MigrationHandler::send`]'s result and passes the outcome on
@@ -144,8 +160,8 @@ struct ReceiveMigrationBody {
     /// Take the migration over TLS only: ca-cert.pem, server-cert.pem, server-key.pem.
     #[serde(default)]
     tls_dir: Option<std::path::PathBuf>,
-    /// cloud-hypervisor's; the source decides how memory comes, so only `Precopy` (or
-    /// Ferry's `MemFDs`) is taken here.
+    /// cloud-hypervisor's; the source decides how memory comes (a destination that can
+    /// takes postcopy whenever the source switches), so any value is taken here.
     #[serde(default)]
     memory_mode: Option<MemoryMode>,
     /// cloud-hypervisor's: VFIO device and iommufd descriptors passed with the request,
@@ -261,7 +277,17 @@ pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
                 "local=true hands guest RAM over as files, which memory_mode {m:?} cannot use"
             )))
         }
+        (_, None) if b.postcopy_after_passes.is_some() => MemoryMode::Postcopy,
         (_, m) => m.unwrap_or_default(),
+    };
+    let postcopy_after_passes = match (memory_mode, b.postcopy_after_passes) {
+        (MemoryMode::Postcopy, n) => Some(n.unwrap_or(DEFAULT_POSTCOPY_AFTER_PASSES)),
+        (m, Some(n)) => {
+            return Err(bad(format!(
+                "postcopy_after_passes={n} needs memory_mode Postcopy, not {m:?}"
+            )))
+        }
+        (_, None) => None,
     };
     if let MigrationUrl::Unix(_) = destination {
         if connections > 1 {
@@ -286,6 +312,8 @@ pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
         memory_mode,
         auto_converge: b.auto_converge.unwrap_or(true),
         switch_over: b.switch_over.unwrap_or_default(),
+        postcopy_after_passes,
+        resume: b.resume.unwrap_or(false),
         tls_dir: b.tls_dir,
         wait_for_completion: b.wait_for_completion.unwrap_or(false),
     })
@@ -295,11 +323,10 @@ pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
 pub fn parse_receive_migration(body: &[u8]) -> Result<ReceiveMigration, ApiError> {
     let b: ReceiveMigrationBody = super::json_body("vm.receive-migration", body)?;
     log_unknown("vm.receive-migration", &b.unknown);
-    if let Some(m @ MemoryMode::Postcopy) = b.memory_mode {
-        return Err(bad(format!(
-            "memory_mode {m:?} is not supported yet (Precopy is; the source decides whether \
-             RAM comes as files)"
-        )));
+    if b.memory_mode == Some(MemoryMode::Postcopy) && !crate::migration::postcopy::available() {
+        return Err(bad(
+            "memory_mode Postcopy: this host gives Ferry no userfaultfd (see the log)".into(),
+        ));
     }
     if let Some(fds) = b.vfio_fds.as_ref().filter(|f| !f.is_empty()) {
         return Err(bad(format!(
@@ -381,6 +408,21 @@ pub trait MigrationHandler: Send + Sync {
     /// `PUT vm.cancel-migration`: stop the running migration; its `send`/`receive` call
     /// then returns an error.
     fn cancel(&self, vmm: &Arc<Vmm>) -> Result<(), ApiError>;
+
+    /// `PUT vm.migrate-start-postcopy` (QMP's `migrate-start-postcopy`): the running
+    /// outgoing migration switches to postcopy after its current pass.
+    fn start_postcopy(&self, vmm: &Arc<Vmm>) -> Result<(), ApiError> {
+        let _ = vmm;
+        Err(ApiError::MigrationNotImplemented(
+            "vm.migrate-start-postcopy",
+        ))
+    }
+
+    /// A postcopy migration lost its link: this side's VM must not be resumed (the source's
+    /// copy is stale, the destination's misses pages only the source has).
+    fn postcopy_paused(&self) -> bool {
+        false
+    }
 }
 
 /// The handler until the migration engine lands: every call answers 500.
@@ -672,10 +714,6 @@ mod tests {
         for (j, needle) in [
             ("{}", "receiver_url"),
             (r#"{"receiver_url":"x"}"#, "\"x\""),
-            (
-                r#"{"receiver_url":"unix:/s","memory_mode":"Postcopy"}"#,
-                "memory_mode Postcopy",
-            ),
             (r#"{"receiver_url":"unix:/s","vfio_fds":[7]}"#, "vfio_fds [7]"),
             (r#"{"receiver_url":"unix:/s","iommufd_fd":9}"#, "iommufd_fd 9"),
             (

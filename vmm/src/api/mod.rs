@@ -235,6 +235,7 @@ pub fn handle(vmm: &Arc<Vmm>, req: &Request) -> Handled {
         Endpoint::VmReceiveMigration => done(receive_migration(vmm, &req.body)),
         Endpoint::VmMigrationInfo => answer(vmm.migration().info(vmm).map(|v| Response::json(&v))),
         Endpoint::VmCancelMigration => done(vmm.migration().cancel(vmm)),
+        Endpoint::VmStartPostcopy => done(vmm.migration().start_postcopy(vmm)),
         Endpoint::VmCoredump => done(coredump(vmm, &req.body)),
         Endpoint::VmAddDisk => done(devices::add_disk(vmm, &req.body)),
         Endpoint::VmAddDevice => done(devices::add_device(vmm, &req.body)),

@@ -356,6 +356,15 @@ impl Vmm {
         slot.not_busy("vm.resume")?;
         let vm = slot.vm_mut()?;
         match (vm.state(), &vm.machine) {
+            (s @ VmState::Paused, Some(_)) if self.migration.postcopy_paused() => {
+                Err(ApiError::NotWhileRunning {
+                    action: "vm.resume",
+                    state: s,
+                    why: "a postcopy migration lost its link (migration-info says \
+                          postcopy-paused): the VM's pages are split between the source and \
+                          the destination, so neither copy may run alone",
+                })
+            }
             (VmState::Paused, Some(m)) => {
                 events::emit("vm", "resuming", &[]);
                 m.resume();

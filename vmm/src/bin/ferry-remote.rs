@@ -96,6 +96,12 @@ enum Command {
         /// Memory mode: Precopy, MemFDs or Postcopy.
         #[arg(long = "memory-mode", value_name = "MODE")]
         memory_mode: Option<String>,
+        /// Postcopy after N precopy passes (0: at once; implies --memory-mode Postcopy).
+        #[arg(long = "postcopy-after-passes", value_name = "N")]
+        postcopy_after_passes: Option<u32>,
+        /// Take up a postcopy migration whose link broke (migration-info: postcopy-paused).
+        #[arg(long)]
+        resume: bool,
         /// Same-host migration handing guest RAM over as files (cloud-hypervisor's `local`).
         #[arg(long)]
         local: bool,
@@ -127,6 +133,8 @@ enum Command {
     MigrationInfo,
     /// Cancel the running migration.
     CancelMigration,
+    /// Switch the running outgoing migration to postcopy after its current pass.
+    StartPostcopy,
     /// Write the paused VM's memory and registers to an ELF core file.
     Coredump {
         /// file:///path/to/core (absolute path).
@@ -209,6 +217,8 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
             timeout_strategy,
             connections,
             memory_mode,
+            postcopy_after_passes,
+            resume,
             local,
             no_auto_converge,
             switch_over,
@@ -232,6 +242,12 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
             }
             if let Some(v) = memory_mode {
                 b.insert("memory_mode".into(), json!(v));
+            }
+            if let Some(n) = postcopy_after_passes {
+                b.insert("postcopy_after_passes".into(), json!(n));
+            }
+            if *resume {
+                b.insert("resume".into(), json!(true));
             }
             if *local {
                 b.insert("local".into(), json!(true));
@@ -262,6 +278,7 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
         }
         Command::MigrationInfo => ("GET", "vm.migration-info", None),
         Command::CancelMigration => ("PUT", "vm.cancel-migration", None),
+        Command::StartPostcopy => ("PUT", "vm.migrate-start-postcopy", None),
         Command::Coredump { destination_url } => {
             let body = serde_json::to_vec(&json!({ "destination_url": destination_url }))
                 .map_err(|e| e.to_string())?;

@@ -3,11 +3,12 @@
 //! started only once its state has been restored.
 
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use vm_migration::engine::HookResult;
 use vm_migration::protocol::MemoryFd;
-use vm_migration::{DestinationVm, RamRange};
+use vm_migration::{DestinationVm, PostcopyRam, RamRange};
 
 use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
@@ -27,6 +28,8 @@ pub struct MachineDestination {
     pub user_device_sockets: Vec<std::path::PathBuf>,
     /// `resume` builds the machine paused (a snapshot restored without `resume`).
     pub start_paused: bool,
+    /// Guest RAM under userfaultfd while postcopy runs.
+    postcopy: Option<Arc<super::postcopy::UffdRam>>,
 }
 
 impl MachineDestination {
@@ -136,6 +139,40 @@ impl DestinationVm for MachineDestination {
         let state: MachineState =
             serde_json::from_slice(vcpus).map_err(|e| format!("machine state: {e}"))?;
         self.state = Some(state);
+        Ok(())
+    }
+
+    fn supports_postcopy(&self) -> bool {
+        // RAM handed over as files is the source's own: nothing to fetch.
+        self.adopted.is_none() && super::postcopy::available()
+    }
+
+    fn postcopy_ram(&mut self) -> HookResult<Arc<dyn PostcopyRam>> {
+        let ram = Arc::new(super::postcopy::UffdRam::new(self.incoming()?.memory())?);
+        self.postcopy = Some(ram.clone());
+        Ok(ram)
+    }
+
+    fn pause_postcopy(&mut self) -> HookResult<()> {
+        let machine = self
+            .machine
+            .as_ref()
+            .ok_or_else(|| "the VM did not start".to_string())?;
+        machine.pause_for_postcopy();
+        // Its pages that never came must keep their waiters waiting, whatever becomes of
+        // this migration's objects.
+        if let Some(ram) = self.postcopy.take() {
+            super::postcopy::keep_for_good(ram);
+        }
+        Ok(())
+    }
+
+    fn resume_postcopy(&mut self) -> HookResult<()> {
+        let machine = self
+            .machine
+            .as_ref()
+            .ok_or_else(|| "the VM did not start".to_string())?;
+        machine.resume_after_postcopy();
         Ok(())
     }
 

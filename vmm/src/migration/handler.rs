@@ -54,12 +54,7 @@ impl LiveMigration {
     fn check_send(vmm: &Vmm, req: &SendMigration) -> Result<bool, ApiError> {
         const ACTION: &str = "vm.send-migration";
         let local_memory = match req.memory_mode {
-            MemoryMode::Precopy => false,
-            MemoryMode::Postcopy => {
-                return Err(ApiError::BadRequest(
-                    "memory_mode Postcopy is not supported yet".into(),
-                ))
-            }
+            MemoryMode::Precopy | MemoryMode::Postcopy => false,
             MemoryMode::MemFDs => true,
         };
         let machine = vmm.machine(ACTION)?;
@@ -87,6 +82,26 @@ impl LiveMigration {
             std::thread::sleep(EXIT_DELAY);
             vmm.request_exit(0);
         });
+    }
+
+    /// `resume: true` takes up a postcopy migration whose link broke, and nothing else.
+    fn check_resume(&self, req: &SendMigration) -> Result<(), ApiError> {
+        let paused = self
+            .current()
+            .is_some_and(|p| p.status() == vm_migration::MigrationStatus::PostcopyPaused);
+        match (req.resume, paused) {
+            (true, false) => Err(ApiError::BadRequest(
+                "resume=true: no postcopy migration of this VM is paused (migration-info \
+                 says postcopy-paused when one is)"
+                    .into(),
+            )),
+            (false, true) => Err(ApiError::BadRequest(
+                "this VM's postcopy migration lost its link: only resume=true (to the same \
+                 destination) may move it now"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn current(&self) -> Option<MigrationProgress> {
@@ -200,10 +215,16 @@ impl LiveMigration {
                 SwitchOver::Fits => vm_migration::SwitchOver::Fits,
                 SwitchOver::MinDowntime => vm_migration::SwitchOver::MinDowntime,
             },
+            postcopy_after_passes: req.postcopy_after_passes,
             ..SendOptions::new(req.downtime_ms, req.timeout_s, strategy)
         };
         let source = MachineSource::new(machine.clone());
-        let result = send_migration_parallel(&source, stream, extra, &opts, progress);
+        let result = if req.resume {
+            drop(extra);
+            vm_migration::engine::resume_postcopy(&source, stream, &opts, progress)
+        } else {
+            send_migration_parallel(&source, stream, extra, &opts, progress)
+        };
         drop(source);
         drop(machine);
         match result {
@@ -242,6 +263,7 @@ impl LiveMigration {
 impl MigrationHandler for LiveMigration {
     fn prepare_send(&self, vmm: &Arc<Vmm>, req: &SendMigration) -> Result<(), ApiError> {
         Self::check_send(vmm, req)?;
+        self.check_resume(req)?;
         *self.prepared.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.start());
         Ok(())
     }
@@ -252,6 +274,9 @@ impl MigrationHandler for LiveMigration {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+        if prepared.is_none() {
+            self.check_resume(&req)?;
+        }
         let progress = prepared.unwrap_or_else(|| self.start());
         let r = self.send_with(vmm, req, &progress);
         if let Err(e) = &r {
@@ -265,6 +290,8 @@ impl MigrationHandler for LiveMigration {
             let status = match progress.status() {
                 S::Cancelled => S::Cancelled,
                 S::Failed => S::Failed,
+                // The VM moved: saying "failed" would invite resuming this stale copy.
+                S::PostcopyPaused => S::PostcopyPaused,
                 _ if progress.is_cancelled() => S::Cancelled,
                 _ => S::Failed,
             };
@@ -365,6 +392,16 @@ impl MigrationHandler for LiveMigration {
                 );
                 Ok(())
             }
+            Err(e @ ReceiveError::PostcopyPaused { .. }) => {
+                // The VM ran here and its missing pages are still at the source: keep it,
+                // paused, rather than lose the only up-to-date copy of its other pages.
+                log::error!("incoming migration: {e}");
+                if let Some(machine) = dest.machine.take() {
+                    vmm.install(machine.config.clone(), Arc::new(machine));
+                }
+                outcome.failed(&e.to_string());
+                Err(failed(ACTION, e))
+            }
             Err(e) => {
                 // Nothing half-received runs: the built VM (if any) is dropped here. After
                 // a lost confirmation it was running already, and is stopped the same way.
@@ -393,8 +430,39 @@ impl MigrationHandler for LiveMigration {
         Ok(info)
     }
 
-    fn cancel(&self, _vmm: &Arc<Vmm>) -> Result<(), ApiError> {
+    fn start_postcopy(&self, _vmm: &Arc<Vmm>) -> Result<(), ApiError> {
+        use vm_migration::MigrationStatus as S;
         match self.current() {
+            Some(p) if matches!(p.status(), S::Setup | S::Active) => {
+                p.request_postcopy();
+                log::info!("postcopy asked for: switching after the current pass");
+                Ok(())
+            }
+            Some(p) if p.status() == S::PostcopyActive => Ok(()),
+            _ => Err(ApiError::NotFound(
+                "no migration in precopy to switch to postcopy".into(),
+            )),
+        }
+    }
+
+    fn postcopy_paused(&self) -> bool {
+        self.current()
+            .is_some_and(|p| p.status() == vm_migration::MigrationStatus::PostcopyPaused)
+    }
+
+    fn cancel(&self, _vmm: &Arc<Vmm>) -> Result<(), ApiError> {
+        use vm_migration::MigrationStatus as S;
+        match self.current() {
+            // On the destination this ends the wait for the source (the VM stays paused).
+            Some(p) if p.status() == S::PostcopyPaused => {
+                p.cancel();
+                Ok(())
+            }
+            Some(p) if p.status() == S::PostcopyActive => Err(ApiError::BadRequest(
+                "the migration is in postcopy: the VM runs on the destination and misses \
+                     pages only the source has, so it cannot be cancelled"
+                    .into(),
+            )),
             Some(p) if !p.status().is_finished() => {
                 p.cancel();
                 Ok(())

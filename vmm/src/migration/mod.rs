@@ -3,6 +3,7 @@
 
 pub mod destination;
 pub mod handler;
+pub mod postcopy;
 pub mod source;
 pub mod tls;
 pub mod transport;

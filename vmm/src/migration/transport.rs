@@ -477,6 +477,18 @@ impl vm_migration::MigrationStream for Stream {
             Stream::Tcp(_) | Stream::Tls(_) => Vec::new(),
         }
     }
+
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        match self {
+            Stream::Tcp(s) => s.try_clone().map(Stream::Tcp),
+            Stream::Unix(s) => s.try_clone_stream().map(Stream::Unix),
+            // One TLS session's records cannot be read and written from two handles.
+            Stream::Tls(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a TLS connection cannot be shared between a reader and a writer",
+            )),
+        }
+    }
 }
 
 /// Accepts a migration's extra connections on the receiver, each TLS handshake on its

@@ -31,6 +31,7 @@ pub const COMMANDS: &[&str] = &[
     "query-migrate-parameters",
     "query-migrate",
     "migrate_cancel",
+    "migrate-start-postcopy",
     "calc-dirty-rate",
     "query-dirty-rate",
     "set-vcpu-dirty-limit",
@@ -355,6 +356,13 @@ impl Shared {
                 // QEMU answers {} also when nothing runs.
                 let _ = self.vmm.migration().cancel(&self.vmm);
                 json!({})
+            }),
+            "migrate-start-postcopy" => no_args().and_then(|()| {
+                self.vmm
+                    .migration()
+                    .start_postcopy(&self.vmm)
+                    .map(|()| json!({}))
+                    .map_err(api_failure)
             }),
             "calc-dirty-rate" => super::dirty::calc(self, args),
             "query-dirty-rate" => super::dirty::query(self, args),

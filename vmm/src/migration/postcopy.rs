@@ -1,0 +1,473 @@
+//! Postcopy on the destination: guest RAM watched with userfaultfd (MISSING mode), so
+//! that whoever touches a page not here yet waits for it — a vCPU (KVM resolves its own
+//! guest-memory accesses through the same fault path), a device model writing or reading
+//! guest RAM through `devices::guest_ram`, or the kernel copying to or from it for a
+//! system call. Pages arrive with `UFFDIO_COPY`, which places a whole page at once and
+//! wakes its waiters; nobody ever sees a half-written page.
+//!
+//! The descriptor comes from `/dev/userfaultfd` (or the `userfaultfd` system call), never
+//! with `UFFD_USER_MODE_ONLY`: KVM's faults are kernel-mode faults, which that mode
+//! refuses (a vCPU touching such a page fails KVM_RUN instead of waiting).
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_migration::engine::HookResult;
+use vm_migration::PostcopyRam;
+
+use crate::memory::GuestMemoryMmap;
+
+const PAGE: u64 = 4096;
+
+// The userfaultfd UAPI (linux/userfaultfd.h): ioctl numbers for x86-64 and the layouts
+// they take.
+const UFFD_API: u64 = 0xaa;
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xaa00;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// `struct uffd_msg`: 32 bytes, the event first, a page fault's address at byte 16.
+#[repr(C)]
+struct UffdMsg {
+    event: u8,
+    _reserved: [u8; 7],
+    flags: u64,
+    address: u64,
+    _rest: u64,
+}
+
+/// Why postcopy cannot watch guest RAM here.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    #[error("no userfaultfd: /dev/userfaultfd: {dev}; userfaultfd(2): {syscall}")]
+    Unavailable { dev: io::Error, syscall: io::Error },
+    #[error("userfaultfd {op} failed: {source}")]
+    Ioctl {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("guest range {gpa:#x}+{len:#x} is not RAM")]
+    NotRam { gpa: u64, len: u64 },
+}
+
+impl From<UffdError> for String {
+    fn from(e: UffdError) -> String {
+        e.to_string()
+    }
+}
+
+/// A new userfaultfd (non-blocking, close-on-exec) that also catches the kernel's faults.
+fn open_uffd() -> Result<OwnedFd, UffdError> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    let dev = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+    {
+        Ok(dev) => {
+            // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value and returns a new fd.
+            let fd = unsafe {
+                libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags as libc::c_ulong)
+            };
+            if fd >= 0 {
+                // SAFETY: a descriptor the kernel just created for us alone.
+                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+            io::Error::last_os_error()
+        }
+        Err(e) => e,
+    };
+    // SAFETY: userfaultfd takes its flags by value and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags as libc::c_long) };
+    if fd >= 0 {
+        // SAFETY: as above.
+        return Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    }
+    Err(UffdError::Unavailable {
+        dev,
+        syscall: io::Error::last_os_error(),
+    })
+}
+
+/// Watched RAM of VMs whose postcopy broke off: kept open for the life of the process.
+/// Closing a userfaultfd wakes whoever waits on it into an ordinary fault, which on
+/// anonymous memory maps a zero page: the guest would go on with zeros where its data
+/// should be. Kept, the waiters wait (the VM stays paused) until the process ends.
+static KEPT: std::sync::Mutex<Vec<std::sync::Arc<UffdRam>>> = std::sync::Mutex::new(Vec::new());
+
+/// Keeps `ram` watched until the process ends (see [`KEPT`]).
+pub fn keep_for_good(ram: std::sync::Arc<UffdRam>) {
+    KEPT.lock().unwrap_or_else(|p| p.into_inner()).push(ram);
+}
+
+/// Whether this host lets postcopy watch guest RAM (a userfaultfd can be made).
+pub fn available() -> bool {
+    match open_uffd() {
+        Ok(_) => true,
+        Err(e) => {
+            log::info!("postcopy unavailable: {e}");
+            false
+        }
+    }
+}
+
+/// One guest RAM region as the fault handler sees it.
+struct Region {
+    gpa: u64,
+    len: u64,
+    host: u64,
+    /// Backed by a file (shared memory): dropping pages punches holes in it.
+    shared: bool,
+}
+
+/// Guest RAM under userfaultfd for postcopy (see the module comment).
+pub struct UffdRam {
+    uffd: OwnedFd,
+    regions: Vec<Region>,
+    armed: AtomicBool,
+    /// Keeps the mappings `regions` points into alive.
+    _mem: GuestMemoryMmap,
+}
+
+impl UffdRam {
+    pub fn new(mem: &GuestMemoryMmap) -> Result<UffdRam, UffdError> {
+        let uffd = open_uffd()?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: 0,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API reads and writes the struct it is given, which lives here.
+        let rc = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) };
+        if rc != 0 {
+            return Err(UffdError::Ioctl {
+                op: "UFFDIO_API",
+                source: io::Error::last_os_error(),
+            });
+        }
+        let regions = mem
+            .iter()
+            .map(|r| Region {
+                gpa: r.start_addr().0,
+                len: r.len(),
+                host: r.as_ptr() as u64,
+                shared: r.file_offset().is_some(),
+            })
+            .collect();
+        Ok(UffdRam {
+            uffd,
+            regions,
+            armed: AtomicBool::new(false),
+            _mem: mem.clone(),
+        })
+    }
+
+    /// The host address of `pages` pages at `gpa`, all inside one region.
+    fn host(&self, gpa: u64, pages: u64) -> Result<(u64, &Region), UffdError> {
+        let len = pages.saturating_mul(PAGE);
+        self.regions
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa.saturating_add(len) <= r.gpa + r.len)
+            .map(|r| (r.host + (gpa - r.gpa), r))
+            .ok_or(UffdError::NotRam { gpa, len })
+    }
+
+    fn gpa_of(&self, host: u64) -> Option<u64> {
+        self.regions
+            .iter()
+            .find(|r| host >= r.host && host < r.host + r.len)
+            .map(|r| r.gpa + (host - r.host))
+    }
+
+    fn range_ioctl(
+        &self,
+        op: &'static str,
+        nr: libc::c_ulong,
+        start: u64,
+        len: u64,
+    ) -> Result<(), UffdError> {
+        let mut range = UffdioRange { start, len };
+        // SAFETY: these ioctls read a range (of our own mapping) from the struct given.
+        let rc = unsafe { libc::ioctl(self.uffd.as_raw_fd(), nr, &mut range) };
+        if rc != 0 {
+            return Err(UffdError::Ioctl {
+                op,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl PostcopyRam for UffdRam {
+    fn discard(&self, gpa: u64, pages: u64) -> HookResult<()> {
+        let (host, region) = self.host(gpa, pages)?;
+        // Shared memory keeps its pages in the file: punch them out of it (MADV_REMOVE),
+        // or the next touch would find the old data there and never fault.
+        let advice = if region.shared {
+            libc::MADV_REMOVE
+        } else {
+            libc::MADV_DONTNEED
+        };
+        // SAFETY: a page range inside guest RAM, which the VM does not run on yet; the
+        // pages read as zeros (and fault under userfaultfd) afterwards.
+        let rc =
+            unsafe { libc::madvise(host as *mut libc::c_void, (pages * PAGE) as usize, advice) };
+        if rc != 0 {
+            return Err(format!(
+                "dropping {pages} pages at {gpa:#x}: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+
+    fn arm(&self) -> HookResult<()> {
+        for r in &self.regions {
+            let mut reg = UffdioRegister {
+                range: UffdioRange {
+                    start: r.host,
+                    len: r.len,
+                },
+                mode: UFFDIO_REGISTER_MODE_MISSING,
+                ioctls: 0,
+            };
+            // SAFETY: registers our own guest RAM mapping; the struct lives here.
+            let rc = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) };
+            if rc != 0 {
+                return Err(UffdError::Ioctl {
+                    op: "UFFDIO_REGISTER",
+                    source: io::Error::last_os_error(),
+                }
+                .into());
+            }
+        }
+        self.armed.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn next_fault(&self, timeout: Duration) -> HookResult<Option<u64>> {
+        let mut pfd = libc::pollfd {
+            fd: self.uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one pollfd that lives here.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(format!("waiting for guest page faults: {e}"))
+            };
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        let mut msg = std::mem::MaybeUninit::<UffdMsg>::zeroed();
+        // SAFETY: reads at most one `uffd_msg` (32 bytes) into memory of that size.
+        let got = unsafe {
+            libc::read(
+                self.uffd.as_raw_fd(),
+                msg.as_mut_ptr().cast(),
+                std::mem::size_of::<UffdMsg>(),
+            )
+        };
+        if got < 0 {
+            let e = io::Error::last_os_error();
+            // Another reader took it, or the fault went away: nothing to do.
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(None)
+            } else {
+                Err(format!("reading a guest page fault: {e}"))
+            };
+        }
+        if got as usize != std::mem::size_of::<UffdMsg>() {
+            return Err(format!("short userfaultfd message: {got} bytes"));
+        }
+        // SAFETY: the kernel filled the whole message (checked above); zeroed before.
+        let msg = unsafe { msg.assume_init() };
+        if msg.event != UFFD_EVENT_PAGEFAULT {
+            return Ok(None);
+        }
+        let _ = msg.flags;
+        match self.gpa_of(msg.address) {
+            Some(gpa) => Ok(Some(gpa & !(PAGE - 1))),
+            None => Err(format!(
+                "a page fault at host address {:#x}, outside guest RAM",
+                msg.address
+            )),
+        }
+    }
+
+    fn place(&self, gpa: u64, data: &[u8]) -> HookResult<()> {
+        let pages = data.len() as u64 / PAGE;
+        let (host, _) = self.host(gpa, pages)?;
+        if !self.armed.load(Ordering::SeqCst) {
+            return Err("postcopy: pages placed before guest RAM was watched".into());
+        }
+        // Page by page: a page already there (EEXIST) must not stop the rest.
+        for (i, page) in data.chunks_exact(PAGE as usize).enumerate() {
+            let dst = host + i as u64 * PAGE;
+            let mut copy = UffdioCopy {
+                dst,
+                src: page.as_ptr() as u64,
+                len: PAGE,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: copies one page from `page` (ours, 4 KiB) into a registered page of
+            // guest RAM, atomically, and wakes its waiters.
+            let rc = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_COPY, &mut copy) };
+            if rc != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EEXIST) {
+                    return Err(format!(
+                        "placing the page at {:#x}: {e}",
+                        gpa + i as u64 * PAGE
+                    ));
+                }
+                self.range_ioctl("UFFDIO_WAKE", UFFDIO_WAKE, dst, PAGE)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn place_zero(&self, gpa: u64, pages: u64) -> HookResult<()> {
+        let (host, _) = self.host(gpa, pages)?;
+        for i in 0..pages {
+            let dst = host + i * PAGE;
+            let mut z = UffdioZeropage {
+                range: UffdioRange {
+                    start: dst,
+                    len: PAGE,
+                },
+                mode: 0,
+                zeropage: 0,
+            };
+            // SAFETY: maps the zero page at one registered page of guest RAM and wakes
+            // its waiters; the struct lives here.
+            let rc = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z) };
+            if rc != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EEXIST) {
+                    return Err(format!("placing a zero page at {:#x}: {e}", gpa + i * PAGE));
+                }
+                self.range_ioctl("UFFDIO_WAKE", UFFDIO_WAKE, dst, PAGE)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn disarm(&self) -> HookResult<()> {
+        if !self.armed.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        for r in &self.regions {
+            self.range_ioctl("UFFDIO_UNREGISTER", UFFDIO_UNREGISTER, r.host, r.len)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// A thread reading guest RAM through the VMM's own accessor (as a device model's DMA
+    /// does) waits for a page that is not there yet, and reads it once it is placed.
+    #[test]
+    fn a_vmm_read_of_a_missing_page_waits_until_it_is_placed() {
+        if !available() {
+            eprintln!("skipped: no userfaultfd on this host");
+            return;
+        }
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * PAGE as usize)]).unwrap();
+        mem.write_slice(&[7u8; 4096], GuestAddress(3 * PAGE))
+            .unwrap();
+        let ram = UffdRam::new(&mem).unwrap();
+        ram.discard(3 * PAGE, 1).unwrap();
+        ram.arm().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let m = mem.clone();
+        let reader = std::thread::spawn(move || {
+            let mut b = [0u8; 16];
+            m.read_slice(&mut b, GuestAddress(3 * PAGE + 8)).unwrap();
+            tx.send(b).unwrap();
+        });
+        let gpa = ram
+            .next_fault(Duration::from_secs(5))
+            .unwrap()
+            .expect("no fault reported within 5 s");
+        assert_eq!(gpa, 3 * PAGE);
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "the read went on before its page was placed"
+        );
+        ram.place(3 * PAGE, &[9u8; 4096]).unwrap();
+        let b = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the read never went on");
+        assert_eq!(b, [9u8; 16]);
+        reader.join().unwrap();
+        // A page placed twice stays as first placed; the zero placement of a present page
+        // is no error either.
+        ram.place(3 * PAGE, &[1u8; 4096]).unwrap();
+        ram.place_zero(3 * PAGE, 1).unwrap();
+        let mut b = [0u8; 4];
+        mem.read_slice(&mut b, GuestAddress(3 * PAGE)).unwrap();
+        assert_eq!(b, [9u8; 4]);
+        ram.disarm().unwrap();
+    }
+}
