@@ -161,15 +161,48 @@ fn serial_len(serial: &Path) -> usize {
     std::fs::metadata(serial).map_or(0, |m| m.len() as usize)
 }
 
+/// Two namespace hosts joined at `mbit` Mbit/s, a fresh directory `name` with the guest's
+/// serial log, and a destination on B already receiving.
+fn setup(
+    tag: u8,
+    name: &str,
+    mbit: u32,
+) -> (
+    TwoHosts,
+    PathBuf,
+    PathBuf,
+    Host,
+    std::thread::JoinHandle<Reply>,
+) {
+    let hosts = TwoHosts::new(tag);
+    hosts.limit_rate(mbit);
+    let dir = tmpdir(name);
+    let serial = dir.join("serial.log");
+    let (dest, receiving) = receiver(&hosts.b, &dir);
+    (hosts, dir, serial, dest, receiving)
+}
+
+/// The guest on B asked for pages: postcopy was used.
+fn asked_for_pages(info: &Value) {
+    assert!(
+        info["ram"]["postcopy-requests"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "the guest on B asked for no page: was postcopy used? {info}"
+    );
+}
+
+/// Every line from here on is B's: each vCPU checks its whole share twice.
+fn goes_on_at_b(serial: &Path) {
+    let moved_at = serial_len(serial);
+    common::verified_twice_more(serial, moved_at, 2, Duration::from_secs(60));
+}
+
 /// The guest never converges over a 200 Mbit/s link; after two passes it moves with
 /// postcopy, asks for pages it touches, and goes on on B checking every page twice.
 #[test]
 fn a_guest_that_never_converges_moves_with_postcopy_and_loses_nothing() {
-    let hosts = TwoHosts::new(60);
-    hosts.limit_rate(200);
-    let dir = tmpdir("moves");
-    let serial = dir.join("serial.log");
-    let (dest, receiving) = receiver(&hosts.b, &dir);
+    let (hosts, dir, serial, dest, receiving) = setup(60, "moves", 200);
     let mut src = source(&hosts.a, &dir, &serial, &[]);
     common::wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(60));
     let started = Instant::now();
@@ -183,16 +216,9 @@ fn a_guest_that_never_converges_moves_with_postcopy_and_loses_nothing() {
     let info = dest.get("vm.migration-info");
     eprintln!("postcopy migration in {took:?}: {info}");
     assert_eq!(info["status"], "completed", "{info}");
-    assert!(
-        info["ram"]["postcopy-requests"]
-            .as_u64()
-            .is_some_and(|n| n > 0),
-        "the guest on B asked for no page: was postcopy used? {info}"
-    );
+    asked_for_pages(&info);
     assert_eq!(dest.get("vm.info")["state"], "Running");
-    // Every line from here on is B's: each vCPU checks its whole share twice.
-    let moved_at = serial_len(&serial);
-    common::verified_twice_more(&serial, moved_at, 2, Duration::from_secs(60));
+    goes_on_at_b(&serial);
     drop(dest);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -201,11 +227,7 @@ fn a_guest_that_never_converges_moves_with_postcopy_and_loses_nothing() {
 /// nor sent: B keeps the stale copy, and the guest must catch it.
 #[test]
 fn a_stale_page_left_on_the_destination_is_caught_by_the_guest() {
-    let hosts = TwoHosts::new(61);
-    hosts.limit_rate(200);
-    let dir = tmpdir("stale");
-    let serial = dir.join("serial.log");
-    let (dest, receiving) = receiver(&hosts.b, &dir);
+    let (hosts, dir, serial, dest, receiving) = setup(61, "stale", 200);
     let src = source(
         &hosts.a,
         &dir,
@@ -230,12 +252,8 @@ fn a_stale_page_left_on_the_destination_is_caught_by_the_guest() {
 /// on B with nothing lost.
 #[test]
 fn a_link_cut_during_postcopy_pauses_both_sides_until_the_migration_is_resumed() {
-    let hosts = TwoHosts::new(62);
     // Slow enough that the postcopy stream of ~64 MiB takes many seconds.
-    hosts.limit_rate(40);
-    let dir = tmpdir("cut");
-    let serial = dir.join("serial.log");
-    let (dest, receiving) = receiver(&hosts.b, &dir);
+    let (hosts, dir, serial, dest, receiving) = setup(62, "cut", 40);
     let mut src = source(&hosts.a, &dir, &serial, &[]);
     common::wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(60));
     let sending = send_postcopy(&src, &hosts.addr_b);
@@ -319,8 +337,7 @@ fn a_link_cut_during_postcopy_pauses_both_sides_until_the_migration_is_resumed()
     eprintln!("after the resume: {info}");
     assert_eq!(info["status"], "completed", "{info}");
     assert_eq!(dest.get("vm.info")["state"], "Running");
-    let moved_at = serial_len(&serial);
-    common::verified_twice_more(&serial, moved_at, 2, Duration::from_secs(60));
+    goes_on_at_b(&serial);
     drop(dest);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -329,11 +346,7 @@ fn a_link_cut_during_postcopy_pauses_both_sides_until_the_migration_is_resumed()
 /// (`vm.migrate-start-postcopy`, QMP's `migrate-start-postcopy`).
 #[test]
 fn a_precopy_migration_switches_to_postcopy_when_asked() {
-    let hosts = TwoHosts::new(63);
-    hosts.limit_rate(200);
-    let dir = tmpdir("asked");
-    let serial = dir.join("serial.log");
-    let (dest, receiving) = receiver(&hosts.b, &dir);
+    let (hosts, dir, serial, dest, receiving) = setup(63, "asked", 200);
     let mut src = source(&hosts.a, &dir, &serial, &[]);
     common::wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(60));
     let api = Client::new(src.api.path(), Some(Duration::from_secs(300)));
@@ -370,14 +383,8 @@ fn a_precopy_migration_switches_to_postcopy_when_asked() {
     assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
     let info = dest.get("vm.migration-info");
     assert_eq!(info["status"], "completed", "{info}");
-    assert!(
-        info["ram"]["postcopy-requests"]
-            .as_u64()
-            .is_some_and(|n| n > 0),
-        "no page was asked for: was postcopy used? {info}"
-    );
-    let moved_at = serial_len(&serial);
-    common::verified_twice_more(&serial, moved_at, 2, Duration::from_secs(60));
+    asked_for_pages(&info);
+    goes_on_at_b(&serial);
     // Nothing to switch any more.
     let r = dest.api.put("vm.migrate-start-postcopy", None).unwrap();
     assert_eq!(r.status, 404, "{}", r.error_message());
@@ -389,11 +396,7 @@ fn a_precopy_migration_switches_to_postcopy_when_asked() {
 /// stack included), every page fetched on demand or streamed exactly once.
 #[test]
 fn a_guest_moves_with_postcopy_from_the_start() {
-    let hosts = TwoHosts::new(64);
-    hosts.limit_rate(200);
-    let dir = tmpdir("start");
-    let serial = dir.join("serial.log");
-    let (dest, receiving) = receiver(&hosts.b, &dir);
+    let (hosts, dir, serial, dest, receiving) = setup(64, "start", 200);
     let mut src = source(&hosts.a, &dir, &serial, &[]);
     common::wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(60));
     let sending = send_postcopy_after(&src, &hosts.addr_b, 0);
@@ -410,14 +413,8 @@ fn a_guest_moves_with_postcopy_from_the_start() {
         Some(0),
         "{info}"
     );
-    assert!(
-        info["ram"]["postcopy-requests"]
-            .as_u64()
-            .is_some_and(|n| n > 0),
-        "{info}"
-    );
-    let moved_at = serial_len(&serial);
-    common::verified_twice_more(&serial, moved_at, 2, Duration::from_secs(60));
+    asked_for_pages(&info);
+    goes_on_at_b(&serial);
     drop(dest);
     let _ = std::fs::remove_dir_all(&dir);
 }
