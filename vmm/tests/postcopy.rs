@@ -8,27 +8,23 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::dma_hosts::Host;
 use common::netns::TwoHosts;
-use common::Ferry;
 use serde_json::{json, Value};
 use vmm::api::client::{Client, Reply};
 
 const PORT: u16 = 7000;
 
-struct Host {
-    ferry: Option<Ferry>,
-    api: Client,
+/// What these tests ask of a host beyond the shared [`Host`].
+trait HostExt {
+    fn get(&self, endpoint: &str) -> Value;
+    fn migration_status(&self) -> String;
+    fn wait_status(&self, status: &str, timeout: Duration) -> Value;
+    /// Waits for the process to end and asserts it ended with 0, its output in the message.
+    fn exits_cleanly(&mut self, timeout: Duration);
 }
 
-impl Host {
-    fn start(netns: &str, dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Host {
-        let (ferry, api) = common::spawn_with_api_env(Some(netns), dir, name, args, env);
-        Host {
-            ferry: Some(ferry),
-            api,
-        }
-    }
-
+impl HostExt for Host {
     fn get(&self, endpoint: &str) -> Value {
         let r = self
             .api
@@ -60,22 +56,9 @@ impl Host {
         }
     }
 
-    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let f = self.ferry.take().unwrap();
-        let (code, out) = f.wait(timeout);
-        eprintln!("--- ferry output\n{out}");
-        code
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        if let Some(f) = self.ferry.take() {
-            let (_, out) = f.wait(Duration::ZERO);
-            if std::thread::panicking() {
-                eprintln!("--- {}\n{out}", self.api.path().display());
-            }
-        }
+    fn exits_cleanly(&mut self, timeout: Duration) {
+        let (code, out) = self.wait_exit(timeout);
+        assert_eq!(code, Some(0), "--- ferry output\n{out}");
     }
 }
 
@@ -212,7 +195,7 @@ fn a_guest_that_never_converges_moves_with_postcopy_and_loses_nothing() {
     let took = started.elapsed();
     let rr = join_within(receiving, Duration::from_secs(30), "receive-migration");
     assert_eq!(rr.status, 204, "receive-migration: {}", rr.error_message());
-    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    src.exits_cleanly(Duration::from_secs(10));
     let info = dest.get("vm.migration-info");
     eprintln!("postcopy migration in {took:?}: {info}");
     assert_eq!(info["status"], "completed", "{info}");
@@ -332,7 +315,7 @@ fn a_link_cut_during_postcopy_pauses_both_sides_until_the_migration_is_resumed()
     assert_eq!(r.status, 204, "resume: {}", r.error_message());
     let rr = join_within(receiving, Duration::from_secs(60), "receive-migration");
     assert_eq!(rr.status, 204, "receive-migration: {}", rr.error_message());
-    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    src.exits_cleanly(Duration::from_secs(10));
     let info = dest.get("vm.migration-info");
     eprintln!("after the resume: {info}");
     assert_eq!(info["status"], "completed", "{info}");
@@ -380,7 +363,7 @@ fn a_precopy_migration_switches_to_postcopy_when_asked() {
     assert_eq!(r.status, 204, "send-migration: {}", r.error_message());
     let rr = join_within(receiving, Duration::from_secs(30), "receive-migration");
     assert_eq!(rr.status, 204, "receive-migration: {}", rr.error_message());
-    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    src.exits_cleanly(Duration::from_secs(10));
     let info = dest.get("vm.migration-info");
     assert_eq!(info["status"], "completed", "{info}");
     asked_for_pages(&info);
@@ -404,7 +387,7 @@ fn a_guest_moves_with_postcopy_from_the_start() {
     assert_eq!(r.status, 204, "send-migration: {}", r.error_message());
     let rr = join_within(receiving, Duration::from_secs(30), "receive-migration");
     assert_eq!(rr.status, 204, "receive-migration: {}", rr.error_message());
-    assert_eq!(src.wait_exit(Duration::from_secs(10)), Some(0));
+    src.exits_cleanly(Duration::from_secs(10));
     let info = dest.get("vm.migration-info");
     eprintln!("postcopy from the start: {info}");
     assert_eq!(info["status"], "completed", "{info}");
