@@ -60,6 +60,16 @@ enum FromDestination {
 }
 
 impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
+    /// A second handle on the main connection, from which the destination's page
+    /// requests are read while this one streams pages.
+    fn request_reader(&self) -> Result<S, SendError> {
+        self.conn
+            .get_ref()
+            .get_ref()
+            .try_clone_stream()
+            .map_err(SendError::Stream)
+    }
+
     /// Whether to switch to postcopy after `iteration` passes.
     pub(super) fn postcopy_due(&mut self, iteration: u32) -> Result<bool, SendError> {
         let due = self.progress.postcopy_requested()
@@ -85,12 +95,7 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
     ) -> Result<(), SendError> {
         // The reader of requests needs its own handle; without one, stay in precopy terms
         // (nothing has happened yet).
-        let reader = self
-            .conn
-            .get_ref()
-            .get_ref()
-            .try_clone_stream()
-            .map_err(SendError::Stream)?;
+        let reader = self.request_reader()?;
         self.progress.set_status(MigrationStatus::Device);
         let paused_at = Instant::now();
         hook("pause", self.vm.pause())?;
@@ -801,21 +806,11 @@ pub fn resume_postcopy<V: SourceVm + Sync + ?Sized, S: MigrationStream>(
             return Err(e);
         }
     };
+    // Plain chunks (no peer features): the new connection has no `Hello` to say more.
     let mut sender = Sender {
-        vm,
-        opts,
-        progress,
-        conn: MessageReader::new(watched),
-        main: super::source::LaneBuf::new(),
-        lanes: Vec::new(),
-        started: Instant::now(),
-        dirty_log_on: false,
         paused: true,
-        page_rate: None,
-        throttle: 0,
-        // Plain chunks: the new connection has no `Hello` to say more.
-        peer_features: 0,
         postcopy_started: true,
+        ..Sender::new(vm, opts, progress, watched, Vec::new())
     };
     match sender.recover() {
         Ok(()) => {
@@ -829,12 +824,7 @@ pub fn resume_postcopy<V: SourceVm + Sync + ?Sized, S: MigrationStream>(
 impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
     fn recover(&mut self) -> Result<(), SendError> {
         self.progress.set_status(MigrationStatus::PostcopyActive);
-        let reader = self
-            .conn
-            .get_ref()
-            .get_ref()
-            .try_clone_stream()
-            .map_err(SendError::Stream)?;
+        let reader = self.request_reader()?;
         self.send(&Message::PostcopyResume)?;
         self.flush()?;
         let ram = self.vm.ram_layout();

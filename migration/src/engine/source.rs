@@ -688,21 +688,7 @@ pub fn send_migration_parallel<V: SourceVm + Sync + ?Sized, S: MigrationStream>(
             Err(e) => return fail_early(SendError::Stream(e)),
         }
     }
-    let mut sender = Sender {
-        vm,
-        opts,
-        progress,
-        conn: MessageReader::new(watched),
-        main: LaneBuf::new(),
-        lanes,
-        started: Instant::now(),
-        dirty_log_on: false,
-        paused: false,
-        page_rate: None,
-        throttle: 0,
-        peer_features: 0,
-        postcopy_started: false,
-    };
+    let mut sender = Sender::new(vm, opts, progress, watched, lanes);
     match sender.run() {
         Ok(()) => {
             vm.stop_dirty_log();
@@ -713,7 +699,33 @@ pub fn send_migration_parallel<V: SourceVm + Sync + ?Sized, S: MigrationStream>(
     }
 }
 
-impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
+impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
+    /// A sender at the start of a migration over `conn` (and `lanes`): nothing sent, the
+    /// VM running, no peer features known yet.
+    pub(super) fn new(
+        vm: &'a V,
+        opts: &'a SendOptions,
+        progress: &'a MigrationProgress,
+        conn: Watched<S>,
+        lanes: Vec<Lane<S>>,
+    ) -> Self {
+        Sender {
+            vm,
+            opts,
+            progress,
+            conn: MessageReader::new(conn),
+            main: LaneBuf::new(),
+            lanes,
+            started: Instant::now(),
+            dirty_log_on: false,
+            paused: false,
+            page_rate: None,
+            throttle: 0,
+            peer_features: 0,
+            postcopy_started: false,
+        }
+    }
+
     fn run(&mut self) -> Result<(), SendError> {
         self.progress.set_status(MigrationStatus::Setup);
         let ram = self.vm.ram_layout();
