@@ -18,6 +18,9 @@ use super::tls::{CancelCheck, ClientTls, ServerTls, TlsError, TlsStream};
 /// (TCP_USER_TIMEOUT), and how long a blocking read may wait for the peer.
 pub const PEER_SILENCE_LIMIT: Duration = Duration::from_secs(6);
 
+/// How often a wait for the source's connection checks whether to give up.
+const ACCEPT_CHECK_EVERY: Duration = Duration::from_millis(50);
+
 /// A migration endpoint address, in cloud-hypervisor's syntax.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum MigrationUrl {
@@ -388,7 +391,9 @@ impl Listener {
         Ok(s)
     }
 
-    /// Waits for a connection until `stop` says to give up (checked every 50 ms).
+    /// Waits for a connection until `stop` says to give up (checked every 50 ms). The
+    /// wait is a `poll` on the listener, so a connection is taken the moment it arrives
+    /// (a nap between tries added up to 50 ms to every migration's total time).
     pub fn accept_until(&self, stop: impl Fn() -> bool) -> io::Result<Stream> {
         self.set_nonblocking(true)?;
         loop {
@@ -416,11 +421,34 @@ impl Listener {
                             "cancelled while waiting for the source",
                         ));
                     }
-                    std::thread::sleep(Duration::from_millis(50));
+                    self.wait_readable(ACCEPT_CHECK_EVERY)?;
                 }
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Returns once a connection waits to be accepted or `limit` passed.
+    fn wait_readable(&self, limit: Duration) -> io::Result<()> {
+        let fd = match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one valid pollfd for the call's duration, on a listener this
+        // `self` keeps open.
+        let n = unsafe { libc::poll(&mut pfd, 1, limit.as_millis() as libc::c_int) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     fn set_nonblocking(&self, on: bool) -> io::Result<()> {
