@@ -117,7 +117,11 @@ impl DirtyRing {
                 std::ptr::null_mut(),
                 bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
+                // Populated now: the final collection reads every entry's flags while the
+                // guest is paused, and a first touch of each of the ring's pages there
+                // (an exit to the outer hypervisor on this host) cost ~0.5 ms of
+                // downtime per vCPU with 65536 entries.
+                libc::MAP_SHARED | libc::MAP_POPULATE,
                 vcpu_fd,
                 page * KVM_DIRTY_LOG_PAGE_OFFSET as libc::off_t,
             )
