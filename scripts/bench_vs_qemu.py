@@ -600,8 +600,11 @@ def run_ferry(w, mode, d, port, rec):
                  if mode == "ferry-postcopy" else [])
         if mode.endswith("-fits"):
             extra = ["--switch-over", "Fits"]
+        # Ferry throttles a guest that does not converge unless told not to; QEMU's
+        # auto-converge is off unless asked for: neither throttles here.
         send = Proc([REMOTE, "--api-socket", ssock, "send-migration", f"tcp:{host}:{port}",
-                     "--downtime-ms", str(DOWNTIME_MS)] + extra, f"{d}/send.out")
+                     "--downtime-ms", str(DOWNTIME_MS), "--no-auto-converge"] + extra,
+                    f"{d}/send.out")
         helpers.append(send)
         end = t0 + MIGRATION_TIMEOUT_S
         while send.alive() or recv.alive():
@@ -920,7 +923,7 @@ QEMU ring → QEMU bitmap → Ferry loopback → Ferry netns. QEMU: `-accel kvm,
 `-device isa-debug-exit`, `-name vsq,debug-threads=on` (thread names only), QMP on a UNIX socket: `migrate-set-parameters` downtime-limit
 {DOWNTIME_MS} ms and max-bandwidth {MAX_BANDWIDTH // 10**9} GB/s, `migrate` to
 `tcp:127.0.0.1`, `query-migrate` every 20 ms until completed; destination started with
-`-incoming tcp:127.0.0.1:PORT`. Ferry: `send-migration --downtime-ms {DOWNTIME_MS}` through
+`-incoming tcp:127.0.0.1:PORT`. Ferry: `send-migration --downtime-ms {DOWNTIME_MS} --no-auto-converge` through
 its REST API (`ferry-remote`), default dirty rings (65536 entries), over TCP on loopback and
 between two network namespaces joined by a veth pair. The migration starts
 {SETTLE_S:g} s after the guest's first progress line (`pass`/`verified` of every vCPU; `ready`
