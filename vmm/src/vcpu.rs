@@ -441,15 +441,14 @@ impl VcpuControl {
     }
 }
 
-/// Starts the thread of one vCPU.
-/// What a vCPU thread runs once started.
-struct Start {
-    vcpu: Vcpu,
-    bus: Arc<PioBus>,
-    mmio: Arc<MmioBus>,
-    control: Arc<VcpuControl>,
-    counters: Arc<ExitCounters>,
-    events: Sender<VmEvent>,
+/// What a vCPU thread runs once started (see [`VcpuThread::start`]).
+pub struct VcpuStart {
+    pub vcpu: Vcpu,
+    pub bus: Arc<PioBus>,
+    pub mmio: Arc<MmioBus>,
+    pub control: Arc<VcpuControl>,
+    pub counters: Arc<ExitCounters>,
+    pub events: Sender<VmEvent>,
 }
 
 /// A vCPU thread made ahead of its start, its seccomp filter installed: an incoming VM
@@ -458,7 +457,7 @@ struct Start {
 /// unstarted, the thread ends.
 pub struct VcpuThread {
     index: u32,
-    start: std::sync::mpsc::SyncSender<Start>,
+    start: std::sync::mpsc::SyncSender<VcpuStart>,
     /// In a mutex so that an incoming VM holding threads is `Sync` (it is only used by
     /// `start`, which owns the thread).
     ready: Mutex<std::sync::mpsc::Receiver<()>>,
@@ -468,13 +467,13 @@ pub struct VcpuThread {
 impl VcpuThread {
     /// Creates the thread for vCPU `index`; it waits for [`VcpuThread::start`].
     pub fn new(index: u32) -> std::io::Result<VcpuThread> {
-        let (start_tx, start_rx) = std::sync::mpsc::sync_channel::<Start>(1);
+        let (start_tx, start_rx) = std::sync::mpsc::sync_channel::<VcpuStart>(1);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 ferry_seccomp::install_or_exit(ferry_seccomp::ThreadKind::Vcpu);
-                let Ok(Start {
+                let Ok(VcpuStart {
                     mut vcpu,
                     bus,
                     mmio,
@@ -514,30 +513,14 @@ impl VcpuThread {
     }
 
     /// Hands the thread its vCPU; returns once the thread can be kicked.
-    pub fn start(
-        self,
-        vcpu: Vcpu,
-        bus: Arc<PioBus>,
-        mmio: Arc<MmioBus>,
-        control: Arc<VcpuControl>,
-        counters: Arc<ExitCounters>,
-        events: Sender<VmEvent>,
-    ) -> std::io::Result<JoinHandle<()>> {
-        if vcpu.index() != self.index {
+    pub fn start(self, start: VcpuStart) -> std::io::Result<JoinHandle<()>> {
+        if start.vcpu.index() != self.index {
             return Err(std::io::Error::other(format!(
                 "vCPU {} handed to the thread made for vCPU {}",
-                vcpu.index(),
+                start.vcpu.index(),
                 self.index
             )));
         }
-        let start = Start {
-            vcpu,
-            bus,
-            mmio,
-            control,
-            counters,
-            events,
-        };
         let gone = || std::io::Error::other(format!("the thread of vCPU {} ended", self.index));
         self.start.send(start).map_err(|_| gone())?;
         // The thread registers itself for kicks before anyone may pause it.

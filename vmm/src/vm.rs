@@ -558,14 +558,14 @@ impl Machine {
         let mut threads = Vec::new();
         for (v, t) in p.vcpus.into_iter().zip(p.vcpu_threads) {
             threads.push(
-                t.start(
-                    v,
-                    bus.clone(),
-                    mmio.clone(),
-                    control.clone(),
-                    exit_counters.clone(),
-                    tx.clone(),
-                )
+                t.start(vcpu::VcpuStart {
+                    vcpu: v,
+                    bus: bus.clone(),
+                    mmio: mmio.clone(),
+                    control: control.clone(),
+                    counters: exit_counters.clone(),
+                    events: tx.clone(),
+                })
                 .map_err(|source| VmError::Io {
                     what: "spawning a vCPU thread",
                     source,

@@ -448,16 +448,24 @@ mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
 
-    /// A thread reading guest RAM through the VMM's own accessor (as a device model's DMA
-    /// does) waits for a page that is not there yet, and reads it once it is placed.
-    #[test]
-    fn a_run_is_placed_whole_around_pages_already_there() {
+    /// 16 pages of guest RAM and their `UffdRam`; `None` (the test skips) on a host
+    /// without userfaultfd.
+    fn watched_ram() -> Option<(GuestMemoryMmap, UffdRam)> {
         if !available() {
             eprintln!("skipped: no userfaultfd on this host");
-            return;
+            return None;
         }
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * PAGE as usize)]).unwrap();
         let ram = UffdRam::new(&mem).unwrap();
+        Some((mem, ram))
+    }
+
+    /// One `UFFDIO_COPY` per run: pages already there are skipped, the rest placed.
+    #[test]
+    fn a_run_is_placed_whole_around_pages_already_there() {
+        let Some((mem, ram)) = watched_ram() else {
+            return;
+        };
         ram.discard(0, 16).unwrap();
         ram.arm().unwrap();
         // Pages 2 and 5 are there first: a run over them places the rest around them.
@@ -486,16 +494,15 @@ mod tests {
         ram.disarm().unwrap();
     }
 
+    /// A thread reading guest RAM through the VMM's own accessor (as a device model's DMA
+    /// does) waits for a page that is not there yet, and reads it once it is placed.
     #[test]
     fn a_vmm_read_of_a_missing_page_waits_until_it_is_placed() {
-        if !available() {
-            eprintln!("skipped: no userfaultfd on this host");
+        let Some((mem, ram)) = watched_ram() else {
             return;
-        }
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * PAGE as usize)]).unwrap();
+        };
         mem.write_slice(&[7u8; 4096], GuestAddress(3 * PAGE))
             .unwrap();
-        let ram = UffdRam::new(&mem).unwrap();
         ram.discard(3 * PAGE, 1).unwrap();
         ram.arm().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
