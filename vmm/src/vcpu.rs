@@ -51,8 +51,6 @@ struct Flags {
     /// Each save with the request (`save_gen`) it answered: one that finishes after a
     /// newer request was made does not count for it.
     saved: Vec<(u64, Result<VcpuState, String>)>,
-    /// A save was requested during this pause and not collected yet (`resume` drops it).
-    save_requested: bool,
 }
 
 /// Where a vCPU was when it last parked (for diagnostics and `vm.coredump`).
@@ -165,22 +163,18 @@ impl VcpuControl {
     }
 
     /// Parks every vCPU and has each save its own state (KVM wants vCPU ioctls from a
-    /// vCPU that is not running; its own thread is where that is certain). A save
-    /// [`Self::request_save`] started during this pause is collected, not redone.
+    /// vCPU that is not running; its own thread is where that is certain). Saved with the
+    /// VM-wide state right after (`Machine::save_state`), not earlier: an interrupt
+    /// raised while paused (the power button's level SCI, serial input, a PIT tick) would
+    /// otherwise be in the IOAPIC's state but not in the LAPIC's, and the TSC would lag
+    /// kvmclock by the time between.
     pub fn pause_and_save(&self, count: u32) -> Result<Vec<VcpuState>, String> {
-        let requested = {
-            let f = self.lock();
-            f.pause && f.save_requested
-        };
-        if !requested {
-            self.request_save(count);
-        }
+        self.request_save(count);
         let mut f = self.lock();
         let current = |f: &Flags| f.saved.iter().filter(|(g, _)| *g == f.save_gen).count() as u32;
         while current(&f) < count && f.dead == 0 && !f.stop {
             f = self.cv.wait(f).unwrap_or_else(|p| p.into_inner());
         }
-        f.save_requested = false;
         if f.dead > 0 || f.stop {
             return Err("the VM ended while its state was being saved".into());
         }
@@ -195,14 +189,12 @@ impl VcpuControl {
     }
 
     /// Parks every vCPU and has each save its own state on its thread, without waiting
-    /// ([`Self::pause_and_save`] collects it): a migration's pause lets the vCPUs save
-    /// while its final dirty collection runs. Parked vCPUs are woken, not kicked.
-    pub fn request_save(&self, count: u32) {
+    /// (`pause_and_save` collects it). Parked vCPUs are woken, not kicked.
+    fn request_save(&self, count: u32) {
         let mut f = self.lock();
         f.pause = true;
         f.save_gen += 1;
         f.saved.clear();
-        f.save_requested = true;
         self.pending.store(true, Ordering::SeqCst);
         self.cv.notify_all();
         let all_parked = f.parked >= count;
@@ -216,7 +208,6 @@ impl VcpuControl {
         let mut f = self.lock();
         f.pause = false;
         // What the vCPUs saved for this pause is stale once they run.
-        f.save_requested = false;
         f.saved.clear();
         self.pending.store(f.stop, Ordering::SeqCst);
         self.cv.notify_all();

@@ -653,10 +653,6 @@ impl Machine {
             self.control.pause(self.config.cpus.boot_vcpus);
             if !self.pause_devices_late {
                 self.pci.pause();
-                // Nothing changes a vCPU's state now (its devices' last interrupts are in
-                // its LAPIC): each saves it on its own thread while the caller goes on (a
-                // migration's final dirty collection), and `save_state` collects it.
-                self.control.request_save(self.config.cpus.boot_vcpus);
             }
         }
     }
