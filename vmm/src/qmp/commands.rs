@@ -462,11 +462,6 @@ impl Shared {
                 )));
             }
         }
-        if args.get("resume") == Some(&Value::Bool(true)) {
-            return Err(Failure::generic(
-                "resume=true: Ferry has no postcopy, so nothing to resume",
-            ));
-        }
         let uri = args["uri"].as_str().unwrap_or_default();
         let url: MigrationUrl = uri
             .parse()
@@ -478,11 +473,14 @@ impl Shared {
                 .multifd_channels
                 .min(crate::api::migration::MAX_REQUESTED_CONNECTIONS),
         };
+        // `resume`: take up a postcopy migration whose link broke (`postcopy-paused`), as
+        // `vm.send-migration` with `"resume": true`; refused there, saying why, when none is.
         let body = json!({
             "destination_url": uri,
             "downtime_ms": p.downtime_limit,
             "connections": connections,
             "switch_over": p.switch_over,
+            "resume": args.get("resume") == Some(&Value::Bool(true)),
         });
         let mut request = parse_send_migration(body.to_string().as_bytes()).map_err(api_failure)?;
         // Its end is told by QMP (the MIGRATION events): the source may end right after a
