@@ -902,7 +902,14 @@ def write_report(runs, wkeys, modes, started, finished, cmd, mach):
     tab = table(runs, wkeys, modes)
     md_path = os.path.join(OUT, "vs-qemu.md")
     kept = ""
-    old = read_text(md_path)
+    # The report is UTF-8 (read_text's latin-1, meant for serial logs, would garble the
+    # kept part's arrows and dashes at every run).
+    try:
+        with open(md_path, encoding="utf-8", errors="replace") as f:
+            old = f.read()
+    except OSError:
+        old = ""
+
     if KEEP_MARK in old:
         kept = old[old.index(KEEP_MARK) + len(KEEP_MARK):]
     md = f"""# Live migration: Ferry side by side with QEMU

@@ -58,7 +58,7 @@ cp -p "$BIN_DIR/ferry" "$BIN_DIR/ferry-remote" "$ROOT/target/test-guest/guest.el
 "$WORK/bin/ferry" --version >/dev/null
 FERRY="$WORK/bin/ferry" REMOTE="$WORK/bin/ferry-remote" GUEST="$WORK/bin/guest.elf"
 export ROOT WORK NS_A NS_B ADDR_B FERRY REMOTE GUEST
-export BENCH_CMD="${BENCH_CMD:-${PAIRS:+PAIRS=$PAIRS }${WORKLOADS:+WORKLOADS=\"$WORKLOADS\" }${MODES:+MODES=\"$MODES\" }scripts/dev_cli.sh bench vs-qemu}"
+export BENCH_CMD="${BENCH_CMD:-${PAIRS:+PAIRS=$PAIRS }${WORKLOADS:+WORKLOADS=\"$WORKLOADS\" }${MODES:+MODES=\"$MODES\" }${POSTCOPY_AFTER:+POSTCOPY_AFTER=$POSTCOPY_AFTER }scripts/dev_cli.sh bench vs-qemu}"
 # In the background so that a signal reaches the trap at once, which then ends the driver.
 python3 "$ROOT/scripts/bench_vs_qemu.py" &
 PY=$!
