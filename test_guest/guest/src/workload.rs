@@ -136,8 +136,11 @@ impl Pacer {
         }
         self.next += self.step;
         let now = timer::now();
-        // More than a second behind (the vCPU was not running): do not catch up in a burst.
-        if now > self.next + timer::hz() {
+        // More than 20 ms behind (the vCPU was held back or not running): go on from now
+        // instead of catching up in a burst. A burst writes the share again before a
+        // dirty log has seen its pages anew (one entry per page between two harvests), so
+        // the pages it wrote would outrun what a dirty limit counts.
+        if now > self.next + timer::hz() / 50 {
             self.next = now;
         }
         while timer::now() < self.next {
