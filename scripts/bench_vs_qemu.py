@@ -283,10 +283,12 @@ def run_cmd(argv, timeout=30):
     return r.returncode, r.stdout, r.stderr
 
 
-def read_text(path):
+def read_text(path, encoding="latin-1"):
+    """A file's text, "" when it cannot be read; latin-1 by default (serial logs may hold
+    any byte)."""
     try:
         with open(path, "rb") as f:
-            return f.read().decode("latin-1")
+            return f.read().decode(encoding, errors="replace")
     except OSError:
         return ""
 
@@ -902,14 +904,8 @@ def write_report(runs, wkeys, modes, started, finished, cmd, mach):
     tab = table(runs, wkeys, modes)
     md_path = os.path.join(OUT, "vs-qemu.md")
     kept = ""
-    # The report is UTF-8 (read_text's latin-1, meant for serial logs, would garble the
-    # kept part's arrows and dashes at every run).
-    try:
-        with open(md_path, encoding="utf-8", errors="replace") as f:
-            old = f.read()
-    except OSError:
-        old = ""
-
+    # The report is UTF-8 (latin-1 would garble the kept part's arrows at every run).
+    old = read_text(md_path, "utf-8")
     if KEEP_MARK in old:
         kept = old[old.index(KEEP_MARK) + len(KEEP_MARK):]
     md = f"""# Live migration: Ferry side by side with QEMU

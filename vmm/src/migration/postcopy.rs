@@ -230,10 +230,10 @@ impl UffdRam {
     /// Places `len` bytes at `host` (guest address `gpa`) with as few calls as it can:
     /// `call(offset, len)` runs `UFFDIO_COPY` or `UFFDIO_ZEROPAGE` on the rest and returns
     /// the ioctl's result, the count it wrote back (bytes done, or a negative errno) and
-    /// the error. A page already there (`EEXIST`) has its waiters woken and is skipped,
-    /// as before; a partial result goes on from where it stopped. One call per run rather than per
+    /// the error. A page already there (`EEXIST`) has its waiters woken and is skipped;
+    /// a partial result goes on from where it stopped. One call per run rather than per
     /// page: a system call costs microseconds on this host, and 1 MiB per `UFFDIO_COPY`
-    /// places a page in 3.4 us where page by page took 9.9 us.
+    /// placed a page in 3.4-4.6 us where page by page took 9.9 us.
     fn place_run(
         &self,
         what: &str,
@@ -337,23 +337,9 @@ impl PostcopyRam for UffdRam {
     }
 
     fn next_fault(&self, timeout: Duration) -> HookResult<Option<u64>> {
-        let mut pfd = libc::pollfd {
-            fd: self.uffd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one pollfd that lives here.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(None)
-            } else {
-                Err(format!("waiting for guest page faults: {e}"))
-            };
-        }
-        if n == 0 {
+        let readable = super::transport::wait_readable(self.uffd.as_raw_fd(), timeout)
+            .map_err(|e| format!("waiting for guest page faults: {e}"))?;
+        if !readable {
             return Ok(None);
         }
         let mut msg = std::mem::MaybeUninit::<UffdMsg>::zeroed();

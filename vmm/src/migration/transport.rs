@@ -4,7 +4,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -20,6 +20,29 @@ pub const PEER_SILENCE_LIMIT: Duration = Duration::from_secs(6);
 
 /// How often a wait for the source's connection checks whether to give up.
 const ACCEPT_CHECK_EVERY: Duration = Duration::from_millis(50);
+
+/// Waits until `fd` has something to read or `limit` passed: `Ok(true)` when readable,
+/// `Ok(false)` on the time limit or a signal (the caller looks again).
+pub(super) fn wait_readable(fd: RawFd, limit: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = limit.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: `pfd` is one valid pollfd for the call's duration; `fd` is the caller's and
+    // only polled.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(n > 0)
+}
 
 /// A migration endpoint address, in cloud-hypervisor's syntax.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -358,6 +381,15 @@ pub enum Listener {
     Unix(UnixListener, PathBuf),
 }
 
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        }
+    }
+}
+
 impl Listener {
     pub fn bind(url: &MigrationUrl) -> io::Result<Listener> {
         Ok(match url {
@@ -421,34 +453,11 @@ impl Listener {
                             "cancelled while waiting for the source",
                         ));
                     }
-                    self.wait_readable(ACCEPT_CHECK_EVERY)?;
+                    wait_readable(self.as_raw_fd(), ACCEPT_CHECK_EVERY)?;
                 }
                 Err(e) => return Err(e),
             }
         }
-    }
-
-    /// Returns once a connection waits to be accepted or `limit` passed.
-    fn wait_readable(&self, limit: Duration) -> io::Result<()> {
-        let fd = match self {
-            Listener::Tcp(l) => l.as_raw_fd(),
-            Listener::Unix(l, _) => l.as_raw_fd(),
-        };
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is one valid pollfd for the call's duration, on a listener this
-        // `self` keeps open.
-        let n = unsafe { libc::poll(&mut pfd, 1, limit.as_millis() as libc::c_int) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
-        Ok(())
     }
 
     fn set_nonblocking(&self, on: bool) -> io::Result<()> {
