@@ -77,6 +77,10 @@ MODES = {
     "ferry-netns": "Ferry netns (veth)",
     # The same with `--switch-over Fits` (pause as soon as the rest fits the downtime,
     # QEMU's rule) in place of the default MinDowntime.
+    "qemu-ring-ac": "QEMU dirty ring (4096), auto-converge",
+    "qemu-bitmap-ac": "QEMU dirty bitmap, auto-converge",
+    "ferry-lo-ac": "Ferry loopback, auto-converge",
+    "ferry-netns-ac": "Ferry netns (veth), auto-converge",
     "ferry-lo-fits": "Ferry loopback, switch-over Fits",
     "ferry-netns-fits": "Ferry netns (veth), switch-over Fits",
     # Postcopy after the same number of precopy passes on both (not in the default run).
@@ -417,7 +421,7 @@ class Qmp:
 # ---------------------------------------------------------------------------- one run
 
 def run_qemu(w, mode, d, port, rec):
-    accel = "kvm,dirty-ring-size=4096" if mode == "qemu-ring" else "kvm"
+    accel = "kvm,dirty-ring-size=4096" if mode.startswith("qemu-ring") else "kvm"
     base = [QEMU, "-accel", accel, "-cpu", QEMU_CPU, "-m", w["mem"], "-smp", str(w["cpus"]),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
@@ -443,6 +447,10 @@ def run_qemu(w, mode, d, port, rec):
         time.sleep(SETTLE_S)
         sq.cmd("migrate-set-parameters",
                {"downtime-limit": DOWNTIME_MS, "max-bandwidth": MAX_BANDWIDTH})
+        if mode.endswith("-ac"):
+            # QEMU's own throttle, at its defaults (20 % first, 10 % a step), as Ferry's.
+            sq.cmd("migrate-set-capabilities",
+                   {"capabilities": [{"capability": "auto-converge", "state": True}]})
         postcopy = mode == "qemu-postcopy"
         if postcopy:
             for q in (sq, dq):
@@ -603,9 +611,11 @@ def run_ferry(w, mode, d, port, rec):
         if mode.endswith("-fits"):
             extra = ["--switch-over", "Fits"]
         # Ferry throttles a guest that does not converge unless told not to; QEMU's
-        # auto-converge is off unless asked for: neither throttles here.
+        # auto-converge is off unless asked for: neither throttles here, except in the
+        # `-ac` modes, where both do.
+        throttle = [] if mode.endswith("-ac") else ["--no-auto-converge"]
         send = Proc([REMOTE, "--api-socket", ssock, "send-migration", f"tcp:{host}:{port}",
-                     "--downtime-ms", str(DOWNTIME_MS), "--no-auto-converge"] + extra,
+                     "--downtime-ms", str(DOWNTIME_MS)] + throttle + extra,
                     f"{d}/send.out")
         helpers.append(send)
         end = t0 + MIGRATION_TIMEOUT_S
@@ -799,11 +809,17 @@ def table(runs, wkeys, modes):
             ok = sum(r["ok"] for r in mr)
             out.append(f"| {MODES[m]} | {ok}/{len(mr)} | " + " | ".join(cells) + " |")
         for fm in ("ferry-lo", "ferry-netns", "ferry-lo-fits", "ferry-netns-fits",
-                   "ferry-postcopy"):
+                   "ferry-lo-ac", "ferry-netns-ac", "ferry-postcopy"):
             if fm not in modes or not any(r["mode"] == fm for r in rs):
                 continue
-            # Postcopy against QEMU's postcopy, precopy against QEMU's two precopy modes.
-            qmodes = ("qemu-postcopy",) if fm == "ferry-postcopy" else ("qemu-ring", "qemu-bitmap")
+            # Postcopy against QEMU's postcopy, auto-converge against QEMU's with it,
+            # precopy against QEMU's two precopy modes.
+            if fm == "ferry-postcopy":
+                qmodes = ("qemu-postcopy",)
+            elif fm.endswith("-ac"):
+                qmodes = ("qemu-ring-ac", "qemu-bitmap-ac")
+            else:
+                qmodes = ("qemu-ring", "qemu-bitmap")
             if not any(med.get((m, "total_ms")) is not None for m in qmodes):
                 continue
             cells = []
@@ -816,7 +832,9 @@ def table(runs, wkeys, modes):
                     continue
                 best = min(q) if lower else max(q)
                 cells.append(f"{f / best:.2f}" if best else "–")
-            best_of = "QEMU postcopy" if fm == "ferry-postcopy" else "QEMU best"
+            best_of = {"ferry-postcopy": "QEMU postcopy",
+                       "ferry-lo-ac": "QEMU best with auto-converge",
+                       "ferry-netns-ac": "QEMU best with auto-converge"}.get(fm, "QEMU best")
             out.append(f"| {MODES[fm]} / {best_of} | | " + " | ".join(cells) + " |")
         # Postcopy's bound: its total against the time to send the RAM once, from the
         # precopy runs' pass 0 (the guest running, the same rounds): the pass itself, and
@@ -908,6 +926,16 @@ def write_report(runs, wkeys, modes, started, finished, cmd, mach):
     old = read_text(md_path, "utf-8")
     if KEEP_MARK in old:
         kept = old[old.index(KEEP_MARK) + len(KEEP_MARK):]
+    order = " → ".join(MODES[m] for m in modes)
+    if any(m.endswith("-ac") for m in modes):
+        throttle_note = ("neither side has a switch-over timeout on; auto-converge is off "
+                         "except in the modes named *auto-converge*, where both throttle "
+                         "the vCPUs of a guest that does not converge: QEMU's "
+                         "`migrate-set-capabilities` `auto-converge` at its defaults "
+                         "(20 % first, 10 % a step), Ferry's `send-migration` without "
+                         "`--no-auto-converge`, with the same steps")
+    else:
+        throttle_note = "neither side has auto-converge or a switch-over timeout on"
     md = f"""# Live migration: Ferry side by side with QEMU
 
 Measured {started} – {finished} on {mach['cpu']}, {mach['cores']} cores, {mach['memory']} RAM,
@@ -921,7 +949,7 @@ Command: `{cmd}` ({PAIRS} round{'s' if PAIRS != 1 else ''} per workload; raw run
 
 Setup, the same for every mode: the same guest binary (`target/test-guest/guest.elf`, a
 PVH ELF), memory, vCPUs and command line; one migration at a time, each round running
-QEMU ring → QEMU bitmap → Ferry loopback → Ferry netns. QEMU: `-accel kvm,dirty-ring-size=4096`
+{order}. QEMU: `-accel kvm,dirty-ring-size=4096`
 (ring) or `-accel kvm` (bitmap), `-cpu {QEMU_CPU}`, `-kernel guest.elf -append ...`,
 `-device isa-debug-exit`, `-name vsq,debug-threads=on` (thread names only), QMP on a UNIX socket: `migrate-set-parameters` downtime-limit
 {DOWNTIME_MS} ms and max-bandwidth {MAX_BANDWIDTH // 10**9} GB/s, `migrate` to
@@ -937,8 +965,7 @@ progress lines from every vCPU there (for `verify` the second ends a pass, run w
 the destination, that checked every page of its share), or for idle the process stays up
 {IDLE_WATCH_S:g} s with QEMU's `query-status` `running` / Ferry's `vm.info` `Running`; and
 no `MISMATCH`/`FAIL` on any serial. A migration that has not completed after
-{MIGRATION_TIMEOUT_S:.0f} s is cancelled and counted as failed (neither side has
-auto-converge or a switch-over timeout on).
+{MIGRATION_TIMEOUT_S:.0f} s is cancelled and counted as failed ({throttle_note}).
 
 Figures: median (min–max) over the successful runs. *total* and *downtime* are each
 VMM's own report: QEMU's `query-migrate` `total-time` and `downtime` (measured on the

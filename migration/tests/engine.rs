@@ -486,15 +486,16 @@ fn non_convergence_with_cancel_keeps_the_source_running() {
     assert_eq!(info.status, MigrationStatus::Failed);
     assert!(info.iterations.len() > 1);
     assert!(info.error_desc.unwrap().contains("timed out"));
-    // Auto-converge held the vCPUs back more and more, and let go when it gave up.
+    // Auto-converge held the vCPUs back more and more (at least QEMU's ramp: 20 %, then
+    // 10 % more a step, up to 99 %), and let go when it gave up.
     let throttles = src.throttles.lock().unwrap().clone();
     assert!(throttles.len() >= 2, "{throttles:?}");
-    assert_eq!(throttles[0], 20);
+    assert!((20..=99).contains(&throttles[0]), "{throttles:?}");
     assert!(
         throttles
             .windows(2)
             .take(throttles.len() - 2)
-            .all(|w| w[1] == (w[0] + 10).min(99)),
+            .all(|w| w[1] >= (w[0] + 10).min(99) && w[1] <= 99),
         "{throttles:?}"
     );
     assert_eq!(throttles.last(), Some(&0), "{throttles:?}");

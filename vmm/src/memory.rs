@@ -47,6 +47,79 @@ pub fn prefault(mem: &GuestMemoryMmap, gpa: u64, len: usize) {
     let _ = unsafe { libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE) };
 }
 
+/// Which guest pages a migration destination has already faulted in, so that
+/// [`prefault`] runs once per page, not once per pass: on pages already there it walks
+/// the page table for nothing, ~0.14 µs a page here, half what copying the page in costs.
+pub struct PrefaultedPages {
+    /// Each RAM range's first guest address, size and first bit.
+    ranges: Vec<(u64, u64, usize)>,
+    bits: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl PrefaultedPages {
+    /// No page faulted in yet, for guest RAM made of `ranges` (gpa, size).
+    pub fn new(ranges: impl IntoIterator<Item = (u64, u64)>) -> Self {
+        let mut next = 0usize;
+        let ranges: Vec<(u64, u64, usize)> = ranges
+            .into_iter()
+            .map(|(gpa, size)| {
+                let first = next;
+                next += size.div_ceil(4096) as usize;
+                (gpa, size, first)
+            })
+            .collect();
+        let bits = (0..next.div_ceil(64))
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect();
+        PrefaultedPages { ranges, bits }
+    }
+
+    /// Faults in the pages of `len` bytes at `gpa` unless every one of them was already
+    /// (see [`prefault`]); returns whether it did. A range outside RAM is left to the
+    /// write that follows, which reports it.
+    pub fn prefault(&self, mem: &GuestMemoryMmap, gpa: u64, len: usize) -> bool {
+        if !self.mark(gpa, len) {
+            return false;
+        }
+        prefault(mem, gpa, len);
+        true
+    }
+
+    /// Marks the pages of `len` bytes at `gpa` faulted in; returns whether any was not.
+    fn mark(&self, gpa: u64, len: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let Some(&(base, _, first)) = self
+            .ranges
+            .iter()
+            .find(|(g, size, _)| gpa >= *g && gpa + len as u64 <= g + size)
+        else {
+            return false;
+        };
+        let start = first + ((gpa - base) / 4096) as usize;
+        let end = first + ((gpa - base + len as u64).div_ceil(4096)) as usize;
+        let mut new = false;
+        let mut bit = start;
+        while bit < end {
+            let word = bit / 64;
+            let lo = bit % 64;
+            let hi = (end - word * 64).min(64);
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            // Relaxed: a lost race only means one more (harmless) prefault.
+            let w = &self.bits[word];
+            if w.load(Ordering::Relaxed) & mask != mask {
+                w.fetch_or(mask, Ordering::Relaxed);
+                new = true;
+            }
+            bit = word * 64 + hi;
+        }
+        new
+    }
+}
+
 /// This process's page table, read through `/proc/self/pagemap`: which pages of a private
 /// anonymous mapping were never touched. Such a page reads as zeros, so a migration can
 /// send it as zero without faulting it in (on a nested host every fault is an exit).
@@ -150,6 +223,29 @@ pub fn advise_huge_pages(mem: &GuestMemoryMmap) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn prefaulted_pages_fault_each_page_in_once() {
+        // Two ranges with a hole between them, the second not a multiple of 64 pages.
+        let p = super::PrefaultedPages::new([(0, 1 << 20), (4 << 20, 70 * 4096)]);
+        assert!(p.mark(8192, 3 * 4096), "first time: pages 2-4 are new");
+        assert!(!p.mark(8192, 3 * 4096), "second time: nothing new");
+        assert!(!p.mark(12288, 4096), "a page inside the marked run");
+        assert!(p.mark(0, 5 * 4096), "pages 0-1 are new, 2-4 not");
+        assert!(!p.mark(0, 5 * 4096));
+        // Across a word boundary in the second range (its bits start at 256).
+        let g = 4 << 20;
+        assert!(p.mark(g + 60 * 4096, 8 * 4096));
+        assert!(!p.mark(g + 62 * 4096, 6 * 4096));
+        assert!(p.mark(g, 70 * 4096), "the rest of the range is new");
+        assert!(!p.mark(g, 70 * 4096));
+        assert!(!p.mark(g + 69 * 4096, 4096), "its last page");
+        // The first range's last word is untouched by the second's marks.
+        assert!(p.mark((1 << 20) - 4096, 4096));
+        // Outside RAM or across the hole: nothing to do here.
+        assert!(!p.mark(2 << 20, 4096));
+        assert!(!p.mark((1 << 20) - 4096, 2 * 4096));
+    }
+
     use super::*;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 

@@ -51,7 +51,8 @@ pub struct SendOptions {
     /// Hand guest RAM over as files instead of copying it (`MemFDs`, one host only).
     pub local_memory: bool,
     /// Throttle the vCPUs, more each pass, while the dirty set stops shrinking before it
-    /// fits the downtime.
+    /// fits the downtime (or, after the first pass, grew faster than it was sent); each
+    /// step aimed from the measured rates (`aimed_throttle`).
     pub auto_converge: bool,
     /// When to pause the guest for the last pass.
     pub switch_over: SwitchOver,
@@ -526,6 +527,32 @@ const THROTTLE_INITIAL: u8 = 20;
 const THROTTLE_STEP: u8 = 10;
 const THROTTLE_MAX: u8 = 99;
 
+/// Auto-converge's next throttle, from `current` (percent), when the dirty set stopped
+/// shrinking: one that would hold the guest, which dirtied `dirty_rate` pages a second
+/// while running `100 - current` percent of the time, to [`SHRINK_NUM`]/[`SHRINK_DEN`] of
+/// the `page_rate` the link carries, so that the next pass leaves clearly fewer pages;
+/// never less than QEMU's ramp ([`THROTTLE_INITIAL`], then [`THROTTLE_STEP`] more a step).
+/// QEMU's ramp alone takes a pass per step: on a guest that outdirties the link 1.5×,
+/// four passes of the whole working set before it bites.
+fn aimed_throttle(current: u8, dirty_rate: f64, page_rate: f64) -> u8 {
+    let ramp = match current {
+        0 => THROTTLE_INITIAL,
+        t => t.saturating_add(THROTTLE_STEP),
+    }
+    .min(THROTTLE_MAX);
+    if !(dirty_rate > 0.0 && page_rate > 0.0) {
+        return ramp;
+    }
+    let running = 1.0 - f64::from(current) / 100.0;
+    let wanted = running * page_rate * SHRINK_NUM as f64 / SHRINK_DEN as f64 / dirty_rate;
+    let aimed = ((1.0 - wanted) * 100.0).ceil();
+    if aimed.is_nan() || aimed <= f64::from(ramp) {
+        ramp
+    } else {
+        aimed.min(f64::from(THROTTLE_MAX)) as u8
+    }
+}
+
 /// When the source pauses the guest for the last pass (`switch_over`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SwitchOver {
@@ -633,6 +660,9 @@ pub(super) struct Sender<'a, V: ?Sized, S: MigrationStream> {
     pub(super) paused: bool,
     /// Pages per second, from the last pass big enough to measure.
     pub(super) page_rate: Option<f64>,
+    /// Pages the guest dirtied per second during the last pass (distinct pages: a guest
+    /// rewriting all it has within one pass dirties faster than this says).
+    pub(super) dirty_rate: f64,
     /// Auto-converge's current hold on the vCPUs, in percent.
     pub(super) throttle: u8,
     /// What the destination's `Hello` offered.
@@ -720,6 +750,7 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
             dirty_log_on: false,
             paused: false,
             page_rate: None,
+            dirty_rate: 0.0,
             throttle: 0,
             peer_features: 0,
             postcopy_started: false,
@@ -793,8 +824,18 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
             if self.postcopy_due(iteration)? {
                 return self.postcopy(iteration, pending);
             }
-            if self.opts.auto_converge && iteration >= 2 && !convergence.shrank {
-                self.throttle_more(pending.count())?;
+            // From the second pass on, a dirty set that stopped shrinking; after the first,
+            // one that cannot shrink: the guest dirtied pages faster than they went out.
+            let outdirtied = iteration == 1
+                && expected > self.opts.downtime
+                && self.page_rate.is_some_and(|r| self.dirty_rate > r);
+            if self.opts.auto_converge && (outdirtied || iteration >= 2 && !convergence.shrank) {
+                let why = if outdirtied {
+                    "were dirtied faster than they went out"
+                } else {
+                    "no longer shrink"
+                };
+                self.throttle_more(pending.count(), why)?;
             }
             if self.started.elapsed() >= self.opts.timeout {
                 match self.opts.timeout_strategy {
@@ -1090,6 +1131,7 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
         }
         let rate = self.page_rate.unwrap_or(f64::MAX).max(1.0);
         let expected = Duration::from_secs_f64(dirty_pages as f64 / rate);
+        self.dirty_rate = dirty_pages as f64 / secs;
         let stats = self.vm.dirty_tracking_stats();
         self.progress.update(|i| {
             i.iterations.push(IterationStats {
@@ -1156,19 +1198,22 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
 
     /// Auto-converge: the dirty set no longer shrinks and does not fit, so hold the
     /// vCPUs back more.
-    fn throttle_more(&mut self, dirty_pages: u64) -> Result<(), SendError> {
-        let next = match self.throttle {
-            0 => THROTTLE_INITIAL,
-            t => t.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX),
-        };
+    fn throttle_more(&mut self, dirty_pages: u64, why: &str) -> Result<(), SendError> {
+        let page_rate = self.page_rate.unwrap_or(0.0);
+        let next = aimed_throttle(self.throttle, self.dirty_rate, page_rate);
         if next == self.throttle {
             return Ok(());
         }
         hook("set_throttle", self.vm.set_throttle(next))?;
         log::info!(
-            "auto-converge: {dirty_pages} dirty pages no longer shrink and do not fit {} ms: \
-             vCPUs throttled to {next}%",
-            self.opts.downtime.as_millis()
+            "auto-converge: {dirty_pages} dirty pages {why} and do not fit {} ms; \
+             the guest dirtied {:.0} pages/s at {}% throttle against {:.0} sent: vCPUs \
+             throttled to {next}% (aimed at {SHRINK_NUM}/{SHRINK_DEN} of the pages sent, at \
+             least {THROTTLE_INITIAL}% then {THROTTLE_STEP}% more a step)",
+            self.opts.downtime.as_millis(),
+            self.dirty_rate,
+            self.throttle,
+            page_rate
         );
         self.throttle = next;
         self.progress
@@ -1409,6 +1454,28 @@ fn is_cancel_io(e: &SendError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_converge_aims_at_the_throttle_the_rates_call_for() {
+        // No rates to go by, or a guest already well below the link: QEMU's ramp.
+        assert_eq!(aimed_throttle(0, 0.0, 100_000.0), 20);
+        assert_eq!(aimed_throttle(0, 50_000.0, 0.0), 20);
+        assert_eq!(aimed_throttle(0, 10_000.0, 100_000.0), 20);
+        assert_eq!(aimed_throttle(20, 10_000.0, 100_000.0), 30);
+        assert_eq!(aimed_throttle(90, 10_000.0, 100_000.0), 99);
+        assert_eq!(aimed_throttle(99, 10_000.0, 100_000.0), 99);
+        // 220k pages/s dirtied against 150k sent, unthrottled: running at most
+        // 0.75 * 150 / 220 = 51.1 % of the time, so 49 %.
+        assert_eq!(aimed_throttle(0, 220_000.0, 150_000.0), 49);
+        // The same rates measured at 40 %: 60 % of the time gave 220k, so 30.7 % is what
+        // may run, 70 %.
+        assert_eq!(aimed_throttle(40, 220_000.0, 150_000.0), 70);
+        // Far beyond the link: the most there is.
+        assert_eq!(aimed_throttle(0, 10_000_000.0, 1_000.0), 99);
+        // Nonsense in, the ramp out.
+        assert_eq!(aimed_throttle(30, f64::NAN, 1.0), 40);
+        assert_eq!(aimed_throttle(30, f64::INFINITY, 1.0), 99);
+    }
 
     #[test]
     fn convergence_goes_on_while_the_dirty_set_shrinks_and_fits() {

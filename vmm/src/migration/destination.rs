@@ -30,9 +30,20 @@ pub struct MachineDestination {
     pub start_paused: bool,
     /// Guest RAM under userfaultfd while postcopy runs.
     postcopy: Option<Arc<super::postcopy::UffdRam>>,
+    /// Pages already faulted in here: each pass rewrites pages the last one brought in.
+    prefaulted: Option<crate::memory::PrefaultedPages>,
 }
 
 impl MachineDestination {
+    fn prefault(&self, mem: &GuestMemoryMmap, gpa: u64, len: usize) {
+        match &self.prefaulted {
+            Some(p) => {
+                p.prefault(mem, gpa, len);
+            }
+            None => crate::memory::prefault(mem, gpa, len),
+        }
+    }
+
     fn incoming(&self) -> HookResult<&IncomingMachine> {
         self.incoming
             .as_ref()
@@ -89,6 +100,9 @@ impl DestinationVm for MachineDestination {
             ));
         }
         self.incoming = Some(incoming);
+        self.prefaulted = Some(crate::memory::PrefaultedPages::new(
+            layout.iter().map(|r| (r.gpa, r.size)),
+        ));
         Ok(layout)
     }
 
@@ -99,7 +113,7 @@ impl DestinationVm for MachineDestination {
 
     fn write_pages(&self, gpa: u64, data: &[u8]) -> HookResult<()> {
         let mem = self.incoming()?.memory();
-        crate::memory::prefault(mem, gpa, data.len());
+        self.prefault(mem, gpa, data.len());
         mem.write_slice(data, GuestAddress(gpa))
             .map_err(|e| format!("writing {} bytes at {gpa:#x}: {e}", data.len()))
     }
@@ -110,7 +124,7 @@ impl DestinationVm for MachineDestination {
         let slice = mem
             .get_slice(GuestAddress(gpa), len)
             .map_err(|e| format!("{len} bytes at {gpa:#x}: {e}"))?;
-        crate::memory::prefault(mem, gpa, len);
+        self.prefault(mem, gpa, len);
         let guard = slice.ptr_guard_mut();
         // SAFETY: `slice` is `len` bytes of this VM's guest RAM mapping (checked by
         // `get_slice`), mapped for as long as `mem` is borrowed, which outlives `buf`. The
