@@ -269,6 +269,8 @@ struct FakeDestination {
     write_delay: Option<(Duration, Arc<AtomicBool>)>,
     /// Runs inside `check_config`, before the answer.
     during_config_check: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Each `expect_pages` call's runs.
+    expected: Mutex<Vec<Vec<(u64, u32)>>>,
 }
 
 impl DestinationVm for FakeDestination {
@@ -298,6 +300,11 @@ impl DestinationVm for FakeDestination {
         self.page_writes
             .fetch_add((data.len() / PAGE_SIZE) as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn expect_pages(&self, runs: Vec<(u64, u32)>) {
+        assert!(!self.resumed);
+        self.expected.lock().unwrap().push(runs);
     }
 
     fn zero_pages(&self, gpa: u64, pages: u64) -> HookResult<()> {
@@ -462,6 +469,8 @@ fn over_tcp_loopback() {
     let (dr, d) = dest.join().unwrap();
     dr.expect("destination");
     assert_migrated(&src, &d);
+    // Nothing written during pass 0: nothing was left for later.
+    assert!(d.expected.lock().unwrap().is_empty());
 }
 
 #[test]
@@ -1760,6 +1769,21 @@ fn redirtied_pages_wait_for_the_next_pass(extra_connections: usize) {
     );
     let first = info.iterations[0].pages;
     assert!(first < 1024, "pass 0 sent {first} of 1024 pages");
+    // The destination was told, once and after pass 0, exactly which pages pass 0 left
+    // out: in address order, inside RAM, as many as it did not send.
+    let expected = d.expected.lock().unwrap().clone();
+    assert_eq!(expected.len(), 1, "{expected:?}");
+    let runs = &expected[0];
+    assert!(
+        runs.windows(2)
+            .all(|w| w[0].0 + u64::from(w[0].1) * PAGE < w[1].0),
+        "{runs:?}"
+    );
+    assert!(runs
+        .iter()
+        .all(|&(g, n)| offset(&d.layout, g, n as usize * PAGE_SIZE).is_ok()));
+    let hinted: u64 = runs.iter().map(|r| u64::from(r.1)).sum();
+    assert_eq!(hinted, 1024 - first, "{runs:?}");
     let _ = std::fs::remove_file(path);
 }
 

@@ -643,6 +643,14 @@ impl Session<'_> {
                     if acks {
                         send_step(conn, &Message::PassReceived { iteration })?;
                     }
+                    if iteration == 0 {
+                        // Every connection's share of pass 0 is stored: what is missing
+                        // now comes later.
+                        let missing = shared.pages().received.missing_runs(u32::MAX);
+                        if !missing.is_empty() {
+                            shared.vm.expect_pages(missing);
+                        }
+                    }
                     let ms = last_iteration.elapsed().as_millis() as u64;
                     last_iteration = Instant::now();
                     progress.update(|i| {

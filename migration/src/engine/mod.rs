@@ -146,6 +146,15 @@ pub trait DestinationVm {
     /// Zeroes `pages` pages at `gpa` (pages that were written earlier and are zero now).
     fn zero_pages(&self, gpa: u64, pages: u64) -> HookResult<()>;
 
+    /// The pages the first pass left out, as `(gpa, pages)` runs in address order: the
+    /// guest wrote them again before their turn, so they come in a later pass. A VM may
+    /// get them ready meanwhile (fault them in on another thread: on a nested host that
+    /// first touch costs more than receiving the page). Called once, after the first pass,
+    /// from a receiving thread. The default does nothing.
+    fn expect_pages(&self, runs: Vec<(u64, u32)>) {
+        drop(runs);
+    }
+
     /// Restores the source's state; called once, after every page arrived and checked.
     fn restore_state(&mut self, vcpus: &[u8], devices: &[u8]) -> HookResult<()>;
 

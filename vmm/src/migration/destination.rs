@@ -31,7 +31,74 @@ pub struct MachineDestination {
     /// Guest RAM under userfaultfd while postcopy runs.
     postcopy: Option<Arc<super::postcopy::UffdRam>>,
     /// Pages already faulted in here: each pass rewrites pages the last one brought in.
-    prefaulted: Option<crate::memory::PrefaultedPages>,
+    prefaulted: Option<Arc<crate::memory::PrefaultedPages>>,
+    /// Faults in, meanwhile, the pages the first pass left for later.
+    prefaulter: std::sync::Mutex<Option<Prefaulter>>,
+}
+
+/// A thread faulting in the pages the first pass left out, from the last one down, while
+/// the receiving thread writes them from the first one up: where they meet, the rest is
+/// the receiver's. It holds its own handle on guest RAM, so the mapping outlives it.
+/// Dropping it stops the thread and waits for it (at most one piece).
+struct Prefaulter {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Prefaulter {
+    /// Pieces faulted in per `madvise`, as the receiver's chunks.
+    const PIECE: u64 = 1 << 20;
+
+    fn start(
+        mem: GuestMemoryMmap,
+        prefaulted: Arc<crate::memory::PrefaultedPages>,
+        runs: Vec<(u64, u32)>,
+    ) -> std::io::Result<Prefaulter> {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("mig-prefault".into())
+            .spawn(move || {
+                ferry_seccomp::install_or_exit(ferry_seccomp::ThreadKind::MigrationReceiver);
+                let started = std::time::Instant::now();
+                let mut faulted = 0u64;
+                'runs: for &(gpa, pages) in runs.iter().rev() {
+                    let mut end = gpa + u64::from(pages) * 4096;
+                    while end > gpa {
+                        if stopped.load(Ordering::Relaxed) {
+                            break 'runs;
+                        }
+                        let start = end.saturating_sub(Self::PIECE).max(gpa);
+                        // Already there: the receiver got this far.
+                        if !prefaulted.prefault(&mem, start, (end - start) as usize) {
+                            log::debug!("prefault helper met the receiver at {start:#x}");
+                            break 'runs;
+                        }
+                        faulted += (end - start) / 4096;
+                        end = start;
+                    }
+                }
+                log::info!(
+                    "prefault helper: faulted in {faulted} of the pages the first pass left \
+                     out in {:.1} ms",
+                    started.elapsed().as_secs_f64() * 1000.0
+                );
+            })?;
+        Ok(Prefaulter {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Prefaulter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl MachineDestination {
@@ -42,6 +109,17 @@ impl MachineDestination {
             }
             None => crate::memory::prefault(mem, gpa, len),
         }
+    }
+
+    /// Stops the prefault helper, if one runs: before the VM runs or its RAM goes under
+    /// userfaultfd (where faulting a missing page in would wait for the source).
+    fn stop_prefaulter(&self) {
+        let p = self
+            .prefaulter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(p);
     }
 
     fn incoming(&self) -> HookResult<&IncomingMachine> {
@@ -100,9 +178,9 @@ impl DestinationVm for MachineDestination {
             ));
         }
         self.incoming = Some(incoming);
-        self.prefaulted = Some(crate::memory::PrefaultedPages::new(
+        self.prefaulted = Some(Arc::new(crate::memory::PrefaultedPages::new(
             layout.iter().map(|r| (r.gpa, r.size)),
-        ));
+        )));
         Ok(layout)
     }
 
@@ -149,6 +227,27 @@ impl DestinationVm for MachineDestination {
         Ok(())
     }
 
+    fn expect_pages(&self, runs: Vec<(u64, u32)>) {
+        let (Ok(incoming), Some(prefaulted)) = (self.incoming(), &self.prefaulted) else {
+            return;
+        };
+        let pages: u64 = runs.iter().map(|r| u64::from(r.1)).sum();
+        let mut slot = self.prefaulter.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            return;
+        }
+        match Prefaulter::start(incoming.memory().clone(), prefaulted.clone(), runs) {
+            Ok(p) => {
+                log::info!(
+                    "the first pass left {pages} pages for later: a helper thread faults \
+                     them in meanwhile, from the last one down"
+                );
+                *slot = Some(p);
+            }
+            Err(e) => log::warn!("no prefault helper ({e}): the receiver faults pages in"),
+        }
+    }
+
     fn restore_state(&mut self, vcpus: &[u8], _devices: &[u8]) -> HookResult<()> {
         let state: MachineState =
             serde_json::from_slice(vcpus).map_err(|e| format!("machine state: {e}"))?;
@@ -162,6 +261,7 @@ impl DestinationVm for MachineDestination {
     }
 
     fn postcopy_ram(&mut self) -> HookResult<Arc<dyn PostcopyRam>> {
+        self.stop_prefaulter();
         let ram = Arc::new(super::postcopy::UffdRam::new(self.incoming()?.memory())?);
         self.postcopy = Some(ram.clone());
         Ok(ram)
@@ -191,6 +291,7 @@ impl DestinationVm for MachineDestination {
     }
 
     fn resume(&mut self) -> HookResult<()> {
+        self.stop_prefaulter();
         let incoming = self
             .incoming
             .take()
