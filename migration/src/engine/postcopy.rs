@@ -698,87 +698,104 @@ fn fault_loop<S: MigrationStream>(
     Ok(())
 }
 
-/// Places the pages the source streams until its `PostcopyDone`; each page once.
+/// Threads placing received chunks while the receiving thread reads the next ones: on a
+/// nested host placing a page (`UFFDIO_COPY`, its first touch here) costs several times
+/// reading it, and two placers share that over both cores.
+const PLACERS: usize = 2;
+/// Chunks read ahead of their placing: a page asked for waits behind at most this many
+/// (besides the ones being placed).
+const PLACE_QUEUE: usize = 2;
+
+/// A chunk read off the connection, owned, on its way to a placer.
+#[derive(Default)]
+struct PlaceJob {
+    gpa: u64,
+    page_count: u32,
+    data_map: Vec<u8>,
+    data: Vec<u8>,
+    wire: u64,
+}
+
+impl PlaceJob {
+    fn chunk(&self) -> MemoryChunk<'_> {
+        MemoryChunk {
+            gpa: self.gpa,
+            page_count: self.page_count,
+            data_map: &self.data_map,
+            data: &self.data,
+        }
+    }
+}
+
+/// Places the pages the source streams until its `PostcopyDone`; each page once. The
+/// chunks are placed by [`PLACERS`] threads; a page counts as received (and a fault on
+/// it is answered here, not asked for) only once placed.
 fn receive_pages<S: MigrationStream>(
     ram: &dyn PostcopyRam,
     conn: &mut MessageReader<Watched<S>>,
     pages: &Mutex<DestPages>,
     progress: &MigrationProgress,
 ) -> Result<Vec<u8>, ReceiveError> {
-    let mut sparse_pages = Vec::new();
-    let mut sparse_map = Vec::new();
-    let source_info = loop {
-        let msg = conn.read_message()?;
-        let (chunk, wire) = match msg {
-            Message::MemoryChunk(c) => {
-                let wire =
-                    (crate::protocol::HEADER_LEN + 16 + c.data_map.len() + c.data.len()) as u64;
-                (c, wire)
+    let (jobs, queue) = mpsc::sync_channel::<PlaceJob>(PLACE_QUEUE);
+    // Shared by the placers only: once all of them ended, sending fails.
+    let queue = Arc::new(Mutex::new(queue));
+    let (spare_tx, spare) = mpsc::channel::<PlaceJob>();
+    let source_info = std::thread::scope(|s| {
+        let mut threads = Vec::with_capacity(PLACERS);
+        for i in 0..PLACERS {
+            let queue = queue.clone();
+            let spare_tx = spare_tx.clone();
+            let placer = std::thread::Builder::new()
+                .name(format!("mig-place-{i}"))
+                .spawn_scoped(s, move || {
+                    ferry_seccomp::install_or_exit(ferry_seccomp::ThreadKind::MigrationReceiver);
+                    loop {
+                        let job = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok(job) = job else {
+                            return Ok(());
+                        };
+                        place_chunk(ram, pages, progress, &job)?;
+                        let _ = spare_tx.send(job);
+                    }
+                });
+            match placer {
+                Ok(p) => threads.push(p),
+                Err(e) => {
+                    drop(jobs);
+                    return Err(ReceiveError::Vm {
+                        op: "postcopy",
+                        reason: format!("starting a placing thread: {e}"),
+                    });
+                }
             }
-            Message::SparseChunk(c) => {
-                c.expand(&mut sparse_pages, &mut sparse_map);
-                let wire = (crate::protocol::HEADER_LEN + 16 + c.body.len()) as u64;
-                (
-                    MemoryChunk {
-                        gpa: c.gpa,
-                        page_count: c.page_count,
-                        data_map: &sparse_map,
-                        data: &sparse_pages,
-                    },
-                    wire,
-                )
-            }
-            Message::PostcopyDone { source_info } => break source_info.to_vec(),
-            Message::Abort { reason } => return Err(ReceiveError::PeerAborted(reason.to_string())),
-            other => {
-                return Err(ReceiveError::Unexpected {
-                    found: other.kind(),
-                    during: "postcopy",
+        }
+        drop(queue);
+        let read = read_chunks(conn, pages, &jobs, &spare);
+        // The placers finish what was read, then end.
+        drop(jobs);
+        let mut placed = Ok(());
+        for p in threads {
+            let r = p.join().unwrap_or_else(|_| {
+                Err(ReceiveError::Vm {
+                    op: "postcopy",
+                    reason: "a placing thread panicked".into(),
                 })
-            }
-        };
-        {
-            let p = lock(pages);
-            if !p
-                .received
-                .contains_range(chunk.gpa, u64::from(chunk.page_count))
-            {
-                return Err(ReceiveError::OutsideRam {
-                    gpa: chunk.gpa,
-                    pages: chunk.page_count,
-                });
-            }
-            if let Some(i) = (0..u64::from(chunk.page_count))
-                .find(|&i| p.received.contains(chunk.gpa + i * PAGE))
-            {
-                return Err(ReceiveError::PostcopyPageTwice {
-                    gpa: chunk.gpa + i * PAGE,
-                });
+            });
+            if placed.is_ok() {
+                placed = r;
             }
         }
-        // Placed first, recorded after: a fault seen in between asks again, which the
-        // source ignores (the page left it already).
-        for run in chunk.runs() {
-            match run {
-                PageRun::Data { gpa, data } => ram.place(gpa, data),
-                PageRun::Zero { gpa, pages } => ram.place_zero(gpa, u64::from(pages)),
-            }
-            .map_err(vm_err("postcopy place"))?;
+        match (read, placed) {
+            // The placers' error is why the reading stopped.
+            (Err(ReadStop::Placers), Err(e)) | (Ok(_), Err(e)) => Err(e),
+            (Err(ReadStop::Placers), Ok(())) => Err(ReceiveError::Vm {
+                op: "postcopy",
+                reason: "the placing threads ended".into(),
+            }),
+            (Err(ReadStop::Error(e)), _) => Err(e),
+            (Ok(info), Ok(())) => Ok(info),
         }
-        let left = {
-            let mut p = lock(pages);
-            p.received
-                .insert_range(chunk.gpa, u64::from(chunk.page_count) * PAGE);
-            p.received.total_pages() - p.received.count()
-        };
-        progress.update(|i| {
-            i.ram.duplicate += u64::from(chunk.zero_pages());
-            i.ram.normal += u64::from(chunk.data_pages());
-            i.ram.normal_bytes += chunk.data.len() as u64;
-            i.ram.transferred += wire;
-            i.ram.remaining = left * PAGE;
-        });
-    };
+    })?;
     let p = lock(pages);
     if let Some(first_gpa) = p.received.first_missing() {
         return Err(ReceiveError::MissingPages {
@@ -788,6 +805,120 @@ fn receive_pages<S: MigrationStream>(
         });
     }
     Ok(source_info)
+}
+
+/// Why the receiving thread stopped reading before `PostcopyDone`.
+enum ReadStop {
+    Error(ReceiveError),
+    /// No placer takes chunks any more (one failed: its error says why).
+    Placers,
+}
+
+impl From<ReceiveError> for ReadStop {
+    fn from(e: ReceiveError) -> Self {
+        ReadStop::Error(e)
+    }
+}
+
+impl From<ProtocolError> for ReadStop {
+    fn from(e: ProtocolError) -> Self {
+        ReadStop::Error(e.into())
+    }
+}
+
+/// Reads chunks until `PostcopyDone` (returns its `source_info`) and queues each for a
+/// placer, after checking it lies in RAM and brings no page a second time.
+fn read_chunks<S: MigrationStream>(
+    conn: &mut MessageReader<Watched<S>>,
+    pages: &Mutex<DestPages>,
+    jobs: &mpsc::SyncSender<PlaceJob>,
+    spare: &mpsc::Receiver<PlaceJob>,
+) -> Result<Vec<u8>, ReadStop> {
+    // Pages read so far, placed or on their way.
+    let mut arrived = lock(pages).received.clone();
+    loop {
+        let msg = conn.read_message()?;
+        let mut job = spare.try_recv().unwrap_or_default();
+        match msg {
+            Message::MemoryChunk(c) => {
+                job.wire =
+                    (crate::protocol::HEADER_LEN + 16 + c.data_map.len() + c.data.len()) as u64;
+                job.gpa = c.gpa;
+                job.page_count = c.page_count;
+                job.data_map.clear();
+                job.data_map.extend_from_slice(c.data_map);
+                job.data.clear();
+                job.data.extend_from_slice(c.data);
+            }
+            Message::SparseChunk(c) => {
+                c.expand(&mut job.data, &mut job.data_map);
+                job.wire = (crate::protocol::HEADER_LEN + 16 + c.body.len()) as u64;
+                job.gpa = c.gpa;
+                job.page_count = c.page_count;
+            }
+            Message::PostcopyDone { source_info } => return Ok(source_info.to_vec()),
+            Message::Abort { reason } => {
+                return Err(ReceiveError::PeerAborted(reason.to_string()).into())
+            }
+            other => {
+                return Err(ReceiveError::Unexpected {
+                    found: other.kind(),
+                    during: "postcopy",
+                }
+                .into())
+            }
+        }
+        let (gpa, count) = (job.gpa, u64::from(job.page_count));
+        if !arrived.contains_range(gpa, count) {
+            return Err(ReceiveError::OutsideRam {
+                gpa,
+                pages: job.page_count,
+            }
+            .into());
+        }
+        if let Some(i) = (0..count).find(|&i| arrived.contains(gpa + i * PAGE)) {
+            return Err(ReceiveError::PostcopyPageTwice {
+                gpa: gpa + i * PAGE,
+            }
+            .into());
+        }
+        arrived.insert_range(gpa, count * PAGE);
+        if jobs.send(job).is_err() {
+            return Err(ReadStop::Placers);
+        }
+    }
+}
+
+/// Places one chunk, then records its pages as received. Placed first, recorded after: a
+/// fault seen in between asks again, which the source ignores (the page left it already).
+fn place_chunk(
+    ram: &dyn PostcopyRam,
+    pages: &Mutex<DestPages>,
+    progress: &MigrationProgress,
+    job: &PlaceJob,
+) -> Result<(), ReceiveError> {
+    let chunk = job.chunk();
+    for run in chunk.runs() {
+        match run {
+            PageRun::Data { gpa, data } => ram.place(gpa, data),
+            PageRun::Zero { gpa, pages } => ram.place_zero(gpa, u64::from(pages)),
+        }
+        .map_err(vm_err("postcopy place"))?;
+    }
+    let left = {
+        let mut p = lock(pages);
+        p.received
+            .insert_range(chunk.gpa, u64::from(chunk.page_count) * PAGE);
+        p.received.total_pages() - p.received.count()
+    };
+    progress.update(|i| {
+        i.ram.duplicate += u64::from(chunk.zero_pages());
+        i.ram.normal += u64::from(chunk.data_pages());
+        i.ram.normal_bytes += chunk.data.len() as u64;
+        i.ram.transferred += job.wire;
+        i.ram.remaining = left * PAGE;
+    });
+    Ok(())
 }
 
 /// Takes up a postcopy migration whose link broke ([`SendError::PostcopyLinkLost`]) over a
