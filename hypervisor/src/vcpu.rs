@@ -116,6 +116,18 @@ impl Vcpu {
         KICK_TARGET.with(|t| t.set(run));
     }
 
+    /// Makes the next `KVM_RUN` return at once ([`VcpuExit::Interrupted`]) without running
+    /// a guest instruction, after KVM finished the access of the last I/O or MMIO exit.
+    /// KVM completes such an access (an `IN`'s value into its register, the instruction
+    /// skipped) only on the next `KVM_RUN`; state saved before that would replay the
+    /// access wherever it is restored. A string access may first exit once more.
+    pub fn request_immediate_exit(&mut self) {
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        // SAFETY: `run` is this vCPU's kvm_run mapping, alive as long as self.fd; only this
+        // thread (and its own kick handler, which stores the same value) writes the byte.
+        unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1) };
+    }
+
     /// Runs the vCPU until the next exit the VMM must see. A ring-full exit is handled
     /// here (harvest + reset, counted) and reported so callers may count or throttle.
     pub fn run(&mut self) -> Result<VcpuExit<'_>> {

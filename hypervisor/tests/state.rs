@@ -72,3 +72,71 @@ fn restored_vcpu_continues_where_the_saved_one_stopped() {
         "guest time does not go backwards: {tsc_a} -> {tsc_b}"
     );
 }
+
+/// 32-bit code: `in al, 0xf5; out 0xf4, al; hlt`.
+const READ_CODE: [u8; 5] = [0xe4, 0xf5, 0xe6, 0xf4, 0xf4];
+
+/// A guest stopped at an `IN`: runs `READ_CODE` until its read of port 0xf5, answers
+/// 0x77, and returns the guest with that exit handled but not re-entered.
+fn stopped_at_in() -> Guest {
+    let mut g = guest(Mode::Ring(4096), 16 << 20);
+    // SAFETY: 0x2000 + 5 is inside the 16 MiB mapping.
+    unsafe { std::ptr::copy_nonoverlapping(READ_CODE.as_ptr(), g.mem.add(0x2000), 5) };
+    let mut regs = g.vcpus[0].fd().get_regs().unwrap();
+    regs.rip = 0x2000;
+    regs.rflags = 2;
+    regs.rax = 0;
+    g.vcpus[0].fd().set_regs(&regs).unwrap();
+    loop {
+        match g.vcpus[0].run().unwrap() {
+            VcpuExit::IoIn(0xf5, data) => {
+                data[0] = 0x77;
+                return g;
+            }
+            VcpuExit::Interrupted => {}
+            e => panic!("unexpected exit {e:?}"),
+        }
+    }
+}
+
+/// KVM finishes an `IN` (its value into `al`, the instruction skipped) only on the next
+/// KVM_RUN. State saved right after the exit replays the read wherever it is restored;
+/// with `request_immediate_exit` that KVM_RUN finishes the read and returns at once, and
+/// the saved state holds the value, past the instruction.
+#[test]
+fn an_in_is_finished_before_the_state_is_saved() {
+    // Saved at once: still at the `IN`, without its value (what the VMM must avoid).
+    let a = stopped_at_in();
+    let early = a.vcpus[0].save_state().unwrap();
+    assert_eq!(early.regs.rip, 0x2000, "the IN is not finished yet");
+    assert_ne!(early.regs.rax & 0xff, 0x77);
+
+    // Finished first, as the vCPU threads do before they park.
+    let mut a = stopped_at_in();
+    a.vcpus[0].request_immediate_exit();
+    match a.vcpus[0].run().unwrap() {
+        VcpuExit::Interrupted => {}
+        e => panic!("the finishing KVM_RUN ran the guest on: {e:?}"),
+    }
+    let state = a.vcpus[0].save_state().unwrap();
+    assert_eq!(state.regs.rip, 0x2002, "past the IN, and no further");
+    assert_eq!(state.regs.rax & 0xff, 0x77, "the value read is in al");
+    let vm_state = a.vm.save_state().unwrap();
+
+    // Restored elsewhere, it goes on with the `OUT` of the value: no second read.
+    let mut b = guest(Mode::Ring(4096), 16 << 20);
+    // SAFETY: both mappings are 16 MiB; copy the guest's RAM as migration would.
+    unsafe { std::ptr::copy_nonoverlapping(a.mem, b.mem, 16 << 20) };
+    b.vm.restore_state(&vm_state).unwrap();
+    b.vcpus[0].restore_state(&state).unwrap();
+    loop {
+        match b.vcpus[0].run().unwrap() {
+            VcpuExit::IoOut(0xf4, d) => {
+                assert_eq!(d, [0x77]);
+                break;
+            }
+            VcpuExit::Interrupted => {}
+            e => panic!("unexpected exit after the restore: {e:?}"),
+        }
+    }
+}

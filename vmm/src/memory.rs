@@ -225,25 +225,28 @@ pub fn advise_huge_pages(mem: &GuestMemoryMmap) {
 mod tests {
     #[test]
     fn prefaulted_pages_fault_each_page_in_once() {
-        // Two ranges with a hole between them, the second not a multiple of 64 pages.
-        let p = super::PrefaultedPages::new([(0, 1 << 20), (4 << 20, 70 * 4096)]);
+        // Two ranges with a hole between them, neither a multiple of 64 pages: the first
+        // has 260 pages, so the second's bits start at 260, inside a word.
+        let p = super::PrefaultedPages::new([(0, 260 * 4096), (4 << 20, 70 * 4096)]);
         assert!(p.mark(8192, 3 * 4096), "first time: pages 2-4 are new");
         assert!(!p.mark(8192, 3 * 4096), "second time: nothing new");
         assert!(!p.mark(12288, 4096), "a page inside the marked run");
         assert!(p.mark(0, 5 * 4096), "pages 0-1 are new, 2-4 not");
         assert!(!p.mark(0, 5 * 4096));
-        // Across a word boundary in the second range (its bits start at 256).
+        // Across a word boundary in the second range (its bits 60-67 are 320-327).
         let g = 4 << 20;
         assert!(p.mark(g + 60 * 4096, 8 * 4096));
         assert!(!p.mark(g + 62 * 4096, 6 * 4096));
         assert!(p.mark(g, 70 * 4096), "the rest of the range is new");
         assert!(!p.mark(g, 70 * 4096));
         assert!(!p.mark(g + 69 * 4096, 4096), "its last page");
-        // The first range's last word is untouched by the second's marks.
-        assert!(p.mark((1 << 20) - 4096, 4096));
+        // The first range's last pages share a word with the second's first: untouched
+        // by the second's marks.
+        assert!(p.mark(256 * 4096, 4 * 4096));
+        assert!(!p.mark(259 * 4096, 4096));
         // Outside RAM or across the hole: nothing to do here.
         assert!(!p.mark(2 << 20, 4096));
-        assert!(!p.mark((1 << 20) - 4096, 2 * 4096));
+        assert!(!p.mark(259 * 4096, 2 * 4096));
     }
 
     use super::*;

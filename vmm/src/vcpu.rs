@@ -537,6 +537,9 @@ fn run_loop(
     let mut saved_gen = 0;
     let mut throttle_seen = ctl.throttle_gen.load(Ordering::SeqCst);
     let mut nmi_seen = ctl.nmi_gen.load(Ordering::SeqCst);
+    // The last exit handed an I/O or MMIO access to the VMM: KVM finishes it in the next
+    // KVM_RUN.
+    let mut access_pending = false;
     loop {
         let nmi = ctl.nmi_gen.load(Ordering::SeqCst);
         if nmi != nmi_seen {
@@ -550,15 +553,29 @@ fn run_loop(
         }
         if ctl.pending.load(Ordering::SeqCst) {
             ctl.nap_if_throttled(&mut throttle_seen);
-            if ctl.pause_requested() {
-                ctl.record(vcpu);
-            }
-            if !ctl.checkpoint(vcpu, &mut saved_gen, c) {
-                return;
+            if ctl.pause_requested() && access_pending {
+                // Parked now, the saved state would replay the access (a second read of
+                // a port, on the destination): one KVM_RUN that finishes it and runs no
+                // guest instruction first.
+                vcpu.request_immediate_exit();
+            } else {
+                if ctl.pause_requested() {
+                    ctl.record(vcpu);
+                }
+                if !ctl.checkpoint(vcpu, &mut saved_gen, c) {
+                    return;
+                }
             }
         }
         let ran = vcpu.run();
         slot.runs.fetch_add(1, Ordering::SeqCst);
+        access_pending = matches!(
+            ran,
+            Ok(VcpuExit::IoIn(..)
+                | VcpuExit::IoOut(..)
+                | VcpuExit::MmioRead(..)
+                | VcpuExit::MmioWrite(..))
+        );
         let event = match ran {
             Ok(VcpuExit::IoOut(port, data)) => {
                 c.io_out.fetch_add(1, Ordering::Relaxed);

@@ -640,16 +640,16 @@ impl Session<'_> {
                             return Err(self.peer_reason(conn).unwrap_or(e));
                         }
                     };
+                    // Every connection's share of pass 0 is stored: what is missing now
+                    // comes later. Taken before the ack, after which pass 1 may arrive.
+                    let missing = (iteration == 0)
+                        .then(|| shared.pages().received.missing_runs(u32::MAX))
+                        .filter(|m| !m.is_empty());
                     if acks {
                         send_step(conn, &Message::PassReceived { iteration })?;
                     }
-                    if iteration == 0 {
-                        // Every connection's share of pass 0 is stored: what is missing
-                        // now comes later.
-                        let missing = shared.pages().received.missing_runs(u32::MAX);
-                        if !missing.is_empty() {
-                            shared.vm.expect_pages(missing);
-                        }
+                    if let Some(missing) = missing {
+                        shared.vm.expect_pages(missing);
                     }
                     let ms = last_iteration.elapsed().as_millis() as u64;
                     last_iteration = Instant::now();

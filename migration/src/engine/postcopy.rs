@@ -740,11 +740,14 @@ fn receive_pages<S: MigrationStream>(
     // Shared by the placers only: once all of them ended, sending fails.
     let queue = Arc::new(Mutex::new(queue));
     let (spare_tx, spare) = mpsc::channel::<PlaceJob>();
+    // A placer failed: stop reading at once (its chunk's pages would never come).
+    let failed = AtomicBool::new(false);
     let source_info = std::thread::scope(|s| {
         let mut threads = Vec::with_capacity(PLACERS);
         for i in 0..PLACERS {
             let queue = queue.clone();
             let spare_tx = spare_tx.clone();
+            let failed = &failed;
             let placer = std::thread::Builder::new()
                 .name(format!("mig-place-{i}"))
                 .spawn_scoped(s, move || {
@@ -754,7 +757,10 @@ fn receive_pages<S: MigrationStream>(
                         let Ok(job) = job else {
                             return Ok(());
                         };
-                        place_chunk(ram, pages, progress, &job)?;
+                        if let Err(e) = place_chunk(ram, pages, progress, &job) {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
                         let _ = spare_tx.send(job);
                     }
                 });
@@ -770,7 +776,7 @@ fn receive_pages<S: MigrationStream>(
             }
         }
         drop(queue);
-        let read = read_chunks(conn, pages, &jobs, &spare);
+        let read = read_chunks(conn, pages, &jobs, &spare, &failed);
         // The placers finish what was read, then end.
         drop(jobs);
         let mut placed = Ok(());
@@ -792,7 +798,12 @@ fn receive_pages<S: MigrationStream>(
                 op: "postcopy",
                 reason: "the placing threads ended".into(),
             }),
-            (Err(ReadStop::Error(e)), _) => Err(e),
+            (Err(ReadStop::Error(e)), placed) => {
+                if let Err(p) = placed {
+                    log::warn!("postcopy: placing pages failed too: {p}");
+                }
+                Err(e)
+            }
             (Ok(info), Ok(())) => Ok(info),
         }
     })?;
@@ -833,6 +844,7 @@ fn read_chunks<S: MigrationStream>(
     pages: &Mutex<DestPages>,
     jobs: &mpsc::SyncSender<PlaceJob>,
     spare: &mpsc::Receiver<PlaceJob>,
+    failed: &AtomicBool,
 ) -> Result<Vec<u8>, ReadStop> {
     // Pages read so far, placed or on their way.
     let mut arrived = lock(pages).received.clone();
@@ -883,7 +895,7 @@ fn read_chunks<S: MigrationStream>(
             .into());
         }
         arrived.insert_range(gpa, count * PAGE);
-        if jobs.send(job).is_err() {
+        if failed.load(Ordering::Relaxed) || jobs.send(job).is_err() {
             return Err(ReadStop::Placers);
         }
     }

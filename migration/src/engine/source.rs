@@ -526,6 +526,9 @@ fn split_runs(runs: &[(u64, u32)], n: usize) -> Vec<&[(u64, u32)]> {
 const THROTTLE_INITIAL: u8 = 20;
 const THROTTLE_STEP: u8 = 10;
 const THROTTLE_MAX: u8 = 99;
+/// The most the throttle starts at after the first pass: one pass is little evidence (a
+/// guest filling fresh memory once looks like one that outdirties the link).
+const OUTDIRTIED_THROTTLE_MAX: u8 = 50;
 
 /// Auto-converge's next throttle, from `current` (percent), when the dirty set stopped
 /// shrinking: one that would hold the guest, which dirtied `dirty_rate` pages a second
@@ -830,12 +833,15 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
                 && expected > self.opts.downtime
                 && self.page_rate.is_some_and(|r| self.dirty_rate > r);
             if self.opts.auto_converge && (outdirtied || iteration >= 2 && !convergence.shrank) {
-                let why = if outdirtied {
-                    "were dirtied faster than they went out"
+                let (why, most) = if outdirtied {
+                    (
+                        "were dirtied faster than they went out",
+                        OUTDIRTIED_THROTTLE_MAX,
+                    )
                 } else {
-                    "no longer shrink"
+                    ("no longer shrink", THROTTLE_MAX)
                 };
-                self.throttle_more(pending.count(), why)?;
+                self.throttle_more(pending.count(), why, most)?;
             }
             if self.started.elapsed() >= self.opts.timeout {
                 match self.opts.timeout_strategy {
@@ -1198,9 +1204,9 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
 
     /// Auto-converge: the dirty set no longer shrinks and does not fit, so hold the
     /// vCPUs back more.
-    fn throttle_more(&mut self, dirty_pages: u64, why: &str) -> Result<(), SendError> {
+    fn throttle_more(&mut self, dirty_pages: u64, why: &str, most: u8) -> Result<(), SendError> {
         let page_rate = self.page_rate.unwrap_or(0.0);
-        let next = aimed_throttle(self.throttle, self.dirty_rate, page_rate);
+        let next = aimed_throttle(self.throttle, self.dirty_rate, page_rate).min(most);
         if next == self.throttle {
             return Ok(());
         }
@@ -1209,7 +1215,8 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
             "auto-converge: {dirty_pages} dirty pages {why} and do not fit {} ms; \
              the guest dirtied {:.0} pages/s at {}% throttle against {:.0} sent: vCPUs \
              throttled to {next}% (aimed at {SHRINK_NUM}/{SHRINK_DEN} of the pages sent, at \
-             least {THROTTLE_INITIAL}% then {THROTTLE_STEP}% more a step)",
+             least {THROTTLE_INITIAL}% then {THROTTLE_STEP}% more a step, at most {most}% \
+             this step)",
             self.opts.downtime.as_millis(),
             self.dirty_rate,
             self.throttle,
