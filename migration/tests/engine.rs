@@ -518,6 +518,43 @@ fn non_convergence_with_cancel_keeps_the_source_running() {
     assert!(!d.resumed);
 }
 
+/// A guest that dirties pages faster than pass 0 sends them (every read of the dirty log
+/// says all of RAM; pass 0 reads it after 50 ms, about half-way, and leaves the rest for
+/// later) is throttled after that first pass, and that first step stays at 50 % even
+/// though its rates call for more: one pass is little evidence.
+#[test]
+fn a_guest_outdirtying_the_first_pass_is_throttled_at_most_half_after_it() {
+    let src = FakeSource::new(true);
+    *src.read_delay.lock().unwrap() = Duration::from_micros(100);
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = spawn_destination(b, FakeDestination::default());
+    let progress = MigrationProgress::new();
+    let opts = fast_opts(
+        Duration::from_nanos(1),
+        Duration::from_millis(400),
+        TimeoutStrategy::Cancel,
+    );
+    let e = send_migration(&*src, a, &opts, &progress).unwrap_err();
+    assert!(matches!(e, SendError::TimedOut { .. }), "{e}");
+    let info = progress.snapshot();
+    let first = &info.iterations[0];
+    assert!(first.pages < 1024, "pass 0 sent all {} pages", first.pages);
+    let throttles = src.throttles.lock().unwrap().clone();
+    // 50 % first (the rates would have given more: the next step, aimed the same way,
+    // goes past it), then let go at the end.
+    assert_eq!(
+        throttles.first(),
+        Some(&50),
+        "{throttles:?} {:?}",
+        info.iterations
+    );
+    if throttles.len() > 2 {
+        assert!(throttles[1] > 60, "{throttles:?}");
+    }
+    assert_eq!(throttles.last(), Some(&0), "{throttles:?}");
+    let _ = dest.join().unwrap();
+}
+
 #[test]
 fn non_convergence_with_ignore_switches_over() {
     let src = FakeSource::new(true);

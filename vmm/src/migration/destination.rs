@@ -37,8 +37,8 @@ pub struct MachineDestination {
 }
 
 /// A thread faulting in the pages the first pass left out, from the last one down, while
-/// the receiving thread writes them from the first one up: where they meet, the rest is
-/// the receiver's. It holds its own handle on guest RAM, so the mapping outlives it.
+/// the receiving thread writes them from the first one up; pieces already faulted in are
+/// skipped. It holds its own handle on guest RAM, so the mapping outlives it.
 /// Dropping it stops the thread and waits for it (at most one piece).
 struct Prefaulter {
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -70,12 +70,11 @@ impl Prefaulter {
                             break 'runs;
                         }
                         let start = end.saturating_sub(Self::PIECE).max(gpa);
-                        // Already there: the receiver got this far.
-                        if !prefaulted.prefault(&mem, start, (end - start) as usize) {
-                            log::debug!("prefault helper met the receiver at {start:#x}");
-                            break 'runs;
+                        // Pieces already there (a receiver got to them: with several
+                        // connections each writes its own stretch upwards) are skipped.
+                        if prefaulted.prefault(&mem, start, (end - start) as usize) {
+                            faulted += (end - start) / 4096;
                         }
-                        faulted += (end - start) / 4096;
                         end = start;
                     }
                 }
