@@ -473,19 +473,29 @@ fn over_tcp_loopback() {
     assert!(d.expected.lock().unwrap().is_empty());
 }
 
-#[test]
-fn non_convergence_with_cancel_keeps_the_source_running() {
-    let src = FakeSource::new(true);
+/// Migrates `src` (whose every collection says all RAM is dirty) with a 1 ns downtime
+/// until `timeout` cancels it; the error, the source's progress and the destination.
+fn until_cancelled(
+    src: &FakeSource,
+    timeout: Duration,
+) -> (
+    SendError,
+    MigrationProgress,
+    thread::JoinHandle<DestinationOutcome>,
+) {
     let (a, b) = UnixStream::pair().unwrap();
     let dest = spawn_destination(b, FakeDestination::default());
     let progress = MigrationProgress::new();
-    let opts = fast_opts(
-        Duration::from_nanos(1),
-        Duration::from_millis(300),
-        TimeoutStrategy::Cancel,
-    );
+    let opts = fast_opts(Duration::from_nanos(1), timeout, TimeoutStrategy::Cancel);
+    let e = send_migration(src, a, &opts, &progress).unwrap_err();
+    (e, progress, dest)
+}
+
+#[test]
+fn non_convergence_with_cancel_keeps_the_source_running() {
+    let src = FakeSource::new(true);
     let start = Instant::now();
-    let e = send_migration(&*src, a, &opts, &progress).unwrap_err();
+    let (e, progress, dest) = until_cancelled(&src, Duration::from_millis(300));
     assert!(start.elapsed() < Duration::from_secs(5));
     assert!(matches!(e, SendError::TimedOut { .. }), "{e}");
     assert!(e.to_string().contains("timed out"), "{e}");
@@ -526,15 +536,7 @@ fn non_convergence_with_cancel_keeps_the_source_running() {
 fn a_guest_outdirtying_the_first_pass_is_throttled_at_most_half_after_it() {
     let src = FakeSource::new(true);
     *src.read_delay.lock().unwrap() = Duration::from_micros(100);
-    let (a, b) = UnixStream::pair().unwrap();
-    let dest = spawn_destination(b, FakeDestination::default());
-    let progress = MigrationProgress::new();
-    let opts = fast_opts(
-        Duration::from_nanos(1),
-        Duration::from_millis(400),
-        TimeoutStrategy::Cancel,
-    );
-    let e = send_migration(&*src, a, &opts, &progress).unwrap_err();
+    let (e, progress, dest) = until_cancelled(&src, Duration::from_millis(400));
     assert!(matches!(e, SendError::TimedOut { .. }), "{e}");
     let info = progress.snapshot();
     let first = &info.iterations[0];

@@ -50,28 +50,14 @@ pub fn prefault(mem: &GuestMemoryMmap, gpa: u64, len: usize) {
 /// Which guest pages a migration destination has already faulted in, so that
 /// [`prefault`] runs once per page, not once per pass: on pages already there it walks
 /// the page table for nothing, ~0.14 µs a page here, half what copying the page in costs.
-pub struct PrefaultedPages {
-    /// Each RAM range's first guest address, size and first bit.
-    ranges: Vec<(u64, u64, usize)>,
-    bits: Vec<std::sync::atomic::AtomicU64>,
-}
+pub struct PrefaultedPages(std::sync::Mutex<vm_migration::page_set::PageSet>);
 
 impl PrefaultedPages {
-    /// No page faulted in yet, for guest RAM made of `ranges` (gpa, size).
-    pub fn new(ranges: impl IntoIterator<Item = (u64, u64)>) -> Self {
-        let mut next = 0usize;
-        let ranges: Vec<(u64, u64, usize)> = ranges
-            .into_iter()
-            .map(|(gpa, size)| {
-                let first = next;
-                next += size.div_ceil(4096) as usize;
-                (gpa, size, first)
-            })
-            .collect();
-        let bits = (0..next.div_ceil(64))
-            .map(|_| std::sync::atomic::AtomicU64::new(0))
-            .collect();
-        PrefaultedPages { ranges, bits }
+    /// No page faulted in yet, for guest RAM laid out as `ram`.
+    pub fn new(ram: &[vm_migration::RamRange]) -> Self {
+        PrefaultedPages(std::sync::Mutex::new(vm_migration::page_set::PageSet::new(
+            ram,
+        )))
     }
 
     /// Faults in the pages of `len` bytes at `gpa` unless every one of them was already
@@ -85,38 +71,16 @@ impl PrefaultedPages {
         true
     }
 
-    /// Marks the pages of `len` bytes at `gpa` faulted in; returns whether any was not.
+    /// Marks the pages of `len` bytes at `gpa` (page-aligned, inside one RAM range)
+    /// faulted in; returns whether any was not.
     fn mark(&self, gpa: u64, len: usize) -> bool {
-        use std::sync::atomic::Ordering;
-        let Some(&(base, _, first)) = self
-            .ranges
-            .iter()
-            .find(|(g, size, _)| gpa >= *g && gpa + len as u64 <= g + size)
-        else {
+        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !set.contains_range(gpa, (len as u64).div_ceil(4096)) {
             return false;
-        };
-        let start = first + ((gpa - base) / 4096) as usize;
-        let end = first + ((gpa - base + len as u64).div_ceil(4096)) as usize;
-        let mut new = false;
-        let mut bit = start;
-        while bit < end {
-            let word = bit / 64;
-            let lo = bit % 64;
-            let hi = (end - word * 64).min(64);
-            let mask = if hi - lo == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << (hi - lo)) - 1) << lo
-            };
-            // Relaxed: a lost race only means one more (harmless) prefault.
-            let w = &self.bits[word];
-            if w.load(Ordering::Relaxed) & mask != mask {
-                w.fetch_or(mask, Ordering::Relaxed);
-                new = true;
-            }
-            bit = word * 64 + hi;
         }
-        new
+        let before = set.count();
+        set.insert_range(gpa, len as u64);
+        set.count() > before
     }
 }
 
@@ -227,7 +191,8 @@ mod tests {
     fn prefaulted_pages_fault_each_page_in_once() {
         // Two ranges with a hole between them, neither a multiple of 64 pages: the first
         // has 260 pages, so the second's bits start at 260, inside a word.
-        let p = super::PrefaultedPages::new([(0, 260 * 4096), (4 << 20, 70 * 4096)]);
+        let ram = |gpa, size| vm_migration::RamRange { gpa, size };
+        let p = super::PrefaultedPages::new(&[ram(0, 260 * 4096), ram(4 << 20, 70 * 4096)]);
         assert!(p.mark(8192, 3 * 4096), "first time: pages 2-4 are new");
         assert!(!p.mark(8192, 3 * 4096), "second time: nothing new");
         assert!(!p.mark(12288, 4096), "a page inside the marked run");

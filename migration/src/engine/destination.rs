@@ -1104,7 +1104,7 @@ impl PassBarrier {
 }
 
 /// Wire bytes of a chunk frame (header, fixed fields, page map, data).
-fn chunk_wire_bytes(c: &MemoryChunk<'_>) -> u64 {
+pub(super) fn chunk_wire_bytes(c: &MemoryChunk<'_>) -> u64 {
     (crate::protocol::HEADER_LEN + 16 + c.data_map.len() + c.data.len()) as u64
 }
 

@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::destination::{vm_err, ReceiveError};
+use super::destination::{chunk_wire_bytes, vm_err, ReceiveError};
 use super::source::{hook, unexpected, SendError, Sender};
 use super::{DestinationVm, PostcopyRam, SourceVm, TEST_STALE_PAGE_ENV};
 use crate::page_set::PageSet;
@@ -853,8 +853,7 @@ fn read_chunks<S: MigrationStream>(
         let mut job = spare.try_recv().unwrap_or_default();
         match msg {
             Message::MemoryChunk(c) => {
-                job.wire =
-                    (crate::protocol::HEADER_LEN + 16 + c.data_map.len() + c.data.len()) as u64;
+                job.wire = chunk_wire_bytes(&c);
                 job.gpa = c.gpa;
                 job.page_count = c.page_count;
                 job.data_map.clear();

@@ -101,12 +101,10 @@ impl Drop for Prefaulter {
 }
 
 impl MachineDestination {
+    /// Set with `incoming` (in `check_config`), so there whenever a page can be written.
     fn prefault(&self, mem: &GuestMemoryMmap, gpa: u64, len: usize) {
-        match &self.prefaulted {
-            Some(p) => {
-                p.prefault(mem, gpa, len);
-            }
-            None => crate::memory::prefault(mem, gpa, len),
+        if let Some(p) = &self.prefaulted {
+            p.prefault(mem, gpa, len);
         }
     }
 
@@ -177,9 +175,7 @@ impl DestinationVm for MachineDestination {
             ));
         }
         self.incoming = Some(incoming);
-        self.prefaulted = Some(Arc::new(crate::memory::PrefaultedPages::new(
-            layout.iter().map(|r| (r.gpa, r.size)),
-        )));
+        self.prefaulted = Some(Arc::new(crate::memory::PrefaultedPages::new(&layout)));
         Ok(layout)
     }
 
