@@ -83,12 +83,19 @@ MODES = {
     "ferry-netns-ac": "Ferry netns (veth), auto-converge",
     "ferry-lo-fits": "Ferry loopback, switch-over Fits",
     "ferry-netns-fits": "Ferry netns (veth), switch-over Fits",
+    # Several streams on both: QEMU's multifd with 2 channels, Ferry's 2 connections.
+    "qemu-ring-mfd": "QEMU dirty ring (4096), multifd 2 channels",
+    "qemu-bitmap-mfd": "QEMU dirty bitmap, multifd 2 channels",
+    "ferry-lo-c2": "Ferry loopback, 2 connections",
+    "ferry-netns-c2": "Ferry netns (veth), 2 connections",
     # Postcopy after the same number of precopy passes on both (not in the default run).
     "qemu-postcopy": f"QEMU postcopy after {os.environ.get('POSTCOPY_AFTER', '2')} passes",
     "ferry-postcopy": f"Ferry postcopy after {os.environ.get('POSTCOPY_AFTER', '2')} passes",
 }
 DEFAULT_MODES = "qemu-ring qemu-bitmap ferry-lo ferry-netns"
 POSTCOPY_AFTER = int(os.environ.get("POSTCOPY_AFTER", "2"))
+# Streams in the several-stream modes (QEMU multifd channels, Ferry connections).
+STREAMS = 2
 PROGRESS = {
     "dirty": re.compile(r"guest: pass (\d+) (\d+)\r?\n"),
     "verify": re.compile(r"guest: verified (\d+) (\d+)\r?\n"),
@@ -451,6 +458,12 @@ def run_qemu(w, mode, d, port, rec):
             # QEMU's own throttle, at its defaults (20 % first, 10 % a step), as Ferry's.
             sq.cmd("migrate-set-capabilities",
                    {"capabilities": [{"capability": "auto-converge", "state": True}]})
+        if mode.endswith("-mfd"):
+            # Both ends, before the source connects (the destination listens already).
+            for q in (sq, dq):
+                q.cmd("migrate-set-capabilities",
+                      {"capabilities": [{"capability": "multifd", "state": True}]})
+                q.cmd("migrate-set-parameters", {"multifd-channels": STREAMS})
         postcopy = mode == "qemu-postcopy"
         if postcopy:
             for q in (sq, dq):
@@ -610,6 +623,8 @@ def run_ferry(w, mode, d, port, rec):
                  if mode == "ferry-postcopy" else [])
         if mode.endswith("-fits"):
             extra = ["--switch-over", "Fits"]
+        if mode.endswith("-c2"):
+            extra = ["--connections", str(STREAMS)]
         # Ferry throttles a guest that does not converge unless told not to; QEMU's
         # auto-converge is off unless asked for: neither throttles here, except in the
         # `-ac` modes, where both do.
@@ -809,7 +824,8 @@ def table(runs, wkeys, modes):
             ok = sum(r["ok"] for r in mr)
             out.append(f"| {MODES[m]} | {ok}/{len(mr)} | " + " | ".join(cells) + " |")
         for fm in ("ferry-lo", "ferry-netns", "ferry-lo-fits", "ferry-netns-fits",
-                   "ferry-lo-ac", "ferry-netns-ac", "ferry-postcopy"):
+                   "ferry-lo-c2", "ferry-netns-c2", "ferry-lo-ac", "ferry-netns-ac",
+                   "ferry-postcopy"):
             if fm not in modes or not any(r["mode"] == fm for r in rs):
                 continue
             # Postcopy against QEMU's postcopy, auto-converge against QEMU's with it,
@@ -819,7 +835,8 @@ def table(runs, wkeys, modes):
             elif fm.endswith("-ac"):
                 qmodes = ("qemu-ring-ac", "qemu-bitmap-ac")
             else:
-                qmodes = ("qemu-ring", "qemu-bitmap")
+                # Every QEMU precopy mode run, one stream or several: the best of them.
+                qmodes = ("qemu-ring", "qemu-bitmap", "qemu-ring-mfd", "qemu-bitmap-mfd")
             if not any(med.get((m, "total_ms")) is not None for m in qmodes):
                 continue
             cells = []
@@ -936,6 +953,13 @@ def write_report(runs, wkeys, modes, started, finished, cmd, mach):
                          "`--no-auto-converge`, with the same steps")
     else:
         throttle_note = "neither side has auto-converge or a switch-over timeout on"
+    streams_note = ""
+    if any(m.endswith(("-mfd", "-c2")) for m in modes):
+        streams_note = (f" The modes named *multifd* / *{STREAMS} connections* move the pages "
+                        f"over {STREAMS} streams: QEMU's `multifd` capability and "
+                        f"`multifd-channels` {STREAMS} set on both ends before the source "
+                        f"connects, Ferry's `send-migration --connections {STREAMS}`; every "
+                        f"other mode uses one.")
     md = f"""# Live migration: Ferry side by side with QEMU
 
 Measured {started} – {finished} on {mach['cpu']}, {mach['cores']} cores, {mach['memory']} RAM,
@@ -956,7 +980,7 @@ PVH ELF), memory, vCPUs and command line; one migration at a time, each round ru
 `tcp:127.0.0.1`, `query-migrate` every 20 ms until completed; destination started with
 `-incoming tcp:127.0.0.1:PORT`. Ferry: `send-migration --downtime-ms {DOWNTIME_MS} --no-auto-converge` through
 its REST API (`ferry-remote`), default dirty rings (65536 entries), over TCP on loopback and
-between two network namespaces joined by a veth pair. The migration starts
+between two network namespaces joined by a veth pair.{streams_note} The migration starts
 {SETTLE_S:g} s after the guest's first progress line (`pass`/`verified` of every vCPU; `ready`
 for idle; longer than the 2 s after which this host's kernel hands freed memory back to
 the outer hypervisor, whose first touch is then slow again, so that no mode's destination
@@ -991,8 +1015,10 @@ of the source and destination processes read just before they ended (for Ferry's
 which ends itself, the last reading ≤ 20 ms before; `ru_maxrss` from `wait4` is in the JSON
 as a check). *wall ms* (raw runs only): this script's clock from the migrate request to
 seeing it completed (QMP polled every 20 ms; Ferry: both `ferry-remote` calls returned).
-Ratio rows: Ferry's median / the better of the two QEMU medians (below 1 is
-better for Ferry, except Mbit/s).
+Ratio rows: Ferry's median / the best QEMU median among its modes that ran (precopy against
+every QEMU precopy mode, one stream or several; auto-converge against QEMU's with it;
+postcopy against QEMU's postcopy), for each column on its own (below 1 is better for
+Ferry, except Mbit/s).
 
 {tab}
 <details><summary>Every run</summary>
