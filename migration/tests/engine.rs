@@ -1903,6 +1903,8 @@ struct FakePostcopyRam {
     touches: Mutex<Vec<u64>>,
     /// Gpas reported as faults.
     faulted: Mutex<Vec<u64>>,
+    /// Placing this page fails (as a `UFFDIO_COPY` the kernel refuses).
+    fail_place_at: Option<u64>,
 }
 
 impl FakePostcopyRam {
@@ -1949,6 +1951,11 @@ impl vm_migration::PostcopyRam for FakePostcopyRam {
 
     fn place(&self, gpa: u64, data: &[u8]) -> HookResult<()> {
         assert!(self.armed.load(Ordering::SeqCst), "placed before arm");
+        if let Some(bad) = self.fail_place_at {
+            if (gpa..gpa + data.len() as u64).contains(&bad) {
+                return Err(format!("test: placing {bad:#x} fails"));
+            }
+        }
         for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
             let p = self.page(gpa + i as u64 * PAGE);
             let mut present = self.present.lock().unwrap();
@@ -1981,6 +1988,10 @@ struct PostcopyDestination {
     inner: FakeDestination,
     ram: Option<Arc<FakePostcopyRam>>,
     touches: Vec<u64>,
+    /// `pause_postcopy` was called (the vCPUs stopped after postcopy broke off).
+    postcopy_paused: bool,
+    /// See [`FakePostcopyRam::fail_place_at`].
+    fail_place_at: Option<u64>,
 }
 
 impl DestinationVm for PostcopyDestination {
@@ -2008,6 +2019,11 @@ impl DestinationVm for PostcopyDestination {
         true
     }
 
+    fn pause_postcopy(&mut self) -> HookResult<()> {
+        self.postcopy_paused = true;
+        Ok(())
+    }
+
     fn postcopy_ram(&mut self) -> HookResult<Arc<dyn vm_migration::PostcopyRam>> {
         let bytes = self.inner.ram.lock().unwrap().clone();
         let pages = bytes.len() / PAGE_SIZE;
@@ -2020,6 +2036,7 @@ impl DestinationVm for PostcopyDestination {
             armed: AtomicBool::new(false),
             touches: Mutex::new(self.touches.clone()),
             faulted: Mutex::new(Vec::new()),
+            fail_place_at: self.fail_place_at,
         });
         self.ram = Some(ram.clone());
         Ok(ram)
@@ -2064,6 +2081,8 @@ fn postcopy_after(passes: u32) {
                 inner: FakeDestination::default(),
                 ram: None,
                 touches,
+                postcopy_paused: false,
+                fail_place_at: None,
             };
             let progress = MigrationProgress::new();
             let r = receive_migration(&mut d, b, &receive_opts(), &progress);
@@ -2126,6 +2145,133 @@ fn postcopy_after(passes: u32) {
         );
     }
     assert_eq!(d.inner.state.as_ref(), Some(&src.state));
+}
+
+/// A hand-made postcopy session: every page but the first two of RAM (0x5a), the state,
+/// `PostcopyRun`, then what `tail` adds to the page stream.
+fn postcopy_session(tail: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut v = frame(&Message::Hello(Hello {
+        version: 1,
+        features: vm_migration::protocol::features::POSTCOPY,
+        build: "test",
+    }));
+    v.extend(frame(&Message::Config(Config {
+        ram: layout(),
+        vm_config: b"{}",
+    })));
+    let page = vec![0x5au8; PAGE_SIZE];
+    for r in layout() {
+        for p in 0..r.pages() {
+            let gpa = r.gpa + p * PAGE;
+            if gpa >= 2 * PAGE {
+                encode_memory_chunk(gpa, &page, &mut v).unwrap();
+            }
+        }
+    }
+    v.extend(frame(&Message::State {
+        vcpus: b"v",
+        devices: b"d",
+    }));
+    v.extend(frame(&Message::PostcopyRun { paused_us: 1 }));
+    tail(&mut v);
+    v
+}
+
+/// Feeds `bytes` to a postcopy-capable fake destination (no listener: a broken postcopy
+/// cannot be taken up again, the receive returns).
+fn feed_postcopy_destination(
+    bytes: Vec<u8>,
+    fail_place_at: Option<u64>,
+) -> (Result<MigrationInfo, ReceiveError>, PostcopyDestination) {
+    let (mut a, b) = UnixStream::pair().unwrap();
+    let dest = thread::spawn(move || {
+        let mut d = PostcopyDestination {
+            inner: FakeDestination::default(),
+            ram: None,
+            touches: Vec::new(),
+            postcopy_paused: false,
+            fail_place_at,
+        };
+        let progress = MigrationProgress::new();
+        let r = receive_migration(&mut d, b, &receive_opts(), &progress);
+        (r, d)
+    });
+    let mut reader = a.try_clone().unwrap();
+    let drain = thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = reader.read_to_end(&mut sink);
+    });
+    let _ = a.write_all(&bytes);
+    let _ = a.shutdown(std::net::Shutdown::Write);
+    let out = dest.join().unwrap();
+    let _ = a.shutdown(std::net::Shutdown::Both);
+    drain.join().unwrap();
+    out
+}
+
+/// During postcopy the VM already runs here: a source that sends a page a second time
+/// (it would overwrite what the guest wrote since) or a page outside RAM is refused, the
+/// vCPUs are stopped, and the error says which page; no page is placed twice. The same
+/// session with the two missing pages sent once each completes (the check that the
+/// hand-made session is otherwise valid).
+#[test]
+fn postcopy_destination_refuses_a_page_twice_or_outside_ram() {
+    let page = |b: u8| vec![b; PAGE_SIZE];
+    let done = |v: &mut Vec<u8>| {
+        v.extend(frame(&Message::PostcopyDone {
+            source_info: b"not json",
+        }))
+    };
+    let valid = postcopy_session(|v| {
+        encode_memory_chunk(0, &page(1), v).unwrap();
+        encode_memory_chunk(PAGE, &page(2), v).unwrap();
+        done(v);
+    });
+    let (r, d) = feed_postcopy_destination(valid.clone(), None);
+    r.expect("the valid postcopy session");
+    assert!(d.inner.resumed && !d.postcopy_paused);
+    let ram = d.ram.expect("postcopy was used");
+    assert_eq!(ram.placed.lock().unwrap()[..2], [1, 1]);
+    assert_eq!(ram.bytes.lock().unwrap()[PAGE_SIZE], 2);
+
+    let twice = postcopy_session(|v| {
+        encode_memory_chunk(0, &page(1), v).unwrap();
+        encode_memory_chunk(PAGE, &page(2), v).unwrap();
+        encode_memory_chunk(PAGE, &page(3), v).unwrap();
+        done(v);
+    });
+    let outside = postcopy_session(|v| {
+        encode_memory_chunk(0, &page(1), v).unwrap();
+        encode_memory_chunk(512 << 10, &page(3), v).unwrap();
+        done(v);
+    });
+    for (name, bytes, needle) in [
+        ("page twice", twice, "the page at 0x1000 a second time"),
+        ("outside RAM", outside, "0x80000"),
+    ] {
+        let (r, d) = feed_postcopy_destination(bytes, None);
+        let e = r.expect_err(name).to_string();
+        assert!(e.contains(needle), "{name}: {e}");
+        assert!(e.contains("the VM is paused here"), "{name}: {e}");
+        assert!(d.inner.resumed, "{name}: the VM ran under postcopy");
+        assert!(d.postcopy_paused, "{name}: the vCPUs were not stopped");
+        let ram = d.ram.expect("postcopy was used");
+        let placed = ram.placed.lock().unwrap();
+        assert!(
+            placed.iter().all(|&n| n <= 1),
+            "{name}: a page placed twice"
+        );
+        // The second copy of page 1 never reached guest RAM.
+        assert_ne!(ram.bytes.lock().unwrap()[PAGE_SIZE], 3, "{name}");
+    }
+
+    // A page the destination cannot place: the placer's own error is reported (not the
+    // pages it left missing), and the vCPUs are stopped.
+    let (r, d) = feed_postcopy_destination(valid, Some(PAGE));
+    let e = r.expect_err("a failed placement").to_string();
+    assert!(e.contains("test: placing 0x1000 fails"), "{e}");
+    assert!(e.contains("the VM is paused here"), "{e}");
+    assert!(d.postcopy_paused);
 }
 
 /// A source that asks for postcopy from a destination that cannot take it fails before
