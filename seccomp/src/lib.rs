@@ -176,8 +176,11 @@ pub fn init(mode: SeccompMode) -> Result<(), Error> {
 /// shrinks a thread's heap, and keeps the answer for the process. No thread filter but
 /// the VMM's allows `openat`, so a migration connection that freed its buffers first
 /// ended the process (seen with 2 connections on an 8 GiB guest). Here that first shrink
-/// happens before any filter: a thread grows its own heap by 8 MiB and frees it.
-/// (`FERRY_TEST_NO_MALLOC_PRIME` skips it, for the test that shows why it is here.)
+/// happens before any filter: a thread grows its own heap by 8 MiB and frees it. Should a
+/// raised trim threshold (glibc raises it after freeing a large mapping, or
+/// `MALLOC_TRIM_THRESHOLD_`) keep this heap from shrinking, the SIGSYS handler refuses
+/// that `openat` instead ([`REFUSED_CALL`]). (`FERRY_TEST_NO_MALLOC_PRIME` skips the
+/// priming, for the test that shows both.)
 fn prime_malloc() {
     let grow_and_free = || {
         // Pieces below the mmap threshold come from the thread's own heap; freed, they
@@ -382,6 +385,12 @@ impl Line {
 /// The line the handler writes for system call `nr` made by a thread named `name` of
 /// kind `kind`.
 fn forbidden_line(kind: &str, name: &[u8], nr: i64) -> Line {
+    let outcome: &[u8] = if nr == REFUSED_CALL {
+        b"refused with EACCES (glibc's malloc reads /proc/sys/vm/overcommit_memory once; it \
+          takes a refusal as 'do not shrink')"
+    } else {
+        b"ending the process (--seccomp log lets it through and logs it)"
+    };
     let mut line = Line {
         buf: [0; 512],
         len: 0,
@@ -400,20 +409,25 @@ fn forbidden_line(kind: &str, name: &[u8], nr: i64) -> Line {
     line.push(syscall_name(nr).unwrap_or("unknown").as_bytes());
     line.push(b" (");
     line.push_number(nr as u64);
-    line.push(
-        b"), which its filter does not allow; ending the process \
-          (--seccomp log lets it through and logs it)",
-    );
+    line.push(b"), which its filter does not allow; ");
+    line.push(outcome);
     line.buf[line.len] = b'\n';
     line.len += 1;
     line
 }
 
+/// The one call a thread's filter refuses without ending the process: `openat` fails with
+/// EACCES instead. glibc's malloc opens `/proc/sys/vm/overcommit_memory` the first time
+/// a thread's heap shrinks ([`prime_malloc`] makes that happen before any filter, but a
+/// raised trim threshold can defeat it); a refused open only keeps the heap from
+/// shrinking. Any other file a filtered thread opens fails the same way, with the line.
+const REFUSED_CALL: i64 = libc::SYS_openat;
+
 /// Where SIGSYS's siginfo keeps the system call number (`si_syscall` of `_sigsys`, after
 /// the three ints and padding of the header and the 8-byte `_call_addr`).
 const SI_SYSCALL_OFFSET: usize = 24;
 
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler; for SIGSYS from
     // seccomp its `_sigsys` member is filled in, whose `_syscall` int sits at
     // SI_SYSCALL_OFFSET (include/uapi/asm-generic/siginfo.h on x86_64).
@@ -424,12 +438,21 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
             .read_unaligned()
     };
     let line = forbidden_line(KIND.with(Cell::get), &NAME.with(Cell::get), i64::from(nr));
-    // SAFETY: write(2) and exit_group(2) are async-signal-safe and allowed in every filter
-    // (rules::BASE); the buffer outlives the call.
-    unsafe {
-        libc::write(libc::STDERR_FILENO, line.buf.as_ptr().cast(), line.len);
-        libc::syscall(libc::SYS_exit_group, EXIT_STATUS);
+    // SAFETY: write(2) is async-signal-safe and allowed in every filter (rules::BASE);
+    // the buffer outlives the call.
+    unsafe { libc::write(libc::STDERR_FILENO, line.buf.as_ptr().cast(), line.len) };
+    if i64::from(nr) == REFUSED_CALL && !ctx.is_null() {
+        // SAFETY: for a SA_SIGINFO handler `ctx` is the interrupted thread's ucontext_t;
+        // the trapped call did not run, and what rax holds when the handler returns is
+        // what the call returns (rt_sigreturn restores these registers).
+        unsafe {
+            let uc = &mut *ctx.cast::<libc::ucontext_t>();
+            uc.uc_mcontext.gregs[libc::REG_RAX as usize] = -i64::from(libc::EACCES);
+        }
+        return;
     }
+    // SAFETY: exit_group(2) is allowed in every filter (rules::BASE) and never returns.
+    unsafe { libc::syscall(libc::SYS_exit_group, EXIT_STATUS) };
 }
 
 #[cfg(test)]
