@@ -1004,8 +1004,9 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
         reply
     }
 
-    /// Sends every page in `pending` (emptying it), split between the connections, each
-    /// ending its share with `IterationDone`.
+    /// Sends every page in `pending` (emptying it), split between the connections (below
+    /// [`LANE_THREAD_MIN_PAGES`] all on the main one), each ending its share, empty or
+    /// not, with `IterationDone`.
     pub(super) fn send_pass(
         &mut self,
         iteration: u32,
