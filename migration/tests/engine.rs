@@ -829,8 +829,17 @@ fn truncated_stream_is_refused_and_the_source_keeps_running() {
 
 /// Sends `bytes` to a fresh destination and returns its outcome.
 fn feed_destination(bytes: Vec<u8>) -> DestinationOutcome {
+    feed(bytes, |b| spawn_destination(b, FakeDestination::default()))
+}
+
+/// Writes `bytes` into a destination that `start` runs on the other end of a socket
+/// pair, and returns what that destination's thread returned.
+fn feed<T: Send + 'static>(
+    bytes: Vec<u8>,
+    start: impl FnOnce(UnixStream) -> thread::JoinHandle<T>,
+) -> T {
     let (mut a, b) = UnixStream::pair().unwrap();
-    let dest = spawn_destination(b, FakeDestination::default());
+    let dest = start(b);
     // Drain the replies so that the destination never blocks on them.
     let mut reader = a.try_clone().unwrap();
     let drain = thread::spawn(move || {
@@ -2187,30 +2196,20 @@ fn feed_postcopy_destination(
     bytes: Vec<u8>,
     fail_place_at: Option<u64>,
 ) -> (Result<MigrationInfo, ReceiveError>, PostcopyDestination) {
-    let (mut a, b) = UnixStream::pair().unwrap();
-    let dest = thread::spawn(move || {
-        let mut d = PostcopyDestination {
-            inner: FakeDestination::default(),
-            ram: None,
-            touches: Vec::new(),
-            postcopy_paused: false,
-            fail_place_at,
-        };
-        let progress = MigrationProgress::new();
-        let r = receive_migration(&mut d, b, &receive_opts(), &progress);
-        (r, d)
-    });
-    let mut reader = a.try_clone().unwrap();
-    let drain = thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = reader.read_to_end(&mut sink);
-    });
-    let _ = a.write_all(&bytes);
-    let _ = a.shutdown(std::net::Shutdown::Write);
-    let out = dest.join().unwrap();
-    let _ = a.shutdown(std::net::Shutdown::Both);
-    drain.join().unwrap();
-    out
+    feed(bytes, move |b| {
+        thread::spawn(move || {
+            let mut d = PostcopyDestination {
+                inner: FakeDestination::default(),
+                ram: None,
+                touches: Vec::new(),
+                postcopy_paused: false,
+                fail_place_at,
+            };
+            let progress = MigrationProgress::new();
+            let r = receive_migration(&mut d, b, &receive_opts(), &progress);
+            (r, d)
+        })
+    })
 }
 
 /// During postcopy the VM already runs here: a source that sends a page a second time
