@@ -303,3 +303,48 @@ impl DestinationVm for MachineDestination {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The helper faulting in what pass 0 left out is gone before guest RAM goes under
+    /// userfaultfd: there, faulting in a missing page would wait for a source that sends
+    /// it, and a helper left running would hang (and the VM's teardown with it).
+    #[test]
+    fn the_prefault_helper_stops_before_postcopy_takes_the_ram() {
+        if !super::super::postcopy::available() {
+            eprintln!("skipped: no userfaultfd on this host");
+            return;
+        }
+        let mut config = VmConfig::default();
+        config.memory.size = 256 << 20;
+        let incoming = Machine::incoming(config).expect("an incoming machine");
+        let layout: Vec<RamRange> = incoming
+            .memory()
+            .iter()
+            .map(|r| RamRange {
+                gpa: r.start_addr().0,
+                size: r.len(),
+            })
+            .collect();
+        let mut d = MachineDestination {
+            prefaulted: Some(Arc::new(crate::memory::PrefaultedPages::new(&layout))),
+            incoming: Some(incoming),
+            ..Default::default()
+        };
+        // All of RAM left for later: the helper has 64k pages to fault in.
+        d.expect_pages(
+            layout
+                .iter()
+                .map(|r| (r.gpa, (r.size / 4096) as u32))
+                .collect(),
+        );
+        assert!(d.prefaulter.lock().unwrap().is_some(), "the helper started");
+        let _ram = d.postcopy_ram().expect("postcopy RAM");
+        assert!(
+            d.prefaulter.lock().unwrap().is_none(),
+            "the helper still runs with the RAM under userfaultfd"
+        );
+    }
+}
