@@ -984,13 +984,14 @@ Measured {started} – {finished} on {mach['cpu']}, {mach['cores']} cores, {mach
 Linux {mach['kernel']}, nested PVM-based KVM; {mach['qemu']}; Ferry: the binaries of the
 checkout at {mach['git_head']} (its head when the run started) as built {mach['ferry_built']}
 (copied before the run; sha256 in the JSON). {MACHINE_NOTE} The modes alternate run by run,
-so whatever noise there is hits them alike.
+so whatever noise there is hits them alike, and each round starts one mode later than the
+one before, so that no mode always follows the same one.
 
 Command: `{cmd}` ({PAIRS} round{'s' if PAIRS != 1 else ''} per workload; raw runs in
 [vs-qemu.json](vs-qemu.json)).
 
 Setup, the same for every mode: the same guest binary (`target/test-guest/guest.elf`, a
-PVH ELF), memory, vCPUs and command line; one migration at a time, each round running
+PVH ELF), memory, vCPUs and command line; one migration at a time, the first round running
 {order}. QEMU: `-accel kvm,dirty-ring-size=4096`
 (ring) or `-accel kvm` (bitmap), `-cpu {QEMU_CPU}`, `-kernel guest.elf -append ...`,
 `-device isa-debug-exit`, `-name vsq,debug-threads=on` (thread names only), QMP on a UNIX socket: `migrate-set-parameters` downtime-limit
@@ -1079,7 +1080,11 @@ def main():
     try:
         for wk in wkeys:
             for pair in range(1, PAIRS + 1):
-                for m in modes:
+                # Each round starts one mode later: a run is slower right after some
+                # others (on b, Ferry's was ~1 s slower right after a QEMU run than right
+                # after a Ferry one), and a fixed order would pin that on one mode.
+                shift = (pair - 1) % len(modes)
+                for m in modes[shift:] + modes[:shift]:
                     port += 1
                     rec = one_run(wk, m, pair, port)
                     runs.append(rec)
