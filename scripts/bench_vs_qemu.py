@@ -984,8 +984,8 @@ Measured {started} – {finished} on {mach['cpu']}, {mach['cores']} cores, {mach
 Linux {mach['kernel']}, nested PVM-based KVM; {mach['qemu']}; Ferry: the binaries of the
 checkout at {mach['git_head']} (its head when the run started) as built {mach['ferry_built']}
 (copied before the run; sha256 in the JSON). {MACHINE_NOTE} The modes alternate run by run,
-so whatever noise there is hits them alike, and each round starts one mode later than the
-one before, so that no mode always follows the same one.
+so whatever noise there is hits them alike, and every other round runs them in reverse,
+so that no mode always follows the same one.
 
 Command: `{cmd}` ({PAIRS} round{'s' if PAIRS != 1 else ''} per workload; raw runs in
 [vs-qemu.json](vs-qemu.json)).
@@ -1080,11 +1080,12 @@ def main():
     try:
         for wk in wkeys:
             for pair in range(1, PAIRS + 1):
-                # Each round starts one mode later: a run is slower right after some
-                # others (on b, Ferry's was ~1 s slower right after a QEMU run than right
-                # after a Ferry one), and a fixed order would pin that on one mode.
-                shift = (pair - 1) % len(modes)
-                for m in modes[shift:] + modes[:shift]:
+                # Every other round runs the modes in reverse: a run is slower right
+                # after some others (on b, Ferry's was ~1 s slower right after a QEMU run
+                # than right after a Ferry one), and one fixed order would pin that on
+                # the same modes every round. (Rotating would not: each mode would still
+                # follow the same one.)
+                for m in (modes if pair % 2 else modes[::-1]):
                     port += 1
                     rec = one_run(wk, m, pair, port)
                     runs.append(rec)
