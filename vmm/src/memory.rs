@@ -23,6 +23,17 @@ pub fn memfd(name: &str, size: u64) -> std::io::Result<std::fs::File> {
     Ok(file)
 }
 
+/// Guest RAM's ranges as the migration protocol names them.
+pub fn ram_layout(mem: &GuestMemoryMmap) -> Vec<vm_migration::RamRange> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter()
+        .map(|r| vm_migration::RamRange {
+            gpa: r.start_addr().0,
+            size: r.len(),
+        })
+        .collect()
+}
+
 /// `MADV_POPULATE_WRITE` (Linux 5.14), not yet in every libc.
 const MADV_POPULATE_WRITE: libc::c_int = 23;
 

@@ -4,7 +4,7 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use vm_migration::engine::HookResult;
 use vm_migration::protocol::MemoryFd;
@@ -161,14 +161,7 @@ impl DestinationVm for MachineDestination {
             None => Machine::incoming(config),
         }
         .map_err(|e| e.to_string())?;
-        let layout: Vec<RamRange> = incoming
-            .memory()
-            .iter()
-            .map(|r| RamRange {
-                gpa: r.start_addr().0,
-                size: r.len(),
-            })
-            .collect();
+        let layout = crate::memory::ram_layout(incoming.memory());
         if layout != ram {
             return Err(format!(
                 "the source's RAM layout {ram:x?} differs from the one built here {layout:x?}"
@@ -320,14 +313,7 @@ mod tests {
         let mut config = VmConfig::default();
         config.memory.size = 256 << 20;
         let incoming = Machine::incoming(config).expect("an incoming machine");
-        let layout: Vec<RamRange> = incoming
-            .memory()
-            .iter()
-            .map(|r| RamRange {
-                gpa: r.start_addr().0,
-                size: r.len(),
-            })
-            .collect();
+        let layout = crate::memory::ram_layout(incoming.memory());
         let mut d = MachineDestination {
             prefaulted: Some(Arc::new(crate::memory::PrefaultedPages::new(&layout))),
             incoming: Some(incoming),

@@ -90,14 +90,7 @@ impl SourceVm for MachineSource {
     }
 
     fn ram_layout(&self) -> Vec<RamRange> {
-        self.machine
-            .memory()
-            .iter()
-            .map(|r| RamRange {
-                gpa: r.start_addr().0,
-                size: r.len(),
-            })
-            .collect()
+        crate::memory::ram_layout(self.machine.memory())
     }
 
     fn read_pages(&self, gpa: u64, buf: &mut [u8]) -> HookResult<()> {
