@@ -11,7 +11,10 @@ in three states:
   this kernel);
 - cold: the same after waiting COLD_WAIT_S seconds, past the delay after which a kernel
   with free page reporting (virtio-balloon) hands freed memory back to the outer host;
-- huge: cold again, with transparent huge pages asked for (MADV_HUGEPAGE).
+- huge: cold again, with transparent huge pages asked for (MADV_HUGEPAGE);
+- after THP / after 4K: cold, right after AFTER_GIB of memory was faulted in and freed
+  with, or without, transparent huge pages (as a QEMU run, whose guest RAM asks for them,
+  or a Ferry run, whose does not, leaves the host for the next one).
 
 Prints a table and writes docs/benchmarks/first-touch.md. Python standard library only.
 Run: scripts/dev_cli.sh bench first-touch
@@ -32,31 +35,55 @@ COLD_WAIT_S = float(os.environ.get("COLD_WAIT_S", "5"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def populate(huge):
-    """Seconds to fault in 1 GiB of fresh anonymous memory, 1 MiB per madvise call."""
-    m = mmap.mmap(-1, GIB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+AFTER_GIB = int(os.environ.get("AFTER_GIB", "4"))
+
+
+def fault_in_and_free(size, huge):
+    """Faults in `size` bytes of fresh anonymous memory, 1 MiB per madvise call, with or
+    without transparent huge pages, and frees it; returns the seconds the faults took.
+    (Also used by bench_vs_qemu.py to leave the host's free memory in one state.)"""
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         m.madvise(mmap.MADV_HUGEPAGE if huge else mmap.MADV_NOHUGEPAGE)
         start = time.perf_counter()
-        for off in range(0, GIB, STEP):
-            m.madvise(MADV_POPULATE_WRITE, off, STEP)
+        for off in range(0, size, STEP):
+            m.madvise(MADV_POPULATE_WRITE, off, min(STEP, size - off))
         return time.perf_counter() - start
     finally:
         m.close()
 
 
+def populate(huge):
+    """Seconds to fault in 1 GiB of fresh anonymous memory."""
+    return fault_in_and_free(GIB, huge)
+
+
+def after(huge):
+    """`populate(False)` COLD_WAIT_S after AFTER_GIB was faulted in and freed, with or
+    without transparent huge pages."""
+    fault_in_and_free(AFTER_GIB * GIB, huge)
+    time.sleep(COLD_WAIT_S)
+    return populate(False)
+
+
 def main():
-    results = {"cold": [], "warm": [], "huge": []}
+    results = {"cold": [], "warm": [], "huge": [], "after THP": [], "after 4K": []}
     for _ in range(ROUNDS):
         time.sleep(COLD_WAIT_S)
         results["cold"].append(populate(False))
         results["warm"].append(populate(False))
         time.sleep(COLD_WAIT_S)
         results["huge"].append(populate(True))
+        results["after THP"].append(after(True))
+        results["after 4K"].append(after(False))
     rows = []
     for state, what in (("cold", f"freed memory, {COLD_WAIT_S:g} s later"),
                         ("warm", "freed memory, at once"),
-                        ("huge", f"freed memory, {COLD_WAIT_S:g} s later, MADV_HUGEPAGE")):
+                        ("huge", f"freed memory, {COLD_WAIT_S:g} s later, MADV_HUGEPAGE"),
+                        ("after THP", f"as cold, {AFTER_GIB} GiB with MADV_HUGEPAGE faulted in "
+                                      f"and freed just before"),
+                        ("after 4K", f"as cold, {AFTER_GIB} GiB with 4 KiB pages faulted in "
+                                     f"and freed just before")):
         v = results[state]
         med = statistics.median(v)
         rows.append(f"| {state} | {what} | {med * 1000:.0f} ({min(v) * 1000:.0f}–{max(v) * 1000:.0f}) "
@@ -77,7 +104,11 @@ or protocol cost: 1 GiB of anonymous memory faulted in with `madvise(MADV_POPULA
 1 MiB per call (what Ferry's destination does per received chunk), 4 KiB pages unless
 marked. *cold*: memory this process freed {COLD_WAIT_S:g} s earlier (a kernel with
 virtio-balloon free page reporting has handed it back to the outer host by then); *warm*:
-freed a moment earlier.
+freed a moment earlier. *after THP* / *after 4K*: cold, with {AFTER_GIB} GiB faulted in
+and freed by this process just before the wait, with or without transparent huge pages;
+what one migration run leaves the host for the next (QEMU asks for huge pages for guest RAM,
+Ferry does not). `scripts/bench_vs_qemu.py` faults in and frees memory with 4 KiB pages
+before every run so that no mode pays for what the one before it left.
 
 {table}
 """
