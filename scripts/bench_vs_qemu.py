@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from bench_first_touch import fault_in_and_free
+
 ROOT = os.environ.get("ROOT") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FERRY = os.environ.get("FERRY") or os.path.join(ROOT, "target/release/ferry")
 REMOTE = os.environ.get("REMOTE") or os.path.join(ROOT, "target/release/ferry-remote")
@@ -48,6 +50,13 @@ CHECK_TIMEOUT_S = float(os.environ.get("CHECK_TIMEOUT_S", "60"))
 # several times more than of memory freed a moment ago, and the order of the modes would
 # otherwise decide who pays it.
 SETTLE_S = float(os.environ.get("SETTLE_S", "3"))
+# Before every run, this much memory (GiB) more than the run before it used (both VMMs' peak
+# RSS) is faulted in with 4 KiB pages and freed. Memory freed with transparent huge pages,
+# as QEMU's guest RAM is, costs about twice as much to touch again a few seconds later as
+# memory freed in 4 KiB pages (docs/benchmarks/first-touch.md, "after THP"): without this,
+# whichever mode ran after a QEMU run paid for it (on b, Ferry's total 4.6-5.3 s right
+# after QEMU against 2.3-2.9 s right after Ferry, in the same rounds).
+RESET_MARGIN_GIB = int(os.environ.get("RESET_MARGIN_GIB", "1"))
 # How long an idle guest must stay up on the destination.
 IDLE_WATCH_S = 2.0
 
@@ -758,7 +767,18 @@ def figures(rec):
     }
 
 
-def one_run(wkey, mode, pair, port):
+def reset_free_memory(prev):
+    """Leaves the host's free memory as a 4 KiB-page process would (see RESET_MARGIN_GIB):
+    faults in and frees what the previous run `prev` used (4 GiB before the first) plus
+    the margin. Returns (GiB, seconds)."""
+    used_kib = ((prev or {}).get("src_peak_kib") or 0) + ((prev or {}).get("dst_peak_kib") or 0)
+    gib = -(-used_kib // (1 << 20)) + RESET_MARGIN_GIB if used_kib else 4
+    t0 = time.monotonic()
+    fault_in_and_free(gib << 30, huge=False)
+    return gib, round(time.monotonic() - t0, 1)
+
+
+def one_run(wkey, mode, pair, port, prev):
     w = WORKLOADS[wkey]
     d = os.path.join(WORK, f"{wkey}-{mode}-{pair}")
     os.makedirs(d, exist_ok=True)
@@ -766,6 +786,7 @@ def one_run(wkey, mode, pair, port):
            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if LIVE:
         raise SystemExit(f"processes left from the previous run: {[p.pid for p in LIVE]}")
+    rec["reset_gib"], rec["reset_s"] = reset_free_memory(prev)
     t0 = time.monotonic()
     try:
         (run_qemu if mode.startswith("qemu") else run_ferry)(w, mode, d, port, rec)
@@ -1003,7 +1024,11 @@ between two network namespaces joined by a veth pair.{streams_note} The migratio
 {SETTLE_S:g} s after the guest's first progress line (`pass`/`verified` of every vCPU; `ready`
 for idle; longer than the 2 s after which this host's kernel hands freed memory back to
 the outer hypervisor, whose first touch is then slow again, so that no mode's destination
-inherits the previous run's still-backed memory). A run counts only if the guest then goes on on the destination: two more
+inherits the previous run's still-backed memory). Before every run the benchmark faults in
+and frees, with 4 KiB pages, {RESET_MARGIN_GIB} GiB more than the run before it used (both
+VMMs' peak RSS; 4 GiB before the first): memory freed with transparent huge pages, as
+QEMU's guest RAM is, is about twice as slow to touch again
+([first-touch.md](first-touch.md), *after THP*), and the run after a QEMU run paid for it. A run counts only if the guest then goes on on the destination: two more
 progress lines from every vCPU there (for `verify` the second ends a pass, run wholly on
 the destination, that checked every page of its share), or for idle the process stays up
 {IDLE_WATCH_S:g} s with QEMU's `query-status` `running` / Ferry's `vm.info` `Running`; and
@@ -1087,7 +1112,7 @@ def main():
                 # follow the same one.)
                 for m in (modes if pair % 2 else modes[::-1]):
                     port += 1
-                    rec = one_run(wk, m, pair, port)
+                    rec = one_run(wk, m, pair, port, runs[-1] if runs else None)
                     runs.append(rec)
                     with open(jsonl, "a") as f:
                         f.write(json.dumps(rec) + "\n")
