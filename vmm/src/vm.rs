@@ -61,10 +61,13 @@ pub type Result<T> = std::result::Result<T, VmError>;
 /// or with `shared` one memfd holding every region back to back (what `MemFDs` hands over).
 ///
 /// `huge_pages` asks for transparent huge pages on anonymous RAM (fewer faults while a
-/// guest fills it). Not for a migration's destination: there the VMM faults in every
-/// received page on the migration's critical path, and on a host whose freed memory goes
-/// back to the outer hypervisor a cold first touch with huge pages costs 2.6 times as much
-/// as with 4 KiB pages (`docs/benchmarks/first-touch.md`).
+/// guest fills it). Not for a migration's destination as a whole: there the VMM faults in
+/// every received page on the migration's critical path, a first pass writes pages
+/// scattered over RAM, each then taking a whole 2 MiB page that on a nested host may have
+/// to come back from the outer hypervisor; so measured, the 150 MiB `dirty` guest's
+/// migration took 2-3× as long in two sets of runs out of three, the 8 GiB one's up to
+/// 1.8× (`docs/benchmarks/first-touch.md`). The destination's prefault helper asks for
+/// them where the first pass left whole 2 MiB for later.
 pub fn create_memory(size: u64, shared: bool, huge_pages: bool) -> Result<GuestMemoryMmap> {
     let ranges = crate::boot::layout::ram_regions(size);
     let err = |reason: String| VmError::Memory { size, reason };

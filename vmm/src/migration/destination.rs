@@ -62,6 +62,7 @@ impl Prefaulter {
             .spawn(move || {
                 ferry_seccomp::install_or_exit(ferry_seccomp::ThreadKind::MigrationReceiver);
                 let started = std::time::Instant::now();
+                let huge = Self::advise_huge_pages(&mem, &runs);
                 let mut faulted = 0u64;
                 'runs: for &(gpa, pages) in runs.iter().rev() {
                     let mut end = gpa + u64::from(pages) * 4096;
@@ -80,14 +81,36 @@ impl Prefaulter {
                 }
                 log::info!(
                     "prefault helper: faulted in {faulted} of the pages the first pass left \
-                     out in {:.1} ms",
-                    started.elapsed().as_secs_f64() * 1000.0
+                     out in {:.1} ms ({} MiB of them in huge pages)",
+                    started.elapsed().as_secs_f64() * 1000.0,
+                    huge >> 20
                 );
             })?;
         Ok(Prefaulter {
             stop,
             thread: Some(thread),
         })
+    }
+
+    /// Runs at most this many `madvise` calls: each may split the mapping, and a process
+    /// has a bounded number of mappings (`vm.max_map_count`, 65530 by default).
+    const MAX_HUGE_RUNS: usize = 4096;
+
+    /// Asks for transparent huge pages on the runs the first pass left whole 2 MiB of:
+    /// nothing was written there yet, so each 2 MiB fills with one fault instead of 512.
+    /// On the 2 GiB `verify` guest the helper's ~110k pages took 0.1 s instead of ~1 s,
+    /// and the migration 1.7 s instead of 2.2 (loopback). Not on RAM as a whole: where the
+    /// first pass writes scattered pages, a 2 MiB page per 4 KiB written costs more than it
+    /// saves (the 150 MiB `dirty` guest took 1.5-2.5× as long so). Returns the bytes asked
+    /// for.
+    fn advise_huge_pages(mem: &GuestMemoryMmap, runs: &[(u64, u32)]) -> usize {
+        runs.iter()
+            .filter(|&&(_, pages)| u64::from(pages) * 4096 >= 2 << 20)
+            .take(Self::MAX_HUGE_RUNS)
+            .map(|&(gpa, pages)| {
+                crate::memory::advise_huge_pages_within(mem, gpa, pages as usize * 4096)
+            })
+            .sum()
     }
 }
 
