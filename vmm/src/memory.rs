@@ -181,14 +181,25 @@ pub fn file_holes(
 /// Asks for transparent huge pages on guest RAM (`MADV_HUGEPAGE`): fewer faults while it
 /// fills, and untouched RAM is read through the huge zero page. Best effort.
 pub fn advise_huge_pages(mem: &GuestMemoryMmap) {
+    advise_all(mem, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE");
+}
+
+/// Asks for no transparent huge pages on any of guest RAM (`MADV_NOHUGEPAGE`). One flag
+/// over each whole region also merges the mappings that [`advise_huge_pages_within`]
+/// split back into one per region (userfaultfd places pages only within one mapping).
+pub fn advise_no_huge_pages(mem: &GuestMemoryMmap) {
+    advise_all(mem, libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE");
+}
+
+fn advise_all(mem: &GuestMemoryMmap, advice: libc::c_int, name: &str) {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     for r in mem.iter() {
-        // SAFETY: the whole of a live guest RAM mapping; MADV_HUGEPAGE only changes how
-        // the kernel backs it, never its contents.
-        let rc = unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_HUGEPAGE) };
+        // SAFETY: the whole of a live guest RAM mapping; MADV_HUGEPAGE and
+        // MADV_NOHUGEPAGE only change how the kernel backs it, never its contents.
+        let rc = unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, advice) };
         if rc != 0 {
             log::debug!(
-                "MADV_HUGEPAGE on guest RAM at {:#x}: {}",
+                "{name} on guest RAM at {:#x}: {}",
                 r.start_addr().0,
                 std::io::Error::last_os_error()
             );
@@ -308,6 +319,26 @@ mod tests {
         assert_eq!(
             super::advise_huge_pages_within(&mem, (40 * M2) as u64, M2),
             0
+        );
+        // One flag over all of RAM makes it one mapping again (what postcopy needs).
+        super::advise_no_huge_pages(&mem);
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let holding = |addr: usize| {
+            smaps
+                .lines()
+                .filter_map(|l| l.split(' ').next()?.split_once('-'))
+                .filter_map(|(a, b)| {
+                    Some((
+                        usize::from_str_radix(a, 16).ok()?,
+                        usize::from_str_radix(b, 16).ok()?,
+                    ))
+                })
+                .find(|&(a, b)| (a..b).contains(&addr))
+        };
+        let whole = holding(base).unwrap();
+        assert!(
+            whole.0 <= base && whole.1 >= base + 16 * M2,
+            "RAM at {base:#x} still split: {whole:x?}"
         );
     }
 
