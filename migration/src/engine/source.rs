@@ -670,6 +670,9 @@ pub(super) struct Sender<'a, V: ?Sized, S: MigrationStream> {
     pub(super) started: Instant,
     pub(super) dirty_log_on: bool,
     pub(super) paused: bool,
+    /// Milliseconds the pause took to park the vCPUs, and the final dirty collection after
+    /// it: logged with the rest of the downtime's split.
+    pub(super) pause_split: Option<(f64, f64)>,
     /// Pages per second, from the last pass big enough to measure.
     pub(super) page_rate: Option<f64>,
     /// Pages the guest dirtied per second during the last pass (distinct pages: a guest
@@ -761,6 +764,7 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
             started: Instant::now(),
             dirty_log_on: false,
             paused: false,
+            pause_split: None,
             page_rate: None,
             dirty_rate: 0.0,
             throttle: 0,
@@ -1268,10 +1272,15 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
         let paused_at = Instant::now();
         hook("pause", self.vm.pause())?;
         self.paused = true;
+        let pause_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
         // Paused, the throttle holds nothing back; should the migration fail, the guest
         // resumes at full speed.
         self.unthrottle();
         let dirty = hook("collect_dirty", self.vm.collect_dirty(true))?;
+        self.pause_split = Some((
+            pause_ms,
+            paused_at.elapsed().as_secs_f64() * 1000.0 - pause_ms,
+        ));
         for (gpa, len) in dirty {
             pending.insert_range(gpa, len);
         }
@@ -1308,8 +1317,12 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
         }))?;
         self.flush()?;
         // Where the downtime goes, on this side.
+        let split = self
+            .pause_split
+            .map(|(p, c)| format!(" (vCPUs parked in {p:.2} ms, dirty pages collected in {c:.2})"))
+            .unwrap_or_default();
         log::info!(
-            "paused {:.1} ms: final dirty set sent after {pages_sent_ms:.1} ms, state \
+            "paused {:.1} ms: final dirty set sent after {pages_sent_ms:.1} ms{split}, state \
              ({state_bytes} bytes) saved in {state_ms:.1} ms",
             paused_at.elapsed().as_secs_f64() * 1000.0
         );
