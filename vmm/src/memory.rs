@@ -181,25 +181,14 @@ pub fn file_holes(
 /// Asks for transparent huge pages on guest RAM (`MADV_HUGEPAGE`): fewer faults while it
 /// fills, and untouched RAM is read through the huge zero page. Best effort.
 pub fn advise_huge_pages(mem: &GuestMemoryMmap) {
-    advise_all(mem, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE");
-}
-
-/// Asks for no transparent huge pages on any of guest RAM (`MADV_NOHUGEPAGE`). One flag
-/// over each whole region also merges the mappings that [`advise_huge_pages_within`]
-/// split back into one per region (userfaultfd places pages only within one mapping).
-pub fn advise_no_huge_pages(mem: &GuestMemoryMmap) {
-    advise_all(mem, libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE");
-}
-
-fn advise_all(mem: &GuestMemoryMmap, advice: libc::c_int, name: &str) {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     for r in mem.iter() {
-        // SAFETY: the whole of a live guest RAM mapping; MADV_HUGEPAGE and
-        // MADV_NOHUGEPAGE only change how the kernel backs it, never its contents.
-        let rc = unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, advice) };
+        // SAFETY: the whole of a live guest RAM mapping; MADV_HUGEPAGE only changes how
+        // the kernel backs it, never its contents.
+        let rc = unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_HUGEPAGE) };
         if rc != 0 {
             log::debug!(
-                "{name} on guest RAM at {:#x}: {}",
+                "MADV_HUGEPAGE on guest RAM at {:#x}: {}",
                 r.start_addr().0,
                 std::io::Error::last_os_error()
             );
@@ -222,7 +211,15 @@ fn huge_page_stretch(host: usize, len: usize) -> Option<(usize, usize)> {
 /// instead of 512 (on this nested host a 4 KiB first touch costs about twice what the
 /// same memory costs in huge pages, `docs/benchmarks/first-touch.md`). Best effort.
 pub fn advise_huge_pages_within(mem: &GuestMemoryMmap, gpa: u64, len: usize) -> usize {
-    use vm_memory::GuestMemoryBackend;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    // Shared RAM stays in 4 KiB pages, as `create_memory` leaves it: postcopy punches
+    // single pages out of its file, which a huge page there may not allow.
+    let shared = mem
+        .find_region(vm_memory::GuestAddress(gpa))
+        .is_none_or(|r| r.file_offset().is_some());
+    if shared {
+        return 0;
+    }
     let Ok(slice) = mem.get_slice(vm_memory::GuestAddress(gpa), len) else {
         return 0;
     };
@@ -320,26 +317,15 @@ mod tests {
             super::advise_huge_pages_within(&mem, (40 * M2) as u64, M2),
             0
         );
-        // One flag over all of RAM makes it one mapping again (what postcopy needs).
-        super::advise_no_huge_pages(&mem);
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let holding = |addr: usize| {
-            smaps
-                .lines()
-                .filter_map(|l| l.split(' ').next()?.split_once('-'))
-                .filter_map(|(a, b)| {
-                    Some((
-                        usize::from_str_radix(a, 16).ok()?,
-                        usize::from_str_radix(b, 16).ok()?,
-                    ))
-                })
-                .find(|&(a, b)| (a..b).contains(&addr))
-        };
-        let whole = holding(base).unwrap();
-        assert!(
-            whole.0 <= base && whole.1 >= base + 16 * M2,
-            "RAM at {base:#x} still split: {whole:x?}"
-        );
+        // Shared RAM (a memfd another process may map) is left alone.
+        let file = super::memfd("shared", 8 * M2 as u64).unwrap();
+        let shared = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            8 * M2,
+            Some(vm_memory::FileOffset::new(file, 0)),
+        )])
+        .unwrap();
+        assert_eq!(super::advise_huge_pages_within(&shared, 0, 8 * M2), 0);
     }
 
     #[test]

@@ -273,9 +273,6 @@ impl DestinationVm for MachineDestination {
 
     fn postcopy_ram(&mut self) -> HookResult<Arc<dyn PostcopyRam>> {
         self.stop_prefaulter();
-        // The helper's huge-page stretches split RAM's mapping, and userfaultfd places no
-        // page range across a split (ENOENT): one mapping per region again.
-        crate::memory::advise_no_huge_pages(self.incoming()?.memory());
         let ram = Arc::new(super::postcopy::UffdRam::new(self.incoming()?.memory())?);
         self.postcopy = Some(ram.clone());
         Ok(ram)
