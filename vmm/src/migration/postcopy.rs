@@ -446,14 +446,14 @@ mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
 
-    /// 16 pages of guest RAM and their `UffdRam`; `None` (the test skips) on a host
+    /// `size` bytes of guest RAM and their `UffdRam`; `None` (the test skips) on a host
     /// without userfaultfd.
-    fn watched_ram() -> Option<(GuestMemoryMmap, UffdRam)> {
+    fn watched_ram(size: usize) -> Option<(GuestMemoryMmap, UffdRam)> {
         if !available() {
             eprintln!("skipped: no userfaultfd on this host");
             return None;
         }
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * PAGE as usize)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
         let ram = UffdRam::new(&mem).unwrap();
         Some((mem, ram))
     }
@@ -461,7 +461,7 @@ mod tests {
     /// One `UFFDIO_COPY` per run: pages already there are skipped, the rest placed.
     #[test]
     fn a_run_is_placed_whole_around_pages_already_there() {
-        let Some((mem, ram)) = watched_ram() else {
+        let Some((mem, ram)) = watched_ram(16 * PAGE as usize) else {
             return;
         };
         ram.discard(0, 16).unwrap();
@@ -496,15 +496,12 @@ mod tests {
     /// and `UFFDIO_COPY` across a split fails (ENOENT): a run over one is placed whole.
     #[test]
     fn a_run_across_a_split_of_the_mapping_is_placed() {
-        if !available() {
-            eprintln!("skipped: no userfaultfd on this host");
-            return;
-        }
         const M2: usize = 2 << 20;
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 * M2)]).unwrap();
+        let Some((mem, ram)) = watched_ram(4 * M2) else {
+            return;
+        };
         let asked = crate::memory::advise_huge_pages_within(&mem, M2 as u64, 2 * M2);
         assert!(asked > 0, "no 2 MiB stretch inside 4 MiB at 2 MiB");
-        let ram = UffdRam::new(&mem).unwrap();
         let pages = (4 * M2) as u64 / PAGE;
         ram.discard(0, pages).unwrap();
         ram.arm().unwrap();
@@ -524,7 +521,7 @@ mod tests {
     /// does) waits for a page that is not there yet, and reads it once it is placed.
     #[test]
     fn a_vmm_read_of_a_missing_page_waits_until_it_is_placed() {
-        let Some((mem, ram)) = watched_ram() else {
+        let Some((mem, ram)) = watched_ram(16 * PAGE as usize) else {
             return;
         };
         mem.write_slice(&[7u8; 4096], GuestAddress(3 * PAGE))
