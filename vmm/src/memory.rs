@@ -208,8 +208,9 @@ fn huge_page_stretch(host: usize, len: usize) -> Option<(usize, usize)> {
 /// Asks for transparent huge pages (`MADV_HUGEPAGE`) on the 2 MiB-aligned stretches
 /// wholly inside the guest RAM of `len` bytes at `gpa`; returns the bytes asked for.
 /// For RAM nothing touched yet and that is about to be filled: one fault per 2 MiB
-/// instead of 512 (on this nested host a 4 KiB first touch costs about twice what the
-/// same memory costs in huge pages, `docs/benchmarks/first-touch.md`). Best effort.
+/// instead of 512. Whether that is cheaper depends on the host and on how much of each
+/// 2 MiB gets written (`docs/benchmarks/first-touch.md`): the caller decides where.
+/// Best effort.
 pub fn advise_huge_pages_within(mem: &GuestMemoryMmap, gpa: u64, len: usize) -> usize {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     // Shared RAM stays in 4 KiB pages, as `create_memory` leaves it: postcopy punches

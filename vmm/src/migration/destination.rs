@@ -100,9 +100,9 @@ impl Prefaulter {
     /// nothing was written there yet, so each 2 MiB fills with one fault instead of 512.
     /// On the 2 GiB `verify` guest the helper's ~110k pages took 0.1 s instead of ~1 s,
     /// and the migration 1.7 s instead of 2.2 (loopback). Not on RAM as a whole: where the
-    /// first pass writes scattered pages, a 2 MiB page per 4 KiB written costs more than it
-    /// saves (the 150 MiB `dirty` guest took 1.5-2.5× as long so). Returns the bytes asked
-    /// for.
+    /// first pass writes scattered pages, a 2 MiB page per 4 KiB written can cost more than
+    /// it saves (the 150 MiB `dirty` guest's migration took 2-3× as long in two sets of
+    /// runs out of three). Returns the bytes asked for.
     fn advise_huge_pages(mem: &GuestMemoryMmap, runs: &[(u64, u32)]) -> usize {
         runs.iter()
             .filter(|&&(_, pages)| u64::from(pages) * 4096 >= 2 << 20)
