@@ -196,12 +196,15 @@ pub fn advise_huge_pages(mem: &GuestMemoryMmap) {
     }
 }
 
+/// A transparent huge page on x86-64: [`advise_huge_pages_within`] asks for them on
+/// stretches aligned to it, so guest RAM's mapping may be split at its multiples.
+pub const HUGE_PAGE: usize = 2 << 20;
+
 /// The 2 MiB-aligned stretch `[start, end)` of host addresses wholly inside `len` bytes at
 /// `host`, if there is one: where a transparent huge page can back memory.
 fn huge_page_stretch(host: usize, len: usize) -> Option<(usize, usize)> {
-    const HUGE: usize = 2 << 20;
-    let start = host.checked_add(HUGE - 1)? & !(HUGE - 1);
-    let end = host.checked_add(len)? & !(HUGE - 1);
+    let start = host.checked_add(HUGE_PAGE - 1)? & !(HUGE_PAGE - 1);
+    let end = host.checked_add(len)? & !(HUGE_PAGE - 1);
     (end > start).then_some((start, end))
 }
 

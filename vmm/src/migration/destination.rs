@@ -105,7 +105,7 @@ impl Prefaulter {
     /// runs out of three). Returns the bytes asked for.
     fn advise_huge_pages(mem: &GuestMemoryMmap, runs: &[(u64, u32)]) -> usize {
         runs.iter()
-            .filter(|&&(_, pages)| u64::from(pages) * 4096 >= 2 << 20)
+            .filter(|&&(_, pages)| pages as usize * 4096 >= crate::memory::HUGE_PAGE)
             .take(Self::MAX_HUGE_RUNS)
             .map(|&(gpa, pages)| {
                 crate::memory::advise_huge_pages_within(mem, gpa, pages as usize * 4096)

@@ -295,9 +295,10 @@ impl UffdRam {
     }
 }
 
-/// Bytes from host address `host` to the next 2 MiB boundary.
+/// Bytes from host address `host` to the next boundary where guest RAM's mapping may be
+/// split ([`crate::memory::HUGE_PAGE`]).
 fn to_huge_boundary(host: u64) -> u64 {
-    const HUGE: u64 = 2 << 20;
+    const HUGE: u64 = crate::memory::HUGE_PAGE as u64;
     HUGE - host % HUGE
 }
 
