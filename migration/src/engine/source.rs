@@ -670,9 +670,6 @@ pub(super) struct Sender<'a, V: ?Sized, S: MigrationStream> {
     pub(super) started: Instant,
     pub(super) dirty_log_on: bool,
     pub(super) paused: bool,
-    /// Milliseconds the pause took to park the vCPUs, and the final dirty collection after
-    /// it: logged with the rest of the downtime's split.
-    pub(super) pause_split: Option<(f64, f64)>,
     /// Pages per second, from the last pass big enough to measure.
     pub(super) page_rate: Option<f64>,
     /// Pages the guest dirtied per second during the last pass (distinct pages: a guest
@@ -764,7 +761,6 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
             started: Instant::now(),
             dirty_log_on: false,
             paused: false,
-            pause_split: None,
             page_rate: None,
             dirty_rate: 0.0,
             throttle: 0,
@@ -894,7 +890,7 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
         let paused_at = Instant::now();
         hook("pause", self.vm.pause())?;
         self.paused = true;
-        self.finish(paused_at)
+        self.finish(paused_at, None)
     }
 
     /// `MemoryFds` with the files attached, on the main connection.
@@ -1277,10 +1273,10 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
         // resumes at full speed.
         self.unthrottle();
         let dirty = hook("collect_dirty", self.vm.collect_dirty(true))?;
-        self.pause_split = Some((
+        let split = (
             pause_ms,
             paused_at.elapsed().as_secs_f64() * 1000.0 - pause_ms,
-        ));
+        );
         for (gpa, len) in dirty {
             pending.insert_range(gpa, len);
         }
@@ -1291,11 +1287,17 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
         for lane in self.lanes.drain(..) {
             lane.io.shutdown();
         }
-        self.finish(paused_at)
+        self.finish(paused_at, Some(split))
     }
 
     /// With the guest paused and all RAM sent: state, `Complete`, and the confirmation.
-    fn finish(&mut self, paused_at: Instant) -> Result<(), SendError> {
+    /// `pause_split`: milliseconds the pause took to park the vCPUs, and the final dirty
+    /// collection after it (none where no pages were collected), for the log.
+    fn finish(
+        &mut self,
+        paused_at: Instant,
+        pause_split: Option<(f64, f64)>,
+    ) -> Result<(), SendError> {
         let pages_sent_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
         let (vcpus, devices) = hook("save_state", self.vm.save_state())?;
         let state_ms = paused_at.elapsed().as_secs_f64() * 1000.0 - pages_sent_ms;
@@ -1317,8 +1319,7 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
         }))?;
         self.flush()?;
         // Where the downtime goes, on this side.
-        let split = self
-            .pause_split
+        let split = pause_split
             .map(|(p, c)| format!(" (vCPUs parked in {p:.2} ms, dirty pages collected in {c:.2})"))
             .unwrap_or_default();
         log::info!(
