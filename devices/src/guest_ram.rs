@@ -13,20 +13,21 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
-use vm_memory::bitmap::{AtomicBitmap, Bitmap, BS};
+use vm_memory::bitmap::{Bitmap, BS};
 use vm_memory::guest_memory::{GuestMemoryBackendSliceIterator, GuestMemorySliceIterator};
 use vm_memory::{
     ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, Permissions,
     VolatileSlice,
 };
 
+pub use crate::dirty_log::DirtyLog;
 use crate::viommu::{DmaFault, DmaWindow, IommuEndpoint};
 
-/// Guest RAM as the VMM maps it: each region carries an atomic bitmap (one bit per 4 KiB
+/// Guest RAM as the VMM maps it: each region carries a [`DirtyLog`] (one bit per 4 KiB
 /// page) that every write through `vm-memory` sets.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<DirtyLog>;
 /// One RAM region of [`GuestMemoryMmap`].
-pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<DirtyLog>;
 /// The same RAM without the bitmap: what virtio-queue walks the rings through. Its writes
 /// (the used ring only) are marked by [`GuestRam::mark_used_ring`], once per round of
 /// requests rather than once per write (each mark is a locked instruction, which waits
@@ -323,7 +324,7 @@ impl GuestRam {
                 // SAFETY: the range is exactly one live mapping of `self.mem`, which the
                 // new struct keeps alive (`owner`) for as long as the new view.
                 let raw = unsafe {
-                    vm_memory::MmapRegion::<AtomicBitmap>::build_raw(
+                    vm_memory::MmapRegion::<DirtyLog>::build_raw(
                         r.as_ptr(),
                         r.len() as usize,
                         libc::PROT_READ | libc::PROT_WRITE,
@@ -380,7 +381,7 @@ impl GuestRam {
         self
     }
 
-    fn mark(&self, slice: &VolatileSlice<'_, BS<'_, AtomicBitmap>>, len: usize) {
+    fn mark(&self, slice: &VolatileSlice<'_, BS<'_, DirtyLog>>, len: usize) {
         if !self.unlogged {
             slice.bitmap().mark_dirty(0, len);
         }
@@ -478,7 +479,7 @@ impl GuestRam {
     fn slices(
         &self,
         runs: &[(u64, u64)],
-    ) -> Result<Vec<VolatileSlice<'_, BS<'_, AtomicBitmap>>>, DmaError> {
+    ) -> Result<Vec<VolatileSlice<'_, BS<'_, DirtyLog>>>, DmaError> {
         let mut out = Vec::new();
         for &(gpa, len) in runs {
             let len = len as usize;
@@ -650,7 +651,7 @@ impl GuestRam {
         dir: Dma,
         gpa: u64,
         len: usize,
-        slices: Vec<VolatileSlice<'_, BS<'_, AtomicBitmap>>>,
+        slices: Vec<VolatileSlice<'_, BS<'_, DirtyLog>>>,
         file: &File,
         offset: u64,
     ) -> (usize, Result<(), DmaError>) {

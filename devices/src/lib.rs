@@ -3,6 +3,7 @@
 
 mod bus;
 mod debug_exit;
+pub mod dirty_log;
 pub mod guest_ram;
 mod i8042;
 pub mod pci;

@@ -118,24 +118,23 @@ pub fn collect(
             DirtySources::add(&sources.kvm, &bm);
             // The VMM's logs are read after KVM's, so a device write racing the sync is
             // either in this collection or the next, never lost.
-            let own = vmm_log(region).get_and_reset();
-            DirtySources::add(&sources.devices, &own);
-            let dma = dma_regions
-                .as_mut()
-                .and_then(|r| r.next())
-                .map(|r| vmm_log(r).get_and_reset())
-                .unwrap_or_default();
-            DirtySources::add(&sources.viommu_dma, &dma);
-            if !drop.devices {
-                for (a, b) in bm.iter_mut().zip(own) {
-                    *a |= b;
+            let (mut own, mut dma) = (0, 0);
+            vmm_log(region).take_each(|i, bits| {
+                own += u64::from(bits.count_ones());
+                if let (false, Some(w)) = (drop.devices, bm.get_mut(i)) {
+                    *w |= bits;
                 }
+            });
+            if let Some(r) = dma_regions.as_mut().and_then(|r| r.next()) {
+                vmm_log(r).take_each(|i, bits| {
+                    dma += u64::from(bits.count_ones());
+                    if let (false, Some(w)) = (drop.devices || drop.viommu, bm.get_mut(i)) {
+                        *w |= bits;
+                    }
+                });
             }
-            if !drop.devices && !drop.viommu {
-                for (a, b) in bm.iter_mut().zip(dma) {
-                    *a |= b;
-                }
-            }
+            sources.devices.fetch_add(own, Ordering::Relaxed);
+            sources.viommu_dma.fetch_add(dma, Ordering::Relaxed);
             let base = region.start_addr().0;
             RegionDirty {
                 region_gpa: base,
@@ -146,7 +145,7 @@ pub fn collect(
 }
 
 /// The whole-region bitmap of VMM writes (the region's `MmapRegion` holds it).
-fn vmm_log(region: &crate::memory::GuestRegionMmap) -> &vm_memory::bitmap::AtomicBitmap {
+fn vmm_log(region: &crate::memory::GuestRegionMmap) -> &devices::guest_ram::DirtyLog {
     std::ops::Deref::deref(region).bitmap()
 }
 

@@ -1,8 +1,8 @@
-//! Guest RAM: `vm-memory` regions with an atomic dirty bitmap, so every write the VMM's
-//! own code makes through `GuestMemory` is logged for migration.
+//! Guest RAM: `vm-memory` regions with a dirty log, so every write the VMM's own code
+//! makes through `GuestMemory` is logged for migration.
 
 /// Guest RAM as the VMM sees it. Writes through this type set bits in the per-region
-/// `AtomicBitmap` (one bit per 4 KiB page); devices reach it through
+/// `DirtyLog` (one bit per 4 KiB page); devices reach it through
 /// `devices::guest_ram::GuestRam` only.
 pub use devices::guest_ram::{GuestMemoryMmap, GuestRegionMmap};
 
