@@ -1,6 +1,7 @@
-//! What a migration's source sends the destination as JSON (untrusted: whoever connects
-//! first): the VM's configuration, which the destination validates before building
-//! anything, and the machine state it turns into KVM registers and device state. Any
+//! What a migration's source sends the destination (untrusted: whoever connects first):
+//! the VM's configuration as JSON, which the destination validates before building
+//! anything, and the machine state (JSON or binary) it turns into KVM registers and
+//! device state. Any
 //! bytes must give a value or an error, never a panic; a configuration that validates
 //! must validate again after a round trip through JSON (nothing reinterpreted).
 #![no_main]
@@ -17,5 +18,6 @@ fuzz_target!(|data: &[u8]| {
             assert!(back.validate().is_ok());
         }
     }
-    let _ = serde_json::from_slice::<MachineState>(data);
+    let _ = MachineState::decode(data);
+    let _ = MachineState::decode(&[&vmm::vm::BINARY_STATE_MAGIC[..], data].concat());
 });

@@ -202,6 +202,56 @@ pub struct MachineState {
 /// Current [`MachineState::version`] (2: PCI devices).
 pub const MACHINE_STATE_VERSION: u32 = 2;
 
+/// How a [`MachineState`] is written out. The reader tells them apart by the first bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateEncoding {
+    /// JSON: snapshots (`state.json`, read by people and tools), and older sources.
+    Json,
+    /// [`BINARY_STATE_MAGIC`], then MessagePack with named fields. The migration wire:
+    /// KVM's register blocks are byte strings here, where JSON spells each byte as a
+    /// number; on the idle 4 GiB guest JSON cost ~0.1 ms to write on the source and
+    /// ~0.25 ms to parse on the destination, both inside the downtime.
+    Binary,
+}
+
+/// Opens a [`StateEncoding::Binary`] state ("Ferry machine state", encoding 1). JSON
+/// starts with `{`, so neither is taken for the other.
+pub const BINARY_STATE_MAGIC: [u8; 4] = *b"FMS\x01";
+
+impl MachineState {
+    pub fn encode(&self, encoding: StateEncoding) -> std::result::Result<Vec<u8>, String> {
+        match encoding {
+            StateEncoding::Json => {
+                serde_json::to_vec(self).map_err(|e| format!("machine state: {e}"))
+            }
+            StateEncoding::Binary => {
+                let mut out = BINARY_STATE_MAGIC.to_vec();
+                // Named fields: `#[serde(default)]` and skipped fields work as in JSON.
+                rmp_serde::encode::write_named(&mut out, self)
+                    .map_err(|e| format!("machine state: {e}"))?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// Reads either encoding (untrusted bytes: an error, never a panic).
+    pub fn decode(bytes: &[u8]) -> std::result::Result<MachineState, String> {
+        match bytes.strip_prefix(&BINARY_STATE_MAGIC[..]) {
+            Some(rest) => rmp_serde::from_slice(rest)
+                .map_err(|e| format!("machine state (binary, {} bytes): {e}", bytes.len())),
+            None if bytes.starts_with(b"FMS") => Err(match bytes.get(3) {
+                Some(v) => format!(
+                    "machine state: binary encoding {v} is not known here (this Ferry reads {})",
+                    BINARY_STATE_MAGIC[3]
+                ),
+                None => "machine state: 3 bytes, a binary header cut short".to_string(),
+            }),
+            None => serde_json::from_slice(bytes)
+                .map_err(|e| format!("machine state (JSON, {} bytes): {e}", bytes.len())),
+        }
+    }
+}
+
 /// What a migration's destination restores on its PCI bus: the virtio functions, the
 /// vIOMMU, the vfio-user devices, the VFIO devices.
 type DevicesState<'a> = (
@@ -638,6 +688,11 @@ impl Machine {
         &self.mem
     }
 
+    /// The `FERRY_TEST_PAUSE_DEVICES_LATE` seam is on: devices write until `save_state`.
+    pub fn pauses_devices_late(&self) -> bool {
+        self.pause_devices_late
+    }
+
     pub fn hypervisor(&self) -> &Arc<hypervisor::Vm> {
         &self.hv
     }
@@ -860,6 +915,25 @@ mod tests {
     fn machine_is_shareable() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<super::Machine>();
+    }
+
+    /// A state from the wire that is not one: an error naming the encoding, no panic.
+    #[test]
+    fn bad_machine_states_are_errors_naming_their_encoding() {
+        use super::{MachineState, BINARY_STATE_MAGIC};
+        let bin = |rest: &[u8]| [&BINARY_STATE_MAGIC[..], rest].concat();
+        for (bytes, says) in [
+            (bin(b""), "binary, 4 bytes"),
+            (bin(&[0x81, 0xa1, b'x', 0x01]), "binary"),
+            (bin(&[0xc1; 64]), "binary"),
+            (b"FMS\x02{}".to_vec(), "binary encoding 2 is not known here"),
+            (b"FMS".to_vec(), "cut short"),
+            (b"{\"version\": 2}".to_vec(), "JSON, 14 bytes"),
+            (Vec::new(), "JSON, 0 bytes"),
+        ] {
+            let e = MachineState::decode(&bytes).expect_err("refused");
+            assert!(e.contains(says), "{bytes:x?}: {e}");
+        }
     }
 
     /// Found by the `memory_files` fuzz target: sizes a peer sends could overflow the sum.

@@ -27,9 +27,21 @@ fn saved_state_and_ram_continue_in_a_new_machine() {
     let pos = wait_serial(&serial, "guest: verified 1 1", 0, Duration::from_secs(120));
     let state = a.save_state().unwrap();
     assert_eq!(state.vcpus.len(), 2);
-    // Plain data across the wire.
-    let state: vmm::vm::MachineState =
-        serde_json::from_slice(&serde_json::to_vec(&state).unwrap()).unwrap();
+    // Plain data across the wire, in both encodings: each reads back to the same state.
+    use vmm::vm::{MachineState, StateEncoding};
+    let json = state.encode(StateEncoding::Json).unwrap();
+    let binary = state.encode(StateEncoding::Binary).unwrap();
+    assert!(
+        binary.len() * 2 < json.len(),
+        "the binary state ({} bytes) is not half the JSON one ({})",
+        binary.len(),
+        json.len()
+    );
+    let from_binary = MachineState::decode(&binary).unwrap();
+    assert_eq!(from_binary.encode(StateEncoding::Json).unwrap(), json);
+    let state = MachineState::decode(&json).unwrap();
+    assert_eq!(state.encode(StateEncoding::Binary).unwrap(), binary);
+    let state = from_binary;
 
     let b = Machine::incoming(config).unwrap();
     for r in a.memory().iter() {

@@ -133,9 +133,11 @@ pub fn snapshot(vmm: &Arc<Vmm>, body: &[u8]) -> Result<(), ApiError> {
     let url = format!("file://{}", dir.display());
     events::emit("vm", "snapshotting", &[("destination_url", &url)]);
     let saved =
-        snapshot::save(&MachineSource::new(machine), &dir).map_err(|e| ApiError::Failed {
-            action: ACTION,
-            reason: e.to_string(),
+        snapshot::save(&MachineSource::new(machine).with_json_state(), &dir).map_err(|e| {
+            ApiError::Failed {
+                action: ACTION,
+                reason: e.to_string(),
+            }
         })?;
     log::info!(
         "{ACTION}: {} MiB of RAM, {} pages of data, in {}",

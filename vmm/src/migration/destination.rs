@@ -260,8 +260,7 @@ impl DestinationVm for MachineDestination {
     }
 
     fn restore_state(&mut self, vcpus: &[u8], _devices: &[u8]) -> HookResult<()> {
-        let state: MachineState =
-            serde_json::from_slice(vcpus).map_err(|e| format!("machine state: {e}"))?;
+        let state = MachineState::decode(vcpus)?;
         self.state = Some(state);
         Ok(())
     }
