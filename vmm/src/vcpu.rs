@@ -440,6 +440,8 @@ pub struct VcpuStart {
     pub control: Arc<VcpuControl>,
     pub counters: Arc<ExitCounters>,
     pub events: Sender<VmEvent>,
+    /// Loaded by the thread before it registers (a migrated or restored vCPU).
+    pub state: Option<hypervisor::VcpuState>,
 }
 
 /// A vCPU thread made ahead of its start, its seccomp filter installed: an incoming VM
@@ -451,15 +453,42 @@ pub struct VcpuThread {
     start: std::sync::mpsc::SyncSender<VcpuStart>,
     /// In a mutex so that an incoming VM holding threads is `Sync` (it is only used by
     /// `start`, which owns the thread).
-    ready: Mutex<std::sync::mpsc::Receiver<()>>,
+    ready: Mutex<std::sync::mpsc::Receiver<Result<(), String>>>,
     handle: JoinHandle<()>,
+}
+
+/// A vCPU thread handed its vCPU ([`VcpuThread::start`]), not yet known to be ready.
+pub struct StartingVcpu {
+    index: u32,
+    ready: Mutex<std::sync::mpsc::Receiver<Result<(), String>>>,
+    handle: JoinHandle<()>,
+}
+
+impl StartingVcpu {
+    /// Waits until the thread loaded its state (if given one) and can be kicked.
+    pub fn ready(self) -> std::io::Result<JoinHandle<()>> {
+        let index = self.index;
+        let answer = self
+            .ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .recv()
+            .unwrap_or_else(|_| Err("the thread ended".into()));
+        match answer {
+            Ok(()) => Ok(self.handle),
+            Err(e) => {
+                let _ = self.handle.join();
+                Err(std::io::Error::other(format!("vCPU {index}: {e}")))
+            }
+        }
+    }
 }
 
 impl VcpuThread {
     /// Creates the thread for vCPU `index`; it waits for [`VcpuThread::start`].
     pub fn new(index: u32) -> std::io::Result<VcpuThread> {
         let (start_tx, start_rx) = std::sync::mpsc::sync_channel::<VcpuStart>(1);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
@@ -471,11 +500,18 @@ impl VcpuThread {
                     control: ctl,
                     counters,
                     events,
+                    state,
                 }) = start_rx.recv()
                 else {
                     return;
                 };
                 vcpu.bind_to_current_thread();
+                if let Some(s) = state {
+                    if let Err(e) = vcpu.restore_state(&s) {
+                        let _ = ready_tx.send(Err(format!("loading its state: {e}")));
+                        return;
+                    }
+                }
                 // SAFETY: pthread_self has no preconditions.
                 let me = unsafe { libc::pthread_self() };
                 ctl.threads
@@ -492,7 +528,7 @@ impl VcpuThread {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(slot.clone());
-                let _ = ready_tx.send(());
+                let _ = ready_tx.send(Ok(()));
                 run_loop(&mut vcpu, &bus, &mmio, &ctl, &slot, &counters, &events);
             })?;
         Ok(VcpuThread {
@@ -503,8 +539,8 @@ impl VcpuThread {
         })
     }
 
-    /// Hands the thread its vCPU; returns once the thread can be kicked.
-    pub fn start(self, start: VcpuStart) -> std::io::Result<JoinHandle<()>> {
+    /// Hands the thread its vCPU; [`StartingVcpu::ready`] waits for it to take it.
+    pub fn start(self, start: VcpuStart) -> std::io::Result<StartingVcpu> {
         if start.vcpu.index() != self.index {
             return Err(std::io::Error::other(format!(
                 "vCPU {} handed to the thread made for vCPU {}",
@@ -512,15 +548,14 @@ impl VcpuThread {
                 self.index
             )));
         }
-        let gone = || std::io::Error::other(format!("the thread of vCPU {} ended", self.index));
-        self.start.send(start).map_err(|_| gone())?;
-        // The thread registers itself for kicks before anyone may pause it.
-        self.ready
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .recv()
-            .map_err(|_| gone())?;
-        Ok(self.handle)
+        self.start.send(start).map_err(|_| {
+            std::io::Error::other(format!("the thread of vCPU {} ended", self.index))
+        })?;
+        Ok(StartingVcpu {
+            index: self.index,
+            ready: self.ready,
+            handle: self.handle,
+        })
     }
 }
 

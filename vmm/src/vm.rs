@@ -318,10 +318,10 @@ impl IncomingMachine {
         &self.parts.config
     }
 
-    /// Restores the source's state and starts the vCPUs.
-    /// Starts the received machine from `state`; `paused`: its vCPUs park before they
-    /// first run and its devices wait (`Machine::resume` starts both).
-    pub fn start(self, state: &MachineState, paused: bool) -> Result<Machine> {
+    /// Starts the received machine from `state`: the VM-wide state first, then each vCPU
+    /// loads its own on its thread. `paused`: its vCPUs park before they first run and
+    /// its devices wait (`Machine::resume` starts both).
+    pub fn start(self, state: MachineState, paused: bool) -> Result<Machine> {
         if state.version != MACHINE_STATE_VERSION {
             return Err(VmError::State(format!(
                 "machine state version {} is not {MACHINE_STATE_VERSION}",
@@ -337,9 +337,6 @@ impl IncomingMachine {
             )));
         }
         p.hv.restore_state(&state.vm)?;
-        for (v, s) in p.vcpus.iter().zip(&state.vcpus) {
-            v.restore_state(s)?;
-        }
         // The pages received went through the VMM's own writes, so its log holds them;
         // it is not cleared here (~0.2 ms of downtime for 4 GiB, first touches of its
         // pages): nothing reads it before `start_dirty_log`, which forgets it.
@@ -357,6 +354,7 @@ impl IncomingMachine {
                 &state.user_devices,
                 &state.vfio_devices,
             )),
+            Some(state.vcpus),
             paused,
         )
     }
@@ -486,7 +484,7 @@ impl Machine {
             c.cpus.boot_vcpus,
             c.memory.size >> 20
         );
-        Self::start(parts, None, AcpiPmState::default(), None, false)
+        Self::start(parts, None, AcpiPmState::default(), None, None, false)
     }
 
     /// Builds a VM from a migration source's configuration, to receive its RAM and state.
@@ -522,6 +520,7 @@ impl Machine {
         serial_state: Option<&devices::SerialSnapshot>,
         pm: AcpiPmState,
         devices_state: Option<DevicesState<'_>>,
+        vcpu_states: Option<Vec<hypervisor::VcpuState>>,
         paused: bool,
     ) -> Result<Machine> {
         let mut bus = PioBus::default();
@@ -601,29 +600,53 @@ impl Machine {
             pci.pause();
         }
 
-        let control = Arc::new(if paused {
+        // vCPUs with a state to load wait parked until all have loaded it: none runs in a
+        // machine that fails to start.
+        let restoring = vcpu_states.is_some();
+        let mut vcpu_states = vcpu_states.map(Vec::into_iter);
+        let control = Arc::new(if paused || restoring {
             VcpuControl::parked_at_start()
         } else {
             VcpuControl::default()
         });
         let exit_counters = Arc::new(ExitCounters::default());
         let (tx, events) = channel();
-        let mut threads = Vec::new();
+        // Each thread is handed its vCPU (and loads its state) before any is waited for:
+        // the wake-ups and the restores overlap (~0.15 ms of the downtime, one after the
+        // other, on 2 vCPUs).
+        let mut handed = Vec::new();
         for (v, t) in p.vcpus.into_iter().zip(p.vcpu_threads) {
-            threads.push(
-                t.start(vcpu::VcpuStart {
-                    vcpu: v,
-                    bus: bus.clone(),
-                    mmio: mmio.clone(),
-                    control: control.clone(),
-                    counters: exit_counters.clone(),
-                    events: tx.clone(),
-                })
-                .map_err(|source| VmError::Io {
-                    what: "spawning a vCPU thread",
-                    source,
-                })?,
-            );
+            let start = t.start(vcpu::VcpuStart {
+                vcpu: v,
+                bus: bus.clone(),
+                mmio: mmio.clone(),
+                control: control.clone(),
+                counters: exit_counters.clone(),
+                events: tx.clone(),
+                state: vcpu_states.as_mut().and_then(|s| s.next()),
+            });
+            handed.push(start);
+        }
+        let mut threads = Vec::new();
+        let mut failed = None;
+        for h in handed {
+            match h.and_then(|h| h.ready()) {
+                Ok(t) => threads.push(t),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let Some(source) = failed {
+            control.stop();
+            for t in threads {
+                let _ = t.join();
+            }
+            return Err(VmError::Io {
+                what: "starting a vCPU thread",
+                source,
+            });
+        }
+        if restoring && !paused {
+            control.resume();
         }
         let ring_watch = RingWatch::new(p.hv.clone(), control.clone(), p.config.cpus.boot_vcpus);
         Ok(Machine {

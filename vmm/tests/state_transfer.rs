@@ -52,7 +52,7 @@ fn saved_state_and_ram_continue_in_a_new_machine() {
             .unwrap();
     }
     drop(a);
-    let b = b.start(&state, false).unwrap();
+    let b = b.start(state, false).unwrap();
     // New passes happen on B, and the guest's verifier finds every page as it left it.
     let end = wait_serial(&serial, "guest: PASS", pos, Duration::from_secs(300));
     let text = std::fs::read_to_string(&serial).unwrap();

@@ -312,7 +312,7 @@ impl DestinationVm for MachineDestination {
             .ok_or_else(|| "no machine state was received".to_string())?;
         self.machine = Some(
             incoming
-                .start(&state, self.start_paused)
+                .start(state, self.start_paused)
                 .map_err(|e| e.to_string())?,
         );
         Ok(())
