@@ -510,6 +510,17 @@ impl PciDevices {
     }
 
     /// The vfio-user devices' states (after [`Self::pause`]).
+    /// Whether any function can raise an interrupt of its own (a virtio, vfio-user or VFIO
+    /// device; the vIOMMU only answers requests).
+    pub fn has_devices(&self) -> bool {
+        !(self.functions.is_empty() && self.user.is_empty() && self.vfio.is_empty())
+    }
+
+    /// A vfio-user device runs the test seam that stops it only when its state is saved.
+    pub fn user_devices_stop_late(&self) -> bool {
+        self.user.iter().any(UserDevice::stops_late)
+    }
+
     pub fn user_states(&self) -> std::result::Result<Vec<UserDeviceState>, String> {
         outside_dma::save_all(&self.user)
     }

@@ -244,6 +244,11 @@ impl UserDevice {
         })
     }
 
+    /// The [`STOP_LATE_ENV`] seam is on for this device.
+    pub fn stops_late(&self) -> bool {
+        self.stop_late
+    }
+
     /// Puts the device behind the vIOMMU as `endpoint`: from now on it is told of its
     /// domain's mappings.
     pub fn behind_iommu(&mut self, endpoint: u32, table: Arc<IommuTable>) {

@@ -707,13 +707,30 @@ impl Machine {
         })
     }
 
+    /// Pauses the machine for good (a migration's switch-over) and saves its state: what
+    /// [`Machine::save_state`] returns, final from here on (nothing in it changes while
+    /// the last pages are collected). A machine with devices parks its vCPUs, lets the
+    /// devices finish the requests in flight (their completion interrupts reach the
+    /// vCPUs' local APICs), then has the vCPUs save: saved before, a level interrupt raised
+    /// meanwhile would be pending in the IOAPIC's state but in no vCPU's, and stay stuck
+    /// on the destination. Without devices nothing raises one, and each vCPU saves as it
+    /// parks (one wake-up instead of two, ~0.2 ms of downtime on 2 vCPUs here).
+    pub fn pause_and_save(&self) -> Result<MachineState> {
+        if self.pci.has_devices() {
+            self.pause();
+        }
+        self.save_state()
+    }
+
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
     }
 
-    /// The `FERRY_TEST_PAUSE_DEVICES_LATE` seam is on: devices write until `save_state`.
+    /// A test seam that stops devices late is on (`FERRY_TEST_PAUSE_DEVICES_LATE`, or a
+    /// vfio-user device's [`crate::user_devices::STOP_LATE_ENV`]): devices write until
+    /// `save_state`, so the state is not final at the pause.
     pub fn pauses_devices_late(&self) -> bool {
-        self.pause_devices_late
+        self.pause_devices_late || self.pci.user_devices_stop_late()
     }
 
     pub fn hypervisor(&self) -> &Arc<hypervisor::Vm> {

@@ -22,8 +22,8 @@ pub struct MachineSource {
     /// The VM was paused (by its user) before the migration: a failed migration leaves
     /// it paused rather than running it.
     paused_before: bool,
-    /// The state taken at `pause` (vCPUs park and save in one step: waking them again
-    /// to save cost ~0.2 ms of downtime), until `save_state` or `resume`.
+    /// The state taken at `pause` (`Machine::pause_and_save`), until `save_state` or
+    /// `resume`.
     at_pause: Mutex<Option<MachineState>>,
     encoding: StateEncoding,
 }
@@ -173,9 +173,9 @@ impl SourceVm for MachineSource {
             self.machine.pause();
             return Ok(());
         }
-        // Parks and saves in one step; the devices stop with it (as `Machine::pause`), so
-        // nothing in this state changes while the last pages are collected and sent.
-        let state = self.machine.save_state().map_err(|e| e.to_string())?;
+        // The devices stop with it (as `Machine::pause`): nothing in this state changes
+        // while the last pages are collected and sent.
+        let state = self.machine.pause_and_save().map_err(|e| e.to_string())?;
         *self.at_pause() = Some(state);
         Ok(())
     }
