@@ -88,6 +88,8 @@ struct FakeSource {
     read_delay: Mutex<Duration>,
     /// `collect_dirty` calls while the guest ran.
     running_collects: AtomicU32,
+    /// `state_ready_at_pause`.
+    state_at_pause: AtomicBool,
 }
 
 impl FakeSource {
@@ -120,6 +122,7 @@ impl FakeSource {
             on_pause: Mutex::new(None),
             read_delay: Mutex::new(Duration::ZERO),
             running_collects: AtomicU32::new(0),
+            state_at_pause: AtomicBool::new(false),
         })
     }
 
@@ -247,7 +250,12 @@ impl SourceVm for FakeSource {
     }
 
     fn save_state(&self) -> HookResult<(Vec<u8>, Vec<u8>)> {
+        assert!(self.is_paused(), "the state is saved paused");
         Ok(self.state.clone())
+    }
+
+    fn state_ready_at_pause(&self) -> bool {
+        self.state_at_pause.load(Ordering::SeqCst)
     }
 
     fn set_throttle(&self, percent: u8) -> HookResult<()> {
@@ -255,6 +263,9 @@ impl SourceVm for FakeSource {
         Ok(())
     }
 }
+
+/// A machine state as the engine carries it: `(vcpus, devices)`.
+type StateBlobs = (Vec<u8>, Vec<u8>);
 
 #[derive(Default)]
 struct FakeDestination {
@@ -271,6 +282,8 @@ struct FakeDestination {
     during_config_check: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// Each `expect_pages` call's runs.
     expected: Mutex<Vec<Vec<(u64, u32)>>>,
+    /// What `prepare_state` got, and the pages written by then.
+    prepared: Mutex<Option<(StateBlobs, u64)>>,
 }
 
 impl DestinationVm for FakeDestination {
@@ -311,6 +324,14 @@ impl DestinationVm for FakeDestination {
         let len = (pages * PAGE) as usize;
         let off = offset(&self.layout, gpa, len)?;
         self.ram.lock().unwrap()[off..off + len].fill(0);
+        Ok(())
+    }
+
+    fn prepare_state(&self, vcpus: &[u8], devices: &[u8]) -> HookResult<()> {
+        let mut p = self.prepared.lock().unwrap();
+        assert!(p.is_none(), "prepared twice");
+        let written = self.page_writes.load(Ordering::SeqCst);
+        *p = Some(((vcpus.to_vec(), devices.to_vec()), written));
         Ok(())
     }
 
@@ -377,6 +398,43 @@ fn assert_migrated(src: &FakeSource, dest: &FakeDestination) {
     assert_eq!(dest.state.as_ref(), Some(&src.state));
     // Nothing changed after the pause.
     assert_eq!(&src.ram.lock().unwrap().bytes, at_pause);
+}
+
+/// A source whose state is final at the pause sends it before the last pages, so the
+/// destination loads it (`prepare_state`) while they come; `restore_state` still gets the
+/// same blobs after them. Otherwise the state comes after every page.
+#[test]
+fn the_state_goes_before_the_last_pages_when_final_at_the_pause() {
+    for early in [true, false] {
+        let src = FakeSource::new(false);
+        src.state_at_pause.store(early, Ordering::SeqCst);
+        let (a, b) = UnixStream::pair().unwrap();
+        let dest = spawn_destination(b, FakeDestination::default());
+        let opts = fast_opts(
+            Duration::from_millis(50),
+            Duration::from_secs(30),
+            TimeoutStrategy::Cancel,
+        );
+        send_migration(&*src, a, &opts, &MigrationProgress::new()).expect("migration");
+        let (dr, d) = dest.join().unwrap();
+        let info = dr.expect("destination");
+        assert_migrated(&src, &d);
+        let (blobs, written) = d.prepared.lock().unwrap().clone().expect("prepared");
+        assert_eq!(blobs, src.state);
+        let total = d.page_writes.load(Ordering::SeqCst);
+        // The pause writes a page: the final pass carries at least that one.
+        let last_pass = info.iterations.last().map_or(0, |i| i.pages);
+        assert!(last_pass >= 1, "{info:?}");
+        if early {
+            assert!(
+                written <= total - last_pass,
+                "the state came after {written} of {total} page writes, the last pass's \
+                 {last_pass} among them"
+            );
+        } else {
+            assert_eq!(written, total, "the state came before the last pages");
+        }
+    }
 }
 
 #[test]

@@ -252,6 +252,10 @@ impl MachineState {
     }
 }
 
+/// A [`MachineState`] whose KVM part an [`IncomingMachine`] loaded (`load`), to start that
+/// machine with (`start_loaded`).
+pub struct LoadedState(MachineState);
+
 /// What a migration's destination restores on its PCI bus: the virtio functions, the
 /// vIOMMU, the vfio-user devices, the VFIO devices.
 type DevicesState<'a> = (
@@ -322,21 +326,48 @@ impl IncomingMachine {
     /// loads its own on its thread. `paused`: its vCPUs park before they first run and
     /// its devices wait (`Machine::resume` starts both).
     pub fn start(self, state: MachineState, paused: bool) -> Result<Machine> {
+        self.check_state(&state)?;
+        self.parts.hv.restore_state(&state.vm)?;
+        self.start_with(state, true, paused)
+    }
+
+    /// Loads the KVM part of `state` (the VM-wide state, then each vCPU, from the calling
+    /// thread) while the machine waits: no vCPU runs and no device exists yet, so guest
+    /// RAM may still be written meanwhile. [`IncomingMachine::start_loaded`] starts it.
+    pub fn load(&self, state: MachineState) -> Result<LoadedState> {
+        self.check_state(&state)?;
+        self.parts.hv.restore_state(&state.vm)?;
+        for (v, s) in self.parts.vcpus.iter().zip(&state.vcpus) {
+            v.restore_state(s)?;
+        }
+        Ok(LoadedState(state))
+    }
+
+    /// Starts the machine [`IncomingMachine::load`] loaded `loaded` into (as `start`).
+    pub fn start_loaded(self, loaded: LoadedState, paused: bool) -> Result<Machine> {
+        self.start_with(loaded.0, false, paused)
+    }
+
+    fn check_state(&self, state: &MachineState) -> Result<()> {
         if state.version != MACHINE_STATE_VERSION {
             return Err(VmError::State(format!(
                 "machine state version {} is not {MACHINE_STATE_VERSION}",
                 state.version
             )));
         }
-        let p = &self.parts;
-        if state.vcpus.len() != p.vcpus.len() {
+        if state.vcpus.len() != self.parts.vcpus.len() {
             return Err(VmError::State(format!(
                 "state has {} vCPUs, this VM {}",
                 state.vcpus.len(),
-                p.vcpus.len()
+                self.parts.vcpus.len()
             )));
         }
-        p.hv.restore_state(&state.vm)?;
+        Ok(())
+    }
+
+    /// The devices from `state`, then the vCPU threads; `load_vcpus`: each thread loads
+    /// its vCPU's state first (else it is loaded already).
+    fn start_with(self, state: MachineState, load_vcpus: bool, paused: bool) -> Result<Machine> {
         // The pages received went through the VMM's own writes, so its log holds them;
         // it is not cleared here (~0.2 ms of downtime for 4 GiB, first touches of its
         // pages): nothing reads it before `start_dirty_log`, which forgets it.
@@ -354,7 +385,7 @@ impl IncomingMachine {
                 &state.user_devices,
                 &state.vfio_devices,
             )),
-            Some(state.vcpus),
+            load_vcpus.then_some(state.vcpus),
             paused,
         )
     }

@@ -669,6 +669,10 @@ impl Session<'_> {
                         return Err(ReceiveError::Duplicate(MessageType::State));
                     }
                     progress.set_status(MigrationStatus::Device);
+                    shared
+                        .vm
+                        .prepare_state(vcpus, devices)
+                        .map_err(vm_err("prepare_state"))?;
                     state = Some((vcpus.to_vec(), devices.to_vec()));
                 }
                 Message::PostcopyDiscard(runs) if postcopy => {

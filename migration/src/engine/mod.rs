@@ -90,6 +90,14 @@ pub trait SourceVm {
     /// The paused machine's state: `(vcpus, devices)`, opaque blobs for the destination.
     fn save_state(&self) -> HookResult<(Vec<u8>, Vec<u8>)>;
 
+    /// Whether [`SourceVm::save_state`] right after [`SourceVm::pause`] already gives the
+    /// final state: nothing the state holds changes while the last pages are collected.
+    /// The state then goes before those pages, and the destination loads it meanwhile
+    /// ([`DestinationVm::prepare_state`]). The default: no, it goes after them.
+    fn state_ready_at_pause(&self) -> bool {
+        false
+    }
+
     /// Guest RAM as files, one per RAM range in layout order, for a migration on one host
     /// (`MemFDs`). The default: RAM is not shared memory.
     fn memory_files(&self) -> HookResult<Vec<(MemoryFd, BorrowedFd<'_>)>> {
@@ -153,6 +161,17 @@ pub trait DestinationVm {
     /// from a receiving thread. The default does nothing.
     fn expect_pages(&self, runs: Vec<(u64, u32)>) {
         drop(runs);
+    }
+
+    /// The source's state arrived (before the last pages, when the source sends it at the
+    /// pause): a VM may load what needs no guest RAM meanwhile (registers into KVM),
+    /// nothing that runs or reads RAM. Called at most once, from the receiving thread,
+    /// while other threads may still write pages. [`DestinationVm::restore_state`] follows
+    /// with the same blobs once every page arrived and was checked. The default does
+    /// nothing.
+    fn prepare_state(&self, vcpus: &[u8], devices: &[u8]) -> HookResult<()> {
+        let _ = (vcpus, devices);
+        Ok(())
     }
 
     /// Restores the source's state; called once, after every page arrived and checked.

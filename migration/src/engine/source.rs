@@ -890,7 +890,7 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
         let paused_at = Instant::now();
         hook("pause", self.vm.pause())?;
         self.paused = true;
-        self.finish(paused_at, None)
+        self.finish(paused_at, None, None)
     }
 
     /// `MemoryFds` with the files attached, on the main connection.
@@ -1272,11 +1272,18 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
         // Paused, the throttle holds nothing back; should the migration fail, the guest
         // resumes at full speed.
         self.unthrottle();
+        // A state final at the pause goes first: the destination loads it while the last
+        // pages are collected and sent, instead of after them.
+        let early_state = if self.vm.state_ready_at_pause() {
+            let sent = self.send_state()?;
+            self.flush()?;
+            Some(sent)
+        } else {
+            None
+        };
+        let collect_start = Instant::now();
         let dirty = hook("collect_dirty", self.vm.collect_dirty(true))?;
-        let split = (
-            pause_ms,
-            paused_at.elapsed().as_secs_f64() * 1000.0 - pause_ms,
-        );
+        let split = (pause_ms, collect_start.elapsed().as_secs_f64() * 1000.0);
         for (gpa, len) in dirty {
             pending.insert_range(gpa, len);
         }
@@ -1287,29 +1294,44 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
         for lane in self.lanes.drain(..) {
             lane.io.shutdown();
         }
-        self.finish(paused_at, Some(split))
+        self.finish(paused_at, Some(split), early_state)
     }
 
-    /// With the guest paused and all RAM sent: state, `Complete`, and the confirmation.
-    /// `pause_split`: milliseconds the pause took to park the vCPUs, and the final dirty
-    /// collection after it (none where no pages were collected), for the log.
-    fn finish(
-        &mut self,
-        paused_at: Instant,
-        pause_split: Option<(f64, f64)>,
-    ) -> Result<(), SendError> {
-        let pages_sent_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
+    /// Saves the paused machine's state and queues it: its size in bytes, and the
+    /// milliseconds saving took.
+    fn send_state(&mut self) -> Result<(u64, f64), SendError> {
+        let start = Instant::now();
         let (vcpus, devices) = hook("save_state", self.vm.save_state())?;
-        let state_ms = paused_at.elapsed().as_secs_f64() * 1000.0 - pages_sent_ms;
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        let queued = self.main.out.len();
         self.send(&Message::State {
             vcpus: &vcpus,
             devices: &devices,
         })?;
-        let state_bytes = self.main.out.len() as u64;
+        let bytes = self.main.out.len().saturating_sub(queued) as u64;
         self.progress.update(|i| {
-            i.ram.transferred += state_bytes;
-            i.ram.downtime_bytes += state_bytes;
+            i.ram.transferred += bytes;
+            i.ram.downtime_bytes += bytes;
         });
+        Ok((bytes, ms))
+    }
+
+    /// With the guest paused and all RAM sent: state (unless `state_sent` says it went
+    /// at the pause: its bytes and the milliseconds saving took), `Complete`, and the
+    /// confirmation. `pause_split`: milliseconds the pause took (the vCPUs parked, and
+    /// with them their state where the VM saves it then), and the final dirty collection
+    /// after it (none where no pages were collected), for the log.
+    fn finish(
+        &mut self,
+        paused_at: Instant,
+        pause_split: Option<(f64, f64)>,
+        state_sent: Option<(u64, f64)>,
+    ) -> Result<(), SendError> {
+        let pages_sent_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
+        let (when, (state_bytes, state_ms)) = match state_sent {
+            Some(s) => ("at the pause", s),
+            None => ("after the pages", self.send_state()?),
+        };
         let mut info = self.progress.snapshot();
         info.total_time = Some(self.started.elapsed().as_millis() as u64);
         let source_info = serde_json::to_vec(&info).unwrap_or_default();
@@ -1324,7 +1346,7 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
             .unwrap_or_default();
         log::info!(
             "paused {:.1} ms: final dirty set sent after {pages_sent_ms:.1} ms{split}, state \
-             ({state_bytes} bytes) saved in {state_ms:.1} ms",
+             ({state_bytes} bytes) sent {when}, saved in {state_ms:.2} ms",
             paused_at.elapsed().as_secs_f64() * 1000.0
         );
 

@@ -12,7 +12,7 @@ use vm_migration::{DestinationVm, PostcopyRam, RamRange};
 
 use crate::config::VmConfig;
 use crate::memory::GuestMemoryMmap;
-use crate::vm::{memory_from_files, IncomingMachine, Machine, MachineState};
+use crate::vm::{memory_from_files, IncomingMachine, LoadedState, Machine, MachineState};
 
 /// The engine's view of the machine being received.
 #[derive(Default)]
@@ -21,6 +21,8 @@ pub struct MachineDestination {
     adopted: Option<GuestMemoryMmap>,
     incoming: Option<IncomingMachine>,
     state: Option<MachineState>,
+    /// The state loaded into `incoming` while the last pages came (`prepare_state`).
+    loaded: std::sync::Mutex<Option<LoadedState>>,
     /// The running machine, once `resume` succeeded.
     pub machine: Option<Machine>,
     /// This host's sockets for the source's vfio-user devices, in order (none given: the
@@ -259,7 +261,23 @@ impl DestinationVm for MachineDestination {
         }
     }
 
+    fn prepare_state(&self, vcpus: &[u8], _devices: &[u8]) -> HookResult<()> {
+        let state = MachineState::decode(vcpus)?;
+        let loaded = self.incoming()?.load(state).map_err(|e| e.to_string())?;
+        *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = Some(loaded);
+        Ok(())
+    }
+
     fn restore_state(&mut self, vcpus: &[u8], _devices: &[u8]) -> HookResult<()> {
+        if self
+            .loaded
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            // The same blob, loaded already.
+            return Ok(());
+        }
         let state = MachineState::decode(vcpus)?;
         self.state = Some(state);
         Ok(())
@@ -306,15 +324,17 @@ impl DestinationVm for MachineDestination {
             .incoming
             .take()
             .ok_or_else(|| "no VM was built for this migration".to_string())?;
-        let state = self
-            .state
-            .take()
-            .ok_or_else(|| "no machine state was received".to_string())?;
-        self.machine = Some(
-            incoming
-                .start(state, self.start_paused)
-                .map_err(|e| e.to_string())?,
-        );
+        let loaded = self
+            .loaded
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let started = match (loaded, self.state.take()) {
+            (Some(loaded), _) => incoming.start_loaded(loaded, self.start_paused),
+            (None, Some(state)) => incoming.start(state, self.start_paused),
+            (None, None) => return Err("no machine state was received".to_string()),
+        };
+        self.machine = Some(started.map_err(|e| e.to_string())?);
         Ok(())
     }
 }

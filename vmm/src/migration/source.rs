@@ -202,6 +202,11 @@ impl SourceVm for MachineSource {
         Ok((blob, Vec::new()))
     }
 
+    fn state_ready_at_pause(&self) -> bool {
+        // `pause` took it, except under the device-late seam.
+        !self.machine.pauses_devices_late()
+    }
+
     fn set_throttle(&self, percent: u8) -> HookResult<()> {
         self.machine
             .set_throttle(percent)
