@@ -21,4 +21,4 @@ pub use pm::{
     AcpiPm, AcpiPmState, SciLine, ACPI_PM1A_CNT_PORT, ACPI_PM1A_EVT_PORT, ACPI_PM_PORTS, PWRBTN,
     S5_SLP_TYP,
 };
-pub use serial::{EventFdTrigger, Serial, SerialCounters, SerialSnapshot, COM1_IRQ, COM1_PORT};
+pub use serial::{IrqLine, Serial, SerialCounters, SerialSnapshot, COM1_IRQ, COM1_PORT};

@@ -7,21 +7,24 @@ use std::sync::Arc;
 
 use vm_superio::serial::SerialEvents;
 use vm_superio::Trigger;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::{PioDevice, PlatformEvent};
 
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 
-/// An interrupt line as an eventfd (wired to the irqchip with an irqfd by the VMM).
-pub struct EventFdTrigger(pub EventFd);
+/// How the port raises its interrupt: the VMM's pulse of the irqchip pin. The VMM pulses
+/// it synchronously (KVM_IRQ_LINE), so that the interrupt is in the local APIC when the
+/// guest's port access that raised it returns: through an irqfd, KVM would inject it
+/// later from a kernel worker, possibly after a migration saved that vCPU's state, and
+/// the edge would be in no saved state.
+pub struct IrqLine(pub Box<dyn Fn() -> std::io::Result<()> + Send + Sync>);
 
-impl Trigger for EventFdTrigger {
+impl Trigger for IrqLine {
     type E = std::io::Error;
 
     fn trigger(&self) -> std::io::Result<()> {
-        self.0.write(1)
+        (self.0)()
     }
 }
 
@@ -96,32 +99,27 @@ impl From<&SerialSnapshot> for vm_superio::serial::SerialState {
 }
 
 pub struct Serial {
-    inner: vm_superio::Serial<EventFdTrigger, Events, Box<dyn Write + Send>>,
+    inner: vm_superio::Serial<IrqLine, Events, Box<dyn Write + Send>>,
     counters: Arc<SerialCounters>,
 }
 
 impl Serial {
-    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+    pub fn new(irq: IrqLine, out: Box<dyn Write + Send>) -> Self {
         let counters = Arc::new(SerialCounters::default());
-        let inner =
-            vm_superio::Serial::with_events(EventFdTrigger(irq), Events(counters.clone()), out);
+        let inner = vm_superio::Serial::with_events(irq, Events(counters.clone()), out);
         Serial { inner, counters }
     }
 
     /// A serial port continuing from `state` (the destination of a migration).
     pub fn from_snapshot(
-        irq: EventFd,
+        irq: IrqLine,
         out: Box<dyn Write + Send>,
         state: &SerialSnapshot,
     ) -> std::result::Result<Self, String> {
         let counters = Arc::new(SerialCounters::default());
-        let inner = vm_superio::Serial::from_state(
-            &state.into(),
-            EventFdTrigger(irq),
-            Events(counters.clone()),
-            out,
-        )
-        .map_err(|e| format!("serial state refused: {e:?}"))?;
+        let inner =
+            vm_superio::Serial::from_state(&state.into(), irq, Events(counters.clone()), out)
+                .map_err(|e| format!("serial state refused: {e:?}"))?;
         Ok(Serial { inner, counters })
     }
 
@@ -171,7 +169,15 @@ mod tests {
     #[test]
     fn bytes_reach_the_sink_and_are_counted() {
         let sink = Sink::default();
-        let mut s = Serial::new(EventFd::new(0).unwrap(), Box::new(sink.clone()));
+        let pulses = Arc::new(AtomicU64::new(0));
+        let line = |p: &Arc<AtomicU64>| {
+            let p = p.clone();
+            IrqLine(Box::new(move || {
+                p.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }))
+        };
+        let mut s = Serial::new(line(&pulses), Box::new(sink.clone()));
         for b in b"hi\n" {
             s.write(0, &[*b]);
         }
@@ -184,10 +190,14 @@ mod tests {
         // Registers survive a snapshot round trip.
         s.write(7, &[0x5a]);
         let snap = s.snapshot();
-        let mut t =
-            Serial::from_snapshot(EventFd::new(0).unwrap(), Box::new(sink.clone()), &snap).unwrap();
+        let mut t = Serial::from_snapshot(line(&pulses), Box::new(sink.clone()), &snap).unwrap();
         let mut scratch = [0u8];
         t.read(7, &mut scratch);
         assert_eq!(scratch, [0x5a]);
+        // With the transmitter-empty interrupt enabled (IER bit 1), each byte pulses the line.
+        let before = pulses.load(Ordering::Relaxed);
+        t.write(1, &[0x02]);
+        t.write(0, b"x");
+        assert!(pulses.load(Ordering::Relaxed) > before);
     }
 }

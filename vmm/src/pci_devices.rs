@@ -509,7 +509,6 @@ impl PciDevices {
         outside_dma::harvest_all(&self.vfio)
     }
 
-    /// The vfio-user devices' states (after [`Self::pause`]).
     /// Whether any function can raise an interrupt of its own (a virtio, vfio-user or VFIO
     /// device; the vIOMMU only answers requests).
     pub fn has_devices(&self) -> bool {
@@ -521,6 +520,7 @@ impl PciDevices {
         self.user.iter().any(UserDevice::stops_late)
     }
 
+    /// The vfio-user devices' states (after [`Self::pause`]).
     pub fn user_states(&self) -> std::result::Result<Vec<UserDeviceState>, String> {
         outside_dma::save_all(&self.user)
     }

@@ -16,7 +16,6 @@ use devices::{
 };
 use hypervisor::{DirtyTracking, MemorySlot, SyncKind, VmBuilder};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::layout::{PCI_ECAM_SIZE, PCI_ECAM_START};
 use crate::config::{ConsoleMode, VmConfig};
@@ -273,7 +272,8 @@ struct Parts {
     /// One thread per vCPU, made with the VM and waiting for its vCPU.
     vcpu_threads: Vec<vcpu::VcpuThread>,
     hv: Arc<hypervisor::Vm>,
-    serial_irq: Option<EventFd>,
+    /// COM1 is there (its interrupt line wired at start).
+    serial_irq: bool,
     mem: GuestMemoryMmap,
 }
 
@@ -457,22 +457,7 @@ impl Machine {
                 source,
             })?;
 
-        let serial_irq = match config.serial.mode {
-            ConsoleMode::Off => None,
-            _ => {
-                let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Io {
-                    what: "eventfd for COM1",
-                    source,
-                })?;
-                hv.fd()
-                    .register_irqfd(&irq, COM1_IRQ)
-                    .map_err(|e| VmError::Io {
-                        what: "KVM_IRQFD for COM1",
-                        source: e.into(),
-                    })?;
-                Some(irq)
-            }
-        };
+        let serial_irq = !matches!(config.serial.mode, ConsoleMode::Off);
         Ok(Parts {
             config,
             mem,
@@ -551,13 +536,20 @@ impl Machine {
         serial_state: Option<&devices::SerialSnapshot>,
         pm: AcpiPmState,
         devices_state: Option<DevicesState<'_>>,
-        vcpu_states: Option<Vec<hypervisor::VcpuState>>,
         paused: bool,
     ) -> Result<Machine> {
         let mut bus = PioBus::default();
         let mut serial_counters = None;
         let mut serial = None;
-        if let (Some(sink), Some(irq)) = (serial_sink(&p.config)?, p.serial_irq) {
+        if let (Some(sink), true) = (serial_sink(&p.config)?, p.serial_irq) {
+            let line_hv = p.hv.clone();
+            let irq = devices::IrqLine(Box::new(move || {
+                // A pulse: COM1's pin is edge-triggered.
+                line_hv
+                    .set_irq_line(COM1_IRQ, true)
+                    .and_then(|()| line_hv.set_irq_line(COM1_IRQ, false))
+                    .map_err(|e| std::io::Error::other(format!("COM1 interrupt: {e}")))
+            }));
             let dev = match serial_state {
                 Some(s) => Serial::from_snapshot(irq, sink, s).map_err(VmError::State)?,
                 None => Serial::new(irq, sink),
@@ -744,8 +736,11 @@ impl Machine {
     /// devices finish the requests in flight (their completion interrupts reach the
     /// vCPUs' local APICs), then has the vCPUs save: saved before, a level interrupt raised
     /// meanwhile would be pending in the IOAPIC's state but in no vCPU's, and stay stuck
-    /// on the destination. Without devices nothing raises one, and each vCPU saves as it
-    /// parks (one wake-up instead of two, ~0.2 ms of downtime on 2 vCPUs here).
+    /// on the destination. Without devices each vCPU saves as it parks (one wake-up
+    /// instead of two, ~0.2 ms of downtime on 2 vCPUs here): what else raises interrupts
+    /// does so synchronously from a vCPU's own exit (COM1, through KVM_IRQ_LINE), or is
+    /// the in-kernel PIT, whose tick may fall between the vCPUs' save and the VM-wide
+    /// one whichever way they are ordered.
     pub fn pause_and_save(&self) -> Result<MachineState> {
         if self.pci.has_devices() {
             self.pause();
