@@ -440,8 +440,6 @@ pub struct VcpuStart {
     pub control: Arc<VcpuControl>,
     pub counters: Arc<ExitCounters>,
     pub events: Sender<VmEvent>,
-    /// Loaded by the thread before it registers (a migrated or restored vCPU).
-    pub state: Option<hypervisor::VcpuState>,
 }
 
 /// A vCPU thread made ahead of its start, its seccomp filter installed: an incoming VM
@@ -453,32 +451,28 @@ pub struct VcpuThread {
     start: std::sync::mpsc::SyncSender<VcpuStart>,
     /// In a mutex so that an incoming VM holding threads is `Sync` (it is only used by
     /// `start`, which owns the thread).
-    ready: Mutex<std::sync::mpsc::Receiver<Result<(), String>>>,
+    ready: Mutex<std::sync::mpsc::Receiver<()>>,
     handle: JoinHandle<()>,
 }
 
 /// A vCPU thread handed its vCPU ([`VcpuThread::start`]), not yet known to be ready.
 pub struct StartingVcpu {
     index: u32,
-    ready: Mutex<std::sync::mpsc::Receiver<Result<(), String>>>,
+    ready: std::sync::mpsc::Receiver<()>,
     handle: JoinHandle<()>,
 }
 
 impl StartingVcpu {
-    /// Waits until the thread loaded its state (if given one) and can be kicked.
+    /// Waits until the thread can be kicked.
     pub fn ready(self) -> std::io::Result<JoinHandle<()>> {
-        let index = self.index;
-        let answer = self
-            .ready
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .recv()
-            .unwrap_or_else(|_| Err("the thread ended".into()));
-        match answer {
+        match self.ready.recv() {
             Ok(()) => Ok(self.handle),
-            Err(e) => {
+            Err(_) => {
                 let _ = self.handle.join();
-                Err(std::io::Error::other(format!("vCPU {index}: {e}")))
+                Err(std::io::Error::other(format!(
+                    "the thread of vCPU {} ended",
+                    self.index
+                )))
             }
         }
     }
@@ -488,7 +482,7 @@ impl VcpuThread {
     /// Creates the thread for vCPU `index`; it waits for [`VcpuThread::start`].
     pub fn new(index: u32) -> std::io::Result<VcpuThread> {
         let (start_tx, start_rx) = std::sync::mpsc::sync_channel::<VcpuStart>(1);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
@@ -500,18 +494,11 @@ impl VcpuThread {
                     control: ctl,
                     counters,
                     events,
-                    state,
                 }) = start_rx.recv()
                 else {
                     return;
                 };
                 vcpu.bind_to_current_thread();
-                if let Some(s) = state {
-                    if let Err(e) = vcpu.restore_state(&s) {
-                        let _ = ready_tx.send(Err(format!("loading its state: {e}")));
-                        return;
-                    }
-                }
                 // SAFETY: pthread_self has no preconditions.
                 let me = unsafe { libc::pthread_self() };
                 ctl.threads
@@ -528,7 +515,7 @@ impl VcpuThread {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(slot.clone());
-                let _ = ready_tx.send(Ok(()));
+                let _ = ready_tx.send(());
                 run_loop(&mut vcpu, &bus, &mmio, &ctl, &slot, &counters, &events);
             })?;
         Ok(VcpuThread {
@@ -553,7 +540,7 @@ impl VcpuThread {
         })?;
         Ok(StartingVcpu {
             index: self.index,
-            ready: self.ready,
+            ready: self.ready.into_inner().unwrap_or_else(|p| p.into_inner()),
             handle: self.handle,
         })
     }

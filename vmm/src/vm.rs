@@ -253,7 +253,20 @@ impl MachineState {
 
 /// A [`MachineState`] whose KVM part an [`IncomingMachine`] loaded (`load`), to start that
 /// machine with (`start_loaded`).
-pub struct LoadedState(MachineState);
+pub struct LoadedState {
+    state: MachineState,
+    /// False where `load` left the vCPUs' registers for `start_loaded` (PAE paging).
+    vcpus_loaded: bool,
+}
+
+/// 32-bit paging with PAE (CR0.PG, CR4.PAE, not EFER.LMA): setting such a vCPU's
+/// registers makes KVM read its page-directory pointers from guest RAM at CR3.
+fn pae_paging(s: &kvm_bindings::kvm_sregs) -> bool {
+    const CR0_PG: u64 = 1 << 31;
+    const CR4_PAE: u64 = 1 << 5;
+    const EFER_LMA: u64 = 1 << 10;
+    s.cr0 & CR0_PG != 0 && s.cr4 & CR4_PAE != 0 && s.efer & EFER_LMA == 0
+}
 
 /// What a migration's destination restores on its PCI bus: the virtio functions, the
 /// vIOMMU, the vfio-user devices, the VFIO devices.
@@ -322,30 +335,53 @@ impl IncomingMachine {
         &self.parts.config
     }
 
-    /// Starts the received machine from `state`: the VM-wide state first, then each vCPU
-    /// loads its own on its thread. `paused`: its vCPUs park before they first run and
-    /// its devices wait (`Machine::resume` starts both).
+    /// Starts the received machine from `state` ([`IncomingMachine::load`], then
+    /// [`IncomingMachine::start_loaded`]). `paused`: its vCPUs park before they first run
+    /// and its devices wait (`Machine::resume` starts both).
     pub fn start(self, state: MachineState, paused: bool) -> Result<Machine> {
-        self.check_state(&state)?;
-        self.parts.hv.restore_state(&state.vm)?;
-        self.start_with(state, true, paused)
+        let loaded = self.load(state)?;
+        self.start_loaded(loaded, paused)
     }
 
-    /// Loads the KVM part of `state` (the VM-wide state, then each vCPU, from the calling
-    /// thread) while the machine waits: no vCPU runs and no device exists yet, so guest
-    /// RAM may still be written meanwhile. [`IncomingMachine::start_loaded`] starts it.
+    /// Loads the KVM part of `state`, the VM-wide state then each vCPU (from the calling
+    /// thread), while the machine waits: no vCPU runs and no device exists yet, so guest
+    /// RAM may still be written meanwhile. A vCPU in 32-bit PAE paging is the exception:
+    /// KVM reads its page-directory pointers from guest RAM when its registers are set,
+    /// so those wait for [`IncomingMachine::start_loaded`].
     pub fn load(&self, state: MachineState) -> Result<LoadedState> {
         self.check_state(&state)?;
         self.parts.hv.restore_state(&state.vm)?;
+        let vcpus_loaded = !state.vcpus.iter().any(|v| pae_paging(&v.sregs));
+        if vcpus_loaded {
+            self.load_vcpus(&state)?;
+        } else {
+            log::info!("a vCPU uses PAE paging: its registers are set once all RAM is here");
+        }
+        Ok(LoadedState {
+            state,
+            vcpus_loaded,
+        })
+    }
+
+    /// Starts the machine [`IncomingMachine::load`] loaded `loaded` into: the vCPUs'
+    /// registers are set before any device exists (a restored device may serve its queues
+    /// and interrupt at once), then the devices, then the vCPU threads.
+    pub fn start_loaded(self, loaded: LoadedState, paused: bool) -> Result<Machine> {
+        let LoadedState {
+            state,
+            vcpus_loaded,
+        } = loaded;
+        if !vcpus_loaded {
+            self.load_vcpus(&state)?;
+        }
+        self.start_with(state, paused)
+    }
+
+    fn load_vcpus(&self, state: &MachineState) -> Result<()> {
         for (v, s) in self.parts.vcpus.iter().zip(&state.vcpus) {
             v.restore_state(s)?;
         }
-        Ok(LoadedState(state))
-    }
-
-    /// Starts the machine [`IncomingMachine::load`] loaded `loaded` into (as `start`).
-    pub fn start_loaded(self, loaded: LoadedState, paused: bool) -> Result<Machine> {
-        self.start_with(loaded.0, false, paused)
+        Ok(())
     }
 
     fn check_state(&self, state: &MachineState) -> Result<()> {
@@ -365,9 +401,8 @@ impl IncomingMachine {
         Ok(())
     }
 
-    /// The devices from `state`, then the vCPU threads; `load_vcpus`: each thread loads
-    /// its vCPU's state first (else it is loaded already).
-    fn start_with(self, state: MachineState, load_vcpus: bool, paused: bool) -> Result<Machine> {
+    /// The devices from `state`, then the vCPU threads (their state loaded already).
+    fn start_with(self, state: MachineState, paused: bool) -> Result<Machine> {
         // The pages received went through the VMM's own writes, so its log holds them;
         // it is not cleared here (~0.2 ms of downtime for 4 GiB, first touches of its
         // pages): nothing reads it before `start_dirty_log`, which forgets it.
@@ -385,7 +420,6 @@ impl IncomingMachine {
                 &state.user_devices,
                 &state.vfio_devices,
             )),
-            load_vcpus.then_some(state.vcpus),
             paused,
         )
     }
@@ -500,7 +534,7 @@ impl Machine {
             c.cpus.boot_vcpus,
             c.memory.size >> 20
         );
-        Self::start(parts, None, AcpiPmState::default(), None, None, false)
+        Self::start(parts, None, AcpiPmState::default(), None, false)
     }
 
     /// Builds a VM from a migration source's configuration, to receive its RAM and state.
@@ -623,33 +657,29 @@ impl Machine {
             pci.pause();
         }
 
-        // vCPUs with a state to load wait parked until all have loaded it: none runs in a
-        // machine that fails to start.
-        let restoring = vcpu_states.is_some();
-        let mut vcpu_states = vcpu_states.map(Vec::into_iter);
-        let control = Arc::new(if paused || restoring {
+        let control = Arc::new(if paused {
             VcpuControl::parked_at_start()
         } else {
             VcpuControl::default()
         });
         let exit_counters = Arc::new(ExitCounters::default());
         let (tx, events) = channel();
-        // Each thread is handed its vCPU (and loads its state) before any is waited for:
-        // the wake-ups and the restores overlap (~0.15 ms of the downtime, one after the
-        // other, on 2 vCPUs).
-        let mut handed = Vec::new();
-        for (v, t) in p.vcpus.into_iter().zip(p.vcpu_threads) {
-            let start = t.start(vcpu::VcpuStart {
-                vcpu: v,
-                bus: bus.clone(),
-                mmio: mmio.clone(),
-                control: control.clone(),
-                counters: exit_counters.clone(),
-                events: tx.clone(),
-                state: vcpu_states.as_mut().and_then(|s| s.next()),
-            });
-            handed.push(start);
-        }
+        // Every thread is handed its vCPU before any is waited for: their wake-ups overlap.
+        let handed: Vec<_> = p
+            .vcpus
+            .into_iter()
+            .zip(p.vcpu_threads)
+            .map(|(v, t)| {
+                t.start(vcpu::VcpuStart {
+                    vcpu: v,
+                    bus: bus.clone(),
+                    mmio: mmio.clone(),
+                    control: control.clone(),
+                    counters: exit_counters.clone(),
+                    events: tx.clone(),
+                })
+            })
+            .collect();
         let mut threads = Vec::new();
         let mut failed = None;
         for h in handed {
@@ -659,6 +689,7 @@ impl Machine {
             }
         }
         if let Some(source) = failed {
+            // No half-started machine: the threads that did start end here.
             control.stop();
             for t in threads {
                 let _ = t.join();
@@ -667,9 +698,6 @@ impl Machine {
                 what: "starting a vCPU thread",
                 source,
             });
-        }
-        if restoring && !paused {
-            control.resume();
         }
         let ring_watch = RingWatch::new(p.hv.clone(), control.clone(), p.config.cpus.boot_vcpus);
         Ok(Machine {
