@@ -332,6 +332,10 @@ pub mod features {
     /// of its RAM is there, and the destination asks for the pages it misses
     /// ([`super::Message::PageRequest`]) on the main connection's return direction.
     pub const POSTCOPY: u64 = 1 << 6;
+    /// The destination reads the `State` blobs in the VM's binary encoding as well as in
+    /// JSON (the vmm's `MachineState`; the protocol still does not look inside). Without
+    /// it the source writes JSON, which every destination reads.
+    pub const BINARY_STATE: u64 = 1 << 7;
     /// Every feature this build implements.
     pub const ALL: u64 = PARALLEL_CHANNELS
         | LOCAL_MEMORY
@@ -339,7 +343,8 @@ pub mod features {
         | PASS_ACKS
         | SOURCE_MEASURES
         | PAGE_CHUNKS
-        | POSTCOPY;
+        | POSTCOPY
+        | BINARY_STATE;
 }
 
 /// Most connections one migration may use (the main one included).

@@ -90,6 +90,8 @@ struct FakeSource {
     running_collects: AtomicU32,
     /// `state_ready_at_pause`.
     state_at_pause: AtomicBool,
+    /// What `peer_reads_binary_state` was told.
+    peer_binary: Mutex<Option<bool>>,
 }
 
 impl FakeSource {
@@ -123,6 +125,7 @@ impl FakeSource {
             read_delay: Mutex::new(Duration::ZERO),
             running_collects: AtomicU32::new(0),
             state_at_pause: AtomicBool::new(false),
+            peer_binary: Mutex::new(None),
         })
     }
 
@@ -256,6 +259,10 @@ impl SourceVm for FakeSource {
 
     fn state_ready_at_pause(&self) -> bool {
         self.state_at_pause.load(Ordering::SeqCst)
+    }
+
+    fn peer_reads_binary_state(&self, yes: bool) {
+        *self.peer_binary.lock().unwrap() = Some(yes);
     }
 
     fn set_throttle(&self, percent: u8) -> HookResult<()> {
@@ -434,6 +441,33 @@ fn the_state_goes_before_the_last_pages_when_final_at_the_pause() {
         } else {
             assert_eq!(written, total, "the state came before the last pages");
         }
+    }
+}
+
+/// The source's VM learns whether the destination reads the binary state encoding, from
+/// the destination's `BINARY_STATE` feature bit (an older destination has none).
+#[test]
+fn the_source_learns_whether_the_destination_reads_binary_state() {
+    use vm_migration::protocol::features;
+    for offered in [true, false] {
+        let src = FakeSource::new(false);
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut opts = receive_opts();
+        if !offered {
+            opts.features &= !features::BINARY_STATE;
+        }
+        let dest = thread::spawn(move || {
+            let mut d = FakeDestination::default();
+            receive_migration(&mut d, b, &opts, &MigrationProgress::new()).map(|_| ())
+        });
+        let send = fast_opts(
+            Duration::from_millis(50),
+            Duration::from_secs(30),
+            TimeoutStrategy::Cancel,
+        );
+        send_migration(&*src, a, &send, &MigrationProgress::new()).expect("migration");
+        dest.join().unwrap().expect("destination");
+        assert_eq!(*src.peer_binary.lock().unwrap(), Some(offered));
     }
 }
 

@@ -727,11 +727,12 @@ impl Machine {
     /// Pauses the vCPUs (if running) and saves the machine's state apart from RAM. The
     /// machine stays paused.
     pub fn save_state(&self) -> Result<MachineState> {
+        // Paused from here on, whether or not the save works: `resume` undoes it.
+        self.paused.store(true, Ordering::SeqCst);
         let vcpus = self
             .control
             .pause_and_save(self.config.cpus.boot_vcpus)
             .map_err(VmError::State)?;
-        self.paused.store(true, Ordering::SeqCst);
         if self.pause_devices_late {
             // The seam's wrong order: the device write held since the pause lands now,
             // after the final collection, with time for more.

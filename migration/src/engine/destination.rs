@@ -313,7 +313,8 @@ impl Session<'_> {
         offered |= features::SPARSE_PAGES
             | features::PASS_ACKS
             | features::SOURCE_MEASURES
-            | features::PAGE_CHUNKS;
+            | features::PAGE_CHUNKS
+            | features::BINARY_STATE;
         offered &= self.opts.features;
         // Postcopy asks for pages on a second handle of this connection, while this one
         // reads the page stream; RAM handed over as files needs none of it.

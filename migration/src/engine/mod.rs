@@ -90,6 +90,13 @@ pub trait SourceVm {
     /// The paused machine's state: `(vcpus, devices)`, opaque blobs for the destination.
     fn save_state(&self) -> HookResult<(Vec<u8>, Vec<u8>)>;
 
+    /// Whether the destination reads the state in the VM's binary encoding
+    /// ([`crate::protocol::features::BINARY_STATE`]); told once, after the handshake,
+    /// before any [`SourceVm::save_state`]. The default ignores it.
+    fn peer_reads_binary_state(&self, yes: bool) {
+        let _ = yes;
+    }
+
     /// Whether [`SourceVm::save_state`] right after [`SourceVm::pause`] already gives the
     /// final state: nothing the state holds changes while the last pages are collected.
     /// The state then goes before those pages, and the destination loads it meanwhile

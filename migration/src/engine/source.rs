@@ -941,6 +941,8 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
                 );
                 // A feature is used only when both sides offer it.
                 self.peer_features = h.features & features::ALL;
+                self.vm
+                    .peer_reads_binary_state(self.peer_features & features::BINARY_STATE != 0);
                 self.peer_features
             }
             other => return Err(unexpected(other, "waiting for Hello")),

@@ -22,10 +22,12 @@ pub struct MachineSource {
     /// The VM was paused (by its user) before the migration: a failed migration leaves
     /// it paused rather than running it.
     paused_before: bool,
-    /// The state taken at `pause` (`Machine::pause_and_save`), until `save_state` or
-    /// `resume`.
-    at_pause: Mutex<Option<MachineState>>,
+    /// The state taken at `pause` (`Machine::pause_and_save`), or why it could not be,
+    /// until `save_state` or `resume`.
+    at_pause: Mutex<Option<Result<MachineState, String>>>,
     encoding: StateEncoding,
+    /// The destination reads the binary encoding (an older Ferry reads JSON only).
+    peer_reads_binary: std::sync::atomic::AtomicBool,
 }
 
 impl MachineSource {
@@ -40,6 +42,7 @@ impl MachineSource {
             paused_before,
             at_pause: Mutex::new(None),
             encoding: StateEncoding::Binary,
+            peer_reads_binary: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -49,7 +52,7 @@ impl MachineSource {
         self
     }
 
-    fn at_pause(&self) -> std::sync::MutexGuard<'_, Option<MachineState>> {
+    fn at_pause(&self) -> std::sync::MutexGuard<'_, Option<Result<MachineState, String>>> {
         self.at_pause.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -174,8 +177,9 @@ impl SourceVm for MachineSource {
             return Ok(());
         }
         // The devices stop with it (as `Machine::pause`): nothing in this state changes
-        // while the last pages are collected and sent.
-        let state = self.machine.pause_and_save().map_err(|e| e.to_string())?;
+        // while the last pages are collected and sent. A failure to save is reported by
+        // `save_state`: the pause itself happened, so the engine resumes the VM on error.
+        let state = self.machine.pause_and_save().map_err(|e| e.to_string());
         *self.at_pause() = Some(state);
         Ok(())
     }
@@ -194,12 +198,22 @@ impl SourceVm for MachineSource {
     fn save_state(&self) -> HookResult<(Vec<u8>, Vec<u8>)> {
         let taken = self.at_pause().take();
         let state = match taken {
-            Some(s) => s,
+            Some(s) => s?,
             None => self.machine.save_state().map_err(|e| e.to_string())?,
         };
-        let blob = state.encode(self.encoding)?;
+        let encoding = match self.encoding {
+            StateEncoding::Binary if !self.peer_reads_binary.load(Ordering::Relaxed) => {
+                StateEncoding::Json
+            }
+            e => e,
+        };
+        let blob = state.encode(encoding)?;
         // One versioned blob holds vCPUs and devices alike.
         Ok((blob, Vec::new()))
+    }
+
+    fn peer_reads_binary_state(&self, yes: bool) {
+        self.peer_reads_binary.store(yes, Ordering::Relaxed);
     }
 
     fn state_ready_at_pause(&self) -> bool {
