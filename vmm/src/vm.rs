@@ -213,6 +213,9 @@ pub enum StateEncoding {
     Binary,
 }
 
+/// How deep a binary state may nest (the struct itself: ~6).
+const MAX_STATE_DEPTH: usize = 32;
+
 /// Opens a [`StateEncoding::Binary`] state ("Ferry machine state", encoding 1). JSON
 /// starts with `{`, so neither is taken for the other.
 pub const BINARY_STATE_MAGIC: [u8; 4] = *b"FMS\x01";
@@ -236,8 +239,19 @@ impl MachineState {
     /// Reads either encoding (untrusted bytes: an error, never a panic).
     pub fn decode(bytes: &[u8]) -> std::result::Result<MachineState, String> {
         match bytes.strip_prefix(&BINARY_STATE_MAGIC[..]) {
-            Some(rest) => rmp_serde::from_slice(rest)
-                .map_err(|e| format!("machine state (binary, {} bytes): {e}", bytes.len())),
+            Some(rest) => {
+                let bad = |e: String| format!("machine state (binary, {} bytes): {e}", bytes.len());
+                let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(rest));
+                // Deep enough for this struct; a hostile blob nests no deeper (rmp's
+                // default, 1024, recurses that far on the receiving thread's stack).
+                de.set_max_depth(MAX_STATE_DEPTH);
+                let state =
+                    serde::Deserialize::deserialize(&mut de).map_err(|e| bad(e.to_string()))?;
+                match rest.len() as u64 - de.position() {
+                    0 => Ok(state),
+                    n => Err(bad(format!("{n} bytes after the state"))),
+                }
+            }
             None if bytes.starts_with(b"FMS") => Err(match bytes.get(3) {
                 Some(v) => format!(
                     "machine state: binary encoding {v} is not known here (this Ferry reads {})",
@@ -1023,6 +1037,7 @@ mod tests {
             (bin(&[0xc1; 64]), "binary"),
             (b"FMS\x02{}".to_vec(), "binary encoding 2 is not known here"),
             (b"FMS".to_vec(), "cut short"),
+            (bin(&[0x91; 4096]), "binary"),
             (b"{\"version\": 2}".to_vec(), "JSON, 14 bytes"),
             (Vec::new(), "JSON, 0 bytes"),
         ] {

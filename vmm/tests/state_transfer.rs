@@ -38,6 +38,8 @@ fn saved_state_and_ram_continue_in_a_new_machine() {
         json.len()
     );
     let from_binary = MachineState::decode(&binary).unwrap();
+    let e = MachineState::decode(&[&binary[..], &[0xc0]].concat()).expect_err("trailing bytes");
+    assert!(e.contains("1 bytes after the state"), "{e}");
     assert_eq!(from_binary.encode(StateEncoding::Json).unwrap(), json);
     let state = MachineState::decode(&json).unwrap();
     assert_eq!(state.encode(StateEncoding::Binary).unwrap(), binary);
