@@ -290,8 +290,16 @@ pub fn verified_twice_more(serial: &Path, pos: usize, cpus: u32, each: Duration)
 /// The line of the serial log at `path` that holds `pat` (waiting for it).
 pub fn serial_line(path: &Path, pat: &str, timeout: Duration) -> String {
     let end = wait_serial(path, pat, 0, timeout);
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let start = text[..end].rfind('\n').map_or(0, |i| i + 1);
-    let stop = text[end..].find('\n').map_or(text.len(), |i| end + i);
-    text[start..stop].to_string()
+    // The guest writes a byte per port access: wait (a little) for the line's end, or a
+    // line read mid-way names half an address.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let start = text[..end].rfind('\n').map_or(0, |i| i + 1);
+        match text[end..].find('\n') {
+            Some(i) => return text[start..end + i].to_string(),
+            None if std::time::Instant::now() >= deadline => return text[start..].to_string(),
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
