@@ -118,23 +118,12 @@ pub fn collect(
             DirtySources::add(&sources.kvm, &bm);
             // The VMM's logs are read after KVM's, so a device write racing the sync is
             // either in this collection or the next, never lost.
-            let (mut own, mut dma) = (0, 0);
-            vmm_log(region).take_each(|i, bits| {
-                own += u64::from(bits.count_ones());
-                if let (false, Some(w)) = (drop.devices, bm.get_mut(i)) {
-                    *w |= bits;
-                }
-            });
-            if let Some(r) = dma_regions.as_mut().and_then(|r| r.next()) {
-                vmm_log(r).take_each(|i, bits| {
-                    dma += u64::from(bits.count_ones());
-                    if let (false, Some(w)) = (drop.devices || drop.viommu, bm.get_mut(i)) {
-                        *w |= bits;
-                    }
-                });
-            }
+            let own = take_into(vmm_log(region), &mut bm, drop.devices);
             sources.devices.fetch_add(own, Ordering::Relaxed);
-            sources.viommu_dma.fetch_add(dma, Ordering::Relaxed);
+            if let Some(r) = dma_regions.as_mut().and_then(|r| r.next()) {
+                let dma = take_into(vmm_log(r), &mut bm, drop.devices || drop.viommu);
+                sources.viommu_dma.fetch_add(dma, Ordering::Relaxed);
+            }
             let base = region.start_addr().0;
             RegionDirty {
                 region_gpa: base,
@@ -142,6 +131,19 @@ pub fn collect(
             }
         })
         .collect())
+}
+
+/// Takes `log` (one region's) and ORs it into `bm`, KVM's bitmap of the same region,
+/// unless `thrown_away` (a test seam); returns the pages it held.
+fn take_into(log: &devices::guest_ram::DirtyLog, bm: &mut [u64], thrown_away: bool) -> u64 {
+    let mut pages = 0;
+    log.take_each(|i, bits| {
+        pages += u64::from(bits.count_ones());
+        if let (false, Some(w)) = (thrown_away, bm.get_mut(i)) {
+            *w |= bits;
+        }
+    });
+    pages
 }
 
 /// The whole-region bitmap of VMM writes (the region's `MmapRegion` holds it).

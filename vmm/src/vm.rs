@@ -299,8 +299,6 @@ struct Parts {
     /// One thread per vCPU, made with the VM and waiting for its vCPU.
     vcpu_threads: Vec<vcpu::VcpuThread>,
     hv: Arc<hypervisor::Vm>,
-    /// COM1 is there (its interrupt line wired at start).
-    serial_irq: bool,
     mem: GuestMemoryMmap,
 }
 
@@ -505,14 +503,12 @@ impl Machine {
                 source,
             })?;
 
-        let serial_irq = !matches!(config.serial.mode, ConsoleMode::Off);
         Ok(Parts {
             config,
             mem,
             hv,
             vcpus,
             vcpu_threads,
-            serial_irq,
         })
     }
 
@@ -589,7 +585,7 @@ impl Machine {
         let mut bus = PioBus::default();
         let mut serial_counters = None;
         let mut serial = None;
-        if let (Some(sink), true) = (serial_sink(&p.config)?, p.serial_irq) {
+        if let Some(sink) = serial_sink(&p.config)? {
             let line_hv = p.hv.clone();
             let irq = devices::IrqLine(Box::new(move || {
                 // A pulse: COM1's pin is edge-triggered.

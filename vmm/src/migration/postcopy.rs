@@ -497,7 +497,7 @@ mod tests {
     /// and `UFFDIO_COPY` across a split fails (ENOENT): a run over one is placed whole.
     #[test]
     fn a_run_across_a_split_of_the_mapping_is_placed() {
-        const M2: usize = 2 << 20;
+        const M2: usize = crate::memory::HUGE_PAGE;
         let Some((mem, ram)) = watched_ram(4 * M2) else {
             return;
         };
