@@ -312,6 +312,14 @@ fn limited_phase(q: &mut Qmp, pid: u32, serial: &Path, share: u64) -> Phase {
     }
 }
 
+/// The limiter's last ten per-second lines in Ferry's debug log at `log` (pages it booked
+/// and how much of the second it had each vCPU nap), for a failed check to print.
+fn limiter_account(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_else(|e| format!("({e})"));
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("dirty limit")).collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
+}
+
 /// What one phase of the limit test measured, per vCPU.
 struct Phase {
     /// Ferry's exact pages/s (`x-ferry-pages-per-second`).
@@ -371,7 +379,14 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
     // every 0.25-1.2 s over the 8 s window. (With 1024 pages a loaded run saw only two
     // lines of a vCPU in a window, too few for a rate.)
     let share = 512;
-    let (ferry, sock, serial) = dirty_guest(&dir, "workload=dirty start=1M size=4M rate=2048", &[]);
+    // Ferry's debug log has the limiter's own per-second account of each vCPU: a failed
+    // check prints it beside what the measurement saw.
+    let log = dir.join("ferry.log");
+    let (ferry, sock, serial) = dirty_guest(
+        &dir,
+        "workload=dirty start=1M size=4M rate=2048",
+        &["--log-file", log.to_str().unwrap(), "-v"],
+    );
     wait_serial(&serial, "guest: pass 1 1", 0, Duration::from_secs(60));
     let mut q = Qmp::negotiated(&sock);
     assert_eq!(q.ok("query-vcpu-dirty-limit", json!({})), json!([]));
@@ -406,8 +421,9 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
                     assert!(
                         f <= limit * 1.10,
                         "{what}: vCPU {c} measured at {f:.0} pages/s, over its limit \
-                         {limit} by more than 10 % (all: {:?})",
-                        p.ferry
+                         {limit} by more than 10 % (all: {:?}); the limiter's account:\n{}",
+                        p.ferry,
+                        limiter_account(&log)
                     );
                     // And not held more than 10 % under it in the time its thread had a
                     // host CPU to run on: a vCPU the host keeps waiting cannot dirty, and
@@ -418,9 +434,11 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
                         f >= could * 0.90,
                         "{what}: vCPU {c} measured at {f:.0} pages/s, limit {limit}: more \
                          than 10 % under the {could:.0} it could reach while its thread \
-                         had a CPU ({:.0} % of the window waiting; all: {:?})",
+                         had a CPU ({:.0} % of the window waiting; all: {:?}); the \
+                         limiter's account:\n{}",
                         p.waited[c] * 100.0,
-                        p.ferry
+                        p.ferry,
+                        limiter_account(&log)
                     );
                     // The guest's own account counts its workload's pages only, while
                     // the limit counts every page the vCPU dirties: also its stack and
