@@ -148,9 +148,14 @@ pub struct MigrationInfo {
     /// Milliseconds of setup: connection, handshake, configuration check, dirty-log start.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub setup_time: Option<u64>,
-    /// Milliseconds from the source's pause to the destination's resume (once completed).
+    /// Milliseconds from the source's pause to the destination's resume (once completed),
+    /// rounded up: never less than the guest was paused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downtime: Option<u64>,
+    /// The same in microseconds: a pause of about a millisecond shows as 1 or 2 in
+    /// `downtime`, depending only on which side of a whole millisecond it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_us: Option<u64>,
     /// Milliseconds the stop-and-copy would take now, at the measured bandwidth.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expected_downtime: Option<u64>,
@@ -165,6 +170,14 @@ pub struct MigrationInfo {
     /// Why the migration failed or was cancelled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_desc: Option<String>,
+}
+
+impl MigrationInfo {
+    /// Records a downtime of `us` microseconds (`downtime` and `downtime-us`).
+    pub fn set_downtime_us(&mut self, us: u64) {
+        self.downtime = Some(us.div_ceil(1000));
+        self.downtime_us = Some(us);
+    }
 }
 
 struct ProgressInner {

@@ -502,6 +502,9 @@ fn converging_migration_copies_ram_exactly() {
     assert!(info.ram.duplicate > 0 && info.ram.normal > 0, "{info:?}");
     assert!(info.ram.normal + info.ram.duplicate >= 1024);
     assert!(info.downtime.is_some() && info.setup_time.is_some());
+    // The exact figure, and the whole milliseconds rounded up from it.
+    let us = info.downtime_us.expect("downtime-us");
+    assert_eq!(info.downtime, Some(us.div_ceil(1000)), "{us} us");
     assert!(!info.iterations.is_empty());
     assert_eq!(info.ram.remaining, 0);
     assert_eq!(progress.snapshot().status, MigrationStatus::Completed);
@@ -510,6 +513,7 @@ fn converging_migration_copies_ram_exactly() {
     assert_eq!(dinfo.ram.total, info.ram.total);
     assert_eq!(dinfo.ram.normal, info.ram.normal);
     assert_eq!(dinfo.downtime, info.downtime);
+    assert_eq!(dinfo.downtime_us, info.downtime_us);
     let (total, dtotal) = (info.total_time.unwrap(), dinfo.total_time.unwrap());
     assert!(
         dtotal + 100 >= total && dtotal < total + 1000,
@@ -1850,6 +1854,7 @@ fn the_destination_reports_the_downtime_the_source_measured() {
     let info = r.expect("valid session");
     assert!(d.resumed);
     assert_eq!(info.downtime, Some(42));
+    assert_eq!(info.downtime_us, Some(41_500));
     assert_eq!(info.total_time, Some(987));
 }
 

@@ -91,7 +91,11 @@ fn move_guest(tag: &str, memory: &str, region: &str, receive: Value, mut send: V
     assert_eq!(state["state"], "Running");
     let info: Value = dest_api.get("vm.migration-info").unwrap().json().unwrap();
     assert_eq!(info["status"], "completed", "{info}");
-    assert!(info["downtime"].as_u64().is_some(), "{info}");
+    let (ms, us) = (info["downtime"].as_u64(), info["downtime-us"].as_u64());
+    assert!(
+        ms.is_some() && ms == us.map(|us| us.div_ceil(1000)),
+        "downtime in ms and in us: {info}"
+    );
     eprintln!("{tag}: {info}");
     Moved {
         dest,

@@ -501,7 +501,7 @@ impl Session<'_> {
         // Report the source's figures (the source exits), with the downtime measured here.
         let mut info = serde_json::from_slice::<MigrationInfo>(&received.source_info)
             .unwrap_or_else(|_| progress.snapshot());
-        info.downtime = Some(downtime_us.div_ceil(1000));
+        info.set_downtime_us(downtime_us);
         info.ram.remaining = 0;
         info.expected_downtime = None;
         info.error_desc = None;
@@ -537,7 +537,7 @@ impl Session<'_> {
                     total_us as f64 / 1000.0
                 );
                 self.progress.update(|i| {
-                    i.downtime = Some(downtime_us.div_ceil(1000));
+                    i.set_downtime_us(downtime_us);
                     i.total_time = Some(total_us / 1000);
                 });
                 Ok(())

@@ -160,7 +160,7 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
             downtime_us as f64 / 1000.0
         );
         self.progress.update(|i| {
-            i.downtime = Some(downtime_us.div_ceil(1000));
+            i.set_downtime_us(downtime_us);
             i.ram.remaining = missing * PAGE;
         });
         self.progress.set_status(MigrationStatus::PostcopyActive);
@@ -436,7 +436,7 @@ pub(super) fn run_destination<V: DestinationVm + ?Sized, S: MigrationStream>(
         began.elapsed().as_secs_f64() * 1000.0
     );
     progress.update(|i| {
-        i.downtime = Some(downtime_us.div_ceil(1000));
+        i.set_downtime_us(downtime_us);
         i.ram.remaining = missing * PAGE;
     });
     progress.set_status(MigrationStatus::PostcopyActive);
@@ -473,6 +473,7 @@ pub(super) fn run_destination<V: DestinationVm + ?Sized, S: MigrationStream>(
                     let here = progress.snapshot();
                     info.status = here.status;
                     info.downtime = here.downtime;
+                    info.downtime_us = here.downtime_us;
                     info.ram.postcopy_requests = here.ram.postcopy_requests;
                     info.ram.remaining = 0;
                     info.expected_downtime = None;

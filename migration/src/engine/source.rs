@@ -1373,8 +1373,7 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
             peer_estimate_us as f64 / 1000.0,
             total_us as f64 / 1000.0
         );
-        self.progress
-            .update(|i| i.downtime = Some(downtime_us.div_ceil(1000)));
+        self.progress.update(|i| i.set_downtime_us(downtime_us));
         if self.peer_features & features::SOURCE_MEASURES != 0 {
             let measured = Message::Measured {
                 downtime_us,
