@@ -152,8 +152,8 @@ pub struct MigrationInfo {
     /// rounded up: never less than the guest was paused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downtime: Option<u64>,
-    /// The same in microseconds: a pause of about a millisecond shows as 1 or 2 in
-    /// `downtime`, depending only on which side of a whole millisecond it ended.
+    /// The same in microseconds: a pause of about a millisecond is 1 or 2 in `downtime`,
+    /// depending on whether it went past a whole millisecond.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_us: Option<u64>,
     /// Milliseconds the stop-and-copy would take now, at the measured bandwidth.

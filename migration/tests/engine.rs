@@ -1821,6 +1821,7 @@ fn downtime_runs_from_the_pause_to_resumed_on_the_source_clock() {
         Some(downtime),
         "the destination reports the source's"
     );
+    assert_eq!(dinfo.downtime_us, info.downtime_us);
     let (total, dtotal) = (info.total_time.unwrap(), dinfo.total_time.unwrap());
     assert!(
         dtotal >= 300 && dtotal <= total,
@@ -1844,7 +1845,8 @@ fn session_offering(features: u64, tail: &[u8]) -> Vec<u8> {
 #[test]
 fn the_destination_reports_the_downtime_the_source_measured() {
     let measured = frame(&Message::Measured {
-        downtime_us: 41_500,
+        // Rounded up to whole ms: 42, where rounding to the nearest would say 41.
+        downtime_us: 41_001,
         total_us: 987_000,
     });
     let (r, d) = feed_destination(session_offering(
@@ -1854,7 +1856,7 @@ fn the_destination_reports_the_downtime_the_source_measured() {
     let info = r.expect("valid session");
     assert!(d.resumed);
     assert_eq!(info.downtime, Some(42));
-    assert_eq!(info.downtime_us, Some(41_500));
+    assert_eq!(info.downtime_us, Some(41_001));
     assert_eq!(info.total_time, Some(987));
 }
 
@@ -2216,6 +2218,11 @@ fn postcopy_after(passes: u32) {
     dr.expect("destination");
     assert_eq!(info.status, MigrationStatus::Completed);
     assert_eq!(dinfo.status, MigrationStatus::Completed, "{dinfo:?}");
+    // The pause until the VM ran on the destination, measured by the source and reported
+    // by both, exact and in whole ms rounded up.
+    let us = info.downtime_us.expect("downtime-us");
+    assert_eq!(info.downtime, Some(us.div_ceil(1000)), "{info:?}");
+    assert_eq!(dinfo.downtime_us, Some(us), "{dinfo:?}");
     assert_eq!(src.resumes.load(Ordering::SeqCst), 0);
     assert!(src.is_paused());
     let ram = d.ram.expect("postcopy was used");

@@ -21,6 +21,16 @@ const PAGES_PER_MIB: f64 = 256.0;
 
 /// A ferry with a QMP socket running the test guest with `cmdline` on 2 vCPUs.
 fn dirty_guest(dir: &Path, cmdline: &str, extra: &[&str]) -> (Ferry, PathBuf, PathBuf) {
+    dirty_guest_env(dir, cmdline, extra, &[])
+}
+
+/// [`dirty_guest`] with extra environment variables for Ferry.
+fn dirty_guest_env(
+    dir: &Path,
+    cmdline: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Ferry, PathBuf, PathBuf) {
     let serial = dir.join("serial.log");
     let sock = dir.join("q.sock");
     let elf = common::guest_elf();
@@ -41,7 +51,7 @@ fn dirty_guest(dir: &Path, cmdline: &str, extra: &[&str]) -> (Ferry, PathBuf, Pa
         &ser,
     ];
     args.extend_from_slice(extra);
-    (Ferry::spawn(&args), sock, serial)
+    (Ferry::spawn_in_env(None, env, &args), sock, serial)
 }
 
 /// Runs `calc-dirty-rate` over `secs` and returns `query-dirty-rate`'s answer once
@@ -312,11 +322,18 @@ fn limited_phase(q: &mut Qmp, pid: u32, serial: &Path, share: u64) -> Phase {
     }
 }
 
-/// The limiter's last ten per-second lines in Ferry's debug log at `log` (pages it booked
-/// and how much of the second it had each vCPU nap), for a failed check to print.
+/// The limiter's last ten lines in Ferry's debug log at `log` (each second: the pages it
+/// booked per vCPU and how much of the second it had each nap), for a failed check to
+/// print.
 fn limiter_account(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_else(|e| format!("({e})"));
+    let text = match std::fs::read_to_string(log) {
+        Ok(t) => t,
+        Err(e) => return format!("(cannot read {}: {e})", log.display()),
+    };
     let lines: Vec<&str> = text.lines().filter(|l| l.contains("dirty limit")).collect();
+    if lines.is_empty() {
+        return format!("(no dirty-limit lines in {})", log.display());
+    }
     lines[lines.len().saturating_sub(10)..].join("\n")
 }
 
@@ -382,10 +399,12 @@ fn dirty_limit_holds_each_vcpu_at_its_limit() {
     // Ferry's debug log has the limiter's own per-second account of each vCPU: a failed
     // check prints it beside what the measurement saw.
     let log = dir.join("ferry.log");
-    let (ferry, sock, serial) = dirty_guest(
+    // RUST_LOG, not -v: a RUST_LOG set around the tests would override -v.
+    let (ferry, sock, serial) = dirty_guest_env(
         &dir,
         "workload=dirty start=1M size=4M rate=2048",
-        &["--log-file", log.to_str().unwrap(), "-v"],
+        &["--log-file", log.to_str().unwrap()],
+        &[("RUST_LOG", "debug")],
     );
     wait_serial(&serial, "guest: pass 1 1", 0, Duration::from_secs(60));
     let mut q = Qmp::negotiated(&sock);

@@ -488,8 +488,15 @@ pub(super) fn run_destination<V: DestinationVm + ?Sized, S: MigrationStream>(
                 if start.source_measures && !again {
                     conn_now.get_mut().set_idle(Duration::from_secs(2));
                     match conn_now.read_message() {
-                        Ok(Message::Measured { total_us, .. }) => {
-                            progress.update(|i| i.total_time = Some(total_us / 1000));
+                        Ok(Message::Measured {
+                            total_us,
+                            downtime_us,
+                        }) => {
+                            // Its pause until `Resumed` reached it, as after a precopy.
+                            progress.update(|i| {
+                                i.total_time = Some(total_us / 1000);
+                                i.set_downtime_us(downtime_us);
+                            });
                         }
                         Ok(other) => log::warn!(
                             "expected the source's Measured after PostcopyComplete, got {}",
