@@ -21,8 +21,9 @@ pub struct MachineDestination {
     adopted: Option<GuestMemoryMmap>,
     incoming: Option<IncomingMachine>,
     state: Option<MachineState>,
-    /// The state loaded into `incoming` while the last pages came (`prepare_state`).
-    loaded: std::sync::Mutex<Option<LoadedState>>,
+    /// The state loaded into `incoming` while the last pages came (`prepare_state`), and
+    /// which blob it came from.
+    loaded: std::sync::Mutex<Option<(BlobPrint, LoadedState)>>,
     /// The running machine, once `resume` succeeded.
     pub machine: Option<Machine>,
     /// This host's sockets for the source's vfio-user devices, in order (none given: the
@@ -36,6 +37,37 @@ pub struct MachineDestination {
     prefaulted: Option<Arc<crate::memory::PrefaultedPages>>,
     /// Faults in, meanwhile, the pages the first pass left for later.
     prefaulter: std::sync::Mutex<Option<Prefaulter>>,
+}
+
+/// What identifies a machine-state blob: its length and crc32c. `restore_state` must be
+/// handed the blob `prepare_state` loaded (the engine passes the one it kept); a different
+/// one would otherwise be ignored without a word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BlobPrint {
+    len: usize,
+    crc32c: u32,
+}
+
+impl BlobPrint {
+    fn of(blob: &[u8]) -> BlobPrint {
+        BlobPrint {
+            len: blob.len(),
+            crc32c: crc32c::crc32c(blob),
+        }
+    }
+
+    /// Ok when `blob` is the one this print was taken of.
+    fn check(self, blob: &[u8]) -> Result<(), String> {
+        let given = BlobPrint::of(blob);
+        if given == self {
+            return Ok(());
+        }
+        Err(format!(
+            "restore_state was handed a machine state of {} bytes (crc32c {:#010x}), not \
+             the one prepare_state loaded ({} bytes, crc32c {:#010x})",
+            given.len, given.crc32c, self.len, self.crc32c
+        ))
+    }
 }
 
 /// A thread faulting in the pages the first pass left out, from the last one down, while
@@ -264,19 +296,15 @@ impl DestinationVm for MachineDestination {
     fn prepare_state(&self, vcpus: &[u8], _devices: &[u8]) -> HookResult<()> {
         let state = MachineState::decode(vcpus)?;
         let loaded = self.incoming()?.load(state).map_err(|e| e.to_string())?;
-        *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = Some(loaded);
+        *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((BlobPrint::of(vcpus), loaded));
         Ok(())
     }
 
     fn restore_state(&mut self, vcpus: &[u8], _devices: &[u8]) -> HookResult<()> {
-        if self
-            .loaded
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-        {
-            // The same blob, loaded already.
-            return Ok(());
+        if let Some((print, _)) = self.loaded.get_mut().unwrap_or_else(|p| p.into_inner()) {
+            // Loaded already: only make sure it is the same blob.
+            return print.check(vcpus);
         }
         let state = MachineState::decode(vcpus)?;
         self.state = Some(state);
@@ -330,7 +358,7 @@ impl DestinationVm for MachineDestination {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         let started = match (loaded, self.state.take()) {
-            (Some(loaded), _) => incoming.start_loaded(loaded, self.start_paused),
+            (Some((_, loaded)), _) => incoming.start_loaded(loaded, self.start_paused),
             (None, Some(state)) => incoming.start(state, self.start_paused),
             (None, None) => return Err("no machine state was received".to_string()),
         };
@@ -342,6 +370,21 @@ impl DestinationVm for MachineDestination {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `restore_state` after `prepare_state` takes the same blob only: one byte or one
+    /// length apart is an error naming both sizes.
+    #[test]
+    fn a_prepared_state_is_checked_against_the_blob_restored() {
+        let blob: Vec<u8> = (0..9000u32).map(|i| (i * 7) as u8).collect();
+        let print = BlobPrint::of(&blob);
+        print.check(&blob).expect("the same blob");
+        let mut changed = blob.clone();
+        changed[4500] ^= 1;
+        let e = print.check(&changed).expect_err("one bit apart");
+        assert!(e.contains("9000 bytes") && e.contains("crc32c"), "{e}");
+        let e = print.check(&blob[..8999]).expect_err("one byte shorter");
+        assert!(e.contains("8999 bytes") && e.contains("9000 bytes"), "{e}");
+    }
 
     /// The helper faulting in what pass 0 left out is gone before guest RAM goes under
     /// userfaultfd: there, faulting in a missing page would wait for a source that sends
