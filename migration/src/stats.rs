@@ -178,6 +178,13 @@ impl MigrationInfo {
         self.downtime = Some(us.div_ceil(1000));
         self.downtime_us = Some(us);
     }
+
+    /// Takes the source's own clock (its `Measured` message): the pause until `Resumed`
+    /// reached it and the whole migration, so that both sides report the same figures.
+    pub fn take_measured(&mut self, downtime_us: u64, total_us: u64) {
+        self.set_downtime_us(downtime_us);
+        self.total_time = Some(total_us / 1000);
+    }
 }
 
 struct ProgressInner {
@@ -389,5 +396,20 @@ mod tests {
         let frozen = v["total-time"].as_u64().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(5));
         assert_eq!(api.to_json()["total-time"].as_u64().unwrap(), frozen);
+    }
+
+    #[test]
+    fn the_sources_measures_replace_both_figures() {
+        let mut info = MigrationInfo {
+            total_time: Some(7),
+            ..Default::default()
+        };
+        info.set_downtime_us(900);
+        // 41_001 us is 42 ms rounded up; the total is whole ms rounded down, as QEMU's.
+        info.take_measured(41_001, 2_345_999);
+        assert_eq!(
+            (info.downtime, info.downtime_us, info.total_time),
+            (Some(42), Some(41_001), Some(2345))
+        );
     }
 }

@@ -536,10 +536,8 @@ impl Session<'_> {
                     downtime_us as f64 / 1000.0,
                     total_us as f64 / 1000.0
                 );
-                self.progress.update(|i| {
-                    i.set_downtime_us(downtime_us);
-                    i.total_time = Some(total_us / 1000);
-                });
+                self.progress
+                    .update(|i| i.take_measured(downtime_us, total_us));
                 Ok(())
             }
             Ok(Message::Abort { reason }) => Err(ReceiveError::SourceResumed(reason.to_string())),

@@ -493,10 +493,7 @@ pub(super) fn run_destination<V: DestinationVm + ?Sized, S: MigrationStream>(
                             downtime_us,
                         }) => {
                             // Its pause until `Resumed` reached it, as after a precopy.
-                            progress.update(|i| {
-                                i.total_time = Some(total_us / 1000);
-                                i.set_downtime_us(downtime_us);
-                            });
+                            progress.update(|i| i.take_measured(downtime_us, total_us));
                         }
                         Ok(other) => log::warn!(
                             "expected the source's Measured after PostcopyComplete, got {}",

@@ -2,7 +2,7 @@
 
 use std::io::{self, Write};
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -298,16 +298,17 @@ struct LaneResult {
 }
 
 impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
-    /// Sends `runs` on one connection, then `IterationDone` with its share.
+    /// Sends runs taken from `runs` on one connection until none is left, then
+    /// `IterationDone` with its share.
     fn send_runs<S: MigrationStream>(
         &self,
         io: &mut Watched<S>,
         buf: &mut LaneBuf,
-        runs: &[(u64, u32)],
+        runs: &RunQueue<'_>,
     ) -> Result<LaneResult, SendError> {
         let mut res = LaneResult::default();
         let mut last_flush = Instant::now();
-        for (i, &(gpa, pages)) in runs.iter().enumerate() {
+        while let Some((gpa, pages)) = runs.take() {
             if self.progress.is_cancelled() {
                 return Err(SendError::Cancelled);
             }
@@ -325,7 +326,8 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
                     }
                     TimeoutStrategy::Ignore => {
                         // Switch over now; the unsent pages go into the final pass.
-                        res.unsent = runs[i..].to_vec();
+                        res.unsent = runs.take_rest();
+                        res.unsent.push((gpa, pages));
                         break;
                     }
                 }
@@ -509,23 +511,34 @@ impl Encoding {
     }
 }
 
-/// Cuts `runs` (sorted) into `n` groups of consecutive runs with about as many pages each.
-fn split_runs(runs: &[(u64, u32)], n: usize) -> Vec<&[(u64, u32)]> {
-    let total: u64 = runs.iter().map(|r| u64::from(r.1)).sum();
-    let per = total.div_ceil(n.max(1) as u64).max(1);
-    let mut groups = Vec::with_capacity(n);
-    let (mut start, mut acc) = (0, 0u64);
-    for (i, r) in runs.iter().enumerate() {
-        acc += u64::from(r.1);
-        if acc >= per && groups.len() + 1 < n {
-            groups.push(&runs[start..=i]);
-            start = i + 1;
-            acc = 0;
+/// A pass's runs, shared by the connections' sending threads: each takes the next run
+/// when it is ready for one. Split by address instead, a connection could get all of a
+/// region that holds data while another skips never-touched RAM (the 2 GiB guest whose
+/// data is its first GiB went over one connection in its first pass).
+struct RunQueue<'a> {
+    runs: &'a [(u64, u32)],
+    next: AtomicUsize,
+}
+
+impl<'a> RunQueue<'a> {
+    fn new(runs: &'a [(u64, u32)]) -> Self {
+        RunQueue {
+            runs,
+            next: AtomicUsize::new(0),
         }
     }
-    groups.push(&runs[start..]);
-    groups.resize(n, &runs[runs.len()..]);
-    groups
+
+    /// The next run nobody took yet.
+    fn take(&self) -> Option<(u64, u32)> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.runs.get(i).copied()
+    }
+
+    /// Every run nobody took yet; the queue is empty afterwards.
+    fn take_rest(&self) -> Vec<(u64, u32)> {
+        let i = self.next.swap(self.runs.len(), Ordering::Relaxed);
+        self.runs.get(i..).map(<[_]>::to_vec).unwrap_or_default()
+    }
 }
 
 /// First throttle step and each further one, in percent of vCPU time (QEMU's defaults).
@@ -1036,34 +1049,34 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
                 })
             }),
         };
+        let queue = RunQueue::new(&runs);
         let results = if self.lanes.is_empty() {
-            vec![ctx.send_runs(self.conn.get_mut(), &mut self.main, &runs)]
+            vec![ctx.send_runs(self.conn.get_mut(), &mut self.main, &queue)]
         } else if pages < LANE_THREAD_MIN_PAGES {
-            let mut all = vec![ctx.send_runs(self.conn.get_mut(), &mut self.main, &runs)];
+            // The main connection empties the queue; the others end an empty share.
+            let mut all = vec![ctx.send_runs(self.conn.get_mut(), &mut self.main, &queue)];
             for lane in &mut self.lanes {
                 if all.iter().any(|r| r.is_err()) {
                     break;
                 }
-                all.push(ctx.send_runs(&mut lane.io, &mut lane.buf, &[]));
+                all.push(ctx.send_runs(&mut lane.io, &mut lane.buf, &queue));
             }
             all
         } else {
-            let groups = split_runs(&runs, self.lanes.len() + 1);
             let (main_io, main_buf, lanes) = (self.conn.get_mut(), &mut self.main, &mut self.lanes);
             std::thread::scope(|s| {
-                let ctx = &ctx;
+                let (ctx, queue) = (&ctx, &queue);
                 let threads: Vec<_> = lanes
                     .iter_mut()
-                    .zip(&groups[1..])
                     .enumerate()
-                    .map(|(i, (lane, group))| {
+                    .map(|(i, lane)| {
                         std::thread::Builder::new()
                             .name(format!("mig-send-{}", i + 1))
                             .spawn_scoped(s, move || {
                                 ferry_seccomp::install_or_exit(
                                     ferry_seccomp::ThreadKind::MigrationSender,
                                 );
-                                let r = ctx.send_runs(&mut lane.io, &mut lane.buf, group);
+                                let r = ctx.send_runs(&mut lane.io, &mut lane.buf, queue);
                                 if r.is_err() {
                                     ctx.stop.store(true, Ordering::Relaxed);
                                 }
@@ -1071,7 +1084,7 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
                             })
                     })
                     .collect();
-                let main = ctx.send_runs(main_io, main_buf, groups[0]);
+                let main = ctx.send_runs(main_io, main_buf, queue);
                 if main.is_err() {
                     ctx.stop.store(true, Ordering::Relaxed);
                 }
