@@ -1105,8 +1105,10 @@ def main():
     mach = machine()
     runs = []
     jsonl = os.path.join(WORK, "runs.jsonl")
-    # Another run on this host (another worktree's) may use the default ports.
-    port = int(os.environ.get("PORT_BASE", "47100"))
+    # Another run on this host (another worktree's) may use the default ports. Below the
+    # kernel's ephemeral range (32768-60999 here): a connection's local port there, left
+    # in TIME-WAIT, made a later run's listen fail ("Address already in use").
+    port = int(os.environ.get("PORT_BASE", "27100"))
     n = len(wkeys) * len(modes) * PAIRS
     t0 = time.monotonic()
     try:

@@ -1518,6 +1518,9 @@ fn corrupted_chunk_on_an_extra_connection_is_refused_and_the_source_keeps_runnin
     let (listener, path) = unix_listener("parbad");
     let dest = spawn_parallel_destination(listener);
     let src = FakeSource::new(false);
+    // Connections take runs as they are ready: slow reads (a 64-page run in 6.4 ms) give
+    // each of them some, the damaging one too.
+    *src.read_delay.lock().unwrap() = Duration::from_micros(100);
     let (main, extras) = connect_all(&path, 2);
     let extras: Vec<Boxed> = extras
         .into_iter()
@@ -2294,8 +2297,10 @@ fn postcopy_after(passes: u32) {
     let progress = MigrationProgress::new();
     let opts = SendOptions {
         postcopy_after_passes: Some(passes),
+        // Not 1 ms: a pass of the whole 4 MiB in 1 ms (it happened, in a full test run)
+        // would fit it, and the source would stop and copy instead.
         ..fast_opts(
-            Duration::from_millis(1),
+            Duration::from_micros(1),
             Duration::from_secs(30),
             TimeoutStrategy::Cancel,
         )
