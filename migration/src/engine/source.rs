@@ -326,8 +326,8 @@ impl<V: SourceVm + ?Sized> PassCtx<'_, V> {
                     }
                     TimeoutStrategy::Ignore => {
                         // Switch over now; the unsent pages go into the final pass.
-                        res.unsent = runs.take_rest();
-                        res.unsent.push((gpa, pages));
+                        res.unsent = vec![(gpa, pages)];
+                        res.unsent.extend(runs.take_rest());
                         break;
                     }
                 }
@@ -1053,13 +1053,14 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
         let results = if self.lanes.is_empty() {
             vec![ctx.send_runs(self.conn.get_mut(), &mut self.main, &queue)]
         } else if pages < LANE_THREAD_MIN_PAGES {
-            // The main connection empties the queue; the others end an empty share.
+            // The main connection takes every run; the others end an empty share.
             let mut all = vec![ctx.send_runs(self.conn.get_mut(), &mut self.main, &queue)];
+            let none = RunQueue::new(&[]);
             for lane in &mut self.lanes {
                 if all.iter().any(|r| r.is_err()) {
                     break;
                 }
-                all.push(ctx.send_runs(&mut lane.io, &mut lane.buf, &queue));
+                all.push(ctx.send_runs(&mut lane.io, &mut lane.buf, &none));
             }
             all
         } else {
@@ -1531,6 +1532,37 @@ fn is_cancel_io(e: &SendError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_run_of_the_queue_is_taken_once() {
+        let runs: Vec<(u64, u32)> = (0..10_000u64).map(|i| (i << 12, 1)).collect();
+        let queue = RunQueue::new(&runs);
+        let mut taken: Vec<(u64, u32)> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut mine = Vec::new();
+                        while let Some(r) = queue.take() {
+                            mine.push(r);
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|t| t.join().unwrap())
+                .collect()
+        });
+        taken.sort_unstable();
+        assert_eq!(taken, runs);
+        assert_eq!(queue.take_rest(), Vec::new());
+        // What nobody took yet, once; then nothing.
+        let queue = RunQueue::new(&runs[..5]);
+        assert_eq!(queue.take(), Some(runs[0]));
+        assert_eq!(queue.take_rest(), runs[1..5].to_vec());
+        assert_eq!((queue.take(), queue.take_rest()), (None, Vec::new()));
+    }
 
     #[test]
     fn auto_converge_aims_at_the_throttle_the_rates_call_for() {

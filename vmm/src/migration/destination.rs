@@ -105,8 +105,9 @@ impl Prefaulter {
                             break 'runs;
                         }
                         let start = end.saturating_sub(Self::PIECE).max(gpa);
-                        // Pieces already there (a receiver got to them: with several
-                        // connections each writes its own stretch upwards) are skipped.
+                        // Pieces already there (a receiver got to them: the connections
+                        // take a pass's runs in address order, so together they write
+                        // upwards) are skipped.
                         if prefaulted.prefault(&mem, start, (end - start) as usize) {
                             faulted += (end - start) / 4096;
                         }
