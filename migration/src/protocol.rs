@@ -336,6 +336,12 @@ pub mod features {
     /// JSON (the vmm's `MachineState`; the protocol still does not look inside). Without
     /// it the source writes JSON, which every destination reads.
     pub const BINARY_STATE: u64 = 1 << 7;
+    /// The destination takes an extra connection the source closes between two passes
+    /// as retired: the passes after it travel on the connections left. The source then
+    /// closes them before it pauses the guest for a small final pass, whose end need not
+    /// wait for every connection's thread on both sides (an idle 4 GiB guest paused
+    /// ~0.85 ms with one connection, ~1.0 with two).
+    pub const LANES_RETIRE: u64 = 1 << 8;
     /// Every feature this build implements.
     pub const ALL: u64 = PARALLEL_CHANNELS
         | LOCAL_MEMORY
@@ -344,7 +350,8 @@ pub mod features {
         | SOURCE_MEASURES
         | PAGE_CHUNKS
         | POSTCOPY
-        | BINARY_STATE;
+        | BINARY_STATE
+        | LANES_RETIRE;
 }
 
 /// Most connections one migration may use (the main one included).

@@ -1423,10 +1423,21 @@ fn parallel_connections_lose_nothing_under_a_busy_guest() {
     let _ = std::fs::remove_file(path);
 }
 
-/// A connection that counts the bytes written through it.
+/// A connection that counts the bytes written through it, and says when it was closed.
 struct Counting {
     inner: UnixStream,
     written: Arc<AtomicU64>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Counting {
+    fn new(inner: UnixStream) -> Self {
+        Counting {
+            inner,
+            written: Arc::default(),
+            closed: Arc::default(),
+        }
+    }
 }
 
 impl Read for Counting {
@@ -1453,6 +1464,7 @@ impl MigrationStream for Counting {
     }
 
     fn shutdown_both(&self) {
+        self.closed.store(true, Ordering::SeqCst);
         self.inner.shutdown_both()
     }
 }
@@ -1475,15 +1487,9 @@ fn both_connections_carry_data_that_sits_in_one_half_of_ram() {
     // neither thread can take every run before the other is ready.
     *src.read_delay.lock().unwrap() = Duration::from_micros(300);
     let (main, extras) = connect_all(&path, 1);
-    let counters = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
-    let main = Counting {
-        inner: main,
-        written: counters[0].clone(),
-    };
-    let extra = Counting {
-        inner: extras.into_iter().next().unwrap(),
-        written: counters[1].clone(),
-    };
+    let main = Counting::new(main);
+    let extra = Counting::new(extras.into_iter().next().unwrap());
+    let counters = [main.written.clone(), extra.written.clone()];
     let opts = fast_opts(
         Duration::from_millis(200),
         Duration::from_secs(30),
@@ -1513,6 +1519,49 @@ fn both_connections_carry_data_that_sits_in_one_half_of_ram() {
         bytes.iter().all(|&b| b * 10 >= total),
         "bytes per connection (main, extra): {bytes:?} of {total}, {data} of them page data"
     );
+    let _ = std::fs::remove_file(path);
+}
+
+/// With a final pass this small, the extra connections close before the guest pauses
+/// (the destination retires them between passes), so that the pass's end waits for none
+/// of their threads; the migration loses nothing. Before, they closed after the final
+/// pass, inside the pause.
+#[test]
+fn extra_connections_close_before_a_small_final_pass() {
+    let (listener, path) = unix_listener("parretire");
+    let dest = spawn_parallel_destination(listener);
+    let src = FakeSource::new(false);
+    let (main, extras) = connect_all(&path, 2);
+    let extras: Vec<Counting> = extras.into_iter().map(Counting::new).collect();
+    let closed: Vec<Arc<AtomicBool>> = extras.iter().map(|c| c.closed.clone()).collect();
+    let written: Vec<Arc<AtomicU64>> = extras.iter().map(|c| c.written.clone()).collect();
+    // At the pause: which extra connections were closed, and what they had carried.
+    let seen = Arc::new(Mutex::new(None));
+    let at_pause = seen.clone();
+    *src.on_pause.lock().unwrap() = Some(Box::new(move || {
+        let c: Vec<bool> = closed.iter().map(|c| c.load(Ordering::SeqCst)).collect();
+        let w: Vec<u64> = written.iter().map(|w| w.load(Ordering::SeqCst)).collect();
+        *at_pause.lock().unwrap() = Some((c, w));
+    }));
+    let written: Vec<Arc<AtomicU64>> = extras.iter().map(|c| c.written.clone()).collect();
+    let extras: Vec<Boxed> = extras.into_iter().map(|c| Box::new(c) as Boxed).collect();
+    let info = send_parallel(&src, main, extras, 200).expect("migration");
+    let (dr, d) = dest.join().unwrap();
+    dr.expect("destination");
+    assert_migrated(&src, &d);
+    let (closed, before) = seen.lock().unwrap().take().expect("the guest was paused");
+    assert_eq!(
+        closed,
+        [true, true],
+        "extra connections closed at the pause: {info:?}"
+    );
+    // Nothing went over them after the pause, and they did carry pass 0.
+    let after: Vec<u64> = written.iter().map(|w| w.load(Ordering::SeqCst)).collect();
+    assert_eq!(
+        before, after,
+        "bytes on the extra connections at the pause and at the end"
+    );
+    assert!(before.iter().all(|&b| b > 0), "{before:?}");
     let _ = std::fs::remove_file(path);
 }
 

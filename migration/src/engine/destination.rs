@@ -305,7 +305,7 @@ impl Session<'_> {
         let build = super::build_string();
         let mut offered = 0;
         if accept.is_some() {
-            offered |= features::PARALLEL_CHANNELS;
+            offered |= features::PARALLEL_CHANNELS | features::LANES_RETIRE;
         }
         if local {
             offered |= features::LOCAL_MEMORY;
@@ -484,7 +484,9 @@ impl Session<'_> {
         let (vcpus, devices) = received.state.ok_or(ReceiveError::MissingState)?;
         vm.restore_state(&vcpus, &devices)
             .map_err(vm_err("restore_state"))?;
+        let restored_at = Instant::now();
         vm.resume().map_err(vm_err("resume"))?;
+        let resumed_at = Instant::now();
         let downtime_us = received
             .paused_us
             .saturating_add(complete_at.elapsed().as_micros() as u64);
@@ -492,10 +494,15 @@ impl Session<'_> {
         // report below (~0.05 ms here, parsing the source's figures).
         let confirmed = send(conn, &Message::Resumed { downtime_us });
         let _ = conn.get_mut().flush();
+        let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1000.0;
         log::info!(
-            "resumed {:.1} ms after Complete (the source had been paused {:.1} ms by then)",
+            "resumed {:.1} ms after Complete (the source had been paused {:.1} ms by then; \
+             state {:.2} ms, VM started in {:.2} ms, Resumed sent in {:.2} ms)",
             complete_at.elapsed().as_secs_f64() * 1000.0,
-            received.paused_us as f64 / 1000.0
+            received.paused_us as f64 / 1000.0,
+            ms(complete_at, restored_at),
+            ms(restored_at, resumed_at),
+            resumed_at.elapsed().as_secs_f64() * 1000.0
         );
 
         // Report the source's figures (the source exits), with the downtime measured here.
@@ -789,34 +796,57 @@ fn lane_loop<S: MigrationStream, V: DestinationVm + Sync + ?Sized>(
     mut lane: MessageReader<Watched<S>>,
 ) -> Result<(), String> {
     let mut sparse = SparseScratch::default();
+    // Whether a pass's chunks came since its last `IterationDone`: closed then, the
+    // connection left a pass unfinished; closed between passes, it retired.
+    let mut mid_pass = false;
     loop {
         let mut sink = ChunkSink { shared };
         let msg = match lane.read_message_with(&mut sink) {
-            Ok(None) => continue,
+            // A page chunk, stored as it came.
+            Ok(None) => {
+                mid_pass = true;
+                continue;
+            }
             Ok(Some(msg)) => Ok(msg),
             Err(ReceiveError::Protocol(e)) => Err(e),
             Err(e) => return Err(e.to_string()),
         };
         match msg {
-            Ok(Message::PageChunk(chunk)) => chunk
-                .apply(&mut ChunkSink { shared })
-                .map_err(|e| e.to_string())?,
-            Ok(Message::MemoryChunk(chunk)) => shared
-                .store(&chunk, chunk_wire_bytes(&chunk))
-                .map_err(|e| e.to_string())?,
-            Ok(Message::SparseChunk(chunk)) => shared
-                .store_sparse(&chunk, &mut sparse)
-                .map_err(|e| e.to_string())?,
+            Ok(Message::PageChunk(chunk)) => {
+                mid_pass = true;
+                chunk
+                    .apply(&mut ChunkSink { shared })
+                    .map_err(|e| e.to_string())?
+            }
+            Ok(Message::MemoryChunk(chunk)) => {
+                mid_pass = true;
+                shared
+                    .store(&chunk, chunk_wire_bytes(&chunk))
+                    .map_err(|e| e.to_string())?
+            }
+            Ok(Message::SparseChunk(chunk)) => {
+                mid_pass = true;
+                shared
+                    .store_sparse(&chunk, &mut sparse)
+                    .map_err(|e| e.to_string())?
+            }
             Ok(Message::IterationDone {
                 iteration,
                 pages,
                 bytes,
             }) => {
+                mid_pass = false;
                 shared.barrier.arrive(iteration, pages, bytes)?;
             }
             Ok(other) => return Err(format!("unexpected {} message", other.kind())),
-            // The source closes its extra connections after the final pass; a close before
-            // that shows at the next pass's barrier.
+            // Closed between passes (after the final one, or before it when the source
+            // retires its extra connections): the passes left go on without it. Every
+            // page still has to arrive by `Complete`, which checks that none is missing.
+            Err(ProtocolError::Closed) if !mid_pass => {
+                shared.barrier.retire();
+                return Ok(());
+            }
+            // Closed inside a pass: that pass can never end, which its barrier reports.
             Err(ProtocolError::Closed) => {
                 shared.barrier.leave();
                 return Ok(());
@@ -1050,6 +1080,27 @@ impl PassBarrier {
         self.lock().lanes = n;
     }
 
+    /// Ends the pass: every connection taking part arrived.
+    fn complete(&self, st: &mut BarrierState) -> (u64, u64) {
+        st.done = (st.pages, st.bytes);
+        st.arrived = 0;
+        st.pages = 0;
+        st.bytes = 0;
+        st.generation += 1;
+        self.cv.notify_all();
+        st.done
+    }
+
+    /// A connection the source closed between two passes ([`features::LANES_RETIRE`]):
+    /// the passes after it go without it, and one that waits for it alone ends now.
+    fn retire(&self) {
+        let mut st = self.lock();
+        st.lanes = st.lanes.saturating_sub(1).max(1);
+        if st.arrived > 0 && st.arrived >= st.lanes {
+            self.complete(&mut st);
+        }
+    }
+
     /// One connection finished `iteration` with `pages`/`bytes`; waits for the others.
     /// Returns the pass's totals.
     fn arrive(&self, iteration: u32, pages: u64, bytes: u64) -> Result<(u64, u64), String> {
@@ -1076,13 +1127,7 @@ impl PassBarrier {
         st.pages = st.pages.saturating_add(pages);
         st.bytes = st.bytes.saturating_add(bytes);
         if st.arrived >= st.lanes.max(1) {
-            st.done = (st.pages, st.bytes);
-            st.arrived = 0;
-            st.pages = 0;
-            st.bytes = 0;
-            st.generation += 1;
-            self.cv.notify_all();
-            return Ok(st.done);
+            return Ok(self.complete(&mut st));
         }
         let generation = st.generation;
         while st.generation == generation && !st.failed && st.departed == 0 {
@@ -1144,5 +1189,44 @@ mod tests {
         });
         assert_eq!(totals.0, Ok((u64::MAX, u64::MAX)));
         assert_eq!(totals.1, Ok((u64::MAX, u64::MAX)));
+    }
+
+    /// A connection retired between passes: the pass waiting for it alone ends, and the
+    /// next needs one connection fewer. Closed inside a pass (`leave`), the pass fails.
+    #[test]
+    fn a_retired_connection_is_not_waited_for() {
+        let barrier = PassBarrier {
+            state: Mutex::new(BarrierState::default()),
+            cv: Condvar::new(),
+        };
+        barrier.set_lanes(3);
+        let first = std::thread::scope(|s| {
+            let waiting = s.spawn(|| barrier.arrive(4, 10, 100));
+            let other = s.spawn(|| barrier.arrive(4, 1, 10));
+            // Both arrived (or are about to): only the third connection is missing.
+            while barrier.lock().arrived < 2 {
+                std::thread::yield_now();
+            }
+            barrier.retire();
+            (waiting.join().unwrap(), other.join().unwrap())
+        });
+        assert_eq!(first, (Ok((11, 110)), Ok((11, 110))));
+        let second = std::thread::scope(|s| {
+            let other = s.spawn(|| barrier.arrive(5, 2, 20));
+            let mine = barrier.arrive(5, 3, 30);
+            (mine, other.join().unwrap())
+        });
+        assert_eq!(second, (Ok((5, 50)), Ok((5, 50))));
+        // Down to the main connection alone, a pass ends with its own arrival.
+        barrier.retire();
+        assert_eq!(barrier.arrive(6, 7, 70), Ok((7, 70)));
+        // One fewer than the main connection is never waited for: it takes part always.
+        barrier.retire();
+        assert_eq!(barrier.arrive(7, 1, 1), Ok((1, 1)));
+        barrier.leave();
+        assert!(
+            barrier.arrive(8, 1, 1).is_err(),
+            "a close inside a pass fails it"
+        );
     }
 }

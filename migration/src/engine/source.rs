@@ -872,7 +872,26 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
                 }
             }
         }
+        if pending.count() < LANE_THREAD_MIN_PAGES {
+            self.retire_lanes();
+        }
         self.stop_and_copy(iteration, pending)
+    }
+
+    /// Closes the extra connections before the pause, where the destination takes that
+    /// ([`features::LANES_RETIRE`]): a final pass this small goes on the main connection
+    /// anyway, and its end then waits for no other connection's thread on either side.
+    fn retire_lanes(&mut self) {
+        if self.lanes.is_empty() || self.peer_features & features::LANES_RETIRE == 0 {
+            return;
+        }
+        log::debug!(
+            "the {} extra connection(s) close before the pause: the final pass is small",
+            self.lanes.len()
+        );
+        for lane in self.lanes.drain(..) {
+            lane.io.shutdown();
+        }
     }
 
     /// `MemFDs` on one host: the destination maps the guest RAM's own files, so only the
