@@ -155,9 +155,7 @@ pub fn restore_machine(req: &Restore) -> Result<Machine, String> {
     dest.start_paused = !req.resume;
     snapshot::restore(&mut dest, &req.dir).map_err(|e| e.to_string())?;
     vm_migration::DestinationVm::resume(&mut dest)?;
-    dest.machine
-        .take()
-        .ok_or_else(|| "no machine was built".to_string())
+    dest.take_started()
 }
 
 /// `vm.restore`: a VM from a snapshot directory, where no VM exists yet.

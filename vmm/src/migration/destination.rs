@@ -182,6 +182,18 @@ impl MachineDestination {
             .as_ref()
             .ok_or_else(|| "no VM was built for this migration".to_string())
     }
+
+    /// The machine built and started here, its vCPU threads confirmed
+    /// ([`Machine::confirm_vcpus`]: `resume` hands them their vCPUs only, so that
+    /// `Resumed` leaves without waiting for them to be scheduled).
+    pub fn take_started(&mut self) -> Result<Machine, String> {
+        let machine = self
+            .machine
+            .take()
+            .ok_or_else(|| "the VM did not start".to_string())?;
+        machine.confirm_vcpus().map_err(|e| e.to_string())?;
+        Ok(machine)
+    }
 }
 
 impl DestinationVm for MachineDestination {

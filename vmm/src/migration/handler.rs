@@ -373,10 +373,13 @@ impl MigrationHandler for LiveMigration {
         drop(listener);
         match result {
             Ok(info) => {
-                let machine = dest
-                    .machine
-                    .take()
-                    .ok_or_else(|| failed(ACTION, "the VM did not start"))?;
+                // Past `Resumed`: the source has stopped its copy. A vCPU thread that
+                // failed to start now leaves no VM anywhere (it cannot happen short of a
+                // panic at the thread's start).
+                let machine = dest.take_started().map_err(|e| {
+                    log::error!("the VM could not run here after the source let it go: {e}");
+                    failed(ACTION, e)
+                })?;
                 log::info!(
                     "incoming migration completed: {:?} ms total, {} bytes; the VM runs here",
                     info.total_time,
@@ -396,8 +399,9 @@ impl MigrationHandler for LiveMigration {
                 // The VM ran here and its missing pages are still at the source: keep it,
                 // paused, rather than lose the only up-to-date copy of its other pages.
                 log::error!("incoming migration: {e}");
-                if let Some(machine) = dest.machine.take() {
-                    vmm.install(machine.config.clone(), Arc::new(machine));
+                match dest.take_started() {
+                    Ok(machine) => vmm.install(machine.config.clone(), Arc::new(machine)),
+                    Err(e) => log::error!("the paused VM could not be kept: {e}"),
                 }
                 outcome.failed(&e.to_string());
                 Err(failed(ACTION, e))
