@@ -338,9 +338,10 @@ pub mod features {
     pub const BINARY_STATE: u64 = 1 << 7;
     /// The destination takes an extra connection the source closes between two passes
     /// as retired: the passes after it travel on the connections left. The source then
-    /// closes them before it pauses the guest for a small final pass, whose end need not
-    /// wait for every connection's thread on both sides (an idle 4 GiB guest paused
-    /// ~0.85 ms with one connection, ~1.0 with two).
+    /// closes them before it pauses the guest for a small final pass, so that the pass's
+    /// end does not wait for their threads on either side (the destination's read the
+    /// close while the source pauses; an idle 4 GiB guest paused ~0.85 ms with one
+    /// connection, ~1.0 with two).
     pub const LANES_RETIRE: u64 = 1 << 8;
     /// Every feature this build implements.
     pub const ALL: u64 = PARALLEL_CHANNELS

@@ -420,6 +420,7 @@ impl Session<'_> {
             progress,
             copy_allowed: files_layout.is_none(),
             takes,
+            lanes_retire: both(features::LANES_RETIRE),
         };
         let received = std::thread::scope(|s| {
             let r = self.main_loop(
@@ -796,9 +797,10 @@ fn lane_loop<S: MigrationStream, V: DestinationVm + Sync + ?Sized>(
     mut lane: MessageReader<Watched<S>>,
 ) -> Result<(), String> {
     let mut sparse = SparseScratch::default();
-    // Whether a pass's chunks came since its last `IterationDone`: closed then, the
-    // connection left a pass unfinished; closed between passes, it retired.
-    let mut mid_pass = false;
+    // Whether a pass's chunks came since its last `IterationDone` (or none ended yet):
+    // closed then, the connection left a pass unfinished; closed between passes, it
+    // retired (where both sides agreed to that, else it ends the migration's passes).
+    let mut mid_pass = true;
     loop {
         let mut sink = ChunkSink { shared };
         let msg = match lane.read_message_with(&mut sink) {
@@ -842,11 +844,12 @@ fn lane_loop<S: MigrationStream, V: DestinationVm + Sync + ?Sized>(
             // Closed between passes (after the final one, or before it when the source
             // retires its extra connections): the passes left go on without it. Every
             // page still has to arrive by `Complete`, which checks that none is missing.
-            Err(ProtocolError::Closed) if !mid_pass => {
+            Err(ProtocolError::Closed) if !mid_pass && shared.lanes_retire => {
                 shared.barrier.retire();
                 return Ok(());
             }
-            // Closed inside a pass: that pass can never end, which its barrier reports.
+            // Closed inside a pass, or (not agreed to retire) at all: the next pass's
+            // barrier fails, unless it came after the final pass.
             Err(ProtocolError::Closed) => {
                 shared.barrier.leave();
                 return Ok(());
@@ -875,6 +878,8 @@ struct Shared<'a, V: ?Sized> {
     copy_allowed: bool,
     /// The features this side offered (a chunk kind it did not offer is refused).
     takes: u64,
+    /// Both sides set `LANES_RETIRE`: an extra connection may close between passes.
+    lanes_retire: bool,
 }
 
 impl<V: DestinationVm + Sync + ?Sized> Shared<'_, V> {
@@ -1060,7 +1065,8 @@ struct BarrierState {
     /// Connections taking part (0 until set: the main one alone).
     lanes: usize,
     arrived: usize,
-    /// Connections closed by the source (after its final pass, or too early).
+    /// Connections closed by the source inside a pass, or at all where it may not retire
+    /// them (after its final pass that is how they end; earlier it fails the next pass).
     departed: usize,
     generation: u64,
     iteration: u32,

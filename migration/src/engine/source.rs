@@ -880,7 +880,7 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
 
     /// Closes the extra connections before the pause, where the destination takes that
     /// ([`features::LANES_RETIRE`]): a final pass this small goes on the main connection
-    /// anyway, and its end then waits for no other connection's thread on either side.
+    /// anyway, and its end then does not wait for their threads on either side.
     fn retire_lanes(&mut self) {
         if self.lanes.is_empty() || self.peer_features & features::LANES_RETIRE == 0 {
             return;
