@@ -38,7 +38,7 @@ fn hop(a: &Arc<Machine>, url: &str) -> (vm_migration::MigrationInfo, Machine) {
             &ReceiveOptions::default(),
             &MigrationProgress::new(),
         );
-        (info, dest.machine)
+        (info, dest.take_started().ok())
     });
     let stream = Stream::connect(&url, Duration::from_secs(5)).unwrap();
     let opts = SendOptions::new(300, 120, TimeoutStrategy::Ignore);

@@ -24,8 +24,9 @@ pub struct MachineDestination {
     /// The state loaded into `incoming` while the last pages came (`prepare_state`), and
     /// which blob it came from.
     loaded: std::sync::Mutex<Option<(BlobPrint, LoadedState)>>,
-    /// The running machine, once `resume` succeeded.
-    pub machine: Option<Machine>,
+    /// The running machine, once `resume` succeeded; its vCPU threads are confirmed
+    /// when it is taken ([`MachineDestination::take_started`]).
+    machine: Option<Machine>,
     /// This host's sockets for the source's vfio-user devices, in order (none given: the
     /// source's paths).
     pub user_device_sockets: Vec<std::path::PathBuf>,

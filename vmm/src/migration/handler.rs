@@ -376,10 +376,17 @@ impl MigrationHandler for LiveMigration {
                 // Past `Resumed`: the source has stopped its copy. A vCPU thread that
                 // failed to start now leaves no VM anywhere (it cannot happen short of a
                 // panic at the thread's start).
-                let machine = dest.take_started().map_err(|e| {
-                    log::error!("the VM could not run here after the source let it go: {e}");
-                    failed(ACTION, e)
-                })?;
+                let machine = match dest.take_started() {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let e =
+                            format!("the VM could not run here after the source let it go: {e}");
+                        log::error!("{e}");
+                        progress.fail(vm_migration::MigrationStatus::Failed, &e);
+                        outcome.failed(&e);
+                        return Err(failed(ACTION, e));
+                    }
+                };
                 log::info!(
                     "incoming migration completed: {:?} ms total, {} bytes; the VM runs here",
                     info.total_time,
