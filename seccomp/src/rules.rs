@@ -63,6 +63,8 @@ const VMM: &[c_long] = &[
     SYS_ftruncate,
     SYS_getcwd,
     SYS_getpeername,
+    // A migration's switch-over thread puts its priority back after the pause.
+    SYS_getpriority,
     SYS_getsockname,
     SYS_getsockopt,
     SYS_ioctl,
@@ -89,7 +91,8 @@ const VMM: &[c_long] = &[
     SYS_seccomp,
     SYS_sendmsg,
     SYS_sendto,
-    // The dirty limiter's thread raises its own priority (vmm/src/dirty_rate.rs).
+    // The dirty limiter's thread raises its own priority (vmm/src/dirty_rate.rs), and a
+    // migration's switch-over thread its own for the pause (migration/src/engine/priority.rs).
     SYS_setpriority,
     SYS_setsockopt,
     SYS_shutdown,

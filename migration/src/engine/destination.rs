@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::priority::SwitchOverPriority;
 use super::{DestinationVm, DEFAULT_RECEIVE_IDLE_TIMEOUT};
 use crate::page_set::PageSet;
 use crate::protocol::{
@@ -283,6 +284,8 @@ struct Received {
     paused_us: u64,
     source_info: Vec<u8>,
     state: Option<(Vec<u8>, Vec<u8>)>,
+    /// Raised from the pause's `State` until `Resumed` is sent.
+    priority: Option<SwitchOverPriority>,
 }
 
 impl Session<'_> {
@@ -495,6 +498,7 @@ impl Session<'_> {
         // report below (~0.05 ms here, parsing the source's figures).
         let confirmed = send(conn, &Message::Resumed { downtime_us });
         let _ = conn.get_mut().flush();
+        drop(received.priority);
         let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1000.0;
         log::info!(
             "resumed {:.1} ms after Complete (the source had been paused {:.1} ms by then; \
@@ -580,6 +584,7 @@ impl Session<'_> {
     ) -> Result<Received, ReceiveError> {
         let progress = self.progress;
         let mut state: Option<(Vec<u8>, Vec<u8>)> = None;
+        let mut priority = None;
         let mut last_iteration = Instant::now();
         let mut lanes_open = false;
         let mut anything_received = false;
@@ -678,6 +683,8 @@ impl Session<'_> {
                         return Err(ReceiveError::Duplicate(MessageType::State));
                     }
                     progress.set_status(MigrationStatus::Device);
+                    // The source is paused: from here on this thread's work is downtime.
+                    priority = SwitchOverPriority::raise("migration destination");
                     shared
                         .vm
                         .prepare_state(vcpus, devices)
@@ -700,7 +707,9 @@ impl Session<'_> {
                         paused_us,
                         source_info: Vec::new(),
                         state,
-                    })
+                        // Postcopy runs long after: at the usual priority.
+                        priority: None,
+                    });
                 }
                 Message::Complete(c) => {
                     return Ok(Received {
@@ -708,6 +717,8 @@ impl Session<'_> {
                         paused_us: c.paused_us,
                         source_info: c.source_info.to_vec(),
                         state,
+                        priority: priority
+                            .or_else(|| SwitchOverPriority::raise("migration destination")),
                     })
                 }
                 other => return Err(unexpected(other, "receiving memory")),

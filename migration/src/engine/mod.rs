@@ -8,6 +8,7 @@
 
 mod destination;
 mod postcopy;
+mod priority;
 pub use postcopy::resume_postcopy;
 mod source;
 

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::priority::SwitchOverPriority;
 use super::{
     HookResult, SourceVm, TimeoutStrategy, DEFAULT_CHUNK_PAGES, DEFAULT_CONFIRM_TIMEOUT,
     DEFAULT_IO_TIMEOUT,
@@ -1295,6 +1296,8 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
 
     fn stop_and_copy(&mut self, iteration: u32, mut pending: PageSet) -> Result<(), SendError> {
         self.progress.set_status(MigrationStatus::Device);
+        // Until `Resumed` arrives, or the migration fails and the guest runs here again.
+        let _priority = SwitchOverPriority::raise("migration source");
         log::info!(
             "stop-and-copy: pausing the VM with {} dirty pages left after pass {}",
             pending.count(),
