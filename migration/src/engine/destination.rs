@@ -1193,10 +1193,7 @@ mod tests {
     /// counts of `IterationDone` come from the source and could overflow their sum.
     #[test]
     fn pass_totals_from_a_hostile_source_saturate() {
-        let barrier = PassBarrier {
-            state: Mutex::new(BarrierState::default()),
-            cv: Condvar::new(),
-        };
+        let barrier = PassBarrier::default();
         barrier.set_lanes(2);
         let totals = std::thread::scope(|s| {
             let other = s.spawn(|| barrier.arrive(0, u64::MAX, u64::MAX));
@@ -1212,10 +1209,7 @@ mod tests {
     /// next needs one connection fewer. Closed inside a pass (`leave`), the pass fails.
     #[test]
     fn a_retired_connection_is_not_waited_for() {
-        let barrier = PassBarrier {
-            state: Mutex::new(BarrierState::default()),
-            cv: Condvar::new(),
-        };
+        let barrier = PassBarrier::default();
         barrier.set_lanes(3);
         let first = std::thread::scope(|s| {
             let waiting = s.spawn(|| barrier.arrive(4, 10, 100));
