@@ -97,6 +97,9 @@ MODES = {
     "qemu-bitmap-mfd": "QEMU dirty bitmap, multifd 2 channels",
     "ferry-lo-c2": "Ferry loopback, 2 connections",
     "ferry-netns-c2": "Ferry netns (veth), 2 connections",
+    # The same with the vCPUs at their own priority (`--no-yield-vcpus`), as QEMU's are.
+    "ferry-lo-c2-noyield": "Ferry loopback, 2 connections, vCPUs not yielding",
+    "ferry-netns-c2-noyield": "Ferry netns (veth), 2 connections, vCPUs not yielding",
     # Postcopy after the same number of precopy passes on both (not in the default run).
     "qemu-postcopy": f"QEMU postcopy after {os.environ.get('POSTCOPY_AFTER', '2')} passes",
     "ferry-postcopy": f"Ferry postcopy after {os.environ.get('POSTCOPY_AFTER', '2')} passes",
@@ -270,6 +273,12 @@ class CpuMeter:
         self.vcpu_first = {}
         self.vcpu_last = {}
         self.result = None
+        # The guest's side of the same window: its vCPU threads' CPU seconds, and the
+        # window's length, so that `guest_lost` can say how much CPU the guest went
+        # without (paused, or waiting for a CPU behind the migration's threads).
+        self.started = None
+        self.guest = None
+        self.window_s = None
 
     def _take(self, sample):
         if sample is None:
@@ -278,6 +287,7 @@ class CpuMeter:
         self.vcpu_last.update(sample[1])
 
     def start(self):
+        self.started = time.monotonic()
         sample = cpu_sample(self.proc.pid)
         if sample is not None:
             self.first = sample[0]
@@ -294,7 +304,15 @@ class CpuMeter:
         if self.result is None and self.first is not None and self.last is not None:
             vcpu = sum(t - self.vcpu_first.get(tid, 0) for tid, t in self.vcpu_last.items())
             self.result = round((self.last - self.first - vcpu) / CLK_TCK, 3)
+            self.guest = round(vcpu / CLK_TCK, 3)
+            self.window_s = time.monotonic() - self.started
         return self.result
+
+    def guest_lost(self, vcpus):
+        """vCPU seconds the guest went without over the window (after `stop`)."""
+        if self.guest is None or self.window_s is None:
+            return None
+        return round(max(self.window_s * vcpus - self.guest, 0.0), 3)
 
 
 def run_cmd(argv, timeout=30):
@@ -515,6 +533,7 @@ def run_qemu(w, mode, d, port, rec):
             time.sleep(0.02)
         rec["wall_ms"] = round((time.monotonic() - t0) * 1000)
         rec["src_cpu_s"] = src_cpu.stop()
+        rec["guest_lost_s"] = src_cpu.guest_lost(w["cpus"])
         rec["info"] = info
         # The source has nothing left to do (postmigrate): end it, as Ferry's ends itself.
         sq_events = list(sq.events)
@@ -637,8 +656,10 @@ def run_ferry(w, mode, d, port, rec):
                  if mode == "ferry-postcopy" else [])
         if mode.endswith("-fits"):
             extra = ["--switch-over", "Fits"]
-        if mode.endswith("-c2"):
+        if "-c2" in mode:
             extra = ["--connections", str(STREAMS)]
+        if mode.endswith("-noyield"):
+            extra.append("--no-yield-vcpus")
         # Ferry throttles a guest that does not converge unless told not to; QEMU's
         # auto-converge is off unless asked for: neither throttles here, except in the
         # `-ac` modes, where both do.
@@ -666,6 +687,7 @@ def run_ferry(w, mode, d, port, rec):
                 # The source is done once its send-migration returned (and ends itself
                 # soon after): read its CPU time first.
                 rec["src_cpu_s"] = src_cpu.stop()
+                rec["guest_lost_s"] = src_cpu.guest_lost(w["cpus"])
                 source_info(ssock, rec)
             src_cpu.poll()
             dst_cpu.poll()
@@ -679,6 +701,7 @@ def run_ferry(w, mode, d, port, rec):
         rec["dst_cpu_s"] = dst_cpu.stop()
         if "src_cpu_s" not in rec:
             rec["src_cpu_s"] = src_cpu.stop()
+            rec["guest_lost_s"] = src_cpu.guest_lost(w["cpus"])
         if "src_info" not in rec and send.status == 0:
             source_info(ssock, rec)
         if send.status != 0 or recv.status != 0:
@@ -765,6 +788,7 @@ def figures(rec):
         "ram_once_ms": (pass0["duration-ms"] * ram["total"] / PAGE / pass0["pages"]
                         if pass0.get("pages") and ram.get("total") else None),
         # CPU seconds outside the vCPU threads per GiB on the wire (ram.transferred).
+        "guest_lost_s": rec.get("guest_lost_s"),
         "src_cpu_s_gib": per_gib(rec.get("src_cpu_s"), sent),
         "dst_cpu_s_gib": per_gib(rec.get("dst_cpu_s"), sent),
         "src_rss_mib": rec["src_peak_kib"] / 1024 if rec.get("src_peak_kib") else None,
@@ -819,6 +843,7 @@ FIGS = [  # key, column, lower is better
     ("dst_cpu_s", "dst CPU s", True, 2),
     ("src_cpu_s_gib", "src CPU s/GiB", True, 2),
     ("dst_cpu_s_gib", "dst CPU s/GiB", True, 2),
+    ("guest_lost_s", "guest vCPU s lost", True, 2),
     ("src_rss_mib", "src peak RSS MiB", True, 0),
     ("dst_rss_mib", "dst peak RSS MiB", True, 0),
 ]
@@ -862,7 +887,8 @@ def table(runs, wkeys, modes):
             ok = sum(r["ok"] for r in mr)
             out.append(f"| {MODES[m]} | {ok}/{len(mr)} | " + " | ".join(cells) + " |")
         for fm in ("ferry-lo", "ferry-netns", "ferry-lo-fits", "ferry-netns-fits",
-                   "ferry-lo-c2", "ferry-netns-c2", "ferry-lo-ac", "ferry-netns-ac",
+                   "ferry-lo-c2", "ferry-netns-c2", "ferry-lo-c2-noyield",
+                   "ferry-netns-c2-noyield", "ferry-lo-ac", "ferry-netns-ac",
                    "ferry-postcopy"):
             if fm not in modes or not any(r["mode"] == fm for r in rs):
                 continue
@@ -921,8 +947,8 @@ def table(runs, wkeys, modes):
 
 def raw_lines(runs):
     out = ["| workload | pair | mode | ok | total ms | wall ms | downtime ms | pause→resume ms | MiB sent | Mbit/s "
-           "| syncs | pass 0 ms | src CPU s | dst CPU s | src CPU s/GiB | dst CPU s/GiB | src RSS MiB | dst RSS MiB | boot s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| syncs | pass 0 ms | src CPU s | dst CPU s | src CPU s/GiB | dst CPU s/GiB | guest vCPU s lost | src RSS MiB | dst RSS MiB | boot s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def c(v, p=0):
         return "–" if v is None else f"{v:.{p}f}"
@@ -933,7 +959,7 @@ def raw_lines(runs):
                    f"| {c(r.get('mbit_s'))} | {c(r.get('syncs'))} | {c(r.get('pass0_ms'))} "
                    f"| {c(r.get('src_cpu_s'), 2)} | {c(r.get('dst_cpu_s'), 2)} "
                    f"| {c(r.get('src_cpu_s_gib'), 2)} | {c(r.get('dst_cpu_s_gib'), 2)} "
-                   f"| {c(r.get('src_rss_mib'))} "
+                   f"| {c(r.get('guest_lost_s'), 2)} | {c(r.get('src_rss_mib'))} "
                    f"| {c(r.get('dst_rss_mib'))} | {c(r.get('boot_s'), 1)} |")
     return "\n".join(out)
 
@@ -997,7 +1023,7 @@ def write_report(runs, wkeys, modes, started, finished, cmd, mach):
     else:
         throttle_note = "neither side has auto-converge or a switch-over timeout on"
     streams_note = ""
-    if any(m.endswith(("-mfd", "-c2")) for m in modes):
+    if any(m.endswith(("-mfd", "-c2", "-c2-noyield")) for m in modes):
         streams_note = (f" The modes named *multifd* / *{STREAMS} connections* move the pages "
                         f"over {STREAMS} streams: QEMU's `multifd` capability and "
                         f"`multifd-channels` {STREAMS} set on both ends, the destination "
@@ -1025,7 +1051,13 @@ PVH ELF), memory, vCPUs and command line; one migration at a time, the first rou
 `tcp:127.0.0.1`, `query-migrate` every 20 ms until completed; destination started with
 `-incoming tcp:127.0.0.1:PORT`. Ferry: `send-migration --downtime-ms {DOWNTIME_MS} --no-auto-converge` through
 its REST API (`ferry-remote`), default dirty rings (65536 entries), over TCP on loopback and
-between two network namespaces joined by a veth pair.{streams_note} The migration starts
+between two network namespaces joined by a veth pair.{streams_note} Ferry's vCPU threads
+yield to their own migration by default (nice +10 from the request until the pause, and
+back where it fails before; `--no-yield-vcpus` keeps them at their own priority, the *vCPUs not yielding*
+modes): on these 2 cores, shared by the guest's vCPUs and both ends, that hands the
+migration the CPU the guest would otherwise take from it; QEMU's vCPU threads compete with
+its migration threads as equals. *guest vCPU s lost* says what that costs the guest, for
+both alike. The migration starts
 {SETTLE_S:g} s after the guest's first progress line (`pass`/`verified` of every vCPU; `ready`
 for idle; longer than the 2 s after which this host's kernel hands freed memory back to
 the outer hypervisor, whose first touch is then slow again, so that no mode's destination
@@ -1061,7 +1093,10 @@ from the migrate request until the source was done (QEMU: `query-migrate` comple
 its `send-migration` returned) and until the destination ran the guest (QEMU: `query-status`
 running; Ferry: `receive-migration` returned), in all (*CPU s*) and per GiB of
 `ram.transferred` (*CPU s/GiB*; where Ferry sends a few MiB of a sparse guest, per GiB
-says little: compare the seconds). *Peak RSS*: `VmHWM`
+says little: compare the seconds). *guest vCPU s lost*: over the source's same window,
+its length times the guest's vCPUs less the CPU seconds its vCPU threads got (ticks of
+10 ms): what the guest went without, paused or waiting for a CPU behind the migration (on
+a host with a CPU to spare for each thread, the pause alone). *Peak RSS*: `VmHWM`
 of the source and destination processes read just before they ended (for Ferry's source,
 which ends itself, the last reading ≤ 20 ms before; `ru_maxrss` from `wait4` is in the JSON
 as a check). *wall ms* (raw runs only): this script's clock from the migrate request to

@@ -13,6 +13,7 @@
 pub mod crc;
 pub mod engine;
 pub mod page_set;
+pub mod priority;
 pub mod protocol;
 pub mod stats;
 pub mod transport;

@@ -78,6 +78,9 @@ const VMM: &[c_long] = &[
     SYS_openat,
     SYS_pipe2,
     SYS_prctl,
+    // getrlimit(RLIMIT_NICE): may a vCPU lowered for a migration be put back
+    // (migration/src/priority.rs).
+    SYS_prlimit64,
     SYS_pread64,
     SYS_preadv,
     SYS_pwrite64,

@@ -38,12 +38,8 @@ pub const HARVEST_PERIOD: Duration = Duration::from_millis(100);
 /// CPU; it is also how far over its limit a vCPU may go in any window (a saved-up vCPU
 /// spends it at once), so it is kept small: 0.25 s is 3 % of an 8 s window. (0.5 s let a
 /// CI run measure a vCPU 10.4 % over its limit; 0.1 s, 10.7 % under it while the limiter
-/// thread itself waited for a CPU: it now runs at a higher priority, see [`NICE`].)
+/// thread itself waited for a CPU: it now runs at a higher priority, see `limiter`.)
 const MAX_CREDIT_SECS: f64 = 0.25;
-/// The limiter thread's nice value. Each tick is a few microseconds of work, but a tick
-/// that waits for a CPU behind busy vCPU threads lets a vCPU run free meanwhile (or nap
-/// longer than it should): on a loaded host the limit is only as exact as its ticks.
-const NICE: libc::c_int = -10;
 /// The window `current-rate` is averaged over.
 const RATE_WINDOW_SECS: f64 = 1.0;
 /// How long a measurement waits for the vCPUs to leave KVM_RUN at its edges.
@@ -391,9 +387,11 @@ impl Account {
     }
 }
 
-/// The limiter thread: idle while no limit is set.
+/// The limiter thread: idle while no limit is set. It runs raised for its life: each tick
+/// is a few microseconds of work, but a tick that waits for a CPU behind busy vCPU threads
+/// lets a vCPU run free meanwhile (or nap longer than it should).
 fn limiter(s: &Shared) {
-    raise_priority();
+    let _raised = vm_migration::priority::ThreadNice::raise_current("the dirty limiter's thread");
     let mut seen_generation = u64::MAX;
     let mut accounts: Vec<Account> = Vec::new();
     let mut last = Instant::now();
@@ -489,23 +487,6 @@ fn limiter(s: &Shared) {
             }
         }
         std::thread::sleep(TICK);
-    }
-}
-
-/// Gives the calling (limiter) thread [`NICE`]; a host that refuses (no CAP_SYS_NICE)
-/// leaves it at the default, said in the log.
-fn raise_priority() {
-    // SAFETY: gettid has no arguments and cannot fail.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
-    // SAFETY: setpriority reads its three integer arguments only; `tid` is this thread.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, NICE) } == 0 {
-        log::debug!("dirty limit: limiter thread {tid} at nice {NICE}");
-    } else {
-        log::info!(
-            "dirty limit: limiter thread left at the default priority (setpriority nice \
-             {NICE}: {}); on a loaded host the limit is looser",
-            std::io::Error::last_os_error()
-        );
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use devices::{MmioBus, PioBus, PlatformEvent};
 use hypervisor::{Vcpu, VcpuExit, VcpuState};
+use vm_migration::priority::ThreadNice;
 
 /// Something that ends (or restarts) the VM, sent by a vCPU thread to the VMM.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,6 +86,8 @@ pub fn now_us() -> u64 {
 struct VcpuSlot {
     index: u32,
     thread: libc::pthread_t,
+    /// The thread's id, for its priority.
+    tid: libc::id_t,
     /// The vCPU stays out of KVM_RUN until this [`now_us`] instant (0: no nap).
     nap_until_us: AtomicU64,
     /// KVM_RUN returns so far: a kicked vCPU has left KVM_RUN once this moved.
@@ -268,6 +271,18 @@ impl VcpuControl {
     pub fn nmi(&self) {
         self.nmi_gen.fetch_add(1, Ordering::SeqCst);
         self.kick_all();
+    }
+
+    /// Every vCPU thread [`ThreadNice::lower`]ed until the guards are dropped (those that
+    /// could not be are left out, said in the log): a guest that yields to its own
+    /// migration on a host with no spare CPU.
+    pub fn lower_priority(&self) -> Vec<ThreadNice> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|s| ThreadNice::lower(s.tid, &format!("vCPU {}", s.index)))
+            .collect()
     }
 
     fn slot(&self, index: u32) -> Option<Arc<VcpuSlot>> {
@@ -476,6 +491,14 @@ impl StartingVcpu {
             }
         }
     }
+
+    /// Waits for the thread after the machine's `stop`: it sends its ready before it looks
+    /// at the stop, so this returns once the thread has ended, however it ended.
+    pub fn end(self) {
+        if let Ok(t) = self.ready() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl VcpuThread {
@@ -508,6 +531,7 @@ impl VcpuThread {
                 let slot = Arc::new(VcpuSlot {
                     index: vcpu.index(),
                     thread: me,
+                    tid: vm_migration::priority::current_tid(),
                     nap_until_us: AtomicU64::new(0),
                     runs: AtomicU64::new(0),
                 });

@@ -699,11 +699,7 @@ impl Machine {
         if let Some(source) = failed {
             // No half-started machine: the threads that did start end here.
             control.stop();
-            for s in starting {
-                if let Ok(t) = s.ready() {
-                    let _ = t.join();
-                }
-            }
+            starting.into_iter().for_each(vcpu::StartingVcpu::end);
             return Err(VmError::Io {
                 what: "starting a vCPU thread",
                 source,
@@ -763,6 +759,12 @@ impl Machine {
             }),
             None => Ok(()),
         }
+    }
+
+    /// The vCPU threads at a lower priority until the guards are dropped: see
+    /// [`vcpu::VcpuControl::lower_priority`].
+    pub fn lower_vcpu_priority(&self) -> Vec<vm_migration::priority::ThreadNice> {
+        self.control.lower_priority()
     }
 
     /// Pauses the vCPUs (if running) and saves the machine's state apart from RAM. The
@@ -1029,12 +1031,7 @@ impl Drop for Machine {
         self.ring_watch.shut_down();
         self.control.stop();
         let starting = std::mem::take(self.starting.get_mut().unwrap_or_else(|p| p.into_inner()));
-        for s in starting {
-            // Each sends its ready before it looks at the stop: this returns.
-            if let Ok(t) = s.ready() {
-                let _ = t.join();
-            }
-        }
+        starting.into_iter().for_each(vcpu::StartingVcpu::end);
         for t in self
             .threads
             .get_mut()

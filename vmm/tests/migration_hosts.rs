@@ -663,14 +663,23 @@ fn cancelled_migration_then_a_successful_one_loses_nothing_with_small_rings() {
     // Cancelled in its first pass (1.5 GiB: seconds here), while the rings fill. (After
     // that pass this body may converge: tracked, this guest dirties less than the link
     // carries.)
+    let pid = src.ferry.as_ref().unwrap().child.id();
+    let at_rest = common::vcpu_nice(pid);
     let sending = src.send_async(never_converging(&hosts));
     src.wait_migration_active();
+    // The vCPUs yield to the migration while it runs, where they can be put back after.
+    let yielding = common::vcpu_nice(pid);
     eprintln!(
-        "before the migration: {}\nbefore the cancel: {}\n{}",
+        "before the migration: {}\nbefore the cancel: {}\n{}\nvCPU nice: {at_rest:?} at \
+         rest, {yielding:?} while migrating",
         before["dirty_tracking"],
         src.counters(),
         src.migration_info()
     );
+    assert_eq!(at_rest.len(), 2, "vCPU threads: {at_rest:?}");
+    let by = if common::may_renice() { 10 } else { 0 };
+    let lowered: Vec<_> = at_rest.iter().map(|(n, v)| (n.clone(), v + by)).collect();
+    assert_eq!(yielding, lowered, "vCPU nice while migrating");
     assert_eq!(src.act("vm.cancel-migration"), 204);
     let t = Instant::now();
     let (r, took) = join_within(
@@ -716,10 +725,15 @@ fn cancelled_migration_then_a_successful_one_loses_nothing_with_small_rings() {
     );
     dest.kill();
 
-    // The source's guest goes on, every vCPU, with nothing lost.
+    // The source's guest goes on, every vCPU, with nothing lost, at its own priority.
     assert_source_runs(&src, &serial);
     assert_every_vcpu_goes_on(&src, &serial, 2, from);
     eprintln!("after the cancel: {}", src.counters());
+    assert_eq!(
+        common::vcpu_nice(pid),
+        at_rest,
+        "vCPU nice after the cancel"
+    );
     migrate_to_fresh(&hosts, &dir, &mut src, &serial);
     let _ = std::fs::remove_dir_all(&dir);
 }

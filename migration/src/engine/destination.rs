@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::priority::SwitchOverPriority;
 use super::{DestinationVm, DEFAULT_RECEIVE_IDLE_TIMEOUT};
 use crate::page_set::PageSet;
+use crate::priority::ThreadNice;
 use crate::protocol::{
     encode, features, Hello, MemoryChunk, Message, MessageReader, MessageType, PageChunkDone,
     PageRun, PageSink, ProtocolError, RamRange, SparseChunk, PAGE_SIZE, PROTOCOL_VERSION,
@@ -285,7 +285,7 @@ struct Received {
     source_info: Vec<u8>,
     state: Option<(Vec<u8>, Vec<u8>)>,
     /// Raised from the pause's `State` until `Resumed` is sent.
-    priority: Option<SwitchOverPriority>,
+    priority: Option<ThreadNice>,
 }
 
 impl Session<'_> {
@@ -684,7 +684,8 @@ impl Session<'_> {
                     }
                     progress.set_status(MigrationStatus::Device);
                     // The source is paused: from here on this thread's work is downtime.
-                    priority = SwitchOverPriority::raise("migration destination");
+                    priority =
+                        ThreadNice::raise_current("the migration destination's switch-over thread");
                     shared
                         .vm
                         .prepare_state(vcpus, devices)
@@ -717,8 +718,11 @@ impl Session<'_> {
                         paused_us: c.paused_us,
                         source_info: c.source_info.to_vec(),
                         state,
-                        priority: priority
-                            .or_else(|| SwitchOverPriority::raise("migration destination")),
+                        priority: priority.or_else(|| {
+                            ThreadNice::raise_current(
+                                "the migration destination's switch-over thread",
+                            )
+                        }),
                     })
                 }
                 other => return Err(unexpected(other, "receiving memory")),

@@ -8,7 +8,6 @@
 
 mod destination;
 mod postcopy;
-mod priority;
 pub use postcopy::resume_postcopy;
 mod source;
 

@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::priority::SwitchOverPriority;
 use super::{
     HookResult, SourceVm, TimeoutStrategy, DEFAULT_CHUNK_PAGES, DEFAULT_CONFIRM_TIMEOUT,
     DEFAULT_IO_TIMEOUT,
 };
 use crate::page_set::PageSet;
+use crate::priority::ThreadNice;
 use crate::protocol::{
     check_ram_layout, encode, encode_memory_chunk, encode_sparse_chunk_known, features,
     finish_page_chunk_at, page_chunk_pages, write_message, ChunkCounts, Complete, Config, Header,
@@ -1297,7 +1297,7 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
     fn stop_and_copy(&mut self, iteration: u32, mut pending: PageSet) -> Result<(), SendError> {
         self.progress.set_status(MigrationStatus::Device);
         // Until `Resumed` arrives, or the migration fails and the guest runs here again.
-        let _priority = SwitchOverPriority::raise("migration source");
+        let _priority = ThreadNice::raise_current("the migration source's switch-over thread");
         log::info!(
             "stop-and-copy: pausing the VM with {} dirty pages left after pass {}",
             pending.count(),

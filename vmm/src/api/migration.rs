@@ -101,6 +101,10 @@ struct SendMigrationBody {
     /// Ferry's own: when to pause for the last pass (default `MinDowntime`).
     #[serde(default)]
     switch_over: Option<SwitchOver>,
+    /// Ferry's own: the guest's vCPU threads run at a lower priority until the migration
+    /// pauses it (default on).
+    #[serde(default)]
+    yield_vcpus: Option<bool>,
     /// QEMU's `resume`: take up a postcopy migration whose link broke (Ferry's own here).
     #[serde(default)]
     resume: Option<bool>,
@@ -138,6 +142,10 @@ pub struct SendMigration {
     pub auto_converge: bool,
     /// When to pause for the last pass (Ferry's extension).
     pub switch_over: SwitchOver,
+    /// The vCPU threads yield to the migration (nice +10) until its pause (Ferry's
+    /// extension): on a host with no spare CPU the pages leave faster than the guest
+    /// dirties them again; where CPUs are spare it changes nothing.
+    pub yield_vcpus: bool,
     /// `memory_mode: Postcopy`: switch after this many precopy passes.
     pub postcopy_after_passes: Option<u32>,
     /// Take up a postcopy migration that lost its link (`postcopy-paused`).
@@ -312,6 +320,7 @@ pub fn parse_send_migration(body: &[u8]) -> Result<SendMigration, ApiError> {
         memory_mode,
         auto_converge: b.auto_converge.unwrap_or(true),
         switch_over: b.switch_over.unwrap_or_default(),
+        yield_vcpus: b.yield_vcpus.unwrap_or(true),
         postcopy_after_passes,
         resume: b.resume.unwrap_or(false),
         tls_dir: b.tls_dir,
@@ -594,8 +603,11 @@ mod tests {
         assert_eq!(s.connections, 1);
         assert_eq!(s.memory_mode, MemoryMode::Precopy);
         assert_eq!(s.switch_over, SwitchOver::MinDowntime);
+        assert!(s.yield_vcpus);
         let s = send(r#"{"destination_url":"tcp:h:1","switch_over":"Fits"}"#).unwrap();
         assert_eq!(s.switch_over, SwitchOver::Fits);
+        let s = send(r#"{"destination_url":"tcp:h:1","yield_vcpus":false}"#).unwrap();
+        assert!(!s.yield_vcpus);
         let s = send(r#"{"destination_url":"unix:/s","local":true}"#).unwrap();
         assert_eq!(s.memory_mode, MemoryMode::MemFDs);
         let s = send(

@@ -108,6 +108,10 @@ enum Command {
         /// Never throttle the vCPUs, even when the migration does not converge.
         #[arg(long = "no-auto-converge")]
         no_auto_converge: bool,
+        /// Keep the vCPU threads at their own priority while the migration runs (by
+        /// default they yield to it until the pause, nice +10: see the README).
+        #[arg(long = "no-yield-vcpus")]
+        no_yield_vcpus: bool,
         /// When to pause for the last pass: Fits (as soon as the rest fits the downtime,
         /// QEMU's rule) or MinDowntime (go on while the rest still shrinks; the default).
         #[arg(long = "switch-over", value_name = "RULE")]
@@ -221,6 +225,7 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
             resume,
             local,
             no_auto_converge,
+            no_yield_vcpus,
             switch_over,
             tls_dir,
             no_wait: _,
@@ -254,6 +259,9 @@ fn request_of(cmd: &Command) -> Result<(&'static str, &'static str, Option<Vec<u
             }
             if *no_auto_converge {
                 b.insert("auto_converge".into(), json!(false));
+            }
+            if *no_yield_vcpus {
+                b.insert("yield_vcpus".into(), json!(false));
             }
             if let Some(v) = switch_over {
                 b.insert("switch_over".into(), json!(v));
@@ -492,10 +500,11 @@ mod tests {
                 "MemFDs",
                 "--local",
                 "--no-auto-converge",
+                "--no-yield-vcpus",
             ]),
             json!({"destination_url": "unix:/m", "downtime_ms": 50, "timeout_s": 9,
                    "connections": 1, "timeout_strategy": "Ignore", "memory_mode": "MemFDs",
-                   "local": true, "auto_converge": false})
+                   "local": true, "auto_converge": false, "yield_vcpus": false})
         );
         assert_eq!(
             body_of(&["receive-migration", "tcp:0.0.0.0:6000"]),

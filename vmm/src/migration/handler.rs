@@ -219,12 +219,21 @@ impl LiveMigration {
             ..SendOptions::new(req.downtime_ms, req.timeout_s, strategy)
         };
         let source = MachineSource::new(machine.clone());
+        // The guest yields to its own migration: on a host with no spare CPU its vCPUs
+        // otherwise take the CPU its pages need to leave, and dirty them again meanwhile.
+        let source = if req.yield_vcpus {
+            source.yielding_vcpus()
+        } else {
+            source
+        };
         let result = if req.resume {
             drop(extra);
             vm_migration::engine::resume_postcopy(&source, stream, &opts, progress)
         } else {
             send_migration_parallel(&source, stream, extra, &opts, progress)
         };
+        // Before the machine goes (its vCPUs at their own priority again, where they still
+        // yielded: a thread id is reused once its thread ended).
         drop(source);
         drop(machine);
         match result {

@@ -177,6 +177,43 @@ pub fn error_line(err: &str) -> &str {
 
 /// Each thread of process `pid`: its name, where it sleeps in the kernel and the system
 /// call it is in (what a test that timed out waiting for the process reports).
+/// The nice value of each vCPU thread (`vcpuN`) of process `pid`, by thread name.
+pub fn vcpu_nice(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if !comm.starts_with("vcpu") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // After "pid (comm) ": state is field 3, nice field 19.
+        let nice = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(16))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(i64::MIN);
+        out.push((comm.to_string(), nice));
+    }
+    out.sort();
+    out
+}
+
+/// Whether processes started here may raise a thread's priority again (CAP_SYS_NICE),
+/// which Ferry needs before it lowers its vCPUs' for a migration.
+pub fn may_renice() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 23) != 0)
+}
+
 pub fn threads_of(pid: u32) -> String {
     let mut out = format!("--- threads of {pid} when it was killed:");
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
