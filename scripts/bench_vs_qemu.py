@@ -273,12 +273,8 @@ class CpuMeter:
         self.vcpu_first = {}
         self.vcpu_last = {}
         self.result = None
-        # The guest's side of the same window: its vCPU threads' CPU seconds, and the
-        # window's length, so that `guest_lost` can say how much CPU the guest went
-        # without (paused, or waiting for a CPU behind the migration's threads).
-        self.started = None
+        # The guest's side of the same window: its vCPU threads' CPU seconds.
         self.guest = None
-        self.window_s = None
 
     def _take(self, sample):
         if sample is None:
@@ -287,7 +283,6 @@ class CpuMeter:
         self.vcpu_last.update(sample[1])
 
     def start(self):
-        self.started = time.monotonic()
         sample = cpu_sample(self.proc.pid)
         if sample is not None:
             self.first = sample[0]
@@ -305,14 +300,7 @@ class CpuMeter:
             vcpu = sum(t - self.vcpu_first.get(tid, 0) for tid, t in self.vcpu_last.items())
             self.result = round((self.last - self.first - vcpu) / CLK_TCK, 3)
             self.guest = round(vcpu / CLK_TCK, 3)
-            self.window_s = time.monotonic() - self.started
         return self.result
-
-    def guest_lost(self, vcpus):
-        """vCPU seconds the guest went without over the window (after `stop`)."""
-        if self.guest is None or self.window_s is None:
-            return None
-        return round(max(self.window_s * vcpus - self.guest, 0.0), 3)
 
 
 def run_cmd(argv, timeout=30):
@@ -533,7 +521,7 @@ def run_qemu(w, mode, d, port, rec):
             time.sleep(0.02)
         rec["wall_ms"] = round((time.monotonic() - t0) * 1000)
         rec["src_cpu_s"] = src_cpu.stop()
-        rec["guest_lost_s"] = src_cpu.guest_lost(w["cpus"])
+        rec["guest_cpu_s"] = src_cpu.guest
         rec["info"] = info
         # The source has nothing left to do (postmigrate): end it, as Ferry's ends itself.
         sq_events = list(sq.events)
@@ -687,7 +675,7 @@ def run_ferry(w, mode, d, port, rec):
                 # The source is done once its send-migration returned (and ends itself
                 # soon after): read its CPU time first.
                 rec["src_cpu_s"] = src_cpu.stop()
-                rec["guest_lost_s"] = src_cpu.guest_lost(w["cpus"])
+                rec["guest_cpu_s"] = src_cpu.guest
                 source_info(ssock, rec)
             src_cpu.poll()
             dst_cpu.poll()
@@ -701,7 +689,7 @@ def run_ferry(w, mode, d, port, rec):
         rec["dst_cpu_s"] = dst_cpu.stop()
         if "src_cpu_s" not in rec:
             rec["src_cpu_s"] = src_cpu.stop()
-            rec["guest_lost_s"] = src_cpu.guest_lost(w["cpus"])
+            rec["guest_cpu_s"] = src_cpu.guest
         if "src_info" not in rec and send.status == 0:
             source_info(ssock, rec)
         if send.status != 0 or recv.status != 0:
@@ -788,7 +776,12 @@ def figures(rec):
         "ram_once_ms": (pass0["duration-ms"] * ram["total"] / PAGE / pass0["pages"]
                         if pass0.get("pages") and ram.get("total") else None),
         # CPU seconds outside the vCPU threads per GiB on the wire (ram.transferred).
-        "guest_lost_s": rec.get("guest_lost_s"),
+        # What the guest's vCPUs went without over the migration's own total time (paused,
+        # or waiting for a CPU behind the migration's threads): meaningful for vCPUs that
+        # always want to run (workloads a, b, d); an idle guest's are asleep anyway.
+        "guest_lost_s": (max(round(total / 1000 * WORKLOADS[rec["workload"]]["cpus"]
+                                   - rec["guest_cpu_s"], 3), 0.0)
+                         if total and rec.get("guest_cpu_s") is not None else None),
         "src_cpu_s_gib": per_gib(rec.get("src_cpu_s"), sent),
         "dst_cpu_s_gib": per_gib(rec.get("dst_cpu_s"), sent),
         "src_rss_mib": rec["src_peak_kib"] / 1024 if rec.get("src_peak_kib") else None,
@@ -1052,8 +1045,8 @@ PVH ELF), memory, vCPUs and command line; one migration at a time, the first rou
 `-incoming tcp:127.0.0.1:PORT`. Ferry: `send-migration --downtime-ms {DOWNTIME_MS} --no-auto-converge` through
 its REST API (`ferry-remote`), default dirty rings (65536 entries), over TCP on loopback and
 between two network namespaces joined by a veth pair.{streams_note} Ferry's vCPU threads
-yield to their own migration by default (nice +10 from the request until the pause, and
-back where it fails before; `--no-yield-vcpus` keeps them at their own priority, the *vCPUs not yielding*
+yield to their own migration by default (nice +10 from the request until the pause;
+`--no-yield-vcpus` keeps them at their own priority, the *vCPUs not yielding*
 modes): on these 2 cores, shared by the guest's vCPUs and both ends, that hands the
 migration the CPU the guest would otherwise take from it; QEMU's vCPU threads compete with
 its migration threads as equals. *guest vCPU s lost* says what that costs the guest, for
@@ -1093,10 +1086,13 @@ from the migrate request until the source was done (QEMU: `query-migrate` comple
 its `send-migration` returned) and until the destination ran the guest (QEMU: `query-status`
 running; Ferry: `receive-migration` returned), in all (*CPU s*) and per GiB of
 `ram.transferred` (*CPU s/GiB*; where Ferry sends a few MiB of a sparse guest, per GiB
-says little: compare the seconds). *guest vCPU s lost*: over the source's same window,
-its length times the guest's vCPUs less the CPU seconds its vCPU threads got (ticks of
-10 ms): what the guest went without, paused or waiting for a CPU behind the migration (on
-a host with a CPU to spare for each thread, the pause alone). *Peak RSS*: `VmHWM`
+says little: compare the seconds). *guest vCPU s lost*: the migration's *total* times
+the guest's vCPUs, less the CPU seconds the source's vCPU threads got over the same
+window as the CPU figures (ticks of 10 ms; the window opens a few ms before the migration
+does, with the guest at full speed): what a guest whose vCPUs always want to run (a, b,
+d) went without, paused or waiting for a CPU behind the migration (on a host with a CPU
+to spare for each thread, the pause alone); for the idle guest (c), whose vCPU sleeps,
+it is only the total again. *Peak RSS*: `VmHWM`
 of the source and destination processes read just before they ended (for Ferry's source,
 which ends itself, the last reading ≤ 20 ms before; `ru_maxrss` from `wait4` is in the JSON
 as a check). *wall ms* (raw runs only): this script's clock from the migrate request to

@@ -402,6 +402,13 @@ impl DirtyRing {
         self.flag_empty()
     }
 
+    /// Reads every entry's flags once and changes nothing, so that a scan of the whole
+    /// ring soon after ([`Self::skip_taken_ahead`] in the final collection, with the vCPUs
+    /// parked) finds it in the caches: 1 MiB cold took ~0.15 ms of an idle guest's pause.
+    pub(crate) fn warm(&self) -> u32 {
+        (0..self.entries).fold(0, |acc, i| acc | self.flags(i).load(Ordering::Relaxed))
+    }
+
     fn read_entry(&self, index: u32) -> RingEntry {
         let gfn = self.entry_ptr(index);
         // SAFETY: the entry lies inside our mapping. KVM may rewrite it concurrently when

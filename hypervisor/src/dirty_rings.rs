@@ -150,6 +150,13 @@ impl DirtyRings {
         self.rings.get(index).map(DirtyRing::indexes)
     }
 
+    /// [`DirtyRing::warm`] on every ring.
+    pub fn warm(&self) {
+        for r in &self.rings {
+            std::hint::black_box(r.warm());
+        }
+    }
+
     /// Harvests every ring, one ring and its reset at a time (so each reset count is
     /// known to belong to one ring), publishing into `sink`. `look_ahead` (the final
     /// collection, every vCPU parked) also looks past an empty entry at a ring's fetch

@@ -443,6 +443,22 @@ mod tests {
     /// and reset the whole ring. The handler must find nothing and flag nothing: the
     /// landed code skipped 256 unpublished entries here and took KVM's reset index past
     /// its dirty index.
+    /// Warming the rings before the final collection reads and takes nothing: the
+    /// collection after it finds every entry still there.
+    #[test]
+    fn warming_the_rings_takes_nothing() {
+        let (mut kvm, mut rings) = KvmModel::new(2, 256, 64, PAGES);
+        let sink = KvmModel::sink(PAGES);
+        for p in 0..100 {
+            kvm.write(0, p);
+        }
+        kvm.write(1, 500);
+        rings.warm();
+        assert_eq!(rings.dirtied(), vec![100, 1]);
+        assert_eq!(collect(&mut kvm, &mut rings, &sink).entries, 101);
+        kvm.check_step(&rings);
+    }
+
     #[test]
     fn a_stale_ring_full_exit_flags_nothing() {
         let (mut kvm, mut rings) = KvmModel::new(1, 256, 64, PAGES);

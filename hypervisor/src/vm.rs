@@ -734,6 +734,14 @@ impl Vm {
         Ok(())
     }
 
+    /// Brings the dirty rings into the caches ahead of the final collection (see
+    /// `DirtyRing::warm`): call it just before the vCPUs are paused for it.
+    pub fn warm_dirty_rings(&self) {
+        if let DirtyTracking::Ring { .. } = self.tracking {
+            self.rings.lock().unwrap_or_else(|p| p.into_inner()).warm();
+        }
+    }
+
     /// Collects what KVM logged since the last sync and returns it, one bitmap per slot
     /// (bit n = page n of the slot), leaving the accumulated set empty.
     ///

@@ -134,6 +134,11 @@ impl PageSet {
     /// one RAM range and at most `max_run` pages long.
     pub fn take_runs(&mut self, max_run: u32) -> Vec<(u64, u32)> {
         let mut runs = Vec::new();
+        // The final pass of an idle guest: nothing to scan, nothing to clear (a 4 GiB
+        // guest's set is 128 KiB, which took ~0.04 ms of its pause to scan and clear).
+        if self.count == 0 {
+            return runs;
+        }
         for (i, r) in self.ram.iter().enumerate() {
             let first = self.first_page[i];
             let end = first + r.pages();
@@ -268,7 +273,11 @@ mod tests {
             vec![(PAGE, 1), (8 * PAGE, 2), (0x10_0000, 1)]
         );
         assert!(s.is_empty());
+        assert_eq!(s.take_runs(1024), vec![], "nothing left to take");
         assert_eq!(s.insert_range(0x9000_0000, PAGE), PAGE);
+        assert_eq!(s.take_runs(1024), vec![], "a page outside RAM is not taken");
+        s.insert_range(0x10_0000, PAGE);
+        assert_eq!(s.take_runs(1024), vec![(0x10_0000, 1)], "taken again after");
     }
 
     #[test]

@@ -66,6 +66,13 @@ impl ThreadNice {
         Self::set(tid, before, nice, who)
     }
 
+    /// Moves the thread to [`RAISED_NICE`] while the guard is held (dropping it still
+    /// puts back the nice value from before); `false` where the host refuses.
+    pub fn raise_held(&self) -> bool {
+        // SAFETY: setpriority reads its three integer arguments only.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, self.tid, RAISED_NICE) == 0 }
+    }
+
     fn set(
         tid: libc::id_t,
         before: libc::c_int,
@@ -182,6 +189,9 @@ mod tests {
                     nice_of(tid, "test"),
                     Some((before + YIELD_BY).min(MAX_NICE))
                 );
+                if g.raise_held() {
+                    assert_eq!(nice_of(tid, "test"), Some(RAISED_NICE));
+                }
                 drop(g);
             }
             None => assert!(!may_raise_to(before) || before == MAX_NICE),

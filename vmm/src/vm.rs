@@ -992,6 +992,12 @@ impl Machine {
         Ok(regions)
     }
 
+    /// Ahead of the final dirty collection, the guest still running: see
+    /// `hypervisor::Vm::warm_dirty_rings`.
+    pub fn prepare_final_collection(&self) {
+        self.hv.warm_dirty_rings();
+    }
+
     /// Pages each source reported dirty since the migration's tracking started.
     pub fn dirty_sources(&self) -> &dirty::DirtySources {
         &self.dirty_sources

@@ -97,6 +97,11 @@ pub trait SourceVm {
         let _ = yes;
     }
 
+    /// Called just before the pause for the last pass, the guest still running: work that
+    /// makes the pause shorter without being needed for it (the final dirty collection's
+    /// memory brought into the caches, say). The default does nothing.
+    fn prepare_pause(&self) {}
+
     /// Whether [`SourceVm::save_state`] right after [`SourceVm::pause`] already gives the
     /// final state: nothing the state holds changes while the last pages are collected.
     /// The state then goes before those pages, and the destination loads it meanwhile

@@ -1298,6 +1298,8 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
         self.progress.set_status(MigrationStatus::Device);
         // Until `Resumed` arrives, or the migration fails and the guest runs here again.
         let _priority = ThreadNice::raise_current("the migration source's switch-over thread");
+        // Not part of the pause: the guest runs meanwhile.
+        self.vm.prepare_pause();
         log::info!(
             "stop-and-copy: pausing the VM with {} dirty pages left after pass {}",
             pending.count(),

@@ -128,6 +128,12 @@ impl Prefaulter {
         })
     }
 
+    /// Huge pages only where the first pass left at least this much (64 MiB) for later:
+    /// there they save a lot of faults, while on a few MiB (b's guest since its vCPUs
+    /// yield to the migration: 10-20 MiB) a huge page's fault, ~5 ms on this host, is
+    /// one more the resume can run into.
+    const HUGE_MIN_PAGES: u64 = 16384;
+
     /// Runs at most this many `madvise` calls: each may split the mapping, and a process
     /// has a bounded number of mappings (`vm.max_map_count`, 65530 by default).
     const MAX_HUGE_RUNS: usize = 4096;
@@ -140,6 +146,10 @@ impl Prefaulter {
     /// it saves (the 150 MiB `dirty` guest's migration took 2-3× as long in two sets of
     /// runs out of three). Returns the bytes asked for.
     fn advise_huge_pages(mem: &GuestMemoryMmap, runs: &[(u64, u32)]) -> usize {
+        let pages: u64 = runs.iter().map(|r| u64::from(r.1)).sum();
+        if pages < Self::HUGE_MIN_PAGES {
+            return 0;
+        }
         runs.iter()
             .filter(|&&(_, pages)| pages as usize * 4096 >= crate::memory::HUGE_PAGE)
             .take(Self::MAX_HUGE_RUNS)
@@ -147,6 +157,13 @@ impl Prefaulter {
                 crate::memory::advise_huge_pages_within(mem, gpa, pages as usize * 4096)
             })
             .sum()
+    }
+}
+
+impl Prefaulter {
+    /// Has the thread stop after its current piece, without waiting for it.
+    fn ask_to_stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -192,6 +209,8 @@ impl MachineDestination {
             .machine
             .take()
             .ok_or_else(|| "the VM did not start".to_string())?;
+        // Asked to stop at `resume`; its last piece may have run on meanwhile.
+        self.stop_prefaulter();
         machine.confirm_vcpus().map_err(|e| e.to_string())?;
         Ok(machine)
     }
@@ -308,6 +327,12 @@ impl DestinationVm for MachineDestination {
     }
 
     fn prepare_state(&self, vcpus: &[u8], _devices: &[u8]) -> HookResult<()> {
+        // The source has paused: the pages still coming are the last few, which the
+        // receiver faults in itself. The helper's piece in progress ends meanwhile, instead
+        // of running into the VM's start (see `resume`).
+        if let Some(p) = &*self.prefaulter.lock().unwrap_or_else(|p| p.into_inner()) {
+            p.ask_to_stop();
+        }
         let state = MachineState::decode(vcpus)?;
         let loaded = self.incoming()?.load(state).map_err(|e| e.to_string())?;
         *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -361,7 +386,15 @@ impl DestinationVm for MachineDestination {
     }
 
     fn resume(&mut self) -> HookResult<()> {
-        self.stop_prefaulter();
+        // Stopped, not waited for: a piece it is faulting in (1 MiB, or a huge page: ~6 ms
+        // on this host's first touch) would hold the guest paused, and faulting pages in
+        // never changes what they hold. Waited for once `Resumed` is out (`take_started`).
+        // (Its `madvise` holds the mmap lock meanwhile, which can still stall the start:
+        // b's destinations saw the start take 1-6 ms when a piece ran into it; hence the
+        // stop at the pause, `prepare_state`.)
+        if let Some(p) = &*self.prefaulter.lock().unwrap_or_else(|p| p.into_inner()) {
+            p.ask_to_stop();
+        }
         let incoming = self
             .incoming
             .take()
