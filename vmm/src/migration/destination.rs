@@ -128,6 +128,11 @@ impl Prefaulter {
         })
     }
 
+    /// Has the thread stop after its current piece, without waiting for it.
+    fn ask_to_stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Huge pages only where the first pass left at least this much (64 MiB) for later:
     /// there they save a lot of faults, while on a few MiB (b's guest since its vCPUs
     /// yield to the migration: 10-20 MiB) a huge page's fault, ~5 ms on this host, is
@@ -160,13 +165,6 @@ impl Prefaulter {
     }
 }
 
-impl Prefaulter {
-    /// Has the thread stop after its current piece, without waiting for it.
-    fn ask_to_stop(&self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 impl Drop for Prefaulter {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -193,6 +191,13 @@ impl MachineDestination {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         drop(p);
+    }
+
+    /// [`Prefaulter::ask_to_stop`], if one runs.
+    fn ask_prefaulter_to_stop(&self) {
+        if let Some(p) = &*self.prefaulter.lock().unwrap_or_else(|p| p.into_inner()) {
+            p.ask_to_stop();
+        }
     }
 
     fn incoming(&self) -> HookResult<&IncomingMachine> {
@@ -330,9 +335,7 @@ impl DestinationVm for MachineDestination {
         // The source has paused: the pages still coming are the last few, which the
         // receiver faults in itself. The helper's piece in progress ends meanwhile, instead
         // of running into the VM's start (see `resume`).
-        if let Some(p) = &*self.prefaulter.lock().unwrap_or_else(|p| p.into_inner()) {
-            p.ask_to_stop();
-        }
+        self.ask_prefaulter_to_stop();
         let state = MachineState::decode(vcpus)?;
         let loaded = self.incoming()?.load(state).map_err(|e| e.to_string())?;
         *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -392,9 +395,7 @@ impl DestinationVm for MachineDestination {
         // (Its `madvise` holds the mmap lock meanwhile, which can still stall the start:
         // b's destinations saw the start take 1-6 ms when a piece ran into it; hence the
         // stop at the pause, `prepare_state`.)
-        if let Some(p) = &*self.prefaulter.lock().unwrap_or_else(|p| p.into_inner()) {
-            p.ask_to_stop();
-        }
+        self.ask_prefaulter_to_stop();
         let incoming = self
             .incoming
             .take()
