@@ -94,8 +94,9 @@ const VMM: &[c_long] = &[
     SYS_seccomp,
     SYS_sendmsg,
     SYS_sendto,
-    // The dirty limiter's thread raises its own priority (vmm/src/dirty_rate.rs), and a
-    // migration's switch-over thread its own for the pause (migration/src/engine/priority.rs).
+    // The dirty limiter's thread raises its own priority, a migration's switch-over thread
+    // its own for the pause, and the migration's thread lowers and raises the vCPU threads'
+    // (migration/src/priority.rs).
     SYS_setpriority,
     SYS_setsockopt,
     SYS_shutdown,

@@ -202,7 +202,9 @@ fn verify_guest_1_vcpu_moves_between_hosts_in_bitmap_mode() {
 const DIRTY_START: u64 = 1 << 20;
 const DIRTY_SIZE: u64 = 256 << 20;
 
-/// Polls `host`'s `vm.migration-info` until `stop` is set; the last answer seen.
+/// Polls `host`'s `vm.migration-info` until `stop` is set; the last answer seen that
+/// reports the dirty tracking (the first answers of a migration may come before it is
+/// on), else the last answer.
 fn watch_migration(
     host: &Host,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -216,7 +218,10 @@ fn watch_migration(
                 .ok()
                 .and_then(|r| r.json().ok())
             {
-                last = Some(v);
+                let tracking = |a: &Value| a["dirty-tracking"].is_object();
+                if tracking(&v) || !last.as_ref().is_some_and(tracking) {
+                    last = Some(v);
+                }
             }
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -126,6 +126,17 @@ impl MachineSource {
 
 const PAGE: usize = 4096;
 
+impl Drop for MachineSource {
+    fn drop(&mut self) {
+        // Before `machine` may go with its vCPU threads: a thread id is reused once its
+        // thread ended (fields drop in declaration order, `machine` first).
+        self.yielding
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
 impl SourceVm for MachineSource {
     fn config(&self) -> HookResult<Vec<u8>> {
         serde_json::to_vec(&self.machine.config).map_err(|e| format!("VM config: {e}"))
