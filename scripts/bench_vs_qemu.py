@@ -775,13 +775,13 @@ def figures(rec):
         "pass0_ms": pass0.get("duration-ms"),
         "ram_once_ms": (pass0["duration-ms"] * ram["total"] / PAGE / pass0["pages"]
                         if pass0.get("pages") and ram.get("total") else None),
-        # CPU seconds outside the vCPU threads per GiB on the wire (ram.transferred).
         # What the guest's vCPUs went without over the migration's own total time (paused,
         # or waiting for a CPU behind the migration's threads): meaningful for vCPUs that
         # always want to run (workloads a, b, d); an idle guest's are asleep anyway.
         "guest_lost_s": (max(round(total / 1000 * WORKLOADS[rec["workload"]]["cpus"]
                                    - rec["guest_cpu_s"], 3), 0.0)
                          if total and rec.get("guest_cpu_s") is not None else None),
+        # CPU seconds outside the vCPU threads per GiB on the wire (ram.transferred).
         "src_cpu_s_gib": per_gib(rec.get("src_cpu_s"), sent),
         "dst_cpu_s_gib": per_gib(rec.get("dst_cpu_s"), sent),
         "src_rss_mib": rec["src_peak_kib"] / 1024 if rec.get("src_peak_kib") else None,

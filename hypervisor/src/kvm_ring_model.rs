@@ -439,10 +439,6 @@ mod tests {
         assert!(!kvm.anything_leaked());
     }
 
-    /// (A) The vCPU exits "ring full"; before its handler runs, the harvester has taken
-    /// and reset the whole ring. The handler must find nothing and flag nothing: the
-    /// landed code skipped 256 unpublished entries here and took KVM's reset index past
-    /// its dirty index.
     /// Warming the rings before the final collection reads and takes nothing: the
     /// collection after it finds every entry still there.
     #[test]
@@ -459,6 +455,10 @@ mod tests {
         kvm.check_step(&rings);
     }
 
+    /// (A) The vCPU exits "ring full"; before its handler runs, the harvester has taken
+    /// and reset the whole ring. The handler must find nothing and flag nothing: the
+    /// landed code skipped 256 unpublished entries here and took KVM's reset index past
+    /// its dirty index.
     #[test]
     fn a_stale_ring_full_exit_flags_nothing() {
         let (mut kvm, mut rings) = KvmModel::new(1, 256, 64, PAGES);

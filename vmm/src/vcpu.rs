@@ -277,11 +277,18 @@ impl VcpuControl {
     /// could not be are left out, said in the log): a guest that yields to its own
     /// migration on a host with no spare CPU.
     pub fn lower_priority(&self) -> Vec<ThreadNice> {
-        self.slots
+        // Not under the slots lock, which the dirty limiter's holds and the ring
+        // harvester's flush wait on: each `lower` reads /proc and makes system calls.
+        let threads: Vec<(libc::id_t, u32)> = self
+            .slots
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter_map(|s| ThreadNice::lower(s.tid, &format!("vCPU {}", s.index)))
+            .map(|s| (s.tid, s.index))
+            .collect();
+        threads
+            .into_iter()
+            .filter_map(|(tid, index)| ThreadNice::lower(tid, &format!("vCPU {index}")))
             .collect()
     }
 

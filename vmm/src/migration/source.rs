@@ -69,6 +69,14 @@ impl MachineSource {
         self
     }
 
+    /// The vCPU threads back at their own priority, where they still yielded.
+    fn stop_yielding(&self) {
+        self.yielding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// Writes the state as JSON (snapshots keep a readable `state.json`).
     pub fn with_json_state(mut self) -> Self {
         self.encoding = StateEncoding::Json;
@@ -130,10 +138,7 @@ impl Drop for MachineSource {
     fn drop(&mut self) {
         // Before `machine` may go with its vCPU threads: a thread id is reused once its
         // thread ended (fields drop in declaration order, `machine` first).
-        self.yielding
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.stop_yielding();
     }
 }
 
@@ -236,10 +241,7 @@ impl SourceVm for MachineSource {
         // Stale once the vCPUs run.
         self.at_pause().take();
         // Raised for the pause: the guest runs on at its own priority.
-        self.yielding
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.stop_yielding();
         if self.paused_before {
             log::info!("the VM was paused before the migration: it stays paused");
         } else {

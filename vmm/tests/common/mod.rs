@@ -175,8 +175,6 @@ pub fn error_line(err: &str) -> &str {
     lines[0]
 }
 
-/// Each thread of process `pid`: its name, where it sleeps in the kernel and the system
-/// call it is in (what a test that timed out waiting for the process reports).
 /// The nice value of each vCPU thread (`vcpuN`) of process `pid`, by thread name.
 pub fn vcpu_nice(pid: u32) -> Vec<(String, i64)> {
     let mut out = Vec::new();
@@ -214,6 +212,8 @@ pub fn may_renice() -> bool {
         .is_some_and(|caps| caps & (1 << 23) != 0)
 }
 
+/// Each thread of process `pid`: its name, where it sleeps in the kernel and the system
+/// call it is in (what a test that timed out waiting for the process reports).
 pub fn threads_of(pid: u32) -> String {
     let mut out = format!("--- threads of {pid} when it was killed:");
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
