@@ -72,6 +72,27 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
             .map_err(SendError::Stream)
     }
 
+    /// Refuses, right after the handshake, a migration told to switch to postcopy after
+    /// some passes when the destination cannot take it. Checked only when due, it would
+    /// fail after passes that may take minutes, or never when the guest happens to
+    /// converge first: the user's choice would hold on one run and not the next.
+    pub(super) fn require_planned_postcopy(&self) -> Result<(), SendError> {
+        if self.opts.postcopy_after_passes.is_some() {
+            self.require_peer_postcopy()?;
+        }
+        Ok(())
+    }
+
+    fn require_peer_postcopy(&self) -> Result<(), SendError> {
+        if self.peer_features & features::POSTCOPY == 0 {
+            return Err(SendError::NoPostcopy(
+                "it offers no postcopy: an older ferry, a TLS or file-passing connection, or \
+                 RAM it cannot watch",
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether to switch to postcopy after `iteration` passes.
     pub(super) fn postcopy_due(&mut self, iteration: u32) -> Result<bool, SendError> {
         let due = self.progress.postcopy_requested()
@@ -79,11 +100,8 @@ impl<V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'_, V, S> {
                 .opts
                 .postcopy_after_passes
                 .is_some_and(|n| iteration >= n);
-        if due && self.peer_features & features::POSTCOPY == 0 {
-            return Err(SendError::NoPostcopy(
-                "it offers no postcopy: an older ferry, a TLS or file-passing connection, or \
-                 RAM it cannot watch",
-            ));
+        if due {
+            self.require_peer_postcopy()?;
         }
         Ok(due)
     }

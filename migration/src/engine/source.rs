@@ -798,6 +798,7 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
             return self.run_local(&ram, &vm_config);
         }
         self.handshake(&ram, &vm_config, None)?;
+        self.require_planned_postcopy()?;
         hook("start_dirty_log", self.vm.start_dirty_log())?;
         self.dirty_log_on = true;
         let setup_ms = self.started.elapsed().as_millis() as u64;
