@@ -446,13 +446,17 @@ fn migrate(m: Move) -> Moved {
     let mut src = Host::start(&hosts.a, &dir, "source", &args, &m.env);
     serial.wait_dma_pass(m.cpus, 2, 0, Duration::from_secs(120));
 
+    // The vCPUs keep their priority: the guest must drive its devices while the pages
+    // move (the checks below count their writes), and this small guest's migration lasts
+    // tens of ms, in which vCPUs yielding to it (the default) may not run at all on 2 busy
+    // cores (seen in CI with vfio-user devices: no device write logged).
     let r = src
         .api
         .put(
             "vm.send-migration",
             Some(
                 json!({"destination_url": format!("tcp:{}:{PORT}", hosts.addr_b),
-                       "wait_for_completion": true})
+                       "wait_for_completion": true, "yield_vcpus": false})
                 .to_string()
                 .as_bytes(),
             ),
