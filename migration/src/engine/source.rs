@@ -802,7 +802,13 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
         hook("start_dirty_log", self.vm.start_dirty_log())?;
         self.dirty_log_on = true;
         let setup_ms = self.started.elapsed().as_millis() as u64;
-        self.progress.update(|i| i.setup_time = Some(setup_ms));
+        // The tracking is known from here: `migration-info` says which while pass 0
+        // runs, not only once it is done (a small guest's whole migration may be pass 0).
+        let tracking = self.vm.dirty_tracking_stats();
+        self.progress.update(|i| {
+            i.setup_time = Some(setup_ms);
+            i.dirty_tracking = tracking;
+        });
         self.progress.set_status(MigrationStatus::Active);
 
         let mut pending = PageSet::new(&ram);
