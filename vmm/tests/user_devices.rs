@@ -207,6 +207,8 @@ struct Setup {
     _src_dev: Device,
     src: Host,
     dest: Host,
+    /// The source's vCPUs yield to the migration; see [`Setup::yielding_vcpus`].
+    yield_vcpus: bool,
 }
 
 /// How the guest reaches the device.
@@ -272,10 +274,23 @@ fn setup_with(
         _src_dev: src_dev,
         src,
         dest,
+        yield_vcpus: false,
     }
 }
 
 impl Setup {
+    /// Migrates with the source's vCPUs yielding to the migration (Ferry's default).
+    /// The other tests keep the vCPUs at their own priority: they need the guest to
+    /// drive its device while the pages move, and this small guest's migration lasts
+    /// ~25 ms, in which yielding vCPUs may not run at all on 2 busy cores (seen in CI: no
+    /// device write logged, none by the guest either). The job-in-flight test needs the
+    /// yield instead: without it the guest more often paused between two jobs (1 of 6
+    /// local runs and one CI run; 0 of 13 with it).
+    fn yielding_vcpus(mut self) -> Setup {
+        self.yield_vcpus = true;
+        self
+    }
+
     /// Starts B receiving with its device at `socket`, on a thread.
     fn receive(&self, socket: &Path) -> std::thread::JoinHandle<Reply> {
         let api = Client::new(self.dest.api.path(), Some(Duration::from_secs(300)));
@@ -316,12 +331,8 @@ impl Setup {
     /// Starts A sending to B, on a thread.
     fn sending(&self) -> std::thread::JoinHandle<Reply> {
         let api = Client::new(self.src.api.path(), Some(Duration::from_secs(300)));
-        // The vCPUs keep their priority: the guest must drive its device while the pages
-        // move, and this small guest's migration lasts ~25 ms, in which vCPUs yielding to
-        // it (the default) may not run at all on 2 busy cores (seen in CI: no device
-        // write logged, none by the guest either).
         let body = json!({"destination_url": format!("tcp:{}:{PORT}", self.hosts.addr_b),
-                          "wait_for_completion": true, "yield_vcpus": false});
+                          "wait_for_completion": true, "yield_vcpus": self.yield_vcpus});
         std::thread::spawn(move || {
             api.put("vm.send-migration", Some(body.to_string().as_bytes()))
                 .unwrap()
@@ -424,7 +435,7 @@ fn a_dropped_device_report_is_caught_by_the_guest_after_the_move() {
 #[test]
 fn a_device_job_in_flight_at_the_pause_moves_whole_and_stopping_it_late_loses_it() {
     let args = ["--async-jobs", "--page-delay-us", "200"];
-    let s = setup_with(97, 1, Reach::Direct, &[], &args);
+    let s = setup_with(97, 1, Reach::Direct, &[], &args).yielding_vcpus();
     let dest_dev = Device::start(s.dir.join("dev-b.sock"), &[]);
     s.move_to(&dest_dev);
     let (serial, migration) = s.finish();
@@ -438,7 +449,8 @@ fn a_device_job_in_flight_at_the_pause_moves_whole_and_stopping_it_late_loses_it
         Reach::Direct,
         &[(vmm::user_devices::STOP_LATE_ENV, "1")],
         &args,
-    );
+    )
+    .yielding_vcpus();
     let dest_dev = Device::start(s.dir.join("dev-b.sock"), &[]);
     s.move_to(&dest_dev);
     let (serial, _) = s.finish();
