@@ -8,7 +8,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -55,6 +55,44 @@ pub trait MigrationStream: Read + Write + Send {
             "this connection cannot be shared between a reader and a writer",
         ))
     }
+
+    /// Busy-waits, at most `at_most`, until the connection has bytes to read (or has
+    /// ended), rather than sleeping in the read that follows; it yields the CPU to any
+    /// other runnable thread between looks. Returns whether it saw them. A stream that
+    /// keeps bytes of its own (TLS's records) cannot tell, and returns false at once.
+    fn spin_until_readable(&self, _at_most: Duration) -> bool {
+        false
+    }
+}
+
+/// [`MigrationStream::spin_until_readable`] for a socket that keeps no bytes of its own.
+pub fn spin_until_readable_fd(fd: BorrowedFd<'_>, at_most: Duration) -> bool {
+    let end = Instant::now() + at_most;
+    loop {
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd on an fd `fd` keeps open, and a zero timeout: poll only looks.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        if n > 0 {
+            // Bytes, or the end or an error, which the read will report.
+            return true;
+        }
+        if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return false;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        // Polite: a thread of the peer (or of this process) that wakes on this CPU
+        // runs at once. On a host with as many busy threads as CPUs (a local peer
+        // resuming its vCPUs), a plain spin at the switch-over's raised priority held
+        // them off for milliseconds.
+        // SAFETY: no arguments, no memory touched.
+        unsafe { libc::sched_yield() };
+    }
 }
 
 impl MigrationStream for TcpStream {
@@ -72,6 +110,10 @@ impl MigrationStream for TcpStream {
     fn try_clone_stream(&self) -> io::Result<Self> {
         self.try_clone()
     }
+
+    fn spin_until_readable(&self, at_most: Duration) -> bool {
+        spin_until_readable_fd(self.as_fd(), at_most)
+    }
 }
 
 impl MigrationStream for UnixStream {
@@ -86,6 +128,10 @@ impl MigrationStream for UnixStream {
 
     fn try_clone_stream(&self) -> io::Result<Self> {
         self.try_clone()
+    }
+
+    fn spin_until_readable(&self, at_most: Duration) -> bool {
+        spin_until_readable_fd(self.as_fd(), at_most)
     }
 }
 
@@ -108,6 +154,10 @@ impl<S: MigrationStream + ?Sized> MigrationStream for Box<S> {
 
     fn take_fds(&mut self) -> Vec<OwnedFd> {
         (**self).take_fds()
+    }
+
+    fn spin_until_readable(&self, at_most: Duration) -> bool {
+        (**self).spin_until_readable(at_most)
     }
 }
 
@@ -391,6 +441,11 @@ impl MigrationStream for FdUnixStream {
         Ok(FdUnixStream::new(self.inner.try_clone()?))
     }
 
+    fn spin_until_readable(&self, at_most: Duration) -> bool {
+        // Its reads keep no bytes back (the descriptors travel beside them).
+        self.inner.spin_until_readable(at_most)
+    }
+
     fn write_with_fds(&mut self, buf: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         if fds.len() > MAX_PASSED_FDS {
             return Err(io::Error::new(
@@ -459,6 +514,36 @@ impl MigrationStream for FdUnixStream {
 mod tests {
     use super::*;
     use std::io::Seek;
+
+    #[test]
+    fn spinning_until_readable_sees_bytes_and_the_end_and_gives_up_in_time() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        // Nothing to read: it gives up after its time, not long after.
+        let t = Instant::now();
+        assert!(!b.spin_until_readable(Duration::from_millis(5)));
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(5),
+            "gave up after {waited:?}"
+        );
+        // A byte sent from another thread while it spins ends the spin.
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(2));
+            a.write_all(b"x").unwrap();
+            a
+        });
+        assert!(b.spin_until_readable(Duration::from_secs(10)));
+        let a = sender.join().unwrap();
+        let mut got = [0u8; 1];
+        (&b).read_exact(&mut got).unwrap();
+        // The peer's end is readable too (the read reports it).
+        drop(a);
+        assert!(FdUnixStream::new(b).spin_until_readable(Duration::from_secs(10)));
+        // A box passes the question on (nothing to read here).
+        let (c, _d) = UnixStream::pair().unwrap();
+        let boxed: Box<UnixStream> = Box::new(c);
+        assert!(!boxed.spin_until_readable(Duration::from_millis(1)));
+    }
 
     #[test]
     fn descriptors_travel_with_the_data_and_plain_data_still_reads() {

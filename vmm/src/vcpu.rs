@@ -2,11 +2,11 @@
 //! the VMM asks (pause for migration or the API). A kick (signal + immediate_exit) gets a
 //! vCPU out of KVM_RUN, so a pause also flushes what the CPU buffered into the dirty ring.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use devices::{MmioBus, PioBus, PlatformEvent};
 use hypervisor::{Vcpu, VcpuExit, VcpuState};
@@ -111,6 +111,33 @@ pub struct VcpuControl {
     throttle_nap_us: AtomicU64,
     /// Bumped per `vm.nmi`; each vCPU injects one NMI per value it has not seen.
     nmi_gen: AtomicU64,
+    /// States saved for the current save request (`Flags::save_gen`), read without the
+    /// lock by a pauser that spins (see [`SPIN_FOR_SAVES`]).
+    saves_done: AtomicU32,
+}
+
+/// How long a pauser busy-waits for the vCPUs' saved states before it sleeps on the
+/// condition variable, where there is a CPU for it beside every vCPU thread. This is
+/// downtime, and a sleeping thread took 40-80 µs to wake on this host once the last
+/// vCPU had saved (of ~0.55 ms for an idle guest's whole pause).
+const SPIN_FOR_SAVES: Duration = Duration::from_millis(1);
+
+/// Whether this process may use more CPUs than `vcpus`: one to spin on while each vCPU
+/// thread has its own. Without, a spinner would take a CPU from a vCPU it waits for.
+fn spare_cpu_beside(vcpus: u32) -> bool {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    cpus > vcpus as usize
+}
+
+/// Busy-waits at most `at_most` for `done`, yielding the CPU to any other runnable thread
+/// between looks (a vCPU thread it waits for, on a host busier than the count says).
+fn spin_until(at_most: Duration, done: impl Fn() -> bool) {
+    let end = Instant::now() + at_most;
+    while !done() && Instant::now() < end {
+        // SAFETY: no arguments, no memory touched.
+        unsafe { libc::sched_yield() };
+    }
 }
 
 impl VcpuControl {
@@ -173,14 +200,12 @@ impl VcpuControl {
     /// kvmclock by the time between.
     pub fn pause_and_save(&self, count: u32) -> Result<Vec<VcpuState>, String> {
         self.request_save(count);
-        let mut f = self.lock();
-        let current = |f: &Flags| f.saved.iter().filter(|(g, _)| *g == f.save_gen).count() as u32;
-        while current(&f) < count && f.dead == 0 && !f.stop {
-            f = self.cv.wait(f).unwrap_or_else(|p| p.into_inner());
+        if spare_cpu_beside(count) {
+            spin_until(SPIN_FOR_SAVES, || {
+                self.saves_done.load(Ordering::Acquire) >= count
+            });
         }
-        if f.dead > 0 || f.stop {
-            return Err("the VM ended while its state was being saved".into());
-        }
+        let mut f = self.wait_for_saves(count)?;
         let gen = f.save_gen;
         let mut states = std::mem::take(&mut f.saved)
             .into_iter()
@@ -191,6 +216,19 @@ impl VcpuControl {
         Ok(states)
     }
 
+    /// Sleeps until `count` states were saved for the current request; the lock held.
+    fn wait_for_saves(&self, count: u32) -> Result<std::sync::MutexGuard<'_, Flags>, String> {
+        let mut f = self.lock();
+        let current = |f: &Flags| f.saved.iter().filter(|(g, _)| *g == f.save_gen).count() as u32;
+        while current(&f) < count && f.dead == 0 && !f.stop {
+            f = self.cv.wait(f).unwrap_or_else(|p| p.into_inner());
+        }
+        if f.dead > 0 || f.stop {
+            return Err("the VM ended while its state was being saved".into());
+        }
+        Ok(f)
+    }
+
     /// Parks every vCPU and has each save its own state on its thread, without waiting
     /// (`pause_and_save` collects it). Parked vCPUs are woken, not kicked.
     fn request_save(&self, count: u32) {
@@ -198,6 +236,7 @@ impl VcpuControl {
         f.pause = true;
         f.save_gen += 1;
         f.saved.clear();
+        self.saves_done.store(0, Ordering::Release);
         self.pending.store(true, Ordering::SeqCst);
         self.cv.notify_all();
         let all_parked = f.parked >= count;
@@ -263,6 +302,13 @@ impl VcpuControl {
     fn pause_requested(&self) -> bool {
         let f = self.lock();
         f.pause || f.stop
+    }
+
+    /// A pause whose state save this vCPU has not answered yet (`saved_gen`: the last
+    /// request it answered): the save records where it parked.
+    fn save_requested(&self, saved_gen: u64) -> bool {
+        let f = self.lock();
+        f.pause && !f.stop && f.save_gen != saved_gen
     }
 
     /// Has every vCPU take an NMI (`vm.nmi`). Each injects it itself before its next
@@ -396,8 +442,13 @@ impl VcpuControl {
         let (Ok(r), Ok(s)) = (vcpu.fd().get_regs(), vcpu.fd().get_sregs()) else {
             return;
         };
+        self.record_regs(vcpu.index(), &r, &s);
+    }
+
+    /// Where the vCPU whose registers these are parked.
+    fn record_regs(&self, index: u32, r: &kvm_bindings::kvm_regs, s: &kvm_bindings::kvm_sregs) {
         let snap = VcpuSnapshot {
-            index: vcpu.index(),
+            index,
             rip: r.rip,
             cr0: s.cr0,
             cr3: s.cr3,
@@ -432,7 +483,11 @@ impl VcpuControl {
         if f.pause && !f.stop {
             c.parks.fetch_add(1, Ordering::Relaxed);
             f.parked += 1;
-            self.cv.notify_all();
+            // Asked to save, the pauser waits for the state, not the park: one wake-up
+            // once it is saved instead of two (each ~20 µs of downtime on this host).
+            if f.save_gen == *saved_gen {
+                self.cv.notify_all();
+            }
             while f.pause && !f.stop {
                 if f.save_gen != *saved_gen {
                     let gen = f.save_gen;
@@ -441,8 +496,14 @@ impl VcpuControl {
                     let s = vcpu
                         .save_state()
                         .map_err(|e| format!("vCPU {}: {e}", vcpu.index()));
+                    if let Ok(s) = &s {
+                        self.record_regs(s.index, &s.regs, &s.sregs);
+                    }
                     f = self.lock();
                     f.saved.push((gen, s));
+                    if f.save_gen == gen {
+                        self.saves_done.fetch_add(1, Ordering::Release);
+                    }
                     self.cv.notify_all();
                     continue;
                 }
@@ -612,7 +673,9 @@ fn run_loop(
                 // guest instruction first.
                 vcpu.request_immediate_exit();
             } else {
-                if ctl.pause_requested() {
+                // A pause that saves the state records it from there (two ioctls fewer
+                // in the downtime).
+                if ctl.pause_requested() && !ctl.save_requested(saved_gen) {
                     ctl.record(vcpu);
                 }
                 if !ctl.checkpoint(vcpu, &mut saved_gen, c) {

@@ -286,6 +286,9 @@ struct Received {
     state: Option<(Vec<u8>, Vec<u8>)>,
     /// Raised from the pause's `State` until `Resumed` is sent.
     priority: Option<ThreadNice>,
+    /// When `State` was read and when it was loaded (`prepare_state`), for the log:
+    /// whether loading it held up `Complete`.
+    state_loaded: Option<(Instant, Instant)>,
 }
 
 impl Session<'_> {
@@ -500,9 +503,21 @@ impl Session<'_> {
         let _ = conn.get_mut().flush();
         drop(received.priority);
         let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1000.0;
+        // Loaded ahead of `Complete`, the state took no downtime of its own; loaded as
+        // `Complete` was read, it held it up.
+        let early = received
+            .state_loaded
+            .map(|(read, loaded)| {
+                format!(
+                    "; read {:.2} ms before Complete, loaded in {:.2} ms",
+                    ms(read, complete_at),
+                    ms(read, loaded)
+                )
+            })
+            .unwrap_or_default();
         log::info!(
             "resumed {:.1} ms after Complete (the source had been paused {:.1} ms by then; \
-             state {:.2} ms, VM started in {:.2} ms, Resumed sent in {:.2} ms)",
+             state {:.2} ms{early}, VM started in {:.2} ms, Resumed sent in {:.2} ms)",
             complete_at.elapsed().as_secs_f64() * 1000.0,
             received.paused_us as f64 / 1000.0,
             ms(complete_at, restored_at),
@@ -584,6 +599,7 @@ impl Session<'_> {
     ) -> Result<Received, ReceiveError> {
         let progress = self.progress;
         let mut state: Option<(Vec<u8>, Vec<u8>)> = None;
+        let mut state_loaded = None;
         let mut priority = None;
         let mut last_iteration = Instant::now();
         let mut lanes_open = false;
@@ -682,6 +698,7 @@ impl Session<'_> {
                     if state.is_some() {
                         return Err(ReceiveError::Duplicate(MessageType::State));
                     }
+                    let read_at = Instant::now();
                     progress.set_status(MigrationStatus::Device);
                     // The source is paused: from here on this thread's work is downtime.
                     priority =
@@ -691,6 +708,7 @@ impl Session<'_> {
                         .prepare_state(vcpus, devices)
                         .map_err(vm_err("prepare_state"))?;
                     state = Some((vcpus.to_vec(), devices.to_vec()));
+                    state_loaded = Some((read_at, Instant::now()));
                 }
                 Message::PostcopyDiscard(runs) if postcopy => {
                     anything_received = true;
@@ -710,6 +728,7 @@ impl Session<'_> {
                         state,
                         // Postcopy runs long after: at the usual priority.
                         priority: None,
+                        state_loaded,
                     });
                 }
                 Message::Complete(c) => {
@@ -723,6 +742,7 @@ impl Session<'_> {
                                 "the migration destination's switch-over thread",
                             )
                         }),
+                        state_loaded,
                     })
                 }
                 other => return Err(unexpected(other, "receiving memory")),

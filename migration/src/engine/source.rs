@@ -41,6 +41,12 @@ const BYTES_PER_DIRTY_PAGE: f64 = PAGE_SIZE as f64 + 1.0;
 /// time is the guest's downtime (an idle guest's final pass is empty).
 const LANE_THREAD_MIN_PAGES: u64 = 256;
 
+/// How long the source busy-waits for `Resumed` after `Complete` before it sleeps in the
+/// read. The guest runs nowhere until it arrives, and on a local link it comes within
+/// 0.1-0.5 ms; a thread asleep in the read took tens of µs more to wake on these hosts,
+/// of an idle guest's ~0.6 ms downtime. Over a longer link the wait simply goes on asleep.
+const SPIN_FOR_RESUMED: Duration = Duration::from_micros(400);
+
 /// How a migration is sent.
 #[derive(Clone, Debug)]
 pub struct SendOptions {
@@ -1398,7 +1404,14 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
         );
 
         self.conn.get_mut().set_idle(self.opts.confirm_timeout);
+        // `Resumed` is due within a few hundred µs on a local link: waiting for it awake
+        // spares the downtime one thread wake-up (see `SPIN_FOR_RESUMED`).
+        let spin_until = Instant::now() + SPIN_FOR_RESUMED;
         let peer_estimate_us = loop {
+            let left = spin_until.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                self.conn.get_ref().get_ref().spin_until_readable(left);
+            }
             match self.conn.read_message()? {
                 Message::Resumed { downtime_us } => break downtime_us,
                 // The final pass's, sent while this side went on to the state.

@@ -515,6 +515,15 @@ impl vm_migration::MigrationStream for Stream {
         }
     }
 
+    fn spin_until_readable(&self, at_most: Duration) -> bool {
+        match self {
+            Stream::Tcp(s) => s.spin_until_readable(at_most),
+            Stream::Unix(s) => s.spin_until_readable(at_most),
+            // Its records may hold bytes already read from the socket.
+            Stream::Tls(_) => false,
+        }
+    }
+
     fn try_clone_stream(&self) -> io::Result<Self> {
         match self {
             Stream::Tcp(s) => s.try_clone().map(Stream::Tcp),
