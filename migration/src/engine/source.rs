@@ -617,9 +617,12 @@ struct Convergence {
 
 /// A downtime this short is not worth another pass: about what a pause costs with
 /// nothing left to send (pause, final collection, state, the destination's start: an idle
-/// guest's pause to resume took 1.1-1.8 ms on the 2-core test host). At 5 ms a guest
-/// rewriting 64 MiB paused with 3-4k pages left, 3-6 ms; one more pass of ~3 ms halves that.
-const TINY_DOWNTIME: Duration = Duration::from_millis(2);
+/// guest's pause to `Resumed` took 0.45-0.6 ms on the 2-core test host). At 5 ms a guest
+/// rewriting 64 MiB paused with 3-4k pages left, 3-6 ms; one more pass of ~3 ms halves
+/// that. At 2 ms (when a pause with nothing left cost 1.1-1.8 ms), the 8 GiB guest with
+/// 64 MiB hot paused after its first pass with ~600 pages left, their send 0.7 of its
+/// 1.3 ms downtime; one more pass of ~1 ms leaves a few dozen.
+const TINY_DOWNTIME: Duration = Duration::from_micros(500);
 /// A pass must leave at most this share of the previous pass's dirty pages (3/4) to
 /// count as converging.
 const SHRINK_NUM: u64 = 3;
@@ -1641,8 +1644,10 @@ mod tests {
         assert!(!c.stop_now(ms(60), ms(300), 4_000, false));
         // Shrinking still, 4 ms: more than a pause with nothing left costs, one more pass.
         assert!(!c.stop_now(ms(4), ms(300), 1_000, false));
+        // Still more than that at 1 ms.
+        assert!(!c.stop_now(ms(1), ms(300), 600, false));
         // Shrinking still, and now tiny: stop.
-        assert!(c.stop_now(ms(2), ms(300), 300, false));
+        assert!(c.stop_now(Duration::from_micros(400), ms(300), 300, false));
 
         // Fits but no longer shrinks (a steady dirty rate): stop.
         let mut c = Convergence::default();
