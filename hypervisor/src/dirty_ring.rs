@@ -382,8 +382,9 @@ impl DirtyRing {
         let start = self.fetch_index & (self.entries - 1);
         let to_end = (self.entries - start).min(room);
         let run = |from: u32, len: u32| -> Option<u32> {
-            // SAFETY: `from + len` never passes `entries` (callers below), so every entry
-            // read lies inside the mapping owned by self.
+            // SAFETY: `from + len` never passes `entries` (`start + to_end` and
+            // `room - to_end` below), so every entry read lies inside the mapping owned
+            // by self.
             let entries = unsafe { self.base.as_ptr().add(from as usize) };
             (0..len).find(|&i| {
                 // SAFETY: as above; `flags` is the entry's first field, 4-byte aligned in

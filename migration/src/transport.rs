@@ -66,7 +66,7 @@ pub trait MigrationStream: Read + Write + Send {
 }
 
 /// [`MigrationStream::spin_until_readable`] for a socket that keeps no bytes of its own.
-pub fn spin_until_readable_fd(fd: BorrowedFd<'_>, at_most: Duration) -> bool {
+fn spin_until_readable_fd(fd: BorrowedFd<'_>, at_most: Duration) -> bool {
     let end = Instant::now() + at_most;
     loop {
         let mut p = libc::pollfd {
