@@ -21,7 +21,7 @@ pub mod transport;
 pub use engine::{
     receive_migration, receive_migration_from, send_migration, send_migration_parallel,
     AcceptChannel, DestinationVm, HookResult, PostcopyRam, ReceiveError, ReceiveOptions, SendError,
-    SendOptions, SourceVm, SwitchOver, TimeoutStrategy,
+    SendOptions, SourceVm, SwitchOver, TimeoutStrategy, TEST_SPARSE_NEVER_CLEARED_ENV,
 };
 pub use protocol::{RamRange, PAGE_SIZE};
 pub use stats::{MigrationInfo, MigrationProgress, MigrationStatus};

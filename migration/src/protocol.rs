@@ -1554,6 +1554,17 @@ pub trait PageSink {
     /// `pages` pages at `gpa` are zero.
     fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), Self::Error>;
 
+    /// Sets `out` to one entry per page of the `pages` at `gpa`: true where
+    /// [`PageSink::whole_pages`] will hand the page out as zeros (nothing was written there
+    /// yet). A sparse page there takes its stretches without being cleared first: on a
+    /// destination's fresh memory that clearing is a second write of every page, after
+    /// the kernel's own. The default knows of none.
+    fn unwritten(&mut self, gpa: u64, pages: usize, out: &mut Vec<bool>) {
+        let _ = gpa;
+        out.clear();
+        out.resize(pages, false);
+    }
+
     /// Every byte of the chunk arrived and its checksum matched: only now do its pages
     /// count as received. `wire_bytes` includes the frame header.
     fn end(&mut self, chunk: PageChunkDone) -> Result<(), Self::Error>;
@@ -1706,6 +1717,7 @@ fn stream_page_chunk<R: Read + ?Sized, P: PageSink>(
     }
     sink.begin(gpa, page_count)?;
     let (mut zero_pages, mut data_pages) = (0u32, 0u32);
+    let mut unwritten = Vec::new();
     let mut i = 0;
     while i < n {
         let k = kind_of(kinds, i);
@@ -1731,10 +1743,14 @@ fn stream_page_chunk<R: Read + ?Sized, P: PageSink>(
                     i += 1;
                 }
                 data_pages += (i - start) as u32;
-                // Made whole where they go: zeros, then the stretches read into place.
+                sink.unwritten(page_gpa(start), i - start, &mut unwritten);
+                // Made whole where they go: zeros (unless they are zero already), then
+                // the stretches read into place.
                 let mut fill = |buf: &mut [u8]| {
-                    buf.fill(0);
                     for (p, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                        if unwritten.get(p) != Some(&true) {
+                            page.fill(0);
+                        }
                         let at = page_gpa(start + p);
                         stream_segments(r, kind_of(kinds, start + p), page, &mut left, &mut crc)
                             .map_err(|why| match why {

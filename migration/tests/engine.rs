@@ -18,7 +18,7 @@ use vm_migration::{
     receive_migration, receive_migration_from, send_migration, send_migration_parallel,
     DestinationVm, HookResult, MigrationInfo, MigrationProgress, MigrationStatus, MigrationStream,
     RamRange, ReceiveError, ReceiveOptions, SendError, SendOptions, SourceVm, SwitchOver,
-    TimeoutStrategy, PAGE_SIZE,
+    TimeoutStrategy, PAGE_SIZE, TEST_SPARSE_NEVER_CLEARED_ENV,
 };
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -319,6 +319,21 @@ impl DestinationVm for FakeDestination {
         self.ram.lock().unwrap()[off..off + data.len()].copy_from_slice(data);
         self.page_writes
             .fetch_add((data.len() / PAGE_SIZE) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// In place, as the vmm's does: a sparse page goes over what the page holds.
+    fn fill_pages(&self, gpa: u64, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> HookResult<()> {
+        assert!(!self.resumed);
+        if let Some((delay, on)) = &self.write_delay {
+            if on.load(Ordering::SeqCst) {
+                thread::sleep(*delay);
+            }
+        }
+        let off = offset(&self.layout, gpa, len)?;
+        fill(&mut self.ram.lock().unwrap()[off..off + len]);
+        self.page_writes
+            .fetch_add((len / PAGE_SIZE) as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1165,6 +1180,78 @@ fn page_chunks_stream_into_ram_and_damage_is_refused() {
         assert!(e.to_string().contains(needle), "{name}: {e}");
         assert!(!d.resumed, "{name}: resumed");
     }
+}
+
+/// A sparse page comes into fresh RAM without being cleared first (it reads as zero
+/// there), but one sent again must be: the stretch it had the first time is zero now.
+/// The same session with the seam that never clears (in a child process: the seam is an
+/// environment variable) must leave that stretch behind.
+#[test]
+fn a_sparse_page_sent_again_lands_whole() {
+    let seam = std::env::var_os(TEST_SPARSE_NEVER_CLEARED_ENV).is_some();
+    let mut v = hello_and_config();
+    let mut ram = Vec::new();
+    for r in layout() {
+        let mut pages = vec![0u8; r.size as usize];
+        for (i, page) in pages.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            page[(i * 8) % PAGE_SIZE] = 0x11;
+            page[PAGE_SIZE - 1] = 0x12;
+        }
+        for (c, chunk) in pages.chunks(64 * PAGE_SIZE).enumerate() {
+            encode_page_chunk(r.gpa + (c * 64 * PAGE_SIZE) as u64, chunk, &mut v).unwrap();
+        }
+        ram.extend(pages);
+    }
+    // Page 0 again (a later pass): its stretches moved.
+    let mut again = vec![0u8; PAGE_SIZE];
+    again[2000] = 0x22;
+    encode_page_chunk(0, &again, &mut v).unwrap();
+    ram[..PAGE_SIZE].copy_from_slice(&again);
+    v.extend(frame(&Message::State {
+        vcpus: b"v",
+        devices: b"d",
+    }));
+    v.extend(frame(&Message::Complete(Complete {
+        paused_us: 1,
+        source_info: b"not json",
+    })));
+    let (r, d) = feed_destination(v);
+    r.expect("valid session");
+    let got = d.ram.lock().unwrap();
+    let stale = (got[0], got[PAGE_SIZE - 1]);
+    if seam {
+        assert_eq!(
+            stale,
+            (0x11, 0x12),
+            "the seam did not leave the old stretches"
+        );
+        assert_eq!(got[2000], 0x22);
+        return;
+    }
+    assert_eq!(stale, (0, 0), "page 0 kept its first stretches");
+    let diff = got
+        .chunks_exact(PAGE_SIZE)
+        .zip(ram.chunks_exact(PAGE_SIZE))
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(diff, 0, "{diff} pages differ");
+
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_sparse_page_sent_again_lands_whole",
+            "--test-threads=1",
+        ])
+        .env(TEST_SPARSE_NEVER_CLEARED_ENV, "1")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&child.stdout);
+    assert!(
+        child.status.success() && out.contains("1 passed"),
+        "the seam run: {}\n{out}\n{}",
+        child.status,
+        String::from_utf8_lossy(&child.stderr)
+    );
 }
 
 /// A destination of an older build (no page chunks; no sparse chunks either) gets what

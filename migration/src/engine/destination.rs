@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{DestinationVm, DEFAULT_RECEIVE_IDLE_TIMEOUT};
+use super::{DestinationVm, DEFAULT_RECEIVE_IDLE_TIMEOUT, TEST_SPARSE_NEVER_CLEARED_ENV};
 use crate::page_set::PageSet;
 use crate::priority::ThreadNice;
 use crate::protocol::{
@@ -427,6 +427,7 @@ impl Session<'_> {
             copy_allowed: files_layout.is_none(),
             takes,
             lanes_retire: both(features::LANES_RETIRE),
+            sparse_never_cleared: sparse_never_cleared(),
         };
         let received = std::thread::scope(|s| {
             let r = self.main_loop(
@@ -915,6 +916,19 @@ struct Shared<'a, V: ?Sized> {
     takes: u64,
     /// Both sides set `LANES_RETIRE`: an extra connection may close between passes.
     lanes_retire: bool,
+    /// The test seam [`TEST_SPARSE_NEVER_CLEARED_ENV`] is on.
+    sparse_never_cleared: bool,
+}
+
+fn sparse_never_cleared() -> bool {
+    let on = std::env::var_os(TEST_SPARSE_NEVER_CLEARED_ENV).is_some();
+    if on {
+        log::warn!(
+            "{TEST_SPARSE_NEVER_CLEARED_ENV} is set: sparse pages go in over what the page \
+             held, not over zeros (a test seam; a page sent twice can come out wrong)"
+        );
+    }
+    on
 }
 
 impl<V: DestinationVm + Sync + ?Sized> Shared<'_, V> {
@@ -1057,18 +1071,30 @@ impl<V: DestinationVm + Sync + ?Sized> PageSink for ChunkSink<'_, '_, V> {
         len: usize,
         fill: &mut dyn FnMut(&mut [u8]) -> Result<(), ProtocolError>,
     ) -> Result<(), ReceiveError> {
+        // Written from the start: a fill that fails half-way must not leave pages that
+        // `unwritten` calls zero.
+        self.shared.pages().written.insert_range(gpa, len as u64);
         let mut filled = Ok(());
         self.shared
             .vm
             .fill_pages(gpa, len, &mut |buf| filled = fill(buf))
             .map_err(vm_err("fill_pages"))?;
         filled?;
-        self.shared.pages().written.insert_range(gpa, len as u64);
         Ok(())
     }
 
     fn zero_pages(&mut self, gpa: u64, pages: u32) -> Result<(), ReceiveError> {
         self.shared.zero(gpa, u64::from(pages))
+    }
+
+    fn unwritten(&mut self, gpa: u64, pages: usize, out: &mut Vec<bool>) {
+        out.clear();
+        if self.shared.sparse_never_cleared {
+            out.resize(pages, true);
+            return;
+        }
+        let set = self.shared.pages();
+        out.extend((0..pages as u64).map(|p| !set.written.contains(gpa + p * PAGE)));
     }
 
     fn end(&mut self, c: PageChunkDone) -> Result<(), ReceiveError> {

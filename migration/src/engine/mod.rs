@@ -24,6 +24,11 @@ pub use source::{send_migration, send_migration_parallel, SendError, SendOptions
 /// of both the discard list and the stream, so the destination keeps its stale copy.
 pub const TEST_STALE_PAGE_ENV: &str = "FERRY_TEST_POSTCOPY_STALE_FROM";
 
+/// Test-only seam (tests that a sparse page sent again lands whole): when set, the
+/// destination writes every sparse page's stretches over what the page held, as if it
+/// had never been written, so the zeros between them can be stale.
+pub const TEST_SPARSE_NEVER_CLEARED_ENV: &str = "FERRY_TEST_SPARSE_NEVER_CLEARED";
+
 use std::os::fd::{BorrowedFd, OwnedFd};
 
 use crate::protocol::{MemoryFd, RamRange};
@@ -152,8 +157,10 @@ pub trait DestinationVm {
     fn write_pages(&self, gpa: u64, data: &[u8]) -> HookResult<()>;
 
     /// Lets `fill` write `len` bytes (whole pages, inside one RAM range: the engine checks)
-    /// at `gpa` in place: `fill` is called once with a buffer that becomes those pages
-    /// (it overwrites all of it, or the migration fails). The same concurrency as
+    /// at `gpa` in place: `fill` is called once with a buffer that becomes those pages.
+    /// Pages never written through this trait must read as zero in it (fresh RAM does, so
+    /// does the default's buffer): `fill` leaves the zeros of a sparse page there
+    /// alone and overwrites everything else (or the migration fails). The same concurrency as
     /// [`DestinationVm::write_pages`]. The default fills a buffer and writes it; a VM whose
     /// RAM can be handed out directly saves that copy (pages read from the network go
     /// straight into guest RAM).
