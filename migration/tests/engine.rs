@@ -971,6 +971,18 @@ fn frame(msg: &Message<'_>) -> Vec<u8> {
     v
 }
 
+/// Appends a session's end: the machine state, then `Complete`.
+fn end_session(v: &mut Vec<u8>) {
+    v.extend(frame(&Message::State {
+        vcpus: b"v",
+        devices: b"d",
+    }));
+    v.extend(frame(&Message::Complete(Complete {
+        paused_us: 1,
+        source_info: b"not json",
+    })));
+}
+
 fn hello_and_config() -> Vec<u8> {
     let mut v = frame(&Message::Hello(Hello {
         version: 1,
@@ -996,14 +1008,7 @@ fn valid_session(skip_page_at: Option<u64>) -> Vec<u8> {
             }
         }
     }
-    v.extend(frame(&Message::State {
-        vcpus: b"v",
-        devices: b"d",
-    }));
-    v.extend(frame(&Message::Complete(Complete {
-        paused_us: 1,
-        source_info: b"not json",
-    })));
+    end_session(&mut v);
     v
 }
 
@@ -1121,14 +1126,7 @@ fn page_chunk_session() -> (Vec<u8>, Vec<u8>, usize) {
         }
         ram.extend(pages);
     }
-    v.extend(frame(&Message::State {
-        vcpus: b"v",
-        devices: b"d",
-    }));
-    v.extend(frame(&Message::Complete(Complete {
-        paused_us: 1,
-        source_info: b"not json",
-    })));
+    end_session(&mut v);
     (v, ram, first_data)
 }
 
@@ -1207,14 +1205,7 @@ fn a_sparse_page_sent_again_lands_whole() {
     again[2000] = 0x22;
     encode_page_chunk(0, &again, &mut v).unwrap();
     ram[..PAGE_SIZE].copy_from_slice(&again);
-    v.extend(frame(&Message::State {
-        vcpus: b"v",
-        devices: b"d",
-    }));
-    v.extend(frame(&Message::Complete(Complete {
-        paused_us: 1,
-        source_info: b"not json",
-    })));
+    end_session(&mut v);
     let (r, d) = feed_destination(v);
     r.expect("valid session");
     let got = d.ram.lock().unwrap();
