@@ -309,17 +309,7 @@ impl DestinationVm for FakeDestination {
     }
 
     fn write_pages(&self, gpa: u64, data: &[u8]) -> HookResult<()> {
-        assert!(!self.resumed);
-        if let Some((delay, on)) = &self.write_delay {
-            if on.load(Ordering::SeqCst) {
-                thread::sleep(*delay);
-            }
-        }
-        let off = offset(&self.layout, gpa, data.len())?;
-        self.ram.lock().unwrap()[off..off + data.len()].copy_from_slice(data);
-        self.page_writes
-            .fetch_add((data.len() / PAGE_SIZE) as u64, Ordering::Relaxed);
-        Ok(())
+        self.fill_pages(gpa, data.len(), &mut |buf| buf.copy_from_slice(data))
     }
 
     /// In place, as the vmm's does: a sparse page goes over what the page holds.
