@@ -630,25 +630,19 @@ impl Vm {
         rings.lose_next_entry_for_test();
     }
 
-    /// Entries harvested so far from vCPU `index`'s ring (for per-vCPU dirty rates).
-    pub fn ring_harvested(&self, index: u32) -> u64 {
-        let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
-        rings
-            .ring(index as usize)
-            .map_or(0, |r| r.total_harvested())
-    }
-
-    /// Entries harvested so far from every vCPU's ring, in vCPU order, read at one
-    /// instant (empty in bitmap mode). Every harvest counts here, whoever made it: a
-    /// ring-full exit, a migration's collection, [`Self::harvest_rings`].
+    /// Pages harvested so far from every vCPU's ring, in vCPU order, read at one instant
+    /// (empty in bitmap mode), for per-vCPU dirty rates: entries, less those repeating
+    /// the entry before them (KVM's emulated writes; see `DirtyRing::pages_harvested`).
+    /// Every harvest counts here, whoever made it: a ring-full exit, a migration's
+    /// collection, [`Self::harvest_rings`].
     pub fn rings_harvested(&self) -> Vec<u64> {
         let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
         (0..rings.len())
-            .map(|i| rings.ring(i).map_or(0, |r| r.total_harvested()))
+            .map(|i| rings.ring(i).map_or(0, |r| r.pages_harvested()))
             .collect()
     }
 
-    /// Entries KVM has published so far in every vCPU's ring, in vCPU order: what
+    /// Pages KVM has published so far in every vCPU's ring, in vCPU order: what
     /// [`Self::rings_harvested`] counts plus what waits in the rings, counted without
     /// taking it (so without resetting its pages: cheap, and a page being rewritten is
     /// not counted again until the next harvest).
