@@ -96,7 +96,9 @@ pub struct DirtyRing {
     /// the same harvest named is not counted. KVM pushes an entry for every write it
     /// emulates, whether or not the page was write-protected (on this host guest ring-0
     /// code is emulated instruction by instruction: zeroing one page pushed 613 entries
-    /// naming it), so entries count writes, and a dirty rate wants pages.
+    /// naming it), so entries count writes, and a dirty rate wants pages. Only runs are
+    /// merged (one compare an entry): emulated writes alternating between pages still
+    /// count each time; the bursts seen here were runs.
     pages_harvested: u64,
     /// Published entries from the fetch index up to here were counted by
     /// [`Self::dirtied`] without being taken (where its next count goes on from).

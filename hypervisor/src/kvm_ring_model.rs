@@ -471,13 +471,16 @@ mod tests {
         assert_eq!(rings.dirtied(), vec![3, 1]);
         assert_eq!(collect(&mut kvm, &mut rings, &sink).entries, 604);
         assert_eq!(rings.dirtied(), vec![3, 1]);
+        // The page the harvest ended on, written again after it: dirtied again.
+        kvm.emulated_write(0, 7);
+        assert_eq!(rings.dirtied(), vec![4, 1]);
         for _ in 0..10 {
             kvm.emulated_write(0, 8);
         }
         kvm.write(0, 7);
-        assert_eq!(rings.dirtied(), vec![5, 1]);
-        assert_eq!(collect(&mut kvm, &mut rings, &sink).entries, 11);
-        assert_eq!(rings.dirtied(), vec![5, 1]);
+        assert_eq!(rings.dirtied(), vec![6, 1]);
+        assert_eq!(collect(&mut kvm, &mut rings, &sink).entries, 12);
+        assert_eq!(rings.dirtied(), vec![6, 1]);
         assert!(!kvm.anything_leaked());
     }
 

@@ -645,7 +645,9 @@ impl Vm {
     /// Pages KVM has published so far in every vCPU's ring, in vCPU order: what
     /// [`Self::rings_harvested`] counts plus what waits in the rings, counted without
     /// taking it (so without resetting its pages: cheap, and a page being rewritten is
-    /// not counted again until the next harvest).
+    /// not counted again until the next harvest, unless KVM emulates the writes and
+    /// they alternate with other pages': only a run of entries naming one page counts
+    /// once).
     pub fn rings_dirtied(&self) -> Vec<u64> {
         let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
         rings.dirtied()
