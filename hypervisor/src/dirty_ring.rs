@@ -92,23 +92,36 @@ pub struct DirtyRing {
     flagged: Vec<RingEntry>,
     flagged_from: u32,
     total_harvested: u64,
-    /// Pages in the harvested entries: an entry naming the page the entry before it in
-    /// the same harvest named is not counted. KVM pushes an entry for every write it
-    /// emulates, whether or not the page was write-protected (on this host guest ring-0
-    /// code is emulated instruction by instruction: zeroing one page pushed 613 entries
-    /// naming it), so entries count writes, and a dirty rate wants pages. Only runs are
-    /// merged (one compare an entry): emulated writes alternating between pages still
-    /// count each time; the bursts seen here were runs.
+    /// Pages in the harvested entries, counted by [`PageRuns`] within each harvest.
     pages_harvested: u64,
     /// Published entries from the fetch index up to here were counted by
     /// [`Self::dirtied`] without being taken (where its next count goes on from).
     peeked_to: u32,
-    /// Pages among those entries, counted as in `pages_harvested`.
-    peeked_pages: u64,
-    /// The last entry counted there.
-    peeked_last: Option<RingEntry>,
+    /// Pages among those entries.
+    peeked: PageRuns,
     /// Unmapped in Drop (false for test rings over memory someone else owns).
     owned: bool,
+}
+
+/// Counts the pages a sequence of ring entries names, a run of entries naming one page
+/// as one. KVM pushes an entry for every write it emulates, whether or not the page was
+/// write-protected (on this host guest ring-0 code is emulated instruction by
+/// instruction: zeroing one page pushed 613 entries naming it), so entries count writes,
+/// and a dirty rate wants pages. Only runs are merged (one compare an entry): emulated
+/// writes alternating between pages still count each time; the bursts seen here were
+/// runs.
+#[derive(Debug, Default, Clone, Copy)]
+struct PageRuns {
+    pages: u64,
+    last: Option<RingEntry>,
+}
+
+impl PageRuns {
+    fn add(&mut self, entry: RingEntry) {
+        if self.last.replace(entry) != Some(entry) {
+            self.pages += 1;
+        }
+    }
 }
 
 // SAFETY: the mapping is owned by this struct and only reached through `&mut self` or
@@ -162,8 +175,7 @@ impl DirtyRing {
             total_harvested: 0,
             pages_harvested: 0,
             peeked_to: 0,
-            peeked_pages: 0,
-            peeked_last: None,
+            peeked: PageRuns::default(),
             owned,
         }
     }
@@ -202,19 +214,16 @@ impl DirtyRing {
             }
             // After the Acquire above, as in `harvest`.
             let entry = self.read_entry(self.peeked_to);
-            if self.peeked_last.replace(entry) != Some(entry) {
-                self.peeked_pages += 1;
-            }
+            self.peeked.add(entry);
             self.peeked_to = self.peeked_to.wrapping_add(1);
         }
-        self.pages_harvested + self.peeked_pages
+        self.pages_harvested + self.peeked.pages
     }
 
     /// The next [`Self::dirtied`] counts the waiting entries from the fetch index again.
     fn forget_peek(&mut self) {
         self.peeked_to = self.fetch_index;
-        self.peeked_pages = 0;
-        self.peeked_last = None;
+        self.peeked = PageRuns::default();
     }
 
     pub fn indexes(&self) -> RingIndexes {
@@ -250,7 +259,7 @@ impl DirtyRing {
     ) -> RingHarvest {
         let room = self.entries - self.pending_reset().min(self.entries);
         let mut h = RingHarvest::default();
-        let mut last = None;
+        let mut runs = PageRuns::default();
         while h.entries < room {
             let index = self.fetch_index;
             let flags = self.flags(index);
@@ -284,9 +293,7 @@ impl DirtyRing {
             out.push(entry);
             self.fetch_index = index.wrapping_add(1);
             h.entries += 1;
-            if last.replace(entry) != Some(entry) {
-                self.pages_harvested += 1;
-            }
+            runs.add(entry);
         }
         if h.entries == room && room > 0 {
             // A whole ring past KVM's reset index: KVM pushed into its own reserve, and
@@ -297,6 +304,7 @@ impl DirtyRing {
             self.may_be_ahead = true;
         }
         self.total_harvested += u64::from(h.entries);
+        self.pages_harvested += runs.pages;
         // What was counted without taking it is taken (or the harvest stopped short of
         // it): the next count starts at the fetch index.
         self.forget_peek();

@@ -632,7 +632,7 @@ impl Vm {
 
     /// Pages harvested so far from every vCPU's ring, in vCPU order, read at one instant
     /// (empty in bitmap mode), for per-vCPU dirty rates: entries, less those repeating
-    /// the entry before them (KVM's emulated writes; see `DirtyRing::pages_harvested`).
+    /// the entry before them (KVM's emulated writes; see `dirty_ring::PageRuns`).
     /// Every harvest counts here, whoever made it: a ring-full exit, a migration's
     /// collection, [`Self::harvest_rings`].
     pub fn rings_harvested(&self) -> Vec<u64> {
@@ -645,9 +645,9 @@ impl Vm {
     /// Pages KVM has published so far in every vCPU's ring, in vCPU order: what
     /// [`Self::rings_harvested`] counts plus what waits in the rings, counted without
     /// taking it (so without resetting its pages: cheap, and a page being rewritten is
-    /// not counted again until the next harvest, unless KVM emulates the writes and
-    /// they alternate with other pages': only a run of entries naming one page counts
-    /// once).
+    /// not counted again until the next harvest, unless KVM emulates writes to it that
+    /// alternate with writes to other pages: only a run of entries naming one page
+    /// counts once).
     pub fn rings_dirtied(&self) -> Vec<u64> {
         let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
         rings.dirtied()
