@@ -291,6 +291,8 @@ struct FakeDestination {
     expected: Mutex<Vec<Vec<(u64, u32)>>>,
     /// What `prepare_state` got, and the pages written by then.
     prepared: Mutex<Option<(StateBlobs, u64)>>,
+    /// `warm_up` calls (each one before the state, or the fake panics).
+    warm_ups: AtomicU64,
 }
 
 impl DestinationVm for FakeDestination {
@@ -337,6 +339,14 @@ impl DestinationVm for FakeDestination {
         let off = offset(&self.layout, gpa, len)?;
         self.ram.lock().unwrap()[off..off + len].fill(0);
         Ok(())
+    }
+
+    fn warm_up(&self) {
+        assert!(
+            self.prepared.lock().unwrap().is_none(),
+            "warm_up after the state: a real VM would undo the loaded state"
+        );
+        self.warm_ups.fetch_add(1, Ordering::SeqCst);
     }
 
     fn prepare_state(&self, vcpus: &[u8], devices: &[u8]) -> HookResult<()> {
@@ -437,6 +447,15 @@ fn the_state_goes_before_the_last_pages_when_final_at_the_pause() {
         // The pause writes a page: the final pass carries at least that one.
         let last_pass = info.iterations.last().map_or(0, |i| i.pages);
         assert!(last_pass >= 1, "{info:?}");
+        // A warm-up after each pass that came before the state (every precopy pass; and
+        // the final one too where the state comes after it), none after it.
+        let passes = info.iterations.len() as u64;
+        let before_state = if early { passes - 1 } else { passes };
+        assert_eq!(
+            d.warm_ups.load(Ordering::SeqCst),
+            before_state,
+            "{passes} passes, the state early: {early}"
+        );
         if early {
             assert!(
                 written <= total - last_pass,

@@ -114,6 +114,8 @@ pub struct VcpuControl {
     /// States saved for the current save request (`Flags::save_gen`), read without the
     /// lock by a pauser that spins (see [`SPIN_FOR_SAVES`]).
     saves_done: AtomicU32,
+    /// vCPUs out of KVM_RUN and saving for the current request (as `saves_done`).
+    saves_started: AtomicU32,
 }
 
 /// How long a pauser busy-waits for the vCPUs' saved states before it sleeps on the
@@ -194,17 +196,43 @@ impl VcpuControl {
 
     /// Parks every vCPU and has each save its own state (KVM wants vCPU ioctls from a
     /// vCPU that is not running; its own thread is where that is certain). Saved with the
-    /// VM-wide state right after (`Machine::save_state`), not earlier: an interrupt
-    /// raised while paused (the power button's level SCI, serial input, a PIT tick) would
-    /// otherwise be in the IOAPIC's state but not in the LAPIC's, and the TSC would lag
-    /// kvmclock by the time between.
-    pub fn pause_and_save(&self, count: u32) -> Result<Vec<VcpuState>, String> {
+    /// VM-wide state (`Machine::save_state`: beside it or right before), not earlier: an
+    /// interrupt raised while paused (the power button's level SCI, serial input, a PIT
+    /// tick) would otherwise be in the IOAPIC's state but not in the LAPIC's, and the TSC
+    /// would lag kvmclock by the time between.
+    ///
+    /// `meanwhile` runs once on the calling thread: as soon as every vCPU is out of
+    /// KVM_RUN and saving, where a spare CPU lets this thread watch for that (the VM-wide
+    /// save then overlaps the vCPUs' own, ~20 µs of an idle guest's downtime here), else
+    /// once they have saved. Its result comes back with the states.
+    pub fn pause_and_save<T>(
+        &self,
+        count: u32,
+        mut meanwhile: impl FnMut() -> T,
+    ) -> Result<(Vec<VcpuState>, T), String> {
         self.request_save(count);
+        let mut result = None;
         if spare_cpu_beside(count) {
-            spin_until(SPIN_FOR_SAVES, || {
+            let end = Instant::now() + SPIN_FOR_SAVES;
+            let all_saving = || self.saves_started.load(Ordering::Acquire) >= count;
+            spin_until(SPIN_FOR_SAVES, all_saving);
+            if all_saving() {
+                result = Some(meanwhile());
+            }
+            spin_until(end.saturating_duration_since(Instant::now()), || {
                 self.saves_done.load(Ordering::Acquire) >= count
             });
         }
+        let states = self.take_saves(count)?;
+        let result = match result {
+            Some(r) => r,
+            None => meanwhile(),
+        };
+        Ok((states, result))
+    }
+
+    /// The states saved for the current request, once all `count` are in.
+    fn take_saves(&self, count: u32) -> Result<Vec<VcpuState>, String> {
         let mut f = self.wait_for_saves(count)?;
         let gen = f.save_gen;
         let mut states = std::mem::take(&mut f.saved)
@@ -237,6 +265,7 @@ impl VcpuControl {
         f.save_gen += 1;
         f.saved.clear();
         self.saves_done.store(0, Ordering::Release);
+        self.saves_started.store(0, Ordering::Release);
         self.pending.store(true, Ordering::SeqCst);
         self.cv.notify_all();
         let all_parked = f.parked >= count;
@@ -492,6 +521,8 @@ impl VcpuControl {
                 if f.save_gen != *saved_gen {
                     let gen = f.save_gen;
                     *saved_gen = gen;
+                    // Under the lock: a newer request resets the count under it too.
+                    self.saves_started.fetch_add(1, Ordering::Release);
                     drop(f);
                     let s = vcpu
                         .save_state()

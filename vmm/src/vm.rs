@@ -236,6 +236,49 @@ impl MachineState {
         }
     }
 
+    /// The state of a machine without devices, its serial port and power management
+    /// as reset.
+    fn without_devices(vcpus: Vec<hypervisor::VcpuState>, vm: hypervisor::VmState) -> Self {
+        MachineState {
+            version: MACHINE_STATE_VERSION,
+            vcpus,
+            vm,
+            serial: None,
+            pm_control: 0,
+            pm_status: 0,
+            pm_enable: 0,
+            devices: Vec::new(),
+            viommu: None,
+            user_devices: Vec::new(),
+            vfio_devices: Vec::new(),
+        }
+    }
+
+    /// A state of `vcpus` vCPUs with every register zero and no devices: the shape of a
+    /// real one, to run its encoding once ahead of the pause (see `prepare_pause`).
+    pub fn blank(vcpus: u32) -> MachineState {
+        let vcpu = |index| hypervisor::VcpuState {
+            index,
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: Box::default(),
+            xcrs: Some(Default::default()),
+            lapic: Default::default(),
+            msrs: vec![Default::default(); 32],
+            events: Default::default(),
+            debugregs: Default::default(),
+            mp_state: Default::default(),
+        };
+        let vm = hypervisor::VmState {
+            pic_master: Default::default(),
+            pic_slave: Default::default(),
+            ioapic: Default::default(),
+            pit: Default::default(),
+            clock: Default::default(),
+        };
+        Self::without_devices((0..vcpus).map(vcpu).collect(), vm)
+    }
+
     /// Reads either encoding (untrusted bytes: an error, never a panic).
     pub fn decode(bytes: &[u8]) -> std::result::Result<MachineState, String> {
         match bytes.strip_prefix(&BINARY_STATE_MAGIC[..]) {
@@ -362,6 +405,29 @@ impl IncomingMachine {
     pub fn start(self, state: MachineState, paused: bool) -> Result<Machine> {
         let loaded = self.load(state)?;
         self.start_loaded(loaded, paused)
+    }
+
+    /// This machine's own state as built (before any state was loaded), in the wire's
+    /// encoding: what [`IncomingMachine::rehearse_load`] loads.
+    pub fn fresh_state(&self) -> Result<Vec<u8>> {
+        let vcpus = self
+            .parts
+            .vcpus
+            .iter()
+            .map(|v| v.save_state())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        MachineState::without_devices(vcpus, self.parts.hv.save_state()?)
+            .encode(StateEncoding::Binary)
+            .map_err(VmError::State)
+    }
+
+    /// Decodes and loads `fresh` ([`IncomingMachine::fresh_state`]): what
+    /// [`IncomingMachine::load`] does in a migration's downtime, run ahead so that the
+    /// real load finds that code and memory warm. Never after the real load: it would
+    /// undo it.
+    pub fn rehearse_load(&self, fresh: &[u8]) -> Result<()> {
+        let decoded = MachineState::decode(fresh).map_err(VmError::State)?;
+        self.load(decoded).map(drop)
     }
 
     /// Loads the KVM part of `state`, the VM-wide state then each vCPU (from the calling
@@ -779,9 +845,16 @@ impl Machine {
     pub fn save_state(&self) -> Result<MachineState> {
         // Paused from here on, whether or not the save works: `resume` undoes it.
         self.paused.store(true, Ordering::SeqCst);
-        let vcpus = self
+        // Without devices nothing but the vCPUs (from their own exits) and the in-kernel
+        // PIT changes the VM-wide state (see `pause_and_save`): it is saved as soon as the
+        // vCPUs are out of KVM_RUN, beside their own saves. With devices, once these are
+        // paused below.
+        let quiet = !self.pause_devices_late && !self.pci.has_devices();
+        let (vcpus, vm) = self
             .control
-            .pause_and_save(self.config.cpus.boot_vcpus)
+            .pause_and_save(self.config.cpus.boot_vcpus, || {
+                quiet.then(|| self.hv.save_state())
+            })
             .map_err(VmError::State)?;
         if self.pause_devices_late {
             // The seam's wrong order: the device write held since the pause lands now,
@@ -791,10 +864,14 @@ impl Machine {
         }
         self.pci.pause();
         let pm = self.pm.lock().unwrap_or_else(|p| p.into_inner()).state();
+        let vm = match vm {
+            Some(saved) => saved?,
+            None => self.hv.save_state()?,
+        };
         Ok(MachineState {
             version: MACHINE_STATE_VERSION,
             vcpus,
-            vm: self.hv.save_state()?,
+            vm,
             serial: self
                 .serial
                 .as_ref()

@@ -676,8 +676,16 @@ impl Session<'_> {
                     let missing = (iteration == 0)
                         .then(|| shared.pages().received.missing_runs(u32::MAX))
                         .filter(|m| !m.is_empty());
-                    if acks {
-                        send_step(conn, &Message::PassReceived { iteration })?;
+                    if state.is_none() {
+                        // Before the ack, which the source waits for before it may pause:
+                        // this cannot then hold up the state (and the ack's wake-up of the
+                        // source cannot take this thread's CPU in the middle of it).
+                        shared.vm.warm_up();
+                        // Not for the pass after the pause's `State` (the final one, which
+                        // the source does not wait for): its send would be downtime.
+                        if acks {
+                            send_step(conn, &Message::PassReceived { iteration })?;
+                        }
                     }
                     if let Some(missing) = missing {
                         shared.vm.expect_pages(missing);

@@ -20,6 +20,8 @@ pub struct MachineDestination {
     /// Guest RAM mapped from the source's files (`MemFDs`), until the VM is built on it.
     adopted: Option<GuestMemoryMmap>,
     incoming: Option<IncomingMachine>,
+    /// `incoming`'s own state as built, encoded: what `warm_up` loads.
+    fresh_state: Option<Vec<u8>>,
     state: Option<MachineState>,
     /// The state loaded into `incoming` while the last pages came (`prepare_state`), and
     /// which blob it came from.
@@ -262,6 +264,12 @@ impl DestinationVm for MachineDestination {
                 "the source's RAM layout {ram:x?} differs from the one built here {layout:x?}"
             ));
         }
+        // Only the downtime's first-run costs are at stake: the real load reports its own
+        // errors.
+        self.fresh_state = incoming
+            .fresh_state()
+            .map_err(|e| log::warn!("no state load rehearsals: {e}"))
+            .ok();
         self.incoming = Some(incoming);
         self.prefaulted = Some(Arc::new(crate::memory::PrefaultedPages::new(&layout)));
         Ok(layout)
@@ -328,6 +336,23 @@ impl DestinationVm for MachineDestination {
                 *slot = Some(p);
             }
             Err(e) => log::warn!("no prefault helper ({e}): the receiver faults pages in"),
+        }
+    }
+
+    fn warm_up(&self) {
+        let (Some(incoming), Some(fresh)) = (&self.incoming, &self.fresh_state) else {
+            return;
+        };
+        if self
+            .loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            return;
+        }
+        if let Err(e) = incoming.rehearse_load(fresh) {
+            log::debug!("rehearsing the state load failed: {e}");
         }
     }
 
