@@ -317,7 +317,7 @@ pub mod features {
     pub const LOCAL_MEMORY: u64 = 1 << 1;
     /// Memory may come as [`super::Message::SparseChunk`]s.
     pub const SPARSE_PAGES: u64 = 1 << 2;
-    /// The destination answers every `IterationDone` with
+    /// The destination answers every `IterationDone` before the pause's `State` with
     /// [`super::Message::PassReceived`] once the pass is in guest RAM, and the source waits
     /// for it before it looks at the dirty set: it never pauses the guest while pages
     /// still queue on their way to the destination.
@@ -343,6 +343,12 @@ pub mod features {
     /// close while the source pauses; an idle 4 GiB guest paused ~0.85 ms with one
     /// connection, ~1.0 with two).
     pub const LANES_RETIRE: u64 = 1 << 8;
+    /// The source sends `State` at the pause, before the final pass's pages (its VM's
+    /// state is final there), so every `IterationDone` before `State` ends a pass made
+    /// while its guest ran: with `PASS_ACKS`, a destination may get ready for the state
+    /// before its ack (`DestinationVm::warm_up`) without holding up a pause. A source
+    /// whose state comes after the final pass leaves it out.
+    pub const STATE_AT_PAUSE: u64 = 1 << 9;
     /// Every feature this build implements.
     pub const ALL: u64 = PARALLEL_CHANNELS
         | LOCAL_MEMORY
@@ -352,7 +358,8 @@ pub mod features {
         | PAGE_CHUNKS
         | POSTCOPY
         | BINARY_STATE
-        | LANES_RETIRE;
+        | LANES_RETIRE
+        | STATE_AT_PAUSE;
 }
 
 /// Most connections one migration may use (the main one included).

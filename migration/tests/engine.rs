@@ -447,15 +447,19 @@ fn the_state_goes_before_the_last_pages_when_final_at_the_pause() {
         // The pause writes a page: the final pass carries at least that one.
         let last_pass = info.iterations.last().map_or(0, |i| i.pages);
         assert!(last_pass >= 1, "{info:?}");
-        // A warm-up after each pass that came before the state (every precopy pass; and
-        // the final one too where the state comes after it), none after it.
+        // Warm-ups after passes made while the guest ran (the fake panics on one after
+        // the state), only where the source sends its state at the pause: otherwise the
+        // final pass's end comes before the state, in the downtime.
         let passes = info.iterations.len() as u64;
-        let before_state = if early { passes - 1 } else { passes };
-        assert_eq!(
-            d.warm_ups.load(Ordering::SeqCst),
-            before_state,
-            "{passes} passes, the state early: {early}"
-        );
+        let warm_ups = d.warm_ups.load(Ordering::SeqCst);
+        if early {
+            assert!(
+                (1..passes).contains(&warm_ups),
+                "{warm_ups} warm-ups in {passes} passes"
+            );
+        } else {
+            assert_eq!(warm_ups, 0, "{passes} passes, the state after them");
+        }
         if early {
             assert!(
                 written <= total - last_pass,

@@ -198,6 +198,9 @@ pub struct MachineState {
     pub vfio_devices: Vec<crate::vfio_devices::VfioDeviceState>,
 }
 
+/// The TSC's MSR (left out of a rehearsed load: see [`IncomingMachine::fresh_state`]).
+const MSR_IA32_TSC: u32 = 0x10;
+
 /// Current [`MachineState::version`] (2: PCI devices).
 pub const MACHINE_STATE_VERSION: u32 = 2;
 
@@ -408,13 +411,21 @@ impl IncomingMachine {
     }
 
     /// This machine's own state as built (before any state was loaded), in the wire's
-    /// encoding: what [`IncomingMachine::rehearse_load`] loads.
+    /// encoding: what [`IncomingMachine::rehearse_load`] loads. Without the TSC: KVM
+    /// takes a TSC written from here within a second of where the last one written has
+    /// got to as an attempt to keep vCPUs in step, and keeps its offset; after a
+    /// rehearsal's write, the real load's TSC could be swallowed that way.
     pub fn fresh_state(&self) -> Result<Vec<u8>> {
         let vcpus = self
             .parts
             .vcpus
             .iter()
-            .map(|v| v.save_state())
+            .map(|v| {
+                v.save_state().map(|mut s| {
+                    s.msrs.retain(|m| m.index != MSR_IA32_TSC);
+                    s
+                })
+            })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         MachineState::without_devices(vcpus, self.parts.hv.save_state()?)
             .encode(StateEncoding::Binary)
@@ -845,10 +856,11 @@ impl Machine {
     pub fn save_state(&self) -> Result<MachineState> {
         // Paused from here on, whether or not the save works: `resume` undoes it.
         self.paused.store(true, Ordering::SeqCst);
-        // Without devices nothing but the vCPUs (from their own exits) and the in-kernel
-        // PIT changes the VM-wide state (see `pause_and_save`): it is saved as soon as the
-        // vCPUs are out of KVM_RUN, beside their own saves. With devices, once these are
-        // paused below.
+        // Without devices nothing but the vCPUs (from their own exits), the in-kernel PIT
+        // and the power button (its level SCI, raised now lands in either state as it
+        // could before; `AcpiPm` raises it again where it starts) changes the VM-wide
+        // state (see `pause_and_save`): it is saved as soon as the vCPUs are out of
+        // KVM_RUN, beside their own saves. With devices, once these are paused below.
         let quiet = !self.pause_devices_late && !self.pci.has_devices();
         let (vcpus, vm) = self
             .control

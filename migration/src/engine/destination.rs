@@ -320,7 +320,8 @@ impl Session<'_> {
             | features::PASS_ACKS
             | features::SOURCE_MEASURES
             | features::PAGE_CHUNKS
-            | features::BINARY_STATE;
+            | features::BINARY_STATE
+            | features::STATE_AT_PAUSE;
         offered &= self.opts.features;
         // Postcopy asks for pages on a second handle of this connection, while this one
         // reads the page stream; RAM handed over as files needs none of it.
@@ -428,6 +429,7 @@ impl Session<'_> {
             takes,
             lanes_retire: both(features::LANES_RETIRE),
             sparse_never_cleared: sparse_never_cleared(),
+            warm_ups: acks && both(features::STATE_AT_PAUSE),
         };
         let received = std::thread::scope(|s| {
             let r = self.main_loop(
@@ -606,6 +608,7 @@ impl Session<'_> {
         let mut lanes_open = false;
         let mut anything_received = false;
         let mut sparse = SparseScratch::default();
+        let mut warm_ups = WarmUps::default();
         loop {
             let mut sink = ChunkSink { shared };
             let msg = match conn.read_message_with(&mut sink) {
@@ -677,10 +680,11 @@ impl Session<'_> {
                         .then(|| shared.pages().received.missing_runs(u32::MAX))
                         .filter(|m| !m.is_empty());
                     if state.is_none() {
-                        // Before the ack, which the source waits for before it may pause:
-                        // this cannot then hold up the state (and the ack's wake-up of the
-                        // source cannot take this thread's CPU in the middle of it).
-                        shared.vm.warm_up();
+                        // Before the ack (also so that the ack's wake-up of the source
+                        // does not take this thread's CPU in the middle of it).
+                        if shared.warm_ups {
+                            warm_ups.after_pass(shared.vm);
+                        }
                         // Not for the pass after the pause's `State` (the final one, which
                         // the source does not wait for): its send would be downtime.
                         if acks {
@@ -926,6 +930,41 @@ struct Shared<'a, V: ?Sized> {
     lanes_retire: bool,
     /// The test seam [`TEST_SPARSE_NEVER_CLEARED_ENV`] is on.
     sparse_never_cleared: bool,
+    /// Both sides set `PASS_ACKS` and `STATE_AT_PAUSE`: the VM may warm up for the state
+    /// before a pass's ack (see [`WarmUps`]).
+    warm_ups: bool,
+}
+
+/// When the destination has its VM warm up for the state ([`DestinationVm::warm_up`]):
+/// after a pass the source made while its guest ran, before the ack that the source
+/// waits for before it may pause (so it never holds up the state), and not again before
+/// [`WARM_UP_SPACING`] times its last run has gone by: the ack's delay counts in the
+/// source's page rate, which decides when to pause.
+#[derive(Default)]
+struct WarmUps {
+    /// When the last one ended and how long it took.
+    last: Option<(Instant, Duration)>,
+}
+
+/// See [`WarmUps`]: at most one warm-up (~0.15 ms here) in this many times its length
+/// (~3 ms), a 5 % delay of the acks at worst.
+const WARM_UP_SPACING: u32 = 20;
+
+impl WarmUps {
+    fn after_pass<V: DestinationVm + Sync + ?Sized>(&mut self, vm: &V) {
+        let start = Instant::now();
+        if self.due(start) {
+            vm.warm_up();
+            let end = Instant::now();
+            self.last = Some((end, end - start));
+        }
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        self.last.is_none_or(|(ended, took)| {
+            now.saturating_duration_since(ended) >= took * WARM_UP_SPACING
+        })
+    }
 }
 
 fn sparse_never_cleared() -> bool {
@@ -1246,6 +1285,22 @@ fn is_cancel_io(e: &ReceiveError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first warm-up is due at once; the next only once `WARM_UP_SPACING` times the
+    /// last one's length has gone by since it ended.
+    #[test]
+    fn warm_ups_are_spaced_by_their_own_length() {
+        let t0 = Instant::now();
+        let mut w = WarmUps::default();
+        assert!(w.due(t0));
+        let took = Duration::from_micros(150);
+        w.last = Some((t0, took));
+        assert!(!w.due(t0));
+        assert!(!w.due(t0 + took * (WARM_UP_SPACING - 1)));
+        assert!(w.due(t0 + took * WARM_UP_SPACING));
+        // A clock read before the last end (another thread's) is not a wrap-around.
+        assert!(!w.due(t0.checked_sub(Duration::from_millis(1)).unwrap_or(t0)));
+    }
 
     /// Found by the `receive_session` fuzz target: the per-connection page and byte
     /// counts of `IterationDone` come from the source and could overflow their sum.

@@ -186,7 +186,9 @@ pub trait DestinationVm {
     /// A VM may run ahead here what loading the state will run (on its fresh state), so
     /// that the load in the downtime finds that code and memory warm: on this nested
     /// host the state's decode took ~50 µs after a pass of pages had gone through the
-    /// caches, 5 µs warm. Called from the receiving thread, never once the state arrived.
+    /// caches, 5 µs warm. Called from the receiving thread, never once the state arrived,
+    /// and only where the source pauses after the call at the earliest (it waits for the
+    /// pass's ack, and sends its state at the pause; see `features::STATE_AT_PAUSE`).
     /// The default does nothing.
     fn warm_up(&self) {}
 

@@ -968,9 +968,14 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
         files: Option<&[(MemoryFd, BorrowedFd<'_>)]>,
     ) -> Result<(), SendError> {
         let build = super::build_string();
+        let features = if self.vm.state_ready_at_pause() {
+            features::ALL
+        } else {
+            features::ALL & !features::STATE_AT_PAUSE
+        };
         self.send(&Message::Hello(Hello {
             version: PROTOCOL_VERSION,
-            features: features::ALL,
+            features,
             build: &build,
         }))?;
         self.flush()?;

@@ -3,6 +3,7 @@
 //! started only once its state has been restored.
 
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -22,6 +23,8 @@ pub struct MachineDestination {
     incoming: Option<IncomingMachine>,
     /// `incoming`'s own state as built, encoded: what `warm_up` loads.
     fresh_state: Option<Vec<u8>>,
+    /// A `warm_up` failed: no more.
+    rehearsal_failed: AtomicBool,
     state: Option<MachineState>,
     /// The state loaded into `incoming` while the last pages came (`prepare_state`), and
     /// which blob it came from.
@@ -91,7 +94,6 @@ impl Prefaulter {
         prefaulted: Arc<crate::memory::PrefaultedPages>,
         runs: Vec<(u64, u32)>,
     ) -> std::io::Result<Prefaulter> {
-        use std::sync::atomic::Ordering;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::Builder::new()
@@ -343,16 +345,22 @@ impl DestinationVm for MachineDestination {
         let (Some(incoming), Some(fresh)) = (&self.incoming, &self.fresh_state) else {
             return;
         };
-        if self
-            .loaded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        // Never over a state loaded (or kept for the start): the engine does not call
+        // this then either.
+        if self.state.is_some()
+            || self
+                .loaded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+            || self.rehearsal_failed.load(Ordering::Relaxed)
         {
             return;
         }
         if let Err(e) = incoming.rehearse_load(fresh) {
-            log::debug!("rehearsing the state load failed: {e}");
+            // Only the downtime's first-run costs were at stake: no more tries.
+            self.rehearsal_failed.store(true, Ordering::Relaxed);
+            log::warn!("rehearsing the state load failed, not tried again: {e}");
         }
     }
 
