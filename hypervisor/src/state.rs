@@ -58,7 +58,14 @@ pub(crate) fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
     Ok(ok)
 }
 
-pub(crate) fn save_vcpu(fd: &VcpuFd, index: u32, msr_indices: &[u32]) -> Result<VcpuState> {
+/// `synced`: the general and special registers where KVM copied them out at the exit
+/// (see `Vcpu::regs`), so that only the rest is read by ioctl.
+pub(crate) fn save_vcpu(
+    fd: &VcpuFd,
+    index: u32,
+    msr_indices: &[u32],
+    synced: Option<(kvm_regs, kvm_sregs)>,
+) -> Result<VcpuState> {
     let e = HypervisorError::ioctl;
     let xsave = Box::new(fd.get_xsave().map_err(e("KVM_GET_XSAVE"))?);
     let entries: Vec<kvm_msr_entry> = msr_indices
@@ -79,10 +86,17 @@ pub(crate) fn save_vcpu(fd: &VcpuFd, index: u32, msr_indices: &[u32]) -> Result<
             source: vmm_sys_util::errno::Error::new(libc::EINVAL),
         });
     }
+    let (regs, sregs) = match synced {
+        Some(r) => r,
+        None => (
+            fd.get_regs().map_err(e("KVM_GET_REGS"))?,
+            fd.get_sregs().map_err(e("KVM_GET_SREGS"))?,
+        ),
+    };
     Ok(VcpuState {
         index,
-        regs: fd.get_regs().map_err(e("KVM_GET_REGS"))?,
-        sregs: fd.get_sregs().map_err(e("KVM_GET_SREGS"))?,
+        regs,
+        sregs,
         xsave,
         xcrs: fd.get_xcrs().ok(),
         lapic: fd.get_lapic().map_err(e("KVM_GET_LAPIC"))?,

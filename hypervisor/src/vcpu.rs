@@ -2,10 +2,11 @@
 //! vCPU out of `KVM_RUN` without a lost-wakeup window (signal + `immediate_exit`).
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_run, CpuId, KVM_EXIT_DIRTY_RING_FULL};
-use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd};
+use kvm_bindings::{kvm_regs, kvm_run, kvm_sregs, CpuId, KVM_EXIT_DIRTY_RING_FULL};
+use kvm_ioctls::{SyncReg, VcpuExit as KvmExit, VcpuFd};
 
 use crate::vm::Vm;
 use crate::{HypervisorError, Result};
@@ -75,24 +76,73 @@ pub fn kick_thread(thread: libc::pthread_t) {
     unsafe { libc::pthread_kill(thread, kick_signal()) };
 }
 
+/// The registers KVM is asked to copy into `kvm_run` at every exit (KVM_CAP_SYNC_REGS):
+/// the general and the special ones. Not the events: `KVM_GET_VCPU_EVENTS` also takes in
+/// an NMI another vCPU sent since the exit, which a copy made at the exit would miss.
+pub(crate) const SYNC_ON_EXIT: u64 = SyncReg::Register as u64 | SyncReg::SystemRegister as u64;
+
 /// One vCPU, owned by the thread that runs it.
 pub struct Vcpu {
     index: u32,
     fd: VcpuFd,
     vm: Arc<Vm>,
+    /// KVM copies the registers out at every exit ([`SYNC_ON_EXIT`]).
+    sync_on_exit: bool,
+    /// `kvm_run` holds this vCPU's registers as they are now: its last KVM_RUN ended with
+    /// them copied out, and nothing set any state on it since. (Atomic only so that a
+    /// machine holding its vCPUs is `Sync`: one thread uses a vCPU at a time.)
+    synced: AtomicBool,
 }
 
 impl Vcpu {
-    pub(crate) fn new(index: u32, fd: VcpuFd, vm: Arc<Vm>) -> Self {
-        Vcpu { index, fd, vm }
+    pub(crate) fn new(index: u32, mut fd: VcpuFd, vm: Arc<Vm>, sync_on_exit: bool) -> Self {
+        if sync_on_exit {
+            fd.set_sync_valid_reg(SyncReg::Register);
+            fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        }
+        Vcpu {
+            index,
+            fd,
+            vm,
+            sync_on_exit,
+            synced: AtomicBool::new(false),
+        }
     }
 
     pub fn index(&self) -> u32 {
         self.index
     }
 
-    pub fn fd(&self) -> &VcpuFd {
+    /// The KVM vCPU itself. Anything may be set through it, so the registers KVM copied
+    /// out at the last exit no longer count as this vCPU's own.
+    pub fn fd(&mut self) -> &VcpuFd {
+        self.synced.store(false, Ordering::Relaxed);
         &self.fd
+    }
+
+    /// The general and special registers: from `kvm_run` where KVM copied them out at
+    /// the last exit and nothing changed them since, else by ioctl.
+    pub fn regs(&self) -> Result<(kvm_regs, kvm_sregs)> {
+        if let Some(r) = self.synced_regs() {
+            return Ok(r);
+        }
+        let e = HypervisorError::ioctl;
+        Ok((
+            self.fd.get_regs().map_err(e("KVM_GET_REGS"))?,
+            self.fd.get_sregs().map_err(e("KVM_GET_SREGS"))?,
+        ))
+    }
+
+    /// Whether `kvm_run` holds this vCPU's registers as they are now (see [`Self::regs`]).
+    pub fn regs_copied_out(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    fn synced_regs(&self) -> Option<(kvm_regs, kvm_sregs)> {
+        self.synced.load(Ordering::Relaxed).then(|| {
+            let s = self.fd.sync_regs();
+            (s.regs, s.sregs)
+        })
     }
 
     pub fn vm(&self) -> &Arc<Vm> {
@@ -101,11 +151,17 @@ impl Vcpu {
 
     /// Saves this vCPU's state; the vCPU must be out of KVM_RUN (parked).
     pub fn save_state(&self) -> Result<crate::VcpuState> {
-        crate::state::save_vcpu(&self.fd, self.index, self.vm.msr_indices())
+        crate::state::save_vcpu(
+            &self.fd,
+            self.index,
+            self.vm.msr_indices(),
+            self.synced_regs(),
+        )
     }
 
     /// Restores state saved by [`Self::save_state`], before this vCPU first runs.
     pub fn restore_state(&self, s: &crate::VcpuState) -> Result<()> {
+        self.synced.store(false, Ordering::Relaxed);
         crate::state::restore_vcpu(&self.fd, s)
     }
 
@@ -136,7 +192,18 @@ impl Vcpu {
         // What KVM's reset index was when this run began: a ring-full exit with nothing
         // to harvest is stale only if the ring was reset since.
         let reset_before_run = self.vm.ring_reset_index(index);
-        let exit = match self.fd.run() {
+        // KVM copies the registers out on every way out of KVM_RUN but an ioctl error
+        // (an EINTR included: kicked, or `immediate_exit`).
+        let sync = self.sync_on_exit;
+        let copied_out = |r: &std::result::Result<KvmExit<'_>, vmm_sys_util::errno::Error>| {
+            sync && r
+                .as_ref()
+                .map_or_else(|e| e.errno() == libc::EINTR, |_| true)
+        };
+        self.synced.store(false, Ordering::Relaxed);
+        let ran = self.fd.run();
+        self.synced.store(copied_out(&ran), Ordering::Relaxed);
+        let exit = match ran {
             Ok(e) => e,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // SAFETY: `run` is this vCPU's kvm_run mapping, alive as long as self.fd;

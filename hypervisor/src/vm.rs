@@ -331,9 +331,20 @@ impl VmWithMemory {
             msr_indices,
             irq_routes: Mutex::new(crate::IrqRoutes::default()),
         });
+        // KVM copies a vCPU's registers into its `kvm_run` page at every exit where asked
+        // (KVM_CAP_SYNC_REGS): a save then reads them there, two ioctls fewer in a
+        // migration's downtime.
+        let sync = crate::vcpu::SYNC_ON_EXIT
+            & u64::try_from(
+                vm.fd
+                    .check_extension_raw(kvm_bindings::KVM_CAP_SYNC_REGS.into()),
+            )
+            .unwrap_or(0)
+            == crate::vcpu::SYNC_ON_EXIT;
+        log::debug!("vCPU registers copied out at each exit (KVM_CAP_SYNC_REGS): {sync}");
         let vcpus = vcpus
             .into_iter()
-            .map(|(i, f)| Vcpu::new(i, f, vm.clone()))
+            .map(|(i, f)| Vcpu::new(i, f, vm.clone(), sync))
             .collect();
         Ok((vm, vcpus))
     }

@@ -140,3 +140,58 @@ fn an_in_is_finished_before_the_state_is_saved() {
         }
     }
 }
+
+/// A save reads the general and special registers where KVM copied them out at the exit
+/// (KVM_CAP_SYNC_REGS): the same as the ioctls read, and never once anything was set on
+/// the vCPU since (through its fd, or a restore).
+#[test]
+fn registers_copied_out_at_an_exit_are_the_vcpus_own() {
+    let mut g = guest(Mode::Ring(4096), 16 << 20);
+    // SAFETY: 0x2000 + 6 is inside the 16 MiB mapping.
+    unsafe { std::ptr::copy_nonoverlapping(CODE.as_ptr(), g.mem.add(0x2000), CODE.len()) };
+    let mut regs = g.vcpus[0].fd().get_regs().unwrap();
+    regs.rip = 0x2000;
+    regs.rflags = 2;
+    regs.rbx = 7;
+    g.vcpus[0].fd().set_regs(&regs).unwrap();
+    assert!(!g.vcpus[0].regs_copied_out(), "not before a KVM_RUN");
+    run_to_out(&mut g);
+    if !g.vcpus[0].regs_copied_out() {
+        eprintln!("skipped: this KVM does not copy registers out at exits (KVM_CAP_SYNC_REGS)");
+        return;
+    }
+    let saved = g.vcpus[0].save_state().unwrap();
+    assert_eq!((saved.regs.rip, saved.regs.rbx), (0x2002, 7));
+    // Through an ioctl: the same, to the byte.
+    let fd = g.vcpus[0].fd();
+    let (regs, sregs) = (fd.get_regs().unwrap(), fd.get_sregs().unwrap());
+    assert_eq!(format!("{:?}", saved.regs), format!("{regs:?}"));
+    assert_eq!(format!("{:?}", saved.sregs), format!("{sregs:?}"));
+
+    // Set through the fd after the exit: the save sees the new value.
+    rerun_from_the_start(&mut g);
+    assert!(g.vcpus[0].regs_copied_out());
+    let mut regs = g.vcpus[0].fd().get_regs().unwrap();
+    regs.rbx = 1234;
+    g.vcpus[0].fd().set_regs(&regs).unwrap();
+    assert!(!g.vcpus[0].regs_copied_out());
+    assert_eq!(g.vcpus[0].save_state().unwrap().regs.rbx, 1234);
+
+    // Restored after an exit: the save returns what was restored, not the exit's copy.
+    rerun_from_the_start(&mut g);
+    assert!(g.vcpus[0].regs_copied_out());
+    let mut other = g.vcpus[0].save_state().unwrap();
+    other.regs.rip = 0x3000;
+    other.regs.rbx = 99;
+    g.vcpus[0].restore_state(&other).unwrap();
+    let back = g.vcpus[0].save_state().unwrap();
+    assert_eq!((back.regs.rip, back.regs.rbx), (0x3000, 99));
+}
+
+/// Runs `CODE` again from its start to its first `OUT`.
+fn rerun_from_the_start(g: &mut Guest) {
+    let mut regs = g.vcpus[0].fd().get_regs().unwrap();
+    regs.rip = 0x2000;
+    g.vcpus[0].fd().set_regs(&regs).unwrap();
+    run_to_out(g);
+}

@@ -468,7 +468,7 @@ impl VcpuControl {
     }
 
     fn record(&self, vcpu: &Vcpu) {
-        let (Ok(r), Ok(s)) = (vcpu.fd().get_regs(), vcpu.fd().get_sregs()) else {
+        let Ok((r, s)) = vcpu.regs() else {
             return;
         };
         self.record_regs(vcpu.index(), &r, &s);

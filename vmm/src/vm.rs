@@ -608,7 +608,7 @@ impl Machine {
             .kernel
             .clone()
             .ok_or(crate::config::ConfigError::NoKernel)?;
-        let parts = Self::build(config, None)?;
+        let mut parts = Self::build(config, None)?;
         let c = &parts.config;
         // The virtio-iommu and its endpoints, where PciDevices will put them.
         let viot = crate::pci_devices::viot_layout(c)

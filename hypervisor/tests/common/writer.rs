@@ -77,8 +77,8 @@ pub fn guest_with_vcpus(mode: Mode, size: usize, count: u32) -> Guest {
     };
     // SAFETY: the mapping stays until Guest is dropped, after the VM.
     let wm = unsafe { b.add_memory(vec![slot]) }.unwrap();
-    let (vm, vcpus) = wm.create_vcpus(count).unwrap();
-    for vcpu in &vcpus {
+    let (vm, mut vcpus) = wm.create_vcpus(count).unwrap();
+    for vcpu in &mut vcpus {
         flat_protected_mode(vcpu);
     }
     Guest {
@@ -91,7 +91,7 @@ pub fn guest_with_vcpus(mode: Mode, size: usize, count: u32) -> Guest {
 
 /// Flat 32-bit protected mode; application processors made runnable (they would wait
 /// for INIT/SIPI otherwise).
-fn flat_protected_mode(vcpu: &Vcpu) {
+fn flat_protected_mode(vcpu: &mut Vcpu) {
     let mut sregs = vcpu.fd().get_sregs().unwrap();
     let flat = |selector, type_| kvm_segment {
         base: 0,
