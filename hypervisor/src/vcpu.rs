@@ -151,12 +151,11 @@ impl Vcpu {
 
     /// Saves this vCPU's state; the vCPU must be out of KVM_RUN (parked).
     pub fn save_state(&self) -> Result<crate::VcpuState> {
-        crate::state::save_vcpu(
-            &self.fd,
-            self.index,
-            self.vm.msr_indices(),
-            self.synced_regs(),
-        )
+        // The copy is used once: KVM_GET_MP_STATE, read by the save, takes in an INIT or
+        // SIPI another vCPU sent, which changes the registers (a second save reads them).
+        let synced = self.synced_regs();
+        self.synced.store(false, Ordering::Relaxed);
+        crate::state::save_vcpu(&self.fd, self.index, self.vm.msr_indices(), synced)
     }
 
     /// Restores state saved by [`Self::save_state`], before this vCPU first runs.
@@ -192,8 +191,9 @@ impl Vcpu {
         // What KVM's reset index was when this run began: a ring-full exit with nothing
         // to harvest is stale only if the ring was reset since.
         let reset_before_run = self.vm.ring_reset_index(index);
-        // KVM copies the registers out on every way out of KVM_RUN but an ioctl error
-        // (an EINTR included: kicked, or `immediate_exit`).
+        // KVM copies the registers out on every return of KVM_RUN past its checks; the
+        // copy is trusted after an exit or an EINTR (kicked, or `immediate_exit`), the
+        // returns a save follows.
         let sync = self.sync_on_exit;
         let copied_out = |r: &std::result::Result<KvmExit<'_>, vmm_sys_util::errno::Error>| {
             sync && r
@@ -201,6 +201,12 @@ impl Vcpu {
                 .map_or_else(|e| e.errno() == libc::EINTR, |_| true)
         };
         self.synced.store(false, Ordering::Relaxed);
+        if sync {
+            // KVM only sets the bit of an interrupt it is injecting, into a copy that
+            // stays from one exit to the next: cleared, so that a bit from an earlier exit
+            // does not stay (KVM_GET_SREGS starts from zeros).
+            self.fd.sync_regs_mut().sregs.interrupt_bitmap = [0; 4];
+        }
         let ran = self.fd.run();
         self.synced.store(copied_out(&ran), Ordering::Relaxed);
         let exit = match ran {

@@ -23,8 +23,9 @@ const PAGE: u64 = PAGE_SIZE as u64;
 /// sends its state at the pause (`STATE_AT_PAUSE`): a source that pauses after reading the
 /// ack sends `State` 0.2-0.4 ms later here, and a reader asleep by then is woken by it,
 /// in the downtime (an interrupt to another CPU, then that CPU's wake-up: ~20-40 µs of
-/// an idle guest's ~0.45 ms pause on this host). Yielding between looks, so it takes
-/// only a CPU nothing else wants, and ends as soon as the next pass's bytes arrive.
+/// an idle guest's ~0.45 ms pause on this host). It yields to any thread runnable on its
+/// CPU between looks and ends as soon as the next pass's bytes arrive; at most this much
+/// CPU a pass where the source takes longer to go on (a slow collection, a throttle).
 const SPIN_AFTER_ACK: Duration = Duration::from_millis(1);
 
 /// How a migration is received.
@@ -714,7 +715,7 @@ impl Session<'_> {
                         });
                         i.ram.dirty_sync_count += 1;
                     });
-                    if acks && shared.warm_ups && state.is_none() {
+                    if shared.warm_ups && state.is_none() {
                         conn.get_ref().get_ref().spin_until_readable(SPIN_AFTER_ACK);
                     }
                 }
