@@ -47,6 +47,13 @@ const LANE_THREAD_MIN_PAGES: u64 = 256;
 /// of an idle guest's ~0.6 ms downtime. Over a longer link the wait simply goes on asleep.
 const SPIN_FOR_RESUMED: Duration = Duration::from_micros(400);
 
+/// How long the source stays awake for a pass's ack where its state goes at the pause
+/// (`STATE_AT_PAUSE`; the destination then spins for what comes next, see its
+/// `SPIN_AFTER_ACK`). Woken by the ack, this thread was put on the destination's CPU
+/// (a socket's wake-up expects the waker to sleep next), which then waited behind it
+/// into the pause, while the other CPU stayed idle. Bounded; yields between looks.
+const SPIN_FOR_ACK: Duration = Duration::from_millis(1);
+
 /// How a migration is sent.
 #[derive(Clone, Debug)]
 pub struct SendOptions {
@@ -1268,6 +1275,12 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
             return Ok(());
         }
         let waiting = Instant::now();
+        if self.peer_features & features::STATE_AT_PAUSE != 0 {
+            self.conn
+                .get_ref()
+                .get_ref()
+                .spin_until_readable(SPIN_FOR_ACK);
+        }
         self.read_slow_reply(|m| match m {
             Message::PassReceived { iteration: i } if i == iteration => Ok(()),
             other => Err(unexpected(other, "waiting for PassReceived")),
