@@ -58,13 +58,13 @@ pub(crate) fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
     Ok(ok)
 }
 
-/// `synced`: the general and special registers where KVM copied them out at the exit
-/// (see `Vcpu::regs`), so that only the rest is read by ioctl.
+/// `(regs, sregs)`: the general and special registers, read by the caller (`Vcpu::regs`:
+/// where KVM copied them out at the exit, or by ioctl); the rest is read here.
 pub(crate) fn save_vcpu(
     fd: &VcpuFd,
     index: u32,
     msr_indices: &[u32],
-    synced: Option<(kvm_regs, kvm_sregs)>,
+    (regs, sregs): (kvm_regs, kvm_sregs),
 ) -> Result<VcpuState> {
     let e = HypervisorError::ioctl;
     let xsave = Box::new(fd.get_xsave().map_err(e("KVM_GET_XSAVE"))?);
@@ -86,13 +86,6 @@ pub(crate) fn save_vcpu(
             source: vmm_sys_util::errno::Error::new(libc::EINVAL),
         });
     }
-    let (regs, sregs) = match synced {
-        Some(r) => r,
-        None => (
-            fd.get_regs().map_err(e("KVM_GET_REGS"))?,
-            fd.get_sregs().map_err(e("KVM_GET_SREGS"))?,
-        ),
-    };
     Ok(VcpuState {
         index,
         regs,

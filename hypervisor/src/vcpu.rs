@@ -153,9 +153,9 @@ impl Vcpu {
     pub fn save_state(&self) -> Result<crate::VcpuState> {
         // The copy is used once: KVM_GET_MP_STATE, read by the save, takes in an INIT or
         // SIPI another vCPU sent, which changes the registers (a second save reads them).
-        let synced = self.synced_regs();
+        let regs = self.regs()?;
         self.synced.store(false, Ordering::Relaxed);
-        crate::state::save_vcpu(&self.fd, self.index, self.vm.msr_indices(), synced)
+        crate::state::save_vcpu(&self.fd, self.index, self.vm.msr_indices(), regs)
     }
 
     /// Restores state saved by [`Self::save_state`], before this vCPU first runs.

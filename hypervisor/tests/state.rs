@@ -8,6 +8,19 @@ use hypervisor::*;
 /// 32-bit code: `out 0xf4, al; inc ebx; out 0xf4, al; hlt`.
 const CODE: [u8; 6] = [0xe6, 0xf4, 0x43, 0xe6, 0xf4, 0xf4];
 
+/// A guest about to run `CODE` (at 0x2000) with `rbx` in ebx.
+fn at_code(rbx: u64) -> Guest {
+    let mut g = guest(Mode::Ring(4096), 16 << 20);
+    // SAFETY: 0x2000 + 6 is inside the 16 MiB mapping.
+    unsafe { std::ptr::copy_nonoverlapping(CODE.as_ptr(), g.mem.add(0x2000), CODE.len()) };
+    let mut regs = g.vcpus[0].fd().get_regs().unwrap();
+    regs.rip = 0x2000;
+    regs.rflags = 2;
+    regs.rbx = rbx;
+    g.vcpus[0].fd().set_regs(&regs).unwrap();
+    g
+}
+
 fn run_to_out(g: &mut Guest) {
     loop {
         match g.vcpus[0].run().unwrap() {
@@ -20,14 +33,7 @@ fn run_to_out(g: &mut Guest) {
 
 #[test]
 fn restored_vcpu_continues_where_the_saved_one_stopped() {
-    let mut a = guest(Mode::Ring(4096), 16 << 20);
-    // SAFETY: 0x2000 + 6 is inside the 16 MiB mapping.
-    unsafe { std::ptr::copy_nonoverlapping(CODE.as_ptr(), a.mem.add(0x2000), CODE.len()) };
-    let mut regs = a.vcpus[0].fd().get_regs().unwrap();
-    regs.rip = 0x2000;
-    regs.rflags = 2;
-    regs.rbx = 41;
-    a.vcpus[0].fd().set_regs(&regs).unwrap();
+    let mut a = at_code(41);
     run_to_out(&mut a);
     let vcpu_state = a.vcpus[0].save_state().unwrap();
     let vm_state = a.vm.save_state().unwrap();
@@ -148,14 +154,7 @@ fn an_in_is_finished_before_the_state_is_saved() {
 /// the vCPU since (through its fd, or a restore).
 #[test]
 fn registers_copied_out_at_an_exit_are_the_vcpus_own() {
-    let mut g = guest(Mode::Ring(4096), 16 << 20);
-    // SAFETY: 0x2000 + 6 is inside the 16 MiB mapping.
-    unsafe { std::ptr::copy_nonoverlapping(CODE.as_ptr(), g.mem.add(0x2000), CODE.len()) };
-    let mut regs = g.vcpus[0].fd().get_regs().unwrap();
-    regs.rip = 0x2000;
-    regs.rflags = 2;
-    regs.rbx = 7;
-    g.vcpus[0].fd().set_regs(&regs).unwrap();
+    let mut g = at_code(7);
     assert!(!g.vcpus[0].regs_copied_out(), "not before a KVM_RUN");
     run_to_out(&mut g);
     if !copies_registers_out() {
