@@ -1275,7 +1275,9 @@ impl<'a, V: SourceVm + Sync + ?Sized, S: MigrationStream> Sender<'a, V, S> {
             return Ok(());
         }
         let waiting = Instant::now();
-        if self.peer_features & features::STATE_AT_PAUSE != 0 {
+        // Only where both sides said so (this side did if its state is ready at the
+        // pause): otherwise the destination does not spin for the state either.
+        if self.peer_features & features::STATE_AT_PAUSE != 0 && self.vm.state_ready_at_pause() {
             self.conn
                 .get_ref()
                 .get_ref()
