@@ -200,7 +200,6 @@ impl Vcpu {
                 .as_ref()
                 .map_or_else(|e| e.errno() == libc::EINTR, |_| true)
         };
-        self.synced.store(false, Ordering::Relaxed);
         if sync {
             // KVM only sets the bit of an interrupt it is injecting, into a copy that
             // stays from one exit to the next: cleared, so that a bit from an earlier exit
